@@ -1,0 +1,53 @@
+"""Shared input checks for the public kernel functions (clear errors naming the argument)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {names}")
+
+
+def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"{name} dim {dim} is {t.shape[dim]} but must equal {what} ({expected}); "
+            f"got shape {tuple(t.shape)}"
+        )
+
+
+def check_same_device(**tensors) -> None:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise ValueError(f"all inputs must be on one device, got {devs}")
+
+
+def has_fused(package: str) -> bool:
+    """Whether ``package`` ships a fused ``triton_impl`` module and Triton is importable."""
+    import importlib.util
+
+    return (
+        importlib.util.find_spec("triton") is not None
+        and importlib.util.find_spec(package + ".triton_impl") is not None
+    )
+
+
+def resolve_backend(backend: str, device: torch.device, package: str) -> str:
+    """``auto``: the fused kernel for CUDA tensors when the op has one, else the reference."""
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_fused(package) else "reference"
+    if backend == "triton" and not has_fused(package):
+        raise RuntimeError(f"{package} has no fused Triton kernel in this installation")
+    return backend
