@@ -1,0 +1,184 @@
+"""Shared helpers for the benchmark scripts: timing, peak memory, ceilings and receipts.
+
+Stable API (other benchmark scripts import it):
+  time_cuda(fn, warmup=1, reps=5) -> median milliseconds (CUDA events)
+  peak_gib(fn) -> float      peak allocated during ``fn()`` minus allocated before, in GiB
+  device_name() -> str
+  versions() -> dict
+  measure_ceilings() -> dict  {"bf16_matmul_tflops": ..., "copy_tb_s": ...}
+  write_receipt(topic, rows, out_dir, extra=None) -> dict of written paths (json, md, png)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+__all__ = [
+    "time_cuda", "peak_gib", "device_name", "versions", "measure_ceilings", "write_receipt",
+    "run_guarded",
+]
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 1, reps: int = 5) -> float:
+    """Median time of ``fn()`` in milliseconds, measured with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(statistics.median(times))
+
+
+def peak_gib(fn: Callable[[], object]) -> float:
+    """Peak allocated memory during ``fn()`` minus what was allocated before (GiB)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - before) / 2**30
+
+
+def run_guarded(fn: Callable[[], dict]) -> dict:
+    """Run ``fn`` and turn OOM / other failures into a status field."""
+    try:
+        res = fn()
+        res.setdefault("status", "ok")
+        return res
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"status": "oom"}
+    except Exception as e:  # noqa: BLE001 - a benchmark records the failure and goes on
+        torch.cuda.empty_cache()
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        if "out of memory" in msg.lower():
+            return {"status": "oom"}
+        return {"status": f"error: {msg}"}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def versions() -> Dict[str, str]:
+    v = {"torch": torch.__version__}
+    for mod, key in (("triton", "triton"), ("megatron_dsa", "megatron_dsa"),
+                     ("megatron.core", "megatron_core"), ("tilelang", "tilelang"),
+                     ("cudnn", "cudnn_frontend")):
+        try:
+            m = __import__(mod, fromlist=["_"])
+            v[key] = str(getattr(m, "__version__", "unknown"))
+        except Exception:  # noqa: BLE001
+            v[key] = "absent"
+    return v
+
+
+def measure_ceilings(n: int = 8192, copy_gib: float = 1.0) -> Dict[str, float]:
+    """bf16 matmul TFLOP/s (n^3) and device copy TB/s (bytes read + written), measured here."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_cuda(lambda: a @ b, warmup=2, reps=10)
+    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    del a, b
+    x = torch.randn(int(copy_gib * 2**30 // 4), device="cuda")
+    y = torch.empty_like(x)
+    ms = time_cuda(lambda: y.copy_(x), warmup=2, reps=10)
+    tbs = 2 * x.numel() * 4 / (ms * 1e-3) / 1e12
+    del x, y
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": round(tflops, 1), "copy_tb_s": round(tbs, 2)}
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_").lower()
+
+
+def _fmt(x, nd=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _plot_png(path: str, rows: List[dict], title: str) -> bool:
+    """Time and peak memory vs S per impl (and pass); needs matplotlib, else returns False."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return False
+    series: Dict[str, list] = {}
+    for r in rows:
+        case = r.get("case", {})
+        if "S" not in case or r.get("status") != "ok":
+            continue
+        name = r["impl"] + (f" [{case['pass']}]" if case.get("pass") else "")
+        series.setdefault(name, []).append((case["S"], r.get("ms"), r.get("peak_gib")))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        xs = [p[0] for p in pts]
+        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=name)
+        axes[1].plot(xs, [p[2] for p in pts], marker="o", label=name)
+    for ax, lab in zip(axes, ("time (ms)", "peak extra memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("S (keys = queries)")
+        ax.set_ylabel(lab)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_receipt(topic: str, rows: List[dict], out_dir: str, extra: Optional[dict] = None,
+                  ceilings: Optional[dict] = None) -> Dict[str, str]:
+    """Write ``<topic>-<device>-<date>.{json,md,png}`` under ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    dev = device_name()
+    stem = os.path.join(out_dir, f"{topic}-{_slug(dev)}-{date}")
+    doc = {"topic": topic, "date": date, "device": dev, "versions": versions(),
+           "ceilings": ceilings if ceilings is not None else {}, "rows": rows}
+    if extra:
+        doc.update(extra)
+    paths = {"json": stem + ".json", "md": stem + ".md"}
+    with open(paths["json"], "w") as f:
+        json.dump(doc, f, indent=1)
+    keys = sorted({k for r in rows for k in r.get("case", {})})
+    lines = [f"# {topic} on {dev} ({date})", "",
+             f"versions: `{json.dumps(doc['versions'])}`  ", f"ceilings: `{json.dumps(doc['ceilings'])}`", "",
+             "| impl | " + " | ".join(keys) + " | ms | TFLOP/s | peak GiB | status |",
+             "|---" * (len(keys) + 5) + "|"]
+    for r in rows:
+        c = r.get("case", {})
+        lines.append("| " + " | ".join([r["impl"]] + [_fmt(c.get(k)) for k in keys]
+                                        + [_fmt(r.get("ms")), _fmt(r.get("tflops"), 1),
+                                           _fmt(r.get("peak_gib")), r.get("status", "")]) + " |")
+    with open(paths["md"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if _plot_png(stem + ".png", rows, f"{topic} on {dev} ({date})"):
+        paths["png"] = stem + ".png"
+    return paths

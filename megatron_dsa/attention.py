@@ -1,0 +1,243 @@
+"""The DSA core attention that plugs into Megatron-Core's absorbed MLA self-attention.
+
+Data flow (one direction): config -> spec -> this layer -> kernels.
+
+* :class:`DSAIndexer` subclasses Megatron-Core's ``DSAIndexer`` so that its parameters,
+  buffers and state-dict keys are Megatron's own (checkpoints move both ways); it replaces
+  only the projection step, whose Hadamard rotation runs in PyTorch when
+  ``fast_hadamard_transform`` is missing and in any dtype.
+* :class:`DSAttention` is built by ``AbsorbedMLASelfAttention`` as its ``core_attention``
+  with the same constructor and ``forward`` signature as Megatron-Core's ``DSAttention``.
+  It selects top-k keys with :func:`megatron_dsa.kernels.indexer_topk`, attends with
+  :func:`megatron_dsa.kernels.sparse_mla` and, in training, attaches the indexer KL loss from
+  :func:`megatron_dsa.kernels.indexer_loss` through Megatron's ``DSAIndexerLossAutoScaler``
+  (so Megatron's schedules scale it and its logging helper reports it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.experimental_attention_variant import dsa as mcore_dsa
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from .config import get_plugin_config, validate_dsa_config
+from .kernels import indexer_loss, indexer_topk, sparse_mla
+from .kernels.hadamard import rotate_activation
+from .kernels.indexer import causal_window, packed_causal_window
+
+__all__ = ["DSAIndexer", "DSAttention", "DSAttentionSubmodules", "DSAIndexerSubmodules"]
+
+# Megatron's submodule dataclasses are plain containers; reusing them keeps specs compatible.
+DSAttentionSubmodules = mcore_dsa.DSAttentionSubmodules
+DSAIndexerSubmodules = mcore_dsa.DSAIndexerSubmodules
+
+
+class DSAIndexer(mcore_dsa.DSAIndexer):
+    """Megatron-Core's indexer parameters with a projection step that runs anywhere."""
+
+    def forward_before_topk(self, x, qr, packed_seq_params=None):
+        """Indexer queries ``[s, b, H, D]``, keys ``[s, b, D]`` and head weights ``[s, b, H]``."""
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        seq_len = self.rotary_pos_emb.get_rotary_seq_len(None, None, x, self.config, packed_seq_params)
+        if self.config.rope_type == "rope":
+            freqs, mscale = self.rotary_pos_emb(seq_len, packed_seq=packed), 1.0
+        else:
+            freqs, mscale = self.rotary_pos_emb(seq_len, packed_seq=packed)
+        cu_q = cu_k = None
+        if packed:
+            cu_q, cu_k = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
+
+        tp = self.pg_collection.tp
+        if self.config.sequence_parallel and tp.size() > 1:
+            x = gather_from_sequence_parallel_region(x, group=tp)
+            qr = gather_from_sequence_parallel_region(qr, group=tp)
+        s, b, _ = x.shape
+        H, D = self.index_n_heads, self.index_head_dim
+
+        q = self.linear_wq_b(qr)[0].reshape(s, b, H, D)
+        q = self._apply_rope(q, freqs, mscale, cu_seqlens=cu_q)
+
+        k = self.linear_wk(x)[0]
+        k = self.k_norm(k.float()).to(k.dtype) if self.config.dsa_indexer_k_norm_fp32 else self.k_norm(k)
+        k = self._apply_rope(k.reshape(s, b, 1, D), freqs, mscale, cu_seqlens=cu_k).reshape(s, b, D)
+
+        if self.config.dsa_indexer_rotate_activation:
+            q, k = rotate_activation(q), rotate_activation(k)
+
+        w = self.linear_weights_proj(x)[0] * (H**-0.5 * self.softmax_scale)
+        return q, k, w
+
+
+class DSAttention(MegatronModule):
+    """Sparse core attention for ``AbsorbedMLASelfAttention`` (drop-in for Megatron's).
+
+    Inputs follow Megatron-Core 0.19.2: ``query [sq, b, np, kv_lora_rank + rope]``,
+    ``key [sk, b, 1, same]`` (the latent KV, shared by all heads), ``value=None``,
+    ``up_v_weight [np, v_head_dim, kv_lora_rank]``; packed THD inputs drop the batch dim.
+    Output ``[sq, b, np * v_head_dim]`` (``[t, np * v_head_dim]`` for THD).
+    """
+
+    consumes_absorbed_v_up_projection = True
+    requires_dsa_inputs = True
+
+    def __init__(
+        self,
+        config,
+        submodules: DSAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cp_comm_type: str = "p2p",
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        validate_dsa_config(config)
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.index_topk = config.dsa_indexer_topk
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.pg_collection = pg_collection
+        self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
+        if softmax_scale is None:
+            softmax_scale = 1.0 / math.sqrt(k_channels if k_channels is not None else config.kv_channels)
+        self.softmax_scale = softmax_scale
+        self.latent_dim = config.kv_lora_rank
+
+    # ------------------------------------------------------------------ helpers
+    def _check_inputs(self, query, key, value, up_v_weight):
+        d = self.config.kv_lora_rank + self.config.qk_pos_emb_head_dim
+        if value is not None:
+            raise ValueError(
+                "megatron-dsa's DSAttention runs the absorbed MLA layout: value must be None "
+                "(build it with AbsorbedMLASelfAttention, e.g. megatron_dsa.spec.get_dsa_layer_spec)"
+            )
+        if query.ndim != 4 or key.ndim != 4 or key.shape[2] != 1:
+            raise ValueError(
+                f"expected query [sq, b, np, {d}] and key [sk, b, 1, {d}], got query "
+                f"{tuple(query.shape)} and key {tuple(key.shape)}"
+            )
+        if query.shape[-1] != d or key.shape[-1] != d:
+            raise ValueError(
+                f"query/key last dim must be kv_lora_rank + qk_pos_emb_head_dim = {d}, got "
+                f"{query.shape[-1]} and {key.shape[-1]}"
+            )
+        if up_v_weight is None or up_v_weight.ndim != 3:
+            raise ValueError("up_v_weight [np, v_head_dim, kv_lora_rank] is required")
+        if query.shape[1] != key.shape[1]:
+            raise ValueError(f"query batch {query.shape[1]} != key batch {key.shape[1]}")
+
+    def _window(self, sq, sk, b, attn_mask_type, packed_seq_params, device):
+        """Per-row ``[start, end)`` key window ``[b, sq]`` and the optional valid-row mask."""
+        if attn_mask_type not in (None, AttnMaskType.causal):
+            raise ValueError(f"DSA supports the causal mask only, got attn_mask_type={attn_mask_type}")
+        if attn_mask_type is None:
+            raise ValueError(
+                "DSA needs attn_mask_type=AttnMaskType.causal; arbitrary attention masks are "
+                "not supported"
+            )
+        row_valid = None
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
+            starts, ends = packed_causal_window(cu_q.to(device))
+            if starts.shape[1] != sq:
+                raise ValueError(f"cu_seqlens_q covers {starts.shape[1]} rows but query has {sq}")
+            rv = getattr(packed_seq_params, "real_token_mask_q", None)
+            if rv is not None:
+                row_valid = rv.to(device=device, dtype=torch.bool).reshape(1, sq)
+            return starts, ends, row_valid
+        starts, ends = causal_window(b, sq, sk, device=device)
+        return starts, ends, row_valid
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        x: torch.Tensor,
+        qr: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+        up_v_weight: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        thd = query.ndim == 3
+        if thd:  # packed [t, np, d] -> [t, 1, np, d]
+            query, key = query.unsqueeze(1), key.unsqueeze(1)
+        self._check_inputs(query, key, value, up_v_weight)
+        if attention_bias is not None:
+            raise ValueError("DSA does not take an attention_bias")
+        sq, b, heads, _ = query.shape
+        sk = key.shape[0]
+        plugin = get_plugin_config(self.config)
+        starts, ends, row_valid = self._window(
+            sq, sk, b, attn_mask_type if attn_mask_type is not None else self.attn_mask_type,
+            packed_seq_params, query.device,
+        )
+
+        coeff = float(self.config.dsa_indexer_loss_coeff or 0.0)
+        with_loss = self.training and torch.is_grad_enabled() and coeff > 0
+        # The indexer sees detached activations: its loss trains only the indexer.
+        with torch.set_grad_enabled(with_loss):
+            q_i, k_i, w_i = self.indexer.forward_before_topk(x.detach(), qr.detach(), packed_seq_params)
+        q_i = q_i.transpose(0, 1)  # [b, sq, H, D]
+        k_i = k_i.transpose(0, 1)  # [b, sk, D]
+        w_i = w_i.transpose(0, 1)  # [b, sq, H]
+
+        topk_idx = self.select_topk(q_i, k_i, w_i, starts, ends, plugin.indexer_backend)
+        out = self.sparse_attention(query, key, topk_idx, plugin.attention_backend)
+
+        if with_loss:
+            loss = indexer_loss(
+                q_i, k_i, w_i,
+                query.detach().transpose(0, 1), key.detach()[:, :, 0].transpose(0, 1),
+                self.softmax_scale, coeff,
+                topk_indices=topk_idx, sparse=bool(self.config.dsa_indexer_use_sparse_loss),
+                starts=starts, ends=ends, use_relu=self.config.dsa_indexer_scoring_relu,
+                query_valid_rows=row_valid,
+                calculate_per_token_loss=self.config.calculate_per_token_loss,
+                tp_group=self.pg_collection.tp, backend=plugin.loss_backend,
+            )
+            mcore_dsa.DSAIndexerLossLoggingHelper.save_loss_to_tracker(
+                loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
+            )
+            out = mcore_dsa.DSAIndexerLossAutoScaler.apply(out, loss)
+
+        # Latent -> value up-projection, per head: [sq, b, np, c] x [np, v, c] -> [sq, b, np * v]
+        up_v = up_v_weight.to(dtype=out.dtype, device=out.device)
+        out = torch.einsum("sbhc,hdc->sbhd", out, up_v).reshape(sq, b, -1)
+        return out.squeeze(1) if thd else out
+
+    def select_topk(self, q_i, k_i, w_i, starts, ends, backend="auto") -> torch.Tensor:
+        """Top-k key ids ``int32 [b, sq, topk]`` (``-1`` padded) for this layer."""
+        idx, _ = indexer_topk(
+            q_i.detach(), k_i.detach(), w_i.detach(), self.index_topk, starts, ends,
+            use_relu=self.config.dsa_indexer_scoring_relu, backend=backend,
+        )
+        return idx
+
+    def sparse_attention(self, query, key, topk_idx, backend="auto") -> torch.Tensor:
+        """Latent attention output ``[sq, b, np, kv_lora_rank]`` over the selected keys."""
+        sq, b, heads, d = query.shape
+        sk = key.shape[0]
+        # Run the whole batch in one call: flatten (batch, row) and use global key ids b*sk + j.
+        q_flat = query.transpose(0, 1).reshape(b * sq, heads, d)
+        kv_flat = key[:, :, 0].transpose(0, 1).reshape(b * sk, d)
+        offs = (torch.arange(b, device=topk_idx.device, dtype=topk_idx.dtype) * sk).view(b, 1, 1)
+        gidx = torch.where(topk_idx >= 0, topk_idx + offs, topk_idx).reshape(b * sq, -1)
+        out, _ = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim, backend=backend)
+        return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1)

@@ -1,0 +1,336 @@
+"""Fused Triton lightning indexer: index scores + exact top-k with bounded memory.
+
+Two kernels per chunk of query rows (see ``docs/kernels_indexer.md``):
+
+1. ``_score_kernel``: a program owns ``BLOCK_T`` query rows x ``BLOCK_S`` keys and loops over the
+   heads, ``acc += w[:, h] * relu(q_h @ k^T)`` (fp32 accumulation), then writes the masked fp32
+   scores of the tile into a chunk buffer ``[B, R, S]``. Key tiles outside every row's window
+   are skipped (causal: only ``s <= t``).
+2. ``_select_kernel``: one program per query row finds the exact k-th largest score by a radix
+   select on the order-preserving uint32 image of the fp32 score (histograms of 11, 11 and 10
+   bits; it stops as soon as the boundary bucket holds exactly the missing count), then
+   compacts the row in ascending key order: every key above the threshold, plus the lowest-index
+   keys equal to it (the project's tie rule). Only ``[start, end)`` of a row is ever read.
+
+Extra memory is the chunk buffer, ``R * S * 4 * B`` bytes with ``R`` chosen so that it stays
+under ``chunk_bytes`` (1 GiB by default), whatever ``T`` and ``S`` are. No host
+synchronisation: the grids depend on shapes only, so the call can be captured in a CUDA graph.
+
+Output order: the selected ids of a row are listed in ascending key order (not by score);
+rows with fewer than ``topk`` valid keys list all of them and pad with ``-1`` / ``-inf``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["indexer_topk_triton", "indexer_scores_triton", "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_CHUNK_BYTES = 1 << 30
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# score kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _score_kernel(
+    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr,
+    row0, n_rows, T, S,
+    sq_b, sq_t, sq_h,
+    sk_b, sk_s,
+    sw_b, sw_t, sw_h,
+    sse_b, sse_t,
+    so_b, so_r,
+    H: tl.constexpr, D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    r = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = row0 + r
+    rmask = (r < n_rows) & (t < T)
+    s_lo = pid_s * BLOCK_S
+    if CAUSAL:
+        st = tl.zeros([BLOCK_T], dtype=tl.int32)
+        en = tl.minimum(t + 1, S)
+        en = tl.where(rmask, en, 0)
+    else:
+        st = tl.load(st_ptr + b * sse_b + t * sse_t, mask=rmask, other=0).to(tl.int32)
+        en = tl.load(en_ptr + b * sse_b + t * sse_t, mask=rmask, other=0).to(tl.int32)
+        st = tl.maximum(st, 0)
+        en = tl.minimum(en, S)
+        en = tl.where(rmask & (en > st), en, 0)
+        st = tl.where(rmask & (en > st), st, S)
+    lo = tl.min(st, 0)
+    hi = tl.max(en, 0)
+    if (hi > s_lo) & (lo < s_lo + BLOCK_S):
+        s = s_lo + tl.arange(0, BLOCK_S)
+        smask = s < S
+        d = tl.arange(0, D)
+        kt = tl.load(k_ptr + b * sk_b + s[:, None] * sk_s + d[None, :], mask=smask[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        kt = tl.trans(kt)
+        q_row = q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + d[None, :]
+        w_row = w_ptr + b * sw_b + t.to(tl.int64) * sw_t
+        acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
+        for h in range(H):
+            qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
+            wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
+            if UPCAST:
+                qh = qh.to(tl.float32)
+            if IEEE:
+                x = tl.dot(qh, kt, input_precision="ieee")
+            else:
+                x = tl.dot(qh, kt)
+            if USE_RELU:
+                x = tl.maximum(x, 0.0)
+            acc += x * wh[:, None]
+        valid = (s[None, :] >= st[:, None]) & (s[None, :] < en[:, None])
+        acc = tl.where(valid, acc, float("-inf"))
+        o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
+        tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# select kernel (radix select on the fp32 bit pattern)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ordered_key(x):
+    """Order-preserving uint32 image of fp32 (``-0.0`` folded onto ``+0.0``)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x == 0.0, 0, bits)
+    flip = (bits >> 31) | (-2147483647 - 1)
+    return (bits ^ flip).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _radix_level(row_ptr, L, prefix, pshift, k_rem,
+                 SHIFT: tl.constexpr, NB: tl.constexpr, FIRST: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Histogram of bits [SHIFT, SHIFT+log2(NB)) among keys whose bits above match ``prefix``.
+
+    Returns (bucket holding the k_rem-th largest, count above that bucket, count in it).
+    """
+    hist = tl.zeros([NB], dtype=tl.int32)
+    for off in range(0, L, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        m = j < L
+        x = tl.load(row_ptr + j, mask=m, other=0.0)
+        key = _ordered_key(x)
+        if FIRST:
+            match = m
+        else:
+            match = m & ((key >> pshift) == prefix)
+        bins = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
+        hist += tl.histogram(bins, NB, mask=match)
+    total = tl.sum(hist, 0)
+    ge = total - tl.cumsum(hist, 0) + hist  # keys in buckets >= b
+    bsel = tl.sum((ge >= k_rem).to(tl.int32), 0) - 1
+    ar = tl.arange(0, NB)
+    in_b = tl.sum(tl.where(ar == bsel, hist, 0), 0)
+    ge_b = tl.sum(tl.where(ar == bsel, ge, 0), 0)
+    return bsel, ge_b - in_b, in_b
+
+
+@triton.jit
+def _select_kernel(
+    buf_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
+    row0, T, S, K,
+    sse_b, sse_t,
+    sb_b, sb_r,
+    so_b, so_t,
+    CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = row0 + r
+    if CAUSAL:
+        st = 0
+        en = tl.minimum(t + 1, S)
+    else:
+        st = tl.load(st_ptr + b * sse_b + t * sse_t).to(tl.int32)
+        en = tl.load(en_ptr + b * sse_b + t * sse_t).to(tl.int32)
+        st = tl.maximum(st, 0)
+        en = tl.minimum(en, S)
+    L = tl.maximum(en - st, 0)
+    row_ptr = buf_ptr + b * sb_b + r.to(tl.int64) * sb_r + st
+    idx_row = idx_ptr + b * so_b + t.to(tl.int64) * so_t
+    val_row = val_ptr + b * so_b + t.to(tl.int64) * so_t
+    if GLOBAL_IDS:
+        id0 = st + b.to(tl.int32) * S
+    else:
+        id0 = st
+    if L <= K:
+        for off in range(0, K, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < K
+            v = j < L
+            x = tl.load(row_ptr + j, mask=v, other=float("-inf"))
+            tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
+            tl.store(val_row + j, x, mask=m)
+    else:
+        k_rem = K
+        b0, above, in_b = _radix_level(row_ptr, L, 0, 0, k_rem, 21, 2048, True, BLOCK)
+        prefix = b0.to(tl.uint32)
+        shift = 21
+        k_rem -= above
+        if in_b != k_rem:
+            b1, above, in_b = _radix_level(row_ptr, L, prefix, 21, k_rem, 10, 2048, False, BLOCK)
+            prefix = (prefix << 11) | b1.to(tl.uint32)
+            shift = 10
+            k_rem -= above
+            if in_b != k_rem:
+                b2, above, in_b = _radix_level(row_ptr, L, prefix, 10, k_rem, 0, 1024, False,
+                                               BLOCK)
+                prefix = (prefix << 10) | b2.to(tl.uint32)
+                shift = 0
+                k_rem -= above
+        # compaction in key order: keys above the threshold + the first k_rem equal to it
+        cnt = 0
+        eqc = 0
+        for off in range(0, L, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < L
+            x = tl.load(row_ptr + j, mask=m, other=0.0)
+            kp = _ordered_key(x) >> shift
+            gt = m & (kp > prefix)
+            eq = m & (kp == prefix)
+            eq_i = eq.to(tl.int32)
+            eq_rank = eqc + tl.cumsum(eq_i, 0) - eq_i
+            sel = gt | (eq & (eq_rank < k_rem))
+            s_i = sel.to(tl.int32)
+            pos = cnt + tl.cumsum(s_i, 0) - s_i
+            tl.store(idx_row + pos, id0 + j, mask=sel)
+            tl.store(val_row + pos, x, mask=sel)
+            cnt += tl.sum(s_i, 0)
+            eqc += tl.sum(eq_i, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+# (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel; select (BLOCK, num_warps).
+_SCORE_CFG_GPU = (64, 256, 8, 3)
+_SELECT_CFG_GPU = (4096, 16)
+_SCORE_CFG_INTERP = (16, 32, 4, 1)
+_SELECT_CFG_INTERP = (64, 4)
+
+
+def _score_cfg():
+    env = os.environ.get("MEGATRON_DSA_INDEXER_SCORE_CFG")
+    if env:
+        return tuple(int(x) for x in env.split(","))
+    return _SCORE_CFG_INTERP if _interpreting() else _SCORE_CFG_GPU
+
+
+def _select_cfg():
+    env = os.environ.get("MEGATRON_DSA_INDEXER_SELECT_CFG")
+    if env:
+        return tuple(int(x) for x in env.split(","))
+    return _SELECT_CFG_INTERP if _interpreting() else _SELECT_CFG_GPU
+
+
+def _prep(q, k, w, starts, ends):
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    causal = starts is None or ends is None
+    if causal:
+        starts = ends = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+    return q, k, w, starts, ends, causal
+
+
+def _chunk_rows(B, T, S, block_t, chunk_bytes):
+    rows = max(block_t, (chunk_bytes // max(1, B * S * 4)) // block_t * block_t)
+    return min(rows, triton.cdiv(T, block_t) * block_t)
+
+
+def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg):
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    bt, bs, nw, ns = cfg
+    n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, bs)
+    grid = (n_s, triton.cdiv(n_rows, bt), B)
+    interp = _interpreting()
+    upcast = interp or q.dtype == torch.float64
+    _score_kernel[grid](
+        q, k, w, starts, ends, buf,
+        row0, n_rows, T, S,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        starts.stride(0), starts.stride(1),
+        buf.stride(0), buf.stride(1),
+        H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
+        UPCAST=upcast, IEEE=(q.dtype in (torch.float32, torch.float64)),
+        num_warps=nw, num_stages=ns,
+    )
+
+
+def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True):
+    """Dense masked scores ``[B, T, S]`` fp32 (testing/diagnostics only: O(T*S) memory)."""
+    q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    buf = torch.full((B, T, S), float("-inf"), dtype=torch.float32, device=q.device)
+    _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg())
+    return buf
+
+
+def indexer_topk_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    topk: int,
+    starts: Optional[torch.Tensor] = None,
+    ends: Optional[torch.Tensor] = None,
+    use_relu: bool = True,
+    global_ids: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k key ids ``int32 [B, T, topk]`` (ascending key order, ``-1`` padded) and scores."""
+    q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"indexer_topk_triton needs a power-of-two head dim >= 16, got {D}")
+    scfg = _score_cfg()
+    blk, nw_sel = _select_cfg()
+    idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
+    vals = torch.empty(B, T, topk, dtype=torch.float32, device=q.device)
+    if T == 0 or B == 0:
+        return idx, vals
+    S_alloc = max(S, 1)
+    rows = _chunk_rows(B, T, S_alloc, scfg[0], chunk_bytes)
+    buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
+    for row0 in range(0, T, rows):
+        n = min(rows, T - row0)
+        if S > 0:
+            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg)
+        _select_kernel[(n, B)](
+            buf, starts, ends, idx, vals,
+            row0, T, S, topk,
+            starts.stride(0), starts.stride(1),
+            buf.stride(0), buf.stride(1),
+            idx.stride(0), idx.stride(1),
+            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=blk, num_warps=nw_sel,
+        )
+    return idx, vals

@@ -1,0 +1,553 @@
+"""Fused Triton sparse MLA attention (absorbed layout), forward and backward.
+
+Layout (see ``reference.py`` for the math):
+  q [T, H, Dqk], kv [Tk, Dqk] (V = kv[:, :d_v]), indices [T, K] (-1 = empty slot),
+  topk_length [T] optional, sink [H] fp32 optional.
+  Returns out [T, H, d_v] (q's dtype) and lse fp32 [T, H] (natural log, sink not included).
+
+Kernel shape
+------------
+One program per (query row t, block of BH heads). The query tile ``[BH, Dqk]`` is loaded once;
+the program walks the row's selected ids in blocks of BN=64 slots, gathers the kv rows
+``[BN, Dqk]`` (each gathered row serves every head of the block: that is the reuse) and does
+``S = Q K^T`` -> online softmax (exp2 domain) -> ``acc += P V``. The channel dimension is split
+into four equal "value" chunks (``DC = d_v / 4``, 128 on the 576/512 fast path) plus a "tail"
+chunk (the rope channels, ``Dqk - d_v``, 64 on the fast path), so every dot has power-of-two
+shapes and the accumulators stay in separate register tiles.
+
+Padding rules (no host copies, no host syncs)
+---------------------------------------------
+* Heads: any H >= 1. Heads are padded to the tile (BH in {16, 32, 64}) by masking inside the
+  kernel; padded heads load zeros and are never stored.
+* K (slots): any K. The last block of slots is masked (``slot < K``) which is exactly the same
+  as padding the row with ``-1`` up to the next multiple of 64. Slots at or beyond
+  ``topk_length[t]`` are skipped (the loop stops at ``min(K, topk_length[t])``).
+* Ids outside ``[0, Tk)`` (``-1`` padding, or garbage) are empty slots, as in the reference.
+  Duplicate ids in one row count once per slot (same rule as the reference).
+* Channels: any ``0 < d_v <= Dqk``; chunks are padded to powers of two (>= 16) with masks.
+
+Backward
+--------
+Same program grid. The program recomputes ``P = exp(S - logZ)`` from the saved lse (and the
+sink), ``dP = dO V^T``, ``dS = P (dP - Delta)`` with ``Delta = rowsum(dO * O)`` computed in the
+kernel, accumulates ``dq = scale * dS K`` in registers (each program owns its dq rows, no
+atomics) and scatters ``dkv[id] += scale * dS^T Q + P^T dO`` (the latter on the first d_v
+channels) with fp32 atomics into an fp32 workspace that is cast to kv's dtype at the end.
+``d_sink[h] = -sum_t exp(sink_h - logZ_th) * Delta_th`` is written per row and summed.
+A gradient for ``lse`` (rarely used) is folded into Delta.
+
+Deterministic mode (``deterministic=True``, or env ``MEGATRON_DSA_DETERMINISTIC=1``, or
+``torch.are_deterministic_algorithms_enabled()``): no atomics. Query rows are processed in
+fixed-size chunks; each program writes its per-(row, head block, slot) dkv contribution into an
+fp32 workspace, the chunk's ids are stably sorted, and a reduction kernel (one program per kv
+row) sums its contributions in sorted (= row, head block, slot) order and adds them to the fp32
+accumulator. Results are bit-identical between runs; it is slower (extra workspace traffic).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sparse_mla_triton", "sparse_mla_fwd_triton", "sparse_mla_bwd_triton"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+BLOCK_N = 64
+# Deterministic backward: bytes of fp32 contribution workspace per query chunk.
+DETERMINISTIC_WS_BYTES = 1 << 30
+
+# Launch configuration; the benchmark may override entries (tuning only).
+CONFIG = {
+    "fwd_warps_64": 8,
+    "fwd_warps_small": 4,
+    "fwd_stages": 1,
+    "bwd_warps_64": 8,
+    "bwd_warps_small": 4,
+    "bwd_stages": 1,
+    "bwd_block_h": 64,
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ld(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr):
+    cols = col0 + tl.arange(0, NCOL)
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if MASK_COLS:
+        m = row_mask[:, None] & (cols[None, :] < COL_LIM)
+    else:
+        m = row_mask[:, None]
+    return tl.load(ptrs, mask=m, other=0.0)
+
+
+@triton.jit
+def _st(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr, val):
+    cols = col0 + tl.arange(0, NCOL)
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if MASK_COLS:
+        m = row_mask[:, None] & (cols[None, :] < COL_LIM)
+    else:
+        m = row_mask[:, None]
+    tl.store(ptrs, val, mask=m)
+
+
+@triton.jit
+def _atomic(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr, val):
+    cols = col0 + tl.arange(0, NCOL)
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if MASK_COLS:
+        m = row_mask[:, None] & (cols[None, :] < COL_LIM)
+    else:
+        m = row_mask[:, None]
+    tl.atomic_add(ptrs, val, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    Q, KV, IDX, TOPK, SINK, OUT, LSE,
+    sq_t, sq_h, s_kv, s_it, so_t, so_h,
+    H, Tk, K, scale_log2,
+    D_V: tl.constexpr, D_QK: tl.constexpr, DC: tl.constexpr, DT: tl.constexpr,
+    BH: tl.constexpr, BN: tl.constexpr,
+    HAS_TOPK: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TAIL: tl.constexpr,
+    MASK_V: tl.constexpr, MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    offs_h = hb * BH + tl.arange(0, BH)
+    hmask = offs_h < H
+    qb = Q + t * sq_t
+    q0 = _ld(qb, offs_h, hmask, sq_h, 0 * DC, DC, D_V, MASK_V)
+    q1 = _ld(qb, offs_h, hmask, sq_h, 1 * DC, DC, D_V, MASK_V)
+    q2 = _ld(qb, offs_h, hmask, sq_h, 2 * DC, DC, D_V, MASK_V)
+    q3 = _ld(qb, offs_h, hmask, sq_h, 3 * DC, DC, D_V, MASK_V)
+    if HAS_TAIL:
+        qt = _ld(qb, offs_h, hmask, sq_h, D_V, DT, D_QK, MASK_T)
+
+    kend = K
+    if HAS_TOPK:
+        kend = tl.minimum(tl.maximum(tl.load(TOPK + t).to(tl.int32), 0), K)
+
+    m_i = tl.full([BH], float("-inf"), tl.float32)
+    l_i = tl.zeros([BH], tl.float32)
+    acc0 = tl.zeros([BH, DC], tl.float32)
+    acc1 = tl.zeros([BH, DC], tl.float32)
+    acc2 = tl.zeros([BH, DC], tl.float32)
+    acc3 = tl.zeros([BH, DC], tl.float32)
+    ib = IDX + t * s_it
+    for n0 in range(0, kend, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        ids = tl.load(ib + offs_n, mask=offs_n < kend, other=-1)
+        valid = (ids >= 0) & (ids < Tk)
+        rows = tl.where(valid, ids, 0).to(tl.int64)
+        k0 = _ld(KV, rows, valid, s_kv, 0 * DC, DC, D_V, MASK_V)
+        k1 = _ld(KV, rows, valid, s_kv, 1 * DC, DC, D_V, MASK_V)
+        k2 = _ld(KV, rows, valid, s_kv, 2 * DC, DC, D_V, MASK_V)
+        k3 = _ld(KV, rows, valid, s_kv, 3 * DC, DC, D_V, MASK_V)
+        s = tl.zeros([BH, BN], tl.float32)
+        s = _mm(q0, tl.trans(k0), s, UPCAST, PREC)
+        s = _mm(q1, tl.trans(k1), s, UPCAST, PREC)
+        s = _mm(q2, tl.trans(k2), s, UPCAST, PREC)
+        s = _mm(q3, tl.trans(k3), s, UPCAST, PREC)
+        if HAS_TAIL:
+            kt = _ld(KV, rows, valid, s_kv, D_V, DT, D_QK, MASK_T)
+            s = _mm(qt, tl.trans(kt), s, UPCAST, PREC)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pc = p.to(k0.dtype)
+        acc0 = _mm(pc, k0, acc0 * alpha[:, None], UPCAST, PREC)
+        acc1 = _mm(pc, k1, acc1 * alpha[:, None], UPCAST, PREC)
+        acc2 = _mm(pc, k2, acc2 * alpha[:, None], UPCAST, PREC)
+        acc3 = _mm(pc, k3, acc3 * alpha[:, None], UPCAST, PREC)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    z2 = lse2
+    if HAS_SINK:
+        sk2 = tl.load(SINK + offs_h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        mx = tl.maximum(lse2, sk2)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        z2 = mx + tl.log2(tl.exp2(lse2 - mx) + tl.exp2(sk2 - mx))
+    # out = acc * 2^(m - z2) / 1   (acc already holds sum 2^(s - m) v)
+    o_scale = tl.where(nonempty, tl.exp2(tl.where(nonempty, m_i - z2, 0.0)), 0.0)
+    ob = OUT + t * so_t
+    _st(ob, offs_h, hmask, so_h, 0 * DC, DC, D_V, MASK_V, (acc0 * o_scale[:, None]).to(OUT.dtype.element_ty))
+    _st(ob, offs_h, hmask, so_h, 1 * DC, DC, D_V, MASK_V, (acc1 * o_scale[:, None]).to(OUT.dtype.element_ty))
+    _st(ob, offs_h, hmask, so_h, 2 * DC, DC, D_V, MASK_V, (acc2 * o_scale[:, None]).to(OUT.dtype.element_ty))
+    _st(ob, offs_h, hmask, so_h, 3 * DC, DC, D_V, MASK_V, (acc3 * o_scale[:, None]).to(OUT.dtype.element_ty))
+    tl.store(LSE + t * H + offs_h, lse2 * 0.6931471805599453, mask=hmask)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_mla_bwd_kernel(
+    Q, KV, IDX, TOPK, SINK, O, DO, LSE, DLSE, DQ, DKV, DSINK_T, WS,
+    sq_t, sq_h, s_kv, s_it, so_t, so_h, sdo_t, sdo_h, sdq_t, sdq_h,
+    H, Tk, K, T0, scale, scale_log2,
+    D_V: tl.constexpr, D_QK: tl.constexpr, DC: tl.constexpr, DT: tl.constexpr,
+    BH: tl.constexpr, BN: tl.constexpr,
+    HAS_TOPK: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_DLSE: tl.constexpr,
+    MASK_V: tl.constexpr, MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    t = (pid_t + T0).to(tl.int64)
+    hb = tl.program_id(1)
+    nhb = tl.num_programs(1)
+    offs_h = hb * BH + tl.arange(0, BH)
+    hmask = offs_h < H
+
+    qb = Q + t * sq_t
+    q0 = _ld(qb, offs_h, hmask, sq_h, 0 * DC, DC, D_V, MASK_V)
+    q1 = _ld(qb, offs_h, hmask, sq_h, 1 * DC, DC, D_V, MASK_V)
+    q2 = _ld(qb, offs_h, hmask, sq_h, 2 * DC, DC, D_V, MASK_V)
+    q3 = _ld(qb, offs_h, hmask, sq_h, 3 * DC, DC, D_V, MASK_V)
+    if HAS_TAIL:
+        qt = _ld(qb, offs_h, hmask, sq_h, D_V, DT, D_QK, MASK_T)
+    dob = DO + t * sdo_t
+    do0 = _ld(dob, offs_h, hmask, sdo_h, 0 * DC, DC, D_V, MASK_V)
+    do1 = _ld(dob, offs_h, hmask, sdo_h, 1 * DC, DC, D_V, MASK_V)
+    do2 = _ld(dob, offs_h, hmask, sdo_h, 2 * DC, DC, D_V, MASK_V)
+    do3 = _ld(dob, offs_h, hmask, sdo_h, 3 * DC, DC, D_V, MASK_V)
+    ob = O + t * so_t
+    delta = tl.sum(do0.to(tl.float32) * _ld(ob, offs_h, hmask, so_h, 0 * DC, DC, D_V, MASK_V).to(tl.float32), 1)
+    delta += tl.sum(do1.to(tl.float32) * _ld(ob, offs_h, hmask, so_h, 1 * DC, DC, D_V, MASK_V).to(tl.float32), 1)
+    delta += tl.sum(do2.to(tl.float32) * _ld(ob, offs_h, hmask, so_h, 2 * DC, DC, D_V, MASK_V).to(tl.float32), 1)
+    delta += tl.sum(do3.to(tl.float32) * _ld(ob, offs_h, hmask, so_h, 3 * DC, DC, D_V, MASK_V).to(tl.float32), 1)
+
+    lse2 = tl.load(LSE + t * H + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+    z2 = lse2
+    if HAS_SINK:
+        sk2 = tl.load(SINK + offs_h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        mx = tl.maximum(lse2, sk2)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        z2 = mx + tl.log2(tl.exp2(lse2 - mx) + tl.exp2(sk2 - mx))
+        zfin = z2 > float("-inf")
+        dsink = tl.where(zfin & hmask, -tl.exp2(sk2 - tl.where(zfin, z2, 0.0)) * delta, 0.0)
+        tl.store(DSINK_T + t * H + offs_h, dsink, mask=hmask)
+    lfin = lse2 > float("-inf")
+    z2 = tl.where(lfin, z2, 0.0)
+    if HAS_DLSE:
+        dl = tl.load(DLSE + t * H + offs_h, mask=hmask, other=0.0).to(tl.float32)
+        # d lse / d s_i = exp(s_i - lse) = p_i * exp(logZ - lse)
+        delta = delta - tl.where(lfin, dl * tl.exp2(z2 - tl.where(lfin, lse2, 0.0)), 0.0)
+    delta = tl.where(hmask, delta, 0.0)
+
+    kend = K
+    if HAS_TOPK:
+        kend = tl.minimum(tl.maximum(tl.load(TOPK + t).to(tl.int32), 0), K)
+
+    dq0 = tl.zeros([BH, DC], tl.float32)
+    dq1 = tl.zeros([BH, DC], tl.float32)
+    dq2 = tl.zeros([BH, DC], tl.float32)
+    dq3 = tl.zeros([BH, DC], tl.float32)
+    dqt = tl.zeros([BH, DT], tl.float32)
+    ib = IDX + t * s_it
+    for n0 in range(0, kend, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        ids = tl.load(ib + offs_n, mask=offs_n < kend, other=-1)
+        valid = (ids >= 0) & (ids < Tk)
+        rows = tl.where(valid, ids, 0).to(tl.int64)
+        k0 = _ld(KV, rows, valid, s_kv, 0 * DC, DC, D_V, MASK_V)
+        k1 = _ld(KV, rows, valid, s_kv, 1 * DC, DC, D_V, MASK_V)
+        k2 = _ld(KV, rows, valid, s_kv, 2 * DC, DC, D_V, MASK_V)
+        k3 = _ld(KV, rows, valid, s_kv, 3 * DC, DC, D_V, MASK_V)
+        s = tl.zeros([BH, BN], tl.float32)
+        s = _mm(q0, tl.trans(k0), s, UPCAST, PREC)
+        s = _mm(q1, tl.trans(k1), s, UPCAST, PREC)
+        s = _mm(q2, tl.trans(k2), s, UPCAST, PREC)
+        s = _mm(q3, tl.trans(k3), s, UPCAST, PREC)
+        if HAS_TAIL:
+            kt = _ld(KV, rows, valid, s_kv, D_V, DT, D_QK, MASK_T)
+            s = _mm(qt, tl.trans(kt), s, UPCAST, PREC)
+        dp = tl.zeros([BH, BN], tl.float32)
+        dp = _mm(do0, tl.trans(k0), dp, UPCAST, PREC)
+        dp = _mm(do1, tl.trans(k1), dp, UPCAST, PREC)
+        dp = _mm(do2, tl.trans(k2), dp, UPCAST, PREC)
+        dp = _mm(do3, tl.trans(k3), dp, UPCAST, PREC)
+        live = valid[None, :] & hmask[:, None]
+        p = tl.where(live, tl.exp2(s * scale_log2 - z2[:, None]), 0.0)
+        ds = p * (dp - delta[:, None]) * scale
+        dsc = ds.to(k0.dtype)
+        pc = p.to(k0.dtype)
+        dq0 = _mm(dsc, k0, dq0, UPCAST, PREC)
+        dq1 = _mm(dsc, k1, dq1, UPCAST, PREC)
+        dq2 = _mm(dsc, k2, dq2, UPCAST, PREC)
+        dq3 = _mm(dsc, k3, dq3, UPCAST, PREC)
+        dsT = tl.trans(dsc)
+        pT = tl.trans(pc)
+        g0 = _mm(pT, do0, _mm(dsT, q0, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
+        g1 = _mm(pT, do1, _mm(dsT, q1, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
+        g2 = _mm(pT, do2, _mm(dsT, q2, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
+        g3 = _mm(pT, do3, _mm(dsT, q3, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
+        if HAS_TAIL:
+            dqt = _mm(dsc, kt, dqt, UPCAST, PREC)
+            gt = _mm(dsT, qt, tl.zeros([BN, DT], tl.float32), UPCAST, PREC)
+        if DETERMINISTIC:
+            # contribution rows: ((pid_t * nhb + hb) * K + slot); every slot < kend is written
+            wrow = (pid_t.to(tl.int64) * nhb + hb) * K + offs_n
+            wm = offs_n < kend
+            _st(WS, wrow, wm, D_QK, 0 * DC, DC, D_V, MASK_V, g0)
+            _st(WS, wrow, wm, D_QK, 1 * DC, DC, D_V, MASK_V, g1)
+            _st(WS, wrow, wm, D_QK, 2 * DC, DC, D_V, MASK_V, g2)
+            _st(WS, wrow, wm, D_QK, 3 * DC, DC, D_V, MASK_V, g3)
+            if HAS_TAIL:
+                _st(WS, wrow, wm, D_QK, D_V, DT, D_QK, MASK_T, gt)
+        else:
+            _atomic(DKV, rows, valid, D_QK, 0 * DC, DC, D_V, MASK_V, g0)
+            _atomic(DKV, rows, valid, D_QK, 1 * DC, DC, D_V, MASK_V, g1)
+            _atomic(DKV, rows, valid, D_QK, 2 * DC, DC, D_V, MASK_V, g2)
+            _atomic(DKV, rows, valid, D_QK, 3 * DC, DC, D_V, MASK_V, g3)
+            if HAS_TAIL:
+                _atomic(DKV, rows, valid, D_QK, D_V, DT, D_QK, MASK_T, gt)
+
+    dqb = DQ + t * sdq_t
+    _st(dqb, offs_h, hmask, sdq_h, 0 * DC, DC, D_V, MASK_V, dq0.to(DQ.dtype.element_ty))
+    _st(dqb, offs_h, hmask, sdq_h, 1 * DC, DC, D_V, MASK_V, dq1.to(DQ.dtype.element_ty))
+    _st(dqb, offs_h, hmask, sdq_h, 2 * DC, DC, D_V, MASK_V, dq2.to(DQ.dtype.element_ty))
+    _st(dqb, offs_h, hmask, sdq_h, 3 * DC, DC, D_V, MASK_V, dq3.to(DQ.dtype.element_ty))
+    if HAS_TAIL:
+        _st(dqb, offs_h, hmask, sdq_h, D_V, DT, D_QK, MASK_T, dqt.to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def _segment_reduce_kernel(WS, PERM, STARTS, DKV, D_QK, BD: tl.constexpr, RB: tl.constexpr):
+    """dkv[j] += sum of WS[perm[i]] for i in [starts[j], starts[j+1]) in a fixed order."""
+    j = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    cols = cb * BD + tl.arange(0, BD)
+    cm = cols < D_QK
+    st = tl.load(STARTS + j)
+    en = tl.load(STARTS + j + 1)
+    acc = tl.zeros([BD], tl.float32)
+    for i0 in range(st, en, RB):
+        offs = i0 + tl.arange(0, RB)
+        om = offs < en
+        src = tl.load(PERM + offs, mask=om, other=0).to(tl.int64)
+        vals = tl.load(WS + src[:, None] * D_QK + cols[None, :], mask=om[:, None] & cm[None, :], other=0.0)
+        acc += tl.sum(vals, 0)
+    cur = tl.load(DKV + j * D_QK + cols, mask=cm, other=0.0)
+    tl.store(DKV + j * D_QK + cols, cur + acc, mask=cm)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+
+def _pow2_at_least(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, x)))
+
+
+def _geometry(Dqk: int, d_v: int):
+    DC = _pow2_at_least(-(-d_v // 4))
+    tail = Dqk - d_v
+    DT = _pow2_at_least(tail)
+    return dict(
+        D_V=d_v, D_QK=Dqk, DC=DC, DT=DT,
+        HAS_TAIL=tail > 0, MASK_V=(4 * DC != d_v), MASK_T=(DT != tail),
+    )
+
+
+def _block_h(H: int, cap: int = 64) -> int:
+    return min(cap, _pow2_at_least(H))
+
+
+def _prec(dtype: torch.dtype) -> dict:
+    upcast = _interpreting()
+    ieee = upcast or dtype in (torch.float32, torch.float64)
+    return dict(UPCAST=upcast, PREC="ieee" if ieee else "tf32")
+
+
+def sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length=None, sink=None):
+    """Forward only (no autograd): returns ``(out, lse)``."""
+    T, H, Dqk = q.shape
+    Tk = kv.shape[0]
+    K = indices.shape[1]
+    q = q.contiguous()
+    kv = kv.contiguous()
+    indices = indices.contiguous()
+    out = torch.empty(T, H, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    BH = _block_h(H)
+    geo = _geometry(Dqk, d_v)
+    warps = CONFIG["fwd_warps_64"] if BH >= 64 else CONFIG["fwd_warps_small"]
+    grid = (T, triton.cdiv(H, BH))
+    _sparse_mla_fwd_kernel[grid](
+        q, kv, indices,
+        topk_length if topk_length is not None else indices,
+        sink if sink is not None else lse,
+        out, lse,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
+        H, Tk, K, float(softmax_scale) * LOG2E,
+        BH=BH, BN=BLOCK_N,
+        HAS_TOPK=topk_length is not None, HAS_SINK=sink is not None,
+        **geo, **_prec(q.dtype),
+        num_warps=warps, num_stages=CONFIG["fwd_stages"],
+    )
+    return out, lse
+
+
+def _det_default() -> bool:
+    env = os.environ.get("MEGATRON_DSA_DETERMINISTIC")
+    if env is not None:
+        return env not in ("", "0", "false", "False")
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def sparse_mla_bwd_triton(
+    q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse=None,
+    deterministic: bool = False,
+):
+    """Backward: returns ``(dq, dkv, d_sink or None)``."""
+    T, H, Dqk = q.shape
+    Tk = kv.shape[0]
+    K = indices.shape[1]
+    dev = q.device
+    dout = dout.contiguous()
+    dq = torch.empty_like(q)
+    dkv_acc = torch.zeros(Tk, Dqk, dtype=torch.float32, device=dev)
+    dsink_t = torch.empty(T, H, dtype=torch.float32, device=dev) if sink is not None else None
+    if T > 0:
+        BH = _block_h(H, CONFIG["bwd_block_h"])
+        NHB = triton.cdiv(H, BH)
+        geo = _geometry(Dqk, d_v)
+        warps = CONFIG["bwd_warps_64"] if BH >= 64 else CONFIG["bwd_warps_small"]
+        if dlse is not None:
+            dlse = dlse.contiguous()
+        common = dict(
+            BH=BH, BN=BLOCK_N,
+            HAS_TOPK=topk_length is not None, HAS_SINK=sink is not None,
+            HAS_DLSE=dlse is not None, **geo, **_prec(q.dtype),
+            num_warps=warps, num_stages=CONFIG["bwd_stages"],
+        )
+        args_head = (
+            q, kv, indices,
+            topk_length if topk_length is not None else indices,
+            sink if sink is not None else lse,
+            out, dout, lse,
+            dlse if dlse is not None else lse,
+            dq, dkv_acc,
+            dsink_t if dsink_t is not None else lse,
+        )
+        strides = (
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        )
+        scale = float(softmax_scale)
+        if not deterministic:
+            _sparse_mla_bwd_kernel[(T, NHB)](
+                *args_head, dkv_acc, *strides, H, Tk, K, 0, scale, scale * LOG2E,
+                DETERMINISTIC=False, **common,
+            )
+        else:
+            from .reference import slot_validity
+
+            per_row = NHB * K * Dqk * 4
+            C = max(1, min(T, DETERMINISTIC_WS_BYTES // max(per_row, 1)))
+            ws = torch.empty(C * NHB * K, Dqk, dtype=torch.float32, device=dev)
+            valid = slot_validity(indices, Tk, topk_length)
+            keys = torch.arange(Tk + 1, device=dev, dtype=torch.int64)
+            BD = 64
+            for t0 in range(0, T, C):
+                n = min(C, T - t0)
+                _sparse_mla_bwd_kernel[(n, NHB)](
+                    *args_head, ws, *strides, H, Tk, K, t0, scale, scale * LOG2E,
+                    DETERMINISTIC=True, **common,
+                )
+                ids = torch.where(valid[t0:t0 + n], indices[t0:t0 + n].long(), Tk)
+                ids = ids[:, None, :].expand(n, NHB, K).reshape(-1)
+                sorted_ids, perm = torch.sort(ids, stable=True)
+                starts = torch.searchsorted(sorted_ids, keys)
+                _segment_reduce_kernel[(Tk, triton.cdiv(Dqk, BD))](
+                    ws, perm, starts, dkv_acc, Dqk, BD=BD, RB=16, num_warps=4,
+                )
+    dkv = dkv_acc.to(kv.dtype)
+    d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
+    return dq, dkv, d_sink
+
+
+class _SparseMLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic):
+        out, lse = sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
+        ctx.save_for_backward(q, kv, indices, topk_length, sink, out, lse)
+        ctx.softmax_scale = softmax_scale
+        ctx.d_v = d_v
+        ctx.deterministic = deterministic
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, kv, indices, topk_length, sink, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dkv, d_sink = sparse_mla_bwd_triton(
+            q, kv, indices, ctx.softmax_scale, ctx.d_v, topk_length, sink, out, lse, dout, dlse,
+            deterministic=ctx.deterministic,
+        )
+        if not ctx.needs_input_grad[6]:
+            d_sink = None
+        return dq, dkv, None, None, None, None, d_sink, None
+
+
+def sparse_mla_triton(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    softmax_scale: float,
+    d_v: int = 512,
+    topk_length: Optional[torch.Tensor] = None,
+    sink: Optional[torch.Tensor] = None,
+    deterministic: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused sparse MLA attention; differentiable in q, kv and sink. See module docstring."""
+    if deterministic is None:
+        deterministic = _det_default()
+    indices = indices.contiguous()
+    if topk_length is not None:
+        topk_length = topk_length.contiguous()
+    if sink is not None:
+        sink = sink.contiguous()
+    return _SparseMLAFunction.apply(
+        q, kv, indices, float(softmax_scale), int(d_v), topk_length, sink, bool(deterministic)
+    )

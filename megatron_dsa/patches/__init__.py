@@ -1,0 +1,201 @@
+"""Small, version-guarded, idempotent and undoable patches into Megatron-Core.
+
+Megatron-Core 0.19.2 assumes CUDA in a few places that a CPU run of a DSA model reaches. Each
+patch below names the symbol it touches, is applied only where it is needed, keeps the
+original object, and is undone by :func:`undo`. Nothing here changes behaviour on a machine
+with CUDA except the Hadamard fallback, which only fills in a missing optional package.
+
+=====================  =================================================================
+patch                  what and why
+=====================  =================================================================
+``cpu_device``         (CUDA absent) In the modules listed in ``_CPU_MODULES`` the module
+                       global ``torch`` is replaced by a thin proxy whose
+                       ``torch.cuda.current_device()`` is ``"cpu"``, whose
+                       ``torch.cuda.synchronize()`` is a no-op, and whose tensor factories
+                       map ``device="cuda"`` to the CPU. This covers RoPE's device
+                       (``RotaryEmbedding`` / ``YarnRotaryEmbedding``), the
+                       ``device="cuda"`` literals and ``torch.cuda.current_device()`` in the
+                       pipeline schedules and p2p communication, the indexer-loss tracker
+                       of ``dsa.DSAIndexerLossLoggingHelper``, and the RNG-state handling
+                       of ``tensor_parallel.random`` used by activation recompute.
+``rotate_activation``  (``fast_hadamard_transform`` missing) ``dsa.rotate_activation``
+                       becomes the PyTorch Hadamard rotation of
+                       :mod:`megatron_dsa.kernels.hadamard`, for every dtype.
+=====================  =================================================================
+
+Usage::
+
+    import megatron_dsa.patches as patches
+    patches.apply()        # idempotent; returns the names of the patches now active
+    patches.undo()         # restores every original object
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Dict, List, Tuple
+
+import torch
+
+SUPPORTED_MCORE = ((0, 17), (0, 19))  # inclusive (major, minor) range we test against
+
+# Module path -> reason; each gets the CPU torch proxy as its ``torch`` global.
+_CPU_MODULES = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "RoPE inv_freq device",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "YaRN RoPE device",
+    "megatron.core.pipeline_parallel.schedules": 'device="cuda" token counters',
+    "megatron.core.pipeline_parallel.p2p_communication": "p2p shape/buffer device",
+    "megatron.core.transformer.experimental_attention_variant.dsa": "indexer-loss tracker",
+    "megatron.core.tensor_parallel.random": "recompute RNG states",
+}
+
+# name -> list of (owner object, attribute, original value)
+_APPLIED: Dict[str, List[Tuple[object, str, object]]] = {}
+
+
+def mcore_version() -> Tuple[int, int, int]:
+    import megatron.core
+
+    parts = (megatron.core.__version__.split("rc")[0].split(".") + ["0", "0"])[:3]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+
+
+def _check_version() -> None:
+    v = mcore_version()
+    lo, hi = SUPPORTED_MCORE
+    if not (lo <= v[:2] <= hi):
+        raise RuntimeError(
+            f"megatron_dsa.patches supports megatron-core {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}, "
+            f"found {'.'.join(map(str, v))}; pin megatron-core==0.19.2"
+        )
+
+
+def _resolve(path: str, attr: str):
+    try:
+        mod = importlib.import_module(path)
+    except ImportError as exc:  # pragma: no cover - only on a moved symbol
+        raise RuntimeError(f"megatron_dsa.patches: cannot import {path} (moved?)") from exc
+    if not hasattr(mod, attr):
+        raise RuntimeError(f"megatron_dsa.patches: {path}.{attr} not found (moved?)")
+    return mod
+
+
+def _to_cpu(device):
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return "cpu"
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuCuda:
+    """``torch.cuda`` as seen by patched modules on a CPU-only machine."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def current_device(self):
+        return "cpu"
+
+    def synchronize(self, *args, **kwargs):
+        return None
+
+    def is_available(self):
+        return False
+
+    def get_rng_state(self, *args, **kwargs):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, *args, **kwargs):
+        torch.set_rng_state(state)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as seen by patched modules: CUDA device requests land on the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand")
+
+    def __init__(self, real):
+        super().__init__("torch")
+        self._real = real
+        self.cuda = _CpuCuda(real.cuda)
+        for name in self._FACTORIES:
+            setattr(self, name, self._wrap_factory(getattr(real, name)))
+
+    @staticmethod
+    def _wrap_factory(fn):
+        def factory(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _to_cpu(kwargs["device"])
+            return fn(*args, **kwargs)
+
+        factory.__wrapped__ = fn
+        return factory
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _apply_cpu_device() -> List[Tuple[object, str, object]]:
+    proxy = _CpuTorch(torch)
+    saved = []
+    for path in _CPU_MODULES:
+        mod = _resolve(path, "torch")
+        saved.append((mod, "torch", mod.torch))
+        mod.torch = proxy
+    # RNG helpers of tensor_parallel.random resolve the CUDA RNG through module-level
+    # functions that call torch.cuda directly; with the proxy they use the CPU generator.
+    return saved
+
+
+def _apply_rotate_activation() -> List[Tuple[object, str, object]]:
+    from megatron_dsa.kernels.hadamard import rotate_activation
+
+    mod = _resolve("megatron.core.transformer.experimental_attention_variant.dsa", "rotate_activation")
+    saved = [(mod, "rotate_activation", mod.rotate_activation)]
+    mod.rotate_activation = rotate_activation
+    return saved
+
+
+def needed() -> List[str]:
+    """The patches this machine needs."""
+    names = []
+    if not torch.cuda.is_available():
+        names.append("cpu_device")
+    dsa = importlib.import_module("megatron.core.transformer.experimental_attention_variant.dsa")
+    if getattr(dsa, "hadamard_transform", None) is None:
+        names.append("rotate_activation")
+    return names
+
+
+_APPLIERS = {"cpu_device": _apply_cpu_device, "rotate_activation": _apply_rotate_activation}
+
+
+def apply(names=None) -> List[str]:
+    """Apply the needed patches (or exactly ``names``). Idempotent. Returns active names."""
+    _check_version()
+    for name in needed() if names is None else names:
+        if name not in _APPLIERS:
+            raise ValueError(f"unknown patch {name!r}; known: {sorted(_APPLIERS)}")
+        if name not in _APPLIED:
+            _APPLIED[name] = _APPLIERS[name]()
+    return sorted(_APPLIED)
+
+
+def undo(names=None) -> None:
+    """Restore the original objects of the given (default: all) applied patches."""
+    for name in list(_APPLIED) if names is None else names:
+        for owner, attr, original in reversed(_APPLIED.pop(name, [])):
+            setattr(owner, attr, original)
+
+
+def active() -> List[str]:
+    return sorted(_APPLIED)
