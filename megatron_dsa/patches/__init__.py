@@ -16,8 +16,9 @@ patch                  what and why
                        (``RotaryEmbedding`` / ``YarnRotaryEmbedding``), the
                        ``device="cuda"`` literals and ``torch.cuda.current_device()`` in the
                        pipeline schedules and p2p communication, the indexer-loss tracker
-                       of ``dsa.DSAIndexerLossLoggingHelper``, and the RNG-state handling
-                       of ``tensor_parallel.random`` used by activation recompute.
+                       of ``dsa.DSAIndexerLossLoggingHelper``, and the device of the
+                       distributed-data-parallel grad buffers and the optimizer's
+                       bookkeeping tensors.
 ``rotate_activation``  (``fast_hadamard_transform`` missing) ``dsa.rotate_activation``
                        becomes the PyTorch Hadamard rotation of
                        :mod:`megatron_dsa.kernels.hadamard`, for every dtype.
@@ -47,7 +48,11 @@ _CPU_MODULES = {
     "megatron.core.pipeline_parallel.schedules": 'device="cuda" token counters',
     "megatron.core.pipeline_parallel.p2p_communication": "p2p shape/buffer device",
     "megatron.core.transformer.experimental_attention_variant.dsa": "indexer-loss tracker",
-    "megatron.core.tensor_parallel.random": "recompute RNG states",
+    "megatron.core.distributed.param_and_grad_buffer": "DDP grad-buffer device",
+    "megatron.core.distributed.distributed_data_parallel": "DDP device / synchronize",
+    "megatron.core.optimizer.optimizer": "optimizer found-inf / flag tensors",
+    "megatron.core.optimizer.clip_grads": "grad-norm tensors",
+    "megatron.core.utils": "local multi-tensor L2 norm without Apex/TE",
 }
 
 # name -> list of (owner object, attribute, original value)
@@ -151,8 +156,6 @@ def _apply_cpu_device() -> List[Tuple[object, str, object]]:
         mod = _resolve(path, "torch")
         saved.append((mod, "torch", mod.torch))
         mod.torch = proxy
-    # RNG helpers of tensor_parallel.random resolve the CUDA RNG through module-level
-    # functions that call torch.cuda directly; with the proxy they use the CPU generator.
     return saved
 
 

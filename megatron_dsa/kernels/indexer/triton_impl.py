@@ -7,8 +7,8 @@ Two kernels per chunk of query rows (see ``docs/kernels_indexer.md``):
    scores of the tile into a chunk buffer ``[B, R, S]``. Key tiles outside every row's window
    are skipped (causal: only ``s <= t``).
 2. ``_select_kernel``: one program per query row finds the exact k-th largest score by a radix
-   select on the order-preserving uint32 image of the fp32 score (histograms of 11, 11 and 10
-   bits; it stops as soon as the boundary bucket holds exactly the missing count), then
+   select on the order-preserving uint32 image of the fp32 score (256-bin histograms of 8-bit
+   digits; it stops as soon as the boundary bucket holds exactly the missing count), then
    compacts the row in ascending key order: every key above the threshold, plus the lowest-index
    keys equal to it (the project's tie rule). Only ``[start, end)`` of a row is ever read.
 
@@ -185,22 +185,31 @@ def _select_kernel(
             tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
             tl.store(val_row + j, x, mask=m)
     else:
+        # radix select on 8-bit digits (256-bin histograms are cheap in Triton: the cost of
+        # tl.histogram grows with bins / 32 per warp); stop once the boundary bucket holds
+        # exactly the missing count
         k_rem = K
-        b0, above, in_b = _radix_level(row_ptr, L, 0, 0, k_rem, 21, 2048, True, BLOCK)
+        b0, above, in_b = _radix_level(row_ptr, L, 0, 0, k_rem, 24, 256, True, BLOCK)
         prefix = b0.to(tl.uint32)
-        shift = 21
+        shift = 24
         k_rem -= above
         if in_b != k_rem:
-            b1, above, in_b = _radix_level(row_ptr, L, prefix, 21, k_rem, 10, 2048, False, BLOCK)
-            prefix = (prefix << 11) | b1.to(tl.uint32)
-            shift = 10
+            b1, above, in_b = _radix_level(row_ptr, L, prefix, 24, k_rem, 16, 256, False, BLOCK)
+            prefix = (prefix << 8) | b1.to(tl.uint32)
+            shift = 16
             k_rem -= above
             if in_b != k_rem:
-                b2, above, in_b = _radix_level(row_ptr, L, prefix, 10, k_rem, 0, 1024, False,
+                b2, above, in_b = _radix_level(row_ptr, L, prefix, 16, k_rem, 8, 256, False,
                                                BLOCK)
-                prefix = (prefix << 10) | b2.to(tl.uint32)
-                shift = 0
+                prefix = (prefix << 8) | b2.to(tl.uint32)
+                shift = 8
                 k_rem -= above
+                if in_b != k_rem:
+                    b3, above, in_b = _radix_level(row_ptr, L, prefix, 8, k_rem, 0, 256, False,
+                                                   BLOCK)
+                    prefix = (prefix << 8) | b3.to(tl.uint32)
+                    shift = 0
+                    k_rem -= above
         # compaction in key order: keys above the threshold + the first k_rem equal to it
         cnt = 0
         eqc = 0
@@ -227,7 +236,7 @@ def _select_kernel(
 # --------------------------------------------------------------------------------------------
 
 # (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel; select (BLOCK, num_warps).
-_SCORE_CFG_GPU = (64, 256, 8, 3)
+_SCORE_CFG_GPU = (64, 128, 4, 3)
 _SELECT_CFG_GPU = (4096, 16)
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
 _SELECT_CFG_INTERP = (64, 4)

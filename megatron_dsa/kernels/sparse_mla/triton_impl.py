@@ -72,6 +72,8 @@ CONFIG = {
     "bwd_stages": 1,
     "bwd_block_h": 64,
 }
+# The last compiled kernel of each kind (for the benchmark's resource report).
+LAST_KERNELS = {}
 
 
 def _interpreting() -> bool:
@@ -411,7 +413,7 @@ def sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length=None, 
     geo = _geometry(Dqk, d_v)
     warps = CONFIG["fwd_warps_64"] if BH >= 64 else CONFIG["fwd_warps_small"]
     grid = (T, triton.cdiv(H, BH))
-    _sparse_mla_fwd_kernel[grid](
+    LAST_KERNELS["fwd"] = _sparse_mla_fwd_kernel[grid](
         q, kv, indices,
         topk_length if topk_length is not None else indices,
         sink if sink is not None else lse,
@@ -474,7 +476,7 @@ def sparse_mla_bwd_triton(
         )
         scale = float(softmax_scale)
         if not deterministic:
-            _sparse_mla_bwd_kernel[(T, NHB)](
+            LAST_KERNELS["bwd"] = _sparse_mla_bwd_kernel[(T, NHB)](
                 *args_head, dkv_acc, *strides, H, Tk, K, 0, scale, scale * LOG2E,
                 DETERMINISTIC=False, **common,
             )

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Lightning indexer score + top-k benchmark: ours and the peers side by side (one process).
+
+Peers (each only if importable; else status "unsupported"):
+  mcore_native    megatron.core ... dsa.fused_qk_topk_naive
+  mcore_tilelang  megatron.core ... ops.tilelang_dsa.fused_qk_topk_lighting (block 8192)
+  cudnn           cudnn.DSA.indexer_forward_wrapper + DSA.indexer_top_k_wrapper
+
+Usage (GPU):
+  PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
+  ... --impls ours            # ours only (tuning)
+  ... --loss-S 32768          # also the indexer loss fwd+bwd (ours), dense and sparse
+  ... --check                 # correctness spot check of ours vs the fp32 reference first
+  ... --tune-score "64,256,8,3;128,128,8,3"   # sweep score-kernel configs (ours only)
+Causal (top-left), B=1, H=64, D=128, k=2048, random bf16 q/k, fp32 weights.
+FLOPs counted: S^2 * H * D (the causal half of 2 * S^2 * H * D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    device_name, measure_ceilings, peak_gib, run_guarded, time_cuda, write_receipt,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations: each factory returns fn() or raises ImportError -> "unsupported"
+# ---------------------------------------------------------------------------------------------
+
+
+def make_ours(q, k, w, topk):
+    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+
+    return lambda: indexer_topk_triton(q, k, w, topk)
+
+
+def make_mcore_native(q, k, w, topk):
+    from megatron.core.transformer.experimental_attention_variant.dsa import fused_qk_topk_naive
+
+    S = k.shape[1]
+    qs, ks, ws = q[0].unsqueeze(1), k[0].unsqueeze(1), w[0].unsqueeze(1)  # [s, b, ...]
+    mask = torch.full((S, S), float("-inf"), device=q.device).triu_(1)
+    return lambda: fused_qk_topk_naive(qs, ks, ws, topk, mask=mask)
+
+
+def make_mcore_tilelang(q, k, w, topk):
+    from megatron.core.transformer.experimental_attention_variant.ops import tilelang_dsa
+
+    if tilelang_dsa.lighting_indexer_indices is None:
+        raise ImportError("tilelang indexer not importable")
+    S = k.shape[1]
+    qs, ks, ws = q[0].unsqueeze(1), k[0].unsqueeze(1), w[0].unsqueeze(1)
+    starts = torch.zeros(S, dtype=torch.int32, device=q.device)
+    ends = torch.arange(1, S + 1, dtype=torch.int32, device=q.device)
+    return lambda: tilelang_dsa.fused_qk_topk_lighting(qs, ks, ws, topk, starts, ends,
+                                                       block_size=8192)
+
+
+def make_cudnn(q, k, w, topk):
+    from cudnn import DSA  # noqa: F401
+
+    B, S = k.shape[:2]
+    seq_lens = torch.arange(1, S + 1, dtype=torch.int32, device=q.device).repeat(B)
+    kk = k.unsqueeze(2)
+
+    def fn():
+        sc = DSA.indexer_forward_wrapper(q, kk, w, ratio=1, sm_scale=1.0)["scores"]
+        return DSA.indexer_top_k_wrapper(sc.view(B * q.shape[1], S), seq_lens, top_k=topk,
+                                         next_n=1, return_val=True)
+
+    return fn
+
+
+IMPLS = {
+    "ours": ("megatron_dsa", make_ours),
+    "mcore_native": ("mcore_native", make_mcore_native),
+    "mcore_tilelang": ("mcore_tilelang", make_mcore_tilelang),
+    "cudnn": ("cudnn", make_cudnn),
+}
+
+
+def inputs(S, H, D, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(1, S, H, device="cuda", dtype=torch.float32, generator=g) * H**-0.5
+    return q, k, w
+
+
+def bench_one(make, S, H, D, topk, reps):
+    def body():
+        q, k, w = inputs(S, H, D)
+        fn = make(q, k, w, topk)
+        ms = time_cuda(fn, warmup=1, reps=reps)
+        pk = peak_gib(fn)
+        flops = S * S * H * D
+        return {"ms": round(ms, 4), "tflops": round(flops / (ms * 1e-3) / 1e12, 1),
+                "peak_gib": round(pk, 4)}
+
+    try:
+        return run_guarded(body)
+    except ImportError:
+        return {"status": "unsupported"}
+
+
+def compile_report():
+    """Registers / spills / shared memory of our compiled kernels (best effort)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    out = {}
+    for name in ("_score_kernel", "_select_kernel"):
+        fn = getattr(ti, name)
+        try:
+            for cache in fn.device_caches.values():
+                for key, ker in cache[0].items():
+                    out.setdefault(name, []).append(
+                        {"n_regs": ker.n_regs, "n_spills": ker.n_spills,
+                         "shared": getattr(ker.metadata, "shared", None),
+                         "num_warps": getattr(ker.metadata, "num_warps", None)})
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"unavailable: {e}"
+    return out
+
+
+def bench_impl(name, S, args):
+    label, make = IMPLS[name]
+    try:
+        q, k, w = inputs(64, args.H, args.D)
+        make(q, k, w, args.k)  # import / construction probe at a tiny size
+    except ImportError as e:
+        return {"impl": label, "status": "unsupported", "note": str(e)[:200]}
+    except Exception:  # noqa: BLE001 - the real run records errors
+        pass
+    res = bench_one(make, S, args.H, args.D, args.k, args.reps)
+    return {"impl": label, **res}
+
+
+def score_only(S, args):
+    """Our score kernel alone over the same row chunks (no selection)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    q, k, w = inputs(S, args.H, args.D)
+    cfg = ti._score_cfg()
+    rows = ti._chunk_rows(1, S, S, cfg[0], ti.DEFAULT_CHUNK_BYTES)
+    buf = torch.empty(1, rows, S, dtype=torch.float32, device="cuda")
+    q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
+
+    def fn():
+        for row0 in range(0, S, rows):
+            ti._launch_scores(q, k, w, st, en, causal, True, buf, row0, min(rows, S - row0), cfg)
+
+    ms = time_cuda(fn, warmup=1, reps=args.reps)
+    return {"ms": round(ms, 4), "tflops": round(S * S * args.H * args.D / (ms * 1e-3) / 1e12, 1)}
+
+
+def check_ours(S, H, D, topk):
+    """Ours (bf16) vs the fp32 reference on the first rows: k-th score and id overlap."""
+    from megatron_dsa.kernels.indexer.reference import indexer_topk_reference
+    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+
+    q, k, w = inputs(S, H, D, seed=1)
+    idx, val = indexer_topk_triton(q, k, w, topk)
+    rows = list(range(0, 64)) + list(range(S - 256, S))
+    sel = torch.tensor(rows, device="cuda")
+    ri, rv = indexer_topk_reference(q[:, sel].float(), k.float(), w[:, sel], topk,
+                                    torch.zeros(1, len(rows), dtype=torch.int32, device="cuda"),
+                                    (sel + 1).view(1, -1).to(torch.int32))
+    ours_i, ours_v = idx[:, sel], val[:, sel]
+    ov = []
+    for r in range(len(rows)):
+        a = set(ours_i[0, r][ours_i[0, r] >= 0].tolist())
+        b = set(ri[0, r][ri[0, r] >= 0].tolist())
+        ov.append(len(a & b) / max(1, len(b)))
+    sv = ours_v.sort(-1, descending=True).values
+    fin = torch.isfinite(rv)
+    rel = ((sv - rv)[fin].norm() / rv[fin].norm()).item()
+    pad_ok = bool(((ours_i < 0).sum(-1) == (ri < 0).sum(-1)).all())
+    return {"S": S, "min_overlap": min(ov), "mean_overlap": sum(ov) / len(ov),
+            "sorted_score_rel_err": rel, "pad_ok": pad_ok}
+
+
+def bench_loss(S, args, sparse):
+    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+    from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton
+
+    def body():
+        q, k, w = inputs(S, args.H, args.D)
+        g = torch.Generator(device="cuda").manual_seed(2)
+        query = torch.randn(1, S, args.loss_heads, 576, device="cuda", dtype=torch.bfloat16,
+                            generator=g)
+        key = torch.randn(1, S, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+        idx, _ = indexer_topk_triton(q, k, w, args.k)
+        q.requires_grad_(True)
+        k.requires_grad_(True)
+        w.requires_grad_(True)
+
+        def fn():
+            loss = indexer_loss_triton(q, k, w, query, key, 576**-0.5, 1.0, idx, sparse,
+                                       None, None, True, None, False, None)
+            loss.backward()
+            return loss
+
+        ms = time_cuda(fn, warmup=1, reps=max(1, min(args.reps, 3)))
+        pk = peak_gib(fn)
+        return {"ms": round(ms, 3), "peak_gib": round(pk, 4)}
+
+    res = run_guarded(body)
+    return {"impl": "megatron_dsa", "case": {"S": S, "H": args.H, "D": args.D, "k": args.k,
+                                             "Hq": args.loss_heads, "Dqk": 576,
+                                             "pass": "loss fwd+bwd " + ("sparse" if sparse else "dense")},
+            "tflops": None, **res}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--S", default="4096,8192,16384,32768",
+                    help="comma list of sequence lengths (e.g. up to 131072)")
+    ap.add_argument("--impls", default="ours,mcore_native,mcore_tilelang,cudnn")
+    ap.add_argument("--H", type=int, default=64)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default="docs/receipts/")
+    ap.add_argument("--loss-S", default="", help="comma list of S for the loss fwd+bwd (ours)")
+    ap.add_argument("--loss-heads", type=int, default=128)
+    ap.add_argument("--loss-variants", default="sparse,dense")
+    ap.add_argument("--check", default="", help="comma list of S for a correctness check")
+    ap.add_argument("--tune-score", default="", help="';'-separated BT,BS,warps,stages configs")
+    ap.add_argument("--tune-select", default="", help="';'-separated BLOCK,warps select configs")
+    ap.add_argument("--no-ceilings", action="store_true")
+    ap.add_argument("--no-receipt", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_indexer: needs a CUDA device")
+        return 1
+    sizes = [int(s) for s in args.S.split(",") if s]
+    rows, notes = [], {}
+    ceil = {} if args.no_ceilings else measure_ceilings()
+    print("ceilings", ceil, flush=True)
+    for S in [int(s) for s in args.check.split(",") if s]:
+        c = check_ours(S, args.H, args.D, args.k)
+        notes.setdefault("checks", []).append(c)
+        print("check", json.dumps(c), flush=True)
+    if args.tune_select:
+        for cfg in args.tune_select.split(";"):
+            os.environ["MEGATRON_DSA_INDEXER_SELECT_CFG"] = cfg
+            for S in sizes:
+                r = bench_impl("ours", S, args)
+                r["impl"] = f"megatron_dsa[select_cfg={cfg}]"
+                r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        os.environ.pop("MEGATRON_DSA_INDEXER_SELECT_CFG", None)
+    if args.tune_score:
+        for cfg in args.tune_score.split(";"):
+            os.environ["MEGATRON_DSA_INDEXER_SCORE_CFG"] = cfg
+            for S in sizes:
+                r = run_guarded(lambda: score_only(S, args))
+                r["impl"] = f"megatron_dsa[score_only,score_cfg={cfg}]"
+                r["case"] = {"S": S, "H": args.H, "D": args.D, "pass": "score"}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        os.environ.pop("MEGATRON_DSA_INDEXER_SCORE_CFG", None)
+    if not (args.tune_score or args.tune_select):
+        for S in sizes:
+            for name in [s for s in args.impls.split(",") if s]:
+                t0 = time.time()
+                r = bench_impl(name, S, args)
+                r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+                rows.append(r)
+                print(json.dumps(r), f"({time.time() - t0:.1f}s)", flush=True)
+                torch.cuda.empty_cache()
+    for S in [int(s) for s in args.loss_S.split(",") if s]:
+        for var in args.loss_variants.split(","):
+            r = bench_loss(S, args, var == "sparse")
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+    if "ours" in args.impls or args.tune_score or args.tune_select:
+        notes["compile_report"] = compile_report()
+        print("compile_report", json.dumps(notes["compile_report"]), flush=True)
+    if not args.no_receipt:
+        paths = write_receipt("indexer", rows, args.out, extra={"notes": notes}, ceilings=ceil)
+        print("receipt:", paths)
+    print(f"\n{'impl':44s} {'S':>7s} {'pass':>22s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} status")
+    for r in rows:
+        c = r.get("case", {})
+        print(f"{r['impl']:44s} {c.get('S', ''):>7} {c.get('pass', ''):>22s} "
+              f"{r.get('ms') if r.get('ms') is not None else '-':>9} "
+              f"{r.get('tflops') if r.get('tflops') is not None else '-':>8} "
+              f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-':>9} {r.get('status')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

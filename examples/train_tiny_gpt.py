@@ -1,0 +1,272 @@
+"""Train a tiny GPT whose attention layers are megatron-dsa DSA layers.
+
+Built from Megatron-Core's own pieces: ``GPTModel``, its distributed-data-parallel wrapper, its
+forward-backward schedule (1F1B / interleaved when pipelined) and its optimizer. Data: the
+Python standard library's own source files as byte-level tokens (nothing to download).
+
+    python examples/train_tiny_gpt.py                       # CPU (gloo, one process)
+    python examples/train_tiny_gpt.py --device cuda         # GPU
+    torchrun --nproc_per_node=2 examples/train_tiny_gpt.py --pp 2 --num-microbatches 4
+
+One line per step: LM loss, indexer KL loss, tokens/s, peak memory; a summary at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import sys
+import sysconfig
+import time
+from functools import partial
+
+import torch
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--num-microbatches", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--topk", type=int, default=32, help="dsa_indexer_topk")
+    p.add_argument("--indexer-heads", type=int, default=16)
+    p.add_argument("--indexer-dim", type=int, default=32)
+    p.add_argument("--indexer-loss-coeff", type=float, default=0.01)
+    p.add_argument("--dense-warmup-steps", type=int, default=10,
+                   help="steps with the dense indexer loss before switching to the sparse one")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (= world size)")
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--recompute", choices=["none", "full"], default="none")
+    p.add_argument("--json-out", default=None, help="write the per-step log as JSON here")
+    args = p.parse_args(argv)
+
+    def need(cond, msg):
+        if not cond:
+            p.error(msg)
+
+    for name in ("steps", "seq_len", "micro_batch", "num_microbatches", "layers", "hidden",
+                 "heads", "topk", "indexer_heads", "indexer_dim", "pp"):
+        need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
+    need(args.lr > 0, "--lr must be positive")
+    need(args.indexer_loss_coeff >= 0, "--indexer-loss-coeff must be >= 0")
+    need(args.dense_warmup_steps >= 0, "--dense-warmup-steps must be >= 0")
+    need(args.hidden % args.heads == 0, "--hidden must be divisible by --heads")
+    need(args.indexer_dim & (args.indexer_dim - 1) == 0 and args.indexer_dim >= 16,
+         "--indexer-dim must be a power of two >= 16 (Hadamard rotation)")
+    need(args.seq_len <= 4096, "--seq-len must be <= 4096 for this example")
+    chunks = args.pp * (args.vpp or 1)
+    need(args.layers % chunks == 0, f"--layers ({args.layers}) must be divisible by pp*vpp ({chunks})")
+    need(args.vpp is None or args.vpp > 1, "--vpp must be > 1 when given")
+    need(args.vpp is None or args.pp > 1, "--vpp needs --pp > 1")
+    if args.pp > 1:
+        need(args.num_microbatches % args.pp == 0 or args.vpp is None,
+             "--num-microbatches must be a multiple of --pp with --vpp")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA device")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+def stdlib_bytes(limit: int = 4 << 20) -> torch.Tensor:
+    """Byte tokens of the standard library's .py files (sorted, so every machine agrees)."""
+    root = sysconfig.get_paths()["stdlib"]
+    chunks, total = [], 0
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    if total < 65536:
+        raise RuntimeError(f"found only {total} bytes of Python source under {root}")
+    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+
+
+class Batches:
+    """Random windows (seeded); every pipeline rank draws the same ones."""
+
+    def __init__(self, tokens, seq_len, micro_batch, seed, device):
+        self.tokens, self.seq_len, self.mb, self.device = tokens, seq_len, micro_batch, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (self.mb,), generator=self.gen)
+        win = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
+        return {"tokens": win[:, :-1].to(self.device), "labels": win[:, 1:].to(self.device)}
+
+
+# ----------------------------------------------------------------------------- model
+def build(args):
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from megatron_dsa.spec import get_dsa_gpt_block_spec
+
+    cpu = args.device == "cpu"
+    cfg = MLATransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        ffn_hidden_size=4 * args.hidden, q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 2,
+        qk_head_dim=args.hidden // args.heads, qk_pos_emb_head_dim=16, v_head_dim=args.hidden // args.heads,
+        rope_type="rope", experimental_attention_variant="dsa",
+        dsa_indexer_n_heads=args.indexer_heads, dsa_indexer_head_dim=args.indexer_dim,
+        dsa_indexer_topk=args.topk, dsa_indexer_loss_coeff=args.indexer_loss_coeff,
+        dsa_indexer_use_sparse_loss=args.dense_warmup_steps == 0,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        transformer_impl="local", use_cpu_initialization=cpu, params_dtype=torch.float32,
+        pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
+        pipeline_dtype=torch.float32,
+        recompute_granularity="full" if args.recompute == "full" else None,
+        recompute_method="uniform" if args.recompute == "full" else None,
+        recompute_num_layers=1 if args.recompute == "full" else None,
+    )
+    chunks = []
+    for vp in range(args.vpp or 1):
+        vp_stage = vp if args.vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = GPTModel(
+            config=cfg, transformer_layer_spec=get_dsa_gpt_block_spec(cfg, vp_stage=vp_stage),
+            vocab_size=256, max_sequence_length=args.seq_len, pre_process=pre, post_process=post,
+            position_embedding_type="none", vp_stage=vp_stage,
+        )
+        if not cpu:
+            model = model.cuda()
+        ddp = DistributedDataParallel(
+            config=cfg, ddp_config=DistributedDataParallelConfig(), module=model,
+        )
+        chunks.append(ddp)
+    opt = get_megatron_optimizer(
+        # Megatron-Core's grad clipping asserts CUDA tensors, so the CPU run trains unclipped.
+        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.01, clip_grad=0.0 if cpu else 1.0,
+                        adam_beta2=0.95, params_dtype=torch.float32),
+        chunks,
+    )
+    return cfg, chunks, opt
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], None, None, labels=batch["labels"])
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        # clone: the schedule divides the returned loss in place by the microbatch count
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.experimental_attention_variant.dsa import (
+        DSAIndexerLossLoggingHelper,
+    )
+
+    import megatron_dsa.patches as patches
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world != args.pp:
+        raise SystemExit(f"error: --pp {args.pp} needs exactly {args.pp} processes (got WORLD_SIZE={world})")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    parallel_state.initialize_model_parallel(
+        pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp
+    )
+    active = patches.apply()
+    torch.manual_seed(args.seed)
+    if args.device == "cuda":
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(args.seed)
+
+    cfg, chunks, opt = build(args)
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    data = Batches(stdlib_bytes(), args.seq_len, args.micro_batch, args.seed, args.device)
+    iters = [data] * len(chunks) if len(chunks) > 1 else data
+    fwd_bwd = get_forward_backward_func()
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    log = rank == world - 1
+    if log:
+        print(f"megatron-dsa tiny GPT: {args.layers} DSA layers, {n_params/1e6:.2f}M params/rank, "
+              f"device={args.device}, pp={args.pp}, vpp={args.vpp}, topk={args.topk}, "
+              f"patches={active}", flush=True)
+
+    history, t_start = [], time.time()
+    tokens_per_step = args.seq_len * args.micro_batch * args.num_microbatches
+    for step in range(1, args.steps + 1):
+        if step == args.dense_warmup_steps + 1 and not cfg.dsa_indexer_use_sparse_loss:
+            cfg.dsa_indexer_use_sparse_loss = True  # dense warm-up over: sparse indexer loss
+        t0 = time.time()
+        for c in chunks:
+            c.zero_grad_buffer()
+        opt.zero_grad()
+        losses = fwd_bwd(
+            forward_step_func=forward_step, data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=args.num_microbatches, seq_length=args.seq_len,
+            micro_batch_size=args.micro_batch, forward_only=False,
+        )
+        ok, grad_norm, _ = opt.step()
+        totals = {}
+        DSAIndexerLossLoggingHelper.track_indexer_metrics(
+            loss_scale=1.0 / args.num_microbatches, iteration=step, writer=None, total_loss_dict=totals
+        )
+        dt = time.time() - t0
+        lm = float("nan")
+        if last and losses:
+            lm = float(torch.stack([x["lm loss"] for x in losses]).mean())
+        idx_loss = float(totals.get("indexer loss", float("nan")))
+        if args.device == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row = {"step": step, "lm_loss": lm, "indexer_loss": idx_loss, "tokens_per_s": tokens_per_step / dt,
+               "peak_mib": peak, "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        history.append(row)
+        if log:
+            print(f"step {step:4d} | lm loss {lm:.4f} | indexer loss {idx_loss:.3e} | "
+                  f"{row['tokens_per_s']:8.0f} tok/s | peak {peak:7.1f} MiB", flush=True)
+
+    if log:
+        k = max(1, min(5, args.steps // 4))
+        first = sum(r["lm_loss"] for r in history[:k]) / k
+        final = sum(r["lm_loss"] for r in history[-k:]) / k
+        print(f"summary: {args.steps} steps in {time.time() - t_start:.1f} s | lm loss {first:.4f} -> "
+              f"{final:.4f} (mean of first/last {k}) | indexer loss {history[-1]['indexer_loss']:.3e} | "
+              f"mean {sum(r['tokens_per_s'] for r in history) / len(history):.0f} tok/s", flush=True)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump({"args": vars(args), "history": history}, f, indent=1)
+    dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
