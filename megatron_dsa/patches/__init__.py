@@ -66,8 +66,8 @@ def mcore_version() -> Tuple[int, int, int]:
     return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
 
 
-def _check_version() -> None:
-    v = mcore_version()
+def _check_version(v=None) -> None:
+    v = mcore_version() if v is None else tuple(v)
     lo, hi = SUPPORTED_MCORE
     if not (lo <= v[:2] <= hi):
         raise RuntimeError(

@@ -237,7 +237,7 @@ def _select_kernel(
 
 # (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel; select (BLOCK, num_warps).
 _SCORE_CFG_GPU = (64, 128, 4, 3)
-_SELECT_CFG_GPU = (4096, 16)
+_SELECT_CFG_GPU = (1024, 4)
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
 _SELECT_CFG_INTERP = (64, 4)
 
@@ -314,8 +314,13 @@ def indexer_topk_triton(
     use_relu: bool = True,
     global_ids: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-k key ids ``int32 [B, T, topk]`` (ascending key order, ``-1`` padded) and scores."""
+    """Top-k key ids ``int32 [B, T, topk]`` (ascending key order, ``-1`` padded) and scores.
+
+    ``chunk_bytes`` bounds the fp32 score buffer; ``out`` optionally gives the two output
+    tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
+    """
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
     S = k.shape[1]
@@ -323,8 +328,14 @@ def indexer_topk_triton(
         raise ValueError(f"indexer_topk_triton needs a power-of-two head dim >= 16, got {D}")
     scfg = _score_cfg()
     blk, nw_sel = _select_cfg()
-    idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
-    vals = torch.empty(B, T, topk, dtype=torch.float32, device=q.device)
+    if out is None:
+        idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
+        vals = torch.empty(B, T, topk, dtype=torch.float32, device=q.device)
+    else:
+        idx, vals = out
+        if idx.shape != (B, T, topk) or vals.shape != (B, T, topk) or not (
+                idx.is_contiguous() and vals.is_contiguous()):
+            raise ValueError("out must be two contiguous [B, T, topk] tensors")
     if T == 0 or B == 0:
         return idx, vals
     S_alloc = max(S, 1)
