@@ -211,6 +211,8 @@ def kernel_report():
         r["ptx_atom_red"] = ptx.count("red.global") + ptx.count("atom.global")
         r["ptx_cp_async"] = ptx.count("cp.async")
         r["ptx_ld_local"] = ptx.count("ld.local")
+        red = [ln.strip() for ln in ptx.splitlines() if "red.global" in ln or "atom.global" in ln]
+        r["ptx_red_sample"] = red[0][:80] if red else None
         rep[name] = r
     return rep
 

@@ -29,7 +29,7 @@ import torch
 # ----------------------------------------------------------------------------- arguments
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--num-microbatches", type=int, default=2)
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--indexer-loss-coeff", type=float, default=0.01)
     p.add_argument("--dense-warmup-steps", type=int, default=10,
                    help="steps with the dense indexer loss before switching to the sparse one")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (= world size)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")

@@ -275,3 +275,12 @@ def test_gpu_deterministic_bitwise():
     out, _ = sparse_mla_triton(qa, kva, idx, 0.05, d_v, deterministic=False)
     out.backward(g)
     assert rel(kva.grad, res[0][1]) < 1e-2
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cpu_many_heads_split_backward(deterministic):
+    """H > 64: two head blocks of 64 (the last one masked) and the split dq / dkv passes."""
+    T, H, Dqk, d_v, Tk, K = 5, 70, 80, 64, 20, 64
+    q, kv, idx, tk, sk = make_inputs(T, H, Dqk, Tk, K, torch.float32, with_topk=True, with_sink=True)
+    ours, ref = run_pair(q, kv, idx, 0.1, d_v, tk, sk, deterministic=deterministic)
+    check(ours, ref, 1e-5)

@@ -64,13 +64,22 @@ DETERMINISTIC_WS_BYTES = 1 << 30
 
 # Launch configuration; the benchmark may override entries (tuning only).
 CONFIG = {
+    # forward: BH=64 tile (H > 32) / small tiles (BH = 16 or 32)
     "fwd_warps_64": 8,
     "fwd_warps_small": 4,
-    "fwd_stages": 1,
-    "bwd_warps_64": 8,
-    "bwd_warps_small": 4,
-    "bwd_stages": 1,
+    "fwd_stages_64": 1,
+    "fwd_stages_small": 2,
+    "fwd_block_n": BLOCK_N,
+    # backward
     "bwd_block_h": 64,
+    "bwd_warps_64": 8,       # dkv pass (or the fused pass when bwd_split_64 = 0)
+    "bwd_dq_warps_64": 8,    # dq pass when split
+    "bwd_warps_small": 8,
+    "bwd_stages": 1,
+    "bwd_block_n_64": BLOCK_N,
+    "bwd_block_n_small": 32,
+    "bwd_split_64": 1,       # BH=64: separate dq and dkv passes (fewer registers, no spills)
+    "bwd_skip_dkv": 0,  # diagnostic only: drop the dkv scatter (wrong dkv!) to time its cost
 }
 # The last compiled kernel of each kind (for the benchmark's resource report).
 LAST_KERNELS = {}
@@ -226,7 +235,7 @@ def _sparse_mla_bwd_kernel(
     BH: tl.constexpr, BN: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_DLSE: tl.constexpr,
     MASK_V: tl.constexpr, MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, SKIP_DKV: tl.constexpr, DO_DQ: tl.constexpr, DO_DKV: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     t = (pid_t + T0).to(tl.int64)
@@ -262,7 +271,8 @@ def _sparse_mla_bwd_kernel(
         z2 = mx + tl.log2(tl.exp2(lse2 - mx) + tl.exp2(sk2 - mx))
         zfin = z2 > float("-inf")
         dsink = tl.where(zfin & hmask, -tl.exp2(sk2 - tl.where(zfin, z2, 0.0)) * delta, 0.0)
-        tl.store(DSINK_T + t * H + offs_h, dsink, mask=hmask)
+        if DO_DQ:
+            tl.store(DSINK_T + t * H + offs_h, dsink, mask=hmask)
     lfin = lse2 > float("-inf")
     z2 = tl.where(lfin, z2, 0.0)
     if HAS_DLSE:
@@ -307,45 +317,49 @@ def _sparse_mla_bwd_kernel(
         p = tl.where(live, tl.exp2(s * scale_log2 - z2[:, None]), 0.0)
         ds = p * (dp - delta[:, None]) * scale
         dsc = ds.to(k0.dtype)
-        pc = p.to(k0.dtype)
-        dq0 = _mm(dsc, k0, dq0, UPCAST, PREC)
-        dq1 = _mm(dsc, k1, dq1, UPCAST, PREC)
-        dq2 = _mm(dsc, k2, dq2, UPCAST, PREC)
-        dq3 = _mm(dsc, k3, dq3, UPCAST, PREC)
-        dsT = tl.trans(dsc)
-        pT = tl.trans(pc)
-        g0 = _mm(pT, do0, _mm(dsT, q0, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
-        g1 = _mm(pT, do1, _mm(dsT, q1, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
-        g2 = _mm(pT, do2, _mm(dsT, q2, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
-        g3 = _mm(pT, do3, _mm(dsT, q3, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
-        if HAS_TAIL:
-            dqt = _mm(dsc, kt, dqt, UPCAST, PREC)
-            gt = _mm(dsT, qt, tl.zeros([BN, DT], tl.float32), UPCAST, PREC)
-        if DETERMINISTIC:
-            # contribution rows: ((pid_t * nhb + hb) * K + slot); every slot < kend is written
-            wrow = (pid_t.to(tl.int64) * nhb + hb) * K + offs_n
-            wm = offs_n < kend
-            _st(WS, wrow, wm, D_QK, 0 * DC, DC, D_V, MASK_V, g0)
-            _st(WS, wrow, wm, D_QK, 1 * DC, DC, D_V, MASK_V, g1)
-            _st(WS, wrow, wm, D_QK, 2 * DC, DC, D_V, MASK_V, g2)
-            _st(WS, wrow, wm, D_QK, 3 * DC, DC, D_V, MASK_V, g3)
+        if DO_DQ:
+            dq0 = _mm(dsc, k0, dq0, UPCAST, PREC)
+            dq1 = _mm(dsc, k1, dq1, UPCAST, PREC)
+            dq2 = _mm(dsc, k2, dq2, UPCAST, PREC)
+            dq3 = _mm(dsc, k3, dq3, UPCAST, PREC)
             if HAS_TAIL:
-                _st(WS, wrow, wm, D_QK, D_V, DT, D_QK, MASK_T, gt)
-        else:
-            _atomic(DKV, rows, valid, D_QK, 0 * DC, DC, D_V, MASK_V, g0)
-            _atomic(DKV, rows, valid, D_QK, 1 * DC, DC, D_V, MASK_V, g1)
-            _atomic(DKV, rows, valid, D_QK, 2 * DC, DC, D_V, MASK_V, g2)
-            _atomic(DKV, rows, valid, D_QK, 3 * DC, DC, D_V, MASK_V, g3)
+                dqt = _mm(dsc, kt, dqt, UPCAST, PREC)
+        if DO_DKV:
+            pc = p.to(k0.dtype)
+            dsT = tl.trans(dsc)
+            pT = tl.trans(pc)
+            g0 = _mm(pT, do0, _mm(dsT, q0, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
+            g1 = _mm(pT, do1, _mm(dsT, q1, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
+            g2 = _mm(pT, do2, _mm(dsT, q2, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
+            g3 = _mm(pT, do3, _mm(dsT, q3, tl.zeros([BN, DC], tl.float32), UPCAST, PREC), UPCAST, PREC)
             if HAS_TAIL:
-                _atomic(DKV, rows, valid, D_QK, D_V, DT, D_QK, MASK_T, gt)
+                gt = _mm(dsT, qt, tl.zeros([BN, DT], tl.float32), UPCAST, PREC)
+            if DETERMINISTIC:
+                # contribution rows: ((pid_t * nhb + hb) * K + slot); every slot < kend is written
+                wrow = (pid_t.to(tl.int64) * nhb + hb) * K + offs_n
+                wm = offs_n < kend
+                _st(WS, wrow, wm, D_QK, 0 * DC, DC, D_V, MASK_V, g0)
+                _st(WS, wrow, wm, D_QK, 1 * DC, DC, D_V, MASK_V, g1)
+                _st(WS, wrow, wm, D_QK, 2 * DC, DC, D_V, MASK_V, g2)
+                _st(WS, wrow, wm, D_QK, 3 * DC, DC, D_V, MASK_V, g3)
+                if HAS_TAIL:
+                    _st(WS, wrow, wm, D_QK, D_V, DT, D_QK, MASK_T, gt)
+            elif not SKIP_DKV:
+                _atomic(DKV, rows, valid, D_QK, 0 * DC, DC, D_V, MASK_V, g0)
+                _atomic(DKV, rows, valid, D_QK, 1 * DC, DC, D_V, MASK_V, g1)
+                _atomic(DKV, rows, valid, D_QK, 2 * DC, DC, D_V, MASK_V, g2)
+                _atomic(DKV, rows, valid, D_QK, 3 * DC, DC, D_V, MASK_V, g3)
+                if HAS_TAIL:
+                    _atomic(DKV, rows, valid, D_QK, D_V, DT, D_QK, MASK_T, gt)
 
-    dqb = DQ + t * sdq_t
-    _st(dqb, offs_h, hmask, sdq_h, 0 * DC, DC, D_V, MASK_V, dq0.to(DQ.dtype.element_ty))
-    _st(dqb, offs_h, hmask, sdq_h, 1 * DC, DC, D_V, MASK_V, dq1.to(DQ.dtype.element_ty))
-    _st(dqb, offs_h, hmask, sdq_h, 2 * DC, DC, D_V, MASK_V, dq2.to(DQ.dtype.element_ty))
-    _st(dqb, offs_h, hmask, sdq_h, 3 * DC, DC, D_V, MASK_V, dq3.to(DQ.dtype.element_ty))
-    if HAS_TAIL:
-        _st(dqb, offs_h, hmask, sdq_h, D_V, DT, D_QK, MASK_T, dqt.to(DQ.dtype.element_ty))
+    if DO_DQ:
+        dqb = DQ + t * sdq_t
+        _st(dqb, offs_h, hmask, sdq_h, 0 * DC, DC, D_V, MASK_V, dq0.to(DQ.dtype.element_ty))
+        _st(dqb, offs_h, hmask, sdq_h, 1 * DC, DC, D_V, MASK_V, dq1.to(DQ.dtype.element_ty))
+        _st(dqb, offs_h, hmask, sdq_h, 2 * DC, DC, D_V, MASK_V, dq2.to(DQ.dtype.element_ty))
+        _st(dqb, offs_h, hmask, sdq_h, 3 * DC, DC, D_V, MASK_V, dq3.to(DQ.dtype.element_ty))
+        if HAS_TAIL:
+            _st(dqb, offs_h, hmask, sdq_h, D_V, DT, D_QK, MASK_T, dqt.to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -420,10 +434,10 @@ def sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length=None, 
         out, lse,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
         H, Tk, K, float(softmax_scale) * LOG2E,
-        BH=BH, BN=BLOCK_N,
+        BH=BH, BN=CONFIG["fwd_block_n"],
         HAS_TOPK=topk_length is not None, HAS_SINK=sink is not None,
         **geo, **_prec(q.dtype),
-        num_warps=warps, num_stages=CONFIG["fwd_stages"],
+        num_warps=warps, num_stages=CONFIG["fwd_stages_64"] if BH >= 64 else CONFIG["fwd_stages_small"],
     )
     return out, lse
 
@@ -452,15 +466,19 @@ def sparse_mla_bwd_triton(
         BH = _block_h(H, CONFIG["bwd_block_h"])
         NHB = triton.cdiv(H, BH)
         geo = _geometry(Dqk, d_v)
-        warps = CONFIG["bwd_warps_64"] if BH >= 64 else CONFIG["bwd_warps_small"]
+        big = BH >= 64
+        split = big and bool(CONFIG["bwd_split_64"])
         if dlse is not None:
             dlse = dlse.contiguous()
         common = dict(
-            BH=BH, BN=BLOCK_N,
+            BH=BH, BN=CONFIG["bwd_block_n_64"] if big else CONFIG["bwd_block_n_small"],
+            SKIP_DKV=bool(CONFIG["bwd_skip_dkv"]),
             HAS_TOPK=topk_length is not None, HAS_SINK=sink is not None,
-            HAS_DLSE=dlse is not None, **geo, **_prec(q.dtype),
-            num_warps=warps, num_stages=CONFIG["bwd_stages"],
+            HAS_DLSE=dlse is not None, **geo, **_prec(q.dtype), num_stages=CONFIG["bwd_stages"],
         )
+        warps = CONFIG["bwd_warps_64"] if big else CONFIG["bwd_warps_small"]
+        # (DO_DQ, DO_DKV, num_warps) per pass: one fused pass, or a dq pass and a dkv pass
+        passes = [(True, False, CONFIG["bwd_dq_warps_64"]), (False, True, warps)] if split else [(True, True, warps)]
         args_head = (
             q, kv, indices,
             topk_length if topk_length is not None else indices,
@@ -476,10 +494,11 @@ def sparse_mla_bwd_triton(
         )
         scale = float(softmax_scale)
         if not deterministic:
-            LAST_KERNELS["bwd"] = _sparse_mla_bwd_kernel[(T, NHB)](
-                *args_head, dkv_acc, *strides, H, Tk, K, 0, scale, scale * LOG2E,
-                DETERMINISTIC=False, **common,
-            )
+            for do_dq, do_dkv, nw in passes:
+                LAST_KERNELS["bwd" if do_dkv else "bwd_dq"] = _sparse_mla_bwd_kernel[(T, NHB)](
+                    *args_head, dkv_acc, *strides, H, Tk, K, 0, scale, scale * LOG2E,
+                    DETERMINISTIC=False, DO_DQ=do_dq, DO_DKV=do_dkv, num_warps=nw, **common,
+                )
         else:
             from .reference import slot_validity
 
@@ -489,11 +508,18 @@ def sparse_mla_bwd_triton(
             valid = slot_validity(indices, Tk, topk_length)
             keys = torch.arange(Tk + 1, device=dev, dtype=torch.int64)
             BD = 64
+            for do_dq, do_dkv, nw in passes:
+                if not do_dkv:  # the dq pass needs no workspace: run it over all rows at once
+                    _sparse_mla_bwd_kernel[(T, NHB)](
+                        *args_head, ws, *strides, H, Tk, K, 0, scale, scale * LOG2E,
+                        DETERMINISTIC=True, DO_DQ=True, DO_DKV=False, num_warps=nw, **common,
+                    )
+            do_dq, _, nw = passes[-1]
             for t0 in range(0, T, C):
                 n = min(C, T - t0)
                 _sparse_mla_bwd_kernel[(n, NHB)](
                     *args_head, ws, *strides, H, Tk, K, t0, scale, scale * LOG2E,
-                    DETERMINISTIC=True, **common,
+                    DETERMINISTIC=True, DO_DQ=do_dq, DO_DKV=True, num_warps=nw, **common,
                 )
                 ids = torch.where(valid[t0:t0 + n], indices[t0:t0 + n].long(), Tk)
                 ids = ids[:, None, :].expand(n, NHB, K).reshape(-1)
