@@ -265,6 +265,7 @@ def main():
                     ti.CONFIG.clear()
                     ti.CONFIG.update(base_cfg)
                     ti.CONFIG.update(cfg)
+                ti.LAST_KERNELS.clear()  # the report must only show this variant's kernels
                 try:
                     fns = make(q, kv, idx, dout, scale, **kw)
                     err = None

@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
 from .kernels import indexer_loss, indexer_topk, sparse_mla
 from .kernels.hadamard import rotate_activation
@@ -109,7 +110,31 @@ class DSAttention(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.pg_collection = pg_collection
-        self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
+        # Anchor / shared role of this layer in its pipeline chunk (see megatron_dsa.index_cache).
+        self.role = ic.layer_role(config, layer_number)
+        chunk = [r for r in ic.resolve_schedule(config) if (r.stage, r.chunk) == (self.role.stage, self.role.chunk)]
+        pos = [r.layer for r in chunk].index(layer_number)
+        self.chunk_key = (id(config), self.role.stage, self.role.chunk)
+        self.previous_layer = chunk[pos - 1].layer if pos > 0 else None
+        self.opens_scope = pos == 0 and any(r.role == "shared" for r in chunk)
+        self.closes_scope = pos == len(chunk) - 1
+        self.has_consumers = any(r.source == layer_number and r.role == "shared" for r in chunk)
+        self.ledger = ic.RecomputeLedger(layer_number)
+        if self.role.role == "anchor":
+            self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
+            ic.register_indexer(config, layer_number, self.indexer)
+            self._source_indexer = None
+        else:
+            # Like Megatron-Core's skip layers: no indexer parameters of its own. A promotion
+            # runs the source anchor's indexer (held outside the module tree: no shared params).
+            self.indexer = None
+            source = ic.built_indexer(config, self.role.source)
+            if source is None:
+                raise RuntimeError(
+                    f"DSA layer {layer_number} shares top-k with layer {self.role.source}, which "
+                    "was not built before it in this chunk"
+                )
+            self._source_indexer = (source,)
         if softmax_scale is None:
             softmax_scale = 1.0 / math.sqrt(k_channels if k_channels is not None else config.kv_channels)
         self.softmax_scale = softmax_scale
@@ -190,37 +215,95 @@ class DSAttention(MegatronModule):
         )
 
         coeff = float(self.config.dsa_indexer_loss_coeff or 0.0)
-        with_loss = self.training and torch.is_grad_enabled() and coeff > 0
-        # The indexer sees detached activations: its loss trains only the indexer.
-        with torch.set_grad_enabled(with_loss):
-            q_i, k_i, w_i = self.indexer.forward_before_topk(x.detach(), qr.detach(), packed_seq_params)
-        q_i = q_i.transpose(0, 1)  # [b, sq, H, D]
-        k_i = k_i.transpose(0, 1)  # [b, sk, D]
-        w_i = w_i.transpose(0, 1)  # [b, sq, H]
+        anchor = self.role.role == "anchor"
+        with_loss = anchor and self.training and torch.is_grad_enabled() and coeff > 0
+        timer_on = plugin.time_indexer
+        with ic.Timer(timer_on, query.device) as t_all:
+            phase = ic.checkpoint_phase()
+            digest = ic.fingerprint(x) if phase is not None else None
+            sig = ic.signature(b, sq, sk, query.device, packed_seq_params, self.training)
+            q_i = k_i = w_i = None
+            with ic.Timer(timer_on, query.device) as t_idx:
+                if with_loss:  # the loss needs the indexer projections with grad
+                    q_i, k_i, w_i = self._indexer_inputs(self.indexer, x, qr, packed_seq_params, True)
+                if phase == "recompute":
+                    topk_idx = self.ledger.pop(digest)  # exactly the original forward's indices
+                    ic.STATS.recompute_reuses += 1
+                else:
+                    topk_idx = self._topk_for_forward(
+                        x, qr, q_i, k_i, w_i, starts, ends, sig, packed_seq_params, plugin
+                    )
+                    if phase == "original":
+                        self.ledger.push(topk_idx, digest)
+            out = self.sparse_attention(query, key, topk_idx, plugin.attention_backend)
 
-        topk_idx = self.select_topk(q_i, k_i, w_i, starts, ends, plugin.indexer_backend)
-        out = self.sparse_attention(query, key, topk_idx, plugin.attention_backend)
-
-        if with_loss:
-            loss = indexer_loss(
-                q_i, k_i, w_i,
-                query.detach().transpose(0, 1), key.detach()[:, :, 0].transpose(0, 1),
-                self.softmax_scale, coeff,
-                topk_indices=topk_idx, sparse=bool(self.config.dsa_indexer_use_sparse_loss),
-                starts=starts, ends=ends, use_relu=self.config.dsa_indexer_scoring_relu,
-                query_valid_rows=row_valid,
-                calculate_per_token_loss=self.config.calculate_per_token_loss,
-                tp_group=self.pg_collection.tp, backend=plugin.loss_backend,
-            )
-            mcore_dsa.DSAIndexerLossLoggingHelper.save_loss_to_tracker(
-                loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
-            )
-            out = mcore_dsa.DSAIndexerLossAutoScaler.apply(out, loss)
+            if with_loss:
+                loss = indexer_loss(
+                    q_i, k_i, w_i,
+                    query.detach().transpose(0, 1), key.detach()[:, :, 0].transpose(0, 1),
+                    self.softmax_scale, coeff,
+                    topk_indices=topk_idx, sparse=bool(self.config.dsa_indexer_use_sparse_loss),
+                    starts=starts, ends=ends, use_relu=self.config.dsa_indexer_scoring_relu,
+                    query_valid_rows=row_valid,
+                    calculate_per_token_loss=self.config.calculate_per_token_loss,
+                    tp_group=self.pg_collection.tp, backend=plugin.loss_backend,
+                )
+                mcore_dsa.DSAIndexerLossLoggingHelper.save_loss_to_tracker(
+                    loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
+                )
+                out = mcore_dsa.DSAIndexerLossAutoScaler.apply(out, loss)
+        ic.STATS.indexer_s += t_idx.elapsed
+        ic.STATS.attention_s += t_all.elapsed
 
         # Latent -> value up-projection, per head: [sq, b, np, c] x [np, v, c] -> [sq, b, np * v]
         up_v = up_v_weight.to(dtype=out.dtype, device=out.device)
         out = torch.einsum("sbhc,hdc->sbhd", out, up_v).reshape(sq, b, -1)
         return out.squeeze(1) if thd else out
+
+    def _indexer_inputs(self, indexer, x, qr, packed_seq_params, grad: bool):
+        """Indexer tensors batch-first: q ``[b, sq, H, D]``, k ``[b, sk, D]``, w ``[b, sq, H]``.
+
+        The indexer sees detached activations: its loss trains only the indexer.
+        """
+        with torch.set_grad_enabled(grad):
+            q_i, k_i, w_i = indexer.forward_before_topk(x.detach(), qr.detach(), packed_seq_params)
+        return q_i.transpose(0, 1), k_i.transpose(0, 1), w_i.transpose(0, 1)
+
+    def _topk_for_forward(self, x, qr, q_i, k_i, w_i, starts, ends, sig, packed_seq_params, plugin):
+        """Anchor: compute (and publish); shared: reuse a proven entry or promote."""
+        cache = None
+        try:
+            if self.role.role == "anchor":
+                if self.opens_scope:
+                    cache = ic.IndexCache.open(self.chunk_key)
+                elif self.has_consumers or self.closes_scope:
+                    cache = ic.IndexCache.current(self.chunk_key)
+                if q_i is None:
+                    q_i, k_i, w_i = self._indexer_inputs(self.indexer, x, qr, packed_seq_params, False)
+                topk_idx = self.select_topk(q_i, k_i, w_i, starts, ends, plugin.indexer_backend)
+                ic.STATS.computes += 1
+                if cache is not None and self.has_consumers:
+                    cache.put(self.layer_number, topk_idx, sig)
+            else:
+                cache = ic.IndexCache.current(self.chunk_key)
+                topk_idx, reason = (None, "no open cache") if cache is None else cache.lookup(
+                    self.role.source, self.previous_layer, sig
+                )
+                if topk_idx is None:
+                    ic.STATS.promotions[reason] += 1
+                    q_s, k_s, w_s = self._indexer_inputs(self._source_indexer[0], x, qr, packed_seq_params, False)
+                    topk_idx = self.select_topk(q_s, k_s, w_s, starts, ends, plugin.indexer_backend)
+                else:
+                    ic.STATS.hits += 1
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
+        if cache is not None:
+            cache.cursor = self.layer_number
+            if self.closes_scope:
+                cache.close()
+        return topk_idx
 
     def select_topk(self, q_i, k_i, w_i, starts, ends, backend="auto") -> torch.Tensor:
         """Top-k key ids ``int32 [b, sq, topk]`` (``-1`` padded) for this layer."""

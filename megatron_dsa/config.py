@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 __all__ = ["DSAPluginConfig", "get_plugin_config", "set_plugin_config", "validate_dsa_config"]
 
@@ -34,14 +34,20 @@ class DSAPluginConfig:
         attention_backend: sparse MLA attention, same choices.
         loss_backend: indexer KL loss, same choices.
         index_pattern: explicit anchor/shared pattern over the DSA layers, e.g. ``"FSSSFSSS"``
-            (``F`` computes top-k, ``S`` reuses the nearest earlier ``F``). ``None`` derives
-            it from ``dsa_indexer_topk_freq`` / ``dsa_indexer_skip_topk_offset``.
+            (``F`` computes top-k, ``S`` reuses the nearest earlier ``F``), or a list whose
+            items are ``"F"``, ``"S"`` or the 1-based number of an earlier anchor to reuse.
+            ``None`` derives it from ``dsa_indexer_topk_freq`` / ``dsa_indexer_skip_topk_offset``
+            with Megatron-Core's meaning. Pipeline stages and virtual chunks start on an anchor
+            whatever the pattern says (see ``megatron_dsa.index_cache``).
+        time_indexer: measure the indexer's share of attention time (synchronises the device
+            around the indexer; for diagnostics, not for production steps).
     """
 
     indexer_backend: str = "auto"
     attention_backend: str = "auto"
     loss_backend: str = "auto"
-    index_pattern: Optional[str] = None
+    index_pattern: Optional[Union[str, Sequence[Union[str, int]]]] = None
+    time_indexer: bool = False
 
     def __post_init__(self):
         for name in ("indexer_backend", "attention_backend", "loss_backend"):
@@ -49,15 +55,18 @@ class DSAPluginConfig:
             if value not in _BACKENDS:
                 raise ValueError(f"DSAPluginConfig.{name} must be one of {_BACKENDS}, got {value!r}")
         if self.index_pattern is not None:
-            if not isinstance(self.index_pattern, str) or not self.index_pattern:
-                raise ValueError("DSAPluginConfig.index_pattern must be a non-empty string")
-            bad = sorted(set(self.index_pattern) - {"F", "S"})
-            if bad:
-                raise ValueError(
-                    f"DSAPluginConfig.index_pattern has unknown letters {bad}; use F (anchor) "
-                    "and S (shared)"
-                )
-
+            pattern = self.index_pattern
+            if isinstance(pattern, str):
+                bad = sorted(set(pattern) - {"F", "S"})
+                if bad:
+                    raise ValueError(
+                        f"DSAPluginConfig.index_pattern has unknown letters {bad}; use F (anchor) "
+                        "and S (shared)"
+                    )
+            else:
+                object.__setattr__(self, "index_pattern", tuple(pattern))
+            if not self.index_pattern:
+                raise ValueError("DSAPluginConfig.index_pattern must not be empty")
 
 _ATTR = "megatron_dsa"
 
@@ -129,3 +138,6 @@ def validate_dsa_config(config) -> None:
             f"(got {config.tensor_model_parallel_size})"
         )
     get_plugin_config(config)  # type-checks an attached plugin config
+    from .index_cache import base_pattern
+
+    base_pattern(config)  # pattern length, first letter, sources: errors name the layer

@@ -19,6 +19,10 @@ patch                  what and why
                        of ``dsa.DSAIndexerLossLoggingHelper``, and the device of the
                        distributed-data-parallel grad buffers and the optimizer's
                        bookkeeping tensors.
+``cpu_rng``            (CUDA absent) ``tensor_parallel.random._get_cuda_rng_state`` /
+                       ``_set_cuda_rng_state`` (used by activation checkpointing to save and
+                       restore RNG state) become no-ops: the CPU generator's state, which
+                       Megatron saves and restores beside them, is the only one there is.
 ``rotate_activation``  (``fast_hadamard_transform`` missing) ``dsa.rotate_activation``
                        becomes the PyTorch Hadamard rotation of
                        :mod:`megatron_dsa.kernels.hadamard`, for every dtype.
@@ -159,6 +163,25 @@ def _apply_cpu_device() -> List[Tuple[object, str, object]]:
     return saved
 
 
+def _no_cuda_rng_state(*args, **kwargs):
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(new_state, *args, **kwargs):
+    return None
+
+
+def _apply_cpu_rng() -> List[Tuple[object, str, object]]:
+    path = "megatron.core.tensor_parallel.random"
+    mod = _resolve(path, "_get_cuda_rng_state")
+    _resolve(path, "_set_cuda_rng_state")
+    saved = [(mod, "_get_cuda_rng_state", mod._get_cuda_rng_state),
+             (mod, "_set_cuda_rng_state", mod._set_cuda_rng_state)]
+    mod._get_cuda_rng_state = _no_cuda_rng_state
+    mod._set_cuda_rng_state = _set_no_cuda_rng_state
+    return saved
+
+
 def _apply_rotate_activation() -> List[Tuple[object, str, object]]:
     from megatron_dsa.kernels.hadamard import rotate_activation
 
@@ -172,14 +195,18 @@ def needed() -> List[str]:
     """The patches this machine needs."""
     names = []
     if not torch.cuda.is_available():
-        names.append("cpu_device")
+        names += ["cpu_device", "cpu_rng"]
     dsa = importlib.import_module("megatron.core.transformer.experimental_attention_variant.dsa")
     if getattr(dsa, "hadamard_transform", None) is None:
         names.append("rotate_activation")
     return names
 
 
-_APPLIERS = {"cpu_device": _apply_cpu_device, "rotate_activation": _apply_rotate_activation}
+_APPLIERS = {
+    "cpu_device": _apply_cpu_device,
+    "cpu_rng": _apply_cpu_rng,
+    "rotate_activation": _apply_rotate_activation,
+}
 
 
 def apply(names=None) -> List[str]:

@@ -231,6 +231,269 @@ def _select_kernel(
             eqc += tl.sum(eq_i, 0)
 
 
+@triton.jit
+def _pick_bucket(hist, k_rem, NB: tl.constexpr):
+    """Bucket holding the k_rem-th largest key, the count above it and the count in it."""
+    total = tl.sum(hist, 0)
+    ge = total - tl.cumsum(hist, 0) + hist  # keys in buckets >= b
+    bsel = tl.sum((ge >= k_rem).to(tl.int32), 0) - 1
+    ar = tl.arange(0, NB)
+    in_b = tl.sum(tl.where(ar == bsel, hist, 0), 0)
+    ge_b = tl.sum(tl.where(ar == bsel, ge, 0), 0)
+    return bsel, ge_b - in_b, in_b
+
+
+@triton.jit
+def _compact_pass(row_ptr, scr_ptr, n, idx_row, val_row, id0, cnt, bsel, k_rem, final,
+                  FROM_SCRATCH: tl.constexpr, SHIFT: tl.constexpr, NEXT_SHIFT: tl.constexpr,
+                  LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over the current candidates (the whole row, or the index list in scratch).
+
+    Keys whose digit at SHIFT is above ``bsel`` go to the output; keys in the bucket go to the
+    output too when the bucket is final (first ``k_rem`` in key order), else to the scratch
+    list (stable, in place) while the next digit's histogram is accumulated.
+    """
+    hist = tl.zeros([256], dtype=tl.int32)
+    eqc = 0
+    nc = 0
+    for off in range(0, n, BLOCK):
+        c = off + tl.arange(0, BLOCK)
+        m = c < n
+        if FROM_SCRATCH:
+            j = tl.load(scr_ptr + c, mask=m, other=0)
+        else:
+            j = c
+        x = tl.load(row_ptr + j, mask=m, other=0.0)
+        key = _ordered_key(x)
+        dig = ((key >> SHIFT) & 255).to(tl.int32)
+        gt = m & (dig > bsel)
+        eq = m & (dig == bsel)
+        eq_i = eq.to(tl.int32)
+        eq_rank = eqc + tl.cumsum(eq_i, 0) - eq_i
+        if LAST:
+            take_eq = eq & (eq_rank < k_rem)
+        else:
+            take_eq = eq & (final != 0)
+        sel = gt | take_eq
+        s_i = sel.to(tl.int32)
+        pos = cnt + tl.cumsum(s_i, 0) - s_i
+        tl.store(idx_row + pos, id0 + j, mask=sel)
+        tl.store(val_row + pos, x, mask=sel)
+        cnt += tl.sum(s_i, 0)
+        eqc += tl.sum(eq_i, 0)
+        if not LAST:
+            cand = eq & (final == 0)
+            c_i = cand.to(tl.int32)
+            cpos = nc + tl.cumsum(c_i, 0) - c_i
+            tl.store(scr_ptr + cpos, j, mask=cand)
+            nc += tl.sum(c_i, 0)
+            hist += tl.histogram(((key >> NEXT_SHIFT) & 255).to(tl.int32), 256, mask=cand)
+    return cnt, hist
+
+
+@triton.jit
+def _select_kernel_v2(
+    buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
+    row0, T, S, K,
+    sse_b, sse_t,
+    sb_b, sb_r,
+    so_b, so_t,
+    CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Radix select with candidate compaction: two passes over the row, then the (small)
+    boundary bucket only. Selected ids are not sorted."""
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = row0 + r
+    if CAUSAL:
+        st = 0
+        en = tl.minimum(t + 1, S)
+    else:
+        st = tl.load(st_ptr + b * sse_b + t * sse_t).to(tl.int32)
+        en = tl.load(en_ptr + b * sse_b + t * sse_t).to(tl.int32)
+        st = tl.maximum(st, 0)
+        en = tl.minimum(en, S)
+    L = tl.maximum(en - st, 0)
+    row_ptr = buf_ptr + b * sb_b + r.to(tl.int64) * sb_r + st
+    scr_row = scr_ptr + b * sb_b + r.to(tl.int64) * sb_r
+    idx_row = idx_ptr + b * so_b + t.to(tl.int64) * so_t
+    val_row = val_ptr + b * so_b + t.to(tl.int64) * so_t
+    if GLOBAL_IDS:
+        id0 = st + b.to(tl.int32) * S
+    else:
+        id0 = st
+    if L <= K:
+        for off in range(0, K, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < K
+            v = j < L
+            x = tl.load(row_ptr + j, mask=v, other=float("-inf"))
+            tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
+            tl.store(val_row + j, x, mask=m)
+    else:
+        hist = tl.zeros([256], dtype=tl.int32)
+        for off in range(0, L, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < L
+            x = tl.load(row_ptr + j, mask=m, other=0.0)
+            hist += tl.histogram(((_ordered_key(x) >> 24) & 255).to(tl.int32), 256, mask=m)
+        bsel, above, in_b = _pick_bucket(hist, K, 256)
+        k_rem = K - above
+        final = (in_b == k_rem).to(tl.int32)
+        cnt = tl.zeros([], dtype=tl.int32)
+        cnt, hist = _compact_pass(row_ptr, scr_row, L, idx_row, val_row, id0, cnt, bsel, k_rem,
+                                  final, False, 24, 16, False, BLOCK)
+        if final == 0:
+            n = in_b
+            bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
+            k_rem -= above
+            final = (in_b == k_rem).to(tl.int32)
+            cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt, bsel,
+                                      k_rem, final, True, 16, 8, False, BLOCK)
+            if final == 0:
+                n = in_b
+                bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
+                k_rem -= above
+                final = (in_b == k_rem).to(tl.int32)
+                cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt,
+                                          bsel, k_rem, final, True, 8, 0, False, BLOCK)
+                if final == 0:
+                    n = in_b
+                    bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
+                    k_rem -= above
+                    cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt,
+                                              bsel, k_rem, 1, True, 0, 0, True, BLOCK)
+
+
+@triton.jit
+def _sample_level(row_ptr, Ls, prefix, k_rem, STRIDE: tl.constexpr, SHIFT: tl.constexpr,
+                  FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """256-bin histogram of one key digit over the strided sample row[0::STRIDE]."""
+    hist = tl.zeros([256], dtype=tl.int32)
+    for off in range(0, Ls, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        m = j < Ls
+        key = _ordered_key(tl.load(row_ptr + j * STRIDE, mask=m, other=0.0))
+        if FIRST:
+            match = m
+        else:
+            match = m & ((key >> (SHIFT + 8)) == prefix)
+        hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=match)
+    return _pick_bucket(hist, k_rem, 256)
+
+
+@triton.jit
+def _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK: tl.constexpr):
+    """Exact top-K (ties: lowest index) among the ``n0 >= K`` ids listed in scratch (in key
+    order), by 8-bit radix levels with in-place compaction of the boundary bucket."""
+    hist = tl.zeros([256], dtype=tl.int32)
+    for off in range(0, n0, BLOCK):
+        c = off + tl.arange(0, BLOCK)
+        m = c < n0
+        j = tl.load(scr_row + c, mask=m, other=0)
+        key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
+        hist += tl.histogram(((key >> 24) & 255).to(tl.int32), 256, mask=m)
+    bsel, above, in_b = _pick_bucket(hist, K, 256)
+    k_rem = K - above
+    final = (in_b == k_rem).to(tl.int32)
+    cnt = tl.zeros([], dtype=tl.int32)
+    cnt, hist = _compact_pass(row_ptr, scr_row, n0, idx_row, val_row, id0, cnt, bsel, k_rem,
+                              final, True, 24, 16, False, BLOCK)
+    if final == 0:
+        n = in_b
+        bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
+        k_rem -= above
+        final = (in_b == k_rem).to(tl.int32)
+        cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt, bsel,
+                                  k_rem, final, True, 16, 8, False, BLOCK)
+        if final == 0:
+            n = in_b
+            bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
+            k_rem -= above
+            final = (in_b == k_rem).to(tl.int32)
+            cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt,
+                                      bsel, k_rem, final, True, 8, 0, False, BLOCK)
+            if final == 0:
+                n = in_b
+                bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
+                k_rem -= above
+                cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt,
+                                          bsel, k_rem, 1, True, 0, 0, True, BLOCK)
+
+
+@triton.jit
+def _select_kernel_v3(
+    buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
+    row0, T, S, K,
+    sse_b, sse_t,
+    sb_b, sb_r,
+    so_b, so_t,
+    CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr,
+    STRIDE: tl.constexpr,
+):
+    """Sampled pre-filter + exact radix select.
+
+    1. On the strided sample row[0::STRIDE], find (16-bit key resolution) a value ``tau`` with
+       at least ``K/STRIDE + 4 sqrt(K/STRIDE) + 16`` sample keys at or above it.
+    2. One pass over the row lists the ids with key >= tau (in key order) in scratch.
+    3. If at least K were listed, the exact top-K lies among them: radix select on the list.
+       Otherwise (unlucky sample) the whole row is listed and selected from.
+    Selected ids are not sorted.
+    """
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = row0 + r
+    if CAUSAL:
+        st = 0
+        en = tl.minimum(t + 1, S)
+    else:
+        st = tl.load(st_ptr + b * sse_b + t * sse_t).to(tl.int32)
+        en = tl.load(en_ptr + b * sse_b + t * sse_t).to(tl.int32)
+        st = tl.maximum(st, 0)
+        en = tl.minimum(en, S)
+    L = tl.maximum(en - st, 0)
+    row_ptr = buf_ptr + b * sb_b + r.to(tl.int64) * sb_r + st
+    scr_row = scr_ptr + b * sb_b + r.to(tl.int64) * sb_r
+    idx_row = idx_ptr + b * so_b + t.to(tl.int64) * so_t
+    val_row = val_ptr + b * so_b + t.to(tl.int64) * so_t
+    if GLOBAL_IDS:
+        id0 = st + b.to(tl.int32) * S
+    else:
+        id0 = st
+    if L <= K:
+        for off in range(0, K, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < K
+            v = j < L
+            x = tl.load(row_ptr + j, mask=v, other=float("-inf"))
+            tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
+            tl.store(val_row + j, x, mask=m)
+    else:
+        Ls = (L + STRIDE - 1) // STRIDE
+        ks = K // STRIDE
+        ks = ks + 4 * tl.sqrt(ks.to(tl.float32)).to(tl.int32) + 16
+        ks = tl.minimum(ks, Ls)
+        b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
+        b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
+                                          16, False, BLOCK)
+        tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
+        n0 = 0
+        for off in range(0, L, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < L
+            key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
+            cand = m & (key >= tau)
+            c_i = cand.to(tl.int32)
+            tl.store(scr_row + n0 + tl.cumsum(c_i, 0) - c_i, j, mask=cand)
+            n0 += tl.sum(c_i, 0)
+        if n0 < K:  # the sample missed: list the whole row
+            for off in range(0, L, BLOCK):
+                j = off + tl.arange(0, BLOCK)
+                tl.store(scr_row + j, j, mask=j < L)
+            n0 = L
+        _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
+
+
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
@@ -254,6 +517,15 @@ def _select_cfg():
     if env:
         return tuple(int(x) for x in env.split(","))
     return _SELECT_CFG_INTERP if _interpreting() else _SELECT_CFG_GPU
+
+
+def _select_variant() -> int:
+    """3: sampled pre-filter + radix select on the candidates (default); 2: radix select with
+    candidate compaction; 1: plain radix select (ids in ascending key order)."""
+    return int(os.environ.get("MEGATRON_DSA_INDEXER_SELECT", "3"))
+
+
+_SAMPLE_STRIDE = int(os.environ.get("MEGATRON_DSA_INDEXER_SAMPLE_STRIDE", "8"))
 
 
 def _prep(q, k, w, starts, ends):
@@ -339,12 +611,37 @@ def indexer_topk_triton(
     if T == 0 or B == 0:
         return idx, vals
     S_alloc = max(S, 1)
-    rows = _chunk_rows(B, T, S_alloc, scfg[0], chunk_bytes)
+    variant = _select_variant()
+    v2 = variant >= 2
+    # v2 keeps an int32 candidate list beside the fp32 scores: both share chunk_bytes
+    rows = _chunk_rows(B, T, S_alloc, scfg[0], chunk_bytes // 2 if v2 else chunk_bytes)
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
+    scr = torch.empty(B, rows, S_alloc, dtype=torch.int32, device=q.device) if v2 else None
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
             _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg)
+        if variant == 3:
+            _select_kernel_v3[(n, B)](
+                buf, scr, starts, ends, idx, vals,
+                row0, T, S, topk,
+                starts.stride(0), starts.stride(1),
+                buf.stride(0), buf.stride(1),
+                idx.stride(0), idx.stride(1),
+                CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=blk, STRIDE=_SAMPLE_STRIDE,
+                num_warps=nw_sel,
+            )
+            continue
+        if v2:
+            _select_kernel_v2[(n, B)](
+                buf, scr, starts, ends, idx, vals,
+                row0, T, S, topk,
+                starts.stride(0), starts.stride(1),
+                buf.stride(0), buf.stride(1),
+                idx.stride(0), idx.stride(1),
+                CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=blk, num_warps=nw_sel,
+            )
+            continue
         _select_kernel[(n, B)](
             buf, starts, ends, idx, vals,
             row0, T, S, topk,

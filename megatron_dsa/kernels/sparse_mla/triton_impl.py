@@ -515,7 +515,7 @@ def sparse_mla_bwd_triton(
                         DETERMINISTIC=True, DO_DQ=True, DO_DKV=False, num_warps=nw, **common,
                     )
             do_dq, _, nw = passes[-1]
-            for t0 in range(0, T, C):
+            for t0 in range(0, T if Tk > 0 else 0, C):
                 n = min(C, T - t0)
                 _sparse_mla_bwd_kernel[(n, NHB)](
                     *args_head, ws, *strides, H, Tk, K, t0, scale, scale * LOG2E,

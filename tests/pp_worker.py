@@ -1,0 +1,130 @@
+"""Worker for the pipeline / recompute tests: one forward-backward of a tiny DSA GPT.
+
+Run under torchrun (or plain python for PP=1). Weights are set from a generator seeded by each
+parameter's *global* name, so every pipeline split has the same model. Writes, per rank,
+``{global param name: grad}``, the losses, this rank's resolved roles and the cache stats.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--recompute", choices=["none", "full", "selective"], default="none")
+    p.add_argument("--freq", type=int, default=1)
+    p.add_argument("--pattern", default=None)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    import megatron_dsa.patches as patches
+    from megatron_dsa import index_cache as ic
+    from megatron_dsa.config import set_plugin_config
+    from megatron_dsa.spec import get_dsa_gpt_block_spec
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29577")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=a.pp,
+                                             virtual_pipeline_model_parallel_size=a.vpp)
+    patches.apply()
+    recompute = dict(recompute_granularity=None)
+    if a.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif a.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    cfg = MLATransformerConfig(
+        num_layers=a.layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16,
+        rope_type="rope", experimental_attention_variant="dsa", dsa_indexer_n_heads=32,
+        dsa_indexer_head_dim=16, dsa_indexer_topk=8, dsa_indexer_loss_coeff=0.1,
+        dsa_indexer_use_sparse_loss=True, dsa_indexer_topk_freq=a.freq,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="local",
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        pipeline_model_parallel_size=a.pp, virtual_pipeline_model_parallel_size=a.vpp, **recompute,
+        batch_p2p_comm=False,  # batched p2p over gloo mis-orders interleaved sends (measured)
+    )
+    if a.pattern:
+        set_plugin_config(cfg, index_pattern=a.pattern)
+    models, names = [], {}
+    for vp in range(a.vpp or 1):
+        vp_stage = vp if a.vpp else None
+        m = GPTModel(
+            config=cfg, transformer_layer_spec=get_dsa_gpt_block_spec(cfg, vp_stage=vp_stage),
+            vocab_size=64, max_sequence_length=32, position_embedding_type="none",
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False, vp_stage=vp_stage,
+        )
+        off = get_transformer_layer_offset(cfg, vp_stage=vp_stage)
+        for n, prm in m.named_parameters():
+            parts = n.split(".")
+            if parts[:2] == ["decoder", "layers"]:
+                parts[2] = str(int(parts[2]) + off)
+            g = ".".join(parts)
+            seed = int(hashlib.sha256(g.encode()).hexdigest()[:8], 16)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                if n.endswith("layer_norm_weight") or n.endswith("norm.weight"):
+                    prm.fill_(1.0)
+                elif n.endswith("bias"):
+                    prm.zero_()
+                else:
+                    prm.copy_(torch.randn(prm.shape, generator=gen) * 0.2)
+            names[prm] = g
+        models.append(m)
+
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 64, (2, 33), generator=gen) for _ in range(a.microbatches)]
+
+    def make_iter():
+        return iter([{"tokens": b[:, :-1], "labels": b[:, 1:]} for b in batches])
+
+    iters = [make_iter() for _ in models]
+
+    def step(it, model):
+        batch = next(it)
+        out = model(batch["tokens"], None, None, labels=batch["labels"])
+
+        def loss_fn(t):
+            loss = t.float().mean()
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return out, loss_fn
+
+    for m in models:
+        m.train()
+    ic.STATS.reset()
+    losses = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iters if len(models) > 1 else iters[0],
+        model=models if len(models) > 1 else models[0], num_microbatches=a.microbatches,
+        seq_length=32, micro_batch_size=2, forward_only=False,
+    )
+    roles = [r for r in ic.resolve_schedule(cfg) if r.stage == parallel_state.get_pipeline_model_parallel_rank()]
+    grads = {names[p_]: p_.grad.detach().clone() for m in models for p_ in m.parameters() if p_.grad is not None}
+    ledgers = [len(mod.ledger.queue) for m in models for mod in m.modules() if hasattr(mod, "ledger")]
+    torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses else [],
+                "roles": roles, "stats": ic.STATS.snapshot(), "ledgers": ledgers},
+               f"{a.out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Index cache: schedule resolution, fail-closed runtime, recompute and pipeline parallelism."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import tiny_config, to_mcore_spec
+from megatron_dsa import index_cache as ic
+from megatron_dsa.config import set_plugin_config
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pp_worker.py")
+
+
+# ----------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("freq,offset", [(2, 0), (3, 0), (3, 2), (4, 1)])
+def test_freq_schedule_has_megatron_meaning(freq, offset):
+    from megatron.core.transformer.experimental_attention_variant.dsa import (
+        is_dsa_skip_topk_layer,
+        source_dsa_compute_layer,
+    )
+
+    cfg = tiny_config(num_layers=9, dsa_indexer_topk_freq=freq, dsa_indexer_skip_topk_offset=offset)
+    for r in ic.resolve_schedule(cfg):
+        shared = is_dsa_skip_topk_layer(r.layer, offset, freq)
+        assert (r.role == "shared") == shared
+        assert r.source == (source_dsa_compute_layer(r.layer, offset, freq) if shared else r.layer)
+
+
+def test_pattern_and_stage_boundaries():
+    cfg = tiny_config(num_layers=8, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    set_plugin_config(cfg, index_pattern="FSSSSSSF")
+    roles = ic.resolve_schedule(cfg)
+    assert [r.role[0] for r in roles] == list("asssassa")
+    assert roles[4].reason == "stage boundary" and roles[4].stage == 1
+    assert [r.source for r in roles] == [1, 1, 1, 1, 5, 5, 5, 8]
+    table = ic.format_schedule(roles)
+    assert "stage boundary" in table and table.count("\n") == 9
+
+
+def test_virtual_pipeline_chunks_start_on_anchors():
+    cfg = tiny_config(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                      pipeline_dtype=torch.float32, dsa_indexer_topk_freq=4)
+    roles = ic.resolve_schedule(cfg)
+    chunks = {}
+    for r in roles:
+        chunks.setdefault((r.stage, r.chunk), []).append(r)
+    assert len(chunks) == 4
+    for layers in chunks.values():
+        assert layers[0].role == "anchor"
+        for r in layers[1:]:
+            assert r.source in [x.layer for x in layers if x.role == "anchor"]
+
+
+def test_explicit_sources():
+    cfg = tiny_config(num_layers=4)
+    set_plugin_config(cfg, index_pattern=["F", "F", 1, 2])
+    assert [(r.role, r.source) for r in ic.resolve_schedule(cfg)] == [
+        ("anchor", 1), ("anchor", 2), ("shared", 1), ("shared", 2)]
+
+
+@pytest.mark.parametrize(
+    "pattern,match",
+    [
+        ("FSS", "has 3 entries but the model has 4"),
+        ("SFFF", "layer 1 is shared"),
+        (["F", "S", 9, "S"], "layer 3 reuses layer 9, which is outside the model"),
+        (["F", "S", 2, "S"], "layer 3 reuses layer 2, which is not an anchor"),
+        (["F", 3, "F", "S"], "not earlier"),
+        (["F", "S", "X", "S"], "layer 3 has unknown entry"),
+    ],
+)
+def test_bad_patterns_name_the_layer(mcore, pattern, match):
+    from megatron_dsa.spec import get_dsa_gpt_block_spec
+
+    cfg = tiny_config(num_layers=4)
+    set_plugin_config(cfg, index_pattern=pattern)
+    with pytest.raises(ValueError, match=match):
+        get_dsa_gpt_block_spec(cfg)
+
+
+def test_bad_pattern_letters():
+    from megatron_dsa.config import DSAPluginConfig
+
+    with pytest.raises(ValueError, match="unknown letters"):
+        DSAPluginConfig(index_pattern="FSQ")
+
+
+# ----------------------------------------------------------------------------- runtime
+def _gpt(cfg, spec):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=32,
+                    position_embedding_type="none")
+
+
+def test_shared_layers_match_megatron_index_share(mcore):
+    """One forward/backward with dsa_indexer_topk_freq=2: same loss and grads as Megatron's."""
+    from megatron_dsa.spec import get_dsa_gpt_block_spec
+
+    torch.manual_seed(0)
+    cfg = tiny_config(num_layers=4, dsa_indexer_topk_freq=2, dsa_indexer_use_sparse_loss=True)
+    spec = get_dsa_gpt_block_spec(cfg)
+    ours = _gpt(cfg, spec)
+    ref_cfg = tiny_config(num_layers=4, dsa_indexer_topk_freq=2, dsa_indexer_use_sparse_loss=True)
+    ref = _gpt(ref_cfg, to_mcore_spec(spec))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert ours.decoder.layers[1].self_attention.core_attention.indexer is None
+    tokens, labels = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
+    ic.STATS.reset()
+    grads = []
+    for m in (ours, ref):
+        m.train()
+        m(tokens, None, None, labels=labels).float().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    stats = ic.STATS.snapshot()
+    assert stats["cache_hits"] == 2 and stats["anchor_computes"] == 2 and not stats["promotions"]
+    assert set(grads[0]) == set(grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_no_stale_indices_across_forwards(mcore):
+    """The second microbatch's shared layers use the second microbatch's anchor, never the first's."""
+    from megatron_dsa.spec import get_dsa_gpt_block_spec
+
+    cfg = tiny_config(num_layers=4, dsa_indexer_topk_freq=4)
+    spec = get_dsa_gpt_block_spec(cfg)
+    model = _gpt(cfg, spec).eval()
+    fresh = _gpt(cfg, spec).eval()
+    fresh.load_state_dict(model.state_dict())
+    a, b = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
+    with torch.no_grad():
+        model(a, None, None)
+        out_b = model(b, None, None)
+        want = fresh(b, None, None)
+    torch.testing.assert_close(out_b, want, rtol=0, atol=0)
+
+
+def _layers(cfg):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_dsa.spec import get_dsa_layer_specs
+
+    return [build_module(s, config=cfg, layer_number=i + 1) for i, s in enumerate(get_dsa_layer_specs(cfg))]
+
+
+def test_promotion_on_missing_or_mismatched_entry(mcore):
+    cfg = tiny_config(num_layers=2, dsa_indexer_topk_freq=2, dsa_indexer_loss_coeff=0.0)
+    l1, l2 = _layers(cfg)
+    core2 = l2.self_attention.core_attention
+    assert core2.role.role == "shared" and core2.indexer is None
+    ic.STATS.reset()
+    with torch.no_grad():
+        l2(torch.randn(16, 2, 64), None)  # no anchor ran: no open cache -> promoted
+        l1(torch.randn(16, 2, 64), None)  # anchor opens a cache for a 16-row forward
+        x = torch.randn(12, 2, 64)
+        out, _ = l2(x, None)  # a 12-row consumer: cursor/sequence mismatch -> promoted
+    stats = ic.STATS.snapshot()
+    assert stats["cache_hits"] == 0
+    assert stats["promotions"] == {"no open cache": 1, "sequence length": 1}
+    # A promoted layer computes what an anchor with its source's indexer weights computes.
+    cfg_a = tiny_config(num_layers=2, dsa_indexer_loss_coeff=0.0)
+    a1, a2 = _layers(cfg_a)
+    sd = l2.state_dict()
+    sd.update({f"self_attention.core_attention.indexer.{k}": v for k, v in
+               l1.self_attention.core_attention.indexer.state_dict().items()})
+    a2.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        want, _ = a2(x, None)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_ledger_refuses_mismatched_recompute():
+    led = ic.RecomputeLedger(3)
+    x = torch.randn(8, 2, 16)
+    led.push(torch.zeros(2, 8, 4, dtype=torch.int32), ic.fingerprint(x))
+    with pytest.raises(RuntimeError, match="does not match"):
+        led.pop(ic.fingerprint(torch.randn(8, 2, 16)))
+    with pytest.raises(RuntimeError, match="without a recorded original forward"):
+        led.pop(ic.fingerprint(x))
+    led.push(torch.ones(1, dtype=torch.int32), ic.fingerprint(x))
+    assert led.pop(ic.fingerprint(x.clone())).item() == 1
+
+
+# ----------------------------------------------------------------------------- processes
+def _worker(tmp_path, name, nproc=1, **kw):
+    args = []
+    for k, v in kw.items():
+        args += [f"--{k}", str(v)]
+    out = str(tmp_path / name)
+    if nproc == 1:
+        cmd = [sys.executable, WORKER]
+        env = dict(os.environ, MASTER_PORT=str(29100 + (os.getpid() + len(name)) % 800))
+    else:
+        port = 29900 + (os.getpid() + len(name) * 7) % 90
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port", str(port), WORKER]
+        env = dict(os.environ)
+    proc = subprocess.run(cmd + args + ["--out", out], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=os.path.dirname(WORKER))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(nproc)]
+    merged = {"grads": {}, "losses": [], "roles": [], "stats": [], "ledgers": []}
+    for d in ranks:
+        merged["grads"].update(d["grads"])
+        merged["losses"] += d["losses"]
+        merged["roles"] += d["roles"]
+        merged["stats"].append(d["stats"])
+        merged["ledgers"] += d["ledgers"]
+    return merged
+
+
+def _assert_same_grads(a, b, rtol=1e-5, atol=1e-7):
+    assert set(a["grads"]) == set(b["grads"])
+    for n in a["grads"]:
+        torch.testing.assert_close(a["grads"][n], b["grads"][n], rtol=rtol, atol=atol, msg=n)
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_recompute_uses_original_indices(tmp_path):
+    """attention_mask=None, 4 microbatches: gradients with full/selective recompute == without."""
+    base = _worker(tmp_path, "base", freq=2)
+    for mode in ("full", "selective"):
+        rec = _worker(tmp_path, f"rec_{mode}", freq=2, recompute=mode)
+        _assert_same_grads(rec, base)
+        assert rec["stats"][0]["recompute_reuses"] > 0
+        assert all(n == 0 for n in rec["ledgers"])  # every recorded forward was consumed
+
+
+@pytest.mark.slow
+def test_pipeline_two_stages_matches_single_stage(tmp_path):
+    """PP=2 over gloo, 1F1B, 4 microbatches, full recompute: same loss and grads as PP=1 of the
+    same model. With freq=4, layer 3 opens stage 2 and is promoted to an anchor ("stage
+    boundary"); the PP=1 reference states that schedule explicitly (pattern FSFS)."""
+    ref = _worker(tmp_path, "pp1", layers=4, pattern="FSFS")
+    pp2 = _worker(tmp_path, "pp2", nproc=2, pp=2, freq=4, layers=4, recompute="full")
+    stage2 = [r for r in pp2["roles"] if r.stage == 1]
+    assert stage2[0].layer == 3 and stage2[0].role == "anchor" and stage2[0].reason == "stage boundary"
+    _assert_same_grads(pp2, ref)
+    assert sum(s["cache_hits"] for s in pp2["stats"]) == 8  # layers 2 and 4, 4 microbatches
+    assert all(not s["promotions"] for s in pp2["stats"])
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_matches_single_stage(tmp_path):
+    """Interleaved 1F1B (PP=2, 2 virtual chunks): every chunk starts on an anchor."""
+    ref = _worker(tmp_path, "vpp_ref", layers=8, pattern="FSFSFSFS")
+    vpp = _worker(tmp_path, "vpp", nproc=2, pp=2, vpp=2, freq=8, layers=8)
+    assert {r.layer for r in vpp["roles"] if r.role == "anchor"} == {1, 3, 5, 7}
+    _assert_same_grads(vpp, ref)
