@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--indexer-loss-coeff", type=float, default=0.01)
     p.add_argument("--dense-warmup-steps", type=int, default=10,
                    help="steps with the dense indexer loss before switching to the sparse one")
+    p.add_argument("--index-freq", type=int, default=1,
+                   help="dsa_indexer_topk_freq: one anchor every N DSA layers (1 = no sharing)")
+    p.add_argument("--index-pattern", default=None, help='explicit anchor/shared pattern, e.g. "FSSS"')
+    p.add_argument("--time-indexer", action="store_true",
+                   help="measure the indexer's share of attention time (synchronises the device)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (= world size)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
@@ -59,6 +64,9 @@ def parse_args(argv=None):
                  "heads", "topk", "indexer_heads", "indexer_dim", "pp"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
     need(args.lr > 0, "--lr must be positive")
+    need(args.index_freq > 0, "--index-freq must be positive")
+    need(args.index_pattern is None or len(args.index_pattern) == args.layers,
+         "--index-pattern must have one letter per layer")
     need(args.indexer_loss_coeff >= 0, "--indexer-loss-coeff must be >= 0")
     need(args.dense_warmup_steps >= 0, "--dense-warmup-steps must be >= 0")
     need(args.hidden % args.heads == 0, "--hidden must be divisible by --heads")
@@ -119,6 +127,7 @@ def build(args):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+    from megatron_dsa.config import set_plugin_config
     from megatron_dsa.spec import get_dsa_gpt_block_spec
 
     cpu = args.device == "cpu"
@@ -130,6 +139,7 @@ def build(args):
         dsa_indexer_n_heads=args.indexer_heads, dsa_indexer_head_dim=args.indexer_dim,
         dsa_indexer_topk=args.topk, dsa_indexer_loss_coeff=args.indexer_loss_coeff,
         dsa_indexer_use_sparse_loss=args.dense_warmup_steps == 0,
+        dsa_indexer_topk_freq=args.index_freq,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         transformer_impl="local", use_cpu_initialization=cpu, params_dtype=torch.float32,
         pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
@@ -141,6 +151,7 @@ def build(args):
         recompute_method="uniform" if args.recompute == "full" else None,
         recompute_num_layers=1 if args.recompute == "full" else None,
     )
+    set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer)
     chunks = []
     for vp in range(args.vpp or 1):
         vp_stage = vp if args.vpp else None
@@ -189,6 +200,7 @@ def main(argv=None):
     )
 
     import megatron_dsa.patches as patches
+    from megatron_dsa import index_cache
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -221,6 +233,7 @@ def main(argv=None):
         print(f"megatron-dsa tiny GPT: {args.layers} DSA layers, {n_params/1e6:.2f}M params/rank, "
               f"device={args.device}, pp={args.pp}, vpp={args.vpp}, topk={args.topk}, "
               f"patches={active}", flush=True)
+        print(index_cache.format_schedule(index_cache.resolve_schedule(cfg)), flush=True)
 
     history, t_start = [], time.time()
     tokens_per_step = args.seq_len * args.micro_batch * args.num_microbatches
@@ -242,6 +255,8 @@ def main(argv=None):
             loss_scale=1.0 / args.num_microbatches, iteration=step, writer=None, total_loss_dict=totals
         )
         dt = time.time() - t0
+        cache = index_cache.STATS.snapshot()  # this rank's layers
+
         lm = float("nan")
         if last and losses:
             lm = float(torch.stack([x["lm loss"] for x in losses]).mean())
@@ -251,11 +266,16 @@ def main(argv=None):
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         row = {"step": step, "lm_loss": lm, "indexer_loss": idx_loss, "tokens_per_s": tokens_per_step / dt,
-               "peak_mib": peak, "grad_norm": float(grad_norm) if grad_norm is not None else None}
+               "peak_mib": peak, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "index_cache": cache}
         history.append(row)
         if log:
+            share = cache["indexer_share"]
+            promos = ",".join(f"{k}:{v}" for k, v in cache["promotions"].items()) or "0"
             print(f"step {step:4d} | lm loss {lm:.4f} | indexer loss {idx_loss:.3e} | "
-                  f"{row['tokens_per_s']:8.0f} tok/s | peak {peak:7.1f} MiB", flush=True)
+                  f"{row['tokens_per_s']:8.0f} tok/s | peak {peak:7.1f} MiB | cache hits "
+                  f"{cache['cache_hits']} promotions {promos}"
+                  + (f" | indexer {100 * share:.0f}% of attn" if share is not None else ""), flush=True)
 
     if log:
         k = max(1, min(5, args.steps // 4))

@@ -175,9 +175,7 @@ class DSAttention(MegatronModule):
         row_valid = None
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
-            starts, ends = packed_causal_window(cu_q.to(device))
-            if starts.shape[1] != sq:
-                raise ValueError(f"cu_seqlens_q covers {starts.shape[1]} rows but query has {sq}")
+            starts, ends = packed_causal_window(cu_q.to(device), total=sq)
             rv = getattr(packed_seq_params, "real_token_mask_q", None)
             if rv is not None:
                 row_valid = rv.to(device=device, dtype=torch.bool).reshape(1, sq)

@@ -393,12 +393,8 @@ class RecomputeLedger:
             f"DSA layer {self.layer}: recomputed forward does not match the oldest checkpointed "
             "forward; refusing to reuse its top-k indices"
         )
-        ok = digests_match(saved, digest)
-        if saved.device.type == "cpu":
-            if not bool(ok):
-                raise RuntimeError(msg)
-        else:  # device-side assert: no host sync, the run stops on a mismatch
-            torch._assert_async(ok, msg)
+        # Device-side assert: no host sync; on a mismatch the run stops (on the CPU it raises).
+        torch._assert_async(digests_match(saved, digest), msg)
         return indices
 
     def clear(self) -> None:

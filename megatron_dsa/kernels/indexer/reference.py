@@ -67,16 +67,26 @@ def ratio_causal_window(
     return starts.expand(batch, sq).contiguous(), ends.expand(batch, sq).contiguous()
 
 
-def packed_causal_window(cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Causal ``[start, end)`` per row of a packed (THD) batch, as ``[1, total]`` tensors."""
+def packed_causal_window(
+    cu_seqlens: torch.Tensor, total: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal ``[start, end)`` per row of a packed (THD) batch, as ``[1, total]`` tensors.
+
+    Pass ``total`` (the packed row count, known from the tensor shapes) to avoid reading
+    ``cu_seqlens[-1]`` back to the host; rows past ``cu_seqlens[-1]`` (padding) get an
+    empty window.
+    """
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor with at least 2 entries")
     cu = cu_seqlens.to(torch.int64)
-    total = int(cu[-1])
+    if total is None:
+        total = int(cu[-1])  # host read; callers on a hot path pass total
     rows = torch.arange(total, device=cu.device, dtype=torch.int64)
     seq = torch.searchsorted(cu, rows, right=True) - 1
-    starts = cu[seq].to(torch.int32)
-    ends = (rows + 1).to(torch.int32)
+    seq = seq.clamp(max=cu.numel() - 2)
+    padding = rows >= cu[-1]
+    starts = torch.where(padding, rows, cu[seq]).to(torch.int32)
+    ends = torch.where(padding, rows, rows + 1).to(torch.int32)
     return starts.unsqueeze(0), ends.unsqueeze(0)
 
 

@@ -502,7 +502,7 @@ def _select_kernel_v3(
 _SCORE_CFG_GPU = (64, 128, 4, 3)
 _SELECT_CFG_GPU = (1024, 4)
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
-_SELECT_CFG_INTERP = (64, 4)
+_SELECT_CFG_INTERP = (128, 4)
 
 
 def _score_cfg():
