@@ -231,6 +231,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="docs/receipts/")
     ap.add_argument("--loss-S", default="", help="comma list of S for the loss fwd+bwd (ours)")
+    ap.add_argument("--loss-dense-S", default="", help="extra S list for the dense loss only")
     ap.add_argument("--loss-heads", type=int, default=128)
     ap.add_argument("--loss-variants", default="sparse,dense")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
@@ -279,8 +280,11 @@ def main():
                 rows.append(r)
                 print(json.dumps(r), f"({time.time() - t0:.1f}s)", flush=True)
                 torch.cuda.empty_cache()
-    for S in [int(s) for s in args.loss_S.split(",") if s]:
-        for var in args.loss_variants.split(","):
+    loss_cases = [(int(s), v) for s in args.loss_S.split(",") if s
+                  for v in args.loss_variants.split(",")]
+    loss_cases += [(int(s), "dense") for s in args.loss_dense_S.split(",") if s]
+    for S, var in loss_cases:
+        if True:
             r = bench_loss(S, args, var == "sparse")
             rows.append(r)
             print(json.dumps(r), flush=True)

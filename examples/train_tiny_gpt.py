@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--recompute", choices=["none", "full"], default="none")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="Megatron-Core per-layer CUDA graphs (cuda_graph_impl='local'); GPU only")
     p.add_argument("--json-out", default=None, help="write the per-step log as JSON here")
     args = p.parse_args(argv)
 
@@ -83,6 +85,7 @@ def parse_args(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA device")
+    need(not args.cuda_graphs or args.device == "cuda", "--cuda-graphs needs --device cuda")
     return args
 
 
@@ -150,6 +153,7 @@ def build(args):
         recompute_granularity="full" if args.recompute == "full" else None,
         recompute_method="uniform" if args.recompute == "full" else None,
         recompute_num_layers=1 if args.recompute == "full" else None,
+        cuda_graph_impl="local" if args.cuda_graphs else "none",
     )
     set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer)
     chunks = []
@@ -220,7 +224,7 @@ def main(argv=None):
     if args.device == "cuda":
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-        model_parallel_cuda_manual_seed(args.seed)
+        model_parallel_cuda_manual_seed(args.seed, use_cudagraphable_rng=args.cuda_graphs)
 
     cfg, chunks, opt = build(args)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())

@@ -59,6 +59,7 @@ __all__ = [
     "IndexCacheStats",
     "STATS",
     "RecomputeLedger",
+    "track_index_cache_metrics",
 ]
 
 
@@ -157,14 +158,27 @@ def _chunks(config) -> List[Tuple[int, Optional[int], List[int]]]:
     return out
 
 
+PER_LAYER_GRAPHS = ("local", "transformer_engine")
+
+
 def resolve_schedule(config) -> List[LayerRole]:
-    """The role of every DSA layer of the model, in layer order."""
+    """The role of every DSA layer of the model, in layer order.
+
+    Per-layer CUDA graphs (``cuda_graph_impl`` ``"local"`` / ``"transformer_engine"``) make
+    every layer an anchor (reason ``"per-layer cuda graphs"``): a replayed graph cannot prove
+    that another graph's private memory still holds its source's indices.
+    """
     pattern = base_pattern(config)
+    per_layer_graphs = getattr(config, "cuda_graph_impl", "none") in PER_LAYER_GRAPHS
     roles = []
     for stage, chunk, layers in _chunks(config):
         anchors_here: List[int] = []
         for pos, layer in enumerate(layers):
             kind, src = pattern[layer - 1]
+            if per_layer_graphs:
+                reason = "pattern" if kind == "F" else "per-layer cuda graphs"
+                roles.append(LayerRole(layer, stage, chunk, "anchor", layer, reason))
+                continue
             if pos == 0:
                 reason = "pattern" if kind == "F" else "stage boundary"
                 roles.append(LayerRole(layer, stage, chunk, "anchor", layer, reason))
@@ -414,3 +428,20 @@ def register_indexer(config, layer: int, indexer: torch.nn.Module) -> None:
 
 def built_indexer(config, layer: int) -> Optional[torch.nn.Module]:
     return _BUILT_INDEXERS.get((id(config), layer))
+
+
+def track_index_cache_metrics(iteration: int, writer=None, wandb_writer=None, total_loss_dict=None) -> dict:
+    """Snapshot (and reset) :data:`STATS` into Megatron's logging objects; returns the snapshot."""
+    snap = STATS.snapshot()
+    scalars = {"index cache hits": snap["cache_hits"],
+               "index cache promotions": sum(snap["promotions"].values())}
+    if snap["indexer_share"] is not None:
+        scalars["indexer share of attention time"] = snap["indexer_share"]
+    for key, value in scalars.items():
+        if writer is not None:
+            writer.add_scalar(key, value, iteration)
+        if total_loss_dict is not None:
+            total_loss_dict[key] = value
+    if wandb_writer is not None:
+        wandb_writer.log(scalars, iteration)
+    return snap

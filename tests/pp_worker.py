@@ -22,6 +22,7 @@ def main():
     p.add_argument("--recompute", choices=["none", "full", "selective"], default="none")
     p.add_argument("--freq", type=int, default=1)
     p.add_argument("--pattern", default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -40,11 +41,20 @@ def main():
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29577")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cuda = a.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=a.pp,
                                              virtual_pipeline_model_parallel_size=a.vpp)
     patches.apply()
+    if cuda:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     recompute = dict(recompute_granularity=None)
     if a.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -59,7 +69,7 @@ def main():
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="local",
         use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
         pipeline_model_parallel_size=a.pp, virtual_pipeline_model_parallel_size=a.vpp, **recompute,
-        batch_p2p_comm=False,  # batched p2p over gloo mis-orders interleaved sends (measured)
+        batch_p2p_comm=cuda,  # batched p2p over gloo mis-orders interleaved sends (measured)
     )
     if a.pattern:
         set_plugin_config(cfg, index_pattern=a.pattern)
@@ -89,10 +99,10 @@ def main():
                 else:
                     prm.copy_(torch.randn(prm.shape, generator=gen) * 0.2)
             names[prm] = g
-        models.append(m)
+        models.append(m.cuda() if cuda else m)
 
     gen = torch.Generator().manual_seed(7)
-    batches = [torch.randint(0, 64, (2, 33), generator=gen) for _ in range(a.microbatches)]
+    batches = [torch.randint(0, 64, (2, 33), generator=gen).to(a.device) for _ in range(a.microbatches)]
 
     def make_iter():
         return iter([{"tokens": b[:, :-1], "labels": b[:, 1:]} for b in batches])
@@ -118,7 +128,7 @@ def main():
         seq_length=32, micro_batch_size=2, forward_only=False,
     )
     roles = [r for r in ic.resolve_schedule(cfg) if r.stage == parallel_state.get_pipeline_model_parallel_rank()]
-    grads = {names[p_]: p_.grad.detach().clone() for m in models for p_ in m.parameters() if p_.grad is not None}
+    grads = {names[p_]: p_.grad.detach().cpu().clone() for m in models for p_ in m.parameters() if p_.grad is not None}
     ledgers = [len(mod.ledger.queue) for m in models for mod in m.modules() if hasattr(mod, "ledger")]
     torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses else [],
                 "roles": roles, "stats": ic.STATS.snapshot(), "ledgers": ledgers},

@@ -252,3 +252,28 @@ def test_interleaved_pipeline_matches_single_stage(tmp_path):
     vpp = _worker(tmp_path, "vpp", nproc=2, pp=2, vpp=2, freq=8, layers=8)
     assert {r.layer for r in vpp["roles"] if r.role == "anchor"} == {1, 3, 5, 7}
     _assert_same_grads(vpp, ref)
+
+
+def test_per_layer_cuda_graphs_turn_sharing_off():
+    cfg = tiny_config(num_layers=4, dsa_indexer_topk_freq=2)
+    object.__setattr__(cfg, "cuda_graph_impl", "local")
+    roles = ic.resolve_schedule(cfg)
+    assert all(r.role == "anchor" for r in roles)
+    assert [r.reason for r in roles] == ["pattern", "per-layer cuda graphs", "pattern", "per-layer cuda graphs"]
+
+
+def test_stats_reach_megatron_style_logging():
+    class Writer:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, key, value, step):
+            self.scalars[key] = (value, step)
+
+    ic.STATS.reset()
+    ic.STATS.hits, ic.STATS.promotions["missing entry"] = 5, 2
+    w, totals = Writer(), {}
+    snap = ic.track_index_cache_metrics(7, writer=w, total_loss_dict=totals)
+    assert snap["cache_hits"] == 5 and w.scalars["index cache promotions"] == (2, 7)
+    assert totals["index cache hits"] == 5
+    assert ic.STATS.hits == 0  # snapshot resets
