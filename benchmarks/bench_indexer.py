@@ -117,7 +117,7 @@ def compile_report():
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
     out = {}
-    for name in ("_score_kernel", "_select_kernel"):
+    for name in ("_score_kernel", "_select_kernel", "_select_kernel_v2", "_select_kernel_v3"):
         fn = getattr(ti, name)
         try:
             for cache in fn.device_caches.values():
@@ -150,7 +150,8 @@ def score_only(S, args):
 
     q, k, w = inputs(S, args.H, args.D)
     cfg = ti._score_cfg()
-    rows = ti._chunk_rows(1, S, S, cfg[0], ti.DEFAULT_CHUNK_BYTES)
+    cb = ti.DEFAULT_CHUNK_BYTES // (2 if ti._select_variant() >= 2 else 1)
+    rows = ti._chunk_rows(1, S, S, cfg[0], cb)
     buf = torch.empty(1, rows, S, dtype=torch.float32, device="cuda")
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
 
@@ -237,6 +238,7 @@ def main():
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--tune-score", default="", help="';'-separated BT,BS,warps,stages configs")
     ap.add_argument("--tune-select", default="", help="';'-separated BLOCK,warps select configs")
+    ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument("--no-receipt", action="store_true")
     args = ap.parse_args()
@@ -280,15 +282,20 @@ def main():
                 rows.append(r)
                 print(json.dumps(r), f"({time.time() - t0:.1f}s)", flush=True)
                 torch.cuda.empty_cache()
+                if name == "ours" and args.score_only:
+                    r = run_guarded(lambda: score_only(S, args))
+                    r["impl"] = "megatron_dsa[score_only]"
+                    r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "score"}
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
     loss_cases = [(int(s), v) for s in args.loss_S.split(",") if s
                   for v in args.loss_variants.split(",")]
     loss_cases += [(int(s), "dense") for s in args.loss_dense_S.split(",") if s]
     for S, var in loss_cases:
-        if True:
-            r = bench_loss(S, args, var == "sparse")
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            torch.cuda.empty_cache()
+        r = bench_loss(S, args, var == "sparse")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
     if "ours" in args.impls or args.tune_score or args.tune_select:
         notes["compile_report"] = compile_report()
         print("compile_report", json.dumps(notes["compile_report"]), flush=True)

@@ -57,3 +57,14 @@ def mcore():
 
         model_parallel_cuda_manual_seed(1234)
     yield parallel_state
+
+
+@pytest.fixture(autouse=True)
+def _fresh_indexer_tracker():
+    """Megatron-Core's indexer-loss tracker is sized by the first model's layer count: reset it."""
+    import sys
+
+    mod = sys.modules.get("megatron.core.transformer.experimental_attention_variant.dsa")
+    if mod is not None:
+        mod.DSAIndexerLossLoggingHelper.tracker.clear()
+    yield

@@ -89,7 +89,7 @@ def _check_topk(q, k, w, K, st, en, idx, val, global_ids=False, atol=1e-4, rtol=
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("T,K", [(1, 8), (37, 8), (37, 64), (77, 24), (130, 200)])
+@pytest.mark.parametrize("T,K", [(1, 8), (37, 8), (37, 64), (60, 20), (130, 200)])
 def test_topk_causal(T, K):
     B, H, D = 2, 4, 32
     q, k, w = _inputs(B, T, T, H, D)
@@ -99,11 +99,11 @@ def test_topk_causal(T, K):
     _check_topk(q, k, w, K, None, None, idx, val)
 
 
-@pytest.mark.parametrize("kind", ["packed", "ratio", "random"])
-@pytest.mark.parametrize("global_ids", [False, True])
+@pytest.mark.parametrize("kind,global_ids", [("packed", False), ("packed", True), ("ratio", True),
+                                             ("random", False)])
 def test_topk_windows(kind, global_ids):
-    B, T, H, D, K = 2, 37, 4, 32, 8
-    S = T if kind == "packed" else 53
+    B, T, H, D, K = 2, 29, 4, 32, 8
+    S = T if kind == "packed" else 41
     q, k, w = _inputs(B, T, S, H, D)
     st, en = _window(kind, B, T, S)
     idx, val = indexer_topk_triton(q, k, w, K, st, en, global_ids=global_ids)
@@ -150,7 +150,7 @@ def test_topk_exact_ties_lowest_index_wins():
 def test_topk_select_variants_with_ties(monkeypatch, variant):
     """Both select kernels; integer scores make many exact ties at every radix level."""
     monkeypatch.setenv("MEGATRON_DSA_INDEXER_SELECT", variant)
-    B, T, H, D, K = 2, 48, 4, 16, 10
+    B, T, H, D, K = 1, 48, 4, 16, 10
     q = torch.randint(-1, 2, (B, T, H, D), device=DEV).float()
     k = torch.randint(-1, 2, (B, T, D), device=DEV).float()
     w = torch.randint(-2, 3, (B, T, H), device=DEV).float()

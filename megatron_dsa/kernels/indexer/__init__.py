@@ -43,6 +43,9 @@ def indexer_topk(
     q ``[B, T, H, D]``, k ``[B, S, D]``, w ``[B, T, H]``; window ``[starts, end)`` per row
     (``[B, T]`` ints, default: causal). ``topk`` may exceed the number of valid keys: the
     missing slots are ``-1`` with score ``-inf``. No gradient flows through this function.
+    The selected *set* follows the tie rule (lower key index wins); the order of the slots is
+    unspecified (the reference lists them by descending score, the fused kernel does not), and
+    every consumer treats a row as a set.
     """
     check_tensor("q", q, 4)
     check_tensor("k", k, 3)

@@ -6,18 +6,21 @@ Two kernels per chunk of query rows (see ``docs/kernels_indexer.md``):
    heads, ``acc += w[:, h] * relu(q_h @ k^T)`` (fp32 accumulation), then writes the masked fp32
    scores of the tile into a chunk buffer ``[B, R, S]``. Key tiles outside every row's window
    are skipped (causal: only ``s <= t``).
-2. ``_select_kernel``: one program per query row finds the exact k-th largest score by a radix
-   select on the order-preserving uint32 image of the fp32 score (256-bin histograms of 8-bit
-   digits; it stops as soon as the boundary bucket holds exactly the missing count), then
-   compacts the row in ascending key order: every key above the threshold, plus the lowest-index
-   keys equal to it (the project's tie rule). Only ``[start, end)`` of a row is ever read.
+2. ``_select_kernel_v3`` (default): one program per query row. A threshold from a strided
+   sample of the row admits a short candidate list (int32 scratch); an exact radix select
+   (256-bin histograms of 8-bit digits of the order-preserving uint32 image of the fp32
+   score, in-place compaction of the boundary bucket) then picks the top-k among them. If
+   the sample under-shoots, the whole row is the candidate list, so the result is exact.
+   Ties: among equal scores the lower key index wins. Only ``[start, end)`` of a row is read.
+   ``MEGATRON_DSA_INDEXER_SELECT=1`` / ``2`` select the older variants (plain radix select
+   with ids in ascending key order / radix select with compaction over the whole row).
 
-Extra memory is the chunk buffer, ``R * S * 4 * B`` bytes with ``R`` chosen so that it stays
-under ``chunk_bytes`` (1 GiB by default), whatever ``T`` and ``S`` are. No host
+Extra memory is the chunk buffer (+ scratch), ``R * S * 8 * B`` bytes with ``R`` chosen so
+that it stays under ``chunk_bytes`` (1 GiB by default), whatever ``T`` is. No host
 synchronisation: the grids depend on shapes only, so the call can be captured in a CUDA graph.
 
-Output order: the selected ids of a row are listed in ascending key order (not by score);
-rows with fewer than ``topk`` valid keys list all of them and pad with ``-1`` / ``-inf``.
+Output order: the selected ids of a row are NOT sorted by score (variant 1: ascending key
+order); rows with fewer than ``topk`` valid keys list all of them and pad with ``-1`` / ``-inf``.
 """
 
 from __future__ import annotations
@@ -590,7 +593,7 @@ def indexer_topk_triton(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-k key ids ``int32 [B, T, topk]`` (ascending key order, ``-1`` padded) and scores.
+    """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
     ``chunk_bytes`` bounds the fp32 score buffer; ``out`` optionally gives the two output
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
