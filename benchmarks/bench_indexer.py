@@ -71,9 +71,10 @@ def make_cudnn(q, k, w, topk):
     B, S = k.shape[:2]
     seq_lens = torch.arange(1, S + 1, dtype=torch.int32, device=q.device).repeat(B)
     kk = k.unsqueeze(2)
+    wb = w.to(torch.bfloat16)  # cuDNN takes bf16 head weights
 
     def fn():
-        sc = DSA.indexer_forward_wrapper(q, kk, w, ratio=1, sm_scale=1.0)["scores"]
+        sc = DSA.indexer_forward_wrapper(q, kk, wb, ratio=1, sm_scale=1.0)["scores"]
         return DSA.indexer_top_k_wrapper(sc.view(B * q.shape[1], S), seq_lens, top_k=topk,
                                          next_n=1, return_val=True)
 

@@ -31,11 +31,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "receipts"))
+    p.add_argument("--deterministic", action="store_true", help="both runs with --deterministic")
     a = p.parse_args()
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"eager": run(tmp, "eager", [], a.steps), "cuda_graphs": run(tmp, "graphs", ["--cuda-graphs"], a.steps)}
+        det = ["--deterministic"] if a.deterministic else []
+        runs = {"eager": run(tmp, "eager", det, a.steps),
+                "cuda_graphs": run(tmp, "graphs", det + ["--cuda-graphs"], a.steps)}
     dev = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     rows, curves = [], {}
@@ -57,6 +60,7 @@ def main():
         diff = max(abs(x - y) for x, y in zip(curves["eager"], curves["cuda_graphs"]))
     doc = {"topic": "layer_step", "date": date, "device": dev, "versions": {"torch": torch.__version__},
            "ceilings": {}, "rows": rows, "max_loss_diff_graphs_vs_eager": diff, "curves": curves,
+           "deterministic": a.deterministic,
            "note": "ms = median step time over the second half of the run (tokens/step / tokens/s)"}
     os.makedirs(a.out, exist_ok=True)
     stem = os.path.join(a.out, f"layer_step-{dev.replace(' ', '_').lower()}-{date}")
@@ -69,7 +73,8 @@ def main():
         pk = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         fl = "-" if r.get("final_lm_loss") is None else f"{r['final_lm_loss']:.4f}"
         lines.append(f"| {r['impl']} | {ms} | {pk} | {fl} | {r['status']} |")
-    lines += ["", f"max |LM loss difference| per step, graphs vs eager: {diff}"]
+    lines += ["", f"max |LM loss difference| per step, graphs vs eager: {diff} "
+              f"(deterministic kernels: {a.deterministic})"]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     try:

@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--recompute", choices=["none", "full"], default="none")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="Megatron-Core per-layer CUDA graphs (cuda_graph_impl='local'); GPU only")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (atomics-free sparse-attention backward, "
+                        "torch.use_deterministic_algorithms): bit-reproducible runs")
     p.add_argument("--json-out", default=None, help="write the per-step log as JSON here")
     args = p.parse_args(argv)
 
@@ -154,6 +157,9 @@ def build(args):
         recompute_method="uniform" if args.recompute == "full" else None,
         recompute_num_layers=1 if args.recompute == "full" else None,
         cuda_graph_impl="local" if args.cuda_graphs else "none",
+        # A captured graph keeps the loss variant it was captured with, so capture only after
+        # the dense warm-up has switched to the sparse indexer loss.
+        cuda_graph_warmup_steps=max(3, args.dense_warmup_steps + 2),
     )
     set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer)
     chunks = []
@@ -220,6 +226,10 @@ def main(argv=None):
         pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp
     )
     active = patches.apply()
+    if args.deterministic:
+        os.environ["MEGATRON_DSA_DETERMINISTIC"] = "1"
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)
     if args.device == "cuda":
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

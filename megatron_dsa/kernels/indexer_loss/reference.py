@@ -148,7 +148,7 @@ def _row_scale(row_valid, n_rows, per_token, device):
     if row_valid is not None:
         n = row_valid.to(torch.float64).sum().clamp_min(1.0)
     else:
-        n = torch.tensor(float(max(n_rows, 1)), dtype=torch.float64, device=device)
+        n = torch.full((), float(max(n_rows, 1)), dtype=torch.float64, device=device)
     return 1.0 / n
 
 

@@ -228,7 +228,7 @@ class IndexerLossChunked(torch.autograd.Function):
         elif row_valid is not None:
             row_scale = 1.0 / row_valid.to(torch.float64).sum().clamp_min(1.0)
         else:
-            row_scale = torch.tensor(1.0 / max(B * T, 1), dtype=torch.float64, device=q.device)
+            row_scale = torch.full((), 1.0 / max(B * T, 1), dtype=torch.float64, device=q.device)
         c.keyf = None
         c.kf = None
         c.R, c.sparse, c.row_valid, c.row_scale, c.loss_coeff = R, sparse, row_valid, row_scale, loss_coeff
