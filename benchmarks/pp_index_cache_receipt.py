@@ -73,7 +73,7 @@ def main():
              "the same schedule stated as pattern FSFS.", "",
              f"- max |loss difference| over microbatches: {loss_diff:.3e}",
              f"- max relative gradient difference over {len(rows)} parameters: {worst:.3e}",
-             f"- stage-2 roles: {roles}", f"- cache stats per rank: {pp2['stats']}"]
+             f"- roles (both stages): {roles}", f"- cache stats per rank: {pp2['stats']}"]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
