@@ -29,7 +29,9 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
-from .kernels import indexer_loss, indexer_topk, sparse_mla
+from .kernels.indexer import indexer_topk
+from .kernels.indexer_loss import indexer_loss
+from .kernels.sparse_mla import sparse_mla
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, packed_causal_window
 

@@ -233,7 +233,8 @@ def dsa_sparse_forward(q_i, k_i, w_i, q, kv, *, topk: int, softmax_scale: float,
     ``(indices [T, topk], out [T, Hq, d_v], lse [T, Hq])``. Fixed shapes, no host sync: the
     function a :class:`GraphDispatch` captures per shape class.
     """
-    from .kernels import indexer_topk, sparse_mla
+    from .kernels.indexer import indexer_topk
+    from .kernels.sparse_mla import sparse_mla
 
     idx, _ = indexer_topk(q_i.unsqueeze(0), k_i.unsqueeze(0), w_i.unsqueeze(0), topk, backend=backend)
     idx = idx[0]

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from megatron_dsa.kernels import indexer_loss, indexer_topk, sparse_mla
+from megatron_dsa.kernels.indexer import indexer_topk
+from megatron_dsa.kernels.indexer_loss import indexer_loss
+from megatron_dsa.kernels.sparse_mla import sparse_mla
 from megatron_dsa.kernels.hadamard import hadamard_reference, rotate_activation
 from megatron_dsa.kernels.indexer import (
     causal_window,
