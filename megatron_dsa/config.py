@@ -133,9 +133,13 @@ def validate_dsa_config(config) -> None:
             f"(got {config.context_parallel_size})"
         )
     if getattr(config, "tensor_model_parallel_size", 1) > 1:
+        # Megatron-Core's absorbed MLA needs sequence parallelism with TP, and its local norms
+        # reject sequence parallelism, so TP can only run with Transformer Engine, which we
+        # cannot test yet: refuse rather than run an unverified path.
         raise ValueError(
             "tensor_model_parallel_size > 1 is not supported by megatron-dsa yet "
-            f"(got {config.tensor_model_parallel_size})"
+            f"(got {config.tensor_model_parallel_size}); it needs sequence parallelism and "
+            "Transformer Engine modules, a combination not yet verified"
         )
     get_plugin_config(config)  # type-checks an attached plugin config
     from .index_cache import base_pattern
