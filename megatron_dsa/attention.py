@@ -113,8 +113,9 @@ class DSAttention(MegatronModule):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.pg_collection = pg_collection
         # Anchor / shared role of this layer in its pipeline chunk (see megatron_dsa.index_cache).
-        self.role = ic.layer_role(config, layer_number)
-        chunk = [r for r in ic.resolve_schedule(config) if (r.stage, r.chunk) == (self.role.stage, self.role.chunk)]
+        roles = ic.resolve_schedule(config)
+        self.role = ic.layer_role(config, layer_number, roles)
+        chunk = [r for r in roles if (r.stage, r.chunk) == (self.role.stage, self.role.chunk)]
         pos = [r.layer for r in chunk].index(layer_number)
         self.chunk_key = (id(config), self.role.stage, self.role.chunk)
         self.previous_layer = chunk[pos - 1].layer if pos > 0 else None
@@ -167,12 +168,10 @@ class DSAttention(MegatronModule):
 
     def _window(self, sq, sk, b, attn_mask_type, packed_seq_params, device):
         """Per-row ``[start, end)`` key window ``[b, sq]`` and the optional valid-row mask."""
-        if attn_mask_type not in (None, AttnMaskType.causal):
-            raise ValueError(f"DSA supports the causal mask only, got attn_mask_type={attn_mask_type}")
-        if attn_mask_type is None:
+        if attn_mask_type != AttnMaskType.causal:
             raise ValueError(
-                "DSA needs attn_mask_type=AttnMaskType.causal; arbitrary attention masks are "
-                "not supported"
+                f"DSA needs attn_mask_type=AttnMaskType.causal (got {attn_mask_type}); arbitrary "
+                "attention masks are not supported"
             )
         row_valid = None
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":

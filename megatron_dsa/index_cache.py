@@ -195,8 +195,9 @@ def resolve_schedule(config) -> List[LayerRole]:
     return sorted(roles, key=lambda r: r.layer)
 
 
-def layer_role(config, layer_number: int) -> LayerRole:
-    for role in resolve_schedule(config):
+def layer_role(config, layer_number: int, roles: Optional[Sequence[LayerRole]] = None) -> LayerRole:
+    """The resolved role of one layer (``roles``: an already resolved schedule to search)."""
+    for role in resolve_schedule(config) if roles is None else roles:
         if role.layer == layer_number:
             return role
     raise ValueError(f"layer {layer_number} is outside the model (1..{config.num_layers})")
