@@ -234,18 +234,21 @@ class DSAttention(MegatronModule):
                     )
                     if phase == "original":
                         self.ledger.push(topk_idx, digest)
-            out = self.sparse_attention(query, key, topk_idx, plugin.attention_backend)
+            out, lse = self.sparse_attention(query, key, topk_idx, plugin.attention_backend)
 
             if with_loss:
+                sparse_loss = bool(self.config.dsa_indexer_use_sparse_loss)
                 loss = indexer_loss(
                     q_i, k_i, w_i,
                     query.detach().transpose(0, 1), key.detach()[:, :, 0].transpose(0, 1),
                     self.softmax_scale, coeff,
-                    topk_indices=topk_idx, sparse=bool(self.config.dsa_indexer_use_sparse_loss),
+                    topk_indices=topk_idx, sparse=sparse_loss,
                     starts=starts, ends=ends, use_relu=self.config.dsa_indexer_scoring_relu,
                     query_valid_rows=row_valid,
                     calculate_per_token_loss=self.config.calculate_per_token_loss,
                     tp_group=self.pg_collection.tp, backend=plugin.loss_backend,
+                    # the sparse target's per-head normaliser is the attention's own LSE
+                    attn_lse=lse.detach() if sparse_loss else None,
                 )
                 mcore_dsa.DSAIndexerLossLoggingHelper.save_loss_to_tracker(
                     loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
@@ -312,8 +315,9 @@ class DSAttention(MegatronModule):
         )
         return idx
 
-    def sparse_attention(self, query, key, topk_idx, backend="auto") -> torch.Tensor:
-        """Latent attention output ``[sq, b, np, kv_lora_rank]`` over the selected keys."""
+    def sparse_attention(self, query, key, topk_idx, backend="auto"):
+        """Latent attention output ``[sq, b, np, kv_lora_rank]`` over the selected keys, and the
+        per-head natural-log LSE ``[b, sq, np]``."""
         sq, b, heads, d = query.shape
         sk = key.shape[0]
         # Run the whole batch in one call: flatten (batch, row) and use global key ids b*sk + j.
@@ -321,5 +325,5 @@ class DSAttention(MegatronModule):
         kv_flat = key[:, :, 0].transpose(0, 1).reshape(b * sk, d)
         offs = (torch.arange(b, device=topk_idx.device, dtype=topk_idx.dtype) * sk).view(b, 1, 1)
         gidx = torch.where(topk_idx >= 0, topk_idx + offs, topk_idx).reshape(b * sq, -1)
-        out, _ = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim, backend=backend)
-        return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1)
+        out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim, backend=backend)
+        return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1), lse.view(b, sq, heads)

@@ -170,3 +170,33 @@ def test_packed_sequences_match_megatron(mcore):
     with torch.no_grad():
         alone, _ = ours(x2, None, packed_seq_params=psp2)
     assert _rel(o1[13:], alone) < 1e-5
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fused_backends_match_reference_in_the_layer(mcore, sparse):
+    """The layer on the Triton kernels (the interpreter on the CPU; the sparse loss reusing the
+    attention's LSE) gives the output, indexer loss and gradients of the reference backends."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_dsa.config import set_plugin_config
+    from megatron_dsa.spec import get_dsa_attention_spec
+
+    outs = []
+    state = None
+    for backend in ("reference", "triton"):
+        cfg = tiny_config(dsa_indexer_n_heads=4, dsa_indexer_topk=8, dsa_indexer_use_sparse_loss=sparse)
+        set_plugin_config(cfg, indexer_backend=backend, attention_backend=backend, loss_backend=backend)
+        m = build_module(get_dsa_attention_spec(cfg), config=cfg, layer_number=1).train()
+        if state is None:  # larger weights than the init: sharp distributions, a loss far from 0
+            state = {k: v * 8 if k.endswith("weight") and v.ndim == 2 else v for k, v in m.state_dict().items()}
+        m.load_state_dict(state)
+        torch.manual_seed(3)
+        x = torch.randn(16, 1, cfg.hidden_size)
+        dy = torch.randn(16, 1, cfg.hidden_size)
+        outs.append(_run(m, x, dy))
+    (o1, l1, gx1, g1), (o2, l2, gx2, g2) = outs
+    assert l1[0] > 1e-3, l1  # a real loss, not a vanishing one
+    assert _rel(o2, o1) < 1e-4 and _rel(gx2, gx1) < 1e-4
+    torch.testing.assert_close(l2, l1, rtol=1e-4, atol=1e-7)
+    for n in g1:
+        assert _rel(g2[n], g1[n]) < 1e-3, n

@@ -1,8 +1,8 @@
 """Indexer KL loss, forward and backward, with bounded memory (row-chunked, batched torch).
 
-Status: this is the *bounded-memory* implementation of issue 4 (row chunks of batched matmuls
-in torch, no Triton kernel yet); see ``docs/kernels_indexer.md`` for measured times and what
-is next. Math and argument meaning: ``reference.py`` (Megatron-Core 0.19.2 semantics).
+Status: the sparse variant on fp32/bf16/fp16 inputs runs the fused Triton kernels of
+``sparse_triton.py``; the dense variant, fp64 inputs and ``fused=False`` run the
+*bounded-memory* row-chunked torch path below. See ``docs/kernels_indexer.md``. Math and argument meaning: ``reference.py`` (Megatron-Core 0.19.2 semantics).
 
 Memory: a chunk of ``R`` query rows is processed at a time, with ``R`` chosen so that the
 chunk's fp32 temporaries stay near ``chunk_bytes`` (default 1 GiB):
@@ -307,8 +307,17 @@ def indexer_loss_triton(
     calculate_per_token_loss: bool = False,
     tp_group=None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    attn_lse: Optional[torch.Tensor] = None,
+    fused: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Scalar indexer KL loss (same contract as ``indexer_loss_reference``)."""
+    """Scalar indexer KL loss (same contract as ``indexer_loss_reference``).
+
+    Sparse variant on fp32/bf16/fp16 inputs: fused Triton kernels (``sparse_triton.py``).
+    ``attn_lse`` [B, T, Hq] (optional, fp32, natural log): the attention's per-head
+    log-sum-exp of ``softmax_scale * query . key`` over the same support (what ``sparse_mla``
+    returns, sink excluded); given, the target needs one pass over the keys instead of two.
+    ``fused=False`` forces the row-chunked torch path (the dense variant and fp64 always use it).
+    """
     B, T = q.shape[:2]
     S = k.shape[1]
     if sparse and topk_indices is None:
@@ -318,6 +327,16 @@ def indexer_loss_triton(
         starts, ends = causal_window(B, T, S, device=q.device)
     if query_valid_rows is not None:
         query_valid_rows = query_valid_rows.to(torch.bool).expand(B, T)
+    if fused is None:
+        fused = q.dtype != torch.float64
+    if sparse and fused:
+        from .sparse_triton import IndexerLossSparseFused
+
+        return IndexerLossSparseFused.apply(
+            q, k, w, query, key, topk_indices, starts, ends, float(softmax_scale),
+            float(loss_coeff), bool(use_relu), query_valid_rows, bool(calculate_per_token_loss),
+            tp_group, attn_lse,
+        )
     return IndexerLossChunked.apply(
         q, k, w, query, key, topk_indices, starts, ends, float(softmax_scale), float(loss_coeff),
         bool(sparse), bool(use_relu), query_valid_rows, bool(calculate_per_token_loss), tp_group,

@@ -1,0 +1,391 @@
+"""Fused Triton kernels for the *sparse* indexer KL loss (forward computes the loss and dI).
+
+Rows are flattened to ``r = b * T + t``; the top-k ids are per sequence (key row ``b*S + id``).
+A slot is valid when ``0 <= id < S`` and ``starts[r] <= id < ends[r]``. Duplicate ids in a row
+count once per slot (the indexer never emits duplicates; the reference takes the set).
+
+Forward (no autograd inside; ``IndexerLossSparseFused`` wraps it):
+
+1. ``_att_kernel`` MODE=0 (only when the attention log-sum-exp is not given): one program per
+   (row, block of BH attention heads); gathers the row's ``key`` rows BN at a time, does
+   ``s = scale * Q K^T`` and an online log-sum-exp per head -> ``lse [R, Hq]`` (natural log).
+2. ``_att_kernel`` MODE=1: same walk; ``p = exp(s - lse)`` summed over the head block and added
+   (fp32 atomics over head blocks) into ``att [R, K]`` = the unnormalised head-summed target.
+   (Under tensor parallelism ``att`` is all-reduced over ``tp_group`` in torch here.)
+3. ``_index_kernel``: one program per row; gathers the ``k`` rows of the selected ids, ``raw =
+   q_I[r] (H x D) k^T``, ``I = sum_h w_h ReLU(raw)`` -> ``isc [R, K]`` (fp32 scratch).
+4. ``_kl_kernel``: one program per row, the whole row of K slots in registers: log-softmax of
+   ``I``, L1-normalised target, ``KL[r]`` (times row validity) and ``dI = (p - target) * rv``
+   written over ``att`` (the only [R, K] buffer kept for the backward).
+
+Backward: ``_index_bwd_kernel``, one program per row: recompute ``raw`` per slot block,
+``dI * g`` (``g`` = incoming grad * coeff * row scale, read from device memory: no host sync),
+``dw`` and ``dq`` in registers, ``dk[b*S + id] += draw^T q`` with fp32 atomics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+CONFIG = {
+    "att_bh": 128,  # all 128 heads per program: each gathered key row is loaded once per row
+    "att_bn": 64,
+    "att_warps": 8,
+    "att_stages": 1,
+    "idx_bn": 64,
+    "idx_warps": 8,
+    "idx_stages": 2,
+    "bwd_bn": 64,
+    "bwd_warps": 4,
+    "bwd_stages": 1,
+    "kl_warps": 8,
+}
+LAST_KERNELS = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _ld(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr):
+    cols = col0 + tl.arange(0, NCOL)
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if MASK_COLS:
+        m = row_mask[:, None] & (cols[None, :] < COL_LIM)
+    else:
+        m = row_mask[:, None]
+    return tl.load(ptrs, mask=m, other=0.0)
+
+
+@triton.jit
+def _mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _slots(IDX, ST, EN, r, n0, K, S, BN: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BN)
+    nmask = offs_n < K
+    ids = tl.load(IDX + r * K + offs_n, mask=nmask, other=-1)
+    st = tl.load(ST + r)
+    en = tl.load(EN + r)
+    valid = nmask & (ids >= 0) & (ids < S) & (ids >= st) & (ids < en)
+    rows = tl.where(valid, ids, 0).to(tl.int64)
+    return offs_n, nmask, valid, rows
+
+
+# --------------------------------------------------------------------------------------------
+# attention target (head-summed softmax over the selected keys)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _att_kernel(
+    QRY, KEY, IDX, ST, EN, LSE, ATT,
+    sq_r, sq_h, s_key, T, S, Hq, K, scale_log2,
+    MODE: tl.constexpr, D_V: tl.constexpr, D_QK: tl.constexpr, DC: tl.constexpr, DT: tl.constexpr,
+    BH: tl.constexpr, BN: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_V: tl.constexpr,
+    MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    b = r // T
+    offs_h = hb * BH + tl.arange(0, BH)
+    hmask = offs_h < Hq
+    qb = QRY + r * sq_r
+    q0 = _ld(qb, offs_h, hmask, sq_h, 0 * DC, DC, D_V, MASK_V)
+    q1 = _ld(qb, offs_h, hmask, sq_h, 1 * DC, DC, D_V, MASK_V)
+    q2 = _ld(qb, offs_h, hmask, sq_h, 2 * DC, DC, D_V, MASK_V)
+    q3 = _ld(qb, offs_h, hmask, sq_h, 3 * DC, DC, D_V, MASK_V)
+    if HAS_TAIL:
+        qt = _ld(qb, offs_h, hmask, sq_h, D_V, DT, D_QK, MASK_T)
+    kbase = KEY + b * S * s_key
+    if MODE == 0:
+        m_i = tl.full([BH], float("-inf"), tl.float32)
+        l_i = tl.zeros([BH], tl.float32)
+    else:
+        lse2 = tl.load(LSE + r * Hq + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+        lfin = lse2 > float("-inf")
+        lse2 = tl.where(lfin, lse2, 0.0)
+    for n0 in range(0, K, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+        k0 = _ld(kbase, rows, valid, s_key, 0 * DC, DC, D_V, MASK_V)
+        k1 = _ld(kbase, rows, valid, s_key, 1 * DC, DC, D_V, MASK_V)
+        k2 = _ld(kbase, rows, valid, s_key, 2 * DC, DC, D_V, MASK_V)
+        k3 = _ld(kbase, rows, valid, s_key, 3 * DC, DC, D_V, MASK_V)
+        s = tl.zeros([BH, BN], tl.float32)
+        s = _mm(q0, tl.trans(k0), s, UPCAST, PREC)
+        s = _mm(q1, tl.trans(k1), s, UPCAST, PREC)
+        s = _mm(q2, tl.trans(k2), s, UPCAST, PREC)
+        s = _mm(q3, tl.trans(k3), s, UPCAST, PREC)
+        if HAS_TAIL:
+            kt = _ld(kbase, rows, valid, s_key, D_V, DT, D_QK, MASK_T)
+            s = _mm(qt, tl.trans(kt), s, UPCAST, PREC)
+        if MODE == 0:
+            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+            m_i = m_new
+        else:
+            live = valid[None, :] & (hmask & lfin)[:, None]
+            p = tl.where(live, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+            if ATOMIC:
+                tl.atomic_add(ATT + r * K + offs_n, tl.sum(p, 0), mask=nmask, sem="relaxed")
+            else:  # one head block covers all heads: this program owns the row
+                tl.store(ATT + r * K + offs_n, tl.sum(p, 0), mask=nmask)
+    if MODE == 0:
+        ne = l_i > 0.0
+        lse = tl.where(ne, (m_i + tl.log2(tl.where(ne, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + r * Hq + offs_h, lse, mask=hmask)
+
+
+# --------------------------------------------------------------------------------------------
+# index scores, KL and dI
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _index_kernel(
+    Q, KI, W, IDX, ST, EN, ISC,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K,
+    BHI: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, RELU: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    b = r // T
+    offs_h = tl.arange(0, BHI)
+    hmask = offs_h < H
+    q = _ld(Q + r * sq_r, offs_h, hmask, sq_h, 0, BD, D, True)
+    w = tl.load(W + r * sw_r + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    kbase = KI + b * S * sk
+    for n0 in range(0, K, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+        kk = _ld(kbase, rows, valid, sk, 0, BD, D, True)
+        raw = _mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
+        if RELU:
+            raw = tl.maximum(raw, 0.0)
+        isc = tl.sum(raw * w[:, None], 0)
+        tl.store(ISC + r * K + offs_n, isc, mask=nmask)
+
+
+@triton.jit
+def _kl_kernel(
+    ISC, ATT, IDX, ST, EN, RV, KL, T, S, K,
+    BK: tl.constexpr, HAS_RV: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, 0, K, S, BK)
+    x = tl.load(ISC + r * K + offs_n, mask=nmask, other=0.0)
+    a = tl.load(ATT + r * K + offs_n, mask=nmask, other=0.0)
+    a = tl.where(valid, a, 0.0)
+    x = tl.where(valid, x, float("-inf"))
+    m = tl.max(x, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.where(valid, tl.exp(x - m), 0.0)
+    z = tl.sum(e, 0)
+    logz = tl.log(tl.maximum(z, 1e-30))
+    logp = tl.where(valid, x - m - logz, 0.0)
+    p = e / tl.maximum(z, 1e-10)
+    tgt = a / tl.maximum(tl.sum(a, 0), 1e-10)
+    kl = tl.sum(tl.where(valid, tgt * (tl.log(tl.maximum(tgt, 1e-10)) - logp), 0.0), 0)
+    di = tl.where(valid, p - tgt, 0.0)
+    if HAS_RV:
+        rv = tl.load(RV + r).to(tl.float32)
+        kl = kl * rv
+        di = di * rv
+    tl.store(KL + r, kl)
+    tl.store(ATT + r * K + offs_n, di, mask=nmask)
+
+
+@triton.jit
+def _index_bwd_kernel(
+    Q, KI, W, IDX, ST, EN, DI, G, DQ, DK, DW,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K,
+    BHI: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, RELU: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    b = r // T
+    offs_h = tl.arange(0, BHI)
+    hmask = offs_h < H
+    q = _ld(Q + r * sq_r, offs_h, hmask, sq_h, 0, BD, D, True)
+    w = tl.load(W + r * sw_r + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    g = tl.load(G).to(tl.float32)
+    kbase = KI + b * S * sk
+    dkbase = DK + b * S * BD
+    dq = tl.zeros([BHI, BD], tl.float32)
+    dw = tl.zeros([BHI], tl.float32)
+    cols = tl.arange(0, BD)
+    for n0 in range(0, K, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+        di = tl.load(DI + r * K + offs_n, mask=valid, other=0.0) * g
+        kk = _ld(kbase, rows, valid, sk, 0, BD, D, True)
+        raw = _mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
+        if RELU:
+            act = tl.maximum(raw, 0.0)
+            draw = tl.where(raw > 0.0, di[None, :] * w[:, None], 0.0)
+        else:
+            act = raw
+            draw = di[None, :] * w[:, None]
+        dw += tl.sum(act * di[None, :], 1)
+        drc = draw.to(kk.dtype)
+        dq = _mm(drc, kk, dq, UPCAST, PREC)
+        dkg = _mm(tl.trans(drc), q, tl.zeros([BN, BD], tl.float32), UPCAST, PREC)
+        tl.atomic_add(dkbase + rows[:, None] * BD + cols[None, :], dkg,
+                      mask=valid[:, None] & (cols[None, :] < D), sem="relaxed")
+    tl.store(DQ + r * H * D + offs_h[:, None] * D + cols[None, :], dq.to(DQ.dtype.element_ty),
+             mask=hmask[:, None] & (cols[None, :] < D))
+    tl.store(DW + r * H + offs_h, dw, mask=hmask)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+
+def _p2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, x)))
+
+
+def _att_geometry(Dqk: int):
+    DC = 16
+    while DC * 2 * 4 <= Dqk:
+        DC *= 2
+    d_v = min(Dqk, 4 * DC)
+    tail = Dqk - d_v
+    DT = _p2(tail)
+    return dict(D_V=d_v, D_QK=Dqk, DC=DC, DT=DT, HAS_TAIL=tail > 0,
+                MASK_V=(4 * DC != d_v), MASK_T=(DT != tail))
+
+
+def _prec(dtype):
+    upcast = _interpreting()
+    ieee = upcast or dtype in (torch.float32, torch.float64)
+    return dict(UPCAST=upcast, PREC="ieee" if ieee else "tf32")
+
+
+def _tp_reduce(att, tp_group):
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(att, group=tp_group)
+    return att
+
+
+def sparse_loss_forward(q, k, w, query, key, ids, starts, ends, scale, use_relu, row_valid,
+                        tp_group, attn_lse=None):
+    """Returns (kl_rows [R] fp32, dI [R, K] fp32). Inputs contiguous; rows flattened."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    Hq, Dqk = query.shape[2], query.shape[3]
+    K = ids.shape[-1]
+    R = B * T
+    dev = q.device
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    qr = q.reshape(R, H, D)
+    qy = query.reshape(R, Hq, Dqk)
+    geo = _att_geometry(Dqk)
+    BH = min(CONFIG["att_bh"], _p2(Hq))
+    grid = (R, triton.cdiv(Hq, BH))
+    atomic = grid[1] > 1
+    att = (torch.zeros if atomic else torch.empty)(R, K, dtype=torch.float32, device=dev)
+    kl = torch.empty(R, dtype=torch.float32, device=dev)
+    if R == 0 or K == 0:
+        return kl.zero_(), att.zero_()
+    common = dict(BH=BH, BN=CONFIG["att_bn"], ATOMIC=atomic, **geo, **_prec(query.dtype),
+                  num_warps=CONFIG["att_warps"], num_stages=CONFIG["att_stages"])
+    args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, K, float(scale) * LOG2E)
+    if attn_lse is None:
+        lse = torch.empty(R, Hq, dtype=torch.float32, device=dev)
+        LAST_KERNELS["lse"] = _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args,
+                                                MODE=0, **common)
+    else:
+        lse = attn_lse.reshape(R, Hq).to(torch.float32).contiguous()
+    LAST_KERNELS["att"] = _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args,
+                                            MODE=1, **common)
+    att = _tp_reduce(att, tp_group)
+    isc = torch.empty(R, K, dtype=torch.float32, device=dev)
+    BHI, BD = _p2(H), _p2(D)
+    LAST_KERNELS["index"] = _index_kernel[(R,)](
+        qr, k, w, ids, starts, ends, isc, qr.stride(0), qr.stride(1), k.stride(1), w.stride(1),
+        T, S, H, D, K, BHI=BHI, BD=BD, BN=CONFIG["idx_bn"], RELU=bool(use_relu),
+        **_prec(q.dtype), num_warps=CONFIG["idx_warps"], num_stages=CONFIG["idx_stages"],
+    )
+    rv = row_valid.reshape(R) if row_valid is not None else kl
+    _kl_kernel[(R,)](isc, att, ids, starts, ends, rv, kl, T, S, K, BK=_p2(K),
+                     HAS_RV=row_valid is not None, num_warps=CONFIG["kl_warps"])
+    return kl, att
+
+
+def sparse_loss_backward(q, k, w, ids, starts, ends, di, g, use_relu):
+    """dq [B,T,H,D] (q dtype), dk [B,S,D] (k dtype), dw [B,T,H] (w dtype); g: 0-dim fp32."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    K = ids.shape[-1]
+    R = B * T
+    dev = q.device
+    kc = k if k.dtype == q.dtype else k.to(q.dtype)
+    BHI, BD = _p2(H), _p2(D)
+    dq = torch.empty(B, T, H, D, dtype=q.dtype, device=dev)
+    dk = torch.zeros(B, S, BD, dtype=torch.float32, device=dev)
+    dw = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    if R > 0 and K > 0:
+        qr = q.reshape(R, H, D)
+        LAST_KERNELS["bwd"] = _index_bwd_kernel[(R,)](
+            qr, kc, w, ids, starts, ends, di, g, dq, dk, dw,
+            qr.stride(0), qr.stride(1), kc.stride(1), w.stride(1), T, S, H, D, K,
+            BHI=BHI, BD=BD, BN=CONFIG["bwd_bn"], RELU=bool(use_relu), **_prec(q.dtype),
+            num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"],
+        )
+    else:
+        dq.zero_()
+        dw.zero_()
+    return dq, dk[..., :D].to(k.dtype), dw.to(w.dtype)
+
+
+class IndexerLossSparseFused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, w, query, key, ids, starts, ends, scale, loss_coeff, use_relu,
+                row_valid, per_token, tp_group, attn_lse):
+        B, T = q.shape[:2]
+        qc, kc, wc = q.detach().contiguous(), k.detach().contiguous(), w.detach().contiguous()
+        ids = ids.reshape(B * T, -1).contiguous()
+        st = starts.reshape(B * T).to(torch.int32).contiguous()
+        en = ends.reshape(B * T).to(torch.int32).contiguous()
+        rv = row_valid.reshape(B * T).contiguous() if row_valid is not None else None
+        with torch.no_grad():
+            kl, di = sparse_loss_forward(qc, kc, wc, query.detach().contiguous(),
+                                         key.detach().contiguous(), ids, st, en, scale, use_relu,
+                                         rv, tp_group, attn_lse)
+            if per_token:
+                row_scale = torch.ones((), dtype=torch.float64, device=q.device)
+            elif rv is not None:
+                row_scale = 1.0 / rv.to(torch.float64).sum().clamp_min(1.0)
+            else:
+                row_scale = torch.full((), 1.0 / max(B * T, 1), dtype=torch.float64,
+                                       device=q.device)
+            total = kl.to(torch.float64).sum()
+        ctx.save_for_backward(qc, kc, wc, ids, st, en, di, row_scale)
+        ctx.loss_coeff, ctx.use_relu = loss_coeff, use_relu
+        out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (total * row_scale * loss_coeff).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, w, ids, st, en, di, row_scale = ctx.saved_tensors
+        g = (grad.to(torch.float64) * row_scale * ctx.loss_coeff).to(torch.float32).reshape(1)
+        dq, dk, dw = sparse_loss_backward(q, k, w, ids, st, en, di, g, ctx.use_relu)
+        return (dq, dk, dw) + (None,) * 12

@@ -1,0 +1,128 @@
+"""Fused Triton sparse indexer KL loss (``indexer_loss/sparse_triton.py``) vs the reference.
+
+CPU: Triton's interpreter at small shapes on fp32 inputs against the fp64 reference (the
+interpreter mis-computes bf16 dots). GPU (``-m gpu``): real shapes in bf16 vs the fp32
+reference. Inputs are fresh random draws every run (conftest seeds randomly).
+"""
+
+import pytest
+import torch
+
+from megatron_dsa.kernels.indexer.reference import causal_window, packed_causal_window
+from megatron_dsa.kernels.indexer_loss.reference import indexer_loss_reference
+from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def _rand_ids(B, T, S, K, starts, ends, pad_frac=0.2, device=DEV):
+    """Duplicate-free ids per row: random keys of the window, some out of window, -1 padding."""
+    ids = torch.full((B, T, K), -1, dtype=torch.int32)
+    for b in range(B):
+        for t in range(T):
+            perm = torch.randperm(S)[:K]
+            n = int(K * (1 - pad_frac * torch.rand(()).item()))
+            ids[b, t, :n] = perm[:n].to(torch.int32)
+            ids[b, t] = ids[b, t][torch.randperm(K)]
+    return ids.to(device)
+
+
+def _window(kind, B, T, S):
+    if kind == "causal":
+        return causal_window(B, T, S, device=DEV)
+    cuts = sorted({0, T} | {int(x) for x in torch.randint(1, T, (3,))})
+    st, en = packed_causal_window(torch.tensor(cuts, device=DEV))
+    return st.reshape(1, T).expand(B, T).contiguous(), en.reshape(1, T).expand(B, T).contiguous()
+
+
+def _run(fn, q, k, w, query, key, scale, coeff, idx, st, en, relu, rv, per_token, **kw):
+    qq, kk, ww = (x.detach().clone().requires_grad_() for x in (q, k, w))
+    loss = fn(qq, kk, ww, query, key, scale, coeff, idx, True, st, en, relu, rv, per_token,
+              None, **kw)
+    loss.backward()
+    return [loss.detach().double(), qq.grad.double(), kk.grad.double(), ww.grad.double()]
+
+
+def _check(a, b, tol):
+    for name, x, y in zip(("loss", "dq", "dk", "dw"), a, b):
+        assert torch.isfinite(x).all(), name
+        rel = ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+        assert rel < tol, (name, rel)
+
+
+@pytest.mark.parametrize("kind", ["causal", "packed"])
+@pytest.mark.parametrize("relu,per_token,with_rv", [(True, False, True), (False, True, False)])
+@pytest.mark.parametrize("use_lse", [False, True])
+def test_fused_sparse_loss_matches_reference(kind, relu, per_token, with_rv, use_lse):
+    B, T, H, D, Hq, Dq, K = 2, 23, 4, 16, 3, 40, 12
+    q = torch.randn(B, T, H, D, device=DEV)
+    k = torch.randn(B, T, D, device=DEV)
+    w = torch.randn(B, T, H, device=DEV)
+    query = torch.randn(B, T, Hq, Dq, device=DEV)
+    key = torch.randn(B, T, Dq, device=DEV)
+    st, en = _window(kind, B, T, T)
+    idx = _rand_ids(B, T, T, K, st, en)
+    rv = (torch.rand(B, T, device=DEV) > 0.2) if with_rv else None
+    ref = _run(indexer_loss_reference, *(x.double() for x in (q, k, w, query, key)), 0.3, 0.7,
+               idx, st, en, relu, rv, per_token)
+    kw = {}
+    if use_lse:  # the attention's log-sum-exp over the same support (as sparse_mla returns it)
+        lg = torch.einsum("bthd,bsd->bths", query.double(), key.double()) * 0.3
+        sel = idx.long().clamp_min(0)
+        ok = (idx >= 0) & (idx >= st.unsqueeze(-1)) & (idx < en.unsqueeze(-1))
+        g = torch.gather(lg, 3, sel.unsqueeze(2).expand(B, T, Hq, K))
+        g = g.masked_fill(~ok.unsqueeze(2), float("-inf"))
+        kw["attn_lse"] = torch.logsumexp(g, -1).float()
+    ours = _run(indexer_loss_triton, q, k, w, query, key, 0.3, 0.7, idx, st, en, relu, rv,
+                per_token, **kw)
+    _check(ours, ref, 1e-4)
+
+
+@pytest.mark.parametrize("att_bh", [128, 16])
+def test_fused_sparse_loss_empty_rows_and_odd_dims(monkeypatch, att_bh):
+    """Rows with no valid slot, odd head counts / dims (masked tiles), K not a power of two;
+    att_bh=16 splits the 20 attention heads over two programs (atomic head-sum path)."""
+    from megatron_dsa.kernels.indexer_loss import sparse_triton
+
+    monkeypatch.setitem(sparse_triton.CONFIG, "att_bh", att_bh)
+    B, T, H, D, Hq, Dq, K = 1, 19, 3, 20, 20, 70, 7
+    q = torch.randn(B, T, H, D, device=DEV)
+    k = torch.randn(B, T, D, device=DEV)
+    w = torch.randn(B, T, H, device=DEV)
+    query = torch.randn(B, T, Hq, Dq, device=DEV)
+    key = torch.randn(B, T, Dq, device=DEV)
+    st, en = causal_window(B, T, T, device=DEV)
+    idx = _rand_ids(B, T, T, K, st, en)
+    idx[0, 3] = -1
+    idx[0, 7, :] = T - 1  # only out-of-window ids (row 7 sees keys [0, 8))
+    idx[0, 7, 1:] = -1
+    ref = _run(indexer_loss_reference, *(x.double() for x in (q, k, w, query, key)), 0.5, 1.0,
+               idx, st, en, True, None, False)
+    ours = _run(indexer_loss_triton, q, k, w, query, key, 0.5, 1.0, idx, st, en, True, None,
+                False)
+    _check(ours, ref, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,Hq,use_lse", [(2048, 128, False), (4096, 128, True), (3000, 16, False)])
+def test_gpu_fused_sparse_loss_bf16_real_shapes(S, Hq, use_lse):
+    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+    from megatron_dsa.kernels.sparse_mla.triton_impl import sparse_mla_fwd_triton
+
+    B, H, D, Dq, K = 1, 64, 128, 576, 2048
+    q = torch.randn(B, S, H, D, device="cuda").bfloat16()
+    k = torch.randn(B, S, D, device="cuda").bfloat16()
+    w = torch.randn(B, S, H, device="cuda")
+    query = torch.randn(B, S, Hq, Dq, device="cuda").bfloat16()
+    key = torch.randn(B, S, Dq, device="cuda").bfloat16()
+    idx, _ = indexer_topk_triton(q, k, w, K)
+    kw = {}
+    if use_lse:
+        _, lse = sparse_mla_fwd_triton(query[0], key[0], idx[0], Dq**-0.5, 512)
+        kw["attn_lse"] = lse.view(B, S, Hq)
+    ours = _run(indexer_loss_triton, q, k, w, query, key, Dq**-0.5, 1.0, idx, None, None, True,
+                None, False, **kw)
+    ref = _run(indexer_loss_reference, q.float(), k.float(), w, query.float(), key.float(),
+               Dq**-0.5, 1.0, idx, None, None, True, None, False)
+    _check(ours, ref, 2e-2)
