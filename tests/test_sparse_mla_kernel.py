@@ -284,3 +284,25 @@ def test_cpu_many_heads_split_backward(deterministic):
     q, kv, idx, tk, sk = make_inputs(T, H, Dqk, Tk, K, torch.float32, with_topk=True, with_sink=True)
     ours, ref = run_pair(q, kv, idx, 0.1, d_v, tk, sk, deterministic=deterministic)
     check(ours, ref, 1e-5)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"bwd_rows": 0},  # old path: split dq / dkv passes (H > 32) or the fused pass
+    {"bwd_rows_min_h": 1, "bwd_rows_block_n": 32, "bwd_rows_block_c": 32},  # all-heads, chunks
+    {"bwd_rows_min_h": 1, "bwd_rows_block_n": 128},  # all-heads (default), one slot block > K
+    {"bwd_rows_min_h": 1, "bwd_rows_block_n": 64, "bwd_rows_dq": 0},  # dq pass + all-heads dkv
+])
+@pytest.mark.parametrize("H", [3, 70])
+def test_cpu_backward_paths(cfg, H):
+    """Both non-deterministic backward paths and a few all-heads-dkv tilings agree with the reference."""
+    T, Dqk, d_v, Tk, K = 7, 80, 64, 20, 96
+    q, kv, idx, tk, sk = make_inputs(T, H, Dqk, Tk, K, torch.float32, empty_rows=(2,),
+                                     with_topk=True, with_sink=True)
+    saved = dict(triton_impl.CONFIG)
+    triton_impl.CONFIG.update(cfg)
+    try:
+        ours, ref = run_pair(q, kv, idx, 0.1, d_v, tk, sk)
+    finally:
+        triton_impl.CONFIG.clear()
+        triton_impl.CONFIG.update(saved)
+    check(ours, ref, 1e-5)

@@ -36,6 +36,14 @@ channels) with fp32 atomics into an fp32 workspace that is cast to kv's dtype at
 ``d_sink[h] = -sum_t exp(sink_h - logZ_th) * Delta_th`` is written per row and summed.
 A gradient for ``lse`` (rarely used) is folded into Delta.
 
+Default non-deterministic path (``CONFIG["bwd_rows"]``, H <= 128): a small kernel saves logZ and
+Delta per (row, head) (and the d_sink terms); then one program per (query row, block of BN=128
+slots) covers ALL heads: S and dP as [HP, BN] tiles with the channels streamed in 64-wide
+chunks, then per 64-channel chunk ``dkv += dS^T Q + P^T dO`` and ``dq += dS K`` by fp32 atomics
+(dq into a [T, H, Dqk] fp32 workspace). Each (row, slot, channel) is added to dkv once and no
+FLOP is recomputed. The per-head-block kernel above is kept for H > 128, for
+``bwd_rows = 0`` and for the deterministic mode.
+
 Deterministic mode (``deterministic=True``, or env ``MEGATRON_DSA_DETERMINISTIC=1``, or
 ``torch.are_deterministic_algorithms_enabled()``): no atomics. Query rows are processed in
 fixed-size chunks; each program writes its per-(row, head block, slot) dkv contribution into an
@@ -80,6 +88,21 @@ CONFIG = {
     "bwd_block_n_small": 32,
     "bwd_split_64": 1,       # BH=64: separate dq and dkv passes (fewer registers, no spills)
     "bwd_skip_dkv": 0,  # diagnostic only: drop the dkv scatter (wrong dkv!) to time its cost
+    # all-heads pass (non-deterministic): one program per (query row, block of slots) covering
+    # every head, so each (row, slot, channel) is added to the fp32 dkv workspace once. Used when
+    # bwd_rows_min_h <= H <= 128 (bwd_rows = 0 disables it). H100, S=16K, k=2048 (bwd ms):
+    # H=128 287 -> 93, H=64 145 -> 70, H=32 64 -> 43, H=16 51 -> 37 (with bwd_rows_dq = 1).
+    "bwd_rows": 1,
+    "bwd_rows_min_h": 1,
+    "bwd_rows_block_n": 128,
+    "bwd_rows_block_c": 64,
+    "bwd_rows_warps": 8,
+    "bwd_rows_warps_small": 4,  # HP <= 32
+    "bwd_rows_stages": 2,
+    # 1: no dq pass; the all-heads pass also adds dq = dS K by fp32 atomics into a [T, H, Dqk]
+    # fp32 workspace (a small kernel computes logZ / Delta / d_sink first). 0: a dq pass (the old
+    # BH-head kernel, no atomics) also writes logZ / Delta; H=128: 128 ms instead of 93.
+    "bwd_rows_dq": 1,
 }
 # The last compiled kernel of each kind (for the benchmark's resource report).
 LAST_KERNELS = {}
@@ -228,14 +251,15 @@ def _sparse_mla_fwd_kernel(
 
 @triton.jit
 def _sparse_mla_bwd_kernel(
-    Q, KV, IDX, TOPK, SINK, O, DO, LSE, DLSE, DQ, DKV, DSINK_T, WS,
+    Q, KV, IDX, TOPK, SINK, O, DO, LSE, DLSE, DQ, DKV, DSINK_T, WS, STATS,
     sq_t, sq_h, s_kv, s_it, so_t, so_h, sdo_t, sdo_h, sdq_t, sdq_h,
-    H, Tk, K, T0, scale, scale_log2,
+    H, Tk, K, T0, stats_off, scale, scale_log2,
     D_V: tl.constexpr, D_QK: tl.constexpr, DC: tl.constexpr, DT: tl.constexpr,
     BH: tl.constexpr, BN: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_DLSE: tl.constexpr,
     MASK_V: tl.constexpr, MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     DETERMINISTIC: tl.constexpr, SKIP_DKV: tl.constexpr, DO_DQ: tl.constexpr, DO_DKV: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     t = (pid_t + T0).to(tl.int64)
@@ -280,6 +304,10 @@ def _sparse_mla_bwd_kernel(
         # d lse / d s_i = exp(s_i - lse) = p_i * exp(logZ - lse)
         delta = delta - tl.where(lfin, dl * tl.exp2(z2 - tl.where(lfin, lse2, 0.0)), 0.0)
     delta = tl.where(hmask, delta, 0.0)
+    if WRITE_STATS:
+        # for the all-heads dkv pass: log2-domain logZ (0 on empty rows) and the final Delta
+        tl.store(STATS + t * H + offs_h, z2, mask=hmask)
+        tl.store(STATS + stats_off + t * H + offs_h, delta, mask=hmask)
 
     kend = K
     if HAS_TOPK:
@@ -360,6 +388,138 @@ def _sparse_mla_bwd_kernel(
         _st(dqb, offs_h, hmask, sdq_h, 3 * DC, DC, D_V, MASK_V, dq3.to(DQ.dtype.element_ty))
         if HAS_TAIL:
             _st(dqb, offs_h, hmask, sdq_h, D_V, DT, D_QK, MASK_T, dqt.to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def _ld_chunk(base, rows, row_mask, row_stride, cols, col_mask, MASK_COLS: tl.constexpr):
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if MASK_COLS:
+        m = row_mask[:, None] & col_mask[None, :]
+    else:
+        m = row_mask[:, None]
+    return tl.load(ptrs, mask=m, other=0.0)
+
+
+@triton.jit
+def _sparse_mla_bwd_dkv_rows_kernel(
+    Q, KV, IDX, TOPK, DO, STATS, DKV, DQW,
+    sq_t, sq_h, s_kv, s_it, sdo_t, sdo_h,
+    H, Tk, K, NB, stats_off, scale, scale_log2,
+    D_V: tl.constexpr, D_QK: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    HAS_TOPK: tl.constexpr, MASK_V: tl.constexpr, MASK_T: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, DO_DQ: tl.constexpr,
+):
+    """dkv pass over ALL heads of one query row and one block of BN slots.
+
+    Phase 1: S = Q K^T and dP = dO V^T for the [HP, BN] tile, channels walked in BC-wide chunks
+    (Q / dO / the gathered kv chunk are streamed; nothing [*, Dqk]-sized stays live).
+    P and dS come from the logZ / Delta saved by the dq pass.
+    Phase 2: per BC-wide channel chunk, g = dS^T Q (+ P^T dO on value channels), [BN, BC] fp32,
+    added once per (slot, channel) to the fp32 workspace.
+    Programs of one row are adjacent in the 1-D grid, so the row's Q / dO stay in L2.
+    """
+    pid = tl.program_id(0)
+    t = (pid // NB).to(tl.int64)
+    n0 = (pid % NB) * BN
+    kend = K
+    if HAS_TOPK:
+        kend = tl.minimum(tl.maximum(tl.load(TOPK + t).to(tl.int32), 0), K)
+    offs_n = n0 + tl.arange(0, BN)
+    ids = tl.load(IDX + t * s_it + offs_n, mask=offs_n < kend, other=-1)
+    valid = (ids >= 0) & (ids < Tk)
+    nvalid = tl.sum(valid.to(tl.int32), 0)
+    if nvalid > 0:
+        rows = tl.where(valid, ids, 0).to(tl.int64)
+        offs_h = tl.arange(0, HP)
+        hmask = offs_h < H
+        qb = Q + t * sq_t
+        dob = DO + t * sdo_t
+        s = tl.zeros([HP, BN], tl.float32)
+        dp = tl.zeros([HP, BN], tl.float32)
+        for c0 in range(0, D_V, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < D_V
+            qc = _ld_chunk(qb, offs_h, hmask, sq_h, cols, cm, MASK_V)
+            doc = _ld_chunk(dob, offs_h, hmask, sdo_h, cols, cm, MASK_V)
+            kc = _ld_chunk(KV, rows, valid, s_kv, cols, cm, MASK_V)
+            kcT = tl.trans(kc)
+            s = _mm(qc, kcT, s, UPCAST, PREC)
+            dp = _mm(doc, kcT, dp, UPCAST, PREC)
+        for c0 in range(D_V, D_QK, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < D_QK
+            qc = _ld_chunk(qb, offs_h, hmask, sq_h, cols, cm, MASK_T)
+            kc = _ld_chunk(KV, rows, valid, s_kv, cols, cm, MASK_T)
+            s = _mm(qc, tl.trans(kc), s, UPCAST, PREC)
+        z2 = tl.load(STATS + t * H + offs_h, mask=hmask, other=0.0)
+        delta = tl.load(STATS + stats_off + t * H + offs_h, mask=hmask, other=0.0)
+        live = valid[None, :] & hmask[:, None]
+        p = tl.where(live, tl.exp2(s * scale_log2 - z2[:, None]), 0.0)
+        ds = p * (dp - delta[:, None]) * scale
+        pT = tl.trans(p.to(Q.dtype.element_ty))
+        dsc = ds.to(Q.dtype.element_ty)
+        dsT = tl.trans(dsc)
+        for c0 in range(0, D_V, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < D_V
+            qc = _ld_chunk(qb, offs_h, hmask, sq_h, cols, cm, MASK_V)
+            doc = _ld_chunk(dob, offs_h, hmask, sdo_h, cols, cm, MASK_V)
+            g = _mm(dsT, qc, tl.zeros([BN, BC], tl.float32), UPCAST, PREC)
+            g = _mm(pT, doc, g, UPCAST, PREC)
+            _atomic(DKV, rows, valid, D_QK, c0, BC, D_V, MASK_V, g)
+        for c0 in range(D_V, D_QK, BC):
+            cols = c0 + tl.arange(0, BC)
+            cm = cols < D_QK
+            qc = _ld_chunk(qb, offs_h, hmask, sq_h, cols, cm, MASK_T)
+            g = _mm(dsT, qc, tl.zeros([BN, BC], tl.float32), UPCAST, PREC)
+            _atomic(DKV, rows, valid, D_QK, c0, BC, D_QK, MASK_T, g)
+        if DO_DQ:
+            # Phase 3 (optional): dq[t] += dS K, fp32 atomics into a [T, H, D_QK] workspace
+            dqb = DQW + t * H * D_QK
+            for c0 in range(0, D_QK, BC):
+                cols = c0 + tl.arange(0, BC)
+                cm = cols < D_QK
+                kc = _ld_chunk(KV, rows, valid, s_kv, cols, cm, MASK_V or MASK_T)
+                gq = _mm(dsc, kc, tl.zeros([HP, BC], tl.float32), UPCAST, PREC)
+                _atomic(dqb, offs_h, hmask, D_QK, c0, BC, D_QK, MASK_V or MASK_T, gq)
+
+
+@triton.jit
+def _sparse_mla_bwd_stats_kernel(
+    O, DO, LSE, DLSE, SINK, STATS, DSINK_T,
+    so_t, so_h, sdo_t, sdo_h, H, stats_off,
+    D_V: tl.constexpr, BH: tl.constexpr, BC: tl.constexpr,
+    HAS_SINK: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """Per (row, head): log2-domain logZ, Delta = rowsum(dO * O) (dlse folded in), d_sink terms."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
+    hmask = offs_h < H
+    delta = tl.zeros([BH], tl.float32)
+    for c0 in range(0, D_V, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < D_V
+        o = _ld_chunk(O + t * so_t, offs_h, hmask, so_h, cols, cm, True).to(tl.float32)
+        do = _ld_chunk(DO + t * sdo_t, offs_h, hmask, sdo_h, cols, cm, True).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    lse2 = tl.load(LSE + t * H + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+    z2 = lse2
+    if HAS_SINK:
+        sk2 = tl.load(SINK + offs_h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        mx = tl.maximum(lse2, sk2)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        z2 = mx + tl.log2(tl.exp2(lse2 - mx) + tl.exp2(sk2 - mx))
+        zfin = z2 > float("-inf")
+        dsink = tl.where(zfin & hmask, -tl.exp2(sk2 - tl.where(zfin, z2, 0.0)) * delta, 0.0)
+        tl.store(DSINK_T + t * H + offs_h, dsink, mask=hmask)
+    lfin = lse2 > float("-inf")
+    z2 = tl.where(lfin, z2, 0.0)
+    if HAS_DLSE:
+        dl = tl.load(DLSE + t * H + offs_h, mask=hmask, other=0.0).to(tl.float32)
+        delta = delta - tl.where(lfin, dl * tl.exp2(z2 - tl.where(lfin, lse2, 0.0)), 0.0)
+    delta = tl.where(hmask, delta, 0.0)
+    tl.store(STATS + t * H + offs_h, z2, mask=hmask)
+    tl.store(STATS + stats_off + t * H + offs_h, delta, mask=hmask)
 
 
 @triton.jit
@@ -493,11 +653,57 @@ def sparse_mla_bwd_triton(
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         )
         scale = float(softmax_scale)
-        if not deterministic:
+        use_rows = (
+            not deterministic and bool(CONFIG["bwd_rows"]) and CONFIG["bwd_rows_min_h"] <= H <= 128
+        )
+        if use_rows:
+            # dq pass (also saves logZ and Delta), then the all-heads dkv pass
+            stats = torch.empty(2 * T * H, dtype=torch.float32, device=dev)
+            fuse_dq = bool(CONFIG["bwd_rows_dq"])
+            if fuse_dq:
+                # stats only; dq comes from the all-heads pass by fp32 atomics
+                dq_acc = torch.zeros(T, H, Dqk, dtype=torch.float32, device=dev)
+                BHs = min(32, _pow2_at_least(H))
+                LAST_KERNELS["bwd_stats"] = _sparse_mla_bwd_stats_kernel[(T, triton.cdiv(H, BHs))](
+                    out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
+                    stats, dsink_t if dsink_t is not None else lse,
+                    out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), H, T * H,
+                    D_V=d_v, BH=BHs, BC=_pow2_at_least(min(d_v, 128)),
+                    HAS_SINK=sink is not None, HAS_DLSE=dlse is not None, num_warps=4,
+                )
+            else:
+                dq_acc = lse  # unused
+                nw = CONFIG["bwd_dq_warps_64"] if big else CONFIG["bwd_warps_small"]
+                LAST_KERNELS["bwd_dq"] = _sparse_mla_bwd_kernel[(T, NHB)](
+                    *args_head, dkv_acc, stats, *strides, H, Tk, K, 0, T * H, scale, scale * LOG2E,
+                    DETERMINISTIC=False, DO_DQ=True, DO_DKV=False, WRITE_STATS=True, num_warps=nw,
+                    **common,
+                )
+            BNr = CONFIG["bwd_rows_block_n"]
+            BC = CONFIG["bwd_rows_block_c"]
+            HP = _pow2_at_least(H)
+            NB = triton.cdiv(K, BNr)
+            if NB > 0 and Tk > 0:
+                LAST_KERNELS["bwd"] = _sparse_mla_bwd_dkv_rows_kernel[(T * NB,)](
+                    q, kv, indices, topk_length if topk_length is not None else indices, dout, stats, dkv_acc,
+                    dq_acc,
+                    q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
+                    H, Tk, K, NB, T * H, scale, scale * LOG2E,
+                    D_V=d_v, D_QK=Dqk, HP=HP, BN=BNr, BC=BC,
+                    HAS_TOPK=topk_length is not None,
+                    MASK_V=(d_v % BC != 0), MASK_T=((Dqk - d_v) % BC != 0), **_prec(q.dtype),
+                    DO_DQ=fuse_dq,
+                    num_warps=CONFIG["bwd_rows_warps"] if HP > 32 else CONFIG["bwd_rows_warps_small"],
+                    num_stages=CONFIG["bwd_rows_stages"],
+                )
+            if fuse_dq:
+                dq.copy_(dq_acc)
+        elif not deterministic:
             for do_dq, do_dkv, nw in passes:
                 LAST_KERNELS["bwd" if do_dkv else "bwd_dq"] = _sparse_mla_bwd_kernel[(T, NHB)](
-                    *args_head, dkv_acc, *strides, H, Tk, K, 0, scale, scale * LOG2E,
-                    DETERMINISTIC=False, DO_DQ=do_dq, DO_DKV=do_dkv, num_warps=nw, **common,
+                    *args_head, dkv_acc, dkv_acc, *strides, H, Tk, K, 0, 0, scale, scale * LOG2E,
+                    DETERMINISTIC=False, DO_DQ=do_dq, DO_DKV=do_dkv, WRITE_STATS=False, num_warps=nw,
+                    **common,
                 )
         else:
             from .reference import slot_validity
@@ -511,15 +717,17 @@ def sparse_mla_bwd_triton(
             for do_dq, do_dkv, nw in passes:
                 if not do_dkv:  # the dq pass needs no workspace: run it over all rows at once
                     _sparse_mla_bwd_kernel[(T, NHB)](
-                        *args_head, ws, *strides, H, Tk, K, 0, scale, scale * LOG2E,
-                        DETERMINISTIC=True, DO_DQ=True, DO_DKV=False, num_warps=nw, **common,
+                        *args_head, ws, ws, *strides, H, Tk, K, 0, 0, scale, scale * LOG2E,
+                        DETERMINISTIC=True, DO_DQ=True, DO_DKV=False, WRITE_STATS=False, num_warps=nw,
+                        **common,
                     )
             do_dq, _, nw = passes[-1]
             for t0 in range(0, T if Tk > 0 else 0, C):
                 n = min(C, T - t0)
                 _sparse_mla_bwd_kernel[(n, NHB)](
-                    *args_head, ws, *strides, H, Tk, K, t0, scale, scale * LOG2E,
-                    DETERMINISTIC=True, DO_DQ=do_dq, DO_DKV=True, num_warps=nw, **common,
+                    *args_head, ws, ws, *strides, H, Tk, K, t0, 0, scale, scale * LOG2E,
+                    DETERMINISTIC=True, DO_DQ=do_dq, DO_DKV=True, WRITE_STATS=False, num_warps=nw,
+                    **common,
                 )
                 ids = torch.where(valid[t0:t0 + n], indices[t0:t0 + n].long(), Tk)
                 ids = ids[:, None, :].expand(n, NHB, K).reshape(-1)
