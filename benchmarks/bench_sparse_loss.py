@@ -1,6 +1,6 @@
 """Timing breakdown of the fused sparse indexer loss (GPU only; tuning aid, not a receipt).
 
-PYTHONPATH=$PWD python3 -m megatron_dsa.kernels.indexer_loss.bench_sparse_loss --S 8192,32768
+PYTHONPATH=$PWD python3 benchmarks/bench_sparse_loss.py --S 8192,32768
 Prints per-kernel ms (lse pass, target pass, index, KL, backward), fwd+bwd with and without the
 attention lse, and the compiler resource report of each kernel. ``--set key=val`` overrides
 ``sparse_triton.CONFIG`` entries (comma separated); ``--sweep`` takes ';'-separated sets.
@@ -13,8 +13,8 @@ import json
 
 import torch
 
-from . import sparse_triton as st
-from .triton_impl import indexer_loss_triton
+from megatron_dsa.kernels.indexer_loss import sparse_triton as st
+from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton
 
 
 def _ms(fn, reps=5, warmup=1):
@@ -41,7 +41,7 @@ def _report(kern):
 
 
 def run_case(S, Hq, K, H=64, D=128, Dq=576, reps=5):
-    from ..indexer.triton_impl import indexer_topk_triton
+    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
 
     g = torch.Generator(device="cuda").manual_seed(1)
     q = torch.randn(1, S, H, D, device="cuda", generator=g).bfloat16()

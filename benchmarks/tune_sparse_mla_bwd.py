@@ -1,6 +1,6 @@
 """Device check + timing of the sparse MLA backward variants (old split/fused vs all-heads dkv).
 
-PYTHONPATH=$PWD python3 megatron_dsa/kernels/sparse_mla/_tune_bwd.py [--quick]
+PYTHONPATH=$PWD python3 benchmarks/tune_sparse_mla_bwd.py [--quick]
 Prints one line per measurement and a table at the end.
 """
 import json
