@@ -52,11 +52,13 @@ def main():
         steady = [r["args"]["seq_len"] * r["args"]["micro_batch"] * r["args"]["num_microbatches"] / x["tokens_per_s"] * 1e3
                   for x in h[len(h) // 2:]]
         curves[name] = [x["lm_loss"] for x in h]
+        curves[name + ":indexer_loss"] = [x["indexer_loss"] for x in h]
+        curves[name + ":indexer_weight_norm"] = [x["indexer_weight_norm"] for x in h]
         rows.append({"impl": f"megatron_dsa[{name}]", "case": {"steps": a.steps, "pass": "fwd+bwd+opt"},
                      "ms": statistics.median(steady), "peak_gib": h[-1]["peak_mib"] / 1024,
                      "final_lm_loss": h[-1]["lm_loss"], "status": "ok"})
     diff = None
-    if len(curves) == 2:
+    if "eager" in curves and "cuda_graphs" in curves:
         diff = max(abs(x - y) for x, y in zip(curves["eager"], curves["cuda_graphs"]))
     doc = {"topic": "layer_step", "date": date, "device": dev, "versions": {"torch": torch.__version__},
            "ceilings": {}, "rows": rows, "max_loss_diff_graphs_vs_eager": diff, "curves": curves,
@@ -84,8 +86,9 @@ def main():
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        for k, v in curves.items():
-            ax.plot(v, label=k, linestyle="-" if k == "eager" else "--")
+        for k in ("eager", "cuda_graphs"):
+            if k in curves:
+                ax.plot(curves[k], label=k, linestyle="-" if k == "eager" else "--")
         ax.set_xlabel("step")
         ax.set_ylabel("LM loss")
         ax.legend()

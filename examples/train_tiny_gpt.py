@@ -279,7 +279,11 @@ def main(argv=None):
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        row = {"step": step, "lm_loss": lm, "indexer_loss": idx_loss, "tokens_per_s": tokens_per_step / dt,
+        with torch.no_grad():  # how far the indexers have moved (their only training signal is their loss)
+            idx_norm = float(sum(p.float().square().sum() for c in chunks for n, p in c.named_parameters()
+                                 if ".indexer." in n) ** 0.5) if any(".indexer." in n for c in chunks for n, _ in c.named_parameters()) else None
+        row = {"step": step, "lm_loss": lm, "indexer_loss": idx_loss, "indexer_weight_norm": idx_norm,
+               "tokens_per_s": tokens_per_step / dt,
                "peak_mib": peak, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "index_cache": cache}
         history.append(row)
