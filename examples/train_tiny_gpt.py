@@ -40,8 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--indexer-heads", type=int, default=16)
     p.add_argument("--indexer-dim", type=int, default=32)
     p.add_argument("--indexer-loss-coeff", type=float, default=0.01)
-    p.add_argument("--dense-warmup-steps", type=int, default=10,
-                   help="steps with the dense indexer loss before switching to the sparse one")
+    p.add_argument("--dense-warmup-steps", type=int, default=None,
+                   help="steps with the dense indexer loss before switching to the sparse one "
+                        "(default 10; 0 with --cuda-graphs)")
     p.add_argument("--index-freq", type=int, default=1,
                    help="dsa_indexer_topk_freq: one anchor every N DSA layers (1 = no sharing)")
     p.add_argument("--index-pattern", default=None, help='explicit anchor/shared pattern, e.g. "FSSS"')
@@ -73,7 +74,14 @@ def parse_args(argv=None):
     need(args.index_pattern is None or len(args.index_pattern) == args.layers,
          "--index-pattern must have one letter per layer")
     need(args.indexer_loss_coeff >= 0, "--indexer-loss-coeff must be >= 0")
+    if args.dense_warmup_steps is None:
+        args.dense_warmup_steps = 0 if args.cuda_graphs else 10
     need(args.dense_warmup_steps >= 0, "--dense-warmup-steps must be >= 0")
+    # Megatron-Core captures the per-layer graphs after the first step, and a captured graph
+    # keeps the indexer-loss variant it was captured with: a later dense->sparse switch would be
+    # silently ignored (measured: the indexer weights then diverge from eager at the switch).
+    need(not (args.cuda_graphs and args.dense_warmup_steps > 0),
+         "--cuda-graphs needs --dense-warmup-steps 0: a captured graph keeps its indexer-loss variant")
     need(args.hidden % args.heads == 0, "--hidden must be divisible by --heads")
     need(args.indexer_dim & (args.indexer_dim - 1) == 0 and args.indexer_dim >= 16,
          "--indexer-dim must be a power of two >= 16 (Hadamard rotation)")
@@ -157,9 +165,6 @@ def build(args):
         recompute_method="uniform" if args.recompute == "full" else None,
         recompute_num_layers=1 if args.recompute == "full" else None,
         cuda_graph_impl="local" if args.cuda_graphs else "none",
-        # A captured graph keeps the loss variant it was captured with, so capture only after
-        # the dense warm-up has switched to the sparse indexer loss.
-        cuda_graph_warmup_steps=max(3, args.dense_warmup_steps + 2),
     )
     set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer)
     chunks = []
