@@ -54,6 +54,7 @@ def test_example_pipeline_parallel_two_processes(tmp_path, extra):
         (["--indexer-dim", "24"], "power of two"),
         (["--layers", "3", "--pp", "2"], "divisible by pp"),
         (["--lr", "0"], "--lr must be positive"),
+        (["--cuda-graphs", "--dense-warmup-steps", "3"], "--cuda-graphs needs --dense-warmup-steps 0"),
     ],
 )
 def test_example_bad_arguments(args, msg):
