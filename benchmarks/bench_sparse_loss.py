@@ -11,26 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 
+import os
+import sys
+
 import torch
 
-from megatron_dsa.kernels.indexer_loss import sparse_triton as st
-from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import time_cuda  # noqa: E402
+from megatron_dsa.kernels.indexer_loss import sparse_triton as st  # noqa: E402
+from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton  # noqa: E402
 
 
 def _ms(fn, reps=5, warmup=1):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return time_cuda(fn, warmup=warmup, reps=reps)
 
 
 def _report(kern):

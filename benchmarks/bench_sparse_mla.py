@@ -23,65 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-try:
-    from common import (device_name, measure_ceilings, peak_gib, run_guarded, time_cuda,  # noqa: F401
-                        versions, write_receipt)
-except Exception:  # noqa: BLE001 - stand-alone fallback
-    import statistics
-
-    def time_cuda(fn, warmup=1, reps=5):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        return float(statistics.median(ts))
-
-    def peak_gib(fn):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        del out
-        return (torch.cuda.max_memory_allocated() - before) / 2**30
-
-    def run_guarded(fn):
-        try:
-            r = fn()
-            r.setdefault("status", "ok")
-            return r
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return {"status": "oom"}
-        except Exception as e:  # noqa: BLE001
-            torch.cuda.empty_cache()
-            return {"status": f"error: {type(e).__name__}: {e}".splitlines()[0][:200]}
-
-    def device_name():
-        return torch.cuda.get_device_name()
-
-    def versions():
-        import triton
-        return {"torch": torch.__version__, "triton": triton.__version__}
-
-    def measure_ceilings():
-        return {}
-
-    def write_receipt(topic, rows, out_dir, extra=None, ceilings=None):
-        import datetime
-        os.makedirs(out_dir, exist_ok=True)
-        p = os.path.join(out_dir, f"{topic}-{datetime.date.today().isoformat()}.json")
-        with open(p, "w") as f:
-            json.dump({"topic": topic, "rows": rows, "ceilings": ceilings or {}, **(extra or {})}, f, indent=1)
-        return {"json": p}
-
+from common import (device_name, measure_ceilings, peak_gib, run_guarded, time_cuda,  # noqa: F401,E402
+                    versions, write_receipt)
 
 DQK, DV = 576, 512
 

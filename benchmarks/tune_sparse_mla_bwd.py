@@ -13,20 +13,11 @@ import torch
 from megatron_dsa.kernels.sparse_mla import triton_impl as ti
 from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_sparse_mla import causal_indices  # noqa: E402
+
 DQK, DV, K = 576, 512, 2048
 BASE = dict(ti.CONFIG)
-
-
-def causal_indices(S, k, dev):
-    out = torch.empty(S, k, dtype=torch.int32, device=dev)
-    keys = torch.arange(S, device=dev)[None, :]
-    for r0 in range(0, S, 1024):
-        r1 = min(S, r0 + 1024)
-        t = torch.arange(r0, r1, device=dev)[:, None]
-        score = torch.where(keys <= t, torch.rand(r1 - r0, S, device=dev), -1.0)
-        val, ix = score.topk(k, dim=1)
-        out[r0:r1] = torch.where(val >= 0, ix, -1).int()
-    return out
 
 
 def setcfg(**kw):

@@ -149,8 +149,9 @@ class ShapeClassRegistry:
 
 # ----------------------------------------------------------------------------- dispatch
 class _Captured:
-    def __init__(self, fn, cls: ShapeClass, inputs: Sequence[torch.Tensor], use_graph: bool):
+    def __init__(self, fn, cls: ShapeClass, inputs: Sequence[torch.Tensor], use_graph: bool, signature):
         self.cls = cls
+        self.signature = signature
         self.static_in = [torch.zeros((cls.max_tokens,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
                           for t in inputs]
         self.use_graph = use_graph
@@ -215,8 +216,7 @@ class GraphDispatch:
                 f"({st.signature} -> {signature}); declare another dispatcher"
             )
         if st is None:
-            st = _Captured(self.fn, cls, inputs, use_graph=inputs[0].is_cuda)
-            st.signature = signature
+            st = _Captured(self.fn, cls, inputs, use_graph=inputs[0].is_cuda, signature=signature)
             self._state[cls.name] = st
             self.captures += 1
         st.load(inputs)
