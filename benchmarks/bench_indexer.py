@@ -9,7 +9,8 @@ Peers (each only if importable; else status "unsupported"):
 Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
   ... --impls ours            # ours only (tuning)
-  ... --loss-S 32768          # also the indexer loss fwd+bwd (ours), dense and sparse
+  ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
+                              #   the attention backward), dense
   ... --check                 # correctness spot check of ours vs the fp32 reference first
   ... --tune-score "64,256,8,3;128,128,8,3"   # sweep score-kernel configs (ours only)
 Causal (top-left), B=1, H=64, D=128, k=2048, random bf16 q/k, fp32 weights.
@@ -151,8 +152,7 @@ def score_only(S, args):
 
     q, k, w = inputs(S, args.H, args.D)
     cfg = ti._score_cfg()
-    cb = ti.DEFAULT_CHUNK_BYTES // (2 if ti._select_variant() >= 2 else 1)
-    rows = ti._chunk_rows(1, S, S, cfg[0], cb)
+    rows, _ = ti._plan(1, S, S, args.k, cfg[0], ti.DEFAULT_CHUNK_BYTES, ti._select_variant())
     buf = torch.empty(1, rows, S, dtype=torch.float32, device="cuda")
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
 
@@ -222,6 +222,68 @@ def bench_loss(S, args, sparse):
             "tflops": None, **res}
 
 
+def bench_loss_from_attention(S, args):
+    """The sparse loss with its target from the attention backward: the loss's own fwd+bwd
+    (forward, then backward with the target delivered as the slot's gradient), and what emitting
+    the target adds to the attention backward (timed interleaved, with and without)."""
+    import statistics
+
+    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+    from megatron_dsa.kernels.indexer_loss import indexer_loss_from_attention
+    from megatron_dsa.kernels.sparse_mla import triton_impl as smla
+
+    def body():
+        q, k, w = inputs(S, args.H, args.D)
+        g = torch.Generator(device="cuda").manual_seed(2)
+        query = torch.randn(S, args.loss_heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+        key = torch.randn(S, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+        idx, _ = indexer_topk_triton(q, k, w, args.k)
+        scale = 576**-0.5
+        out, lse = smla.sparse_mla_fwd_triton(query, key, idx[0], scale, 512)
+        dout = torch.randn_like(out)
+        target = torch.zeros(S, args.k, device="cuda")
+
+        def attn_bwd(emit):
+            return lambda: smla.sparse_mla_bwd_triton(
+                query, key, idx[0], scale, 512, None, None, out, lse, dout,
+                target_out=target.zero_() if emit else None)
+
+        attn_bwd(True)()
+        tgt = target.clone()  # the real target of this attention
+        plain, emit = [], []
+        for _ in range(max(1, min(args.reps, 5))):
+            plain.append(time_cuda(attn_bwd(False), warmup=0, reps=1))
+            emit.append(time_cuda(attn_bwd(True), warmup=0, reps=1))
+        del dout, out
+        torch.cuda.empty_cache()
+        q.requires_grad_(True)
+        k.requires_grad_(True)
+        w.requires_grad_(True)
+        one = torch.ones((), device="cuda")
+        values = []
+
+        def fn():
+            loss, slot = indexer_loss_from_attention(q, k, w, idx, 1.0, on_value=values.append)
+            torch.autograd.backward([loss, slot], [one, tgt])
+            return loss
+
+        ms = time_cuda(fn, warmup=1, reps=max(1, min(args.reps, 5)))
+        pk = peak_gib(fn)
+        a0, a1 = statistics.median(plain), statistics.median(emit)
+        return {"ms": round(ms, 3), "peak_gib": round(pk, 4),
+                "attn_bwd_ms": round(a0, 2), "attn_bwd_emit_ms": round(a1, 2),
+                "attn_bwd_added_ms": round(a1 - a0, 2), "total_ms": round(ms + a1 - a0, 3),
+                "attn_bwd_ms_all": [round(x, 2) for x in plain],
+                "attn_bwd_emit_ms_all": [round(x, 2) for x in emit],
+                "loss_value": float(values[-1])}
+
+    res = run_guarded(body)
+    return {"impl": "megatron_dsa", "case": {"S": S, "H": args.H, "D": args.D, "k": args.k,
+                                             "Hq": args.loss_heads, "Dqk": 576,
+                                             "pass": "loss fwd+bwd sparse, target from attention bwd"},
+            "tflops": None, **res}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--S", default="4096,8192,16384,32768",
@@ -235,7 +297,8 @@ def main():
     ap.add_argument("--loss-S", default="", help="comma list of S for the loss fwd+bwd (ours)")
     ap.add_argument("--loss-dense-S", default="", help="extra S list for the dense loss only")
     ap.add_argument("--loss-heads", type=int, default=128)
-    ap.add_argument("--loss-variants", default="sparse,dense")
+    ap.add_argument("--loss-variants", default="sparse,attn,dense",
+                    help="sparse (target recomputed), attn (target from the attention bwd), dense")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--tune-score", default="", help="';'-separated BT,BS,warps,stages configs")
     ap.add_argument("--tune-select", default="", help="';'-separated BLOCK,warps select configs")
@@ -293,7 +356,7 @@ def main():
                   for v in args.loss_variants.split(",")]
     loss_cases += [(int(s), "dense") for s in args.loss_dense_S.split(",") if s]
     for S, var in loss_cases:
-        r = bench_loss(S, args, var == "sparse")
+        r = bench_loss_from_attention(S, args) if var == "attn" else bench_loss(S, args, var == "sparse")
         rows.append(r)
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()

@@ -30,10 +30,14 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
 from .kernels.indexer import indexer_topk
-from .kernels.indexer_loss import indexer_loss
+from .kernels._validate import resolve_backend
+from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
 from .kernels.sparse_mla import sparse_mla
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, packed_causal_window
+
+_SPARSE_MLA_PKG = "megatron_dsa.kernels.sparse_mla"
+_LOSS_PKG = "megatron_dsa.kernels.indexer_loss"
 
 __all__ = ["DSAIndexer", "DSAttention", "DSAttentionSubmodules", "DSAIndexerSubmodules"]
 
@@ -234,25 +238,34 @@ class DSAttention(MegatronModule):
                     )
                     if phase == "original":
                         self.ledger.push(topk_idx, digest)
-            out, lse = self.sparse_attention(query, key, topk_idx, plugin.attention_backend)
+            sparse_loss = bool(self.config.dsa_indexer_use_sparse_loss)
+            slot = None
+            if with_loss and sparse_loss and self._loss_target_from_attention(q_i, heads, plugin):
+                # the attention backward hands the target over; the value is logged then
+                loss, slot = indexer_loss_from_attention(
+                    q_i, k_i, w_i, topk_idx, coeff, starts, ends,
+                    use_relu=self.config.dsa_indexer_scoring_relu, query_valid_rows=row_valid,
+                    calculate_per_token_loss=self.config.calculate_per_token_loss,
+                    tp_group=self.pg_collection.tp, on_value=self._record_loss,
+                )
+            out, lse = self.sparse_attention(query, key, topk_idx, plugin.attention_backend,
+                                             loss_target=slot)
 
             if with_loss:
-                sparse_loss = bool(self.config.dsa_indexer_use_sparse_loss)
-                loss = indexer_loss(
-                    q_i, k_i, w_i,
-                    query.detach().transpose(0, 1), key.detach()[:, :, 0].transpose(0, 1),
-                    self.softmax_scale, coeff,
-                    topk_indices=topk_idx, sparse=sparse_loss,
-                    starts=starts, ends=ends, use_relu=self.config.dsa_indexer_scoring_relu,
-                    query_valid_rows=row_valid,
-                    calculate_per_token_loss=self.config.calculate_per_token_loss,
-                    tp_group=self.pg_collection.tp, backend=plugin.loss_backend,
-                    # the sparse target's per-head normaliser is the attention's own LSE
-                    attn_lse=lse.detach() if sparse_loss else None,
-                )
-                mcore_dsa.DSAIndexerLossLoggingHelper.save_loss_to_tracker(
-                    loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
-                )
+                if slot is None:
+                    loss = indexer_loss(
+                        q_i, k_i, w_i,
+                        query.detach().transpose(0, 1), key.detach()[:, :, 0].transpose(0, 1),
+                        self.softmax_scale, coeff,
+                        topk_indices=topk_idx, sparse=sparse_loss,
+                        starts=starts, ends=ends, use_relu=self.config.dsa_indexer_scoring_relu,
+                        query_valid_rows=row_valid,
+                        calculate_per_token_loss=self.config.calculate_per_token_loss,
+                        tp_group=self.pg_collection.tp, backend=plugin.loss_backend,
+                        # the sparse target's per-head normaliser is the attention's own LSE
+                        attn_lse=lse.detach() if sparse_loss else None,
+                    )
+                    self._record_loss(loss)
                 out = mcore_dsa.DSAIndexerLossAutoScaler.apply(out, loss)
         ic.STATS.indexer_s += t_idx.elapsed
         ic.STATS.attention_s += t_all.elapsed
@@ -261,6 +274,33 @@ class DSAttention(MegatronModule):
         up_v = up_v_weight.to(dtype=out.dtype, device=out.device)
         out = torch.einsum("sbhc,hdc->sbhd", out, up_v).reshape(sq, b, -1)
         return out.squeeze(1) if thd else out
+
+    def _record_loss(self, loss: torch.Tensor) -> None:
+        mcore_dsa.DSAIndexerLossLoggingHelper.save_loss_to_tracker(
+            loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
+        )
+
+    def _loss_target_from_attention(self, q_i: torch.Tensor, heads: int, plugin) -> bool:
+        """Whether the sparse loss takes its target from the attention backward (see
+        ``DSAPluginConfig.loss_target``)."""
+        if plugin.loss_target == "recompute":
+            return False
+        why = None
+        if resolve_backend(plugin.attention_backend, q_i.device, _SPARSE_MLA_PKG) != "triton":
+            why = "the sparse attention does not run the fused kernel"
+        elif resolve_backend(plugin.loss_backend, q_i.device, _LOSS_PKG) != "triton":
+            why = "the indexer loss does not run the fused kernel"
+        elif q_i.dtype == torch.float64:
+            why = "fp64 runs the reference loss"
+        else:
+            from .kernels.sparse_mla.triton_impl import _det_default, loss_target_supported
+
+            if not loss_target_supported(heads, _det_default()):
+                why = (f"the attention backward emits the target only on its all-heads pass "
+                       f"(<= 128 heads per rank, not deterministic; here {heads} heads)")
+        if why is not None and plugin.loss_target == "attention":
+            raise ValueError(f"DSAPluginConfig.loss_target='attention' cannot run: {why}")
+        return why is None
 
     def _indexer_inputs(self, indexer, x, qr, packed_seq_params, grad: bool):
         """Indexer tensors batch-first: q ``[b, sq, H, D]``, k ``[b, sk, D]``, w ``[b, sq, H]``.
@@ -315,7 +355,7 @@ class DSAttention(MegatronModule):
         )
         return idx
 
-    def sparse_attention(self, query, key, topk_idx, backend="auto"):
+    def sparse_attention(self, query, key, topk_idx, backend="auto", loss_target=None):
         """Latent attention output ``[sq, b, np, kv_lora_rank]`` over the selected keys, and the
         per-head natural-log LSE ``[b, sq, np]``."""
         sq, b, heads, d = query.shape
@@ -325,5 +365,6 @@ class DSAttention(MegatronModule):
         kv_flat = key[:, :, 0].transpose(0, 1).reshape(b * sk, d)
         offs = (torch.arange(b, device=topk_idx.device, dtype=topk_idx.dtype) * sk).view(b, 1, 1)
         gidx = torch.where(topk_idx >= 0, topk_idx + offs, topk_idx).reshape(b * sq, -1)
-        out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim, backend=backend)
+        out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim,
+                              backend=backend, loss_target=loss_target)
         return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1), lse.view(b, sq, heads)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 __all__ = ["DSAPluginConfig", "get_plugin_config", "set_plugin_config", "validate_dsa_config"]
 
 _BACKENDS = ("auto", "reference", "triton")
+_LOSS_TARGETS = ("auto", "attention", "recompute")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class DSAPluginConfig:
         indexer_backend: top-k selection. ``auto``: fused Triton on CUDA, reference on CPU.
         attention_backend: sparse MLA attention, same choices.
         loss_backend: indexer KL loss, same choices.
+        loss_target: where the sparse indexer loss gets its target (the head-summed attention
+            probabilities over the selected keys). ``auto``: from the attention backward when
+            the fused attention and loss run and the attention's all-heads backward applies
+            (<= 128 heads per rank, not deterministic), else ``recompute``. ``attention``: the
+            attention backward hands it over (no pass of the loss's own over the attention heads;
+            the loss *value* is then recorded in Megatron's tracker during the backward); an
+            error where that cannot run. ``recompute``: the loss recomputes it in the forward
+            from the attention's LSE.
         index_pattern: explicit anchor/shared pattern over the DSA layers, e.g. ``"FSSSFSSS"``
             (``F`` computes top-k, ``S`` reuses the nearest earlier ``F``), or a list whose
             items are ``"F"``, ``"S"`` or the 1-based number of an earlier anchor to reuse.
@@ -46,6 +55,7 @@ class DSAPluginConfig:
     indexer_backend: str = "auto"
     attention_backend: str = "auto"
     loss_backend: str = "auto"
+    loss_target: str = "auto"
     index_pattern: Optional[Union[str, Sequence[Union[str, int]]]] = None
     time_indexer: bool = False
 
@@ -54,6 +64,10 @@ class DSAPluginConfig:
             value = getattr(self, name)
             if value not in _BACKENDS:
                 raise ValueError(f"DSAPluginConfig.{name} must be one of {_BACKENDS}, got {value!r}")
+        if self.loss_target not in _LOSS_TARGETS:
+            raise ValueError(
+                f"DSAPluginConfig.loss_target must be one of {_LOSS_TARGETS}, got {self.loss_target!r}"
+            )
         if self.index_pattern is not None:
             pattern = self.index_pattern
             if isinstance(pattern, str):

@@ -179,6 +179,31 @@ def test_topk_sampled_prefilter_fallback():
     _check_topk(q, k, w, K, st, en, idx, val)
 
 
+def test_topk_scratch_overflow_falls_back(monkeypatch):
+    """Heavy ties at the sampled threshold list more candidates than the per-row scratch holds
+    (capacity forced down to 48 ids): the select falls back to the scratch-free radix select
+    and stays exact, ties going to the lowest index."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    monkeypatch.setattr(ti, "_SCRATCH_PER_TOPK", 2)
+    monkeypatch.setattr(ti, "_SCRATCH_MIN", 16)
+    B, T, S, H, D, K = 1, 5, 300, 2, 16, 24
+    q = torch.zeros(B, T, H, D, device=DEV)
+    q[..., 0] = 1.0
+    k = torch.zeros(B, S, D, device=DEV)
+    k[0, :, 0] = torch.randint(0, 3, (S,)).float()  # three score values: ties everywhere
+    k[0, 7, 0] = 5.0
+    w = torch.ones(B, T, H, device=DEV)
+    st = torch.zeros(B, T, dtype=torch.int32, device=DEV)
+    en = torch.full((B, T), S, dtype=torch.int32, device=DEV)
+    en[0, 2] = 211
+    assert ti._scratch_cols(S, K, 3) == 48
+    idx, val = indexer_topk_triton(q, k, w, K, st, en, use_relu=False)
+    _check_topk(q, k, w, K, st, en, idx, val)
+    ref, _ = indexer_topk_reference(q, k, w, K, st, en, use_relu=False)
+    assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)  # the tie rule, exactly
+
+
 def test_public_dispatch_triton():
     B, T, H, D, K = 1, 20, 4, 16, 5
     q, k, w = _inputs(B, T, T, H, D)

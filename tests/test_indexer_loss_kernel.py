@@ -126,3 +126,104 @@ def test_gpu_fused_sparse_loss_bf16_real_shapes(S, Hq, use_lse):
     ref = _run(indexer_loss_reference, q.float(), k.float(), w, query.float(), key.float(),
                Dq**-0.5, 1.0, idx, None, None, True, None, False)
     _check(ours, ref, 2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# target from the attention backward (indexer_loss_from_attention + sparse_mla(loss_target=))
+# ---------------------------------------------------------------------------------------------
+
+
+def _from_attention(q, k, w, query, key, scale, coeff, idx, st, en, relu, rv, per_token, d_v,
+                    sink=None, give_slot=True):
+    """Ours: loss value (from on_value), dq, dk, dw, and the attention's dq / dkv."""
+    from megatron_dsa.kernels.indexer_loss import indexer_loss_from_attention
+    from megatron_dsa.kernels.sparse_mla import sparse_mla
+
+    B, T, Hq, Dq = query.shape
+    K = idx.shape[-1]
+    qq, kk, ww = (x.detach().clone().requires_grad_() for x in (q, k, w))
+    values = []
+    loss, slot = indexer_loss_from_attention(qq, kk, ww, idx, coeff, st, en, relu, rv, per_token,
+                                             on_value=values.append)
+    qa = query.reshape(B * T, Hq, Dq).detach().clone().requires_grad_()
+    kva = key.reshape(B * T, Dq).detach().clone().requires_grad_()
+    offs = (torch.arange(B, device=idx.device, dtype=idx.dtype) * T).view(B, 1, 1)
+    gid = torch.where(idx >= 0, idx + offs, idx).reshape(B * T, K)
+    out, _ = sparse_mla(qa, kva, gid, scale, d_v=d_v, sink=sink, backend="triton",
+                        loss_target=slot if give_slot else None)
+    (out.float().square().sum() + loss).backward()
+    assert len(values) == 1
+    return [values[0].double(), qq.grad.double(), kk.grad.double(), ww.grad.double()], (qa.grad, kva.grad)
+
+
+@pytest.mark.parametrize("kind", ["causal", "packed"])
+@pytest.mark.parametrize("relu,per_token,with_rv,with_sink", [(True, False, True, False), (False, True, False, True)])
+def test_loss_target_from_attention_backward(kind, relu, per_token, with_rv, with_sink):
+    """The attention backward's head-summed P is the target: loss value and dq/dk/dw equal the
+    fp64 reference; the attention's own gradients are unchanged by emitting it."""
+    from megatron_dsa.kernels.sparse_mla import sparse_mla
+
+    B, T, H, D, Hq, Dq, dv, K = 2, 23, 4, 16, 3, 80, 64, 12
+    q = torch.randn(B, T, H, D, device=DEV)
+    k = torch.randn(B, T, D, device=DEV)
+    w = torch.randn(B, T, H, device=DEV)
+    query = torch.randn(B, T, Hq, Dq, device=DEV)
+    key = torch.randn(B, T, Dq, device=DEV)
+    st, en = _window(kind, B, T, T)
+    idx = _rand_ids(B, T, T, K, st, en)
+    # the indexer only emits in-window ids: attention and loss then see the same support
+    ok = (idx >= st.unsqueeze(-1)) & (idx < en.unsqueeze(-1))
+    idx = torch.where(ok, idx, -1)
+    idx[0, 5] = -1  # an empty row
+    rv = (torch.rand(B, T, device=DEV) > 0.2) if with_rv else None
+    sink = torch.randn(Hq, device=DEV) if with_sink else None
+    ref = _run(indexer_loss_reference, *(x.double() for x in (q, k, w, query, key)), 0.3, 0.7,
+               idx, st, en, relu, rv, per_token)
+    ours, att_grads = _from_attention(q, k, w, query, key, 0.3, 0.7, idx, st, en, relu, rv,
+                                      per_token, dv, sink)
+    _check(ours, ref, 1e-4)
+    # the same attention without the slot: identical attention gradients
+    qa = query.reshape(B * T, Hq, Dq).detach().clone().requires_grad_()
+    kva = key.reshape(B * T, Dq).detach().clone().requires_grad_()
+    offs = (torch.arange(B, device=DEV, dtype=idx.dtype) * T).view(B, 1, 1)
+    gid = torch.where(idx >= 0, idx + offs, idx).reshape(B * T, K)
+    out, _ = sparse_mla(qa, kva, gid, 0.3, d_v=dv, sink=sink, backend="triton")
+    out.float().square().sum().backward()
+    assert torch.equal(att_grads[0], qa.grad) and torch.equal(att_grads[1], kva.grad)
+
+
+def test_loss_target_missing_fails_closed():
+    from megatron_dsa.kernels.indexer_loss import indexer_loss_from_attention
+    from megatron_dsa.kernels.sparse_mla import sparse_mla
+
+    B, T, H, D, K = 1, 9, 2, 16, 4
+    q, k, w = (torch.randn(*s, device=DEV, requires_grad=True) for s in ((B, T, H, D), (B, T, D), (B, T, H)))
+    idx = torch.zeros(B, T, K, dtype=torch.int32, device=DEV)
+    loss, slot = indexer_loss_from_attention(q, k, w, idx, 1.0)
+    with pytest.raises(RuntimeError, match="no target reached the loss"):
+        loss.backward()
+    # the reference attention cannot produce it: clear error up front
+    qa, kva = torch.randn(T, 2, 80), torch.randn(T, 80)
+    with pytest.raises(ValueError, match="loss_target needs the fused"):
+        sparse_mla(qa, kva, idx[0], 0.1, d_v=64, backend="reference", loss_target=slot)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,Hq,with_sink", [(4096, 128, False), (3000, 16, True)])
+def test_gpu_loss_target_from_attention_bf16(S, Hq, with_sink):
+    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+
+    B, H, D, Dq, K = 1, 64, 128, 576, 2048
+    q = torch.randn(B, S, H, D, device="cuda").bfloat16()
+    k = torch.randn(B, S, D, device="cuda").bfloat16()
+    w = torch.randn(B, S, H, device="cuda")
+    query = torch.randn(B, S, Hq, Dq, device="cuda").bfloat16()
+    key = torch.randn(B, S, Dq, device="cuda").bfloat16()
+    sink = torch.randn(Hq, device="cuda") if with_sink else None
+    idx, _ = indexer_topk_triton(q, k, w, K)
+    st, en = causal_window(B, S, S, device="cuda")
+    ours, _ = _from_attention(q, k, w, query, key, Dq**-0.5, 1.0, idx, st, en, True, None,
+                              False, 512, sink)
+    ref = _run(indexer_loss_reference, q.float(), k.float(), w, query.float(), key.float(),
+               Dq**-0.5, 1.0, idx, None, None, True, None, False)
+    _check(ours, ref, 2e-2)

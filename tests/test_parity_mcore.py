@@ -54,8 +54,9 @@ def _run(module, x, dy):
     x = x.detach().clone().requires_grad_(True)
     module.zero_grad(set_to_none=True)
     out, _ = module(x, None)
-    loss = indexer_tracker_values()
     (out * dy).sum().backward()
+    # read after the backward: with loss_target='attention' the value is recorded there
+    loss = indexer_tracker_values()
     grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
     return out.detach(), loss, x.grad.detach(), grads
 
@@ -172,10 +173,11 @@ def test_packed_sequences_match_megatron(mcore):
     assert _rel(o1[13:], alone) < 1e-5
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_fused_backends_match_reference_in_the_layer(mcore, sparse):
-    """The layer on the Triton kernels (the interpreter on the CPU; the sparse loss reusing the
-    attention's LSE) gives the output, indexer loss and gradients of the reference backends."""
+@pytest.mark.parametrize("sparse,target", [(True, "attention"), (True, "recompute"), (False, "auto")])
+def test_fused_backends_match_reference_in_the_layer(mcore, sparse, target):
+    """The layer on the Triton kernels (the interpreter on the CPU; the sparse loss's target from
+    the attention backward, or recomputed with the attention's LSE) gives the output, indexer
+    loss and gradients of the reference backends."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_dsa.config import set_plugin_config
@@ -185,7 +187,8 @@ def test_fused_backends_match_reference_in_the_layer(mcore, sparse):
     state = None
     for backend in ("reference", "triton"):
         cfg = tiny_config(dsa_indexer_n_heads=4, dsa_indexer_topk=8, dsa_indexer_use_sparse_loss=sparse)
-        set_plugin_config(cfg, indexer_backend=backend, attention_backend=backend, loss_backend=backend)
+        set_plugin_config(cfg, indexer_backend=backend, attention_backend=backend, loss_backend=backend,
+                          loss_target=target if backend == "triton" else "auto")
         m = build_module(get_dsa_attention_spec(cfg), config=cfg, layer_number=1).train()
         if state is None:  # larger weights than the init: sharp distributions, a loss far from 0
             state = {k: v * 8 if k.endswith("weight") and v.ndim == 2 else v for k, v in m.state_dict().items()}

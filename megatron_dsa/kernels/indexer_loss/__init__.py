@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .._validate import check_dim, check_same_device, check_tensor, resolve_backend
 from .reference import indexer_loss_reference
 
-__all__ = ["indexer_loss", "indexer_loss_reference"]
+__all__ = ["indexer_loss", "indexer_loss_from_attention", "indexer_loss_reference"]
 
 
 def indexer_loss(
@@ -65,3 +65,62 @@ def indexer_loss(
 
         return indexer_loss_triton(*args, attn_lse=attn_lse)
     return indexer_loss_reference(*args)
+
+
+def indexer_loss_from_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    topk_indices: torch.Tensor,
+    loss_coeff: float,
+    starts: Optional[torch.Tensor] = None,
+    ends: Optional[torch.Tensor] = None,
+    use_relu: bool = True,
+    query_valid_rows: Optional[torch.Tensor] = None,
+    calculate_per_token_loss: bool = False,
+    tp_group=None,
+    on_value: Optional[Callable[[torch.Tensor], None]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sparse indexer KL loss with its target taken from the attention backward (fused only).
+
+    The target (head-summed, L1-normalised attention probabilities over the selected keys) is
+    what the sparse MLA backward forms anyway, so instead of a pass over all attention heads the
+    loss receives it through autograd. Returns ``(loss, slot)``:
+
+    * ``slot`` fp32 ``[B*T, K]``: pass it to ``sparse_mla(..., loss_target=slot)`` (rows
+      flattened batch-major, the same rows as the attention's). Its "gradient" is the target.
+    * ``loss``: a zero placeholder scalar to attach to the graph (e.g. through Megatron's
+      ``DSAIndexerLossAutoScaler``); its gradient drives dq/dk/dw exactly as
+      ``indexer_loss(..., sparse=True)`` would. The loss *value* exists only once the backward
+      has run: it is handed to ``on_value(value)`` (a 0-dim fp32 tensor, same scaling as
+      ``indexer_loss``), e.g. to add it to Megatron's loss tracker.
+
+    Same contract as ``indexer_loss(..., sparse=True)`` otherwise. Raises in the backward if no
+    target arrived (the attention was not given the slot).
+    """
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 3)
+    check_tensor("w", w, 3)
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    check_dim("k", k, 2, D, "q's head dim")
+    check_dim("w", w, 2, H, "q's heads")
+    if topk_indices is None:
+        raise ValueError("indexer_loss_from_attention needs topk_indices")
+    if topk_indices.shape[:2] != (B, T) or topk_indices.ndim != 3:
+        raise ValueError(f"topk_indices must be [B, T, K] = [{B}, {T}, K], got {tuple(topk_indices.shape)}")
+    check_same_device(q=q, k=k, w=w, topk_indices=topk_indices)
+    if q.dtype == torch.float64:
+        raise TypeError("indexer_loss_from_attention runs the fused kernels (fp32/bf16/fp16); "
+                        "use indexer_loss for fp64")
+    from .sparse_triton import IndexerLossFromAttention
+    from .triton_impl import causal_window
+
+    if starts is None or ends is None:
+        starts, ends = causal_window(B, T, S, device=q.device)
+    if query_valid_rows is not None:
+        query_valid_rows = query_valid_rows.to(torch.bool).expand(B, T)
+    return IndexerLossFromAttention.apply(
+        q, k, w, topk_indices, starts, ends, float(loss_coeff), bool(use_relu), query_valid_rows,
+        bool(calculate_per_token_loss), tp_group, on_value,
+    )

@@ -182,7 +182,7 @@ def _index_kernel(
 
 @triton.jit
 def _kl_kernel(
-    ISC, ATT, IDX, ST, EN, RV, KL, T, S, K,
+    ISC, ATT, IDX, ST, EN, RV, KL, DI, T, S, K,
     BK: tl.constexpr, HAS_RV: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -206,7 +206,7 @@ def _kl_kernel(
         kl = kl * rv
         di = di * rv
     tl.store(KL + r, kl)
-    tl.store(ATT + r * K + offs_n, di, mask=nmask)
+    tl.store(DI + r * K + offs_n, di, mask=nmask)
 
 
 @triton.jit
@@ -285,7 +285,7 @@ def _tp_reduce(att, tp_group):
 def sparse_loss_forward(q, k, w, query, key, ids, starts, ends, scale, use_relu, row_valid,
                         tp_group, attn_lse=None):
     """Returns (kl_rows [R] fp32, dI [R, K] fp32). Inputs contiguous; rows flattened."""
-    B, T, H, D = q.shape
+    B, T = q.shape[:2]
     S = k.shape[1]
     Hq, Dqk = query.shape[2], query.shape[3]
     K = ids.shape[-1]
@@ -295,16 +295,14 @@ def sparse_loss_forward(q, k, w, query, key, ids, starts, ends, scale, use_relu,
         key = key.to(query.dtype)
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    qr = q.reshape(R, H, D)
     qy = query.reshape(R, Hq, Dqk)
     geo = _att_geometry(Dqk)
     BH = min(CONFIG["att_bh"], _p2(Hq))
     grid = (R, triton.cdiv(Hq, BH))
     atomic = grid[1] > 1
     att = (torch.zeros if atomic else torch.empty)(R, K, dtype=torch.float32, device=dev)
-    kl = torch.empty(R, dtype=torch.float32, device=dev)
     if R == 0 or K == 0:
-        return kl.zero_(), att.zero_()
+        return torch.zeros(R, dtype=torch.float32, device=dev), att.zero_()
     common = dict(BH=BH, BN=CONFIG["att_bn"], ATOMIC=atomic, **geo, **_prec(query.dtype),
                   num_warps=CONFIG["att_warps"], num_stages=CONFIG["att_stages"])
     args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, K, float(scale) * LOG2E)
@@ -317,17 +315,51 @@ def sparse_loss_forward(q, k, w, query, key, ids, starts, ends, scale, use_relu,
     LAST_KERNELS["att"] = _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args,
                                             MODE=1, **common)
     att = _tp_reduce(att, tp_group)
-    isc = torch.empty(R, K, dtype=torch.float32, device=dev)
-    BHI, BD = _p2(H), _p2(D)
-    LAST_KERNELS["index"] = _index_kernel[(R,)](
-        qr, k, w, ids, starts, ends, isc, qr.stride(0), qr.stride(1), k.stride(1), w.stride(1),
-        T, S, H, D, K, BHI=BHI, BD=BD, BN=CONFIG["idx_bn"], RELU=bool(use_relu),
-        **_prec(q.dtype), num_warps=CONFIG["idx_warps"], num_stages=CONFIG["idx_stages"],
-    )
-    rv = row_valid.reshape(R) if row_valid is not None else kl
-    _kl_kernel[(R,)](isc, att, ids, starts, ends, rv, kl, T, S, K, BK=_p2(K),
-                     HAS_RV=row_valid is not None, num_warps=CONFIG["kl_warps"])
-    return kl, att
+    isc = index_scores(q, k, w, ids, starts, ends, use_relu)
+    rv = row_valid.reshape(R) if row_valid is not None else None
+    return kl_and_grad(isc, att, ids, starts, ends, rv, T, S)
+
+
+def index_scores(q, k, w, ids, starts, ends, use_relu):
+    """``I [R, K]`` fp32 at the selected slots (0 where a slot is empty is NOT guaranteed:
+    empty slots are masked by the KL kernel)."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    K = ids.shape[-1]
+    R = B * T
+    isc = torch.empty(R, K, dtype=torch.float32, device=q.device)
+    if R > 0 and K > 0:
+        if k.dtype != q.dtype:
+            k = k.to(q.dtype)
+        qr = q.reshape(R, H, D)
+        LAST_KERNELS["index"] = _index_kernel[(R,)](
+            qr, k, w, ids, starts, ends, isc, qr.stride(0), qr.stride(1), k.stride(1), w.stride(1),
+            T, S, H, D, K, BHI=_p2(H), BD=_p2(D), BN=CONFIG["idx_bn"], RELU=bool(use_relu),
+            **_prec(q.dtype), num_warps=CONFIG["idx_warps"], num_stages=CONFIG["idx_stages"],
+        )
+    return isc
+
+
+def kl_and_grad(isc, att, ids, starts, ends, row_valid, T, S):
+    """Per-row KL ``[R]`` and ``dI`` ``[R, K]`` (written over ``isc``) from the index scores
+    and the unnormalised head-summed target ``att``."""
+    R, K = isc.shape
+    kl = torch.empty(R, dtype=torch.float32, device=isc.device)
+    if R > 0 and K > 0:
+        rv = row_valid if row_valid is not None else kl
+        _kl_kernel[(R,)](isc, att, ids, starts, ends, rv, kl, isc, T, S, K, BK=_p2(K),
+                         HAS_RV=row_valid is not None, num_warps=CONFIG["kl_warps"])
+    else:
+        kl.zero_()
+    return kl, isc
+
+
+def _row_scale(per_token, rv, R, device):
+    if per_token:
+        return torch.ones((), dtype=torch.float64, device=device)
+    if rv is not None:
+        return 1.0 / rv.to(torch.float64).sum().clamp_min(1.0)
+    return torch.full((), 1.0 / max(R, 1), dtype=torch.float64, device=device)
 
 
 def sparse_loss_backward(q, k, w, ids, starts, ends, di, g, use_relu):
@@ -370,13 +402,7 @@ class IndexerLossSparseFused(torch.autograd.Function):
             kl, di = sparse_loss_forward(qc, kc, wc, query.detach().contiguous(),
                                          key.detach().contiguous(), ids, st, en, scale, use_relu,
                                          rv, tp_group, attn_lse)
-            if per_token:
-                row_scale = torch.ones((), dtype=torch.float64, device=q.device)
-            elif rv is not None:
-                row_scale = 1.0 / rv.to(torch.float64).sum().clamp_min(1.0)
-            else:
-                row_scale = torch.full((), 1.0 / max(B * T, 1), dtype=torch.float64,
-                                       device=q.device)
+            row_scale = _row_scale(per_token, rv, B * T, q.device)
             total = kl.to(torch.float64).sum()
         ctx.save_for_backward(qc, kc, wc, ids, st, en, di, row_scale)
         ctx.loss_coeff, ctx.use_relu = loss_coeff, use_relu
@@ -389,3 +415,58 @@ class IndexerLossSparseFused(torch.autograd.Function):
         g = (grad.to(torch.float64) * row_scale * ctx.loss_coeff).to(torch.float32).reshape(1)
         dq, dk, dw = sparse_loss_backward(q, k, w, ids, st, en, di, g, ctx.use_relu)
         return (dq, dk, dw) + (None,) * 12
+
+
+class IndexerLossFromAttention(torch.autograd.Function):
+    """Sparse indexer KL loss whose target comes from the attention backward.
+
+    Forward: the index scores at the selected slots (``_index_kernel``) only. Outputs a zero
+    placeholder loss and a zero fp32 ``[R, K]`` *slot* tensor (a stride-0 view: no memory) that
+    the caller passes to ``sparse_mla(..., loss_target=slot)``. Autograd then runs this node's
+    backward only after the attention backward, which hands over the head-summed probabilities
+    ``sum_h exp(s_h - lse_h)`` per slot as the slot's gradient (the P it forms anyway).
+    Backward: (TP all-reduce of the target), KL + ``dI`` (``_kl_kernel``), the loss value passed
+    to ``on_value`` (it does not exist before the backward), then ``_index_bwd_kernel``.
+    Missing target (the attention backward did not run with ``loss_target``) raises.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, w, ids, starts, ends, loss_coeff, use_relu, row_valid, per_token,
+                tp_group, on_value):
+        B, T = q.shape[:2]
+        R = B * T
+        qc, kc, wc = q.detach().contiguous(), k.detach().contiguous(), w.detach().contiguous()
+        ids = ids.reshape(R, -1).contiguous()
+        st = starts.reshape(R).to(torch.int32).contiguous()
+        en = ends.reshape(R).to(torch.int32).contiguous()
+        rv = row_valid.reshape(R).contiguous() if row_valid is not None else None
+        with torch.no_grad():
+            isc = index_scores(qc, kc, wc, ids, st, en, use_relu)
+            row_scale = _row_scale(per_token, rv, R, q.device)
+        ctx.save_for_backward(qc, kc, wc, ids, st, en, isc, row_scale, rv)
+        ctx.loss_coeff, ctx.use_relu, ctx.tp_group, ctx.on_value = loss_coeff, use_relu, tp_group, on_value
+        ctx.T, ctx.S = T, k.shape[1]
+        ctx.set_materialize_grads(False)
+        out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        loss = torch.zeros((), dtype=out_dtype, device=q.device)
+        slot = torch.zeros((), dtype=torch.float32, device=q.device).expand(R, ids.shape[1])
+        return loss, slot
+
+    @staticmethod
+    def backward(ctx, grad, target):
+        if target is None:
+            raise RuntimeError(
+                "indexer_loss_from_attention: no target reached the loss. Pass its slot tensor "
+                "to sparse_mla(..., loss_target=slot) and backpropagate through the attention "
+                "output"
+            )
+        q, k, w, ids, st, en, isc, row_scale, rv = ctx.saved_tensors
+        att = _tp_reduce(target.contiguous(), ctx.tp_group)
+        kl, di = kl_and_grad(isc, att, ids, st, en, rv, ctx.T, ctx.S)
+        if ctx.on_value is not None:
+            ctx.on_value((kl.to(torch.float64).sum() * row_scale * ctx.loss_coeff).to(torch.float32))
+        if grad is None:
+            return (None,) * 12
+        g = (grad.to(torch.float64) * row_scale * ctx.loss_coeff).to(torch.float32).reshape(1)
+        dq, dk, dw = sparse_loss_backward(q, k, w, ids, st, en, di, g, ctx.use_relu)
+        return (dq, dk, dw) + (None,) * 9

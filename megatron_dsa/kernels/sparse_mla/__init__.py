@@ -21,11 +21,15 @@ def sparse_mla(
     topk_length: Optional[torch.Tensor] = None,
     sink: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    loss_target: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable sparse attention: ``(out [T, H, d_v], lse fp32 [T, H])``.
 
     q ``[T, H, Dqk]``, kv ``[Tk, Dqk]`` (V = first ``d_v`` channels), indices ``[T, K]`` int32
     with ``-1`` padding, topk_length ``[T]`` optional, sink ``[H]`` optional.
+    ``loss_target`` (fused backend only): the slot tensor returned by
+    :func:`megatron_dsa.kernels.indexer_loss.indexer_loss_from_attention`; the backward hands it
+    the head-summed attention probabilities per slot as its gradient.
     """
     check_tensor("q", q, 3)
     check_tensor("kv", kv, 2)
@@ -48,5 +52,11 @@ def sparse_mla(
     if impl == "triton":
         from .triton_impl import sparse_mla_triton
 
-        return sparse_mla_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
+        return sparse_mla_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink,
+                                 loss_target=loss_target)
+    if loss_target is not None:
+        raise ValueError(
+            "loss_target needs the fused sparse MLA backend (backend='triton'); with the reference "
+            "pass attn_lse to indexer_loss instead"
+        )
     return sparse_mla_reference(q, kv, indices, softmax_scale, d_v, topk_length, sink)

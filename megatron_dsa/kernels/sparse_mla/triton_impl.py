@@ -402,18 +402,21 @@ def _ld_chunk(base, rows, row_mask, row_stride, cols, col_mask, MASK_COLS: tl.co
 
 @triton.jit
 def _sparse_mla_bwd_dkv_rows_kernel(
-    Q, KV, IDX, TOPK, DO, STATS, DKV, DQW,
+    Q, KV, IDX, TOPK, DO, STATS, DKV, DQW, LSE, TGT,
     sq_t, sq_h, s_kv, s_it, sdo_t, sdo_h,
     H, Tk, K, NB, stats_off, scale, scale_log2,
     D_V: tl.constexpr, D_QK: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     HAS_TOPK: tl.constexpr, MASK_V: tl.constexpr, MASK_T: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, DO_DQ: tl.constexpr,
+    EMIT_T: tl.constexpr, SINK_T: tl.constexpr,
 ):
     """dkv pass over ALL heads of one query row and one block of BN slots.
 
     Phase 1: S = Q K^T and dP = dO V^T for the [HP, BN] tile, channels walked in BC-wide chunks
     (Q / dO / the gathered kv chunk are streamed; nothing [*, Dqk]-sized stays live).
     P and dS come from the logZ / Delta saved by the dq pass.
+    EMIT_T: also store ``sum_h exp(s - lse_h)`` per slot into ``TGT [T, K]`` (the indexer loss's
+    unnormalised target; lse excludes the sink, so with a sink P is rescaled by exp(logZ - lse)).
     Phase 2: per BC-wide channel chunk, g = dS^T Q (+ P^T dO on value channels), [BN, BC] fp32,
     added once per (slot, channel) to the fp32 workspace.
     Programs of one row are adjacent in the 1-D grid, so the row's Q / dO stay in L2.
@@ -456,6 +459,15 @@ def _sparse_mla_bwd_dkv_rows_kernel(
         live = valid[None, :] & hmask[:, None]
         p = tl.where(live, tl.exp2(s * scale_log2 - z2[:, None]), 0.0)
         ds = p * (dp - delta[:, None]) * scale
+        if EMIT_T:
+            if SINK_T:
+                l2 = tl.load(LSE + t * H + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+                lf = l2 > float("-inf")
+                fh = tl.where(lf, tl.exp2(z2 - tl.where(lf, l2, 0.0)), 0.0)
+                tsum = tl.sum(p * fh[:, None], 0)
+            else:
+                tsum = tl.sum(p, 0)
+            tl.store(TGT + t * K + offs_n, tsum, mask=offs_n < K)
         pT = tl.trans(p.to(Q.dtype.element_ty))
         dsc = ds.to(Q.dtype.element_ty)
         dsT = tl.trans(dsc)
@@ -609,11 +621,22 @@ def _det_default() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def loss_target_supported(H: int, deterministic: bool) -> bool:
+    """Whether the backward can emit the indexer loss target (the all-heads pass runs)."""
+    return (not deterministic) and bool(CONFIG["bwd_rows"]) and CONFIG["bwd_rows_min_h"] <= H <= 128
+
+
 def sparse_mla_bwd_triton(
     q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse=None,
-    deterministic: bool = False,
+    deterministic: bool = False, target_out=None,
 ):
-    """Backward: returns ``(dq, dkv, d_sink or None)``."""
+    """Backward: returns ``(dq, dkv, d_sink or None)``.
+
+    ``target_out`` (optional, fp32 ``[T, K]``, zero-filled by the caller): receives
+    ``sum_h exp(softmax_scale * q_h . kv_id - lse_h)`` per slot (0 on empty slots), the indexer
+    loss's unnormalised target, computed from the P this pass forms anyway. Needs
+    ``loss_target_supported(H, deterministic)``.
+    """
     T, H, Dqk = q.shape
     Tk = kv.shape[0]
     K = indices.shape[1]
@@ -653,9 +676,12 @@ def sparse_mla_bwd_triton(
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         )
         scale = float(softmax_scale)
-        use_rows = (
-            not deterministic and bool(CONFIG["bwd_rows"]) and CONFIG["bwd_rows_min_h"] <= H <= 128
-        )
+        use_rows = loss_target_supported(H, deterministic)
+        if target_out is not None and not use_rows:
+            raise RuntimeError(
+                f"the sparse MLA backward emits the indexer-loss target only on its all-heads pass "
+                f"(H <= 128, not deterministic); got H={H}, deterministic={deterministic}"
+            )
         if use_rows:
             # dq pass (also saves logZ and Delta), then the all-heads dkv pass
             stats = torch.empty(2 * T * H, dtype=torch.float32, device=dev)
@@ -686,13 +712,13 @@ def sparse_mla_bwd_triton(
             if NB > 0 and Tk > 0:
                 LAST_KERNELS["bwd"] = _sparse_mla_bwd_dkv_rows_kernel[(T * NB,)](
                     q, kv, indices, topk_length if topk_length is not None else indices, dout, stats, dkv_acc,
-                    dq_acc,
+                    dq_acc, lse, target_out if target_out is not None else lse,
                     q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
                     H, Tk, K, NB, T * H, scale, scale * LOG2E,
                     D_V=d_v, D_QK=Dqk, HP=HP, BN=BNr, BC=BC,
                     HAS_TOPK=topk_length is not None,
                     MASK_V=(d_v % BC != 0), MASK_T=((Dqk - d_v) % BC != 0), **_prec(q.dtype),
-                    DO_DQ=fuse_dq,
+                    DO_DQ=fuse_dq, EMIT_T=target_out is not None, SINK_T=sink is not None,
                     num_warps=CONFIG["bwd_rows_warps"] if HP > 32 else CONFIG["bwd_rows_warps_small"],
                     num_stages=CONFIG["bwd_rows_stages"],
                 )
@@ -743,7 +769,7 @@ def sparse_mla_bwd_triton(
 
 class _SparseMLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic):
+    def forward(ctx, q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic, loss_target):
         out, lse = sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
         ctx.save_for_backward(q, kv, indices, topk_length, sink, out, lse)
         ctx.softmax_scale = softmax_scale
@@ -757,13 +783,16 @@ class _SparseMLAFunction(torch.autograd.Function):
         q, kv, indices, topk_length, sink, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
+        target = None
+        if ctx.needs_input_grad[8]:
+            target = torch.zeros(indices.shape, dtype=torch.float32, device=q.device)
         dq, dkv, d_sink = sparse_mla_bwd_triton(
             q, kv, indices, ctx.softmax_scale, ctx.d_v, topk_length, sink, out, lse, dout, dlse,
-            deterministic=ctx.deterministic,
+            deterministic=ctx.deterministic, target_out=target,
         )
         if not ctx.needs_input_grad[6]:
             d_sink = None
-        return dq, dkv, None, None, None, None, d_sink, None
+        return dq, dkv, None, None, None, None, d_sink, None, target
 
 
 def sparse_mla_triton(
@@ -775,8 +804,15 @@ def sparse_mla_triton(
     topk_length: Optional[torch.Tensor] = None,
     sink: Optional[torch.Tensor] = None,
     deterministic: Optional[bool] = None,
+    loss_target: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused sparse MLA attention; differentiable in q, kv and sink. See module docstring."""
+    """Fused sparse MLA attention; differentiable in q, kv and sink. See module docstring.
+
+    ``loss_target``: the slot tensor from ``indexer_loss_from_attention`` (fp32 ``[T, K]``,
+    requires grad). The backward returns, as its gradient, the head-summed attention
+    probabilities per slot (the sparse indexer loss's target), so the loss needs no pass of its
+    own over the attention heads.
+    """
     if deterministic is None:
         deterministic = _det_default()
     indices = indices.contiguous()
@@ -784,6 +820,18 @@ def sparse_mla_triton(
         topk_length = topk_length.contiguous()
     if sink is not None:
         sink = sink.contiguous()
+    if loss_target is not None:
+        if tuple(loss_target.shape) != tuple(indices.shape) or loss_target.dtype != torch.float32:
+            raise ValueError(
+                f"loss_target must be fp32 {tuple(indices.shape)} (the indices' shape), got "
+                f"{loss_target.dtype} {tuple(loss_target.shape)}"
+            )
+        if not loss_target_supported(q.shape[1], bool(deterministic)):
+            raise ValueError(
+                "loss_target needs the all-heads backward (H <= 128, not deterministic); use "
+                "indexer_loss(..., attn_lse=lse) instead"
+            )
     return _SparseMLAFunction.apply(
-        q, kv, indices, float(softmax_scale), int(d_v), topk_length, sink, bool(deterministic)
+        q, kv, indices, float(softmax_scale), int(d_v), topk_length, sink, bool(deterministic),
+        loss_target,
     )
