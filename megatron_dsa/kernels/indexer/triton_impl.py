@@ -593,7 +593,7 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     grid = (n_s, triton.cdiv(n_rows, bt), B)
     interp = _interpreting()
     upcast = interp or q.dtype == torch.float64
-    _score_kernel[grid](
+    return _score_kernel[grid](
         q, k, w, starts, ends, buf,
         row0, n_rows, T, S,
         q.stride(0), q.stride(1), q.stride(2),
