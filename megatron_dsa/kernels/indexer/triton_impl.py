@@ -58,16 +58,18 @@ def _score_head(q_row, kt, h, sq_h, rmask, UPCAST: tl.constexpr, IEEE: tl.conste
 
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr,
+    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr, samp_ptr,
     row0, n_rows, T, S,
     sq_b, sq_t, sq_h,
     sk_b, sk_s,
     sw_b, sw_t, sw_h,
     sse_b, sse_t,
     so_b, so_r,
+    ss_b, ss_r,
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SAMPLE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -112,6 +114,9 @@ def _score_kernel(
         acc = tl.where(valid, acc, float("-inf"))
         o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
         tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
+        if SAMPLE > 0:  # every SAMPLE-th key also into a contiguous sample row (for the select)
+            so = samp_ptr + b * ss_b + r[:, None].to(tl.int64) * ss_r + (s // SAMPLE)[None, :]
+            tl.store(so, acc, mask=rmask[:, None] & (smask & (s % SAMPLE == 0))[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,7 +389,8 @@ def _select_kernel_v2(
 @triton.jit
 def _sample_level(row_ptr, Ls, prefix, k_rem, STRIDE: tl.constexpr, SHIFT: tl.constexpr,
                   FIRST: tl.constexpr, BLOCK: tl.constexpr):
-    """256-bin histogram of one key digit over the strided sample row[0::STRIDE]."""
+    """256-bin histogram of one key digit over the sample row_ptr[0::STRIDE] (STRIDE 1: a
+    contiguous sample row written by the score kernel)."""
     hist = tl.zeros([256], dtype=tl.int32)
     for off in range(0, Ls, BLOCK):
         j = off + tl.arange(0, BLOCK)
@@ -439,14 +445,15 @@ def _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK: tl.c
 
 @triton.jit
 def _select_kernel_v3(
-    buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
+    buf_ptr, scr_ptr, samp_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
     row0, T, S, K, CAP,
     sse_b, sse_t,
     sb_b, sb_r,
     so_b, so_t,
     sc_b, sc_r,
+    ss_b, ss_r,
     CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr,
-    STRIDE: tl.constexpr,
+    STRIDE: tl.constexpr, SAMPLED: tl.constexpr,
 ):
     """Sampled pre-filter + exact radix select.
 
@@ -488,13 +495,22 @@ def _select_kernel_v3(
             tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
             tl.store(val_row + j, x, mask=m)
     else:
-        Ls = (L + STRIDE - 1) // STRIDE
-        ks = K // STRIDE
-        ks = ks + 4 * tl.sqrt(ks.to(tl.float32)).to(tl.int32) + 16
-        ks = tl.minimum(ks, Ls)
-        b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
-        b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
-                                          16, False, BLOCK)
+        ks0 = K // STRIDE
+        ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
+        if SAMPLED:  # keys st <= j < en with j % STRIDE == 0, contiguous
+            s0 = (st + STRIDE - 1) // STRIDE
+            Ls = (en + STRIDE - 1) // STRIDE - s0
+            smp = samp_ptr + b * ss_b + r.to(tl.int64) * ss_r + s0
+            ks = tl.minimum(ks0, Ls)
+            b0, above, in_b = _sample_level(smp, Ls, 0, ks, 1, 24, True, BLOCK)
+            b1, above1, in_b1 = _sample_level(smp, Ls, b0.to(tl.uint32), ks - above, 1,
+                                              16, False, BLOCK)
+        else:  # strided reads of the row
+            Ls = (L + STRIDE - 1) // STRIDE
+            ks = tl.minimum(ks0, Ls)
+            b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
+            b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
+                                              16, False, BLOCK)
         tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
         n0 = 0
         for off in range(0, L, BLOCK):
@@ -579,13 +595,23 @@ def _scratch_cols(S: int, topk: int, variant: int) -> int:
     return 0
 
 
+def _sampled() -> bool:
+    """v3's threshold sample: a contiguous copy of every _SAMPLE_STRIDE-th score written by the
+    score kernel (default), or strided reads of the row (``MEGATRON_DSA_INDEXER_SAMPLED=0``)."""
+    return os.environ.get("MEGATRON_DSA_INDEXER_SAMPLED", "1") != "0"
+
+
 def _plan(B, T, S, topk, block_t, chunk_bytes, variant):
-    """(rows per chunk, scratch ids per row): fp32 scores + int32 scratch within chunk_bytes."""
+    """(rows per chunk, scratch ids per row): fp32 scores, int32 scratch and the fp32 sample
+    row within chunk_bytes."""
     cap = _scratch_cols(S, topk, variant)
-    return _chunk_rows(B, T, 4 * (S + cap), block_t, chunk_bytes), cap
+    smp = triton.cdiv(S, _SAMPLE_STRIDE) if variant == 3 and _sampled() else 0
+    return _chunk_rows(B, T, 4 * (S + cap + smp), block_t, chunk_bytes), cap
 
 
-def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg):
+def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, samp=None):
+    """Masked scores of rows [row0, row0 + n_rows) into ``buf``; with ``samp`` [B, rows,
+    cdiv(S, _SAMPLE_STRIDE)] also every _SAMPLE_STRIDE-th key into it (contiguous)."""
     B, T, H, D = q.shape
     S = k.shape[1]
     bt, bs, nw, ns = cfg
@@ -594,15 +620,17 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     interp = _interpreting()
     upcast = interp or q.dtype == torch.float64
     return _score_kernel[grid](
-        q, k, w, starts, ends, buf,
+        q, k, w, starts, ends, buf, samp if samp is not None else buf,
         row0, n_rows, T, S,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         starts.stride(0), starts.stride(1),
         buf.stride(0), buf.stride(1),
+        *((samp.stride(0), samp.stride(1)) if samp is not None else (0, 0)),
         H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=upcast, IEEE=(q.dtype in (torch.float32, torch.float64)),
+        SAMPLE=_SAMPLE_STRIDE if samp is not None else 0,
         num_warps=nw, num_stages=ns,
     )
 
@@ -658,13 +686,20 @@ def indexer_topk_triton(
     rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, variant)
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device) if cap else None
+    samp = None
+    if variant == 3 and _sampled():
+        samp = torch.empty(B, rows, triton.cdiv(S_alloc, _SAMPLE_STRIDE), dtype=torch.float32,
+                           device=q.device)
 
     def select(buf, scr, row0, n):
         head = (buf, scr) if cap else (buf,)
         common = (starts, ends, idx, vals, row0, T, S, topk)
         if variant == 3:
-            kern, args, extra = _select_kernel_v3, (cap,), dict(STRIDE=_SAMPLE_STRIDE)
-            strides = (scr.stride(0), scr.stride(1))
+            head = (buf, scr, samp if samp is not None else buf)
+            kern, args = _select_kernel_v3, (cap,)
+            extra = dict(STRIDE=_SAMPLE_STRIDE, SAMPLED=samp is not None)
+            strides = (scr.stride(0), scr.stride(1)) + (
+                (samp.stride(0), samp.stride(1)) if samp is not None else (0, 0))
         else:
             kern, args, extra, strides = (_select_kernel_v2 if v2 else _select_kernel), (), {}, ()
         kern[(n, B)](
@@ -680,6 +715,6 @@ def indexer_topk_triton(
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
-            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg)
+            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, samp)
         select(buf, scr, row0, n)
     return idx, vals
