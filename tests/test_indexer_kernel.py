@@ -110,6 +110,20 @@ def test_topk_windows(kind, global_ids):
     _check_topk(q, k, w, K, st, en, idx, val, global_ids=global_ids)
 
 
+@pytest.mark.parametrize("kind", ["packed", "random"])
+def test_topk_contiguous_sample(monkeypatch, kind):
+    """MEGATRON_DSA_INDEXER_SAMPLED=1: the score kernel writes every 8th key of each row into a
+    sample row and the select takes its threshold from it (windows not starting on a multiple
+    of 8, several chunks, rows long enough for the pre-filter)."""
+    monkeypatch.setenv("MEGATRON_DSA_INDEXER_SAMPLED", "1")
+    B, T, H, D, K = 1, 150, 2, 16, 12
+    S = T if kind == "packed" else 170
+    q, k, w = _inputs(B, T, S, H, D)
+    st, en = _window(kind, B, T, S)
+    idx, val = indexer_topk_triton(q, k, w, K, st, en, chunk_bytes=B * 4 * (S + 1024 + 32) * 48)
+    _check_topk(q, k, w, K, st, en, idx, val)
+
+
 def test_topk_first_rows_masked_no_relu_chunks():
     """Fully masked rows (empty window), negative scores (no ReLU) and many small chunks."""
     B, T, S, H, D, K = 2, 45, 45, 4, 32, 16

@@ -596,9 +596,11 @@ def _scratch_cols(S: int, topk: int, variant: int) -> int:
 
 
 def _sampled() -> bool:
-    """v3's threshold sample: a contiguous copy of every _SAMPLE_STRIDE-th score written by the
-    score kernel (default), or strided reads of the row (``MEGATRON_DSA_INDEXER_SAMPLED=0``)."""
-    return os.environ.get("MEGATRON_DSA_INDEXER_SAMPLED", "1") != "0"
+    """v3's threshold sample: strided reads of the row (default, the path measured on H100), or
+    a contiguous copy of every _SAMPLE_STRIDE-th score written by the score kernel
+    (``MEGATRON_DSA_INDEXER_SAMPLED=1``: tested on the CPU interpreter only, not yet timed on a
+    GPU; it saves the sample passes' strided sector reads)."""
+    return os.environ.get("MEGATRON_DSA_INDEXER_SAMPLED", "0") == "1"
 
 
 def _plan(B, T, S, topk, block_t, chunk_bytes, variant):
