@@ -166,13 +166,16 @@ def test_cached_replay_equals_fresh_capture_equals_eager_on_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_layer_forward_backward_captures_with_sync_debug_error(mcore):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_layer_forward_backward_captures_with_sync_debug_error(mcore, sparse):
+    """sparse=True: the sparse indexer loss with its target from the attention backward (the
+    CUDA default), value recorded in the tracker during the captured backward."""
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_dsa.spec import get_dsa_attention_spec
 
-    cfg = tiny_config(num_layers=1, use_cpu_initialization=False)
+    cfg = tiny_config(num_layers=1, use_cpu_initialization=False, dsa_indexer_use_sparse_loss=sparse)
     attn = build_module(get_dsa_attention_spec(cfg), config=cfg, layer_number=1).cuda()
     core = attn.self_attention.core_attention if hasattr(attn, "self_attention") else attn.core_attention
     inp = {k: (v.cuda().detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
