@@ -67,6 +67,8 @@ def test_plugin_config():
         DSAPluginConfig(indexer_backend="fast")
     with pytest.raises(ValueError, match="unknown letters"):
         DSAPluginConfig(index_pattern="FSX")
+    with pytest.raises(ValueError, match="loss_target"):
+        DSAPluginConfig(loss_target="free")
     object.__setattr__(cfg, "megatron_dsa", {"attention_backend": "reference"})
     with pytest.raises(TypeError, match="DSAPluginConfig"):
         get_plugin_config(cfg)
@@ -89,3 +91,16 @@ def test_layer_rejects_bad_tensors(mcore):
         core(q[..., :-1], k[..., :-1], None, None, x, qr, up_v_weight=up)
     with pytest.raises(ValueError, match="up_v_weight"):
         core(q, k, None, None, x, qr)
+
+
+def test_loss_target_attention_needs_the_fused_attention(mcore):
+    """loss_target='attention' on the reference attention: a clear error naming why."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_dsa.spec import get_dsa_attention_spec
+
+    cfg = tiny_config(dsa_indexer_use_sparse_loss=True)
+    set_plugin_config(cfg, attention_backend="reference", loss_target="attention")
+    m = build_module(get_dsa_attention_spec(cfg), config=cfg, layer_number=1).train()
+    with pytest.raises(ValueError, match="loss_target='attention' cannot run: the sparse attention"):
+        m(torch.randn(16, 1, cfg.hidden_size), None)

@@ -12,6 +12,16 @@ from .reference import indexer_loss_reference
 __all__ = ["indexer_loss", "indexer_loss_from_attention", "indexer_loss_reference"]
 
 
+def _check_indexer_tensors(q, k, w):
+    """q [B, T, H, D], k [B, S, D], w [B, T, H]: returns (B, T, H, D, S)."""
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 3)
+    check_tensor("w", w, 3)
+    B, T, H, D = q.shape
+    check_dim("k", k, 2, D, "q's head dim")
+    return B, T, H, D, k.shape[1]
+
+
 def indexer_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -37,14 +47,9 @@ def indexer_loss(
     natural-log LSE over the same selected keys, as ``sparse_mla`` returns it; the fused kernel
     then skips its own normaliser pass. The reference recomputes it and ignores the argument.
     """
-    check_tensor("q", q, 4)
-    check_tensor("k", k, 3)
-    check_tensor("w", w, 3)
+    B, T, H, D, S = _check_indexer_tensors(q, k, w)
     check_tensor("query", query, 4)
     check_tensor("key", key, 3)
-    B, T, H, D = q.shape
-    S = k.shape[1]
-    check_dim("k", k, 2, D, "q's head dim")
     check_dim("query", query, 1, T, "q's rows")
     check_dim("key", key, 1, S, "k's rows")
     check_dim("key", key, 2, query.shape[-1], "query's head dim")
@@ -98,12 +103,7 @@ def indexer_loss_from_attention(
     Same contract as ``indexer_loss(..., sparse=True)`` otherwise. Raises in the backward if no
     target arrived (the attention was not given the slot).
     """
-    check_tensor("q", q, 4)
-    check_tensor("k", k, 3)
-    check_tensor("w", w, 3)
-    B, T, H, D = q.shape
-    S = k.shape[1]
-    check_dim("k", k, 2, D, "q's head dim")
+    B, T, H, D, S = _check_indexer_tensors(q, k, w)
     check_dim("w", w, 2, H, "q's heads")
     if topk_indices is None:
         raise ValueError("indexer_loss_from_attention needs topk_indices")
