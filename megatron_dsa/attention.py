@@ -293,9 +293,9 @@ class DSAttention(MegatronModule):
         elif q_i.dtype == torch.float64:
             why = "fp64 runs the reference loss"
         else:
-            from .kernels.sparse_mla.triton_impl import _det_default, loss_target_supported
+            from .kernels.sparse_mla.triton_impl import loss_target_supported
 
-            if not loss_target_supported(heads, _det_default()):
+            if not loss_target_supported(heads):
                 why = (f"the attention backward emits the target only on its all-heads pass "
                        f"(<= 128 heads per rank, not deterministic; here {heads} heads)")
         if why is not None and plugin.loss_target == "attention":

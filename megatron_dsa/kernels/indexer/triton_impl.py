@@ -47,16 +47,6 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _score_head(q_row, kt, h, sq_h, rmask, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
-    if UPCAST:
-        qh = qh.to(tl.float32)
-    if IEEE:
-        return tl.dot(qh, kt, input_precision="ieee")
-    return tl.dot(qh, kt)
-
-
-@triton.jit
 def _score_kernel(
     q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr, samp_ptr,
     row0, n_rows, T, S,
@@ -105,8 +95,14 @@ def _score_kernel(
         # (Issuing head h+1's MMA before head h's epilogue, by hand, measured slower on H100:
         # score alone at S=32K 15.3 vs 13.1 ms.)
         for h in range(H):
-            x = _score_head(q_row, kt, h, sq_h, rmask, UPCAST, IEEE)
+            qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
             wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
+            if UPCAST:
+                qh = qh.to(tl.float32)
+            if IEEE:
+                x = tl.dot(qh, kt, input_precision="ieee")
+            else:
+                x = tl.dot(qh, kt)
             if USE_RELU:
                 x = tl.maximum(x, 0.0)
             acc += x * wh[:, None]
@@ -693,19 +689,19 @@ def indexer_topk_triton(
         samp = torch.empty(B, rows, triton.cdiv(S_alloc, _SAMPLE_STRIDE), dtype=torch.float32,
                            device=q.device)
 
-    def select(buf, scr, row0, n):
-        head = (buf, scr) if cap else (buf,)
-        common = (starts, ends, idx, vals, row0, T, S, topk)
-        if variant == 3:
-            head = (buf, scr, samp if samp is not None else buf)
-            kern, args = _select_kernel_v3, (cap,)
-            extra = dict(STRIDE=_SAMPLE_STRIDE, SAMPLED=samp is not None)
-            strides = (scr.stride(0), scr.stride(1)) + (
-                (samp.stride(0), samp.stride(1)) if samp is not None else (0, 0))
-        else:
-            kern, args, extra, strides = (_select_kernel_v2 if v2 else _select_kernel), (), {}, ()
+    # per variant: kernel, leading buffers, extra scalar args, extra strides, extra constexprs
+    if variant == 3:
+        kern, head, args = _select_kernel_v3, (buf, scr, samp if samp is not None else buf), (cap,)
+        strides = (scr.stride(0), scr.stride(1)) + (
+            (samp.stride(0), samp.stride(1)) if samp is not None else (0, 0))
+        extra = dict(STRIDE=_SAMPLE_STRIDE, SAMPLED=samp is not None)
+    else:
+        kern, head = (_select_kernel_v2, (buf, scr)) if v2 else (_select_kernel, (buf,))
+        args, strides, extra = (), (), {}
+
+    def select(row0, n):
         kern[(n, B)](
-            *head, *common, *args,
+            *head, starts, ends, idx, vals, row0, T, S, topk, *args,
             starts.stride(0), starts.stride(1),
             buf.stride(0), buf.stride(1),
             idx.stride(0), idx.stride(1), *strides,
@@ -718,5 +714,5 @@ def indexer_topk_triton(
         n = min(rows, T - row0)
         if S > 0:
             _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, samp)
-        select(buf, scr, row0, n)
+        select(row0, n)
     return idx, vals

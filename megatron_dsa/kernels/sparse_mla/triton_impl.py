@@ -621,8 +621,11 @@ def _det_default() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def loss_target_supported(H: int, deterministic: bool) -> bool:
-    """Whether the backward can emit the indexer loss target (the all-heads pass runs)."""
+def loss_target_supported(H: int, deterministic: Optional[bool] = None) -> bool:
+    """Whether the backward can emit the indexer loss target (the all-heads pass runs);
+    ``deterministic=None`` means the process default, as in ``sparse_mla_triton``."""
+    if deterministic is None:
+        deterministic = _det_default()
     return (not deterministic) and bool(CONFIG["bwd_rows"]) and CONFIG["bwd_rows_min_h"] <= H <= 128
 
 
