@@ -1,0 +1,108 @@
+"""Bring-up check of the sm_90a CUDA sparse MLA forward on a GPU: build, correctness against the
+plain-PyTorch reference at small sizes, then ours (CUDA) vs ours (Triton) forward at S=16K.
+
+    PYTHONPATH=$PWD python3 benchmarks/check_sparse_mla_cuda.py [--S 16384] [--H 64,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_sparse_mla import causal_indices, flops  # noqa: E402
+from common import time_cuda  # noqa: E402
+
+from megatron_dsa.kernels.sparse_mla import cuda_impl as ci  # noqa: E402
+from megatron_dsa.kernels.sparse_mla import triton_impl as ti  # noqa: E402
+from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference  # noqa: E402
+
+
+def ptxas_report() -> str:
+    proc = subprocess.run(
+        [ci._nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+         "-c", "-o", "/tmp/fwd.o", str(ci._SRC)], capture_output=True, text=True)
+    return "\n".join(l for l in proc.stderr.splitlines() if "registers" in l or "spill" in l
+                     or "error" in l or "wgmma" in l.lower())
+
+
+def check(T, H, K, sink, topk, v_desc=(ci.V_LBO, ci.V_SBO), seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(T, H, 576, device="cuda", generator=g).bfloat16()
+    kv = torch.randn(T, 576, device="cuda", generator=g).bfloat16()
+    idx = causal_indices(T, K, "cuda")
+    idx[min(5, T - 1)] = -1  # one empty row
+    tl_ = torch.randint(0, K + 1, (T,), device="cuda", generator=g).int() if topk else None
+    sk = torch.randn(H, device="cuda", generator=g) if sink else None
+    scale = 576 ** -0.5
+    o_ref, l_ref = sparse_mla_reference(q.float(), kv.float(), idx, scale, 512, tl_, sk)
+    o, l = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tl_, sk, v_desc=v_desc)
+    torch.cuda.synchronize()
+    fin = torch.isfinite(l_ref)
+    err_o = ((o.float() - o_ref).abs().max() / o_ref.abs().max().clamp_min(1e-6)).item()
+    err_l = (l[fin] - l_ref[fin]).abs().max().item() if fin.any() else 0.0
+    lse_inf_ok = bool(torch.equal(torch.isneginf(l), torch.isneginf(l_ref)))
+    nan = bool(torch.isnan(o).any() or torch.isnan(l).any())
+    return dict(T=T, H=H, K=K, sink=sink, topk=topk, v_desc=list(v_desc), err_out=err_o,
+                err_lse=err_l, lse_inf_ok=lse_inf_ok, nan=nan,
+                ok=err_o < 2e-2 and err_l < 2e-2 and lse_inf_ok and not nan)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--S", type=int, default=16384)
+    ap.add_argument("--H", default="64,128")
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    print(ptxas_report(), flush=True)
+    print("lib:", ci.build_library(), flush=True)
+    res = {"checks": [], "timing": []}
+    cases = [(256, 64, 128, False, False), (300, 128, 192, True, True), (200, 100, 64, True, False),
+             (130, 64, 96, False, True), (64, 48, 64, False, False)]
+    for c in cases:
+        r = check(*c)
+        res["checks"].append(r)
+        print("check", r, flush=True)
+    if not res["checks"][0]["ok"]:
+        for vd in [(1024, 8192), (8192, 1024), (2048, 1024)]:
+            r = check(*cases[0], v_desc=vd)
+            print("variant", r, flush=True)
+    if all(r["ok"] for r in res["checks"]):
+        for H in [int(h) for h in a.H.split(",")]:
+            S, k = a.S, a.k
+            q = torch.randn(S, H, 576, device="cuda").bfloat16()
+            kv = torch.randn(S, 576, device="cuda").bfloat16()
+            idx = causal_indices(S, k, "cuda")
+            scale = 576 ** -0.5
+            t_c = time_cuda(lambda: ci.sparse_mla_fwd_cuda(q, kv, idx, scale), reps=a.reps)
+            t_t = time_cuda(lambda: ti.sparse_mla_fwd_triton(q, kv, idx, scale, 512), reps=a.reps)
+            oc, lc = ci.sparse_mla_fwd_cuda(q, kv, idx, scale)
+            ot, lt = ti.sparse_mla_fwd_triton(q, kv, idx, scale, 512)
+            diff = ((oc.float() - ot.float()).abs().max()).item()
+            f = flops(S, H, k, "fwd")
+            row = dict(S=S, H=H, k=k, cuda_ms=t_c, triton_ms=t_t, cuda_tflops=f / t_c / 1e9,
+                       triton_tflops=f / t_t / 1e9, max_abs_diff_vs_triton=diff)
+            res["timing"].append(row)
+            print("time", row, flush=True)
+            del q, kv, idx
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "check_sparse_mla_cuda.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
+    print("\n| S | H | CUDA ms | TFLOP/s | Triton ms | TFLOP/s |")
+    for r in res["timing"]:
+        print(f"| {r['S']} | {r['H']} | {r['cuda_ms']:.2f} | {r['cuda_tflops']:.0f} | "
+              f"{r['triton_ms']:.2f} | {r['triton_tflops']:.0f} |")
+    print("all checks ok:", all(r["ok"] for r in res["checks"]))
+
+
+if __name__ == "__main__":
+    main()
