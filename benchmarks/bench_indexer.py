@@ -239,7 +239,7 @@ def bench_loss_from_attention(S, args):
         key = torch.randn(S, 576, device="cuda", dtype=torch.bfloat16, generator=g)
         idx, _ = indexer_topk_triton(q, k, w, args.k)
         scale = 576**-0.5
-        out, lse = smla.sparse_mla_fwd_triton(query, key, idx[0], scale, 512)
+        out, lse = smla.sparse_mla_fwd(query, key, idx[0], scale, 512)
         dout = torch.randn_like(out)
         target = torch.zeros(S, args.k, device="cuda")
 

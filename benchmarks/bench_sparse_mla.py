@@ -64,8 +64,8 @@ def make_case(S, H, k):
 def impl_ours(q, kv, idx, dout, scale, deterministic=False):
     from megatron_dsa.kernels.sparse_mla import triton_impl as ti
 
-    fns = {"fwd": lambda: ti.sparse_mla_fwd_triton(q, kv, idx, scale, DV)}
-    out, lse = ti.sparse_mla_fwd_triton(q, kv, idx, scale, DV)
+    fns = {"fwd": lambda: ti.sparse_mla_fwd(q, kv, idx, scale, DV)}
+    out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, DV)
     fns["bwd"] = lambda: ti.sparse_mla_bwd_triton(q, kv, idx, scale, DV, None, None, out, lse, dout,
                                                   deterministic=deterministic)
 
@@ -123,7 +123,7 @@ def impl_cudnn(q, kv, idx, dout, scale):
     from megatron_dsa.kernels.sparse_mla import triton_impl as ti
 
     S, H, _ = q.shape
-    out, lse = ti.sparse_mla_fwd_triton(q, kv, idx, scale, DV)
+    out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, DV)
     sink = torch.full((H,), float("-inf"), device=q.device, dtype=torch.float32)
     idx_c = idx.clamp_min(0).contiguous()
     tk = (idx >= 0).sum(1).int()  # causal_indices puts valid ids first (topk is sorted)

@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--variants", default="1,2,4,6",
+                    help="SPARSE_MLA_DBG builds to time at the last H (timing experiments, wrong results)")
     a = ap.parse_args()
     print(ptxas_report(), flush=True)
     print("lib:", ci.build_library(), flush=True)
@@ -93,12 +95,20 @@ def main():
                        triton_tflops=f / t_t / 1e9, max_abs_diff_vs_triton=diff)
             res["timing"].append(row)
             print("time", row, flush=True)
+            if H == int(a.H.split(",")[-1]) and a.variants:
+                for v in [int(x) for x in a.variants.split(",")]:
+                    lib = ci.load_library(ci.build_library(defines=(f"SPARSE_MLA_DBG={v}",)))
+                    t_v = time_cuda(lambda: ci.sparse_mla_fwd_cuda(q, kv, idx, scale, lib=lib), reps=a.reps)
+                    res["timing"].append(dict(S=S, H=H, k=k, variant=v, cuda_ms=t_v))
+                    print(f"variant DBG={v}: {t_v:.2f} ms (default {t_c:.2f})", flush=True)
             del q, kv, idx
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "check_sparse_mla_cuda.json"), "w") as fh:
         json.dump(res, fh, indent=1)
     print("\n| S | H | CUDA ms | TFLOP/s | Triton ms | TFLOP/s |")
     for r in res["timing"]:
+        if "variant" in r:
+            continue
         print(f"| {r['S']} | {r['H']} | {r['cuda_ms']:.2f} | {r['cuda_tflops']:.0f} | "
               f"{r['triton_ms']:.2f} | {r['triton_tflops']:.0f} |")
     print("all checks ok:", all(r["ok"] for r in res["checks"]))

@@ -60,14 +60,16 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def build_library(force: bool = False) -> Path:
-    """Compile the kernel library (or return the cached one). Raises on failure."""
+def build_library(force: bool = False, defines: Tuple[str, ...] = ()) -> Path:
+    """Compile the kernel library (or return the cached one). Raises on failure.
+
+    ``defines`` (``-D`` flags) are for timing experiments in benchmarks only."""
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     src = _SRC.read_bytes()
     flags = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
-             "-gencode=arch=compute_90a,code=sm_90a"]
+             "-gencode=arch=compute_90a,code=sm_90a", *[f"-D{d}" for d in defines]]
     key = hashlib.sha256(src + nvcc.encode() + " ".join(flags).encode()).hexdigest()[:16]
     out = _cache_dir() / f"sparse_mla_fwd_sm90-{key}.so"
     if out.exists() and not force:
@@ -87,18 +89,21 @@ def build_library(force: bool = False) -> Path:
     return out
 
 
+def load_library(path: Path):
+    lib = ctypes.CDLL(str(path))
+    fn = lib.dsa_sparse_mla_fwd_sm90
+    fn.restype = ctypes.c_int
+    ll, i32, vp = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, ctypes.c_uint, ctypes.c_uint, vp]
+    return lib
+
+
 def _load():
     global _LIB, _LIB_ERROR
     if _LIB is not None or _LIB_ERROR is not None:
         return _LIB
     try:
-        lib = ctypes.CDLL(str(build_library()))
-        fn = lib.dsa_sparse_mla_fwd_sm90
-        fn.restype = ctypes.c_int
-        ll, i32, vp = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
-        fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, ctypes.c_uint,
-                                                          ctypes.c_uint, vp]
-        _LIB = lib
+        _LIB = load_library(build_library())
     except Exception as exc:  # build or load failure: fall back to Triton, say so once
         _LIB_ERROR = str(exc)
         warnings.warn(f"megatron_dsa: CUDA sparse MLA forward unavailable, using Triton: {exc}")
@@ -134,9 +139,12 @@ def sparse_mla_fwd_cuda(
     topk_length: Optional[torch.Tensor] = None,
     sink: Optional[torch.Tensor] = None,
     v_desc: Tuple[int, int] = (V_LBO, V_SBO),
+    lib=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward only: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; same contract as the Triton one."""
-    lib = _load()
+    """Forward only: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; same contract as the Triton one.
+
+    ``lib`` (benchmarks only): a library from :func:`load_library` to launch instead."""
+    lib = lib if lib is not None else _load()
     if lib is None:
         raise RuntimeError(f"CUDA sparse MLA forward unavailable: {_LIB_ERROR}")
     T, H, Dqk = q.shape

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sparse_mla_triton", "sparse_mla_fwd_triton", "sparse_mla_bwd_triton"]
+__all__ = ["sparse_mla_triton", "sparse_mla_fwd", "sparse_mla_fwd_triton", "sparse_mla_bwd_triton"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -614,6 +614,16 @@ def sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length=None, 
     return out, lse
 
 
+def sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length=None, sink=None):
+    """Forward only (no autograd): the sm_90a CUDA kernel where it applies (bf16, 576/512, more
+    than 32 heads, Hopper, nvcc available), else the Triton kernel. Same contract either way."""
+    from .cuda_impl import cuda_fwd_eligible, sparse_mla_fwd_cuda
+
+    if cuda_fwd_eligible(q, kv, d_v):
+        return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink)
+    return sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
+
+
 def _det_default() -> bool:
     env = os.environ.get("MEGATRON_DSA_DETERMINISTIC")
     if env is not None:
@@ -773,7 +783,7 @@ def sparse_mla_bwd_triton(
 class _SparseMLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic, loss_target):
-        out, lse = sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
+        out, lse = sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length, sink)
         ctx.save_for_backward(q, kv, indices, topk_length, sink, out, lse)
         ctx.softmax_scale = softmax_scale
         ctx.d_v = d_v

@@ -17,6 +17,12 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+// Timing experiments only (never in a shipped build): 1 = no gathers after block 0,
+// 2 = no S MMAs, 4 = no PV MMAs. Results are wrong with any of them set.
+#ifndef SPARSE_MLA_DBG
+#define SPARSE_MLA_DBG 0
+#endif
+
 namespace {
 
 constexpr int D_QK = 576;
@@ -126,18 +132,24 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
       cp_async16(sbase + OFF_Q + tile_off(r, g), src, ok);
     }
   }
-  auto gather = [&](int blk, int stage) {
-    const uint32_t dst0 = sbase + OFF_KV + stage * TILE;
-    for (int f = tid; f < BN * GRAN; f += THREADS) {
-      const int r = f / GRAN, g = f - r * GRAN;
-      const int slot = blk * BN + r;
-      int id = slot < kv_len ? __ldg(idx_row + slot) : -1;
-      const bool ok = id >= 0 && id < p.Tk;
-      const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s + g * 8;
-      cp_async16(dst0 + tile_off(r, g), src, ok);
+  // gather: thread owns kv row (tid / 4) of a block and its granules (tid % 4) + 4 i, i < 18,
+  // so it needs one index per block (prefetched a block ahead); a warp covers 8 rows x 64 B.
+  const int g_row = tid >> 2, g_sub = tid & 3;
+  auto load_id = [&](int blk) -> int {
+    const int slot = blk * BN + g_row;
+    const int id = (blk < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
+    return (id >= 0 && id < p.Tk) ? id : -1;
+  };
+  auto gather = [&](int id, int stage) {
+    const uint32_t dst = sbase + OFF_KV + stage * TILE + g_row * 128;
+    const __nv_bfloat16* src = p.kv + (long long)(id >= 0 ? id : 0) * p.kv_s + g_sub * 8;
+#pragma unroll
+    for (int i = 0; i < GRAN / 4; ++i) {
+      const int g = (i >> 1) * 8 + g_sub + 4 * (i & 1);
+      cp_async16(dst + (i >> 1) * CHUNK + ((((g & 7) ^ (g_row & 7))) << 4), src + 32 * i, id >= 0);
     }
   };
-  if (nblk > 0) gather(0, 0);
+  if (nblk > 0) gather(load_id(0), 0);
   cp_async_commit();
 
   float o[128];
@@ -150,13 +162,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
 
   for (int blk = 0; blk < nblk; ++blk) {
     const int stage = blk & 1;
-    cp_async_wait_all();
-    fence_async_smem();
-    __syncthreads();
-    if (blk + 1 < nblk) gather(blk + 1, stage ^ 1);
-    cp_async_commit();
-
-    // slot validity of this thread's 8 key columns (loaded while the MMAs run)
+    const int id_next = load_id(blk + 1);
+    // slot validity of this thread's 8 key columns (loads in flight during the MMAs)
     bool valid[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -166,6 +173,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
         const int id = slot < kv_len ? __ldg(idx_row + slot) : -1;
         valid[2 * j + b] = id >= 0 && id < p.Tk;
       }
+    cp_async_wait_all();
+    fence_async_smem();
+    __syncthreads();  // block blk landed for all threads; everyone is done with block blk - 1
 
     // S_w = Q K_w^T : [64 heads, 32 keys], 36 k-steps of 16 channels
     float s[16];
@@ -177,9 +187,14 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
       for (int k = 0; k < 4; ++k) {
         const uint64_t da = desc(sbase + OFF_Q + c * CHUNK + k * 32, 16, 1024);
         const uint64_t db = desc(kv_base + c * CHUNK + k * 32, 16, 1024);
-        wgmma_m64n32k16_ss(s, da, db, (c | k) != 0);
+        if (!(SPARSE_MLA_DBG & 2)) wgmma_m64n32k16_ss(s, da, db, (c | k) != 0);
       }
     wgmma_commit();
+    // next block's gather into the other stage (its last reader, PV of blk - 1, has finished)
+    if (!(SPARSE_MLA_DBG & 1) || blk == 0) {
+      if (blk + 1 < nblk) gather(id_next, stage ^ 1);
+    }
+    cp_async_commit();
     wgmma_wait0();
 
     // online softmax in the log2 domain; row maxima shared between the warpgroups
@@ -254,7 +269,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     for (int k = 0; k < 4; ++k) {
       const uint64_t da = desc(sbase + OFF_P + k * 32, 16, 1024);
       const uint64_t db = desc(sbase + OFF_KV + stage * TILE + wg * 4 * CHUNK + k * 16 * 128, p.v_lbo, p.v_sbo);
-      wgmma_m64n256k16_ss_tb(o, da, db, 1);
+      if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss_tb(o, da, db, 1);
     }
     wgmma_commit();
     wgmma_wait0();
