@@ -31,8 +31,9 @@ _SRC = Path(__file__).with_name("cuda") / "sparse_mla_fwd_sm90.cu"
 _LIB = None
 _LIB_ERROR: Optional[str] = None
 LOG2E = 1.4426950408889634
-# Descriptor strides of the MN-major V operand (LBO: next 64-channel chunk, SBO: next 8 keys).
-V_LBO, V_SBO = 8192, 1024
+# 1: two warpgroups in lock step, 64-key blocks, two kv stages; 2: warp-specialized (S/softmax
+# warpgroup + two P V / gather warpgroups), 32-key blocks, four kv stages.
+VARIANT = int(os.environ.get("MEGATRON_DSA_CUDA_FWD_VARIANT", "3"))
 # Smallest head count routed to this kernel (its tile is 64 heads; below this Triton's
 # 16/32-head tiles waste less).
 MIN_HEADS = 33
@@ -94,7 +95,7 @@ def load_library(path: Path):
     fn = lib.dsa_sparse_mla_fwd_sm90
     fn.restype = ctypes.c_int
     ll, i32, vp = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, ctypes.c_uint, ctypes.c_uint, vp]
+    fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, i32, vp]
     return lib
 
 
@@ -138,7 +139,7 @@ def sparse_mla_fwd_cuda(
     softmax_scale: float,
     topk_length: Optional[torch.Tensor] = None,
     sink: Optional[torch.Tensor] = None,
-    v_desc: Tuple[int, int] = (V_LBO, V_SBO),
+    variant: Optional[int] = None,
     lib=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward only: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; same contract as the Triton one.
@@ -171,7 +172,7 @@ def sparse_mla_fwd_cuda(
             out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E,
-            int(v_desc[0]), int(v_desc[1]), torch.cuda.current_stream(q.device).cuda_stream,
+            int(variant if variant is not None else VARIANT), torch.cuda.current_stream(q.device).cuda_stream,
         )
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA forward launch failed: cudaError {err}")

@@ -17,7 +17,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-// Timing experiments only (never in a shipped build): 1 = no gathers after block 0,
+// Timing experiments only (never in a shipped build): 1 = no gathers after the first stages,
 // 2 = no S MMAs, 4 = no PV MMAs. Results are wrong with any of them set.
 #ifndef SPARSE_MLA_DBG
 #define SPARSE_MLA_DBG 0
@@ -80,6 +80,15 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t da, 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "l"(da), "l"(db), "r"(accumulate));
 }
+// A from registers (the m16n8k16-style fragment of each warp's 16 rows), B from shared memory
+__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
+}
 __device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t da, uint64_t db, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -100,7 +109,6 @@ struct Params {
   long long q_st, q_sh, kv_s, idx_s, out_st, out_sh;
   int T, H, Tk, K, n_hblk;
   float scale_log2;           // softmax_scale * log2(e)
-  uint32_t v_lbo, v_sbo;      // descriptor strides of the MN-major V operand
 };
 
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const Params p) {
@@ -268,7 +276,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const uint64_t da = desc(sbase + OFF_P + k * 32, 16, 1024);
-      const uint64_t db = desc(sbase + OFF_KV + stage * TILE + wg * 4 * CHUNK + k * 16 * 128, p.v_lbo, p.v_sbo);
+      const uint64_t db = desc(sbase + OFF_KV + stage * TILE + wg * 4 * CHUNK + k * 16 * 128, 8 * 128 * 8, 1024);
       if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss_tb(o, da, db, 1);
     }
     wgmma_commit();
@@ -315,27 +323,620 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Warp-specialized variant: 384 threads = three warpgroups, 32-key blocks, four kv stages.
+//   WG0  : S = Q K^T for all 32 keys of a block (m64n32k16), the online softmax (it sees whole
+//          rows, so no max exchange), writes P [64 heads, 32 keys] and the per-row rescale
+//          factor to shared memory.
+//   WG1/2: rescale and O_w += P V_w for output channels [256 w, 256 w + 256) (m64n256k16), and
+//          the cp.async gathers: each writes the channel chunks only it (and WG0's S) reads
+//          (WG1: 0-3 and the rope chunk 8, WG2: 4-7), so a stage is refilled without a
+//          cross-warpgroup barrier. Landing is signalled on an mbarrier per stage.
+// S of block j+1 (WG0) runs on the tensor cores while WG1/2 multiply block j. Hand-offs:
+// named barrier P_FULL (WG0 -> WG1/2) and P_FREE (WG1/2 -> WG0).
+// ---------------------------------------------------------------------------------------------
+namespace ws {
+constexpr int BN = 32;                        // keys per block
+constexpr int NST = 4;                        // kv stages
+constexpr int CH = BN * 128;                  // one 64-channel chunk of a stage: 32 rows x 128 B
+constexpr int STAGE = NCH * CH;               // 36 KB
+constexpr int THREADS = 384;
+constexpr int OFF_Q = 0;                      // [64, 576] as in the kernel above (chunks of 8 KB)
+constexpr int OFF_KV = TILE;
+constexpr int OFF_P = OFF_KV + NST * STAGE;   // [64 heads, 32 keys] bf16 in 128-byte rows
+constexpr int OFF_ALPHA = OFF_P + CHUNK;      // [64] fp32
+constexpr int OFF_L = OFF_ALPHA + 64 * 4;     // [64] fp32 final row sums
+constexpr int OFF_M = OFF_L + 64 * 4;         // [64] fp32 final row maxima (log2 domain)
+constexpr int OFF_IDS = OFF_M + 64 * 4;       // [NST][BN] int32: the ids of each stage's keys
+constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers
+constexpr int SMEM_USED = OFF_BAR + NST * 8;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;
+constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3;
+}  // namespace ws
+
+namespace ws3 {
+constexpr int BN = 32;                        // keys per block
+constexpr int NST = 5;                        // kv stages
+constexpr int CH = BN * 128;                  // one 64-channel chunk of a stage: 32 rows x 128 B
+constexpr int STAGE = NCH * CH;               // 36 KB
+constexpr int THREADS = 384;
+constexpr int OFF_KV = 0;                     // the query lives in WG0's registers
+constexpr int OFF_P = OFF_KV + NST * STAGE;   // [64 heads, 32 keys] bf16 in 128-byte rows
+constexpr int OFF_QR = OFF_P + CHUNK;         // [64 heads, 64] bf16: the query's rope channels
+constexpr int OFF_ALPHA = OFF_QR + CHUNK;     // [64] fp32
+constexpr int OFF_L = OFF_ALPHA + 64 * 4;     // [64] fp32 final row sums
+constexpr int OFF_M = OFF_L + 64 * 4;         // [64] fp32 final row maxima (log2 domain)
+constexpr int OFF_IDS = OFF_M + 64 * 4;       // [NST][BN] int32: the ids of each stage's keys
+constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers
+constexpr int SMEM_USED = OFF_BAR + NST * 8;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;
+constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3;
+}  // namespace ws3
+
+__device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t addr, int parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t addr) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
+}
+__device__ __forceinline__ void bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+__global__ void __launch_bounds__(ws::THREADS, 1) sparse_mla_fwd_sm90_ws_kernel(const Params p) {
+  using namespace ws;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t sbase = smem_u32(smem);
+  float* alpha_s = reinterpret_cast<float*>(smem + OFF_ALPHA);
+  float* l_s = reinterpret_cast<float*>(smem + OFF_L);
+  float* m_s = reinterpret_cast<float*>(smem + OFF_M);
+  const uint32_t bar0 = sbase + OFF_BAR;
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  const int wt = tid & 127;
+  const int warp = wt >> 5, lane = tid & 31;
+  const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
+  const int colq = 2 * (lane & 3);
+  const int t = blockIdx.x / p.n_hblk;
+  const int h0 = (blockIdx.x % p.n_hblk) * BM;
+
+  int kv_len = p.K;
+  if (p.topk_len != nullptr) kv_len = min(kv_len, max(0, __ldg(p.topk_len + t)));
+  const int nblk = (kv_len + ws::BN - 1) / ws::BN;
+  const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NST; ++s) mbar_init(bar0 + 8 * s, 256);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- S + softmax ----------------
+    // Software-pipelined: S of block j + 1 is issued before the softmax of block j, so the
+    // tensor cores have work while this warpgroup does the softmax and the P hand-off.
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.f, 0.f};
+    const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
+    const uint64_t qdesc0 = desc(sbase + ws::OFF_Q, 16, 1024);
+    const uint64_t kdesc0 = desc(sbase + ws::OFF_KV, 16, 1024);
+    // j >= nblk issues a dummy S on whatever a stage holds (result unused): the wgmma issue and
+    // wait sequence stays the same on every path, which keeps ptxas from serializing it.
+    auto issue_s = [&](int j, float (&acc)[16]) {
+      const int st = j % NST;
+      if (j < nblk) {
+        mbar_wait(bar0 + 8 * st, (j / NST) & 1);
+        fence_async_smem();
+      }
+      const uint64_t db0 = kdesc0 + ((st * STAGE) >> 4);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          // descriptors are linear in the address (bits 0-13 = address / 16): constant offsets
+          const uint64_t da = qdesc0 + ((c * CHUNK + k * 32) >> 4);
+          const uint64_t db = db0 + ((c * CH + k * 32) >> 4);
+          if (!(SPARSE_MLA_DBG & 2)) wgmma_m64n32k16_ss(acc, da, db, (c | k) != 0);
+        }
+      wgmma_commit();
+    };
+    // softmax of block j in registers: acc becomes P (fp32), alpha the rescale of earlier rows
+    float alpha[2];
+    auto softmax = [&](int j, float (&acc)[16]) {
+      const int st = j % NST;
+      bool valid[8];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int2 id2 = *reinterpret_cast<const int2*>(ids_s + st * ws::BN + 8 * jj + colq);
+        const int slot = j * ws::BN + 8 * jj + colq;
+        valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
+        valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int b = 0; b < 2; ++b) {
+            const float v = valid[2 * jj + b] ? acc[4 * jj + 2 * i + b] * p.scale_log2 : -INFINITY;
+            acc[4 * jj + 2 * i + b] = v;
+            mx = fmaxf(mx, v);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[i], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[i] = m_new > m_run[i] ? exp2f(m_run[i] - m_use) : 1.f;
+        m_run[i] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int b = 0; b < 2; ++b) {
+            const float e = exp2f(acc[4 * jj + 2 * i + b] - m_use);
+            acc[4 * jj + 2 * i + b] = e;
+            sum += e;
+          }
+        l_run[i] = l_run[i] * alpha[i] + sum;
+      }
+    };
+    // hand P and alpha of block j to WG1/2
+    auto handoff = [&](int j, const float (&acc)[16]) {
+      if (j > 0) bar_sync(BAR_P_FREE, ws::THREADS);  // WG1/2 are done reading P and alpha of j - 1
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = row0 + 8 * i;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          *reinterpret_cast<__nv_bfloat162*>(smem + ws::OFF_P + r * 128 + ((jj ^ (r & 7)) << 4) + colq * 2) =
+              __floats2bfloat162_rn(acc[4 * jj + 2 * i], acc[4 * jj + 2 * i + 1]);
+        }
+        if ((lane & 3) == 0) alpha_s[r] = alpha[i];
+      }
+      fence_async_smem();
+      bar_arrive(BAR_P_FULL, ws::THREADS);
+    };
+    // S of block j + 1 runs on the tensor cores while block j is handed off; nothing is in
+    // flight across the loop's back edge (ptxas would serialize the wgmma otherwise).
+    float sa[16], sb[16];
+    issue_s(0, sa);
+    wgmma_wait0();
+    if (nblk > 0) softmax(0, sa);
+    for (int j = 0; j < nblk; ++j) {
+      issue_s(j + 1, sb);
+      handoff(j, sa);
+      wgmma_wait0();
+#pragma unroll
+      for (int i = 0; i < 16; ++i) sa[i] = sb[i];
+      if (j + 1 < nblk) softmax(j + 1, sa);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float l = l_run[i];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int r = row0 + 8 * i;
+      if ((lane & 3) == 0) {
+        l_s[r] = l;
+        m_s[r] = m_run[i];
+        const int h = h0 + r;
+        if (h < p.H) {
+          const float m_use = m_run[i] == -INFINITY ? 0.f : m_run[i];
+          p.lse[(long long)t * p.H + h] = l > 0.f ? (m_use + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        }
+      }
+    }
+    bar_sync(BAR_DONE, ws::THREADS);  // l and m are in shared memory
+  } else {
+    // ---------------- gathers + P V ----------------
+    const int w = wg - 1;  // output channels [256 w, 256 w + 256)
+    const int g_row = wt >> 2, g_sub = wt & 3;
+    // query tile: all 256 threads of WG1/2 (covered by the first stage's arrivals)
+    {
+      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+      for (int f = tid - 128; f < BM * GRAN; f += 256) {
+        const int r = f / GRAN, g = f - r * GRAN;
+        const bool ok = h0 + r < p.H;
+        const __nv_bfloat16* src = qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + g * 8;
+        cp_async16(sbase + ws::OFF_Q + tile_off(r, g), src, ok);
+      }
+    }
+    auto load_row_id = [&](int j) -> int {
+      const int slot = j * ws::BN + g_row;
+      return (j < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
+    };
+    auto gather = [&](int j, int id) {
+      const bool ok = id >= 0 && id < p.Tk;
+      const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s + g_sub * 8;
+      const uint32_t dst = sbase + ws::OFF_KV + (j % NST) * STAGE + g_row * 128;
+      const int nchunk = w == 0 ? 5 : 4;
+#pragma unroll
+      for (int i = 0; i < 10; ++i) {
+        const int ci = i >> 1;
+        if (ci < nchunk) {
+          const int c = w == 0 ? (ci < 4 ? ci : 8) : 4 + ci;
+          const int gi = g_sub + 4 * (i & 1);  // granule inside the chunk
+          cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + 4 * 8 * (i & 1), ok);
+        }
+      }
+      if (w == 1 && wt < ws::BN) {  // the stage's ids for WG0's validity test (4-byte copies)
+        const int slot = j * ws::BN + wt;
+        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * ws::BN + wt) * 4;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
+                     "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
+      }
+      cp_async_arrive_noinc(bar0 + 8 * (j % NST));
+    };
+    for (int j = 0; j < NST && j < nblk; ++j) gather(j, load_row_id(j));
+    int gid = load_row_id(NST);  // the next gather's id, loaded an iteration ahead
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    const uint64_t pdesc0 = desc(sbase + ws::OFF_P, 16, 1024);
+    const uint64_t vdesc0 = desc(sbase + ws::OFF_KV + w * 4 * CH, CH, 1024);
+    for (int j = 0; j < nblk; ++j) {
+      bar_sync(BAR_P_FULL, ws::THREADS);
+      const float a0 = alpha_s[row0], a1 = alpha_s[row0 + 8];
+      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+        for (int jj = 0; jj < 32; ++jj) {
+          o[4 * jj + 0] *= a0;
+          o[4 * jj + 1] *= a0;
+          o[4 * jj + 2] *= a1;
+          o[4 * jj + 3] *= a1;
+        }
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint64_t da = pdesc0 + ((k * 32) >> 4);
+        const uint64_t db = vdesc0 + (((j % NST) * STAGE + k * 16 * 128) >> 4);
+        if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss_tb(o, da, db, 1);
+      }
+      wgmma_commit();
+      wgmma_wait0();
+      if (j + 1 < nblk) bar_arrive(BAR_P_FREE, ws::THREADS);
+      if (j + NST < nblk) {
+        if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc(bar0 + 8 * (j % NST));  // no new data
+        else gather(j + NST, gid);
+        gid = load_row_id(j + NST + 1);
+      }  // this stage's chunks of ours are free now
+    }
+    cp_async_wait_all();
+    bar_sync(BAR_DONE, ws::THREADS);  // WG0 has written l and m
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row0 + 8 * i;
+      const int h = h0 + r;
+      if (h >= p.H) continue;
+      const float m = m_s[r];
+      const float m_use = m == -INFINITY ? 0.f : m;
+      float denom = l_s[r];
+      if (p.sink != nullptr) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
+      const float inv = denom > 0.f ? 1.f / denom : 0.f;
+      __nv_bfloat16* orow = p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + colq;
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(orow + 8 * jj) =
+            __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
+    }
+  }
+}
+
+
+__global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel(const Params p) {
+  using namespace ws3;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t sbase = smem_u32(smem);
+  float* alpha_s = reinterpret_cast<float*>(smem + OFF_ALPHA);
+  float* l_s = reinterpret_cast<float*>(smem + OFF_L);
+  float* m_s = reinterpret_cast<float*>(smem + OFF_M);
+  const uint32_t bar0 = sbase + OFF_BAR;
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  const int wt = tid & 127;
+  const int warp = wt >> 5, lane = tid & 31;
+  const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
+  const int colq = 2 * (lane & 3);
+  const int t = blockIdx.x / p.n_hblk;
+  const int h0 = (blockIdx.x % p.n_hblk) * BM;
+
+  int kv_len = p.K;
+  if (p.topk_len != nullptr) kv_len = min(kv_len, max(0, __ldg(p.topk_len + t)));
+  const int nblk = (kv_len + ws3::BN - 1) / ws3::BN;
+  const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NST; ++s) mbar_init(bar0 + 8 * s, 256);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- S + softmax ----------------
+    // Software-pipelined: S of block j + 1 is issued before the softmax of block j, so the
+    // tensor cores have work while this warpgroup does the softmax and the P hand-off.
+    // register budget: the CTA holds 384 x 168; WG1/2 give back 2 x 128 x 8, WG0 takes
+    // 128 x 16 (an inc beyond what was given back would wait forever)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 184;\n" ::: "memory");
+    // the query's first 512 channels as wgmma A fragments (k-step kk covers channels
+    // [16 kk, 16 kk + 16)); its 64 rope channels go to shared memory (registers are short)
+    constexpr int KQ = (NCH - 1) * 4;
+    uint32_t qf[KQ][4];
+    {
+      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int f = wt + 128 * i, r = f >> 3, g = f & 7;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (h0 + r < p.H) v = __ldg(reinterpret_cast<const uint4*>(qrow + (long long)(h0 + r) * p.q_sh + (NCH - 1) * 64 + g * 8));
+        *reinterpret_cast<uint4*>(smem + ws3::OFF_QR + r * 128 + ((g ^ (r & 7)) << 4)) = v;
+      }
+      fence_async_smem();
+      const int hr0 = h0 + row0, hr1 = hr0 + 8;
+      const uint32_t* q0 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(hr0, p.H - 1) * p.q_sh);
+      const uint32_t* q1 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(hr1, p.H - 1) * p.q_sh);
+#pragma unroll
+      for (int kk = 0; kk < KQ; ++kk) {
+        const int c = (kk * 16 + colq) >> 1;  // in bf16 pairs
+        qf[kk][0] = hr0 < p.H ? __ldg(q0 + c) : 0u;
+        qf[kk][1] = hr1 < p.H ? __ldg(q1 + c) : 0u;
+        qf[kk][2] = hr0 < p.H ? __ldg(q0 + c + 4) : 0u;
+        qf[kk][3] = hr1 < p.H ? __ldg(q1 + c + 4) : 0u;
+      }
+      bar_sync(4, 128);  // WG0's rope tile is written
+    }
+    const uint64_t qrdesc0 = desc(sbase + ws3::OFF_QR, 16, 1024);
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.f, 0.f};
+    const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
+    const uint64_t kdesc0 = desc(sbase + ws3::OFF_KV, 16, 1024);
+    // j >= nblk issues a dummy S on whatever a stage holds (result unused): the wgmma issue and
+    // wait sequence stays the same on every path, which keeps ptxas from serializing it.
+    auto issue_s = [&](int j, float (&acc)[16]) {
+      const int st = j % NST;
+      if (j < nblk) {
+        mbar_wait(bar0 + 8 * st, (j / NST) & 1);
+        fence_async_smem();
+      }
+      const uint64_t db0 = kdesc0 + ((st * STAGE) >> 4);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          // descriptors are linear in the address (bits 0-13 = address / 16): constant offsets
+          const uint64_t db = db0 + ((c * CH + k * 32) >> 4);
+          if (SPARSE_MLA_DBG & 2) continue;
+          if (c < NCH - 1) wgmma_m64n32k16_rs(acc, qf[c * 4 + k], db, (c | k) != 0);
+          else wgmma_m64n32k16_ss(acc, qrdesc0 + ((k * 32) >> 4), db, 1);
+        }
+      wgmma_commit();
+    };
+    // softmax of block j in registers: acc becomes P (fp32), alpha the rescale of earlier rows
+    float alpha[2];
+    auto softmax = [&](int j, float (&acc)[16]) {
+      const int st = j % NST;
+      bool valid[8];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int2 id2 = *reinterpret_cast<const int2*>(ids_s + st * ws3::BN + 8 * jj + colq);
+        const int slot = j * ws3::BN + 8 * jj + colq;
+        valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
+        valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int b = 0; b < 2; ++b) {
+            const float v = valid[2 * jj + b] ? acc[4 * jj + 2 * i + b] * p.scale_log2 : -INFINITY;
+            acc[4 * jj + 2 * i + b] = v;
+            mx = fmaxf(mx, v);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[i], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[i] = m_new > m_run[i] ? exp2f(m_run[i] - m_use) : 1.f;
+        m_run[i] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int b = 0; b < 2; ++b) {
+            const float e = exp2f(acc[4 * jj + 2 * i + b] - m_use);
+            acc[4 * jj + 2 * i + b] = e;
+            sum += e;
+          }
+        l_run[i] = l_run[i] * alpha[i] + sum;
+      }
+    };
+    // hand P (packed bf16 pairs) and alpha of block j to WG1/2
+    auto handoff = [&](int j, const uint32_t (&pk)[8]) {
+      if (j > 0) bar_sync(BAR_P_FREE, ws3::THREADS);  // WG1/2 are done reading P and alpha of j - 1
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = row0 + 8 * i;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+          *reinterpret_cast<uint32_t*>(smem + ws3::OFF_P + r * 128 + ((jj ^ (r & 7)) << 4) + colq * 2) = pk[4 * i + jj];
+        if ((lane & 3) == 0) alpha_s[r] = alpha[i];
+      }
+      fence_async_smem();
+      bar_arrive(BAR_P_FULL, ws3::THREADS);
+    };
+    // one S accumulator (registers are scarce next to the query fragments): block j's P is
+    // packed to bf16, then S of block j + 1 is issued and runs while block j is handed off.
+    // Nothing is in flight across the loop's back edge (ptxas would serialize the wgmma).
+    float acc[16];
+    issue_s(0, acc);
+    wgmma_wait0();
+    for (int j = 0; j < nblk; ++j) {
+      softmax(j, acc);
+      uint32_t pk[8];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * jj + 2 * i], acc[4 * jj + 2 * i + 1]);
+          pk[4 * i + jj] = *reinterpret_cast<uint32_t*>(&v);
+        }
+      issue_s(j + 1, acc);
+      handoff(j, pk);
+      wgmma_wait0();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float l = l_run[i];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int r = row0 + 8 * i;
+      if ((lane & 3) == 0) {
+        l_s[r] = l;
+        m_s[r] = m_run[i];
+        const int h = h0 + r;
+        if (h < p.H) {
+          const float m_use = m_run[i] == -INFINITY ? 0.f : m_run[i];
+          p.lse[(long long)t * p.H + h] = l > 0.f ? (m_use + log2f(l)) * 0.6931471805599453f : -INFINITY;
+        }
+      }
+    }
+    bar_sync(BAR_DONE, ws3::THREADS);  // l and m are in shared memory
+  } else {
+    // ---------------- gathers + P V ----------------
+    const int w = wg - 1;  // output channels [256 w, 256 w + 256)
+    const int g_row = wt >> 2, g_sub = wt & 3;
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory");
+    auto load_row_id = [&](int j) -> int {
+      const int slot = j * ws3::BN + g_row;
+      return (j < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
+    };
+    auto gather = [&](int j, int id) {
+      const bool ok = id >= 0 && id < p.Tk;
+      const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s + g_sub * 8;
+      const uint32_t dst = sbase + ws3::OFF_KV + (j % NST) * STAGE + g_row * 128;
+      const int nchunk = w == 0 ? 5 : 4;
+#pragma unroll
+      for (int i = 0; i < 10; ++i) {
+        const int ci = i >> 1;
+        if (ci < nchunk) {
+          const int c = w == 0 ? (ci < 4 ? ci : 8) : 4 + ci;
+          const int gi = g_sub + 4 * (i & 1);  // granule inside the chunk
+          cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + 4 * 8 * (i & 1), ok);
+        }
+      }
+      if (w == 1 && wt < ws3::BN) {  // the stage's ids for WG0's validity test (4-byte copies)
+        const int slot = j * ws3::BN + wt;
+        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * ws3::BN + wt) * 4;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
+                     "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
+      }
+      cp_async_arrive_noinc(bar0 + 8 * (j % NST));
+    };
+    for (int j = 0; j < NST && j < nblk; ++j) gather(j, load_row_id(j));
+    int gid = load_row_id(NST);  // the next gather's id, loaded an iteration ahead
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    const uint64_t pdesc0 = desc(sbase + ws3::OFF_P, 16, 1024);
+    const uint64_t vdesc0 = desc(sbase + ws3::OFF_KV + w * 4 * CH, CH, 1024);
+    for (int j = 0; j < nblk; ++j) {
+      bar_sync(BAR_P_FULL, ws3::THREADS);
+      const float a0 = alpha_s[row0], a1 = alpha_s[row0 + 8];
+      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+        for (int jj = 0; jj < 32; ++jj) {
+          o[4 * jj + 0] *= a0;
+          o[4 * jj + 1] *= a0;
+          o[4 * jj + 2] *= a1;
+          o[4 * jj + 3] *= a1;
+        }
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint64_t da = pdesc0 + ((k * 32) >> 4);
+        const uint64_t db = vdesc0 + (((j % NST) * STAGE + k * 16 * 128) >> 4);
+        if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss_tb(o, da, db, 1);
+      }
+      wgmma_commit();
+      wgmma_wait0();
+      if (j + 1 < nblk) bar_arrive(BAR_P_FREE, ws3::THREADS);
+      if (j + NST < nblk) {
+        if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc(bar0 + 8 * (j % NST));  // no new data
+        else gather(j + NST, gid);
+        gid = load_row_id(j + NST + 1);
+      }  // this stage's chunks of ours are free now
+    }
+    cp_async_wait_all();
+    bar_sync(BAR_DONE, ws3::THREADS);  // WG0 has written l and m
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row0 + 8 * i;
+      const int h = h0 + r;
+      if (h >= p.H) continue;
+      const float m = m_s[r];
+      const float m_use = m == -INFINITY ? 0.f : m;
+      float denom = l_s[r];
+      if (p.sink != nullptr) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
+      const float inv = denom > 0.f ? 1.f / denom : 0.f;
+      __nv_bfloat16* orow = p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + colq;
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(orow + 8 * jj) =
+            __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int dsa_sparse_mla_fwd_smem_bytes() { return SMEM_BYTES; }
+int dsa_sparse_mla_fwd_smem_bytes(int variant) {
+  return variant == 1 ? SMEM_BYTES : variant == 2 ? ws::SMEM_BYTES : ws3::SMEM_BYTES;
+}
 
 // Returns a cudaError_t (0 = launched).
 int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
                             const void* sink, void* out, void* lse, long long q_st, long long q_sh,
                             long long kv_s, long long idx_s, long long out_st, long long out_sh,
-                            int T, int H, int Tk, int K, float scale_log2, unsigned v_lbo,
-                            unsigned v_sbo, void* stream) {
-  static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
+                            int T, int H, int Tk, int K, float scale_log2, int variant,
+                            void* stream) {
+  if (variant < 1 || variant > 3) return static_cast<int>(cudaErrorInvalidValue);
+  static bool attr_set[3][64] = {};  // per variant and device: raise the shared-memory limit once
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return static_cast<int>(e);
-  if (dev < 0 || dev >= 64 || !attr_set[dev]) {
-    e = cudaFuncSetAttribute(sparse_mla_fwd_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             SMEM_BYTES);
+  const void* fn = variant == 1   ? reinterpret_cast<const void*>(sparse_mla_fwd_sm90_kernel)
+                   : variant == 2 ? reinterpret_cast<const void*>(sparse_mla_fwd_sm90_ws_kernel)
+                                  : reinterpret_cast<const void*>(sparse_mla_fwd_sm90_rs_kernel);
+  const int smem = dsa_sparse_mla_fwd_smem_bytes(variant);
+  if (dev < 0 || dev >= 64 || !attr_set[variant - 1][dev]) {
+    e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return static_cast<int>(e);
-    if (dev >= 0 && dev < 64) attr_set[dev] = true;
+    if (dev >= 0 && dev < 64) attr_set[variant - 1][dev] = true;
   }
   if (T == 0 || H == 0) return 0;
   Params p;
@@ -350,10 +951,14 @@ int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.T = T; p.H = H; p.Tk = Tk; p.K = K;
   p.n_hblk = (H + BM - 1) / BM;
   p.scale_log2 = scale_log2;
-  p.v_lbo = v_lbo; p.v_sbo = v_sbo;
-  const long long grid = static_cast<long long>(T) * p.n_hblk;
-  sparse_mla_fwd_sm90_kernel<<<static_cast<unsigned>(grid), THREADS, SMEM_BYTES,
-                               static_cast<cudaStream_t>(stream)>>>(p);
+  const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (variant == 1)
+    sparse_mla_fwd_sm90_kernel<<<grid, THREADS, smem, st>>>(p);
+  else if (variant == 2)
+    sparse_mla_fwd_sm90_ws_kernel<<<grid, ws::THREADS, smem, st>>>(p);
+  else
+    sparse_mla_fwd_sm90_rs_kernel<<<grid, ws3::THREADS, smem, st>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
