@@ -1,7 +1,8 @@
 """Hopper (sm_90a) CUDA forward for sparse MLA: build, load and launch.
 
 The kernel (``cuda/sparse_mla_fwd_sm90.cu``) covers the DeepSeek-V3.2 fast path: bf16, Dqk = 576,
-d_v = 512, int32 indices, 64 heads per CTA (any H; the last head tile is masked). It is built
+d_v = 512, 64 heads per CTA (any H; the last head tile is masked), warp-specialized (an S /
+softmax warpgroup holding the query in registers, two P V / gather warpgroups). It is built
 with ``nvcc`` on first use into a per-user cache (keyed by the source hash and the compiler), as
 a plain shared library with a C entry point, and launched through ``ctypes`` on the current
 stream: no PyTorch headers to compile, no host synchronization, graph-capturable.
@@ -31,9 +32,6 @@ _SRC = Path(__file__).with_name("cuda") / "sparse_mla_fwd_sm90.cu"
 _LIB = None
 _LIB_ERROR: Optional[str] = None
 LOG2E = 1.4426950408889634
-# 1: two warpgroups in lock step, 64-key blocks, two kv stages; 2: warp-specialized (S/softmax
-# warpgroup + two P V / gather warpgroups), 32-key blocks, four kv stages.
-VARIANT = int(os.environ.get("MEGATRON_DSA_CUDA_FWD_VARIANT", "3"))
 # Smallest head count routed to this kernel (its tile is 64 heads; below this Triton's
 # 16/32-head tiles waste less).
 MIN_HEADS = 33
@@ -95,7 +93,7 @@ def load_library(path: Path):
     fn = lib.dsa_sparse_mla_fwd_sm90
     fn.restype = ctypes.c_int
     ll, i32, vp = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, i32, vp]
+    fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, vp]
     return lib
 
 
@@ -139,7 +137,6 @@ def sparse_mla_fwd_cuda(
     softmax_scale: float,
     topk_length: Optional[torch.Tensor] = None,
     sink: Optional[torch.Tensor] = None,
-    variant: Optional[int] = None,
     lib=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward only: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; same contract as the Triton one.
@@ -172,7 +169,7 @@ def sparse_mla_fwd_cuda(
             out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E,
-            int(variant if variant is not None else VARIANT), torch.cuda.current_stream(q.device).cuda_stream,
+            torch.cuda.current_stream(q.device).cuda_stream,
         )
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA forward launch failed: cudaError {err}")

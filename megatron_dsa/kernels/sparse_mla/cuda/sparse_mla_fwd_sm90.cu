@@ -1,24 +1,34 @@
-// Sparse MLA forward (absorbed layout) for Hopper (sm_90a): wgmma from shared memory,
-// cp.async gathers double-buffered against the MMAs.
+// Sparse MLA forward (absorbed layout) for Hopper (sm_90a): warp-specialized, wgmma.
 //
-// Fast path only: Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 256 threads (two
-// warpgroups) per (query row t, block of 64 heads):
-//   * the query tile [64 heads, 576] and each gathered kv block [64 keys, 576] live in shared
-//     memory as nine 64-channel column chunks, each [64 rows, 128 B] in the 128-byte swizzled
-//     layout wgmma reads (16-byte granule g of row r stored at granule g ^ (r % 8));
-//   * warpgroup w computes S_w = Q K_w^T for its 32 keys of the block (m64n32k16, K-major B)
-//     and owns output channels [256 w, 256 w + 256) (m64n256k16 with V read MN-major from the
-//     same kv tile); the two halves of P meet in shared memory, the row maxima are exchanged
-//     there too, so both warpgroups rescale identically;
-//   * while block i is multiplied, every thread has the cp.async gathers of block i+1 in
-//     flight (invalid slots zero-filled, so no NaN can come out of unused shared memory).
-// No host synchronization; no workspace. Heads >= H in the last tile are zero and not stored.
+// Fast path: Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three
+// warpgroups) per (query row t, block of 64 heads); the row's selected keys are walked in
+// blocks of 32 through a 5-slot ring of gathered kv tiles in shared memory.
+//
+//   WG0   holds the query's first 512 channels in registers as wgmma A fragments (its 64 rope
+//         channels sit in shared memory) and computes S = Q K^T for a 32-key block
+//         (m64n32k16: register A for 32 k-steps, shared A for the 4 rope k-steps), the online
+//         softmax (exp2 domain, whole rows per thread quad, so no cross-warpgroup max
+//         exchange), and hands P [64 heads, 32 keys] (bf16) plus each row's rescale factor
+//         to WG1/2 through shared memory. S of block j + 1 is issued before block j is handed
+//         off, so it runs while the hand-off waits.
+//   WG1/2 own output channels [256 w, 256 w + 256): rescale O, O += P V (m64n256k16, V read
+//         MN-major from the same kv tile), and gather the next kv tiles with cp.async. Each
+//         of the two writes only the channel chunks that it (and WG0's S) reads (WG1: 0-3
+//         and the rope chunk 8, WG2: 4-7, plus the slot ids), so a slot is refilled as soon
+//         as its own P V is done, without a cross-warpgroup barrier. Landing is signalled on
+//         one mbarrier per slot (cp.async.mbarrier.arrive.noinc).
+//   Registers: setmaxnreg moves 2 x 128 x 8 registers from WG1/2 (O is 128 fp32 each) to
+//   WG0 (query fragments); the CTA's 384 x 168 allocation is never exceeded.
+//   Shared-memory tiles are 64-channel column chunks [rows, 128 B] in the 128-byte swizzled
+//   layout wgmma reads (16-byte granule g of row r stored at granule g ^ (r % 8)). Invalid
+//   slots are zero-filled, so no NaN can come out of stale shared memory; heads >= H in the
+//   last tile are zero and not stored. No host synchronization, no workspace.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-// Timing experiments only (never in a shipped build): 1 = no gathers after the first stages,
-// 2 = no S MMAs, 4 = no PV MMAs. Results are wrong with any of them set.
+// Timing experiments only (never in a shipped build): 1 = no gathers after the first ring
+// fill, 2 = no S MMAs, 4 = no P V MMAs. Results are wrong with any of them set.
 #ifndef SPARSE_MLA_DBG
 #define SPARSE_MLA_DBG 0
 #endif
@@ -27,33 +37,36 @@ namespace {
 
 constexpr int D_QK = 576;
 constexpr int BM = 64;                       // heads per CTA (wgmma M)
-constexpr int BN = 64;                       // keys per block
 constexpr int NCH = D_QK / 64;               // 9 column chunks of 64 channels (128 B)
-constexpr int CHUNK = 64 * 128;              // one chunk: 64 rows x 128 B
-constexpr int TILE = NCH * CHUNK;            // 72 KB: a [64, 576] bf16 tile
-constexpr int GRAN = D_QK / 8;               // 72 16-byte granules per row
-constexpr int THREADS = 256;
-constexpr int OFF_Q = 0;
-constexpr int OFF_KV = TILE;                 // two stages
-constexpr int OFF_P = 3 * TILE;              // [64 heads, 64 keys] bf16, one chunk
-constexpr int OFF_RED = OFF_P + CHUNK;       // [2][64] fp32 row maxima, [2][64] row sums
-constexpr int SMEM_USED = OFF_RED + 2 * 2 * 64 * 4;
-constexpr int SMEM_BYTES = SMEM_USED + 1024; // slack to align the base to 1024 B
+constexpr int CHUNK = 64 * 128;              // a [64 rows, 128 B] chunk (query rope, P)
+constexpr int BN = 32;                       // keys per block
+constexpr int NST = 5;                       // kv ring slots
+constexpr int CH = BN * 128;                 // one 64-channel chunk of a slot: 32 rows x 128 B
+constexpr int STAGE = NCH * CH;              // 36 KB per slot
+constexpr int THREADS = 384;
+constexpr int NP = 2;                        // P / alpha buffers: WG0 may run a block ahead
+                                             // (measured equal to 1 at S=16K; kept)
+constexpr int OFF_KV = 0;
+constexpr int OFF_P = OFF_KV + NST * STAGE;  // NP x [64 heads, 32 keys] bf16 in 128-byte rows
+constexpr int OFF_QR = OFF_P + NP * CHUNK;   // [64 heads, 64] bf16: the query's rope channels
+constexpr int OFF_ALPHA = OFF_QR + CHUNK;    // NP x [64] fp32 rescale factors
+constexpr int OFF_L = OFF_ALPHA + NP * 64 * 4;  // [64] fp32 final row sums
+constexpr int OFF_M = OFF_L + 64 * 4;        // [64] fp32 final row maxima (log2 domain)
+constexpr int OFF_IDS = OFF_M + 64 * 4;      // [NST][BN] int32: the ids of each slot's keys
+constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers
+constexpr int SMEM_USED = OFF_BAR + NST * 8;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;     // slack to align the base to 1024 B
+// named barriers: P_FREE / P_FULL of P buffer b are ids 1 + 4 b / 2 + 4 b; 3 = done; 4 = WG0
+constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3, BAR_WG0 = 4;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// byte offset of (row, 16-byte granule g in 0..71) inside a swizzled [64, 576] tile
-__device__ __forceinline__ uint32_t tile_off(int row, int g) {
-  return (g >> 3) * CHUNK + row * 128 + ((((g & 7) ^ (row & 7))) << 4);
 }
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -71,7 +84,7 @@ __device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t s
   return d;
 }
 
-// Generated wrappers for the two wgmma shapes the forward kernel uses (see sparse_mla_fwd_sm90.cu).
+// wgmma wrappers (accumulator fragments as float arrays; the operand lists are written out)
 __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t da, uint64_t db, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
@@ -111,269 +124,6 @@ struct Params {
   float scale_log2;           // softmax_scale * log2(e)
 };
 
-__global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const Params p) {
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const uint32_t sbase = smem_u32(smem);
-  float* red_max = reinterpret_cast<float*>(smem + OFF_RED);  // [2][64]
-  float* red_sum = red_max + 2 * 64;                           // [2][64]
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7;          // warpgroup: key half for S, channel half for O
-  const int wt = tid & 127;
-  const int warp = wt >> 5, lane = tid & 31;
-  const int t = blockIdx.x / p.n_hblk;
-  const int h0 = (blockIdx.x % p.n_hblk) * BM;
-
-  int kv_len = p.K;
-  if (p.topk_len != nullptr) kv_len = min(kv_len, max(0, __ldg(p.topk_len + t)));
-  const int nblk = (kv_len + BN - 1) / BN;
-  const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
-
-  // query tile (heads past H are zero-filled)
-  {
-    const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
-    for (int f = tid; f < BM * GRAN; f += THREADS) {
-      const int r = f / GRAN, g = f - r * GRAN;
-      const bool ok = h0 + r < p.H;
-      const __nv_bfloat16* src = qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + g * 8;
-      cp_async16(sbase + OFF_Q + tile_off(r, g), src, ok);
-    }
-  }
-  // gather: thread owns kv row (tid / 4) of a block and its granules (tid % 4) + 4 i, i < 18,
-  // so it needs one index per block (prefetched a block ahead); a warp covers 8 rows x 64 B.
-  const int g_row = tid >> 2, g_sub = tid & 3;
-  auto load_id = [&](int blk) -> int {
-    const int slot = blk * BN + g_row;
-    const int id = (blk < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
-    return (id >= 0 && id < p.Tk) ? id : -1;
-  };
-  auto gather = [&](int id, int stage) {
-    const uint32_t dst = sbase + OFF_KV + stage * TILE + g_row * 128;
-    const __nv_bfloat16* src = p.kv + (long long)(id >= 0 ? id : 0) * p.kv_s + g_sub * 8;
-#pragma unroll
-    for (int i = 0; i < GRAN / 4; ++i) {
-      const int g = (i >> 1) * 8 + g_sub + 4 * (i & 1);
-      cp_async16(dst + (i >> 1) * CHUNK + ((((g & 7) ^ (g_row & 7))) << 4), src + 32 * i, id >= 0);
-    }
-  };
-  if (nblk > 0) gather(load_id(0), 0);
-  cp_async_commit();
-
-  float o[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.f, 0.f};
-  const int row0 = warp * 16 + (lane >> 2);  // this thread's rows: row0, row0 + 8
-  const int colq = 2 * (lane & 3);
-
-  for (int blk = 0; blk < nblk; ++blk) {
-    const int stage = blk & 1;
-    const int id_next = load_id(blk + 1);
-    // slot validity of this thread's 8 key columns (loads in flight during the MMAs)
-    bool valid[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        const int slot = blk * BN + wg * 32 + 8 * j + colq + b;
-        const int id = slot < kv_len ? __ldg(idx_row + slot) : -1;
-        valid[2 * j + b] = id >= 0 && id < p.Tk;
-      }
-    cp_async_wait_all();
-    fence_async_smem();
-    __syncthreads();  // block blk landed for all threads; everyone is done with block blk - 1
-
-    // S_w = Q K_w^T : [64 heads, 32 keys], 36 k-steps of 16 channels
-    float s[16];
-    const uint32_t kv_base = sbase + OFF_KV + stage * TILE + wg * 32 * 128;
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < NCH; ++c)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const uint64_t da = desc(sbase + OFF_Q + c * CHUNK + k * 32, 16, 1024);
-        const uint64_t db = desc(kv_base + c * CHUNK + k * 32, 16, 1024);
-        if (!(SPARSE_MLA_DBG & 2)) wgmma_m64n32k16_ss(s, da, db, (c | k) != 0);
-      }
-    wgmma_commit();
-    // next block's gather into the other stage (its last reader, PV of blk - 1, has finished)
-    if (!(SPARSE_MLA_DBG & 1) || blk == 0) {
-      if (blk + 1 < nblk) gather(id_next, stage ^ 1);
-    }
-    cp_async_commit();
-    wgmma_wait0();
-
-    // online softmax in the log2 domain; row maxima shared between the warpgroups
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-          float v = valid[2 * j + b] ? s[4 * j + 2 * i + b] * p.scale_log2 : -INFINITY;
-          s[4 * j + 2 * i + b] = v;
-          mx[i] = fmaxf(mx[i], v);
-        }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    }
-    if ((lane & 3) == 0) {
-      red_max[wg * 64 + row0] = mx[0];
-      red_max[wg * 64 + row0 + 8] = mx[1];
-    }
-    __syncthreads();
-    float alpha[2];
-    bool grow = false;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float other = red_max[(wg ^ 1) * 64 + row0 + 8 * i];
-      const float m_new = fmaxf(m_run[i], fmaxf(mx[i], other));
-      grow |= m_new > m_run[i];
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[i] = exp2f(m_run[i] - m_use);  // m_run = -inf -> 0 (o and l are 0 then anyway)
-      m_run[i] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-          const float e = exp2f(s[4 * j + 2 * i + b] - m_use);
-          s[4 * j + 2 * i + b] = e;
-          sum += e;
-        }
-      l_run[i] = l_run[i] * alpha[i] + sum;
-    }
-    if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[4 * j + 0] *= alpha[0];
-        o[4 * j + 1] *= alpha[0];
-        o[4 * j + 2] *= alpha[1];
-        o[4 * j + 3] *= alpha[1];
-      }
-    }
-    // P (bf16) into the shared [64 heads, 64 keys] tile, swizzled like the other tiles
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = row0 + 8 * i;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int g = wg * 4 + j;
-        __nv_bfloat162 v = __floats2bfloat162_rn(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(smem + OFF_P + r * 128 + ((g ^ (r & 7)) << 4) + colq * 2) = v;
-      }
-    }
-    fence_async_smem();
-    __syncthreads();
-
-    // O_w += P V_w : V_w = kv[:, 256 w : 256 w + 256] read MN-major from the kv tile
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint64_t da = desc(sbase + OFF_P + k * 32, 16, 1024);
-      const uint64_t db = desc(sbase + OFF_KV + stage * TILE + wg * 4 * CHUNK + k * 16 * 128, 8 * 128 * 8, 1024);
-      if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss_tb(o, da, db, 1);
-    }
-    wgmma_commit();
-    wgmma_wait0();
-  }
-  cp_async_wait_all();
-
-  // finish: row sums across the quad and the two warpgroups, sink, lse, store
-  float l_tot[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = l_run[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_run[i] = l;
-  }
-  if ((lane & 3) == 0) {
-    red_sum[wg * 64 + row0] = l_run[0];
-    red_sum[wg * 64 + row0 + 8] = l_run[1];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < 2; ++i) l_tot[i] = l_run[i] + red_sum[(wg ^ 1) * 64 + row0 + 8 * i];
-
-  constexpr float LN2 = 0.6931471805599453f;
-  constexpr float LOG2E = 1.4426950408889634f;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int h = h0 + row0 + 8 * i;
-    const float m_use = m_run[i] == -INFINITY ? 0.f : m_run[i];
-    float denom = l_tot[i];
-    if (p.sink != nullptr && h < p.H) denom += exp2f(__ldg(p.sink + h) * LOG2E - m_use);
-    const float inv = denom > 0.f ? 1.f / denom : 0.f;
-    if (h < p.H) {
-      if (wg == 0 && (lane & 3) == 0)
-        p.lse[(long long)t * p.H + h] = l_tot[i] > 0.f ? (m_use + log2f(l_tot[i])) * LN2 : -INFINITY;
-      __nv_bfloat16* orow = p.out + (long long)t * p.out_st + (long long)h * p.out_sh + wg * 256 + colq;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        *reinterpret_cast<__nv_bfloat162*>(orow + 8 * j) =
-            __floats2bfloat162_rn(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-      }
-    }
-  }
-}
-
-
-// ---------------------------------------------------------------------------------------------
-// Warp-specialized variant: 384 threads = three warpgroups, 32-key blocks, four kv stages.
-//   WG0  : S = Q K^T for all 32 keys of a block (m64n32k16), the online softmax (it sees whole
-//          rows, so no max exchange), writes P [64 heads, 32 keys] and the per-row rescale
-//          factor to shared memory.
-//   WG1/2: rescale and O_w += P V_w for output channels [256 w, 256 w + 256) (m64n256k16), and
-//          the cp.async gathers: each writes the channel chunks only it (and WG0's S) reads
-//          (WG1: 0-3 and the rope chunk 8, WG2: 4-7), so a stage is refilled without a
-//          cross-warpgroup barrier. Landing is signalled on an mbarrier per stage.
-// S of block j+1 (WG0) runs on the tensor cores while WG1/2 multiply block j. Hand-offs:
-// named barrier P_FULL (WG0 -> WG1/2) and P_FREE (WG1/2 -> WG0).
-// ---------------------------------------------------------------------------------------------
-namespace ws {
-constexpr int BN = 32;                        // keys per block
-constexpr int NST = 4;                        // kv stages
-constexpr int CH = BN * 128;                  // one 64-channel chunk of a stage: 32 rows x 128 B
-constexpr int STAGE = NCH * CH;               // 36 KB
-constexpr int THREADS = 384;
-constexpr int OFF_Q = 0;                      // [64, 576] as in the kernel above (chunks of 8 KB)
-constexpr int OFF_KV = TILE;
-constexpr int OFF_P = OFF_KV + NST * STAGE;   // [64 heads, 32 keys] bf16 in 128-byte rows
-constexpr int OFF_ALPHA = OFF_P + CHUNK;      // [64] fp32
-constexpr int OFF_L = OFF_ALPHA + 64 * 4;     // [64] fp32 final row sums
-constexpr int OFF_M = OFF_L + 64 * 4;         // [64] fp32 final row maxima (log2 domain)
-constexpr int OFF_IDS = OFF_M + 64 * 4;       // [NST][BN] int32: the ids of each stage's keys
-constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers
-constexpr int SMEM_USED = OFF_BAR + NST * 8;
-constexpr int SMEM_BYTES = SMEM_USED + 1024;
-constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3;
-}  // namespace ws
-
-namespace ws3 {
-constexpr int BN = 32;                        // keys per block
-constexpr int NST = 5;                        // kv stages
-constexpr int CH = BN * 128;                  // one 64-channel chunk of a stage: 32 rows x 128 B
-constexpr int STAGE = NCH * CH;               // 36 KB
-constexpr int THREADS = 384;
-constexpr int OFF_KV = 0;                     // the query lives in WG0's registers
-constexpr int OFF_P = OFF_KV + NST * STAGE;   // [64 heads, 32 keys] bf16 in 128-byte rows
-constexpr int OFF_QR = OFF_P + CHUNK;         // [64 heads, 64] bf16: the query's rope channels
-constexpr int OFF_ALPHA = OFF_QR + CHUNK;     // [64] fp32
-constexpr int OFF_L = OFF_ALPHA + 64 * 4;     // [64] fp32 final row sums
-constexpr int OFF_M = OFF_L + 64 * 4;         // [64] fp32 final row maxima (log2 domain)
-constexpr int OFF_IDS = OFF_M + 64 * 4;       // [NST][BN] int32: the ids of each stage's keys
-constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers
-constexpr int SMEM_USED = OFF_BAR + NST * 8;
-constexpr int SMEM_BYTES = SMEM_USED + 1024;
-constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3;
-}  // namespace ws3
-
 __device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
 }
@@ -393,8 +143,7 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 
-__global__ void __launch_bounds__(ws::THREADS, 1) sparse_mla_fwd_sm90_ws_kernel(const Params p) {
-  using namespace ws;
+__global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const Params p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = smem_u32(smem);
@@ -414,7 +163,7 @@ __global__ void __launch_bounds__(ws::THREADS, 1) sparse_mla_fwd_sm90_ws_kernel(
 
   int kv_len = p.K;
   if (p.topk_len != nullptr) kv_len = min(kv_len, max(0, __ldg(p.topk_len + t)));
-  const int nblk = (kv_len + ws::BN - 1) / ws::BN;
+  const int nblk = (kv_len + BN - 1) / BN;
   const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
 
   if (tid == 0) {
@@ -425,254 +174,6 @@ __global__ void __launch_bounds__(ws::THREADS, 1) sparse_mla_fwd_sm90_ws_kernel(
 
   if (wg == 0) {
     // ---------------- S + softmax ----------------
-    // Software-pipelined: S of block j + 1 is issued before the softmax of block j, so the
-    // tensor cores have work while this warpgroup does the softmax and the P hand-off.
-    float m_run[2] = {-INFINITY, -INFINITY};
-    float l_run[2] = {0.f, 0.f};
-    const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
-    const uint64_t qdesc0 = desc(sbase + ws::OFF_Q, 16, 1024);
-    const uint64_t kdesc0 = desc(sbase + ws::OFF_KV, 16, 1024);
-    // j >= nblk issues a dummy S on whatever a stage holds (result unused): the wgmma issue and
-    // wait sequence stays the same on every path, which keeps ptxas from serializing it.
-    auto issue_s = [&](int j, float (&acc)[16]) {
-      const int st = j % NST;
-      if (j < nblk) {
-        mbar_wait(bar0 + 8 * st, (j / NST) & 1);
-        fence_async_smem();
-      }
-      const uint64_t db0 = kdesc0 + ((st * STAGE) >> 4);
-      wgmma_fence();
-#pragma unroll
-      for (int c = 0; c < NCH; ++c)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          // descriptors are linear in the address (bits 0-13 = address / 16): constant offsets
-          const uint64_t da = qdesc0 + ((c * CHUNK + k * 32) >> 4);
-          const uint64_t db = db0 + ((c * CH + k * 32) >> 4);
-          if (!(SPARSE_MLA_DBG & 2)) wgmma_m64n32k16_ss(acc, da, db, (c | k) != 0);
-        }
-      wgmma_commit();
-    };
-    // softmax of block j in registers: acc becomes P (fp32), alpha the rescale of earlier rows
-    float alpha[2];
-    auto softmax = [&](int j, float (&acc)[16]) {
-      const int st = j % NST;
-      bool valid[8];
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int2 id2 = *reinterpret_cast<const int2*>(ids_s + st * ws::BN + 8 * jj + colq);
-        const int slot = j * ws::BN + 8 * jj + colq;
-        valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
-        valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-          for (int b = 0; b < 2; ++b) {
-            const float v = valid[2 * jj + b] ? acc[4 * jj + 2 * i + b] * p.scale_log2 : -INFINITY;
-            acc[4 * jj + 2 * i + b] = v;
-            mx = fmaxf(mx, v);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[i], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        alpha[i] = m_new > m_run[i] ? exp2f(m_run[i] - m_use) : 1.f;
-        m_run[i] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-          for (int b = 0; b < 2; ++b) {
-            const float e = exp2f(acc[4 * jj + 2 * i + b] - m_use);
-            acc[4 * jj + 2 * i + b] = e;
-            sum += e;
-          }
-        l_run[i] = l_run[i] * alpha[i] + sum;
-      }
-    };
-    // hand P and alpha of block j to WG1/2
-    auto handoff = [&](int j, const float (&acc)[16]) {
-      if (j > 0) bar_sync(BAR_P_FREE, ws::THREADS);  // WG1/2 are done reading P and alpha of j - 1
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = row0 + 8 * i;
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          *reinterpret_cast<__nv_bfloat162*>(smem + ws::OFF_P + r * 128 + ((jj ^ (r & 7)) << 4) + colq * 2) =
-              __floats2bfloat162_rn(acc[4 * jj + 2 * i], acc[4 * jj + 2 * i + 1]);
-        }
-        if ((lane & 3) == 0) alpha_s[r] = alpha[i];
-      }
-      fence_async_smem();
-      bar_arrive(BAR_P_FULL, ws::THREADS);
-    };
-    // S of block j + 1 runs on the tensor cores while block j is handed off; nothing is in
-    // flight across the loop's back edge (ptxas would serialize the wgmma otherwise).
-    float sa[16], sb[16];
-    issue_s(0, sa);
-    wgmma_wait0();
-    if (nblk > 0) softmax(0, sa);
-    for (int j = 0; j < nblk; ++j) {
-      issue_s(j + 1, sb);
-      handoff(j, sa);
-      wgmma_wait0();
-#pragma unroll
-      for (int i = 0; i < 16; ++i) sa[i] = sb[i];
-      if (j + 1 < nblk) softmax(j + 1, sa);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float l = l_run[i];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const int r = row0 + 8 * i;
-      if ((lane & 3) == 0) {
-        l_s[r] = l;
-        m_s[r] = m_run[i];
-        const int h = h0 + r;
-        if (h < p.H) {
-          const float m_use = m_run[i] == -INFINITY ? 0.f : m_run[i];
-          p.lse[(long long)t * p.H + h] = l > 0.f ? (m_use + log2f(l)) * 0.6931471805599453f : -INFINITY;
-        }
-      }
-    }
-    bar_sync(BAR_DONE, ws::THREADS);  // l and m are in shared memory
-  } else {
-    // ---------------- gathers + P V ----------------
-    const int w = wg - 1;  // output channels [256 w, 256 w + 256)
-    const int g_row = wt >> 2, g_sub = wt & 3;
-    // query tile: all 256 threads of WG1/2 (covered by the first stage's arrivals)
-    {
-      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
-      for (int f = tid - 128; f < BM * GRAN; f += 256) {
-        const int r = f / GRAN, g = f - r * GRAN;
-        const bool ok = h0 + r < p.H;
-        const __nv_bfloat16* src = qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + g * 8;
-        cp_async16(sbase + ws::OFF_Q + tile_off(r, g), src, ok);
-      }
-    }
-    auto load_row_id = [&](int j) -> int {
-      const int slot = j * ws::BN + g_row;
-      return (j < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
-    };
-    auto gather = [&](int j, int id) {
-      const bool ok = id >= 0 && id < p.Tk;
-      const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s + g_sub * 8;
-      const uint32_t dst = sbase + ws::OFF_KV + (j % NST) * STAGE + g_row * 128;
-      const int nchunk = w == 0 ? 5 : 4;
-#pragma unroll
-      for (int i = 0; i < 10; ++i) {
-        const int ci = i >> 1;
-        if (ci < nchunk) {
-          const int c = w == 0 ? (ci < 4 ? ci : 8) : 4 + ci;
-          const int gi = g_sub + 4 * (i & 1);  // granule inside the chunk
-          cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + 4 * 8 * (i & 1), ok);
-        }
-      }
-      if (w == 1 && wt < ws::BN) {  // the stage's ids for WG0's validity test (4-byte copies)
-        const int slot = j * ws::BN + wt;
-        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * ws::BN + wt) * 4;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
-                     "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
-      }
-      cp_async_arrive_noinc(bar0 + 8 * (j % NST));
-    };
-    for (int j = 0; j < NST && j < nblk; ++j) gather(j, load_row_id(j));
-    int gid = load_row_id(NST);  // the next gather's id, loaded an iteration ahead
-
-    float o[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    const uint64_t pdesc0 = desc(sbase + ws::OFF_P, 16, 1024);
-    const uint64_t vdesc0 = desc(sbase + ws::OFF_KV + w * 4 * CH, CH, 1024);
-    for (int j = 0; j < nblk; ++j) {
-      bar_sync(BAR_P_FULL, ws::THREADS);
-      const float a0 = alpha_s[row0], a1 = alpha_s[row0 + 8];
-      if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
-#pragma unroll
-        for (int jj = 0; jj < 32; ++jj) {
-          o[4 * jj + 0] *= a0;
-          o[4 * jj + 1] *= a0;
-          o[4 * jj + 2] *= a1;
-          o[4 * jj + 3] *= a1;
-        }
-      }
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const uint64_t da = pdesc0 + ((k * 32) >> 4);
-        const uint64_t db = vdesc0 + (((j % NST) * STAGE + k * 16 * 128) >> 4);
-        if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss_tb(o, da, db, 1);
-      }
-      wgmma_commit();
-      wgmma_wait0();
-      if (j + 1 < nblk) bar_arrive(BAR_P_FREE, ws::THREADS);
-      if (j + NST < nblk) {
-        if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc(bar0 + 8 * (j % NST));  // no new data
-        else gather(j + NST, gid);
-        gid = load_row_id(j + NST + 1);
-      }  // this stage's chunks of ours are free now
-    }
-    cp_async_wait_all();
-    bar_sync(BAR_DONE, ws::THREADS);  // WG0 has written l and m
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = row0 + 8 * i;
-      const int h = h0 + r;
-      if (h >= p.H) continue;
-      const float m = m_s[r];
-      const float m_use = m == -INFINITY ? 0.f : m;
-      float denom = l_s[r];
-      if (p.sink != nullptr) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
-      const float inv = denom > 0.f ? 1.f / denom : 0.f;
-      __nv_bfloat16* orow = p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + colq;
-#pragma unroll
-      for (int jj = 0; jj < 32; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(orow + 8 * jj) =
-            __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
-    }
-  }
-}
-
-
-__global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel(const Params p) {
-  using namespace ws3;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const uint32_t sbase = smem_u32(smem);
-  float* alpha_s = reinterpret_cast<float*>(smem + OFF_ALPHA);
-  float* l_s = reinterpret_cast<float*>(smem + OFF_L);
-  float* m_s = reinterpret_cast<float*>(smem + OFF_M);
-  const uint32_t bar0 = sbase + OFF_BAR;
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7;
-  const int wt = tid & 127;
-  const int warp = wt >> 5, lane = tid & 31;
-  const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
-  const int colq = 2 * (lane & 3);
-  const int t = blockIdx.x / p.n_hblk;
-  const int h0 = (blockIdx.x % p.n_hblk) * BM;
-
-  int kv_len = p.K;
-  if (p.topk_len != nullptr) kv_len = min(kv_len, max(0, __ldg(p.topk_len + t)));
-  const int nblk = (kv_len + ws3::BN - 1) / ws3::BN;
-  const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
-
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < NST; ++s) mbar_init(bar0 + 8 * s, 256);
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    // ---------------- S + softmax ----------------
-    // Software-pipelined: S of block j + 1 is issued before the softmax of block j, so the
-    // tensor cores have work while this warpgroup does the softmax and the P hand-off.
     // register budget: the CTA holds 384 x 168; WG1/2 give back 2 x 128 x 8, WG0 takes
     // 128 x 16 (an inc beyond what was given back would wait forever)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 184;\n" ::: "memory");
@@ -687,7 +188,7 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
         const int f = wt + 128 * i, r = f >> 3, g = f & 7;
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
         if (h0 + r < p.H) v = __ldg(reinterpret_cast<const uint4*>(qrow + (long long)(h0 + r) * p.q_sh + (NCH - 1) * 64 + g * 8));
-        *reinterpret_cast<uint4*>(smem + ws3::OFF_QR + r * 128 + ((g ^ (r & 7)) << 4)) = v;
+        *reinterpret_cast<uint4*>(smem + OFF_QR + r * 128 + ((g ^ (r & 7)) << 4)) = v;
       }
       fence_async_smem();
       const int hr0 = h0 + row0, hr1 = hr0 + 8;
@@ -701,13 +202,13 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
         qf[kk][2] = hr0 < p.H ? __ldg(q0 + c + 4) : 0u;
         qf[kk][3] = hr1 < p.H ? __ldg(q1 + c + 4) : 0u;
       }
-      bar_sync(4, 128);  // WG0's rope tile is written
+      bar_sync(BAR_WG0, 128);  // WG0's rope tile is written
     }
-    const uint64_t qrdesc0 = desc(sbase + ws3::OFF_QR, 16, 1024);
+    const uint64_t qrdesc0 = desc(sbase + OFF_QR, 16, 1024);
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
     const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
-    const uint64_t kdesc0 = desc(sbase + ws3::OFF_KV, 16, 1024);
+    const uint64_t kdesc0 = desc(sbase + OFF_KV, 16, 1024);
     // j >= nblk issues a dummy S on whatever a stage holds (result unused): the wgmma issue and
     // wait sequence stays the same on every path, which keeps ptxas from serializing it.
     auto issue_s = [&](int j, float (&acc)[16]) {
@@ -737,8 +238,8 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
       bool valid[8];
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
-        const int2 id2 = *reinterpret_cast<const int2*>(ids_s + st * ws3::BN + 8 * jj + colq);
-        const int slot = j * ws3::BN + 8 * jj + colq;
+        const int2 id2 = *reinterpret_cast<const int2*>(ids_s + st * BN + 8 * jj + colq);
+        const int slot = j * BN + 8 * jj + colq;
         valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
         valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
       }
@@ -773,17 +274,19 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
     };
     // hand P (packed bf16 pairs) and alpha of block j to WG1/2
     auto handoff = [&](int j, const uint32_t (&pk)[8]) {
-      if (j > 0) bar_sync(BAR_P_FREE, ws3::THREADS);  // WG1/2 are done reading P and alpha of j - 1
+      const int pb = j % NP;
+      // WG1/2 are done reading P and alpha of block j - NP (the buffer this block reuses)
+      if (j >= NP) bar_sync(BAR_P_FREE + 4 * pb, THREADS);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int r = row0 + 8 * i;
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
-          *reinterpret_cast<uint32_t*>(smem + ws3::OFF_P + r * 128 + ((jj ^ (r & 7)) << 4) + colq * 2) = pk[4 * i + jj];
-        if ((lane & 3) == 0) alpha_s[r] = alpha[i];
+          *reinterpret_cast<uint32_t*>(smem + OFF_P + pb * CHUNK + r * 128 + ((jj ^ (r & 7)) << 4) + colq * 2) = pk[4 * i + jj];
+        if ((lane & 3) == 0) alpha_s[pb * 64 + r] = alpha[i];
       }
       fence_async_smem();
-      bar_arrive(BAR_P_FULL, ws3::THREADS);
+      bar_arrive(BAR_P_FULL + 4 * pb, THREADS);
     };
     // one S accumulator (registers are scarce next to the query fragments): block j's P is
     // packed to bf16, then S of block j + 1 is issued and runs while block j is handed off.
@@ -821,20 +324,20 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
         }
       }
     }
-    bar_sync(BAR_DONE, ws3::THREADS);  // l and m are in shared memory
+    bar_sync(BAR_DONE, THREADS);  // l and m are in shared memory
   } else {
     // ---------------- gathers + P V ----------------
     const int w = wg - 1;  // output channels [256 w, 256 w + 256)
     const int g_row = wt >> 2, g_sub = wt & 3;
     asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory");
     auto load_row_id = [&](int j) -> int {
-      const int slot = j * ws3::BN + g_row;
+      const int slot = j * BN + g_row;
       return (j < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
     };
     auto gather = [&](int j, int id) {
       const bool ok = id >= 0 && id < p.Tk;
       const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s + g_sub * 8;
-      const uint32_t dst = sbase + ws3::OFF_KV + (j % NST) * STAGE + g_row * 128;
+      const uint32_t dst = sbase + OFF_KV + (j % NST) * STAGE + g_row * 128;
       const int nchunk = w == 0 ? 5 : 4;
 #pragma unroll
       for (int i = 0; i < 10; ++i) {
@@ -845,9 +348,9 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
           cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + 4 * 8 * (i & 1), ok);
         }
       }
-      if (w == 1 && wt < ws3::BN) {  // the stage's ids for WG0's validity test (4-byte copies)
-        const int slot = j * ws3::BN + wt;
-        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * ws3::BN + wt) * 4;
+      if (w == 1 && wt < BN) {  // the stage's ids for WG0's validity test (4-byte copies)
+        const int slot = j * BN + wt;
+        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * BN + wt) * 4;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
                      "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
       }
@@ -859,11 +362,12 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    const uint64_t pdesc0 = desc(sbase + ws3::OFF_P, 16, 1024);
-    const uint64_t vdesc0 = desc(sbase + ws3::OFF_KV + w * 4 * CH, CH, 1024);
+    const uint64_t pdesc0 = desc(sbase + OFF_P, 16, 1024);
+    const uint64_t vdesc0 = desc(sbase + OFF_KV + w * 4 * CH, CH, 1024);
     for (int j = 0; j < nblk; ++j) {
-      bar_sync(BAR_P_FULL, ws3::THREADS);
-      const float a0 = alpha_s[row0], a1 = alpha_s[row0 + 8];
+      const int pb = j % NP;
+      bar_sync(BAR_P_FULL + 4 * pb, THREADS);
+      const float a0 = alpha_s[pb * 64 + row0], a1 = alpha_s[pb * 64 + row0 + 8];
       if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
         for (int jj = 0; jj < 32; ++jj) {
@@ -876,13 +380,13 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        const uint64_t da = pdesc0 + ((k * 32) >> 4);
+        const uint64_t da = pdesc0 + ((pb * CHUNK + k * 32) >> 4);
         const uint64_t db = vdesc0 + (((j % NST) * STAGE + k * 16 * 128) >> 4);
         if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss_tb(o, da, db, 1);
       }
       wgmma_commit();
       wgmma_wait0();
-      if (j + 1 < nblk) bar_arrive(BAR_P_FREE, ws3::THREADS);
+      if (j + NP < nblk) bar_arrive(BAR_P_FREE + 4 * pb, THREADS);
       if (j + NST < nblk) {
         if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc(bar0 + 8 * (j % NST));  // no new data
         else gather(j + NST, gid);
@@ -890,7 +394,7 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
       }  // this stage's chunks of ours are free now
     }
     cp_async_wait_all();
-    bar_sync(BAR_DONE, ws3::THREADS);  // WG0 has written l and m
+    bar_sync(BAR_DONE, THREADS);  // WG0 has written l and m
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = row0 + 8 * i;
@@ -914,29 +418,22 @@ __global__ void __launch_bounds__(ws3::THREADS, 1) sparse_mla_fwd_sm90_rs_kernel
 
 extern "C" {
 
-int dsa_sparse_mla_fwd_smem_bytes(int variant) {
-  return variant == 1 ? SMEM_BYTES : variant == 2 ? ws::SMEM_BYTES : ws3::SMEM_BYTES;
-}
+int dsa_sparse_mla_fwd_smem_bytes() { return SMEM_BYTES; }
 
-// Returns a cudaError_t (0 = launched).
+// Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
 int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
                             const void* sink, void* out, void* lse, long long q_st, long long q_sh,
                             long long kv_s, long long idx_s, long long out_st, long long out_sh,
-                            int T, int H, int Tk, int K, float scale_log2, int variant,
-                            void* stream) {
-  if (variant < 1 || variant > 3) return static_cast<int>(cudaErrorInvalidValue);
-  static bool attr_set[3][64] = {};  // per variant and device: raise the shared-memory limit once
+                            int T, int H, int Tk, int K, float scale_log2, void* stream) {
+  static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return static_cast<int>(e);
-  const void* fn = variant == 1   ? reinterpret_cast<const void*>(sparse_mla_fwd_sm90_kernel)
-                   : variant == 2 ? reinterpret_cast<const void*>(sparse_mla_fwd_sm90_ws_kernel)
-                                  : reinterpret_cast<const void*>(sparse_mla_fwd_sm90_rs_kernel);
-  const int smem = dsa_sparse_mla_fwd_smem_bytes(variant);
-  if (dev < 0 || dev >= 64 || !attr_set[variant - 1][dev]) {
-    e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (dev < 0 || dev >= 64 || !attr_set[dev]) {
+    e = cudaFuncSetAttribute(sparse_mla_fwd_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             SMEM_BYTES);
     if (e != cudaSuccess) return static_cast<int>(e);
-    if (dev >= 0 && dev < 64) attr_set[variant - 1][dev] = true;
+    if (dev >= 0 && dev < 64) attr_set[dev] = true;
   }
   if (T == 0 || H == 0) return 0;
   Params p;
@@ -952,13 +449,7 @@ int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.n_hblk = (H + BM - 1) / BM;
   p.scale_log2 = scale_log2;
   const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (variant == 1)
-    sparse_mla_fwd_sm90_kernel<<<grid, THREADS, smem, st>>>(p);
-  else if (variant == 2)
-    sparse_mla_fwd_sm90_ws_kernel<<<grid, ws::THREADS, smem, st>>>(p);
-  else
-    sparse_mla_fwd_sm90_rs_kernel<<<grid, ws3::THREADS, smem, st>>>(p);
+  sparse_mla_fwd_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
