@@ -156,21 +156,43 @@ def _plot_png(path: str, rows: List[dict], title: str) -> bool:
 def write_receipt(topic: str, rows: List[dict], out_dir: str, extra: Optional[dict] = None,
                   ceilings: Optional[dict] = None) -> Dict[str, str]:
     """Write ``<topic>-<device>-<date>.{json,md,png}`` under ``out_dir``; returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    dev = device_name()
-    stem = os.path.join(out_dir, f"{topic}-{_slug(dev)}-{date}")
-    doc = {"topic": topic, "date": date, "device": dev, "versions": versions(),
-           "ceilings": ceilings if ceilings is not None else {}, "rows": rows}
+    doc = {"topic": topic, "date": datetime.date.today().isoformat(), "device": device_name(),
+           "versions": versions(), "ceilings": ceilings if ceilings is not None else {},
+           "rows": rows}
     if extra:
         doc.update(extra)
+    return _write_doc(doc, out_dir)
+
+
+def merge_receipts(json_paths: List[str], out_dir: str) -> Dict[str, str]:
+    """One receipt from several JSON receipts of one topic taken on one device (e.g. sequence
+    lengths split over back-to-back calls). Device, date and versions must agree; each part's
+    ceilings are kept under ``parts``."""
+    docs = [json.load(open(p)) for p in json_paths]
+    for key in ("topic", "device", "date", "versions"):
+        if len({json.dumps(d[key], sort_keys=True) for d in docs}) != 1:
+            raise ValueError(f"receipts disagree on {key}")
+    doc = dict(docs[0])
+    doc["rows"] = [r for d in docs for r in d["rows"]]
+    doc["parts"] = [{"file": os.path.basename(p), "ceilings": d.get("ceilings", {}),
+                     "rows": len(d["rows"])} for p, d in zip(json_paths, docs)]
+    return _write_doc(doc, out_dir)
+
+
+def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    topic, date, dev, rows = doc["topic"], doc["date"], doc["device"], doc["rows"]
+    stem = os.path.join(out_dir, f"{topic}-{_slug(dev)}-{date}")
     paths = {"json": stem + ".json", "md": stem + ".md"}
     with open(paths["json"], "w") as f:
         json.dump(doc, f, indent=1)
     keys = sorted({k for r in rows for k in r.get("case", {})})
     lines = [f"# {topic} on {dev} ({date})", "",
-             f"versions: `{json.dumps(doc['versions'])}`  ", f"ceilings: `{json.dumps(doc['ceilings'])}`", "",
-             "| impl | " + " | ".join(keys) + " | ms | TFLOP/s | peak GiB | status |",
+             f"versions: `{json.dumps(doc['versions'])}`  ", f"ceilings: `{json.dumps(doc['ceilings'])}`", ""]
+    if doc.get("parts"):
+        lines[-1:-1] = [f"  \nmerged from back-to-back runs on one machine: " + "; ".join(
+            f"{p['rows']} rows, ceilings {json.dumps(p['ceilings'])}" for p in doc["parts"])]
+    lines += ["| impl | " + " | ".join(keys) + " | ms | TFLOP/s | peak GiB | status |",
              "|---" * (len(keys) + 5) + "|"]
     for r in rows:
         c = r.get("case", {})

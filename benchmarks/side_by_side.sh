@@ -13,6 +13,6 @@ case "${1:?install|indexer|sparse_mla}" in
       --loss-variants attn,sparse --check 32768 --out "$OUT/receipts" 2>&1 | tee "$OUT/indexer.log" \
       | grep -v "^compile_report" | tail -45 ;;
   sparse_mla)
-    timeout 560 python3 benchmarks/bench_sparse_mla.py --S 4096,8192,16384 --H 16,64,128 \
+    timeout "${TIMEOUT:-560}" python3 benchmarks/bench_sparse_mla.py --S "${SEQS:-4096,8192,16384}" --H 16,64,128 \
       --reps 3 --out "$OUT/receipts" 2>&1 | tee "$OUT/sparse_mla.log" | tail -45 ;;
 esac
