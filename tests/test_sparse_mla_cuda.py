@@ -10,6 +10,7 @@ CUDA-graph capture/replay.
 from __future__ import annotations
 
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -45,6 +46,38 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
     # mid-flight or registers run short) and no ignored setmaxnreg (C7507)
     for code in ("C7507", "C7510", "C7512", "C7514", "C7518"):
         assert code not in report, report[-3000:]
+
+
+@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
+def test_library_builds_loads_and_fits_shared_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_DSA_CACHE", str(tmp_path))
+    path = ci.build_library()
+    assert path.parent == tmp_path and path.exists()
+    assert ci.build_library() == path  # cached: same key, no rebuild
+    lib = ci.load_library(path)
+    smem = lib.dsa_sparse_mla_fwd_smem_bytes()
+    assert 200 * 1024 < smem <= 232448  # Hopper's per-block opt-in limit (227 KB)
+
+
+def test_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch):
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'fake nvcc: no' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("MEGATRON_DSA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ci, "_nvcc", lambda: str(fake))
+    monkeypatch.setattr(ci, "_LIB", None)
+    monkeypatch.setattr(ci, "_LIB_ERROR", None)
+    with pytest.warns(UserWarning, match="using Triton"):
+        assert ci._load() is None
+    assert "fake nvcc: no" in ci._LIB_ERROR
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert ci._load() is None  # remembered: no second build, no second warning
+    assert not seen
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ci.sparse_mla_fwd_cuda(torch.zeros(1, 64, 576, dtype=torch.bfloat16),
+                               torch.zeros(1, 576, dtype=torch.bfloat16),
+                               torch.zeros(1, 64, dtype=torch.int32), 0.1)
 
 
 gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
