@@ -158,3 +158,49 @@ def test_gpu_graph_capture_replay():
     torch.cuda.synchronize()
     ref_out, ref_lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)
     assert torch.equal(g_out, ref_out) and torch.equal(g_lse, ref_lse)
+
+
+_CLUSTER_CHILD = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_sparse_mla_kernel import causal_indices, poisoned_empty, rel
+from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference
+for T, H, K, topk in ((1024, 128, 1024, True), (700, 100, 300, False), (300, 128, 2048, False)):
+    q = torch.randn(T, H, 576, device="cuda").bfloat16()
+    kv = torch.randn(T, 576, device="cuda").bfloat16()
+    idx = causal_indices(T, K, "cuda")
+    idx[3] = -1
+    tk = torch.randint(0, K + 1, (T,), device="cuda").int() if topk else None
+    sk = torch.randn(H, device="cuda")
+    with poisoned_empty():
+        out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.04, tk, sk, cluster=True)
+    ro, rl = sparse_mla_reference(q.double(), kv.double(), idx, 0.04, 512, tk, sk.double())
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(lse)) and not torch.isnan(out).any()
+    assert (lse[fin].double() - rl[fin]).abs().max().item() < 1e-2
+    err = rel(out.double(), ro)
+    assert err < 5e-3, (T, H, K, err)
+    print(f"cluster T={T} H={H} K={K}: out rel err {err:.2e}")
+"""
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cluster_variant_matches_reference(tmp_path):
+    """The 2-CTA cluster variant (opt-in) against the float64 reference, in a child process
+    with a time limit: a hand-off bug between the two CTAs would hang rather than fail."""
+    if not ci.cuda_fwd_available():
+        pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, here], capture_output=True,
+                              text=True, timeout=180, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("cluster variant did not finish within 180 s (deadlock?)")
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -32,6 +32,10 @@ _SRC = Path(__file__).with_name("cuda") / "sparse_mla_fwd_sm90.cu"
 _LIB = None
 _LIB_ERROR: Optional[str] = None
 LOG2E = 1.4426950408889634
+# 2-CTA cluster variant for 64 < H <= 128 (the two head blocks of a token share their kv
+# gathers, halving the L2 traffic). Compiled and checked by ptxas, NOT yet run on a GPU: off
+# unless MEGATRON_DSA_CUDA_FWD_CLUSTER=1 (benchmarks/check_sparse_mla_cuda.py --cluster).
+CLUSTER = os.environ.get("MEGATRON_DSA_CUDA_FWD_CLUSTER", "0") not in ("", "0", "false", "False")
 # Smallest head count routed to this kernel (its tile is 64 heads; below this Triton's
 # 16/32-head tiles waste less).
 MIN_HEADS = 33
@@ -93,7 +97,7 @@ def load_library(path: Path):
     fn = lib.dsa_sparse_mla_fwd_sm90
     fn.restype = ctypes.c_int
     ll, i32, vp = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, vp]
+    fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, i32, vp]
     return lib
 
 
@@ -138,10 +142,12 @@ def sparse_mla_fwd_cuda(
     topk_length: Optional[torch.Tensor] = None,
     sink: Optional[torch.Tensor] = None,
     lib=None,
+    cluster: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward only: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; same contract as the Triton one.
 
-    ``lib`` (benchmarks only): a library from :func:`load_library` to launch instead."""
+    ``lib`` (benchmarks only): a library from :func:`load_library` to launch instead.
+    ``cluster``: use the 2-CTA cluster variant when 64 < H <= 128 (default: ``CLUSTER``)."""
     lib = lib if lib is not None else _load()
     if lib is None:
         raise RuntimeError(f"CUDA sparse MLA forward unavailable: {_LIB_ERROR}")
@@ -169,7 +175,7 @@ def sparse_mla_fwd_cuda(
             out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E,
-            torch.cuda.current_stream(q.device).cuda_stream,
+            int(CLUSTER if cluster is None else cluster), torch.cuda.current_stream(q.device).cuda_stream,
         )
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA forward launch failed: cudaError {err}")

@@ -53,8 +53,16 @@ constexpr int OFF_ALPHA = OFF_QR + CHUNK;    // NP x [64] fp32 rescale factors
 constexpr int OFF_L = OFF_ALPHA + NP * 64 * 4;  // [64] fp32 final row sums
 constexpr int OFF_M = OFF_L + 64 * 4;        // [64] fp32 final row maxima (log2 domain)
 constexpr int OFF_IDS = OFF_M + 64 * 4;      // [NST][BN] int32: the ids of each slot's keys
-constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers
-constexpr int SMEM_USED = OFF_BAR + NST * 8;
+constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers: slot full
+constexpr int OFF_HALF = OFF_BAR + NST * 8;      // cluster variant: NST x our half landed
+constexpr int OFF_EMPTY = OFF_HALF + NST * 8;    // cluster variant: NST x the peer is done with it
+constexpr int SMEM_USED = OFF_EMPTY + NST * 8;
+// cluster variant: the two 64-head CTAs of a token each gather 16 of a block's 32 rows and
+// copy them (smem -> peer smem bulk copy) into the other; LAG blocks between a slot's local
+// refill and its copy to the peer
+constexpr int HALF_ROWS = BN / 2;
+constexpr int LAG = 3;
+constexpr int COPY_BYTES = NCH * HALF_ROWS * 128 + HALF_ROWS * 4;  // rows + their ids
 constexpr int SMEM_BYTES = SMEM_USED + 1024;     // slack to align the base to 1024 B
 // named barriers: P_FREE / P_FULL of P buffer b are ids 1 + 4 b / 2 + 4 b; 3 = done; 4 = WG0
 constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3, BAR_WG0 = 4;
@@ -133,6 +141,38 @@ __device__ __forceinline__ void mbar_wait(uint32_t addr, int parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
       "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
 }
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t addr, int parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
+      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ uint32_t peer_addr(uint32_t addr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
+// smem -> peer smem bulk copy, completion counted in bytes on the peer's mbarrier
+__device__ __forceinline__ void bulk_copy_to_peer(uint32_t dst_cluster, uint32_t src, uint32_t bytes,
+                                                  uint32_t mbar_cluster) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(dst_cluster), "r"(src), "r"(bytes), "r"(mbar_cluster) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t addr) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
 }
@@ -143,6 +183,8 @@ __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 
+// kCluster: launched as 2-CTA clusters (H in (64, 128]), the CTAs of one token share gathers.
+template <bool kCluster>
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const Params p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -166,11 +208,21 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
   const int nblk = (kv_len + BN - 1) / BN;
   const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
 
+  const uint32_t rank = kCluster ? cluster_rank() : 0;  // == head block of this CTA
   if (tid == 0) {
 #pragma unroll
-    for (int s = 0; s < NST; ++s) mbar_init(bar0 + 8 * s, 256);
+    for (int s = 0; s < NST; ++s) {
+      // cluster: full completes on our issuer's expect_tx arrival + the peer's bytes
+      mbar_init(bar0 + 8 * s, kCluster ? 1 : 256);
+      if (kCluster) {
+        mbar_init(sbase + OFF_HALF + 8 * s, 256);
+        mbar_init(sbase + OFF_EMPTY + 8 * s, 8);  // one arrival per warp of the peer's WG1/2
+      }
+    }
+    if (kCluster) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (kCluster) cluster_sync();  // the peer's barriers exist before we touch them
+  else __syncthreads();
 
   if (wg == 0) {
     // ---------------- S + softmax ----------------
@@ -214,7 +266,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     auto issue_s = [&](int j, float (&acc)[16]) {
       const int st = j % NST;
       if (j < nblk) {
-        mbar_wait(bar0 + 8 * st, (j / NST) & 1);
+        if constexpr (kCluster) mbar_wait_cluster(bar0 + 8 * st, (j / NST) & 1);
+        else mbar_wait(bar0 + 8 * st, (j / NST) & 1);
         fence_async_smem();
       }
       const uint64_t db0 = kdesc0 + ((st * STAGE) >> 4);
@@ -328,8 +381,11 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
   } else {
     // ---------------- gathers + P V ----------------
     const int w = wg - 1;  // output channels [256 w, 256 w + 256)
-    const int g_row = wt >> 2, g_sub = wt & 3;
     asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory");
+    // gather mapping. plain: 4 threads per row, all 32 rows of a block; cluster: 8 threads
+    // per row (one granule of each owned chunk), our 16 rows [16 rank, 16 rank + 16).
+    constexpr int TPR = kCluster ? 8 : 4;
+    const int g_row = (kCluster ? HALF_ROWS * rank : 0) + wt / TPR, g_sub = wt % TPR;
     auto load_row_id = [&](int j) -> int {
       const int slot = j * BN + g_row;
       return (j < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
@@ -339,25 +395,53 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
       const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s + g_sub * 8;
       const uint32_t dst = sbase + OFF_KV + (j % NST) * STAGE + g_row * 128;
       const int nchunk = w == 0 ? 5 : 4;
+      constexpr int PER_CHUNK = 8 / TPR;  // granules per thread per chunk
 #pragma unroll
-      for (int i = 0; i < 10; ++i) {
-        const int ci = i >> 1;
+      for (int i = 0; i < 5 * PER_CHUNK; ++i) {
+        const int ci = i / PER_CHUNK;
         if (ci < nchunk) {
           const int c = w == 0 ? (ci < 4 ? ci : 8) : 4 + ci;
-          const int gi = g_sub + 4 * (i & 1);  // granule inside the chunk
-          cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + 4 * 8 * (i & 1), ok);
+          const int gi = g_sub + TPR * (i % PER_CHUNK);  // granule inside the chunk
+          cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + TPR * 8 * (i % PER_CHUNK), ok);
         }
       }
-      if (w == 1 && wt < BN) {  // the stage's ids for WG0's validity test (4-byte copies)
-        const int slot = j * BN + wt;
-        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * BN + wt) * 4;
+      constexpr int NIDS = kCluster ? HALF_ROWS : BN;
+      if (w == 1 && wt < NIDS) {  // the slot's ids for WG0's validity test (4-byte copies)
+        const int row = (kCluster ? HALF_ROWS * rank : 0) + wt;
+        const int slot = j * BN + row;
+        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * BN + row) * 4;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
                      "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
       }
-      cp_async_arrive_noinc(bar0 + 8 * (j % NST));
+      cp_async_arrive_noinc((kCluster ? sbase + OFF_HALF : bar0) + 8 * (j % NST));
     };
-    for (int j = 0; j < NST && j < nblk; ++j) gather(j, load_row_id(j));
-    int gid = load_row_id(NST);  // the next gather's id, loaded an iteration ahead
+    // cluster: one thread copies our landed half of block b into the peer's slot and posts the
+    // byte count the peer's half of block b will bring into ours
+    const bool issuer = kCluster && w == 1 && wt == 0;
+    auto copy_to_peer = [&](int b) {
+      if (!issuer || b >= nblk) return;
+      const int st = b % NST;
+      mbar_wait(sbase + OFF_HALF + 8 * st, (b / NST) & 1);
+      // (the peer released slot st before we refilled its half: see the empty wait below)
+      fence_async_smem();  // cp.async (generic proxy) writes -> bulk copy (async proxy) reads
+      mbar_arrive_expect_tx(bar0 + 8 * st, COPY_BYTES);
+      const uint32_t peer = rank ^ 1u;
+      const uint32_t mbar = peer_addr(bar0 + 8 * st, peer);
+      const uint32_t rows = sbase + OFF_KV + st * STAGE + HALF_ROWS * rank * 128;
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+        bulk_copy_to_peer(peer_addr(rows + c * CH, peer), rows + c * CH, HALF_ROWS * 128, mbar);
+      const uint32_t ids = sbase + OFF_IDS + (st * BN + HALF_ROWS * rank) * 4;
+      bulk_copy_to_peer(peer_addr(ids, peer), ids, HALF_ROWS * 4, mbar);
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    };
+    // plain: the first NST blocks; cluster: NST - 1 (the last slot is refilled at j = 0, each
+    // refill waits until the peer has finished the block that last used the slot)
+    constexpr int PRE = kCluster ? NST - 1 : NST;
+    for (int j = 0; j < PRE && j < nblk; ++j) gather(j, load_row_id(j));
+    if constexpr (kCluster)
+      for (int b = 0; b < NST - LAG; ++b) copy_to_peer(b);
+    int gid = load_row_id(PRE);  // the next gather's id, loaded an iteration ahead
 
     float o[128];
 #pragma unroll
@@ -387,12 +471,24 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
       wgmma_commit();
       wgmma_wait0();
       if (j + NP < nblk) bar_arrive(BAR_P_FREE + 4 * pb, THREADS);
-      if (j + NST < nblk) {
-        if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc(bar0 + 8 * (j % NST));  // no new data
-        else gather(j + NST, gid);
-        gid = load_row_id(j + NST + 1);
-      }  // this stage's chunks of ours are free now
+      if constexpr (kCluster) {
+        // tell the peer we are done with slot j % NST (it may copy its next half into it)
+        if (lane == 0) mbar_arrive_remote(peer_addr(sbase + OFF_EMPTY + 8 * (j % NST), rank ^ 1u));
+      }
+      const int b = j + PRE;  // the block this iteration gathers (into the slot of block b - NST)
+      if (b < nblk) {
+        if constexpr (kCluster) {
+          // the peer is done with block b - NST: its copy of our half of b - NST has landed
+          // (so our source rows are free) and it no longer reads its copy of that slot
+          if (b >= NST) mbar_wait_cluster(sbase + OFF_EMPTY + 8 * (b % NST), ((b / NST) - 1) & 1);
+        }
+        if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc((kCluster ? sbase + OFF_HALF : bar0) + 8 * (b % NST));
+        else gather(b, gid);
+        gid = load_row_id(b + 1);
+      }
+      if constexpr (kCluster) copy_to_peer(j + NST - LAG);
     }
+    if (issuer) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     cp_async_wait_all();
     bar_sync(BAR_DONE, THREADS);  // WG0 has written l and m
 #pragma unroll
@@ -412,6 +508,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
             __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
     }
   }
+  // the peer may still copy into our shared memory or arrive on our barriers until it is done
+  if constexpr (kCluster) cluster_sync();
 }
 
 }  // namespace
@@ -421,17 +519,22 @@ extern "C" {
 int dsa_sparse_mla_fwd_smem_bytes() { return SMEM_BYTES; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
+// cluster != 0 and 64 < H <= 128: the 2-CTA cluster variant (the two head blocks of a token
+// share their gathers).
 int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
                             const void* sink, void* out, void* lse, long long q_st, long long q_sh,
                             long long kv_s, long long idx_s, long long out_st, long long out_sh,
-                            int T, int H, int Tk, int K, float scale_log2, void* stream) {
+                            int T, int H, int Tk, int K, float scale_log2, int cluster, void* stream) {
   static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (dev < 0 || dev >= 64 || !attr_set[dev]) {
-    e = cudaFuncSetAttribute(sparse_mla_fwd_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             SMEM_BYTES);
+    e = cudaFuncSetAttribute(sparse_mla_fwd_sm90_kernel<false>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(sparse_mla_fwd_sm90_kernel<true>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
     if (e != cudaSuccess) return static_cast<int>(e);
     if (dev >= 0 && dev < 64) attr_set[dev] = true;
   }
@@ -449,7 +552,23 @@ int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.n_hblk = (H + BM - 1) / BM;
   p.scale_log2 = scale_log2;
   const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
-  sparse_mla_fwd_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (cluster && p.n_hblk == 2) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid, 1, 1);
+    cfg.blockDim = dim3(THREADS, 1, 1);
+    cfg.dynamicSmemBytes = SMEM_BYTES;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return static_cast<int>(cudaLaunchKernelEx(&cfg, sparse_mla_fwd_sm90_kernel<true>, p));
+  }
+  sparse_mla_fwd_sm90_kernel<false><<<grid, THREADS, SMEM_BYTES, st>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
