@@ -168,7 +168,10 @@ def merge_receipts(json_paths: List[str], out_dir: str) -> Dict[str, str]:
     """One receipt from several JSON receipts of one topic taken on one device (e.g. sequence
     lengths split over back-to-back calls). Device, date and versions must agree; each part's
     ceilings are kept under ``parts``."""
-    docs = [json.load(open(p)) for p in json_paths]
+    docs = []
+    for p in json_paths:
+        with open(p) as f:
+            docs.append(json.load(f))
     for key in ("topic", "device", "date", "versions"):
         if len({json.dumps(d[key], sort_keys=True) for d in docs}) != 1:
             raise ValueError(f"receipts disagree on {key}")

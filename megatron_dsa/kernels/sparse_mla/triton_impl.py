@@ -62,6 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cuda_impl import cuda_fwd_eligible, sparse_mla_fwd_cuda
+
 __all__ = ["sparse_mla_triton", "sparse_mla_fwd", "sparse_mla_fwd_triton", "sparse_mla_bwd_triton"]
 
 LOG2E = 1.4426950408889634
@@ -617,8 +619,6 @@ def sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length=None, 
 def sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length=None, sink=None):
     """Forward only (no autograd): the sm_90a CUDA kernel where it applies (bf16, 576/512, more
     than 32 heads, Hopper, nvcc available), else the Triton kernel. Same contract either way."""
-    from .cuda_impl import cuda_fwd_eligible, sparse_mla_fwd_cuda
-
     if cuda_fwd_eligible(q, kv, d_v):
         return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink)
     return sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)

@@ -128,24 +128,26 @@ struct Params {
   __nv_bfloat16* out;         // [T, H, 512]
   float* lse;                 // [T, H]
   long long q_st, q_sh, kv_s, idx_s, out_st, out_sh;
-  int T, H, Tk, K, n_hblk;
+  int T, H, Tk, K, n_hblk;  // T: rows (informational; the grid encodes it)
   float scale_log2;           // softmax_scale * log2(e)
 };
 
 __device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
 }
+// kCluster: acquire at cluster scope (the barrier also counts the peer CTA's arrivals / bytes)
+template <bool kCluster = false>
 __device__ __forceinline__ void mbar_wait(uint32_t addr, int parity) {
-  asm volatile(
-      "{\n.reg .pred P1;\nLAB_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t addr, int parity) {
-  asm volatile(
-      "{\n.reg .pred P1;\nLAB_WAIT:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
-      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
+  if constexpr (kCluster)
+    asm volatile(
+        "{\n.reg .pred P1;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
+        "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
+  else
+    asm volatile(
+        "{\n.reg .pred P1;\nLAB_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes) : "memory");
@@ -266,8 +268,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     auto issue_s = [&](int j, float (&acc)[16]) {
       const int st = j % NST;
       if (j < nblk) {
-        if constexpr (kCluster) mbar_wait_cluster(bar0 + 8 * st, (j / NST) & 1);
-        else mbar_wait(bar0 + 8 * st, (j / NST) & 1);
+        mbar_wait<kCluster>(bar0 + 8 * st, (j / NST) & 1);
         fence_async_smem();
       }
       const uint64_t db0 = kdesc0 + ((st * STAGE) >> 4);
@@ -480,7 +481,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
         if constexpr (kCluster) {
           // the peer is done with block b - NST: its copy of our half of b - NST has landed
           // (so our source rows are free) and it no longer reads its copy of that slot
-          if (b >= NST) mbar_wait_cluster(sbase + OFF_EMPTY + 8 * (b % NST), ((b / NST) - 1) & 1);
+          if (b >= NST) mbar_wait<true>(sbase + OFF_EMPTY + 8 * (b % NST), ((b / NST) - 1) & 1);
         }
         if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc((kCluster ? sbase + OFF_HALF : bar0) + 8 * (b % NST));
         else gather(b, gid);
