@@ -1,6 +1,6 @@
-"""Hopper (sm_90a) CUDA forward for sparse MLA: build, load and launch.
+"""Hopper (sm_90a) CUDA forward and backward for sparse MLA: build, load and launch.
 
-The kernel (``cuda/sparse_mla_fwd_sm90.cu``) covers the DeepSeek-V3.2 fast path: bf16, Dqk = 576,
+The forward (``cuda/sparse_mla_fwd_sm90.cu``) covers the DeepSeek-V3.2 fast path: bf16, Dqk = 576,
 d_v = 512, 64 heads per CTA (any H; the last head tile is masked), warp-specialized (an S /
 softmax warpgroup holding the query in registers, two P V / gather warpgroups). It is built
 with ``nvcc`` on first use into a per-user cache (keyed by the source hash and the compiler), as
@@ -10,6 +10,12 @@ stream: no PyTorch headers to compile, no host synchronization, graph-capturable
 Where the kernel cannot be used (no ``nvcc``, not an sm_90 device, other shapes or dtypes, or
 ``MEGATRON_DSA_CUDA_FWD=0``) :func:`cuda_fwd_eligible` says no and the Triton forward runs.
 A failed build is reported once as a warning and then treated as unavailable.
+
+The backward (``cuda/sparse_mla_bwd_sm90.cu``, same library) covers the same shapes when the
+backward is not deterministic: one CTA per (row, 64 heads) keeps the row's Q and dO in shared
+memory, writes dq once (no dq workspace) and adds dkv into an fp32 workspace. Its per-head
+statistics (logZ, Delta, d_sink) come from the Triton stats kernel. ``MEGATRON_DSA_CUDA_BWD=0``
+keeps the Triton backward.
 """
 
 from __future__ import annotations
@@ -26,9 +32,14 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["cuda_fwd_available", "cuda_fwd_eligible", "sparse_mla_fwd_cuda", "build_library"]
+__all__ = ["cuda_fwd_available", "cuda_fwd_eligible", "sparse_mla_fwd_cuda", "cuda_bwd_eligible",
+           "sparse_mla_bwd_cuda", "build_library"]
 
-_SRC = Path(__file__).with_name("cuda") / "sparse_mla_fwd_sm90.cu"
+_DIR = Path(__file__).with_name("cuda")
+_SRC = _DIR / "sparse_mla_fwd_sm90.cu"
+_SRC_BWD = _DIR / "sparse_mla_bwd_sm90.cu"
+_SOURCES = (_SRC, _SRC_BWD)
+_HEADERS = (_DIR / "sm90_common.cuh",)
 _LIB = None
 _LIB_ERROR: Optional[str] = None
 LOG2E = 1.4426950408889634
@@ -70,11 +81,11 @@ def build_library(force: bool = False, defines: Tuple[str, ...] = ()) -> Path:
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    src = _SRC.read_bytes()
+    src = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
     flags = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
              "-gencode=arch=compute_90a,code=sm_90a", *[f"-D{d}" for d in defines]]
     key = hashlib.sha256(src + nvcc.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"sparse_mla_fwd_sm90-{key}.so"
+    out = _cache_dir() / f"sparse_mla_sm90-{key}.so"
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +93,7 @@ def build_library(force: bool = False, defines: Tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([nvcc, *flags, "-o", tmp, str(_SRC)], capture_output=True, text=True)
+        proc = subprocess.run([nvcc, *flags, "-o", tmp, *map(str, _SOURCES)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         os.replace(tmp, out)
@@ -98,6 +109,9 @@ def load_library(path: Path):
     fn.restype = ctypes.c_int
     ll, i32, vp = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
     fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, i32, vp]
+    bwd = lib.dsa_sparse_mla_bwd_sm90
+    bwd.restype = ctypes.c_int
+    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, vp]
     return lib
 
 
@@ -113,9 +127,13 @@ def _load():
     return _LIB
 
 
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "1") in ("0", "false", "False")
+
+
 def cuda_fwd_available(device: Optional[torch.device] = None) -> bool:
     """True when the library builds/loads and ``device`` is an sm_90 GPU."""
-    if os.environ.get("MEGATRON_DSA_CUDA_FWD", "1") in ("0", "false", "False"):
+    if _env_off("MEGATRON_DSA_CUDA_FWD"):
         return False
     if not torch.cuda.is_available():
         return False
@@ -180,3 +198,83 @@ def sparse_mla_fwd_cuda(
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA forward launch failed: cudaError {err}")
     return out, lse
+
+
+def cuda_bwd_eligible(q: torch.Tensor, kv: torch.Tensor, d_v: int, deterministic: bool) -> bool:
+    """Whether the CUDA backward handles these inputs (else the Triton backward runs)."""
+    if deterministic or _env_off("MEGATRON_DSA_CUDA_BWD"):
+        return False
+    return (
+        q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16
+        and q.shape[-1] == 576 and d_v == 512 and q.shape[1] >= MIN_HEADS
+        and cuda_fwd_available(q.device)
+    )
+
+
+def effective_lengths(indices: torch.Tensor, topk_length: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per row, one past the last slot holding an id >= 0 (capped by ``topk_length``): int32 [T].
+
+    Device-side (no host sync). Causal rows t < k end in -1 padding; the kernels skip the
+    blocks past this length instead of computing them masked."""
+    K = indices.shape[1]
+    pos = torch.arange(1, K + 1, device=indices.device, dtype=torch.int32)
+    last = torch.where(indices >= 0, pos, 0).amax(1) if K > 0 else torch.zeros(
+        indices.shape[0], dtype=torch.int32, device=indices.device)
+    if topk_length is not None:
+        last = torch.minimum(last, topk_length.to(torch.int32).clamp(0, K))
+    return last.to(torch.int32).contiguous()
+
+
+def sparse_mla_bwd_cuda(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    softmax_scale: float,
+    topk_length: Optional[torch.Tensor],
+    sink: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    stats: torch.Tensor,
+    target_out: Optional[torch.Tensor] = None,
+    lib=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dq bf16 [T, H, 576], dkv fp32 [Tk, 576])`` from the saved ``stats`` (``[2, T, H]``
+    fp32: log2-domain logZ, Delta; the Triton stats kernel writes them). ``target_out``
+    (fp32 ``[T, K]``, zero-filled): += the head-summed P per slot (the indexer loss's target)."""
+    lib = lib if lib is not None else _load()
+    if lib is None:
+        raise RuntimeError(f"CUDA sparse MLA backward unavailable: {_LIB_ERROR}")
+    T, H, Dqk = q.shape
+    if Dqk != 576 or q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
+        raise ValueError("CUDA sparse MLA backward needs bf16 q/kv with 576 channels")
+    if tuple(dout.shape) != (T, H, 512) or dout.dtype != torch.bfloat16:
+        raise ValueError(f"dout must be bf16 {(T, H, 512)}, got {dout.dtype} {tuple(dout.shape)}")
+    if q.stride(2) != 1 or q.stride(1) % 8 or q.stride(0) % 8 or q.data_ptr() % 16:
+        q = q.contiguous()
+    if kv.stride(1) != 1 or kv.stride(0) % 8 or kv.data_ptr() % 16:
+        kv = kv.contiguous()
+    if dout.stride(2) != 1 or dout.stride(1) % 8 or dout.stride(0) % 8 or dout.data_ptr() % 16:
+        dout = dout.contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    kv_len = effective_lengths(indices, topk_length)
+    stats = stats.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
+    dkv = torch.zeros(kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
+    if target_out is not None and (not target_out.is_contiguous() or target_out.dtype != torch.float32
+                                   or tuple(target_out.shape) != tuple(indices.shape)):
+        raise ValueError("target_out must be a contiguous fp32 tensor shaped like the indices")
+    if T == 0:
+        return dq, dkv
+    with torch.cuda.device(q.device):
+        err = lib.dsa_sparse_mla_bwd_sm90(
+            q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
+            stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), dkv.data_ptr(),
+            target_out.data_ptr() if target_out is not None else None,
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
+            dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
+            float(softmax_scale), torch.cuda.current_stream(q.device).cuda_stream,
+        )
+    if err != 0:
+        raise RuntimeError(f"CUDA sparse MLA backward launch failed: cudaError {err}")
+    return dq, dkv

@@ -62,9 +62,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .cuda_impl import cuda_fwd_eligible, sparse_mla_fwd_cuda
+from .cuda_impl import cuda_bwd_eligible, cuda_fwd_eligible, sparse_mla_bwd_cuda, sparse_mla_fwd_cuda
 
-__all__ = ["sparse_mla_triton", "sparse_mla_fwd", "sparse_mla_fwd_triton", "sparse_mla_bwd_triton"]
+__all__ = ["sparse_mla_triton", "sparse_mla_fwd", "sparse_mla_fwd_triton", "sparse_mla_bwd", "sparse_mla_bwd_triton"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -639,6 +639,44 @@ def loss_target_supported(H: int, deterministic: Optional[bool] = None) -> bool:
     return (not deterministic) and bool(CONFIG["bwd_rows"]) and CONFIG["bwd_rows_min_h"] <= H <= 128
 
 
+def _bwd_stats_into(stats, dsink_t, out, dout, lse, dlse, sink, d_v):
+    """Per (row, head) log2-domain logZ and Delta into ``stats`` ([2 * T * H] fp32), and the
+    per-row d_sink terms into ``dsink_t`` ([T, H], with a sink)."""
+    T, H = lse.shape
+    BHs = min(32, _pow2_at_least(H))
+    LAST_KERNELS["bwd_stats"] = _sparse_mla_bwd_stats_kernel[(T, triton.cdiv(H, BHs))](
+        out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
+        stats, dsink_t if dsink_t is not None else lse,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), H, T * H,
+        D_V=d_v, BH=BHs, BC=_pow2_at_least(min(d_v, 128)),
+        HAS_SINK=sink is not None, HAS_DLSE=dlse is not None, num_warps=4,
+    )
+
+
+def sparse_mla_bwd(
+    q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse=None,
+    deterministic: bool = False, target_out=None,
+):
+    """Backward dispatch: the sm_90a CUDA kernel where it applies (bf16, Dqk = 576, d_v = 512,
+    more than 32 heads, not deterministic; ``cuda_bwd_eligible``), else the Triton kernels.
+    Same contract as :func:`sparse_mla_bwd_triton`."""
+    if not cuda_bwd_eligible(q, kv, d_v, deterministic):
+        return sparse_mla_bwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse,
+                                     dout, dlse, deterministic=deterministic, target_out=target_out)
+    T, H, _ = q.shape
+    dout = dout.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    stats = torch.empty(2 * T * H, dtype=torch.float32, device=q.device)
+    dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
+    if T > 0:
+        _bwd_stats_into(stats, dsink_t, out, dout, lse, dlse, sink, d_v)
+    dq, dkv_acc = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, lse, dout,
+                                      stats, target_out)
+    d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
+    return dq, dkv_acc.to(kv.dtype), d_sink
+
+
 def sparse_mla_bwd_triton(
     q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse=None,
     deterministic: bool = False, target_out=None,
@@ -702,14 +740,7 @@ def sparse_mla_bwd_triton(
             if fuse_dq:
                 # stats only; dq comes from the all-heads pass by fp32 atomics
                 dq_acc = torch.zeros(T, H, Dqk, dtype=torch.float32, device=dev)
-                BHs = min(32, _pow2_at_least(H))
-                LAST_KERNELS["bwd_stats"] = _sparse_mla_bwd_stats_kernel[(T, triton.cdiv(H, BHs))](
-                    out, dout, lse, dlse if dlse is not None else lse, sink if sink is not None else lse,
-                    stats, dsink_t if dsink_t is not None else lse,
-                    out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), H, T * H,
-                    D_V=d_v, BH=BHs, BC=_pow2_at_least(min(d_v, 128)),
-                    HAS_SINK=sink is not None, HAS_DLSE=dlse is not None, num_warps=4,
-                )
+                _bwd_stats_into(stats, dsink_t, out, dout, lse, dlse, sink, d_v)
             else:
                 dq_acc = lse  # unused
                 nw = CONFIG["bwd_dq_warps_64"] if big else CONFIG["bwd_warps_small"]
@@ -799,7 +830,7 @@ class _SparseMLAFunction(torch.autograd.Function):
         target = None
         if ctx.needs_input_grad[8]:
             target = torch.zeros(indices.shape, dtype=torch.float32, device=q.device)
-        dq, dkv, d_sink = sparse_mla_bwd_triton(
+        dq, dkv, d_sink = sparse_mla_bwd(
             q, kv, indices, ctx.softmax_scale, ctx.d_v, topk_length, sink, out, lse, dout, dlse,
             deterministic=ctx.deterministic, target_out=target,
         )

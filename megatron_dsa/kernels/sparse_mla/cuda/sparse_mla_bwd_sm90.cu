@@ -1,0 +1,436 @@
+// Sparse MLA backward (absorbed layout) for Hopper (sm_90a): warp-specialized, wgmma.
+//
+// Fast path: Dqk = 576, d_v = 512, bf16, int32 indices, not deterministic. One CTA of 384
+// threads (three warpgroups) per (query row t, block of 64 heads). The row's Q [64, 576] and
+// dO [64, 512] stay in shared memory for the whole row; its selected keys are walked in blocks
+// of 32 through a 2-slot ring of gathered kv tiles.
+//
+//   WG0   producer: loads Q and dO once, then gathers kv tiles (cp.async, zero-filled for
+//         invalid slots) and the slot ids into the ring; landing is signalled per slot on an
+//         mbarrier (cp.async.mbarrier.arrive.noinc).
+//   WG1   S = Q K^T and dP = dO V^T (m64n32k16, both operands from shared memory), then
+//         P = exp2(S log2e scale - logZ) and dS = scale P (dP - Delta) in registers (logZ and
+//         Delta come from the stats kernel), P and dS (bf16) to shared memory for WG2, and
+//         dQ[:, 0:256] += dS K with dS as the register A operand (m64n256k16, K read
+//         MN-major from the kv tile). Optionally the head sum of P per slot (the indexer
+//         loss's target) by shuffles and one fp32 add per (warp, slot).
+//   WG2   dQ[:, 256:576] += dS K (dS read MN-major from shared memory, n256 + n64), then
+//         dKV^T [576, 32] = Q^T dS + dO^T P in nine 64-channel tiles (m64n32k16, Q / dO read
+//         MN-major), two accumulator sets in flight in turn; each finished tile is added into
+//         the fp32 dkv workspace with red.global.add (one add per channel and key).
+//   dQ is complete per CTA (it owns every key of its heads): written once, in bf16, no
+//   atomics and no dq workspace. Registers: setmaxnreg gives the producer 56 and WG1/2 224
+//   each (the CTA's 384 x 168 is never exceeded).
+//   Shared-memory tiles are 64-channel column chunks [rows, 128 B] in the 128-byte swizzled
+//   layout wgmma reads (16-byte granule g of row r stored at granule g ^ (r % 8)); P and dS
+//   are stored [32 keys, 64 heads] in the same layout, which is K-major for dKV^T's B
+//   operand and MN-major for dQ's A operand.
+#include "sm90_common.cuh"
+
+namespace {
+
+using namespace dsa_sm90;
+
+constexpr int D_QK = 576;
+constexpr int BM = 64;                        // heads per CTA (wgmma M)
+constexpr int BN = 32;                        // keys per block
+constexpr int NCH = D_QK / 64;                // 9 chunks of 64 channels (128 B)
+constexpr int NCV = 8;                        // chunks of the 512 value channels
+constexpr int QCH = BM * 128;                 // one [64 rows, 128 B] chunk of Q / dO
+constexpr int CH = BN * 128;                  // one [32 rows, 128 B] chunk of a kv slot / P / dS
+constexpr int STAGE = NCH * CH;               // 36 KB per kv slot
+constexpr int NST = 2;                        // kv ring slots
+constexpr int NDS = 2;                        // {dS, P} buffers
+constexpr int NIDS = 4;                       // ids ring: WG2 reads a block's ids after its kv slot is released
+constexpr int THREADS = 384;
+constexpr int OFF_Q = 0;
+constexpr int OFF_DO = OFF_Q + NCH * QCH;
+constexpr int OFF_KV = OFF_DO + NCV * QCH;
+constexpr int OFF_DS = OFF_KV + NST * STAGE;  // NDS x {dS, P}, each [32 keys, 64 heads] bf16
+constexpr int OFF_IDS = OFF_DS + NDS * 2 * CH;
+constexpr int OFF_BAR = OFF_IDS + NIDS * BN * 4;
+constexpr int BAR_KV_FULL = OFF_BAR;                 // NST: the slot's rows and ids landed
+constexpr int BAR_KV_EMPTY = BAR_KV_FULL + 8 * NST;  // NST: WG1 and WG2 are done reading it
+constexpr int BAR_DS_FULL = BAR_KV_EMPTY + 8 * NST;  // NDS: WG1 wrote dS and P
+constexpr int BAR_DS_EMPTY = BAR_DS_FULL + 8 * NDS;  // NDS: WG2 is done reading them
+constexpr int BAR_Q = BAR_DS_EMPTY + 8 * NDS;        // Q and dO landed
+constexpr int SMEM_USED = BAR_Q + 8;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;  // slack to align the base to 1024 B
+
+struct BwdParams {
+  const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
+  const __nv_bfloat16* kv;    // [Tk, 576], channel stride 1
+  const int32_t* idx;         // [T, K]
+  const int32_t* kv_len;      // [T]: slots >= kv_len[t] are skipped (topk_length / trailing -1)
+  const __nv_bfloat16* dout;  // [T, H, 512], channel stride 1
+  const float* stats;         // [2, T, H]: log2-domain logZ (0 on empty rows), Delta
+  const float* lse;           // [T, H] (natural log; target with a sink only)
+  __nv_bfloat16* dq;          // [T, H, 576]
+  float* dkv;                 // [Tk, 576] fp32, contiguous, zero-initialised by the caller
+  float* target;              // [T, K] fp32 or null: += sum_h P (times exp(logZ - lse) with a sink)
+  long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
+  int T, H, Tk, K, n_hblk, has_sink;
+  float scale, scale_log2;
+};
+
+__device__ __forceinline__ void red_add(float* ptr, float v) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
+}
+
+__global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const BwdParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t sbase = smem_u32(smem);
+  const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  const int wt = tid & 127;
+  const int warp = wt >> 5, lane = tid & 31;
+  const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
+  const int colq = 2 * (lane & 3);
+  const int t = blockIdx.x / p.n_hblk;
+  const int h0 = (blockIdx.x % p.n_hblk) * BM;
+  const int kv_len = min(max(__ldg(p.kv_len + t), 0), p.K);
+  const int nblk = (kv_len + BN - 1) / BN;
+  const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < NST; ++s) {
+      mbar_init(sbase + BAR_KV_FULL + 8 * s, 128);
+      mbar_init(sbase + BAR_KV_EMPTY + 8 * s, 256);
+    }
+#pragma unroll
+    for (int s = 0; s < NDS; ++s) {
+      mbar_init(sbase + BAR_DS_FULL + 8 * s, 128);
+      mbar_init(sbase + BAR_DS_EMPTY + 8 * s, 128);
+    }
+    mbar_init(sbase + BAR_Q, 128);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- producer ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    {
+      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+      const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
+      for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
+        const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
+        const bool ok = h0 + r < p.H;
+        cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                   qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
+      }
+      for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
+        const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
+        const bool ok = h0 + r < p.H;
+        cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                   dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
+      }
+      cp_async_arrive_noinc(sbase + BAR_Q);
+    }
+    // gathers: 4 threads per key row, granules g_sub and g_sub + 4 of each chunk
+    const int g_row = wt >> 2, g_sub = wt & 3;
+    auto load_row_id = [&](int b) -> int {
+      const int slot = b * BN + g_row;
+      return (b < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
+    };
+    int gid = load_row_id(0);
+    for (int b = 0; b < nblk; ++b) {
+      const int st = b % NST;
+      if (b >= NST) mbar_wait(sbase + BAR_KV_EMPTY + 8 * st, ((b / NST) - 1) & 1);
+      const bool ok = gid >= 0 && gid < p.Tk;
+      const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
+      const uint32_t dst = sbase + OFF_KV + st * STAGE + g_row * 128;
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+          cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok);
+      if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
+        const int slot = b * BN + wt;
+        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
+                     "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
+      }
+      cp_async_arrive_noinc(sbase + BAR_KV_FULL + 8 * st);
+      gid = load_row_id(b + 1);
+    }
+    cp_async_wait_all();
+  } else if (wg == 1) {
+    // ---------------- S, dP, softmax gradient, dQ[:, 0:256] ----------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    float z2[2], dlt[2], fh[2];
+    bool hv[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int h = h0 + row0 + 8 * i;
+      hv[i] = h < p.H;
+      const long long o = (long long)t * p.H + (hv[i] ? h : 0);
+      z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
+      dlt[i] = hv[i] ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f;
+      fh[i] = hv[i] ? 1.f : 0.f;
+      if (p.target != nullptr && p.has_sink && hv[i]) {
+        // the target is normalised without the sink: P exp(logZ - lse)
+        const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
+        fh[i] = l2 > -INFINITY ? exp2f(z2[i] - l2) : 0.f;
+      }
+    }
+    float dqa[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) dqa[i] = 0.f;
+    const uint64_t qd0 = desc(sbase + OFF_Q, 16, 1024);
+    const uint64_t dod0 = desc(sbase + OFF_DO, 16, 1024);
+    const uint64_t kd0 = desc(sbase + OFF_KV, 16, 1024);
+    const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);  // kv as MN-major B [keys, channels]
+    if (nblk > 0) {
+      mbar_wait(sbase + BAR_Q, 0);
+      fence_async_smem();
+    }
+    for (int b = 0; b < nblk; ++b) {
+      const int st = b % NST, pb = b % NDS;
+      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);
+      fence_async_smem();
+      float s[16], dp[16];
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n32k16_ss<0, 0>(s, qd0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
+                                   (c | k) != 0);
+#pragma unroll
+      for (int c = 0; c < NCV; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n32k16_ss<0, 0>(dp, dod0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
+                                   (c | k) != 0);
+      wgmma_commit();
+      wgmma_wait0();
+      // P and dS (in place of S and dP)
+      const int* ids = ids_s + (b % NIDS) * BN;
+      bool valid[8];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int2 id2 = *reinterpret_cast<const int2*>(ids + 8 * jj + colq);
+        const int slot = b * BN + 8 * jj + colq;
+        valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
+        valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
+      }
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const int e = 4 * jj + 2 * i + bb;
+            const float pe = (valid[2 * jj + bb] && hv[i]) ? exp2f(s[e] * p.scale_log2 - z2[i]) : 0.f;
+            s[e] = pe;
+            dp[e] = pe * (dp[e] - dlt[i]) * p.scale;
+          }
+      if (p.target != nullptr) {
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            float v = s[4 * jj + bb] * fh[0] + s[4 * jj + 2 + bb] * fh[1];
+            v += __shfl_xor_sync(0xffffffffu, v, 4);
+            v += __shfl_xor_sync(0xffffffffu, v, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            const int slot = b * BN + 8 * jj + colq + bb;
+            if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+          }
+      }
+      uint32_t pk_s[2][4], pk_p[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          __nv_bfloat162 vs = __floats2bfloat162_rn(dp[4 * jj + 2 * i], dp[4 * jj + 2 * i + 1]);
+          __nv_bfloat162 vp = __floats2bfloat162_rn(s[4 * jj + 2 * i], s[4 * jj + 2 * i + 1]);
+          pk_s[i][jj] = *reinterpret_cast<uint32_t*>(&vs);
+          pk_p[i][jj] = *reinterpret_cast<uint32_t*>(&vp);
+        }
+      // hand dS and P to WG2 as [key, head] tiles
+      if (b >= NDS) mbar_wait(sbase + BAR_DS_EMPTY + 8 * pb, ((b / NDS) - 1) & 1);
+      uint8_t* dsb = smem + OFF_DS + pb * 2 * CH;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int h = row0 + 8 * i;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const int key = 8 * jj + colq + bb;
+            const int off = key * 128 + (((h >> 3) ^ (key & 7)) << 4) + (h & 7) * 2;
+            *reinterpret_cast<uint16_t*>(dsb + off) = static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb));
+            *reinterpret_cast<uint16_t*>(dsb + CH + off) = static_cast<uint16_t>(pk_p[i][jj] >> (16 * bb));
+          }
+      }
+      fence_async_smem();
+      mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);
+      // dQ[:, 0:256] += dS K (dS from registers: accumulator columns [16 k, 16 k + 16) are
+      // the A fragment of k-step k)
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint32_t a[4] = {pk_s[0][2 * k], pk_s[1][2 * k], pk_s[0][2 * k + 1], pk_s[1][2 * k + 1]};
+        wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((st * STAGE + k * 16 * 128) >> 4), 1);
+      }
+      wgmma_commit();
+      wgmma_wait0();
+      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!hv[i]) continue;
+      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)(h0 + row0 + 8 * i) * p.dq_sh + colq;
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1]);
+    }
+  } else {
+    // ---------------- dQ[:, 256:576], dKV ----------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    float dqb[128], dqr[32];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) dqb[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dqr[i] = 0.f;
+    const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);       // kv, MN-major B [keys, channels]
+    const uint64_t dsa0 = desc(sbase + OFF_DS, CH, 1024);      // dS, MN-major A [heads, keys]
+    const uint64_t dsb0 = desc(sbase + OFF_DS, 16, 1024);      // dS / P, K-major B [keys, heads]
+    const uint64_t qt0 = desc(sbase + OFF_Q, QCH, 1024);       // Q^T, MN-major A [channels, heads]
+    const uint64_t dot0 = desc(sbase + OFF_DO, QCH, 1024);     // dO^T
+    if (nblk > 0) {
+      mbar_wait(sbase + BAR_Q, 0);
+      fence_async_smem();
+    }
+    for (int b = 0; b < nblk; ++b) {
+      const int st = b % NST, pb = b % NDS;
+      mbar_wait(sbase + BAR_DS_FULL + 8 * pb, (b / NDS) & 1);
+      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);
+      fence_async_smem();
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint64_t da = dsa0 + ((pb * 2 * CH + k * 16 * 128) >> 4);
+        wgmma_m64n256k16_ss<1, 1>(dqb, da, kt0 + ((st * STAGE + 4 * CH + k * 16 * 128) >> 4), 1);
+        wgmma_m64n64k16_ss<1, 1>(dqr, da, kt0 + ((st * STAGE + 8 * CH + k * 16 * 128) >> 4), 1);
+      }
+      wgmma_commit();
+      // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
+      const int* ids = ids_s + (b % NIDS) * BN;
+      long long roff[8];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+        for (int bb = 0; bb < 2; ++bb) {
+          const int key = 8 * jj + colq + bb;
+          const int id = ids[key];
+          const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
+          roff[2 * jj + bb] = ok ? (long long)id * D_QK : -1;
+        }
+      float ga[16], gb[16];
+      auto issue = [&](int mt, float (&acc)[16]) {
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n32k16_ss<1, 0>(acc, qt0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + k * 32) >> 4), k != 0);
+        if (mt < NCV) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n32k16_ss<1, 0>(acc, dot0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + CH + k * 32) >> 4), 1);
+        }
+        wgmma_commit();
+      };
+      auto flush = [&](int mt, const float (&acc)[16]) {
+        float* base = p.dkv + mt * 64 + row0;
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const long long ro = roff[2 * jj + bb];
+            if (ro >= 0) {
+              red_add(base + ro, acc[4 * jj + bb]);
+              red_add(base + ro + 8, acc[4 * jj + 2 + bb]);
+            }
+          }
+      };
+      issue(0, ga);
+      wgmma_wait1();  // dQ's group is done: the kv slot is free
+      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
+#pragma unroll
+      for (int mt = 1; mt < NCH; ++mt) {
+        if (mt & 1) issue(mt, gb);
+        else issue(mt, ga);
+        wgmma_wait1();
+        if (mt & 1) flush(mt - 1, ga);
+        else flush(mt - 1, gb);
+      }
+      wgmma_wait0();
+      mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
+      flush(NCH - 1, ga);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int h = h0 + row0 + 8 * i;
+      if (h >= p.H) continue;
+      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 512 + 8 * jj) = __floats2bfloat162_rn(dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1]);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
+
+// Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
+int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
+                            const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
+                            void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
+                            long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
+                            int Tk, int K, int has_sink, float scale, void* stream) {
+  static bool attr_set[64] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (dev < 0 || dev >= 64 || !attr_set[dev]) {
+    e = cudaFuncSetAttribute(sparse_mla_bwd_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    if (e != cudaSuccess) return static_cast<int>(e);
+    if (dev >= 0 && dev < 64) attr_set[dev] = true;
+  }
+  if (T == 0 || H == 0) return 0;
+  BwdParams p;
+  p.q = static_cast<const __nv_bfloat16*>(q);
+  p.kv = static_cast<const __nv_bfloat16*>(kv);
+  p.idx = static_cast<const int32_t*>(idx);
+  p.kv_len = static_cast<const int32_t*>(kv_len);
+  p.dout = static_cast<const __nv_bfloat16*>(dout);
+  p.stats = static_cast<const float*>(stats);
+  p.lse = static_cast<const float*>(lse);
+  p.dq = static_cast<__nv_bfloat16*>(dq);
+  p.dkv = static_cast<float*>(dkv);
+  p.target = static_cast<float*>(target);
+  p.q_st = q_st; p.q_sh = q_sh; p.kv_s = kv_s; p.idx_s = idx_s;
+  p.do_st = do_st; p.do_sh = do_sh; p.dq_st = dq_st; p.dq_sh = dq_sh;
+  p.T = T; p.H = H; p.Tk = Tk; p.K = K;
+  p.n_hblk = (H + BM - 1) / BM;
+  p.has_sink = has_sink;
+  p.scale = scale;
+  p.scale_log2 = scale * 1.4426950408889634f;
+  const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
+  sparse_mla_bwd_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // extern "C"
