@@ -94,6 +94,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--checks-only", action="store_true")
     ap.add_argument("--no-triton", action="store_true", help="skip timing the Triton backward")
+    ap.add_argument("--variants", default="",
+                    help="SPARSE_MLA_BWD_DBG builds to time (kernel only) at the first H (timing "
+                         "experiments, wrong results)")
     a = ap.parse_args()
     print(ptxas_report(), flush=True)
     print("lib:", ci.build_library(), flush=True)
@@ -122,6 +125,19 @@ def main():
             out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, 512)
             args = (q, kv, idx, scale, 512, None, None, out, lse, dout)
             t_c = time_cuda(lambda: ti.sparse_mla_bwd(*args), reps=a.reps)
+            if H == int(a.H.split(",")[0]) and a.variants:
+                stats = torch.empty(2 * S * H, dtype=torch.float32, device="cuda")
+                ti._bwd_stats_into(stats, None, out, dout, lse, None, None, 512)
+                kargs = (q, kv, idx, scale, None, None, lse, dout, stats)
+                t_k = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs), reps=a.reps)
+                res["timing"].append(dict(S=S, H=H, variant=0, kernel_ms=t_k))
+                print(f"kernel only (+ dkv zero-fill, lengths): {t_k:.2f} ms (bwd {t_c:.2f})", flush=True)
+                for v in a.variants.split(","):  # N: SPARSE_MLA_BWD_DBG=N; RN: SPARSE_MLA_BWD_RED=N
+                    d = f"SPARSE_MLA_BWD_RED={v[1:]}" if v.startswith("R") else f"SPARSE_MLA_BWD_DBG={v}"
+                    lib = ci.load_library(ci.build_library(defines=(d,)))
+                    t_v = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs, lib=lib), reps=a.reps)
+                    res["timing"].append(dict(S=S, H=H, variant=v, kernel_ms=t_v))
+                    print(f"variant DBG={v}: {t_v:.2f} ms (kernel {t_k:.2f})", flush=True)
             t_t = None if a.no_triton else time_cuda(lambda: ti.sparse_mla_bwd_triton(*args), reps=a.reps)
             qg = q.clone().requires_grad_()
             kvg = kv.clone().requires_grad_()
@@ -144,6 +160,8 @@ def main():
         json.dump(res, fh, indent=1)
     print("\n| S | H | bwd CUDA ms | TFLOP/s | bwd Triton ms | TFLOP/s | fwd+bwd ms | TFLOP/s |")
     for r in res["timing"]:
+        if "variant" in r:
+            continue
         tt = f"{r['bwd_triton_ms']:.2f} | {r['bwd_triton_tflops']:.0f}" if r["bwd_triton_ms"] else "- | -"
         print(f"| {r['S']} | {r['H']} | {r['bwd_cuda_ms']:.2f} | {r['bwd_cuda_tflops']:.0f} | {tt} | "
               f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} |")

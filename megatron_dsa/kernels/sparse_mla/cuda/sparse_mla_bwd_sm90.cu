@@ -27,6 +27,17 @@
 //   operand and MN-major for dQ's A operand.
 #include "sm90_common.cuh"
 
+// Timing experiments only (never in a shipped build): 1 = no dkv adds, 2 = no dKV MMAs (and no
+// adds), 4 = no gathers after the first ring fill, 8 = no S / dP MMAs, 16 = no dQ MMAs.
+#ifndef SPARSE_MLA_BWD_DBG
+#define SPARSE_MLA_BWD_DBG 0
+#endif
+// dkv adds: 4 = red.global.add.v4.f32 after a 4 x 4 lane transpose (4 channels of one key per
+// thread), 1 = one scalar red per element straight from the accumulator fragment
+#ifndef SPARSE_MLA_BWD_RED
+#define SPARSE_MLA_BWD_RED 4
+#endif
+
 namespace {
 
 using namespace dsa_sm90;
@@ -75,6 +86,9 @@ struct BwdParams {
 
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void red_add4(float* ptr, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const BwdParams p) {
@@ -140,6 +154,10 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     for (int b = 0; b < nblk; ++b) {
       const int st = b % NST;
       if (b >= NST) mbar_wait(sbase + BAR_KV_EMPTY + 8 * st, ((b / NST) - 1) & 1);
+      if ((SPARSE_MLA_BWD_DBG & 4) && b >= NST) {
+        cp_async_arrive_noinc(sbase + BAR_KV_FULL + 8 * st);
+        continue;
+      }
       const bool ok = gid >= 0 && gid < p.Tk;
       const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
       const uint32_t dst = sbase + OFF_KV + st * STAGE + g_row * 128;
@@ -198,13 +216,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int c = 0; c < NCH; ++c)
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          wgmma_m64n32k16_ss<0, 0>(s, qd0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
+          if (!(SPARSE_MLA_BWD_DBG & 8)) wgmma_m64n32k16_ss<0, 0>(s, qd0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
                                    (c | k) != 0);
 #pragma unroll
       for (int c = 0; c < NCV; ++c)
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          wgmma_m64n32k16_ss<0, 0>(dp, dod0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
+          if (!(SPARSE_MLA_BWD_DBG & 8)) wgmma_m64n32k16_ss<0, 0>(dp, dod0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
                                    (c | k) != 0);
       wgmma_commit();
       wgmma_wait0();
@@ -276,7 +294,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const uint32_t a[4] = {pk_s[0][2 * k], pk_s[1][2 * k], pk_s[0][2 * k + 1], pk_s[1][2 * k + 1]};
-        wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((st * STAGE + k * 16 * 128) >> 4), 1);
+        if (!(SPARSE_MLA_BWD_DBG & 16)) wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((st * STAGE + k * 16 * 128) >> 4), 1);
       }
       wgmma_commit();
       wgmma_wait0();
@@ -316,25 +334,39 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const uint64_t da = dsa0 + ((pb * 2 * CH + k * 16 * 128) >> 4);
+        if (SPARSE_MLA_BWD_DBG & 16) continue;
         wgmma_m64n256k16_ss<1, 1>(dqb, da, kt0 + ((st * STAGE + 4 * CH + k * 16 * 128) >> 4), 1);
         wgmma_m64n64k16_ss<1, 1>(dqr, da, kt0 + ((st * STAGE + 8 * CH + k * 16 * 128) >> 4), 1);
       }
       wgmma_commit();
       // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
       const int* ids = ids_s + (b % NIDS) * BN;
+      auto row_off = [&](int key) -> long long {
+        const int id = ids[key];
+        const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
+        return ok ? (long long)id * D_QK : -1;
+      };
+#if SPARSE_MLA_BWD_RED == 4
+      // after the transposes this thread adds channels [4 lr, 4 lr + 4) of its quad row for
+      // key 8 (2 half + lr / 2) + colq + lr % 2, lr = (lane / 4) % 4, half = 0, 1
+      const int lr = (lane >> 2) & 3;
+      long long roff[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) roff[half] = row_off(8 * (2 * half + (lr >> 1)) + colq + (lr & 1));
+#else
       long long roff[8];
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
-        for (int bb = 0; bb < 2; ++bb) {
-          const int key = 8 * jj + colq + bb;
-          const int id = ids[key];
-          const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
-          roff[2 * jj + bb] = ok ? (long long)id * D_QK : -1;
-        }
+        for (int bb = 0; bb < 2; ++bb) roff[2 * jj + bb] = row_off(8 * jj + colq + bb);
+#endif
       float ga[16], gb[16];
       auto issue = [&](int mt, float (&acc)[16]) {
         wgmma_fence();
+        if (SPARSE_MLA_BWD_DBG & 2) {
+          wgmma_commit();
+          return;
+        }
 #pragma unroll
         for (int k = 0; k < 4; ++k)
           wgmma_m64n32k16_ss<1, 0>(acc, qt0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + k * 32) >> 4), k != 0);
@@ -346,17 +378,47 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         wgmma_commit();
       };
       auto flush = [&](int mt, const float (&acc)[16]) {
+#if SPARSE_MLA_BWD_RED == 4
+        // 4 x 4 transposes over the lanes that differ in bits 2-3 (rows row0 of one quad
+        // group): lane lr holds rows lr for keys kk = 0..3; it ends with rows 0..3 of key lr
+        float* base4 = p.dkv + mt * 64 + warp * 16 + (lane >> 4) * 4;
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float v[4];
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) v[kk] = acc[4 * (2 * half + (kk >> 1)) + 2 * i + (kk & 1)];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {  // xor 4: key pairs
+              const float send = (lr & 1) ? v[2 * j] : v[2 * j + 1];
+              const float got = __shfl_xor_sync(0xffffffffu, send, 4);
+              if (lr & 1) v[2 * j] = got;
+              else v[2 * j + 1] = got;
+            }
+            // now v[2 j], v[2 j + 1] = rows (lr & 2) + 0, 1 of key 2 j + (lr & 1)
+            const float s0 = (lr & 2) ? v[0] : v[2], s1 = (lr & 2) ? v[1] : v[3];
+            const float g0 = __shfl_xor_sync(0xffffffffu, s0, 8);
+            const float g1 = __shfl_xor_sync(0xffffffffu, s1, 8);
+            const long long ro = roff[half];
+            if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) {
+              if (lr & 2) red_add4(base4 + ro + 8 * i, g0, g1, v[2], v[3]);
+              else red_add4(base4 + ro + 8 * i, v[0], v[1], g0, g1);
+            }
+          }
+#else
         float* base = p.dkv + mt * 64 + row0;
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
             const long long ro = roff[2 * jj + bb];
-            if (ro >= 0) {
+            if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) {
               red_add(base + ro, acc[4 * jj + bb]);
               red_add(base + ro + 8, acc[4 * jj + 2 + bb]);
             }
           }
+#endif
       };
       issue(0, ga);
       wgmma_wait1();  // dQ's group is done: the kv slot is free
