@@ -32,10 +32,12 @@
 #ifndef SPARSE_MLA_BWD_DBG
 #define SPARSE_MLA_BWD_DBG 0
 #endif
-// dkv adds: 4 = red.global.add.v4.f32 after a 4 x 4 lane transpose (4 channels of one key per
-// thread), 1 = one scalar red per element straight from the accumulator fragment
+// dkv adds: 2 = each finished 64-channel tile is staged in shared memory and added by bulk
+// asynchronous reductions (cp.reduce.async.bulk, one 256-byte row per key: the adds leave
+// WG2's instruction stream), 4 = red.global.add.v4.f32 after a 4 x 4 lane transpose (4
+// channels of one key per thread), 1 = one scalar red per element from the fragment
 #ifndef SPARSE_MLA_BWD_RED
-#define SPARSE_MLA_BWD_RED 4
+#define SPARSE_MLA_BWD_RED 2
 #endif
 
 namespace {
@@ -51,14 +53,16 @@ constexpr int QCH = BM * 128;                 // one [64 rows, 128 B] chunk of Q
 constexpr int CH = BN * 128;                  // one [32 rows, 128 B] chunk of a kv slot / P / dS
 constexpr int STAGE = NCH * CH;               // 36 KB per kv slot
 constexpr int NST = 2;                        // kv ring slots
-constexpr int NDS = 2;                        // {dS, P} buffers
+constexpr int NDS = SPARSE_MLA_BWD_RED == 2 ? 1 : 2;  // {dS, P} buffers (1: room for the staging tile)
 constexpr int NIDS = 4;                       // ids ring: WG2 reads a block's ids after its kv slot is released
 constexpr int THREADS = 384;
 constexpr int OFF_Q = 0;
 constexpr int OFF_DO = OFF_Q + NCH * QCH;
 constexpr int OFF_KV = OFF_DO + NCV * QCH;
 constexpr int OFF_DS = OFF_KV + NST * STAGE;  // NDS x {dS, P}, each [32 keys, 64 heads] bf16
-constexpr int OFF_IDS = OFF_DS + NDS * 2 * CH;
+constexpr int STG_ROW = 64 * 4 + 16;          // staging row: one key's 64 fp32 channels, padded
+constexpr int OFF_STG = OFF_DS + NDS * 2 * CH;  // [32 keys, 64 channels] fp32 (RED == 2 only)
+constexpr int OFF_IDS = OFF_STG + (SPARSE_MLA_BWD_RED == 2 ? BN * STG_ROW : 0);
 constexpr int OFF_BAR = OFF_IDS + NIDS * BN * 4;
 constexpr int BAR_KV_FULL = OFF_BAR;                 // NST: the slot's rows and ids landed
 constexpr int BAR_KV_EMPTY = BAR_KV_FULL + 8 * NST;  // NST: WG1 and WG2 are done reading it
@@ -87,6 +91,13 @@ struct BwdParams {
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
 }
+__device__ __forceinline__ void bulk_reduce_add(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 __device__ __forceinline__ void red_add4(float* ptr, float a, float b, float c, float d) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
@@ -346,7 +357,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
         return ok ? (long long)id * D_QK : -1;
       };
-#if SPARSE_MLA_BWD_RED == 4
+#if SPARSE_MLA_BWD_RED == 2
+      const long long my_off = wt < BN ? row_off(wt) : -1;  // threads 0-31 issue key wt's row
+#elif SPARSE_MLA_BWD_RED == 4
       // after the transposes this thread adds channels [4 lr, 4 lr + 4) of its quad row for
       // key 8 (2 half + lr / 2) + colq + lr % 2, lr = (lane / 4) % 4, half = 0, 1
       const int lr = (lane >> 2) & 3;
@@ -378,7 +391,25 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         wgmma_commit();
       };
       auto flush = [&](int mt, const float (&acc)[16]) {
-#if SPARSE_MLA_BWD_RED == 4
+#if SPARSE_MLA_BWD_RED == 2
+        if (wt < BN) bulk_wait_read0();  // the previous tile's reductions have read the staging
+        bar_sync(1, 128);
+        float* stg = reinterpret_cast<float*>(smem + OFF_STG);
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+              stg[(8 * jj + colq + bb) * (STG_ROW / 4) + row0 + 8 * i] = acc[4 * jj + 2 * i + bb];
+        fence_async_smem();
+        bar_sync(1, 128);
+        if (wt < BN) {
+          if (my_off >= 0 && !(SPARSE_MLA_BWD_DBG & 3))
+            bulk_reduce_add(p.dkv + my_off + mt * 64, sbase + OFF_STG + wt * STG_ROW, 256);
+          bulk_commit();
+        }
+#elif SPARSE_MLA_BWD_RED == 4
         // 4 x 4 transposes over the lanes that differ in bits 2-3 (rows row0 of one quad
         // group): lane lr holds rows lr for keys kk = 0..3; it ends with rows 0..3 of key lr
         float* base4 = p.dkv + mt * 64 + warp * 16 + (lane >> 4) * 4;
@@ -435,6 +466,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
       flush(NCH - 1, ga);
     }
+#if SPARSE_MLA_BWD_RED == 2
+    if (wt < BN) bulk_wait0();  // reductions complete before the CTA's shared memory goes away
+#endif
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int h = h0 + row0 + 8 * i;
