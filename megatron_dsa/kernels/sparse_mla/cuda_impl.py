@@ -47,6 +47,9 @@ LOG2E = 1.4426950408889634
 # gathers, halving the L2 traffic). Compiled and checked by ptxas, NOT yet run on a GPU: off
 # unless MEGATRON_DSA_CUDA_FWD_CLUSTER=1 (benchmarks/check_sparse_mla_cuda.py --cluster).
 CLUSTER = os.environ.get("MEGATRON_DSA_CUDA_FWD_CLUSTER", "0") not in ("", "0", "false", "False")
+# Backward, 64 < H <= 128: the two head-block CTAs of a row run as a 2-CTA cluster and add their
+# dkv tiles together in shared memory before the global fp32 adds (half the adds).
+BWD_CLUSTER = os.environ.get("MEGATRON_DSA_CUDA_BWD_CLUSTER", "1") not in ("", "0", "false", "False")
 # Smallest head count routed to this kernel (its tile is 64 heads; below this Triton's
 # 16/32-head tiles waste less).
 MIN_HEADS = 33
@@ -111,7 +114,8 @@ def load_library(path: Path):
     fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, i32, vp]
     bwd = lib.dsa_sparse_mla_bwd_sm90
     bwd.restype = ctypes.c_int
-    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, vp]
+    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, i32, vp]
+    lib.dsa_sparse_mla_bwd_smem_bytes.argtypes = [i32]
     return lib
 
 
@@ -237,6 +241,7 @@ def sparse_mla_bwd_cuda(
     stats: torch.Tensor,
     target_out: Optional[torch.Tensor] = None,
     lib=None,
+    cluster: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dq bf16 [T, H, 576], dkv fp32 [Tk, 576])`` from the saved ``stats`` (``[2, T, H]``
     fp32: log2-domain logZ, Delta; the Triton stats kernel writes them). ``target_out``
@@ -273,7 +278,8 @@ def sparse_mla_bwd_cuda(
             target_out.data_ptr() if target_out is not None else None,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
             dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
-            float(softmax_scale), torch.cuda.current_stream(q.device).cuda_stream,
+            float(softmax_scale), int(BWD_CLUSTER if cluster is None else cluster),
+            torch.cuda.current_stream(q.device).cuda_stream,
         )
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA backward launch failed: cudaError {err}")

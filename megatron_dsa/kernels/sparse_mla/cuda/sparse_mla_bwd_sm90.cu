@@ -32,13 +32,6 @@
 #ifndef SPARSE_MLA_BWD_DBG
 #define SPARSE_MLA_BWD_DBG 0
 #endif
-// dkv adds: 2 = each finished 64-channel tile is staged in shared memory and added by bulk
-// asynchronous reductions (cp.reduce.async.bulk, one 256-byte row per key: the adds leave
-// WG2's instruction stream), 4 = red.global.add.v4.f32 after a 4 x 4 lane transpose (4
-// channels of one key per thread), 1 = one scalar red per element from the fragment
-#ifndef SPARSE_MLA_BWD_RED
-#define SPARSE_MLA_BWD_RED 2
-#endif
 
 namespace {
 
@@ -53,24 +46,25 @@ constexpr int QCH = BM * 128;                 // one [64 rows, 128 B] chunk of Q
 constexpr int CH = BN * 128;                  // one [32 rows, 128 B] chunk of a kv slot / P / dS
 constexpr int STAGE = NCH * CH;               // 36 KB per kv slot
 constexpr int NST = 2;                        // kv ring slots
-constexpr int NDS = SPARSE_MLA_BWD_RED == 2 ? 1 : 2;  // {dS, P} buffers (1: room for the staging tile)
+// {dS, P} buffers: 2, or 1 in the cluster variant (its shared memory holds the exchange tile)
+template <bool kCluster> constexpr int NDS = kCluster ? 1 : 2;
 constexpr int NIDS = 4;                       // ids ring: WG2 reads a block's ids after its kv slot is released
 constexpr int THREADS = 384;
 constexpr int OFF_Q = 0;
 constexpr int OFF_DO = OFF_Q + NCH * QCH;
 constexpr int OFF_KV = OFF_DO + NCV * QCH;
 constexpr int OFF_DS = OFF_KV + NST * STAGE;  // NDS x {dS, P}, each [32 keys, 64 heads] bf16
-constexpr int STG_ROW = 64 * 4 + 16;          // staging row: one key's 64 fp32 channels, padded
-constexpr int OFF_STG = OFF_DS + NDS * 2 * CH;  // [32 keys, 64 channels] fp32 (RED == 2 only)
-constexpr int OFF_IDS = OFF_STG + (SPARSE_MLA_BWD_RED == 2 ? BN * STG_ROW : 0);
-constexpr int OFF_BAR = OFF_IDS + NIDS * BN * 4;
-constexpr int BAR_KV_FULL = OFF_BAR;                 // NST: the slot's rows and ids landed
-constexpr int BAR_KV_EMPTY = BAR_KV_FULL + 8 * NST;  // NST: WG1 and WG2 are done reading it
-constexpr int BAR_DS_FULL = BAR_KV_EMPTY + 8 * NST;  // NDS: WG1 wrote dS and P
-constexpr int BAR_DS_EMPTY = BAR_DS_FULL + 8 * NDS;  // NDS: WG2 is done reading them
-constexpr int BAR_Q = BAR_DS_EMPTY + 8 * NDS;        // Q and dO landed
-constexpr int SMEM_USED = BAR_Q + 8;
-constexpr int SMEM_BYTES = SMEM_USED + 1024;  // slack to align the base to 1024 B
+constexpr int XTILE = 128 * 16 * 4;           // one dKV^T tile's fragments (cluster exchange)
+template <bool kCluster> constexpr int OFF_X = OFF_DS + NDS<kCluster> * 2 * CH;
+template <bool kCluster> constexpr int OFF_IDS = OFF_X<kCluster> + (kCluster ? XTILE : 0);
+template <bool kCluster> constexpr int OFF_BAR = OFF_IDS<kCluster> + NIDS * BN * 4;
+// mbarriers, in this order from OFF_BAR: kv full [NST] (the slot's rows and ids landed), kv
+// empty [NST] (WG1 and WG2 are done reading it), ds full [NDS] (WG1 wrote dS and P), ds empty
+// [NDS] (WG2 is done reading them), q (Q and dO landed), x full / x empty (cluster exchange:
+// the peer's tile landed in ours / the peer has read the tile we sent)
+template <bool kCluster> constexpr int SMEM_USED = OFF_BAR<kCluster> + 8 * (2 * NST + 2 * NDS<kCluster> + 3);
+template <bool kCluster> constexpr int SMEM_BYTES = SMEM_USED<kCluster> + 1024;  // slack to align the base to 1024 B
+static_assert(SMEM_BYTES<true> <= 232448 && SMEM_BYTES<false> <= 232448, "shared memory");
 
 struct BwdParams {
   const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
@@ -91,22 +85,28 @@ struct BwdParams {
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
 }
-__device__ __forceinline__ void bulk_reduce_add(float* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ void red_add4(float* ptr, float a, float b, float c, float d) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+// 16 bytes into the peer CTA's shared memory; completion counted in bytes on its mbarrier
+__device__ __forceinline__ void st_async_peer(uint32_t dst_cluster, float4 v, uint32_t mbar_cluster) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];\n"
+               ::"r"(dst_cluster), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(mbar_cluster) : "memory");
 }
 
+// kCluster: launched as 2-CTA clusters (64 < H <= 128): the two head blocks of a row add
+// their dKV^T tiles together through shared memory before the global adds (half the adds).
+template <bool kCluster>
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const BwdParams p) {
+  constexpr int ND = NDS<kCluster>;
+  constexpr int BAR_KV_FULL = OFF_BAR<kCluster>;
+  constexpr int BAR_KV_EMPTY = BAR_KV_FULL + 8 * NST;
+  constexpr int BAR_DS_FULL = BAR_KV_EMPTY + 8 * NST;
+  constexpr int BAR_DS_EMPTY = BAR_DS_FULL + 8 * ND;
+  constexpr int BAR_Q = BAR_DS_EMPTY + 8 * ND;
+  constexpr int BAR_X_FULL = BAR_Q + 8;
+  constexpr int BAR_X_EMPTY = BAR_X_FULL + 8;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = smem_u32(smem);
-  const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
+  const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS<kCluster>);
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
@@ -119,6 +119,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   const int kv_len = min(max(__ldg(p.kv_len + t), 0), p.K);
   const int nblk = (kv_len + BN - 1) / BN;
   const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+  const uint32_t rank = kCluster ? cluster_rank() : 0;  // == head block of this CTA
 
   if (tid == 0) {
 #pragma unroll
@@ -127,13 +128,19 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       mbar_init(sbase + BAR_KV_EMPTY + 8 * s, 256);
     }
 #pragma unroll
-    for (int s = 0; s < NDS; ++s) {
+    for (int s = 0; s < ND; ++s) {
       mbar_init(sbase + BAR_DS_FULL + 8 * s, 128);
       mbar_init(sbase + BAR_DS_EMPTY + 8 * s, 128);
     }
     mbar_init(sbase + BAR_Q, 128);
+    if constexpr (kCluster) {
+      mbar_init(sbase + BAR_X_FULL, 1);   // our expect_tx arrival + the peer's bytes
+      mbar_init(sbase + BAR_X_EMPTY, 4);  // one arrival per warp of the peer's WG2
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
   }
-  __syncthreads();
+  if constexpr (kCluster) cluster_sync();  // the peer's barriers exist before we touch them
+  else __syncthreads();
 
   if (wg == 0) {
     // ---------------- producer ----------------
@@ -179,7 +186,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok);
       if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
         const int slot = b * BN + wt;
-        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
+        const uint32_t dst_id = sbase + OFF_IDS<kCluster> + ((b % NIDS) * BN + wt) * 4;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
                      "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
       }
@@ -218,7 +225,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       fence_async_smem();
     }
     for (int b = 0; b < nblk; ++b) {
-      const int st = b % NST, pb = b % NDS;
+      const int st = b % NST, pb = b % ND;
       mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);
       fence_async_smem();
       float s[16], dp[16];
@@ -282,7 +289,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           pk_p[i][jj] = *reinterpret_cast<uint32_t*>(&vp);
         }
       // hand dS and P to WG2 as [key, head] tiles
-      if (b >= NDS) mbar_wait(sbase + BAR_DS_EMPTY + 8 * pb, ((b / NDS) - 1) & 1);
+      if (b >= ND) mbar_wait(sbase + BAR_DS_EMPTY + 8 * pb, ((b / ND) - 1) & 1);
       uint8_t* dsb = smem + OFF_DS + pb * 2 * CH;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -323,6 +330,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     // ---------------- dQ[:, 256:576], dKV ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     float dqb[128], dqr[32];
+    int n_rx = 0, n_tx = 0;  // cluster exchange: tiles received / sent so far
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqb[i] = 0.f;
 #pragma unroll
@@ -337,8 +345,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       fence_async_smem();
     }
     for (int b = 0; b < nblk; ++b) {
-      const int st = b % NST, pb = b % NDS;
-      mbar_wait(sbase + BAR_DS_FULL + 8 * pb, (b / NDS) & 1);
+      const int st = b % NST, pb = b % ND;
+      mbar_wait(sbase + BAR_DS_FULL + 8 * pb, (b / ND) & 1);
       mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);
       fence_async_smem();
       wgmma_fence();
@@ -352,27 +360,16 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       wgmma_commit();
       // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
       const int* ids = ids_s + (b % NIDS) * BN;
-      auto row_off = [&](int key) -> long long {
+      auto row_off = [&](int key) -> int {  // id * 576 (Tk < 3.7M, checked by the host), -1: skip
         const int id = ids[key];
         const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
-        return ok ? (long long)id * D_QK : -1;
+        return ok ? id * D_QK : -1;
       };
-#if SPARSE_MLA_BWD_RED == 2
-      const long long my_off = wt < BN ? row_off(wt) : -1;  // threads 0-31 issue key wt's row
-#elif SPARSE_MLA_BWD_RED == 4
-      // after the transposes this thread adds channels [4 lr, 4 lr + 4) of its quad row for
-      // key 8 (2 half + lr / 2) + colq + lr % 2, lr = (lane / 4) % 4, half = 0, 1
-      const int lr = (lane >> 2) & 3;
-      long long roff[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) roff[half] = row_off(8 * (2 * half + (lr >> 1)) + colq + (lr & 1));
-#else
-      long long roff[8];
+      int roff[8];
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
         for (int bb = 0; bb < 2; ++bb) roff[2 * jj + bb] = row_off(8 * jj + colq + bb);
-#endif
       float ga[16], gb[16];
       auto issue = [&](int mt, float (&acc)[16]) {
         wgmma_fence();
@@ -390,66 +387,52 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         }
         wgmma_commit();
       };
-      auto flush = [&](int mt, const float (&acc)[16]) {
-#if SPARSE_MLA_BWD_RED == 2
-        if (wt < BN) bulk_wait_read0();  // the previous tile's reductions have read the staging
-        bar_sync(1, 128);
-        float* stg = reinterpret_cast<float*>(smem + OFF_STG);
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-          for (int bb = 0; bb < 2; ++bb)
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-              stg[(8 * jj + colq + bb) * (STG_ROW / 4) + row0 + 8 * i] = acc[4 * jj + 2 * i + bb];
-        fence_async_smem();
-        bar_sync(1, 128);
-        if (wt < BN) {
-          if (my_off >= 0 && !(SPARSE_MLA_BWD_DBG & 3))
-            bulk_reduce_add(p.dkv + my_off + mt * 64, sbase + OFF_STG + wt * STG_ROW, 256);
-          bulk_commit();
-        }
-#elif SPARSE_MLA_BWD_RED == 4
-        // 4 x 4 transposes over the lanes that differ in bits 2-3 (rows row0 of one quad
-        // group): lane lr holds rows lr for keys kk = 0..3; it ends with rows 0..3 of key lr
-        float* base4 = p.dkv + mt * 64 + warp * 16 + (lane >> 4) * 4;
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            float v[4];
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) v[kk] = acc[4 * (2 * half + (kk >> 1)) + 2 * i + (kk & 1)];
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {  // xor 4: key pairs
-              const float send = (lr & 1) ? v[2 * j] : v[2 * j + 1];
-              const float got = __shfl_xor_sync(0xffffffffu, send, 4);
-              if (lr & 1) v[2 * j] = got;
-              else v[2 * j + 1] = got;
-            }
-            // now v[2 j], v[2 j + 1] = rows (lr & 2) + 0, 1 of key 2 j + (lr & 1)
-            const float s0 = (lr & 2) ? v[0] : v[2], s1 = (lr & 2) ? v[1] : v[3];
-            const float g0 = __shfl_xor_sync(0xffffffffu, s0, 8);
-            const float g1 = __shfl_xor_sync(0xffffffffu, s1, 8);
-            const long long ro = roff[half];
-            if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) {
-              if (lr & 2) red_add4(base4 + ro + 8 * i, g0, g1, v[2], v[3]);
-              else red_add4(base4 + ro + 8 * i, v[0], v[1], g0, g1);
-            }
-          }
-#else
+      auto adds = [&](int mt, const float (&acc)[16]) {
         float* base = p.dkv + mt * 64 + row0;
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
-            const long long ro = roff[2 * jj + bb];
+            const int ro = roff[2 * jj + bb];
             if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) {
               red_add(base + ro, acc[4 * jj + bb]);
               red_add(base + ro + 8, acc[4 * jj + 2 + bb]);
             }
           }
-#endif
+      };
+      // plain: every finished tile goes to the global adds. cluster: tile mt belongs to rank
+      // mt % 2; the other CTA sends its fragments (st.async, same thread and register order),
+      // the owner adds them to its own and does the global adds.
+      auto flush = [&](int mt, float (&acc)[16]) {
+        if constexpr (kCluster) {
+          const uint32_t xbuf = sbase + OFF_X<kCluster> + wt * 16;
+          if ((mt & 1) == static_cast<int>(rank)) {
+            if (wt == 0) mbar_arrive_expect_tx(sbase + BAR_X_FULL, XTILE);
+            mbar_wait<true>(sbase + BAR_X_FULL, n_rx & 1);
+            ++n_rx;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const float4 v = *reinterpret_cast<const float4*>(smem + OFF_X<kCluster> + c * 2048 + wt * 16);
+              acc[4 * c] += v.x;
+              acc[4 * c + 1] += v.y;
+              acc[4 * c + 2] += v.z;
+              acc[4 * c + 3] += v.w;
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive_remote(peer_addr(sbase + BAR_X_EMPTY, rank ^ 1u));
+            adds(mt, acc);
+          } else {
+            if (n_tx > 0) mbar_wait<true>(sbase + BAR_X_EMPTY, (n_tx - 1) & 1);
+            ++n_tx;
+            const uint32_t mbar = peer_addr(sbase + BAR_X_FULL, rank ^ 1u);
+            const uint32_t dst = peer_addr(xbuf, rank ^ 1u);
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              st_async_peer(dst + c * 2048, make_float4(acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3]), mbar);
+          }
+        } else {
+          adds(mt, acc);
+        }
       };
       issue(0, ga);
       wgmma_wait1();  // dQ's group is done: the kv slot is free
@@ -466,9 +449,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
       flush(NCH - 1, ga);
     }
-#if SPARSE_MLA_BWD_RED == 2
-    if (wt < BN) bulk_wait0();  // reductions complete before the CTA's shared memory goes away
-#endif
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int h = h0 + row0 + 8 * i;
@@ -482,26 +462,33 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         *reinterpret_cast<__nv_bfloat162*>(dqrow + 512 + 8 * jj) = __floats2bfloat162_rn(dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1]);
     }
   }
+  // the peer may still write into our shared memory or arrive on our barriers until it is done
+  if constexpr (kCluster) cluster_sync();
 }
 
 }  // namespace
 
 extern "C" {
 
-int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
+int dsa_sparse_mla_bwd_smem_bytes(int cluster) { return cluster ? SMEM_BYTES<true> : SMEM_BYTES<false>; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
+// cluster != 0 and 64 < H <= 128: the 2-CTA cluster variant.
 int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                             const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
                             void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
                             long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
-                            int Tk, int K, int has_sink, float scale, void* stream) {
+                            int Tk, int K, int has_sink, float scale, int cluster, void* stream) {
   static bool attr_set[64] = {};
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (dev < 0 || dev >= 64 || !attr_set[dev]) {
-    e = cudaFuncSetAttribute(sparse_mla_bwd_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    e = cudaFuncSetAttribute(sparse_mla_bwd_sm90_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             SMEM_BYTES<false>);
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(sparse_mla_bwd_sm90_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               SMEM_BYTES<true>);
     if (e != cudaSuccess) return static_cast<int>(e);
     if (dev >= 0 && dev < 64) attr_set[dev] = true;
   }
@@ -525,7 +512,23 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.scale = scale;
   p.scale_log2 = scale * 1.4426950408889634f;
   const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
-  sparse_mla_bwd_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (cluster && p.n_hblk == 2) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid, 1, 1);
+    cfg.blockDim = dim3(THREADS, 1, 1);
+    cfg.dynamicSmemBytes = SMEM_BYTES<true>;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return static_cast<int>(cudaLaunchKernelEx(&cfg, sparse_mla_bwd_sm90_kernel<true>, p));
+  }
+  sparse_mla_bwd_sm90_kernel<false><<<grid, THREADS, SMEM_BYTES<false>, st>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
