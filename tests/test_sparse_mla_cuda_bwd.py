@@ -1,0 +1,236 @@
+"""The sm_90a CUDA sparse MLA backward.
+
+CPU: routing (CPU tensors, the deterministic mode and the env switch keep the Triton backward),
+the device-side effective row lengths, and, where ``nvcc`` is installed, that the kernel
+compiles for sm_90a without spills or serialized wgmma and fits shared memory.
+GPU (Hopper only): dq, dkv, d_sink and the indexer-loss target against float64 autograd through
+the plain-PyTorch reference, fresh random inputs each run, outputs poisoned with NaN; masked head
+tiles, -1 holes inside rows, topk_length, empty rows; CUDA-graph capture/replay; the opt-in
+2-CTA cluster variant in a time-limited child process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+from megatron_dsa.kernels.sparse_mla import triton_impl as ti
+from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
+
+from test_sparse_mla_kernel import causal_indices, poisoned_empty, rel
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def test_cpu_deterministic_and_env_keep_triton(monkeypatch):
+    q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(4, 576, dtype=torch.bfloat16)
+    assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)  # CPU tensors
+    assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=True)
+    monkeypatch.setenv("MEGATRON_DSA_CUDA_BWD", "0")
+    assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)
+
+
+def test_effective_lengths_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    T, K = 37, 48
+    idx = torch.randint(0, 100, (T, K), generator=g, dtype=torch.int32)
+    idx[torch.rand(T, K, generator=g) < 0.3] = -1        # holes
+    idx[5] = -1                                           # empty row
+    idx[7, 20:] = -1                                      # trailing padding
+    topk = torch.randint(0, K + 3, (T,), generator=g, dtype=torch.int32)
+    for tk in (None, topk):
+        got = ci.effective_lengths(idx, tk)
+        assert got.dtype == torch.int32
+        for t in range(T):
+            valid = [s for s in range(K) if idx[t, s] >= 0]
+            want = valid[-1] + 1 if valid else 0
+            if tk is not None:
+                want = min(want, max(0, min(int(tk[t]), K)))
+            assert int(got[t]) == want, (t, int(got[t]), want)
+
+
+def _ptxas_per_function(report: str) -> dict:
+    """{mangled name: text of its ptxas lines} from an ``-Xptxas -v`` report."""
+    out, cur = {}, None
+    for line in report.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([A-Za-z0-9_]+)'?", line)
+        if m:
+            cur = m.group(1)
+            out.setdefault(cur, "")
+        if cur is not None:
+            out[cur] += line + "\n"
+    return out
+
+
+@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
+def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    proc = subprocess.run(
+        [ci._nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+         "-c", "-o", str(tmp_path / "k.o"), str(ci._SRC_BWD)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    funcs = _ptxas_per_function(proc.stderr)
+    plain = [f for f in funcs if "sparse_mla_bwd_sm90_kernelILb0E" in f]
+    assert len(plain) == 1, list(funcs)
+    text = funcs[plain[0]]
+    assert "0 bytes spill stores" in text and "0 bytes spill loads" in text, text
+    for code in ("C7507", "C7510", "C7512", "C7514", "C7518"):
+        assert code not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
+def test_bwd_library_fits_shared_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_DSA_CACHE", str(tmp_path))
+    lib = ci.load_library(ci.build_library())
+    for cluster in (0, 1):
+        assert 200 * 1024 < lib.dsa_sparse_mla_bwd_smem_bytes(cluster) <= 232448
+
+
+gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+
+
+def _case(T, H, K, sink, topk, holes, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(T, H, 576, device="cuda", generator=g).bfloat16()
+    kv = torch.randn(T, 576, device="cuda", generator=g).bfloat16()
+    idx = causal_indices(T, K, "cuda")
+    idx[torch.randint(0, T, (4,), device="cuda", generator=g)] = -1  # empty rows
+    if holes:
+        idx = torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.2, -1, idx)
+    tk = torch.randint(0, K + 1, (T,), device="cuda", generator=g).int() if topk else None
+    sk = torch.randn(H, device="cuda", generator=g) if sink else None
+    dout = torch.randn(T, H, 512, device="cuda", generator=g).bfloat16()
+    return q, kv, idx, tk, sk, dout
+
+
+def _check_against_reference(T, H, K, sink, topk, holes, target, cluster=None):
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
+    q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed)
+    scale = 576 ** -0.5
+    out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, 512, tk, sk)
+    stats = torch.empty(2 * T * H, dtype=torch.float32, device="cuda")
+    dsink_t = torch.empty(T, H, dtype=torch.float32, device="cuda") if sink else None
+    ti._bwd_stats_into(stats, dsink_t, out, dout, lse, None, sk, 512)
+    tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
+    with poisoned_empty():
+        dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, lse, dout, stats, tgt, cluster=cluster)
+    qr = q.double().requires_grad_()
+    kvr = kv.double().requires_grad_()
+    skr = sk.double().requires_grad_() if sink else None
+    ro, _ = sparse_mla_reference(qr, kvr, idx, scale, 512, tk, skr)
+    ro.backward(dout.double())
+    assert not torch.isnan(dq).any() and not torch.isnan(dkv).any()
+    errs = {}
+    for name, got, want in (("dq", dq, qr.grad), ("dkv", dkv, kvr.grad)):
+        err = rel(got.double(), want)
+        floor = rel(want.to(torch.bfloat16).double(), want)  # what bf16 rounding alone costs
+        errs[name] = err
+        assert err < max(5 * floor, 1e-2), (name, seed, err, floor)
+    if sink:
+        dsink = dsink_t.sum(0)
+        errs["dsink"] = rel(dsink.double(), skr.grad)
+        assert errs["dsink"] < 1e-2, (seed, errs)
+    if target:
+        valid = slot_validity(idx, T, tk)
+        kg = kv.double()[idx.clamp_min(0).long()]
+        s = torch.einsum("thd,tkd->thk", q.double(), kg) * scale
+        p = torch.exp(s - lse.double()[:, :, None]).masked_fill(~valid[:, None, :], 0.0)
+        p = torch.where(torch.isfinite(lse.double())[:, :, None], p, 0.0)
+        errs["target"] = rel(tgt.double(), p.sum(1))
+        assert errs["target"] < 1e-3, (seed, errs)
+    print(f"T={T} H={H} K={K} seed={seed}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
+    (2048, 128, 2048, False, False, False, False),
+    (1536, 64, 1024, True, True, False, True),
+    (1024, 100, 512, True, False, True, False),   # last head tile masked (100 = 64 + 36)
+    (777, 48, 300, False, True, True, True),      # one partial head tile; K not a multiple of 32
+])
+def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
+    if not ci.cuda_fwd_available():
+        pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
+    _check_against_reference(T, H, K, sink, topk, holes, target, cluster=False)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
+    if not ci.cuda_fwd_available():
+        pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
+    calls = []
+    real = ti.sparse_mla_bwd_cuda
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ti, "sparse_mla_bwd_cuda", spy)
+    q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, False, seed=3)
+    qg, kvg, skg = q.clone().requires_grad_(), kv.clone().requires_grad_(), sk.clone().requires_grad_()
+    out, _ = ti.sparse_mla_triton(qg, kvg, idx, 0.05, 512, tk, skg, deterministic=False)
+    out.backward(dout)
+    assert calls == [1]
+    qr, kvr, skr = q.double().requires_grad_(), kv.double().requires_grad_(), sk.double().requires_grad_()
+    ro, _ = sparse_mla_reference(qr, kvr, idx, 0.05, 512, tk, skr)
+    ro.backward(dout.double())
+    assert rel(qg.grad.double(), qr.grad) < 1e-2
+    assert rel(kvg.grad.double(), kvr.grad) < 1e-2
+    assert rel(skg.grad.double(), skr.grad) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bwd_graph_capture_replay():
+    if not ci.cuda_fwd_available():
+        pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
+    q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, True, seed=1)
+    out, lse = ti.sparse_mla_fwd(q, kv, idx, 0.05, 512, tk, sk)
+    args = (q, kv, idx, 0.05, 512, tk, sk, out, lse, dout)
+    ti.sparse_mla_bwd(*args)  # warm-up (builds, Triton compiles, attributes)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_dq, g_dkv, g_dsink = ti.sparse_mla_bwd(*args)
+    dout.copy_(torch.randn_like(dout))
+    graph.replay()
+    torch.cuda.synchronize()
+    dq, dkv, dsink = ti.sparse_mla_bwd(*args)
+    assert torch.equal(g_dq, dq)  # dq has no atomics: bit-identical
+    assert rel(g_dkv.double(), dkv.double()) < 1e-3  # fp32 atomics: order differs
+    assert rel(g_dsink.double(), dsink.double()) < 1e-5
+
+
+_CLUSTER_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_sparse_mla_cuda_bwd as t
+for T, H, K, sink, topk, holes in ((1024, 128, 1024, True, True, False), (700, 100, 300, False, False, True)):
+    t._check_against_reference(T, H, K, sink, topk, holes, target=True, cluster=True)
+"""
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bwd_cluster_variant_matches_reference():
+    """The opt-in 2-CTA cluster variant, in a child process with a time limit (a hand-off bug
+    between the two CTAs would hang rather than fail)."""
+    if not ci.cuda_fwd_available():
+        pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, here], capture_output=True,
+                              text=True, timeout=240, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("cluster variant did not finish within 240 s (deadlock?)")
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
