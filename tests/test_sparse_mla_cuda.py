@@ -166,7 +166,7 @@ sys.path.insert(0, sys.argv[1])
 from test_sparse_mla_kernel import causal_indices, poisoned_empty, rel
 from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
 from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference
-for T, H, K, topk in ((1024, 128, 1024, True), (700, 100, 300, False), (300, 128, 2048, False)):
+for T, H, K, topk in ((1024, 128, 1024, True), (700, 100, 300, False), (2100, 128, 2048, False)):
     q = torch.randn(T, H, 576, device="cuda").bfloat16()
     kv = torch.randn(T, 576, device="cuda").bfloat16()
     idx = causal_indices(T, K, "cuda")
