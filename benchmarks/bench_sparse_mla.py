@@ -66,8 +66,9 @@ def impl_ours(q, kv, idx, dout, scale, deterministic=False):
 
     fns = {"fwd": lambda: ti.sparse_mla_fwd(q, kv, idx, scale, DV)}
     out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, DV)
-    fns["bwd"] = lambda: ti.sparse_mla_bwd_triton(q, kv, idx, scale, DV, None, None, out, lse, dout,
-                                                  deterministic=deterministic)
+    # the backward the autograd Function runs (CUDA sm_90a where eligible, else Triton)
+    fns["bwd"] = lambda: ti.sparse_mla_bwd(q, kv, idx, scale, DV, None, None, out, lse, dout,
+                                           deterministic=deterministic)
 
     def fb():
         qa, kva = q.detach().requires_grad_(), kv.detach().requires_grad_()
