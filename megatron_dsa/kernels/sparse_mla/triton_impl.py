@@ -811,34 +811,6 @@ def sparse_mla_bwd_triton(
     return dq, dkv, d_sink
 
 
-class _SparseMLAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic, loss_target):
-        out, lse = sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length, sink)
-        ctx.save_for_backward(q, kv, indices, topk_length, sink, out, lse)
-        ctx.softmax_scale = softmax_scale
-        ctx.d_v = d_v
-        ctx.deterministic = deterministic
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, kv, indices, topk_length, sink, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        target = None
-        if ctx.needs_input_grad[8]:
-            target = torch.zeros(indices.shape, dtype=torch.float32, device=q.device)
-        dq, dkv, d_sink = sparse_mla_bwd(
-            q, kv, indices, ctx.softmax_scale, ctx.d_v, topk_length, sink, out, lse, dout, dlse,
-            deterministic=ctx.deterministic, target_out=target,
-        )
-        if not ctx.needs_input_grad[6]:
-            d_sink = None
-        return dq, dkv, None, None, None, None, d_sink, None, target
-
-
 def sparse_mla_triton(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -875,7 +847,9 @@ def sparse_mla_triton(
                 "loss_target needs the all-heads backward (H <= 128, not deterministic); use "
                 "indexer_loss(..., attn_lse=lse) instead"
             )
-    return _SparseMLAFunction.apply(
+    from .ops import sparse_mla_op  # the custom op (fake impl + autograd) wraps the launchers here
+
+    return sparse_mla_op(
         q, kv, indices, float(softmax_scale), int(d_v), topk_length, sink, bool(deterministic),
         loss_target,
     )
