@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -20,19 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_sparse_mla import causal_indices, flops  # noqa: E402
+from check_sparse_mla_cuda import ptxas_report  # noqa: E402
 from common import time_cuda  # noqa: E402
 
 from megatron_dsa.kernels.sparse_mla import cuda_impl as ci  # noqa: E402
 from megatron_dsa.kernels.sparse_mla import triton_impl as ti  # noqa: E402
 from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference  # noqa: E402
-
-
-def ptxas_report() -> str:
-    proc = subprocess.run(
-        [ci._nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-         "-c", "-o", "/tmp/bwd.o", str(ci._SRC_BWD)], capture_output=True, text=True)
-    return "\n".join(l for l in proc.stderr.splitlines() if "registers" in l or "spill" in l
-                     or "error" in l or "C75" in l)
 
 
 def rel(a, b):
@@ -98,7 +90,7 @@ def main():
                     help="SPARSE_MLA_BWD_DBG builds to time (kernel only) at the first H (timing "
                          "experiments, wrong results)")
     a = ap.parse_args()
-    print(ptxas_report(), flush=True)
+    print(ptxas_report(ci._SRC_BWD), flush=True)
     print("lib:", ci.build_library(), flush=True)
     res = {"checks": [], "timing": []}
     cases = [

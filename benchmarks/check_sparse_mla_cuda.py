@@ -26,10 +26,11 @@ from megatron_dsa.kernels.sparse_mla import triton_impl as ti  # noqa: E402
 from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference  # noqa: E402
 
 
-def ptxas_report() -> str:
+def ptxas_report(src=None) -> str:
+    """ptxas register / spill lines of one kernel source (default: the forward)."""
     proc = subprocess.run(
         [ci._nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-         "-c", "-o", "/tmp/fwd.o", str(ci._SRC)], capture_output=True, text=True)
+         "-c", "-o", "/tmp/sparse_mla_check.o", str(src or ci._SRC)], capture_output=True, text=True)
     return "\n".join(l for l in proc.stderr.splitlines() if "registers" in l or "spill" in l
                      or "error" in l or "wgmma" in l.lower())
 

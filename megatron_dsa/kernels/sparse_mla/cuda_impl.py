@@ -157,6 +157,18 @@ def cuda_fwd_eligible(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
     )
 
 
+def _rows16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit channel stride and 16-byte aligned rows (the kernels' 16-byte loads)."""
+    if t.stride(-1) != 1 or any(st % 8 for st in t.stride()[:-1]) or t.data_ptr() % 16:
+        return t.contiguous()
+    return t
+
+
+def _check_inputs(q: torch.Tensor, kv: torch.Tensor, what: str) -> None:
+    if q.shape[-1] != 576 or q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
+        raise ValueError(f"CUDA sparse MLA {what} needs bf16 q/kv with 576 channels")
+
+
 def sparse_mla_fwd_cuda(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -175,12 +187,8 @@ def sparse_mla_fwd_cuda(
     if lib is None:
         raise RuntimeError(f"CUDA sparse MLA forward unavailable: {_LIB_ERROR}")
     T, H, Dqk = q.shape
-    if Dqk != 576 or q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
-        raise ValueError("CUDA sparse MLA forward needs bf16 q/kv with 576 channels")
-    if q.stride(2) != 1 or q.stride(1) % 8 or q.stride(0) % 8 or q.data_ptr() % 16:
-        q = q.contiguous()
-    if kv.stride(1) != 1 or kv.stride(0) % 8 or kv.data_ptr() % 16:
-        kv = kv.contiguous()
+    _check_inputs(q, kv, "forward")
+    q, kv = _rows16(q), _rows16(kv)
     indices = indices.to(torch.int32).contiguous()
     if topk_length is not None:
         topk_length = topk_length.to(torch.int32).contiguous()
@@ -251,16 +259,12 @@ def sparse_mla_bwd_cuda(
     if lib is None:
         raise RuntimeError(f"CUDA sparse MLA backward unavailable: {_LIB_ERROR}")
     T, H, Dqk = q.shape
-    if Dqk != 576 or q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
-        raise ValueError("CUDA sparse MLA backward needs bf16 q/kv with 576 channels")
+    _check_inputs(q, kv, "backward")
     if tuple(dout.shape) != (T, H, 512) or dout.dtype != torch.bfloat16:
         raise ValueError(f"dout must be bf16 {(T, H, 512)}, got {dout.dtype} {tuple(dout.shape)}")
-    if q.stride(2) != 1 or q.stride(1) % 8 or q.stride(0) % 8 or q.data_ptr() % 16:
-        q = q.contiguous()
-    if kv.stride(1) != 1 or kv.stride(0) % 8 or kv.data_ptr() % 16:
-        kv = kv.contiguous()
-    if dout.stride(2) != 1 or dout.stride(1) % 8 or dout.stride(0) % 8 or dout.data_ptr() % 16:
-        dout = dout.contiguous()
+    if kv.shape[0] * 576 >= 2**31:
+        raise ValueError(f"CUDA sparse MLA backward needs Tk * 576 < 2^31 (int32 offsets), got Tk={kv.shape[0]}")
+    q, kv, dout = _rows16(q), _rows16(kv), _rows16(dout)
     indices = indices.to(torch.int32).contiguous()
     kv_len = effective_lengths(indices, topk_length)
     stats = stats.contiguous()

@@ -141,4 +141,38 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
 }
 
+// ---- host side ----
+
+// Raise the dynamic shared-memory limit of a plain / cluster kernel pair once per device.
+template <typename KPlain, typename KCluster>
+inline cudaError_t set_smem_once(bool (&done)[64], KPlain plain, int plain_bytes, KCluster cl, int cl_bytes) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev >= 0 && dev < 64 && done[dev]) return cudaSuccess;
+  e = cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, plain_bytes);
+  if (e == cudaSuccess) e = cudaFuncSetAttribute(cl, cudaFuncAttributeMaxDynamicSharedMemorySize, cl_bytes);
+  if (e == cudaSuccess && dev >= 0 && dev < 64) done[dev] = true;
+  return e;
+}
+
+// Launch `kernel(p)` on a 1-D grid as 2-CTA clusters (cudaLaunchKernelEx).
+template <typename Kernel, typename P>
+inline cudaError_t launch_cluster2(Kernel kernel, unsigned grid, int threads, int smem, cudaStream_t stream,
+                                   const P& p) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid, 1, 1);
+  cfg.blockDim = dim3(threads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
 }  // namespace dsa_sm90

@@ -527,18 +527,8 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
                             long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
                             int Tk, int K, int has_sink, float scale, int cluster, void* stream) {
   static bool attr_set[64] = {};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel<false>, SMEM_BYTES<false>, sparse_mla_bwd_sm90_kernel<true>, SMEM_BYTES<true>);
   if (e != cudaSuccess) return static_cast<int>(e);
-  if (dev < 0 || dev >= 64 || !attr_set[dev]) {
-    e = cudaFuncSetAttribute(sparse_mla_bwd_sm90_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             SMEM_BYTES<false>);
-    if (e == cudaSuccess)
-      e = cudaFuncSetAttribute(sparse_mla_bwd_sm90_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               SMEM_BYTES<true>);
-    if (e != cudaSuccess) return static_cast<int>(e);
-    if (dev >= 0 && dev < 64) attr_set[dev] = true;
-  }
   if (T == 0 || H == 0) return 0;
   BwdParams p;
   p.q = static_cast<const __nv_bfloat16*>(q);
@@ -561,19 +551,7 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
   const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (cluster && p.n_hblk == 2) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid, 1, 1);
-    cfg.blockDim = dim3(THREADS, 1, 1);
-    cfg.dynamicSmemBytes = SMEM_BYTES<true>;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return static_cast<int>(cudaLaunchKernelEx(&cfg, sparse_mla_bwd_sm90_kernel<true>, p));
+    return static_cast<int>(launch_cluster2(sparse_mla_bwd_sm90_kernel<true>, grid, THREADS, SMEM_BYTES<true>, st, p));
   }
   sparse_mla_bwd_sm90_kernel<false><<<grid, THREADS, SMEM_BYTES<false>, st>>>(p);
   return static_cast<int>(cudaGetLastError());
