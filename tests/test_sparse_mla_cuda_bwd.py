@@ -23,7 +23,8 @@ from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
 from megatron_dsa.kernels.sparse_mla import triton_impl as ti
 from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
 
-from test_sparse_mla_kernel import causal_indices, poisoned_empty, rel
+from test_sparse_mla_cuda import _case as _fwd_case
+from test_sparse_mla_kernel import poisoned_empty, rel
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -96,15 +97,11 @@ gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 
 
 def _case(T, H, K, sink, topk, holes, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(T, H, 576, device="cuda", generator=g).bfloat16()
-    kv = torch.randn(T, 576, device="cuda", generator=g).bfloat16()
-    idx = causal_indices(T, K, "cuda")
-    idx[torch.randint(0, T, (4,), device="cuda", generator=g)] = -1  # empty rows
+    """The forward tests' inputs (with empty rows), plus -1 holes inside rows and dout."""
+    q, kv, idx, tk, sk = _fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
     if holes:
         idx = torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.2, -1, idx)
-    tk = torch.randint(0, K + 1, (T,), device="cuda", generator=g).int() if topk else None
-    sk = torch.randn(H, device="cuda", generator=g) if sink else None
     dout = torch.randn(T, H, 512, device="cuda", generator=g).bfloat16()
     return q, kv, idx, tk, sk, dout
 
