@@ -25,6 +25,11 @@
 //   layout wgmma reads (16-byte granule g of row r stored at granule g ^ (r % 8)); P and dS
 //   are stored [32 keys, 64 heads] in the same layout, which is K-major for dKV^T's B
 //   operand and MN-major for dQ's A operand.
+//   The dkv adds bound it: a build without them takes 33 ms against 85 ms (S=16K, 128 heads,
+//   H100); v4 adds, bulk reductions of a staged tile and L2 policies did not help (measured,
+//   docs/kernels_sparse_mla.md). kCluster (opt-in, 64 < H <= 128): the two head blocks of a
+//   row add their dKV^T tiles together in shared memory first (half the global adds);
+//   correct, but measured 2x slower (one exchange tile fits, so the pair ping-pongs per tile).
 #include "sm90_common.cuh"
 
 // Timing experiments only (never in a shipped build): 1 = no dkv adds, 2 = no dKV MMAs (and no
@@ -33,9 +38,9 @@
 #define SPARSE_MLA_BWD_DBG 0
 #endif
 
-// L2 cache policy (bit mask): 1 = Q / dO loads and dq stores evict-first (streamed once),
-// 2 = dkv adds evict-last (the fp32 workspace is read-modify-written from every row),
-// 4 = kv gathers evict-last (every row reads them)
+// L2 cache policy (bit mask, measurement builds; 0 ships: none changed the time): 1 = Q / dO
+// loads and dq stores evict-first (streamed once), 2 = dkv adds evict-last (the fp32
+// workspace is read-modify-written from every row), 4 = kv gathers evict-last
 #ifndef SPARSE_MLA_BWD_L2
 #define SPARSE_MLA_BWD_L2 0
 #endif
