@@ -231,3 +231,19 @@ def test_gpu_bwd_cluster_variant_matches_reference():
         pytest.fail("cluster variant did not finish within 240 s (deadlock?)")
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_wheel_ships_every_kernel_source():
+    """Every file the library build reads (sources and headers) matches the package data, so an
+    installed wheel can build it."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    globs = data["megatron_dsa.kernels.sparse_mla"]
+    pkg = Path(ci.__file__).parent
+    for f in (*ci._SOURCES, *ci._HEADERS):
+        rel_path = f.relative_to(pkg).as_posix()
+        assert any(fnmatch.fnmatch(rel_path, g) for g in globs), (rel_path, globs)
