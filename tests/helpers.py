@@ -73,3 +73,24 @@ def clear_indexer_tracker():
     )
 
     DSAIndexerLossLoggingHelper.tracker.clear()
+
+
+def run_gpu_child(code: str, timeout: float, what: str) -> None:
+    """Run ``code`` in a fresh Python with the repo and tests/ importable (``sys.argv[1]`` is the
+    tests folder); fail on a non-zero exit or on ``timeout`` seconds (a kernel hand-off bug would
+    hang rather than fail)."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, here], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not finish within {timeout:.0f} s (deadlock?)")
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -192,15 +192,6 @@ def test_gpu_cluster_variant_matches_reference(tmp_path):
     with a time limit: a hand-off bug between the two CTAs would hang rather than fail."""
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
-    import os
-    import sys
+    from helpers import run_gpu_child
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, here], capture_output=True,
-                              text=True, timeout=180, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail("cluster variant did not finish within 180 s (deadlock?)")
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_gpu_child(_CLUSTER_CHILD, 180, "cluster variant")

@@ -11,10 +11,8 @@ tiles, -1 holes inside rows, topk_length, empty rows; CUDA-graph capture/replay;
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -222,15 +220,9 @@ def test_gpu_bwd_cluster_variant_matches_reference():
     between the two CTAs would hang rather than fail)."""
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, here], capture_output=True,
-                              text=True, timeout=240, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail("cluster variant did not finish within 240 s (deadlock?)")
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from helpers import run_gpu_child
+
+    run_gpu_child(_CLUSTER_CHILD, 240, "cluster variant")
 
 
 def test_wheel_ships_every_kernel_source():
