@@ -26,8 +26,8 @@
 //   are stored [32 keys, 64 heads] in the same layout, which is K-major for dKV^T's B
 //   operand and MN-major for dQ's A operand.
 //   The dkv adds bound it: a build without them takes 33 ms against 85 ms (S=16K, 128 heads,
-//   H100); v4 adds, bulk reductions of a staged tile and L2 policies did not help (measured,
-//   docs/kernels_sparse_mla.md). kCluster (opt-in, 64 < H <= 128): the two head blocks of a
+//   H100); v4 adds, bulk reductions of a staged tile and L2 cache policies did not help
+//   (measured builds, in git history; docs/kernels_sparse_mla.md). kCluster (opt-in, 64 < H <= 128): the two head blocks of a
 //   row add their dKV^T tiles together in shared memory first (half the global adds);
 //   correct, but measured 2x slower (one exchange tile fits, so the pair ping-pongs per tile).
 #include "sm90_common.cuh"
@@ -36,13 +36,6 @@
 // adds), 4 = no gathers after the first ring fill, 8 = no S / dP MMAs, 16 = no dQ MMAs.
 #ifndef SPARSE_MLA_BWD_DBG
 #define SPARSE_MLA_BWD_DBG 0
-#endif
-
-// L2 cache policy (bit mask, measurement builds; 0 ships: none changed the time): 1 = Q / dO
-// loads and dq stores evict-first (streamed once), 2 = dkv adds evict-last (the fp32
-// workspace is read-modify-written from every row), 4 = kv gathers evict-last
-#ifndef SPARSE_MLA_BWD_L2
-#define SPARSE_MLA_BWD_L2 0
 #endif
 
 namespace {
@@ -94,44 +87,6 @@ struct BwdParams {
   float scale, scale_log2;
 };
 
-__device__ __forceinline__ uint64_t l2_evict_first() {
-  uint64_t pol;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
-  return pol;
-}
-__device__ __forceinline__ uint64_t l2_evict_last() {
-  uint64_t pol;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(pol));
-  return pol;
-}
-// cp_async16 with an L2 policy (kUse = false: the plain copy)
-template <bool kUse>
-__device__ __forceinline__ void cp_async16_l2(uint32_t dst, const void* src, bool valid, uint64_t pol) {
-  if constexpr (kUse) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n"
-                 ::"r"(dst), "l"(src), "r"(valid ? 16 : 0), "l"(pol) : "memory");
-  } else {
-    cp_async16(dst, src, valid);
-  }
-}
-template <bool kUse>
-__device__ __forceinline__ void red_add_l2(float* ptr, float v, uint64_t pol) {
-  if constexpr (kUse)
-    asm volatile("red.global.add.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(ptr), "f"(v), "l"(pol) : "memory");
-  else
-    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
-}
-template <bool kUse>
-__device__ __forceinline__ void st_bf162_l2(__nv_bfloat16* ptr, float a, float b, uint64_t pol) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  if constexpr (kUse)
-    asm volatile("st.global.L2::cache_hint.b32 [%0], %1, %2;\n" ::"l"(ptr), "r"(*reinterpret_cast<uint32_t*>(&v)),
-                 "l"(pol) : "memory");
-  else
-    *reinterpret_cast<__nv_bfloat162*>(ptr) = v;
-}
-constexpr bool kL2Stream = SPARSE_MLA_BWD_L2 & 1, kL2Red = SPARSE_MLA_BWD_L2 & 2, kL2Gather = SPARSE_MLA_BWD_L2 & 4;
-
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
 }
@@ -170,8 +125,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   const int nblk = (kv_len + BN - 1) / BN;
   const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
   const uint32_t rank = kCluster ? cluster_rank() : 0;  // == head block of this CTA
-  const uint64_t pol_first = SPARSE_MLA_BWD_L2 ? l2_evict_first() : 0;
-  const uint64_t pol_last = SPARSE_MLA_BWD_L2 ? l2_evict_last() : 0;
 
   if (tid == 0) {
 #pragma unroll
@@ -203,14 +156,14 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
         const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
         const bool ok = h0 + r < p.H;
-        cp_async16_l2<kL2Stream>(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                   qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok, pol_first);
+        cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                   qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
       }
       for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
         const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
         const bool ok = h0 + r < p.H;
-        cp_async16_l2<kL2Stream>(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                   dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok, pol_first);
+        cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                   dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
       }
       cp_async_arrive_noinc(sbase + BAR_Q);
     }
@@ -235,7 +188,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int c = 0; c < NCH; ++c)
 #pragma unroll
         for (int u = 0; u < 2; ++u)
-          cp_async16_l2<kL2Gather>(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok, pol_last);
+          cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok);
       if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
         const int slot = b * BN + wt;
         const uint32_t dst_id = sbase + OFF_IDS<kCluster> + ((b % NIDS) * BN + wt) * 4;
@@ -376,7 +329,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)(h0 + row0 + 8 * i) * p.dq_sh + colq;
 #pragma unroll
       for (int jj = 0; jj < 32; ++jj)
-        st_bf162_l2<kL2Stream>(dqrow + 8 * jj, dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1], pol_first);
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1]);
     }
   } else {
     // ---------------- dQ[:, 256:576], dKV ----------------
@@ -447,8 +400,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           for (int bb = 0; bb < 2; ++bb) {
             const int ro = roff[2 * jj + bb];
             if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) {
-              red_add_l2<kL2Red>(base + ro, acc[4 * jj + bb], pol_last);
-              red_add_l2<kL2Red>(base + ro + 8, acc[4 * jj + 2 + bb], pol_last);
+              red_add(base + ro, acc[4 * jj + bb]);
+              red_add(base + ro + 8, acc[4 * jj + 2 + bb]);
             }
           }
       };
@@ -508,10 +461,10 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
 #pragma unroll
       for (int jj = 0; jj < 32; ++jj)
-        st_bf162_l2<kL2Stream>(dqrow + 256 + 8 * jj, dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1], pol_first);
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj)
-        st_bf162_l2<kL2Stream>(dqrow + 512 + 8 * jj, dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1], pol_first);
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 512 + 8 * jj) = __floats2bfloat162_rn(dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1]);
     }
   }
   // the peer may still write into our shared memory or arrive on our barriers until it is done
