@@ -31,6 +31,10 @@ def test_cpu_deterministic_and_env_keep_triton(monkeypatch):
     q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
     kv = torch.zeros(4, 576, dtype=torch.bfloat16)
     assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)  # CPU tensors
+    # where the forward would take the CUDA kernel, only the deterministic mode and the env
+    # switch keep the Triton backward
+    monkeypatch.setattr(ci, "cuda_fwd_eligible", lambda q, kv, d_v: True)
+    assert ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)
     assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=True)
     monkeypatch.setenv("MEGATRON_DSA_CUDA_BWD", "0")
     assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)

@@ -69,20 +69,19 @@ def _setup_context(ctx, inputs, output):
     ctx.softmax_scale = softmax_scale
     ctx.d_v = d_v
     ctx.deterministic = deterministic
-    ctx.has_sink = sink is not None
-    ctx.want_target = loss_target is not None
 
 
 def _backward(ctx, dout, dlse):
     q, kv, indices, topk_length, sink, out, lse = ctx.saved_tensors
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
-    want_target = ctx.want_target and ctx.needs_input_grad[8]
+    # needs_input_grad is False for inputs passed as None (no sink, no loss target)
+    want_target = ctx.needs_input_grad[8]
     dq, dkv, d_sink, target = sparse_mla_backward_op(
         q, kv, indices, ctx.softmax_scale, ctx.d_v, topk_length, sink, out, lse, dout, dlse,
         ctx.deterministic, want_target)
-    d_sink = d_sink if ctx.has_sink and ctx.needs_input_grad[6] else None
-    return dq, dkv, None, None, None, None, d_sink, None, target if want_target else None
+    return (dq, dkv, None, None, None, None, d_sink if ctx.needs_input_grad[6] else None, None,
+            target if want_target else None)
 
 
 sparse_mla_op.register_autograd(_backward, setup_context=_setup_context)
