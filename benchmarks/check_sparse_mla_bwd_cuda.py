@@ -124,13 +124,9 @@ def main():
                 t_k = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs), reps=a.reps)
                 res["timing"].append(dict(S=S, H=H, variant=0, kernel_ms=t_k))
                 print(f"kernel only (+ dkv zero-fill, lengths): {t_k:.2f} ms (bwd {t_c:.2f})", flush=True)
-                for v in a.variants.split(","):  # N: SPARSE_MLA_BWD_DBG=N; C0 / C1: cluster off / on
-                    if v.startswith("C"):
-                        cl = v == "C1"
-                        t_v = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs, cluster=cl), reps=a.reps)
-                    else:
-                        lib = ci.load_library(ci.build_library(defines=(f"SPARSE_MLA_BWD_DBG={v}",)))
-                        t_v = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs, lib=lib), reps=a.reps)
+                for v in a.variants.split(","):  # N: a timing build with SPARSE_MLA_BWD_DBG=N
+                    lib = ci.load_library(ci.build_library(defines=(f"SPARSE_MLA_BWD_DBG={v}",)))
+                    t_v = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs, lib=lib), reps=a.reps)
                     res["timing"].append(dict(S=S, H=H, variant=v, kernel_ms=t_v))
                     print(f"variant DBG={v}: {t_v:.2f} ms (kernel {t_k:.2f})", flush=True)
             t_t = None if a.no_triton else time_cuda(lambda: ti.sparse_mla_bwd_triton(*args), reps=a.reps)

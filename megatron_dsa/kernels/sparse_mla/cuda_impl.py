@@ -13,7 +13,8 @@ A failed build is reported once as a warning and then treated as unavailable.
 
 The backward (``cuda/sparse_mla_bwd_sm90.cu``, same library) covers the same shapes when the
 backward is not deterministic: one CTA per (row, 64 heads) keeps the row's Q and dO in shared
-memory, writes dq once (no dq workspace) and adds dkv into an fp32 workspace. Its per-head
+memory, writes dq once (no dq workspace) and adds dkv into an fp32 workspace whose columns are
+stored permuted (so each warp's adds cover whole 128-byte lines; :func:`unpermute_dkv`). Its per-head
 statistics (logZ, Delta, d_sink) come from the Triton stats kernel. ``MEGATRON_DSA_CUDA_BWD=0``
 keeps the Triton backward.
 """
@@ -33,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["cuda_fwd_available", "cuda_fwd_eligible", "sparse_mla_fwd_cuda", "cuda_bwd_eligible",
-           "sparse_mla_bwd_cuda", "build_library"]
+           "sparse_mla_bwd_cuda", "unpermute_dkv", "build_library"]
 
 _DIR = Path(__file__).with_name("cuda")
 _SRC = _DIR / "sparse_mla_fwd_sm90.cu"
@@ -47,10 +48,6 @@ LOG2E = 1.4426950408889634
 # gathers, halving the L2 traffic). Correct on an H100 but measured slower (37.9 vs 21.5 ms at
 # S=16K, 128 heads): off unless MEGATRON_DSA_CUDA_FWD_CLUSTER=1.
 CLUSTER = os.environ.get("MEGATRON_DSA_CUDA_FWD_CLUSTER", "0") not in ("", "0", "false", "False")
-# Backward, 64 < H <= 128, opt-in: the two head-block CTAs of a row run as a 2-CTA cluster and add
-# their dkv tiles together in shared memory before the global fp32 adds (half the adds). Correct
-# on an H100 but measured 2x slower (165 vs 85 ms at S=16K, 128 heads), so off by default.
-BWD_CLUSTER = os.environ.get("MEGATRON_DSA_CUDA_BWD_CLUSTER", "0") not in ("", "0", "false", "False")
 # Smallest head count routed to this kernel (its tile is 64 heads; below this Triton's
 # 16/32-head tiles waste less).
 MIN_HEADS = 33
@@ -115,8 +112,8 @@ def load_library(path: Path):
     fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, i32, vp]
     bwd = lib.dsa_sparse_mla_bwd_sm90
     bwd.restype = ctypes.c_int
-    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, i32, vp]
-    lib.dsa_sparse_mla_bwd_smem_bytes.argtypes = [i32]
+    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, vp]
+    lib.dsa_sparse_mla_bwd_smem_bytes.argtypes = []
     return lib
 
 
@@ -245,11 +242,12 @@ def sparse_mla_bwd_cuda(
     stats: torch.Tensor,
     target_out: Optional[torch.Tensor] = None,
     lib=None,
-    cluster: Optional[bool] = None,
+    dkv_dtype: torch.dtype = torch.float32,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dq bf16 [T, H, 576], dkv fp32 [Tk, 576])`` from the saved ``stats`` (``[2, T, H]``
-    fp32: log2-domain logZ, Delta; the Triton stats kernel writes them). ``target_out``
-    (fp32 ``[T, K]``, zero-filled): += the head-summed P per slot (the indexer loss's target)."""
+    """``(dq bf16 [T, H, 576], dkv [Tk, 576] in dkv_dtype)`` from the saved ``stats``
+    (``[2, T, H]`` fp32: log2-domain logZ, Delta; the Triton stats kernel writes them).
+    ``target_out`` (fp32 ``[T, K]``, zero-filled): += the head-summed P per slot (the indexer
+    loss's target)."""
     lib = lib if lib is not None else _load()
     if lib is None:
         raise RuntimeError(f"CUDA sparse MLA backward unavailable: {_LIB_ERROR}")
@@ -268,9 +266,9 @@ def sparse_mla_bwd_cuda(
     stats = stats.contiguous()
     lse = lse.contiguous()
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
-    dkv = torch.zeros(kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape[0], Dqk, dtype=torch.float32, device=q.device)  # permuted columns
     if T == 0:
-        return dq, dkv
+        return dq, dkv.to(dkv_dtype)
     with torch.cuda.device(q.device):
         err = lib.dsa_sparse_mla_bwd_sm90(
             q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
@@ -278,9 +276,23 @@ def sparse_mla_bwd_cuda(
             target_out.data_ptr() if target_out is not None else None,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
             dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
-            float(softmax_scale), int(BWD_CLUSTER if cluster is None else cluster),
-            torch.cuda.current_stream(q.device).cuda_stream,
+            float(softmax_scale), torch.cuda.current_stream(q.device).cuda_stream,
         )
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA backward launch failed: cudaError {err}")
-    return dq, dkv
+    return dq, unpermute_dkv(dkv, dkv_dtype)
+
+
+def unpermute_dkv(ws: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The backward kernel's fp32 dkv workspace ``[Tk, 576]`` (columns permuted, see
+    ``cuda/sparse_mla_bwd_sm90.cu``, "dkv workspace") in channel order, cast to ``dtype``.
+
+    Value channels ``128 pp + 64 a + 16 w + 8 i + r`` are stored at ``128 pp + 32 w + 4 r + 2 a + i``;
+    rope channels ``512 + 16 w + 8 i + r`` at ``512 + 16 w + 2 r + i``. One strided copy per part."""
+    Tk = ws.shape[0]
+    out = torch.empty(Tk, 576, dtype=dtype, device=ws.device)
+    # stored (pp, w, r, a, i) -> channel order (pp, a, w, i, r)
+    out[:, :512].view(Tk, 4, 2, 4, 2, 8).copy_(ws[:, :512].view(Tk, 4, 4, 8, 2, 2).permute(0, 1, 4, 2, 5, 3))
+    # stored (w, r, i) -> (w, i, r)
+    out[:, 512:].view(Tk, 4, 2, 8).copy_(ws[:, 512:].view(Tk, 4, 8, 2).permute(0, 1, 3, 2))
+    return out

@@ -671,10 +671,10 @@ def sparse_mla_bwd(
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     if T > 0:
         _bwd_stats_into(stats, dsink_t, out, dout, lse, dlse, sink, d_v)
-    dq, dkv_acc = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, lse, dout,
-                                      stats, target_out)
+    dq, dkv = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, lse, dout,
+                                  stats, target_out, dkv_dtype=kv.dtype)
     d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
-    return dq, dkv_acc.to(kv.dtype), d_sink
+    return dq, dkv, d_sink
 
 
 def sparse_mla_bwd_triton(

@@ -156,6 +156,12 @@ inline cudaError_t set_smem_once(bool (&done)[64], KPlain plain, int plain_bytes
   return e;
 }
 
+// The same for a kernel without a cluster variant.
+template <typename K>
+inline cudaError_t set_smem_once(bool (&done)[64], K kernel, int bytes) {
+  return set_smem_once(done, kernel, bytes, kernel, bytes);
+}
+
 // Launch `kernel(p)` on a 1-D grid as 2-CTA clusters (cudaLaunchKernelEx).
 template <typename Kernel, typename P>
 inline cudaError_t launch_cluster2(Kernel kernel, unsigned grid, int threads, int smem, cudaStream_t stream,

@@ -16,8 +16,8 @@
 //         loss's target) by shuffles and one fp32 add per (warp, slot).
 //   WG2   dQ[:, 256:576] += dS K (dS read MN-major from shared memory, n256 + n64), then
 //         dKV^T [576, 32] = Q^T dS + dO^T P in nine 64-channel tiles (m64n32k16, Q / dO read
-//         MN-major), two accumulator sets in flight in turn; each finished tile is added into
-//         the fp32 dkv workspace with red.global.add (one add per channel and key).
+//         MN-major), computed in pairs; each pair is added into the fp32 dkv workspace with
+//         red.global.add.v4.f32, one 128-byte line per key and warp (see "dkv workspace").
 //   dQ is complete per CTA (it owns every key of its heads): written once, in bf16, no
 //   atomics and no dq workspace. Registers: setmaxnreg gives the producer 56 and WG1/2 224
 //   each (the CTA's 384 x 168 is never exceeded).
@@ -25,11 +25,18 @@
 //   layout wgmma reads (16-byte granule g of row r stored at granule g ^ (r % 8)); P and dS
 //   are stored [32 keys, 64 heads] in the same layout, which is K-major for dKV^T's B
 //   operand and MN-major for dQ's A operand.
-//   The dkv adds bound it: a build without them takes 33 ms against 85 ms (S=16K, 128 heads,
-//   H100); v4 adds, bulk reductions of a staged tile and L2 cache policies did not help
-//   (measured builds, in git history; docs/kernels_sparse_mla.md). kCluster (opt-in, 64 < H <= 128): the two head blocks of a
-//   row add their dKV^T tiles together in shared memory first (half the global adds);
-//   correct, but measured 2x slower (one exchange tile fits, so the pair ping-pongs per tile).
+//
+// dkv workspace: the L2 adds cost per request more than per byte: a warp instruction adding
+// 32 B to each of 4 keys costs about what 128 B to each of 4 keys costs (add-only
+// microbenchmark, benchmarks/bench_dkv_adds.py: 80 vs 48 ms for the S = 16K, 128-head add
+// volume, 4 issuing warps per SM). A dKV^T accumulator gives a warp only 16 channels (64 B)
+// of a key per tile, so the tiles go in pairs and the workspace stores its columns permuted:
+// for c < 512, logical channel 128 pp + 64 a + 16 w + 8 i + r (pair pp, tile a of the pair,
+// warp w, fragment row half i, r = lane / 4) lives at 128 pp + 32 w + 4 r + 2 a + i, so a
+// thread's four values of a key form one 16-byte vector and the 8 lanes sharing a key cover
+// one 128-byte line. The rope tile (c >= 512, unpaired): 512 + 16 w + 8 i + r lives at
+// 512 + 16 w + 2 r + i (v2 adds, 64 B per key). The host undoes the permutation when it
+// casts the workspace (cuda_impl.unpermute_dkv).
 #include "sm90_common.cuh"
 
 // Timing experiments only (never in a shipped build): 1 = no dkv adds, 2 = no dKV MMAs (and no
@@ -51,25 +58,21 @@ constexpr int QCH = BM * 128;                 // one [64 rows, 128 B] chunk of Q
 constexpr int CH = BN * 128;                  // one [32 rows, 128 B] chunk of a kv slot / P / dS
 constexpr int STAGE = NCH * CH;               // 36 KB per kv slot
 constexpr int NST = 2;                        // kv ring slots
-// {dS, P} buffers: 2, or 1 in the cluster variant (its shared memory holds the exchange tile)
-template <bool kCluster> constexpr int NDS = kCluster ? 1 : 2;
+constexpr int NDS = 2;                        // {dS, P} buffers
 constexpr int NIDS = 4;                       // ids ring: WG2 reads a block's ids after its kv slot is released
 constexpr int THREADS = 384;
 constexpr int OFF_Q = 0;
 constexpr int OFF_DO = OFF_Q + NCH * QCH;
 constexpr int OFF_KV = OFF_DO + NCV * QCH;
 constexpr int OFF_DS = OFF_KV + NST * STAGE;  // NDS x {dS, P}, each [32 keys, 64 heads] bf16
-constexpr int XTILE = 128 * 16 * 4;           // one dKV^T tile's fragments (cluster exchange)
-template <bool kCluster> constexpr int OFF_X = OFF_DS + NDS<kCluster> * 2 * CH;
-template <bool kCluster> constexpr int OFF_IDS = OFF_X<kCluster> + (kCluster ? XTILE : 0);
-template <bool kCluster> constexpr int OFF_BAR = OFF_IDS<kCluster> + NIDS * BN * 4;
+constexpr int OFF_IDS = OFF_DS + NDS * 2 * CH;
+constexpr int OFF_BAR = OFF_IDS + NIDS * BN * 4;
 // mbarriers, in this order from OFF_BAR: kv full [NST] (the slot's rows and ids landed), kv
 // empty [NST] (WG1 and WG2 are done reading it), ds full [NDS] (WG1 wrote dS and P), ds empty
-// [NDS] (WG2 is done reading them), q (Q and dO landed), x full / x empty (cluster exchange:
-// the peer's tile landed in ours / the peer has read the tile we sent)
-template <bool kCluster> constexpr int SMEM_USED = OFF_BAR<kCluster> + 8 * (2 * NST + 2 * NDS<kCluster> + 3);
-template <bool kCluster> constexpr int SMEM_BYTES = SMEM_USED<kCluster> + 1024;  // slack to align the base to 1024 B
-static_assert(SMEM_BYTES<true> <= 232448 && SMEM_BYTES<false> <= 232448, "shared memory");
+// [NDS] (WG2 is done reading them), q (Q and dO landed)
+constexpr int SMEM_USED = OFF_BAR + 8 * (2 * NST + 2 * NDS + 1);
+constexpr int SMEM_BYTES = SMEM_USED + 1024;  // slack to align the base to 1024 B
+static_assert(SMEM_BYTES <= 232448, "shared memory");
 
 struct BwdParams {
   const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
@@ -80,7 +83,7 @@ struct BwdParams {
   const float* stats;         // [2, T, H]: log2-domain logZ (0 on empty rows), Delta
   const float* lse;           // [T, H] (natural log; target with a sink only)
   __nv_bfloat16* dq;          // [T, H, 576]
-  float* dkv;                 // [Tk, 576] fp32, contiguous, zero-initialised by the caller
+  float* dkv;                 // [Tk, 576] fp32, contiguous, zero-initialised, columns permuted (above)
   float* target;              // [T, K] fp32 or null: += sum_h P (times exp(logZ - lse) with a sink)
   long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
   int T, H, Tk, K, n_hblk, has_sink;
@@ -90,28 +93,24 @@ struct BwdParams {
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
 }
-// 16 bytes into the peer CTA's shared memory; completion counted in bytes on its mbarrier
-__device__ __forceinline__ void st_async_peer(uint32_t dst_cluster, float4 v, uint32_t mbar_cluster) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];\n"
-               ::"r"(dst_cluster), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(mbar_cluster) : "memory");
+__device__ __forceinline__ void red_add_v4(float* ptr, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ void red_add_v2(float* ptr, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b) : "memory");
 }
 
-// kCluster: launched as 2-CTA clusters (64 < H <= 128): the two head blocks of a row add
-// their dKV^T tiles together through shared memory before the global adds (half the adds).
-template <bool kCluster>
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const BwdParams p) {
-  constexpr int ND = NDS<kCluster>;
-  constexpr int BAR_KV_FULL = OFF_BAR<kCluster>;
+  constexpr int ND = NDS;
+  constexpr int BAR_KV_FULL = OFF_BAR;
   constexpr int BAR_KV_EMPTY = BAR_KV_FULL + 8 * NST;
   constexpr int BAR_DS_FULL = BAR_KV_EMPTY + 8 * NST;
   constexpr int BAR_DS_EMPTY = BAR_DS_FULL + 8 * ND;
   constexpr int BAR_Q = BAR_DS_EMPTY + 8 * ND;
-  constexpr int BAR_X_FULL = BAR_Q + 8;
-  constexpr int BAR_X_EMPTY = BAR_X_FULL + 8;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = smem_u32(smem);
-  const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS<kCluster>);
+  const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
@@ -124,7 +123,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   const int kv_len = min(max(__ldg(p.kv_len + t), 0), p.K);
   const int nblk = (kv_len + BN - 1) / BN;
   const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
-  const uint32_t rank = kCluster ? cluster_rank() : 0;  // == head block of this CTA
 
   if (tid == 0) {
 #pragma unroll
@@ -138,14 +136,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       mbar_init(sbase + BAR_DS_EMPTY + 8 * s, 128);
     }
     mbar_init(sbase + BAR_Q, 128);
-    if constexpr (kCluster) {
-      mbar_init(sbase + BAR_X_FULL, 1);   // our expect_tx arrival + the peer's bytes
-      mbar_init(sbase + BAR_X_EMPTY, 4);  // one arrival per warp of the peer's WG2
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
   }
-  if constexpr (kCluster) cluster_sync();  // the peer's barriers exist before we touch them
-  else __syncthreads();
+  __syncthreads();
 
   if (wg == 0) {
     // ---------------- producer ----------------
@@ -191,7 +183,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok);
       if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
         const int slot = b * BN + wt;
-        const uint32_t dst_id = sbase + OFF_IDS<kCluster> + ((b % NIDS) * BN + wt) * 4;
+        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
                      "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
       }
@@ -335,7 +327,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     // ---------------- dQ[:, 256:576], dKV ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     float dqb[128], dqr[32];
-    int n_rx = 0, n_tx = 0;  // cluster exchange: tiles received / sent so far
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqb[i] = 0.f;
 #pragma unroll
@@ -364,24 +355,16 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       }
       wgmma_commit();
       // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
-      const int* ids = ids_s + (b % NIDS) * BN;
+      const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;  // 32-bit shared address: fewer registers
       auto row_off = [&](int key) -> int {  // id * 576 (Tk < 3.7M, checked by the host), -1: skip
-        const int id = ids[key];
+        int id;
+        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(id) : "r"(ids_w + key * 4));
         const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
         return ok ? id * D_QK : -1;
       };
-      int roff[8];
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-        for (int bb = 0; bb < 2; ++bb) roff[2 * jj + bb] = row_off(8 * jj + colq + bb);
       float ga[16], gb[16];
-      auto issue = [&](int mt, float (&acc)[16]) {
-        wgmma_fence();
-        if (SPARSE_MLA_BWD_DBG & 2) {
-          wgmma_commit();
-          return;
-        }
+      auto mma = [&](int mt, float (&acc)[16]) {  // dKV^T tile mt (channels 64 mt ..) into acc
+        if (SPARSE_MLA_BWD_DBG & 2) return;
 #pragma unroll
         for (int k = 0; k < 4; ++k)
           wgmma_m64n32k16_ss<1, 0>(acc, qt0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + k * 32) >> 4), k != 0);
@@ -390,69 +373,43 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           for (int k = 0; k < 4; ++k)
             wgmma_m64n32k16_ss<1, 0>(acc, dot0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + CH + k * 32) >> 4), 1);
         }
-        wgmma_commit();
       };
-      auto adds = [&](int mt, const float (&acc)[16]) {
-        float* base = p.dkv + mt * 64 + row0;
+      // per key (jj, bb) this thread holds acc[4 jj + bb] (fragment row half i = 0) and
+      // acc[4 jj + 2 + bb] (i = 1) of each tile; workspace positions as in "dkv workspace"
+      const int pair_off = warp * 32 + (lane >> 2) * 4, rope_off = 8 * 64 + warp * 16 + (lane >> 2) * 2;
+#pragma unroll
+      for (int pp = 0; pp < NCV / 2; ++pp) {
+        wgmma_fence();
+        mma(2 * pp, ga);
+        mma(2 * pp + 1, gb);
+        wgmma_commit();
+        if (pp == 0) {
+          wgmma_wait1();  // dQ's group is done: the kv slot is free
+          mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
+        }
+        wgmma_wait0();
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
-            const int ro = roff[2 * jj + bb];
-            if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) {
-              red_add(base + ro, acc[4 * jj + bb]);
-              red_add(base + ro + 8, acc[4 * jj + 2 + bb]);
-            }
+            const int ro = row_off(8 * jj + colq + bb);
+            if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3))
+              red_add_v4(p.dkv + (ro + pair_off + pp * 128), ga[4 * jj + bb], ga[4 * jj + 2 + bb], gb[4 * jj + bb],
+                         gb[4 * jj + 2 + bb]);
           }
-      };
-      // plain: every finished tile goes to the global adds. cluster: tile mt belongs to rank
-      // mt % 2; the other CTA sends its fragments (st.async, same thread and register order),
-      // the owner adds them to its own and does the global adds.
-      auto flush = [&](int mt, float (&acc)[16]) {
-        if constexpr (kCluster) {
-          const uint32_t xbuf = sbase + OFF_X<kCluster> + wt * 16;
-          if ((mt & 1) == static_cast<int>(rank)) {
-            if (wt == 0) mbar_arrive_expect_tx(sbase + BAR_X_FULL, XTILE);
-            mbar_wait<true>(sbase + BAR_X_FULL, n_rx & 1);
-            ++n_rx;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const float4 v = *reinterpret_cast<const float4*>(smem + OFF_X<kCluster> + c * 2048 + wt * 16);
-              acc[4 * c] += v.x;
-              acc[4 * c + 1] += v.y;
-              acc[4 * c + 2] += v.z;
-              acc[4 * c + 3] += v.w;
-            }
-            __syncwarp();
-            if (lane == 0) mbar_arrive_remote(peer_addr(sbase + BAR_X_EMPTY, rank ^ 1u));
-            adds(mt, acc);
-          } else {
-            if (n_tx > 0) mbar_wait<true>(sbase + BAR_X_EMPTY, (n_tx - 1) & 1);
-            ++n_tx;
-            const uint32_t mbar = peer_addr(sbase + BAR_X_FULL, rank ^ 1u);
-            const uint32_t dst = peer_addr(xbuf, rank ^ 1u);
-#pragma unroll
-            for (int c = 0; c < 4; ++c)
-              st_async_peer(dst + c * 2048, make_float4(acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3]), mbar);
-          }
-        } else {
-          adds(mt, acc);
-        }
-      };
-      issue(0, ga);
-      wgmma_wait1();  // dQ's group is done: the kv slot is free
-      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
-#pragma unroll
-      for (int mt = 1; mt < NCH; ++mt) {
-        if (mt & 1) issue(mt, gb);
-        else issue(mt, ga);
-        wgmma_wait1();
-        if (mt & 1) flush(mt - 1, ga);
-        else flush(mt - 1, gb);
       }
+      wgmma_fence();
+      mma(NCH - 1, ga);
+      wgmma_commit();
       wgmma_wait0();
       mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
-      flush(NCH - 1, ga);
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+        for (int bb = 0; bb < 2; ++bb) {
+          const int ro = row_off(8 * jj + colq + bb);
+          if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) red_add_v2(p.dkv + (ro + rope_off), ga[4 * jj + bb], ga[4 * jj + 2 + bb]);
+        }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -467,25 +424,23 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         *reinterpret_cast<__nv_bfloat162*>(dqrow + 512 + 8 * jj) = __floats2bfloat162_rn(dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1]);
     }
   }
-  // the peer may still write into our shared memory or arrive on our barriers until it is done
-  if constexpr (kCluster) cluster_sync();
 }
 
 }  // namespace
 
 extern "C" {
 
-int dsa_sparse_mla_bwd_smem_bytes(int cluster) { return cluster ? SMEM_BYTES<true> : SMEM_BYTES<false>; }
+int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
-// cluster != 0 and 64 < H <= 128: the 2-CTA cluster variant.
+// dkv: fp32 [Tk, 576], zeroed, columns in the permuted order described at the top.
 int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                             const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
                             void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
                             long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
-                            int Tk, int K, int has_sink, float scale, int cluster, void* stream) {
+                            int Tk, int K, int has_sink, float scale, void* stream) {
   static bool attr_set[64] = {};
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel<false>, SMEM_BYTES<false>, sparse_mla_bwd_sm90_kernel<true>, SMEM_BYTES<true>);
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (T == 0 || H == 0) return 0;
   BwdParams p;
@@ -508,10 +463,7 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.scale_log2 = scale * 1.4426950408889634f;
   const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (cluster && p.n_hblk == 2) {
-    return static_cast<int>(launch_cluster2(sparse_mla_bwd_sm90_kernel<true>, grid, THREADS, SMEM_BYTES<true>, st, p));
-  }
-  sparse_mla_bwd_sm90_kernel<false><<<grid, THREADS, SMEM_BYTES<false>, st>>>(p);
+  sparse_mla_bwd_sm90_kernel<<<grid, THREADS, SMEM_BYTES, st>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
