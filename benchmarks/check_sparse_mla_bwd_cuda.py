@@ -87,8 +87,8 @@ def main():
     ap.add_argument("--checks-only", action="store_true")
     ap.add_argument("--no-triton", action="store_true", help="skip timing the Triton backward")
     ap.add_argument("--variants", default="",
-                    help="SPARSE_MLA_BWD_DBG builds to time (kernel only) at the first H (timing "
-                         "experiments, wrong results)")
+                    help="builds to time (kernel only) at the first H: N = SPARSE_MLA_BWD_DBG=N (timing "
+                         "experiments, wrong results), or defines joined by '+' (e.g. register splits)")
     a = ap.parse_args()
     print(ptxas_report(ci._SRC_BWD), flush=True)
     print("lib:", ci.build_library(), flush=True)
@@ -124,8 +124,9 @@ def main():
                 t_k = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs), reps=a.reps)
                 res["timing"].append(dict(S=S, H=H, variant=0, kernel_ms=t_k))
                 print(f"kernel only (+ dkv zero-fill, lengths): {t_k:.2f} ms (bwd {t_c:.2f})", flush=True)
-                for v in a.variants.split(","):  # N: a timing build with SPARSE_MLA_BWD_DBG=N
-                    lib = ci.load_library(ci.build_library(defines=(f"SPARSE_MLA_BWD_DBG={v}",)))
+                for v in a.variants.split(","):  # N: SPARSE_MLA_BWD_DBG=N; else "A=1+B=2": those defines
+                    defs = tuple(v.split("+")) if "=" in v else (f"SPARSE_MLA_BWD_DBG={v}",)
+                    lib = ci.load_library(ci.build_library(defines=defs))
                     t_v = time_cuda(lambda: ci.sparse_mla_bwd_cuda(*kargs, lib=lib), reps=a.reps)
                     res["timing"].append(dict(S=S, H=H, variant=v, kernel_ms=t_v))
                     print(f"variant DBG={v}: {t_v:.2f} ms (kernel {t_k:.2f})", flush=True)

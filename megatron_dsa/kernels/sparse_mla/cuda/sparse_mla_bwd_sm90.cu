@@ -11,16 +11,18 @@
 //   WG1   S = Q K^T and dP = dO V^T (m64n32k16, both operands from shared memory), then
 //         P = exp2(S log2e scale - logZ) and dS = scale P (dP - Delta) in registers (logZ and
 //         Delta come from the stats kernel), P and dS (bf16) to shared memory for WG2, and
-//         dQ[:, 0:256] += dS K with dS as the register A operand (m64n256k16, K read
-//         MN-major from the kv tile). Optionally the head sum of P per slot (the indexer
+//         dQ[:, 0:320] += dS K with dS as the register A operand (m64n256k16 + m64n64k16, K
+//         read MN-major from the kv tile). Optionally the head sum of P per slot (the indexer
 //         loss's target) by shuffles and one fp32 add per (warp, slot).
-//   WG2   dQ[:, 256:576] += dS K (dS read MN-major from shared memory, n256 + n64), then
+//   WG2   dQ[:, 320:576] += dS K (dS read MN-major from shared memory, m64n256k16), then
 //         dKV^T [576, 32] = Q^T dS + dO^T P in nine 64-channel tiles (m64n32k16, Q / dO read
-//         MN-major), computed in pairs; each pair is added into the fp32 dkv workspace with
-//         red.global.add.v4.f32, one 128-byte line per key and warp (see "dkv workspace").
+//         MN-major), computed in pairs, two pairs in flight in turn (a pair's MMAs run while
+//         the previous pair's adds issue); each pair is added into the fp32 dkv workspace
+//         with red.global.add.v4.f32, one 128-byte line per key and warp ("dkv workspace").
 //   dQ is complete per CTA (it owns every key of its heads): written once, in bf16, no
-//   atomics and no dq workspace. Registers: setmaxnreg gives the producer 56 and WG1/2 224
-//   each (the CTA's 384 x 168 is never exceeded).
+//   atomics and no dq workspace. Registers: setmaxnreg gives the producer 32, WG1 240 and
+//   WG2 232 (sum 504 = the 3 x 168 the CTA is launched with; WG1 holds 160 dQ accumulators,
+//   WG2 128 plus two 32-register tile pairs).
 //   Shared-memory tiles are 64-channel column chunks [rows, 128 B] in the 128-byte swizzled
 //   layout wgmma reads (16-byte granule g of row r stored at granule g ^ (r % 8)); P and dS
 //   are stored [32 keys, 64 heads] in the same layout, which is K-major for dKV^T's B
@@ -44,6 +46,20 @@
 #ifndef SPARSE_MLA_BWD_DBG
 #define SPARSE_MLA_BWD_DBG 0
 #endif
+// Registers per thread after setmaxnreg: producer, WG1, WG2. The CTA is launched with 168 per
+// thread (384 threads, one CTA per SM), so the sum must stay <= 3 x 168 = 504.
+#ifndef SPARSE_MLA_BWD_RP
+#define SPARSE_MLA_BWD_RP 32
+#endif
+#ifndef SPARSE_MLA_BWD_R1
+#define SPARSE_MLA_BWD_R1 240
+#endif
+#ifndef SPARSE_MLA_BWD_R2
+#define SPARSE_MLA_BWD_R2 232
+#endif
+#define DSA_STR2(x) #x
+#define DSA_STR(x) DSA_STR2(x)
+static_assert(SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1 + SPARSE_MLA_BWD_R2 <= 3 * 168, "register split: setmaxnreg.inc would wait forever");
 
 namespace {
 
@@ -93,6 +109,9 @@ struct BwdParams {
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
 }
+__device__ __forceinline__ void st_shared_u16(uint32_t addr, uint16_t v) {
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
+}
 __device__ __forceinline__ void red_add_v4(float* ptr, float a, float b, float c, float d) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
@@ -108,9 +127,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   constexpr int BAR_DS_EMPTY = BAR_DS_FULL + 8 * ND;
   constexpr int BAR_Q = BAR_DS_EMPTY + 8 * ND;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const uint32_t sbase = smem_u32(smem);
-  const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
+  // shared memory is addressed by 32-bit shared-window addresses only (no 64-bit generic
+  // pointers held across the role split: they cost registers in the 32-register producer)
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
@@ -120,9 +139,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   const int colq = 2 * (lane & 3);
   const int t = blockIdx.x / p.n_hblk;
   const int h0 = (blockIdx.x % p.n_hblk) * BM;
-  const int kv_len = min(max(__ldg(p.kv_len + t), 0), p.K);
-  const int nblk = (kv_len + BN - 1) / BN;
-  const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+  // the row's length is read by each role after its setmaxnreg (values held across the role
+  // split spill in the 32-register producer)
+  auto row_len = [&]() { return min(max(__ldg(p.kv_len + t), 0), p.K); };
 
   if (tid == 0) {
 #pragma unroll
@@ -141,7 +160,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 
   if (wg == 0) {
     // ---------------- producer ----------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_RP) ";\n" ::: "memory");
+    const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
     {
       const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
       const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
@@ -160,6 +180,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       cp_async_arrive_noinc(sbase + BAR_Q);
     }
     // gathers: 4 threads per key row, granules g_sub and g_sub + 4 of each chunk
+    const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
     const int g_row = wt >> 2, g_sub = wt & 3;
     auto load_row_id = [&](int b) -> int {
       const int slot = b * BN + g_row;
@@ -193,7 +214,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     cp_async_wait_all();
   } else if (wg == 1) {
     // ---------------- S, dP, softmax gradient, dQ[:, 0:256] ----------------
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R1) ";\n" ::: "memory");
+    const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
     float z2[2], dlt[2], fh[2];
     bool hv[2];
 #pragma unroll
@@ -210,9 +232,11 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         fh[i] = l2 > -INFINITY ? exp2f(z2[i] - l2) : 0.f;
       }
     }
-    float dqa[128];
+    float dqa[128], dqm[32];  // dQ[:, 0:256] and dQ[:, 256:320]
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqa[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dqm[i] = 0.f;
     const uint64_t qd0 = desc(sbase + OFF_Q, 16, 1024);
     const uint64_t dod0 = desc(sbase + OFF_DO, 16, 1024);
     const uint64_t kd0 = desc(sbase + OFF_KV, 16, 1024);
@@ -242,11 +266,12 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       wgmma_commit();
       wgmma_wait0();
       // P and dS (in place of S and dP)
-      const int* ids = ids_s + (b % NIDS) * BN;
+      const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
       bool valid[8];
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
-        const int2 id2 = *reinterpret_cast<const int2*>(ids + 8 * jj + colq);
+        int2 id2;
+        asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (8 * jj + colq) * 4));
         const int slot = b * BN + 8 * jj + colq;
         valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
         valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
@@ -287,7 +312,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         }
       // hand dS and P to WG2 as [key, head] tiles
       if (b >= ND) mbar_wait(sbase + BAR_DS_EMPTY + 8 * pb, ((b / ND) - 1) & 1);
-      uint8_t* dsb = smem + OFF_DS + pb * 2 * CH;
+      const uint32_t dsb = sbase + OFF_DS + pb * 2 * CH;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int h = row0 + 8 * i;
@@ -297,8 +322,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           for (int bb = 0; bb < 2; ++bb) {
             const int key = 8 * jj + colq + bb;
             const int off = key * 128 + (((h >> 3) ^ (key & 7)) << 4) + (h & 7) * 2;
-            *reinterpret_cast<uint16_t*>(dsb + off) = static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb));
-            *reinterpret_cast<uint16_t*>(dsb + CH + off) = static_cast<uint16_t>(pk_p[i][jj] >> (16 * bb));
+            st_shared_u16(dsb + off, static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb)));
+            st_shared_u16(dsb + CH + off, static_cast<uint16_t>(pk_p[i][jj] >> (16 * bb)));
           }
       }
       fence_async_smem();
@@ -309,7 +334,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const uint32_t a[4] = {pk_s[0][2 * k], pk_s[1][2 * k], pk_s[0][2 * k + 1], pk_s[1][2 * k + 1]};
-        if (!(SPARSE_MLA_BWD_DBG & 16)) wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((st * STAGE + k * 16 * 128) >> 4), 1);
+        if (SPARSE_MLA_BWD_DBG & 16) continue;
+        wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((st * STAGE + k * 16 * 128) >> 4), 1);
+        wgmma_m64n64k16_rs<1>(dqm, a, kt0 + ((st * STAGE + 4 * CH + k * 16 * 128) >> 4), 1);
       }
       wgmma_commit();
       wgmma_wait0();
@@ -322,15 +349,17 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
       for (int jj = 0; jj < 32; ++jj)
         *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1]);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqm[4 * jj + 2 * i], dqm[4 * jj + 2 * i + 1]);
     }
   } else {
     // ---------------- dQ[:, 256:576], dKV ----------------
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
-    float dqb[128], dqr[32];
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R2) ";\n" ::: "memory");
+    const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
+    float dqb[128];  // dQ[:, 320:576]
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqb[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) dqr[i] = 0.f;
     const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);       // kv, MN-major B [keys, channels]
     const uint64_t dsa0 = desc(sbase + OFF_DS, CH, 1024);      // dS, MN-major A [heads, keys]
     const uint64_t dsb0 = desc(sbase + OFF_DS, 16, 1024);      // dS / P, K-major B [keys, heads]
@@ -350,8 +379,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int k = 0; k < 2; ++k) {
         const uint64_t da = dsa0 + ((pb * 2 * CH + k * 16 * 128) >> 4);
         if (SPARSE_MLA_BWD_DBG & 16) continue;
-        wgmma_m64n256k16_ss<1, 1>(dqb, da, kt0 + ((st * STAGE + 4 * CH + k * 16 * 128) >> 4), 1);
-        wgmma_m64n64k16_ss<1, 1>(dqr, da, kt0 + ((st * STAGE + 8 * CH + k * 16 * 128) >> 4), 1);
+        wgmma_m64n256k16_ss<1, 1>(dqb, da, kt0 + ((st * STAGE + 5 * CH + k * 16 * 128) >> 4), 1);
       }
       wgmma_commit();
       // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
@@ -362,7 +390,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
         return ok ? id * D_QK : -1;
       };
-      float ga[16], gb[16];
       auto mma = [&](int mt, float (&acc)[16]) {  // dKV^T tile mt (channels 64 mt ..) into acc
         if (SPARSE_MLA_BWD_DBG & 2) return;
 #pragma unroll
@@ -374,33 +401,45 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
             wgmma_m64n32k16_ss<1, 0>(acc, dot0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + CH + k * 32) >> 4), 1);
         }
       };
+      auto issue_pair = [&](int pp, float (&x)[16], float (&y)[16]) {
+        wgmma_fence();
+        mma(2 * pp, x);
+        mma(2 * pp + 1, y);
+        wgmma_commit();
+      };
       // per key (jj, bb) this thread holds acc[4 jj + bb] (fragment row half i = 0) and
       // acc[4 jj + 2 + bb] (i = 1) of each tile; workspace positions as in "dkv workspace"
       const int pair_off = warp * 32 + (lane >> 2) * 4, rope_off = 8 * 64 + warp * 16 + (lane >> 2) * 2;
-#pragma unroll
-      for (int pp = 0; pp < NCV / 2; ++pp) {
-        wgmma_fence();
-        mma(2 * pp, ga);
-        mma(2 * pp + 1, gb);
-        wgmma_commit();
-        if (pp == 0) {
-          wgmma_wait1();  // dQ's group is done: the kv slot is free
-          mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
-        }
-        wgmma_wait0();
+      auto add_pair = [&](int pp, const float (&x)[16], const float (&y)[16]) {
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
             const int ro = row_off(8 * jj + colq + bb);
             if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3))
-              red_add_v4(p.dkv + (ro + pair_off + pp * 128), ga[4 * jj + bb], ga[4 * jj + 2 + bb], gb[4 * jj + bb],
-                         gb[4 * jj + 2 + bb]);
+              red_add_v4(p.dkv + (ro + pair_off + pp * 128), x[4 * jj + bb], x[4 * jj + 2 + bb], y[4 * jj + bb],
+                         y[4 * jj + 2 + bb]);
           }
-      }
+      };
+      // two register sets in turn: a pair's MMAs run while the previous pair's adds issue
+      float xa[16], xb[16], ya[16], yb[16];
+      issue_pair(0, xa, xb);
+      wgmma_wait1();  // dQ's group is done: the kv slot is free
+      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
+      issue_pair(1, ya, yb);
+      wgmma_wait1();
+      add_pair(0, xa, xb);
+      issue_pair(2, xa, xb);
+      wgmma_wait1();
+      add_pair(1, ya, yb);
+      issue_pair(3, ya, yb);
+      wgmma_wait1();
+      add_pair(2, xa, xb);
       wgmma_fence();
-      mma(NCH - 1, ga);
+      mma(NCH - 1, xa);  // the rope tile, unpaired
       wgmma_commit();
+      wgmma_wait1();
+      add_pair(3, ya, yb);
       wgmma_wait0();
       mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
 #pragma unroll
@@ -408,20 +447,18 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
         for (int bb = 0; bb < 2; ++bb) {
           const int ro = row_off(8 * jj + colq + bb);
-          if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) red_add_v2(p.dkv + (ro + rope_off), ga[4 * jj + bb], ga[4 * jj + 2 + bb]);
+          if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) red_add_v2(p.dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
         }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int h = h0 + row0 + 8 * i;
       if (h >= p.H) continue;
-      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
+      // (unsigned: t >= 0, and a zero-extended t needs no register for its high half)
+      __nv_bfloat16* dqrow = p.dq + (long long)(unsigned)t * p.dq_st + (long long)h * p.dq_sh + colq;
 #pragma unroll
       for (int jj = 0; jj < 32; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 512 + 8 * jj) = __floats2bfloat162_rn(dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 320 + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
     }
   }
 }
