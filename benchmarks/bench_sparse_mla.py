@@ -136,6 +136,24 @@ IMPLS = {"ours": ("megatron_dsa", impl_ours), "tilelang": ("mcore_tilelang", imp
          "native": ("mcore_native", impl_native), "cudnn": ("cudnn", impl_cudnn)}
 
 
+def _grads(res):
+    """(dq, dkv) from what a backward / fwd+bwd callable returns (tuple or cuDNN's dict)."""
+    if hasattr(res, "keys"):
+        return res["dq"], res["dkv"]
+    return res[0], res[1]
+
+
+def _rel(a, b, chunk=1 << 24):
+    """||a - b|| / ||b|| over all elements, in chunks (no full-size float64 copies)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    num = den = 0.0
+    for i in range(0, b.numel(), chunk):
+        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
+        num += float(((x - y) ** 2).sum())
+        den += float((y ** 2).sum())
+    return (num / den) ** 0.5 if den > 0 else float("nan")
+
+
 def kernel_report():
     """Compiler resource report of the last-launched fused kernels."""
     from megatron_dsa.kernels.sparse_mla import triton_impl as ti
@@ -204,6 +222,14 @@ def main():
                     continue
                 else:
                     variants.append((name, make, None, {}))
+            # gradients every backward is compared with: ours (tested against float64 autograd at
+            # smaller sizes); a peer that disagrees computes something else
+            ref_grads = None
+            if "ours" in impls and any(p in passes for p in ("bwd", "fwd+bwd")):
+                try:
+                    ref_grads = _grads(impl_ours(q, kv, idx, dout, scale)["bwd"]())
+                except Exception as e:  # noqa: BLE001
+                    print(f"no reference gradients: {e}", flush=True)
             for label, make, cfg, kw in variants:
                 if cfg is not None:
                     ti.CONFIG.clear()
@@ -237,6 +263,14 @@ def main():
                     r = run_guarded(measure)
                     rows.append({"impl": label, "case": case, "ms": r.get("ms"), "tflops": r.get("tflops"),
                                  "peak_gib": r.get("peak_gib"), "status": r["status"]})
+                    if ref_grads is not None and p in ("bwd", "fwd+bwd") and r["status"] == "ok":
+                        try:
+                            dq, dkv = _grads(fn())
+                            rows[-1]["rel_dq_vs_ours"] = round(_rel(dq, ref_grads[0]), 5)
+                            rows[-1]["rel_dkv_vs_ours"] = round(_rel(dkv, ref_grads[1]), 5)
+                            del dq, dkv
+                        except Exception as e:  # noqa: BLE001
+                            rows[-1]["agreement_error"] = str(e)[:120]
                     print(json.dumps(rows[-1]), flush=True)
                 if args.report and label.startswith("megatron_dsa"):
                     reports[f"{label} S={S} H={H}"] = kernel_report()

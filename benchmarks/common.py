@@ -195,13 +195,18 @@ def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
     if doc.get("parts"):
         lines[-1:-1] = [f"  \nmerged from back-to-back runs on one machine: " + "; ".join(
             f"{p['rows']} rows, ceilings {json.dumps(p['ceilings'])}" for p in doc["parts"])]
-    lines += ["| impl | " + " | ".join(keys) + " | ms | TFLOP/s | peak GiB | status |",
-             "|---" * (len(keys) + 5) + "|"]
+    # optional per-row checks a benchmark adds (e.g. rel_dq_vs_ours: agreement of a peer's output)
+    checks = sorted({k for r in rows for k in r if k.startswith("rel_")})
+    lines += ["| impl | " + " | ".join(keys) + " | ms | TFLOP/s | peak GiB | status |"
+              + "".join(f" {k} |" for k in checks),
+              "|---" * (len(keys) + 5 + len(checks)) + "|"]
     for r in rows:
         c = r.get("case", {})
         lines.append("| " + " | ".join([r["impl"]] + [_fmt(c.get(k)) for k in keys]
                                         + [_fmt(r.get("ms")), _fmt(r.get("tflops"), 1),
-                                           _fmt(r.get("peak_gib")), r.get("status", "")]) + " |")
+                                           _fmt(r.get("peak_gib")), r.get("status", "")]
+                                        + [f"{r[k]:.1e}" if isinstance(r.get(k), float) else _fmt(r.get(k))
+                                           for k in checks]) + " |")
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     if _plot_png(stem + ".png", rows, f"{topic} on {dev} ({date})"):

@@ -187,8 +187,8 @@ def sparse_mla_fwd_cuda(
     _check_inputs(q, kv, "forward")
     q, kv = _rows16(q), _rows16(kv)
     indices = indices.to(torch.int32).contiguous()
-    if topk_length is not None:
-        topk_length = topk_length.to(torch.int32).contiguous()
+    # the kernel stops at this length: trailing -1 padding (causal rows t < k) is not computed
+    kv_len = effective_lengths(indices, topk_length)
     if sink is not None:
         sink = sink.float().contiguous()
     out = torch.empty(T, H, 512, dtype=q.dtype, device=q.device)
@@ -198,8 +198,7 @@ def sparse_mla_fwd_cuda(
     with torch.cuda.device(q.device):
         err = lib.dsa_sparse_mla_fwd_sm90(
             q.data_ptr(), kv.data_ptr(), indices.data_ptr(),
-            topk_length.data_ptr() if topk_length is not None else None,
-            sink.data_ptr() if sink is not None else None,
+            kv_len.data_ptr(), sink.data_ptr() if sink is not None else None,
             out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E,
