@@ -62,8 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cuda_impl import (cuda_bwd_eligible, cuda_fwd_eligible, effective_lengths, sparse_mla_bwd_cuda,
-                        sparse_mla_fwd_cuda)
+from .cuda_impl import cuda_bwd_eligible, cuda_fwd_eligible, sparse_mla_bwd_cuda, sparse_mla_fwd_cuda
 
 __all__ = ["sparse_mla_triton", "sparse_mla_fwd", "sparse_mla_fwd_triton", "sparse_mla_bwd", "sparse_mla_bwd_triton"]
 
@@ -622,9 +621,9 @@ def sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length=None, sink=No
     than 32 heads, Hopper, nvcc available), else the Triton kernel. Same contract either way."""
     if cuda_fwd_eligible(q, kv, d_v):
         return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink)
-    # stop each row at its last valid slot: trailing -1 padding (causal rows t < k) is skipped
-    # rather than computed masked (same result)
-    return sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, effective_lengths(indices, topk_length), sink)
+    # (the Triton path keeps the caller's topk_length: passing the effective lengths measured
+    # slower at 16 heads, S=16K: 7.55 vs 7.13 ms)
+    return sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
 
 
 def _det_default() -> bool:
