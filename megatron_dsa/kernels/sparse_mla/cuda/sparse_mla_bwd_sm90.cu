@@ -42,7 +42,8 @@
 #include "sm90_common.cuh"
 
 // Timing experiments only (never in a shipped build): 1 = no dkv adds, 2 = no dKV MMAs (and no
-// adds), 4 = no gathers after the first ring fill, 8 = no S / dP MMAs, 16 = no dQ MMAs.
+// adds), 4 = no kv gathers after the first ring fill (ids still loaded), 8 = no S / dP MMAs,
+// 16 = no dQ MMAs.
 #ifndef SPARSE_MLA_BWD_DBG
 #define SPARSE_MLA_BWD_DBG 0
 #endif
@@ -190,18 +191,18 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     for (int b = 0; b < nblk; ++b) {
       const int st = b % NST;
       if (b >= NST) mbar_wait(sbase + BAR_KV_EMPTY + 8 * st, ((b / NST) - 1) & 1);
-      if ((SPARSE_MLA_BWD_DBG & 4) && b >= NST) {
-        cp_async_arrive_noinc(sbase + BAR_KV_FULL + 8 * st);
-        continue;
+      // (timing build 4: the kv tiles are not refilled, the ids still are, so the adds keep
+      // their real addresses; skipping the ids too piles every add onto a few rows: 318 ms)
+      if (!((SPARSE_MLA_BWD_DBG & 4) && b >= NST)) {
+        const bool ok = gid >= 0 && gid < p.Tk;
+        const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
+        const uint32_t dst = sbase + OFF_KV + st * STAGE + g_row * 128;
+#pragma unroll
+        for (int c = 0; c < NCH; ++c)
+#pragma unroll
+          for (int u = 0; u < 2; ++u)
+            cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok);
       }
-      const bool ok = gid >= 0 && gid < p.Tk;
-      const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
-      const uint32_t dst = sbase + OFF_KV + st * STAGE + g_row * 128;
-#pragma unroll
-      for (int c = 0; c < NCH; ++c)
-#pragma unroll
-        for (int u = 0; u < 2; ++u)
-          cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok);
       if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
         const int slot = b * BN + wt;
         const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
