@@ -11,8 +11,6 @@ tiles, -1 holes inside rows, topk_length, empty rows; CUDA-graph capture/replay.
 
 from __future__ import annotations
 
-import re
-import subprocess
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from megatron_dsa.kernels.sparse_mla import triton_impl as ti
 from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
 
 from test_sparse_mla_cuda import _case as _fwd_case
+from test_sparse_mla_cuda import assert_compiles_without_spills
 from test_sparse_mla_kernel import poisoned_empty, rel
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -89,32 +88,9 @@ def test_unpermute_dkv_inverts_the_kernels_layout():
         assert torch.equal(got, want.to(dt))
 
 
-def _ptxas_per_function(report: str) -> dict:
-    """{mangled name: text of its ptxas lines} from an ``-Xptxas -v`` report."""
-    out, cur = {}, None
-    for line in report.splitlines():
-        m = re.search(r"(?:Compiling entry function|Function properties for) '?([A-Za-z0-9_]+)'?", line)
-        if m:
-            cur = m.group(1)
-            out.setdefault(cur, "")
-        if cur is not None:
-            out[cur] += line + "\n"
-    return out
-
-
 @pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
 def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    proc = subprocess.run(
-        [ci._nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-         "-c", "-o", str(tmp_path / "k.o"), str(ci._SRC_BWD)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    funcs = _ptxas_per_function(proc.stderr)
-    plain = [f for f in funcs if "sparse_mla_bwd_sm90_kernel" in f]
-    assert len(plain) == 1, list(funcs)
-    text = funcs[plain[0]]
-    assert "0 bytes spill stores" in text and "0 bytes spill loads" in text, text
-    for code in ("C7507", "C7510", "C7512", "C7514", "C7518"):
-        assert code not in proc.stderr, proc.stderr[-3000:]
+    assert_compiles_without_spills(ci._SRC_BWD, tmp_path, "sparse_mla_bwd_sm90_kernel")
 
 
 @pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
