@@ -86,6 +86,9 @@ def test_unpermute_dkv_inverts_the_kernels_layout():
         got = ci.unpermute_dkv(ws, dt)
         assert got.dtype == dt and got.is_contiguous()
         assert torch.equal(got, want.to(dt))
+    for bad in (ws[:, :512], ws.double(), ws.t()):
+        with pytest.raises(ValueError, match="576"):
+            ci.unpermute_dkv(bad)
 
 
 @pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")

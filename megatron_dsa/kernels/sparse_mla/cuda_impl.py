@@ -288,6 +288,8 @@ def unpermute_dkv(ws: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
 
     Value channels ``128 pp + 64 a + 16 w + 8 i + r`` are stored at ``128 pp + 32 w + 4 r + 2 a + i``;
     rope channels ``512 + 16 w + 8 i + r`` at ``512 + 16 w + 2 r + i``. One strided copy per part."""
+    if ws.dim() != 2 or ws.shape[1] != 576 or ws.dtype != torch.float32 or not ws.is_contiguous():
+        raise ValueError(f"expected the contiguous fp32 [Tk, 576] workspace, got {ws.dtype} {tuple(ws.shape)}")
     Tk = ws.shape[0]
     out = torch.empty(Tk, 576, dtype=dtype, device=ws.device)
     # stored (pp, w, r, a, i) -> channel order (pp, a, w, i, r)
