@@ -75,16 +75,17 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def build_library(force: bool = False, defines: Tuple[str, ...] = ()) -> Path:
+def build_library(force: bool = False, defines: Tuple[str, ...] = (), extra_flags: Tuple[str, ...] = ()) -> Path:
     """Compile the kernel library (or return the cached one). Raises on failure.
 
-    ``defines`` (``-D`` flags) are for timing experiments in benchmarks only."""
+    ``defines`` (``-D`` flags) and ``extra_flags`` (e.g. ``-lineinfo`` for a profiler) are for
+    experiments in benchmarks only."""
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     src = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
     flags = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
-             "-gencode=arch=compute_90a,code=sm_90a", *[f"-D{d}" for d in defines]]
+             "-gencode=arch=compute_90a,code=sm_90a", *[f"-D{d}" for d in defines], *extra_flags]
     key = hashlib.sha256(src + nvcc.encode() + " ".join(flags).encode()).hexdigest()[:16]
     out = _cache_dir() / f"sparse_mla_sm90-{key}.so"
     if out.exists() and not force:

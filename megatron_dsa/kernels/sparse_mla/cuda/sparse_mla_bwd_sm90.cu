@@ -137,7 +137,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   const int wt = tid & 127;
   const int warp = wt >> 5, lane = tid & 31;
   const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
-  const int colq = 2 * (lane & 3);
+  // this thread's accumulator columns are 2 (lane % 4) + {0, 1} (+ 8 j): "colq". WG2 reads its
+  // lane id again after its setmaxnreg (holding colq across the role split spilled it)
+  auto lane_colq = []() {
+    uint32_t l;
+    asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(l));
+    return static_cast<int>(2 * (l & 3));
+  };
   const int t = blockIdx.x / p.n_hblk;
   const int h0 = (blockIdx.x % p.n_hblk) * BM;
   // the row's length is read by each role after its setmaxnreg (values held across the role
@@ -216,6 +222,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   } else if (wg == 1) {
     // ---------------- S, dP, softmax gradient, dQ[:, 0:256] ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R1) ";\n" ::: "memory");
+    const int colq = 2 * (lane & 3);
     const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
     float z2[2], dlt[2], fh[2];
     bool hv[2];
@@ -357,6 +364,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   } else {
     // ---------------- dQ[:, 256:576], dKV ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R2) ";\n" ::: "memory");
+    const int colq = lane_colq();
     const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
     float dqb[128];  // dQ[:, 320:576]
 #pragma unroll
@@ -385,12 +393,18 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       wgmma_commit();
       // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
       const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;  // 32-bit shared address: fewer registers
-      auto row_off = [&](int key) -> int {  // id * 576 (Tk < 3.7M, checked by the host), -1: skip
-        int id;
-        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(id) : "r"(ids_w + key * 4));
-        const bool ok = b * BN + key < kv_len && id >= 0 && id < p.Tk;
-        return ok ? id * D_QK : -1;
-      };
+      // the row offsets (id * 576, -1: skip) of this thread's 8 keys, read once per block: an
+      // ld.shared per add waited behind the adds in the memory-instruction queue
+      int ro8[8];
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        int2 id2;
+        asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (8 * jj + colq) * 4));
+        const int slot = b * BN + 8 * jj + colq;
+        ro8[2 * jj] = (slot < kv_len && id2.x >= 0 && id2.x < p.Tk) ? id2.x * D_QK : -1;
+        ro8[2 * jj + 1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk) ? id2.y * D_QK : -1;
+      }
+      auto row_off = [&](int jj, int bb) -> int { return ro8[2 * jj + bb]; };
       auto mma = [&](int mt, float (&acc)[16]) {  // dKV^T tile mt (channels 64 mt ..) into acc
         if (SPARSE_MLA_BWD_DBG & 2) return;
 #pragma unroll
@@ -416,7 +430,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
-            const int ro = row_off(8 * jj + colq + bb);
+            const int ro = row_off(jj, bb);
             if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3))
               red_add_v4(p.dkv + (ro + pair_off + pp * 128), x[4 * jj + bb], x[4 * jj + 2 + bb], y[4 * jj + bb],
                          y[4 * jj + 2 + bb]);
@@ -447,7 +461,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
         for (int bb = 0; bb < 2; ++bb) {
-          const int ro = row_off(8 * jj + colq + bb);
+          const int ro = row_off(jj, bb);
           if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) red_add_v2(p.dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
         }
     }

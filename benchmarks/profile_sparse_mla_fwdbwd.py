@@ -1,0 +1,109 @@
+"""Where the time of one sparse MLA forward+backward goes (autograd, as the benchmark's
+``fwd+bwd`` row runs it): every CUDA kernel the step launches with its device time, and the
+step's wall time, so the gap between the sum of the big kernels and the measured step is
+visible.
+
+    PYTHONPATH=$PWD python3 benchmarks/profile_sparse_mla_fwdbwd.py [--S 16384] [--H 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_sparse_mla import causal_indices  # noqa: E402
+from common import time_cuda  # noqa: E402
+
+from megatron_dsa.kernels.sparse_mla import triton_impl as ti  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--S", type=int, default=16384)
+    ap.add_argument("--H", type=int, default=128)
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    S, H = a.S, a.H
+    q = torch.randn(S, H, 576, device="cuda").bfloat16()
+    kv = torch.randn(S, 576, device="cuda").bfloat16()
+    idx = causal_indices(S, a.k, "cuda")
+    dout = torch.randn(S, H, 512, device="cuda").bfloat16()
+    scale = 576 ** -0.5
+    qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+
+    def fb():
+        qg.grad = kvg.grad = None
+        o, _ = ti.sparse_mla_triton(qg, kvg, idx, scale, 512, deterministic=False)
+        o.backward(dout)
+
+    ms = time_cuda(fb, reps=5)
+    # the same step queued behind a long GPU sleep: the host-side time to launch it is hidden,
+    # so this is the device time alone; the host time per step is timed on the CPU clock
+    import time
+
+    def fb_hidden():
+        torch.cuda._sleep(int(2e9))  # ~1 s of GPU clock cycles
+        t0 = time.perf_counter()
+        fb()
+        return time.perf_counter() - t0
+
+    fb_hidden()
+    torch.cuda.synchronize()
+    host, dev = [], []
+    for _ in range(3):
+        torch.cuda._sleep(int(2e9))
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        t0 = time.perf_counter()
+        fb()
+        host.append((time.perf_counter() - t0) * 1e3)
+        e1.record()
+        torch.cuda.synchronize()
+        # e0 fires after the sleep: the step's device time with no host gap
+        dev.append(e0.elapsed_time(e1))
+    host_ms, dev_ms = sorted(host)[1], sorted(dev)[1]
+    from torch.profiler import ProfilerActivity, profile
+
+    fb()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fb()
+        torch.cuda.synchronize()
+    kern = defaultdict(lambda: [0, 0.0])
+    first, last = None, None
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kern[e.name][0] += 1
+        kern[e.name][1] += e.device_time_total / 1e3 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e3
+        t0, t1 = e.time_range.start / 1e3, e.time_range.end / 1e3
+        first = t0 if first is None else min(first, t0)
+        last = t1 if last is None else max(last, t1)
+    rows = sorted(({"kernel": k[:90], "calls": v[0], "ms": round(v[1], 3)} for k, v in kern.items()),
+                  key=lambda r: -r["ms"])
+    prof.export_chrome_trace(os.path.join(a.out, f"trace_sparse_mla_fwdbwd_H{H}.json"))
+    res = {"S": S, "H": H, "k": a.k, "step_ms": round(ms, 3), "host_launch_ms": round(host_ms, 3),
+           "step_ms_host_hidden": round(dev_ms, 3),
+           "kernel_sum_ms": round(sum(r["ms"] for r in rows), 3),
+           "first_to_last_kernel_ms": round(last - first, 3) if first is not None else None, "kernels": rows}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"profile_sparse_mla_fwdbwd_H{H}.json"), "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(f"S={S} H={H}: step {ms:.2f} ms, kernels {res['kernel_sum_ms']:.2f} ms, "
+          f"first..last kernel {res['first_to_last_kernel_ms']} ms; host launch {host_ms:.2f} ms, "
+          f"step behind a GPU sleep {dev_ms:.2f} ms")
+    for r in rows:
+        print(f"  {r['ms']:9.3f} ms  x{r['calls']}  {r['kernel']}")
+
+
+if __name__ == "__main__":
+    main()
