@@ -6,7 +6,8 @@ mapping written out channel by channel), and, where ``nvcc`` is installed, that 
 compiles for sm_90a without spills or serialized wgmma and fits shared memory.
 GPU (Hopper only): dq, dkv, d_sink and the indexer-loss target against float64 autograd through
 the plain-PyTorch reference, fresh random inputs each run, outputs poisoned with NaN; masked head
-tiles, -1 holes inside rows, topk_length, empty rows; CUDA-graph capture/replay.
+tiles, -1 holes inside rows, topk_length, empty rows; CUDA-graph capture/replay; the one-launch
+row-length kernel against the PyTorch expression it replaces.
 """
 
 from __future__ import annotations
@@ -104,6 +105,33 @@ def test_bwd_library_fits_shared_memory(tmp_path, monkeypatch):
 
 
 gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("K,stride_pad,cap_dtype", [(2048, 0, None), (48, 0, torch.int32), (50, 0, torch.int64),
+                                                     (64, 3, torch.int32), (1, 0, None)])
+def test_gpu_row_length_kernel_matches_torch(K, stride_pad, cap_dtype):
+    """The one-launch kernel (cuda/row_lengths.cu) against the PyTorch expression: 16-byte and
+    scalar row reads (K % 4, a padded row stride), holes, empty and full rows, trailing padding,
+    caps below 0 and above K, a row count that is not a multiple of the warps per CTA."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    T = 1003
+    wide = torch.randint(0, 5000, (T, K + stride_pad), device="cuda", generator=g, dtype=torch.int32)
+    idx = wide[:, :K]
+    idx[torch.rand(T, K, device="cuda", generator=g) < 0.3] = -1
+    idx[5] = -1
+    idx[7, K // 2:] = -1
+    idx[9, :] = 3
+    cap = None
+    if cap_dtype is not None:
+        cap = torch.randint(-3, K + 4, (T,), device="cuda", generator=g).to(cap_dtype)
+    want = ci._effective_lengths_torch(idx, cap)
+    with poisoned_empty():  # an unwritten row reads -2^30
+        got = ci.effective_lengths(idx, cap)
+    assert got.dtype == torch.int32 and got.shape == (T,)
+    assert torch.equal(got, want), (seed, (got != want).nonzero()[:5].tolist())
 
 
 def _case(T, H, K, sink, topk, holes, seed):

@@ -39,7 +39,8 @@ __all__ = ["cuda_fwd_available", "cuda_fwd_eligible", "sparse_mla_fwd_cuda", "cu
 _DIR = Path(__file__).with_name("cuda")
 _SRC = _DIR / "sparse_mla_fwd_sm90.cu"
 _SRC_BWD = _DIR / "sparse_mla_bwd_sm90.cu"
-_SOURCES = (_SRC, _SRC_BWD)
+_SRC_LEN = _DIR / "row_lengths.cu"
+_SOURCES = (_SRC, _SRC_BWD, _SRC_LEN)
 _HEADERS = (_DIR / "sm90_common.cuh",)
 _LIB = None
 _LIB_ERROR: Optional[str] = None
@@ -115,6 +116,9 @@ def load_library(path: Path):
     bwd.restype = ctypes.c_int
     bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, vp]
     lib.dsa_sparse_mla_bwd_smem_bytes.argtypes = []
+    lens = lib.dsa_row_lengths
+    lens.restype = ctypes.c_int
+    lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]
     return lib
 
 
@@ -189,7 +193,7 @@ def sparse_mla_fwd_cuda(
     q, kv = _rows16(q), _rows16(kv)
     indices = indices.to(torch.int32).contiguous()
     # the kernel stops at this length: trailing -1 padding (causal rows t < k) is not computed
-    kv_len = effective_lengths(indices, topk_length)
+    kv_len = effective_lengths(indices, topk_length, lib)
     if sink is not None:
         sink = sink.float().contiguous()
     out = torch.empty(T, H, 512, dtype=q.dtype, device=q.device)
@@ -216,11 +220,33 @@ def cuda_bwd_eligible(q: torch.Tensor, kv: torch.Tensor, d_v: int, deterministic
     return not deterministic and not _env_off("MEGATRON_DSA_CUDA_BWD") and cuda_fwd_eligible(q, kv, d_v)
 
 
-def effective_lengths(indices: torch.Tensor, topk_length: Optional[torch.Tensor]) -> torch.Tensor:
+def effective_lengths(indices: torch.Tensor, topk_length: Optional[torch.Tensor], lib=None) -> torch.Tensor:
     """Per row, one past the last slot holding an id >= 0 (capped by ``topk_length``): int32 [T].
 
     Device-side (no host sync). Causal rows t < k end in -1 padding; the kernels skip the
-    blocks past this length instead of computing them masked."""
+    blocks past this length instead of computing them masked. On a GPU with the library loaded
+    (``lib``, default: this module's) one kernel launch (``cuda/row_lengths.cu``); otherwise the
+    PyTorch expression :func:`_effective_lengths_torch`."""
+    if indices.is_cuda and indices.dim() == 2:
+        lib = lib if lib is not None else (_load() if cuda_fwd_available(indices.device) else None)
+    else:
+        lib = None
+    if lib is None:
+        return _effective_lengths_torch(indices, topk_length)
+    T, K = indices.shape
+    idx = indices if indices.dtype == torch.int32 and indices.stride(-1) == 1 else indices.to(torch.int32).contiguous()
+    cap = topk_length.to(torch.int32).contiguous() if topk_length is not None else None
+    out = torch.empty(T, dtype=torch.int32, device=indices.device)
+    with torch.cuda.device(indices.device):
+        err = lib.dsa_row_lengths(idx.data_ptr(), idx.stride(0), cap.data_ptr() if cap is not None else None,
+                                  T, K, out.data_ptr(), torch.cuda.current_stream(indices.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"row length kernel launch failed: cudaError {err}")
+    return out
+
+
+def _effective_lengths_torch(indices: torch.Tensor, topk_length: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`effective_lengths` in plain PyTorch (the CPU path and the kernel's reference)."""
     K = indices.shape[1]
     pos = torch.arange(1, K + 1, device=indices.device, dtype=torch.int32)
     last = torch.where(indices >= 0, pos, 0).amax(1) if K > 0 else torch.zeros(
@@ -262,7 +288,7 @@ def sparse_mla_bwd_cuda(
         raise ValueError("target_out must be a contiguous fp32 tensor shaped like the indices")
     q, kv, dout = _rows16(q), _rows16(kv), _rows16(dout)
     indices = indices.to(torch.int32).contiguous()
-    kv_len = effective_lengths(indices, topk_length)
+    kv_len = effective_lengths(indices, topk_length, lib)
     stats = stats.contiguous()
     lse = lse.contiguous()
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
