@@ -277,6 +277,10 @@ def main():
                 del fns
                 torch.cuda.empty_cache()
             del q, kv, idx, dout
+        if not args.no_receipt and S != int(args.S.split(",")[-1]):
+            # rewritten after every sequence length: a run cut short by a time limit keeps a
+            # receipt of what it measured
+            write_receipt("sparse_mla", rows, args.out, ceilings=ceilings)
     ti.CONFIG.clear()
     ti.CONFIG.update(base_cfg)
     if reports:
