@@ -9,9 +9,6 @@ paths and cuDNN-frontend's backward, side by side in one process.
 Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random keys in [0, t]
 (rows t < k padded with -1). FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
 Each peer is run only if importable (else ``unsupported``); OOM -> ``oom``.
-Times: ``ms`` (median, CUDA events around each call: any host time before the first kernel
-counts) and ``device_ms`` (the same calls queued behind a GPU sleep, so the host's launch time is
-hidden, as when the host runs ahead in training). TFLOP/s is computed from ``ms``.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import (device_name, measure_ceilings, peak_gib, run_guarded, time_cuda, time_cuda_queued,  # noqa: F401,E402
+from common import (device_name, measure_ceilings, peak_gib, run_guarded, time_cuda,  # noqa: F401,E402
                     versions, write_receipt)
 
 DQK, DV = 576, 512
@@ -259,15 +256,13 @@ def main():
 
                     def measure(fn=fn, p=p):
                         ms = time_cuda(fn, warmup=1, reps=args.reps)
-                        dev_ms = time_cuda_queued(fn, warmup=0, reps=args.reps)
                         pk = peak_gib(fn)
                         return {"ms": round(ms, 3), "tflops": round(flops(S, H, args.k, p) / ms / 1e9, 1),
-                                "peak_gib": round(pk, 3), "device_ms": round(dev_ms, 3)}
+                                "peak_gib": round(pk, 3)}
 
                     r = run_guarded(measure)
                     rows.append({"impl": label, "case": case, "ms": r.get("ms"), "tflops": r.get("tflops"),
-                                 "peak_gib": r.get("peak_gib"), "status": r["status"],
-                                 "device_ms": r.get("device_ms")})
+                                 "peak_gib": r.get("peak_gib"), "status": r["status"]})
                     if ref_grads is not None and p in ("bwd", "fwd+bwd") and r["status"] == "ok":
                         try:
                             dq, dkv = _grads(fn())
@@ -295,14 +290,13 @@ def main():
                               ceilings=ceilings)
         print("receipt:", paths)
     print(f"\nceilings: {ceilings}")
-    print(f"{'impl':58s} {'S':>6s} {'H':>4s} {'pass':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GiB':>7s} {'dev ms':>9s} status")
+    print(f"{'impl':58s} {'S':>6s} {'H':>4s} {'pass':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GiB':>7s} status")
     for r in rows:
         c = r["case"]
         print(f"{r['impl'][:58]:58s} {c['S']:6d} {c['H']:4d} {c['pass']:8s} "
               f"{(r['ms'] if r['ms'] is not None else float('nan')):9.3f} "
               f"{(r['tflops'] if r['tflops'] is not None else float('nan')):8.1f} "
-              f"{(r['peak_gib'] if r['peak_gib'] is not None else float('nan')):7.3f} "
-              f"{(r.get('device_ms') if r.get('device_ms') is not None else float('nan')):9.3f} {r['status']}")
+              f"{(r['peak_gib'] if r['peak_gib'] is not None else float('nan')):7.3f} {r['status']}")
 
 
 if __name__ == "__main__":

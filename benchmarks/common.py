@@ -23,7 +23,6 @@ import torch
 __all__ = [
     "time_cuda", "peak_gib", "device_name", "versions", "measure_ceilings", "write_receipt",
     "run_guarded",
-    "time_cuda_queued",
 ]
 
 
@@ -36,27 +35,6 @@ def time_cuda(fn: Callable[[], object], warmup: int = 1, reps: int = 5) -> float
     for _ in range(reps):
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(statistics.median(times))
-
-
-def time_cuda_queued(fn: Callable[[], object], warmup: int = 1, reps: int = 3,
-                     sleep_cycles: int = int(2e8)) -> float:
-    """Median device time of ``fn()`` in ms with its launches queued behind a GPU sleep (~0.1 s),
-    so the host time to launch them is hidden: what ``fn`` costs the GPU when the host runs
-    ahead, as in training. ``time_cuda`` counts any gap the host leaves before the first kernel."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(sleep_cycles)
         a.record()
         fn()
         b.record()
@@ -219,9 +197,6 @@ def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
             f"{p['rows']} rows, ceilings {json.dumps(p['ceilings'])}" for p in doc["parts"])]
     # optional per-row checks a benchmark adds (e.g. rel_dq_vs_ours: agreement of a peer's output)
     checks = sorted({k for r in rows for k in r if k.startswith("rel_")})
-    # optional per-row timings beside "ms" (e.g. device_ms: queued behind a GPU sleep, see
-    # time_cuda_queued)
-    checks = sorted({k for r in rows for k in r if k.startswith("device_")}) + checks
     lines += ["| impl | " + " | ".join(keys) + " | ms | TFLOP/s | peak GiB | status |"
               + "".join(f" {k} |" for k in checks),
               "|---" * (len(keys) + 5 + len(checks)) + "|"]
@@ -230,8 +205,8 @@ def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
         lines.append("| " + " | ".join([r["impl"]] + [_fmt(c.get(k)) for k in keys]
                                         + [_fmt(r.get("ms")), _fmt(r.get("tflops"), 1),
                                            _fmt(r.get("peak_gib")), r.get("status", "")]
-                                        + [f"{r[k]:.1e}" if isinstance(r.get(k), float) and k.startswith("rel_")
-                                           else _fmt(r.get(k)) for k in checks]) + " |")
+                                        + [f"{r[k]:.1e}" if isinstance(r.get(k), float) else _fmt(r.get(k))
+                                           for k in checks]) + " |")
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     if _plot_png(stem + ".png", rows, f"{topic} on {dev} ({date})"):
