@@ -19,6 +19,8 @@
 //         MN-major), computed in pairs, two pairs in flight in turn (a pair's MMAs run while
 //         the previous pair's adds issue); each pair is added into the fp32 dkv workspace
 //         with red.global.add.v4.f32, one 128-byte line per key and warp ("dkv workspace").
+//         The 8 keys' row offsets are read once per block into registers (an ld.shared per
+//         add waited behind the adds in the memory-instruction pipe).
 //   dQ is complete per CTA (it owns every key of its heads): written once, in bf16, no
 //   atomics and no dq workspace. Registers: setmaxnreg gives the producer 32, WG1 240 and
 //   WG2 232 (sum 504 = the 3 x 168 the CTA is launched with; WG1 holds 160 dQ accumulators,
