@@ -122,6 +122,20 @@ __device__ __forceinline__ void red_add_v2(float* ptr, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b) : "memory");
 }
 
+// The ids of a thread's 8 slots in a block (accumulator columns 8 jj + colq + bb, at index
+// 2 jj + bb) from the block's ids in shared memory; -1 where the slot is past the row's length
+// or its id is outside [0, Tk). slot0 = the block's first slot + colq.
+__device__ __forceinline__ void slot_ids(uint32_t ids_w, int slot0, int colq, int kv_len, int Tk, int (&id)[8]) {
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    int2 id2;
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (8 * jj + colq) * 4));
+    const int slot = slot0 + 8 * jj;
+    id[2 * jj] = (slot < kv_len && id2.x >= 0 && id2.x < Tk) ? id2.x : -1;
+    id[2 * jj + 1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < Tk) ? id2.y : -1;
+  }
+}
+
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const BwdParams p) {
   constexpr int ND = NDS;
   constexpr int BAR_KV_FULL = OFF_BAR;
@@ -277,15 +291,11 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       wgmma_wait0();
       // P and dS (in place of S and dP)
       const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
+      int idv[8];
+      slot_ids(ids_w, b * BN + colq, colq, kv_len, p.Tk, idv);
       bool valid[8];
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        int2 id2;
-        asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (8 * jj + colq) * 4));
-        const int slot = b * BN + 8 * jj + colq;
-        valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
-        valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
-      }
+      for (int e = 0; e < 8; ++e) valid[e] = idv[e] >= 0;
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
@@ -398,14 +408,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       // the row offsets (id * 576, -1: skip) of this thread's 8 keys, read once per block: an
       // ld.shared per add waited behind the adds in the memory-instruction queue
       int ro8[8];
+      slot_ids(ids_w, b * BN + colq, colq, kv_len, p.Tk, ro8);
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        int2 id2;
-        asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (8 * jj + colq) * 4));
-        const int slot = b * BN + 8 * jj + colq;
-        ro8[2 * jj] = (slot < kv_len && id2.x >= 0 && id2.x < p.Tk) ? id2.x * D_QK : -1;
-        ro8[2 * jj + 1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk) ? id2.y * D_QK : -1;
-      }
+      for (int e = 0; e < 8; ++e) ro8[e] = ro8[e] >= 0 ? ro8[e] * D_QK : -1;
       auto row_off = [&](int jj, int bb) -> int { return ro8[2 * jj + bb]; };
       auto mma = [&](int mt, float (&acc)[16]) {  // dKV^T tile mt (channels 64 mt ..) into acc
         if (SPARSE_MLA_BWD_DBG & 2) return;
