@@ -17,6 +17,9 @@ memory, writes dq once (no dq workspace) and adds dkv into an fp32 workspace who
 stored permuted (so each warp's adds cover whole 128-byte lines; :func:`unpermute_dkv`). Its per-head
 statistics (logZ, Delta, d_sink) come from the Triton stats kernel. ``MEGATRON_DSA_CUDA_BWD=0``
 keeps the Triton backward.
+
+Both stop each row at its effective length (:func:`effective_lengths`), computed on the device
+by one launch of ``cuda/row_lengths.cu`` (same library).
 """
 
 from __future__ import annotations
