@@ -117,15 +117,6 @@ def main():
             out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, 512)
             args = (q, kv, idx, scale, 512, None, None, out, lse, dout)
             t_c = time_cuda(lambda: ti.sparse_mla_bwd(*args), reps=a.reps)
-            # the same backward with logZ / Delta from the Triton stats kernel (the sink path)
-            # instead of computed in the CUDA kernel
-            st_buf = torch.empty(2 * S * H, dtype=torch.float32, device="cuda")
-
-            def bwd_stats_kernel():
-                ti._bwd_stats_into(st_buf, None, out, dout, lse, None, None, 512)
-                return ci.sparse_mla_bwd_cuda(q, kv, idx, scale, None, None, lse, dout, st_buf, dkv_dtype=kv.dtype)
-
-            t_cs = time_cuda(bwd_stats_kernel, reps=a.reps)
             if H == int(a.H.split(",")[0]) and a.variants:
                 stats = torch.empty(2 * S * H, dtype=torch.float32, device="cuda")
                 ti._bwd_stats_into(stats, None, out, dout, lse, None, None, 512)
@@ -149,7 +140,7 @@ def main():
 
             t_fb = time_cuda(fb, reps=a.reps)
             fb_, ff = flops(S, H, k, "bwd"), flops(S, H, k, "fwd+bwd")
-            row = dict(S=S, H=H, k=k, bwd_cuda_ms=t_c, bwd_cuda_tflops=fb_ / t_c / 1e9, bwd_cuda_stats_kernel_ms=t_cs,
+            row = dict(S=S, H=H, k=k, bwd_cuda_ms=t_c, bwd_cuda_tflops=fb_ / t_c / 1e9,
                        bwd_triton_ms=t_t, bwd_triton_tflops=(fb_ / t_t / 1e9) if t_t else None,
                        fwdbwd_ms=t_fb, fwdbwd_tflops=ff / t_fb / 1e9)
             res["timing"].append(row)
@@ -159,13 +150,12 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "check_sparse_mla_bwd_cuda.json"), "w") as fh:
         json.dump(res, fh, indent=1)
-    print("\n| S | H | bwd CUDA ms | TFLOP/s | same, stats kernel ms | bwd Triton ms | TFLOP/s | fwd+bwd ms | TFLOP/s |")
+    print("\n| S | H | bwd CUDA ms | TFLOP/s | bwd Triton ms | TFLOP/s | fwd+bwd ms | TFLOP/s |")
     for r in res["timing"]:
         if "variant" in r:
             continue
         tt = f"{r['bwd_triton_ms']:.2f} | {r['bwd_triton_tflops']:.0f}" if r["bwd_triton_ms"] else "- | -"
-        print(f"| {r['S']} | {r['H']} | {r['bwd_cuda_ms']:.2f} | {r['bwd_cuda_tflops']:.0f} | "
-              f"{r['bwd_cuda_stats_kernel_ms']:.2f} | {tt} | "
+        print(f"| {r['S']} | {r['H']} | {r['bwd_cuda_ms']:.2f} | {r['bwd_cuda_tflops']:.0f} | {tt} | "
               f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} |")
     print("all checks ok:", ok)
 

@@ -144,34 +144,22 @@ def _case(T, H, K, sink, topk, holes, seed):
     return q, kv, idx, tk, sk, dout
 
 
-def _check_against_reference(T, H, K, sink, topk, holes, target, stats_in_kernel=False, with_dlse=False):
-    """``stats_in_kernel``: the kernel computes logZ and Delta itself (no sink); otherwise the
-    Triton stats kernel does. ``with_dlse``: the loss also weighs lse (a gradient into lse)."""
+def _check_against_reference(T, H, K, sink, topk, holes, target):
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
     q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed)
     scale = 576 ** -0.5
     out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, 512, tk, sk)
-    g = torch.Generator(device="cuda").manual_seed(seed + 2)
-    dl = torch.randn(T, H, device="cuda", generator=g) if with_dlse else None
+    stats = torch.empty(2 * T * H, dtype=torch.float32, device="cuda")
+    dsink_t = torch.empty(T, H, dtype=torch.float32, device="cuda") if sink else None
+    ti._bwd_stats_into(stats, dsink_t, out, dout, lse, None, sk, 512)
     tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
-    dsink_t = None
-    if stats_in_kernel:
-        with poisoned_empty():
-            dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, None, lse, dout, None, tgt, out=out, dlse=dl)
-    else:
-        stats = torch.empty(2 * T * H, dtype=torch.float32, device="cuda")
-        dsink_t = torch.empty(T, H, dtype=torch.float32, device="cuda") if sink else None
-        ti._bwd_stats_into(stats, dsink_t, out, dout, lse, dl, sk, 512)
-        with poisoned_empty():
-            dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, lse, dout, stats, tgt)
+    with poisoned_empty():
+        dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, lse, dout, stats, tgt)
     qr = q.double().requires_grad_()
     kvr = kv.double().requires_grad_()
     skr = sk.double().requires_grad_() if sink else None
-    ro, rl = sparse_mla_reference(qr, kvr, idx, scale, 512, tk, skr)
-    loss = (ro * dout.double()).sum()
-    if with_dlse:
-        loss = loss + (torch.where(torch.isfinite(rl), rl, 0.0) * dl.double()).sum()
-    loss.backward()
+    ro, _ = sparse_mla_reference(qr, kvr, idx, scale, 512, tk, skr)
+    ro.backward(dout.double())
     assert not torch.isnan(dq).any() and not torch.isnan(dkv).any()
     errs = {}
     for name, got, want in (("dq", dq, qr.grad), ("dkv", dkv, kvr.grad)):
@@ -196,67 +184,50 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, stats_in_kernel
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("T,H,K,sink,topk,holes,target,in_kernel,dlse", [
-    (2048, 128, 2048, False, False, False, False, False, False),
-    (1536, 64, 1024, True, True, False, True, False, True),
-    (1024, 100, 512, True, False, True, False, False, False),  # last head tile masked (100 = 64 + 36)
-    (777, 48, 300, False, True, True, True, False, False),     # one partial head tile; K % 32 != 0
-    # logZ and Delta computed by the backward kernel (no sink: the dispatcher's path)
-    (2048, 128, 2048, False, False, False, False, True, True),
-    (1024, 100, 512, False, True, True, True, True, True),
-    (777, 48, 300, False, True, True, False, True, False),
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
+    (2048, 128, 2048, False, False, False, False),
+    (1536, 64, 1024, True, True, False, True),
+    (1024, 100, 512, True, False, True, False),   # last head tile masked (100 = 64 + 36)
+    (777, 48, 300, False, True, True, True),      # one partial head tile; K not a multiple of 32
 ])
-def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target, in_kernel, dlse):
+def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
-    _check_against_reference(T, H, K, sink, topk, holes, target, in_kernel, dlse)
+    _check_against_reference(T, H, K, sink, topk, holes, target)
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("sink", [True, False])
-def test_gpu_autograd_takes_the_cuda_backward(monkeypatch, sink):
-    """Through autograd (out and lse both in the loss); with a sink the stats kernel supplies
-    logZ / Delta, without one the backward kernel computes them (no stats kernel launched)."""
+def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
-    calls, stats_calls = [], []
-    real, real_stats = ti.sparse_mla_bwd_cuda, ti._bwd_stats_into
+    calls = []
+    real = ti.sparse_mla_bwd_cuda
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    def stats_spy(*a, **k):
-        stats_calls.append(1)
-        return real_stats(*a, **k)
-
     monkeypatch.setattr(ti, "sparse_mla_bwd_cuda", spy)
-    monkeypatch.setattr(ti, "_bwd_stats_into", stats_spy)
-    q, kv, idx, tk, sk, dout = _case(512, 128, 256, sink, True, False, seed=3)
-    gl = torch.randn(512, 128, device="cuda")
-    qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
-    skg = sk.clone().requires_grad_() if sink else None
-    out, lse = ti.sparse_mla_triton(qg, kvg, idx, 0.05, 512, tk, skg, deterministic=False)
-    ((out.float() * dout).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * gl).sum()).backward()
-    assert calls == [1] and stats_calls == ([1] if sink else [])
-    qr, kvr = q.double().requires_grad_(), kv.double().requires_grad_()
-    skr = sk.double().requires_grad_() if sink else None
-    ro, rl = sparse_mla_reference(qr, kvr, idx, 0.05, 512, tk, skr)
-    ((ro * dout.double()).sum() + (torch.where(torch.isfinite(rl), rl, 0.0) * gl.double()).sum()).backward()
+    q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, False, seed=3)
+    qg, kvg, skg = q.clone().requires_grad_(), kv.clone().requires_grad_(), sk.clone().requires_grad_()
+    out, _ = ti.sparse_mla_triton(qg, kvg, idx, 0.05, 512, tk, skg, deterministic=False)
+    out.backward(dout)
+    assert calls == [1]
+    qr, kvr, skr = q.double().requires_grad_(), kv.double().requires_grad_(), sk.double().requires_grad_()
+    ro, _ = sparse_mla_reference(qr, kvr, idx, 0.05, 512, tk, skr)
+    ro.backward(dout.double())
     assert rel(qg.grad.double(), qr.grad) < 1e-2
     assert rel(kvg.grad.double(), kvr.grad) < 1e-2
-    if sink:
-        assert rel(skg.grad.double(), skr.grad) < 1e-2
+    assert rel(skg.grad.double(), skr.grad) < 1e-2
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("sink", [True, False])
-def test_gpu_bwd_graph_capture_replay(sink):
+def test_gpu_bwd_graph_capture_replay():
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
-    q, kv, idx, tk, sk, dout = _case(512, 128, 256, sink, True, True, seed=1)
+    q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, True, seed=1)
     out, lse = ti.sparse_mla_fwd(q, kv, idx, 0.05, 512, tk, sk)
     args = (q, kv, idx, 0.05, 512, tk, sk, out, lse, dout)
     ti.sparse_mla_bwd(*args)  # warm-up (builds, Triton compiles, attributes)
@@ -270,10 +241,7 @@ def test_gpu_bwd_graph_capture_replay(sink):
     dq, dkv, dsink = ti.sparse_mla_bwd(*args)
     assert torch.equal(g_dq, dq)  # dq has no atomics: bit-identical
     assert rel(g_dkv.double(), dkv.double()) < 1e-3  # fp32 atomics: order differs
-    if sink:
-        assert rel(g_dsink.double(), dsink.double()) < 1e-5
-    else:
-        assert g_dsink is None and dsink is None
+    assert rel(g_dsink.double(), dsink.double()) < 1e-5
 
 
 def test_wheel_ships_every_kernel_source():

@@ -669,17 +669,14 @@ def sparse_mla_bwd(
     dout = dout.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()
-    if sink is None:  # logZ and Delta computed by the kernel (no pass of their own over out, dout)
-        dq, dkv = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, None, lse, dout, None,
-                                      target_out, dkv_dtype=kv.dtype, out=out, dlse=dlse)
-        return dq, dkv, None
     stats = torch.empty(2 * T * H, dtype=torch.float32, device=q.device)
-    dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     if T > 0:
         _bwd_stats_into(stats, dsink_t, out, dout, lse, dlse, sink, d_v)
     dq, dkv = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, lse, dout,
                                   stats, target_out, dkv_dtype=kv.dtype)
-    return dq, dkv, dsink_t.sum(0).to(sink.dtype)
+    d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
+    return dq, dkv, d_sink
 
 
 def sparse_mla_bwd_triton(

@@ -99,15 +99,12 @@ struct BwdParams {
   const int32_t* idx;         // [T, K]
   const int32_t* kv_len;      // [T]: slots >= kv_len[t] are skipped (topk_length / trailing -1)
   const __nv_bfloat16* dout;  // [T, H, 512], channel stride 1
-  const float* stats;         // [2, T, H]: log2-domain logZ (0 on empty rows), Delta; or null:
-                              // computed here from lse, out and dlse (no sink only)
-  const __nv_bfloat16* out;   // [T, H, 512] the forward's output (when stats is null)
-  const float* dlse;          // [T, H] the lse gradient, or null (when stats is null)
+  const float* stats;         // [2, T, H]: log2-domain logZ (0 on empty rows), Delta
   const float* lse;           // [T, H] (natural log; target with a sink only)
   __nv_bfloat16* dq;          // [T, H, 576]
   float* dkv;                 // [Tk, 576] fp32, contiguous, zero-initialised, columns permuted (above)
   float* target;              // [T, K] fp32 or null: += sum_h P (times exp(logZ - lse) with a sink)
-  long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh, o_st, o_sh;
+  long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
   int T, H, Tk, K, n_hblk, has_sink;
   float scale, scale_log2;
 };
@@ -250,58 +247,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       const int h = h0 + row0 + 8 * i;
       hv[i] = h < p.H;
       const long long o = (long long)t * p.H + (hv[i] ? h : 0);
-      if (p.stats != nullptr) {
-        z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
-        dlt[i] = hv[i] ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f;
-      } else {  // no sink: logZ = lse; Delta = rowsum(dO O) (added below) - dlse
-        const float l2 = hv[i] ? __ldg(p.lse + o) * 1.4426950408889634f : -INFINITY;
-        z2[i] = l2 > -INFINITY ? l2 : 0.f;
-        dlt[i] = (p.dlse != nullptr && l2 > -INFINITY) ? -__ldg(p.dlse + o) : 0.f;
-      }
+      z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
+      dlt[i] = hv[i] ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f;
       fh[i] = hv[i] ? 1.f : 0.f;
       if (p.target != nullptr && p.has_sink && hv[i]) {
         // the target is normalised without the sink: P exp(logZ - lse)
         const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
         fh[i] = l2 > -INFINITY ? exp2f(z2[i] - l2) : 0.f;
-      }
-    }
-    if (p.stats == nullptr && nblk > 0) {
-      // Delta = rowsum(dO O) for this thread's rows: lane % 4 takes channels [128 (lane % 4), + 128)
-      // of O (global, all 32 16-byte loads in flight before the wait for dO) and dO (shared)
-      const int c0 = 128 * (lane & 3);
-      uint4 ov[2][16];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const __nv_bfloat16* orow =
-            p.out + (long long)t * p.o_st + (long long)(hv[i] ? h0 + row0 + 8 * i : 0) * p.o_sh + c0;
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-          ov[i][j] = hv[i] ? __ldg(reinterpret_cast<const uint4*>(orow) + j) : make_uint4(0u, 0u, 0u, 0u);
-      }
-      mbar_wait(sbase + BAR_Q, 0);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = row0 + 8 * i;
-        float d = 0.f;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const int c = c0 + 8 * j;
-          uint4 dv;
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(dv.x), "=r"(dv.y), "=r"(dv.z), "=r"(dv.w)
-                       : "r"(sbase + OFF_DO + (c >> 6) * QCH + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4)));
-          const uint32_t ow[4] = {ov[i][j].x, ov[i][j].y, ov[i][j].z, ov[i][j].w};
-          const uint32_t dw[4] = {dv.x, dv.y, dv.z, dv.w};
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            const float2 of = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ow[w]));
-            const float2 df = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dw[w]));
-            d = fmaf(of.x, df.x, fmaf(of.y, df.y, d));
-          }
-        }
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        d += __shfl_xor_sync(0xffffffffu, d, 2);
-        if (hv[i]) dlt[i] += d;
       }
     }
     float dqa[128], dqm[32];  // dQ[:, 0:256] and dQ[:, 256:320]
@@ -543,9 +495,8 @@ int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
 // dkv: fp32 [Tk, 576], zeroed, columns in the permuted order described at the top.
 int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                             const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
-                            void* target, const void* out, const void* dlse, long long q_st, long long q_sh,
-                            long long kv_s, long long idx_s, long long do_st, long long do_sh, long long dq_st,
-                            long long dq_sh, long long o_st, long long o_sh, int T, int H,
+                            void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
+                            long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
                             int Tk, int K, int has_sink, float scale, void* stream) {
   static bool attr_set[64] = {};
   const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel, SMEM_BYTES);
@@ -559,9 +510,6 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.dout = static_cast<const __nv_bfloat16*>(dout);
   p.stats = static_cast<const float*>(stats);
   p.lse = static_cast<const float*>(lse);
-  p.out = static_cast<const __nv_bfloat16*>(out);
-  p.dlse = static_cast<const float*>(dlse);
-  p.o_st = o_st; p.o_sh = o_sh;
   p.dq = static_cast<__nv_bfloat16*>(dq);
   p.dkv = static_cast<float*>(dkv);
   p.target = static_cast<float*>(target);
