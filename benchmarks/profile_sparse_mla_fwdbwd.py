@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_sparse_mla import causal_indices  # noqa: E402
+from bench_sparse_mla import make_case  # noqa: E402
 from common import time_cuda  # noqa: E402
 
 from megatron_dsa.kernels.sparse_mla import triton_impl as ti  # noqa: E402
@@ -33,10 +34,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     S, H = a.S, a.H
-    q = torch.randn(S, H, 576, device="cuda").bfloat16()
-    kv = torch.randn(S, 576, device="cuda").bfloat16()
-    idx = causal_indices(S, a.k, "cuda")
-    dout = torch.randn(S, H, 512, device="cuda").bfloat16()
+    q, kv, idx, dout = make_case(S, H, a.k)
     scale = 576 ** -0.5
     qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
 
@@ -46,34 +44,17 @@ def main():
         o.backward(dout)
 
     ms = time_cuda(fb, reps=5)
-    # the same step queued behind a long GPU sleep: the host-side time to launch it is hidden,
-    # but the GPU also starts it rested (low power draw before it), which alone made the
-    # 128-head forward 1.5-1.8 ms faster than back-to-back calls on an H100 (sixth session):
-    # read it as a lower bound, not as the device time of a sustained run. The host time per
-    # step is timed on the CPU clock.
-    import time
-
-    def fb_hidden():
+    # host time to launch one step, on the CPU clock while the GPU is held busy by a sleep
+    # (so no launch waits on the GPU). Device time is not taken this way: a GPU that slept first
+    # runs rested, measurably faster than back to back (benchmarks/rested_vs_back_to_back.py).
+    host = []
+    for _ in range(3):
         torch.cuda._sleep(int(2e9))  # ~1 s of GPU clock cycles
         t0 = time.perf_counter()
         fb()
-        return time.perf_counter() - t0
-
-    fb_hidden()
-    torch.cuda.synchronize()
-    host, dev = [], []
-    for _ in range(3):
-        torch.cuda._sleep(int(2e9))
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        t0 = time.perf_counter()
-        fb()
         host.append((time.perf_counter() - t0) * 1e3)
-        e1.record()
         torch.cuda.synchronize()
-        # e0 fires after the sleep: the step's device time with no host gap
-        dev.append(e0.elapsed_time(e1))
-    host_ms, dev_ms = sorted(host)[1], sorted(dev)[1]
+    host_ms = sorted(host)[1]
     from torch.profiler import ProfilerActivity, profile
 
     fb()
@@ -93,17 +74,15 @@ def main():
         last = t1 if last is None else max(last, t1)
     rows = sorted(({"kernel": k[:90], "calls": v[0], "ms": round(v[1], 3)} for k, v in kern.items()),
                   key=lambda r: -r["ms"])
+    os.makedirs(a.out, exist_ok=True)
     prof.export_chrome_trace(os.path.join(a.out, f"trace_sparse_mla_fwdbwd_H{H}.json"))
     res = {"S": S, "H": H, "k": a.k, "step_ms": round(ms, 3), "host_launch_ms": round(host_ms, 3),
-           "step_ms_behind_sleep": round(dev_ms, 3),
            "kernel_sum_ms": round(sum(r["ms"] for r in rows), 3),
            "first_to_last_kernel_ms": round(last - first, 3) if first is not None else None, "kernels": rows}
-    os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"profile_sparse_mla_fwdbwd_H{H}.json"), "w") as fh:
         json.dump(res, fh, indent=1)
     print(f"S={S} H={H}: step {ms:.2f} ms, kernels {res['kernel_sum_ms']:.2f} ms, "
-          f"first..last kernel {res['first_to_last_kernel_ms']} ms; host launch {host_ms:.2f} ms, "
-          f"step behind a GPU sleep (host hidden, GPU rested) {dev_ms:.2f} ms")
+          f"first..last kernel {res['first_to_last_kernel_ms']} ms; host launch {host_ms:.2f} ms")
     for r in rows:
         print(f"  {r['ms']:9.3f} ms  x{r['calls']}  {r['kernel']}")
 

@@ -57,6 +57,11 @@ def test_effective_lengths_match_a_loop():
             if tk is not None:
                 want = min(want, max(0, min(int(tk[t]), K)))
             assert int(got[t]) == want, (t, int(got[t]), want)
+    # a valid count per row, not one for all rows (the kernel would read past a short tensor)
+    with pytest.raises(ValueError, match="topk_length"):
+        ci.effective_lengths(idx, topk[:1])
+    with pytest.raises(ValueError, match="indices"):
+        ci.effective_lengths(idx[0], None)
 
 
 def _stored_column(c: int) -> int:

@@ -230,7 +230,11 @@ def effective_lengths(indices: torch.Tensor, topk_length: Optional[torch.Tensor]
     blocks past this length instead of computing them masked. On a GPU with the library loaded
     (``lib``, default: this module's) one kernel launch (``cuda/row_lengths.cu``); otherwise the
     PyTorch expression :func:`_effective_lengths_torch`."""
-    if indices.is_cuda and indices.dim() == 2:
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be [T, K], got shape {tuple(indices.shape)}")
+    if topk_length is not None and tuple(topk_length.shape) != (indices.shape[0],):
+        raise ValueError(f"topk_length must be [T] = [{indices.shape[0]}], got shape {tuple(topk_length.shape)}")
+    if indices.is_cuda:
         lib = lib if lib is not None else (_load() if cuda_fwd_available(indices.device) else None)
     else:
         lib = None
