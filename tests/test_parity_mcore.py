@@ -86,7 +86,18 @@ def test_attention_layer_matches_megatron(mcore, seq, batch, topk, sparse, relu,
     indexer_params = [n for n in g1 if "indexer" in n]
     assert indexer_params, "the indexer loss must reach the indexer's parameters"
     for name in g1:
-        assert _rel(g1[name], g2[name]) < 1e-4, name
+        assert _rel(g1[name], g2[name]) < _grad_tol(name), name
+
+
+def _grad_tol(name):
+    """Relative tolerance of a parameter gradient, ours vs Megatron-Core, both fp32.
+
+    A LayerNorm bias gradient is a sum over all tokens of terms of both signs (here only the
+    indexer loss reaches k_norm), so the fp32 summation order of the two implementations shows
+    up relative to a sum that can nearly cancel: k_norm.bias measured median 6.8e-6, 90th
+    percentile 3.6e-5, max 9.6e-5 over 120 fresh-seed runs of two configs (one earlier CI run
+    hit 1.4e-4); every weight gradient stayed below 1.3e-5. A wrong gradient is off by O(1)."""
+    return 1e-3 if name.endswith("norm.bias") else 1e-4
 
 
 def test_eval_mode_has_no_indexer_loss(mcore):
