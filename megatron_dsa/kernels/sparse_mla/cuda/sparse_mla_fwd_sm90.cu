@@ -26,7 +26,8 @@
 #include "sm90_common.cuh"
 
 // Timing experiments only (never in a shipped build): 1 = no gathers after the first ring
-// fill, 2 = no S MMAs, 4 = no P V MMAs. Results are wrong with any of them set.
+// fill, 2 = no S MMAs, 4 = no P V MMAs, 8 = one 16-byte output store per row instead of 32.
+// Results are wrong with any of them set.
 #ifndef SPARSE_MLA_DBG
 #define SPARSE_MLA_DBG 0
 #endif
@@ -64,8 +65,10 @@ constexpr int HALF_ROWS = BN / 2;
 constexpr int LAG = 3;
 constexpr int COPY_BYTES = NCH * HALF_ROWS * 128 + HALF_ROWS * 4;  // rows + their ids
 constexpr int SMEM_BYTES = SMEM_USED + 1024;     // slack to align the base to 1024 B
-// named barriers: P_FREE / P_FULL of P buffer b are ids 1 + 4 b / 2 + 4 b; 3 = done; 4 = WG0
+// named barriers: P_FREE / P_FULL of P buffer b are ids 1 + 4 b / 2 + 4 b; 3 = done; 4 = WG0;
+// 7 / 8 = WG1 / WG2 staged their output
 constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3, BAR_WG0 = 4;
+constexpr int BAR_STORE = 7;  // + w: warpgroup 1 + w has staged its O tile (ids 7, 8)
 
 struct Params {
   const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
@@ -386,22 +389,50 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     }
     if (issuer) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     cp_async_wait_all();
-    bar_sync(BAR_DONE, THREADS);  // WG0 has written l and m
+    bar_sync(BAR_DONE, THREADS);  // WG0 has written l and m (and every S, dummy included, is done)
+    // O = o / denominator. Plain variant: staged through this warpgroup's own channel chunks of
+    // slots 0 and 1 (only it reads them as V, WG0's S reads are over, its gathers have landed;
+    // the cluster peer could still copy into the ring, so the cluster variant stores directly)
+    // and written as 16-byte stores of whole 512-byte rows. O row r (this warpgroup's 256
+    // channels, 512 B) sits at chunk r / 8 of its 8, 512 B apart, 16-byte granule k at k ^ (r % 8).
+    auto stage_row = [&](int r) -> uint8_t* {
+      const int ci = r >> 3;  // 0..7: slot ci / 4, own chunk ci % 4
+      return smem + OFF_KV + (ci >> 2) * STAGE + ((w == 0 ? 0 : 4) + (ci & 3)) * CH + (r & 7) * 512;
+    };
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = row0 + 8 * i;
       const int h = h0 + r;
-      if (h >= p.H) continue;
       const float m = m_s[r];
       const float m_use = m == -INFINITY ? 0.f : m;
       float denom = l_s[r];
-      if (p.sink != nullptr) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
+      if (p.sink != nullptr && h < p.H) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
       const float inv = denom > 0.f ? 1.f / denom : 0.f;
-      __nv_bfloat16* orow = p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + colq;
+      if constexpr (kCluster) {
+        if (h >= p.H) continue;
+        __nv_bfloat16* orow = p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + colq;
 #pragma unroll
-      for (int jj = 0; jj < 32; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(orow + 8 * jj) =
-            __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
+        for (int jj = 0; jj < 32; ++jj)
+          *reinterpret_cast<__nv_bfloat162*>(orow + 8 * jj) =
+              __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
+      } else {
+        uint8_t* srow = stage_row(r);
+#pragma unroll
+        for (int jj = 0; jj < 32; ++jj)
+          *reinterpret_cast<__nv_bfloat162*>(srow + ((jj ^ (r & 7)) << 4) + colq * 2) =
+              __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
+      }
+    }
+    if constexpr (!kCluster) {
+      bar_sync(BAR_STORE + w, 128);  // this warpgroup's O tile is staged
+      const int k = wt & 31;
+#pragma unroll 4
+      for (int r = wt >> 5; r < BM; r += 4) {
+        const int h = h0 + r;
+        if (h >= p.H || ((SPARSE_MLA_DBG & 8) && k != 0)) continue;
+        const uint4 v = *reinterpret_cast<const uint4*>(stage_row(r) + ((k ^ (r & 7)) << 4));
+        *reinterpret_cast<uint4*>(p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + 8 * k) = v;
+      }
     }
   }
   // the peer may still copy into our shared memory or arrive on our barriers until it is done
