@@ -255,14 +255,25 @@ def main():
                     fn = fns[p]
 
                     def measure(fn=fn, p=p):
+                        fn()  # first call (allocations the caching allocator keeps), then count
+                        torch.cuda.synchronize()
+                        st0 = torch.cuda.memory_stats()
                         ms = time_cuda(fn, warmup=1, reps=args.reps)
+                        st1 = torch.cuda.memory_stats()
                         pk = peak_gib(fn)
+                        # cudaMalloc calls and allocator retries (cache flushes: cudaFree, a device
+                        # sync) inside the timed calls; nonzero means the timing includes them
+                        mallocs = st1.get("segment.all.allocated", 0) - st0.get("segment.all.allocated", 0)
+                        retries = st1.get("num_alloc_retries", 0) - st0.get("num_alloc_retries", 0)
                         return {"ms": round(ms, 3), "tflops": round(flops(S, H, args.k, p) / ms / 1e9, 1),
-                                "peak_gib": round(pk, 3)}
+                                "peak_gib": round(pk, 3), "cuda_mallocs": mallocs, "alloc_retries": retries}
 
                     r = run_guarded(measure)
                     rows.append({"impl": label, "case": case, "ms": r.get("ms"), "tflops": r.get("tflops"),
                                  "peak_gib": r.get("peak_gib"), "status": r["status"]})
+                    if r.get("cuda_mallocs") or r.get("alloc_retries"):
+                        rows[-1]["cuda_mallocs_timed"] = r["cuda_mallocs"]
+                        rows[-1]["alloc_retries_timed"] = r["alloc_retries"]
                     if ref_grads is not None and p in ("bwd", "fwd+bwd") and r["status"] == "ok":
                         try:
                             dq, dkv = _grads(fn())
