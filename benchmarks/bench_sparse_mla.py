@@ -255,25 +255,26 @@ def main():
                     fn = fns[p]
 
                     def measure(fn=fn, p=p):
-                        fn()  # first call (allocations the caching allocator keeps), then count
+                        fn()  # warm-up: the allocations the caching allocator then keeps
                         torch.cuda.synchronize()
                         st0 = torch.cuda.memory_stats()
-                        ms = time_cuda(fn, warmup=1, reps=args.reps)
+                        ms = time_cuda(fn, warmup=0, reps=args.reps)
                         st1 = torch.cuda.memory_stats()
                         pk = peak_gib(fn)
+                        res = {"ms": round(ms, 3), "tflops": round(flops(S, H, args.k, p) / ms / 1e9, 1),
+                               "peak_gib": round(pk, 3)}
                         # cudaMalloc calls and allocator retries (cache flushes: cudaFree, a device
-                        # sync) inside the timed calls; nonzero means the timing includes them
-                        mallocs = st1.get("segment.all.allocated", 0) - st0.get("segment.all.allocated", 0)
-                        retries = st1.get("num_alloc_retries", 0) - st0.get("num_alloc_retries", 0)
-                        return {"ms": round(ms, 3), "tflops": round(flops(S, H, args.k, p) / ms / 1e9, 1),
-                                "peak_gib": round(pk, 3), "cuda_mallocs": mallocs, "alloc_retries": retries}
+                        # sync) inside the timed calls, recorded when the timing includes them
+                        for key, stat in (("cuda_mallocs_timed", "segment.all.allocated"),
+                                          ("alloc_retries_timed", "num_alloc_retries")):
+                            if st1.get(stat, 0) != st0.get(stat, 0):
+                                res[key] = st1.get(stat, 0) - st0.get(stat, 0)
+                        return res
 
                     r = run_guarded(measure)
                     rows.append({"impl": label, "case": case, "ms": r.get("ms"), "tflops": r.get("tflops"),
-                                 "peak_gib": r.get("peak_gib"), "status": r["status"]})
-                    if r.get("cuda_mallocs") or r.get("alloc_retries"):
-                        rows[-1]["cuda_mallocs_timed"] = r["cuda_mallocs"]
-                        rows[-1]["alloc_retries_timed"] = r["alloc_retries"]
+                                 "peak_gib": r.get("peak_gib"), "status": r["status"],
+                                 **{k: r[k] for k in ("cuda_mallocs_timed", "alloc_retries_timed") if k in r}})
                     if ref_grads is not None and p in ("bwd", "fwd+bwd") and r["status"] == "ok":
                         try:
                             dq, dkv = _grads(fn())

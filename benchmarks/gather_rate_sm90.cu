@@ -80,33 +80,27 @@ __global__ void __launch_bounds__(128) gather_kernel(const uint8_t* __restrict__
 
 }  // namespace
 
-// CTAs of `mode` that fit on one SM (shared memory decides), and rows a CTA has requested
-// at most at once ((NS - 1) stages of R rows ahead of the one it waits on, plus that one)
+constexpr int SMEM = NS * R * ROW + NS * 8;
+using GatherKernel = void (*)(const uint8_t*, const int32_t*, int, int, unsigned long long*);
+
+// the kernel of `mode`, with its dynamic shared-memory limit raised
+static GatherKernel kernel_for(int mode) {
+  const GatherKernel k = mode == 0 ? gather_kernel<0> : gather_kernel<1>;
+  cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
+  return k;
+}
+
+// CTAs of `mode` that fit on one SM (shared memory decides), and the rows a CTA has requested
+// at most at once (NS stages of R rows: a stage is reissued once its previous rows landed)
 extern "C" int gather_rate_ctas_per_sm(int mode) {
-  const int smem = NS * R * ROW + NS * 8;
   int n = 0;
-  if (mode == 0) {
-    cudaFuncSetAttribute(gather_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gather_kernel<0>, 128, smem);
-  } else {
-    cudaFuncSetAttribute(gather_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gather_kernel<1>, 128, smem);
-  }
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel_for(mode), 128, SMEM);
   return n;
 }
 extern "C" int gather_rate_rows_per_cta() { return NS * R; }
 
 extern "C" int gather_rate(int mode, const void* kv, const void* idx, int T, int K, int Tk, void* sink, void* stream) {
-  const int smem = NS * R * ROW + NS * 8;
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (mode == 0) {
-    cudaFuncSetAttribute(gather_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    gather_kernel<0><<<T, 128, smem, st>>>(static_cast<const uint8_t*>(kv), static_cast<const int32_t*>(idx), K, Tk,
-                                           static_cast<unsigned long long*>(sink));
-  } else {
-    cudaFuncSetAttribute(gather_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    gather_kernel<1><<<T, 128, smem, st>>>(static_cast<const uint8_t*>(kv), static_cast<const int32_t*>(idx), K, Tk,
-                                           static_cast<unsigned long long*>(sink));
-  }
+  kernel_for(mode)<<<T, 128, SMEM, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const uint8_t*>(kv), static_cast<const int32_t*>(idx), K, Tk, static_cast<unsigned long long*>(sink));
   return static_cast<int>(cudaGetLastError());
 }

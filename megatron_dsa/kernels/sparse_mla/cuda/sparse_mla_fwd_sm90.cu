@@ -446,6 +446,8 @@ extern "C" {
 int dsa_sparse_mla_fwd_smem_bytes() { return SMEM_BYTES; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
+// out: 16-byte aligned rows (base, out_st and out_sh multiples of 8 elements, as a contiguous
+// torch.empty gives; else cudaErrorInvalidValue): the output is written in 16-byte pieces.
 // cluster != 0 and 64 < H <= 128: the 2-CTA cluster variant (the two head blocks of a token
 // share their gathers).
 int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
@@ -456,6 +458,8 @@ int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, cons
   const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_sm90_kernel<false>, SMEM_BYTES, sparse_mla_fwd_sm90_kernel<true>, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (T == 0 || H == 0) return 0;
+  if ((reinterpret_cast<uintptr_t>(out) & 15) != 0 || out_st % 8 != 0 || out_sh % 8 != 0)
+    return static_cast<int>(cudaErrorInvalidValue);
   Params p;
   p.q = static_cast<const __nv_bfloat16*>(q);
   p.kv = static_cast<const __nv_bfloat16*>(kv);
