@@ -17,13 +17,15 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections import defaultdict
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import (device_name, measure_ceilings, peak_gib, run_guarded, time_cuda,  # noqa: F401,E402
+from common import (ClockLog, device_name, measure_ceilings, peak_gib, run_guarded, time_cuda,  # noqa: F401,E402
                     versions, write_receipt)
 
 DQK, DV = 576, 512
@@ -179,6 +181,35 @@ def kernel_report():
     return rep
 
 
+def profile_step(fn, out_dir, tag):
+    """One call of ``fn`` under the torch profiler: its wall time on CUDA events, the sum of the
+    device times of the kernels it launched and the five longest kernels; the table of every
+    kernel goes to ``out_dir``. A step much longer than its kernel sum waits on something else
+    (allocator, host), a kernel longer than when timed alone ran slower in this process."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+    kern = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kern[e.name][0] += 1
+            kern[e.name][1] += getattr(e, "device_time_total", 0.0) / 1e3
+    top = sorted(kern.items(), key=lambda kv: -kv[1][1])
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_fwdbwd_{tag}.txt"), "w") as f:
+        for k, (n, ms) in top:
+            f.write(f"{ms:10.3f} ms {n:4d}x {k[:120]}\n")
+        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    return {"step_ms": round(a.elapsed_time(b), 3), "kernel_sum_ms": round(sum(v[1] for _, v in top), 3),
+            "top": [[k[:60], round(v[1], 3)] for k, v in top[:5]]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impls", default="ours,tilelang,native,cudnn")
@@ -194,6 +225,10 @@ def main():
     ap.add_argument("--out", default="docs/receipts/")
     ap.add_argument("--no-receipt", action="store_true")
     ap.add_argument("--no-ceilings", action="store_true")
+    ap.add_argument("--rest", type=float, default=0.0,
+                    help="seconds the GPU idles before each timed row (same start for every impl)")
+    ap.add_argument("--profile-dir", default=None,
+                    help="profile one call of ours' fwd+bwd per case: kernel times vs the step")
     args = ap.parse_args()
 
     from megatron_dsa.kernels.sparse_mla import triton_impl as ti
@@ -204,6 +239,15 @@ def main():
     passes = args.passes.split(",")
     rows, reports = [], {}
     ceilings = {} if args.no_ceilings else measure_ceilings()
+    clog = ClockLog()
+
+    def annotate():
+        # the SM clock / power / clock-event reasons seen during each row's timed calls
+        for r in rows:
+            if "timed_span" in r and "clock" not in r:
+                c = clog.during(*r["timed_span"])
+                if c is not None:
+                    r["clock"] = c
     for S in [int(x) for x in args.S.split(",")]:
         for H in [int(x) for x in args.H.split(",")]:
             torch.cuda.empty_cache()
@@ -255,14 +299,25 @@ def main():
                     fn = fns[p]
 
                     def measure(fn=fn, p=p):
+                        if args.rest:
+                            # every row starts from the same idle GPU: the power cap averages over
+                            # time, so a row timed right after heavy rows can run at a lower clock
+                            torch.cuda.synchronize()
+                            time.sleep(args.rest)
                         fn()  # warm-up: the allocations the caching allocator then keeps
                         torch.cuda.synchronize()
                         st0 = torch.cuda.memory_stats()
+                        free0 = torch.cuda.mem_get_info()[0]
+                        t0 = time.time()
                         ms = time_cuda(fn, warmup=0, reps=args.reps)
+                        t1 = time.time()
                         st1 = torch.cuda.memory_stats()
                         pk = peak_gib(fn)
+                        # wall-clock span of the timed calls (to line up with a clock / power log
+                        # such as side_by_side.sh's nvidia-smi trace) and the device's free memory
                         res = {"ms": round(ms, 3), "tflops": round(flops(S, H, args.k, p) / ms / 1e9, 1),
-                               "peak_gib": round(pk, 3)}
+                               "peak_gib": round(pk, 3), "timed_span": [round(t0, 2), round(t1, 2)],
+                               "free_gib": round(free0 / 2**30, 2)}
                         # cudaMalloc calls and allocator retries (cache flushes: cudaFree, a device
                         # sync) inside the timed calls, recorded when the timing includes them
                         for key, stat in (("cuda_mallocs_timed", "segment.all.allocated"),
@@ -274,7 +329,13 @@ def main():
                     r = run_guarded(measure)
                     rows.append({"impl": label, "case": case, "ms": r.get("ms"), "tflops": r.get("tflops"),
                                  "peak_gib": r.get("peak_gib"), "status": r["status"],
-                                 **{k: r[k] for k in ("cuda_mallocs_timed", "alloc_retries_timed") if k in r}})
+                                 **{k: r[k] for k in ("cuda_mallocs_timed", "alloc_retries_timed",
+                                                      "timed_span", "free_gib") if k in r}})
+                    if args.profile_dir and label == "megatron_dsa" and p == "fwd+bwd" and r["status"] == "ok":
+                        try:
+                            rows[-1]["profile"] = profile_step(fn, args.profile_dir, f"S{S}_H{H}")
+                        except Exception as e:  # noqa: BLE001 - a diagnostic must not end the run
+                            rows[-1]["profile"] = f"error: {str(e)[:120]}"
                     if ref_grads is not None and p in ("bwd", "fwd+bwd") and r["status"] == "ok":
                         try:
                             dq, dkv = _grads(fn())
@@ -292,23 +353,30 @@ def main():
         if not args.no_receipt and S != int(args.S.split(",")[-1]):
             # rewritten after every sequence length: a run cut short by a time limit keeps a
             # receipt of what it measured
+            annotate()
             write_receipt("sparse_mla", rows, args.out, ceilings=ceilings)
     ti.CONFIG.clear()
     ti.CONFIG.update(base_cfg)
     if reports:
         print(json.dumps(reports, indent=1))
+    annotate()
+    clog.close()
     if not args.no_receipt:
         paths = write_receipt("sparse_mla", rows, args.out, extra={"kernel_report": reports} if reports else None,
                               ceilings=ceilings)
         print("receipt:", paths)
     print(f"\nceilings: {ceilings}")
-    print(f"{'impl':58s} {'S':>6s} {'H':>4s} {'pass':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GiB':>7s} status")
+    print(f"{'impl':40s} {'S':>6s} {'H':>4s} {'pass':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GiB':>7s} "
+          f"{'SM MHz':>10s} {'W max':>5s} status")
     for r in rows:
         c = r["case"]
-        print(f"{r['impl'][:58]:58s} {c['S']:6d} {c['H']:4d} {c['pass']:8s} "
+        ck = r.get("clock") or {}
+        mhz = "-".join(str(int(x)) for x in ck["sm_mhz"]) if ck else ""
+        print(f"{r['impl'][:40]:40s} {c['S']:6d} {c['H']:4d} {c['pass']:8s} "
               f"{(r['ms'] if r['ms'] is not None else float('nan')):9.3f} "
               f"{(r['tflops'] if r['tflops'] is not None else float('nan')):8.1f} "
-              f"{(r['peak_gib'] if r['peak_gib'] is not None else float('nan')):7.3f} {r['status']}")
+              f"{(r['peak_gib'] if r['peak_gib'] is not None else float('nan')):7.3f} "
+              f"{mhz:>10s} {ck.get('power_w_max', float('nan')):5.0f} {r['status']}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Stable API (other benchmark scripts import it):
   versions() -> dict
   measure_ceilings() -> dict  {"bf16_matmul_tflops": ..., "copy_tb_s": ...}
   write_receipt(topic, rows, out_dir, extra=None) -> dict of written paths (json, md, png)
+  ClockLog(): the SM clock, power and throttle reasons every 100 ms (nvidia-smi), in the background;
+              .during(t0, t1) summarises what it saw between two time.time() stamps
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import datetime
 import json
 import os
 import re
+import shutil
 import statistics
+import subprocess
+import tempfile
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 __all__ = [
     "time_cuda", "peak_gib", "device_name", "versions", "measure_ceilings", "write_receipt",
-    "run_guarded",
+    "run_guarded", "ClockLog",
 ]
 
 
@@ -70,6 +75,63 @@ def run_guarded(fn: Callable[[], dict]) -> dict:
         if "out of memory" in msg.lower():
             return {"status": "oom"}
         return {"status": f"error: {msg}"}
+
+
+class ClockLog:
+    """nvidia-smi polling the SM clock, power and clock-event reasons every ``period_ms`` in the
+    background (no-op where nvidia-smi is missing). A timed row that ran at a lowered clock (the
+    GPU at its power cap: reason bit 0x4, SW power cap) then says so in its receipt: a kernel that
+    draws more power than its peers can be slowed by the cap where they are not."""
+
+    FIELDS = "timestamp,clocks.sm,power.draw,clocks_event_reasons.active"
+
+    def __init__(self, period_ms: int = 100):
+        self._f = tempfile.NamedTemporaryFile("w+", suffix=".csv", delete=False)
+        try:
+            line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+            self._p = subprocess.Popen(
+                line_buffered + ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits",
+                 f"-lms={period_ms}"], stdout=self._f, stderr=subprocess.DEVNULL)
+        except OSError:
+            self._p = None
+
+    def samples(self):
+        """[(unix time, sm MHz, power W, reasons int)] logged so far."""
+        out = []
+        self._f.flush()
+        with open(self._f.name) as f:
+            for line in f:
+                parts = [x.strip() for x in line.split(",")]
+                if len(parts) != 4:
+                    continue
+                try:
+                    ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
+                    # nvidia-smi prints local time; time.time() is UTC-based
+                    out.append((ts.timestamp(), float(parts[1]), float(parts[2]), int(parts[3], 16)))
+                except ValueError:
+                    continue
+        return out
+
+    def during(self, t0: float, t1: float) -> Optional[dict]:
+        """SM clock range, peak power and OR of the reason bits sampled within [t0, t1] (widened
+        to the nearest samples so a short span still gets one), or None without samples."""
+        s = self.samples()
+        if not s:
+            return None
+        inside = [x for x in s if t0 <= x[0] <= t1]
+        if not inside:
+            inside = [min(s, key=lambda x: abs(x[0] - 0.5 * (t0 + t1)))]
+        reasons = 0
+        for x in inside:
+            reasons |= x[3]
+        return {"sm_mhz": [min(x[1] for x in inside), max(x[1] for x in inside)],
+                "power_w_max": max(x[2] for x in inside), "clock_reasons": hex(reasons)}
+
+    def close(self):
+        if self._p is not None:
+            self._p.terminate()
+            self._p.wait()
+        os.unlink(self._f.name)
 
 
 def device_name() -> str:

@@ -21,8 +21,36 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_sparse_mla import make_case  # noqa: E402
+from common import ClockLog  # noqa: E402
 
 from megatron_dsa.kernels.sparse_mla import triton_impl as ti  # noqa: E402
+
+
+def series(fn, a):
+    """N calls back to back from a rested GPU: per call its CUDA-event ms and the SM clock and
+    power nvidia-smi saw meanwhile (the power cap shows as reason 0x4)."""
+    clog = ClockLog(period_ms=50)
+    time.sleep(3.0)
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(a.series)]
+    for e0, e1 in ev:
+        e0.record()
+        fn()
+        e1.record()
+    # host stamps of each call's end (the queue runs ahead; the GPU timeline is the events')
+    torch.cuda.synchronize()
+    t_end = time.time()
+    ms = [e0.elapsed_time(e1) for e0, e1 in ev]
+    total = sum(ms) / 1e3
+    t = t_end - total
+    print(f"S={a.S} H={a.H} {a.pas}: {a.series} calls back to back after a 3 s rest")
+    print(f"{'call':>4s} {'ms':>8s} {'SM MHz':>10s} {'W max':>6s} reasons")
+    for i, m in enumerate(ms):
+        c = clog.during(t, t + m / 1e3) or {}
+        t += m / 1e3
+        mhz = "-".join(str(int(x)) for x in c.get("sm_mhz", []))
+        print(f"{i:4d} {m:8.2f} {mhz:>10s} {c.get('power_w_max', float('nan')):6.0f} {c.get('clock_reasons', '')}")
+    clog.close()
+    print(f"first 3 median {statistics.median(ms[:3]):.2f} ms, last 5 median {statistics.median(ms[-5:]):.2f} ms")
 
 
 def main():
@@ -30,11 +58,25 @@ def main():
     ap.add_argument("--S", type=int, default=16384)
     ap.add_argument("--H", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--pass", dest="pas", choices=("fwd", "fwd+bwd"), default="fwd")
+    ap.add_argument("--series", type=int, default=0,
+                    help="instead: N calls back to back after a 3 s rest, each call's ms and SM clock")
     a = ap.parse_args()
-    q, kv, idx, _ = make_case(a.S, a.H, 2048)
-    fwd = lambda: ti.sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512)  # noqa: E731
+    q, kv, idx, dout = make_case(a.S, a.H, 2048)
+    if a.pas == "fwd":
+        fwd = lambda: ti.sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512)  # noqa: E731
+    else:
+        qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+
+        def fwd():
+            qg.grad = kvg.grad = None
+            o, _ = ti.sparse_mla_triton(qg, kvg, idx, 576 ** -0.5, 512, deterministic=False)
+            o.backward(dout)
     fwd()
     torch.cuda.synchronize()
+    if a.series:
+        series(fwd, a)
+        return
 
     def run(sleep_cycles=0, host_pause_s=0.0):
         ts = []

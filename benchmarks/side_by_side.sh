@@ -13,6 +13,8 @@ case "${1:?install|indexer|sparse_mla}" in
       --loss-variants attn,sparse --check 32768 --out "$OUT/receipts" 2>&1 | tee "$OUT/indexer.log" \
       | grep -v "^compile_report" | tail -45 ;;
   sparse_mla)
+    # every row starts after the GPU idled REST seconds; rows record the SM clock and power
     timeout "${TIMEOUT:-560}" python3 benchmarks/bench_sparse_mla.py --S "${SEQS:-4096,8192,16384}" --H 16,64,128 \
-      --reps 3 --out "$OUT/receipts" 2>&1 | tee "$OUT/sparse_mla.log" | tail -45 ;;
+      --reps "${REPS:-5}" --rest "${REST:-1.5}" --out "$OUT/receipts" --profile-dir "$OUT/receipts" 2>&1 \
+      | tee "$OUT/sparse_mla.log" | tail -45 ;;
 esac
