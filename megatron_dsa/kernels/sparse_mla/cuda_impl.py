@@ -43,8 +43,7 @@ _DIR = Path(__file__).with_name("cuda")
 _SRC = _DIR / "sparse_mla_fwd_sm90.cu"
 _SRC_BWD = _DIR / "sparse_mla_bwd_sm90.cu"
 _SRC_LEN = _DIR / "row_lengths.cu"
-_SRC_16 = _DIR / "sparse_mla_fwd16_sm90.cu"
-_SOURCES = (_SRC, _SRC_BWD, _SRC_LEN, _SRC_16)
+_SOURCES = (_SRC, _SRC_BWD, _SRC_LEN)
 _HEADERS = (_DIR / "sm90_common.cuh",)
 _LIB = None
 _LIB_ERROR: Optional[str] = None
@@ -53,10 +52,9 @@ LOG2E = 1.4426950408889634
 # gathers, halving the L2 traffic). Correct on an H100 but measured slower (37.9 vs 21.5 ms at
 # S=16K, 128 heads): off unless MEGATRON_DSA_CUDA_FWD_CLUSTER=1.
 CLUSTER = os.environ.get("MEGATRON_DSA_CUDA_FWD_CLUSTER", "0") not in ("", "0", "false", "False")
-# Smallest head count routed to the 64-head-tile kernel (below this Triton's 16/32-head tiles
-# waste less), and the largest routed to the 16-head kernel (kv straight into registers).
+# Smallest head count routed to this kernel (its tile is 64 heads; below this Triton's
+# 16/32-head tiles waste less).
 MIN_HEADS = 33
-MAX_HEADS_16 = 16
 
 
 def _nvcc() -> Optional[str]:
@@ -121,9 +119,6 @@ def load_library(path: Path):
     bwd.restype = ctypes.c_int
     bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, vp]
     lib.dsa_sparse_mla_bwd_smem_bytes.argtypes = []
-    f16 = lib.dsa_sparse_mla_fwd16_sm90
-    f16.restype = ctypes.c_int
-    f16.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, vp]
     lens = lib.dsa_row_lengths
     lens.restype = ctypes.c_int
     lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]
@@ -198,9 +193,6 @@ def sparse_mla_fwd_cuda(
         raise RuntimeError(f"CUDA sparse MLA forward unavailable: {_LIB_ERROR}")
     T, H, Dqk = q.shape
     _check_inputs(q, kv, "forward")
-    if MAX_HEADS_16 < H < MIN_HEADS:
-        raise ValueError(f"CUDA sparse MLA forward: H={H} is between the 16-head kernel "
-                         f"(H <= {MAX_HEADS_16}) and the 64-head-tile one (H >= {MIN_HEADS}); use Triton")
     q, kv = _rows16(q), _rows16(kv)
     indices = indices.to(torch.int32).contiguous()
     # the kernel stops at this length: trailing -1 padding (causal rows t < k) is not computed
@@ -211,17 +203,15 @@ def sparse_mla_fwd_cuda(
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    args = (q.data_ptr(), kv.data_ptr(), indices.data_ptr(),
+    with torch.cuda.device(q.device):
+        err = lib.dsa_sparse_mla_fwd_sm90(
+            q.data_ptr(), kv.data_ptr(), indices.data_ptr(),
             kv_len.data_ptr(), sink.data_ptr() if sink is not None else None,
             out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
-            T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        if H <= MAX_HEADS_16:
-            err = lib.dsa_sparse_mla_fwd16_sm90(*args, stream)
-        else:
-            err = lib.dsa_sparse_mla_fwd_sm90(*args, int(CLUSTER if cluster is None else cluster), stream)
+            T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E,
+            int(CLUSTER if cluster is None else cluster), torch.cuda.current_stream(q.device).cuda_stream,
+        )
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA forward launch failed: cudaError {err}")
     return out, lse
