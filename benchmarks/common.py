@@ -244,6 +244,13 @@ def merge_receipts(json_paths: List[str], out_dir: str) -> Dict[str, str]:
     return _write_doc(doc, out_dir)
 
 
+def _clock_cells(ck: Optional[dict]) -> List[str]:
+    if not ck:
+        return ["-", "-"]
+    lo, hi = ck["sm_mhz"]
+    return [f"{lo:.0f}" if lo == hi else f"{lo:.0f}-{hi:.0f}", f"{ck['power_w_max']:.0f}"]
+
+
 def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     topic, date, dev, rows = doc["topic"], doc["date"], doc["device"], doc["rows"]
@@ -259,16 +266,20 @@ def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
             f"{p['rows']} rows, ceilings {json.dumps(p['ceilings'])}" for p in doc["parts"])]
     # optional per-row checks a benchmark adds (e.g. rel_dq_vs_ours: agreement of a peer's output)
     checks = sorted({k for r in rows for k in r if k.startswith("rel_")})
+    # the SM clock range and peak power seen during a row's timed calls (ClockLog), where recorded
+    clock = any("clock" in r for r in rows)
+    clock_head = " SM MHz | W max |" if clock else ""
     lines += ["| impl | " + " | ".join(keys) + " | ms | TFLOP/s | peak GiB | status |"
-              + "".join(f" {k} |" for k in checks),
-              "|---" * (len(keys) + 5 + len(checks)) + "|"]
+              + "".join(f" {k} |" for k in checks) + clock_head,
+              "|---" * (len(keys) + 5 + len(checks) + 2 * clock) + "|"]
     for r in rows:
         c = r.get("case", {})
         lines.append("| " + " | ".join([r["impl"]] + [_fmt(c.get(k)) for k in keys]
                                         + [_fmt(r.get("ms")), _fmt(r.get("tflops"), 1),
                                            _fmt(r.get("peak_gib")), r.get("status", "")]
                                         + [f"{r[k]:.1e}" if isinstance(r.get(k), float) else _fmt(r.get(k))
-                                           for k in checks]) + " |")
+                                           for k in checks]
+                                        + (_clock_cells(r.get("clock")) if clock else [])) + " |")
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     if _plot_png(stem + ".png", rows, f"{topic} on {dev} ({date})"):
