@@ -127,10 +127,16 @@ class ClockLog:
         return {"sm_mhz": [min(x[1] for x in inside), max(x[1] for x in inside)],
                 "power_w_max": max(x[2] for x in inside), "clock_reasons": hex(reasons)}
 
-    def close(self):
+    def close_process(self):
+        """Stop polling (the samples logged so far stay readable)."""
         if self._p is not None:
             self._p.terminate()
             self._p.wait()
+            self._p = None
+
+    def close(self):
+        self.close_process()
+        self._f.close()
         os.unlink(self._f.name)
 
 
