@@ -42,7 +42,7 @@ def series(fn, a):
     ms = [e0.elapsed_time(e1) for e0, e1 in ev]
     total = sum(ms) / 1e3
     t = t_end - total
-    print(f"S={a.S} H={a.H} {a.pas}: {a.series} calls back to back after a 3 s rest")
+    print(f"S={a.S} H={a.H} {a.pas} ({a.impl}): {a.series} calls back to back after a 3 s rest")
     print(f"{'call':>4s} {'ms':>8s} {'SM MHz':>10s} {'W max':>6s} reasons")
     for i, m in enumerate(ms):
         c = clog.during(t, t + m / 1e3) or {}
@@ -59,11 +59,24 @@ def main():
     ap.add_argument("--H", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--pass", dest="pas", choices=("fwd", "fwd+bwd"), default="fwd")
+    ap.add_argument("--impl", choices=("ours", "peers"), default="ours",
+                    help="peers (fwd+bwd only): Megatron-Core's TileLang forward then cuDNN-frontend's backward")
     ap.add_argument("--series", type=int, default=0,
                     help="instead: N calls back to back after a 3 s rest, each call's ms and SM clock")
     a = ap.parse_args()
     q, kv, idx, dout = make_case(a.S, a.H, 2048)
-    if a.pas == "fwd":
+    if a.impl == "peers":
+        from bench_sparse_mla import impl_cudnn, impl_tilelang
+
+        if a.pas != "fwd+bwd":
+            raise SystemExit("--impl peers times fwd+bwd only")
+        tl_fwd = impl_tilelang(q, kv, idx, dout, 576 ** -0.5)["fwd"]
+        cudnn_bwd = impl_cudnn(q, kv, idx, dout, 576 ** -0.5)["bwd"]
+
+        def fwd():
+            tl_fwd()
+            cudnn_bwd()
+    elif a.pas == "fwd":
         fwd = lambda: ti.sparse_mla_fwd(q, kv, idx, 576 ** -0.5, 512)  # noqa: E731
     else:
         qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
