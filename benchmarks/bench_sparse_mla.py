@@ -8,7 +8,10 @@ paths and cuDNN-frontend's backward, side by side in one process.
 
 Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random keys in [0, t]
 (rows t < k padded with -1). FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
-Each peer is run only if importable (else ``unsupported``); OOM -> ``oom``.
+Each peer is run only if importable (else ``unsupported``); OOM -> ``oom``. Every row records
+the SM clock range, peak power and clock-event reasons of its timed calls (``clock``): at 128
+heads our kernels reach the H100's power cap, so ``--rest`` (the GPU idles before every row)
+gives every implementation the same start (side_by_side.sh uses 1.5 s).
 """
 
 from __future__ import annotations
@@ -313,8 +316,8 @@ def main():
                         t1 = time.time()
                         st1 = torch.cuda.memory_stats()
                         pk = peak_gib(fn)
-                        # wall-clock span of the timed calls (to line up with a clock / power log
-                        # such as side_by_side.sh's nvidia-smi trace) and the device's free memory
+                        # wall-clock span of the timed calls (annotate() looks up the SM clock and
+                        # power the ClockLog saw in it) and the device's free memory
                         res = {"ms": round(ms, 3), "tflops": round(flops(S, H, args.k, p) / ms / 1e9, 1),
                                "peak_gib": round(pk, 3), "timed_span": [round(t0, 2), round(t1, 2)],
                                "free_gib": round(free0 / 2**30, 2)}
