@@ -149,8 +149,7 @@ def _case(T, H, K, sink, topk, holes, seed):
     return q, kv, idx, tk, sk, dout
 
 
-def _check_against_reference(T, H, K, sink, topk, holes, target, fused=False):
-    """fused: no stats kernel; the backward forms Delta from the forward output (no sink only)."""
+def _check_against_reference(T, H, K, sink, topk, holes, target):
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
     q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed)
     scale = 576 ** -0.5
@@ -160,10 +159,7 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, fused=False):
     ti._bwd_stats_into(stats, dsink_t, out, dout, lse, None, sk, 512)
     tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
     with poisoned_empty():
-        if fused:
-            dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, None, lse, dout, None, tgt, out=out)
-        else:
-            dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, lse, dout, stats, tgt)
+        dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, lse, dout, stats, tgt)
     qr = q.double().requires_grad_()
     kvr = kv.double().requires_grad_()
     skr = sk.double().requires_grad_() if sink else None
@@ -193,51 +189,42 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, fused=False):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("T,H,K,sink,topk,holes,target,fused", [
-    (2048, 128, 2048, False, False, False, False, False),
-    (2048, 128, 2048, False, False, False, False, True),
-    (1536, 64, 1024, True, True, False, True, False),
-    (1024, 100, 512, True, False, True, False, False),   # last head tile masked (100 = 64 + 36)
-    (1024, 100, 512, False, False, True, False, True),
-    (777, 48, 300, False, True, True, True, False),      # one partial head tile; K not a multiple of 32
-    (777, 48, 300, False, True, True, True, True),
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
+    (2048, 128, 2048, False, False, False, False),
+    (1536, 64, 1024, True, True, False, True),
+    (1024, 100, 512, True, False, True, False),   # last head tile masked (100 = 64 + 36)
+    (777, 48, 300, False, True, True, True),      # one partial head tile; K not a multiple of 32
 ])
-def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target, fused):
+def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
-    _check_against_reference(T, H, K, sink, topk, holes, target, fused)
+    _check_against_reference(T, H, K, sink, topk, holes, target)
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("sink", [True, False])
-def test_gpu_autograd_takes_the_cuda_backward(monkeypatch, sink):
-    """With a sink the stats kernel feeds the backward; without one the backward forms Delta
-    from the forward output (stats=None)."""
+def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
     calls = []
     real = ti.sparse_mla_bwd_cuda
 
     def spy(*a, **k):
-        calls.append(a[8] is None)  # stats
+        calls.append(1)
         return real(*a, **k)
 
     monkeypatch.setattr(ti, "sparse_mla_bwd_cuda", spy)
-    q, kv, idx, tk, sk, dout = _case(512, 128, 256, sink, True, False, seed=3)
-    qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
-    skg = sk.clone().requires_grad_() if sink else None
+    q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, False, seed=3)
+    qg, kvg, skg = q.clone().requires_grad_(), kv.clone().requires_grad_(), sk.clone().requires_grad_()
     out, _ = ti.sparse_mla_triton(qg, kvg, idx, 0.05, 512, tk, skg, deterministic=False)
     out.backward(dout)
-    assert calls == [not sink]
-    qr, kvr = q.double().requires_grad_(), kv.double().requires_grad_()
-    skr = sk.double().requires_grad_() if sink else None
+    assert calls == [1]
+    qr, kvr, skr = q.double().requires_grad_(), kv.double().requires_grad_(), sk.double().requires_grad_()
     ro, _ = sparse_mla_reference(qr, kvr, idx, 0.05, 512, tk, skr)
     ro.backward(dout.double())
     assert rel(qg.grad.double(), qr.grad) < 1e-2
     assert rel(kvg.grad.double(), kvr.grad) < 1e-2
-    if sink:
-        assert rel(skg.grad.double(), skr.grad) < 1e-2
+    assert rel(skg.grad.double(), skr.grad) < 1e-2
 
 
 @pytest.mark.gpu

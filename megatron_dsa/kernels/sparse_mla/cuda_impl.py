@@ -117,7 +117,7 @@ def load_library(path: Path):
     fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, i32, vp]
     bwd = lib.dsa_sparse_mla_bwd_sm90
     bwd.restype = ctypes.c_int
-    bwd.argtypes = [vp] * 11 + [ll] * 10 + [i32] * 5 + [ctypes.c_float, vp]
+    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, vp]
     lib.dsa_sparse_mla_bwd_smem_bytes.argtypes = []
     lens = lib.dsa_row_lengths
     lens.restype = ctypes.c_int
@@ -272,16 +272,13 @@ def sparse_mla_bwd_cuda(
     sink: Optional[torch.Tensor],
     lse: torch.Tensor,
     dout: torch.Tensor,
-    stats: Optional[torch.Tensor],
+    stats: torch.Tensor,
     target_out: Optional[torch.Tensor] = None,
     lib=None,
     dkv_dtype: torch.dtype = torch.float32,
-    out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dq bf16 [T, H, 576], dkv [Tk, 576] in dkv_dtype)`` from the saved ``stats``
-    (``[2, T, H]`` fp32: log2-domain logZ, Delta; the Triton stats kernel writes them), or, with
-    ``stats=None`` and no sink, from ``lse`` and the forward output ``out`` (bf16 ``[T, H, 512]``):
-    the kernel forms Delta = rowsum(out * dout) itself, with no stats kernel before it.
+    (``[2, T, H]`` fp32: log2-domain logZ, Delta; the Triton stats kernel writes them).
     ``target_out`` (fp32 ``[T, K]``, zero-filled): += the head-summed P per slot (the indexer
     loss's target)."""
     lib = lib if lib is not None else _load()
@@ -296,16 +293,10 @@ def sparse_mla_bwd_cuda(
     if target_out is not None and (not target_out.is_contiguous() or target_out.dtype != torch.float32
                                    or tuple(target_out.shape) != tuple(indices.shape)):
         raise ValueError("target_out must be a contiguous fp32 tensor shaped like the indices")
-    if stats is None:
-        if sink is not None or out is None:
-            raise ValueError("stats=None needs the forward output `out` and no sink")
-        if tuple(out.shape) != (T, H, 512) or out.dtype != torch.bfloat16:
-            raise ValueError(f"out must be bf16 {(T, H, 512)}, got {out.dtype} {tuple(out.shape)}")
-        out = _rows16(out)
     q, kv, dout = _rows16(q), _rows16(kv), _rows16(dout)
     indices = indices.to(torch.int32).contiguous()
     kv_len = effective_lengths(indices, topk_length, lib)
-    stats = stats.contiguous() if stats is not None else None
+    stats = stats.contiguous()
     lse = lse.contiguous()
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
     dkv = torch.zeros(kv.shape[0], Dqk, dtype=torch.float32, device=q.device)  # permuted columns
@@ -314,12 +305,10 @@ def sparse_mla_bwd_cuda(
     with torch.cuda.device(q.device):
         err = lib.dsa_sparse_mla_bwd_sm90(
             q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
-            stats.data_ptr() if stats is not None else None, lse.data_ptr(), dq.data_ptr(), dkv.data_ptr(),
+            stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), dkv.data_ptr(),
             target_out.data_ptr() if target_out is not None else None,
-            out.data_ptr() if stats is None else None,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), out.stride(0) if stats is None else 0, out.stride(1) if stats is None else 0,
-            T, H, kv.shape[0], indices.shape[1], int(sink is not None),
+            dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
             float(softmax_scale), torch.cuda.current_stream(q.device).cuda_stream,
         )
     if err != 0:

@@ -105,9 +105,6 @@ CONFIG = {
     # fp32 workspace (a small kernel computes logZ / Delta / d_sink first). 0: a dq pass (the old
     # BH-head kernel, no atomics) also writes logZ / Delta; H=128: 128 ms instead of 93.
     "bwd_rows_dq": 1,
-    # CUDA backward without a sink or a gradient into lse: 1 = the kernel forms Delta from the
-    # forward output itself; 0 = the stats kernel runs first (always the case with a sink)
-    "bwd_fused_stats": 1,
 }
 # The last compiled kernel of each kind (for the benchmark's resource report).
 LAST_KERNELS = {}
@@ -670,12 +667,6 @@ def sparse_mla_bwd(
                                      dout, dlse, deterministic=deterministic, target_out=target_out)
     T, H, _ = q.shape
     dout = dout.contiguous()
-    if sink is None and dlse is None and CONFIG["bwd_fused_stats"]:
-        # the kernel forms Delta = rowsum(out * dout) and logZ = lse itself (no stats kernel:
-        # -1.4 ms at S=16K, 128 heads)
-        dq, dkv = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, None, lse, dout,
-                                      None, target_out, dkv_dtype=kv.dtype, out=out)
-        return dq, dkv, None
     if dlse is not None:
         dlse = dlse.contiguous()
     stats = torch.empty(2 * T * H, dtype=torch.float32, device=q.device)

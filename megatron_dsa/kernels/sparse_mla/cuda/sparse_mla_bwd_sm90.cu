@@ -99,14 +99,12 @@ struct BwdParams {
   const int32_t* idx;         // [T, K]
   const int32_t* kv_len;      // [T]: slots >= kv_len[t] are skipped (topk_length / trailing -1)
   const __nv_bfloat16* dout;  // [T, H, 512], channel stride 1
-  const float* stats;         // [2, T, H]: log2-domain logZ (0 on empty rows), Delta; or null:
-                              // logZ from lse and Delta = rowsum(O dO) here (no sink, no dlse)
-  const __nv_bfloat16* out;   // [T, H, 512] forward output O (read when stats is null)
+  const float* stats;         // [2, T, H]: log2-domain logZ (0 on empty rows), Delta
   const float* lse;           // [T, H] (natural log; target with a sink only)
   __nv_bfloat16* dq;          // [T, H, 576]
   float* dkv;                 // [Tk, 576] fp32, contiguous, zero-initialised, columns permuted (above)
   float* target;              // [T, K] fp32 or null: += sum_h P (times exp(logZ - lse) with a sink)
-  long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh, o_st, o_sh;
+  long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
   int T, H, Tk, K, n_hblk, has_sink;
   float scale, scale_log2;
 };
@@ -249,14 +247,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       const int h = h0 + row0 + 8 * i;
       hv[i] = h < p.H;
       const long long o = (long long)t * p.H + (hv[i] ? h : 0);
-      if (p.stats != nullptr) {
-        z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
-        dlt[i] = hv[i] ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f;
-      } else {  // no sink: logZ = lse (log2 domain, 0 on empty rows); Delta below
-        const float l2 = hv[i] ? __ldg(p.lse + o) * 1.4426950408889634f : -INFINITY;
-        z2[i] = l2 > -INFINITY ? l2 : 0.f;
-        dlt[i] = 0.f;
-      }
+      z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
+      dlt[i] = hv[i] ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f;
       fh[i] = hv[i] ? 1.f : 0.f;
       if (p.target != nullptr && p.has_sink && hv[i]) {
         // the target is normalised without the sink: P exp(logZ - lse)
@@ -276,40 +268,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     if (nblk > 0) {
       mbar_wait(sbase + BAR_Q, 0);
       fence_async_smem();
-      if (p.stats == nullptr) {
-        // Delta = rowsum(O dO) of this thread's rows (row0, row0 + 8): the 4 lanes sharing them
-        // take interleaved 16-byte granules gg = 4 k + lane % 4 of the 512 channels (O from
-        // global memory, dO from the swizzled tile), then sum across the 4 lanes
-        const int cq = lane & 3;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = row0 + 8 * i;
-          float acc = 0.f;
-          if (hv[i]) {
-            const uint4* orow = reinterpret_cast<const uint4*>(p.out + (long long)t * p.o_st + (long long)(h0 + r) * p.o_sh);
-#pragma unroll 8
-            for (int k = 0; k < 16; ++k) {
-              const int gg = 4 * k + cq, c = gg >> 3, g = gg & 7;
-              const uint4 ov = __ldg(orow + gg);
-              uint4 dv;
-              asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                           : "=r"(dv.x), "=r"(dv.y), "=r"(dv.z), "=r"(dv.w)
-                           : "r"(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4)));
-              const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
-              const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ow + e));
-                const float2 d = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dw + e));
-                acc = fmaf(a.x, d.x, fmaf(a.y, d.y, acc));
-              }
-            }
-          }
-          acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-          acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-          dlt[i] = hv[i] ? acc : 0.f;
-        }
-      }
     }
     for (int b = 0; b < nblk; ++b) {
       const int st = b % NST, pb = b % ND;
@@ -535,21 +493,15 @@ int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
 // dkv: fp32 [Tk, 576], zeroed, columns in the permuted order described at the top.
-// stats null: logZ and Delta come from lse and out (o_st / o_sh its strides, 16-byte aligned
-// rows); only without a sink (and without a gradient into lse).
 int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                             const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
-                            void* target, const void* out, long long q_st, long long q_sh, long long kv_s,
-                            long long idx_s, long long do_st, long long do_sh, long long dq_st, long long dq_sh,
-                            long long o_st, long long o_sh, int T, int H, int Tk, int K, int has_sink, float scale,
-                            void* stream) {
+                            void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
+                            long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
+                            int Tk, int K, int has_sink, float scale, void* stream) {
   static bool attr_set[64] = {};
   const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (T == 0 || H == 0) return 0;
-  if (stats == nullptr && (out == nullptr || has_sink || (o_sh % 8) != 0 || (o_st % 8) != 0 ||
-                           (reinterpret_cast<uintptr_t>(out) & 15) != 0))
-    return static_cast<int>(cudaErrorInvalidValue);
   BwdParams p;
   p.q = static_cast<const __nv_bfloat16*>(q);
   p.kv = static_cast<const __nv_bfloat16*>(kv);
@@ -557,8 +509,6 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.kv_len = static_cast<const int32_t*>(kv_len);
   p.dout = static_cast<const __nv_bfloat16*>(dout);
   p.stats = static_cast<const float*>(stats);
-  p.out = static_cast<const __nv_bfloat16*>(out);
-  p.o_st = o_st; p.o_sh = o_sh;
   p.lse = static_cast<const float*>(lse);
   p.dq = static_cast<__nv_bfloat16*>(dq);
   p.dkv = static_cast<float*>(dkv);
