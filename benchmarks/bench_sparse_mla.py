@@ -21,15 +21,14 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import (ClockLog, device_name, measure_ceilings, peak_gib, run_guarded, time_cuda,  # noqa: F401,E402
-                    versions, write_receipt)
+from common import (ClockLog, device_name, kernel_times, measure_ceilings, peak_gib, run_guarded,  # noqa: F401,E402
+                    time_cuda, versions, write_receipt)
 
 DQK, DV = 576, 512
 
@@ -198,12 +197,7 @@ def profile_step(fn, out_dir, tag):
         fn()
         b.record()
         torch.cuda.synchronize()
-    kern = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kern[e.name][0] += 1
-            kern[e.name][1] += getattr(e, "device_time_total", 0.0) / 1e3
-    top = sorted(kern.items(), key=lambda kv: -kv[1][1])
+    top = sorted(kernel_times(prof)[0].items(), key=lambda kv: -kv[1][1])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"profile_fwdbwd_{tag}.txt"), "w") as f:
         for k, (n, ms) in top:
@@ -245,10 +239,12 @@ def main():
     clog = ClockLog()
 
     def annotate():
-        # the SM clock / power / clock-event reasons seen during each row's timed calls
+        # the SM clock / power / clock-event reasons seen during each row's timed calls (the log
+        # read once per call)
+        samples = clog.samples()
         for r in rows:
             if "timed_span" in r and "clock" not in r:
-                c = clog.during(*r["timed_span"])
+                c = clog.during(*r["timed_span"], samples=samples)
                 if c is not None:
                     r["clock"] = c
     for S in [int(x) for x in args.S.split(",")]:

@@ -30,26 +30,25 @@ def main():
                         f"-DWGS={wgs}", "-o", so, src], check=True)
         lib = ctypes.CDLL(so)
         lib.wgmma_rate.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2
-        for n, chain in ((16, 36), (16, 8), (32, 36), (64, 36)):
+        def median_cycles(launch):
+            """Median over 3 launches of the median CTA's clock64 cycles."""
             res = []
             for _ in range(3):
-                err = lib.wgmma_rate(n, chain, iters, sms, sink.data_ptr(), cycles.data_ptr())
+                err = launch()
                 assert err == 0, err
                 torch.cuda.synchronize()
                 res.append(statistics.median(cycles.tolist()))
-            cyc = statistics.median(res) / (iters * chain * wgs)
+            return statistics.median(res)
+
+        for n, chain in ((16, 36), (16, 8), (32, 36), (64, 36)):
+            cyc = median_cycles(lambda: lib.wgmma_rate(n, chain, iters, sms, sink.data_ptr(), cycles.data_ptr())) / (
+                iters * chain * wgs)
             print(f"{wgs:6d} {n:4d} {chain:5d} {cyc:16.2f} {2 * 64 * n * 16 / cyc:14.0f}", flush=True)
         lib.mma_sync_rate.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
         for acc in (1, 2, 4):
-            res = []
-            for _ in range(3):
-                err = lib.mma_sync_rate(acc, iters, sms, sink.data_ptr(), cycles.data_ptr())
-                assert err == 0, err
-                torch.cuda.synchronize()
-                res.append(statistics.median(cycles.tolist()))
             # per SM: 4 * wgs warps, each iters * 8 * acc MMAs of 2 * 16 * 8 * 16 FLOP
             n_mma = 4 * wgs * iters * 8 * acc
-            cyc = statistics.median(res) / n_mma
+            cyc = median_cycles(lambda: lib.mma_sync_rate(acc, iters, sms, sink.data_ptr(), cycles.data_ptr())) / n_mma
             print(f"{4 * wgs:3d} warps mma.sync m16n8k16, {acc} independent accumulators per warp: "
                   f"{cyc:6.2f} cycles/mma/SM, {4096 / cyc:5.0f} FLOP/cycle/SM", flush=True)
     print("(dense bf16 peak: 4096 FLOP/cycle/SM)")

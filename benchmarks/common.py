@@ -9,6 +9,7 @@ Stable API (other benchmark scripts import it):
   write_receipt(topic, rows, out_dir, extra=None) -> dict of written paths (json, md, png)
   ClockLog(): the SM clock, power and throttle reasons every 100 ms (nvidia-smi), in the background;
               .during(t0, t1) summarises what it saw between two time.time() stamps
+  kernel_times(prof) -> ({kernel: [calls, ms]}, (first start, last end) in ms or None)
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from collections import defaultdict
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 __all__ = [
     "time_cuda", "peak_gib", "device_name", "versions", "measure_ceilings", "write_receipt",
-    "run_guarded", "ClockLog",
+    "run_guarded", "ClockLog", "kernel_times",
 ]
 
 
@@ -105,17 +107,18 @@ class ClockLog:
                 if len(parts) != 4:
                     continue
                 try:
+                    # nvidia-smi prints local time; a naive datetime's timestamp() reads it as such
                     ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
-                    # nvidia-smi prints local time; time.time() is UTC-based
                     out.append((ts.timestamp(), float(parts[1]), float(parts[2]), int(parts[3], 16)))
                 except ValueError:
                     continue
         return out
 
-    def during(self, t0: float, t1: float) -> Optional[dict]:
+    def during(self, t0: float, t1: float, samples=None) -> Optional[dict]:
         """SM clock range, peak power and OR of the reason bits sampled within [t0, t1] (widened
-        to the nearest samples so a short span still gets one), or None without samples."""
-        s = self.samples()
+        to the nearest sample so a short span still gets one), or None without samples.
+        ``samples``: a :meth:`samples` result to reuse when summarising many spans."""
+        s = self.samples() if samples is None else samples
         if not s:
             return None
         inside = [x for x in s if t0 <= x[0] <= t1]
@@ -138,6 +141,22 @@ class ClockLog:
         self.close_process()
         self._f.close()
         os.unlink(self._f.name)
+
+
+def kernel_times(prof):
+    """Per CUDA kernel name ``[calls, device ms]`` from a finished ``torch.profiler.profile``,
+    and the span from the first kernel's start to the last one's end (ms), or None."""
+    kern = defaultdict(lambda: [0, 0.0])
+    first = last = None
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kern[e.name][0] += 1
+        kern[e.name][1] += e.device_time_total / 1e3
+        t0, t1 = e.time_range.start / 1e3, e.time_range.end / 1e3
+        first = t0 if first is None else min(first, t0)
+        last = t1 if last is None else max(last, t1)
+    return dict(kern), ((first, last) if first is not None else None)
 
 
 def device_name() -> str:

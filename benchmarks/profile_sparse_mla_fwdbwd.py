@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_sparse_mla import make_case  # noqa: E402
-from common import time_cuda  # noqa: E402
+from common import kernel_times, time_cuda  # noqa: E402
 
 from megatron_dsa.kernels.sparse_mla import triton_impl as ti  # noqa: E402
 
@@ -62,23 +61,14 @@ def main():
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         fb()
         torch.cuda.synchronize()
-    kern = defaultdict(lambda: [0, 0.0])
-    first, last = None, None
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        kern[e.name][0] += 1
-        kern[e.name][1] += e.device_time_total / 1e3 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e3
-        t0, t1 = e.time_range.start / 1e3, e.time_range.end / 1e3
-        first = t0 if first is None else min(first, t0)
-        last = t1 if last is None else max(last, t1)
+    kern, span = kernel_times(prof)
     rows = sorted(({"kernel": k[:90], "calls": v[0], "ms": round(v[1], 3)} for k, v in kern.items()),
                   key=lambda r: -r["ms"])
     os.makedirs(a.out, exist_ok=True)
     prof.export_chrome_trace(os.path.join(a.out, f"trace_sparse_mla_fwdbwd_H{H}.json"))
     res = {"S": S, "H": H, "k": a.k, "step_ms": round(ms, 3), "host_launch_ms": round(host_ms, 3),
            "kernel_sum_ms": round(sum(r["ms"] for r in rows), 3),
-           "first_to_last_kernel_ms": round(last - first, 3) if first is not None else None, "kernels": rows}
+           "first_to_last_kernel_ms": round(span[1] - span[0], 3) if span is not None else None, "kernels": rows}
     with open(os.path.join(a.out, f"profile_sparse_mla_fwdbwd_H{H}.json"), "w") as fh:
         json.dump(res, fh, indent=1)
     print(f"S={S} H={H}: step {ms:.2f} ms, kernels {res['kernel_sum_ms']:.2f} ms, "

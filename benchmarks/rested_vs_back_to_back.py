@@ -36,16 +36,17 @@ def series(fn, a):
         e0.record()
         fn()
         e1.record()
-    # host stamps of each call's end (the queue runs ahead; the GPU timeline is the events')
+    # the calls ran back to back on the GPU and ended at the synchronize: each call's wall-clock
+    # span is reconstructed backwards from then with the events' durations
     torch.cuda.synchronize()
     t_end = time.time()
     ms = [e0.elapsed_time(e1) for e0, e1 in ev]
-    total = sum(ms) / 1e3
-    t = t_end - total
+    t = t_end - sum(ms) / 1e3
+    samples = clog.samples()
     print(f"S={a.S} H={a.H} {a.pas} ({a.impl}): {a.series} calls back to back after a 3 s rest")
     print(f"{'call':>4s} {'ms':>8s} {'SM MHz':>10s} {'W max':>6s} reasons")
     for i, m in enumerate(ms):
-        c = clog.during(t, t + m / 1e3) or {}
+        c = clog.during(t, t + m / 1e3, samples=samples) or {}
         t += m / 1e3
         mhz = "-".join(str(int(x)) for x in c.get("sm_mhz", []))
         print(f"{i:4d} {m:8.2f} {mhz:>10s} {c.get('power_w_max', float('nan')):6.0f} {c.get('clock_reasons', '')}")

@@ -24,12 +24,7 @@ __device__ __forceinline__ void mma<16>(float* d, uint64_t da, uint64_t db) {
 }
 template <>
 __device__ __forceinline__ void mma<32>(float* d, uint64_t da, uint64_t db) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
-      "%12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db));
+  wgmma_m64n32k16_ss<0, 0>(*reinterpret_cast<float(*)[16]>(d), da, db, 1);  // sm90_common's wrapper
 }
 template <>
 __device__ __forceinline__ void mma<64>(float* d, uint64_t da, uint64_t db) {

@@ -36,6 +36,8 @@ def test_clock_log_summarises_the_span():
     try:
         c = log.during(t0 + 0.15, t0 + 0.45)
         assert c == {"sm_mhz": [1600.0, 1770.0], "power_w_max": 700.2, "clock_reasons": "0x4"}
+        # many spans summarised from one read of the log give the same answer
+        assert log.during(t0 + 0.15, t0 + 0.45, samples=log.samples()) == c
         # a span between two samples takes the nearest one
         c = log.during(t0 + 0.05, t0 + 0.06)
         assert c["sm_mhz"] == [1980.0, 1980.0] and c["clock_reasons"] == "0x0"
