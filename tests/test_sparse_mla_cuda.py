@@ -56,6 +56,28 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
 
 
 @pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
+def test_16_head_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    assert_compiles_without_spills(ci._SRC16, tmp_path, "sparse_mla_fwd16_sm90_kernel")
+
+
+def test_head_count_routing():
+    """<= 16 heads: the 16-head kernel; 17-32: Triton; > 32: the 64-head kernel (the
+    backward: CUDA only above 32)."""
+    kv = torch.zeros(4, 576, dtype=torch.bfloat16)
+    for H in (1, 7, 16, 17, 32, 33, 128):
+        q = torch.zeros(4, H, 576, dtype=torch.bfloat16)
+        assert not ci.cuda_fwd_eligible(q, kv, 512)  # CPU tensors: never
+        assert ci._fast_path(q, kv, 512) is False
+    if HOPPER and ci.cuda_fwd_available():
+        kv = kv.cuda()
+        for H, fwd, bwd in ((1, True, False), (16, True, False), (17, False, False), (32, False, False),
+                            (33, True, True), (128, True, True)):
+            q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
+            assert ci.cuda_fwd_eligible(q, kv, 512) is fwd, H
+            assert ci.cuda_bwd_eligible(q, kv, 512, False) is bwd, H
+
+
+@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
 def test_library_builds_loads_and_fits_shared_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATRON_DSA_CACHE", str(tmp_path))
     path = ci.build_library()
@@ -109,6 +131,10 @@ def _case(T, H, K, sink, topk, empty_rows, seed):
     (1536, 64, 1024, True, True),
     (1024, 100, 512, True, False),   # last head tile masked (100 = 64 + 36)
     (777, 48, 300, False, True),     # one partial head tile; K not a multiple of 64
+    (2100, 16, 2048, True, True),    # the 16-head kernel; rows with 0 to 2048 keys
+    (5000, 16, 2048, False, False),  # the 16-head kernel, many rows per CTA
+    (600, 7, 512, True, True),       # the 16-head kernel, 7 heads (zero rows of Q, not stored)
+    (257, 1, 200, False, True),      # the 16-head kernel, one head; K not a multiple of 64
 ])
 def test_gpu_matches_float64_reference(T, H, K, sink, topk):
     if not ci.cuda_fwd_available():
@@ -133,10 +159,11 @@ def test_gpu_matches_float64_reference(T, H, K, sink, topk):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_odd_k_and_strided_q():
+@pytest.mark.parametrize("H", [64, 16])
+def test_gpu_odd_k_and_strided_q(H):
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
-    T, H, K = 600, 64, 200  # K not a multiple of the 64-key block
+    T, K = 600, 200  # K not a multiple of the 64-key block
     q_big = torch.randn(T, H + 8, 576, device="cuda").bfloat16()
     q = q_big[:, 4:H + 4]  # strided heads
     kv = torch.randn(T, 576, device="cuda").bfloat16()
@@ -151,10 +178,11 @@ def test_gpu_odd_k_and_strided_q():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_graph_capture_replay():
+@pytest.mark.parametrize("H", [128, 16])
+def test_gpu_graph_capture_replay(H):
     if not ci.cuda_fwd_available():
         pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
-    q, kv, idx, tk, sk = _case(512, 128, 256, True, True, False, seed=1)
+    q, kv, idx, tk, sk = _case(512, H, 256, True, True, False, seed=1)
     out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)  # warm-up (build, attributes)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -1,8 +1,10 @@
 """Hopper (sm_90a) CUDA forward and backward for sparse MLA: build, load and launch.
 
 The forward (``cuda/sparse_mla_fwd_sm90.cu``) covers the DeepSeek-V3.2 fast path: bf16, Dqk = 576,
-d_v = 512, 64 heads per CTA (any H; the last head tile is masked), warp-specialized (an S /
-softmax warpgroup holding the query in registers, two P V / gather warpgroups). It is built
+d_v = 512, 64 heads per CTA (H > 32; the last head tile is masked), warp-specialized (an S /
+softmax warpgroup holding the query in registers, two P V / gather warpgroups). Up to 16 heads
+(tensor-parallel shards) run ``cuda/sparse_mla_fwd16_sm90.cu``: the transposed problem (keys as
+wgmma's M), one persistent CTA per SM with a gather warpgroup feeding a 10-slot ring. It is built
 with ``nvcc`` on first use into a per-user cache (keyed by the source hash and the compiler), as
 a plain shared library with a C entry point, and launched through ``ctypes`` on the current
 stream: no PyTorch headers to compile, no host synchronization, graph-capturable.
@@ -43,7 +45,8 @@ _DIR = Path(__file__).with_name("cuda")
 _SRC = _DIR / "sparse_mla_fwd_sm90.cu"
 _SRC_BWD = _DIR / "sparse_mla_bwd_sm90.cu"
 _SRC_LEN = _DIR / "row_lengths.cu"
-_SOURCES = (_SRC, _SRC_BWD, _SRC_LEN)
+_SRC16 = _DIR / "sparse_mla_fwd16_sm90.cu"
+_SOURCES = (_SRC, _SRC_BWD, _SRC_LEN, _SRC16)
 _HEADERS = (_DIR / "sm90_common.cuh",)
 _LIB = None
 _LIB_ERROR: Optional[str] = None
@@ -52,9 +55,10 @@ LOG2E = 1.4426950408889634
 # gathers, halving the L2 traffic). Correct on an H100 but measured slower (37.9 vs 21.5 ms at
 # S=16K, 128 heads): off unless MEGATRON_DSA_CUDA_FWD_CLUSTER=1.
 CLUSTER = os.environ.get("MEGATRON_DSA_CUDA_FWD_CLUSTER", "0") not in ("", "0", "false", "False")
-# Smallest head count routed to this kernel (its tile is 64 heads; below this Triton's
-# 16/32-head tiles waste less).
+# Smallest head count routed to the 64-head kernel (below this Triton's 16/32-head tiles waste
+# less), and the largest routed to the 16-head kernel: 17-32 heads run Triton.
 MIN_HEADS = 33
+MAX_HEADS16 = 16
 
 
 def _nvcc() -> Optional[str]:
@@ -119,6 +123,9 @@ def load_library(path: Path):
     bwd.restype = ctypes.c_int
     bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [ctypes.c_float, vp]
     lib.dsa_sparse_mla_bwd_smem_bytes.argtypes = []
+    f16 = lib.dsa_sparse_mla_fwd16_sm90
+    f16.restype = ctypes.c_int
+    f16.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [ctypes.c_float, vp]
     lens = lib.dsa_row_lengths
     lens.restype = ctypes.c_int
     lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]
@@ -153,13 +160,17 @@ def cuda_fwd_available(device: Optional[torch.device] = None) -> bool:
     return _load() is not None
 
 
+def _fast_path(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
+    return (q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16
+            and q.shape[-1] == 576 and d_v == 512)
+
+
 def cuda_fwd_eligible(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
-    """Whether the CUDA forward handles these inputs (else the Triton forward runs)."""
-    return (
-        q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16
-        and q.shape[-1] == 576 and d_v == 512 and q.shape[1] >= MIN_HEADS
-        and cuda_fwd_available(q.device)
-    )
+    """Whether a CUDA forward handles these inputs (else the Triton forward runs): the 64-head
+    kernel for H >= ``MIN_HEADS``, the 16-head one for H <= ``MAX_HEADS16``."""
+    H = q.shape[1]
+    return (_fast_path(q, kv, d_v) and (H >= MIN_HEADS or 1 <= H <= MAX_HEADS16)
+            and cuda_fwd_available(q.device))
 
 
 def _rows16(t: torch.Tensor) -> torch.Tensor:
@@ -186,6 +197,7 @@ def sparse_mla_fwd_cuda(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward only: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; same contract as the Triton one.
 
+    H <= ``MAX_HEADS16`` runs the 16-head kernel, any other H the 64-head one.
     ``lib`` (benchmarks only): a library from :func:`load_library` to launch instead.
     ``cluster``: use the 2-CTA cluster variant when 64 < H <= 128 (default: ``CLUSTER``)."""
     lib = lib if lib is not None else _load()
@@ -203,15 +215,17 @@ def sparse_mla_fwd_cuda(
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    with torch.cuda.device(q.device):
-        err = lib.dsa_sparse_mla_fwd_sm90(
-            q.data_ptr(), kv.data_ptr(), indices.data_ptr(),
+    args = (q.data_ptr(), kv.data_ptr(), indices.data_ptr(),
             kv_len.data_ptr(), sink.data_ptr() if sink is not None else None,
             out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
-            T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E,
-            int(CLUSTER if cluster is None else cluster), torch.cuda.current_stream(q.device).cuda_stream,
-        )
+            T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        if H <= MAX_HEADS16:
+            err = lib.dsa_sparse_mla_fwd16_sm90(*args, stream)
+        else:
+            err = lib.dsa_sparse_mla_fwd_sm90(*args, int(CLUSTER if cluster is None else cluster), stream)
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA forward launch failed: cudaError {err}")
     return out, lse
@@ -219,8 +233,9 @@ def sparse_mla_fwd_cuda(
 
 def cuda_bwd_eligible(q: torch.Tensor, kv: torch.Tensor, d_v: int, deterministic: bool) -> bool:
     """Whether the CUDA backward handles these inputs (else the Triton backward runs)."""
-    # same shapes, dtypes and device as the forward
-    return not deterministic and not _env_off("MEGATRON_DSA_CUDA_BWD") and cuda_fwd_eligible(q, kv, d_v)
+    # the 64-head tiles of the forward (below MIN_HEADS the Triton backward wastes less)
+    return (not deterministic and not _env_off("MEGATRON_DSA_CUDA_BWD") and q.shape[1] >= MIN_HEADS
+            and cuda_fwd_eligible(q, kv, d_v))
 
 
 def effective_lengths(indices: torch.Tensor, topk_length: Optional[torch.Tensor], lib=None) -> torch.Tensor:

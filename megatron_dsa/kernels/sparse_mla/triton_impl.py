@@ -617,8 +617,9 @@ def sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length=None, 
 
 
 def sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length=None, sink=None):
-    """Forward only (no autograd): the sm_90a CUDA kernel where it applies (bf16, 576/512, more
-    than 32 heads, Hopper, nvcc available), else the Triton kernel. Same contract either way."""
+    """Forward only (no autograd): an sm_90a CUDA kernel where one applies (bf16, 576/512, at most
+    16 or more than 32 heads, Hopper, nvcc available), else the Triton kernel. Same contract
+    either way."""
     if cuda_fwd_eligible(q, kv, d_v):
         return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink)
     # (the Triton path keeps the caller's topk_length: passing the effective lengths measured
