@@ -2,7 +2,7 @@
 // transposed problem on wgmma, a persistent CTA per SM, a deep ring of gathered keys.
 //
 // At 16 heads a row's selected kv rows (k x 1152 B) carry only 16 x k x 1088 x 2 FLOPs, so the
-// forward is a gather from L2 whose rate grows with the rows in flight per SM. With the heads
+// forward is mostly a gather from L2 (36 GB for the causal S = 16K case). With the heads
 // as wgmma's M (64) three quarters of the tensor work would be padding; here the keys are M:
 //
 //   S^T [64 keys, 16 heads]  = K [64 keys, 576] . Q^T        (m64n16k16, A = keys from
@@ -10,21 +10,24 @@
 //   O^T [512, 16 heads]     += V^T [512, 64 keys] . P^T      (m64n16k16, A = V read MN-major
 //                                                             from the same kv rows, B = P^T)
 //
-// One persistent CTA of three warpgroups per SM walks rows t = blockIdx.x, + gridDim.x, ...
+// One persistent CTA of four warpgroups per SM walks rows t = blockIdx.x, + gridDim.x, ...
 // (rows without keys are written directly: zeros, lse = -inf) in blocks of 64 keys:
 //   WG2 (producer) gathers the selected kv rows, 16 keys per ring slot, into a 10-slot ring
 //       (cp.async, completion on one mbarrier per slot) and runs ahead across rows; a slot is
 //       refilled once WG1 has released it (a second mbarrier per slot).
-//   WG0 (S) computes S^T for a block (warp w's 16 keys = one slot, ldmatrix'd into A
-//       fragments six k-steps at a time; Q double-buffered in shared memory, the next row's
-//       loaded while this one runs), the softmax, and hands P^T (bf16, movmatrix-transposed)
-//       to WG1 through two shared-memory buffers. The softmax is per head (a column), so its
-//       maximum spans WG0's 4 warps. It is lazy: P is formed against the running maximum m;
-//       only when a score exceeds m + 8 (log2 units; P <= 256 otherwise) do the warps exchange
-//       their block maxima, raise m and pass the rescale factors to WG1 with the block (one
-//       barrier-with-vote per block decides, uniformly).
+//   WG0 (S^T) issues S^T for each block (warp w's 16 keys = one slot, ldmatrix'd into A
+//       fragments twelve k-steps at a time; Q double-buffered in shared memory, the next row's
+//       loaded while this one runs) and hands the fp32 accumulators to WG3 through shared
+//       memory, so its wgmmas are never held up by the softmax.
+//   WG3 (softmax) turns S^T into P^T (bf16, movmatrix-transposed) for WG1 through two
+//       shared-memory buffers. The softmax is per head (a column), so its maximum spans the
+//       4 warps. It is lazy: P is formed against the running maximum m; only when a score
+//       exceeds m + 8 (log2 units; P <= 256 otherwise) do the warps exchange their block
+//       maxima, raise m and pass the rescale factors to WG1 with the block (one
+//       barrier-with-vote per block decides, uniformly). At a row's end it hands WG1 the
+//       reciprocal row sums and writes lse.
 //   WG1 (PV) accumulates O^T over the block's 4 slots, releases them, and at a row's end
-//       divides by the row sums WG0 hands over and stores the output.
+//       scales by the reciprocal row sums and stores the output.
 // Shared-memory tiles are 64-channel chunks [rows, 128 B] in the 128-byte swizzle wgmma reads
 // (16-byte granule g of row r at g ^ (r % 8)). Invalid keys are zero-filled and masked; heads
 // >= H are zero rows of Q and not stored. No host synchronization, no workspace.
@@ -53,14 +56,16 @@ constexpr int OFF_P16 = OFF_Q16 + 2 * QBUF16;      // 2 x P^T [16 heads, 64 keys
 constexpr int OFF_AL16 = OFF_P16 + 2 * HT16 * 128; // 2 x {rescale flag, 16 alphas} (128 B each)
 constexpr int OFF_X16 = OFF_AL16 + 2 * 128;        // [4 warps][16 heads] fp32: WG0's exchange
 constexpr int OFF_ROW16 = OFF_X16 + 4 * HT16 * 4;  // [16] fp32: 1 / denominator of a row's heads
-constexpr int OFF_BAR16 = OFF_ROW16 + HT16 * 4;    // NS16 full + NS16 empty mbarriers
+constexpr int OFF_S16 = OFF_ROW16 + HT16 * 4;      // S^T [2][128 threads][4] fp32 (WG0 -> WG3)
+constexpr int OFF_BAR16 = OFF_S16 + 4096;          // NS16 full + NS16 empty mbarriers
 constexpr int SMEM16 = OFF_BAR16 + 2 * NS16 * 8 + 1024;  // + slack to align the base to 1024 B
-constexpr int THREADS16 = 384;
+constexpr int THREADS16 = 512;
 constexpr float LAZY16 = 8.f;                // rescale only when a score exceeds m + 8 (log2)
 // named barriers: WG0 alone; P full / free of buffer b (WG0 + WG1); a row's sums ready / read
-constexpr int BAR_S16 = 1, BAR_PFULL16 = 2, BAR_PFREE16 = 4, BAR_ROWDONE16 = 6, BAR_ROWFREE16 = 7;
+constexpr int BAR_SM16 = 1, BAR_PFULL16 = 2, BAR_PFREE16 = 4, BAR_ROWDONE16 = 6, BAR_ROWFREE16 = 7;
+constexpr int BAR_SFULL16 = 8, BAR_SFREE16 = 9, BAR_SI16 = 10;  // S^T WG0 -> WG3; WG0 alone
 #ifndef REGS16
-#define REGS16 1  // 1: setmaxnreg (producer 40, PV 160, S 232)
+#define REGS16 1  // 1: setmaxnreg (S^T 208, PV 160, producer 40, softmax 104; 512 at entry)
 #endif
 #ifndef KG16
 #define KG16 12                              // S^T k-steps per register group (of 36)
@@ -111,6 +116,12 @@ __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
 }
 __device__ __forceinline__ void sts_f32(uint32_t addr, float v) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void sts_v4(uint32_t addr, float a, float b, float c, float d) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ void lds_v4(uint32_t addr, float& a, float& b, float& c, float& d) {
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(a), "=f"(b), "=f"(c), "=f"(d) : "r"(addr) : "memory");
 }
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float v;
@@ -249,7 +260,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
   if (wg == 1) {
     // ---------------- PV: O^T += V^T P^T, output ----------------
 #if REGS16
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
 #endif
     const uint64_t pdesc0 = desc(sbase + OFF_P16, 16, 1024);
     const uint64_t vdesc0 = desc(sbase + OFF_KV16, CHK16, 1024);
@@ -332,74 +343,145 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     return;
   }
 
-  // ---------------- WG0: S^T, softmax ----------------
-#if REGS16
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-#endif
-  const int krow = warp * 16 + (lane >> 2);  // block-relative key row of this thread (+ 8)
-  // ldmatrix: lane L supplies row (L / 8 % 2) * 8 + L % 8 of its warp's slot, granule + L / 16
-  const int lrow = ((lane >> 3) & 1) * 8 + (lane & 7), lgr = lane >> 4;
-  const uint64_t qdesc0 = desc(sbase + OFF_Q16, 16, 1024);
-  const uint32_t xs = sbase + OFF_X16;
-
-  // rows without keys are skipped here (their lse written); returns the next row with keys
-  auto next_row = [&](int t) -> int {
+  // the key count of row t, 0 past the end (a load issued early and used a row later hides
+  // its latency)
+  auto len_of = [&](int t) -> int { return t < p.T ? row_len16(p, t) : 0; };
+  // the next row with keys after t and its key count (len); rows without keys are skipped
+  // (WG3 writes their lse). pre: len_of(t + stride), loaded beforehand.
+  auto next_row = [&](int t, int pre, int& len, bool write_lse) -> int {
     for (t += stride; t < p.T; t += stride) {
-      if (row_len16(p, t) > 0) break;
-      if (wt < HT16 && wt < p.H) p.lse[(long long)t * p.H + wt] = -INFINITY;
+      if (pre > 0) break;
+      if (write_lse && wt < HT16 && wt < p.H) p.lse[(long long)t * p.H + wt] = -INFINITY;
+      pre = len_of(t + stride);
     }
+    len = pre;
     return t;
   };
-  auto issue_q = [&](int t, int qb) {
-    if (t < p.T) {
-      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+
+  if (wg == 0) {
+    // ---------------- WG0: S^T ----------------
+#if REGS16
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");
+#endif
+    // ldmatrix: lane L supplies row (L / 8 % 2) * 8 + L % 8 of its warp's slot, granule + L / 16
+    const int lrow = ((lane >> 3) & 1) * 8 + (lane & 7), lgr = lane >> 4;
+    const uint64_t qdesc0 = desc(sbase + OFF_Q16, 16, 1024);
+    auto issue_q = [&](int t, int qb) {
+      if (t < p.T) {
+        const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
 #pragma unroll
-      for (int i = 0; i < 9; ++i) {
-        const int f = wt + 128 * i, h = f / 72, g = f % 72, c = g >> 3, gr = g & 7;
-        const bool ok = h < p.H;
-        cp_async16(sbase + OFF_Q16 + qb * QBUF16 + c * QCH16 + h * 128 + ((gr ^ (h & 7)) << 4),
-                   qrow + (long long)(ok ? h : 0) * p.q_sh + g * 8, ok);
+        for (int i = 0; i < 9; ++i) {
+          const int f = wt + 128 * i, h = f / 72, g = f % 72, c = g >> 3, gr = g & 7;
+          const bool ok = h < p.H;
+          cp_async16(sbase + OFF_Q16 + qb * QBUF16 + c * QCH16 + h * 128 + ((gr ^ (h & 7)) << 4),
+                     qrow + (long long)(ok ? h : 0) * p.q_sh + g * 8, ok);
+        }
+      }
+      cp_async_commit();
+    };
+    // S^T of the block at ring position seq0 into sacc, with the query in buffer qb. dummy: no
+    // block left; the same wgmma sequence is issued on whatever the slots hold and its result
+    // is not used (keeps ptxas from serializing wgmma). A fragments: two register sets.
+    auto issue_s = [&](uint32_t seq0, int qb, float (&sacc)[8], bool dummy) {
+      if (!dummy) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int ii = (i + warp) & 3;  // own slot first
+          mbar_wait(full0 + 8 * ((seq0 + ii) % NS16), ((seq0 + ii) / NS16) & 1);
+        }
+      }
+      const uint32_t abase = sbase + OFF_KV16 + ((seq0 + warp) % NS16) * SLOT16 + lrow * 128;
+      const uint64_t qd = qdesc0 + ((qb * QBUF16) >> 4);
+      uint32_t a[2][KG16][4];
+#pragma unroll
+      for (int g = 0; g < 36 / KG16; ++g) {
+        if (g >= 2) {
+          wgmma_wait1();  // group g - 2's wgmmas are done
+          keep_live(a[g & 1]);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KG16; ++kk) {
+          const int c = (KG16 * g + kk) / 4, q = (KG16 * g + kk) % 4;
+          ldsm_x4(a[g & 1][kk], abase + c * CHK16 + (((2 * q + lgr) ^ (lane & 7)) << 4));
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KG16; ++kk) {
+          const int c = (KG16 * g + kk) / 4, q = (KG16 * g + kk) % 4;
+          if (!(FWD16_DBG & 2)) wgmma_m64n16k16_rs(sacc, a[g & 1][kk], qd + ((c * QCH16 + q * 32) >> 4), (c | q) != 0);
+        }
+        wgmma_commit();
+      }
+      wgmma_wait0();
+      keep_live(a[0]);
+      keep_live(a[1]);
+    };
+
+    int t = blockIdx.x;
+    int kvl = len_of(t), kvl_next;
+    if (t < p.T && kvl == 0) t = next_row(t, len_of(t + stride), kvl, false);
+    if (t >= p.T) return;
+    int t_next = next_row(t, len_of(t + stride), kvl_next, false);
+    int pre2 = len_of(t_next + stride);  // used at this row's end
+    issue_q(t, 0);
+    issue_q(t_next, 1);
+    cp_async_wait1();
+    fence_async_smem();
+    bar_sync(BAR_SI16, 128);  // the first query has landed
+    int nblk = (kvl + BK16 - 1) / BK16, j = 0, r = 0;
+    float sacc[8];
+    PROF_INIT;
+    issue_s(0, 0, sacc, false);
+    for (uint32_t k = 0;; ++k) {
+      PROF_MARK(0); PROF_CNT(9);
+      if (k >= 1) bar_sync(BAR_SFREE16, 256);  // WG3 has read block k - 1's S^T
+      PROF_MARK(1);
+      sts_v4(sbase + OFF_S16 + wt * 16, sacc[0], sacc[1], sacc[2], sacc[3]);
+      sts_v4(sbase + OFF_S16 + 2048 + wt * 16, sacc[4], sacc[5], sacc[6], sacc[7]);
+      bar_arrive(BAR_SFULL16, 256);
+      if (++j == nblk) {  // the row's last block: its query buffer takes the row after next
+        int len2;
+        const int t2 = next_row(t_next, pre2, len2, false);
+        issue_q(t2, r & 1);
+        t = t_next;
+        kvl = kvl_next;
+        t_next = t2;
+        kvl_next = len2;
+        pre2 = len_of(t_next + stride);
+        ++r;
+        j = 0;
+        if (t < p.T) {
+          nblk = (kvl + BK16 - 1) / BK16;
+          cp_async_wait1();  // this row's query (the one after it may still be in flight)
+          fence_async_smem();
+          bar_sync(BAR_SI16, 128);
+        }
+      }
+      PROF_MARK(2);
+      const bool done = t >= p.T;
+      issue_s(4 * (k + 1), r & 1, sacc, done);
+      if (done) {
+        bar_sync(BAR_SFREE16, 256);  // match WG3's arrival on the last block
+        break;
       }
     }
-    cp_async_commit();
-  };
-  // S^T of the block at ring position seq0 into sacc, with the query in buffer qb. dummy: no
-  // block left; the same wgmma sequence is issued on whatever the slots hold and its result is
-  // not used (keeps ptxas from serializing wgmma). A fragments go through two register sets.
-  auto issue_s = [&](uint32_t seq0, int qb, float (&sacc)[8], bool dummy) {
-    if (!dummy) {
+    PROF_FLUSH(0, 3);
+    PROF_FLUSH(9, 10);
+    cp_async_wait_all();
+    return;
+  }
+
+  // ---------------- WG3: softmax, row sums ----------------
+#if REGS16
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 104;\n" ::: "memory");
+#endif
+  const int krow = warp * 16 + (lane >> 2);  // block-relative key row of this thread (+ 8)
+  const uint32_t xs = sbase + OFF_X16;
+  // the sink's logits per head of this thread (log2 units), read once
+  float sink2[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int ii = (i + warp) & 3;  // own slot first
-        mbar_wait(full0 + 8 * ((seq0 + ii) % NS16), ((seq0 + ii) / NS16) & 1);
-      }
-    }
-    const uint32_t abase = sbase + OFF_KV16 + ((seq0 + warp) % NS16) * SLOT16 + lrow * 128;
-    const uint64_t qd = qdesc0 + ((qb * QBUF16) >> 4);
-    uint32_t a[2][KG16][4];
-#pragma unroll
-    for (int g = 0; g < 36 / KG16; ++g) {
-      if (g >= 2) {
-        wgmma_wait1();  // group g - 2's wgmmas are done
-        keep_live(a[g & 1]);
-      }
-#pragma unroll
-      for (int kk = 0; kk < KG16; ++kk) {
-        const int c = (KG16 * g + kk) / 4, q = (KG16 * g + kk) % 4;
-        ldsm_x4(a[g & 1][kk], abase + c * CHK16 + (((2 * q + lgr) ^ (lane & 7)) << 4));
-      }
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < KG16; ++kk) {
-        const int c = (KG16 * g + kk) / 4, q = (KG16 * g + kk) % 4;
-        if (!(FWD16_DBG & 2)) wgmma_m64n16k16_rs(sacc, a[g & 1][kk], qd + ((c * QCH16 + q * 32) >> 4), (c | q) != 0);
-      }
-      wgmma_commit();
-    }
-    wgmma_wait0();
-    keep_live(a[0]);
-    keep_live(a[1]);
-  };
+  for (int h = 0; h < 4; ++h)
+    sink2[h] = (p.sink != nullptr && hd[h] < p.H) ? __ldg(p.sink + hd[h]) * 1.4426950408889634f : -INFINITY;
   auto write_pt = [&](int pb, const float (&e)[8]) {
     // the warp's 16 x 16 (keys x heads) tile as four 8 x 8 matrices, transposed to heads x keys
 #pragma unroll
@@ -411,25 +493,20 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     }
   };
 
-  // first rows with keys (lse of rows without keys before them written)
   int t = blockIdx.x;
-  if (t < p.T && row_len16(p, t) == 0) {
+  int kvl = len_of(t), kvl_next;
+  if (t < p.T && kvl == 0) {
     if (wt < HT16 && wt < p.H) p.lse[(long long)t * p.H + wt] = -INFINITY;
-    t = next_row(t);
+    t = next_row(t, len_of(t + stride), kvl, true);
   }
   if (t >= p.T) return;
-  int t_next = next_row(t);
-  issue_q(t, 0);
-  issue_q(t_next, 1);
-  cp_async_wait1();
-  fence_async_smem();
-  bar_sync(BAR_S16, 128);  // the first query has landed
-  int kvl = row_len16(p, t), nblk = (kvl + BK16 - 1) / BK16, j = 0, r = 0;
+  int t_next = next_row(t, len_of(t + stride), kvl_next, true);
+  int pre2 = len_of(t_next + stride);  // used at this row's end
+  int nblk = (kvl + BK16 - 1) / BK16, j = 0, r = 0;
   long long idx_off = (long long)t * p.idx_s;
   float mu[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  // running max per head (log2)
   float lp[4] = {0.f, 0.f, 0.f, 0.f};                          // this thread's row-sum parts
-  float sacc[8];
-  int idn[2];  // ids of this thread's two keys of the block being issued
+  int idn[2];  // ids of this thread's two keys of the next block
   auto load_key_ids = [&]() {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -439,10 +516,15 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
   };
   load_key_ids();
   PROF_INIT;
-  issue_s(0, 0, sacc, false);
   for (uint32_t k = 0;; ++k) {
-    PROF_MARK(0); PROF_CNT(9);
     const bool vk[2] = {idn[0] >= 0 && idn[0] < p.Tk, idn[1] >= 0 && idn[1] < p.Tk};
+    PROF_MARK(4);
+    bar_sync(BAR_SFULL16, 256);  // block k's S^T from WG0
+    PROF_MARK(3);
+    float sacc[8];
+    lds_v4(sbase + OFF_S16 + wt * 16, sacc[0], sacc[1], sacc[2], sacc[3]);
+    lds_v4(sbase + OFF_S16 + 2048 + wt * 16, sacc[4], sacc[5], sacc[6], sacc[7]);
+    bar_arrive(BAR_SFREE16, 256);
     // ---- softmax against the running maximum ----
     float s[8], e[8], sum[4] = {0.f, 0.f, 0.f, 0.f};
     bool over = false;
@@ -458,12 +540,10 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
       sum[hv16(v)] += e[v];
     }
     const int pb = k & 1;
-    PROF_MARK(1);
     if (k >= 2) bar_sync(BAR_PFREE16 + pb, 256);  // WG1 is done with block k - 2's buffers
-    PROF_MARK(2);
     write_pt(pb, e);
     fence_async_smem();
-    const bool any = bar_red_or(BAR_S16, 128, over);
+    const bool any = bar_red_or(BAR_SM16, 128, over);
     if (any) {
       // exchange the block's per-head maxima, raise m, recompute P, pass the rescale to WG1
       float bm[4];
@@ -479,7 +559,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 #pragma unroll
         for (int h = 0; h < 4; ++h) sts_f32(xs + 4 * (warp * HT16 + hd[h]), bm[h]);
       }
-      bar_sync(BAR_S16, 128);
+      bar_sync(BAR_SM16, 128);
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         float x = mu[h];
@@ -500,18 +580,17 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
       }
       write_pt(pb, e);
       fence_async_smem();
-      bar_sync(BAR_S16, 128);  // P^T rewritten (and every thread has read the maxima)
+      bar_sync(BAR_SM16, 128);  // P^T rewritten (and every thread has read the maxima)
     } else if (wt == 0) {
       sts_f32(sbase + OFF_AL16 + pb * 128, 0.f);
     }
 #pragma unroll
     for (int h = 0; h < 4; ++h) lp[h] += sum[h];
     bar_arrive(BAR_PFULL16 + pb, 256);  // block k's P^T (and rescale) is ready for WG1
-    PROF_MARK(3);
-    // ---- the row's last block: sums to WG1, lse, the query after next, the next row ----
+    // ---- the row's last block: sums to WG1, lse, the next row ----
     if (++j == nblk) {
-      const int t2 = next_row(t_next);
-      issue_q(t2, r & 1);  // every S^T of row t is done: its query buffer is free
+      int len2;
+      const int t2 = next_row(t_next, pre2, len2, true);
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         float x = lp[h];
@@ -524,7 +603,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 #pragma unroll
         for (int h = 0; h < 4; ++h) sts_f32(xs + 4 * (warp * HT16 + hd[h]), lp[h]);
       }
-      bar_sync(BAR_S16, 128);
+      bar_sync(BAR_SM16, 128);
       float inv[4];
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
@@ -532,8 +611,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 #pragma unroll
         for (int w = 0; w < 4; ++w) l += lds_f32(xs + 4 * (w * HT16 + hd[h]));
         const float mz = mu[h] == -INFINITY ? 0.f : mu[h];
-        float denom = l;
-        if (p.sink != nullptr && hd[h] < p.H) denom += ex2(__ldg(p.sink + hd[h]) * 1.4426950408889634f - mz);
+        const float denom = l + ex2(sink2[h] - mz);  // (+ 0 without a sink)
         inv[h] = denom > 0.f ? 1.f / denom : 0.f;
         if (warp == 0 && lane < 4 && hd[h] < p.H)
           p.lse[(long long)t * p.H + hd[h]] = l > 0.f ? (mz + log2f(l)) * 0.6931471805599453f : -INFINITY;
@@ -544,8 +622,13 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
         for (int h = 0; h < 4; ++h) sts_f32(sbase + OFF_ROW16 + 4 * hd[h], inv[h]);
       }
       bar_arrive(BAR_ROWDONE16, 256);
+      // every thread has read xs before another block's exchange writes it
+      bar_sync(BAR_SM16, 128);
       t = t_next;
+      kvl = kvl_next;
       t_next = t2;
+      kvl_next = len2;
+      pre2 = len_of(t_next + stride);
       ++r;
       j = 0;
 #pragma unroll
@@ -553,30 +636,19 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
         mu[h] = -INFINITY;
         lp[h] = 0.f;
       }
-      if (t < p.T) {
-        kvl = row_len16(p, t);
-        nblk = (kvl + BK16 - 1) / BK16;
-        idx_off = (long long)t * p.idx_s;
-        cp_async_wait1();  // this row's query (the one after it may still be in flight)
-        fence_async_smem();
-        bar_sync(BAR_S16, 128);
+      if (t >= p.T) {
+        // match WG1's arrivals on the last two blocks' buffers and on the last row's sums
+        if (k >= 1) bar_sync(BAR_PFREE16 + ((k + 1) & 1), 256);
+        bar_sync(BAR_PFREE16 + (k & 1), 256);
+        bar_sync(BAR_ROWFREE16, 256);
+        break;
       }
+      nblk = (kvl + BK16 - 1) / BK16;
+      idx_off = (long long)t * p.idx_s;
     }
-    PROF_MARK(4);
-    const bool done = t >= p.T;
-    if (!done) load_key_ids();
-    issue_s(4 * (k + 1), r & 1, sacc, done);
-    if (done) {
-      // match WG1's arrivals on the last two blocks' buffers and on the last row's sums
-      if (k >= 1) bar_sync(BAR_PFREE16 + ((k + 1) & 1), 256);
-      bar_sync(BAR_PFREE16 + (k & 1), 256);
-      bar_sync(BAR_ROWFREE16, 256);
-      break;
-    }
+    load_key_ids();
   }
-  PROF_FLUSH(0, 5);
-  PROF_FLUSH(9, 10);
-  cp_async_wait_all();
+  PROF_FLUSH(3, 5);
 }
 
 }  // namespace
