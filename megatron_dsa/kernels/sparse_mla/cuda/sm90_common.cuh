@@ -141,7 +141,41 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
 }
 
+// The forward kernels' launch parameters (the 64-head and the 16-head forward take the same C
+// arguments).
+struct FwdParams {
+  const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
+  const __nv_bfloat16* kv;    // [Tk, 576], channel stride 1, rows 16-byte aligned
+  const int32_t* idx;         // [T, K]
+  const int32_t* topk_len;    // [T] or null
+  const float* sink;          // [H] or null
+  __nv_bfloat16* out;         // [T, H, 512]
+  float* lse;                 // [T, H]
+  long long q_st, q_sh, kv_s, idx_s, out_st, out_sh;
+  int T, H, Tk, K, n_hblk;    // n_hblk: 64-head blocks (64-head forward only)
+  float scale_log2;           // softmax_scale * log2(e)
+};
+
 // ---- host side ----
+
+inline FwdParams fwd_params(const void* q, const void* kv, const void* idx, const void* topk_len,
+                            const void* sink, void* out, void* lse, long long q_st, long long q_sh,
+                            long long kv_s, long long idx_s, long long out_st, long long out_sh,
+                            int T, int H, int Tk, int K, float scale_log2) {
+  FwdParams p;
+  p.q = static_cast<const __nv_bfloat16*>(q);
+  p.kv = static_cast<const __nv_bfloat16*>(kv);
+  p.idx = static_cast<const int32_t*>(idx);
+  p.topk_len = static_cast<const int32_t*>(topk_len);
+  p.sink = static_cast<const float*>(sink);
+  p.out = static_cast<__nv_bfloat16*>(out);
+  p.lse = static_cast<float*>(lse);
+  p.q_st = q_st; p.q_sh = q_sh; p.kv_s = kv_s; p.idx_s = idx_s; p.out_st = out_st; p.out_sh = out_sh;
+  p.T = T; p.H = H; p.Tk = Tk; p.K = K;
+  p.n_hblk = 0;
+  p.scale_log2 = scale_log2;
+  return p;
+}
 
 // Raise the dynamic shared-memory limit of a plain / cluster kernel pair once per device.
 template <typename KPlain, typename KCluster>

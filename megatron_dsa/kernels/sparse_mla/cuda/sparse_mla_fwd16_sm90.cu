@@ -89,17 +89,13 @@ __device__ unsigned long long g_fwd16_prof[10];
 #define PROF_CNT(i) do {} while (0)
 #endif
 
-struct Params16 {
-  const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
-  const __nv_bfloat16* kv;    // [Tk, 576], channel stride 1, rows 16-byte aligned
-  const int32_t* idx;         // [T, K]
-  const int32_t* topk_len;    // [T] or null
-  const float* sink;          // [H] or null
-  __nv_bfloat16* out;         // [T, H, 512]
-  float* lse;                 // [T, H]
-  long long q_st, q_sh, kv_s, idx_s, out_st, out_sh;
-  int T, H, Tk, K;
-  float scale_log2;
+using Params16 = FwdParams;
+
+// A CTA's walk over its rows with keys (t = blockIdx.x, + gridDim.x, ...), the same in the S^T
+// and the softmax warpgroups: the current row and its key count, the next row with keys and
+// its count, the count of the row after that (loaded a row early), the row and block counters.
+struct RowWalk16 {
+  int t, kvl, t_next, kvl_next, pre2, r, j;
 };
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -357,6 +353,32 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     len = pre;
     return t;
   };
+  // the first rows with keys (rw.t >= T: none)
+  auto walk_start = [&](bool write_lse) -> RowWalk16 {
+    RowWalk16 rw;
+    rw.t = blockIdx.x;
+    rw.kvl = len_of(rw.t);
+    rw.r = rw.j = 0;
+    if (rw.t < p.T && rw.kvl == 0) {
+      if (write_lse && wt < HT16 && wt < p.H) p.lse[(long long)rw.t * p.H + wt] = -INFINITY;
+      rw.t = next_row(rw.t, len_of(rw.t + stride), rw.kvl, write_lse);
+    }
+    rw.t_next = rw.t < p.T ? next_row(rw.t, len_of(rw.t + stride), rw.kvl_next, write_lse) : p.T;
+    rw.pre2 = len_of(rw.t_next + stride);
+    return rw;
+  };
+  // at a row's end: on to the next row with keys
+  auto walk_advance = [&](RowWalk16& rw, bool write_lse) {
+    int len2;
+    const int t2 = next_row(rw.t_next, rw.pre2, len2, write_lse);
+    rw.t = rw.t_next;
+    rw.kvl = rw.kvl_next;
+    rw.t_next = t2;
+    rw.kvl_next = len2;
+    rw.pre2 = len_of(t2 + stride);
+    ++rw.r;
+    rw.j = 0;
+  };
 
   if (wg == 0) {
     // ---------------- WG0: S^T ----------------
@@ -417,18 +439,14 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
       keep_live(a[1]);
     };
 
-    int t = blockIdx.x;
-    int kvl = len_of(t), kvl_next;
-    if (t < p.T && kvl == 0) t = next_row(t, len_of(t + stride), kvl, false);
-    if (t >= p.T) return;
-    int t_next = next_row(t, len_of(t + stride), kvl_next, false);
-    int pre2 = len_of(t_next + stride);  // used at this row's end
-    issue_q(t, 0);
-    issue_q(t_next, 1);
+    RowWalk16 rw = walk_start(false);
+    if (rw.t >= p.T) return;
+    issue_q(rw.t, 0);
+    issue_q(rw.t_next, 1);
     cp_async_wait1();
     fence_async_smem();
     bar_sync(BAR_SI16, 128);  // the first query has landed
-    int nblk = (kvl + BK16 - 1) / BK16, j = 0, r = 0;
+    int nblk = (rw.kvl + BK16 - 1) / BK16;
     float sacc[8];
     PROF_INIT;
     issue_s(0, 0, sacc, false);
@@ -439,27 +457,19 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
       sts_v4(sbase + OFF_S16 + wt * 16, sacc[0], sacc[1], sacc[2], sacc[3]);
       sts_v4(sbase + OFF_S16 + 2048 + wt * 16, sacc[4], sacc[5], sacc[6], sacc[7]);
       bar_arrive(BAR_SFULL16, 256);
-      if (++j == nblk) {  // the row's last block: its query buffer takes the row after next
-        int len2;
-        const int t2 = next_row(t_next, pre2, len2, false);
-        issue_q(t2, r & 1);
-        t = t_next;
-        kvl = kvl_next;
-        t_next = t2;
-        kvl_next = len2;
-        pre2 = len_of(t_next + stride);
-        ++r;
-        j = 0;
-        if (t < p.T) {
-          nblk = (kvl + BK16 - 1) / BK16;
+      if (++rw.j == nblk) {  // the row's last block: its query buffer takes the row after next
+        walk_advance(rw, false);
+        issue_q(rw.t_next, (rw.r - 1) & 1);
+        if (rw.t < p.T) {
+          nblk = (rw.kvl + BK16 - 1) / BK16;
           cp_async_wait1();  // this row's query (the one after it may still be in flight)
           fence_async_smem();
           bar_sync(BAR_SI16, 128);
         }
       }
       PROF_MARK(2);
-      const bool done = t >= p.T;
-      issue_s(4 * (k + 1), r & 1, sacc, done);
+      const bool done = rw.t >= p.T;
+      issue_s(4 * (k + 1), rw.r & 1, sacc, done);
       if (done) {
         bar_sync(BAR_SFREE16, 256);  // match WG3's arrival on the last block
         break;
@@ -493,25 +503,18 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     }
   };
 
-  int t = blockIdx.x;
-  int kvl = len_of(t), kvl_next;
-  if (t < p.T && kvl == 0) {
-    if (wt < HT16 && wt < p.H) p.lse[(long long)t * p.H + wt] = -INFINITY;
-    t = next_row(t, len_of(t + stride), kvl, true);
-  }
-  if (t >= p.T) return;
-  int t_next = next_row(t, len_of(t + stride), kvl_next, true);
-  int pre2 = len_of(t_next + stride);  // used at this row's end
-  int nblk = (kvl + BK16 - 1) / BK16, j = 0, r = 0;
-  long long idx_off = (long long)t * p.idx_s;
+  RowWalk16 rw = walk_start(true);
+  if (rw.t >= p.T) return;
+  int nblk = (rw.kvl + BK16 - 1) / BK16;
+  long long idx_off = (long long)rw.t * p.idx_s;
   float mu[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  // running max per head (log2)
   float lp[4] = {0.f, 0.f, 0.f, 0.f};                          // this thread's row-sum parts
   int idn[2];  // ids of this thread's two keys of the next block
   auto load_key_ids = [&]() {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int key = j * BK16 + krow + 8 * i;
-      idn[i] = key < kvl ? __ldg(p.idx + idx_off + key) : -1;
+      const int key = rw.j * BK16 + krow + 8 * i;
+      idn[i] = key < rw.kvl ? __ldg(p.idx + idx_off + key) : -1;
     }
   };
   load_key_ids();
@@ -588,9 +591,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     for (int h = 0; h < 4; ++h) lp[h] += sum[h];
     bar_arrive(BAR_PFULL16 + pb, 256);  // block k's P^T (and rescale) is ready for WG1
     // ---- the row's last block: sums to WG1, lse, the next row ----
-    if (++j == nblk) {
-      int len2;
-      const int t2 = next_row(t_next, pre2, len2, true);
+    if (++rw.j == nblk) {
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         float x = lp[h];
@@ -614,9 +615,9 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
         const float denom = l + ex2(sink2[h] - mz);  // (+ 0 without a sink)
         inv[h] = denom > 0.f ? 1.f / denom : 0.f;
         if (warp == 0 && lane < 4 && hd[h] < p.H)
-          p.lse[(long long)t * p.H + hd[h]] = l > 0.f ? (mz + log2f(l)) * 0.6931471805599453f : -INFINITY;
+          p.lse[(long long)rw.t * p.H + hd[h]] = l > 0.f ? (mz + log2f(l)) * 0.6931471805599453f : -INFINITY;
       }
-      if (r > 0) bar_sync(BAR_ROWFREE16, 256);  // WG1 has read the previous row's sums
+      if (rw.r > 0) bar_sync(BAR_ROWFREE16, 256);  // WG1 has read the previous row's sums
       if (warp == 0 && lane < 4) {
 #pragma unroll
         for (int h = 0; h < 4; ++h) sts_f32(sbase + OFF_ROW16 + 4 * hd[h], inv[h]);
@@ -624,27 +625,21 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
       bar_arrive(BAR_ROWDONE16, 256);
       // every thread has read xs before another block's exchange writes it
       bar_sync(BAR_SM16, 128);
-      t = t_next;
-      kvl = kvl_next;
-      t_next = t2;
-      kvl_next = len2;
-      pre2 = len_of(t_next + stride);
-      ++r;
-      j = 0;
+      walk_advance(rw, true);
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         mu[h] = -INFINITY;
         lp[h] = 0.f;
       }
-      if (t >= p.T) {
+      if (rw.t >= p.T) {
         // match WG1's arrivals on the last two blocks' buffers and on the last row's sums
         if (k >= 1) bar_sync(BAR_PFREE16 + ((k + 1) & 1), 256);
         bar_sync(BAR_PFREE16 + (k & 1), 256);
         bar_sync(BAR_ROWFREE16, 256);
         break;
       }
-      nblk = (kvl + BK16 - 1) / BK16;
-      idx_off = (long long)t * p.idx_s;
+      nblk = (rw.kvl + BK16 - 1) / BK16;
+      idx_off = (long long)rw.t * p.idx_s;
     }
     load_key_ids();
   }
@@ -677,17 +672,8 @@ int dsa_sparse_mla_fwd16_sm90(const void* q, const void* kv, const void* idx, co
   if (T == 0 || H == 0) return 0;
   if (H > HT16 || (reinterpret_cast<uintptr_t>(out) & 15) != 0 || out_st % 8 != 0 || out_sh % 8 != 0)
     return static_cast<int>(cudaErrorInvalidValue);
-  Params16 p;
-  p.q = static_cast<const __nv_bfloat16*>(q);
-  p.kv = static_cast<const __nv_bfloat16*>(kv);
-  p.idx = static_cast<const int32_t*>(idx);
-  p.topk_len = static_cast<const int32_t*>(topk_len);
-  p.sink = static_cast<const float*>(sink);
-  p.out = static_cast<__nv_bfloat16*>(out);
-  p.lse = static_cast<float*>(lse);
-  p.q_st = q_st; p.q_sh = q_sh; p.kv_s = kv_s; p.idx_s = idx_s; p.out_st = out_st; p.out_sh = out_sh;
-  p.T = T; p.H = H; p.Tk = Tk; p.K = K;
-  p.scale_log2 = scale_log2;
+  const Params16 p = dsa_sm90::fwd_params(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st,
+                                          out_sh, T, H, Tk, K, scale_log2);
   static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
   static int n_sm[64] = {};
   cudaError_t e = dsa_sm90::set_smem_once(attr_set, sparse_mla_fwd16_sm90_kernel, SMEM16);

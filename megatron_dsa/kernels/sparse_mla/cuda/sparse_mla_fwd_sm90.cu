@@ -70,18 +70,7 @@ constexpr int SMEM_BYTES = SMEM_USED + 1024;     // slack to align the base to 1
 constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3, BAR_WG0 = 4;
 constexpr int BAR_STORE = 7;  // + w: warpgroup 1 + w has staged its O tile (ids 7, 8)
 
-struct Params {
-  const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
-  const __nv_bfloat16* kv;    // [Tk, 576], channel stride 1
-  const int32_t* idx;         // [T, K]
-  const int32_t* topk_len;    // [T] or null
-  const float* sink;          // [H] or null
-  __nv_bfloat16* out;         // [T, H, 512]
-  float* lse;                 // [T, H]
-  long long q_st, q_sh, kv_s, idx_s, out_st, out_sh;
-  int T, H, Tk, K, n_hblk;  // T: rows (informational; the grid encodes it)
-  float scale_log2;           // softmax_scale * log2(e)
-};
+using Params = FwdParams;
 
 // kCluster: launched as 2-CTA clusters (H in (64, 128]), the CTAs of one token share gathers.
 template <bool kCluster>
@@ -460,18 +449,9 @@ int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, cons
   if (T == 0 || H == 0) return 0;
   if ((reinterpret_cast<uintptr_t>(out) & 15) != 0 || out_st % 8 != 0 || out_sh % 8 != 0)
     return static_cast<int>(cudaErrorInvalidValue);
-  Params p;
-  p.q = static_cast<const __nv_bfloat16*>(q);
-  p.kv = static_cast<const __nv_bfloat16*>(kv);
-  p.idx = static_cast<const int32_t*>(idx);
-  p.topk_len = static_cast<const int32_t*>(topk_len);
-  p.sink = static_cast<const float*>(sink);
-  p.out = static_cast<__nv_bfloat16*>(out);
-  p.lse = static_cast<float*>(lse);
-  p.q_st = q_st; p.q_sh = q_sh; p.kv_s = kv_s; p.idx_s = idx_s; p.out_st = out_st; p.out_sh = out_sh;
-  p.T = T; p.H = H; p.Tk = Tk; p.K = K;
+  Params p = fwd_params(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st, out_sh, T, H, Tk,
+                        K, scale_log2);
   p.n_hblk = (H + BM - 1) / BM;
-  p.scale_log2 = scale_log2;
   const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (cluster && p.n_hblk == 2) {
