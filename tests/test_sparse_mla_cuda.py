@@ -60,21 +60,30 @@ def test_16_head_kernel_compiles_for_sm90a_without_spills(tmp_path):
     assert_compiles_without_spills(ci._SRC16, tmp_path, "sparse_mla_fwd16_sm90_kernel")
 
 
-def test_head_count_routing():
-    """<= 16 heads: the 16-head kernel; 17-32: Triton; > 32: the 64-head kernel (the
-    backward: CUDA only above 32)."""
+def test_head_count_routing(monkeypatch):
+    """CPU tensors never take a CUDA kernel; on a GPU every head count does (<= 16 heads: the
+    16-head forward, more: the 64-head one), the backward too unless deterministic."""
     kv = torch.zeros(4, 576, dtype=torch.bfloat16)
-    for H in (1, 7, 16, 17, 32, 33, 128):
+    for H in (1, 16, 17, 128):
         q = torch.zeros(4, H, 576, dtype=torch.bfloat16)
-        assert not ci.cuda_fwd_eligible(q, kv, 512)  # CPU tensors: never
-        assert ci._fast_path(q, kv, 512) is False
+        assert not ci.cuda_fwd_eligible(q, kv, 512)
+        assert not ci.cuda_bwd_eligible(q, kv, 512, False)
     if HOPPER and ci.cuda_fwd_available():
         kv = kv.cuda()
-        for H, fwd, bwd in ((1, True, False), (16, True, False), (17, False, False), (32, False, False),
-                            (33, True, True), (128, True, True)):
+        launched = []
+        lib = ci._load()
+        for name in ("dsa_sparse_mla_fwd16_sm90", "dsa_sparse_mla_fwd_sm90"):
+            real = getattr(lib, name)
+            monkeypatch.setattr(lib, name, lambda *a, _n=name, _r=real: (launched.append(_n), _r(*a))[1])
+        for H, kernel in ((1, "dsa_sparse_mla_fwd16_sm90"), (16, "dsa_sparse_mla_fwd16_sm90"),
+                          (17, "dsa_sparse_mla_fwd_sm90"), (32, "dsa_sparse_mla_fwd_sm90"),
+                          (128, "dsa_sparse_mla_fwd_sm90")):
             q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
-            assert ci.cuda_fwd_eligible(q, kv, 512) is fwd, H
-            assert ci.cuda_bwd_eligible(q, kv, 512, False) is bwd, H
+            assert ci.cuda_fwd_eligible(q, kv, 512) and ci.cuda_bwd_eligible(q, kv, 512, False), H
+            assert not ci.cuda_bwd_eligible(q, kv, 512, True), H
+            launched.clear()
+            ci.sparse_mla_fwd_cuda(q, kv, torch.zeros(4, 64, dtype=torch.int32, device="cuda"), 0.1)
+            assert launched == [kernel], (H, launched)
 
 
 @pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
@@ -135,6 +144,8 @@ def _case(T, H, K, sink, topk, empty_rows, seed):
     (5000, 16, 2048, False, False),  # the 16-head kernel, many rows per CTA
     (600, 7, 512, True, True),       # the 16-head kernel, 7 heads (zero rows of Q, not stored)
     (257, 1, 200, False, True),      # the 16-head kernel, one head; K not a multiple of 64
+    (1024, 32, 512, True, True),     # the 64-head kernel, one half-empty head tile
+    (600, 17, 300, False, False),    # the 64-head kernel, 17 heads
 ])
 def test_gpu_matches_float64_reference(T, H, K, sink, topk):
     if not ci.cuda_fwd_available():

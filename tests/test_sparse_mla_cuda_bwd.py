@@ -194,6 +194,9 @@ def _check_against_reference(T, H, K, sink, topk, holes, target):
     (1536, 64, 1024, True, True, False, True),
     (1024, 100, 512, True, False, True, False),   # last head tile masked (100 = 64 + 36)
     (777, 48, 300, False, True, True, True),      # one partial head tile; K not a multiple of 32
+    (1024, 16, 512, True, True, True, True),      # 16 heads in a 64-head tile
+    (600, 1, 200, False, False, False, True),     # one head
+    (700, 32, 300, True, False, True, False),     # 32 heads
 ])
 def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
     if not ci.cuda_fwd_available():

@@ -617,9 +617,8 @@ def sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length=None, 
 
 
 def sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length=None, sink=None):
-    """Forward only (no autograd): an sm_90a CUDA kernel where one applies (bf16, 576/512, at most
-    16 or more than 32 heads, Hopper, nvcc available), else the Triton kernel. Same contract
-    either way."""
+    """Forward only (no autograd): an sm_90a CUDA kernel where one applies (bf16, 576/512,
+    Hopper, nvcc available), else the Triton kernel. Same contract either way."""
     if cuda_fwd_eligible(q, kv, d_v):
         return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink)
     # (the Triton path keeps the caller's topk_length: passing the effective lengths measured
@@ -661,7 +660,7 @@ def sparse_mla_bwd(
     deterministic: bool = False, target_out=None,
 ):
     """Backward dispatch: the sm_90a CUDA kernel where it applies (bf16, Dqk = 576, d_v = 512,
-    more than 32 heads, not deterministic; ``cuda_bwd_eligible``), else the Triton kernels.
+    not deterministic; ``cuda_bwd_eligible``), else the Triton kernels.
     Same contract as :func:`sparse_mla_bwd_triton`."""
     if not cuda_bwd_eligible(q, kv, d_v, deterministic):
         return sparse_mla_bwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse,
