@@ -60,30 +60,12 @@ def test_16_head_kernel_compiles_for_sm90a_without_spills(tmp_path):
     assert_compiles_without_spills(ci._SRC16, tmp_path, "sparse_mla_fwd16_sm90_kernel")
 
 
-def test_head_count_routing(monkeypatch):
-    """CPU tensors never take a CUDA kernel; on a GPU every head count does (<= 16 heads: the
-    16-head forward, more: the 64-head one), the backward too unless deterministic."""
+def test_cpu_tensors_take_no_cuda_kernel_at_any_head_count():
     kv = torch.zeros(4, 576, dtype=torch.bfloat16)
     for H in (1, 16, 17, 128):
         q = torch.zeros(4, H, 576, dtype=torch.bfloat16)
         assert not ci.cuda_fwd_eligible(q, kv, 512)
         assert not ci.cuda_bwd_eligible(q, kv, 512, False)
-    if HOPPER and ci.cuda_fwd_available():
-        kv = kv.cuda()
-        launched = []
-        lib = ci._load()
-        for name in ("dsa_sparse_mla_fwd16_sm90", "dsa_sparse_mla_fwd_sm90"):
-            real = getattr(lib, name)
-            monkeypatch.setattr(lib, name, lambda *a, _n=name, _r=real: (launched.append(_n), _r(*a))[1])
-        for H, kernel in ((1, "dsa_sparse_mla_fwd16_sm90"), (16, "dsa_sparse_mla_fwd16_sm90"),
-                          (17, "dsa_sparse_mla_fwd_sm90"), (32, "dsa_sparse_mla_fwd_sm90"),
-                          (128, "dsa_sparse_mla_fwd_sm90")):
-            q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
-            assert ci.cuda_fwd_eligible(q, kv, 512) and ci.cuda_bwd_eligible(q, kv, 512, False), H
-            assert not ci.cuda_bwd_eligible(q, kv, 512, True), H
-            launched.clear()
-            ci.sparse_mla_fwd_cuda(q, kv, torch.zeros(4, 64, dtype=torch.int32, device="cuda"), 0.1)
-            assert launched == [kernel], (H, launched)
 
 
 @pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
@@ -119,6 +101,30 @@ def test_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch):
 
 
 gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_head_count_routing(monkeypatch):
+    """Every head count takes a CUDA kernel: <= 16 heads the 16-head forward, more the 64-head
+    one; the backward too unless deterministic."""
+    if not ci.cuda_fwd_available():
+        pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
+    kv = torch.zeros(4, 576, dtype=torch.bfloat16, device="cuda")
+    launched = []
+    lib = ci._load()
+    for name in ("dsa_sparse_mla_fwd16_sm90", "dsa_sparse_mla_fwd_sm90"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, _n=name, _r=real: (launched.append(_n), _r(*a))[1])
+    for H, kernel in ((1, "dsa_sparse_mla_fwd16_sm90"), (16, "dsa_sparse_mla_fwd16_sm90"),
+                      (17, "dsa_sparse_mla_fwd_sm90"), (32, "dsa_sparse_mla_fwd_sm90"),
+                      (128, "dsa_sparse_mla_fwd_sm90")):
+        q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
+        assert ci.cuda_fwd_eligible(q, kv, 512) and ci.cuda_bwd_eligible(q, kv, 512, False), H
+        assert not ci.cuda_bwd_eligible(q, kv, 512, True), H
+        launched.clear()
+        ci.sparse_mla_fwd_cuda(q, kv, torch.zeros(4, 64, dtype=torch.int32, device="cuda"), 0.1)
+        assert launched == [kernel], (H, launched)
 
 
 def _case(T, H, K, sink, topk, empty_rows, seed):
