@@ -4,7 +4,8 @@ The forward (``cuda/sparse_mla_fwd_sm90.cu``) covers the DeepSeek-V3.2 fast path
 d_v = 512, 64 heads per CTA (H > 16; the last head tile is masked), warp-specialized (an S /
 softmax warpgroup holding the query in registers, two P V / gather warpgroups). Up to 16 heads
 (tensor-parallel shards) run ``cuda/sparse_mla_fwd16_sm90.cu``: the transposed problem (keys as
-wgmma's M), one persistent CTA per SM with a gather warpgroup feeding a 10-slot ring. It is built
+wgmma's M), one persistent CTA per SM whose warpgroups gather into a 10-slot ring, issue S^T,
+run the softmax and accumulate O^T. It is built
 with ``nvcc`` on first use into a per-user cache (keyed by the source hash and the compiler), as
 a plain shared library with a C entry point, and launched through ``ctypes`` on the current
 stream: no PyTorch headers to compile, no host synchronization, graph-capturable.
@@ -13,8 +14,8 @@ Where the kernel cannot be used (no ``nvcc``, not an sm_90 device, other shapes 
 ``MEGATRON_DSA_CUDA_FWD=0``) :func:`cuda_fwd_eligible` says no and the Triton forward runs.
 A failed build is reported once as a warning and then treated as unavailable.
 
-The backward (``cuda/sparse_mla_bwd_sm90.cu``, same library) covers the same shapes when the
-backward is not deterministic: one CTA per (row, 64 heads) keeps the row's Q and dO in shared
+The backward (``cuda/sparse_mla_bwd_sm90.cu``, same library) covers the same shapes, any head
+count, when the backward is not deterministic: one CTA per (row, 64 heads) keeps the row's Q and dO in shared
 memory, writes dq once (no dq workspace) and adds dkv into an fp32 workspace whose columns are
 stored permuted (so each warp's adds cover whole 128-byte lines; :func:`unpermute_dkv`). Its per-head
 statistics (logZ, Delta, d_sink) come from the Triton stats kernel. ``MEGATRON_DSA_CUDA_BWD=0``
