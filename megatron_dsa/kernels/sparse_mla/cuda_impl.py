@@ -162,15 +162,14 @@ def cuda_fwd_available(device: Optional[torch.device] = None) -> bool:
     return _load() is not None
 
 
-def _fast_path(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
-    return (q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16
-            and q.shape[-1] == 576 and d_v == 512)
-
-
 def cuda_fwd_eligible(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
     """Whether a CUDA forward handles these inputs (else the Triton forward runs): the 16-head
     kernel for H <= ``MAX_HEADS16``, the 64-head one above."""
-    return _fast_path(q, kv, d_v) and q.shape[1] >= 1 and cuda_fwd_available(q.device)
+    return (
+        q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16
+        and q.shape[-1] == 576 and d_v == 512 and q.shape[1] >= 1
+        and cuda_fwd_available(q.device)
+    )
 
 
 def _rows16(t: torch.Tensor) -> torch.Tensor:

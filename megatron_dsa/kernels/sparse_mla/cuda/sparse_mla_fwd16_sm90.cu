@@ -41,11 +41,7 @@ constexpr int NCH16 = 9;                     // 64-channel chunks of a 576-chann
 constexpr int HT16 = 16;                     // heads (wgmma N)
 constexpr int SK16 = 16;                     // keys per ring slot (one warp's rows of S^T)
 constexpr int BK16 = 64;                     // keys per block (wgmma M)
-#ifndef NS16_OVERRIDE
 constexpr int NS16 = 10;                     // ring slots
-#else
-constexpr int NS16 = NS16_OVERRIDE;
-#endif
 constexpr int CHK16 = SK16 * 128;            // one chunk of a slot: 16 rows x 128 B
 constexpr int SLOT16 = NCH16 * CHK16;        // 18 KB
 constexpr int QCH16 = HT16 * 128;            // one chunk of the query: 16 heads x 128 B
@@ -54,22 +50,19 @@ constexpr int OFF_KV16 = 0;
 constexpr int OFF_Q16 = OFF_KV16 + NS16 * SLOT16;  // 2 query buffers
 constexpr int OFF_P16 = OFF_Q16 + 2 * QBUF16;      // 2 x P^T [16 heads, 64 keys] bf16, 128 B rows
 constexpr int OFF_AL16 = OFF_P16 + 2 * HT16 * 128; // 2 x {rescale flag, 16 alphas} (128 B each)
-constexpr int OFF_X16 = OFF_AL16 + 2 * 128;        // [4 warps][16 heads] fp32: WG0's exchange
+constexpr int OFF_X16 = OFF_AL16 + 2 * 128;        // [4 warps][16 heads] fp32: WG3's exchange
 constexpr int OFF_ROW16 = OFF_X16 + 4 * HT16 * 4;  // [16] fp32: 1 / denominator of a row's heads
 constexpr int OFF_S16 = OFF_ROW16 + HT16 * 4;      // S^T [2][128 threads][4] fp32 (WG0 -> WG3)
 constexpr int OFF_BAR16 = OFF_S16 + 4096;          // NS16 full + NS16 empty mbarriers
 constexpr int SMEM16 = OFF_BAR16 + 2 * NS16 * 8 + 1024;  // + slack to align the base to 1024 B
 constexpr int THREADS16 = 512;
 constexpr float LAZY16 = 8.f;                // rescale only when a score exceeds m + 8 (log2)
-// named barriers: WG0 alone; P full / free of buffer b (WG0 + WG1); a row's sums ready / read
+// named barriers: WG3 alone; P full / free of buffer b (WG3 + WG1); a row's sums ready / read
 constexpr int BAR_SM16 = 1, BAR_PFULL16 = 2, BAR_PFREE16 = 4, BAR_ROWDONE16 = 6, BAR_ROWFREE16 = 7;
 constexpr int BAR_SFULL16 = 8, BAR_SFREE16 = 9, BAR_SI16 = 10;  // S^T WG0 -> WG3; WG0 alone
-#ifndef REGS16
-#define REGS16 1  // 1: setmaxnreg (S^T 208, PV 160, producer 40, softmax 104; 512 at entry)
-#endif
-#ifndef KG16
-#define KG16 12                              // S^T k-steps per register group (of 36)
-#endif
+// registers per thread after setmaxnreg (128 at entry): S^T 208, PV 160, producer 40,
+// softmax 104 (sum 512 x 128 threads = the CTA's 65536)
+constexpr int KG16 = 12;                     // S^T k-steps per A-register group (of 36)
 
 #ifndef FWD16_DBG
 #define FWD16_DBG 0  // timing experiments only: 1 = no gathers after the first ring fill,
@@ -200,9 +193,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 
   if (wg == 2) {
     // ---------------- producer: gathers ----------------
-#if REGS16
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-#endif
     const int prow = wt >> 3, psub = wt & 7;  // 8 threads per key row, whole 128-byte lines
     int t = blockIdx.x - stride, kvl = 0, nblk = 0, j = 0;
     auto advance = [&]() {  // the next block in the consumers' order (rows without keys skipped)
@@ -255,9 +246,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 
   if (wg == 1) {
     // ---------------- PV: O^T += V^T P^T, output ----------------
-#if REGS16
     asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
-#endif
     const uint64_t pdesc0 = desc(sbase + OFF_P16, 16, 1024);
     const uint64_t vdesc0 = desc(sbase + OFF_KV16, CHK16, 1024);
     float o[8][8];
@@ -316,7 +305,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
         }
         bar_arrive(BAR_PFREE16 + pb, 256);
       }
-      // row end: 1 / denominator per head from WG0
+      // row end: 1 / denominator per head from WG3
       bar_sync(BAR_ROWDONE16, 256);
       float inv[4];
 #pragma unroll
@@ -382,9 +371,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 
   if (wg == 0) {
     // ---------------- WG0: S^T ----------------
-#if REGS16
     asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");
-#endif
     // ldmatrix: lane L supplies row (L / 8 % 2) * 8 + L % 8 of its warp's slot, granule + L / 16
     const int lrow = ((lane >> 3) & 1) * 8 + (lane & 7), lgr = lane >> 4;
     const uint64_t qdesc0 = desc(sbase + OFF_Q16, 16, 1024);
@@ -482,9 +469,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
   }
 
   // ---------------- WG3: softmax, row sums ----------------
-#if REGS16
   asm volatile("setmaxnreg.dec.sync.aligned.u32 104;\n" ::: "memory");
-#endif
   const int krow = warp * 16 + (lane >> 2);  // block-relative key row of this thread (+ 8)
   const uint32_t xs = sbase + OFF_X16;
   // the sink's logits per head of this thread (log2 units), read once
