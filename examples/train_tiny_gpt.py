@@ -166,7 +166,8 @@ def build(args):
         recompute_num_layers=1 if args.recompute == "full" else None,
         cuda_graph_impl="local" if args.cuda_graphs else "none",
     )
-    set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer)
+    set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer,
+                      deterministic=True if args.deterministic else None)
     chunks = []
     for vp in range(args.vpp or 1):
         vp_stage = vp if args.vpp else None
@@ -232,7 +233,6 @@ def main(argv=None):
     )
     active = patches.apply()
     if args.deterministic:
-        os.environ["MEGATRON_DSA_DETERMINISTIC"] = "1"
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)

@@ -29,15 +29,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
-from .kernels.indexer import indexer_topk
-from .kernels._validate import resolve_backend
-from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
-from .kernels.sparse_mla import sparse_mla
 from .kernels.hadamard import rotate_activation
-from .kernels.indexer import causal_window, packed_causal_window
-
-_SPARSE_MLA_PKG = "megatron_dsa.kernels.sparse_mla"
-_LOSS_PKG = "megatron_dsa.kernels.indexer_loss"
+from .kernels.indexer import causal_window, indexer_topk, packed_causal_window
+from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
+from .kernels.indexer_loss import select_backend as indexer_loss_backend
+from .kernels.sparse_mla import loss_target_reason, sparse_mla
+from .kernels.sparse_mla import select_backend as sparse_mla_backend
 
 __all__ = ["DSAIndexer", "DSAttention", "DSAttentionSubmodules", "DSAIndexerSubmodules"]
 
@@ -240,7 +237,7 @@ class DSAttention(MegatronModule):
                         self.ledger.push(topk_idx, digest)
             sparse_loss = bool(self.config.dsa_indexer_use_sparse_loss)
             slot = None
-            if with_loss and sparse_loss and self._loss_target_from_attention(q_i, heads, plugin):
+            if with_loss and sparse_loss and self._loss_target_from_attention(query, key, q_i, plugin):
                 # the attention backward hands the target over; the value is logged then
                 loss, slot = indexer_loss_from_attention(
                     q_i, k_i, w_i, topk_idx, coeff, starts, ends,
@@ -249,7 +246,7 @@ class DSAttention(MegatronModule):
                     tp_group=self.pg_collection.tp, on_value=self._record_loss,
                 )
             out, lse = self.sparse_attention(query, key, topk_idx, plugin.attention_backend,
-                                             loss_target=slot)
+                                             loss_target=slot, deterministic=plugin.deterministic)
 
             if with_loss:
                 if slot is None:
@@ -280,24 +277,24 @@ class DSAttention(MegatronModule):
             loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
         )
 
-    def _loss_target_from_attention(self, q_i: torch.Tensor, heads: int, plugin) -> bool:
+    def _loss_target_from_attention(self, query, key, q_i, plugin) -> bool:
         """Whether the sparse loss takes its target from the attention backward (see
         ``DSAPluginConfig.loss_target``)."""
         if plugin.loss_target == "recompute":
             return False
-        why = None
-        if resolve_backend(plugin.attention_backend, q_i.device, _SPARSE_MLA_PKG) != "triton":
-            why = "the sparse attention does not run the fused kernel"
-        elif resolve_backend(plugin.loss_backend, q_i.device, _LOSS_PKG) != "triton":
-            why = "the indexer loss does not run the fused kernel"
-        elif q_i.dtype == torch.float64:
-            why = "fp64 runs the reference loss"
+        sq, b, heads, d = query.shape
+        deterministic = plugin.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        attention = sparse_mla_backend(plugin.attention_backend, query.device, query.dtype, heads, d,
+                                       self.latent_dim, deterministic, key.shape[0] * b, warn=False)
+        why = loss_target_reason(attention, heads)
+        if why is not None:
+            why = f"the sparse attention's backward cannot hand over the target: {why}"
         else:
-            from .kernels.sparse_mla.triton_impl import loss_target_supported
-
-            if not loss_target_supported(heads):
-                why = (f"the attention backward emits the target only on its all-heads pass "
-                       f"(<= 128 heads per rank, not deterministic; here {heads} heads)")
+            loss = indexer_loss_backend(plugin.loss_backend, q_i.device, q_i.dtype, sparse=True, warn=False)
+            if loss.forward != "triton":
+                why = f"the indexer loss does not run its fused kernels ({loss.forward}: {loss.reason})"
         if why is not None and plugin.loss_target == "attention":
             raise ValueError(f"DSAPluginConfig.loss_target='attention' cannot run: {why}")
         return why is None
@@ -355,7 +352,7 @@ class DSAttention(MegatronModule):
         )
         return idx
 
-    def sparse_attention(self, query, key, topk_idx, backend="auto", loss_target=None):
+    def sparse_attention(self, query, key, topk_idx, backend="auto", loss_target=None, deterministic=None):
         """Latent attention output ``[sq, b, np, kv_lora_rank]`` over the selected keys, and the
         per-head natural-log LSE ``[b, sq, np]``."""
         sq, b, heads, d = query.shape
@@ -366,5 +363,5 @@ class DSAttention(MegatronModule):
         offs = (torch.arange(b, device=topk_idx.device, dtype=topk_idx.dtype) * sk).view(b, 1, 1)
         gidx = torch.where(topk_idx >= 0, topk_idx + offs, topk_idx).reshape(b * sq, -1)
         out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim,
-                              backend=backend, loss_target=loss_target)
+                              backend=backend, loss_target=loss_target, deterministic=deterministic)
         return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1), lse.view(b, sq, heads)

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["DSAPluginConfig", "get_plugin_config", "set_plugin_config", "validate_dsa_config"]
+__all__ = ["DSAPluginConfig", "get_plugin_config", "set_plugin_config", "validate_dsa_config", "base_pattern"]
 
-_BACKENDS = ("auto", "reference", "triton")
+# Which implementations each op has (megatron_dsa.kernels.backends; "auto" picks per machine).
+_BACKENDS = {
+    "indexer_backend": ("auto", "triton", "reference"),
+    "attention_backend": ("auto", "cuda", "triton", "reference"),
+    "loss_backend": ("auto", "triton", "reference"),
+}
 _LOSS_TARGETS = ("auto", "attention", "recompute")
 
 
@@ -31,9 +36,15 @@ class DSAPluginConfig:
     """Plugin-only settings.
 
     Attributes:
-        indexer_backend: top-k selection. ``auto``: fused Triton on CUDA, reference on CPU.
-        attention_backend: sparse MLA attention, same choices.
-        loss_backend: indexer KL loss, same choices.
+        indexer_backend: top-k selection: ``auto`` (fused Triton for CUDA tensors, the PyTorch
+            reference for CPU tensors), ``triton`` or ``reference``.
+        attention_backend: sparse MLA attention: ``auto`` (the sm_90a CUDA kernels where they
+            apply, else Triton; the reference on the CPU), ``cuda``, ``triton`` or
+            ``reference``. An explicit choice that cannot run raises, saying why.
+        loss_backend: indexer KL loss: ``auto``, ``triton`` (the fused path) or ``reference``.
+        deterministic: a bit-reproducible sparse-attention backward (Triton's sort-and-reduce
+            pass instead of atomics; slower). ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()`` (Megatron's ``--deterministic-mode``).
         loss_target: where the sparse indexer loss gets its target (the head-summed attention
             probabilities over the selected keys). ``auto``: from the attention backward when
             the fused attention and loss run and the attention's all-heads backward applies
@@ -55,15 +66,20 @@ class DSAPluginConfig:
     indexer_backend: str = "auto"
     attention_backend: str = "auto"
     loss_backend: str = "auto"
+    deterministic: Optional[bool] = None
     loss_target: str = "auto"
     index_pattern: Optional[Union[str, Sequence[Union[str, int]]]] = None
     time_indexer: bool = False
 
     def __post_init__(self):
-        for name in ("indexer_backend", "attention_backend", "loss_backend"):
+        for name, choices in _BACKENDS.items():
             value = getattr(self, name)
-            if value not in _BACKENDS:
-                raise ValueError(f"DSAPluginConfig.{name} must be one of {_BACKENDS}, got {value!r}")
+            if value not in choices:
+                raise ValueError(f"DSAPluginConfig.{name} must be one of {choices}, got {value!r}")
+        if self.deterministic is not None and not isinstance(self.deterministic, bool):
+            raise TypeError(f"DSAPluginConfig.deterministic must be None, True or False, got {self.deterministic!r}")
+        if not isinstance(self.time_indexer, bool):
+            raise TypeError(f"DSAPluginConfig.time_indexer must be True or False, got {self.time_indexer!r}")
         if self.loss_target not in _LOSS_TARGETS:
             raise ValueError(
                 f"DSAPluginConfig.loss_target must be one of {_LOSS_TARGETS}, got {self.loss_target!r}"
@@ -77,8 +93,13 @@ class DSAPluginConfig:
                         f"DSAPluginConfig.index_pattern has unknown letters {bad}; use F (anchor) "
                         "and S (shared)"
                     )
-            else:
+            elif isinstance(pattern, (list, tuple)):
                 object.__setattr__(self, "index_pattern", tuple(pattern))
+            else:
+                raise TypeError(
+                    "DSAPluginConfig.index_pattern must be a string of F/S letters or a list of 'F', 'S' "
+                    f"and anchor layer numbers, got {type(pattern).__name__}"
+                )
             if not self.index_pattern:
                 raise ValueError("DSAPluginConfig.index_pattern must not be empty")
 
@@ -156,6 +177,67 @@ def validate_dsa_config(config) -> None:
             "Transformer Engine modules, a combination not yet verified"
         )
     get_plugin_config(config)  # type-checks an attached plugin config
-    from .index_cache import base_pattern
-
     base_pattern(config)  # pattern length, first letter, sources: errors name the layer
+
+
+def base_pattern(config) -> List[Tuple[str, int]]:
+    """Per DSA layer ``("F", layer)`` (anchor) or ``("S", source)`` (reuses ``source``'s top-k),
+    1-based, before pipeline splitting: from ``DSAPluginConfig.index_pattern`` if set, else from
+    ``dsa_indexer_topk_freq`` / ``dsa_indexer_skip_topk_offset`` with Megatron-Core's meaning.
+    Errors name the layer."""
+    n = config.num_layers
+    pattern = get_plugin_config(config).index_pattern
+    if pattern is None:
+        from megatron.core.transformer.experimental_attention_variant.dsa import (
+            is_dsa_skip_topk_layer,
+            source_dsa_compute_layer,
+        )
+
+        freq = config.dsa_indexer_topk_freq or 1
+        offset = config.dsa_indexer_skip_topk_offset or 0
+        out = []
+        for layer in range(1, n + 1):
+            if freq > 1 and is_dsa_skip_topk_layer(layer, offset, freq):
+                out.append(("S", source_dsa_compute_layer(layer, offset, freq)))
+            else:
+                out.append(("F", layer))
+        return out
+
+    items = list(pattern) if isinstance(pattern, str) else list(pattern)
+    if len(items) != n:
+        raise ValueError(
+            f"index_pattern has {len(items)} entries but the model has {n} DSA layers"
+        )
+    out, last_anchor = [], None
+    for layer, item in enumerate(items, start=1):
+        if item == "F":
+            out.append(("F", layer))
+            last_anchor = layer
+        elif item == "S":
+            if last_anchor is None:
+                raise ValueError(
+                    f"index_pattern: layer {layer} is shared (S) but no anchor (F) precedes it; "
+                    "the pattern must start with F"
+                )
+            out.append(("S", last_anchor))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not 1 <= item <= n:
+                raise ValueError(
+                    f"index_pattern: layer {layer} reuses layer {item}, which is outside the "
+                    f"model (layers 1..{n})"
+                )
+            if item >= layer:
+                raise ValueError(
+                    f"index_pattern: layer {layer} reuses layer {item}, which is not earlier"
+                )
+            if items[item - 1] != "F":
+                raise ValueError(
+                    f"index_pattern: layer {layer} reuses layer {item}, which is not an anchor"
+                )
+            out.append(("S", item))
+        else:
+            raise ValueError(
+                f"index_pattern: layer {layer} has unknown entry {item!r}; use 'F', 'S' or the "
+                "number of an earlier anchor layer"
+            )
+    return out

@@ -21,14 +21,11 @@ from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt import experimental_attention_variant_module_specs as mcore_specs
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from .attention import DSAIndexer, DSAttention
 from .config import validate_dsa_config
+from .index_cache.schedule import chunk_layers
 
 __all__ = [
     "DuplicatedLinear",
@@ -141,16 +138,7 @@ def get_dsa_gpt_block_spec(
     """The decoder block spec of this pipeline stage / virtual-pipeline chunk for ``GPTModel``."""
     backend = backend or get_backend_spec_provider(config)
     specs = get_dsa_layer_specs(config, backend)
-    if getattr(config, "pipeline_model_parallel_layout", None) is not None:
-        from megatron.core.transformer.enums import LayerType
-
-        ids = config.pipeline_model_parallel_layout.get_layer_id_list(
-            layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank
-        )
-    else:
-        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-        n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-        ids = range(offset, offset + n)
+    ids = chunk_layers(config, vp_stage=vp_stage, pp_rank=pp_rank)
     rms = config.normalization == "RMSNorm"
     return TransformerBlockSubmodules(
         layer_specs=[specs[i] for i in ids], layer_norm=backend.layer_norm(rms_norm=rms, for_qk=False)

@@ -282,14 +282,14 @@ def test_stats_reach_megatron_style_logging():
 def test_shared_layers_keep_the_fused_kernels(mcore):
     """Sharing never switches kernels off: with the Triton backends forced (the interpreter on the
     CPU), a shared layer's attention runs the fused sparse kernel and matches the reference."""
-    import megatron_dsa.kernels.sparse_mla.triton_impl as fused
+    import megatron_dsa.kernels.sparse_mla.dispatch as fused
 
     cfg = tiny_config(num_layers=2, dsa_indexer_topk_freq=2, dsa_indexer_loss_coeff=0.0,
                       dsa_indexer_n_heads=4, dsa_indexer_topk=8)
     set_plugin_config(cfg, attention_backend="triton", indexer_backend="triton")
     l1, l2 = _layers(cfg)
     calls = []
-    orig = fused.sparse_mla_triton
+    orig = fused.sparse_mla_op
 
     def spy(*args, **kwargs):
         calls.append(1)
@@ -298,12 +298,12 @@ def test_shared_layers_keep_the_fused_kernels(mcore):
     x1, x2 = torch.randn(12, 1, 64), torch.randn(12, 1, 64)
     ic.STATS.reset()
     try:
-        fused.sparse_mla_triton = spy
+        fused.sparse_mla_op = spy
         with torch.no_grad():
             l1(x1, None)
             out, _ = l2(x2, None)
     finally:
-        fused.sparse_mla_triton = orig
+        fused.sparse_mla_op = orig
     assert len(calls) == 2 and ic.STATS.snapshot()["cache_hits"] == 1
     # the same layers on the reference backends give the same output
     ref_cfg = tiny_config(num_layers=2, dsa_indexer_topk_freq=2, dsa_indexer_loss_coeff=0.0,

@@ -17,8 +17,9 @@ from megatron_dsa.kernels.indexer.reference import (
     ratio_causal_window,
 )
 from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+from megatron_dsa.kernels.indexer_loss import indexer_loss
+from megatron_dsa.kernels.indexer_loss.chunked import indexer_loss_chunked
 from megatron_dsa.kernels.indexer_loss.reference import indexer_loss_reference
-from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -110,20 +111,6 @@ def test_topk_windows(kind, global_ids):
     _check_topk(q, k, w, K, st, en, idx, val, global_ids=global_ids)
 
 
-@pytest.mark.parametrize("kind", ["packed", "random"])
-def test_topk_contiguous_sample(monkeypatch, kind):
-    """MEGATRON_DSA_INDEXER_SAMPLED=1: the score kernel writes every 8th key of each row into a
-    sample row and the select takes its threshold from it (windows not starting on a multiple
-    of 8, several chunks, rows long enough for the pre-filter)."""
-    monkeypatch.setenv("MEGATRON_DSA_INDEXER_SAMPLED", "1")
-    B, T, H, D, K = 1, 150, 2, 16, 12
-    S = T if kind == "packed" else 170
-    q, k, w = _inputs(B, T, S, H, D)
-    st, en = _window(kind, B, T, S)
-    idx, val = indexer_topk_triton(q, k, w, K, st, en, chunk_bytes=B * 4 * (S + 1024 + 32) * 48)
-    _check_topk(q, k, w, K, st, en, idx, val)
-
-
 def test_topk_first_rows_masked_no_relu_chunks():
     """Fully masked rows (empty window), negative scores (no ReLU) and many small chunks."""
     B, T, S, H, D, K = 2, 45, 45, 4, 32, 16
@@ -160,10 +147,8 @@ def test_topk_exact_ties_lowest_index_wins():
         assert a == b, f"row {t}: {a} vs {b}"
 
 
-@pytest.mark.parametrize("variant", ["1", "2", "3"])
-def test_topk_select_variants_with_ties(monkeypatch, variant):
-    """Both select kernels; integer scores make many exact ties at every radix level."""
-    monkeypatch.setenv("MEGATRON_DSA_INDEXER_SELECT", variant)
+def test_topk_select_with_ties():
+    """Integer scores make many exact ties at every radix level."""
     B, T, H, D, K = 1, 48, 4, 16, 10
     q = torch.randint(-1, 2, (B, T, H, D), device=DEV).float()
     k = torch.randint(-1, 2, (B, T, D), device=DEV).float()
@@ -171,10 +156,6 @@ def test_topk_select_variants_with_ties(monkeypatch, variant):
     idx, val = indexer_topk_triton(q, k, w, K, use_relu=False)
     ri, _ = indexer_topk_reference(q, k, w, K, use_relu=False)
     assert torch.equal(idx.sort(-1).values, ri.sort(-1).values)
-    if variant == "1":  # the plain radix select lists ids in ascending key order
-        ok = idx >= 0
-        d = idx[..., 1:] - idx[..., :-1]
-        assert bool(((d > 0) | ~ok[..., 1:]).all())
 
 
 def test_topk_sampled_prefilter_fallback():
@@ -211,7 +192,7 @@ def test_topk_scratch_overflow_falls_back(monkeypatch):
     st = torch.zeros(B, T, dtype=torch.int32, device=DEV)
     en = torch.full((B, T), S, dtype=torch.int32, device=DEV)
     en[0, 2] = 211
-    assert ti._scratch_cols(S, K, 3) == 48
+    assert ti._plan(B, T, S, K, 16, 1 << 20)[1] == 48
     idx, val = indexer_topk_triton(q, k, w, K, st, en, use_relu=False)
     _check_topk(q, k, w, K, st, en, idx, val)
     ref, _ = indexer_topk_reference(q, k, w, K, st, en, use_relu=False)
@@ -237,10 +218,15 @@ def test_loss_matches_reference(sparse, kind):
     idx, _ = indexer_topk_reference(q, k, w, K, st, en)
     row_valid = torch.rand(B, T, device=DEV) > 0.2
     res = []
-    for fn, extra in ((indexer_loss_reference, {}), (indexer_loss_triton, {"chunk_bytes": 30000})):
+    def chunked(*args):  # the row-chunked path in many small chunks
+        st, en = args[9:11]
+        if st is None:
+            st, en = causal_window(B, T, T, device=DEV)
+        return indexer_loss_chunked(*args[:9], st, en, kind == "causal", *args[11:], chunk_bytes=30000)
+
+    for fn in (indexer_loss_reference, chunked):
         qq, kk, ww = (x.clone().requires_grad_() for x in (q, k, w))
-        loss = fn(qq, kk, ww, query, key, 0.3, 0.7, idx, sparse, st, en, True, row_valid, False,
-                  None, **extra)
+        loss = fn(qq, kk, ww, query, key, 0.3, 0.7, idx, sparse, st, en, True, row_valid, False, None)
         loss.backward()
         res.append((loss.detach(), qq.grad, kk.grad, ww.grad))
     for a, b in zip(res[1], res[0]):
@@ -255,9 +241,10 @@ def test_loss_per_token_no_relu_fp32(sparse):
     key = torch.randn(B, T, Dq, device=DEV)
     idx, _ = indexer_topk_reference(q, k, w, K, use_relu=False)
     res = []
-    for fn in (indexer_loss_reference, indexer_loss_triton):
+    for backend in ("reference", "triton"):
         qq, kk, ww = (x.clone().requires_grad_() for x in (q, k, w))
-        loss = fn(qq, kk, ww, query, key, 0.25, 1.5, idx, sparse, None, None, False, None, True)
+        loss = indexer_loss(qq, kk, ww, query, key, 0.25, 1.5, idx, sparse, None, None, False, None, True,
+                            backend=backend)
         loss.backward()
         res.append((loss.detach(), qq.grad, kk.grad, ww.grad))
     for a, b in zip(res[1], res[0]):
@@ -324,12 +311,12 @@ def test_gpu_loss_bf16(sparse):
     key = torch.randn(B, S, Dq, device="cuda").bfloat16()
     idx, _ = indexer_topk_triton(q, k, w, K)
     res = []
-    for fn, cast in ((indexer_loss_reference, torch.float32), (indexer_loss_triton, None)):
+    for backend, cast in (("reference", torch.float32), ("triton", None)):
         xs = [x.detach().clone() if cast is None else x.detach().to(cast).clone() for x in (q, k, w)]
         xs = [x.requires_grad_() for x in xs]
         qy = query if cast is None else query.to(cast)
         ky = key if cast is None else key.to(cast)
-        loss = fn(xs[0], xs[1], xs[2], qy, ky, Dq**-0.5, 1.0, idx, sparse)
+        loss = indexer_loss(xs[0], xs[1], xs[2], qy, ky, Dq**-0.5, 1.0, idx, sparse, backend=backend)
         loss.backward()
         res.append([loss.detach().float()] + [x.grad.float() for x in xs])
     for name, a, b in zip(("loss", "dq", "dk", "dw"), res[1], res[0]):

@@ -1,16 +1,20 @@
-"""Fused Triton sparse indexer KL loss (``indexer_loss/sparse_triton.py``) vs the reference.
+"""Fused Triton sparse indexer KL loss (``indexer_loss/triton_impl.py``) vs the reference.
 
 CPU: Triton's interpreter at small shapes on fp32 inputs against the fp64 reference (the
 interpreter mis-computes bf16 dots). GPU (``-m gpu``): real shapes in bf16 vs the fp32
 reference. Inputs are fresh random draws every run (conftest seeds randomly).
 """
 
+import functools
+
 import pytest
 import torch
 
 from megatron_dsa.kernels.indexer.reference import causal_window, packed_causal_window
+from megatron_dsa.kernels.indexer_loss import indexer_loss
 from megatron_dsa.kernels.indexer_loss.reference import indexer_loss_reference
-from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton
+
+fused_loss = functools.partial(indexer_loss, backend="triton")
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -74,7 +78,7 @@ def test_fused_sparse_loss_matches_reference(kind, relu, per_token, with_rv, use
         g = torch.gather(lg, 3, sel.unsqueeze(2).expand(B, T, Hq, K))
         g = g.masked_fill(~ok.unsqueeze(2), float("-inf"))
         kw["attn_lse"] = torch.logsumexp(g, -1).float()
-    ours = _run(indexer_loss_triton, q, k, w, query, key, 0.3, 0.7, idx, st, en, relu, rv,
+    ours = _run(fused_loss, q, k, w, query, key, 0.3, 0.7, idx, st, en, relu, rv,
                 per_token, **kw)
     _check(ours, ref, 1e-4)
 
@@ -83,9 +87,9 @@ def test_fused_sparse_loss_matches_reference(kind, relu, per_token, with_rv, use
 def test_fused_sparse_loss_empty_rows_and_odd_dims(monkeypatch, att_bh):
     """Rows with no valid slot, odd head counts / dims (masked tiles), K not a power of two;
     att_bh=16 splits the 20 attention heads over two programs (atomic head-sum path)."""
-    from megatron_dsa.kernels.indexer_loss import sparse_triton
+    from megatron_dsa.kernels.indexer_loss import triton_impl
 
-    monkeypatch.setitem(sparse_triton.CONFIG, "att_bh", att_bh)
+    monkeypatch.setitem(triton_impl._CFG, "att_bh", att_bh)
     B, T, H, D, Hq, Dq, K = 1, 19, 3, 20, 20, 70, 7
     q = torch.randn(B, T, H, D, device=DEV)
     k = torch.randn(B, T, D, device=DEV)
@@ -99,7 +103,7 @@ def test_fused_sparse_loss_empty_rows_and_odd_dims(monkeypatch, att_bh):
     idx[0, 7, 1:] = -1
     ref = _run(indexer_loss_reference, *(x.double() for x in (q, k, w, query, key)), 0.5, 1.0,
                idx, st, en, True, None, False)
-    ours = _run(indexer_loss_triton, q, k, w, query, key, 0.5, 1.0, idx, st, en, True, None,
+    ours = _run(fused_loss, q, k, w, query, key, 0.5, 1.0, idx, st, en, True, None,
                 False)
     _check(ours, ref, 1e-4)
 
@@ -121,7 +125,7 @@ def test_gpu_fused_sparse_loss_bf16_real_shapes(S, Hq, use_lse):
     if use_lse:
         _, lse = sparse_mla_fwd_triton(query[0], key[0], idx[0], Dq**-0.5, 512)
         kw["attn_lse"] = lse.view(B, S, Hq)
-    ours = _run(indexer_loss_triton, q, k, w, query, key, Dq**-0.5, 1.0, idx, None, None, True,
+    ours = _run(fused_loss, q, k, w, query, key, Dq**-0.5, 1.0, idx, None, None, True,
                 None, False, **kw)
     ref = _run(indexer_loss_reference, q.float(), k.float(), w, query.float(), key.float(),
                Dq**-0.5, 1.0, idx, None, None, True, None, False)
@@ -204,7 +208,7 @@ def test_loss_target_missing_fails_closed():
         loss.backward()
     # the reference attention cannot produce it: clear error up front
     qa, kva = torch.randn(T, 2, 80), torch.randn(T, 80)
-    with pytest.raises(ValueError, match="loss_target needs the fused"):
+    with pytest.raises(ValueError, match="loss_target cannot be served: the reference backward"):
         sparse_mla(qa, kva, idx[0], 0.1, d_v=64, backend="reference", loss_target=slot)
 
 

@@ -7,9 +7,8 @@ CPU through Triton's interpreter at small sizes (fp32, Dqk = 80, d_v = 64).
 import pytest
 import torch
 
-from megatron_dsa.kernels.sparse_mla import sparse_mla_reference
+from megatron_dsa.kernels.sparse_mla import sparse_mla, sparse_mla_reference
 from megatron_dsa.kernels.sparse_mla.ops import sparse_mla_backward_op, sparse_mla_op
-from megatron_dsa.kernels.sparse_mla.triton_impl import sparse_mla_triton
 
 
 def _inputs(T=24, H=4, Dqk=80, K=16, sink=True, seed=0):
@@ -32,16 +31,16 @@ def test_opcheck_forward_op():
     q, kv, idx, sk = _inputs()
     q.requires_grad_()
     kv.requires_grad_()
-    torch.library.opcheck(sparse_mla_op, (q, kv, idx, 0.1, 64, None, sk, False, None),
+    torch.library.opcheck(sparse_mla_op, (q, kv, idx, 0.1, 64, None, sk, "triton", "triton", None),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_opcheck_backward_op():
     q, kv, idx, sk = _inputs()
-    out, lse = sparse_mla_op(q, kv, idx, 0.1, 64, None, sk, False, None)
+    out, lse = sparse_mla_op(q, kv, idx, 0.1, 64, None, sk, "triton", "triton", None)
     dout = torch.randn_like(out)
     torch.library.opcheck(sparse_mla_backward_op,
-                          (q, kv, idx, 0.1, 64, None, sk, out, lse, dout, None, False, True),
+                          (q, kv, idx, 0.1, 64, None, sk, out, lse, dout, None, "triton", True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -50,7 +49,7 @@ def test_torch_compile_fullgraph_matches_eager_and_reference(sink):
     q, kv, idx, sk = _inputs(sink=sink)
 
     def f(q, kv, sk):
-        out, lse = sparse_mla_triton(q, kv, idx, 0.1, 64, sink=sk, deterministic=True)
+        out, lse = sparse_mla(q, kv, idx, 0.1, 64, sink=sk, backend="triton", deterministic=True)
         return (out * out).sum() + torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).sum()
 
     leaves = [q.clone().requires_grad_(), kv.clone().requires_grad_()]
@@ -77,7 +76,7 @@ def test_compiled_loss_target_gradient():
     slot = torch.zeros(idx.shape, dtype=torch.float32, requires_grad=True)
 
     def f(q, slot):
-        out, _ = sparse_mla_triton(q, kv, idx, 0.1, 64, deterministic=False, loss_target=slot)
+        out, _ = sparse_mla(q, kv, idx, 0.1, 64, backend="triton", deterministic=False, loss_target=slot)
         return out.sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)

@@ -30,24 +30,3 @@ def check_same_device(**tensors) -> None:
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
         raise ValueError(f"all inputs must be on one device, got {devs}")
-
-
-def has_fused(package: str) -> bool:
-    """Whether ``package`` ships a fused ``triton_impl`` module and Triton is importable."""
-    import importlib.util
-
-    return (
-        importlib.util.find_spec("triton") is not None
-        and importlib.util.find_spec(package + ".triton_impl") is not None
-    )
-
-
-def resolve_backend(backend: str, device: torch.device, package: str) -> str:
-    """``auto``: the fused kernel for CUDA tensors when the op has one, else the reference."""
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and has_fused(package) else "reference"
-    if backend == "triton" and not has_fused(package):
-        raise RuntimeError(f"{package} has no fused Triton kernel in this installation")
-    return backend

@@ -6,39 +6,33 @@ Two kernels per chunk of query rows (see ``docs/kernels_indexer.md``):
    heads, ``acc += w[:, h] * relu(q_h @ k^T)`` (fp32 accumulation), then writes the masked fp32
    scores of the tile into a chunk buffer ``[B, R, S]``. Key tiles outside every row's window
    are skipped (causal: only ``s <= t``).
-2. ``_select_kernel_v3`` (default): one program per query row. A threshold from a strided
+2. ``_select_kernel``: one program per query row. A threshold from a strided
    sample of the row admits a short candidate list (int32 scratch); an exact radix select
    (256-bin histograms of 8-bit digits of the order-preserving uint32 image of the fp32
    score, in-place compaction of the boundary bucket) then picks the top-k among them. If
    the sample under-shoots, the whole row is the candidate list, so the result is exact.
    Ties: among equal scores the lower key index wins. Only ``[start, end)`` of a row is read.
-   ``MEGATRON_DSA_INDEXER_SELECT=1`` / ``2`` select the older variants (plain radix select
-   with ids in ascending key order / radix select with compaction over the whole row).
 
 Extra memory is the chunk buffer (+ scratch), ``R * S * 8 * B`` bytes with ``R`` chosen so
 that it stays under ``chunk_bytes`` (1 GiB by default), whatever ``T`` is. No host
 synchronisation: the grids depend on shapes only, so the call can be captured in a CUDA graph.
 
-Output order: the selected ids of a row are NOT sorted by score (variant 1: ascending key
-order); rows with fewer than ``topk`` valid keys list all of them and pad with ``-1`` / ``-inf``.
+Output order: the selected ids of a row are NOT sorted by score; rows with fewer than ``topk`` valid keys list all of them and pad with ``-1`` / ``-inf``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..triton_common import interpreting
+
 __all__ = ["indexer_topk_triton", "indexer_scores_triton", "DEFAULT_CHUNK_BYTES"]
 
 DEFAULT_CHUNK_BYTES = 1 << 30
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,18 +42,16 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr, samp_ptr,
+    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr,
     row0, n_rows, T, S,
     sq_b, sq_t, sq_h,
     sk_b, sk_s,
     sw_b, sw_t, sw_h,
     sse_b, sse_t,
     so_b, so_r,
-    ss_b, ss_r,
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    SAMPLE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -110,9 +102,6 @@ def _score_kernel(
         acc = tl.where(valid, acc, float("-inf"))
         o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
         tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
-        if SAMPLE > 0:  # every SAMPLE-th key also into a contiguous sample row (for the select)
-            so = samp_ptr + b * ss_b + r[:, None].to(tl.int64) * ss_r + (s // SAMPLE)[None, :]
-            tl.store(so, acc, mask=rmask[:, None] & (smask & (s % SAMPLE == 0))[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,13 +138,7 @@ def _radix_level(row_ptr, L, prefix, pshift, k_rem,
             match = m & ((key >> pshift) == prefix)
         bins = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
         hist += tl.histogram(bins, NB, mask=match)
-    total = tl.sum(hist, 0)
-    ge = total - tl.cumsum(hist, 0) + hist  # keys in buckets >= b
-    bsel = tl.sum((ge >= k_rem).to(tl.int32), 0) - 1
-    ar = tl.arange(0, NB)
-    in_b = tl.sum(tl.where(ar == bsel, hist, 0), 0)
-    ge_b = tl.sum(tl.where(ar == bsel, ge, 0), 0)
-    return bsel, ge_b - in_b, in_b
+    return _pick_bucket(hist, k_rem, NB)
 
 
 @triton.jit
@@ -206,46 +189,6 @@ def _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK: tl.constexpr
         tl.store(val_row + pos, x, mask=sel)
         cnt += tl.sum(s_i, 0)
         eqc += tl.sum(eq_i, 0)
-
-
-@triton.jit
-def _select_kernel(
-    buf_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
-    row0, T, S, K,
-    sse_b, sse_t,
-    sb_b, sb_r,
-    so_b, so_t,
-    CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    r = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    t = row0 + r
-    if CAUSAL:
-        st = 0
-        en = tl.minimum(t + 1, S)
-    else:
-        st = tl.load(st_ptr + b * sse_b + t * sse_t).to(tl.int32)
-        en = tl.load(en_ptr + b * sse_b + t * sse_t).to(tl.int32)
-        st = tl.maximum(st, 0)
-        en = tl.minimum(en, S)
-    L = tl.maximum(en - st, 0)
-    row_ptr = buf_ptr + b * sb_b + r.to(tl.int64) * sb_r + st
-    idx_row = idx_ptr + b * so_b + t.to(tl.int64) * so_t
-    val_row = val_ptr + b * so_b + t.to(tl.int64) * so_t
-    if GLOBAL_IDS:
-        id0 = st + b.to(tl.int32) * S
-    else:
-        id0 = st
-    if L <= K:
-        for off in range(0, K, BLOCK):
-            j = off + tl.arange(0, BLOCK)
-            m = j < K
-            v = j < L
-            x = tl.load(row_ptr + j, mask=v, other=float("-inf"))
-            tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
-            tl.store(val_row + j, x, mask=m)
-    else:
-        _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK)
 
 
 @triton.jit
@@ -309,84 +252,9 @@ def _compact_pass(row_ptr, scr_ptr, n, idx_row, val_row, id0, cnt, bsel, k_rem, 
 
 
 @triton.jit
-def _select_kernel_v2(
-    buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
-    row0, T, S, K,
-    sse_b, sse_t,
-    sb_b, sb_r,
-    so_b, so_t,
-    CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Radix select with candidate compaction: two passes over the row, then the (small)
-    boundary bucket only. Selected ids are not sorted."""
-    r = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    t = row0 + r
-    if CAUSAL:
-        st = 0
-        en = tl.minimum(t + 1, S)
-    else:
-        st = tl.load(st_ptr + b * sse_b + t * sse_t).to(tl.int32)
-        en = tl.load(en_ptr + b * sse_b + t * sse_t).to(tl.int32)
-        st = tl.maximum(st, 0)
-        en = tl.minimum(en, S)
-    L = tl.maximum(en - st, 0)
-    row_ptr = buf_ptr + b * sb_b + r.to(tl.int64) * sb_r + st
-    scr_row = scr_ptr + b * sb_b + r.to(tl.int64) * sb_r
-    idx_row = idx_ptr + b * so_b + t.to(tl.int64) * so_t
-    val_row = val_ptr + b * so_b + t.to(tl.int64) * so_t
-    if GLOBAL_IDS:
-        id0 = st + b.to(tl.int32) * S
-    else:
-        id0 = st
-    if L <= K:
-        for off in range(0, K, BLOCK):
-            j = off + tl.arange(0, BLOCK)
-            m = j < K
-            v = j < L
-            x = tl.load(row_ptr + j, mask=v, other=float("-inf"))
-            tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
-            tl.store(val_row + j, x, mask=m)
-    else:
-        hist = tl.zeros([256], dtype=tl.int32)
-        for off in range(0, L, BLOCK):
-            j = off + tl.arange(0, BLOCK)
-            m = j < L
-            x = tl.load(row_ptr + j, mask=m, other=0.0)
-            hist += tl.histogram(((_ordered_key(x) >> 24) & 255).to(tl.int32), 256, mask=m)
-        bsel, above, in_b = _pick_bucket(hist, K, 256)
-        k_rem = K - above
-        final = (in_b == k_rem).to(tl.int32)
-        cnt = tl.zeros([], dtype=tl.int32)
-        cnt, hist = _compact_pass(row_ptr, scr_row, L, idx_row, val_row, id0, cnt, bsel, k_rem,
-                                  final, False, 24, 16, False, BLOCK)
-        if final == 0:
-            n = in_b
-            bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
-            k_rem -= above
-            final = (in_b == k_rem).to(tl.int32)
-            cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt, bsel,
-                                      k_rem, final, True, 16, 8, False, BLOCK)
-            if final == 0:
-                n = in_b
-                bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
-                k_rem -= above
-                final = (in_b == k_rem).to(tl.int32)
-                cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt,
-                                          bsel, k_rem, final, True, 8, 0, False, BLOCK)
-                if final == 0:
-                    n = in_b
-                    bsel, above, in_b = _pick_bucket(hist, k_rem, 256)
-                    k_rem -= above
-                    cnt, hist = _compact_pass(row_ptr, scr_row, n, idx_row, val_row, id0, cnt,
-                                              bsel, k_rem, 1, True, 0, 0, True, BLOCK)
-
-
-@triton.jit
 def _sample_level(row_ptr, Ls, prefix, k_rem, STRIDE: tl.constexpr, SHIFT: tl.constexpr,
                   FIRST: tl.constexpr, BLOCK: tl.constexpr):
-    """256-bin histogram of one key digit over the sample row_ptr[0::STRIDE] (STRIDE 1: a
-    contiguous sample row written by the score kernel)."""
+    """256-bin histogram of one key digit over the strided sample row_ptr[0::STRIDE]."""
     hist = tl.zeros([256], dtype=tl.int32)
     for off in range(0, Ls, BLOCK):
         j = off + tl.arange(0, BLOCK)
@@ -440,16 +308,14 @@ def _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK: tl.c
 
 
 @triton.jit
-def _select_kernel_v3(
-    buf_ptr, scr_ptr, samp_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
+def _select_kernel(
+    buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
     row0, T, S, K, CAP,
     sse_b, sse_t,
     sb_b, sb_r,
     so_b, so_t,
     sc_b, sc_r,
-    ss_b, ss_r,
-    CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr,
-    STRIDE: tl.constexpr, SAMPLED: tl.constexpr,
+    CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
 ):
     """Sampled pre-filter + exact radix select.
 
@@ -493,20 +359,11 @@ def _select_kernel_v3(
     else:
         ks0 = K // STRIDE
         ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
-        if SAMPLED:  # keys st <= j < en with j % STRIDE == 0, contiguous
-            s0 = (st + STRIDE - 1) // STRIDE
-            Ls = (en + STRIDE - 1) // STRIDE - s0
-            smp = samp_ptr + b * ss_b + r.to(tl.int64) * ss_r + s0
-            ks = tl.minimum(ks0, Ls)
-            b0, above, in_b = _sample_level(smp, Ls, 0, ks, 1, 24, True, BLOCK)
-            b1, above1, in_b1 = _sample_level(smp, Ls, b0.to(tl.uint32), ks - above, 1,
-                                              16, False, BLOCK)
-        else:  # strided reads of the row
-            Ls = (L + STRIDE - 1) // STRIDE
-            ks = tl.minimum(ks0, Ls)
-            b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
-            b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
-                                              16, False, BLOCK)
+        Ls = (L + STRIDE - 1) // STRIDE  # strided reads of the row
+        ks = tl.minimum(ks0, Ls)
+        b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
+        b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
+                                          16, False, BLOCK)
         tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
         n0 = 0
         for off in range(0, L, BLOCK):
@@ -528,36 +385,23 @@ def _select_kernel_v3(
 # host side
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel; select (BLOCK, num_warps).
+# (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel; select (BLOCK, num_warps);
+# the select's threshold sample reads every SAMPLE_STRIDE-th score. Measured on H100.
 _SCORE_CFG_GPU = (64, 128, 4, 3)
-_SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K (measured on H100, see docs)
+_SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
 _SELECT_CFG_INTERP = (128, 4)
+SAMPLE_STRIDE = 8
 
 
 def _score_cfg():
-    env = os.environ.get("MEGATRON_DSA_INDEXER_SCORE_CFG")
-    if env:
-        return tuple(int(x) for x in env.split(","))
-    return _SCORE_CFG_INTERP if _interpreting() else _SCORE_CFG_GPU
+    return _SCORE_CFG_INTERP if interpreting() else _SCORE_CFG_GPU
 
 
-def _select_cfg(S: int = 0):
-    env = os.environ.get("MEGATRON_DSA_INDEXER_SELECT_CFG")
-    if env:
-        return tuple(int(x) for x in env.split(","))
-    if _interpreting():
+def _select_cfg(S: int):
+    if interpreting():
         return _SELECT_CFG_INTERP
     return (1024, 4) if S > 65536 else _SELECT_CFG_GPU
-
-
-def _select_variant() -> int:
-    """3: sampled pre-filter + radix select on the candidates (default); 2: radix select with
-    candidate compaction; 1: plain radix select (ids in ascending key order)."""
-    return int(os.environ.get("MEGATRON_DSA_INDEXER_SELECT", "3"))
-
-
-_SAMPLE_STRIDE = int(os.environ.get("MEGATRON_DSA_INDEXER_SAMPLE_STRIDE", "8"))
 
 
 def _prep(q, k, w, starts, ends):
@@ -580,55 +424,31 @@ _SCRATCH_PER_TOPK = 4
 _SCRATCH_MIN = 1024
 
 
-def _scratch_cols(S: int, topk: int, variant: int) -> int:
-    """int32 scratch ids per row: v2 compacts whole rows (S); v3 lists the candidates at or
-    above its sampled threshold (expected ~1.3 topk) with room for 4 topk, else falls back to a
-    scratch-free select; v1 needs none."""
-    if variant == 2:
-        return S
-    if variant == 3:
-        return min(S, max(_SCRATCH_PER_TOPK * topk, _SCRATCH_MIN))
-    return 0
+def _plan(B, T, S, topk, block_t, chunk_bytes):
+    """(rows per chunk, scratch ids per row): the fp32 score rows and the int32 candidate list
+    (expected ~1.3 topk candidates, room for 4 topk; more fall back to a scratch-free select)
+    within chunk_bytes."""
+    cap = min(S, max(_SCRATCH_PER_TOPK * topk, _SCRATCH_MIN))
+    return _chunk_rows(B, T, 4 * (S + cap), block_t, chunk_bytes), cap
 
 
-def _sampled() -> bool:
-    """v3's threshold sample: strided reads of the row (default, the path measured on H100), or
-    a contiguous copy of every _SAMPLE_STRIDE-th score written by the score kernel
-    (``MEGATRON_DSA_INDEXER_SAMPLED=1``: tested on the CPU interpreter only, not yet timed on a
-    GPU; it saves the sample passes' strided sector reads)."""
-    return os.environ.get("MEGATRON_DSA_INDEXER_SAMPLED", "0") == "1"
-
-
-def _plan(B, T, S, topk, block_t, chunk_bytes, variant):
-    """(rows per chunk, scratch ids per row): fp32 scores, int32 scratch and the fp32 sample
-    row within chunk_bytes."""
-    cap = _scratch_cols(S, topk, variant)
-    smp = triton.cdiv(S, _SAMPLE_STRIDE) if variant == 3 and _sampled() else 0
-    return _chunk_rows(B, T, 4 * (S + cap + smp), block_t, chunk_bytes), cap
-
-
-def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, samp=None):
-    """Masked scores of rows [row0, row0 + n_rows) into ``buf``; with ``samp`` [B, rows,
-    cdiv(S, _SAMPLE_STRIDE)] also every _SAMPLE_STRIDE-th key into it (contiguous)."""
+def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg):
+    """Masked scores of rows [row0, row0 + n_rows) into ``buf``."""
     B, T, H, D = q.shape
     S = k.shape[1]
     bt, bs, nw, ns = cfg
     n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, bs)
     grid = (n_s, triton.cdiv(n_rows, bt), B)
-    interp = _interpreting()
-    upcast = interp or q.dtype == torch.float64
-    return _score_kernel[grid](
-        q, k, w, starts, ends, buf, samp if samp is not None else buf,
+    _score_kernel[grid](
+        q, k, w, starts, ends, buf,
         row0, n_rows, T, S,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         starts.stride(0), starts.stride(1),
         buf.stride(0), buf.stride(1),
-        *((samp.stride(0), samp.stride(1)) if samp is not None else (0, 0)),
         H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
-        UPCAST=upcast, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        SAMPLE=_SAMPLE_STRIDE if samp is not None else 0,
+        UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
         num_warps=nw, num_stages=ns,
     )
 
@@ -678,41 +498,21 @@ def indexer_topk_triton(
     if T == 0 or B == 0:
         return idx, vals
     S_alloc = max(S, 1)
-    variant = _select_variant()
-    v2 = variant == 2
-
-    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, variant)
+    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes)
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
-    scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device) if cap else None
-    samp = None
-    if variant == 3 and _sampled():
-        samp = torch.empty(B, rows, triton.cdiv(S_alloc, _SAMPLE_STRIDE), dtype=torch.float32,
-                           device=q.device)
-
-    # per variant: kernel, leading buffers, extra scalar args, extra strides, extra constexprs
-    if variant == 3:
-        kern, head, args = _select_kernel_v3, (buf, scr, samp if samp is not None else buf), (cap,)
-        strides = (scr.stride(0), scr.stride(1)) + (
-            (samp.stride(0), samp.stride(1)) if samp is not None else (0, 0))
-        extra = dict(STRIDE=_SAMPLE_STRIDE, SAMPLED=samp is not None)
-    else:
-        kern, head = (_select_kernel_v2, (buf, scr)) if v2 else (_select_kernel, (buf,))
-        args, strides, extra = (), (), {}
-
-    def select(row0, n):
-        kern[(n, B)](
-            *head, starts, ends, idx, vals, row0, T, S, topk, *args,
-            starts.stride(0), starts.stride(1),
-            buf.stride(0), buf.stride(1),
-            idx.stride(0), idx.stride(1), *strides,
-            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=blk, num_warps=nw_sel, **extra,
-        )
-
+    scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
     # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
     # buffer sets, was measured slower on H100 at S=32K: 20.56 vs 19.43 ms. Not kept.)
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
-            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, samp)
-        select(row0, n)
+            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg)
+        _select_kernel[(n, B)](
+            buf, scr, starts, ends, idx, vals, row0, T, S, topk, cap,
+            starts.stride(0), starts.stride(1),
+            buf.stride(0), buf.stride(1),
+            idx.stride(0), idx.stride(1),
+            scr.stride(0), scr.stride(1),
+            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=blk, STRIDE=SAMPLE_STRIDE, num_warps=nw_sel,
+        )
     return idx, vals

@@ -26,7 +26,8 @@ import torch
 
 from ..indexer.reference import causal_window, window_mask
 
-__all__ = ["indexer_loss_reference", "IndexerLossReference"]
+__all__ = ["indexer_loss_reference", "IndexerLossReference", "masked_softmax", "masked_log_softmax", "row_scale",
+           "tp_all_reduce"]
 
 _EPS = 1e-10
 
@@ -42,7 +43,14 @@ def _support(starts, ends, topk, S, sparse: bool):
     return valid
 
 
-def _masked_softmax(x, valid):
+def tp_all_reduce(att, tp_group):
+    """Sum the head-summed attention target over the tensor-parallel group (heads are split)."""
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(att, group=tp_group)
+    return att
+
+
+def masked_softmax(x, valid):
     x = x.masked_fill(~valid, float("-inf"))
     m = x.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -50,7 +58,7 @@ def _masked_softmax(x, valid):
     return e / e.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
-def _masked_log_softmax(x, valid):
+def masked_log_softmax(x, valid):
     x = x.masked_fill(~valid, float("-inf"))
     m = x.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -79,9 +87,8 @@ def _block_terms(ctx, t0, t1):
     att = torch.zeros(B, t1 - t0, S, dtype=cdt, device=q.device)
     for h in range(query.shape[2]):
         logits = torch.bmm(query[:, t0:t1, h].to(cdt), keyf.transpose(1, 2)) * ctx.scale
-        att += _masked_softmax(logits, valid)
-    if ctx.tp_group is not None and torch.distributed.get_world_size(ctx.tp_group) > 1:
-        torch.distributed.all_reduce(att, group=ctx.tp_group)
+        att += masked_softmax(logits, valid)
+    att = tp_all_reduce(att, ctx.tp_group)
     target = att / att.sum(-1, keepdim=True).clamp_min(_EPS)
     return scores, valid, target
 
@@ -103,12 +110,12 @@ class IndexerLossReference(torch.autograd.Function):
         for t0 in range(0, T, row_block):
             t1 = min(T, t0 + row_block)
             scores, valid, target = _block_terms(ctx, t0, t1)
-            logp = _masked_log_softmax(scores, valid)
+            logp = masked_log_softmax(scores, valid)
             kl = (target * (torch.log(target.clamp_min(_EPS)) - logp)).sum(-1)
             if row_valid is not None:
                 kl = kl * row_valid[:, t0:t1].to(kl.dtype)
             total = total + kl.sum().to(torch.float64)
-        ctx.row_scale = _row_scale(row_valid, B * T, per_token, q.device)
+        ctx.row_scale = row_scale(row_valid, B * T, per_token, q.device)
         out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (total * ctx.row_scale * loss_coeff).to(out_dtype)
 
@@ -125,7 +132,7 @@ class IndexerLossReference(torch.autograd.Function):
         for t0 in range(0, T, ctx.row_block):
             t1 = min(T, t0 + ctx.row_block)
             scores, valid, target = _block_terms(ctx, t0, t1)
-            d_scores = (_masked_softmax(scores, valid) - target) * g
+            d_scores = (masked_softmax(scores, valid) - target) * g
             d_scores = d_scores.masked_fill(~valid, 0.0)
             if ctx.row_valid is not None:
                 d_scores = d_scores * ctx.row_valid[:, t0:t1].to(cdt).unsqueeze(-1)
@@ -142,7 +149,8 @@ class IndexerLossReference(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype)) + (None,) * 13
 
 
-def _row_scale(row_valid, n_rows, per_token, device):
+def row_scale(row_valid, n_rows, per_token, device):
+    """The loss's fp64 row normaliser: 1 (per-token loss), 1 / valid rows, or 1 / rows."""
     if per_token:
         return torch.ones((), dtype=torch.float64, device=device)
     if row_valid is not None:

@@ -1,344 +1,426 @@
-"""Indexer KL loss, forward and backward, with bounded memory (row-chunked, batched torch).
+"""Fused Triton kernels for the *sparse* indexer KL loss (forward computes the loss and dI).
 
-Status: the sparse variant on fp32/bf16/fp16 inputs runs the fused Triton kernels of
-``sparse_triton.py``; the dense variant, fp64 inputs and ``fused=False`` run the
-*bounded-memory* row-chunked torch path below. See ``docs/kernels_indexer.md``. Math and argument meaning: ``reference.py`` (Megatron-Core 0.19.2 semantics).
+Rows are flattened to ``r = b * T + t``; the top-k ids are per sequence (key row ``b*S + id``).
+A slot is valid when ``0 <= id < S`` and ``starts[r] <= id < ends[r]``. Duplicate ids in a row
+count once per slot (the indexer never emits duplicates; the reference takes the set).
 
-Memory: a chunk of ``R`` query rows is processed at a time, with ``R`` chosen so that the
-chunk's fp32 temporaries stay near ``chunk_bytes`` (default 1 GiB):
+Forward (no autograd inside; ``IndexerLossSparseFused`` wraps it):
 
-* dense variant: ``R x S`` index scores and attention target per chunk (all heads of the
-  indexer batched, the attention heads in groups); the key range of a chunk is cut to the
-  causal prefix when the window is the default causal one (static shapes, no host sync);
-* sparse variant: the ``topk`` selected keys of each row are gathered (``R x k`` per chunk);
-  the forward caches the attention target ``[B, T, k]`` (O(T*k), the size of the top-k
-  output) so the backward does not recompute the attention logits.
+1. ``_att_kernel`` MODE=0 (only when the attention log-sum-exp is not given): one program per
+   (row, block of BH attention heads); gathers the row's ``key`` rows BN at a time, does
+   ``s = scale * Q K^T`` and an online log-sum-exp per head -> ``lse [R, Hq]`` (natural log).
+2. ``_att_kernel`` MODE=1: same walk; ``p = exp(s - lse)`` summed over the head block and added
+   (fp32 atomics over head blocks) into ``att [R, K]`` = the unnormalised head-summed target.
+   (Under tensor parallelism ``att`` is all-reduced over ``tp_group`` in torch here.)
+3. ``_index_kernel``: one program per row; gathers the ``k`` rows of the selected ids, ``raw =
+   q_I[r] (H x D) k^T``, ``I = sum_h w_h ReLU(raw)`` -> ``isc [R, K]`` (fp32 scratch).
+4. ``_kl_kernel``: one program per row, the whole row of K slots in registers: log-softmax of
+   ``I``, L1-normalised target, ``KL[r]`` (times row validity) and ``dI = (p - target) * rv``
+   written over ``att`` (the only [R, K] buffer kept for the backward).
 
-Matmuls on bf16/fp16 inputs run on fp32 copies with TF32 allowed: bf16 and fp16 values are
-exact in TF32, so the products are exact and the accumulation is fp32.
-
-Under tensor parallelism (``tp_group`` with world size > 1), the head-summed attention target
-is all-reduced over ``tp_group`` before normalisation (same as the reference).
+Backward: ``_index_bwd_kernel``, one program per row: recompute ``raw`` per slot block,
+``dI * g`` (``g`` = incoming grad * coeff * row scale, read from device memory: no host sync),
+``dw`` and ``dq`` in registers, ``dk[b*S + id] += draw^T q`` with fp32 atomics.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
-
 import torch
+import triton
+import triton.language as tl
 
-from ..indexer.reference import causal_window
+from ..triton_common import LOG2E, dot_precision, ld, mm, pow2_at_least
+from .reference import row_scale, tp_all_reduce
 
-__all__ = ["indexer_loss_triton", "IndexerLossChunked"]
+__all__ = ["IndexerLossSparseFused", "IndexerLossFromAttention", "sparse_loss_forward", "sparse_loss_backward",
+           "index_scores", "kl_and_grad"]
 
-_EPS = 1e-10
-DEFAULT_CHUNK_BYTES = 1 << 30
-
-
-@contextlib.contextmanager
-def _tf32_if_exact(dtype):
-    """Allow TF32 for fp32 matmuls when the operands came from bf16/fp16 (exact in TF32)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        yield
-        return
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(prev)
-
-
-def _cdt(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+# Launch configuration (H100-measured).
+_CFG = {
+    "att_bh": 128,  # all 128 heads per program: each gathered key row is loaded once per row
+    "att_bn": 64,
+    "att_warps": 8,
+    "att_stages": 1,
+    "idx_bn": 64,
+    "idx_warps": 8,
+    "idx_stages": 2,
+    "bwd_bn": 64,
+    "bwd_warps": 4,
+    "bwd_stages": 1,
+    "kl_warps": 8,
+}
 
 
-def _tp_reduce(att, tp_group):
-    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
-        torch.distributed.all_reduce(att, group=tp_group)
-    return att
-
-
-def _log_softmax_masked(x, valid):
-    x = x.masked_fill(~valid, float("-inf"))
-    m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = torch.log(torch.exp(x - m).sum(-1, keepdim=True)) + m
-    return (x - lse).masked_fill(~valid, 0.0)
-
-
-def _softmax_masked(x, valid):
-    x = x.masked_fill(~valid, float("-inf"))
-    m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(x - m).masked_fill(~valid, 0.0)
-    return e / e.sum(-1, keepdim=True).clamp_min(_EPS)
-
-
-class _Ctx:
-    pass
-
-
-def _rows_per_chunk(per_row_bytes, T, chunk_bytes):
-    return int(max(1, min(T, chunk_bytes // max(1, per_row_bytes))))
+@triton.jit
+def _slots(IDX, ST, EN, r, n0, K, S, BN: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BN)
+    nmask = offs_n < K
+    ids = tl.load(IDX + r * K + offs_n, mask=nmask, other=-1)
+    st = tl.load(ST + r)
+    en = tl.load(EN + r)
+    valid = nmask & (ids >= 0) & (ids < S) & (ids >= st) & (ids < en)
+    rows = tl.where(valid, ids, 0).to(tl.int64)
+    return offs_n, nmask, valid, rows
 
 
 # --------------------------------------------------------------------------------------------
-# dense variant: all keys of the window
+# attention target (head-summed softmax over the selected keys)
 # --------------------------------------------------------------------------------------------
 
 
-def _dense_chunk(c, t0, t1, need_grad_terms):
-    """Index scores (+ activations), support and normalised target for rows [t0, t1)."""
-    B, _, H, D = c.q.shape
-    S = c.k.shape[1]
-    R = t1 - t0
-    Sc = min(S, t1) if c.causal else S  # keys past the last row's causal end are masked anyway
-    cdt = c.cdt
-    kf = c.kf[:, :Sc]
-    qf = c.q[:, t0:t1].to(cdt).reshape(B, R * H, D)
-    raw = torch.bmm(qf, kf.transpose(1, 2)).view(B, R, H, Sc)
-    act = torch.relu(raw) if c.use_relu else raw
-    wf = c.w[:, t0:t1].to(cdt)
-    scores = torch.einsum("brhs,brh->brs", act, wf)
-    s_idx = torch.arange(Sc, device=c.q.device)
-    st = c.starts[:, t0:t1].to(torch.int64).unsqueeze(-1)
-    en = c.ends[:, t0:t1].to(torch.int64).unsqueeze(-1)
-    valid = (s_idx >= st) & (s_idx < en)
-    att = torch.zeros(B, R, Sc, dtype=cdt, device=c.q.device)
-    Hq, Dq = c.query.shape[2], c.query.shape[3]
-    hg = c.head_group
-    for h0 in range(0, Hq, hg):
-        h1 = min(Hq, h0 + hg)
-        qq = c.query[:, t0:t1, h0:h1].to(cdt).reshape(B, R * (h1 - h0), Dq)
-        logits = torch.bmm(qq, c.keyf[:, :Sc].transpose(1, 2)).view(B, R, h1 - h0, Sc)
-        logits = logits * c.scale
-        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-        m = logits.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(logits - m)
-        att += (e / e.sum(-1, keepdim=True).clamp_min(_EPS)).sum(2)
-        del logits, e
-    att = _tp_reduce(att, c.tp_group)
-    target = att / att.sum(-1, keepdim=True).clamp_min(_EPS)
-    if not need_grad_terms:
-        raw = act = None
-    return scores, valid, target, raw, act, Sc
+@triton.jit
+def _att_kernel(
+    QRY, KEY, IDX, ST, EN, LSE, ATT,
+    sq_r, sq_h, s_key, T, S, Hq, K, scale_log2,
+    MODE: tl.constexpr, D_V: tl.constexpr, D_QK: tl.constexpr, DC: tl.constexpr, DT: tl.constexpr,
+    BH: tl.constexpr, BN: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_V: tl.constexpr,
+    MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    b = r // T
+    offs_h = hb * BH + tl.arange(0, BH)
+    hmask = offs_h < Hq
+    qb = QRY + r * sq_r
+    q0 = ld(qb, offs_h, hmask, sq_h, 0 * DC, DC, D_V, MASK_V)
+    q1 = ld(qb, offs_h, hmask, sq_h, 1 * DC, DC, D_V, MASK_V)
+    q2 = ld(qb, offs_h, hmask, sq_h, 2 * DC, DC, D_V, MASK_V)
+    q3 = ld(qb, offs_h, hmask, sq_h, 3 * DC, DC, D_V, MASK_V)
+    if HAS_TAIL:
+        qt = ld(qb, offs_h, hmask, sq_h, D_V, DT, D_QK, MASK_T)
+    kbase = KEY + b * S * s_key
+    if MODE == 0:
+        m_i = tl.full([BH], float("-inf"), tl.float32)
+        l_i = tl.zeros([BH], tl.float32)
+    else:
+        lse2 = tl.load(LSE + r * Hq + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+        lfin = lse2 > float("-inf")
+        lse2 = tl.where(lfin, lse2, 0.0)
+    for n0 in range(0, K, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+        k0 = ld(kbase, rows, valid, s_key, 0 * DC, DC, D_V, MASK_V)
+        k1 = ld(kbase, rows, valid, s_key, 1 * DC, DC, D_V, MASK_V)
+        k2 = ld(kbase, rows, valid, s_key, 2 * DC, DC, D_V, MASK_V)
+        k3 = ld(kbase, rows, valid, s_key, 3 * DC, DC, D_V, MASK_V)
+        s = tl.zeros([BH, BN], tl.float32)
+        s = mm(q0, tl.trans(k0), s, UPCAST, PREC)
+        s = mm(q1, tl.trans(k1), s, UPCAST, PREC)
+        s = mm(q2, tl.trans(k2), s, UPCAST, PREC)
+        s = mm(q3, tl.trans(k3), s, UPCAST, PREC)
+        if HAS_TAIL:
+            kt = ld(kbase, rows, valid, s_key, D_V, DT, D_QK, MASK_T)
+            s = mm(qt, tl.trans(kt), s, UPCAST, PREC)
+        if MODE == 0:
+            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+            m_i = m_new
+        else:
+            live = valid[None, :] & (hmask & lfin)[:, None]
+            p = tl.where(live, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+            if ATOMIC:
+                tl.atomic_add(ATT + r * K + offs_n, tl.sum(p, 0), mask=nmask, sem="relaxed")
+            else:  # one head block covers all heads: this program owns the row
+                tl.store(ATT + r * K + offs_n, tl.sum(p, 0), mask=nmask)
+    if MODE == 0:
+        ne = l_i > 0.0
+        lse = tl.where(ne, (m_i + tl.log2(tl.where(ne, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + r * Hq + offs_h, lse, mask=hmask)
 
 
 # --------------------------------------------------------------------------------------------
-# sparse variant: the selected ids only
+# index scores, KL and dI
 # --------------------------------------------------------------------------------------------
 
 
-def _sparse_support(c, t0, t1):
-    ids = c.topk[:, t0:t1].to(torch.int64)
-    st = c.starts[:, t0:t1].to(torch.int64).unsqueeze(-1)
-    en = c.ends[:, t0:t1].to(torch.int64).unsqueeze(-1)
-    valid = (ids >= 0) & (ids >= st) & (ids < en)
-    safe = torch.where(valid, ids, torch.zeros_like(ids))
-    return safe, valid
+@triton.jit
+def _index_kernel(
+    Q, KI, W, IDX, ST, EN, ISC,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K,
+    BHI: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, RELU: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    b = r // T
+    offs_h = tl.arange(0, BHI)
+    hmask = offs_h < H
+    q = ld(Q + r * sq_r, offs_h, hmask, sq_h, 0, BD, D, True)
+    w = tl.load(W + r * sw_r + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    kbase = KI + b * S * sk
+    for n0 in range(0, K, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+        kk = ld(kbase, rows, valid, sk, 0, BD, D, True)
+        raw = mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
+        if RELU:
+            raw = tl.maximum(raw, 0.0)
+        isc = tl.sum(raw * w[:, None], 0)
+        tl.store(ISC + r * K + offs_n, isc, mask=nmask)
 
 
-def _gather_rows(x, safe):
-    """x [B, S, F], safe [B, R, K] -> [B, R, K, F]."""
-    B, R, K = safe.shape
-    F = x.shape[-1]
-    flat = torch.gather(x, 1, safe.reshape(B, R * K, 1).expand(B, R * K, F))
-    return flat.view(B, R, K, F)
+@triton.jit
+def _kl_kernel(
+    ISC, ATT, IDX, ST, EN, RV, KL, DI, T, S, K,
+    BK: tl.constexpr, HAS_RV: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, 0, K, S, BK)
+    x = tl.load(ISC + r * K + offs_n, mask=nmask, other=0.0)
+    a = tl.load(ATT + r * K + offs_n, mask=nmask, other=0.0)
+    a = tl.where(valid, a, 0.0)
+    x = tl.where(valid, x, float("-inf"))
+    m = tl.max(x, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.where(valid, tl.exp(x - m), 0.0)
+    z = tl.sum(e, 0)
+    logz = tl.log(tl.maximum(z, 1e-30))
+    logp = tl.where(valid, x - m - logz, 0.0)
+    p = e / tl.maximum(z, 1e-10)
+    tgt = a / tl.maximum(tl.sum(a, 0), 1e-10)
+    kl = tl.sum(tl.where(valid, tgt * (tl.log(tl.maximum(tgt, 1e-10)) - logp), 0.0), 0)
+    di = tl.where(valid, p - tgt, 0.0)
+    if HAS_RV:
+        rv = tl.load(RV + r).to(tl.float32)
+        kl = kl * rv
+        di = di * rv
+    tl.store(KL + r, kl)
+    tl.store(DI + r * K + offs_n, di, mask=nmask)
 
 
-def _sparse_index_terms(c, t0, t1, safe):
-    B, _, H, D = c.q.shape
-    R, K = t1 - t0, safe.shape[-1]
-    kg = _gather_rows(c.k, safe).to(c.cdt)  # [B, R, K, D]
-    qf = c.q[:, t0:t1].to(c.cdt)  # [B, R, H, D]
-    raw = torch.matmul(qf.reshape(B * R, H, D), kg.reshape(B * R, K, D).transpose(1, 2))
-    raw = raw.view(B, R, H, K)
-    act = torch.relu(raw) if c.use_relu else raw
-    scores = torch.einsum("brhk,brh->brk", act, c.w[:, t0:t1].to(c.cdt))
-    return scores, raw, act, kg, qf
-
-
-def _sparse_target(c, t0, t1, safe, valid):
-    B = safe.shape[0]
-    R, K = t1 - t0, safe.shape[-1]
-    Hq, Dq = c.query.shape[2], c.query.shape[3]
-    keyg = _gather_rows(c.key, safe).to(c.cdt).reshape(B * R, K, Dq)
-    att = torch.zeros(B, R, K, dtype=c.cdt, device=safe.device)
-    hg = c.head_group
-    for h0 in range(0, Hq, hg):
-        h1 = min(Hq, h0 + hg)
-        qq = c.query[:, t0:t1, h0:h1].to(c.cdt).reshape(B * R, h1 - h0, Dq)
-        logits = torch.bmm(qq, keyg.transpose(1, 2)).view(B, R, h1 - h0, K) * c.scale
-        att += _softmax_masked(logits, valid.unsqueeze(2)).sum(2)
-        del logits
-    att = _tp_reduce(att, c.tp_group)
-    return att / att.sum(-1, keepdim=True).clamp_min(_EPS)
+@triton.jit
+def _index_bwd_kernel(
+    Q, KI, W, IDX, ST, EN, DI, G, DQ, DK, DW,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K,
+    BHI: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, RELU: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    b = r // T
+    offs_h = tl.arange(0, BHI)
+    hmask = offs_h < H
+    q = ld(Q + r * sq_r, offs_h, hmask, sq_h, 0, BD, D, True)
+    w = tl.load(W + r * sw_r + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    g = tl.load(G).to(tl.float32)
+    kbase = KI + b * S * sk
+    dkbase = DK + b * S * BD
+    dq = tl.zeros([BHI, BD], tl.float32)
+    dw = tl.zeros([BHI], tl.float32)
+    cols = tl.arange(0, BD)
+    for n0 in range(0, K, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+        di = tl.load(DI + r * K + offs_n, mask=valid, other=0.0) * g
+        kk = ld(kbase, rows, valid, sk, 0, BD, D, True)
+        raw = mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
+        if RELU:
+            act = tl.maximum(raw, 0.0)
+            draw = tl.where(raw > 0.0, di[None, :] * w[:, None], 0.0)
+        else:
+            act = raw
+            draw = di[None, :] * w[:, None]
+        dw += tl.sum(act * di[None, :], 1)
+        drc = draw.to(kk.dtype)
+        dq = mm(drc, kk, dq, UPCAST, PREC)
+        dkg = mm(tl.trans(drc), q, tl.zeros([BN, BD], tl.float32), UPCAST, PREC)
+        tl.atomic_add(dkbase + rows[:, None] * BD + cols[None, :], dkg,
+                      mask=valid[:, None] & (cols[None, :] < D), sem="relaxed")
+    tl.store(DQ + r * H * D + offs_h[:, None] * D + cols[None, :], dq.to(DQ.dtype.element_ty),
+             mask=hmask[:, None] & (cols[None, :] < D))
+    tl.store(DW + r * H + offs_h, dw, mask=hmask)
 
 
 # --------------------------------------------------------------------------------------------
-# autograd
+# host side
 # --------------------------------------------------------------------------------------------
 
 
-class IndexerLossChunked(torch.autograd.Function):
+def _att_geometry(Dqk: int):
+    DC = 16
+    while DC * 2 * 4 <= Dqk:
+        DC *= 2
+    d_v = min(Dqk, 4 * DC)
+    tail = Dqk - d_v
+    DT = pow2_at_least(tail)
+    return dict(D_V=d_v, D_QK=Dqk, DC=DC, DT=DT, HAS_TAIL=tail > 0,
+                MASK_V=(4 * DC != d_v), MASK_T=(DT != tail))
+
+
+def sparse_loss_forward(q, k, w, query, key, ids, starts, ends, scale, use_relu, row_valid,
+                        tp_group, attn_lse=None):
+    """Returns (kl_rows [R] fp32, dI [R, K] fp32). Inputs contiguous; rows flattened."""
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    Hq, Dqk = query.shape[2], query.shape[3]
+    K = ids.shape[-1]
+    R = B * T
+    dev = q.device
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    qy = query.reshape(R, Hq, Dqk)
+    geo = _att_geometry(Dqk)
+    BH = min(_CFG["att_bh"], pow2_at_least(Hq))
+    grid = (R, triton.cdiv(Hq, BH))
+    atomic = grid[1] > 1
+    att = (torch.zeros if atomic else torch.empty)(R, K, dtype=torch.float32, device=dev)
+    if R == 0 or K == 0:
+        return torch.zeros(R, dtype=torch.float32, device=dev), att.zero_()
+    common = dict(BH=BH, BN=_CFG["att_bn"], ATOMIC=atomic, **geo, **dot_precision(query.dtype),
+                  num_warps=_CFG["att_warps"], num_stages=_CFG["att_stages"])
+    args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, K, float(scale) * LOG2E)
+    if attn_lse is None:
+        lse = torch.empty(R, Hq, dtype=torch.float32, device=dev)
+        _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args,
+                                                MODE=0, **common)
+    else:
+        lse = attn_lse.reshape(R, Hq).to(torch.float32).contiguous()
+    _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args,
+                                            MODE=1, **common)
+    att = tp_all_reduce(att, tp_group)
+    isc = index_scores(q, k, w, ids, starts, ends, use_relu)
+    rv = row_valid.reshape(R) if row_valid is not None else None
+    return kl_and_grad(isc, att, ids, starts, ends, rv, T, S)
+
+
+def index_scores(q, k, w, ids, starts, ends, use_relu):
+    """``I [R, K]`` fp32 at the selected slots (0 where a slot is empty is NOT guaranteed:
+    empty slots are masked by the KL kernel)."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    K = ids.shape[-1]
+    R = B * T
+    isc = torch.empty(R, K, dtype=torch.float32, device=q.device)
+    if R > 0 and K > 0:
+        if k.dtype != q.dtype:
+            k = k.to(q.dtype)
+        qr = q.reshape(R, H, D)
+        _index_kernel[(R,)](
+            qr, k, w, ids, starts, ends, isc, qr.stride(0), qr.stride(1), k.stride(1), w.stride(1),
+            T, S, H, D, K, BHI=pow2_at_least(H), BD=pow2_at_least(D), BN=_CFG["idx_bn"], RELU=bool(use_relu),
+            **dot_precision(q.dtype), num_warps=_CFG["idx_warps"], num_stages=_CFG["idx_stages"],
+        )
+    return isc
+
+
+def kl_and_grad(isc, att, ids, starts, ends, row_valid, T, S):
+    """Per-row KL ``[R]`` and ``dI`` ``[R, K]`` (written over ``isc``) from the index scores
+    and the unnormalised head-summed target ``att``."""
+    R, K = isc.shape
+    kl = torch.empty(R, dtype=torch.float32, device=isc.device)
+    if R > 0 and K > 0:
+        rv = row_valid if row_valid is not None else kl
+        _kl_kernel[(R,)](isc, att, ids, starts, ends, rv, kl, isc, T, S, K, BK=pow2_at_least(K),
+                         HAS_RV=row_valid is not None, num_warps=_CFG["kl_warps"])
+    else:
+        kl.zero_()
+    return kl, isc
+
+
+def sparse_loss_backward(q, k, w, ids, starts, ends, di, g, use_relu):
+    """dq [B,T,H,D] (q dtype), dk [B,S,D] (k dtype), dw [B,T,H] (w dtype); g: 0-dim fp32."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    K = ids.shape[-1]
+    R = B * T
+    dev = q.device
+    kc = k if k.dtype == q.dtype else k.to(q.dtype)
+    BHI, BD = pow2_at_least(H), pow2_at_least(D)
+    dq = torch.empty(B, T, H, D, dtype=q.dtype, device=dev)
+    dk = torch.zeros(B, S, BD, dtype=torch.float32, device=dev)
+    dw = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    if R > 0 and K > 0:
+        qr = q.reshape(R, H, D)
+        _index_bwd_kernel[(R,)](
+            qr, kc, w, ids, starts, ends, di, g, dq, dk, dw,
+            qr.stride(0), qr.stride(1), kc.stride(1), w.stride(1), T, S, H, D, K,
+            BHI=BHI, BD=BD, BN=_CFG["bwd_bn"], RELU=bool(use_relu), **dot_precision(q.dtype),
+            num_warps=_CFG["bwd_warps"], num_stages=_CFG["bwd_stages"],
+        )
+    else:
+        dq.zero_()
+        dw.zero_()
+    return dq, dk[..., :D].to(k.dtype), dw.to(w.dtype)
+
+
+class IndexerLossSparseFused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, w, query, key, topk, starts, ends, scale, loss_coeff, sparse,
-                use_relu, row_valid, per_token, tp_group, causal, chunk_bytes):
-        c = _Ctx()
-        c.q, c.k, c.w, c.query, c.key = q.detach(), k.detach(), w.detach(), query.detach(), key.detach()
-        c.topk, c.starts, c.ends, c.scale = topk, starts, ends, scale
-        c.use_relu, c.tp_group, c.causal = use_relu, tp_group, causal
-        c.cdt = _cdt(q)
-        B, T, H, D = q.shape
-        S = k.shape[1]
-        Hq, Dq = query.shape[2], query.shape[3]
-        esz = 8 if c.cdt == torch.float64 else 4
-        if sparse:
-            K = topk.shape[-1]
-            c.head_group = max(1, min(Hq, 32))
-            per_row = K * esz * (D + Dq + 3 * H + 3 * c.head_group + 8)
-        else:
-            c.head_group = max(1, min(Hq, 8))
-            c.kf = c.k.to(c.cdt)
-            per_row = S * esz * (3 * H + 3 * c.head_group + 8)
-        c.keyf = None if sparse else c.key.to(c.cdt)
-        R = _rows_per_chunk(per_row, T, chunk_bytes)
-        total = torch.zeros((), dtype=torch.float64, device=q.device)
-        targets = []
-        with _tf32_if_exact(q.dtype), torch.no_grad():
-            for t0 in range(0, T, R):
-                t1 = min(T, t0 + R)
-                if sparse:
-                    safe, valid = _sparse_support(c, t0, t1)
-                    scores = _sparse_index_terms(c, t0, t1, safe)[0]
-                    target = _sparse_target(c, t0, t1, safe, valid)
-                    targets.append(target)
-                else:
-                    scores, valid, target, _, _, _ = _dense_chunk(c, t0, t1, False)
-                logp = _log_softmax_masked(scores, valid)
-                kl = (target * (torch.log(target.clamp_min(_EPS)) - logp)).sum(-1)
-                if row_valid is not None:
-                    kl = kl * row_valid[:, t0:t1].to(kl.dtype)
-                total = total + kl.sum().to(torch.float64)
-        if per_token:
-            row_scale = torch.ones((), dtype=torch.float64, device=q.device)
-        elif row_valid is not None:
-            row_scale = 1.0 / row_valid.to(torch.float64).sum().clamp_min(1.0)
-        else:
-            row_scale = torch.full((), 1.0 / max(B * T, 1), dtype=torch.float64, device=q.device)
-        c.keyf = None
-        c.kf = None
-        c.R, c.sparse, c.row_valid, c.row_scale, c.loss_coeff = R, sparse, row_valid, row_scale, loss_coeff
-        c.targets = targets if sparse else None
-        ctx.c = c
+    def forward(ctx, q, k, w, query, key, ids, starts, ends, scale, loss_coeff, use_relu,
+                row_valid, per_token, tp_group, attn_lse):
+        B, T = q.shape[:2]
+        qc, kc, wc = q.detach().contiguous(), k.detach().contiguous(), w.detach().contiguous()
+        ids = ids.reshape(B * T, -1).contiguous()
+        st = starts.reshape(B * T).to(torch.int32).contiguous()
+        en = ends.reshape(B * T).to(torch.int32).contiguous()
+        rv = row_valid.reshape(B * T).contiguous() if row_valid is not None else None
+        with torch.no_grad():
+            kl, di = sparse_loss_forward(qc, kc, wc, query.detach().contiguous(),
+                                         key.detach().contiguous(), ids, st, en, scale, use_relu,
+                                         rv, tp_group, attn_lse)
+            scale_rows = row_scale(rv, B * T, per_token, q.device)
+            total = kl.to(torch.float64).sum()
+        ctx.save_for_backward(qc, kc, wc, ids, st, en, di, scale_rows)
+        ctx.loss_coeff, ctx.use_relu = loss_coeff, use_relu
         out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return (total * row_scale * loss_coeff).to(out_dtype)
+        return (total * scale_rows * loss_coeff).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        c = ctx.c
-        q, k, w = c.q, c.k, c.w
-        B, T, H, D = q.shape
-        S = k.shape[1]
-        cdt = c.cdt
-        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-        dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
-        dw = torch.zeros(w.shape, dtype=cdt, device=q.device)
-        g = grad.to(cdt) * c.loss_coeff * c.row_scale.to(cdt)
-        if not c.sparse:
-            c.kf = k.to(cdt)
-            c.keyf = c.key.to(cdt)
-        with _tf32_if_exact(q.dtype), torch.no_grad():
-            for i, t0 in enumerate(range(0, T, c.R)):
-                t1 = min(T, t0 + c.R)
-                R = t1 - t0
-                if c.sparse:
-                    safe, valid = _sparse_support(c, t0, t1)
-                    scores, raw, act, kg, qf = _sparse_index_terms(c, t0, t1, safe)
-                    target = c.targets[i]
-                else:
-                    scores, valid, target, raw, act, Sc = _dense_chunk(c, t0, t1, True)
-                d_s = (torch.exp(_log_softmax_masked(scores, valid)) - target) * g
-                d_s = d_s.masked_fill(~valid, 0.0)
-                if c.row_valid is not None:
-                    d_s = d_s * c.row_valid[:, t0:t1].to(cdt).unsqueeze(-1)
-                # dI -> dw, d(raw)
-                dw[:, t0:t1] = torch.einsum("brhs,brs->brh", act, d_s)
-                d_raw = d_s.unsqueeze(2) * w[:, t0:t1].to(cdt).unsqueeze(-1)
-                if c.use_relu:
-                    d_raw = d_raw * (raw > 0).to(cdt)
-                del act, raw
-                if c.sparse:
-                    Kk = safe.shape[-1]
-                    d_raw = d_raw.reshape(B * R, H, Kk)
-                    dq[:, t0:t1] = torch.bmm(d_raw, kg.reshape(B * R, Kk, D)).view(B, R, H, D)
-                    dkg = torch.bmm(d_raw.transpose(1, 2), qf.reshape(B * R, H, D))  # [BR, K, D]
-                    flat = (safe + (torch.arange(B, device=q.device) * S).view(B, 1, 1)).reshape(-1)
-                    dkg = dkg.reshape(B * R * Kk, D) * valid.reshape(-1, 1).to(cdt)
-                    dk.view(B * S, D).index_add_(0, flat, dkg)
-                else:
-                    d_raw = d_raw.reshape(B, R * H, Sc)
-                    qf = q[:, t0:t1].to(cdt).reshape(B, R * H, D)
-                    dq[:, t0:t1] = torch.bmm(d_raw, c.kf[:, :Sc]).view(B, R, H, D)
-                    dk[:, :Sc] += torch.bmm(d_raw.transpose(1, 2), qf)
-                del d_raw
-        c.kf = c.keyf = None
-        ctx.c = None
-        return (dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype)) + (None,) * 14
+        q, k, w, ids, st, en, di, scale_rows = ctx.saved_tensors
+        g = (grad.to(torch.float64) * scale_rows * ctx.loss_coeff).to(torch.float32).reshape(1)
+        dq, dk, dw = sparse_loss_backward(q, k, w, ids, st, en, di, g, ctx.use_relu)
+        return (dq, dk, dw) + (None,) * 12
 
 
-def indexer_loss_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    w: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    softmax_scale: float,
-    loss_coeff: float,
-    topk_indices: Optional[torch.Tensor] = None,
-    sparse: bool = False,
-    starts: Optional[torch.Tensor] = None,
-    ends: Optional[torch.Tensor] = None,
-    use_relu: bool = True,
-    query_valid_rows: Optional[torch.Tensor] = None,
-    calculate_per_token_loss: bool = False,
-    tp_group=None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    attn_lse: Optional[torch.Tensor] = None,
-    fused: Optional[bool] = None,
-) -> torch.Tensor:
-    """Scalar indexer KL loss (same contract as ``indexer_loss_reference``).
+class IndexerLossFromAttention(torch.autograd.Function):
+    """Sparse indexer KL loss whose target comes from the attention backward.
 
-    Sparse variant on fp32/bf16/fp16 inputs: fused Triton kernels (``sparse_triton.py``).
-    ``attn_lse`` [B, T, Hq] (optional, fp32, natural log): the attention's per-head
-    log-sum-exp of ``softmax_scale * query . key`` over the same support (what ``sparse_mla``
-    returns, sink excluded); given, the target needs one pass over the keys instead of two.
-    ``fused=False`` forces the row-chunked torch path (the dense variant and fp64 always use it).
+    Forward: the index scores at the selected slots (``_index_kernel``) only. Outputs a zero
+    placeholder loss and a zero fp32 ``[R, K]`` *slot* tensor (a stride-0 view: no memory) that
+    the caller passes to ``sparse_mla(..., loss_target=slot)``. Autograd then runs this node's
+    backward only after the attention backward, which hands over the head-summed probabilities
+    ``sum_h exp(s_h - lse_h)`` per slot as the slot's gradient (the P it forms anyway).
+    Backward: (TP all-reduce of the target), KL + ``dI`` (``_kl_kernel``), the loss value passed
+    to ``on_value`` (it does not exist before the backward), then ``_index_bwd_kernel``.
+    Missing target (the attention backward did not run with ``loss_target``) raises.
     """
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    if sparse and topk_indices is None:
-        raise ValueError("sparse indexer loss needs topk_indices")
-    causal = starts is None or ends is None
-    if causal:
-        starts, ends = causal_window(B, T, S, device=q.device)
-    if query_valid_rows is not None:
-        query_valid_rows = query_valid_rows.to(torch.bool).expand(B, T)
-    if fused is None:
-        fused = q.dtype != torch.float64
-    if sparse and fused:
-        from .sparse_triton import IndexerLossSparseFused
 
-        return IndexerLossSparseFused.apply(
-            q, k, w, query, key, topk_indices, starts, ends, float(softmax_scale),
-            float(loss_coeff), bool(use_relu), query_valid_rows, bool(calculate_per_token_loss),
-            tp_group, attn_lse,
-        )
-    return IndexerLossChunked.apply(
-        q, k, w, query, key, topk_indices, starts, ends, float(softmax_scale), float(loss_coeff),
-        bool(sparse), bool(use_relu), query_valid_rows, bool(calculate_per_token_loss), tp_group,
-        causal, int(chunk_bytes),
-    )
+    @staticmethod
+    def forward(ctx, q, k, w, ids, starts, ends, loss_coeff, use_relu, row_valid, per_token,
+                tp_group, on_value):
+        B, T = q.shape[:2]
+        R = B * T
+        qc, kc, wc = q.detach().contiguous(), k.detach().contiguous(), w.detach().contiguous()
+        ids = ids.reshape(R, -1).contiguous()
+        st = starts.reshape(R).to(torch.int32).contiguous()
+        en = ends.reshape(R).to(torch.int32).contiguous()
+        rv = row_valid.reshape(R).contiguous() if row_valid is not None else None
+        with torch.no_grad():
+            isc = index_scores(qc, kc, wc, ids, st, en, use_relu)
+            scale_rows = row_scale(rv, R, per_token, q.device)
+        ctx.save_for_backward(qc, kc, wc, ids, st, en, isc, scale_rows, rv)
+        ctx.loss_coeff, ctx.use_relu, ctx.tp_group, ctx.on_value = loss_coeff, use_relu, tp_group, on_value
+        ctx.T, ctx.S = T, k.shape[1]
+        ctx.set_materialize_grads(False)
+        out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        loss = torch.zeros((), dtype=out_dtype, device=q.device)
+        slot = torch.zeros((), dtype=torch.float32, device=q.device).expand(R, ids.shape[1])
+        return loss, slot
+
+    @staticmethod
+    def backward(ctx, grad, target):
+        if target is None:
+            raise RuntimeError(
+                "indexer_loss_from_attention: no target reached the loss. Pass its slot tensor "
+                "to sparse_mla(..., loss_target=slot) and backpropagate through the attention "
+                "output"
+            )
+        q, k, w, ids, st, en, isc, scale_rows, rv = ctx.saved_tensors
+        att = tp_all_reduce(target.contiguous(), ctx.tp_group)
+        kl, di = kl_and_grad(isc, att, ids, st, en, rv, ctx.T, ctx.S)
+        if ctx.on_value is not None:
+            ctx.on_value((kl.to(torch.float64).sum() * scale_rows * ctx.loss_coeff).to(torch.float32))
+        if grad is None:
+            return (None,) * 12
+        g = (grad.to(torch.float64) * scale_rows * ctx.loss_coeff).to(torch.float32).reshape(1)
+        dq, dk, dw = sparse_loss_backward(q, k, w, ids, st, en, di, g, ctx.use_relu)
+        return (dq, dk, dw) + (None,) * 9

@@ -1,40 +1,52 @@
 """``torch.library`` custom ops for the fused sparse MLA (forward, backward, autograd).
 
-``megatron_dsa::sparse_mla`` (forward) and ``megatron_dsa::sparse_mla_backward`` wrap the
-dispatching launchers of :mod:`.triton_impl` (sm_90a CUDA where eligible, Triton otherwise)
-with fake (meta) implementations, so ``torch.compile`` traces them as opaque ops without graph
-breaks and without running the kernels, and the autograd formula is registered on the op.
-Explicit schemas (no annotation inference) keep this working across torch >= 2.6.
+``megatron_dsa::sparse_mla`` (forward) and ``megatron_dsa::sparse_mla_backward`` run the
+launcher the dispatch chose (``forward_impl`` ``"cuda"`` / ``"triton"``; ``backward_impl``
+``"cuda"`` / ``"triton"`` / ``"triton-deterministic"``) and have fake (meta) implementations, so
+``torch.compile`` traces them as opaque ops without graph breaks and without running the
+kernels; the autograd formula is registered on the op. Explicit schemas (no annotation
+inference) keep this working across torch >= 2.6.
 
-``deterministic`` and ``loss_target`` are forward inputs only to reach the backward: the
-backward returns the head-summed attention probabilities per slot as ``loss_target``'s
-gradient (the sparse indexer loss's target; see ``sparse_mla_triton``).
+``loss_target`` is a forward input only to reach the backward: the backward returns the
+head-summed attention probabilities per slot as its gradient (the sparse indexer loss's
+target; see ``megatron_dsa.kernels.indexer_loss.indexer_loss_from_attention``).
 """
 
 import torch
 
-from . import triton_impl as _ti
+from .cuda_impl import sparse_mla_bwd_cuda, sparse_mla_fwd_cuda
+from .triton_impl import sparse_mla_bwd_triton, sparse_mla_fwd_triton
+
+__all__ = ["sparse_mla_op", "sparse_mla_backward_op"]
 
 _FWD_SCHEMA = (
     "(Tensor q, Tensor kv, Tensor indices, float softmax_scale, int d_v, Tensor? topk_length, "
-    "Tensor? sink, bool deterministic, Tensor? loss_target) -> (Tensor, Tensor)"
+    "Tensor? sink, str forward_impl, str backward_impl, Tensor? loss_target) -> (Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor q, Tensor kv, Tensor indices, float softmax_scale, int d_v, Tensor? topk_length, "
-    "Tensor? sink, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, bool deterministic, "
+    "Tensor? sink, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, str backward_impl, "
     "bool want_target) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def _fwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic, loss_target):
-    return _ti.sparse_mla_fwd(q, kv, indices, softmax_scale, d_v, topk_length, sink)
+def _fwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, forward_impl, backward_impl, loss_target):
+    if forward_impl == "cuda":
+        return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink)
+    return sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
 
 
-def _bwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse, deterministic,
+def _bwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse, backward_impl,
          want_target):
     target = torch.zeros(indices.shape, dtype=torch.float32, device=q.device) if want_target else None
-    dq, dkv, d_sink = _ti.sparse_mla_bwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse,
-                                         dout, dlse, deterministic=deterministic, target_out=target)
+    dout = dout.to(q.dtype)
+    if backward_impl == "cuda":
+        dq, dkv, d_sink = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout,
+                                              dlse, target_out=target)
+    else:
+        dq, dkv, d_sink = sparse_mla_bwd_triton(
+            q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse,
+            deterministic=backward_impl == "triton-deterministic", target_out=target)
     # custom ops return tensors only: empty stand-ins for "no d_sink" / "no target"
     if d_sink is None:
         d_sink = q.new_empty(0, dtype=torch.float32)
@@ -49,26 +61,27 @@ sparse_mla_backward_op = torch.library.custom_op("megatron_dsa::sparse_mla_backw
 
 
 @sparse_mla_op.register_fake
-def _fwd_fake(q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic, loss_target):
+def _fwd_fake(q, kv, indices, softmax_scale, d_v, topk_length, sink, forward_impl, backward_impl, loss_target):
     T, H, _ = q.shape
     return q.new_empty((T, H, d_v)), q.new_empty((T, H), dtype=torch.float32)
 
 
 @sparse_mla_backward_op.register_fake
-def _bwd_fake(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse, deterministic,
+def _bwd_fake(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse, backward_impl,
               want_target):
-    d_sink = q.new_empty(tuple(sink.shape) if sink is not None else (0,), dtype=sink.dtype if sink is not None else torch.float32)
+    d_sink = q.new_empty(tuple(sink.shape) if sink is not None else (0,),
+                         dtype=sink.dtype if sink is not None else torch.float32)
     target = q.new_empty(tuple(indices.shape) if want_target else (0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(kv), d_sink, target
 
 
 def _setup_context(ctx, inputs, output):
-    q, kv, indices, softmax_scale, d_v, topk_length, sink, deterministic, loss_target = inputs
+    q, kv, indices, softmax_scale, d_v, topk_length, sink, forward_impl, backward_impl, loss_target = inputs
     out, lse = output
     ctx.save_for_backward(q, kv, indices, topk_length, sink, out, lse)
     ctx.softmax_scale = softmax_scale
     ctx.d_v = d_v
-    ctx.deterministic = deterministic
+    ctx.backward_impl = backward_impl
 
 
 def _backward(ctx, dout, dlse):
@@ -76,11 +89,11 @@ def _backward(ctx, dout, dlse):
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
     # needs_input_grad is False for inputs passed as None (no sink, no loss target)
-    want_target = ctx.needs_input_grad[8]
+    want_target = ctx.needs_input_grad[9]
     dq, dkv, d_sink, target = sparse_mla_backward_op(
         q, kv, indices, ctx.softmax_scale, ctx.d_v, topk_length, sink, out, lse, dout, dlse,
-        ctx.deterministic, want_target)
-    return (dq, dkv, None, None, None, None, d_sink if ctx.needs_input_grad[6] else None, None,
+        ctx.backward_impl, want_target)
+    return (dq, dkv, None, None, None, None, d_sink if ctx.needs_input_grad[6] else None, None, None,
             target if want_target else None)
 
 

@@ -1,5 +1,5 @@
 // Shared helpers of the sm_90a sparse MLA kernels: PTX wrappers for cp.async, mbarriers,
-// named barriers, clusters and wgmma (accumulators as float arrays, operand lists written
+// named barriers and wgmma (accumulators as float arrays, operand lists written
 // out; TA / TB = operand A / B read MN-major ("transposed"), as wgmma's imm-trans flags).
 #pragma once
 #include <cuda_bf16.h>
@@ -40,45 +40,11 @@ __device__ __forceinline__ void mbar_arrive(uint32_t addr) {
 __device__ __forceinline__ void mbar_init(uint32_t addr, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
 }
-// kCluster: acquire at cluster scope (the barrier also counts the peer CTA's arrivals / bytes)
-template <bool kCluster = false>
 __device__ __forceinline__ void mbar_wait(uint32_t addr, int parity) {
-  if constexpr (kCluster)
-    asm volatile(
-        "{\n.reg .pred P1;\nLAB_WAIT:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
-        "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
-  else
-    asm volatile(
-        "{\n.reg .pred P1;\nLAB_WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-        "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ uint32_t peer_addr(uint32_t addr, uint32_t rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
-  return out;
-}
-__device__ __forceinline__ void mbar_arrive_remote(uint32_t cluster_addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
-}
-// smem -> peer smem bulk copy, completion counted in bytes on the peer's mbarrier
-__device__ __forceinline__ void bulk_copy_to_peer(uint32_t dst_cluster, uint32_t src, uint32_t bytes,
-                                                  uint32_t mbar_cluster) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-      ::"r"(dst_cluster), "r"(src), "r"(bytes), "r"(mbar_cluster) : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
 }
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t addr) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
@@ -177,42 +143,16 @@ inline FwdParams fwd_params(const void* q, const void* kv, const void* idx, cons
   return p;
 }
 
-// Raise the dynamic shared-memory limit of a plain / cluster kernel pair once per device.
-template <typename KPlain, typename KCluster>
-inline cudaError_t set_smem_once(bool (&done)[64], KPlain plain, int plain_bytes, KCluster cl, int cl_bytes) {
+// Raise a kernel's dynamic shared-memory limit once per device.
+template <typename K>
+inline cudaError_t set_smem_once(bool (&done)[64], K kernel, int bytes) {
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
   if (dev >= 0 && dev < 64 && done[dev]) return cudaSuccess;
-  e = cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, plain_bytes);
-  if (e == cudaSuccess) e = cudaFuncSetAttribute(cl, cudaFuncAttributeMaxDynamicSharedMemorySize, cl_bytes);
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess && dev >= 0 && dev < 64) done[dev] = true;
   return e;
-}
-
-// The same for a kernel without a cluster variant.
-template <typename K>
-inline cudaError_t set_smem_once(bool (&done)[64], K kernel, int bytes) {
-  return set_smem_once(done, kernel, bytes, kernel, bytes);
-}
-
-// Launch `kernel(p)` on a 1-D grid as 2-CTA clusters (cudaLaunchKernelEx).
-template <typename Kernel, typename P>
-inline cudaError_t launch_cluster2(Kernel kernel, unsigned grid, int threads, int smem, cudaStream_t stream,
-                                   const P& p) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid, 1, 1);
-  cfg.blockDim = dim3(threads, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
 }  // namespace dsa_sm90

@@ -32,7 +32,7 @@
 //
 // dkv workspace: the L2 adds cost per request more than per byte: a warp instruction adding
 // 32 B to each of 4 keys costs about what 128 B to each of 4 keys costs (add-only
-// microbenchmark, benchmarks/bench_dkv_adds.py: 80 vs 48 ms for the S = 16K, 128-head add
+// microbenchmark, kept in git history: 80 vs 48 ms for the S = 16K, 128-head add
 // volume, 4 issuing warps per SM). A dKV^T accumulator gives a warp only 16 channels (64 B)
 // of a key per tile, so the tiles go in pairs and the workspace stores its columns permuted:
 // for c < 512, logical channel 128 pp + 64 a + 16 w + 8 i + r (pair pp, tile a of the pair,
@@ -43,23 +43,11 @@
 // casts the workspace (cuda_impl.unpermute_dkv).
 #include "sm90_common.cuh"
 
-// Timing experiments only (never in a shipped build): 1 = no dkv adds, 2 = no dKV MMAs (and no
-// adds), 4 = no kv gathers after the first ring fill (ids still loaded), 8 = no S / dP MMAs,
-// 16 = no dQ MMAs.
-#ifndef SPARSE_MLA_BWD_DBG
-#define SPARSE_MLA_BWD_DBG 0
-#endif
 // Registers per thread after setmaxnreg: producer, WG1, WG2. The CTA is launched with 168 per
 // thread (384 threads, one CTA per SM), so the sum must stay <= 3 x 168 = 504.
-#ifndef SPARSE_MLA_BWD_RP
 #define SPARSE_MLA_BWD_RP 32
-#endif
-#ifndef SPARSE_MLA_BWD_R1
 #define SPARSE_MLA_BWD_R1 240
-#endif
-#ifndef SPARSE_MLA_BWD_R2
 #define SPARSE_MLA_BWD_R2 232
-#endif
 #define DSA_STR2(x) #x
 #define DSA_STR(x) DSA_STR2(x)
 static_assert(SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1 + SPARSE_MLA_BWD_R2 <= 3 * 168, "register split: setmaxnreg.inc would wait forever");
@@ -213,9 +201,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     for (int b = 0; b < nblk; ++b) {
       const int st = b % NST;
       if (b >= NST) mbar_wait(sbase + BAR_KV_EMPTY + 8 * st, ((b / NST) - 1) & 1);
-      // (timing build 4: the kv tiles are not refilled, the ids still are, so the adds keep
-      // their real addresses; skipping the ids too piles every add onto a few rows: 318 ms)
-      if (!((SPARSE_MLA_BWD_DBG & 4) && b >= NST)) {
+      {
         const bool ok = gid >= 0 && gid < p.Tk;
         const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
         const uint32_t dst = sbase + OFF_KV + st * STAGE + g_row * 128;
@@ -279,13 +265,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int c = 0; c < NCH; ++c)
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          if (!(SPARSE_MLA_BWD_DBG & 8)) wgmma_m64n32k16_ss<0, 0>(s, qd0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
+          wgmma_m64n32k16_ss<0, 0>(s, qd0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
                                    (c | k) != 0);
 #pragma unroll
       for (int c = 0; c < NCV; ++c)
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          if (!(SPARSE_MLA_BWD_DBG & 8)) wgmma_m64n32k16_ss<0, 0>(dp, dod0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
+          wgmma_m64n32k16_ss<0, 0>(dp, dod0 + ((c * QCH + k * 32) >> 4), kd0 + ((st * STAGE + c * CH + k * 32) >> 4),
                                    (c | k) != 0);
       wgmma_commit();
       wgmma_wait0();
@@ -354,7 +340,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const uint32_t a[4] = {pk_s[0][2 * k], pk_s[1][2 * k], pk_s[0][2 * k + 1], pk_s[1][2 * k + 1]};
-        if (SPARSE_MLA_BWD_DBG & 16) continue;
         wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((st * STAGE + k * 16 * 128) >> 4), 1);
         wgmma_m64n64k16_rs<1>(dqm, a, kt0 + ((st * STAGE + 4 * CH + k * 16 * 128) >> 4), 1);
       }
@@ -399,7 +384,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const uint64_t da = dsa0 + ((pb * 2 * CH + k * 16 * 128) >> 4);
-        if (SPARSE_MLA_BWD_DBG & 16) continue;
         wgmma_m64n256k16_ss<1, 1>(dqb, da, kt0 + ((st * STAGE + 5 * CH + k * 16 * 128) >> 4), 1);
       }
       wgmma_commit();
@@ -413,7 +397,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int e = 0; e < 8; ++e) ro8[e] = ro8[e] >= 0 ? ro8[e] * D_QK : -1;
       auto row_off = [&](int jj, int bb) -> int { return ro8[2 * jj + bb]; };
       auto mma = [&](int mt, float (&acc)[16]) {  // dKV^T tile mt (channels 64 mt ..) into acc
-        if (SPARSE_MLA_BWD_DBG & 2) return;
 #pragma unroll
         for (int k = 0; k < 4; ++k)
           wgmma_m64n32k16_ss<1, 0>(acc, qt0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + k * 32) >> 4), k != 0);
@@ -438,7 +421,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
             const int ro = row_off(jj, bb);
-            if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3))
+            if (ro >= 0)
               red_add_v4(p.dkv + (ro + pair_off + pp * 128), x[4 * jj + bb], x[4 * jj + 2 + bb], y[4 * jj + bb],
                          y[4 * jj + 2 + bb]);
           }
@@ -469,7 +452,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
         for (int bb = 0; bb < 2; ++bb) {
           const int ro = row_off(jj, bb);
-          if (ro >= 0 && !(SPARSE_MLA_BWD_DBG & 3)) red_add_v2(p.dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
+          if (ro >= 0) red_add_v2(p.dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
         }
     }
 #pragma unroll

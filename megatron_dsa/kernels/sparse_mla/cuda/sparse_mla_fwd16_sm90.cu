@@ -64,24 +64,6 @@ constexpr int BAR_SFULL16 = 8, BAR_SFREE16 = 9, BAR_SI16 = 10;  // S^T WG0 -> WG
 // softmax 104 (sum 512 x 128 threads = the CTA's 65536)
 constexpr int KG16 = 12;                     // S^T k-steps per A-register group (of 36)
 
-#ifndef FWD16_DBG
-#define FWD16_DBG 0  // timing experiments only: 1 = no gathers after the first ring fill,
-                     // 2 = no S^T wgmmas, 4 = no O^T wgmmas
-#endif
-
-#ifdef FWD16_PROF
-__device__ unsigned long long g_fwd16_prof[10];
-#define PROF_MARK(i) do { const long long _n = clock64(); prof[i] += (unsigned)(_n - prof_t); prof_t = _n; } while (0)
-#define PROF_INIT unsigned prof[10] = {}; long long prof_t = clock64()
-#define PROF_FLUSH(lo, hi) do { if (wt == 0) for (int _i = lo; _i < hi; ++_i) atomicAdd(&g_fwd16_prof[_i], (unsigned long long)prof[_i]); } while (0)
-#define PROF_CNT(i) (++prof[i])
-#else
-#define PROF_MARK(i) do {} while (0)
-#define PROF_INIT do {} while (0)
-#define PROF_FLUSH(lo, hi) do {} while (0)
-#define PROF_CNT(i) do {} while (0)
-#endif
-
 using Params16 = FwdParams;
 
 // A CTA's walk over its rows with keys (t = blockIdx.x, + gridDim.x, ...), the same in the S^T
@@ -226,10 +208,6 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
       for (int i = 0; i < 4; ++i, ++seq) {
         const int s = seq % NS16;
         if (seq >= NS16) mbar_wait(empty0 + 8 * s, ((seq / NS16) - 1) & 1);
-        if ((FWD16_DBG & 1) && seq >= NS16) {
-          cp_async_arrive_noinc(full0 + 8 * s);
-          continue;
-        }
         const bool ok = ids[i] >= 0 && ids[i] < p.Tk;
         const __nv_bfloat16* src = p.kv + (long long)(ok ? ids[i] : 0) * p.kv_s + psub * 8;
         const uint32_t dst = dst0 + s * SLOT16;
@@ -255,7 +233,6 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 #pragma unroll
       for (int v = 0; v < 8; ++v) o[c][v] = 0.f;
     uint32_t k = 0;  // flat block counter (= ring position / 4)
-    PROF_INIT;
     for (int t = blockIdx.x; t < p.T; t += stride) {
       const int nblk = (row_len16(p, t) + BK16 - 1) / BK16;
       __nv_bfloat16* orow = p.out + (long long)t * p.out_st;
@@ -269,9 +246,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
       for (int j = 0; j < nblk; ++j, ++k) {
         const int pb = k & 1;
         const uint32_t seq0 = 4 * k;
-        PROF_MARK(8);
         bar_sync(BAR_PFULL16 + pb, 256);  // P^T (and the rescale, if any) of block k
-        PROF_MARK(5);
         if (lds_f32(sbase + OFF_AL16 + pb * 128) != 0.f) {
           float al[4];
 #pragma unroll
@@ -284,7 +259,6 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 #pragma unroll
         for (int i = 0; i < 4; ++i) mbar_wait(full0 + 8 * ((seq0 + i) % NS16), ((seq0 + i) / NS16) & 1);
         fence_async_smem();
-        PROF_MARK(6);
         // descriptors are linear in the address (bits 0-13 = address / 16, no carry below 256 KB)
         const uint64_t pdesc = pdesc0 + ((pb * HT16 * 128) >> 4);
         uint64_t vd[4];
@@ -295,10 +269,9 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
         for (int c = 0; c < 8; ++c)
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            if (!(FWD16_DBG & 4)) wgmma_m64n16k16_ss_ta(o[c], vd[i] + ((c * CHK16) >> 4), pdesc + ((i * 32) >> 4));
+            wgmma_m64n16k16_ss_ta(o[c], vd[i] + ((c * CHK16) >> 4), pdesc + ((i * 32) >> 4));
         wgmma_commit();
         wgmma_wait0();
-        PROF_MARK(7);
         if (lane == 0) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) mbar_arrive(empty0 + 8 * ((seq0 + i) % NS16));
@@ -324,7 +297,6 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
           o[c][2 * m + 1] = 0.f;
         }
     }
-    PROF_FLUSH(5, 9);
     return;
   }
 
@@ -417,7 +389,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 #pragma unroll
         for (int kk = 0; kk < KG16; ++kk) {
           const int c = (KG16 * g + kk) / 4, q = (KG16 * g + kk) % 4;
-          if (!(FWD16_DBG & 2)) wgmma_m64n16k16_rs(sacc, a[g & 1][kk], qd + ((c * QCH16 + q * 32) >> 4), (c | q) != 0);
+          wgmma_m64n16k16_rs(sacc, a[g & 1][kk], qd + ((c * QCH16 + q * 32) >> 4), (c | q) != 0);
         }
         wgmma_commit();
       }
@@ -435,12 +407,9 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     bar_sync(BAR_SI16, 128);  // the first query has landed
     int nblk = (rw.kvl + BK16 - 1) / BK16;
     float sacc[8];
-    PROF_INIT;
     issue_s(0, 0, sacc, false);
     for (uint32_t k = 0;; ++k) {
-      PROF_MARK(0); PROF_CNT(9);
       if (k >= 1) bar_sync(BAR_SFREE16, 256);  // WG3 has read block k - 1's S^T
-      PROF_MARK(1);
       sts_v4(sbase + OFF_S16 + wt * 16, sacc[0], sacc[1], sacc[2], sacc[3]);
       sts_v4(sbase + OFF_S16 + 2048 + wt * 16, sacc[4], sacc[5], sacc[6], sacc[7]);
       bar_arrive(BAR_SFULL16, 256);
@@ -454,7 +423,6 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
           bar_sync(BAR_SI16, 128);
         }
       }
-      PROF_MARK(2);
       const bool done = rw.t >= p.T;
       issue_s(4 * (k + 1), rw.r & 1, sacc, done);
       if (done) {
@@ -462,8 +430,6 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
         break;
       }
     }
-    PROF_FLUSH(0, 3);
-    PROF_FLUSH(9, 10);
     cp_async_wait_all();
     return;
   }
@@ -503,12 +469,9 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     }
   };
   load_key_ids();
-  PROF_INIT;
   for (uint32_t k = 0;; ++k) {
     const bool vk[2] = {idn[0] >= 0 && idn[0] < p.Tk, idn[1] >= 0 && idn[1] < p.Tk};
-    PROF_MARK(4);
     bar_sync(BAR_SFULL16, 256);  // block k's S^T from WG0
-    PROF_MARK(3);
     float sacc[8];
     lds_v4(sbase + OFF_S16 + wt * 16, sacc[0], sacc[1], sacc[2], sacc[3]);
     lds_v4(sbase + OFF_S16 + 2048 + wt * 16, sacc[4], sacc[5], sacc[6], sacc[7]);
@@ -628,24 +591,11 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     }
     load_key_ids();
   }
-  PROF_FLUSH(3, 5);
 }
 
 }  // namespace
 
 extern "C" {
-
-#ifdef FWD16_PROF
-// profiling builds only: the per-phase cycle sums (see PROF_MARK), optionally reset
-int dsa_fwd16_prof_read(unsigned long long* host, int reset) {
-  cudaError_t e = cudaMemcpyFromSymbol(host, g_fwd16_prof, sizeof(g_fwd16_prof));
-  if (e == cudaSuccess && reset) {
-    unsigned long long z[10] = {};
-    e = cudaMemcpyToSymbol(g_fwd16_prof, z, sizeof(z));
-  }
-  return static_cast<int>(e);
-}
-#endif
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). H <= 16; q / kv rows 16-byte
 // aligned (channel stride 1, row strides multiples of 8 elements); out rows 16-byte aligned.

@@ -25,13 +25,6 @@
 //   last tile are zero and not stored. No host synchronization, no workspace.
 #include "sm90_common.cuh"
 
-// Timing experiments only (never in a shipped build): 1 = no gathers after the first ring
-// fill, 2 = no S MMAs, 4 = no P V MMAs, 8 = one 16-byte output store per row instead of 32.
-// Results are wrong with any of them set.
-#ifndef SPARSE_MLA_DBG
-#define SPARSE_MLA_DBG 0
-#endif
-
 namespace {
 
 using namespace dsa_sm90;
@@ -55,15 +48,7 @@ constexpr int OFF_L = OFF_ALPHA + NP * 64 * 4;  // [64] fp32 final row sums
 constexpr int OFF_M = OFF_L + 64 * 4;        // [64] fp32 final row maxima (log2 domain)
 constexpr int OFF_IDS = OFF_M + 64 * 4;      // [NST][BN] int32: the ids of each slot's keys
 constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers: slot full
-constexpr int OFF_HALF = OFF_BAR + NST * 8;      // cluster variant: NST x our half landed
-constexpr int OFF_EMPTY = OFF_HALF + NST * 8;    // cluster variant: NST x the peer is done with it
-constexpr int SMEM_USED = OFF_EMPTY + NST * 8;
-// cluster variant: the two 64-head CTAs of a token each gather 16 of a block's 32 rows and
-// copy them (smem -> peer smem bulk copy) into the other; LAG blocks between a slot's local
-// refill and its copy to the peer
-constexpr int HALF_ROWS = BN / 2;
-constexpr int LAG = 3;
-constexpr int COPY_BYTES = NCH * HALF_ROWS * 128 + HALF_ROWS * 4;  // rows + their ids
+constexpr int SMEM_USED = OFF_BAR + NST * 8;
 constexpr int SMEM_BYTES = SMEM_USED + 1024;     // slack to align the base to 1024 B
 // named barriers: P_FREE / P_FULL of P buffer b are ids 1 + 4 b / 2 + 4 b; 3 = done; 4 = WG0;
 // 7 / 8 = WG1 / WG2 staged their output
@@ -72,8 +57,6 @@ constexpr int BAR_STORE = 7;  // + w: warpgroup 1 + w has staged its O tile (ids
 
 using Params = FwdParams;
 
-// kCluster: launched as 2-CTA clusters (H in (64, 128]), the CTAs of one token share gathers.
-template <bool kCluster>
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const Params p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -97,21 +80,11 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
   const int nblk = (kv_len + BN - 1) / BN;
   const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
 
-  const uint32_t rank = kCluster ? cluster_rank() : 0;  // == head block of this CTA
   if (tid == 0) {
 #pragma unroll
-    for (int s = 0; s < NST; ++s) {
-      // cluster: full completes on our issuer's expect_tx arrival + the peer's bytes
-      mbar_init(bar0 + 8 * s, kCluster ? 1 : 256);
-      if (kCluster) {
-        mbar_init(sbase + OFF_HALF + 8 * s, 256);
-        mbar_init(sbase + OFF_EMPTY + 8 * s, 8);  // one arrival per warp of the peer's WG1/2
-      }
-    }
-    if (kCluster) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int s = 0; s < NST; ++s) mbar_init(bar0 + 8 * s, 256);  // slot full: all 256 gatherers
   }
-  if constexpr (kCluster) cluster_sync();  // the peer's barriers exist before we touch them
-  else __syncthreads();
+  __syncthreads();
 
   if (wg == 0) {
     // ---------------- S + softmax ----------------
@@ -155,7 +128,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     auto issue_s = [&](int j, float (&acc)[16]) {
       const int st = j % NST;
       if (j < nblk) {
-        mbar_wait<kCluster>(bar0 + 8 * st, (j / NST) & 1);
+        mbar_wait(bar0 + 8 * st, (j / NST) & 1);
         fence_async_smem();
       }
       const uint64_t db0 = kdesc0 + ((st * STAGE) >> 4);
@@ -166,7 +139,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
         for (int k = 0; k < 4; ++k) {
           // descriptors are linear in the address (bits 0-13 = address / 16): constant offsets
           const uint64_t db = db0 + ((c * CH + k * 32) >> 4);
-          if (SPARSE_MLA_DBG & 2) continue;
           if (c < NCH - 1) wgmma_m64n32k16_rs<0>(acc, qf[c * 4 + k], db, (c | k) != 0);
           else wgmma_m64n32k16_ss<0, 0>(acc, qrdesc0 + ((k * 32) >> 4), db, 1);
         }
@@ -270,10 +242,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     // ---------------- gathers + P V ----------------
     const int w = wg - 1;  // output channels [256 w, 256 w + 256)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory");
-    // gather mapping. plain: 4 threads per row, all 32 rows of a block; cluster: 8 threads
-    // per row (one granule of each owned chunk), our 16 rows [16 rank, 16 rank + 16).
-    constexpr int TPR = kCluster ? 8 : 4;
-    const int g_row = (kCluster ? HALF_ROWS * rank : 0) + wt / TPR, g_sub = wt % TPR;
+    // gather mapping: 4 threads per row, all 32 rows of a block
+    constexpr int TPR = 4;
+    const int g_row = wt / TPR, g_sub = wt % TPR;
     auto load_row_id = [&](int j) -> int {
       const int slot = j * BN + g_row;
       return (j < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
@@ -293,42 +264,18 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
           cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + TPR * 8 * (i % PER_CHUNK), ok);
         }
       }
-      constexpr int NIDS = kCluster ? HALF_ROWS : BN;
-      if (w == 1 && wt < NIDS) {  // the slot's ids for WG0's validity test (4-byte copies)
-        const int row = (kCluster ? HALF_ROWS * rank : 0) + wt;
+      if (w == 1 && wt < BN) {  // the slot's ids for WG0's validity test (4-byte copies)
+        const int row = wt;
         const int slot = j * BN + row;
         const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * BN + row) * 4;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
                      "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
       }
-      cp_async_arrive_noinc((kCluster ? sbase + OFF_HALF : bar0) + 8 * (j % NST));
+      cp_async_arrive_noinc(bar0 + 8 * (j % NST));
     };
-    // cluster: one thread copies our landed half of block b into the peer's slot and posts the
-    // byte count the peer's half of block b will bring into ours
-    const bool issuer = kCluster && w == 1 && wt == 0;
-    auto copy_to_peer = [&](int b) {
-      if (!issuer || b >= nblk) return;
-      const int st = b % NST;
-      mbar_wait(sbase + OFF_HALF + 8 * st, (b / NST) & 1);
-      // (the peer released slot st before we refilled its half: see the empty wait below)
-      fence_async_smem();  // cp.async (generic proxy) writes -> bulk copy (async proxy) reads
-      mbar_arrive_expect_tx(bar0 + 8 * st, COPY_BYTES);
-      const uint32_t peer = rank ^ 1u;
-      const uint32_t mbar = peer_addr(bar0 + 8 * st, peer);
-      const uint32_t rows = sbase + OFF_KV + st * STAGE + HALF_ROWS * rank * 128;
-#pragma unroll
-      for (int c = 0; c < NCH; ++c)
-        bulk_copy_to_peer(peer_addr(rows + c * CH, peer), rows + c * CH, HALF_ROWS * 128, mbar);
-      const uint32_t ids = sbase + OFF_IDS + (st * BN + HALF_ROWS * rank) * 4;
-      bulk_copy_to_peer(peer_addr(ids, peer), ids, HALF_ROWS * 4, mbar);
-      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-    };
-    // plain: the first NST blocks; cluster: NST - 1 (the last slot is refilled at j = 0, each
-    // refill waits until the peer has finished the block that last used the slot)
-    constexpr int PRE = kCluster ? NST - 1 : NST;
+    // the first NST blocks fill the ring
+    constexpr int PRE = NST;
     for (int j = 0; j < PRE && j < nblk; ++j) gather(j, load_row_id(j));
-    if constexpr (kCluster)
-      for (int b = 0; b < NST - LAG; ++b) copy_to_peer(b);
     int gid = load_row_id(PRE);  // the next gather's id, loaded an iteration ahead
 
     float o[128];
@@ -354,35 +301,21 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
       for (int k = 0; k < 2; ++k) {
         const uint64_t da = pdesc0 + ((pb * CHUNK + k * 32) >> 4);
         const uint64_t db = vdesc0 + (((j % NST) * STAGE + k * 16 * 128) >> 4);
-        if (!(SPARSE_MLA_DBG & 4)) wgmma_m64n256k16_ss<0, 1>(o, da, db, 1);
+        wgmma_m64n256k16_ss<0, 1>(o, da, db, 1);
       }
       wgmma_commit();
       wgmma_wait0();
       if (j + NP < nblk) bar_arrive(BAR_P_FREE + 4 * pb, THREADS);
-      if constexpr (kCluster) {
-        // tell the peer we are done with slot j % NST (it may copy its next half into it)
-        if (lane == 0) mbar_arrive_remote(peer_addr(sbase + OFF_EMPTY + 8 * (j % NST), rank ^ 1u));
-      }
       const int b = j + PRE;  // the block this iteration gathers (into the slot of block b - NST)
       if (b < nblk) {
-        if constexpr (kCluster) {
-          // the peer is done with block b - NST: its copy of our half of b - NST has landed
-          // (so our source rows are free) and it no longer reads its copy of that slot
-          if (b >= NST) mbar_wait<true>(sbase + OFF_EMPTY + 8 * (b % NST), ((b / NST) - 1) & 1);
-        }
-        if (SPARSE_MLA_DBG & 1) cp_async_arrive_noinc((kCluster ? sbase + OFF_HALF : bar0) + 8 * (b % NST));
-        else gather(b, gid);
+        gather(b, gid);
         gid = load_row_id(b + 1);
       }
-      if constexpr (kCluster) copy_to_peer(j + NST - LAG);
     }
-    if (issuer) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     cp_async_wait_all();
     bar_sync(BAR_DONE, THREADS);  // WG0 has written l and m (and every S, dummy included, is done)
-    // O = o / denominator. Plain variant: staged through this warpgroup's own channel chunks of
-    // slots 0 and 1 (only it reads them as V, WG0's S reads are over, its gathers have landed;
-    // the cluster peer could still copy into the ring, so the cluster variant stores directly)
-    // and written as 16-byte stores of whole 512-byte rows. O row r (this warpgroup's 256
+    // O = o / denominator, staged through this warpgroup's own channel chunks of slots 0 and 1
+    // (only it reads them as V, WG0's S reads are over, its gathers have landed) and written as 16-byte stores of whole 512-byte rows. O row r (this warpgroup's 256
     // channels, 512 B) sits at chunk r / 8 of its 8, 512 B apart, 16-byte granule k at k ^ (r % 8).
     auto stage_row = [&](int r) -> uint8_t* {
       const int ci = r >> 3;  // 0..7: slot ci / 4, own chunk ci % 4
@@ -397,35 +330,22 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
       float denom = l_s[r];
       if (p.sink != nullptr && h < p.H) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
       const float inv = denom > 0.f ? 1.f / denom : 0.f;
-      if constexpr (kCluster) {
-        if (h >= p.H) continue;
-        __nv_bfloat16* orow = p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + colq;
+      uint8_t* srow = stage_row(r);
 #pragma unroll
-        for (int jj = 0; jj < 32; ++jj)
-          *reinterpret_cast<__nv_bfloat162*>(orow + 8 * jj) =
-              __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
-      } else {
-        uint8_t* srow = stage_row(r);
-#pragma unroll
-        for (int jj = 0; jj < 32; ++jj)
-          *reinterpret_cast<__nv_bfloat162*>(srow + ((jj ^ (r & 7)) << 4) + colq * 2) =
-              __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
-      }
+      for (int jj = 0; jj < 32; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(srow + ((jj ^ (r & 7)) << 4) + colq * 2) =
+            __floats2bfloat162_rn(o[4 * jj + 2 * i] * inv, o[4 * jj + 2 * i + 1] * inv);
     }
-    if constexpr (!kCluster) {
-      bar_sync(BAR_STORE + w, 128);  // this warpgroup's O tile is staged
-      const int k = wt & 31;
+    bar_sync(BAR_STORE + w, 128);  // this warpgroup's O tile is staged
+    const int k = wt & 31;
 #pragma unroll 4
-      for (int r = wt >> 5; r < BM; r += 4) {
-        const int h = h0 + r;
-        if (h >= p.H || ((SPARSE_MLA_DBG & 8) && k != 0)) continue;
-        const uint4 v = *reinterpret_cast<const uint4*>(stage_row(r) + ((k ^ (r & 7)) << 4));
-        *reinterpret_cast<uint4*>(p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + 8 * k) = v;
-      }
+    for (int r = wt >> 5; r < BM; r += 4) {
+      const int h = h0 + r;
+      if (h >= p.H) continue;
+      const uint4 v = *reinterpret_cast<const uint4*>(stage_row(r) + ((k ^ (r & 7)) << 4));
+      *reinterpret_cast<uint4*>(p.out + (long long)t * p.out_st + (long long)h * p.out_sh + w * 256 + 8 * k) = v;
     }
   }
-  // the peer may still copy into our shared memory or arrive on our barriers until it is done
-  if constexpr (kCluster) cluster_sync();
 }
 
 }  // namespace
@@ -437,14 +357,12 @@ int dsa_sparse_mla_fwd_smem_bytes() { return SMEM_BYTES; }
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
 // out: 16-byte aligned rows (base, out_st and out_sh multiples of 8 elements, as a contiguous
 // torch.empty gives; else cudaErrorInvalidValue): the output is written in 16-byte pieces.
-// cluster != 0 and 64 < H <= 128: the 2-CTA cluster variant (the two head blocks of a token
-// share their gathers).
 int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
                             const void* sink, void* out, void* lse, long long q_st, long long q_sh,
                             long long kv_s, long long idx_s, long long out_st, long long out_sh,
-                            int T, int H, int Tk, int K, float scale_log2, int cluster, void* stream) {
+                            int T, int H, int Tk, int K, float scale_log2, void* stream) {
   static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_sm90_kernel<false>, SMEM_BYTES, sparse_mla_fwd_sm90_kernel<true>, SMEM_BYTES);
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_sm90_kernel, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (T == 0 || H == 0) return 0;
   if ((reinterpret_cast<uintptr_t>(out) & 15) != 0 || out_st % 8 != 0 || out_sh % 8 != 0)
@@ -454,10 +372,7 @@ int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, cons
   p.n_hblk = (H + BM - 1) / BM;
   const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (cluster && p.n_hblk == 2) {
-    return static_cast<int>(launch_cluster2(sparse_mla_fwd_sm90_kernel<true>, grid, THREADS, SMEM_BYTES, st, p));
-  }
-  sparse_mla_fwd_sm90_kernel<false><<<grid, THREADS, SMEM_BYTES, st>>>(p);
+  sparse_mla_fwd_sm90_kernel<<<grid, THREADS, SMEM_BYTES, st>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 

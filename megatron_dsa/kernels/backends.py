@@ -1,0 +1,70 @@
+"""Backend names and the record of a kernel choice, shared by every op's ``dispatch`` module.
+
+Every public kernel function takes ``backend``:
+
+* ``"auto"``: the fastest implementation that can run these inputs on this machine; when it
+  cannot use the op's best kernel for the device (e.g. the CUDA build failed) it falls back and
+  warns once per reason;
+* ``"cuda"`` (sparse MLA only), ``"triton"``, ``"reference"``: exactly that implementation, or a
+  ``ValueError`` / ``RuntimeError`` that says why it cannot run.
+
+Each op's ``dispatch.select_backend`` returns a :class:`KernelChoice`;
+:func:`megatron_dsa.kernels.status` asks every op what it would run on this machine and why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .triton_common import interpreting
+
+__all__ = ["BACKENDS", "KernelChoice", "check_backend", "triton_reason", "warn_once"]
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which implementation runs one op, and why.
+
+    ``forward`` / ``backward``: ``"cuda"``, ``"triton"``, ``"triton-deterministic"`` or
+    ``"reference"`` (``backward`` is ``None`` for ops without one).
+    """
+
+    op: str
+    requested: str
+    forward: str
+    backward: Optional[str]
+    reason: str
+
+
+def check_backend(op: str, backend: str, choices=BACKENDS) -> None:
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"{op}: backend must be one of {tuple(choices)}, got {backend!r}")
+
+
+def triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` (``None`` when they can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return None
+    if interpreting():
+        return None  # Triton's CPU interpreter (tests)
+    return f"the Triton kernels need CUDA tensors (the inputs are on {device.type})"
+
+
+_SAID = set()
+
+
+def warn_once(op: str, message: str) -> None:
+    """Say once per process why ``"auto"`` did not pick the op's best kernel."""
+    key = (op, message)
+    if key not in _SAID:
+        _SAID.add(key)
+        warnings.warn(f"megatron_dsa: {op}: {message}", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,95 @@
+"""Lightning indexer: the one place that decides which implementation runs, and the public
+function.
+
+Backends: ``auto`` (Triton for CUDA tensors, the reference for CPU tensors), ``triton``
+(CUDA tensors or Triton's CPU interpreter; else an error), ``reference`` (plain PyTorch).
+There is no CUDA-C kernel for the indexer: ``cuda`` is an error that says so.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor
+from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
+from .reference import indexer_topk_reference
+from .triton_impl import indexer_topk_triton
+
+__all__ = ["select_backend", "indexer_topk"]
+
+OP = "indexer_topk"
+
+
+def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                   warn: bool = True) -> KernelChoice:
+    """Which implementation runs the indexer's score + top-k (raises when ``backend`` cannot)."""
+    check_backend(OP, backend, BACKENDS)
+    if backend == "cuda":
+        raise ValueError(f"{OP}: backend='cuda': the indexer has no CUDA-C kernel; its fused kernel is "
+                         "Triton (backend='triton' or 'auto')")
+    if backend == "reference":
+        return KernelChoice(OP, backend, "reference", None, "asked for")
+    pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    if backend == "triton":
+        why = triton_reason(device)
+        if why is None and not pow2:
+            why = f"the Triton kernel needs a power-of-two head dim >= 16, got {head_dim}"
+        if why is not None:
+            raise ValueError(f"{OP}: backend='triton' cannot run: {why}")
+        return KernelChoice(OP, backend, "triton", None, "asked for")
+    if device.type != "cuda":
+        return KernelChoice(OP, backend, "reference", None, f"{device.type} tensors run the PyTorch reference")
+    why = triton_reason(device) or (None if pow2 else f"head dim {head_dim} is not a power of two >= 16")
+    if why is not None:
+        if warn:
+            warn_once(OP, f"running the PyTorch reference: {why}")
+        return KernelChoice(OP, backend, "reference", None, why)
+    return KernelChoice(OP, backend, "triton", None, "fused Triton score + top-k")
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    topk: int,
+    starts: Optional[torch.Tensor] = None,
+    ends: Optional[torch.Tensor] = None,
+    use_relu: bool = True,
+    global_ids: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k keys per query row: ``(indices int32 [B, T, topk], scores fp32 [B, T, topk])``.
+
+    q ``[B, T, H, D]``, k ``[B, S, D]``, w ``[B, T, H]``; window ``[starts, end)`` per row
+    (``[B, T]`` ints, default: causal). ``topk`` may exceed the number of valid keys: the
+    missing slots are ``-1`` with score ``-inf``. No gradient flows through this function.
+    The selected *set* follows the tie rule (lower key index wins); the order of the slots is
+    unspecified (the reference lists them by descending score, the fused kernel does not), and
+    every consumer treats a row as a set.
+    """
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 3)
+    check_tensor("w", w, 3)
+    B, T, H, D = q.shape
+    check_dim("k", k, 0, B, "q's batch")
+    check_dim("k", k, 2, D, "q's head dim")
+    check_dim("w", w, 0, B, "q's batch")
+    check_dim("w", w, 1, T, "q's rows")
+    check_dim("w", w, 2, H, "q's heads")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    if (starts is None) != (ends is None):
+        raise ValueError("starts and ends must be given together")
+    if starts is not None:
+        check_tensor("starts", starts, 2, INDEX_DTYPES)
+        check_tensor("ends", ends, 2, INDEX_DTYPES)
+        if tuple(starts.shape) != (B, T) or tuple(ends.shape) != (B, T):
+            raise ValueError(f"starts/ends must be [B, T] = {(B, T)}")
+    check_same_device(q=q, k=k, w=w, starts=starts, ends=ends)
+    choice = select_backend(backend, q.device, q.dtype, D)
+    with torch.no_grad():
+        if choice.forward == "triton":
+            return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids)
+        return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)

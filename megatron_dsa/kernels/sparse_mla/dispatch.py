@@ -1,0 +1,162 @@
+"""Sparse MLA: the one place that decides which implementation runs, and the public function.
+
+Backends (``backend=``):
+
+=============  ==========================================  =====================================
+backend        forward                                     backward
+=============  ==========================================  =====================================
+``auto``       CUDA tensors: the sm_90a CUDA kernels when  CUDA kernel when the forward is CUDA
+               they take the inputs (bf16, d_qk = 576,     and not deterministic; else Triton
+               d_v = 512, Hopper, library built), else     (deterministic: Triton's
+               Triton; CPU tensors: the reference          sort-and-reduce pass); reference
+``cuda``       the CUDA kernels, or an error saying why    CUDA; deterministic is an error
+``triton``     Triton (CUDA tensors, or Triton's CPU       Triton (deterministic when asked)
+               interpreter), or an error
+``reference``  plain PyTorch (autograd through it)         autograd
+=============  ==========================================  =====================================
+
+``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()`` (what
+Megatron's ``--deterministic-mode`` sets). ``auto`` warns once per reason when CUDA tensors of
+the CUDA kernels' shapes still run Triton (no Hopper GPU, no nvcc, a failed build).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor
+from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
+from . import cuda_impl
+from .ops import sparse_mla_op
+from .reference import sparse_mla_reference
+from .triton_impl import ALL_HEADS_MAX
+
+__all__ = ["select_backend", "loss_target_reason", "sparse_mla"]
+
+OP = "sparse_mla"
+
+
+def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads: int, d_qk: int, d_v: int,
+                   deterministic: bool = False, num_keys: Optional[int] = None, warn: bool = True) -> KernelChoice:
+    """Which implementation runs sparse MLA for these inputs (raises when ``backend`` cannot)."""
+    check_backend(OP, backend, BACKENDS)
+    det = bool(deterministic)
+    tri_bwd = "triton-deterministic" if det else "triton"
+    if backend == "reference":
+        return KernelChoice(OP, backend, "reference", "reference", "asked for")
+    if backend == "triton":
+        why = triton_reason(device)
+        if why is not None:
+            raise ValueError(f"{OP}: backend='triton' cannot run: {why}")
+        return KernelChoice(OP, backend, "triton", tri_bwd, "asked for")
+    if backend == "cuda":
+        why = cuda_impl.unsupported_reason(device, dtype, d_qk, d_v, num_keys)
+        if why is not None:
+            raise RuntimeError(f"{OP}: backend='cuda' cannot run: {why}")
+        if det:
+            raise ValueError(f"{OP}: backend='cuda' has no deterministic backward (deterministic=True); "
+                             "use backend='auto' or 'triton'")
+        return KernelChoice(OP, backend, "cuda", "cuda", "asked for")
+    # auto
+    if device.type != "cuda":
+        return KernelChoice(OP, backend, "reference", "reference", f"{device.type} tensors run the PyTorch reference")
+    why_triton = triton_reason(device)
+    why_cuda = cuda_impl.unsupported_reason(device, dtype, d_qk, d_v, num_keys)
+    if why_cuda is None:
+        if det:
+            return KernelChoice(OP, backend, "cuda", tri_bwd, "the CUDA backward is not deterministic")
+        return KernelChoice(OP, backend, "cuda", "cuda", f"sm_90a CUDA kernels ({heads} heads)")
+    kernel_shapes = dtype == torch.bfloat16 and d_qk == 576 and d_v == 512
+    if why_triton is not None:
+        if warn:
+            warn_once(OP, f"running the PyTorch reference: {why_cuda}; {why_triton}")
+        return KernelChoice(OP, backend, "reference", "reference", f"{why_cuda}; {why_triton}")
+    if warn and kernel_shapes:
+        warn_once(OP, f"running Triton instead of the CUDA kernels: {why_cuda}")
+    return KernelChoice(OP, backend, "triton", tri_bwd, why_cuda)
+
+
+def loss_target_reason(choice: KernelChoice, heads: int) -> Optional[str]:
+    """Why this backward cannot hand the indexer loss its target (``None`` when it can): the
+    CUDA backward always can; the Triton one on its all-heads pass only."""
+    if choice.backward == "cuda":
+        return None
+    if choice.backward == "triton" and heads <= ALL_HEADS_MAX:
+        return None
+    if choice.backward == "reference":
+        return "the reference backward does not emit it (pass attn_lse to indexer_loss instead)"
+    return (f"the Triton backward emits it only on its all-heads pass (<= {ALL_HEADS_MAX} heads, "
+            f"not deterministic); here {heads} heads, backward {choice.backward}")
+
+
+def _unit_channels(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit channel stride and no broadcast (stride-0) dims: what the kernels read."""
+    return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
+
+
+def _kernel_indices(indices: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """int32 ids with unit column stride; int64 ids outside ``[0, num_keys)`` become -1 (empty)
+    before the cast, so no id can wrap onto a valid key."""
+    if indices.dtype == torch.int64:
+        indices = torch.where((indices >= 0) & (indices < num_keys), indices, -1).to(torch.int32)
+    return indices if indices.stride(-1) == 1 else indices.contiguous()
+
+
+def sparse_mla(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    softmax_scale: float,
+    d_v: int = 512,
+    topk_length: Optional[torch.Tensor] = None,
+    sink: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    loss_target: Optional[torch.Tensor] = None,
+    deterministic: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable sparse attention: ``(out [T, H, d_v], lse fp32 [T, H])``.
+
+    q ``[T, H, Dqk]``, kv ``[Tk, Dqk]`` (V = first ``d_v`` channels), indices ``[T, K]`` int32 or
+    int64 (``-1`` and any id outside ``[0, Tk)`` = empty slot), topk_length ``[T]`` optional,
+    sink ``[H]`` optional. Any strides. ``backend``: see the module docstring.
+    ``deterministic``: a bit-reproducible backward (``None``: ``torch``'s deterministic flag).
+    ``loss_target`` (fused backward only): the slot tensor returned by
+    :func:`megatron_dsa.kernels.indexer_loss.indexer_loss_from_attention`; the backward hands it
+    the head-summed attention probabilities per slot as its gradient.
+    """
+    check_tensor("q", q, 3)
+    check_tensor("kv", kv, 2)
+    check_tensor("indices", indices, 2, INDEX_DTYPES)
+    T, H, Dqk = q.shape
+    check_dim("kv", kv, 1, Dqk, "q's head dim")
+    check_dim("indices", indices, 0, T, "q's rows")
+    if isinstance(d_v, bool) or not isinstance(d_v, int) or not 0 < d_v <= Dqk:
+        raise ValueError(f"d_v must be an int in (0, {Dqk}], got {d_v!r}")
+    if topk_length is not None:
+        check_tensor("topk_length", topk_length, 1, INDEX_DTYPES)
+        check_dim("topk_length", topk_length, 0, T, "q's rows")
+    if sink is not None:
+        check_tensor("sink", sink, 1)
+        check_dim("sink", sink, 0, H, "q's heads")
+    if kv.dtype != q.dtype:
+        raise TypeError(f"kv dtype {kv.dtype} must match q dtype {q.dtype}")
+    check_same_device(q=q, kv=kv, indices=indices, topk_length=topk_length, sink=sink)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, bool(deterministic), kv.shape[0])
+    if loss_target is not None:
+        if tuple(loss_target.shape) != tuple(indices.shape) or loss_target.dtype != torch.float32:
+            raise ValueError(f"loss_target must be fp32 {tuple(indices.shape)} (the indices' shape), got "
+                             f"{loss_target.dtype} {tuple(loss_target.shape)}")
+        why = loss_target_reason(choice, H)
+        if why is not None:
+            raise ValueError(f"loss_target cannot be served: {why}")
+    if choice.forward == "reference":
+        return sparse_mla_reference(q, kv, indices, softmax_scale, d_v, topk_length, sink)
+    return sparse_mla_op(
+        _unit_channels(q), _unit_channels(kv), _kernel_indices(indices, kv.shape[0]), float(softmax_scale),
+        int(d_v), topk_length.contiguous() if topk_length is not None else None,
+        sink.contiguous() if sink is not None else None, choice.forward, choice.backward, loss_target,
+    )
