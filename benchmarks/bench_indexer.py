@@ -8,13 +8,17 @@ Peers (each only if importable; else status "unsupported"):
 
 Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
-  ... --impls ours            # ours only (tuning)
+  ... --impls ours            # ours only
+  ... --score-only            # also our score kernel alone (no selection)
   ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
                               #   the attention backward), dense
-  ... --check                 # correctness spot check of ours vs the fp32 reference first
-  ... --tune-score "64,256,8,3;128,128,8,3"   # sweep score-kernel configs (ours only)
+  ... --check 32768           # correctness spot check of ours vs the fp32 reference first
 Causal (top-left), B=1, H=64, D=128, k=2048, random bf16 q/k, fp32 weights.
 FLOPs counted: S^2 * H * D (the causal half of 2 * S^2 * H * D).
+Ours is the public ``indexer_topk`` / ``indexer_loss`` / ``indexer_loss_from_attention`` with
+``--backend`` (default auto); each row of ours records the kernel that ran (``kernel``), the
+receipt the ``format_status()`` table and the registers / spills / shared memory of every Triton
+kernel the run compiled (``notes.compile_report``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
-    device_name, measure_ceilings, peak_gib, run_guarded, time_cuda, write_receipt,
+    kernel_resources, measure_ceilings, peak_gib, run_guarded, time_cuda, triton_kernels,
+    write_receipt,
 )
+
+BACKEND = "auto"  # --backend: what ours runs (the public functions' backend argument)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,9 +47,17 @@ from common import (  # noqa: E402
 
 
 def make_ours(q, k, w, topk):
-    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+    from megatron_dsa.kernels.indexer import indexer_topk
 
-    return lambda: indexer_topk_triton(q, k, w, topk)
+    return lambda: indexer_topk(q, k, w, topk, backend=BACKEND)
+
+
+def ours_kernel(q):
+    """What the public ``indexer_topk`` runs for ``q`` (its KernelChoice, as text)."""
+    from megatron_dsa.kernels.indexer import select_backend
+
+    c = select_backend(BACKEND, q.device, q.dtype, q.shape[-1], warn=False)
+    return f"{c.requested}: {c.forward} ({c.reason})"
 
 
 def make_mcore_native(q, k, w, topk):
@@ -115,22 +131,15 @@ def bench_one(make, S, H, D, topk, reps):
 
 
 def compile_report():
-    """Registers / spills / shared memory of our compiled kernels (best effort)."""
-    from megatron_dsa.kernels.indexer import triton_impl as ti
+    """Registers / spills / shared memory of every indexer and indexer-loss Triton kernel the run
+    compiled (read from Triton's JIT cache; best effort)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ix
+    from megatron_dsa.kernels.indexer_loss import triton_impl as il
 
-    out = {}
-    for name in ("_score_kernel", "_select_kernel", "_select_kernel_v2", "_select_kernel_v3"):
-        fn = getattr(ti, name)
-        try:
-            for cache in fn.device_caches.values():
-                for key, ker in cache[0].items():
-                    out.setdefault(name, []).append(
-                        {"n_regs": ker.n_regs, "n_spills": ker.n_spills,
-                         "shared": getattr(ker.metadata, "shared", None),
-                         "num_warps": getattr(ker.metadata, "num_warps", None)})
-        except Exception as e:  # noqa: BLE001
-            out[name] = f"unavailable: {e}"
-    return out
+    try:
+        return [kernel_resources(k) for k in triton_kernels(ix, il)]
+    except Exception as e:  # noqa: BLE001
+        return f"unavailable: {type(e).__name__}: {e}"
 
 
 def bench_impl(name, S, args):
@@ -143,6 +152,8 @@ def bench_impl(name, S, args):
     except Exception:  # noqa: BLE001 - the real run records errors
         pass
     res = bench_one(make, S, args.H, args.D, args.k, args.reps)
+    if name == "ours":
+        res["kernel"] = ours_kernel(q)
     return {"impl": label, **res}
 
 
@@ -152,7 +163,7 @@ def score_only(S, args):
 
     q, k, w = inputs(S, args.H, args.D)
     cfg = ti._score_cfg()
-    rows, _ = ti._plan(1, S, S, args.k, cfg[0], ti.DEFAULT_CHUNK_BYTES, ti._select_variant())
+    rows, _ = ti._plan(1, S, S, args.k, cfg[0], ti.DEFAULT_CHUNK_BYTES)
     buf = torch.empty(1, rows, S, dtype=torch.float32, device="cuda")
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
 
@@ -166,11 +177,10 @@ def score_only(S, args):
 
 def check_ours(S, H, D, topk):
     """Ours (bf16) vs the fp32 reference on the first rows: k-th score and id overlap."""
-    from megatron_dsa.kernels.indexer.reference import indexer_topk_reference
-    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+    from megatron_dsa.kernels.indexer import indexer_topk, indexer_topk_reference
 
     q, k, w = inputs(S, H, D, seed=1)
-    idx, val = indexer_topk_triton(q, k, w, topk)
+    idx, val = indexer_topk(q, k, w, topk, backend=BACKEND)
     rows = list(range(0, 64)) + list(range(S - 256, S))
     sel = torch.tensor(rows, device="cuda")
     ri, rv = indexer_topk_reference(q[:, sel].float(), k.float(), w[:, sel], topk,
@@ -191,8 +201,8 @@ def check_ours(S, H, D, topk):
 
 
 def bench_loss(S, args, sparse):
-    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
-    from megatron_dsa.kernels.indexer_loss.triton_impl import indexer_loss_triton
+    from megatron_dsa.kernels.indexer import indexer_topk
+    from megatron_dsa.kernels.indexer_loss import indexer_loss, select_backend
 
     def body():
         q, k, w = inputs(S, args.H, args.D)
@@ -200,20 +210,22 @@ def bench_loss(S, args, sparse):
         query = torch.randn(1, S, args.loss_heads, 576, device="cuda", dtype=torch.bfloat16,
                             generator=g)
         key = torch.randn(1, S, 576, device="cuda", dtype=torch.bfloat16, generator=g)
-        idx, _ = indexer_topk_triton(q, k, w, args.k)
+        idx, _ = indexer_topk(q, k, w, args.k, backend=BACKEND)
         q.requires_grad_(True)
         k.requires_grad_(True)
         w.requires_grad_(True)
 
         def fn():
-            loss = indexer_loss_triton(q, k, w, query, key, 576**-0.5, 1.0, idx, sparse,
-                                       None, None, True, None, False, None)
+            loss = indexer_loss(q, k, w, query, key, 576**-0.5, 1.0, topk_indices=idx, sparse=sparse,
+                                backend=BACKEND)
             loss.backward()
             return loss
 
         ms = time_cuda(fn, warmup=1, reps=max(1, min(args.reps, 3)))
         pk = peak_gib(fn)
-        return {"ms": round(ms, 3), "peak_gib": round(pk, 4)}
+        c = select_backend(BACKEND, q.device, q.dtype, sparse, warn=False)
+        return {"ms": round(ms, 3), "peak_gib": round(pk, 4),
+                "kernel": f"{c.requested}: {c.forward} ({c.reason})"}
 
     res = run_guarded(body)
     return {"impl": "megatron_dsa", "case": {"S": S, "H": args.H, "D": args.D, "k": args.k,
@@ -225,28 +237,33 @@ def bench_loss(S, args, sparse):
 def bench_loss_from_attention(S, args):
     """The sparse loss with its target from the attention backward: the loss's own fwd+bwd
     (forward, then backward with the target delivered as the slot's gradient), and what emitting
-    the target adds to the attention backward (timed interleaved, with and without)."""
+    the target adds to the attention backward (timed interleaved, with and without). The
+    attention runs the launchers ``sparse_mla(..., backend=--attn-backend)`` runs (``attn_kernel``)."""
     import statistics
 
-    from megatron_dsa.kernels.indexer.triton_impl import indexer_topk_triton
+    from bench_sparse_mla import choice_str, ours_launchers
+
+    from megatron_dsa.kernels.indexer import indexer_topk
     from megatron_dsa.kernels.indexer_loss import indexer_loss_from_attention
-    from megatron_dsa.kernels.sparse_mla import triton_impl as smla
 
     def body():
         q, k, w = inputs(S, args.H, args.D)
         g = torch.Generator(device="cuda").manual_seed(2)
         query = torch.randn(S, args.loss_heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
         key = torch.randn(S, 576, device="cuda", dtype=torch.bfloat16, generator=g)
-        idx, _ = indexer_topk_triton(q, k, w, args.k)
+        idx, _ = indexer_topk(q, k, w, args.k, backend=BACKEND)
         scale = 576**-0.5
-        out, lse = smla.sparse_mla_fwd(query, key, idx[0], scale, 512)
+        choice, attn_fwd, attn_bwd_fn = ours_launchers(query, key, args.attn_backend)
+        if attn_bwd_fn is None:
+            raise RuntimeError(f"unsupported: the {choice.backward} attention backward emits no loss target")
+        ids = idx[0].contiguous()
+        out, lse = attn_fwd(query, key, ids, scale)
         dout = torch.randn_like(out)
         target = torch.zeros(S, args.k, device="cuda")
 
         def attn_bwd(emit):
-            return lambda: smla.sparse_mla_bwd_triton(
-                query, key, idx[0], scale, 512, None, None, out, lse, dout,
-                target_out=target.zero_() if emit else None)
+            return lambda: attn_bwd_fn(query, key, ids, scale, out, lse, dout,
+                                       target_out=target.zero_() if emit else None)
 
         attn_bwd(True)()
         tgt = target.clone()  # the real target of this attention
@@ -275,7 +292,8 @@ def bench_loss_from_attention(S, args):
                 "attn_bwd_added_ms": round(a1 - a0, 2), "total_ms": round(ms + a1 - a0, 3),
                 "attn_bwd_ms_all": [round(x, 2) for x in plain],
                 "attn_bwd_emit_ms_all": [round(x, 2) for x in emit],
-                "loss_value": float(values[-1])}
+                "loss_value": float(values[-1]), "attn_kernel": choice_str(choice),
+                "kernel": "triton (indexer_loss_from_attention: fused Triton kernels)"}
 
     res = run_guarded(body)
     return {"impl": "megatron_dsa", "case": {"S": S, "H": args.H, "D": args.D, "k": args.k,
@@ -300,58 +318,50 @@ def main():
     ap.add_argument("--loss-variants", default="sparse,attn,dense",
                     help="sparse (target recomputed), attn (target from the attention bwd), dense")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
-    ap.add_argument("--tune-score", default="", help="';'-separated BT,BS,warps,stages configs")
-    ap.add_argument("--tune-select", default="", help="';'-separated BLOCK,warps select configs")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
+    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
+                    help="backend of ours (indexer_topk / indexer_loss)")
+    ap.add_argument("--attn-backend", default="auto", choices=("auto", "cuda", "triton"),
+                    help="sparse MLA backend of the attention in the 'attn' loss variant")
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument("--no-receipt", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_indexer: needs a CUDA device")
         return 1
+    global BACKEND
+    BACKEND = args.backend
     sizes = [int(s) for s in args.S.split(",") if s]
     rows, notes = [], {}
+    # what backend="auto" runs on this machine, and why (the receipt keeps it)
+    try:
+        from megatron_dsa.kernels import format_status
+
+        kernel_status = format_status()
+    except Exception as e:  # noqa: BLE001 - the benchmark still runs; the rows say what ran
+        kernel_status = f"unavailable: {type(e).__name__}: {e}"
+    print(kernel_status, flush=True)
     ceil = {} if args.no_ceilings else measure_ceilings()
     print("ceilings", ceil, flush=True)
     for S in [int(s) for s in args.check.split(",") if s]:
         c = check_ours(S, args.H, args.D, args.k)
         notes.setdefault("checks", []).append(c)
         print("check", json.dumps(c), flush=True)
-    if args.tune_select:
-        for cfg in args.tune_select.split(";"):
-            os.environ["MEGATRON_DSA_INDEXER_SELECT_CFG"] = cfg
-            for S in sizes:
-                r = bench_impl("ours", S, args)
-                r["impl"] = f"megatron_dsa[select_cfg={cfg}]"
-                r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-        os.environ.pop("MEGATRON_DSA_INDEXER_SELECT_CFG", None)
-    if args.tune_score:
-        for cfg in args.tune_score.split(";"):
-            os.environ["MEGATRON_DSA_INDEXER_SCORE_CFG"] = cfg
-            for S in sizes:
+    impls = [s for s in args.impls.split(",") if s]
+    for S in sizes:
+        for name in impls:
+            t0 = time.time()
+            r = bench_impl(name, S, args)
+            r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+            rows.append(r)
+            print(json.dumps(r), f"({time.time() - t0:.1f}s)", flush=True)
+            torch.cuda.empty_cache()
+            if name == "ours" and args.score_only:
                 r = run_guarded(lambda: score_only(S, args))
-                r["impl"] = f"megatron_dsa[score_only,score_cfg={cfg}]"
-                r["case"] = {"S": S, "H": args.H, "D": args.D, "pass": "score"}
+                r["impl"] = "megatron_dsa[score_only]"
+                r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "score"}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-        os.environ.pop("MEGATRON_DSA_INDEXER_SCORE_CFG", None)
-    if not (args.tune_score or args.tune_select):
-        for S in sizes:
-            for name in [s for s in args.impls.split(",") if s]:
-                t0 = time.time()
-                r = bench_impl(name, S, args)
-                r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
-                rows.append(r)
-                print(json.dumps(r), f"({time.time() - t0:.1f}s)", flush=True)
-                torch.cuda.empty_cache()
-                if name == "ours" and args.score_only:
-                    r = run_guarded(lambda: score_only(S, args))
-                    r["impl"] = "megatron_dsa[score_only]"
-                    r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "score"}
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
     loss_cases = [(int(s), v) for s in args.loss_S.split(",") if s
                   for v in args.loss_variants.split(",")]
     loss_cases += [(int(s), "dense") for s in args.loss_dense_S.split(",") if s]
@@ -360,11 +370,12 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
-    if "ours" in args.impls or args.tune_score or args.tune_select:
+    if "ours" in impls or loss_cases:
         notes["compile_report"] = compile_report()
         print("compile_report", json.dumps(notes["compile_report"]), flush=True)
     if not args.no_receipt:
-        paths = write_receipt("indexer", rows, args.out, extra={"notes": notes}, ceilings=ceil)
+        paths = write_receipt("indexer", rows, args.out, extra={"notes": notes, "kernel_status": kernel_status},
+                              ceilings=ceil)
         print("receipt:", paths)
     print(f"\n{'impl':44s} {'S':>7s} {'pass':>22s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} status")
     for r in rows:
@@ -372,7 +383,8 @@ def main():
         print(f"{r['impl']:44s} {c.get('S', ''):>7} {c.get('pass', ''):>22s} "
               f"{r.get('ms') if r.get('ms') is not None else '-':>9} "
               f"{r.get('tflops') if r.get('tflops') is not None else '-':>8} "
-              f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-':>9} {r.get('status')}")
+              f"{r.get('peak_gib') if r.get('peak_gib') is not None else '-':>9} {r.get('status')}"
+              + (f"  [{r['kernel']}]" if r.get("kernel") else ""))
     return 0
 
 

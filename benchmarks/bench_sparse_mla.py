@@ -3,11 +3,15 @@ paths and cuDNN-frontend's backward, side by side in one process.
 
   python benchmarks/bench_sparse_mla.py                       # all impls, receipt in docs/receipts/
   python benchmarks/bench_sparse_mla.py --impls ours --H 128 --S 16384 --no-receipt
-  python benchmarks/bench_sparse_mla.py --impls ours --configs '[{}, {"fwd_stages": 2}]'
-  python benchmarks/bench_sparse_mla.py --report            # registers / spills / smem / wgmma
+  python benchmarks/bench_sparse_mla.py --impls ours --ours-backends auto,triton   # CUDA vs Triton
+  python benchmarks/bench_sparse_mla.py --report            # + registers / spills / smem of the Triton kernels
 
 Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random keys in [0, t]
 (rows t < k padded with -1). FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
+"ours" runs what ``sparse_mla(..., backend=B)`` runs for B in ``--ours-backends`` (default
+``auto``: the sm_90a CUDA kernels on Hopper, else Triton): the fwd and bwd rows call the same
+launchers directly (no autograd), the fwd+bwd row the public function; every row of ours records
+its ``KernelChoice`` (``kernel``) and the receipt the ``format_status()`` table.
 Each peer is run only if importable (else ``unsupported``); OOM -> ``oom``. Every row records
 the SM clock range, peak power and clock-event reasons of its timed calls (``clock``): at 128
 heads our kernels reach the H100's power cap, so ``--rest`` (the GPU idles before every row)
@@ -27,8 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import (ClockLog, device_name, kernel_times, measure_ceilings, peak_gib, run_guarded,  # noqa: F401,E402
-                    time_cuda, versions, write_receipt)
+from common import (ClockLog, device_name, kernel_resources, kernel_times, measure_ceilings,  # noqa: F401,E402
+                    peak_gib, run_guarded, time_cuda, triton_kernels, versions, write_receipt)
 
 DQK, DV = 576, 512
 
@@ -65,22 +69,62 @@ def make_case(S, H, k):
 # ------------------------------------------------------------------------------------------
 
 
-def impl_ours(q, kv, idx, dout, scale, deterministic=False):
-    from megatron_dsa.kernels.sparse_mla import triton_impl as ti
+def ours_launchers(q, kv, backend="auto", deterministic=False):
+    """``(choice, fwd, bwd)``: the :class:`KernelChoice` of ``sparse_mla(..., backend=backend)``
+    for these inputs and the launchers (no autograd) it runs, called as
+    ``fwd(q, kv, idx, scale) -> (out, lse)`` and
+    ``bwd(q, kv, idx, scale, out, lse, dout, target_out=None) -> (dq, dkv, d_sink)``
+    (``bwd`` is None for the reference backend, whose backward is autograd)."""
+    from megatron_dsa.kernels.sparse_mla import select_backend, sparse_mla_reference
+    from megatron_dsa.kernels.sparse_mla.cuda_impl import sparse_mla_bwd_cuda, sparse_mla_fwd_cuda
+    from megatron_dsa.kernels.sparse_mla.triton_impl import sparse_mla_bwd_triton, sparse_mla_fwd_triton
 
-    fns = {"fwd": lambda: ti.sparse_mla_fwd(q, kv, idx, scale, DV)}
-    out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, DV)
-    # the backward the autograd Function runs (CUDA sm_90a where eligible, else Triton)
-    fns["bwd"] = lambda: ti.sparse_mla_bwd(q, kv, idx, scale, DV, None, None, out, lse, dout,
-                                           deterministic=deterministic)
+    H, d_qk = q.shape[1], q.shape[2]
+    choice = select_backend(backend, q.device, q.dtype, H, d_qk, DV, deterministic, kv.shape[0])
+    if choice.forward == "cuda":
+        def fwd(q, kv, idx, scale):
+            return sparse_mla_fwd_cuda(q, kv, idx, scale)
+    elif choice.forward == "triton":
+        def fwd(q, kv, idx, scale):
+            return sparse_mla_fwd_triton(q, kv, idx, scale, DV)
+    else:
+        def fwd(q, kv, idx, scale):
+            return sparse_mla_reference(q, kv, idx, scale, DV)
+    if choice.backward == "cuda":
+        def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
+            return sparse_mla_bwd_cuda(q, kv, idx, scale, None, None, out, lse, dout, target_out=target_out)
+    elif choice.backward in ("triton", "triton-deterministic"):
+        def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
+            return sparse_mla_bwd_triton(q, kv, idx, scale, DV, None, None, out, lse, dout,
+                                         deterministic=choice.backward == "triton-deterministic",
+                                         target_out=target_out)
+    else:
+        bwd = None
+    return choice, fwd, bwd
+
+
+def choice_str(choice) -> str:
+    return f"{choice.requested}: fwd={choice.forward} bwd={choice.backward} ({choice.reason})"
+
+
+def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False):
+    from megatron_dsa.kernels.sparse_mla import sparse_mla
+
+    choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic)
+    fns = {"fwd": lambda: fwd(q, kv, idx, scale)}
+    if bwd is not None:
+        with torch.no_grad():
+            out, lse = fwd(q, kv, idx, scale)
+        fns["bwd"] = lambda: bwd(q, kv, idx, scale, out, lse, dout)
 
     def fb():
         qa, kva = q.detach().requires_grad_(), kv.detach().requires_grad_()
-        o, _ = ti.sparse_mla_triton(qa, kva, idx, scale, DV, deterministic=deterministic)
+        o, _ = sparse_mla(qa, kva, idx, scale, DV, backend=backend, deterministic=deterministic)
         o.backward(dout)
         return qa.grad, kva.grad
 
     fns["fwd+bwd"] = fb
+    fns["kernel"] = choice_str(choice)
     return fns
 
 
@@ -125,10 +169,11 @@ def impl_native(q, kv, idx, dout, scale):
 def impl_cudnn(q, kv, idx, dout, scale):
     from cudnn import DSA  # noqa: F401
 
-    from megatron_dsa.kernels.sparse_mla import triton_impl as ti
+    from megatron_dsa.kernels.sparse_mla import sparse_mla
 
     S, H, _ = q.shape
-    out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, DV)
+    with torch.no_grad():
+        out, lse = sparse_mla(q, kv, idx, scale, DV)
     sink = torch.full((H,), float("-inf"), device=q.device, dtype=torch.float32)
     idx_c = idx.clamp_min(0).contiguous()
     tk = (idx >= 0).sum(1).int()  # causal_indices puts valid ids first (topk is sorted)
@@ -159,28 +204,11 @@ def _rel(a, b, chunk=1 << 24):
 
 
 def kernel_report():
-    """Compiler resource report of the last-launched fused kernels."""
+    """Registers / spills / shared memory of every sparse MLA Triton kernel compiled so far (read
+    from Triton's JIT cache; the CUDA kernels: ``kernel_report.py``)."""
     from megatron_dsa.kernels.sparse_mla import triton_impl as ti
 
-    rep = {}
-    for name, k in ti.LAST_KERNELS.items():
-        r = {}
-        for attr in ("n_regs", "n_spills"):
-            r[attr] = getattr(k, attr, None)
-        md = getattr(k, "metadata", None)
-        r["shared"] = getattr(md, "shared", None)
-        r["num_warps"] = getattr(md, "num_warps", None)
-        r["num_stages"] = getattr(md, "num_stages", None)
-        ptx = k.asm.get("ptx", "")
-        r["ptx_wgmma"] = ptx.count("wgmma.mma_async")
-        r["ptx_mma_sync"] = ptx.count("mma.sync")
-        r["ptx_atom_red"] = ptx.count("red.global") + ptx.count("atom.global")
-        r["ptx_cp_async"] = ptx.count("cp.async")
-        r["ptx_ld_local"] = ptx.count("ld.local")
-        red = [ln.strip() for ln in ptx.splitlines() if "red.global" in ln or "atom.global" in ln]
-        r["ptx_red_sample"] = red[0][:80] if red else None
-        rep[name] = r
-    return rep
+    return [kernel_resources(k) for k in triton_kernels(ti)]
 
 
 def profile_step(fn, out_dir, tag):
@@ -208,17 +236,21 @@ def profile_step(fn, out_dir, tag):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", default="ours,tilelang,native,cudnn")
     ap.add_argument("--H", default="16,64,128")
     ap.add_argument("--S", default="4096,8192,16384")
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--passes", default="fwd,bwd,fwd+bwd")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--configs", default=None, help="JSON list of triton_impl.CONFIG overrides")
-    ap.add_argument("--deterministic", action="store_true", help="also time ours in deterministic mode")
+    ap.add_argument("--ours-backends", default="auto",
+                    help="comma list of sparse_mla backends timed as ours (auto, cuda, triton, reference); "
+                         "auto is 'megatron_dsa', the others 'megatron_dsa[B]'")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also time ours (backend auto) with the deterministic backward")
     ap.add_argument("--native-max-heads", type=int, default=16)
-    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--report", action="store_true",
+                    help="registers / spills / shared memory of the Triton kernels compiled by the run")
     ap.add_argument("--out", default="docs/receipts/")
     ap.add_argument("--no-receipt", action="store_true")
     ap.add_argument("--no-ceilings", action="store_true")
@@ -227,14 +259,22 @@ def main():
     ap.add_argument("--profile-dir", default=None,
                     help="profile one call of ours' fwd+bwd per case: kernel times vs the step")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_sparse_mla: needs a CUDA device")
+        return 1
 
-    from megatron_dsa.kernels.sparse_mla import triton_impl as ti
-
-    base_cfg = dict(ti.CONFIG)
-    cfgs = json.loads(args.configs) if args.configs else [{}]
     impls = [s for s in args.impls.split(",") if s]
+    backends = [b for b in args.ours_backends.split(",") if b]
     passes = args.passes.split(",")
     rows, reports = [], {}
+    # what backend="auto" runs on this machine, and why (the receipt keeps it)
+    try:
+        from megatron_dsa.kernels import format_status
+
+        kernel_status = format_status()
+    except Exception as e:  # noqa: BLE001 - the benchmark still runs; the rows say what ran
+        kernel_status = f"unavailable: {type(e).__name__}: {e}"
+    print(kernel_status, flush=True)
     ceilings = {} if args.no_ceilings else measure_ceilings()
     clog = ClockLog()
 
@@ -256,15 +296,14 @@ def main():
             for key in impls:
                 name, make = IMPLS[key]
                 if key == "ours":
-                    for ci, cfg in enumerate(cfgs):
-                        label = name if len(cfgs) == 1 and not cfg else f"{name}[{json.dumps(cfg, sort_keys=True)}]"
-                        variants.append((label, make, cfg, {}))
+                    for b in backends:
+                        variants.append((name if b == "auto" else f"{name}[{b}]", make, {"backend": b}))
                     if args.deterministic:
-                        variants.append((f"{name}[deterministic]", make, {}, {"deterministic": True}))
+                        variants.append((f"{name}[deterministic]", make, {"deterministic": True}))
                 elif key == "native" and H > args.native_max_heads:
                     continue
                 else:
-                    variants.append((name, make, None, {}))
+                    variants.append((name, make, {}))
             # gradients every backward is compared with: ours (tested against float64 autograd at
             # smaller sizes); a peer that disagrees computes something else
             ref_grads = None
@@ -273,12 +312,7 @@ def main():
                     ref_grads = _grads(impl_ours(q, kv, idx, dout, scale)["bwd"]())
                 except Exception as e:  # noqa: BLE001
                     print(f"no reference gradients: {e}", flush=True)
-            for label, make, cfg, kw in variants:
-                if cfg is not None:
-                    ti.CONFIG.clear()
-                    ti.CONFIG.update(base_cfg)
-                    ti.CONFIG.update(cfg)
-                ti.LAST_KERNELS.clear()  # the report must only show this variant's kernels
+            for label, make, kw in variants:
                 try:
                     fns = make(q, kv, idx, dout, scale, **kw)
                     err = None
@@ -289,11 +323,13 @@ def main():
                 except Exception as e:  # noqa: BLE001
                     msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
                     fns, err = {}, ("unsupported" if msg.startswith("unsupported") else f"error: {msg}")
+                kernel = fns.pop("kernel", None)  # ours: the KernelChoice it runs
                 for p in passes:
                     case = {"S": S, "H": H, "D": DQK, "d_v": DV, "k": args.k, "pass": p}
                     if p not in fns:
                         rows.append({"impl": label, "case": case, "ms": None, "tflops": None,
-                                     "peak_gib": None, "status": err or "unsupported"})
+                                     "peak_gib": None, "status": err or "unsupported",
+                                     **({"kernel": kernel} if kernel else {})})
                         continue
                     fn = fns[p]
 
@@ -329,7 +365,8 @@ def main():
                     rows.append({"impl": label, "case": case, "ms": r.get("ms"), "tflops": r.get("tflops"),
                                  "peak_gib": r.get("peak_gib"), "status": r["status"],
                                  **{k: r[k] for k in ("cuda_mallocs_timed", "alloc_retries_timed",
-                                                      "timed_span", "free_gib") if k in r}})
+                                                      "timed_span", "free_gib") if k in r},
+                                 **({"kernel": kernel} if kernel else {})})
                     if args.profile_dir and label == "megatron_dsa" and p == "fwd+bwd" and r["status"] == "ok":
                         try:
                             rows[-1]["profile"] = profile_step(fn, args.profile_dir, f"S{S}_H{H}")
@@ -344,8 +381,6 @@ def main():
                         except Exception as e:  # noqa: BLE001
                             rows[-1]["agreement_error"] = str(e)[:120]
                     print(json.dumps(rows[-1]), flush=True)
-                if args.report and label.startswith("megatron_dsa"):
-                    reports[f"{label} S={S} H={H}"] = kernel_report()
                 del fns
                 torch.cuda.empty_cache()
             del q, kv, idx, dout
@@ -353,16 +388,20 @@ def main():
             # rewritten after every sequence length: a run cut short by a time limit keeps a
             # receipt of what it measured
             annotate()
-            write_receipt("sparse_mla", rows, args.out, ceilings=ceilings)
-    ti.CONFIG.clear()
-    ti.CONFIG.update(base_cfg)
-    if reports:
+            write_receipt("sparse_mla", rows, args.out, extra={"kernel_status": kernel_status}, ceilings=ceilings)
+    if args.report:
+        try:
+            reports = kernel_report()
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not lose the receipt
+            reports = f"unavailable: {type(e).__name__}: {e}"
         print(json.dumps(reports, indent=1))
     annotate()
     clog.close()
     if not args.no_receipt:
-        paths = write_receipt("sparse_mla", rows, args.out, extra={"kernel_report": reports} if reports else None,
-                              ceilings=ceilings)
+        extra = {"kernel_status": kernel_status}
+        if reports:
+            extra["kernel_report"] = reports
+        paths = write_receipt("sparse_mla", rows, args.out, extra=extra, ceilings=ceilings)
         print("receipt:", paths)
     print(f"\nceilings: {ceilings}")
     print(f"{'impl':40s} {'S':>6s} {'H':>4s} {'pass':8s} {'ms':>9s} {'TFLOP/s':>8s} {'GiB':>7s} "
@@ -375,8 +414,10 @@ def main():
               f"{(r['ms'] if r['ms'] is not None else float('nan')):9.3f} "
               f"{(r['tflops'] if r['tflops'] is not None else float('nan')):8.1f} "
               f"{(r['peak_gib'] if r['peak_gib'] is not None else float('nan')):7.3f} "
-              f"{mhz:>10s} {ck.get('power_w_max', float('nan')):5.0f} {r['status']}")
+              f"{mhz:>10s} {ck.get('power_w_max', float('nan')):5.0f} {r['status']}"
+              + (f"  [{r['kernel']}]" if r.get("kernel") and c["pass"] == "fwd+bwd" else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

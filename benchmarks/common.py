@@ -10,6 +10,12 @@ Stable API (other benchmark scripts import it):
   ClockLog(): the SM clock, power and throttle reasons every 100 ms (nvidia-smi), in the background;
               .during(t0, t1) summarises what it saw between two time.time() stamps
   kernel_times(prof) -> ({kernel: [calls, ms]}, (first start, last end) in ms or None)
+  triton_kernels(*modules) -> [compiled kernel]   every kernel Triton compiled in this process for
+              the @triton.jit functions of ``modules`` (read from Triton's own JIT cache)
+  kernel_resources(kernel) -> {"kernel", "regs", "spills", "shared", "warps", "stages", "constexprs"}
+
+A receipt's ``extra`` may carry ``kernel_status`` (``megatron_dsa.kernels.format_status()``):
+the markdown then ends with that table, so the receipt says which kernels ran.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 __all__ = [
     "time_cuda", "peak_gib", "device_name", "versions", "measure_ceilings", "write_receipt",
-    "run_guarded", "ClockLog", "kernel_times",
+    "run_guarded", "ClockLog", "kernel_times", "triton_kernels", "kernel_resources",
 ]
 
 
@@ -159,6 +165,74 @@ def kernel_times(prof):
     return dict(kern), ((first, last) if first is not None else None)
 
 
+def _jit_function(obj):
+    """The ``triton.runtime.jit.JITFunction`` behind ``obj`` (unwrapping ``triton.autotune`` /
+    ``triton.heuristics``), or None."""
+    from triton.runtime.jit import JITFunction
+
+    for _ in range(4):
+        if isinstance(obj, JITFunction):
+            return obj
+        obj = getattr(obj, "fn", None)
+        if obj is None:
+            return None
+    return None
+
+
+def triton_kernels(*modules) -> list:
+    """Every kernel Triton has compiled in this process for the ``@triton.jit`` functions defined
+    in ``modules`` (one per specialization: constexprs, warps, stages), in the order they were
+    compiled per function. Read from each function's own JIT cache: ``JITFunction.device_caches``
+    maps a device to a tuple whose first item is ``{specialization key: CompiledKernel}``. A
+    kernel that was never launched (or an ``@triton.jit`` helper inlined into one) is not there."""
+    out, seen = [], set()
+    for mod in modules:
+        for obj in list(vars(mod).values()):
+            fn = _jit_function(obj)
+            if fn is None or getattr(fn.fn, "__module__", None) != mod.__name__:
+                continue  # not a kernel, or one imported from elsewhere
+            caches = getattr(fn, "device_caches", None)
+            per_device = [c[0] for c in caches.values()] if caches is not None else list(getattr(fn, "cache", {}).values())
+            for cache in per_device:
+                for ker in list(cache.values()):
+                    if id(ker) in seen or not hasattr(ker, "metadata"):
+                        continue  # (an asynchronous compile still in flight has no metadata yet)
+                    seen.add(id(ker))
+                    out.append(ker)
+    return out
+
+
+def _plain(v):
+    v = getattr(v, "value", v)  # tl.constexpr
+    return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+
+def kernel_resources(kernel) -> dict:
+    """Name, registers per thread, spilled registers, shared memory (bytes), warps, stages and
+    the ``tl.constexpr`` arguments of one compiled Triton kernel (see :func:`triton_kernels`)."""
+    try:
+        kernel._init_handles()  # registers / spills are known once the binary is loaded
+    except Exception:  # noqa: BLE001 - e.g. more shared memory than this GPU has
+        pass
+    md = kernel.metadata
+    d = {"kernel": getattr(md, "name", None) or getattr(kernel, "name", "?"),
+         "regs": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
+         "shared": getattr(md, "shared", None), "warps": getattr(md, "num_warps", None),
+         "stages": getattr(md, "num_stages", None)}
+    src = getattr(kernel, "src", None)
+    fn = getattr(src, "fn", None)
+    consts = {}
+    if fn is not None:
+        for path, v in sorted(getattr(src, "constants", {}).items(), key=lambda kv: str(kv[0])):
+            i = path[0] if isinstance(path, tuple) and len(path) == 1 else path
+            if isinstance(i, int) and i < len(fn.params) and fn.params[i].is_constexpr:
+                consts[fn.arg_names[i]] = _plain(v)
+            elif isinstance(i, str):  # older Triton: keyed by name
+                consts[i] = _plain(v)
+    d["constexprs"] = consts
+    return d
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
@@ -221,23 +295,30 @@ def _plot_png(path: str, rows: List[dict], title: str) -> bool:
         name = r["impl"] + (f" [{case['pass']}]" if case.get("pass") else "")
         series.setdefault(name, []).append((case["S"], r.get("ms"), r.get("peak_gib")))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, pts in sorted(series.items()):
-        pts.sort()
-        xs = [p[0] for p in pts]
-        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=name)
-        axes[1].plot(xs, [p[2] for p in pts], marker="o", label=name)
-    for ax, lab in zip(axes, ("time (ms)", "peak extra memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("S (keys = queries)")
-        ax.set_ylabel(lab)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    try:
+        for name, pts in sorted(series.items()):
+            for j, ax in enumerate(axes):
+                # (a log axis takes positive values only: a row without the value is left out)
+                xy = sorted((p[0], p[j + 1]) for p in pts if isinstance(p[j + 1], (int, float)) and p[j + 1] > 0)
+                if xy:
+                    ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=name)
+        for ax, lab in zip(axes, ("time (ms)", "peak extra memory (GiB)")):
+            if ax.lines:
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+            ax.set_xlabel("S (keys = queries)")
+            ax.set_ylabel(lab)
+            ax.grid(True, which="both", alpha=0.3)
+        if axes[0].lines:
+            axes[0].legend(fontsize=7)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return True
+    except Exception:  # noqa: BLE001 - the plot is a convenience; the JSON and markdown stand
+        return False
+    finally:
+        plt.close(fig)
 
 
 def write_receipt(topic: str, rows: List[dict], out_dir: str, extra: Optional[dict] = None,
@@ -305,6 +386,9 @@ def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
                                         + [f"{r[k]:.1e}" if isinstance(r.get(k), float) else _fmt(r.get(k))
                                            for k in checks]
                                         + (_clock_cells(r.get("clock")) if clock else [])) + " |")
+    if doc.get("kernel_status"):
+        lines += ["", "Kernels `backend=\"auto\"` runs here (`megatron_dsa.kernels.format_status()`):", "",
+                  str(doc["kernel_status"])]
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     if _plot_png(stem + ".png", rows, f"{topic} on {dev} ({date})"):
