@@ -1,7 +1,10 @@
-"""Builders shared by the tests: tiny DSA configs and Megatron-Core's own DSA as the reference."""
+"""Helpers shared by the tests (test files import from here, never from each other): tiny DSA
+configs, Megatron-Core's own DSA as the reference, sparse MLA inputs and error measures, the
+sm_90a compile check, and a child-process runner for GPU code that could hang."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -94,3 +97,92 @@ def run_gpu_child(code: str, timeout: float, what: str) -> None:
         pytest.fail(f"{what} did not finish within {timeout:.0f} s (deadlock?)")
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------
+# Sparse MLA: errors, poisoned outputs, inputs
+# ------------------------------------------------------------------------------------------
+
+
+def rel(a, b):
+    """Relative error ||a - b|| / ||b|| in float64 (absolute when b is zero)."""
+    a = a.double()
+    b = b.double()
+    n = b.norm()
+    return ((a - b).norm() / (n if n > 0 else 1.0)).item()
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Every torch.empty / empty_like the kernel host code makes starts as NaN (integers as
+    -2^30), so an output the kernel forgets to write shows up."""
+    orig_empty, orig_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-(2**30))
+        return t
+
+    def empty(*a, **k):
+        return fill(orig_empty(*a, **k))
+
+    def empty_like(*a, **k):
+        return fill(orig_like(*a, **k))
+
+    torch.empty, torch.empty_like = empty, empty_like
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = orig_empty, orig_like
+
+
+def causal_indices(S, K, device):
+    """Row t takes K distinct random keys in [0, t]; rows t < K are padded with -1."""
+    out = torch.empty(S, K, dtype=torch.int32, device=device)
+    for r0 in range(0, S, 1024):
+        r1 = min(S, r0 + 1024)
+        t = torch.arange(r0, r1, device=device)[:, None]
+        keys = torch.arange(S, device=device)[None, :]
+        score = torch.rand(r1 - r0, S, device=device)
+        score = torch.where(keys <= t, score, -1.0)
+        val, ix = score.topk(K, dim=1)
+        out[r0:r1] = torch.where(val >= 0, ix, -1).int()
+    return out
+
+
+def cuda_fwd_case(T, H, K, sink, topk, empty_rows, seed):
+    """Inputs for the CUDA sparse MLA forward at the real head dims (576 / d_v 512), on the GPU,
+    drawn from ``seed``: q [T, H, 576], kv [T, 576] in bf16, causal indices [T, K] (8 random rows
+    emptied when ``empty_rows``), per-row topk lengths when ``topk``, a per-head sink when
+    ``sink``."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(T, H, 576, device="cuda", generator=g).bfloat16()
+    kv = torch.randn(T, 576, device="cuda", generator=g).bfloat16()
+    idx = causal_indices(T, K, "cuda")
+    if empty_rows:
+        idx[torch.randint(0, T, (8,), device="cuda", generator=g)] = -1
+    tk = torch.randint(0, K + 1, (T,), device="cuda", generator=g).int() if topk else None
+    sk = torch.randn(H, device="cuda", generator=g) if sink else None
+    return q, kv, idx, tk, sk
+
+
+def assert_compiles_without_spills(src, tmp_path, kernel):
+    """``src`` compiles for sm_90a, ``kernel`` among its entry points, every entry point without
+    spills, serialized wgmma (C7510-C7518: ptxas inserts waits when accumulators are touched
+    mid-flight or registers run short) or an ignored setmaxnreg (C7507)."""
+    import subprocess
+
+    from megatron_dsa.kernels.cuda_build import find_nvcc
+
+    proc = subprocess.run(
+        [find_nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+         "-c", "-o", str(tmp_path / "k.o"), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stderr
+    assert kernel in report, report[-3000:]
+    spill_lines = [ln for ln in report.splitlines() if "spill" in ln]
+    assert spill_lines and all("0 bytes spill stores, 0 bytes spill loads" in ln for ln in spill_lines), report[-3000:]
+    for code in ("C7507", "C7510", "C7512", "C7514", "C7518"):
+        assert code not in report, report[-3000:]

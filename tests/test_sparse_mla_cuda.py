@@ -1,7 +1,8 @@
 """The sm_90a CUDA sparse MLA forward.
 
-CPU: routing (CPU tensors never take the CUDA path, the env switch turns it off) and, where an
-``nvcc`` is installed, that the kernel source compiles for sm_90a without register spills.
+CPU: routing (CPU tensors never take the CUDA path), a failed build, and, where an ``nvcc`` is
+installed, that the kernel sources compile for sm_90a without register spills and the library
+builds and loads.
 GPU (Hopper only): against the float64 reference at real sizes with fresh random inputs, outputs
 poisoned with NaN before each run; masked head tiles, sink, topk_length, empty rows, and a
 CUDA-graph capture/replay.
@@ -9,95 +10,82 @@ CUDA-graph capture/replay.
 
 from __future__ import annotations
 
-import subprocess
-import warnings
-
 import pytest
 import torch
 
+from megatron_dsa.kernels import cuda_build
 from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+from megatron_dsa.kernels.sparse_mla import select_backend, sparse_mla
 from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference
 
-from test_sparse_mla_kernel import causal_indices, poisoned_empty, rel
+from helpers import assert_compiles_without_spills, causal_indices, cuda_fwd_case, poisoned_empty, rel
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
+NO_NVCC = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc")
+FWD_SRC, BWD_SRC, _, FWD16_SRC = ci.SOURCES
+
+
+def need_library():
+    why = ci.library_error()
+    if why is not None:
+        pytest.skip(f"CUDA kernels unavailable: {why}")
+
+
 def test_cpu_tensors_never_take_the_cuda_path():
-    q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
-    kv = torch.zeros(4, 576, dtype=torch.bfloat16)
-    assert not ci.cuda_fwd_eligible(q, kv, 512)
-
-
-def test_env_switch_disables(monkeypatch):
-    monkeypatch.setenv("MEGATRON_DSA_CUDA_FWD", "0")
-    assert not ci.cuda_fwd_available()
-
-
-def assert_compiles_without_spills(src, tmp_path, kernel):
-    """``src`` compiles for sm_90a, ``kernel`` among its entry points, every entry point without
-    spills, serialized wgmma (C7510-C7518: ptxas inserts waits when accumulators are touched
-    mid-flight or registers run short) or an ignored setmaxnreg (C7507)."""
-    proc = subprocess.run(
-        [ci._nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-         "-c", "-o", str(tmp_path / "k.o"), str(src)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = proc.stderr
-    assert kernel in report, report[-3000:]
-    spill_lines = [ln for ln in report.splitlines() if "spill" in ln]
-    assert spill_lines and all("0 bytes spill stores, 0 bytes spill loads" in ln for ln in spill_lines), report[-3000:]
-    for code in ("C7507", "C7510", "C7512", "C7514", "C7518"):
-        assert code not in report, report[-3000:]
-
-
-@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
-def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    assert_compiles_without_spills(ci._SRC, tmp_path, "sparse_mla_fwd_sm90_kernel")
-
-
-@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
-def test_16_head_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    assert_compiles_without_spills(ci._SRC16, tmp_path, "sparse_mla_fwd16_sm90_kernel")
-
-
-def test_cpu_tensors_take_no_cuda_kernel_at_any_head_count():
-    kv = torch.zeros(4, 576, dtype=torch.bfloat16)
+    assert "cpu" in ci.unsupported_reason(torch.device("cpu"), torch.bfloat16, 576, 512)
     for H in (1, 16, 17, 128):
-        q = torch.zeros(4, H, 576, dtype=torch.bfloat16)
-        assert not ci.cuda_fwd_eligible(q, kv, 512)
-        assert not ci.cuda_bwd_eligible(q, kv, 512, False)
+        choice = select_backend("auto", torch.device("cpu"), torch.bfloat16, H, 576, 512)
+        assert (choice.forward, choice.backward) == ("reference", "reference"), H
 
 
-@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
+def test_launchers_refuse_int64_indices():
+    """The launchers read int32 ids; the public function converts (ids outside [0, Tk) -> -1)."""
+    with pytest.raises(ValueError, match="int32"):
+        ci.sparse_mla_fwd_cuda(torch.zeros(1, 1, 576, dtype=torch.bfloat16), torch.zeros(1, 576, dtype=torch.bfloat16),
+                               torch.zeros(1, 4, dtype=torch.int64), 0.1)
+
+
+@NO_NVCC
+def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    assert_compiles_without_spills(FWD_SRC, tmp_path, "sparse_mla_fwd_sm90_kernel")
+
+
+@NO_NVCC
+def test_16_head_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    assert_compiles_without_spills(FWD16_SRC, tmp_path, "sparse_mla_fwd16_sm90_kernel")
+
+
+@NO_NVCC
 def test_library_builds_loads_and_fits_shared_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATRON_DSA_CACHE", str(tmp_path))
-    path = ci.build_library()
+    path = ci.build()
     assert path.parent == tmp_path and path.exists()
-    assert ci.build_library() == path  # cached: same key, no rebuild
-    lib = ci.load_library(path)
+    assert ci.build() == path  # cached: same key, no rebuild
+    lib = ci._load(path)
     smem = lib.dsa_sparse_mla_fwd_smem_bytes()
     assert 200 * 1024 < smem <= 232448  # Hopper's per-block opt-in limit (227 KB)
 
 
-def test_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch):
+def test_failed_build_is_reported_once_with_its_log(tmp_path, monkeypatch):
+    count = tmp_path / "builds"
     fake = tmp_path / "nvcc"
-    fake.write_text("#!/bin/sh\necho 'fake nvcc: no' >&2\nexit 3\n")
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake; exit 0; fi\n"
+                    f"echo x >> {count}\necho 'fake nvcc: no' >&2\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setenv("MEGATRON_DSA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(ci, "_nvcc", lambda: str(fake))
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: str(fake))
     monkeypatch.setattr(ci, "_LIB", None)
     monkeypatch.setattr(ci, "_LIB_ERROR", None)
-    with pytest.warns(UserWarning, match="using Triton"):
-        assert ci._load() is None
-    assert "fake nvcc: no" in ci._LIB_ERROR
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        assert ci._load() is None  # remembered: no second build, no second warning
-    assert not seen
-    with pytest.raises(RuntimeError, match="unavailable"):
-        ci.sparse_mla_fwd_cuda(torch.zeros(1, 64, 576, dtype=torch.bfloat16),
-                               torch.zeros(1, 576, dtype=torch.bfloat16),
-                               torch.zeros(1, 64, dtype=torch.int32), 0.1)
+    why = ci.library_error()
+    assert "exit code 3" in why and "build log:" in why
+    log = ci._LIB_ERROR.log_path
+    assert "fake nvcc: no" in log.read_text()
+    assert ci.library_error() == why  # remembered: no second build
+    assert count.read_text().count("x") == 1
+    with pytest.raises(cuda_build.CudaBuildError, match="exit code 3"):
+        ci.library()
 
 
 gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
@@ -108,11 +96,10 @@ gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 def test_gpu_head_count_routing(monkeypatch):
     """Every head count takes a CUDA kernel: <= 16 heads the 16-head forward, more the 64-head
     one; the backward too unless deterministic."""
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
+    need_library()
     kv = torch.zeros(4, 576, dtype=torch.bfloat16, device="cuda")
     launched = []
-    lib = ci._load()
+    lib = ci.library()
     for name in ("dsa_sparse_mla_fwd16_sm90", "dsa_sparse_mla_fwd_sm90"):
         real = getattr(lib, name)
         monkeypatch.setattr(lib, name, lambda *a, _n=name, _r=real: (launched.append(_n), _r(*a))[1])
@@ -120,23 +107,13 @@ def test_gpu_head_count_routing(monkeypatch):
                       (17, "dsa_sparse_mla_fwd_sm90"), (32, "dsa_sparse_mla_fwd_sm90"),
                       (128, "dsa_sparse_mla_fwd_sm90")):
         q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
-        assert ci.cuda_fwd_eligible(q, kv, 512) and ci.cuda_bwd_eligible(q, kv, 512, False), H
-        assert not ci.cuda_bwd_eligible(q, kv, 512, True), H
+        auto = select_backend("auto", q.device, q.dtype, H, 576, 512)
+        assert (auto.forward, auto.backward) == ("cuda", "cuda"), (H, auto)
+        det = select_backend("auto", q.device, q.dtype, H, 576, 512, deterministic=True)
+        assert (det.forward, det.backward) == ("cuda", "triton-deterministic"), (H, det)
         launched.clear()
         ci.sparse_mla_fwd_cuda(q, kv, torch.zeros(4, 64, dtype=torch.int32, device="cuda"), 0.1)
         assert launched == [kernel], (H, launched)
-
-
-def _case(T, H, K, sink, topk, empty_rows, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(T, H, 576, device="cuda", generator=g).bfloat16()
-    kv = torch.randn(T, 576, device="cuda", generator=g).bfloat16()
-    idx = causal_indices(T, K, "cuda")
-    if empty_rows:
-        idx[torch.randint(0, T, (8,), device="cuda", generator=g)] = -1
-    tk = torch.randint(0, K + 1, (T,), device="cuda", generator=g).int() if topk else None
-    sk = torch.randn(H, device="cuda", generator=g) if sink else None
-    return q, kv, idx, tk, sk
 
 
 @pytest.mark.gpu
@@ -154,10 +131,9 @@ def _case(T, H, K, sink, topk, empty_rows, seed):
     (600, 17, 300, False, False),    # the 64-head kernel, 17 heads
 ])
 def test_gpu_matches_float64_reference(T, H, K, sink, topk):
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
+    need_library()
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
-    q, kv, idx, tk, sk = _case(T, H, K, sink, topk, empty_rows=True, seed=seed)
+    q, kv, idx, tk, sk = cuda_fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)
     scale = 576 ** -0.5
     with poisoned_empty():
         out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
@@ -178,15 +154,15 @@ def test_gpu_matches_float64_reference(T, H, K, sink, topk):
 @gpu
 @pytest.mark.parametrize("H", [64, 16])
 def test_gpu_odd_k_and_strided_q(H):
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
+    need_library()
     T, K = 600, 200  # K not a multiple of the 64-key block
     q_big = torch.randn(T, H + 8, 576, device="cuda").bfloat16()
     q = q_big[:, 4:H + 4]  # strided heads
     kv = torch.randn(T, 576, device="cuda").bfloat16()
-    idx = causal_indices(T, K, "cuda").long()  # int64 accepted
+    idx = causal_indices(T, K, "cuda").long()  # int64 accepted by the public function
+    idx[5, 0] = 2**32 + 1  # out of range: an empty slot, never key 1
     with poisoned_empty():
-        out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05)
+        out, lse = sparse_mla(q, kv, idx, 0.05, backend="cuda")
     ro, rl = sparse_mla_reference(q.double(), kv.double(), idx, 0.05, 512)
     assert rel(out.double(), ro) < 1e-2
     fin = torch.isfinite(rl)
@@ -197,9 +173,8 @@ def test_gpu_odd_k_and_strided_q(H):
 @gpu
 @pytest.mark.parametrize("H", [128, 16])
 def test_gpu_graph_capture_replay(H):
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
-    q, kv, idx, tk, sk = _case(512, H, 256, True, True, False, seed=1)
+    need_library()
+    q, kv, idx, tk, sk = cuda_fwd_case(512, H, 256, True, True, False, seed=1)
     out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)  # warm-up (build, attributes)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -210,40 +185,3 @@ def test_gpu_graph_capture_replay(H):
     torch.cuda.synchronize()
     ref_out, ref_lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)
     assert torch.equal(g_out, ref_out) and torch.equal(g_lse, ref_lse)
-
-
-_CLUSTER_CHILD = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from test_sparse_mla_kernel import causal_indices, poisoned_empty, rel
-from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
-from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference
-for T, H, K, topk in ((1024, 128, 1024, True), (700, 100, 300, False), (2100, 128, 2048, False)):
-    q = torch.randn(T, H, 576, device="cuda").bfloat16()
-    kv = torch.randn(T, 576, device="cuda").bfloat16()
-    idx = causal_indices(T, K, "cuda")
-    idx[3] = -1
-    tk = torch.randint(0, K + 1, (T,), device="cuda").int() if topk else None
-    sk = torch.randn(H, device="cuda")
-    with poisoned_empty():
-        out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.04, tk, sk, cluster=True)
-    ro, rl = sparse_mla_reference(q.double(), kv.double(), idx, 0.04, 512, tk, sk.double())
-    fin = torch.isfinite(rl)
-    assert torch.equal(fin, torch.isfinite(lse)) and not torch.isnan(out).any()
-    assert (lse[fin].double() - rl[fin]).abs().max().item() < 1e-2
-    err = rel(out.double(), ro)
-    assert err < 5e-3, (T, H, K, err)
-    print(f"cluster T={T} H={H} K={K}: out rel err {err:.2e}")
-"""
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_cluster_variant_matches_reference(tmp_path):
-    """The 2-CTA cluster variant (opt-in) against the float64 reference, in a child process
-    with a time limit: a hand-off bug between the two CTAs would hang rather than fail."""
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA forward unavailable: {ci._LIB_ERROR}")
-    from helpers import run_gpu_child
-
-    run_gpu_child(_CLUSTER_CHILD, 180, "cluster variant")

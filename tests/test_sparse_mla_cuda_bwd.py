@@ -1,9 +1,9 @@
 """The sm_90a CUDA sparse MLA backward.
 
-CPU: routing (CPU tensors, the deterministic mode and the env switch keep the Triton backward),
-the device-side effective row lengths, the dkv workspace's column permutation (against the
-mapping written out channel by channel), and, where ``nvcc`` is installed, that the kernel
-compiles for sm_90a without spills or serialized wgmma and fits shared memory.
+CPU: routing (the deterministic mode keeps the Triton backward), the effective row lengths'
+reference, the dkv workspace's column permutation (against the mapping written out channel by
+channel), and, where ``nvcc`` is installed, that the kernel compiles for sm_90a without spills
+or serialized wgmma and fits shared memory.
 GPU (Hopper only): dq, dkv, d_sink and the indexer-loss target against float64 autograd through
 the plain-PyTorch reference, fresh random inputs each run, outputs poisoned with NaN; masked head
 tiles, -1 holes inside rows, topk_length, empty rows; CUDA-graph capture/replay; the one-launch
@@ -12,32 +12,35 @@ row-length kernel against the PyTorch expression it replaces.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
+from megatron_dsa.kernels import cuda_build
 from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
-from megatron_dsa.kernels.sparse_mla import triton_impl as ti
+from megatron_dsa.kernels.sparse_mla import select_backend, sparse_mla
 from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
 
-from test_sparse_mla_cuda import _case as _fwd_case
-from test_sparse_mla_cuda import assert_compiles_without_spills
-from test_sparse_mla_kernel import poisoned_empty, rel
+from helpers import assert_compiles_without_spills, cuda_fwd_case, poisoned_empty, rel
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-def test_cpu_deterministic_and_env_keep_triton(monkeypatch):
-    q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
-    kv = torch.zeros(4, 576, dtype=torch.bfloat16)
-    assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)  # CPU tensors
-    # where the forward would take the CUDA kernel, only the deterministic mode and the env
-    # switch keep the Triton backward
-    monkeypatch.setattr(ci, "cuda_fwd_eligible", lambda q, kv, d_v: True)
-    assert ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)
-    assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=True)
-    monkeypatch.setenv("MEGATRON_DSA_CUDA_BWD", "0")
-    assert not ci.cuda_bwd_eligible(q, kv, 512, deterministic=False)
+NO_NVCC = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc")
+
+
+def need_library():
+    why = ci.library_error()
+    if why is not None:
+        pytest.skip(f"CUDA kernels unavailable: {why}")
+
+
+def test_deterministic_keeps_the_triton_backward(monkeypatch):
+    # where the forward takes the CUDA kernel, only the deterministic mode keeps the Triton backward
+    monkeypatch.setattr(ci, "unsupported_reason", lambda *a, **k: None)
+    gpu = torch.device("cuda", 0)
+    assert select_backend("auto", gpu, torch.bfloat16, 64, 576, 512).backward == "cuda"
+    assert select_backend("auto", gpu, torch.bfloat16, 64, 576, 512, True).backward == "triton-deterministic"
+    assert select_backend("triton", gpu, torch.bfloat16, 64, 576, 512).backward == "triton"
 
 
 def test_effective_lengths_match_a_loop():
@@ -49,7 +52,7 @@ def test_effective_lengths_match_a_loop():
     idx[7, 20:] = -1                                      # trailing padding
     topk = torch.randint(0, K + 3, (T,), generator=g, dtype=torch.int32)
     for tk in (None, topk):
-        got = ci.effective_lengths(idx, tk)
+        got = ci.effective_lengths_torch(idx, tk)
         assert got.dtype == torch.int32
         for t in range(T):
             valid = [s for s in range(K) if idx[t, s] >= 0]
@@ -58,10 +61,11 @@ def test_effective_lengths_match_a_loop():
                 want = min(want, max(0, min(int(tk[t]), K)))
             assert int(got[t]) == want, (t, int(got[t]), want)
     # a valid count per row, not one for all rows (the kernel would read past a short tensor)
+    q, kv = torch.zeros(T, 1, 16), torch.zeros(100, 16)
     with pytest.raises(ValueError, match="topk_length"):
-        ci.effective_lengths(idx, topk[:1])
+        sparse_mla(q, kv, idx, 0.1, d_v=8, topk_length=topk[:1])
     with pytest.raises(ValueError, match="indices"):
-        ci.effective_lengths(idx[0], None)
+        sparse_mla(q, kv, idx[0], 0.1, d_v=8)
 
 
 def _stored_column(c: int) -> int:
@@ -97,15 +101,15 @@ def test_unpermute_dkv_inverts_the_kernels_layout():
             ci.unpermute_dkv(bad)
 
 
-@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
+@NO_NVCC
 def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    assert_compiles_without_spills(ci._SRC_BWD, tmp_path, "sparse_mla_bwd_sm90_kernel")
+    assert_compiles_without_spills(ci.SOURCES[1], tmp_path, "sparse_mla_bwd_sm90_kernel")
 
 
-@pytest.mark.skipif(ci._nvcc() is None, reason="no nvcc")
+@NO_NVCC
 def test_bwd_library_fits_shared_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATRON_DSA_CACHE", str(tmp_path))
-    lib = ci.load_library(ci.build_library())
+    lib = ci._load(ci.build())
     assert 200 * 1024 < lib.dsa_sparse_mla_bwd_smem_bytes() <= 232448
 
 
@@ -132,7 +136,8 @@ def test_gpu_row_length_kernel_matches_torch(K, stride_pad, cap_dtype):
     cap = None
     if cap_dtype is not None:
         cap = torch.randint(-3, K + 4, (T,), device="cuda", generator=g).to(cap_dtype)
-    want = ci._effective_lengths_torch(idx, cap)
+    need_library()
+    want = ci.effective_lengths_torch(idx, cap)
     with poisoned_empty():  # an unwritten row reads -2^30
         got = ci.effective_lengths(idx, cap)
     assert got.dtype == torch.int32 and got.shape == (T,)
@@ -141,7 +146,7 @@ def test_gpu_row_length_kernel_matches_torch(K, stride_pad, cap_dtype):
 
 def _case(T, H, K, sink, topk, holes, seed):
     """The forward tests' inputs (with empty rows), plus -1 holes inside rows and dout."""
-    q, kv, idx, tk, sk = _fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)
+    q, kv, idx, tk, sk = cuda_fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     if holes:
         idx = torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.2, -1, idx)
@@ -153,13 +158,10 @@ def _check_against_reference(T, H, K, sink, topk, holes, target):
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
     q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed)
     scale = 576 ** -0.5
-    out, lse = ti.sparse_mla_fwd(q, kv, idx, scale, 512, tk, sk)
-    stats = torch.empty(2 * T * H, dtype=torch.float32, device="cuda")
-    dsink_t = torch.empty(T, H, dtype=torch.float32, device="cuda") if sink else None
-    ti._bwd_stats_into(stats, dsink_t, out, dout, lse, None, sk, 512)
+    out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
     tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
     with poisoned_empty():
-        dq, dkv = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, lse, dout, stats, tgt)
+        dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt)
     qr = q.double().requires_grad_()
     kvr = kv.double().requires_grad_()
     skr = sk.double().requires_grad_() if sink else None
@@ -173,7 +175,6 @@ def _check_against_reference(T, H, K, sink, topk, holes, target):
         errs[name] = err
         assert err < max(5 * floor, 1e-2), (name, seed, err, floor)
     if sink:
-        dsink = dsink_t.sum(0)
         errs["dsink"] = rel(dsink.double(), skr.grad)
         assert errs["dsink"] < 1e-2, (seed, errs)
     if target:
@@ -199,27 +200,27 @@ def _check_against_reference(T, H, K, sink, topk, holes, target):
     (700, 32, 300, True, False, True, False),     # 32 heads
 ])
 def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
+    need_library()
     _check_against_reference(T, H, K, sink, topk, holes, target)
 
 
 @pytest.mark.gpu
 @gpu
 def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
+    need_library()
+    from megatron_dsa.kernels.sparse_mla import ops
+
     calls = []
-    real = ti.sparse_mla_bwd_cuda
+    real = ops.sparse_mla_bwd_cuda
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(ti, "sparse_mla_bwd_cuda", spy)
+    monkeypatch.setattr(ops, "sparse_mla_bwd_cuda", spy)
     q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, False, seed=3)
     qg, kvg, skg = q.clone().requires_grad_(), kv.clone().requires_grad_(), sk.clone().requires_grad_()
-    out, _ = ti.sparse_mla_triton(qg, kvg, idx, 0.05, 512, tk, skg, deterministic=False)
+    out, _ = sparse_mla(qg, kvg, idx, 0.05, 512, tk, skg, deterministic=False)
     out.backward(dout)
     assert calls == [1]
     qr, kvr, skr = q.double().requires_grad_(), kv.double().requires_grad_(), sk.double().requires_grad_()
@@ -233,20 +234,19 @@ def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
 @pytest.mark.gpu
 @gpu
 def test_gpu_bwd_graph_capture_replay():
-    if not ci.cuda_fwd_available():
-        pytest.skip(f"CUDA kernels unavailable: {ci._LIB_ERROR}")
+    need_library()
     q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, True, seed=1)
-    out, lse = ti.sparse_mla_fwd(q, kv, idx, 0.05, 512, tk, sk)
-    args = (q, kv, idx, 0.05, 512, tk, sk, out, lse, dout)
-    ti.sparse_mla_bwd(*args)  # warm-up (builds, Triton compiles, attributes)
+    out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)
+    args = (q, kv, idx, 0.05, tk, sk, out, lse, dout)
+    ci.sparse_mla_bwd_cuda(*args)  # warm-up (builds, Triton compiles, attributes)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_dq, g_dkv, g_dsink = ti.sparse_mla_bwd(*args)
+        g_dq, g_dkv, g_dsink = ci.sparse_mla_bwd_cuda(*args)
     dout.copy_(torch.randn_like(dout))
     graph.replay()
     torch.cuda.synchronize()
-    dq, dkv, dsink = ti.sparse_mla_bwd(*args)
+    dq, dkv, dsink = ci.sparse_mla_bwd_cuda(*args)
     assert torch.equal(g_dq, dq)  # dq has no atomics: bit-identical
     assert rel(g_dkv.double(), dkv.double()) < 1e-3  # fp32 atomics: order differs
     assert rel(g_dsink.double(), dsink.double()) < 1e-5
@@ -263,6 +263,6 @@ def test_wheel_ships_every_kernel_source():
     data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     globs = data["megatron_dsa.kernels.sparse_mla"]
     pkg = Path(ci.__file__).parent
-    for f in (*ci._SOURCES, *ci._HEADERS):
+    for f in (*ci.SOURCES, *ci.HEADERS):
         rel_path = f.relative_to(pkg).as_posix()
         assert any(fnmatch.fnmatch(rel_path, g) for g in globs), (rel_path, globs)

@@ -5,46 +5,13 @@ interpreter's bf16 dot is wrong). GPU (``-m gpu``): real sizes in bf16 against a
 reference on the GPU.
 """
 
-import contextlib
-
 import pytest
 import torch
 
 from megatron_dsa.kernels.sparse_mla import sparse_mla, sparse_mla_reference, slot_validity
 from megatron_dsa.kernels.sparse_mla import triton_impl
-from megatron_dsa.kernels.sparse_mla.triton_impl import sparse_mla_triton
 
-
-def rel(a, b):
-    a = a.double()
-    b = b.double()
-    n = b.norm()
-    return ((a - b).norm() / (n if n > 0 else 1.0)).item()
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """Every torch.empty / empty_like the kernel host code makes starts as NaN."""
-    orig_empty, orig_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int32, torch.int64):
-            t.fill_(-(2**30))
-        return t
-
-    def empty(*a, **k):
-        return fill(orig_empty(*a, **k))
-
-    def empty_like(*a, **k):
-        return fill(orig_like(*a, **k))
-
-    torch.empty, torch.empty_like = empty, empty_like
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = orig_empty, orig_like
+from helpers import causal_indices, poisoned_empty, rel
 
 
 def make_inputs(T, H, Dqk, Tk, K, dtype, device="cpu", pad_frac=0.2, empty_rows=(),
@@ -73,7 +40,7 @@ def run_pair(q, kv, idx, scale, d_v, topk, sink, deterministic=False, grads=True
     g = torch.randn(q.shape[0], q.shape[1], d_v, device=q.device, generator=gen)
     gl = torch.randn(q.shape[0], q.shape[1], device=q.device, generator=gen)
     with poisoned_empty():
-        out, lse = sparse_mla_triton(qa, kva, idx, scale, d_v, topk, sa, deterministic=deterministic)
+        out, lse = sparse_mla(qa, kva, idx, scale, d_v, topk, sa, backend="triton", deterministic=deterministic)
         ours = {"out": out.detach(), "lse": lse.detach()}
         if grads:
             fin = torch.isfinite(lse)
@@ -161,16 +128,13 @@ def test_cpu_no_tail():
     check(ours, ref, 1e-5)
 
 
-def test_cpu_deterministic_matches_and_is_bitwise_stable():
+def test_cpu_deterministic_matches_and_is_bitwise_stable(monkeypatch):
     T, H, Dqk, d_v, Tk, K = 20, 3, 80, 64, 25, 64
     q, kv, idx, tk, sk = make_inputs(T, H, Dqk, Tk, K, torch.float32, with_topk=True, with_sink=True)
-    old = triton_impl.DETERMINISTIC_WS_BYTES
-    triton_impl.DETERMINISTIC_WS_BYTES = 7 * K * Dqk * 4  # several query chunks (7 rows each)
-    try:
-        a, ref = run_pair(q, kv, idx, 0.1, d_v, tk, sk, deterministic=True, gseed=1234)
-        b, _ = run_pair(q, kv, idx, 0.1, d_v, tk, sk, deterministic=True, gseed=1234)
-    finally:
-        triton_impl.DETERMINISTIC_WS_BYTES = old
+    # several query chunks (7 rows each)
+    monkeypatch.setattr(triton_impl, "DETERMINISTIC_WS_BYTES", 7 * K * Dqk * 4)
+    a, ref = run_pair(q, kv, idx, 0.1, d_v, tk, sk, deterministic=True, gseed=1234)
+    b, _ = run_pair(q, kv, idx, 0.1, d_v, tk, sk, deterministic=True, gseed=1234)
     check(a, ref, 1e-5)
     for name in ("out", "lse", "dq", "dkv", "dsink"):
         assert torch.equal(a[name], b[name]), name
@@ -193,7 +157,7 @@ def test_lse_only_gradient():
     q, kv, idx, _, sk = make_inputs(T, H, Dqk, Tk, K, torch.float32, with_sink=True)
     qa = q.clone().requires_grad_()
     kva = kv.clone().requires_grad_()
-    _, lse = sparse_mla_triton(qa, kva, idx, 0.1, d_v, None, sk)
+    _, lse = sparse_mla(qa, kva, idx, 0.1, d_v, None, sk, backend="triton")
     torch.where(torch.isfinite(lse), lse, 0.0).sum().backward()
     qr = q.double().requires_grad_()
     kvr = kv.double().requires_grad_()
@@ -205,20 +169,6 @@ def test_lse_only_gradient():
 # ------------------------------------------------------------------------------------------
 # GPU tests (real sizes, bf16)
 # ------------------------------------------------------------------------------------------
-
-
-def causal_indices(S, K, device):
-    """Row t takes K distinct random keys in [0, t]; rows t < K are padded with -1."""
-    out = torch.empty(S, K, dtype=torch.int32, device=device)
-    for r0 in range(0, S, 1024):
-        r1 = min(S, r0 + 1024)
-        t = torch.arange(r0, r1, device=device)[:, None]
-        keys = torch.arange(S, device=device)[None, :]
-        score = torch.rand(r1 - r0, S, device=device)
-        score = torch.where(keys <= t, score, -1.0)
-        val, ix = score.topk(K, dim=1)
-        out[r0:r1] = torch.where(val >= 0, ix, -1).int()
-    return out
 
 
 @pytest.mark.gpu
@@ -267,12 +217,12 @@ def test_gpu_deterministic_bitwise():
     res = []
     for _ in range(2):
         qa, kva = q.clone().requires_grad_(), kv.clone().requires_grad_()
-        out, _ = sparse_mla_triton(qa, kva, idx, 0.05, d_v, deterministic=True)
+        out, _ = sparse_mla(qa, kva, idx, 0.05, d_v, backend="triton", deterministic=True)
         out.backward(g)
         res.append((qa.grad, kva.grad))
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
     qa, kva = q.clone().requires_grad_(), kv.clone().requires_grad_()
-    out, _ = sparse_mla_triton(qa, kva, idx, 0.05, d_v, deterministic=False)
+    out, _ = sparse_mla(qa, kva, idx, 0.05, d_v, backend="triton", deterministic=False)
     out.backward(g)
     assert rel(kva.grad, res[0][1]) < 1e-2
 
@@ -286,23 +236,19 @@ def test_cpu_many_heads_split_backward(deterministic):
     check(ours, ref, 1e-5)
 
 
-@pytest.mark.parametrize("cfg", [
-    {"bwd_rows": 0},  # old path: split dq / dkv passes (H > 32) or the fused pass
-    {"bwd_rows_min_h": 1, "bwd_rows_block_n": 32, "bwd_rows_block_c": 32},  # all-heads, chunks
-    {"bwd_rows_min_h": 1, "bwd_rows_block_n": 128},  # all-heads (default), one slot block > K
-    {"bwd_rows_min_h": 1, "bwd_rows_block_n": 64, "bwd_rows_dq": 0},  # dq pass + all-heads dkv
-])
+@pytest.mark.parametrize("path", ["all-heads", "all-heads, small tiles", "per head block"])
 @pytest.mark.parametrize("H", [3, 70])
-def test_cpu_backward_paths(cfg, H):
-    """Both non-deterministic backward paths and a few all-heads-dkv tilings agree with the reference."""
+def test_cpu_backward_paths(monkeypatch, path, H):
+    """The non-deterministic backward paths agree with the reference: the all-heads pass (two
+    tilings; one slot block larger than K) and the per-head-block passes that run above
+    ``ALL_HEADS_MAX`` heads (forced here by lowering it)."""
     T, Dqk, d_v, Tk, K = 7, 80, 64, 20, 96
     q, kv, idx, tk, sk = make_inputs(T, H, Dqk, Tk, K, torch.float32, empty_rows=(2,),
                                      with_topk=True, with_sink=True)
-    saved = dict(triton_impl.CONFIG)
-    triton_impl.CONFIG.update(cfg)
-    try:
-        ours, ref = run_pair(q, kv, idx, 0.1, d_v, tk, sk)
-    finally:
-        triton_impl.CONFIG.clear()
-        triton_impl.CONFIG.update(saved)
+    if path == "all-heads, small tiles":
+        monkeypatch.setitem(triton_impl._BWD_ROWS, "block_n", 32)
+        monkeypatch.setitem(triton_impl._BWD_ROWS, "block_c", 32)
+    elif path == "per head block":
+        monkeypatch.setattr(triton_impl, "ALL_HEADS_MAX", 0)
+    ours, ref = run_pair(q, kv, idx, 0.1, d_v, tk, sk)
     check(ours, ref, 1e-5)

@@ -124,6 +124,12 @@ def _rows16(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _check_ids(indices: torch.Tensor) -> None:
+    if indices.dtype != torch.int32 or indices.stride(-1) != 1:
+        raise ValueError(f"the CUDA launchers take int32 indices with unit column stride, got {indices.dtype} "
+                         f"with strides {indices.stride()} (the public sparse_mla converts)")
+
+
 def _check(err: int, what: str) -> None:
     if err != 0:
         raise RuntimeError(f"CUDA sparse MLA {what} launch failed: cudaError {err}")
@@ -136,6 +142,7 @@ def effective_lengths(indices: torch.Tensor, topk_length: Optional[torch.Tensor]
     past this length instead of computing them masked. One launch of ``cuda/row_lengths.cu``
     (indices int32 with unit column stride); :func:`effective_lengths_torch` is its reference.
     """
+    _check_ids(indices)
     T, K = indices.shape
     cap = topk_length.to(torch.int32).contiguous() if topk_length is not None else None
     out = torch.empty(T, dtype=torch.int32, device=indices.device)
@@ -160,6 +167,7 @@ def effective_lengths_torch(indices: torch.Tensor, topk_length: Optional[torch.T
 def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; the contract of ``reference.py``.
     ``indices`` int32 with unit column stride."""
+    _check_ids(indices)
     lib = library()
     T, H, _ = q.shape
     q, kv = _rows16(q), _rows16(kv)
@@ -188,6 +196,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     ``target_out`` (fp32 ``[T, K]``, contiguous, zero-filled): += the head-summed P per slot
     (the indexer loss's target). ``indices`` int32 with unit column stride.
     """
+    _check_ids(indices)
     lib = library()
     T, H, Dqk = q.shape
     q, kv, dout = _rows16(q), _rows16(kv), _rows16(dout)
