@@ -30,3 +30,14 @@ def check_same_device(**tensors) -> None:
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
         raise ValueError(f"all inputs must be on one device, got {devs}")
+
+
+def check_windows(starts, ends, B: int, T: int) -> None:
+    """Optional per-row key windows ``[starts, ends)``: both or neither, int ``[B, T]``."""
+    if (starts is None) != (ends is None):
+        raise ValueError("starts and ends must be given together")
+    if starts is not None:
+        check_tensor("starts", starts, 2, INDEX_DTYPES)
+        check_tensor("ends", ends, 2, INDEX_DTYPES)
+        if tuple(starts.shape) != (B, T) or tuple(ends.shape) != (B, T):
+            raise ValueError(f"starts/ends must be [B, T] = {(B, T)}, got {tuple(starts.shape)} and {tuple(ends.shape)}")

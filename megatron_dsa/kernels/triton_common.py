@@ -4,8 +4,9 @@
   Triton's own flag; the interpreter computes garbage for bf16 ``tl.dot``, so kernels upcast
   their dot operands to fp32 there).
 * :func:`dot_precision` — the ``UPCAST`` / ``PREC`` constexprs every kernel's dots take.
-* ``ld`` / ``st`` / ``atomic_add_tile`` / ``ld_cols`` — masked 2-D tile access ``base[rows, cols]``
-  with a row mask and an optional column limit; ``mm`` — ``tl.dot`` honouring ``UPCAST`` / ``PREC``.
+* ``tile_ptrs`` and ``ld`` / ``st`` / ``atomic_add_tile`` / ``ld_cols`` — masked 2-D tile access
+  ``base[rows, cols]`` with a row mask and an optional column limit; ``mm`` — ``tl.dot``
+  honouring ``UPCAST`` / ``PREC``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "LN2", "interpreting", "dot_precision", "pow2_at_least", "ld", "st",
+__all__ = ["LOG2E", "LN2", "interpreting", "dot_precision", "pow2_at_least", "tile_ptrs", "ld", "st",
            "atomic_add_tile", "ld_cols", "mm"]
 
 LOG2E = 1.4426950408889634
@@ -42,26 +43,29 @@ def pow2_at_least(x: int, lo: int = 16) -> int:
 
 
 @triton.jit
-def ld(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr):
-    """``base[rows, col0:col0 + NCOL]`` (zeros where masked; columns >= COL_LIM masked if asked)."""
+def tile_ptrs(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr):
+    """Pointers to ``base[rows, col0:col0 + NCOL]`` and their mask (the row mask; columns
+    >= COL_LIM masked too when ``MASK_COLS``)."""
     cols = col0 + tl.arange(0, NCOL)
     ptrs = base + rows[:, None] * row_stride + cols[None, :]
     if MASK_COLS:
         m = row_mask[:, None] & (cols[None, :] < COL_LIM)
     else:
         m = row_mask[:, None]
+    return ptrs, m
+
+
+@triton.jit
+def ld(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr):
+    """``base[rows, col0:col0 + NCOL]`` (zeros where masked)."""
+    ptrs, m = tile_ptrs(base, rows, row_mask, row_stride, col0, NCOL, COL_LIM, MASK_COLS)
     return tl.load(ptrs, mask=m, other=0.0)
 
 
 @triton.jit
 def st(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK_COLS: tl.constexpr, val):
     """Store ``val`` into ``base[rows, col0:col0 + NCOL]`` under the same masks as :func:`ld`."""
-    cols = col0 + tl.arange(0, NCOL)
-    ptrs = base + rows[:, None] * row_stride + cols[None, :]
-    if MASK_COLS:
-        m = row_mask[:, None] & (cols[None, :] < COL_LIM)
-    else:
-        m = row_mask[:, None]
+    ptrs, m = tile_ptrs(base, rows, row_mask, row_stride, col0, NCOL, COL_LIM, MASK_COLS)
     tl.store(ptrs, val, mask=m)
 
 
@@ -69,12 +73,7 @@ def st(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM, MASK
 def atomic_add_tile(base, rows, row_mask, row_stride, col0, NCOL: tl.constexpr, COL_LIM,
                     MASK_COLS: tl.constexpr, val):
     """Relaxed fp32 ``atomic_add`` of ``val`` into ``base[rows, col0:col0 + NCOL]``."""
-    cols = col0 + tl.arange(0, NCOL)
-    ptrs = base + rows[:, None] * row_stride + cols[None, :]
-    if MASK_COLS:
-        m = row_mask[:, None] & (cols[None, :] < COL_LIM)
-    else:
-        m = row_mask[:, None]
+    ptrs, m = tile_ptrs(base, rows, row_mask, row_stride, col0, NCOL, COL_LIM, MASK_COLS)
     tl.atomic_add(ptrs, val, mask=m, sem="relaxed")
 
 

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor
+from .._validate import check_dim, check_same_device, check_tensor, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
@@ -80,13 +80,7 @@ def indexer_topk(
     check_dim("w", w, 2, H, "q's heads")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"topk must be a positive int, got {topk!r}")
-    if (starts is None) != (ends is None):
-        raise ValueError("starts and ends must be given together")
-    if starts is not None:
-        check_tensor("starts", starts, 2, INDEX_DTYPES)
-        check_tensor("ends", ends, 2, INDEX_DTYPES)
-        if tuple(starts.shape) != (B, T) or tuple(ends.shape) != (B, T):
-            raise ValueError(f"starts/ends must be [B, T] = {(B, T)}")
+    check_windows(starts, ends, B, T)
     check_same_device(q=q, k=k, w=w, starts=starts, ends=ends)
     choice = select_backend(backend, q.device, q.dtype, D)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor
+from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from ..indexer.reference import causal_window
 from .chunked import indexer_loss_chunked
@@ -76,15 +76,9 @@ def _check_topk(topk_indices, B, T):
 
 def _windows(starts, ends, B, T, S, device):
     """``(starts, ends, causal)``: the given ``[B, T]`` windows, or the default causal ones."""
-    if (starts is None) != (ends is None):
-        raise ValueError("starts and ends must be given together")
     if starts is None:
         starts, ends = causal_window(B, T, S, device=device)
         return starts, ends, True
-    check_tensor("starts", starts, 2, INDEX_DTYPES)
-    check_tensor("ends", ends, 2, INDEX_DTYPES)
-    if tuple(starts.shape) != (B, T) or tuple(ends.shape) != (B, T):
-        raise ValueError(f"starts/ends must be [B, T] = {(B, T)}")
     return starts, ends, False
 
 
@@ -125,7 +119,8 @@ def indexer_loss(
         if topk_indices is None:
             raise ValueError("topk_indices is required for the sparse indexer loss (sparse=True)")
         _check_topk(topk_indices, B, T)
-    check_same_device(q=q, k=k, w=w, query=query, key=key, topk_indices=topk_indices)
+    check_windows(starts, ends, B, T)
+    check_same_device(q=q, k=k, w=w, query=query, key=key, topk_indices=topk_indices, starts=starts, ends=ends)
     if attn_lse is not None:
         if not sparse:
             raise ValueError("attn_lse applies to the sparse indexer loss only")
@@ -185,7 +180,8 @@ def indexer_loss_from_attention(
     if topk_indices is None:
         raise ValueError("topk_indices is required for indexer_loss_from_attention")
     _check_topk(topk_indices, B, T)
-    check_same_device(q=q, k=k, w=w, topk_indices=topk_indices)
+    check_windows(starts, ends, B, T)
+    check_same_device(q=q, k=k, w=w, topk_indices=topk_indices, starts=starts, ends=ends)
     if q.dtype == torch.float64:
         raise TypeError("indexer_loss_from_attention runs the fused kernels (fp32/bf16/fp16); "
                         "use indexer_loss for fp64")
