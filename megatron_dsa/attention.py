@@ -123,7 +123,7 @@ class DSAttention(MegatronModule):
         self.opens_scope = pos == 0 and any(r.role == "shared" for r in chunk)
         self.closes_scope = pos == len(chunk) - 1
         self.has_consumers = any(r.source == layer_number and r.role == "shared" for r in chunk)
-        self.ledger = ic.RecomputeLedger(layer_number)
+        ic.ledger.install()  # each Megatron checkpoint call gets its own recompute scope
         if self.role.role == "anchor":
             self.indexer = build_module(submodules.indexer, config=config, pg_collection=pg_collection)
             ic.register_indexer(config, layer_number, self.indexer)
@@ -219,22 +219,27 @@ class DSAttention(MegatronModule):
         with_loss = anchor and self.training and torch.is_grad_enabled() and coeff > 0
         timer_on = plugin.time_indexer
         with ic.Timer(timer_on, query.device) as t_all:
-            phase = ic.checkpoint_phase()
-            digest = ic.fingerprint(x) if phase is not None else None
+            # inside a Megatron checkpoint: its original (no-grad) forward records the indices,
+            # its recomputation (grad mode, during backward) takes them back
+            scope = ic.recompute_scope()
+            recompute = scope is not None and torch.is_grad_enabled()
+            digest = ic.fingerprint(x) if scope is not None else None
+            match = None
             sig = ic.signature(b, sq, sk, query.device, packed_seq_params, self.training)
             q_i = k_i = w_i = None
             with ic.Timer(timer_on, query.device) as t_idx:
                 if with_loss:  # the loss needs the indexer projections with grad
                     q_i, k_i, w_i = self._indexer_inputs(self.indexer, x, qr, packed_seq_params, True)
-                if phase == "recompute":
-                    topk_idx = self.ledger.pop(digest)  # exactly the original forward's indices
+                if recompute:
+                    topk_idx, original = scope.take(self.layer_number)  # the original forward's indices
+                    match = ic.digests_match(original, digest)
                     ic.STATS.recompute_reuses += 1
                 else:
                     topk_idx = self._topk_for_forward(
                         x, qr, q_i, k_i, w_i, starts, ends, sig, packed_seq_params, plugin
                     )
-                    if phase == "original":
-                        self.ledger.push(topk_idx, digest)
+                    if scope is not None:
+                        scope.put(self.layer_number, topk_idx, digest)
             sparse_loss = bool(self.config.dsa_indexer_use_sparse_loss)
             slot = None
             if with_loss and sparse_loss and self._loss_target_from_attention(query, key, q_i, plugin):
@@ -247,6 +252,8 @@ class DSAttention(MegatronModule):
                 )
             out, lse = self.sparse_attention(query, key, topk_idx, plugin.attention_backend,
                                              loss_target=slot, deterministic=plugin.deterministic)
+            if match is not None:
+                out = ic.check_recompute(out, match, self.layer_number, ic.STATS)
 
             if with_loss:
                 if slot is None:

@@ -23,6 +23,10 @@ def main():
     p.add_argument("--freq", type=int, default=1)
     p.add_argument("--pattern", default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--forward-only-first", action="store_true",
+                   help="run a forward-only pass (train mode) before the training step")
+    p.add_argument("--stuck-checkpoint-flag", action="store_true",
+                   help="first raise inside a Megatron checkpoint, leaving its IS_CHECKPOINTING set")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -121,6 +125,24 @@ def main():
 
     for m in models:
         m.train()
+    if a.stuck_checkpoint_flag:
+        from megatron.core import tensor_parallel
+
+        def boom(t):
+            raise ValueError("planted failure inside a checkpoint")
+
+        try:
+            tensor_parallel.checkpoint(boom, False, torch.zeros(1, requires_grad=True))
+        except ValueError:
+            pass
+        assert tensor_parallel.random.is_checkpointing()  # what an exception leaves behind
+    if a.forward_only_first:  # e.g. an RL reference-logprob pass: train mode, no backward, other data
+        other = [{"tokens": (b[:, :-1] + 1) % 64, "labels": b[:, 1:]} for b in batches]
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=[iter(other) for _ in models] if len(models) > 1 else iter(other),
+            model=models if len(models) > 1 else models[0], num_microbatches=a.microbatches,
+            seq_length=32, micro_batch_size=2, forward_only=True,
+        )
     ic.STATS.reset()
     losses = get_forward_backward_func()(
         forward_step_func=step, data_iterator=iters if len(models) > 1 else iters[0],
@@ -129,9 +151,8 @@ def main():
     )
     roles = [r for r in ic.resolve_schedule(cfg) if r.stage == parallel_state.get_pipeline_model_parallel_rank()]
     grads = {names[p_]: p_.grad.detach().cpu().clone() for m in models for p_ in m.parameters() if p_.grad is not None}
-    ledgers = [len(mod.ledger.queue) for m in models for mod in m.modules() if hasattr(mod, "ledger")]
     torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses else [],
-                "roles": roles, "stats": ic.STATS.snapshot(), "ledgers": ledgers},
+                "roles": roles, "stats": ic.STATS.snapshot()},
                f"{a.out}.rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -5,7 +5,8 @@
 * :mod:`.cache` — the per-forward cache of one chunk: proven hits only, otherwise a
   *promotion* (the shared layer computes its own top-k with its source anchor's indexer weights:
   no extra parameters, one indexer forward of memory and time, no indexer loss).
-* :mod:`.ledger` — activation recompute reuses exactly the original forward's indices.
+* :mod:`.ledger` — activation recompute reuses exactly the original forward's indices (one
+  scope per call of Megatron's checkpoint, freed with its autograd graph).
 * :mod:`.stats` — per-step counters (hits, anchor computes, promotions by reason) and the
   optional indexer timer, with a hook for Megatron's logging.
 * :mod:`.links` — the build-time map from an anchor layer to its indexer module.
@@ -16,14 +17,16 @@ anchor's loss already trains that selection against the anchor's attention.
 See ``docs/index_cache.md``.
 """
 
+from . import ledger
 from .cache import IndexCache, signature
-from .ledger import RecomputeLedger, checkpoint_phase, digests_match, fingerprint
+from .ledger import RecomputeScope, check_recompute, digests_match, fingerprint, recompute_scope
 from .links import built_indexer, register_indexer
 from .schedule import LayerRole, chunk_layers, format_schedule, layer_role, print_schedule, resolve_schedule
 from .stats import STATS, IndexCacheStats, Timer, track_index_cache_metrics
 
 __all__ = [
-    "LayerRole", "chunk_layers", "resolve_schedule", "layer_role", "format_schedule", "print_schedule",
-    "IndexCache", "signature", "RecomputeLedger", "checkpoint_phase", "fingerprint", "digests_match",
+    "ledger", "LayerRole", "chunk_layers", "resolve_schedule", "layer_role", "format_schedule", "print_schedule",
+    "IndexCache", "signature", "RecomputeScope", "recompute_scope", "check_recompute", "fingerprint",
+    "digests_match",
     "register_indexer", "built_indexer", "IndexCacheStats", "STATS", "Timer", "track_index_cache_metrics",
 ]

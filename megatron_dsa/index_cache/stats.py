@@ -17,7 +17,9 @@ class IndexCacheStats:
     hits: shared layers served from the cache; computes: anchor top-k computations;
     promotions: shared layers that computed their own top-k, by reason; indexer_s / attention_s:
     time in the indexer (projection + top-k) and in the whole core attention, measured only when
-    ``DSAPluginConfig.time_indexer`` is on (it synchronises the device).
+    ``DSAPluginConfig.time_indexer`` is on (it synchronises the device); recompute_mismatches:
+    GPU recomputations whose input differed from their original forward's (a device counter,
+    read by :meth:`snapshot`; see ``ledger.check_recompute``).
     """
 
     def __init__(self):
@@ -28,15 +30,25 @@ class IndexCacheStats:
         self.computes = 0
         self.promotions: Dict[str, int] = collections.Counter()
         self.recompute_reuses = 0
+        self.mismatches: Dict[torch.device, torch.Tensor] = {}
         self.indexer_s = 0.0
         self.attention_s = 0.0
 
+    def count_mismatch(self, mismatch: torch.Tensor) -> None:
+        """Add a device bool to the mismatch counter of its device (no host sync)."""
+        counter = self.mismatches.get(mismatch.device)
+        if counter is None:
+            counter = self.mismatches[mismatch.device] = torch.zeros((), dtype=torch.int64, device=mismatch.device)
+        counter.add_(mismatch.to(torch.int64))
+
     def snapshot(self, reset: bool = True) -> dict:
+        """The counters as plain numbers (reads the device counters: call it at logging time)."""
         snap = {
             "cache_hits": self.hits,
             "anchor_computes": self.computes,
             "promotions": dict(self.promotions),
             "recompute_reuses": self.recompute_reuses,
+            "recompute_mismatches": int(sum(int(c.item()) for c in self.mismatches.values())),
             "indexer_share": (self.indexer_s / self.attention_s) if self.attention_s > 0 else None,
         }
         if reset:
