@@ -96,7 +96,7 @@ def _score_kernel(
             else:
                 x = tl.dot(qh, kt)
             if USE_RELU:
-                x = tl.maximum(x, 0.0)
+                x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
             acc += x * wh[:, None]
         valid = (s[None, :] >= st[:, None]) & (s[None, :] < en[:, None])
         acc = tl.where(valid, acc, float("-inf"))

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .reference import _EPS, masked_log_softmax, masked_softmax, row_scale, tp_all_reduce
+from .reference import _EPS, masked_bmm, masked_log_softmax, masked_softmax, row_scale, tp_all_reduce
 
 __all__ = ["indexer_loss_chunked", "IndexerLossChunked"]
 
@@ -127,10 +127,11 @@ def _gather_rows(x, safe):
     return flat.view(B, R, K, F)
 
 
-def _sparse_index_terms(c, t0, t1, safe):
+def _sparse_index_terms(c, t0, t1, safe, valid):
     B, _, H, D = c.q.shape
     R, K = t1 - t0, safe.shape[-1]
-    kg = _gather_rows(c.k, safe).to(c.cdt)  # [B, R, K, D]
+    # empty slots gathered key 0: zero them so nothing of it (a NaN, an Inf) can leak
+    kg = _gather_rows(c.k, safe).to(c.cdt).masked_fill(~valid.unsqueeze(-1), 0.0)  # [B, R, K, D]
     qf = c.q[:, t0:t1].to(c.cdt)  # [B, R, H, D]
     raw = torch.matmul(qf.reshape(B * R, H, D), kg.reshape(B * R, K, D).transpose(1, 2))
     raw = raw.view(B, R, H, K)
@@ -191,7 +192,7 @@ class IndexerLossChunked(torch.autograd.Function):
                 t1 = min(T, t0 + R)
                 if sparse:
                     safe, valid = _sparse_support(c, t0, t1)
-                    scores = _sparse_index_terms(c, t0, t1, safe)[0]
+                    scores = _sparse_index_terms(c, t0, t1, safe, valid)[0]
                     target = _sparse_target(c, t0, t1, safe, valid)
                     targets.append(target)
                 else:
@@ -230,7 +231,7 @@ class IndexerLossChunked(torch.autograd.Function):
                 R = t1 - t0
                 if c.sparse:
                     safe, valid = _sparse_support(c, t0, t1)
-                    scores, raw, act, kg, qf = _sparse_index_terms(c, t0, t1, safe)
+                    scores, raw, act, kg, qf = _sparse_index_terms(c, t0, t1, safe, valid)
                     target = c.targets[i]
                 else:
                     scores, valid, target, raw, act, Sc = _dense_chunk(c, t0, t1, True)
@@ -238,11 +239,13 @@ class IndexerLossChunked(torch.autograd.Function):
                 d_s = d_s.masked_fill(~valid, 0.0)
                 if c.row_valid is not None:
                     d_s = d_s * c.row_valid[:, t0:t1].to(cdt).unsqueeze(-1)
-                # dI -> dw, d(raw)
-                dw[:, t0:t1] = torch.einsum("brhs,brs->brh", act, d_s)
+                # dI -> dw, d(raw); masked to the support first (no 0 * NaN from outside it)
+                support = valid.unsqueeze(2)
+                dw[:, t0:t1] = torch.einsum("brhs,brs->brh", act.masked_fill(~support, 0.0), d_s)
                 d_raw = d_s.unsqueeze(2) * w[:, t0:t1].to(cdt).unsqueeze(-1)
                 if c.use_relu:
                     d_raw = d_raw * (raw > 0).to(cdt)
+                d_raw = d_raw.masked_fill(~support, 0.0)
                 del act, raw
                 if c.sparse:
                     Kk = safe.shape[-1]
@@ -250,13 +253,14 @@ class IndexerLossChunked(torch.autograd.Function):
                     dq[:, t0:t1] = torch.bmm(d_raw, kg.reshape(B * R, Kk, D)).view(B, R, H, D)
                     dkg = torch.bmm(d_raw.transpose(1, 2), qf.reshape(B * R, H, D))  # [BR, K, D]
                     flat = (safe + (torch.arange(B, device=q.device) * S).view(B, 1, 1)).reshape(-1)
-                    dkg = dkg.reshape(B * R * Kk, D) * valid.reshape(-1, 1).to(cdt)
+                    dkg = dkg.reshape(B * R * Kk, D).masked_fill(~valid.reshape(-1, 1), 0.0)
                     dk.view(B * S, D).index_add_(0, flat, dkg)
                 else:
                     d_raw = d_raw.reshape(B, R * H, Sc)
                     qf = q[:, t0:t1].to(cdt).reshape(B, R * H, D)
-                    dq[:, t0:t1] = torch.bmm(d_raw, c.kf[:, :Sc]).view(B, R, H, D)
-                    dk[:, :Sc] += torch.bmm(d_raw.transpose(1, 2), qf)
+                    rows = support.expand(B, R, H, Sc).reshape(B, R * H, Sc)
+                    dq[:, t0:t1] = masked_bmm(d_raw, c.kf[:, :Sc], rows).view(B, R, H, D)
+                    dk[:, :Sc] += masked_bmm(d_raw.transpose(1, 2), qf, rows.transpose(1, 2))
                 del d_raw
         c.kf = c.keyf = None
         ctx.c = None

@@ -27,7 +27,7 @@ import torch
 from ..indexer.reference import causal_window, window_mask
 
 __all__ = ["indexer_loss_reference", "IndexerLossReference", "masked_softmax", "masked_log_softmax", "row_scale",
-           "tp_all_reduce"]
+           "tp_all_reduce", "masked_bmm"]
 
 _EPS = 1e-10
 
@@ -36,11 +36,23 @@ def _support(starts, ends, topk, S, sparse: bool):
     valid = window_mask(starts, ends, S)
     if sparse:
         idx = topk.long()
-        # amax-scatter so that -1 padding (clamped onto key 0) never clears a real hit on key 0.
+        real = (idx >= 0) & (idx < S)  # ids outside [0, S) are empty slots, as on every path
+        # amax-scatter so that empty slots (sent to key 0) never clear a real hit on key 0.
         hits = torch.zeros(valid.shape, dtype=torch.int8, device=valid.device)
-        hits.scatter_reduce_(-1, idx.clamp_min(0), (idx >= 0).to(torch.int8), reduce="amax")
+        if S > 0:
+            hits.scatter_reduce_(-1, torch.where(real, idx, 0), real.to(torch.int8), reduce="amax")
         valid = valid & hits.bool()
     return valid
+
+
+def masked_bmm(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``a`` [B, R, S] that is zero outside ``valid`` and ``b`` [B, S, D], without
+    ``0 * NaN``: a non-finite row of ``b`` reaches only the output rows whose valid entries
+    select it (those become NaN), never the others."""
+    finite = torch.isfinite(b).all(-1)  # [B, S]
+    out = torch.bmm(a, b.masked_fill(~finite.unsqueeze(-1), 0.0))
+    hit = (valid & ~finite.unsqueeze(1)).any(-1)  # [B, R]
+    return out.masked_fill(hit.unsqueeze(-1), float("nan"))
 
 
 def tp_all_reduce(att, tp_group):
@@ -136,16 +148,19 @@ class IndexerLossReference(torch.autograd.Function):
             d_scores = d_scores.masked_fill(~valid, 0.0)
             if ctx.row_valid is not None:
                 d_scores = d_scores * ctx.row_valid[:, t0:t1].to(cdt).unsqueeze(-1)
+            # every product below is masked to the support first: a NaN / Inf outside a row's
+            # support (another row's key, a padded slot) must not reach that row's gradients
             for h in range(H):
                 qh = q[:, t0:t1, h].to(cdt)
                 raw = torch.bmm(qh, kf.transpose(1, 2))
-                act = torch.relu(raw) if ctx.use_relu else raw
+                act = (torch.relu(raw) if ctx.use_relu else raw).masked_fill(~valid, 0.0)
                 dw[:, t0:t1, h] = (d_scores * act).sum(-1)
                 d_raw = d_scores * w[:, t0:t1, h].to(cdt).unsqueeze(-1)
                 if ctx.use_relu:
                     d_raw = d_raw * (raw > 0).to(cdt)
-                dq[:, t0:t1, h] = torch.bmm(d_raw, kf)
-                dk += torch.bmm(d_raw.transpose(1, 2), qh)
+                d_raw = d_raw.masked_fill(~valid, 0.0)
+                dq[:, t0:t1, h] = masked_bmm(d_raw, kf, valid)
+                dk += masked_bmm(d_raw.transpose(1, 2), qh, valid.transpose(1, 2))
         return (dq.to(q.dtype), dk.to(k.dtype), dw.to(w.dtype)) + (None,) * 13
 
 

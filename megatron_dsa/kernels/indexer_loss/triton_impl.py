@@ -153,7 +153,7 @@ def _index_kernel(
         kk = ld(kbase, rows, valid, sk, 0, BD, D, True)
         raw = mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
         if RELU:
-            raw = tl.maximum(raw, 0.0)
+            raw = tl.maximum(raw, 0.0, propagate_nan=tl.PropagateNan.ALL)
         isc = tl.sum(raw * w[:, None], 0)
         tl.store(ISC + r * K + offs_n, isc, mask=nmask)
 
@@ -212,7 +212,7 @@ def _index_bwd_kernel(
         kk = ld(kbase, rows, valid, sk, 0, BD, D, True)
         raw = mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
         if RELU:
-            act = tl.maximum(raw, 0.0)
+            act = tl.maximum(raw, 0.0, propagate_nan=tl.PropagateNan.ALL)
             draw = tl.where(raw > 0.0, di[None, :] * w[:, None], 0.0)
         else:
             act = raw
@@ -348,7 +348,7 @@ class IndexerLossSparseFused(torch.autograd.Function):
                 row_valid, per_token, tp_group, attn_lse):
         B, T = q.shape[:2]
         qc, kc, wc = q.detach().contiguous(), k.detach().contiguous(), w.detach().contiguous()
-        ids = ids.reshape(B * T, -1).contiguous()
+        ids = ids.reshape(B * T, ids.shape[-1]).contiguous()
         st = starts.reshape(B * T).to(torch.int32).contiguous()
         en = ends.reshape(B * T).to(torch.int32).contiguous()
         rv = row_valid.reshape(B * T).contiguous() if row_valid is not None else None
@@ -390,7 +390,7 @@ class IndexerLossFromAttention(torch.autograd.Function):
         B, T = q.shape[:2]
         R = B * T
         qc, kc, wc = q.detach().contiguous(), k.detach().contiguous(), w.detach().contiguous()
-        ids = ids.reshape(R, -1).contiguous()
+        ids = ids.reshape(R, ids.shape[-1]).contiguous()
         st = starts.reshape(R).to(torch.int32).contiguous()
         en = ends.reshape(R).to(torch.int32).contiguous()
         rv = row_valid.reshape(R).contiguous() if row_valid is not None else None

@@ -11,7 +11,8 @@
   out[t,h]   = sum_i exp(s[t,h,i]) * V[indices[t,i]] / (exp(lse[t,h]) + exp(sink[h]))
 
 A row without a valid slot returns ``out = 0`` and ``lse = -inf`` (never NaN). Duplicate ids
-in one row count once per slot (they are not deduplicated).
+in one row count once per slot (they are not deduplicated). An empty slot reads zeros, never
+another row: a NaN or Inf in a kv row reaches only the rows that select it.
 
 Memory: the selected rows are gathered one block of query rows at a time and every block is
 recomputed in the backward pass (activation checkpointing), so nothing dense in ``Tk`` is ever
@@ -42,8 +43,12 @@ def slot_validity(
 
 def _block(q, kv, indices, valid, sink, scale: float, d_v: int):
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    safe = torch.where(valid, indices.long(), torch.zeros_like(indices, dtype=torch.long))
-    sel = kv[safe].to(cdt)  # [t, K, Dqk]
+    if kv.shape[0] == 0:  # no keys: every slot is empty (kv stays in the graph: zero gradient)
+        sel = q.new_zeros(indices.shape + (kv.shape[1],), dtype=cdt) + kv.sum().to(cdt)
+    else:
+        safe = torch.where(valid, indices.long(), torch.zeros_like(indices, dtype=torch.long))
+        # empty slots gathered row 0: zero them so nothing of it (a NaN, an Inf) can leak
+        sel = kv[safe].to(cdt).masked_fill(~valid.unsqueeze(-1), 0.0)  # [t, K, Dqk]
     logits = torch.einsum("thd,tkd->thk", q.to(cdt), sel) * scale
     logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # -inf on empty rows
@@ -72,7 +77,7 @@ def sparse_mla_reference(
     need_ckpt = torch.is_grad_enabled() and (
         q.requires_grad or kv.requires_grad or (sink is not None and sink.requires_grad)
     )
-    for t0 in range(0, T, row_block):
+    for t0 in range(0, T, row_block) if T > 0 else (0,):  # T = 0: one empty block (keeps the graph)
         t1 = min(T, t0 + row_block)
         args = (q[t0:t1], kv, indices[t0:t1], valid[t0:t1], sink, softmax_scale, d_v)
         if need_ckpt:
@@ -81,8 +86,7 @@ def sparse_mla_reference(
             o, l = _block(*args)
         outs.append(o)
         lses.append(l)
-    out = torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], d_v)
-    lse = torch.cat(lses, 0) if lses else q.new_zeros(0, q.shape[1], dtype=torch.float32)
+    out, lse = torch.cat(outs, 0), torch.cat(lses, 0)
     if lse.dtype != torch.float64:
         lse = lse.float()
     return out, lse
