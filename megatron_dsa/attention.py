@@ -276,7 +276,7 @@ class DSAttention(MegatronModule):
 
         # Latent -> value up-projection, per head: [sq, b, np, c] x [np, v, c] -> [sq, b, np * v]
         up_v = up_v_weight.to(dtype=out.dtype, device=out.device)
-        out = torch.einsum("sbhc,hdc->sbhd", out, up_v).reshape(sq, b, -1)
+        out = torch.einsum("sbhc,hdc->sbhd", out, up_v).reshape(sq, b, heads * up_v.shape[1])
         return out.squeeze(1) if thd else out
 
     def _record_loss(self, loss: torch.Tensor) -> None:
@@ -368,7 +368,7 @@ class DSAttention(MegatronModule):
         q_flat = query.transpose(0, 1).reshape(b * sq, heads, d)
         kv_flat = key[:, :, 0].transpose(0, 1).reshape(b * sk, d)
         offs = (torch.arange(b, device=topk_idx.device, dtype=topk_idx.dtype) * sk).view(b, 1, 1)
-        gidx = torch.where(topk_idx >= 0, topk_idx + offs, topk_idx).reshape(b * sq, -1)
+        gidx = torch.where(topk_idx >= 0, topk_idx + offs, topk_idx).reshape(b * sq, topk_idx.shape[-1])
         out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim,
                               backend=backend, loss_target=loss_target, deterministic=deterministic)
         return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1), lse.view(b, sq, heads)

@@ -343,3 +343,19 @@ def test_indexer_loss_padded_slots_never_leak(backend, dtype):
     idx = torch.where((idx == 0) | (idx == T - 1), -1, idx)
     for x in run_loss(q, k, w, query, key, idx, True, backend):
         assert torch.isfinite(x).all()
+
+
+def test_layer_with_zero_tokens(mcore):
+    """A DSA layer given a microbatch of zero tokens returns an empty output and gradient."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_dsa.spec import get_dsa_layer_specs
+
+    from helpers import tiny_config
+
+    cfg = tiny_config(num_layers=1)
+    layer = build_module(get_dsa_layer_specs(cfg)[0], config=cfg, layer_number=1).train()
+    x = torch.randn(0, 1, cfg.hidden_size, requires_grad=True)
+    out, _ = layer(x, None)
+    out.sum().backward()
+    assert out.shape == (0, 1, cfg.hidden_size) and x.grad.shape == x.shape
