@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import resource
 import sys
@@ -24,6 +25,8 @@ import time
 from functools import partial
 
 import torch
+
+from megatron_dsa.config import INT32_MAX, DSAPluginConfig, base_pattern
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -43,9 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--dense-warmup-steps", type=int, default=None,
                    help="steps with the dense indexer loss before switching to the sparse one "
                         "(default 10; 0 with --cuda-graphs)")
-    p.add_argument("--index-freq", type=int, default=1,
-                   help="dsa_indexer_topk_freq: one anchor every N DSA layers (1 = no sharing)")
-    p.add_argument("--index-pattern", default=None, help='explicit anchor/shared pattern, e.g. "FSSS"')
+    p.add_argument("--index-freq", type=int, default=None,
+                   help="dsa_indexer_topk_freq: one anchor every N DSA layers (default 1 = no sharing)")
+    p.add_argument("--index-pattern", default=None,
+                   help='explicit anchor/shared pattern, e.g. "FSSS" (instead of --index-freq)')
     p.add_argument("--time-indexer", action="store_true",
                    help="measure the indexer's share of attention time (synchronises the device)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -69,11 +73,33 @@ def parse_args(argv=None):
     for name in ("steps", "seq_len", "micro_batch", "num_microbatches", "layers", "hidden",
                  "heads", "topk", "indexer_heads", "indexer_dim", "pp"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    need(args.lr > 0, "--lr must be positive")
+    # sizes that end up as int32 ids / Megatron-Core's DSA fields (validate_dsa_config's bound)
+    for name in ("topk", "indexer_heads", "indexer_dim"):
+        need(getattr(args, name) <= INT32_MAX, f"--{name.replace('_', '-')} must be <= {INT32_MAX}, "
+                                               f"got {getattr(args, name)}")
+    # NaN fails every comparison and inf trains to NaN: finite first, then the range
+    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
+    need(math.isfinite(args.indexer_loss_coeff) and args.indexer_loss_coeff >= 0,
+         f"--indexer-loss-coeff must be a finite number >= 0, got {args.indexer_loss_coeff}")
+    need(0 <= args.seed <= 2**32 - 1, f"--seed must be in [0, {2**32 - 1}], got {args.seed}")
+    need(args.index_pattern is None or args.index_freq is None,
+         "--index-pattern and --index-freq conflict: the pattern sets every layer's role; give one of them")
+    if args.index_freq is None:
+        args.index_freq = 1
     need(args.index_freq > 0, "--index-freq must be positive")
-    need(args.index_pattern is None or len(args.index_pattern) == args.layers,
-         "--index-pattern must have one letter per layer")
-    need(args.indexer_loss_coeff >= 0, "--indexer-loss-coeff must be >= 0")
+    if args.index_pattern is not None:
+        # the plugin's own validation (letters, then the pattern against the model's layers)
+        try:
+            plugin = DSAPluginConfig(index_pattern=args.index_pattern)
+        except (TypeError, ValueError) as e:
+            p.error(f"--index-pattern {args.index_pattern!r}: {e}")
+        need(len(args.index_pattern) == args.layers,
+             f"--index-pattern must have one letter per layer: {len(args.index_pattern)} letters, "
+             f"--layers {args.layers}")
+        try:
+            base_pattern(argparse.Namespace(num_layers=args.layers, megatron_dsa=plugin))
+        except ValueError as e:
+            p.error(f"--index-pattern {args.index_pattern!r}: {e}")
     if args.dense_warmup_steps is None:
         args.dense_warmup_steps = 0 if args.cuda_graphs else 10
     need(args.dense_warmup_steps >= 0, "--dense-warmup-steps must be >= 0")
@@ -97,6 +123,12 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA device")
     need(not args.cuda_graphs or args.device == "cuda", "--cuda-graphs needs --device cuda")
+    if args.json_out is not None:  # fail now, not after training
+        folder = os.path.dirname(os.path.abspath(args.json_out))
+        need(os.path.isdir(folder), f"--json-out {args.json_out}: folder {folder} does not exist")
+        need(not os.path.isdir(args.json_out), f"--json-out {args.json_out} is a folder; give a file name")
+        target = args.json_out if os.path.exists(args.json_out) else folder
+        need(os.access(target, os.W_OK), f"--json-out {args.json_out}: {target} is not writable")
     return args
 
 
@@ -193,6 +225,14 @@ def build(args):
     return cfg, chunks, opt
 
 
+def fmt_indexer_loss(value, coeff):
+    """The indexer loss for the log lines: ``off`` when it is not trained (coefficient 0), ``-``
+    when no value was tracked."""
+    if coeff == 0:
+        return "off"
+    return "-" if value is None else f"{value:.3e}"
+
+
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], None, None, labels=batch["labels"])
@@ -279,7 +319,8 @@ def main(argv=None):
         lm = float("nan")
         if last and losses:
             lm = float(torch.stack([x["lm loss"] for x in losses]).mean())
-        idx_loss = float(totals.get("indexer loss", float("nan")))
+        # None: no indexer loss this step (--indexer-loss-coeff 0, or not tracked on this rank)
+        idx_loss = float(totals["indexer loss"]) if "indexer loss" in totals else None
         if args.device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -295,17 +336,35 @@ def main(argv=None):
         if log:
             share = cache["indexer_share"]
             promos = ",".join(f"{k}:{v}" for k, v in cache["promotions"].items()) or "0"
-            print(f"step {step:4d} | lm loss {lm:.4f} | indexer loss {idx_loss:.3e} | "
+            idx_text = fmt_indexer_loss(idx_loss, args.indexer_loss_coeff)
+            print(f"step {step:4d} | lm loss {lm:.4f} | indexer loss {idx_text} | "
                   f"{row['tokens_per_s']:8.0f} tok/s | peak {peak:7.1f} MiB | cache hits "
                   f"{cache['cache_hits']} promotions {promos}"
                   + (f" | indexer {100 * share:.0f}% of attn" if share is not None else ""), flush=True)
+        # a diverged run stops here (the values above are already on the host: no extra sync)
+        bad = [(what, v) for what, v in (("lm loss", lm if last else None), ("indexer loss", idx_loss))
+               if v is not None and not math.isfinite(v)]
+        if world > 1:  # every pipeline rank stops together (the lm loss lives on the last stage)
+            flag = torch.tensor([float(bool(bad))], device=args.device)
+            dist.all_reduce(flag)
+            if flag.item() > 0 and not bad:
+                bad = [("the loss on another pipeline rank", float("nan"))]
+        if bad:
+            error = (f"step {step}: " + ", ".join(f"{what} is {v}" for what, v in bad)
+                     + f" (non-finite); stopping (try a smaller --lr than {args.lr:g})")
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            if log and args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump({"args": vars(args), "history": history, "error": error}, f, indent=1)
+            raise SystemExit(1)
 
     if log:
         k = max(1, min(5, args.steps // 4))
         first = sum(r["lm_loss"] for r in history[:k]) / k
         final = sum(r["lm_loss"] for r in history[-k:]) / k
+        idx_text = fmt_indexer_loss(history[-1]["indexer_loss"], args.indexer_loss_coeff)
         print(f"summary: {args.steps} steps in {time.time() - t_start:.1f} s | lm loss {first:.4f} -> "
-              f"{final:.4f} (mean of first/last {k}) | indexer loss {history[-1]['indexer_loss']:.3e} | "
+              f"{final:.4f} (mean of first/last {k}) | indexer loss {idx_text} | "
               f"mean {sum(r['tokens_per_s'] for r in history) / len(history):.0f} tok/s", flush=True)
         if args.json_out:
             with open(args.json_out, "w") as f:

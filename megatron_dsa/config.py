@@ -17,10 +17,16 @@ variables, so every rank sees the same values.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
-__all__ = ["DSAPluginConfig", "get_plugin_config", "set_plugin_config", "validate_dsa_config", "base_pattern"]
+__all__ = ["DSAPluginConfig", "get_plugin_config", "set_plugin_config", "validate_dsa_config", "base_pattern",
+           "INT32_MAX"]
+
+# Token ids and top-k indices are int32 on every backend, so no size may pass this.
+INT32_MAX = 2**31 - 1
 
 # Which implementations each op has (megatron_dsa.kernels.backends; "auto" picks per machine).
 _BACKENDS = {
@@ -73,17 +79,12 @@ class DSAPluginConfig:
 
     def __post_init__(self):
         for name, choices in _BACKENDS.items():
-            value = getattr(self, name)
-            if value not in choices:
-                raise ValueError(f"DSAPluginConfig.{name} must be one of {choices}, got {value!r}")
+            _check_choice(name, getattr(self, name), choices)
+        _check_choice("loss_target", self.loss_target, _LOSS_TARGETS)
         if self.deterministic is not None and not isinstance(self.deterministic, bool):
             raise TypeError(f"DSAPluginConfig.deterministic must be None, True or False, got {self.deterministic!r}")
         if not isinstance(self.time_indexer, bool):
             raise TypeError(f"DSAPluginConfig.time_indexer must be True or False, got {self.time_indexer!r}")
-        if self.loss_target not in _LOSS_TARGETS:
-            raise ValueError(
-                f"DSAPluginConfig.loss_target must be one of {_LOSS_TARGETS}, got {self.loss_target!r}"
-            )
         if self.index_pattern is not None:
             pattern = self.index_pattern
             if isinstance(pattern, str):
@@ -94,14 +95,59 @@ class DSAPluginConfig:
                         "and S (shared)"
                     )
             elif isinstance(pattern, (list, tuple)):
+                for pos, item in enumerate(pattern, start=1):
+                    if (isinstance(item, str) and item in ("F", "S")) or (_is_int(item) and item >= 1):
+                        continue
+                    raise ValueError(
+                        f"DSAPluginConfig.index_pattern: layer {pos} has unknown entry {item!r}; each "
+                        "entry must be 'F' (anchor), 'S' (shared) or the 1-based number (a positive "
+                        "int) of an earlier anchor layer to reuse"
+                    )
                 object.__setattr__(self, "index_pattern", tuple(pattern))
             else:
                 raise TypeError(
                     "DSAPluginConfig.index_pattern must be a string of F/S letters or a list of 'F', 'S' "
-                    f"and anchor layer numbers, got {type(pattern).__name__}"
+                    f"and anchor layer numbers, got {pattern!r} ({type(pattern).__name__})"
                 )
             if not self.index_pattern:
                 raise ValueError("DSAPluginConfig.index_pattern must not be empty")
+
+
+def _check_choice(name, value, choices):
+    if not isinstance(value, str):
+        raise TypeError(
+            f"DSAPluginConfig.{name} must be a string, one of {choices}, got {value!r} ({type(value).__name__})"
+        )
+    if value not in choices:
+        raise ValueError(f"DSAPluginConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_field(config, name, minimum, maximum=None, what="a positive int", required=False):
+    """``config.<name>`` as an int in [minimum, maximum]; errors name the field and the value."""
+    value = getattr(config, name, None)
+    if value is None:
+        if required:
+            raise ValueError(f"{name} must be set for experimental_attention_variant='dsa'")
+        return None
+    bound = f"{what} <= {maximum}" if maximum is not None else what
+    if not _is_int(value):
+        raise TypeError(f"{name} must be {bound}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return value
+
 
 _ATTR = "megatron_dsa"
 
@@ -138,15 +184,33 @@ def validate_dsa_config(config) -> None:
             "(multi_latent_attention=True); got a non-MLA config"
         )
     for name in ("dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk"):
-        value = getattr(config, name, None)
-        if value is None:
-            raise ValueError(f"{name} must be set for experimental_attention_variant='dsa'")
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _int_field(config, name, 1, INT32_MAX, required=True)
     for name in ("kv_lora_rank", "qk_pos_emb_head_dim"):
         value = getattr(config, name, None)
-        if not isinstance(value, int) or value <= 0:
+        if not _is_int(value) or value <= 0:
             raise ValueError(f"{name} must be a positive int for DSA, got {value!r}")
+    # index sharing (Megatron-Core's __post_init__ checks these, but not a config changed later)
+    _int_field(config, "dsa_indexer_topk_freq", 1)
+    _int_field(config, "dsa_indexer_skip_topk_offset", 0, what="a non-negative int")
+    for name in ("dsa_indexer_use_sparse_loss", "dsa_indexer_rotate_activation",
+                 "dsa_indexer_scoring_relu", "dsa_indexer_k_norm_fp32"):
+        value = getattr(config, name, False)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    coeff = getattr(config, "dsa_indexer_loss_coeff", None)
+    if coeff is not None:  # None: no indexer loss (Megatron-Core's default)
+        msg = f"dsa_indexer_loss_coeff must be a finite number >= 0, got {coeff!r}"
+        if not _is_real(coeff):
+            raise TypeError(f"{msg} ({type(coeff).__name__})")
+        if not (math.isfinite(coeff) and coeff >= 0):  # NaN would switch the loss off silently
+            raise ValueError(msg)
+    eps = getattr(config, "dsa_indexer_k_norm_epsilon", None)
+    if eps is not None:
+        msg = f"dsa_indexer_k_norm_epsilon must be None or a finite number > 0, got {eps!r}"
+        if not _is_real(eps):
+            raise TypeError(f"{msg} ({type(eps).__name__})")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(msg)
     if config.dsa_indexer_head_dim < config.qk_pos_emb_head_dim:
         raise ValueError(
             f"dsa_indexer_head_dim ({config.dsa_indexer_head_dim}) must be >= "
@@ -159,9 +223,6 @@ def validate_dsa_config(config) -> None:
             f"dsa_indexer_head_dim ({d}) must be a power of two when "
             "dsa_indexer_rotate_activation=True (Hadamard rotation)"
         )
-    coeff = getattr(config, "dsa_indexer_loss_coeff", None)
-    if coeff is not None and coeff < 0:
-        raise ValueError(f"dsa_indexer_loss_coeff must be >= 0, got {coeff}")
     if getattr(config, "context_parallel_size", 1) > 1:
         raise ValueError(
             "context_parallel_size > 1 is not supported by megatron-dsa yet "

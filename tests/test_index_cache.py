@@ -76,8 +76,8 @@ def test_bad_patterns_name_the_layer(mcore, pattern, match):
     from megatron_dsa.spec import get_dsa_gpt_block_spec
 
     cfg = tiny_config(num_layers=4)
-    set_plugin_config(cfg, index_pattern=pattern)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match):  # the config itself (unknown entries) or the spec
+        set_plugin_config(cfg, index_pattern=pattern)
         get_dsa_gpt_block_spec(cfg)
 
 
