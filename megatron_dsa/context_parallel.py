@@ -1,0 +1,66 @@
+"""Context-parallel layout of a DSA layer's query rows (building blocks for CP; the layer itself
+still refuses ``context_parallel_size > 1``).
+
+Megatron splits a causal sequence for CP into ``2 * cp_size`` equal chunks and gives rank ``r``
+chunks ``r`` and ``2 * cp_size - 1 - r`` (``get_batch_on_this_cp_rank``), so every rank holds
+early and late rows and the causal work is balanced. Under CP a DSA layer scores its own query
+rows against *all* keys (all-gathered), with causal windows taken from the rows' global
+positions, and the top-k ids it selects are global key ids:
+
+* :func:`cp_positions` — the global positions of one rank's rows, in its local row order;
+* :func:`cp_causal_window` — their ``[start, end)`` key windows over the whole sequence;
+* :func:`cp_work` — each rank's indexer and sparse-attention work (scored keys, attended
+  slots), to check the balance.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["cp_positions", "cp_causal_window", "cp_work"]
+
+
+def _check(seq_len: int, cp_size: int, cp_rank: int) -> None:
+    for name, v in (("seq_len", seq_len), ("cp_size", cp_size), ("cp_rank", cp_rank)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+    if cp_size < 1:
+        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank must be in [0, {cp_size}), got {cp_rank}")
+    if seq_len % (2 * cp_size) and cp_size > 1:
+        raise ValueError(f"seq_len ({seq_len}) must be divisible by 2 * cp_size ({2 * cp_size}) for the "
+                         "load-balanced causal CP layout")
+
+
+def cp_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global positions (int64 ``[seq_len // cp_size]``) of CP rank ``cp_rank``'s rows: chunks
+    ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of ``2 * cp_size``, in that order."""
+    _check(seq_len, cp_size, cp_rank)
+    if cp_size == 1:
+        return torch.arange(seq_len, device=device)
+    c = seq_len // (2 * cp_size)
+    first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c, device=device)
+    return torch.cat([first, second])
+
+
+def cp_causal_window(positions: torch.Tensor, batch: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal ``[start, end)`` windows (int32 ``[batch, rows]``) over the whole sequence's keys
+    for rows at global ``positions``: row ``i`` sees keys ``[0, positions[i] + 1)``."""
+    ends = (positions.to(torch.int64) + 1).to(torch.int32)
+    starts = torch.zeros_like(ends)
+    return starts.expand(batch, -1).contiguous(), ends.expand(batch, -1).contiguous()
+
+
+def cp_work(seq_len: int, cp_size: int, topk: int, ranks: Optional[List[int]] = None) -> List[Dict[str, int]]:
+    """Per rank: ``indexer`` = keys scored (sum of window lengths: the causal indexer's work) and
+    ``attention`` = slots attended (sum of ``min(window, topk)``: the sparse attention's work)."""
+    out = []
+    for r in range(cp_size) if ranks is None else ranks:
+        win = cp_positions(seq_len, cp_size, r) + 1
+        out.append({"rank": r, "rows": int(win.numel()), "indexer": int(win.sum()),
+                    "attention": int(win.clamp(max=topk).sum())})
+    return out
