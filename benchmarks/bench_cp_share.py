@@ -52,15 +52,19 @@ def share(S: int, cp: int, H: int, k: int, reps: int) -> list:
 
     res = {}
 
-    def run_indexer():
-        res["idx"] = indexer()
+    def timed(fn, keep=None):
+        """One warm-up call (its result kept under ``keep``), then the median time and the peak
+        memory of the timed calls beyond what was allocated before them."""
+        out = fn()
+        if keep:
+            res[keep] = out
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        ms = time_cuda(indexer, warmup=0, reps=reps)
+        ms = time_cuda(fn, warmup=0, reps=reps)
         return {"ms": ms, "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30}
 
-    r_idx = run_guarded(run_indexer)
+    r_idx = run_guarded(lambda: timed(indexer, keep="idx"))
     rows.append({"impl": "megatron_dsa", "case": dict(case, part="indexer", **{"pass": "fwd"}), **r_idx})
     del qi, wi
     if "idx" not in res:
@@ -74,15 +78,7 @@ def share(S: int, cp: int, H: int, k: int, reps: int) -> list:
         out.backward(torch.ones_like(out))
         q.grad = kv.grad = None
 
-    def run_attention():
-        attention()
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        ms = time_cuda(attention, warmup=0, reps=reps)
-        return {"ms": ms, "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30}
-
-    r_att = run_guarded(run_attention)
+    r_att = run_guarded(lambda: timed(attention))
     rows.append({"impl": "megatron_dsa", "case": dict(case, part="attention", **{"pass": "fwd+bwd"}), **r_att})
     if r_idx.get("status") == "ok" and r_att.get("status") == "ok":
         rows.append({"impl": "megatron_dsa", "case": dict(case, part="total", **{"pass": "fwd+bwd"}),

@@ -7,6 +7,9 @@
 * ``tile_ptrs`` and ``ld`` / ``st`` / ``atomic_add_tile`` / ``ld_cols`` — masked 2-D tile access
   ``base[rows, cols]`` with a row mask and an optional column limit; ``mm`` — ``tl.dot``
   honouring ``UPCAST`` / ``PREC``.
+* ``ld_split`` / ``dot_split`` — the absorbed-MLA channel split shared by the sparse attention
+  and the indexer loss: rows of ``D_QK`` channels as four value chunks of ``DC`` (the first
+  ``D_V``) plus a rope tail of ``DT``, so every dot has power-of-two shapes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["LOG2E", "LN2", "interpreting", "dot_precision", "pow2_at_least", "tile_ptrs", "ld", "st",
-           "atomic_add_tile", "ld_cols", "mm"]
+           "atomic_add_tile", "ld_cols", "mm", "ld_split", "dot_split"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -95,3 +98,32 @@ def mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def ld_split(base, rows, row_mask, row_stride, DC: tl.constexpr, DT: tl.constexpr, D_V, D_QK,
+             HAS_TAIL: tl.constexpr, MASK_V: tl.constexpr, MASK_T: tl.constexpr):
+    """``base[rows]`` as four value chunks ``[rows, DC]`` and the tail ``[rows, DT]`` (without a
+    tail, the first chunk stands in for it and is never used)."""
+    c0 = ld(base, rows, row_mask, row_stride, 0 * DC, DC, D_V, MASK_V)
+    c1 = ld(base, rows, row_mask, row_stride, 1 * DC, DC, D_V, MASK_V)
+    c2 = ld(base, rows, row_mask, row_stride, 2 * DC, DC, D_V, MASK_V)
+    c3 = ld(base, rows, row_mask, row_stride, 3 * DC, DC, D_V, MASK_V)
+    if HAS_TAIL:
+        ct = ld(base, rows, row_mask, row_stride, D_V, DT, D_QK, MASK_T)
+    else:
+        ct = c0
+    return c0, c1, c2, c3, ct
+
+
+@triton.jit
+def dot_split(a0, a1, a2, a3, at, b0, b1, b2, b3, bt, acc, HAS_TAIL: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr):
+    """``acc + A B^T`` for A and B split by :func:`ld_split` (the tail only with ``HAS_TAIL``)."""
+    acc = mm(a0, tl.trans(b0), acc, UPCAST, PREC)
+    acc = mm(a1, tl.trans(b1), acc, UPCAST, PREC)
+    acc = mm(a2, tl.trans(b2), acc, UPCAST, PREC)
+    acc = mm(a3, tl.trans(b3), acc, UPCAST, PREC)
+    if HAS_TAIL:
+        acc = mm(at, tl.trans(bt), acc, UPCAST, PREC)
+    return acc

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import LOG2E, dot_precision, ld, mm, pow2_at_least
+from ..triton_common import LOG2E, dot_precision, dot_split, ld, ld_split, mm, pow2_at_least
 from .reference import row_scale, tp_all_reduce
 
 __all__ = ["IndexerLossSparseFused", "IndexerLossFromAttention", "sparse_loss_forward", "sparse_loss_backward",
@@ -82,12 +82,7 @@ def _att_kernel(
     offs_h = hb * BH + tl.arange(0, BH)
     hmask = offs_h < Hq
     qb = QRY + r * sq_r
-    q0 = ld(qb, offs_h, hmask, sq_h, 0 * DC, DC, D_V, MASK_V)
-    q1 = ld(qb, offs_h, hmask, sq_h, 1 * DC, DC, D_V, MASK_V)
-    q2 = ld(qb, offs_h, hmask, sq_h, 2 * DC, DC, D_V, MASK_V)
-    q3 = ld(qb, offs_h, hmask, sq_h, 3 * DC, DC, D_V, MASK_V)
-    if HAS_TAIL:
-        qt = ld(qb, offs_h, hmask, sq_h, D_V, DT, D_QK, MASK_T)
+    q0, q1, q2, q3, qt = ld_split(qb, offs_h, hmask, sq_h, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
     kbase = KEY + b * S * s_key
     if MODE == 0:
         m_i = tl.full([BH], float("-inf"), tl.float32)
@@ -98,18 +93,9 @@ def _att_kernel(
         lse2 = tl.where(lfin, lse2, 0.0)
     for n0 in range(0, K, BN):
         offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
-        k0 = ld(kbase, rows, valid, s_key, 0 * DC, DC, D_V, MASK_V)
-        k1 = ld(kbase, rows, valid, s_key, 1 * DC, DC, D_V, MASK_V)
-        k2 = ld(kbase, rows, valid, s_key, 2 * DC, DC, D_V, MASK_V)
-        k3 = ld(kbase, rows, valid, s_key, 3 * DC, DC, D_V, MASK_V)
-        s = tl.zeros([BH, BN], tl.float32)
-        s = mm(q0, tl.trans(k0), s, UPCAST, PREC)
-        s = mm(q1, tl.trans(k1), s, UPCAST, PREC)
-        s = mm(q2, tl.trans(k2), s, UPCAST, PREC)
-        s = mm(q3, tl.trans(k3), s, UPCAST, PREC)
-        if HAS_TAIL:
-            kt = ld(kbase, rows, valid, s_key, D_V, DT, D_QK, MASK_T)
-            s = mm(qt, tl.trans(kt), s, UPCAST, PREC)
+        k0, k1, k2, k3, kt = ld_split(kbase, rows, valid, s_key, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
+        s = dot_split(q0, q1, q2, q3, qt, k0, k1, k2, k3, kt, tl.zeros([BH, BN], tl.float32), HAS_TAIL, UPCAST,
+                      PREC)
         if MODE == 0:
             s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))

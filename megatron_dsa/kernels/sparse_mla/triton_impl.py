@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import LOG2E, atomic_add_tile, dot_precision, ld, ld_cols, mm, pow2_at_least, st
+from ..triton_common import (LOG2E, atomic_add_tile, dot_precision, dot_split, ld, ld_cols, ld_split, mm, pow2_at_least,
+                             st)
 
 __all__ = ["sparse_mla_fwd_triton", "sparse_mla_bwd_triton", "bwd_stats", "ALL_HEADS_MAX"]
 
@@ -82,12 +83,7 @@ def _sparse_mla_fwd_kernel(
     offs_h = hb * BH + tl.arange(0, BH)
     hmask = offs_h < H
     qb = Q + t * sq_t
-    q0 = ld(qb, offs_h, hmask, sq_h, 0 * DC, DC, D_V, MASK_V)
-    q1 = ld(qb, offs_h, hmask, sq_h, 1 * DC, DC, D_V, MASK_V)
-    q2 = ld(qb, offs_h, hmask, sq_h, 2 * DC, DC, D_V, MASK_V)
-    q3 = ld(qb, offs_h, hmask, sq_h, 3 * DC, DC, D_V, MASK_V)
-    if HAS_TAIL:
-        qt = ld(qb, offs_h, hmask, sq_h, D_V, DT, D_QK, MASK_T)
+    q0, q1, q2, q3, qt = ld_split(qb, offs_h, hmask, sq_h, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
 
     kend = K
     if HAS_TOPK:
@@ -105,18 +101,9 @@ def _sparse_mla_fwd_kernel(
         ids = tl.load(ib + offs_n, mask=offs_n < kend, other=-1)
         valid = (ids >= 0) & (ids < Tk)
         rows = tl.where(valid, ids, 0).to(tl.int64)
-        k0 = ld(KV, rows, valid, s_kv, 0 * DC, DC, D_V, MASK_V)
-        k1 = ld(KV, rows, valid, s_kv, 1 * DC, DC, D_V, MASK_V)
-        k2 = ld(KV, rows, valid, s_kv, 2 * DC, DC, D_V, MASK_V)
-        k3 = ld(KV, rows, valid, s_kv, 3 * DC, DC, D_V, MASK_V)
-        s = tl.zeros([BH, BN], tl.float32)
-        s = mm(q0, tl.trans(k0), s, UPCAST, PREC)
-        s = mm(q1, tl.trans(k1), s, UPCAST, PREC)
-        s = mm(q2, tl.trans(k2), s, UPCAST, PREC)
-        s = mm(q3, tl.trans(k3), s, UPCAST, PREC)
-        if HAS_TAIL:
-            kt = ld(KV, rows, valid, s_kv, D_V, DT, D_QK, MASK_T)
-            s = mm(qt, tl.trans(kt), s, UPCAST, PREC)
+        k0, k1, k2, k3, kt = ld_split(KV, rows, valid, s_kv, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
+        s = dot_split(q0, q1, q2, q3, qt, k0, k1, k2, k3, kt, tl.zeros([BH, BN], tl.float32), HAS_TAIL, UPCAST,
+                      PREC)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -172,17 +159,9 @@ def _sparse_mla_bwd_kernel(
     hmask = offs_h < H
 
     qb = Q + t * sq_t
-    q0 = ld(qb, offs_h, hmask, sq_h, 0 * DC, DC, D_V, MASK_V)
-    q1 = ld(qb, offs_h, hmask, sq_h, 1 * DC, DC, D_V, MASK_V)
-    q2 = ld(qb, offs_h, hmask, sq_h, 2 * DC, DC, D_V, MASK_V)
-    q3 = ld(qb, offs_h, hmask, sq_h, 3 * DC, DC, D_V, MASK_V)
-    if HAS_TAIL:
-        qt = ld(qb, offs_h, hmask, sq_h, D_V, DT, D_QK, MASK_T)
+    q0, q1, q2, q3, qt = ld_split(qb, offs_h, hmask, sq_h, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
     dob = DO + t * sdo_t
-    do0 = ld(dob, offs_h, hmask, sdo_h, 0 * DC, DC, D_V, MASK_V)
-    do1 = ld(dob, offs_h, hmask, sdo_h, 1 * DC, DC, D_V, MASK_V)
-    do2 = ld(dob, offs_h, hmask, sdo_h, 2 * DC, DC, D_V, MASK_V)
-    do3 = ld(dob, offs_h, hmask, sdo_h, 3 * DC, DC, D_V, MASK_V)
+    do0, do1, do2, do3, _ = ld_split(dob, offs_h, hmask, sdo_h, DC, DT, D_V, D_QK, False, MASK_V, MASK_T)
     ob = O + t * so_t
     delta = tl.sum(do0.to(tl.float32) * ld(ob, offs_h, hmask, so_h, 0 * DC, DC, D_V, MASK_V).to(tl.float32), 1)
     delta += tl.sum(do1.to(tl.float32) * ld(ob, offs_h, hmask, so_h, 1 * DC, DC, D_V, MASK_V).to(tl.float32), 1)
@@ -223,23 +202,11 @@ def _sparse_mla_bwd_kernel(
         ids = tl.load(ib + offs_n, mask=offs_n < kend, other=-1)
         valid = (ids >= 0) & (ids < Tk)
         rows = tl.where(valid, ids, 0).to(tl.int64)
-        k0 = ld(KV, rows, valid, s_kv, 0 * DC, DC, D_V, MASK_V)
-        k1 = ld(KV, rows, valid, s_kv, 1 * DC, DC, D_V, MASK_V)
-        k2 = ld(KV, rows, valid, s_kv, 2 * DC, DC, D_V, MASK_V)
-        k3 = ld(KV, rows, valid, s_kv, 3 * DC, DC, D_V, MASK_V)
-        s = tl.zeros([BH, BN], tl.float32)
-        s = mm(q0, tl.trans(k0), s, UPCAST, PREC)
-        s = mm(q1, tl.trans(k1), s, UPCAST, PREC)
-        s = mm(q2, tl.trans(k2), s, UPCAST, PREC)
-        s = mm(q3, tl.trans(k3), s, UPCAST, PREC)
-        if HAS_TAIL:
-            kt = ld(KV, rows, valid, s_kv, D_V, DT, D_QK, MASK_T)
-            s = mm(qt, tl.trans(kt), s, UPCAST, PREC)
-        dp = tl.zeros([BH, BN], tl.float32)
-        dp = mm(do0, tl.trans(k0), dp, UPCAST, PREC)
-        dp = mm(do1, tl.trans(k1), dp, UPCAST, PREC)
-        dp = mm(do2, tl.trans(k2), dp, UPCAST, PREC)
-        dp = mm(do3, tl.trans(k3), dp, UPCAST, PREC)
+        k0, k1, k2, k3, kt = ld_split(KV, rows, valid, s_kv, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
+        s = dot_split(q0, q1, q2, q3, qt, k0, k1, k2, k3, kt, tl.zeros([BH, BN], tl.float32), HAS_TAIL, UPCAST,
+                      PREC)
+        dp = dot_split(do0, do1, do2, do3, do0, k0, k1, k2, k3, kt, tl.zeros([BH, BN], tl.float32), False, UPCAST,
+                       PREC)
         live = valid[None, :] & hmask[:, None]
         p = tl.where(live, tl.exp2(s * scale_log2 - z2[:, None]), 0.0)
         ds = p * (dp - delta[:, None]) * scale
