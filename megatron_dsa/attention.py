@@ -29,6 +29,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
+from .context_parallel import cp_causal_window, cp_gather, cp_positions
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, indexer_topk, packed_causal_window
 from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
@@ -143,6 +144,8 @@ class DSAttention(MegatronModule):
             softmax_scale = 1.0 / math.sqrt(k_channels if k_channels is not None else config.kv_channels)
         self.softmax_scale = softmax_scale
         self.latent_dim = config.kv_lora_rank
+        cp = getattr(pg_collection, "cp", None)
+        self.cp_group = cp if cp is not None and cp.size() > 1 else None
 
     # ------------------------------------------------------------------ helpers
     def _check_inputs(self, query, key, value, up_v_weight):
@@ -168,13 +171,22 @@ class DSAttention(MegatronModule):
             raise ValueError(f"query batch {query.shape[1]} != key batch {key.shape[1]}")
 
     def _window(self, sq, sk, b, attn_mask_type, packed_seq_params, device):
-        """Per-row ``[start, end)`` key window ``[b, sq]`` and the optional valid-row mask."""
+        """Per-row ``[start, end)`` key window ``[b, sq]`` and the optional valid-row mask. Under
+        context parallelism ``sq`` are this rank's rows and the windows cover all ``sk`` keys
+        (the gathered sequence) by the rows' global positions."""
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(
                 f"DSA needs attn_mask_type=AttnMaskType.causal (got {attn_mask_type}); arbitrary "
                 "attention masks are not supported"
             )
         row_valid = None
+        if self.cp_group is not None:
+            if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+                raise ValueError("context_parallel_size > 1 with packed (THD) sequences is not supported by "
+                                 "megatron-dsa yet; use unpacked batches or context_parallel_size=1")
+            positions = cp_positions(sk, self.cp_group.size(), self.cp_group.rank(), device=device)
+            starts, ends = cp_causal_window(positions, b)
+            return starts, ends, row_valid
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
             starts, ends = packed_causal_window(cu_q.to(device), total=sq)
@@ -206,6 +218,8 @@ class DSAttention(MegatronModule):
         self._check_inputs(query, key, value, up_v_weight)
         if attention_bias is not None:
             raise ValueError("DSA does not take an attention_bias")
+        if self.cp_group is not None:  # all of the sequence's latent KV rows, in global order
+            key = cp_gather(key, 0, self.cp_group)
         sq, b, heads, _ = query.shape
         sk = key.shape[0]
         plugin = get_plugin_config(self.config)
@@ -215,6 +229,11 @@ class DSAttention(MegatronModule):
         )
 
         coeff = float(self.config.dsa_indexer_loss_coeff or 0.0)
+        if self.cp_group is not None and not self.config.calculate_per_token_loss:
+            # each rank averages over its own rows and Megatron's schedule scales this loss by
+            # the CP size (then averages the gradients over CP): divide, so that training does
+            # not change with the CP size
+            coeff /= self.cp_group.size()
         anchor = self.role.role == "anchor"
         with_loss = anchor and self.training and torch.is_grad_enabled() and coeff > 0
         timer_on = plugin.time_indexer
@@ -313,6 +332,8 @@ class DSAttention(MegatronModule):
         """
         with torch.set_grad_enabled(grad):
             q_i, k_i, w_i = indexer.forward_before_topk(x.detach(), qr.detach(), packed_seq_params)
+            if self.cp_group is not None:  # every query row scores all keys of the sequence
+                k_i = cp_gather(k_i, 0, self.cp_group)
         return q_i.transpose(0, 1), k_i.transpose(0, 1), w_i.transpose(0, 1)
 
     def _topk_for_forward(self, x, qr, q_i, k_i, w_i, starts, ends, sig, packed_seq_params, plugin):

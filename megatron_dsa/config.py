@@ -223,11 +223,14 @@ def validate_dsa_config(config) -> None:
             f"dsa_indexer_head_dim ({d}) must be a power of two when "
             "dsa_indexer_rotate_activation=True (Hadamard rotation)"
         )
-    if getattr(config, "context_parallel_size", 1) > 1:
-        raise ValueError(
-            "context_parallel_size > 1 is not supported by megatron-dsa yet "
-            f"(got {config.context_parallel_size})"
-        )
+    if (getattr(config, "context_parallel_size", 1) or 1) > 1:
+        comm = getattr(config, "cp_comm_type", None)
+        comms = comm if isinstance(comm, (list, tuple)) else [comm]
+        if any(c not in (None, "allgather", "all_gather") for c in comms):
+            raise ValueError(
+                f"cp_comm_type must be 'allgather' for DSA layers with context_parallel_size > 1 (the "
+                f"layer all-gathers the latent KV and the indexer keys), got {comm!r}"
+            )
     if getattr(config, "tensor_model_parallel_size", 1) > 1:
         # Megatron-Core's absorbed MLA needs sequence parallelism with TP, and its local norms
         # reject sequence parallelism, so TP can only run with Transformer Engine, which we

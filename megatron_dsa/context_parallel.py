@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["cp_positions", "cp_causal_window", "cp_work"]
+__all__ = ["cp_positions", "cp_causal_window", "cp_work", "cp_gather"]
 
 
 def _check(seq_len: int, cp_size: int, cp_rank: int) -> None:
@@ -64,3 +64,47 @@ def cp_work(seq_len: int, cp_size: int, topk: int, ranks: Optional[List[int]] = 
         out.append({"rank": r, "rows": int(win.numel()), "indexer": int(win.sum()),
                     "attention": int(win.clamp(max=topk).sum())})
     return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along ``dim`` over ``group``; the backward sums every rank's gradient of this
+    rank's rows (reduce-scatter on NCCL, all-reduce + slice where the backend has none)."""
+
+    @staticmethod
+    def forward(ctx, t, dim, group):
+        import torch.distributed as dist
+
+        ctx.dim, ctx.group = dim, group
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl" and ctx.dim == 0:
+            out = grad.new_empty((grad.shape[0] // size,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            return out, None, None
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(size, ctx.dim)[rank].contiguous(), None, None
+
+
+def cp_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """The whole sequence, in global order, from every CP rank's rows of ``t`` along ``dim``
+    (each rank's rows are its two chunks, :func:`cp_positions`). Differentiable: the backward
+    returns to each rank the summed gradient of its own rows."""
+    import torch.distributed as dist
+
+    cp = dist.get_world_size(group)
+    full = _GatherRows.apply(t, dim, group)  # [rank 0: chunk 0, chunk 2cp-1 | rank 1: chunk 1, ...]
+    chunks = full.chunk(2 * cp, dim)
+    order = [None] * (2 * cp)
+    for r in range(cp):
+        order[r], order[2 * cp - 1 - r] = chunks[2 * r], chunks[2 * r + 1]
+    return torch.cat(order, dim)

@@ -16,6 +16,8 @@ import torch
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--per-token-loss", action="store_true")
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--microbatches", type=int, default=4)
@@ -51,7 +53,8 @@ def main():
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=a.pp,
-                                             virtual_pipeline_model_parallel_size=a.vpp)
+                                             virtual_pipeline_model_parallel_size=a.vpp,
+                                             context_parallel_size=a.cp)
     patches.apply()
     if cuda:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -73,6 +76,8 @@ def main():
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="local",
         use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
         pipeline_model_parallel_size=a.pp, virtual_pipeline_model_parallel_size=a.vpp, **recompute,
+        context_parallel_size=a.cp, calculate_per_token_loss=a.per_token_loss,
+        cp_comm_type="allgather" if a.cp > 1 else None,
         batch_p2p_comm=cuda,  # batched p2p over gloo mis-orders interleaved sends (measured)
     )
     if a.pattern:
@@ -109,7 +114,14 @@ def main():
     batches = [torch.randint(0, 64, (2, 33), generator=gen).to(a.device) for _ in range(a.microbatches)]
 
     def make_iter():
-        return iter([{"tokens": b[:, :-1], "labels": b[:, 1:]} for b in batches])
+        out = [{"tokens": b[:, :-1], "labels": b[:, 1:]} for b in batches]
+        if a.cp > 1:  # Megatron's own load-balanced CP split of every sequence
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            cp_group = parallel_state.get_context_parallel_group()
+            out = [get_batch_on_this_cp_rank(dict(d, cu_seqlens=None), is_hybrid_cp=False, cp_group=cp_group)
+                   for d in out]
+        return iter(out)
 
     iters = [make_iter() for _ in models]
 
@@ -118,7 +130,12 @@ def main():
         out = model(batch["tokens"], None, None, labels=batch["labels"])
 
         def loss_fn(t):
-            loss = t.float().mean()
+            if a.per_token_loss:  # a sum and its token count; the gradients are divided at the end
+                total = t.float().sum()
+                return total, torch.tensor(t.numel()), {"lm loss": total.detach() / (t.numel() * a.cp)}
+            # the mean over the whole sequence: with CP each rank adds its rows' share (Megatron's
+            # schedule multiplies by the CP size and the gradients are averaged over CP below)
+            loss = t.float().sum() / (t.numel() * a.cp)
             return loss, {"lm loss": loss.detach().clone()}
 
         return out, loss_fn
@@ -150,8 +167,23 @@ def main():
         seq_length=32, micro_batch_size=2, forward_only=False,
     )
     roles = [r for r in ic.resolve_schedule(cfg) if r.stage == parallel_state.get_pipeline_model_parallel_rank()]
+    # what Megatron's DDP and finalize_model_grads do over the CP ranks: average the gradients
+    # (per-token loss: sum them and divide by the tokens of the step); sum the loss shares
+    tokens = a.microbatches * 2 * 32
+    cp_group = parallel_state.get_context_parallel_group() if a.cp > 1 else None
+    for m in models:
+        for p_ in m.parameters():
+            if p_.grad is None:
+                continue
+            if cp_group is not None:
+                dist.all_reduce(p_.grad, group=cp_group)
+            p_.grad /= tokens if a.per_token_loss else a.cp
+    if cp_group is not None:
+        for x in losses or []:
+            dist.all_reduce(x["lm loss"], group=cp_group)
     grads = {names[p_]: p_.grad.detach().cpu().clone() for m in models for p_ in m.parameters() if p_.grad is not None}
-    torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses else [],
+    first_cp = parallel_state.get_context_parallel_rank() == 0
+    torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses and first_cp else [],
                 "roles": roles, "stats": ic.STATS.snapshot()},
                f"{a.out}.rank{rank}.pt")
     dist.destroy_process_group()

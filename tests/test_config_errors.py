@@ -236,3 +236,14 @@ def test_plugin_config_index_pattern_items_name_the_position(pattern, position, 
 def test_plugin_config_valid_patterns_still_pass():
     assert DSAPluginConfig(index_pattern=["F", "F", 1, 2]).index_pattern == ("F", "F", 1, 2)
     assert DSAPluginConfig(index_pattern="FSSF").index_pattern == "FSSF"
+
+
+def test_context_parallel_needs_allgather_comm_type(mcore):
+    """CP is supported with all-gathered keys; another comm type is refused, naming the field."""
+    cfg = tiny_config()
+    cfg.context_parallel_size = 2
+    cfg.cp_comm_type = "p2p"
+    with pytest.raises(ValueError, match="cp_comm_type must be 'allgather'"):
+        validate_dsa_config(cfg)
+    cfg.cp_comm_type = "allgather"
+    validate_dsa_config(cfg)

@@ -419,3 +419,24 @@ def test_checkpointed_recompute_has_no_host_sync(mcore):
         tensor_parallel.checkpoint(run, False, x).sum().backward()
     assert not audit.violations, audit.violations
     assert ic.STATS.recompute_reuses == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}, {"per_token_loss": True}])
+def test_context_parallel_two_ranks_matches_single_rank(tmp_path, extra):
+    """CP=2 over gloo (Megatron's load-balanced split, the latent KV and the indexer keys
+    all-gathered, global top-k ids, gradients back to the owning rank), index sharing on, 4
+    microbatches: the same loss and every gradient as one rank, with and without per-token loss
+    (the indexer loss is not scaled by the CP size) and under full recompute."""
+    base = _worker(tmp_path, "cp1", freq=2, **extra)
+    cp2 = _worker(tmp_path, "cp2", nproc=2, cp=2, freq=2, **extra)
+    _assert_same_grads(cp2, base, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_context_parallel_with_pipeline_matches_single_rank(tmp_path):
+    """CP=2 x PP=2 (4 processes over gloo, 1F1B, index sharing: stages start on an anchor):
+    the same loss and every gradient as one rank."""
+    base = _worker(tmp_path, "cp1pp1", freq=2)
+    both = _worker(tmp_path, "cp2pp2", nproc=4, cp=2, pp=2, freq=2)
+    _assert_same_grads(both, base, rtol=1e-4, atol=1e-6)

@@ -23,6 +23,11 @@ patch                  what and why
                        ``_set_cuda_rng_state`` (used by activation checkpointing to save and
                        restore RNG state) become no-ops: the CPU generator's state, which
                        Megatron saves and restores beside them, is the only one there is.
+``cpu_cp_rope``        (CUDA absent) ``rope_utils.get_pos_emb_on_this_cp_rank`` (and the
+                       names bound to it in the RoPE modules) builds its chunk index in
+                       pinned memory and moves it to CUDA; the replacement selects the same
+                       two chunks of the position embedding on its own device (context
+                       parallelism on the CPU).
 ``rotate_activation``  (``fast_hadamard_transform`` missing) ``dsa.rotate_activation``
                        becomes the PyTorch Hadamard rotation of
                        :mod:`megatron_dsa.kernels.hadamard`, for every dtype.
@@ -182,6 +187,37 @@ def _apply_cpu_rng() -> List[Tuple[object, str, object]]:
     return saved
 
 
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """Megatron's ``get_pos_emb_on_this_cp_rank`` without pinned memory or CUDA: chunks ``r`` and
+    ``2 cp - 1 - r`` of ``2 cp`` along ``seq_dim``."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
+_CP_ROPE_MODULES = (
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+)
+
+
+def _apply_cpu_cp_rope() -> List[Tuple[object, str, object]]:
+    saved = []
+    for path in _CP_ROPE_MODULES:
+        mod = importlib.import_module(path)
+        if hasattr(mod, "get_pos_emb_on_this_cp_rank"):
+            saved.append((mod, "get_pos_emb_on_this_cp_rank", mod.get_pos_emb_on_this_cp_rank))
+            mod.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+    if not saved:
+        raise RuntimeError("megatron_dsa.patches: get_pos_emb_on_this_cp_rank not found (moved?)")
+    return saved
+
+
 def _apply_rotate_activation() -> List[Tuple[object, str, object]]:
     from megatron_dsa.kernels.hadamard import rotate_activation
 
@@ -195,7 +231,7 @@ def needed() -> List[str]:
     """The patches this machine needs."""
     names = []
     if not torch.cuda.is_available():
-        names += ["cpu_device", "cpu_rng"]
+        names += ["cpu_device", "cpu_rng", "cpu_cp_rope"]
     dsa = importlib.import_module("megatron.core.transformer.experimental_attention_variant.dsa")
     if getattr(dsa, "hadamard_transform", None) is None:
         names.append("rotate_activation")
@@ -205,6 +241,7 @@ def needed() -> List[str]:
 _APPLIERS = {
     "cpu_device": _apply_cpu_device,
     "cpu_rng": _apply_cpu_rng,
+    "cpu_cp_rope": _apply_cpu_cp_rope,
     "rotate_activation": _apply_rotate_activation,
 }
 
