@@ -7,6 +7,7 @@ Python standard library's own source files as byte-level tokens (nothing to down
     python examples/train_tiny_gpt.py                       # CPU (gloo, one process)
     python examples/train_tiny_gpt.py --device cuda         # GPU
     torchrun --nproc_per_node=2 examples/train_tiny_gpt.py --pp 2 --num-microbatches 4
+    torchrun --nproc_per_node=2 examples/train_tiny_gpt.py --cp 2
 
 One line per step: LM loss, indexer KL loss, tokens/s, peak memory; a summary at the end.
 """
@@ -53,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--time-indexer", action="store_true",
                    help="measure the indexer's share of attention time (synchronises the device)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (= world size)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel size (world size = pp * cp; Megatron's load-balanced split)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=1234)
@@ -71,7 +74,7 @@ def parse_args(argv=None):
             p.error(msg)
 
     for name in ("steps", "seq_len", "micro_batch", "num_microbatches", "layers", "hidden",
-                 "heads", "topk", "indexer_heads", "indexer_dim", "pp"):
+                 "heads", "topk", "indexer_heads", "indexer_dim", "pp", "cp"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
     # sizes that end up as int32 ids / Megatron-Core's DSA fields (validate_dsa_config's bound)
     for name in ("topk", "indexer_heads", "indexer_dim"):
@@ -112,6 +115,8 @@ def parse_args(argv=None):
     need(args.indexer_dim & (args.indexer_dim - 1) == 0 and args.indexer_dim >= 16,
          "--indexer-dim must be a power of two >= 16 (Hadamard rotation)")
     need(args.seq_len <= 4096, "--seq-len must be <= 4096 for this example")
+    need(args.seq_len % (2 * args.cp) == 0,
+         f"--seq-len must be divisible by 2 * --cp = {2 * args.cp} (the load-balanced causal CP split)")
     chunks = args.pp * (args.vpp or 1)
     need(args.layers % chunks == 0, f"--layers ({args.layers}) must be divisible by pp*vpp ({chunks})")
     need(args.vpp is None or args.vpp > 1, "--vpp must be > 1 when given")
@@ -190,6 +195,7 @@ def build(args):
         transformer_impl="local", use_cpu_initialization=cpu, params_dtype=torch.float32,
         pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
         pipeline_dtype=torch.float32,
+        context_parallel_size=args.cp, cp_comm_type="allgather" if args.cp > 1 else None,
         # Over gloo, batched p2p ops can be matched out of order under the interleaved schedule
         # (measured: wrong activations from the third microbatch on); unbatched ops are exact.
         batch_p2p_comm=not cpu,
@@ -234,13 +240,25 @@ def fmt_indexer_loss(value, coeff):
 
 
 def forward_step(data_iterator, model):
+    from megatron.core import parallel_state
+
     batch = next(data_iterator)
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:  # this rank's rows of every sequence: Megatron's load-balanced split
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(dict(batch, cu_seqlens=None), is_hybrid_cp=False,
+                                          cp_group=parallel_state.get_context_parallel_group())
     output = model(batch["tokens"], None, None, labels=batch["labels"])
 
     def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        # clone: the schedule divides the returned loss in place by the microbatch count
-        return loss, {"lm loss": loss.detach().clone()}
+        # this rank's share of the mean over the whole sequence (the schedule multiplies by the
+        # CP size and DDP averages the gradients over CP: the mean's gradient)
+        loss = output_tensor.float().mean() / cp
+        reported = loss.detach().clone()  # clone: the schedule divides the loss in place
+        if cp > 1:
+            torch.distributed.all_reduce(reported, group=parallel_state.get_context_parallel_group())
+        return loss, {"lm loss": reported}
 
     return output, loss_func
 
@@ -260,8 +278,9 @@ def main(argv=None):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world != args.pp:
-        raise SystemExit(f"error: --pp {args.pp} needs exactly {args.pp} processes (got WORLD_SIZE={world})")
+    if world != args.pp * args.cp:
+        raise SystemExit(f"error: --pp {args.pp} --cp {args.cp} need exactly {args.pp * args.cp} processes "
+                         f"(got WORLD_SIZE={world})")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     if args.device == "cuda":
@@ -269,7 +288,8 @@ def main(argv=None):
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     parallel_state.initialize_model_parallel(
-        pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp
+        pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
+        context_parallel_size=args.cp,
     )
     active = patches.apply()
     if args.deterministic:
@@ -290,7 +310,7 @@ def main(argv=None):
     log = rank == world - 1
     if log:
         print(f"megatron-dsa tiny GPT: {args.layers} DSA layers, {n_params/1e6:.2f}M params/rank, "
-              f"device={args.device}, pp={args.pp}, vpp={args.vpp}, topk={args.topk}, "
+              f"device={args.device}, pp={args.pp}, vpp={args.vpp}, cp={args.cp}, topk={args.topk}, "
               f"patches={active}", flush=True)
         print(index_cache.format_schedule(index_cache.resolve_schedule(cfg)), flush=True)
 
@@ -308,6 +328,9 @@ def main(argv=None):
             num_microbatches=args.num_microbatches, seq_length=args.seq_len,
             micro_batch_size=args.micro_batch, forward_only=False,
         )
+        if args.cp > 1:  # average the gradients over the CP ranks (each saw its rows only)
+            for c in chunks:
+                c.finish_grad_sync()
         ok, grad_norm, _ = opt.step()
         totals = {}
         DSAIndexerLossLoggingHelper.track_indexer_metrics(

@@ -299,8 +299,11 @@ class DSAttention(MegatronModule):
         return out.squeeze(1) if thd else out
 
     def _record_loss(self, loss: torch.Tensor) -> None:
+        # under CP each rank's loss is its rows' share of the whole sequence's: the logged value
+        # sums the shares over the CP group
         mcore_dsa.DSAIndexerLossLoggingHelper.save_loss_to_tracker(
-            loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers
+            loss=loss, layer_number=self.layer_number, num_layers=self.config.num_layers,
+            reduce_group=self.cp_group,
         )
 
     def _loss_target_from_attention(self, query, key, q_i, plugin) -> bool:

@@ -140,3 +140,18 @@ def test_example_stops_on_non_finite_loss(tmp_path):
     assert 1 <= len(steps) < 8 and "summary:" not in proc.stdout, proc.stdout
     log = json.loads(out.read_text())  # the steps up to the failure are kept for diagnosis
     assert len(log["history"]) == len(steps) and "non-finite" in log["error"]
+
+
+@pytest.mark.slow
+def test_example_context_parallel_trains_like_one_rank(tmp_path):
+    """``--cp 2`` (two processes over gloo): the same LM and indexer losses, step by step, as one
+    process, through the optimizer (the dense indexer loss, then the sparse one)."""
+    args = SMALL + ["--steps", "6"]
+    (tmp_path / "cp1").mkdir()
+    (tmp_path / "cp2").mkdir()
+    one, _ = _run(args, tmp_path / "cp1")
+    two, stdout = _run(args + ["--cp", "2"], tmp_path / "cp2", nproc=2)
+    assert "cp=2" in stdout
+    for a, b in zip(two, one):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-4), (a["step"], a["lm_loss"], b["lm_loss"])
+        assert a["indexer_loss"] == pytest.approx(b["indexer_loss"], rel=1e-2), a["step"]  # ~1e-8: fp32 noise

@@ -16,9 +16,10 @@ patch                  what and why
                        (``RotaryEmbedding`` / ``YarnRotaryEmbedding``), the
                        ``device="cuda"`` literals and ``torch.cuda.current_device()`` in the
                        pipeline schedules and p2p communication, the indexer-loss tracker
-                       of ``dsa.DSAIndexerLossLoggingHelper``, and the device of the
-                       distributed-data-parallel grad buffers and the optimizer's
-                       bookkeeping tensors.
+                       of ``dsa.DSAIndexerLossLoggingHelper``, the device and the current
+                       stream (a no-op stand-in) of the distributed-data-parallel grad
+                       buffers (their gradient sync over context-parallel ranks), and the
+                       optimizer's bookkeeping tensors.
 ``cpu_rng``            (CUDA absent) ``tensor_parallel.random._get_cuda_rng_state`` /
                        ``_set_cuda_rng_state`` (used by activation checkpointing to save and
                        restore RNG state) become no-ops: the CPU generator's state, which
@@ -107,11 +108,27 @@ def _to_cpu(device):
     return device
 
 
+class _NoStream:
+    """The current "stream" on a CPU-only machine: work is synchronous, so waits are no-ops."""
+
+    def wait_event(self, *args, **kwargs):
+        return None
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+
 class _CpuCuda:
     """``torch.cuda`` as seen by patched modules on a CPU-only machine."""
 
     def __init__(self, real):
         self._real = real
+
+    def current_stream(self, *args, **kwargs):
+        return _NoStream()
 
     def current_device(self):
         return "cpu"
