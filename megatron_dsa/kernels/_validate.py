@@ -41,3 +41,17 @@ def check_windows(starts, ends, B: int, T: int) -> None:
         check_tensor("ends", ends, 2, INDEX_DTYPES)
         if tuple(starts.shape) != (B, T) or tuple(ends.shape) != (B, T):
             raise ValueError(f"starts/ends must be [B, T] = {(B, T)}, got {tuple(starts.shape)} and {tuple(ends.shape)}")
+
+
+def check_indexer_tensors(q, k, w):
+    """The indexer's q ``[B, T, H, D]``, k ``[B, S, D]``, w ``[B, T, H]``: returns ``(B, T, H, D, S)``."""
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 3)
+    check_tensor("w", w, 3)
+    B, T, H, D = q.shape
+    check_dim("k", k, 0, B, "q's batch")
+    check_dim("k", k, 2, D, "q's head dim")
+    check_dim("w", w, 0, B, "q's batch")
+    check_dim("w", w, 1, T, "q's rows")
+    check_dim("w", w, 2, H, "q's heads")
+    return B, T, H, D, k.shape[1]

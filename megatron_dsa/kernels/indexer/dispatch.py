@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._validate import check_dim, check_same_device, check_tensor, check_windows
+from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
@@ -69,15 +69,7 @@ def indexer_topk(
     unspecified (the reference lists them by descending score, the fused kernel does not), and
     every consumer treats a row as a set.
     """
-    check_tensor("q", q, 4)
-    check_tensor("k", k, 3)
-    check_tensor("w", w, 3)
-    B, T, H, D = q.shape
-    check_dim("k", k, 0, B, "q's batch")
-    check_dim("k", k, 2, D, "q's head dim")
-    check_dim("w", w, 0, B, "q's batch")
-    check_dim("w", w, 1, T, "q's rows")
-    check_dim("w", w, 2, H, "q's heads")
+    B, T, H, D, _ = check_indexer_tensors(q, k, w)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"topk must be a positive int, got {topk!r}")
     check_windows(starts, ends, B, T)

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor, check_windows
+from .._validate import INDEX_DTYPES, check_dim, check_indexer_tensors, check_same_device, check_tensor, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from ..indexer.reference import causal_window
 from .chunked import indexer_loss_chunked
@@ -52,20 +52,6 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, spars
             warn_once(OP, f"running the PyTorch reference: {why}")
         return KernelChoice(OP, backend, "reference", "reference", why)
     return KernelChoice(OP, backend, fused, fused, why_fused)
-
-
-def _check_indexer_tensors(q, k, w):
-    """q [B, T, H, D], k [B, S, D], w [B, T, H]: returns (B, T, H, D, S)."""
-    check_tensor("q", q, 4)
-    check_tensor("k", k, 3)
-    check_tensor("w", w, 3)
-    B, T, H, D = q.shape
-    check_dim("k", k, 0, B, "q's batch")
-    check_dim("k", k, 2, D, "q's head dim")
-    check_dim("w", w, 0, B, "q's batch")
-    check_dim("w", w, 1, T, "q's rows")
-    check_dim("w", w, 2, H, "q's heads")
-    return B, T, H, D, k.shape[1]
 
 
 def _check_topk(topk_indices, B, T):
@@ -107,7 +93,7 @@ def indexer_loss(
     natural-log LSE over the same selected keys, as ``sparse_mla`` returns it; the fused kernel
     then skips its own normaliser pass. The reference and the chunked path recompute it.
     """
-    B, T, H, D, S = _check_indexer_tensors(q, k, w)
+    B, T, H, D, S = check_indexer_tensors(q, k, w)
     check_tensor("query", query, 4)
     check_tensor("key", key, 3)
     check_dim("query", query, 0, B, "q's batch")
@@ -176,7 +162,7 @@ def indexer_loss_from_attention(
     Same contract as ``indexer_loss(..., sparse=True)`` otherwise. Raises in the backward if no
     target arrived (the attention was not given the slot).
     """
-    B, T, H, D, S = _check_indexer_tensors(q, k, w)
+    B, T, H, D, S = check_indexer_tensors(q, k, w)
     if topk_indices is None:
         raise ValueError("topk_indices is required for indexer_loss_from_attention")
     _check_topk(topk_indices, B, T)
