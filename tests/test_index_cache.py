@@ -422,7 +422,7 @@ def test_checkpointed_recompute_has_no_host_sync(mcore):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}, {"per_token_loss": True}])
+@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}, {"recompute": "selective"}, {"per_token_loss": True}])
 def test_context_parallel_two_ranks_matches_single_rank(tmp_path, extra):
     """CP=2 over gloo (Megatron's load-balanced split, the latent KV and the indexer keys
     all-gathered, global top-k ids, gradients back to the owning rank), index sharing on, 4
