@@ -80,6 +80,21 @@ class DSAIndexer(mcore_dsa.DSAIndexer):
         return q, k, w
 
 
+class _SumGradOver(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over ``group``."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class DSAttention(MegatronModule):
     """Sparse core attention for ``AbsorbedMLASelfAttention`` (drop-in for Megatron's).
 
@@ -105,6 +120,7 @@ class DSAttention(MegatronModule):
         v_channels: Optional[int] = None,
         cp_comm_type: str = "p2p",
         pg_collection: Optional[ProcessGroupCollection] = None,
+        reduce_rope_key_grad: bool = False,
     ):
         super().__init__(config=config)
         validate_dsa_config(config)
@@ -146,6 +162,11 @@ class DSAttention(MegatronModule):
         self.latent_dim = config.kv_lora_rank
         cp = getattr(pg_collection, "cp", None)
         self.cp_group = cp if cp is not None and cp.size() > 1 else None
+        tp = getattr(pg_collection, "tp", None)
+        # local modules under TP: the key's RoPE channels come from a tensor-parallel all-gather
+        # whose backward keeps only this rank's share, while their gradient is a sum over the
+        # heads of every rank (Megatron-LM issue 1699): sum it here (spec.get_dsa_attention_spec)
+        self.rope_grad_group = tp if reduce_rope_key_grad and tp is not None and tp.size() > 1 else None
 
     # ------------------------------------------------------------------ helpers
     def _check_inputs(self, query, key, value, up_v_weight):
@@ -218,6 +239,9 @@ class DSAttention(MegatronModule):
         self._check_inputs(query, key, value, up_v_weight)
         if attention_bias is not None:
             raise ValueError("DSA does not take an attention_bias")
+        if self.rope_grad_group is not None:
+            d = self.config.kv_lora_rank
+            key = torch.cat([key[..., :d], _SumGradOver.apply(key[..., d:], self.rope_grad_group)], dim=-1)
         if self.cp_group is not None:  # all of the sequence's latent KV rows, in global order
             key = cp_gather(key, 0, self.cp_group)
         sq, b, heads, _ = query.shape

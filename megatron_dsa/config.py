@@ -231,14 +231,10 @@ def validate_dsa_config(config) -> None:
                 f"cp_comm_type must be 'allgather' for DSA layers with context_parallel_size > 1 (the "
                 f"layer all-gathers the latent KV and the indexer keys), got {comm!r}"
             )
-    if getattr(config, "tensor_model_parallel_size", 1) > 1:
-        # Megatron-Core's absorbed MLA needs sequence parallelism with TP, and its local norms
-        # reject sequence parallelism, so TP can only run with Transformer Engine, which we
-        # cannot test yet: refuse rather than run an unverified path.
+    if getattr(config, "tensor_model_parallel_size", 1) > 1 and not getattr(config, "sequence_parallel", False):
         raise ValueError(
-            "tensor_model_parallel_size > 1 is not supported by megatron-dsa yet "
-            f"(got {config.tensor_model_parallel_size}); it needs sequence parallelism and "
-            "Transformer Engine modules, a combination not yet verified"
+            f"tensor_model_parallel_size > 1 (got {config.tensor_model_parallel_size}) needs "
+            "sequence_parallel=True for DSA layers (Megatron-Core's absorbed MLA requires it)"
         )
     get_plugin_config(config)  # type-checks an attached plugin config
     base_pattern(config)  # pattern length, first letter, sources: errors name the layer

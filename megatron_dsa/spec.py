@@ -70,11 +70,40 @@ class DuplicatedLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias), None
 
 
+class SequenceParallelTorchNorm:
+    """PyTorch's ``LayerNorm`` / ``RMSNorm`` for Megatron's local modules, with sequence
+    parallelism (Megatron-Core's ``WrappedTorchNorm`` refuses it): under SP a norm sees only its
+    rank's rows, so its parameters are marked ``sequence_parallel`` and Megatron's gradient
+    finalisation sums their gradients over the tensor-parallel group."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        for flag in ("layernorm_zero_centered_gamma", "persist_layer_norm", "memory_efficient_layer_norm"):
+            if getattr(config, flag, False):
+                raise ValueError(f"{flag}=True is not supported by the local (PyTorch) norms; use "
+                                 "Transformer Engine's")
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds:
+            raise ValueError(f"normalization must be LayerNorm or RMSNorm for the local norms, got "
+                             f"{config.normalization!r}")
+        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+        return norm
+
+
 class DSALocalSpecProvider(LocalSpecProvider):
-    """Megatron-Core's local spec provider plus the duplicated linear DSA's indexer needs."""
+    """Megatron-Core's local spec provider plus the duplicated linear DSA's indexer needs and
+    norms that accept sequence parallelism."""
 
     def linear(self) -> type:
         return DuplicatedLinear
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False) -> type:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        chosen = super().layer_norm(rms_norm=rms_norm, for_qk=for_qk, has_residual=has_residual)
+        return SequenceParallelTorchNorm if chosen is WrappedTorchNorm else chosen
 
 
 def _has_te() -> bool:
@@ -107,6 +136,9 @@ def get_dsa_attention_spec(config, backend: Optional[BackendSpecProvider] = None
         # Megatron's absorbed MLA accepts only its own linear classes for the down projections.
         spec.submodules.linear_q_down_proj = ColumnParallelLinear
         spec.submodules.linear_kv_down_proj = ColumnParallelLinear
+        # with these, the RoPE key channels reach the core attention through a tensor-parallel
+        # all-gather whose backward keeps one rank's heads' gradient: the core attention sums it
+        core.params = dict(core.params or {}, reduce_rope_key_grad=True)
     return spec
 
 

@@ -17,6 +17,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (with sequence parallelism)")
     p.add_argument("--per-token-loss", action="store_true")
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--layers", type=int, default=4)
@@ -54,12 +55,13 @@ def main():
     torch.set_num_threads(1)
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=a.pp,
                                              virtual_pipeline_model_parallel_size=a.vpp,
-                                             context_parallel_size=a.cp)
+                                             context_parallel_size=a.cp, tensor_model_parallel_size=a.tp)
     patches.apply()
-    if cuda:
+    if cuda or a.tp > 1:  # the model-parallel RNG states (SP forks them; on the CPU the patched no-ops)
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(1234)
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     recompute = dict(recompute_granularity=None)
@@ -78,10 +80,15 @@ def main():
         pipeline_model_parallel_size=a.pp, virtual_pipeline_model_parallel_size=a.vpp, **recompute,
         context_parallel_size=a.cp, calculate_per_token_loss=a.per_token_loss,
         cp_comm_type="allgather" if a.cp > 1 else None,
+        tensor_model_parallel_size=a.tp, sequence_parallel=a.tp > 1,
         batch_p2p_comm=cuda,  # batched p2p over gloo mis-orders interleaved sends (measured)
     )
     if a.pattern:
         set_plugin_config(cfg, index_pattern=a.pattern)
+    def tp_dim(prm):
+        """The dim a tensor-parallel parameter is split along (None: replicated)."""
+        return prm.partition_dim if a.tp > 1 and getattr(prm, "tensor_model_parallel", False) else None
+
     models, names = [], {}
     for vp in range(a.vpp or 1):
         vp_stage = vp if a.vpp else None
@@ -105,8 +112,15 @@ def main():
                     prm.fill_(1.0)
                 elif n.endswith("bias"):
                     prm.zero_()
-                else:
-                    prm.copy_(torch.randn(prm.shape, generator=gen) * 0.2)
+                else:  # the whole (TP = 1) tensor, then this rank's shard of it
+                    dim = tp_dim(prm)
+                    shape = list(prm.shape)
+                    if dim is not None:
+                        shape[dim] *= a.tp
+                    full = torch.randn(shape, generator=gen) * 0.2
+                    if dim is not None:
+                        full = full.chunk(a.tp, dim)[parallel_state.get_tensor_model_parallel_rank()]
+                    prm.copy_(full)
             names[prm] = g
         models.append(m.cuda() if cuda else m)
 
@@ -140,6 +154,18 @@ def main():
 
         return out, loss_fn
 
+    selected = []
+    if a.tp > 1:  # record every top-k selection: TP ranks must select bit-identical ids
+        from megatron_dsa.attention import DSAttention
+
+        original_select = DSAttention.select_topk
+
+        def recording_select(self, *args, **kwargs):
+            idx = original_select(self, *args, **kwargs)
+            selected.append(idx.detach().clone())
+            return idx
+
+        DSAttention.select_topk = recording_select
     for m in models:
         m.train()
     if a.stuck_checkpoint_flag:
@@ -181,10 +207,36 @@ def main():
     if cp_group is not None:
         for x in losses or []:
             dist.all_reduce(x["lm loss"], group=cp_group)
-    grads = {names[p_]: p_.grad.detach().cpu().clone() for m in models for p_ in m.parameters() if p_.grad is not None}
-    first_cp = parallel_state.get_context_parallel_rank() == 0
+    topk_checked = 0
+    if a.tp > 1:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        for idx in selected:
+            peers = [torch.empty_like(idx) for _ in range(a.tp)]
+            dist.all_gather(peers, idx.contiguous(), group=tp_group)
+            assert all(torch.equal(peer, idx) for peer in peers), "TP ranks selected different top-k ids"
+            topk_checked += 1
+    whole = {}  # TP: Megatron's finalize_model_grads over TP, then the whole gradient of split params
+    if a.tp > 1:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        for m in models:
+            for p_ in m.parameters():
+                if p_.grad is None:
+                    continue
+                dim = tp_dim(p_)
+                if dim is not None:
+                    parts = [torch.empty_like(p_.grad) for _ in range(a.tp)]
+                    dist.all_gather(parts, p_.grad.contiguous(), group=tp_group)
+                    whole[p_] = torch.cat(parts, dim)
+                elif getattr(p_, "average_gradients_across_tp_domain", False):
+                    dist.all_reduce(p_.grad, group=tp_group)
+                    p_.grad /= a.tp
+                elif getattr(p_, "sequence_parallel", False):
+                    dist.all_reduce(p_.grad, group=tp_group)
+    grads = {names[p_]: whole.get(p_, p_.grad).detach().cpu().clone() for m in models for p_ in m.parameters()
+             if p_.grad is not None}
+    first_cp = parallel_state.get_context_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
     torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses and first_cp else [],
-                "roles": roles, "stats": ic.STATS.snapshot()},
+                "roles": roles, "stats": ic.STATS.snapshot(), "topk_checked": topk_checked},
                f"{a.out}.rank{rank}.pt")
     dist.destroy_process_group()
 

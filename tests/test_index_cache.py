@@ -265,12 +265,13 @@ def _worker(tmp_path, name, nproc=1, **kw):
                           env=env, cwd=os.path.dirname(WORKER))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(nproc)]
-    merged = {"grads": {}, "losses": [], "roles": [], "stats": []}
+    merged = {"grads": {}, "losses": [], "roles": [], "stats": [], "topk_checked": 0}
     for d in ranks:
         merged["grads"].update(d["grads"])
         merged["losses"] += d["losses"]
         merged["roles"] += d["roles"]
         merged["stats"].append(d["stats"])
+        merged["topk_checked"] += d.get("topk_checked", 0)
     return merged
 
 
@@ -440,3 +441,27 @@ def test_context_parallel_with_pipeline_matches_single_rank(tmp_path):
     base = _worker(tmp_path, "cp1pp1", freq=2)
     both = _worker(tmp_path, "cp2pp2", nproc=4, cp=2, pp=2, freq=2)
     _assert_same_grads(both, base, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}])
+def test_tensor_parallel_with_sequence_parallel_matches_single_rank(tmp_path, extra):
+    """TP=2 with sequence parallelism over gloo (local modules: norms that accept SP, the
+    indexer replicated with its gradients averaged, the RoPE key gradient summed over TP),
+    index sharing on, 4 microbatches: the same loss and every gradient (split ones gathered) as
+    one rank."""
+    base = _worker(tmp_path, "tp1", freq=2, **extra)
+    tp2 = _worker(tmp_path, "tp2", nproc=2, tp=2, freq=2, **extra)
+    _assert_same_grads(tp2, base, rtol=1e-4, atol=1e-6)
+    assert tp2["topk_checked"] > 0  # every selection was compared across the TP ranks: identical
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other", [{"pp": 2}, {"cp": 2}])
+def test_tensor_parallel_combined_matches_single_rank(tmp_path, other):
+    """TP=2 (with SP) x PP=2 and TP=2 x CP=2 (4 processes over gloo): the same loss and every
+    gradient as one rank, identical top-k on the TP ranks."""
+    base = _worker(tmp_path, "one", freq=2)
+    both = _worker(tmp_path, "tp2x", nproc=4, tp=2, freq=2, **other)
+    _assert_same_grads(both, base, rtol=1e-4, atol=1e-6)
+    assert both["topk_checked"] > 0
