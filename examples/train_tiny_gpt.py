@@ -8,6 +8,7 @@ Python standard library's own source files as byte-level tokens (nothing to down
     python examples/train_tiny_gpt.py --device cuda         # GPU
     torchrun --nproc_per_node=2 examples/train_tiny_gpt.py --pp 2 --num-microbatches 4
     torchrun --nproc_per_node=2 examples/train_tiny_gpt.py --cp 2
+    torchrun --nproc_per_node=2 examples/train_tiny_gpt.py --tp 2 --sequence-parallel
 
 One line per step: LM loss, indexer KL loss, tokens/s, peak memory; a summary at the end.
 """
@@ -56,7 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--cp", type=int, default=1,
-                   help="context-parallel size (world size = pp * cp; Megatron's load-balanced split)")
+                   help="context-parallel size (Megatron's load-balanced split)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (world size = tp * cp * pp)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="sequence parallelism (required with --tp > 1: Megatron's absorbed MLA needs it)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=1234)
@@ -74,7 +78,7 @@ def parse_args(argv=None):
             p.error(msg)
 
     for name in ("steps", "seq_len", "micro_batch", "num_microbatches", "layers", "hidden",
-                 "heads", "topk", "indexer_heads", "indexer_dim", "pp", "cp"):
+                 "heads", "topk", "indexer_heads", "indexer_dim", "pp", "cp", "tp"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
     # sizes that end up as int32 ids / Megatron-Core's DSA fields (validate_dsa_config's bound)
     for name in ("topk", "indexer_heads", "indexer_dim"):
@@ -115,6 +119,10 @@ def parse_args(argv=None):
     need(args.indexer_dim & (args.indexer_dim - 1) == 0 and args.indexer_dim >= 16,
          "--indexer-dim must be a power of two >= 16 (Hadamard rotation)")
     need(args.seq_len <= 4096, "--seq-len must be <= 4096 for this example")
+    need(args.tp == 1 or args.sequence_parallel, "--tp > 1 needs --sequence-parallel")
+    need(not args.sequence_parallel or args.tp > 1, "--sequence-parallel needs --tp > 1")
+    need(args.heads % args.tp == 0, f"--heads ({args.heads}) must be divisible by --tp ({args.tp})")
+    need(args.seq_len % args.tp == 0, f"--seq-len must be divisible by --tp ({args.tp}) for sequence parallelism")
     need(args.seq_len % (2 * args.cp) == 0,
          f"--seq-len must be divisible by 2 * --cp = {2 * args.cp} (the load-balanced causal CP split)")
     chunks = args.pp * (args.vpp or 1)
@@ -196,6 +204,7 @@ def build(args):
         pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
         pipeline_dtype=torch.float32,
         context_parallel_size=args.cp, cp_comm_type="allgather" if args.cp > 1 else None,
+        tensor_model_parallel_size=args.tp, sequence_parallel=args.sequence_parallel,
         # Over gloo, batched p2p ops can be matched out of order under the interleaved schedule
         # (measured: wrong activations from the third microbatch on); unbatched ops are exact.
         batch_p2p_comm=not cpu,
@@ -278,9 +287,9 @@ def main(argv=None):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world != args.pp * args.cp:
-        raise SystemExit(f"error: --pp {args.pp} --cp {args.cp} need exactly {args.pp * args.cp} processes "
-                         f"(got WORLD_SIZE={world})")
+    if world != args.pp * args.cp * args.tp:
+        raise SystemExit(f"error: --pp {args.pp} --cp {args.cp} --tp {args.tp} need exactly "
+                         f"{args.pp * args.cp * args.tp} processes (got WORLD_SIZE={world})")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     if args.device == "cuda":
@@ -289,14 +298,14 @@ def main(argv=None):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     parallel_state.initialize_model_parallel(
         pipeline_model_parallel_size=args.pp, virtual_pipeline_model_parallel_size=args.vpp,
-        context_parallel_size=args.cp,
+        context_parallel_size=args.cp, tensor_model_parallel_size=args.tp,
     )
     active = patches.apply()
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(args.seed)
-    if args.device == "cuda":
+    if args.device == "cuda" or args.tp > 1:  # the model-parallel RNG states (SP forks them)
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(args.seed, use_cudagraphable_rng=args.cuda_graphs)
@@ -310,7 +319,7 @@ def main(argv=None):
     log = rank == world - 1
     if log:
         print(f"megatron-dsa tiny GPT: {args.layers} DSA layers, {n_params/1e6:.2f}M params/rank, "
-              f"device={args.device}, pp={args.pp}, vpp={args.vpp}, cp={args.cp}, topk={args.topk}, "
+              f"device={args.device}, pp={args.pp}, vpp={args.vpp}, cp={args.cp}, tp={args.tp}, topk={args.topk}, "
               f"patches={active}", flush=True)
         print(index_cache.format_schedule(index_cache.resolve_schedule(cfg)), flush=True)
 
@@ -328,9 +337,12 @@ def main(argv=None):
             num_microbatches=args.num_microbatches, seq_length=args.seq_len,
             micro_batch_size=args.micro_batch, forward_only=False,
         )
-        if args.cp > 1:  # average the gradients over the CP ranks (each saw its rows only)
-            for c in chunks:
-                c.finish_grad_sync()
+        if args.cp > 1 or args.tp > 1:
+            # Megatron's gradient finalisation: average over the CP ranks (each saw its rows
+            # only), sum the sequence-parallel norms' and average the replicated indexers' over TP
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads(chunks)
         ok, grad_norm, _ = opt.step()
         totals = {}
         DSAIndexerLossLoggingHelper.track_indexer_metrics(

@@ -143,15 +143,17 @@ def test_example_stops_on_non_finite_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_example_context_parallel_trains_like_one_rank(tmp_path):
-    """``--cp 2`` (two processes over gloo): the same LM and indexer losses, step by step, as one
-    process, through the optimizer (the dense indexer loss, then the sparse one)."""
+@pytest.mark.parametrize("parallel", [["--cp", "2"], ["--tp", "2", "--sequence-parallel"]])
+def test_example_parallel_trains_like_one_rank(tmp_path, parallel):
+    """``--cp 2`` / ``--tp 2 --sequence-parallel`` (two processes over gloo): the same LM and
+    indexer losses, step by step, as one process, through the optimizer (the dense indexer
+    loss, then the sparse one)."""
     args = SMALL + ["--steps", "6"]
-    (tmp_path / "cp1").mkdir()
-    (tmp_path / "cp2").mkdir()
-    one, _ = _run(args, tmp_path / "cp1")
-    two, stdout = _run(args + ["--cp", "2"], tmp_path / "cp2", nproc=2)
-    assert "cp=2" in stdout
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, _ = _run(args, tmp_path / "one")
+    two, stdout = _run(args + parallel, tmp_path / "two", nproc=2)
+    assert f"{parallel[0][2:]}=2" in stdout
     for a, b in zip(two, one):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-4), (a["step"], a["lm_loss"], b["lm_loss"])
         assert a["indexer_loss"] == pytest.approx(b["indexer_loss"], rel=1e-2), a["step"]  # ~1e-8: fp32 noise
