@@ -37,6 +37,8 @@ def to_mcore_spec(spec):
         sub = getattr(node, "submodules", None)
         if getattr(node, "module", None) is ours.DSAttention:
             node.module = md.DSAttention
+            # our core attention's own spec parameters do not exist on Megatron-Core's
+            node.params = {k: v for k, v in (node.params or {}).items() if k != "reduce_rope_key_grad"}
         if getattr(node, "module", None) is ours.DSAIndexer:
             node.module = md.DSAIndexer
         if sub is None:
