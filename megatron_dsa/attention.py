@@ -90,7 +90,7 @@ class _SumGradOver(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # one copy, reduced in place
         torch.distributed.all_reduce(grad, group=ctx.group)
         return grad, None
 
@@ -336,11 +336,8 @@ class DSAttention(MegatronModule):
         if plugin.loss_target == "recompute":
             return False
         sq, b, heads, d = query.shape
-        deterministic = plugin.deterministic
-        if deterministic is None:
-            deterministic = torch.are_deterministic_algorithms_enabled()
         attention = sparse_mla_backend(plugin.attention_backend, query.device, query.dtype, heads, d,
-                                       self.latent_dim, deterministic, key.shape[0] * b, warn=False)
+                                       self.latent_dim, plugin.deterministic, key.shape[0] * b, warn=False)
         why = loss_target_reason(attention, heads)
         if why is not None:
             why = f"the sparse attention's backward cannot hand over the target: {why}"

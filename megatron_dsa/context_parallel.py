@@ -85,12 +85,12 @@ class _GatherRows(torch.autograd.Function):
         import torch.distributed as dist
 
         size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        grad = grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl" and ctx.dim == 0:
+            grad = grad.contiguous()
             out = grad.new_empty((grad.shape[0] // size,) + tuple(grad.shape[1:]))
             dist.reduce_scatter_tensor(out, grad, group=ctx.group)
             return out, None, None
-        grad = grad.clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # one copy, reduced in place
         dist.all_reduce(grad, group=ctx.group)
         return grad.chunk(size, ctx.dim)[rank].contiguous(), None, None
 

@@ -118,20 +118,21 @@ def test_deterministic_follows_torch_flag(monkeypatch):
     orig = dispatch.select_backend
 
     def spy(*args, **kw):
-        seen.append(args[6])
-        return orig(*args, **kw)
+        choice = orig(*args, **kw)
+        seen.append(choice.backward)
+        return choice
 
     monkeypatch.setattr(dispatch, "select_backend", spy)
     q, kv, idx, dv = mla_inputs()
-    sparse_mla(q, kv, idx, 0.1, d_v=dv)
+    sparse_mla(q, kv, idx, 0.1, d_v=dv, backend="triton")
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        sparse_mla(q, kv, idx, 0.1, d_v=dv)
-        sparse_mla(q, kv, idx, 0.1, d_v=dv, deterministic=False)
+        sparse_mla(q, kv, idx, 0.1, d_v=dv, backend="triton")
+        sparse_mla(q, kv, idx, 0.1, d_v=dv, backend="triton", deterministic=False)
     finally:
         torch.use_deterministic_algorithms(prev)
-    assert seen == [False, True, False]
+    assert seen == ["triton", "triton-deterministic", "triton"]
 
 
 def test_loss_backend_choice():

@@ -14,7 +14,6 @@ Each op's ``dispatch.select_backend`` returns a :class:`KernelChoice`;
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -49,9 +48,8 @@ def check_backend(op: str, backend: str, choices=BACKENDS) -> None:
 
 
 def triton_reason(device: torch.device) -> Optional[str]:
-    """Why the Triton kernels cannot run on ``device`` (``None`` when they can)."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
+    """Why the Triton kernels cannot run on ``device`` (``None`` when they can). Triton is a
+    dependency (the kernel modules import it), so only the device decides."""
     if device.type == "cuda":
         return None
     if interpreting():

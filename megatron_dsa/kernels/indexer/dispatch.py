@@ -41,8 +41,8 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
         return KernelChoice(OP, backend, "triton", None, "asked for")
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", None, f"{device.type} tensors run the PyTorch reference")
-    why = triton_reason(device) or (None if pow2 else f"head dim {head_dim} is not a power of two >= 16")
-    if why is not None:
+    if not pow2:
+        why = f"head dim {head_dim} is not a power of two >= 16"
         if warn:
             warn_once(OP, f"running the PyTorch reference: {why}")
         return KernelChoice(OP, backend, "reference", None, why)

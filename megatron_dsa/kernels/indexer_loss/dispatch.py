@@ -15,7 +15,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .._validate import INDEX_DTYPES, check_dim, check_indexer_tensors, check_same_device, check_tensor, check_windows
-from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
+from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason
 from ..indexer.reference import causal_window
 from .chunked import indexer_loss_chunked
 from .reference import indexer_loss_reference
@@ -30,7 +30,8 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, spars
                    warn: bool = True) -> KernelChoice:
     """Which implementation runs the indexer loss (raises when ``backend`` cannot).
     ``forward``: ``"triton"`` (fused kernels), ``"chunked"`` (row-chunked PyTorch) or
-    ``"reference"``; the backward is the same implementation's."""
+    ``"reference"``; the backward is the same implementation's. (``warn``: kept for the common
+    signature; the loss has no fallback to warn about.)"""
     check_backend(OP, backend, BACKENDS)
     if backend == "cuda":
         raise ValueError(f"{OP}: backend='cuda': the indexer loss has no CUDA-C kernel; its fused path is "
@@ -46,11 +47,6 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, spars
         return KernelChoice(OP, backend, fused, fused, f"asked for; {why_fused}")
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", "reference", f"{device.type} tensors run the PyTorch reference")
-    why = triton_reason(device)
-    if why is not None:
-        if warn:
-            warn_once(OP, f"running the PyTorch reference: {why}")
-        return KernelChoice(OP, backend, "reference", "reference", why)
     return KernelChoice(OP, backend, fused, fused, why_fused)
 
 

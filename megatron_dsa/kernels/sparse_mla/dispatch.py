@@ -39,10 +39,12 @@ OP = "sparse_mla"
 
 
 def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads: int, d_qk: int, d_v: int,
-                   deterministic: bool = False, num_keys: Optional[int] = None, warn: bool = True) -> KernelChoice:
-    """Which implementation runs sparse MLA for these inputs (raises when ``backend`` cannot)."""
+                   deterministic: Optional[bool] = False, num_keys: Optional[int] = None,
+                   warn: bool = True) -> KernelChoice:
+    """Which implementation runs sparse MLA for these inputs (raises when ``backend`` cannot).
+    ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``."""
     check_backend(OP, backend, BACKENDS)
-    det = bool(deterministic)
+    det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
     tri_bwd = "triton-deterministic" if det else "triton"
     if backend == "reference":
         return KernelChoice(OP, backend, "reference", "reference", "asked for")
@@ -62,17 +64,12 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     # auto
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", "reference", f"{device.type} tensors run the PyTorch reference")
-    why_triton = triton_reason(device)
     why_cuda = cuda_impl.unsupported_reason(device, dtype, d_qk, d_v, num_keys)
     if why_cuda is None:
         if det:
             return KernelChoice(OP, backend, "cuda", tri_bwd, "the CUDA backward is not deterministic")
         return KernelChoice(OP, backend, "cuda", "cuda", f"sm_90a CUDA kernels ({heads} heads)")
     kernel_shapes = dtype == torch.bfloat16 and d_qk == 576 and d_v == 512
-    if why_triton is not None:
-        if warn:
-            warn_once(OP, f"running the PyTorch reference: {why_cuda}; {why_triton}")
-        return KernelChoice(OP, backend, "reference", "reference", f"{why_cuda}; {why_triton}")
     if warn and kernel_shapes:
         warn_once(OP, f"running Triton instead of the CUDA kernels: {why_cuda}")
     return KernelChoice(OP, backend, "triton", tri_bwd, why_cuda)
@@ -143,9 +140,7 @@ def sparse_mla(
     if kv.dtype != q.dtype:
         raise TypeError(f"kv dtype {kv.dtype} must match q dtype {q.dtype}")
     check_same_device(q=q, kv=kv, indices=indices, topk_length=topk_length, sink=sink)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, bool(deterministic), kv.shape[0])
+    choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, deterministic, kv.shape[0])
     if loss_target is not None:
         if tuple(loss_target.shape) != tuple(indices.shape) or loss_target.dtype != torch.float32:
             raise ValueError(f"loss_target must be fp32 {tuple(indices.shape)} (the indices' shape), got "
