@@ -29,7 +29,10 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
-from .context_parallel import cp_causal_window, cp_gather, cp_positions
+from .context_parallel import (
+    cp_causal_window, cp_gather, cp_gather_order, cp_packed_causal_window, cp_packed_check, cp_packed_positions,
+    cp_positions,
+)
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, indexer_topk, packed_causal_window
 from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
@@ -78,6 +81,14 @@ class DSAIndexer(mcore_dsa.DSAIndexer):
 
         w = self.linear_weights_proj(x)[0] * (H**-0.5 * self.softmax_scale)
         return q, k, w
+
+
+def _is_thd(packed_seq_params) -> bool:
+    return packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+
+
+def _capturing(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class _SumGradOver(torch.autograd.Function):
@@ -202,10 +213,20 @@ class DSAttention(MegatronModule):
             )
         row_valid = None
         if self.cp_group is not None:
-            if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-                raise ValueError("context_parallel_size > 1 with packed (THD) sequences is not supported by "
-                                 "megatron-dsa yet; use unpacked batches or context_parallel_size=1")
-            positions = cp_positions(sk, self.cp_group.size(), self.cp_group.rank(), device=device)
+            cp, rank = self.cp_group.size(), self.cp_group.rank()
+            if _is_thd(packed_seq_params):
+                cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
+                cu_q = cu_q.to(device)
+                if not _capturing(device):
+                    cp_packed_check(cu_q, cp, sq, "packed_seq_params.cu_seqlens_q(_padded)")
+                positions = cp_packed_positions(cu_q, cp, rank, sq)
+                starts, ends = cp_packed_causal_window(cu_q, positions)
+                rv = getattr(packed_seq_params, "real_token_mask_q", None)
+                if rv is not None:  # this rank's rows, or the whole packed batch's
+                    rv = rv.to(device=device, dtype=torch.bool).reshape(-1)
+                    row_valid = (rv if rv.numel() == sq else rv[positions]).reshape(1, sq)
+                return starts, ends, row_valid
+            positions = cp_positions(sk, cp, rank, device=device)
             starts, ends = cp_causal_window(positions, b)
             return starts, ends, row_valid
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
@@ -243,7 +264,7 @@ class DSAttention(MegatronModule):
             d = self.config.kv_lora_rank
             key = torch.cat([key[..., :d], _SumGradOver.apply(key[..., d:], self.rope_grad_group)], dim=-1)
         if self.cp_group is not None:  # all of the sequence's latent KV rows, in global order
-            key = cp_gather(key, 0, self.cp_group)
+            key = cp_gather(key, 0, self.cp_group, self._cp_order(packed_seq_params, key.shape[0], key.device))
         sq, b, heads, _ = query.shape
         sk = key.shape[0]
         plugin = get_plugin_config(self.config)
@@ -322,6 +343,13 @@ class DSAttention(MegatronModule):
         out = torch.einsum("sbhc,hdc->sbhd", out, up_v).reshape(sq, b, heads * up_v.shape[1])
         return out.squeeze(1) if thd else out
 
+    def _cp_order(self, packed_seq_params, rows, device):
+        """Gather order of a packed batch's per-document CP chunks (None: the plain layout)."""
+        if not _is_thd(packed_seq_params):
+            return None
+        cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
+        return cp_gather_order(cu_q.to(device), self.cp_group.size(), rows)
+
     def _record_loss(self, loss: torch.Tensor) -> None:
         # under CP each rank's loss is its rows' share of the whole sequence's: the logged value
         # sums the shares over the CP group
@@ -357,7 +385,7 @@ class DSAttention(MegatronModule):
         with torch.set_grad_enabled(grad):
             q_i, k_i, w_i = indexer.forward_before_topk(x.detach(), qr.detach(), packed_seq_params)
             if self.cp_group is not None:  # every query row scores all keys of the sequence
-                k_i = cp_gather(k_i, 0, self.cp_group)
+                k_i = cp_gather(k_i, 0, self.cp_group, self._cp_order(packed_seq_params, k_i.shape[0], k_i.device))
         return q_i.transpose(0, 1), k_i.transpose(0, 1), w_i.transpose(0, 1)
 
     def _topk_for_forward(self, x, qr, q_i, k_i, w_i, starts, ends, sig, packed_seq_params, plugin):

@@ -1,16 +1,18 @@
-"""Context-parallel layout of a DSA layer's query rows (building blocks for CP; the layer itself
-still refuses ``context_parallel_size > 1``).
+"""Context-parallel layout of a DSA layer's rows.
 
 Megatron splits a causal sequence for CP into ``2 * cp_size`` equal chunks and gives rank ``r``
 chunks ``r`` and ``2 * cp_size - 1 - r`` (``get_batch_on_this_cp_rank``), so every rank holds
-early and late rows and the causal work is balanced. Under CP a DSA layer scores its own query
-rows against *all* keys (all-gathered), with causal windows taken from the rows' global
-positions, and the top-k ids it selects are global key ids:
+early and late rows and the causal work is balanced. A packed (THD) batch is split the same way
+*per document* (``_get_batch_on_this_cp_rank_per_document_balancing``: every document's padded
+length is a multiple of ``2 * cp_size``; ``cu_seqlens`` stay global). Under CP a DSA layer scores
+its own query rows against *all* keys (all-gathered and put back in global order), with causal
+and document windows taken from the rows' global positions; the top-k ids are global key ids:
 
-* :func:`cp_positions` — the global positions of one rank's rows, in its local row order;
-* :func:`cp_causal_window` — their ``[start, end)`` key windows over the whole sequence;
-* :func:`cp_work` — each rank's indexer and sparse-attention work (scored keys, attended
-  slots), to check the balance.
+* :func:`cp_positions` / :func:`cp_packed_positions` — the global positions of one rank's rows,
+  in its local row order (computed on the device, no host read);
+* :func:`cp_causal_window` / :func:`cp_packed_causal_window` — their ``[start, end)`` windows;
+* :func:`cp_gather` — the whole sequence from every rank's rows (differentiable);
+* :func:`cp_work` — each rank's indexer and sparse-attention work, to check the balance.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["cp_positions", "cp_causal_window", "cp_work", "cp_gather"]
+__all__ = ["cp_positions", "cp_causal_window", "cp_packed_positions", "cp_packed_causal_window",
+           "cp_packed_check", "cp_gather_order", "cp_work", "cp_gather"]
 
 
 def _check(seq_len: int, cp_size: int, cp_rank: int) -> None:
@@ -53,6 +56,71 @@ def cp_causal_window(positions: torch.Tensor, batch: int = 1) -> Tuple[torch.Ten
     ends = (positions.to(torch.int64) + 1).to(torch.int32)
     starts = torch.zeros_like(ends)
     return starts.expand(batch, -1).contiguous(), ends.expand(batch, -1).contiguous()
+
+
+def cp_packed_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, rows: int) -> torch.Tensor:
+    """Global positions (int64 ``[rows]``) of CP rank ``cp_rank``'s ``rows`` packed rows.
+
+    ``cu_seqlens`` are the global (padded) document boundaries; every document's length is a
+    multiple of ``2 * cp_size`` and the rank holds, per document in order, that document's chunks
+    ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of ``2 * cp_size`` (Transformer Engine's
+    ``thd_get_partitioned_indices``). Local rows past ``cu_seqlens[-1] / cp_size`` (trailing
+    padding) map to the positions past ``cu_seqlens[-1]``, rank by rank. Device-side only.
+    """
+    _check(rows * 2 * cp_size, cp_size, cp_rank)
+    cu = cu_seqlens.to(torch.int64).reshape(-1)
+    if cu.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor with at least 2 entries")
+    if cp_size == 1:
+        return torch.arange(rows, device=cu.device)
+    local_cu = cu // cp_size
+    i = torch.arange(rows, device=cu.device)
+    doc = (torch.searchsorted(local_cu, i, right=True) - 1).clamp(max=cu.numel() - 2)
+    half = (cu[doc + 1] - cu[doc]) // (2 * cp_size)
+    o = i - local_cu[doc]
+    chunk = torch.where(o < half, torch.full_like(o, cp_rank), torch.full_like(o, 2 * cp_size - 1 - cp_rank))
+    pos = cu[doc] + chunk * half + torch.where(o < half, o, o - half)
+    tail_len = rows - local_cu[-1]
+    tail = cu[-1] + cp_rank * tail_len + (i - local_cu[-1])
+    return torch.where(i >= local_cu[-1], tail, pos)
+
+
+def cp_packed_check(cu_seqlens: torch.Tensor, cp_size: int, rows: int, name: str = "cu_seqlens") -> None:
+    """Raise unless every document of ``cu_seqlens`` splits into ``2 * cp_size`` equal chunks and
+    the documents fit the ``rows * cp_size`` packed rows (reads ``cu_seqlens`` on the host: the
+    layer skips it while a CUDA graph is being captured)."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64).reshape(-1)
+    lens = cu[1:] - cu[:-1]
+    bad = torch.nonzero(lens % (2 * cp_size)).flatten()
+    if bad.numel():
+        d = int(bad[0])
+        raise ValueError(
+            f"{name}: document {d} has length {int(lens[d])}, not a multiple of 2 * "
+            f"context_parallel_size = {2 * cp_size}; pad every document (cu_seqlens_q_padded) for the "
+            "load-balanced per-document CP split"
+        )
+    if int(cu[-1]) > rows * cp_size:
+        raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the packed rows of the CP group "
+                         f"({rows} per rank x {cp_size})")
+
+
+def cp_packed_causal_window(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[start, end)`` windows (int32 ``[1, rows]``) of packed rows at global ``positions``: a
+    row sees its own document's keys up to itself; rows past ``cu_seqlens[-1]`` see nothing."""
+    cu = cu_seqlens.to(device=positions.device, dtype=torch.int64).reshape(-1)
+    p = positions.to(torch.int64)
+    doc = (torch.searchsorted(cu, p, right=True) - 1).clamp(max=cu.numel() - 2)
+    padding = p >= cu[-1]
+    starts = torch.where(padding, p, cu[doc]).to(torch.int32)
+    ends = torch.where(padding, p, p + 1).to(torch.int32)
+    return starts.unsqueeze(0), ends.unsqueeze(0)
+
+
+def cp_gather_order(cu_seqlens: torch.Tensor, cp_size: int, rows: int) -> torch.Tensor:
+    """For a packed batch: ``order[g]`` = the row of the rank-major all-gather that holds global
+    position ``g`` (int64 ``[rows * cp_size]``), for :func:`cp_gather`."""
+    held = torch.cat([cp_packed_positions(cu_seqlens, cp_size, r, rows) for r in range(cp_size)])
+    return torch.argsort(held)
 
 
 def cp_work(seq_len: int, cp_size: int, topk: int, ranks: Optional[List[int]] = None) -> List[Dict[str, int]]:
@@ -95,14 +163,17 @@ class _GatherRows(torch.autograd.Function):
         return grad.chunk(size, ctx.dim)[rank].contiguous(), None, None
 
 
-def cp_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+def cp_gather(t: torch.Tensor, dim: int, group, order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The whole sequence, in global order, from every CP rank's rows of ``t`` along ``dim``
-    (each rank's rows are its two chunks, :func:`cp_positions`). Differentiable: the backward
+    (each rank's rows are its two chunks, :func:`cp_positions`; with ``order``, from
+    :func:`cp_gather_order`, a packed batch's per-document chunks). Differentiable: the backward
     returns to each rank the summed gradient of its own rows."""
     import torch.distributed as dist
 
     cp = dist.get_world_size(group)
     full = _GatherRows.apply(t, dim, group)  # [rank 0: chunk 0, chunk 2cp-1 | rank 1: chunk 1, ...]
+    if order is not None:
+        return full.index_select(dim, order)
     chunks = full.chunk(2 * cp, dim)
     order = [None] * (2 * cp)
     for r in range(cp):

@@ -19,6 +19,9 @@ def main():
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (with sequence parallelism)")
     p.add_argument("--per-token-loss", action="store_true")
+    p.add_argument("--packed", action="store_true",
+                   help="packed THD microbatches (one row of several documents); CP splits them per document")
+    p.add_argument("--seed", type=int, default=7, help="seed of the token batches")
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--microbatches", type=int, default=4)
@@ -94,7 +97,7 @@ def main():
         vp_stage = vp if a.vpp else None
         m = GPTModel(
             config=cfg, transformer_layer_spec=get_dsa_gpt_block_spec(cfg, vp_stage=vp_stage),
-            vocab_size=64, max_sequence_length=32, position_embedding_type="none",
+            vocab_size=64, max_sequence_length=64, position_embedding_type="none",
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=False, vp_stage=vp_stage,
@@ -124,24 +127,49 @@ def main():
             names[prm] = g
         models.append(m.cuda() if cuda else m)
 
-    gen = torch.Generator().manual_seed(7)
-    batches = [torch.randint(0, 64, (2, 33), generator=gen).to(a.device) for _ in range(a.microbatches)]
+    mbs, seq = (1, 64) if a.packed else (2, 32)
+    gen = torch.Generator().manual_seed(a.seed)
+    batches = [torch.randint(0, 64, (mbs, seq + 1), generator=gen).to(a.device) for _ in range(a.microbatches)]
+    # packed: documents of different lengths (multiples of 2 * CP), a different split per microbatch
+    doc_lens = [[12, 20, 16, 16], [28, 4, 32], [64], [8, 8, 24, 24]]
+    cu_seqlens = [torch.tensor([0] + torch.tensor(d).cumsum(0).tolist(), dtype=torch.int32, device=a.device)
+                  for d in doc_lens]
 
     def make_iter():
-        out = [{"tokens": b[:, :-1], "labels": b[:, 1:]} for b in batches]
-        if a.cp > 1:  # Megatron's own load-balanced CP split of every sequence
-            from megatron.core.utils import get_batch_on_this_cp_rank
+        from megatron.core.packed_seq_params import PackedSeqParams
 
+        out = []
+        for i, b in enumerate(batches):
+            d = {"tokens": b[:, :-1], "labels": b[:, 1:], "cu_seqlens": None}
+            if a.packed:
+                cu = cu_seqlens[i % len(cu_seqlens)]
+                mx = int((cu[1:] - cu[:-1]).max())
+                d.update(cu_seqlens=cu[None], cu_seqlens_padded=cu[None], packed_seq_params=PackedSeqParams(
+                    qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                    cu_seqlens_kv_padded=cu, max_seqlen_q=mx, max_seqlen_kv=mx))
+            out.append(d)
+        if a.cp > 1:  # Megatron's own load-balanced CP split (per document when packed)
+            from megatron.core import utils as mcore_utils
+
+            if a.packed and mcore_utils.tex is None:
+                # Megatron calls Transformer Engine's thd_get_partitioned_indices, absent on the
+                # CPU: the plugin's own per-document zigzag positions stand in for it
+                import types
+
+                from megatron_dsa.context_parallel import cp_packed_positions
+
+                mcore_utils.tex = types.SimpleNamespace(thd_get_partitioned_indices=(
+                    lambda cu, total, cp, r: cp_packed_positions(cu, cp, r, total // cp)))
             cp_group = parallel_state.get_context_parallel_group()
-            out = [get_batch_on_this_cp_rank(dict(d, cu_seqlens=None), is_hybrid_cp=False, cp_group=cp_group)
-                   for d in out]
+            out = [mcore_utils.get_batch_on_this_cp_rank(d, is_hybrid_cp=False, cp_group=cp_group) for d in out]
         return iter(out)
 
     iters = [make_iter() for _ in models]
 
     def step(it, model):
         batch = next(it)
-        out = model(batch["tokens"], None, None, labels=batch["labels"])
+        out = model(batch["tokens"], None, None, labels=batch["labels"],
+                    packed_seq_params=batch.get("packed_seq_params"))
 
         def loss_fn(t):
             if a.per_token_loss:  # a sum and its token count; the gradients are divided at the end
@@ -184,18 +212,18 @@ def main():
         get_forward_backward_func()(
             forward_step_func=step, data_iterator=[iter(other) for _ in models] if len(models) > 1 else iter(other),
             model=models if len(models) > 1 else models[0], num_microbatches=a.microbatches,
-            seq_length=32, micro_batch_size=2, forward_only=True,
+            seq_length=seq, micro_batch_size=mbs, forward_only=True,
         )
     ic.STATS.reset()
     losses = get_forward_backward_func()(
         forward_step_func=step, data_iterator=iters if len(models) > 1 else iters[0],
         model=models if len(models) > 1 else models[0], num_microbatches=a.microbatches,
-        seq_length=32, micro_batch_size=2, forward_only=False,
+        seq_length=seq, micro_batch_size=mbs, forward_only=False,
     )
     roles = [r for r in ic.resolve_schedule(cfg) if r.stage == parallel_state.get_pipeline_model_parallel_rank()]
     # what Megatron's DDP and finalize_model_grads do over the CP ranks: average the gradients
     # (per-token loss: sum them and divide by the tokens of the step); sum the loss shares
-    tokens = a.microbatches * 2 * 32
+    tokens = a.microbatches * mbs * seq
     cp_group = parallel_state.get_context_parallel_group() if a.cp > 1 else None
     for m in models:
         for p_ in m.parameters():

@@ -12,8 +12,11 @@ import textwrap
 import pytest
 import torch
 
-from megatron_dsa.context_parallel import cp_causal_window, cp_positions, cp_work
-from megatron_dsa.kernels.indexer import indexer_topk
+from megatron_dsa.context_parallel import (
+    cp_causal_window, cp_gather_order, cp_packed_causal_window, cp_packed_check, cp_packed_positions, cp_positions,
+    cp_work,
+)
+from megatron_dsa.kernels.indexer import indexer_topk, packed_causal_window
 from megatron_dsa.kernels.sparse_mla import sparse_mla
 
 from helpers import rel
@@ -58,6 +61,50 @@ def test_positions_cover_the_sequence_once():
         cp_positions(64, 4, 4)
 
 
+def _per_document_zigzag(doc_lens, cp, rank):
+    """Transformer Engine's ``thd_get_partitioned_indices``, written out: per document (in
+    order), its chunks ``rank`` and ``2 * cp - 1 - rank`` of ``2 * cp``."""
+    out, start = [], 0
+    for n in doc_lens:
+        c = n // (2 * cp)
+        out += list(range(start + rank * c, start + (rank + 1) * c))
+        out += list(range(start + (2 * cp - 1 - rank) * c, start + (2 * cp - rank) * c))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_packed_positions_are_the_per_document_split(cp):
+    docs = [4 * cp, 12 * cp, 2 * cp, 6 * cp]
+    cu = torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist(), dtype=torch.int32)
+    total = sum(docs)
+    held = []
+    for r in range(cp):
+        pos = cp_packed_positions(cu, cp, r, total // cp)
+        assert pos.tolist() == _per_document_zigzag(docs, cp, r)
+        held.append(pos)
+        cp_packed_check(cu, cp, total // cp)
+        # windows: the row's own document up to itself (== the unsplit packed windows at its rows)
+        st, en = cp_packed_causal_window(cu, pos)
+        full_st, full_en = packed_causal_window(cu, total)
+        assert torch.equal(st, full_st[:, pos]) and torch.equal(en, full_en[:, pos])
+    order = cp_gather_order(cu, cp, total // cp)
+    assert torch.equal(torch.cat(held)[order], torch.arange(total))  # the gather puts rows back in order
+
+
+def test_packed_trailing_rows_and_errors():
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    # 20 rows (5 per rank at CP=4... here CP=2: 10 per rank): 8 from documents, 2 trailing per rank
+    p0, p1 = (cp_packed_positions(cu, 2, r, 10) for r in (0, 1))
+    assert p0[-2:].tolist() == [16, 17] and p1[-2:].tolist() == [18, 19]
+    st, en = cp_packed_causal_window(cu, p1)
+    assert torch.equal(st[0, -2:], en[0, -2:])  # trailing rows see no key
+    with pytest.raises(ValueError, match="document 1 has length 6, not a multiple of 2 \\* context_parallel_size = 4"):
+        cp_packed_check(torch.tensor([0, 8, 14]), 2, 8)
+    with pytest.raises(ValueError, match="exceeds the packed rows"):
+        cp_packed_check(torch.tensor([0, 8, 16]), 2, 4)
+
+
 @pytest.mark.parametrize("S", [32768, 131072, 262144])
 @pytest.mark.parametrize("cp", [2, 4, 8])
 def test_work_is_balanced(S, cp):
@@ -74,7 +121,7 @@ def test_work_is_balanced(S, cp):
         assert sum(vals) == cp_work(S, 1, topk=2048)[0][key]  # nothing lost or counted twice
 
 
-def _shards_match_full(device, dtype, backend, S=256, cp=4, H=2, D=80, dv=64, IH=4, ID=16, K=24):
+def _shards_match_full(device, dtype, backend, S=256, cp=4, H=2, D=80, dv=64, IH=4, ID=16, K=24, packed=False):
     tol = 1e-3 if dtype == torch.float32 else 1e-2  # bf16: the full run's gradient is rounded to bf16
     g = torch.Generator(device=device).manual_seed(0)
     qi = torch.randn(1, S, IH, ID, device=device, generator=g)
@@ -82,14 +129,25 @@ def _shards_match_full(device, dtype, backend, S=256, cp=4, H=2, D=80, dv=64, IH
     wi = torch.randn(1, S, IH, device=device, generator=g)
     q = torch.randn(S, H, D, device=device, generator=g).to(dtype)
     kv = torch.randn(S, D, device=device, generator=g).to(dtype)
-    full_idx, _ = indexer_topk(qi, ki, wi, K, backend=backend)
+    cu = None
+    if packed:  # three documents (multiples of 2 * cp), the per-document split
+        unit = S // 8
+        cu = torch.tensor([0, 3 * unit, 4 * unit, S], dtype=torch.int32, device=device)
+        fst, fen = packed_causal_window(cu, S)
+        full_idx, _ = indexer_topk(qi, ki, wi, K, fst, fen, backend=backend)
+    else:
+        full_idx, _ = indexer_topk(qi, ki, wi, K, backend=backend)
     kva = kv.clone().requires_grad_()
     full_out, full_lse = sparse_mla(q, kva, full_idx[0], 0.1, d_v=dv, backend=backend)
     full_out.float().sum().backward()
     dkv_sum = torch.zeros_like(kv, dtype=torch.float32)
     for r in range(cp):
-        pos = cp_positions(S, cp, r, device=device)
-        st, en = cp_causal_window(pos)
+        if packed:
+            pos = cp_packed_positions(cu, cp, r, S // cp)
+            st, en = cp_packed_causal_window(cu, pos)
+        else:
+            pos = cp_positions(S, cp, r, device=device)
+            st, en = cp_causal_window(pos)
         idx, _ = indexer_topk(qi[:, pos], ki, wi[:, pos], K, st, en, backend=backend)
         assert torch.equal(idx.sort(-1).values, full_idx[:, pos].sort(-1).values), r  # global ids
         kvr = kv.clone().requires_grad_()
@@ -102,14 +160,18 @@ def _shards_match_full(device, dtype, backend, S=256, cp=4, H=2, D=80, dv=64, IH
     assert rel(dkv_sum.double(), kva.grad.double()) < tol
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_cp_shards_equal_the_full_rows(backend):
-    _shards_match_full("cpu", torch.float32, backend)
+def test_cp_shards_equal_the_full_rows(backend, packed):
+    _shards_match_full("cpu", torch.float32, backend, packed=packed)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("H", [16, 128])
-def test_gpu_cp_shards_equal_the_full_rows(H):
-    """The fused kernels (CUDA sparse MLA at its shapes, Triton indexer) on CP shards."""
-    _shards_match_full("cuda", torch.bfloat16, "auto", S=4096, cp=4, H=H, D=576, dv=512, IH=64, ID=128, K=512)
+def test_gpu_cp_shards_equal_the_full_rows(H, packed):
+    """The fused kernels (CUDA sparse MLA at its shapes, Triton indexer) on CP shards (plain, and
+    packed documents split per document: global ids, document windows)."""
+    _shards_match_full("cuda", torch.bfloat16, "auto", S=4096, cp=4, H=H, D=576, dv=512, IH=64, ID=128, K=512,
+                       packed=packed)
