@@ -1,0 +1,142 @@
+"""Megatron's own training loop: ``megatron_dsa.enable()``, the ``--dsa-*`` plugin flags, and
+``examples/pretrain_dsa.py`` (``megatron.training.pretrain`` with Megatron's mock dataset) on the
+CPU with both implementations."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import megatron_dsa
+from megatron_dsa import integration
+
+from helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "pretrain_dsa.py")
+
+TINY = (
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 128 --num-layers 2 --hidden-size 64 "
+    "--num-attention-heads 4 --ffn-hidden-size 128 --seq-length 64 --max-position-embeddings 64 "
+    "--micro-batch-size 2 --global-batch-size 2 --train-iters 6 --lr 1e-3 --multi-latent-attention "
+    "--q-lora-rank 32 --kv-lora-rank 32 --qk-head-dim 16 --qk-pos-emb-head-dim 8 --v-head-dim 16 "
+    "--position-embedding-type rope --experimental-attention-variant dsa --dsa-indexer-n-heads 4 "
+    "--dsa-indexer-head-dim 16 --dsa-indexer-topk 16 --dsa-indexer-loss-coeff 0.01 "
+    "--transformer-impl local --distributed-backend gloo --use-cpu-initialization "
+    "--no-gradient-accumulation-fusion --no-persist-layer-norm --no-rope-fusion --clip-grad 0 "
+    "--eval-iters 0 --eval-interval 1000 --log-interval 1 --disable-bias-linear "
+    "--no-dsa-indexer-rotate-activation --rerun-mode disabled"
+).split()
+
+
+@pytest.fixture
+def enabled():
+    names = megatron_dsa.enable(log=False)
+    yield names
+    megatron_dsa.disable()
+
+
+def test_enable_redirects_megatrons_builders_and_undoes(enabled):
+    from megatron.core.models.gpt import experimental_attention_variant_module_specs as specs
+    from megatron.training.models import gpt as training_gpt
+
+    name = "get_transformer_block_with_experimental_attention_variant_spec"
+    assert f"{specs.__name__}:{name}" in enabled and f"{training_gpt.__name__}:{name}" in enabled
+    assert "megatron.training.arguments:_add_experimental_attention_variant_args" in enabled
+    wrapped = getattr(specs, name)
+    assert getattr(training_gpt, name) is wrapped
+    assert megatron_dsa.enable(log=False) == enabled  # idempotent
+    original = wrapped.__wrapped__
+    megatron_dsa.disable()
+    assert getattr(specs, name) is original and getattr(training_gpt, name) is original
+    assert not integration.is_enabled()
+    megatron_dsa.enable(log=False)  # for the fixture's disable()
+
+
+def test_megatrons_own_builder_builds_our_layers(mcore, enabled):
+    """Megatron-Core's GPT block builder for experimental_attention_variant="dsa" (the one
+    ``megatron.training`` calls) now returns megatron-dsa's DSAttention / DSAIndexer on local
+    modules (Megatron-Core's builder alone asserts Transformer Engine)."""
+    from megatron.core.models.gpt import experimental_attention_variant_module_specs as specs
+
+    from megatron_dsa.attention import DSAIndexer, DSAttention
+
+    cfg = tiny_config(num_layers=2)
+    block = specs.get_transformer_block_with_experimental_attention_variant_spec(config=cfg, vp_stage=None)
+    core = block.layer_specs[0].submodules.self_attention.submodules.core_attention
+    assert core.module is DSAttention and core.submodules.indexer.module is DSAIndexer
+    mc = integration.to_megatron_core_modules(block)
+    from megatron.core.transformer.experimental_attention_variant import dsa as mcore_dsa
+
+    core = mc.layer_specs[0].submodules.self_attention.submodules.core_attention
+    assert core.module is mcore_dsa.DSAttention and "reduce_rope_key_grad" not in (core.params or {})
+    assert block.layer_specs[0].submodules.self_attention.submodules.core_attention.module is DSAttention
+
+
+def test_enable_refuses_other_megatron_versions(monkeypatch):
+    import megatron_dsa.patches as patches
+
+    megatron_dsa.disable()
+    monkeypatch.setattr(patches, "mcore_version", lambda: (0, 15, 0))
+    with pytest.raises(RuntimeError, match="found 0.15.0"):
+        megatron_dsa.enable(log=False)
+    assert not integration.is_enabled()
+
+
+def test_plugin_flags_in_megatrons_parser(enabled):
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    integration.add_dsa_args(parser)  # as extra_args_provider too: no clash, no duplicate
+    args = parser.parse_args(["--dsa-impl", "megatron-core", "--dsa-attention-backend", "triton",
+                              "--dsa-index-pattern", "F,S,1,S", "--dsa-time-indexer",
+                              "--dsa-kernel-backend", "tilelang"])
+    assert args.dsa_impl == "megatron-core" and args.dsa_kernel_backend == "tilelang"  # Megatron's own flag
+    settings = integration.plugin_settings_from_args(args)
+    assert settings["attention_backend"] == "triton" and settings["index_pattern"] == ["F", "S", 1, "S"]
+    assert settings["time_indexer"] is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dsa-attention-backend", "fast"])
+
+
+def _pretrain(tmp_path, *extra, name="run"):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29300 + (os.getpid() + len(name)) % 500),
+               WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, EXAMPLE, *TINY, *extra], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    losses = [float(x) for x in re.findall(r"lm loss: ([0-9.E+-]+)", out)]
+    built = re.findall(r"DSA layers built by --dsa-impl (\S+): (\S+)", out)
+    return losses, built
+
+
+@pytest.mark.slow
+def test_pretrain_example_both_implementations(tmp_path):
+    """``megatron.training.pretrain`` with Megatron's mock dataset, 6 steps on the CPU: the loss
+    falls, and Megatron-Core's own DSA (``--dsa-impl megatron-core``, its modules on the same
+    local layers) gives the same losses; the run reports which implementation built the layers."""
+    ours, built = _pretrain(tmp_path, name="ours")
+    assert built == [("megatron-dsa", "megatron_dsa.attention.DSAttention")]
+    assert len(ours) == 6 and ours[-1] < ours[0]
+    theirs, built = _pretrain(tmp_path, "--dsa-impl", "megatron-core", name="mcore")
+    assert built and built[0][0] == "megatron-core"
+    assert theirs == pytest.approx(ours, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_pretrain_example_with_megatrons_spec_flag(tmp_path):
+    """Megatron's generic ``--spec megatron_dsa.spec get_dsa_gpt_block_spec`` selects the same
+    layers (same losses as the default path), and the plugin's flags reach them: an explicit
+    pattern sharing layer 1's top-k with layer 2 changes the run."""
+    default, _ = _pretrain(tmp_path, name="default")
+    spec, _ = _pretrain(tmp_path, "--spec", "megatron_dsa.spec", "get_dsa_gpt_block_spec", name="spec")
+    assert spec == pytest.approx(default, rel=1e-6)
+    shared, _ = _pretrain(tmp_path, "--spec", "megatron_dsa.spec", "get_dsa_gpt_block_spec",
+                          "--dsa-index-pattern", "FS", name="shared")
+    assert shared[0] != pytest.approx(default[0], rel=1e-6)
