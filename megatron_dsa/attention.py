@@ -179,6 +179,13 @@ class DSAttention(MegatronModule):
         # heads of every rank (Megatron-LM issue 1699): sum it here (spec.get_dsa_attention_spec)
         self.rope_grad_group = tp if reduce_rope_key_grad and tp is not None and tp.size() > 1 else None
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron's, except that with index sharing an anchor's indexer is stored per layer
+        (no stacked layer axis with holes): see :mod:`megatron_dsa.dist_checkpoint`."""
+        from .dist_checkpoint import indexer_sharded_state_dict
+
+        return indexer_sharded_state_dict(self, prefix, sharded_offsets, metadata, super().sharded_state_dict)
+
     # ------------------------------------------------------------------ helpers
     def _check_inputs(self, query, key, value, up_v_weight):
         d = self.config.kv_lora_rank + self.config.qk_pos_emb_head_dim

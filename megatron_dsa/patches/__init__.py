@@ -29,6 +29,9 @@ patch                  what and why
                        pinned memory and moves it to CUDA; the replacement selects the same
                        two chunks of the position embedding on its own device (context
                        parallelism on the CPU).
+``cpu_checkpoint``     (CUDA absent) ``megatron.core.dist_checkpointing``'s save / load
+                       strategies get the same CPU proxy (``torch.cuda.synchronize()`` and
+                       the current device): see :mod:`megatron_dsa.patches.checkpoint`.
 ``rotate_activation``  (``fast_hadamard_transform`` missing) ``dsa.rotate_activation``
                        becomes the PyTorch Hadamard rotation of
                        :mod:`megatron_dsa.kernels.hadamard`, for every dtype.
@@ -251,7 +254,7 @@ def needed() -> List[str]:
     """The patches this machine needs."""
     names = []
     if not torch.cuda.is_available():
-        names += ["cpu_device", "cpu_rng", "cpu_cp_rope"]
+        names += ["cpu_device", "cpu_rng", "cpu_cp_rope", "cpu_checkpoint"]
     dsa = importlib.import_module("megatron.core.transformer.experimental_attention_variant.dsa")
     if getattr(dsa, "hadamard_transform", None) is None:
         names.append("rotate_activation")
@@ -263,6 +266,7 @@ _APPLIERS = {
     "cpu_rng": _apply_cpu_rng,
     "cpu_cp_rope": _apply_cpu_cp_rope,
     "rotate_activation": _apply_rotate_activation,
+    "cpu_checkpoint": lambda: importlib.import_module(f"{__name__}.checkpoint").apply_cpu_checkpoint(),
 }
 
 
