@@ -102,15 +102,50 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     ).build()
 
 
+class SyntheticTokens(torch.utils.data.Dataset):
+    """Random tokens, deterministic per sample index (``--synthetic-data``): no index files to
+    build, whatever the sequence length."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.n, self.s, self.v, self.seed = num_samples, seq_length, vocab_size, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + int(i))
+        text = torch.randint(0, self.v, (self.s + 1,), generator=g)
+        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": torch.ones(self.s),
+                "position_ids": torch.arange(self.s)}
+
+
+def synthetic_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    from megatron.training import get_args
+
+    args = get_args()
+    train = SyntheticTokens(train_val_test_num_samples[0], args.seq_length, args.padded_vocab_size, args.seed)
+    return train, None, None
+
+
+def add_example_args(parser):
+    from megatron_dsa.integration import add_dsa_args
+
+    group = parser.add_argument_group(title="pretrain_dsa example")
+    group.add_argument("--synthetic-data", action="store_true",
+                       help="random tokens instead of Megatron's datasets (no index to build: long sequences)")
+    return add_dsa_args(parser)
+
+
 def main():
     megatron_dsa.enable()
-    if not torch.cuda.is_available():
-        from megatron_dsa.patches import training as cpu_training
+    import megatron_dsa.patches as patches
 
-        cpu_training.apply()
+    patches.apply()  # only what this machine needs (CPU device shims; a missing Hadamard package)
     from megatron_dsa.patches import training as training_patches
 
     training_patches.apply_dataset_helpers()
+    if not torch.cuda.is_available():
+        training_patches.apply()
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import (
@@ -119,9 +154,9 @@ def main():
     from megatron.training.arguments import parse_and_validate_args
 
     from megatron_dsa.config import set_plugin_config
-    from megatron_dsa.integration import add_dsa_args, plugin_settings_from_args
+    from megatron_dsa.integration import plugin_settings_from_args
 
-    args = parse_and_validate_args(extra_args_provider=add_dsa_args,
+    args = parse_and_validate_args(extra_args_provider=add_example_args,
                                    args_defaults={"tokenizer_type": "NullTokenizer"})
     if getattr(args, "hybrid_layer_pattern", None):
         model_cfg = hybrid_config_from_args(args)
@@ -130,8 +165,12 @@ def main():
     # the plugin's flags, on the model config whichever path builds the layers (--spec included)
     set_plugin_config(model_cfg.transformer, **plugin_settings_from_args(args))
     cfg = pretrain_cfg_container_from_args(args, model_cfg)
-    datasets_provider.is_distributed = True
-    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step)
+    provider = synthetic_datasets_provider if args.synthetic_data else datasets_provider
+    provider.is_distributed = True
+    pretrain(cfg, provider, ModelType.encoder_or_decoder, forward_step)
+    if torch.cuda.is_available() and torch.distributed.get_rank() == 0:
+        print(f"[megatron-dsa] peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,31 @@ class _NoStream:
     def synchronize(self):
         return None
 
+    def record_event(self, *args, **kwargs):
+        return _NoEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NoEvent:
+    """A CUDA event on a CPU-only machine: already complete."""
+
+    def record(self, *args, **kwargs):
+        return None
+
+    def wait(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
 
 class _CpuCuda:
     """``torch.cuda`` as seen by patched modules on a CPU-only machine."""
@@ -144,6 +169,31 @@ class _CpuCuda:
 
     def is_available(self):
         return False
+
+    def Stream(self, *args, **kwargs):  # noqa: N802 - torch.cuda.Stream
+        return _NoStream()
+
+    def Event(self, *args, **kwargs):  # noqa: N802 - torch.cuda.Event
+        return _NoEvent()
+
+    def stream(self, *args, **kwargs):
+        return _NoStream()
+
+    def device_count(self):
+        return 0
+
+    def set_device(self, *args, **kwargs):
+        return None
+
+    def memory_allocated(self, *args, **kwargs):
+        return 0
+
+    max_memory_allocated = memory_reserved = max_memory_reserved = memory_allocated
+
+    def reset_peak_memory_stats(self, *args, **kwargs):
+        return None
+
+    empty_cache = reset_peak_memory_stats
 
     def get_rng_state(self, *args, **kwargs):
         return torch.get_rng_state()
