@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 __all__ = ["DSAPluginConfig", "get_plugin_config", "set_plugin_config", "validate_dsa_config", "base_pattern",
-           "INT32_MAX"]
+           "dsa_layer_numbers", "hybrid_main_pattern", "INT32_MAX"]
 
 # Token ids and top-k indices are int32 on every backend, so no size may pass this.
 INT32_MAX = 2**31 - 1
@@ -67,6 +67,11 @@ class DSAPluginConfig:
             whatever the pattern says (see ``megatron_dsa.index_cache``).
         time_indexer: measure the indexer's share of attention time (synchronises the device
             around the indexer; for diagnostics, not for production steps).
+        hybrid_layer_pattern: for a ``HybridModel``: its ``hybrid_layer_pattern`` (e.g.
+            ``"D-D-|D-D-"``), whose ``D`` layers are the DSA layers that ``index_pattern`` and
+            ``dsa_indexer_topk_freq`` count. ``megatron_dsa.hybrid.DSAHybridStack`` fills it in
+            when it can (one pipeline stage, or Megatron training's ``--hybrid-layer-pattern``);
+            ``None`` for ``GPTModel`` (every layer is a DSA layer).
     """
 
     indexer_backend: str = "auto"
@@ -76,6 +81,7 @@ class DSAPluginConfig:
     loss_target: str = "auto"
     index_pattern: Optional[Union[str, Sequence[Union[str, int]]]] = None
     time_indexer: bool = False
+    hybrid_layer_pattern: Optional[str] = None
 
     def __post_init__(self):
         for name, choices in _BACKENDS.items():
@@ -111,6 +117,46 @@ class DSAPluginConfig:
                 )
             if not self.index_pattern:
                 raise ValueError("DSAPluginConfig.index_pattern must not be empty")
+        if self.hybrid_layer_pattern is not None:
+            _check_hybrid_pattern(self.hybrid_layer_pattern)
+
+
+# Megatron-Core 0.19's hybrid layer symbols (hybrid_layer_allocation.Symbols), "|" between
+# pipeline segments, "/" before the multi-token-prediction patterns.
+HYBRID_DSA = "D"
+_HYBRID_LAYERS = frozenset("MG*D+-E")
+
+
+def _check_hybrid_pattern(pattern) -> None:
+    where = "DSAPluginConfig.hybrid_layer_pattern"
+    if not isinstance(pattern, str):
+        raise TypeError(f"{where} must be a string such as 'D-D-', got {pattern!r} ({type(pattern).__name__})")
+    main, _, mtp = pattern.partition("/")
+    bad = sorted(set(main) - _HYBRID_LAYERS - {"|"}) + sorted(set(mtp) - _HYBRID_LAYERS - {"/"})
+    if bad:
+        raise ValueError(f"{where} {pattern!r} has unknown symbols {bad}")
+    if HYBRID_DSA not in main:
+        raise ValueError(f"{where} {pattern!r} has no DSA layer ({HYBRID_DSA!r}) before any '/'")
+    if HYBRID_DSA in mtp:
+        raise ValueError(
+            f"{where} {pattern!r}: DSA layers in the multi-token-prediction patterns (after '/') are not "
+            "supported (their layer numbers restart at 1 and would collide with the decoder's schedule)"
+        )
+
+
+def hybrid_main_pattern(config) -> Optional[str]:
+    """The decoder part of the attached ``hybrid_layer_pattern`` (with its ``|``), or None."""
+    pattern = get_plugin_config(config).hybrid_layer_pattern
+    return None if pattern is None else pattern.partition("/")[0]
+
+
+def dsa_layer_numbers(config) -> List[int]:
+    """1-based numbers of the model's DSA layers, in order: every layer of a ``GPTModel``; the
+    ``D`` positions of a hybrid model's pattern (``DSAPluginConfig.hybrid_layer_pattern``)."""
+    main = hybrid_main_pattern(config)
+    if main is None:
+        return list(range(1, config.num_layers + 1))
+    return [i + 1 for i, sym in enumerate(main.replace("|", "")) if sym == HYBRID_DSA]
 
 
 def _check_choice(name, value, choices):
@@ -237,6 +283,12 @@ def validate_dsa_config(config) -> None:
             "sequence_parallel=True for DSA layers (Megatron-Core's absorbed MLA requires it)"
         )
     get_plugin_config(config)  # type-checks an attached plugin config
+    main = hybrid_main_pattern(config)
+    if main is not None and len(main.replace("|", "")) != config.num_layers:
+        raise ValueError(
+            f"DSAPluginConfig.hybrid_layer_pattern {main!r} has {len(main.replace('|', ''))} layers but "
+            f"num_layers is {config.num_layers}"
+        )
     base_pattern(config)  # pattern length, first letter, sources: errors name the layer
 
 
@@ -244,8 +296,9 @@ def base_pattern(config) -> List[Tuple[str, int]]:
     """Per DSA layer ``("F", layer)`` (anchor) or ``("S", source)`` (reuses ``source``'s top-k),
     1-based, before pipeline splitting: from ``DSAPluginConfig.index_pattern`` if set, else from
     ``dsa_indexer_topk_freq`` / ``dsa_indexer_skip_topk_offset`` with Megatron-Core's meaning.
-    Errors name the layer."""
-    n = config.num_layers
+    Errors name the layer. Layers and sources count DSA layers only (in a hybrid model the n-th
+    ``D`` of the pattern; :func:`dsa_layer_numbers` maps them to layer numbers)."""
+    n = len(dsa_layer_numbers(config))
     pattern = get_plugin_config(config).index_pattern
     if pattern is None:
         from megatron.core.transformer.experimental_attention_variant.dsa import (

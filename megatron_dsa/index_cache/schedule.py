@@ -7,6 +7,10 @@ first DSA layer is an anchor (promoted with reason ``"stage boundary"`` if the p
 shared) and every shared layer's source is the pattern's source if it lies earlier in the same
 chunk, else the nearest earlier anchor of the chunk (reason ``"source in another chunk"``).
 :func:`format_schedule` prints the table.
+
+Hybrid models (``DSAPluginConfig.hybrid_layer_pattern`` set): the pattern counts the ``D`` layers
+only, roles carry the hybrid layer numbers (the ``layer_number`` Megatron's ``HybridStack`` gives
+the layers), and the chunks are the pattern's pipeline segments (:func:`hybrid_segments`).
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ..config import base_pattern
+from ..config import HYBRID_DSA, base_pattern, dsa_layer_numbers, hybrid_main_pattern
 
-__all__ = ["LayerRole", "chunk_layers", "resolve_schedule", "layer_role", "format_schedule", "print_schedule",
-           "PER_LAYER_GRAPHS"]
+__all__ = ["LayerRole", "chunk_layers", "hybrid_segments", "resolve_schedule", "layer_role", "format_schedule",
+           "print_schedule", "PER_LAYER_GRAPHS"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,56 @@ def chunk_layers(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] 
     return list(range(off, off + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)))
 
 
+def hybrid_segments(config) -> List[Tuple[int, Optional[int], int, str]]:
+    """``(stage, chunk, layer offset, symbols)`` of every pipeline segment of the attached hybrid
+    pattern, by the rules Megatron-Core's ``HybridModel`` selects a segment with: ``|`` splits the
+    pattern, segment ``i`` belongs to stage ``i % pp`` and virtual chunk ``i // pp`` (``None``
+    with one segment per stage); without ``|`` and with ``pp > 1`` the layers are split evenly,
+    or with ``num_layers_in_first/last_pipeline_stage``."""
+    main = hybrid_main_pattern(config)
+    if main is None:
+        raise ValueError("hybrid_segments needs DSAPluginConfig.hybrid_layer_pattern")
+    pp = config.pipeline_model_parallel_size or 1
+    segments = main.split("|")
+    out = []
+    if len(segments) > 1:
+        if len(segments) % pp:
+            raise ValueError(f"hybrid_layer_pattern {main!r}: {len(segments)} segments do not divide over "
+                             f"{pp} pipeline stages")
+        virtual = len(segments) > pp
+        offset = 0
+        for i, seg in enumerate(segments):
+            out.append((i % pp, i // pp if virtual else None, offset, seg))
+            offset += len(seg)
+        return out
+    n = len(main)
+    first = config.num_layers_in_first_pipeline_stage
+    last = config.num_layers_in_last_pipeline_stage
+    counts = [None] * pp
+    if pp > 1 and first is not None:
+        counts[0] = first
+    if pp > 1 and last is not None:
+        counts[-1] = last
+    rest = [i for i, c in enumerate(counts) if c is None]
+    left = n - sum(c for c in counts if c is not None)
+    if rest and left % len(rest):
+        raise ValueError(f"hybrid_layer_pattern {main!r}: {left} layers do not divide over {len(rest)} stages")
+    for i in rest:
+        counts[i] = left // len(rest)
+    offset = 0
+    for stage, count in enumerate(counts):
+        out.append((stage, None, offset, main[offset:offset + count]))
+        offset += count
+    return out
+
+
 def _chunks(config) -> List[Tuple[int, Optional[int], List[int]]]:
-    """``(stage, chunk, [1-based layers])`` for every pipeline stage / virtual chunk."""
+    """``(stage, chunk, [1-based DSA layer numbers])`` for every pipeline stage / virtual chunk."""
+    if hybrid_main_pattern(config) is not None:
+        return [
+            (stage, chunk, [offset + i + 1 for i, sym in enumerate(seg) if sym == HYBRID_DSA])
+            for stage, chunk, offset, seg in sorted(hybrid_segments(config), key=lambda s: (s[0], s[1] or 0))
+        ]
     vpp = config.virtual_pipeline_model_parallel_size
     out = []
     for stage in range(config.pipeline_model_parallel_size or 1):
@@ -66,13 +118,16 @@ def resolve_schedule(config) -> List[LayerRole]:
     every layer an anchor (reason ``"per-layer cuda graphs"``): a replayed graph cannot prove
     that another graph's private memory still holds its source's indices.
     """
-    pattern = base_pattern(config)
+    pattern = base_pattern(config)  # over DSA layers: the n-th entry is the n-th DSA layer's
+    numbers = dsa_layer_numbers(config)
+    nth = {layer: i for i, layer in enumerate(numbers)}
     per_layer_graphs = getattr(config, "cuda_graph_impl", "none") in PER_LAYER_GRAPHS
     roles = []
     for stage, chunk, layers in _chunks(config):
         anchors_here: List[int] = []
         for pos, layer in enumerate(layers):
-            kind, src = pattern[layer - 1]
+            kind, src = pattern[nth[layer]]
+            src = numbers[src - 1]
             if per_layer_graphs:
                 reason = "pattern" if kind == "F" else "per-layer cuda graphs"
                 roles.append(LayerRole(layer, stage, chunk, "anchor", layer, reason))
