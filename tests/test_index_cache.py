@@ -448,7 +448,7 @@ def test_context_parallel_with_pipeline_matches_single_rank(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}])
+@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}, {"recompute": "selective"}])
 def test_tensor_parallel_with_sequence_parallel_matches_single_rank(tmp_path, extra):
     """TP=2 with sequence parallelism over gloo (local modules: norms that accept SP, the
     indexer replicated with its gradients averaged, the RoPE key gradient summed over TP),
