@@ -71,6 +71,11 @@ def parse_args(argv=None):
                    help="deterministic kernels (atomics-free sparse-attention backward, "
                         "torch.use_deterministic_algorithms): bit-reproducible runs")
     p.add_argument("--json-out", default=None, help="write the per-step log as JSON here")
+    p.add_argument("--graph-shape-classes", default=None, metavar="N,N,...",
+                   help="packed variable-length batches: each micro-batch is one packed (THD) row of "
+                        "random-length documents (up to --micro-batch * --seq-len tokens) and the DSA "
+                        "layers replay the CUDA graphs of the row's token-count class "
+                        "(DSAPluginConfig.graph_shape_classes; larger rows run eagerly, counted)")
     args = p.parse_args(argv)
 
     def need(cond, msg):
@@ -136,6 +141,15 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA device")
     need(not args.cuda_graphs or args.device == "cuda", "--cuda-graphs needs --device cuda")
+    if args.graph_shape_classes is not None:
+        try:
+            args.graph_shape_classes = DSAPluginConfig(graph_shape_classes=[
+                int(n) for n in args.graph_shape_classes.split(",")]).graph_shape_classes
+        except (TypeError, ValueError) as e:
+            p.error(f"--graph-shape-classes {args.graph_shape_classes!r}: {e}")
+        need(args.pp == args.cp == args.tp == 1 and not args.cuda_graphs,
+             "--graph-shape-classes (packed rows of varying length) runs with --pp 1 --cp 1 --tp 1 and "
+             "without --cuda-graphs")
     if args.json_out is not None:  # fail now, not after training
         folder = os.path.dirname(os.path.abspath(args.json_out))
         need(os.path.isdir(folder), f"--json-out {args.json_out}: folder {folder} does not exist")
@@ -178,6 +192,23 @@ class Batches:
         return {"tokens": win[:, :-1].to(self.device), "labels": win[:, 1:].to(self.device)}
 
 
+class PackedBatches(Batches):
+    """One packed (THD) row per micro-batch: documents of random length (at most --seq-len) with
+    a random total of at most micro_batch * seq_len tokens, and their ``cu_seqlens``."""
+
+    def __next__(self):
+        total = int(torch.randint(self.seq_len, self.mb * self.seq_len + 1, (1,), generator=self.gen))
+        lens = []
+        while sum(lens) < total:
+            lens.append(min(int(torch.randint(8, self.seq_len + 1, (1,), generator=self.gen)), total - sum(lens)))
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (len(lens),), generator=self.gen)
+        win = torch.cat([self.tokens[s : s + n + 1][:-1] for s, n in zip(starts.tolist(), lens)])
+        lab = torch.cat([self.tokens[s + 1 : s + n + 1] for s, n in zip(starts.tolist(), lens)])
+        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+        return {"tokens": win[None].to(self.device), "labels": lab[None].to(self.device),
+                "cu_seqlens": cu.to(self.device), "max_seqlen": max(lens)}
+
+
 # ----------------------------------------------------------------------------- model
 def build(args):
     from megatron.core import parallel_state
@@ -214,7 +245,8 @@ def build(args):
         cuda_graph_impl="local" if args.cuda_graphs else "none",
     )
     set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer,
-                      deterministic=True if args.deterministic else None)
+                      deterministic=True if args.deterministic else None,
+                      graph_shape_classes=args.graph_shape_classes)
     chunks = []
     for vp in range(args.vpp or 1):
         vp_stage = vp if args.vpp else None
@@ -258,7 +290,14 @@ def forward_step(data_iterator, model):
 
         batch = get_batch_on_this_cp_rank(dict(batch, cu_seqlens=None), is_hybrid_cp=False,
                                           cp_group=parallel_state.get_context_parallel_group())
-    output = model(batch["tokens"], None, None, labels=batch["labels"])
+    if "cu_seqlens" in batch:  # --graph-shape-classes: one packed row of documents
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu, n = batch["cu_seqlens"], batch["max_seqlen"]
+        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)
+        output = model(batch["tokens"], None, None, labels=batch["labels"], packed_seq_params=psp)
+    else:
+        output = model(batch["tokens"], None, None, labels=batch["labels"])
 
     def loss_func(output_tensor):
         # this rank's share of the mean over the whole sequence (the schedule multiplies by the
@@ -312,7 +351,8 @@ def main(argv=None):
 
     cfg, chunks, opt = build(args)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    data = Batches(stdlib_bytes(), args.seq_len, args.micro_batch, args.seed, args.device)
+    data = (PackedBatches if args.graph_shape_classes else Batches)(
+        stdlib_bytes(), args.seq_len, args.micro_batch, args.seed, args.device)
     iters = [data] * len(chunks) if len(chunks) > 1 else data
     fwd_bwd = get_forward_backward_func()
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
@@ -401,6 +441,10 @@ def main(argv=None):
         print(f"summary: {args.steps} steps in {time.time() - t_start:.1f} s | lm loss {first:.4f} -> "
               f"{final:.4f} (mean of first/last {k}) | indexer loss {idx_text} | "
               f"mean {sum(r['tokens_per_s'] for r in history) / len(history):.0f} tok/s", flush=True)
+        if args.graph_shape_classes:
+            from megatron_dsa.graph import STATS
+
+            print(f"graph shape classes {args.graph_shape_classes}: {STATS.as_dict()}", flush=True)
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump({"args": vars(args), "history": history}, f, indent=1)

@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from . import graph as dsa_graph
 from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
 from .context_parallel import (
@@ -117,6 +118,7 @@ class DSAttention(MegatronModule):
 
     consumes_absorbed_v_up_projection = True
     requires_dsa_inputs = True
+    _graph_step = None  # this call's shape class (megatron_dsa.graph.layer_step) or None: eager
 
     def __init__(
         self,
@@ -247,7 +249,19 @@ class DSAttention(MegatronModule):
         return starts, ends, row_valid
 
     # ------------------------------------------------------------------ forward
-    def forward(
+    def forward(self, query, key, value, attention_mask, x, qr, position_ids=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, up_v_weight=None):
+        # DSAPluginConfig.graph_shape_classes: a packed batch's top-k selection and sparse
+        # attention run padded to its shape class, as that class's replayed CUDA graphs
+        # (select_topk / sparse_attention hand over to megatron_dsa.graph); else eager
+        self._graph_step = dsa_graph.layer_step(self, query, key, query.ndim == 3, get_plugin_config(self.config))
+        try:
+            return self._forward(query, key, value, attention_mask, x, qr, position_ids, attn_mask_type,
+                                 attention_bias, packed_seq_params, up_v_weight)
+        finally:
+            self._graph_step = None
+
+    def _forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -368,8 +382,8 @@ class DSAttention(MegatronModule):
     def _loss_target_from_attention(self, query, key, q_i, plugin) -> bool:
         """Whether the sparse loss takes its target from the attention backward (see
         ``DSAPluginConfig.loss_target``)."""
-        if plugin.loss_target == "recompute":
-            return False
+        if plugin.loss_target == "recompute" or (plugin.loss_target == "auto" and self._graph_step is not None):
+            return False  # a replayed attention backward cannot hand the target over
         sq, b, heads, d = query.shape
         attention = sparse_mla_backend(plugin.attention_backend, query.device, query.dtype, heads, d,
                                        self.latent_dim, plugin.deterministic, key.shape[0] * b, warn=False)
@@ -433,6 +447,8 @@ class DSAttention(MegatronModule):
 
     def select_topk(self, q_i, k_i, w_i, starts, ends, backend="auto") -> torch.Tensor:
         """Top-k key ids ``int32 [b, sq, topk]`` (``-1`` padded) for this layer."""
+        if self._graph_step is not None:  # padded to the call's shape class, replayed
+            return self._graph_step.topk(q_i, k_i, w_i, starts, ends)
         idx, _ = indexer_topk(
             q_i.detach(), k_i.detach(), w_i.detach(), self.index_topk, starts, ends,
             use_relu=self.config.dsa_indexer_scoring_relu, backend=backend,
@@ -449,6 +465,11 @@ class DSAttention(MegatronModule):
         kv_flat = key[:, :, 0].transpose(0, 1).reshape(b * sk, d)
         offs = (torch.arange(b, device=topk_idx.device, dtype=topk_idx.dtype) * sk).view(b, 1, 1)
         gidx = torch.where(topk_idx >= 0, topk_idx + offs, topk_idx).reshape(b * sq, topk_idx.shape[-1])
-        out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim,
-                              backend=backend, loss_target=loss_target, deterministic=deterministic)
+        if self._graph_step is not None and loss_target is None:  # padded to the class, replayed
+            out, lse = self._graph_step.attention(q_flat, kv_flat, gidx)
+        else:
+            if self._graph_step is not None:  # loss_target='attention': the slot needs the eager backward
+                dsa_graph.STATS.eager["loss_target_attention"] += 1
+            out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim,
+                                  backend=backend, loss_target=loss_target, deterministic=deterministic)
         return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1), lse.view(b, sq, heads)

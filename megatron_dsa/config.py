@@ -35,6 +35,7 @@ _BACKENDS = {
     "loss_backend": ("auto", "triton", "reference"),
 }
 _LOSS_TARGETS = ("auto", "attention", "recompute")
+_GRAPH_MISS_POLICIES = ("eager", "strict")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,18 @@ class DSAPluginConfig:
             ``dsa_indexer_topk_freq`` count. ``megatron_dsa.hybrid.DSAHybridStack`` fills it in
             when it can (one pipeline stage, or Megatron training's ``--hybrid-layer-pattern``);
             ``None`` for ``GPTModel`` (every layer is a DSA layer).
+        graph_shape_classes: token-count classes for packed (THD) batches, e.g. ``(1024, 2048,
+            4096)``: a batch of ``t`` rows runs padded to the smallest class ``>= t``, and the DSA
+            core attention replays that class's CUDA graphs of top-k selection and sparse
+            attention (forward and backward; one capture per class and layer). ``None`` (default):
+            no graphs. On CPU tensors the same padded path runs without capture. See
+            ``docs/graphs.md``.
+        graph_miss_policy: a batch larger than every class: ``eager`` (run uncaptured, counted in
+            ``megatron_dsa.graph.STATS``) or ``strict`` (raise ``ShapeClassMiss``).
+        graph_cache: ``False`` captures afresh on every call instead of replaying the class's
+            graph (debugging: takes the cache out of the question; slow).
+        graph_max_inflight: graphs per class and layer whose backward may be pending at once
+            (pipeline micro-batches in flight); a forward beyond runs eagerly (counted).
     """
 
     indexer_backend: str = "auto"
@@ -82,8 +95,13 @@ class DSAPluginConfig:
     index_pattern: Optional[Union[str, Sequence[Union[str, int]]]] = None
     time_indexer: bool = False
     hybrid_layer_pattern: Optional[str] = None
+    graph_shape_classes: Optional[Sequence[int]] = None
+    graph_miss_policy: str = "eager"
+    graph_cache: bool = True
+    graph_max_inflight: int = 1
 
     def __post_init__(self):
+        _check_graph_fields(self)
         for name, choices in _BACKENDS.items():
             _check_choice(name, getattr(self, name), choices)
         _check_choice("loss_target", self.loss_target, _LOSS_TARGETS)
@@ -157,6 +175,34 @@ def dsa_layer_numbers(config) -> List[int]:
     if main is None:
         return list(range(1, config.num_layers + 1))
     return [i + 1 for i, sym in enumerate(main.replace("|", "")) if sym == HYBRID_DSA]
+def _check_graph_fields(self):
+    """The ``graph_*`` fields of a DSAPluginConfig (errors name the field)."""
+    _check_choice("graph_miss_policy", self.graph_miss_policy, _GRAPH_MISS_POLICIES)
+    if not isinstance(self.graph_cache, bool):
+        raise TypeError(f"DSAPluginConfig.graph_cache must be True or False, got {self.graph_cache!r}")
+    if not _is_int(self.graph_max_inflight) or self.graph_max_inflight < 1:
+        raise ValueError(
+            f"DSAPluginConfig.graph_max_inflight must be a positive int, got {self.graph_max_inflight!r}"
+        )
+    classes = self.graph_shape_classes
+    if classes is None:
+        return
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)):
+        raise TypeError(
+            "DSAPluginConfig.graph_shape_classes must be None or a list of token counts (positive "
+            f"ints), got {classes!r} ({type(classes).__name__})"
+        )
+    if not classes:
+        raise ValueError("DSAPluginConfig.graph_shape_classes must not be empty (use None for no graphs)")
+    for pos, n in enumerate(classes, start=1):
+        if not _is_int(n) or not 1 <= n <= INT32_MAX:
+            raise ValueError(
+                f"DSAPluginConfig.graph_shape_classes: entry {pos} is {n!r}; each class is a "
+                f"token count, a positive int <= {INT32_MAX}"
+            )
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"DSAPluginConfig.graph_shape_classes has duplicate token counts: {list(classes)}")
+    object.__setattr__(self, "graph_shape_classes", tuple(sorted(int(n) for n in classes)))
 
 
 def _check_choice(name, value, choices):
