@@ -160,6 +160,10 @@ def main():
                                    args_defaults={"tokenizer_type": "NullTokenizer"})
     if getattr(args, "hybrid_layer_pattern", None):
         model_cfg = hybrid_config_from_args(args)
+        if args.dsa_impl == "megatron-core" and args.spec is None:
+            from megatron_dsa.integration import original_hybrid_stack_spec
+
+            model_cfg.hybrid_stack_spec = original_hybrid_stack_spec()
     else:
         model_cfg = gpt_config_from_args(args)
     # the plugin's flags, on the model config whichever path builds the layers (--spec included)

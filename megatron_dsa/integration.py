@@ -297,5 +297,14 @@ def is_enabled() -> bool:
     return bool(_SAVED)
 
 
+def original_hybrid_stack_spec():
+    """Megatron-Core's own hybrid stack spec (what ``--dsa-impl megatron-core`` builds), whether
+    or not :func:`enable` replaced it."""
+    for mod, attr, original in _SAVED:
+        if (mod.__name__, attr) == _HYBRID_HOMES[0]:
+            return original
+    return getattr(importlib.import_module(_HYBRID_HOMES[0][0]), _HYBRID_HOMES[0][1])
+
+
 def changed() -> List[str]:
     return [f"{mod.__name__}:{attr}" for mod, attr, _ in _SAVED]

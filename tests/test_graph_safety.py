@@ -414,7 +414,8 @@ def test_graphed_packed_layers_equal_eager_on_gpu(mcore, recompute):
     for name, kw in (("eager_auto", dict(classes=None, loss_target="auto")),
                      ("eager", dict(classes=None, loss_target="recompute")),
                      ("fresh", dict(classes=(256, 512), graph_cache=False, loss_target="auto")),
-                     ("cached", dict(classes=(256, 512), loss_target="auto"))):
+                     # (settings merge into the config's plugin settings: say graph_cache=True)
+                     ("cached", dict(classes=(256, 512), graph_cache=True, loss_target="auto"))):
         _set_classes(cfg, kw.pop("classes"), **kw)
         graph.STATS.reset()
         runs[name] = [_packed_step(layers, lens, seed=i, recompute=recompute, device="cuda")
