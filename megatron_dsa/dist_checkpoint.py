@@ -44,6 +44,8 @@ __all__ = [
     "checkpoint_indexer_layers",
     "model_indexer_layers",
     "check_index_schedule",
+    "check_sharded_state_dict",
+    "sharded_state_dict_layers",
     "load",
 ]
 
@@ -179,12 +181,12 @@ def checkpoint_indexer_layers(checkpoint_dir) -> Set[int]:
 
 
 def _dsa_modules(model) -> List:
-    from megatron.core.transformer.experimental_attention_variant import dsa as mcore_dsa
-
-    from .attention import DSAttention
-
+    """The DSA core attentions (this plugin's or Megatron-Core's) of ``model``. Matched by class
+    name and interface: this module must not import :mod:`megatron_dsa.attention`, which calls
+    into it."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [m for c in chunks for m in c.modules() if isinstance(m, (DSAttention, mcore_dsa.DSAttention))]
+    return [m for c in chunks for m in c.modules()
+            if type(m).__name__ == "DSAttention" and hasattr(m, "indexer") and hasattr(m, "layer_number")]
 
 
 def model_indexer_layers(model):
@@ -210,6 +212,10 @@ def check_index_schedule(model, checkpoint_dir) -> None:
         dist.all_gather_object(problems, (missing, unexpected))
     missing = sorted({n for p in problems for n in p[0]})
     unexpected = sorted({n for p in problems for n in p[1]})
+    _raise_mismatch(checkpoint_dir, missing, unexpected, saved)
+
+
+def _raise_mismatch(checkpoint_dir, missing, unexpected, saved) -> None:
     if not missing and not unexpected:
         return
     parts = []
@@ -225,6 +231,63 @@ def check_index_schedule(model, checkpoint_dir) -> None:
         "model with the schedule it was saved with (dsa_indexer_topk_freq / "
         "dsa_indexer_skip_topk_offset / DSAPluginConfig.index_pattern and the pipeline split)."
     )
+
+
+_DSA_LAYER_KEY = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?self_attention\.linear_kv_down_proj\.weight$")
+
+
+def _layer_of(sh, per_layer_index: Optional[str]) -> Optional[int]:
+    """1-based global layer of a decoder-layer ShardedTensor: from a per-layer key, or from the
+    global offset along a stacked layer axis."""
+    if per_layer_index is not None:
+        return int(per_layer_index) + 1
+    offsets = getattr(sh, "global_offset", None)
+    if offsets and getattr(sh, "prepend_axis_num", 0) >= 1:
+        return int(offsets[0]) + 1
+    return None
+
+
+def sharded_state_dict_layers(sharded_state_dict):
+    """``(MLA attention layers, layers with indexer tensors)`` (1-based, global) that a GPT
+    decoder's sharded state dict will load, read from its keys and layer offsets alone."""
+    attention, indexers = set(), set()
+    for sh in _sharded_bases(sharded_state_dict):
+        key = getattr(sh, "key", "")
+        m = _PER_LAYER_KEY.match(key)
+        if m is not None:
+            indexers.add(int(m.group(1)) + 1)
+        elif _STACKED_KEY.match(key) is not None:
+            layer = _layer_of(sh, None)
+            if layer is not None:
+                indexers.add(layer)
+        m = _DSA_LAYER_KEY.match(key)
+        if m is not None:
+            layer = _layer_of(sh, m.group(1))
+            if layer is not None:
+                attention.add(layer)
+    return attention, indexers
+
+
+def check_sharded_state_dict(sharded_state_dict, checkpoint_dir) -> None:
+    """:func:`check_index_schedule` for Megatron's own load path, which sees only the sharded
+    state dict (``megatron_dsa.enable()`` runs it before ``dist_checkpointing.load``). Nothing
+    to check when neither the state dict nor the checkpoint has indexer tensors."""
+    import torch.distributed as dist
+
+    local, anchors = sharded_state_dict_layers(sharded_state_dict)
+    if not local:
+        return
+    saved = checkpoint_indexer_layers(checkpoint_dir)
+    if not saved and not anchors:
+        return
+    missing = sorted(anchors - saved)
+    unexpected = sorted((saved & local) - anchors)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, (missing, unexpected))
+        missing = sorted({n for p in problems for n in p[0]})
+        unexpected = sorted({n for p in problems for n in p[1]})
+    _raise_mismatch(checkpoint_dir, missing, unexpected, saved)
 
 
 def load(model, checkpoint_dir, metadata: Optional[dict] = None, strict: bool = True, **load_kwargs):

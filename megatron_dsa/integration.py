@@ -20,6 +20,10 @@ symbol (module: name)                                                      becom
                                                                            ``dsa_layer``
 ``megatron.training.arguments: _add_experimental_attention_variant_args``  also adds
                                                                            :func:`add_dsa_args`
+``megatron.core.dist_checkpointing(.serialization): load``                 first checks the
+                                                                           index-sharing
+                                                                           schedule (names
+                                                                           the layers)
 =========================================================================  ===================
 
 Every change keeps the original object and :func:`disable` restores it; :func:`enable` is
@@ -56,6 +60,7 @@ _HYBRID_HOMES = (
     ("megatron.training.models.hybrid", "default_hybrid_stack_spec"),
 )
 _ARGS_HOME = ("megatron.training.arguments", "_add_experimental_attention_variant_args")
+_LOAD_HOMES = ("megatron.core.dist_checkpointing", "megatron.core.dist_checkpointing.serialization")
 
 # (owner module, attribute, original) of every change enable() made
 _SAVED: List[Tuple[Any, str, Any]] = []
@@ -217,6 +222,18 @@ def _gpt_block_builder(original: Callable) -> Callable:
     return get_transformer_block_with_experimental_attention_variant_spec
 
 
+def _checked_load(original: Callable) -> Callable:
+    def load(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        from .dist_checkpoint import check_sharded_state_dict
+
+        check_sharded_state_dict(sharded_state_dict, checkpoint_dir)
+        return original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+
+    load.__wrapped__ = original
+    load._megatron_dsa = True
+    return load
+
+
 def _args_adder(original: Callable) -> Callable:
     def _add_experimental_attention_variant_args(parser):
         return add_dsa_args(original(parser))
@@ -256,7 +273,7 @@ def enable(log: bool = True) -> List[str]:
     if _SAVED:
         return changed()
     # import every home first: a module imported after a patch would bind the patched object
-    for path in _GPT_HOMES + tuple(p for p, _ in _HYBRID_HOMES) + (_ARGS_HOME[0],):
+    for path in _GPT_HOMES + tuple(p for p, _ in _HYBRID_HOMES) + (_ARGS_HOME[0],) + _LOAD_HOMES:
         _import(path)
     gpt_core = importlib.import_module(_GPT_HOMES[0])
     if not hasattr(gpt_core, _GPT_BUILDER):
@@ -275,6 +292,14 @@ def enable(log: bool = True) -> List[str]:
         hybrid = hybrid if hybrid is not None else _hybrid_stack_spec()
         if hybrid is not None:
             _set(mod, attr, hybrid)
+    load_original = getattr(importlib.import_module(_LOAD_HOMES[1]), "load", None)
+    if load_original is None:
+        raise RuntimeError(f"megatron_dsa.enable: {_LOAD_HOMES[1]}.load not found (moved?)")
+    checked = _checked_load(load_original)
+    for path in _LOAD_HOMES:
+        mod = importlib.import_module(path)
+        if getattr(mod, "load", None) is load_original:
+            _set(mod, "load", checked)
     args_mod = _import(_ARGS_HOME[0])
     if args_mod is not None:
         if not hasattr(args_mod, _ARGS_HOME[1]):

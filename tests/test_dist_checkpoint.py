@@ -195,6 +195,19 @@ def test_schedule_mismatch_names_layers(mcore, tmp_path, load_freq, load_pattern
         assert f"unexpected indexer tensors for layers {unexpected}" in msg
     assert "layers [1, 3]" in msg
     dc.load(_gpt(_cfg(2), seed=3), tmp_path)  # the matching schedule loads through the helper
+    # Megatron's own load path (what megatron.training's --load calls) after megatron_dsa.enable()
+    import megatron_dsa
+
+    megatron_dsa.enable(log=False)
+    try:
+        with pytest.raises(dc.IndexScheduleMismatch) as err:
+            _load(_gpt(_cfg(load_freq, load_pattern), seed=2), tmp_path)
+        assert str(err.value) == msg
+        same = _gpt(_cfg(2), seed=4)
+        _load(same, tmp_path)
+        _assert_same_params(same, _gpt(_cfg(2), seed=1))
+    finally:
+        megatron_dsa.disable()
 
 
 def test_cpu_checkpoint_patch_is_undoable(mcore):
