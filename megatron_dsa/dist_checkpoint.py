@@ -200,22 +200,22 @@ def check_index_schedule(model, checkpoint_dir) -> None:
     indexer tensors differ from the model's anchor layers on this rank's layers: anchors
     without indexer tensors in the checkpoint (missing) and shared layers whose indexer tensors
     the checkpoint has (unexpected) are named, 1-based."""
+    local, anchors = model_indexer_layers(model)
+    _compare(local, anchors, checkpoint_indexer_layers(checkpoint_dir), checkpoint_dir)
+
+
+def _compare(local, anchors, saved, checkpoint_dir) -> None:
+    """Raise on every rank if any rank's anchors lack saved indexers (missing) or its shared
+    layers have them (unexpected)."""
     import torch.distributed as dist
 
-    local, anchors = model_indexer_layers(model)
-    saved = checkpoint_indexer_layers(checkpoint_dir)
     missing = sorted(anchors - saved)
     unexpected = sorted((saved & local) - anchors)
-    problems = [(missing, unexpected)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         problems = [None] * dist.get_world_size()
         dist.all_gather_object(problems, (missing, unexpected))
-    missing = sorted({n for p in problems for n in p[0]})
-    unexpected = sorted({n for p in problems for n in p[1]})
-    _raise_mismatch(checkpoint_dir, missing, unexpected, saved)
-
-
-def _raise_mismatch(checkpoint_dir, missing, unexpected, saved) -> None:
+        missing = sorted({n for p in problems for n in p[0]})
+        unexpected = sorted({n for p in problems for n in p[1]})
     if not missing and not unexpected:
         return
     parts = []
@@ -272,22 +272,11 @@ def check_sharded_state_dict(sharded_state_dict, checkpoint_dir) -> None:
     """:func:`check_index_schedule` for Megatron's own load path, which sees only the sharded
     state dict (``megatron_dsa.enable()`` runs it before ``dist_checkpointing.load``). Nothing
     to check when neither the state dict nor the checkpoint has indexer tensors."""
-    import torch.distributed as dist
-
     local, anchors = sharded_state_dict_layers(sharded_state_dict)
-    if not local:
-        return
-    saved = checkpoint_indexer_layers(checkpoint_dir)
-    if not saved and not anchors:
-        return
-    missing = sorted(anchors - saved)
-    unexpected = sorted((saved & local) - anchors)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, (missing, unexpected))
-        missing = sorted({n for p in problems for n in p[0]})
-        unexpected = sorted({n for p in problems for n in p[1]})
-    _raise_mismatch(checkpoint_dir, missing, unexpected, saved)
+    # every rank takes part (the comparison gathers over ranks, and dist_checkpointing.load is
+    # collective): a rank without attention layers compares empty sets
+    saved = checkpoint_indexer_layers(checkpoint_dir) if local else set()
+    _compare(local, anchors, saved, checkpoint_dir)
 
 
 def load(model, checkpoint_dir, metadata: Optional[dict] = None, strict: bool = True, **load_kwargs):
