@@ -290,7 +290,7 @@ def forward_step(data_iterator, model):
 
         batch = get_batch_on_this_cp_rank(dict(batch, cu_seqlens=None), is_hybrid_cp=False,
                                           cp_group=parallel_state.get_context_parallel_group())
-    if "cu_seqlens" in batch:  # --graph-shape-classes: one packed row of documents
+    if batch.get("cu_seqlens") is not None:  # --graph-shape-classes: one packed row of documents
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu, n = batch["cu_seqlens"], batch["max_seqlen"]
