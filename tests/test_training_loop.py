@@ -30,7 +30,7 @@ TINY = (
     "--transformer-impl local --distributed-backend gloo --use-cpu-initialization "
     "--no-gradient-accumulation-fusion --no-persist-layer-norm --no-rope-fusion --clip-grad 0 "
     "--eval-iters 0 --eval-interval 1000 --log-interval 1 --disable-bias-linear "
-    "--no-dsa-indexer-rotate-activation --rerun-mode disabled"
+    "--no-dsa-indexer-rotate-activation --rerun-mode disabled --hidden-dropout 0 --attention-dropout 0"
 ).split()
 
 
@@ -140,3 +140,36 @@ def test_pretrain_example_with_megatrons_spec_flag(tmp_path):
     shared, _ = _pretrain(tmp_path, "--spec", "megatron_dsa.spec", "get_dsa_gpt_block_spec",
                           "--dsa-index-pattern", "FS", name="shared")
     assert shared[0] != pytest.approx(default[0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_pretrain_example_hybrid_model(tmp_path):
+    """``--hybrid-layer-pattern D-D-`` (Megatron's HybridModel through its own builder, the
+    stack swapped by ``enable()``): trains, loss falling, with index sharing over the D layers
+    (an explicit pattern, F then S, changes the run)."""
+    losses, _ = _pretrain(tmp_path, "--hybrid-layer-pattern", "D-D-", "--num-layers", "4", name="hybrid")
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    shared, _ = _pretrain(tmp_path, "--hybrid-layer-pattern", "D-D-", "--num-layers", "4",
+                          "--dsa-index-pattern", "FS", name="hybrid_fs")
+    assert shared[0] != pytest.approx(losses[0], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                      ["--context-parallel-size", "2", "--cp-comm-type", "allgather"]])
+def test_pretrain_example_two_processes_matches_one(tmp_path, parallel):
+    """Megatron's loop over two gloo processes (TP 2 with sequence parallelism, or CP 2 with
+    Megatron's load-balanced split) gives the one-process losses (no dropout: under sequence
+    parallelism Megatron draws dropout masks from per-rank RNG states, by design)."""
+    # the padded vocabulary must not change with TP (128 at TP 1 and 2)
+    same_vocab = ["--make-vocab-size-divisible-by", "64"]
+    one, _ = _pretrain(tmp_path, *same_vocab, name="one")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CUDA_DEVICE_MAX_CONNECTIONS="1")  # Megatron asks for it under TP / CP
+    port = str(29400 + (os.getpid() + len(parallel[0])) % 400)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                           EXAMPLE, *TINY, *same_vocab, *parallel], capture_output=True, text=True, timeout=900, env=env,
+                          cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    two = [float(x) for x in re.findall(r"lm loss: ([0-9.E+-]+)", out)]
+    assert two == pytest.approx(one, rel=1e-4)

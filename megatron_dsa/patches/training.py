@@ -13,7 +13,10 @@ shim                     what and why
                          ``initialize_megatron`` asserts CUDA (it is called with
                          ``allow_no_cuda=True``) and, with no CUDA device, skips the
                          model-parallel initialisation (done here over the CPU process
-                         group); ``_warmup_jit_function`` allocates on CUDA (skipped); and
+                         group); ``_warmup_jit_function`` allocates on CUDA (skipped);
+                         argument validation asks CUDA for the device architecture under
+                         TP or CP (answered 0: the pre-Blackwell rules, which want
+                         ``CUDA_DEVICE_MAX_CONNECTIONS=1`` as on Hopper); and
                          the ``torch.cuda`` calls / ``device="cuda"`` literals of the
                          modules in ``_CPU_TRAINING_MODULES`` go through the CPU torch
                          proxy of :mod:`megatron_dsa.patches` (``cpu_device``), which is
@@ -111,6 +114,9 @@ def _apply_cpu_training():
     _initialize_distributed.__wrapped__ = original_dist
     saved.append((init, "_initialize_distributed", original_dist))
     init._initialize_distributed = _initialize_distributed
+    arguments = _resolve("megatron.training.arguments", "get_device_arch_version")
+    saved.append((arguments, "get_device_arch_version", arguments.get_device_arch_version))
+    arguments.get_device_arch_version = lambda: 0  # no GPU architecture: the pre-Blackwell rules
     saved.append((init, "_warmup_jit_function", init._warmup_jit_function))
     init._warmup_jit_function = lambda *a, **k: None
     return saved
