@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (atomics-free sparse-attention backward, "
                         "torch.use_deterministic_algorithms): bit-reproducible runs")
+    p.add_argument("--indexer-precision", choices=["bf16", "fp8"], default="bf16",
+                   help="numerics of the top-k selection (DSAPluginConfig.indexer_precision; fp8: e4m3 "
+                        "queries and keys with per-token scales, as DeepSeek-V3.2 selects at inference)")
     p.add_argument("--json-out", default=None, help="write the per-step log as JSON here")
     p.add_argument("--graph-shape-classes", default=None, metavar="N,N,...",
                    help="packed variable-length batches: each micro-batch is one packed (THD) row of "
@@ -246,7 +249,8 @@ def build(args):
     )
     set_plugin_config(cfg, index_pattern=args.index_pattern, time_indexer=args.time_indexer,
                       deterministic=True if args.deterministic else None,
-                      graph_shape_classes=args.graph_shape_classes)
+                      graph_shape_classes=args.graph_shape_classes,
+                      indexer_precision=args.indexer_precision)
     chunks = []
     for vp in range(args.vpp or 1):
         vp_stage = vp if args.vpp else None

@@ -36,6 +36,7 @@ from .context_parallel import (
 )
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, indexer_topk, packed_causal_window
+from .kernels.indexer.fp8 import fp8_selection_inputs
 from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
 from .kernels.indexer_loss import select_backend as indexer_loss_backend
 from .kernels.sparse_mla import loss_target_reason, sparse_mla
@@ -447,6 +448,8 @@ class DSAttention(MegatronModule):
 
     def select_topk(self, q_i, k_i, w_i, starts, ends, backend="auto") -> torch.Tensor:
         """Top-k key ids ``int32 [b, sq, topk]`` (``-1`` padded) for this layer."""
+        if get_plugin_config(self.config).indexer_precision == "fp8":  # e4m3 selection numerics
+            q_i, k_i, w_i = fp8_selection_inputs(q_i.detach(), k_i.detach(), w_i.detach())
         if self._graph_step is not None:  # padded to the call's shape class, replayed
             return self._graph_step.topk(q_i, k_i, w_i, starts, ends)
         idx, _ = indexer_topk(

@@ -35,6 +35,7 @@ _BACKENDS = {
     "loss_backend": ("auto", "triton", "reference"),
 }
 _LOSS_TARGETS = ("auto", "attention", "recompute")
+_INDEXER_PRECISIONS = ("bf16", "fp8")
 _GRAPH_MISS_POLICIES = ("eager", "strict")
 
 
@@ -85,6 +86,12 @@ class DSAPluginConfig:
             graph (debugging: takes the cache out of the question; slow).
         graph_max_inflight: graphs per class and layer whose backward may be pending at once
             (pipeline micro-batches in flight); a forward beyond runs eagerly (counted).
+        indexer_precision: the numerics the top-k *selection* uses: ``bf16`` (default: the
+            indexer projections as they are) or ``fp8`` (queries and keys quantized to e4m3 with
+            per-token scales, the format DeepSeek-V3.2 selects with at inference; see
+            ``megatron_dsa.kernels.indexer.fp8``). The indexer loss trains on the unquantized
+            projections either way. ``fp8`` changes which keys are selected, not the speed: no
+            fused e4m3 kernel yet.
     """
 
     indexer_backend: str = "auto"
@@ -99,9 +106,11 @@ class DSAPluginConfig:
     graph_miss_policy: str = "eager"
     graph_cache: bool = True
     graph_max_inflight: int = 1
+    indexer_precision: str = "bf16"
 
     def __post_init__(self):
         _check_graph_fields(self)
+        _check_choice("indexer_precision", self.indexer_precision, _INDEXER_PRECISIONS)
         for name, choices in _BACKENDS.items():
             _check_choice(name, getattr(self, name), choices)
         _check_choice("loss_target", self.loss_target, _LOSS_TARGETS)

@@ -91,6 +91,9 @@ def add_dsa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="megatron-dsa: anchor/shared pattern over the DSA layers, e.g. FSSSFSSS, or a "
                             "comma list of F, S and 1-based anchor numbers (default: from "
                             "--dsa-indexer-topk-freq)")
+    group.add_argument("--dsa-indexer-precision", choices=("bf16", "fp8"), default="bf16",
+                       help="megatron-dsa: numerics of the top-k selection (fp8: e4m3 queries and keys "
+                            "with per-token scales, as DeepSeek-V3.2 selects at inference)")
     group.add_argument("--dsa-time-indexer", action="store_true",
                        help="megatron-dsa: measure the indexer's share of attention time (synchronises)")
     return parser
@@ -110,7 +113,8 @@ def _parse_pattern(text: Optional[str]):
 def plugin_settings_from_args(args) -> Dict[str, Any]:
     """:class:`DSAPluginConfig` fields from parsed arguments (only the flags that are present)."""
     out = {}
-    for field in ("indexer_backend", "attention_backend", "loss_backend", "loss_target", "time_indexer"):
+    for field in ("indexer_backend", "attention_backend", "loss_backend", "loss_target", "time_indexer",
+                  "indexer_precision"):
         name = f"dsa_{field}"
         if hasattr(args, name):
             out[field] = getattr(args, name)
