@@ -9,6 +9,7 @@ Peers (each only if importable; else status "unsupported"):
 Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
   ... --impls ours            # ours only
+  ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
   ... --score-only            # also our score kernel alone (no selection)
   ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
                               #   the attention backward), dense
@@ -50,6 +51,13 @@ def make_ours(q, k, w, topk):
     from megatron_dsa.kernels.indexer import indexer_topk
 
     return lambda: indexer_topk(q, k, w, topk, backend=BACKEND)
+
+
+def make_ours_fp8(q, k, w, topk):
+    """The e4m3 selection (``DSAPluginConfig.indexer_precision="fp8"``), quantization included."""
+    from megatron_dsa.kernels.indexer.fp8 import indexer_topk_fp8
+
+    return lambda: indexer_topk_fp8(q, k, w, topk, backend=BACKEND)
 
 
 def ours_kernel(q):
@@ -100,6 +108,7 @@ def make_cudnn(q, k, w, topk):
 
 IMPLS = {
     "ours": ("megatron_dsa", make_ours),
+    "ours_fp8": ("megatron_dsa[fp8]", make_ours_fp8),
     "mcore_native": ("mcore_native", make_mcore_native),
     "mcore_tilelang": ("mcore_tilelang", make_mcore_tilelang),
     "cudnn": ("cudnn", make_cudnn),

@@ -36,7 +36,7 @@ from .context_parallel import (
 )
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, indexer_topk, packed_causal_window
-from .kernels.indexer.fp8 import fp8_selection_inputs
+from .kernels.indexer.fp8 import fp8_selection_inputs, indexer_topk_fp8
 from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
 from .kernels.indexer_loss import select_backend as indexer_loss_backend
 from .kernels.sparse_mla import loss_target_reason, sparse_mla
@@ -448,10 +448,15 @@ class DSAttention(MegatronModule):
 
     def select_topk(self, q_i, k_i, w_i, starts, ends, backend="auto") -> torch.Tensor:
         """Top-k key ids ``int32 [b, sq, topk]`` (``-1`` padded) for this layer."""
-        if get_plugin_config(self.config).indexer_precision == "fp8":  # e4m3 selection numerics
-            q_i, k_i, w_i = fp8_selection_inputs(q_i.detach(), k_i.detach(), w_i.detach())
+        fp8 = get_plugin_config(self.config).indexer_precision == "fp8"  # e4m3 selection numerics
         if self._graph_step is not None:  # padded to the call's shape class, replayed
+            if fp8:
+                q_i, k_i, w_i = fp8_selection_inputs(q_i.detach(), k_i.detach(), w_i.detach())
             return self._graph_step.topk(q_i, k_i, w_i, starts, ends)
+        if fp8:
+            idx, _ = indexer_topk_fp8(q_i.detach(), k_i.detach(), w_i.detach(), self.index_topk, starts, ends,
+                                      use_relu=self.config.dsa_indexer_scoring_relu, backend=backend)
+            return idx
         idx, _ = indexer_topk(
             q_i.detach(), k_i.detach(), w_i.detach(), self.index_topk, starts, ends,
             use_relu=self.config.dsa_indexer_scoring_relu, backend=backend,

@@ -90,8 +90,8 @@ class DSAPluginConfig:
             indexer projections as they are) or ``fp8`` (queries and keys quantized to e4m3 with
             per-token scales, the format DeepSeek-V3.2 selects with at inference; see
             ``megatron_dsa.kernels.indexer.fp8``). The indexer loss trains on the unquantized
-            projections either way. ``fp8`` changes which keys are selected, not the speed: no
-            fused e4m3 kernel yet.
+            projections either way. On the Triton backend the score kernel reads the e4m3
+            operands (fp8 tensor-core dot products); elsewhere the reference scores them in fp32.
     """
 
     indexer_backend: str = "auto"

@@ -42,16 +42,18 @@ DEFAULT_CHUNK_BYTES = 1 << 30
 
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr,
+    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr, ks_ptr,
     row0, n_rows, T, S,
     sq_b, sq_t, sq_h,
     sk_b, sk_s,
     sw_b, sw_t, sw_h,
     sse_b, sse_t,
     so_b, so_r,
+    sks_b,
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    KEY_SCALE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -98,6 +100,9 @@ def _score_kernel(
             if USE_RELU:
                 x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
             acc += x * wh[:, None]
+        if KEY_SCALE:  # e4m3 keys: the per-key scale (> 0) commutes with ReLU and the head sum
+            ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
+            acc = acc * ks[None, :]
         valid = (s[None, :] >= st[:, None]) & (s[None, :] < en[:, None])
         acc = tl.where(valid, acc, float("-inf"))
         o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
@@ -432,24 +437,27 @@ def _plan(B, T, S, topk, block_t, chunk_bytes):
     return _chunk_rows(B, T, 4 * (S + cap), block_t, chunk_bytes), cap
 
 
-def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg):
-    """Masked scores of rows [row0, row0 + n_rows) into ``buf``."""
+def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, k_scale=None):
+    """Masked scores of rows [row0, row0 + n_rows) into ``buf`` (``k_scale [B, S]``: per-key
+    scales of e4m3 keys, applied after the head sum)."""
     B, T, H, D = q.shape
     S = k.shape[1]
     bt, bs, nw, ns = cfg
     n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, bs)
     grid = (n_s, triton.cdiv(n_rows, bt), B)
+    ks = k_scale if k_scale is not None else buf
     _score_kernel[grid](
-        q, k, w, starts, ends, buf,
+        q, k, w, starts, ends, buf, ks,
         row0, n_rows, T, S,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         starts.stride(0), starts.stride(1),
         buf.stride(0), buf.stride(1),
+        ks.stride(0),
         H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        num_warps=nw, num_stages=ns,
+        KEY_SCALE=k_scale is not None, num_warps=nw, num_stages=ns,
     )
 
 
@@ -474,11 +482,14 @@ def indexer_topk_triton(
     global_ids: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    k_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
     ``chunk_bytes`` bounds the fp32 score buffer; ``out`` optionally gives the two output
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
+    ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
+    the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
     """
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
@@ -506,7 +517,7 @@ def indexer_topk_triton(
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
-            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg)
+            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
         _select_kernel[(n, B)](
             buf, scr, starts, ends, idx, vals, row0, T, S, topk, cap,
             starts.stride(0), starts.stride(1),
