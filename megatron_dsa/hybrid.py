@@ -63,10 +63,12 @@ __all__ = [
     "dsa_hybrid_stack_spec",
     "get_dsa_hybrid_stack_spec",
     "swap_dsa_modules",
+    "swap_to_megatron_core",
     "set_hybrid_layer_pattern",
 ]
 
 _SWAPS = {mcore_dsa.DSAttention: DSAttention, mcore_dsa.DSAIndexer: DSAIndexer}
+_REVERSE = {ours: theirs for theirs, ours in _SWAPS.items()}
 
 
 def _column_parallel_types():
@@ -94,56 +96,65 @@ def swap_dsa_modules(spec: Any) -> Any:
     absorbed MLA layout only: a DSA core attention under anything but
     ``AbsorbedMLASelfAttention`` raises ``ValueError`` (e.g. Megatron's hybrid inference spec).
     """
-    return _copy(spec, memo={}, parent=None, path="spec")
+    return _copy(spec, {}, None, "spec", _SWAPS)
 
 
-def _swap_leaf(value):
-    if isinstance(value, type) and value in _SWAPS:
-        return _SWAPS[value]
+def swap_to_megatron_core(spec: Any) -> Any:
+    """The reverse of :func:`swap_dsa_modules`: a copy of a megatron-dsa spec (GPT block, layer,
+    attention or hybrid stack) with Megatron-Core's own ``DSAttention`` / ``DSAIndexer``, this
+    plugin's own spec parameters dropped: Megatron-Core's DSA on the same layers."""
+    return _copy(spec, {}, None, "spec", _REVERSE)
+
+
+def _swap_leaf(value, swaps):
+    if isinstance(value, type) and value in swaps:
+        return swaps[value]
     return value
 
 
-def _copy(node, memo, parent, path):
+def _copy(node, memo, parent, path, swaps):
     """A copy of ``node``'s containers (ModuleSpecs, dataclass instances, lists, tuples, dicts,
     partials) with the DSA classes swapped; other leaves are shared. ``parent``: the enclosing
     ModuleSpec. Objects referenced twice stay shared in the copy."""
     if isinstance(node, type):
-        return _swap_leaf(node)
+        return _swap_leaf(node, swaps)
     key = id(node)
     if key in memo:
         return memo[key]
     if isinstance(node, ModuleSpec):
         new = copy.copy(node)
         memo[key] = new
-        new.module = _swap_leaf(node.module)
+        new.module = _swap_leaf(node.module, swaps)
         params = dict(node.params or {})
+        if new.module is mcore_dsa.DSAttention and node.module is DSAttention:
+            params.pop("reduce_rope_key_grad", None)  # this plugin's own spec parameter
         if new.module is DSAttention:
             _check_dsa_parent(parent, path)
             down = getattr(getattr(parent, "submodules", None), "linear_kv_down_proj", None)
             if isinstance(down, type) and issubclass(down, _column_parallel_types()):
                 params["reduce_rope_key_grad"] = True
         if node.params is not None or params:
-            new.params = {k: _copy(v, memo, node, f"{path}.params[{k!r}]") for k, v in params.items()}
-        new.submodules = _copy(node.submodules, memo, node, f"{path}.submodules")
+            new.params = {k: _copy(v, memo, node, f"{path}.params[{k!r}]", swaps) for k, v in params.items()}
+        new.submodules = _copy(node.submodules, memo, node, f"{path}.submodules", swaps)
         return new
     if isinstance(node, list):
         new = []
         memo[key] = new
-        new.extend(_copy(v, memo, parent, f"{path}[{i}]") for i, v in enumerate(node))
+        new.extend(_copy(v, memo, parent, f"{path}[{i}]", swaps) for i, v in enumerate(node))
         return new
     if isinstance(node, tuple) and not hasattr(node, "_fields"):
-        new = tuple(_copy(v, memo, parent, f"{path}[{i}]") for i, v in enumerate(node))
+        new = tuple(_copy(v, memo, parent, f"{path}[{i}]", swaps) for i, v in enumerate(node))
         memo[key] = new
         return new
     if isinstance(node, dict):
         new = {}
         memo[key] = new
-        new.update((k, _copy(v, memo, parent, f"{path}[{k!r}]")) for k, v in node.items())
+        new.update((k, _copy(v, memo, parent, f"{path}[{k!r}]", swaps)) for k, v in node.items())
         return new
     if isinstance(node, functools.partial):
         new = functools.partial(
-            _swap_leaf(node.func), *(_copy(a, memo, parent, f"{path}.args[{i}]") for i, a in enumerate(node.args)),
-            **{k: _copy(v, memo, parent, f"{path}.{k}") for k, v in node.keywords.items()},
+            _swap_leaf(node.func, swaps), *(_copy(a, memo, parent, f"{path}.args[{i}]", swaps) for i, a in enumerate(node.args)),
+            **{k: _copy(v, memo, parent, f"{path}.{k}", swaps) for k, v in node.keywords.items()},
         )
         memo[key] = new
         return new
@@ -152,7 +163,7 @@ def _copy(node, memo, parent, path):
         memo[key] = new
         for field in dataclasses.fields(node):
             value = getattr(node, field.name)
-            object.__setattr__(new, field.name, _copy(value, memo, parent, f"{path}.{field.name}"))
+            object.__setattr__(new, field.name, _copy(value, memo, parent, f"{path}.{field.name}", swaps))
         return new
     return node
 

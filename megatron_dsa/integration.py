@@ -148,38 +148,12 @@ def _configure(config, args) -> None:
 
 # ----------------------------------------------------------------------------- builders
 def to_megatron_core_modules(spec):
-    """A copy of a megatron-dsa spec (block, layer or attention) with Megatron-Core's own
-    ``DSAttention`` / ``DSAIndexer`` in place of this plugin's (and this plugin's own spec
-    parameters dropped): Megatron-Core's DSA on the same layers."""
-    import copy
+    """A copy of a megatron-dsa spec (block, layer, attention or hybrid stack) with
+    Megatron-Core's own ``DSAttention`` / ``DSAIndexer`` in place of this plugin's (and this
+    plugin's own spec parameters dropped): Megatron-Core's DSA on the same layers."""
+    from .hybrid import swap_to_megatron_core
 
-    from megatron.core.transformer.experimental_attention_variant import dsa as mcore_dsa
-
-    from . import attention as ours
-
-    swap = {ours.DSAttention: mcore_dsa.DSAttention, ours.DSAIndexer: mcore_dsa.DSAIndexer}
-    spec = copy.deepcopy(spec)
-    seen = set()
-
-    def walk(node):
-        if node is None or id(node) in seen or isinstance(node, (str, int, float, bool, type)):
-            return
-        seen.add(id(node))
-        if isinstance(node, (list, tuple)):
-            for item in node:
-                walk(item)
-            return
-        module = getattr(node, "module", None)
-        if module in swap:
-            node.module = swap[module]
-            if module is ours.DSAttention and node.params:
-                node.params = {k: v for k, v in node.params.items() if k != "reduce_rope_key_grad"}
-        if hasattr(node, "__dict__"):
-            for child in vars(node).values():
-                walk(child)
-
-    walk(spec)
-    return spec
+    return swap_to_megatron_core(spec)
 
 
 _REPORTED = set()

@@ -5,7 +5,6 @@ sm_90a compile check, and a child-process runner for GPU code that could hang.""
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
@@ -26,41 +25,10 @@ def tiny_config(**overrides):
 
 
 def to_mcore_spec(spec):
-    """Deep copy of one of our specs with Megatron-Core's DSAttention / DSAIndexer swapped in."""
-    from megatron.core.transformer.experimental_attention_variant import dsa as md
+    """A copy of one of our specs with Megatron-Core's DSAttention / DSAIndexer swapped in."""
+    from megatron_dsa.hybrid import swap_to_megatron_core
 
-    import megatron_dsa.attention as ours
-
-    spec = copy.deepcopy(spec)
-
-    def walk(node):
-        sub = getattr(node, "submodules", None)
-        if getattr(node, "module", None) is ours.DSAttention:
-            node.module = md.DSAttention
-            # our core attention's own spec parameters do not exist on Megatron-Core's
-            node.params = {k: v for k, v in (node.params or {}).items() if k != "reduce_rope_key_grad"}
-        if getattr(node, "module", None) is ours.DSAIndexer:
-            node.module = md.DSAIndexer
-        if sub is None:
-            return
-        if isinstance(sub, list):
-            for s in sub:
-                walk(s)
-            return
-        for name in vars(sub):
-            child = getattr(sub, name)
-            if isinstance(child, list):
-                for c in child:
-                    walk(c)
-            elif hasattr(child, "module") or hasattr(child, "submodules"):
-                walk(child)
-
-    if hasattr(spec, "layer_specs"):
-        for layer in spec.layer_specs:
-            walk(layer)
-    else:
-        walk(spec)
-    return spec
+    return swap_to_megatron_core(spec)
 
 
 def indexer_tracker_values():
