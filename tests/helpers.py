@@ -156,3 +156,19 @@ def assert_compiles_without_spills(src, tmp_path, kernel):
     assert spill_lines and all("0 bytes spill stores, 0 bytes spill loads" in ln for ln in spill_lines), report[-3000:]
     for code in ("C7507", "C7510", "C7512", "C7514", "C7518"):
         assert code not in report, report[-3000:]
+
+
+def merge_rank_outputs(out: str, nproc: int) -> dict:
+    """The per-rank files ``<out>.rank<r>.pt`` a test worker (pp_worker.py, hybrid_worker.py)
+    wrote, merged: every rank's gradients by global name, losses, roles and cache stats."""
+    import torch
+
+    merged = {"grads": {}, "losses": [], "roles": [], "stats": [], "topk_checked": 0}
+    for r in range(nproc):
+        d = torch.load(f"{out}.rank{r}.pt", weights_only=False)
+        merged["grads"].update(d["grads"])
+        merged["losses"] += d["losses"]
+        merged["roles"] += d["roles"]
+        merged["stats"].append(d["stats"])
+        merged["topk_checked"] += d.get("topk_checked", 0)
+    return merged

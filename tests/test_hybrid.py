@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import clear_indexer_tracker, indexer_tracker_values, tiny_config, to_mcore_spec
+from helpers import clear_indexer_tracker, indexer_tracker_values, merge_rank_outputs, tiny_config, to_mcore_spec
 from megatron_dsa import index_cache as ic
 from megatron_dsa.config import set_plugin_config
 
@@ -294,14 +294,7 @@ def _worker(tmp_path, name, nproc=1, **kw):
     proc = subprocess.run(cmd + args + ["--out", out], capture_output=True, text=True, timeout=600, env=env,
                           cwd=os.path.dirname(WORKER))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    merged = {"grads": {}, "losses": [], "roles": [], "stats": []}
-    for r in range(nproc):
-        d = torch.load(f"{out}.rank{r}.pt", weights_only=False)
-        merged["grads"].update(d["grads"])
-        merged["losses"] += d["losses"]
-        merged["roles"] += d["roles"]
-        merged["stats"].append(d["stats"])
-    return merged
+    return merge_rank_outputs(out, nproc)
 
 
 @pytest.mark.slow

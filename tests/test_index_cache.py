@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_config, to_mcore_spec
+from helpers import merge_rank_outputs, tiny_config, to_mcore_spec
 from megatron_dsa import index_cache as ic
 from megatron_dsa.config import set_plugin_config
 
@@ -264,15 +264,7 @@ def _worker(tmp_path, name, nproc=1, **kw):
     proc = subprocess.run(cmd + args + ["--out", out], capture_output=True, text=True, timeout=600,
                           env=env, cwd=os.path.dirname(WORKER))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(nproc)]
-    merged = {"grads": {}, "losses": [], "roles": [], "stats": [], "topk_checked": 0}
-    for d in ranks:
-        merged["grads"].update(d["grads"])
-        merged["losses"] += d["losses"]
-        merged["roles"] += d["roles"]
-        merged["stats"].append(d["stats"])
-        merged["topk_checked"] += d.get("topk_checked", 0)
-    return merged
+    return merge_rank_outputs(out, nproc)
 
 
 def _assert_same_grads(a, b, rtol=1e-5, atol=1e-7):
