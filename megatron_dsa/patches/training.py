@@ -49,6 +49,7 @@ _CPU_TRAINING_MODULES = {
     "megatron.training.utils.common_utils": "loss averaging / reporting tensors",
     "megatron.training.models.dist_utils": "model placement",
     "megatron.core.timers": "timer synchronisation and reductions",
+    "megatron.training.checkpointing": "the RNG states saved with a checkpoint (torch.cuda.get_rng_state)",
 }
 
 _APPLIED: Dict[str, List[Tuple[object, str, object]]] = {}
