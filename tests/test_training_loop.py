@@ -51,9 +51,15 @@ def test_enable_redirects_megatrons_builders_and_undoes(enabled):
     wrapped = getattr(specs, name)
     assert getattr(training_gpt, name) is wrapped
     assert megatron_dsa.enable(log=False) == enabled  # idempotent
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization
+
+    assert dist_checkpointing.load is serialization.load and dist_checkpointing.load.__wrapped__ is not None
+    load = dist_checkpointing.load.__wrapped__
     original = wrapped.__wrapped__
     megatron_dsa.disable()
     assert getattr(specs, name) is original and getattr(training_gpt, name) is original
+    assert dist_checkpointing.load is load and serialization.load is load
     assert not integration.is_enabled()
     megatron_dsa.enable(log=False)  # for the fixture's disable()
 
