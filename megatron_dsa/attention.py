@@ -30,10 +30,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from . import graph as dsa_graph
 from . import index_cache as ic
 from .config import get_plugin_config, validate_dsa_config
-from .context_parallel import (
-    cp_causal_window, cp_gather, cp_gather_order, cp_packed_causal_window, cp_packed_check, cp_packed_positions,
-    cp_positions,
-)
+from .context_parallel import cp_causal_window, cp_gather, cp_layout, cp_packed_causal_window, cp_packed_check
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, indexer_topk, packed_causal_window
 from .kernels.indexer.fp8 import fp8_selection_inputs, indexer_topk_fp8
@@ -54,7 +51,7 @@ class DSAIndexer(mcore_dsa.DSAIndexer):
 
     def forward_before_topk(self, x, qr, packed_seq_params=None):
         """Indexer queries ``[s, b, H, D]``, keys ``[s, b, D]`` and head weights ``[s, b, H]``."""
-        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        packed = _is_thd(packed_seq_params)
         seq_len = self.rotary_pos_emb.get_rotary_seq_len(None, None, x, self.config, packed_seq_params)
         if self.config.rope_type == "rope":
             freqs, mscale = self.rotary_pos_emb(seq_len, packed_seq=packed), 1.0
@@ -120,6 +117,7 @@ class DSAttention(MegatronModule):
     consumes_absorbed_v_up_projection = True
     requires_dsa_inputs = True
     _graph_step = None  # this call's shape class (megatron_dsa.graph.layer_step) or None: eager
+    _cp_now = None  # under CP, this call's (positions, gather order, cu_seqlens or None)
 
     def __init__(
         self,
@@ -215,31 +213,25 @@ class DSAttention(MegatronModule):
     def _window(self, sq, sk, b, attn_mask_type, packed_seq_params, device):
         """Per-row ``[start, end)`` key window ``[b, sq]`` and the optional valid-row mask. Under
         context parallelism ``sq`` are this rank's rows and the windows cover all ``sk`` keys
-        (the gathered sequence) by the rows' global positions."""
+        (the gathered sequence) by the rows' global positions (``self._cp_now``)."""
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(
                 f"DSA needs attn_mask_type=AttnMaskType.causal (got {attn_mask_type}); arbitrary "
                 "attention masks are not supported"
             )
         row_valid = None
-        if self.cp_group is not None:
-            cp, rank = self.cp_group.size(), self.cp_group.rank()
-            if _is_thd(packed_seq_params):
-                cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
-                cu_q = cu_q.to(device)
-                if not _capturing(device):
-                    cp_packed_check(cu_q, cp, sq, "packed_seq_params.cu_seqlens_q(_padded)")
-                positions = cp_packed_positions(cu_q, cp, rank, sq)
-                starts, ends = cp_packed_causal_window(cu_q, positions)
-                rv = getattr(packed_seq_params, "real_token_mask_q", None)
-                if rv is not None:  # this rank's rows, or the whole packed batch's
-                    rv = rv.to(device=device, dtype=torch.bool).reshape(-1)
-                    row_valid = (rv if rv.numel() == sq else rv[positions]).reshape(1, sq)
+        if self._cp_now is not None:
+            positions, _, cu_q = self._cp_now
+            if cu_q is None:
+                starts, ends = cp_causal_window(positions, b)
                 return starts, ends, row_valid
-            positions = cp_positions(sk, cp, rank, device=device)
-            starts, ends = cp_causal_window(positions, b)
+            starts, ends = cp_packed_causal_window(cu_q, positions)
+            rv = getattr(packed_seq_params, "real_token_mask_q", None)
+            if rv is not None:  # this rank's rows, or the whole packed batch's
+                rv = rv.to(device=device, dtype=torch.bool).reshape(-1)
+                row_valid = (rv if rv.numel() == sq else rv[positions]).reshape(1, sq)
             return starts, ends, row_valid
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+        if _is_thd(packed_seq_params):
             cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
             starts, ends = packed_causal_window(cu_q.to(device), total=sq)
             rv = getattr(packed_seq_params, "real_token_mask_q", None)
@@ -260,7 +252,7 @@ class DSAttention(MegatronModule):
             return self._forward(query, key, value, attention_mask, x, qr, position_ids, attn_mask_type,
                                  attention_bias, packed_seq_params, up_v_weight)
         finally:
-            self._graph_step = None
+            self._graph_step = self._cp_now = None
 
     def _forward(
         self,
@@ -286,7 +278,8 @@ class DSAttention(MegatronModule):
             d = self.config.kv_lora_rank
             key = torch.cat([key[..., :d], _SumGradOver.apply(key[..., d:], self.rope_grad_group)], dim=-1)
         if self.cp_group is not None:  # all of the sequence's latent KV rows, in global order
-            key = cp_gather(key, 0, self.cp_group, self._cp_order(packed_seq_params, key.shape[0], key.device))
+            self._cp_now = self._cp_layout(packed_seq_params, key.shape[0], key.device)
+            key = cp_gather(key, 0, self.cp_group, self._cp_now[1])
         sq, b, heads, _ = query.shape
         sk = key.shape[0]
         plugin = get_plugin_config(self.config)
@@ -365,12 +358,18 @@ class DSAttention(MegatronModule):
         out = torch.einsum("sbhc,hdc->sbhd", out, up_v).reshape(sq, b, heads * up_v.shape[1])
         return out.squeeze(1) if thd else out
 
-    def _cp_order(self, packed_seq_params, rows, device):
-        """Gather order of a packed batch's per-document CP chunks (None: the plain layout)."""
-        if not _is_thd(packed_seq_params):
-            return None
-        cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
-        return cp_gather_order(cu_q.to(device), self.cp_group.size(), rows)
+    def _cp_layout(self, packed_seq_params, rows, device):
+        """This call's CP layout: ``(this rank's global positions, the all-gather order,
+        the packed batch's global cu_seqlens or None)`` (``context_parallel.cp_layout``)."""
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        cu_q = None
+        if _is_thd(packed_seq_params):
+            cu_q, _ = mcore_dsa.dsa_layout.get_packed_qk_cu_seqlens(packed_seq_params)
+            cu_q = cu_q.to(device)
+            if not _capturing(device):  # a host read: skipped while a CUDA graph is captured
+                cp_packed_check(cu_q, cp, rows, "packed_seq_params.cu_seqlens_q(_padded)")
+        positions, order = cp_layout(cp, rank, rows, cu_q, device=device)
+        return positions, order, cu_q
 
     def _record_loss(self, loss: torch.Tensor) -> None:
         # under CP each rank's loss is its rows' share of the whole sequence's: the logged value
@@ -406,8 +405,8 @@ class DSAttention(MegatronModule):
         """
         with torch.set_grad_enabled(grad):
             q_i, k_i, w_i = indexer.forward_before_topk(x.detach(), qr.detach(), packed_seq_params)
-            if self.cp_group is not None:  # every query row scores all keys of the sequence
-                k_i = cp_gather(k_i, 0, self.cp_group, self._cp_order(packed_seq_params, k_i.shape[0], k_i.device))
+            if self._cp_now is not None:  # every query row scores all keys of the sequence
+                k_i = cp_gather(k_i, 0, self.cp_group, self._cp_now[1])
         return q_i.transpose(0, 1), k_i.transpose(0, 1), w_i.transpose(0, 1)
 
     def _topk_for_forward(self, x, qr, q_i, k_i, w_i, starts, ends, sig, packed_seq_params, plugin):

@@ -11,6 +11,7 @@ and document windows taken from the rows' global positions; the top-k ids are gl
 * :func:`cp_positions` / :func:`cp_packed_positions` — the global positions of one rank's rows,
   in its local row order (computed on the device, no host read);
 * :func:`cp_causal_window` / :func:`cp_packed_causal_window` — their ``[start, end)`` windows;
+* :func:`cp_layout` — a rank's positions and the order that puts the all-gathered rows back;
 * :func:`cp_gather` — the whole sequence from every rank's rows (differentiable);
 * :func:`cp_work` — each rank's indexer and sparse-attention work, to check the balance.
 """
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 __all__ = ["cp_positions", "cp_causal_window", "cp_packed_positions", "cp_packed_causal_window",
-           "cp_packed_check", "cp_gather_order", "cp_work", "cp_gather"]
+           "cp_packed_check", "cp_layout", "cp_work", "cp_gather"]
 
 
 def _check(seq_len: int, cp_size: int, cp_rank: int) -> None:
@@ -67,7 +68,7 @@ def cp_packed_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, ro
     ``thd_get_partitioned_indices``). Local rows past ``cu_seqlens[-1] / cp_size`` (trailing
     padding) map to the positions past ``cu_seqlens[-1]``, rank by rank. Device-side only.
     """
-    _check(rows * 2 * cp_size, cp_size, cp_rank)
+    _check(0, cp_size, cp_rank)  # (the packed rows' split is checked by cp_packed_check)
     cu = cu_seqlens.to(torch.int64).reshape(-1)
     if cu.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor with at least 2 entries")
@@ -116,11 +117,17 @@ def cp_packed_causal_window(cu_seqlens: torch.Tensor, positions: torch.Tensor) -
     return starts.unsqueeze(0), ends.unsqueeze(0)
 
 
-def cp_gather_order(cu_seqlens: torch.Tensor, cp_size: int, rows: int) -> torch.Tensor:
-    """For a packed batch: ``order[g]`` = the row of the rank-major all-gather that holds global
-    position ``g`` (int64 ``[rows * cp_size]``), for :func:`cp_gather`."""
-    held = torch.cat([cp_packed_positions(cu_seqlens, cp_size, r, rows) for r in range(cp_size)])
-    return torch.argsort(held)
+def cp_layout(cp_size: int, cp_rank: int, rows: int, cu_seqlens: Optional[torch.Tensor] = None,
+              device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, order)`` of one CP rank's ``rows`` rows: their global positions
+    (:func:`cp_positions`, or :func:`cp_packed_positions` for a packed batch with global
+    ``cu_seqlens``), and ``order[g]`` = the row of the rank-major all-gather that holds global
+    position ``g`` (int64 ``[rows * cp_size]``, for :func:`cp_gather`). Device-side only."""
+    if cu_seqlens is None:
+        held = [cp_positions(rows * cp_size, cp_size, r, device=device) for r in range(cp_size)]
+    else:
+        held = [cp_packed_positions(cu_seqlens, cp_size, r, rows) for r in range(cp_size)]
+    return held[cp_rank], torch.argsort(torch.cat(held))
 
 
 def cp_work(seq_len: int, cp_size: int, topk: int, ranks: Optional[List[int]] = None) -> List[Dict[str, int]]:
@@ -163,19 +170,8 @@ class _GatherRows(torch.autograd.Function):
         return grad.chunk(size, ctx.dim)[rank].contiguous(), None, None
 
 
-def cp_gather(t: torch.Tensor, dim: int, group, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+def cp_gather(t: torch.Tensor, dim: int, group, order: torch.Tensor) -> torch.Tensor:
     """The whole sequence, in global order, from every CP rank's rows of ``t`` along ``dim``
-    (each rank's rows are its two chunks, :func:`cp_positions`; with ``order``, from
-    :func:`cp_gather_order`, a packed batch's per-document chunks). Differentiable: the backward
-    returns to each rank the summed gradient of its own rows."""
-    import torch.distributed as dist
-
-    cp = dist.get_world_size(group)
-    full = _GatherRows.apply(t, dim, group)  # [rank 0: chunk 0, chunk 2cp-1 | rank 1: chunk 1, ...]
-    if order is not None:
-        return full.index_select(dim, order)
-    chunks = full.chunk(2 * cp, dim)
-    order = [None] * (2 * cp)
-    for r in range(cp):
-        order[r], order[2 * cp - 1 - r] = chunks[2 * r], chunks[2 * r + 1]
-    return torch.cat(order, dim)
+    (``order`` from :func:`cp_layout`). Differentiable: the backward returns to each rank the
+    summed gradient of its own rows."""
+    return _GatherRows.apply(t, dim, group).index_select(dim, order)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_dsa.context_parallel import (
-    cp_causal_window, cp_gather_order, cp_packed_causal_window, cp_packed_check, cp_packed_positions, cp_positions,
+    cp_causal_window, cp_layout, cp_packed_causal_window, cp_packed_check, cp_packed_positions, cp_positions,
     cp_work,
 )
 from megatron_dsa.kernels.indexer import indexer_topk, packed_causal_window
@@ -88,8 +88,14 @@ def test_packed_positions_are_the_per_document_split(cp):
         st, en = cp_packed_causal_window(cu, pos)
         full_st, full_en = packed_causal_window(cu, total)
         assert torch.equal(st, full_st[:, pos]) and torch.equal(en, full_en[:, pos])
-    order = cp_gather_order(cu, cp, total // cp)
-    assert torch.equal(torch.cat(held)[order], torch.arange(total))  # the gather puts rows back in order
+    for r in range(cp):
+        positions, order = cp_layout(cp, r, total // cp, cu)
+        assert torch.equal(positions, held[r])
+        assert torch.equal(torch.cat(held)[order], torch.arange(total))  # the gather puts rows back in order
+    for r in range(cp):  # the plain layout: Megatron's two chunks per rank
+        positions, order = cp_layout(cp, r, total // cp)
+        plain = [cp_positions(total, cp, q) for q in range(cp)]
+        assert torch.equal(positions, plain[r]) and torch.equal(torch.cat(plain)[order], torch.arange(total))
 
 
 def test_packed_trailing_rows_and_errors():
