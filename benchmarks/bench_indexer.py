@@ -55,9 +55,9 @@ def make_ours(q, k, w, topk):
 
 def make_ours_fp8(q, k, w, topk):
     """The e4m3 selection (``DSAPluginConfig.indexer_precision="fp8"``), quantization included."""
-    from megatron_dsa.kernels.indexer.fp8 import indexer_topk_fp8
+    from megatron_dsa.kernels.indexer import indexer_topk
 
-    return lambda: indexer_topk_fp8(q, k, w, topk, backend=BACKEND)
+    return lambda: indexer_topk(q, k, w, topk, backend=BACKEND, precision="fp8")
 
 
 def ours_kernel(q):

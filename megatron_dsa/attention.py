@@ -33,7 +33,7 @@ from .config import get_plugin_config, validate_dsa_config
 from .context_parallel import cp_causal_window, cp_gather, cp_layout, cp_packed_causal_window, cp_packed_check
 from .kernels.hadamard import rotate_activation
 from .kernels.indexer import causal_window, indexer_topk, packed_causal_window
-from .kernels.indexer.fp8 import fp8_selection_inputs, indexer_topk_fp8
+from .kernels.indexer.fp8 import fp8_selection_inputs
 from .kernels.indexer_loss import indexer_loss, indexer_loss_from_attention
 from .kernels.indexer_loss import select_backend as indexer_loss_backend
 from .kernels.sparse_mla import loss_target_reason, sparse_mla
@@ -452,13 +452,9 @@ class DSAttention(MegatronModule):
             if fp8:
                 q_i, k_i, w_i = fp8_selection_inputs(q_i.detach(), k_i.detach(), w_i.detach())
             return self._graph_step.topk(q_i, k_i, w_i, starts, ends)
-        if fp8:
-            idx, _ = indexer_topk_fp8(q_i.detach(), k_i.detach(), w_i.detach(), self.index_topk, starts, ends,
-                                      use_relu=self.config.dsa_indexer_scoring_relu, backend=backend)
-            return idx
         idx, _ = indexer_topk(
             q_i.detach(), k_i.detach(), w_i.detach(), self.index_topk, starts, ends,
-            use_relu=self.config.dsa_indexer_scoring_relu, backend=backend,
+            use_relu=self.config.dsa_indexer_scoring_relu, backend=backend, precision="fp8" if fp8 else "bf16",
         )
         return idx
 

@@ -74,7 +74,7 @@ def add_dsa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Megatron's own ``--dsa-*`` flags (the model's DSA hyper-parameters, ``--dsa-kernel-backend``
     for Megatron-Core's own kernels) are unchanged.
     """
-    from .config import _BACKENDS, _LOSS_TARGETS
+    from .config import _BACKENDS, _INDEXER_PRECISIONS, _LOSS_TARGETS
 
     if "--dsa-impl" in parser._option_string_actions:
         return parser
@@ -91,7 +91,7 @@ def add_dsa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="megatron-dsa: anchor/shared pattern over the DSA layers, e.g. FSSSFSSS, or a "
                             "comma list of F, S and 1-based anchor numbers (default: from "
                             "--dsa-indexer-topk-freq)")
-    group.add_argument("--dsa-indexer-precision", choices=("bf16", "fp8"), default="bf16",
+    group.add_argument("--dsa-indexer-precision", choices=_INDEXER_PRECISIONS, default="bf16",
                        help="megatron-dsa: numerics of the top-k selection (fp8: e4m3 queries and keys "
                             "with per-token scales, as DeepSeek-V3.2 selects at inference)")
     group.add_argument("--dsa-time-indexer", action="store_true",
@@ -112,9 +112,10 @@ def _parse_pattern(text: Optional[str]):
 
 def plugin_settings_from_args(args) -> Dict[str, Any]:
     """:class:`DSAPluginConfig` fields from parsed arguments (only the flags that are present)."""
+    from .config import _BACKENDS
+
     out = {}
-    for field in ("indexer_backend", "attention_backend", "loss_backend", "loss_target", "time_indexer",
-                  "indexer_precision"):
+    for field in (*_BACKENDS, "loss_target", "time_indexer", "indexer_precision"):  # add_dsa_args' flags
         name = f"dsa_{field}"
         if hasattr(args, name):
             out[field] = getattr(args, name)

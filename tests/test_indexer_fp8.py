@@ -6,7 +6,7 @@ import torch
 from megatron_dsa.kernels.indexer import indexer_topk
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-from megatron_dsa.kernels.indexer.fp8 import E4M3_MAX, fp8_selection_inputs, indexer_topk_fp8, quantize_e4m3
+from megatron_dsa.kernels.indexer.fp8 import E4M3_MAX, fp8_selection_inputs, quantize_e4m3
 
 
 def test_quantize_round_trip_and_scales():
@@ -40,7 +40,7 @@ def test_selection_is_the_e4m3_selection(backend):
     q = torch.randn(B, T, H, D, generator=g)
     k = torch.randn(B, T, D, generator=g) * 3
     w = torch.randn(B, T, H, generator=g)
-    idx, _ = indexer_topk_fp8(q, k, w, K, backend=backend)  # triton: the e4m3 score kernel
+    idx, _ = indexer_topk(q, k, w, K, backend=backend, precision="fp8")  # triton: the e4m3 score kernel
     folded, _ = indexer_topk(*fp8_selection_inputs(q, k, w), K, backend=backend)
     assert torch.equal(idx.sort(-1).values, folded.sort(-1).values)
     want = _fp8_scores(q, k, w)
@@ -86,10 +86,12 @@ def test_layer_uses_fp8_selection(mcore):
         with torch.no_grad():
             attn(x, None)
     (q, k, w, _), (_, _, _, fp8) = calls
-    want, _ = indexer_topk_fp8(q, k, w, 8)
+    want, _ = indexer_topk(q, k, w, 8, precision="fp8")
     assert torch.equal(fp8.sort(-1).values, want.sort(-1).values)
     with pytest.raises(ValueError, match="topk must be a positive int"):
-        indexer_topk_fp8(q, k, w, 0, backend="triton")
+        indexer_topk(q, k, w, 0, backend="triton", precision="fp8")
+    with pytest.raises(ValueError, match="precision must be 'bf16' or 'fp8'"):
+        indexer_topk(q, k, w, 8, precision="fp4")
 
 
 @pytest.mark.gpu
@@ -101,7 +103,7 @@ def test_gpu_e4m3_kernel_selects_like_the_reference():
     q = torch.randn(1, 2048, 64, 128, device="cuda", generator=g).bfloat16()
     k = torch.randn(1, 2048, 128, device="cuda", generator=g).bfloat16()
     w = torch.randn(1, 2048, 64, device="cuda", generator=g).bfloat16()
-    got, _ = indexer_topk_fp8(q, k, w, 512, backend="triton")
-    want, _ = indexer_topk_fp8(q, k, w, 512, backend="reference")
+    got, _ = indexer_topk(q, k, w, 512, backend="triton", precision="fp8")
+    want, _ = indexer_topk(q, k, w, 512, backend="reference", precision="fp8")
     same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got[0], want[0]))
     assert same >= 0.999 * got[0].ge(0).sum().item()

@@ -231,14 +231,20 @@ class _CpuTorch(types.ModuleType):
         return getattr(self._real, name)
 
 
-def _apply_cpu_device() -> List[Tuple[object, str, object]]:
+def proxy_torch(paths) -> List[Tuple[object, str, object]]:
+    """Give each module of ``paths`` the CPU ``torch`` proxy (all found, or nothing patched);
+    returns the ``(module, "torch", original)`` triples that undo restores."""
+    mods = [_resolve(path, "torch") for path in paths]
     proxy = _CpuTorch(torch)
     saved = []
-    for path in _CPU_MODULES:
-        mod = _resolve(path, "torch")
+    for mod in mods:
         saved.append((mod, "torch", mod.torch))
         mod.torch = proxy
     return saved
+
+
+def _apply_cpu_device() -> List[Tuple[object, str, object]]:
+    return proxy_torch(_CPU_MODULES)
 
 
 def _no_cuda_rng_state(*args, **kwargs):

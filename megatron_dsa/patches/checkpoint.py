@@ -41,14 +41,6 @@ CHECKPOINT_MODULES = (
 def apply_cpu_checkpoint() -> List[Tuple[object, str, object]]:
     """Give each module of :data:`CHECKPOINT_MODULES` the CPU ``torch`` proxy; returns the
     ``(module, "torch", original)`` triples that ``patches.undo`` restores."""
-    import torch
+    from . import proxy_torch
 
-    from . import _CpuTorch, _resolve
-
-    proxy = _CpuTorch(torch)
-    mods = [_resolve(path, "torch") for path in CHECKPOINT_MODULES]  # all found, or nothing patched
-    saved = []
-    for mod in mods:
-        saved.append((mod, "torch", mod.torch))
-        mod.torch = proxy
-    return saved
+    return proxy_torch(CHECKPOINT_MODULES)

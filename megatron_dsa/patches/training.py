@@ -36,9 +36,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Tuple
 
-import torch
-
-from . import _CpuTorch, _check_version, _resolve
+from . import _check_version, _resolve, proxy_torch
 from . import apply as apply_core_patches
 
 __all__ = ["apply", "apply_dataset_helpers", "undo", "active"]
@@ -85,12 +83,7 @@ def _apply_dataset_helpers():
 
 
 def _apply_cpu_training():
-    saved = []
-    proxy = _CpuTorch(torch)
-    for path in _CPU_TRAINING_MODULES:
-        mod = _resolve(path, "torch")
-        saved.append((mod, "torch", mod.torch))
-        mod.torch = proxy
+    saved = proxy_torch(_CPU_TRAINING_MODULES)
     init = _resolve("megatron.training.initialize", "initialize_megatron")
     original_init = init.initialize_megatron
 

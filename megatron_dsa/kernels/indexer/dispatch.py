@@ -14,6 +14,7 @@ import torch
 
 from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
+from .fp8 import fp8_selection_inputs, quantize_e4m3
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
 
@@ -59,6 +60,7 @@ def indexer_topk(
     use_relu: bool = True,
     global_ids: bool = False,
     backend: str = "auto",
+    precision: str = "bf16",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k keys per query row: ``(indices int32 [B, T, topk], scores fp32 [B, T, topk])``.
 
@@ -67,15 +69,26 @@ def indexer_topk(
     missing slots are ``-1`` with score ``-inf``. No gradient flows through this function.
     The selected *set* follows the tie rule (lower key index wins); the order of the slots is
     unspecified (the reference lists them by descending score, the fused kernel does not), and
-    every consumer treats a row as a set.
+    every consumer treats a row as a set. ``precision="fp8"`` selects with e4m3 numerics
+    (``fp8.py``): the fused kernel reads e4m3 queries and keys, the reference scores the same
+    values in fp32.
     """
     B, T, H, D, _ = check_indexer_tensors(q, k, w)
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
         raise ValueError(f"topk must be a positive int, got {topk!r}")
     check_windows(starts, ends, B, T)
     check_same_device(q=q, k=k, w=w, starts=starts, ends=ends)
     choice = select_backend(backend, q.device, q.dtype, D)
     with torch.no_grad():
+        if precision == "fp8" and choice.forward == "triton":
+            q8, sq = quantize_e4m3(q)
+            k8, sk = quantize_e4m3(k)
+            return indexer_topk_triton(q8, k8, w.float() * sq.squeeze(-1), topk, starts, ends, use_relu,
+                                       global_ids, k_scale=sk.squeeze(-1).contiguous())
+        if precision == "fp8":
+            q, k, w = fp8_selection_inputs(q, k, w)
         if choice.forward == "triton":
             return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids)
         return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)

@@ -5,7 +5,7 @@ Queries are quantized per (token, head) and keys per token, each row to its own 
 
     w[t,h] * ReLU(q[t,h] . k[s])  ~=  (w[t,h] * sq[t,h]) * ReLU(q8[t,h] . (k8[s] * sk[s]))
 
-* :func:`indexer_topk_fp8` — the e4m3 selection: on the Triton backend the score kernel reads
+* ``indexer_topk(..., precision="fp8")`` — the e4m3 selection: on the Triton backend the score kernel reads
   the e4m3 queries and keys themselves (fp8 tensor-core dot products, fp32 accumulation), takes
   the query scales folded into the head weights and multiplies each key's score by its scale;
   elsewhere the reference scores the same values in fp32.
@@ -20,7 +20,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["E4M3_MAX", "quantize_e4m3", "fp8_selection_inputs", "indexer_topk_fp8"]
+__all__ = ["E4M3_MAX", "quantize_e4m3", "fp8_selection_inputs"]
 
 E4M3_MAX = 448.0
 
@@ -40,28 +40,3 @@ def fp8_selection_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
     q8, sq = quantize_e4m3(q)
     k8, sk = quantize_e4m3(k)
     return q8.float(), k8.float() * sk, w.detach().float() * sq.squeeze(-1)
-
-
-def indexer_topk_fp8(q, k, w, topk: int, starts=None, ends=None, use_relu: bool = True,
-                     backend: str = "auto"):
-    """:func:`megatron_dsa.kernels.indexer.indexer_topk` with e4m3 selection numerics: the same
-    arguments, checks and outputs (ids ``int32 [B, T, topk]``, scores fp32)."""
-    from .._validate import check_indexer_tensors, check_same_device, check_windows
-    from .dispatch import indexer_topk, select_backend
-    from .triton_impl import indexer_topk_triton
-
-    D = check_indexer_tensors(q, k, w)[3]
-    choice = select_backend(backend, q.device, q.dtype, D)
-    if choice.forward != "triton":
-        return indexer_topk(*fp8_selection_inputs(q, k, w), topk, starts, ends, use_relu=use_relu,
-                            backend="reference")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:
-        raise ValueError(f"topk must be a positive int, got {topk!r}")
-    check_windows(starts, ends, q.shape[0], q.shape[1])
-    check_same_device(q=q, k=k, w=w, starts=starts, ends=ends)
-    with torch.no_grad():
-        q8, sq = quantize_e4m3(q)
-        k8, sk = quantize_e4m3(k)
-        w_eff = w.detach().float() * sq.squeeze(-1)
-        return indexer_topk_triton(q8, k8, w_eff, topk, starts, ends, use_relu,
-                                   k_scale=sk.squeeze(-1).contiguous())
