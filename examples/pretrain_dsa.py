@@ -139,13 +139,13 @@ def add_example_args(parser):
 def main():
     megatron_dsa.enable()
     import megatron_dsa.patches as patches
-
-    patches.apply()  # only what this machine needs (CPU device shims; a missing Hadamard package)
     from megatron_dsa.patches import training as training_patches
 
-    training_patches.apply_dataset_helpers()
-    if not torch.cuda.is_available():
-        training_patches.apply()
+    if torch.cuda.is_available():
+        patches.apply()  # only what this machine needs (e.g. a missing Hadamard package)
+        training_patches.apply_dataset_helpers()
+    else:
+        training_patches.apply()  # the CPU shims of Megatron's loop (core patches included)
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import (
