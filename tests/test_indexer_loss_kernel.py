@@ -1,4 +1,5 @@
-"""Fused Triton sparse indexer KL loss (``indexer_loss/triton_impl.py``) vs the reference.
+"""Fused Triton indexer KL loss (``indexer_loss/triton_impl.py``: sparse, dense warm-up, and the
+target from the attention backward) vs the reference.
 
 CPU: Triton's interpreter at small shapes on fp32 inputs against the fp64 reference (the
 interpreter mis-computes bf16 dots). GPU (``-m gpu``): real shapes in bf16 vs the fp32
@@ -129,6 +130,96 @@ def test_gpu_fused_sparse_loss_bf16_real_shapes(S, Hq, use_lse):
                 None, False, **kw)
     ref = _run(indexer_loss_reference, q.float(), k.float(), w, query.float(), key.float(),
                Dq**-0.5, 1.0, idx, None, None, True, None, False)
+    _check(ours, ref, 2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# dense warm-up loss (every key of the window), fused and row-chunked
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense(fn, q, k, w, query, key, scale, coeff, st, en, relu, rv, per_token, **kw):
+    qq, kk, ww = (x.detach().clone().requires_grad_() for x in (q, k, w))
+    loss = fn(qq, kk, ww, query, key, scale, coeff, None, False, st, en, relu, rv, per_token, None, **kw)
+    loss.backward()
+    return [loss.detach().double(), qq.grad.double(), kk.grad.double(), ww.grad.double()]
+
+
+@pytest.mark.parametrize("kind", ["default", "packed", "offset"])
+@pytest.mark.parametrize("relu,per_token,with_rv", [(True, False, True), (False, True, False)])
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 2000])
+def test_fused_dense_loss_matches_reference(monkeypatch, kind, relu, per_token, with_rv, chunk_bytes):
+    """Default causal windows (keys cut per chunk), packed documents, and query rows at an offset
+    into a longer key sequence (as a CP rank's); one chunk or chunks of a few rows."""
+    from megatron_dsa.kernels.indexer_loss import dispatch
+
+    monkeypatch.setattr(dispatch, "DENSE_CHUNK_BYTES", chunk_bytes)
+    B, T, H, D, Hq, Dq = 2, 29, 4, 16, 3, 40
+    S = T + 11 if kind == "offset" else T
+    q = torch.randn(B, T, H, D, device=DEV)
+    k = torch.randn(B, S, D, device=DEV)
+    w = torch.randn(B, T, H, device=DEV)
+    query = torch.randn(B, T, Hq, Dq, device=DEV)
+    key = torch.randn(B, S, Dq, device=DEV)
+    if kind == "default":
+        st = en = None
+    elif kind == "packed":
+        st, en = _window("packed", B, T, T)
+    else:  # rows are positions 11 .. 11 + T of the keys, causal
+        en = (torch.arange(T, device=DEV) + 12).expand(B, T).contiguous()
+        st = torch.zeros_like(en)
+    rv = (torch.rand(B, T, device=DEV) > 0.2) if with_rv else None
+    ref = _dense(indexer_loss_reference, *(x.double() for x in (q, k, w, query, key)), 0.3, 0.7, st, en, relu,
+                 rv, per_token)
+    ours = _dense(fused_loss, q, k, w, query, key, 0.3, 0.7, st, en, relu, rv, per_token)
+    _check(ours, ref, 1e-4)
+
+
+@pytest.mark.parametrize("att_bh", [128, 16])
+def test_fused_dense_loss_empty_rows_odd_dims_and_no_grad(monkeypatch, att_bh):
+    """Rows with an empty window, odd head counts / dims, 20 attention heads over two programs
+    (att_bh=16: the atomic head sum); without an input that needs a gradient the value is the
+    same and nothing is kept for a backward."""
+    from megatron_dsa.kernels.indexer_loss import triton_impl
+
+    monkeypatch.setitem(triton_impl._CFG, "att_bh", att_bh)
+    B, T, H, D, Hq, Dq = 1, 21, 3, 20, 20, 70
+    q = torch.randn(B, T, H, D, device=DEV)
+    k = torch.randn(B, T, D, device=DEV)
+    w = torch.randn(B, T, H, device=DEV)
+    query = torch.randn(B, T, Hq, Dq, device=DEV)
+    key = torch.randn(B, T, Dq, device=DEV)
+    st, en = causal_window(B, T, T, device=DEV)
+    st, en = st.clone(), en.clone()
+    en[0, 4] = st[0, 4] = 0  # empty
+    st[0, 9] = 9  # only itself
+    ref = _dense(indexer_loss_reference, *(x.double() for x in (q, k, w, query, key)), 0.5, 1.0, st, en, True,
+                 None, False)
+    ours = _dense(fused_loss, q, k, w, query, key, 0.5, 1.0, st, en, True, None, False)
+    _check(ours, ref, 1e-4)
+    assert ours[1][0, 4].abs().max() == 0 and ours[3][0, 4].abs().max() == 0
+    value = fused_loss(q, k, w, query, key, 0.5, 1.0, None, False, st, en)
+    assert not value.requires_grad
+    assert abs(value.item() - ours[0].item()) <= 1e-6 * abs(ours[0].item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,Hq", [(2048, 128), (3000, 16)])
+def test_gpu_fused_dense_loss_bf16_real_shapes(monkeypatch, S, Hq):
+    """bf16 at real widths (64 x 128 indexer, 576-wide MLA rows) against the fp32 reference,
+    with chunks of 1000 rows (the causal key cut per chunk)."""
+    from megatron_dsa.kernels.indexer_loss import dispatch
+
+    monkeypatch.setattr(dispatch, "DENSE_CHUNK_BYTES", 1000 * 8 * S)
+    B, H, D, Dq = 1, 64, 128, 576
+    q = torch.randn(B, S, H, D, device="cuda").bfloat16()
+    k = torch.randn(B, S, D, device="cuda").bfloat16()
+    w = torch.randn(B, S, H, device="cuda")
+    query = torch.randn(B, S, Hq, Dq, device="cuda").bfloat16()
+    key = torch.randn(B, S, Dq, device="cuda").bfloat16()
+    ours = _dense(fused_loss, q, k, w, query, key, Dq**-0.5, 1.0, None, None, True, None, False)
+    ref = _dense(indexer_loss_reference, q.float(), k.float(), w, query.float(), key.float(), Dq**-0.5, 1.0,
+                 None, None, True, None, False)
     _check(ours, ref, 2e-2)
 
 

@@ -138,7 +138,7 @@ def test_deterministic_follows_torch_flag(monkeypatch):
 def test_loss_backend_choice():
     gpu = torch.device("cuda", 0)
     assert loss_choice("auto", gpu, torch.bfloat16, sparse=True).forward == "triton"
-    assert loss_choice("auto", gpu, torch.bfloat16, sparse=False).forward == "chunked"
+    assert loss_choice("auto", gpu, torch.bfloat16, sparse=False).forward == "triton"
     assert loss_choice("auto", gpu, torch.float64, sparse=True).forward == "chunked"
 
 

@@ -3,9 +3,9 @@ functions.
 
 Backends: ``auto`` (CUDA tensors: the fused path; CPU tensors: the reference), ``triton``
 (the fused path on CUDA tensors or Triton's CPU interpreter; else an error), ``reference``
-(plain PyTorch). The fused path is the Triton kernels of ``triton_impl.py`` for the sparse loss
-on fp32/bf16/fp16, and the row-chunked PyTorch path of ``chunked.py`` for the dense warm-up
-loss and fp64. There is no CUDA-C kernel for the loss: ``cuda`` is an error that says so.
+(plain PyTorch). The fused path is the Triton kernels of ``triton_impl.py`` for the sparse and
+the dense warm-up loss on fp32/bf16/fp16, and the row-chunked PyTorch path of ``chunked.py``
+for fp64. There is no CUDA-C kernel for the loss: ``cuda`` is an error that says so.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason
 from ..indexer.reference import causal_window
 from .chunked import indexer_loss_chunked
 from .reference import indexer_loss_reference
-from .triton_impl import IndexerLossFromAttention, IndexerLossSparseFused
+from .triton_impl import DENSE_CHUNK_BYTES, IndexerLossDenseFused, IndexerLossFromAttention, IndexerLossSparseFused
 
 __all__ = ["select_backend", "indexer_loss", "indexer_loss_from_attention"]
 
@@ -38,8 +38,9 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, spars
                          "Triton (backend='triton' or 'auto')")
     if backend == "reference":
         return KernelChoice(OP, backend, "reference", "reference", "asked for")
-    fused = "triton" if sparse and dtype != torch.float64 else "chunked"
-    why_fused = "the sparse loss on fp32/bf16/fp16" if fused == "triton" else "the dense loss or fp64 inputs"
+    fused = "chunked" if dtype == torch.float64 else "triton"
+    variant = "sparse" if sparse else "dense"
+    why_fused = f"the {variant} loss on fp32/bf16/fp16" if fused == "triton" else "fp64 inputs"
     if backend == "triton":
         why = triton_reason(device)
         if why is not None:
@@ -118,6 +119,11 @@ def indexer_loss(
     starts, ends, causal = _windows(starts, ends, B, T, S, q.device)
     if query_valid_rows is not None:
         query_valid_rows = query_valid_rows.to(torch.bool).expand(B, T)
+    if choice.forward == "triton" and not sparse:
+        return IndexerLossDenseFused.apply(
+            q, k, w, query, key, starts, ends, float(softmax_scale), float(loss_coeff), bool(use_relu),
+            query_valid_rows, bool(calculate_per_token_loss), tp_group, causal, DENSE_CHUNK_BYTES,
+        )
     if choice.forward == "triton":
         return IndexerLossSparseFused.apply(
             q, k, w, query, key, topk_indices, starts, ends, float(softmax_scale), float(loss_coeff),

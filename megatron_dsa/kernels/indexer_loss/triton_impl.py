@@ -32,10 +32,12 @@ import triton.language as tl
 from ..triton_common import LOG2E, dot_precision, dot_split, ld, ld_split, mm, pow2_at_least
 from .reference import row_scale, tp_all_reduce
 
-__all__ = ["IndexerLossSparseFused", "IndexerLossFromAttention", "sparse_loss_forward", "sparse_loss_backward",
-           "index_scores", "kl_and_grad"]
+__all__ = ["IndexerLossSparseFused", "IndexerLossFromAttention", "IndexerLossDenseFused", "sparse_loss_forward",
+           "sparse_loss_backward", "dense_loss_forward", "index_scores", "kl_and_grad"]
 
-# Launch configuration (H100-measured).
+DENSE_CHUNK_BYTES = 1 << 30  # the dense loss's two fp32 [rows, keys] buffers per chunk
+
+# Launch configuration (H100-measured, sparse; the dense loss reuses it).
 _CFG = {
     "att_bh": 128,  # all 128 heads per program: each gathered key row is loaded once per row
     "att_bn": 64,
@@ -48,14 +50,40 @@ _CFG = {
     "bwd_warps": 4,
     "bwd_stages": 1,
     "kl_warps": 8,
+    "kl_bk": 4096,  # slots per block of the KL kernel (the sparse row's k = 2048 is one block)
+    "dk_bs": 64,  # keys per program of the dense dk kernel
+    "dk_warps": 4,
 }
 
 
 @triton.jit
-def _slots(IDX, ST, EN, r, n0, K, S, BN: tl.constexpr):
+def _row(T, T0, RT):
+    """``(rl, r)``: this program's row in the launch's ``[B * RT, ...]`` buffers and its global
+    flattened row ``b * T + t`` (rows ``T0 .. T0 + RT`` of each batch; sparse: ``T0 = 0, RT = T``)."""
+    rl = tl.program_id(0).to(tl.int64)
+    return rl, (rl // RT) * T + T0 + rl % RT
+
+
+@triton.jit
+def _span(ST, EN, r, K, BN: tl.constexpr, DENSE: tl.constexpr):
+    """Slot range a row walks: all ``K`` slots (sparse) or the key blocks of its window (dense:
+    slot = key id, the launch covers keys ``[0, K)``)."""
+    lo = 0
+    hi = K
+    if DENSE:
+        lo = (tl.load(ST + r) // BN) * BN
+        hi = tl.minimum(tl.load(EN + r), K)
+    return lo, hi
+
+
+@triton.jit
+def _slots(IDX, ST, EN, r, rl, n0, K, S, BN: tl.constexpr, DENSE: tl.constexpr):
     offs_n = n0 + tl.arange(0, BN)
     nmask = offs_n < K
-    ids = tl.load(IDX + r * K + offs_n, mask=nmask, other=-1)
+    if DENSE:
+        ids = offs_n
+    else:
+        ids = tl.load(IDX + rl * K + offs_n, mask=nmask, other=-1)
     st = tl.load(ST + r)
     en = tl.load(EN + r)
     valid = nmask & (ids >= 0) & (ids < S) & (ids >= st) & (ids < en)
@@ -71,12 +99,13 @@ def _slots(IDX, ST, EN, r, n0, K, S, BN: tl.constexpr):
 @triton.jit
 def _att_kernel(
     QRY, KEY, IDX, ST, EN, LSE, ATT,
-    sq_r, sq_h, s_key, T, S, Hq, K, scale_log2,
+    sq_r, sq_h, s_key, T, S, Hq, K, T0, RT, scale_log2,
     MODE: tl.constexpr, D_V: tl.constexpr, D_QK: tl.constexpr, DC: tl.constexpr, DT: tl.constexpr,
     BH: tl.constexpr, BN: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_V: tl.constexpr,
     MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    rl, r = _row(T, T0, RT)
     hb = tl.program_id(1)
     b = r // T
     offs_h = hb * BH + tl.arange(0, BH)
@@ -88,11 +117,12 @@ def _att_kernel(
         m_i = tl.full([BH], float("-inf"), tl.float32)
         l_i = tl.zeros([BH], tl.float32)
     else:
-        lse2 = tl.load(LSE + r * Hq + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE + rl * Hq + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
         lfin = lse2 > float("-inf")
         lse2 = tl.where(lfin, lse2, 0.0)
-    for n0 in range(0, K, BN):
-        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+    lo, hi = _span(ST, EN, r, K, BN, DENSE)
+    for n0 in range(lo, hi, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, rl, n0, K, S, BN, DENSE)
         k0, k1, k2, k3, kt = ld_split(kbase, rows, valid, s_key, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
         s = dot_split(q0, q1, q2, q3, qt, k0, k1, k2, k3, kt, tl.zeros([BH, BN], tl.float32), HAS_TAIL, UPCAST,
                       PREC)
@@ -106,13 +136,13 @@ def _att_kernel(
             live = valid[None, :] & (hmask & lfin)[:, None]
             p = tl.where(live, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
             if ATOMIC:
-                tl.atomic_add(ATT + r * K + offs_n, tl.sum(p, 0), mask=nmask, sem="relaxed")
+                tl.atomic_add(ATT + rl * K + offs_n, tl.sum(p, 0), mask=nmask, sem="relaxed")
             else:  # one head block covers all heads: this program owns the row
-                tl.store(ATT + r * K + offs_n, tl.sum(p, 0), mask=nmask)
+                tl.store(ATT + rl * K + offs_n, tl.sum(p, 0), mask=nmask)
     if MODE == 0:
         ne = l_i > 0.0
         lse = tl.where(ne, (m_i + tl.log2(tl.where(ne, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + r * Hq + offs_h, lse, mask=hmask)
+        tl.store(LSE + rl * Hq + offs_h, lse, mask=hmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,64 +153,79 @@ def _att_kernel(
 @triton.jit
 def _index_kernel(
     Q, KI, W, IDX, ST, EN, ISC,
-    sq_r, sq_h, sk, sw_r, T, S, H, D, K,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K, T0, RT,
     BHI: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, RELU: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, DENSE: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    rl, r = _row(T, T0, RT)
     b = r // T
     offs_h = tl.arange(0, BHI)
     hmask = offs_h < H
     q = ld(Q + r * sq_r, offs_h, hmask, sq_h, 0, BD, D, True)
     w = tl.load(W + r * sw_r + offs_h, mask=hmask, other=0.0).to(tl.float32)
     kbase = KI + b * S * sk
-    for n0 in range(0, K, BN):
-        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
+    lo, hi = _span(ST, EN, r, K, BN, DENSE)
+    for n0 in range(lo, hi, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, rl, n0, K, S, BN, DENSE)
         kk = ld(kbase, rows, valid, sk, 0, BD, D, True)
         raw = mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
         if RELU:
             raw = tl.maximum(raw, 0.0, propagate_nan=tl.PropagateNan.ALL)
         isc = tl.sum(raw * w[:, None], 0)
-        tl.store(ISC + r * K + offs_n, isc, mask=nmask)
+        tl.store(ISC + rl * K + offs_n, isc, mask=nmask)
 
 
 @triton.jit
 def _kl_kernel(
-    ISC, ATT, IDX, ST, EN, RV, KL, DI, T, S, K,
-    BK: tl.constexpr, HAS_RV: tl.constexpr,
+    ISC, ATT, IDX, ST, EN, RV, KL, DI, T, S, K, T0, RT,
+    BK: tl.constexpr, HAS_RV: tl.constexpr, DENSE: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
-    offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, 0, K, S, BK)
-    x = tl.load(ISC + r * K + offs_n, mask=nmask, other=0.0)
-    a = tl.load(ATT + r * K + offs_n, mask=nmask, other=0.0)
-    a = tl.where(valid, a, 0.0)
-    x = tl.where(valid, x, float("-inf"))
-    m = tl.max(x, 0)
+    """Two passes over the row's slots in blocks of BK (one block when BK >= K): per-lane
+    running max / sum of exp of ``I`` and the target's sum, then KL and ``dI`` (over ``I``)."""
+    rl, r = _row(T, T0, RT)
+    lo, hi = _span(ST, EN, r, K, BK, DENSE)
+    m_v = tl.full([BK], float("-inf"), tl.float32)
+    z_v = tl.zeros([BK], tl.float32)
+    a_v = tl.zeros([BK], tl.float32)
+    for n0 in range(lo, hi, BK):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, rl, n0, K, S, BK, DENSE)
+        x = tl.where(valid, tl.load(ISC + rl * K + offs_n, mask=nmask, other=0.0), float("-inf"))
+        a_v += tl.where(valid, tl.load(ATT + rl * K + offs_n, mask=nmask, other=0.0), 0.0)
+        m_new = tl.maximum(m_v, x)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z_v = z_v * tl.exp(m_v - m_use) + tl.where(valid, tl.exp(x - m_use), 0.0)
+        m_v = m_new
+    m = tl.max(m_v, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.where(valid, tl.exp(x - m), 0.0)
-    z = tl.sum(e, 0)
+    z = tl.sum(z_v * tl.exp(m_v - m), 0)
     logz = tl.log(tl.maximum(z, 1e-30))
-    logp = tl.where(valid, x - m - logz, 0.0)
-    p = e / tl.maximum(z, 1e-10)
-    tgt = a / tl.maximum(tl.sum(a, 0), 1e-10)
-    kl = tl.sum(tl.where(valid, tgt * (tl.log(tl.maximum(tgt, 1e-10)) - logp), 0.0), 0)
-    di = tl.where(valid, p - tgt, 0.0)
+    inv_z = 1.0 / tl.maximum(z, 1e-10)
+    inv_a = 1.0 / tl.maximum(tl.sum(a_v, 0), 1e-10)
+    rv = 1.0
     if HAS_RV:
         rv = tl.load(RV + r).to(tl.float32)
-        kl = kl * rv
-        di = di * rv
-    tl.store(KL + r, kl)
-    tl.store(DI + r * K + offs_n, di, mask=nmask)
+    kl_v = tl.zeros([BK], tl.float32)
+    for n0 in range(lo, hi, BK):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, rl, n0, K, S, BK, DENSE)
+        x = tl.load(ISC + rl * K + offs_n, mask=nmask, other=0.0)
+        tgt = tl.where(valid, tl.load(ATT + rl * K + offs_n, mask=nmask, other=0.0), 0.0) * inv_a
+        logp = x - m - logz
+        kl_v += tl.where(valid, tgt * (tl.log(tl.maximum(tgt, 1e-10)) - logp), 0.0)
+        di = tl.where(valid, tl.exp(x - m) * inv_z - tgt, 0.0)
+        tl.store(DI + rl * K + offs_n, di * rv, mask=nmask)
+    tl.store(KL + rl, tl.sum(kl_v, 0) * rv)
 
 
 @triton.jit
 def _index_bwd_kernel(
     Q, KI, W, IDX, ST, EN, DI, G, DQ, DK, DW,
-    sq_r, sq_h, sk, sw_r, T, S, H, D, K,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K, T0, RT,
     BHI: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, RELU: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, DENSE: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    """dq, dw of a row (and, sparse only, dk by fp32 atomics; the dense dk is
+    ``_dense_dk_kernel``'s, key-major without atomics)."""
+    rl, r = _row(T, T0, RT)
     b = r // T
     offs_h = tl.arange(0, BHI)
     hmask = offs_h < H
@@ -192,9 +237,10 @@ def _index_bwd_kernel(
     dq = tl.zeros([BHI, BD], tl.float32)
     dw = tl.zeros([BHI], tl.float32)
     cols = tl.arange(0, BD)
-    for n0 in range(0, K, BN):
-        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, n0, K, S, BN)
-        di = tl.load(DI + r * K + offs_n, mask=valid, other=0.0) * g
+    lo, hi = _span(ST, EN, r, K, BN, DENSE)
+    for n0 in range(lo, hi, BN):
+        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, rl, n0, K, S, BN, DENSE)
+        di = tl.load(DI + rl * K + offs_n, mask=valid, other=0.0) * g
         kk = ld(kbase, rows, valid, sk, 0, BD, D, True)
         raw = mm(q, tl.trans(kk), tl.zeros([BHI, BN], tl.float32), UPCAST, PREC)
         if RELU:
@@ -206,12 +252,56 @@ def _index_bwd_kernel(
         dw += tl.sum(act * di[None, :], 1)
         drc = draw.to(kk.dtype)
         dq = mm(drc, kk, dq, UPCAST, PREC)
-        dkg = mm(tl.trans(drc), q, tl.zeros([BN, BD], tl.float32), UPCAST, PREC)
-        tl.atomic_add(dkbase + rows[:, None] * BD + cols[None, :], dkg,
-                      mask=valid[:, None] & (cols[None, :] < D), sem="relaxed")
+        if not DENSE:
+            dkg = mm(tl.trans(drc), q, tl.zeros([BN, BD], tl.float32), UPCAST, PREC)
+            tl.atomic_add(dkbase + rows[:, None] * BD + cols[None, :], dkg,
+                          mask=valid[:, None] & (cols[None, :] < D), sem="relaxed")
     tl.store(DQ + r * H * D + offs_h[:, None] * D + cols[None, :], dq.to(DQ.dtype.element_ty),
              mask=hmask[:, None] & (cols[None, :] < D))
     tl.store(DW + r * H + offs_h, dw, mask=hmask)
+
+
+@triton.jit
+def _dense_dk_kernel(
+    Q, KI, W, ST, EN, DI, DK,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K, T0, RT,
+    BHI: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, RELU: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """Dense ``dk`` for one block of BS keys of batch ``program_id(1)``, summed over the launch's
+    rows (``dk[s] += sum_t sum_h dI[t, s] w[t, h] 1[raw > 0] q[t, h]``) and added to the fp32
+    ``DK [B, S, BD]``: the program owns its keys, so no atomics; rows whose window misses the
+    block are skipped."""
+    kb = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s_lo = kb * BS
+    s_hi = tl.minimum(s_lo + BS, K)
+    offs_s = s_lo + tl.arange(0, BS)
+    smask = offs_s < K
+    kk = ld(KI + b * S * sk, offs_s, smask, sk, 0, BD, D, True)
+    offs_h = tl.arange(0, BHI)
+    hmask = offs_h < H
+    cols = tl.arange(0, BD)
+    dk = tl.zeros([BS, BD], tl.float32)
+    for i in range(0, RT):
+        r = b * T + T0 + i
+        rl = b * RT + i
+        st = tl.load(ST + r)
+        en = tl.load(EN + r)
+        if (st < s_hi) & (en > s_lo):
+            valid = smask & (offs_s >= st) & (offs_s < en)
+            di = tl.load(DI + rl * K + offs_s, mask=valid, other=0.0)
+            q = ld(Q + r * sq_r, offs_h, hmask, sq_h, 0, BD, D, True)
+            w = tl.load(W + r * sw_r + offs_h, mask=hmask, other=0.0).to(tl.float32)
+            raw_t = mm(kk, tl.trans(q), tl.zeros([BS, BHI], tl.float32), UPCAST, PREC)
+            if RELU:
+                draw_t = tl.where(raw_t > 0.0, di[:, None] * w[None, :], 0.0)
+            else:
+                draw_t = di[:, None] * w[None, :]
+            dk = mm(draw_t.to(q.dtype), q, dk, UPCAST, PREC)
+    ptrs = DK + (b * S + offs_s)[:, None] * BD + cols[None, :]
+    m2 = smask[:, None] & (cols[None, :] < BD)
+    tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) + dk, mask=m2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,15 +343,13 @@ def sparse_loss_forward(q, k, w, query, key, ids, starts, ends, scale, use_relu,
         return torch.zeros(R, dtype=torch.float32, device=dev), att.zero_()
     common = dict(BH=BH, BN=_CFG["att_bn"], ATOMIC=atomic, **geo, **dot_precision(query.dtype),
                   num_warps=_CFG["att_warps"], num_stages=_CFG["att_stages"])
-    args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, K, float(scale) * LOG2E)
+    args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, K, 0, T, float(scale) * LOG2E)
     if attn_lse is None:
         lse = torch.empty(R, Hq, dtype=torch.float32, device=dev)
-        _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args,
-                                                MODE=0, **common)
+        _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args, MODE=0, DENSE=False, **common)
     else:
         lse = attn_lse.reshape(R, Hq).to(torch.float32).contiguous()
-    _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args,
-                                            MODE=1, **common)
+    _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args, MODE=1, DENSE=False, **common)
     att = tp_all_reduce(att, tp_group)
     isc = index_scores(q, k, w, ids, starts, ends, use_relu)
     rv = row_valid.reshape(R) if row_valid is not None else None
@@ -282,8 +370,8 @@ def index_scores(q, k, w, ids, starts, ends, use_relu):
         qr = q.reshape(R, H, D)
         _index_kernel[(R,)](
             qr, k, w, ids, starts, ends, isc, qr.stride(0), qr.stride(1), k.stride(1), w.stride(1),
-            T, S, H, D, K, BHI=pow2_at_least(H), BD=pow2_at_least(D), BN=_CFG["idx_bn"], RELU=bool(use_relu),
-            **dot_precision(q.dtype), num_warps=_CFG["idx_warps"], num_stages=_CFG["idx_stages"],
+            T, S, H, D, K, 0, T, BHI=pow2_at_least(H), BD=pow2_at_least(D), BN=_CFG["idx_bn"], RELU=bool(use_relu),
+            DENSE=False, **dot_precision(q.dtype), num_warps=_CFG["idx_warps"], num_stages=_CFG["idx_stages"],
         )
     return isc
 
@@ -295,8 +383,9 @@ def kl_and_grad(isc, att, ids, starts, ends, row_valid, T, S):
     kl = torch.empty(R, dtype=torch.float32, device=isc.device)
     if R > 0 and K > 0:
         rv = row_valid if row_valid is not None else kl
-        _kl_kernel[(R,)](isc, att, ids, starts, ends, rv, kl, isc, T, S, K, BK=pow2_at_least(K),
-                         HAS_RV=row_valid is not None, num_warps=_CFG["kl_warps"])
+        _kl_kernel[(R,)](isc, att, ids, starts, ends, rv, kl, isc, T, S, K, 0, T,
+                         BK=min(pow2_at_least(K), _CFG["kl_bk"]), HAS_RV=row_valid is not None, DENSE=False,
+                         num_warps=_CFG["kl_warps"])
     else:
         kl.zero_()
     return kl, isc
@@ -318,14 +407,88 @@ def sparse_loss_backward(q, k, w, ids, starts, ends, di, g, use_relu):
         qr = q.reshape(R, H, D)
         _index_bwd_kernel[(R,)](
             qr, kc, w, ids, starts, ends, di, g, dq, dk, dw,
-            qr.stride(0), qr.stride(1), kc.stride(1), w.stride(1), T, S, H, D, K,
-            BHI=BHI, BD=BD, BN=_CFG["bwd_bn"], RELU=bool(use_relu), **dot_precision(q.dtype),
+            qr.stride(0), qr.stride(1), kc.stride(1), w.stride(1), T, S, H, D, K, 0, T,
+            BHI=BHI, BD=BD, BN=_CFG["bwd_bn"], RELU=bool(use_relu), DENSE=False, **dot_precision(q.dtype),
             num_warps=_CFG["bwd_warps"], num_stages=_CFG["bwd_stages"],
         )
     else:
         dq.zero_()
         dw.zero_()
     return dq, dk[..., :D].to(k.dtype), dw.to(w.dtype)
+
+
+def dense_loss_forward(q, k, w, query, key, starts, ends, scale, use_relu, row_valid, tp_group, causal,
+                       need_grads, chunk_bytes=DENSE_CHUNK_BYTES):
+    """The dense loss (every key of each row's window), in chunks of query rows.
+
+    Returns ``(kl_sum, grads)``: the fp64 sum of the rows' KL (times row validity) and, with
+    ``need_grads``, ``(dq [B, T, H, D] q's dtype, dk [B, S, D] fp32, dw [B, T, H] fp32)``, the
+    gradients of that sum (unit upstream gradient; ``None`` otherwise). Per chunk of ``rt`` rows
+    (all batches), keys cut to ``[0, t1)`` when ``causal``: attention LSE and head-summed target
+    ``[B * rt, Kc]`` (all-reduced over ``tp_group``), index scores, KL and ``dI`` (over the
+    scores), then dq / dw (query-major) and dk (key-major); only the two ``[B * rt, Kc]`` fp32
+    buffers scale with the keys, ``rt`` is chosen so they stay near ``chunk_bytes``.
+    Inputs contiguous; ``starts`` / ``ends`` / ``row_valid`` flattened ``[B * T]``."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    Hq, Dqk = query.shape[2], query.shape[3]
+    dev = q.device
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    BHI, BD = pow2_at_least(H), pow2_at_least(D)
+    grads = None
+    if need_grads:
+        grads = (torch.zeros(B, T, H, D, dtype=q.dtype, device=dev),
+                 torch.zeros(B, S, BD, dtype=torch.float32, device=dev),
+                 torch.zeros(B, T, H, dtype=torch.float32, device=dev))
+    if B * T == 0 or S == 0:
+        return total, None if grads is None else (grads[0], grads[1][..., :D], grads[2])
+    qy = query.reshape(B * T, Hq, Dqk)
+    qr = q.reshape(B * T, H, D)
+    geo = _att_geometry(Dqk)
+    BH = min(_CFG["att_bh"], pow2_at_least(Hq))
+    n_hb = triton.cdiv(Hq, BH)
+    prec = dot_precision(q.dtype)
+    att_cfg = dict(BH=BH, BN=_CFG["att_bn"], ATOMIC=n_hb > 1, DENSE=True, **geo, **dot_precision(query.dtype),
+                   num_warps=_CFG["att_warps"], num_stages=_CFG["att_stages"])
+    idx_args = (qr.stride(0), qr.stride(1), k.stride(1), w.stride(1), T, S, H, D)
+    one = torch.ones(1, dtype=torch.float32, device=dev)
+    rt_max = int(max(1, min(T, chunk_bytes // max(1, 8 * S * B))))
+    for t0 in range(0, T, rt_max):
+        rt = min(T, t0 + rt_max) - t0
+        Kc = min(S, t0 + rt) if causal else S  # keys past the chunk's last causal end: none seen
+        n = B * rt
+        att = (torch.zeros if n_hb > 1 else torch.empty)(n, Kc, dtype=torch.float32, device=dev)
+        lse = torch.empty(n, Hq, dtype=torch.float32, device=dev)
+        isc = torch.empty(n, Kc, dtype=torch.float32, device=dev)
+        kl = torch.empty(n, dtype=torch.float32, device=dev)
+        att_args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, Kc, t0, rt, float(scale) * LOG2E)
+        _att_kernel[(n, n_hb)](qy, key, isc, starts, ends, lse, att, *att_args, MODE=0, **att_cfg)
+        _att_kernel[(n, n_hb)](qy, key, isc, starts, ends, lse, att, *att_args, MODE=1, **att_cfg)
+        att = tp_all_reduce(att, tp_group)
+        _index_kernel[(n,)](qr, k, w, isc, starts, ends, isc, *idx_args, Kc, t0, rt, BHI=BHI, BD=BD,
+                            BN=_CFG["idx_bn"], RELU=bool(use_relu), DENSE=True, **prec,
+                            num_warps=_CFG["idx_warps"], num_stages=_CFG["idx_stages"])
+        rv = row_valid if row_valid is not None else kl
+        _kl_kernel[(n,)](isc, att, isc, starts, ends, rv, kl, isc, T, S, Kc, t0, rt,
+                         BK=min(pow2_at_least(Kc), _CFG["kl_bk"]), HAS_RV=row_valid is not None, DENSE=True,
+                         num_warps=_CFG["kl_warps"])
+        total += kl.to(torch.float64).sum()
+        del att
+        if need_grads:
+            dq, dk, dw = grads
+            _index_bwd_kernel[(n,)](qr, k, w, isc, starts, ends, isc, one, dq, dk, dw, *idx_args, Kc, t0, rt,
+                                    BHI=BHI, BD=BD, BN=_CFG["bwd_bn"], RELU=bool(use_relu), DENSE=True, **prec,
+                                    num_warps=_CFG["bwd_warps"], num_stages=_CFG["bwd_stages"])
+            _dense_dk_kernel[(triton.cdiv(Kc, _CFG["dk_bs"]), B)](
+                qr, k, w, starts, ends, isc, dk, *idx_args, Kc, t0, rt, BHI=BHI, BD=BD, BS=_CFG["dk_bs"],
+                RELU=bool(use_relu), **prec, num_warps=_CFG["dk_warps"])
+    if grads is not None:
+        grads = (grads[0], grads[1][..., :D], grads[2])
+    return total, grads
 
 
 class IndexerLossSparseFused(torch.autograd.Function):
@@ -410,3 +573,38 @@ class IndexerLossFromAttention(torch.autograd.Function):
         g = (grad.to(torch.float64) * scale_rows * ctx.loss_coeff).to(torch.float32).reshape(1)
         dq, dk, dw = sparse_loss_backward(q, k, w, ids, st, en, di, g, ctx.use_relu)
         return (dq, dk, dw) + (None,) * 9
+
+
+class IndexerLossDenseFused(torch.autograd.Function):
+    """The dense loss. Its gradient is linear in the upstream scalar, so the forward computes
+    the gradients of the KL sum (when an input needs them) and the backward only scales them:
+    the attention target, the costliest part, is formed once, and nothing of size T x S is
+    kept (the saved gradients are the size of q, k and w, which need not be saved instead)."""
+
+    @staticmethod
+    def forward(ctx, q, k, w, query, key, starts, ends, scale, loss_coeff, use_relu, row_valid,
+                per_token, tp_group, causal, chunk_bytes):
+        B, T = q.shape[:2]
+        R = B * T
+        need = any(ctx.needs_input_grad[:3])
+        st = starts.reshape(R).to(torch.int32).contiguous()
+        en = ends.reshape(R).to(torch.int32).contiguous()
+        rv = row_valid.reshape(R).contiguous() if row_valid is not None else None
+        with torch.no_grad():
+            total, grads = dense_loss_forward(
+                q.detach().contiguous(), k.detach().contiguous(), w.detach().contiguous(),
+                query.detach().contiguous(), key.detach().contiguous(), st, en, scale, use_relu, rv,
+                tp_group, causal, need, chunk_bytes)
+            scale_rows = row_scale(rv, R, per_token, q.device)
+        if need:
+            ctx.save_for_backward(*grads, scale_rows)
+        ctx.loss_coeff, ctx.dtypes = loss_coeff, (q.dtype, k.dtype, w.dtype)
+        out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (total * scale_rows * loss_coeff).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dq, dk, dw, scale_rows = ctx.saved_tensors
+        g = (grad.to(torch.float64) * scale_rows * ctx.loss_coeff).to(torch.float32)
+        out = tuple((x * g).to(dt) for x, dt in zip((dq, dk, dw), ctx.dtypes))
+        return out + (None,) * 12
