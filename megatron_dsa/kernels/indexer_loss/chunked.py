@@ -1,7 +1,7 @@
 """Indexer KL loss, forward and backward, with bounded memory (row-chunked, batched PyTorch).
 
-The path for the dense warm-up loss and fp64 inputs (the sparse loss on fp32/bf16/fp16 runs
-the fused Triton kernels of ``triton_impl.py``; ``dispatch.py`` decides). See
+The path for fp64 inputs (both variants on fp32/bf16/fp16 run the fused Triton kernels of
+``triton_impl.py``; ``dispatch.py`` decides). See
 ``docs/kernels_indexer.md``. Math and argument meaning: ``reference.py`` (Megatron-Core 0.19.2
 semantics).
 

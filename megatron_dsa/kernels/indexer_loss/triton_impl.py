@@ -1,10 +1,15 @@
-"""Fused Triton kernels for the *sparse* indexer KL loss (forward computes the loss and dI).
+"""Fused Triton kernels for the indexer KL loss, sparse (the selected keys) and dense (every key
+of the window: the warm-up stage).
 
 Rows are flattened to ``r = b * T + t``; the top-k ids are per sequence (key row ``b*S + id``).
 A slot is valid when ``0 <= id < S`` and ``starts[r] <= id < ends[r]``. Duplicate ids in a row
-count once per slot (the indexer never emits duplicates; the reference takes the set).
+count once per slot (the indexer never emits duplicates; the reference takes the set). With
+``DENSE`` the slot is the key itself (``id = j`` for ``j < K``, the launch's key count) and a
+row walks only the key blocks of its window. Every per-row kernel serves rows ``T0 .. T0 + RT``
+of each batch and indexes its ``[B * RT, K]`` buffers by the launch-local row (``_row``): the
+sparse loss launches all rows at once, the dense loss a chunk of rows at a time.
 
-Forward (no autograd inside; ``IndexerLossSparseFused`` wraps it):
+Sparse forward (no autograd inside; ``IndexerLossSparseFused`` wraps it):
 
 1. ``_att_kernel`` MODE=0 (only when the attention log-sum-exp is not given): one program per
    (row, block of BH attention heads); gathers the row's ``key`` rows BN at a time, does
@@ -14,13 +19,17 @@ Forward (no autograd inside; ``IndexerLossSparseFused`` wraps it):
    (Under tensor parallelism ``att`` is all-reduced over ``tp_group`` in torch here.)
 3. ``_index_kernel``: one program per row; gathers the ``k`` rows of the selected ids, ``raw =
    q_I[r] (H x D) k^T``, ``I = sum_h w_h ReLU(raw)`` -> ``isc [R, K]`` (fp32 scratch).
-4. ``_kl_kernel``: one program per row, the whole row of K slots in registers: log-softmax of
+4. ``_kl_kernel``: one program per row, two passes over its slots in blocks: log-softmax of
    ``I``, L1-normalised target, ``KL[r]`` (times row validity) and ``dI = (p - target) * rv``
-   written over ``att`` (the only [R, K] buffer kept for the backward).
+   written over ``isc`` (the only [R, K] buffer kept for the backward).
 
-Backward: ``_index_bwd_kernel``, one program per row: recompute ``raw`` per slot block,
+Sparse backward: ``_index_bwd_kernel``, one program per row: recompute ``raw`` per slot block,
 ``dI * g`` (``g`` = incoming grad * coeff * row scale, read from device memory: no host sync),
 ``dw`` and ``dq`` in registers, ``dk[b*S + id] += draw^T q`` with fp32 atomics.
+
+Dense (``dense_loss_forward``, ``IndexerLossDenseFused``): per chunk of query rows the same
+four steps with ``DENSE``, then the gradients of the KL sum right away (``_index_bwd_kernel``
+for dq / dw, ``_dense_dk_kernel`` key-major for dk); the backward only scales them.
 """
 
 from __future__ import annotations
