@@ -145,22 +145,28 @@ def _dense(fn, q, k, w, query, key, scale, coeff, st, en, relu, rv, per_token, *
     return [loss.detach().double(), qq.grad.double(), kk.grad.double(), ww.grad.double()]
 
 
+def _loss_inputs(B, T, S, H, D, Hq, Dq, device=DEV):
+    """Random q [B, T, H, D], k [B, S, D], w [B, T, H], query [B, T, Hq, Dq], key [B, S, Dq]."""
+    return (torch.randn(B, T, H, D, device=device), torch.randn(B, S, D, device=device),
+            torch.randn(B, T, H, device=device), torch.randn(B, T, Hq, Dq, device=device),
+            torch.randn(B, S, Dq, device=device))
+
+
 @pytest.mark.parametrize("kind", ["default", "packed", "offset"])
 @pytest.mark.parametrize("relu,per_token,with_rv", [(True, False, True), (False, True, False)])
-@pytest.mark.parametrize("chunk_bytes", [1 << 30, 2000])
-def test_fused_dense_loss_matches_reference(monkeypatch, kind, relu, per_token, with_rv, chunk_bytes):
+@pytest.mark.parametrize("small", [False, True])
+def test_fused_dense_loss_matches_reference(monkeypatch, kind, relu, per_token, with_rv, small):
     """Default causal windows (keys cut per chunk), packed documents, and query rows at an offset
-    into a longer key sequence (as a CP rank's); one chunk or chunks of a few rows."""
-    from megatron_dsa.kernels.indexer_loss import dispatch
+    into a longer key sequence (as a CP rank's); one chunk, or (``small``) chunks of a few rows
+    with dk's rows split over several programs."""
+    from megatron_dsa.kernels.indexer_loss import dispatch, triton_impl
 
-    monkeypatch.setattr(dispatch, "DENSE_CHUNK_BYTES", chunk_bytes)
+    if small:
+        monkeypatch.setattr(dispatch, "DENSE_CHUNK_BYTES", 2000)
+        monkeypatch.setitem(triton_impl._CFG, "dk_rows", 2)
     B, T, H, D, Hq, Dq = 2, 29, 4, 16, 3, 40
     S = T + 11 if kind == "offset" else T
-    q = torch.randn(B, T, H, D, device=DEV)
-    k = torch.randn(B, S, D, device=DEV)
-    w = torch.randn(B, T, H, device=DEV)
-    query = torch.randn(B, T, Hq, Dq, device=DEV)
-    key = torch.randn(B, S, Dq, device=DEV)
+    q, k, w, query, key = _loss_inputs(B, T, S, H, D, Hq, Dq)
     if kind == "default":
         st = en = None
     elif kind == "packed":
@@ -184,11 +190,7 @@ def test_fused_dense_loss_empty_rows_odd_dims_and_no_grad(monkeypatch, att_bh):
 
     monkeypatch.setitem(triton_impl._CFG, "att_bh", att_bh)
     B, T, H, D, Hq, Dq = 1, 21, 3, 20, 20, 70
-    q = torch.randn(B, T, H, D, device=DEV)
-    k = torch.randn(B, T, D, device=DEV)
-    w = torch.randn(B, T, H, device=DEV)
-    query = torch.randn(B, T, Hq, Dq, device=DEV)
-    key = torch.randn(B, T, Dq, device=DEV)
+    q, k, w, query, key = _loss_inputs(B, T, T, H, D, Hq, Dq)
     st, en = causal_window(B, T, T, device=DEV)
     st, en = st.clone(), en.clone()
     en[0, 4] = st[0, 4] = 0  # empty
@@ -211,12 +213,9 @@ def test_gpu_fused_dense_loss_bf16_real_shapes(monkeypatch, S, Hq):
     from megatron_dsa.kernels.indexer_loss import dispatch
 
     monkeypatch.setattr(dispatch, "DENSE_CHUNK_BYTES", 1000 * 8 * S)
-    B, H, D, Dq = 1, 64, 128, 576
-    q = torch.randn(B, S, H, D, device="cuda").bfloat16()
-    k = torch.randn(B, S, D, device="cuda").bfloat16()
-    w = torch.randn(B, S, H, device="cuda")
-    query = torch.randn(B, S, Hq, Dq, device="cuda").bfloat16()
-    key = torch.randn(B, S, Dq, device="cuda").bfloat16()
+    q, k, w, query, key = _loss_inputs(1, S, S, 64, 128, Hq, 576, "cuda")
+    q, k, query, key = (x.bfloat16() for x in (q, k, query, key))
+    Dq = 576
     ours = _dense(fused_loss, q, k, w, query, key, Dq**-0.5, 1.0, None, None, True, None, False)
     ref = _dense(indexer_loss_reference, q.float(), k.float(), w, query.float(), key.float(), Dq**-0.5, 1.0,
                  None, None, True, None, False)

@@ -62,6 +62,8 @@ _CFG = {
     "kl_bk": 4096,  # slots per block of the KL kernel (the sparse row's k = 2048 is one block)
     "dk_bs": 64,  # keys per program of the dense dk kernel
     "dk_warps": 4,
+    "dk_rows": 256,  # rows per program of the dense dk kernel (at least; the grid's second axis)
+    "dk_ws_bytes": 1 << 28,  # its partial-sum workspace
 }
 
 
@@ -272,17 +274,18 @@ def _index_bwd_kernel(
 
 @triton.jit
 def _dense_dk_kernel(
-    Q, KI, W, ST, EN, DI, DK,
-    sq_r, sq_h, sk, sw_r, T, S, H, D, K, T0, RT,
+    Q, KI, W, ST, EN, DI, PART,
+    sq_r, sq_h, sk, sw_r, T, S, H, D, K, T0, RT, B, RPS,
     BHI: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Dense ``dk`` for one block of BS keys of batch ``program_id(1)``, summed over the launch's
-    rows (``dk[s] += sum_t sum_h dI[t, s] w[t, h] 1[raw > 0] q[t, h]``) and added to the fp32
-    ``DK [B, S, BD]``: the program owns its keys, so no atomics; rows whose window misses the
-    block are skipped."""
+    """Dense ``dk`` of one block of BS keys of batch ``b`` over one split of the launch's rows
+    (rows ``RPS * split ..``; ``program_id(1) = split * B + b``): ``sum_t sum_h dI[t, s] w[t, h]
+    1[raw > 0] q[t, h]``, stored to ``PART [splits, B, K, BD]`` fp32 (summed over splits by the
+    host in a fixed order: no atomics). Rows whose window misses the block are skipped."""
     kb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(1) // B
+    b = (tl.program_id(1) % B).to(tl.int64)
     s_lo = kb * BS
     s_hi = tl.minimum(s_lo + BS, K)
     offs_s = s_lo + tl.arange(0, BS)
@@ -292,7 +295,7 @@ def _dense_dk_kernel(
     hmask = offs_h < H
     cols = tl.arange(0, BD)
     dk = tl.zeros([BS, BD], tl.float32)
-    for i in range(0, RT):
+    for i in range(sp * RPS, tl.minimum(sp * RPS + RPS, RT)):
         r = b * T + T0 + i
         rl = b * RT + i
         st = tl.load(ST + r)
@@ -308,9 +311,7 @@ def _dense_dk_kernel(
             else:
                 draw_t = di[:, None] * w[None, :]
             dk = mm(draw_t.to(q.dtype), q, dk, UPCAST, PREC)
-    ptrs = DK + (b * S + offs_s)[:, None] * BD + cols[None, :]
-    m2 = smask[:, None] & (cols[None, :] < BD)
-    tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) + dk, mask=m2)
+    tl.store(PART + ((sp * B + b) * K + offs_s)[:, None] * BD + cols[None, :], dk, mask=smask[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,9 +493,15 @@ def dense_loss_forward(q, k, w, query, key, starts, ends, scale, use_relu, row_v
             _index_bwd_kernel[(n,)](qr, k, w, isc, starts, ends, isc, one, dq, dk, dw, *idx_args, Kc, t0, rt,
                                     BHI=BHI, BD=BD, BN=_CFG["bwd_bn"], RELU=bool(use_relu), DENSE=True, **prec,
                                     num_warps=_CFG["bwd_warps"], num_stages=_CFG["bwd_stages"])
-            _dense_dk_kernel[(triton.cdiv(Kc, _CFG["dk_bs"]), B)](
-                qr, k, w, starts, ends, isc, dk, *idx_args, Kc, t0, rt, BHI=BHI, BD=BD, BS=_CFG["dk_bs"],
-                RELU=bool(use_relu), **prec, num_warps=_CFG["dk_warps"])
+            # rows split over programs (occupancy); partial sums in a bounded workspace
+            splits = max(1, min(triton.cdiv(rt, _CFG["dk_rows"]), _CFG["dk_ws_bytes"] // (B * Kc * BD * 4)))
+            rps = triton.cdiv(rt, splits)
+            part = torch.empty(splits, B, Kc, BD, dtype=torch.float32, device=dev)
+            _dense_dk_kernel[(triton.cdiv(Kc, _CFG["dk_bs"]), splits * B)](
+                qr, k, w, starts, ends, isc, part, *idx_args, Kc, t0, rt, B, rps, BHI=BHI, BD=BD,
+                BS=_CFG["dk_bs"], RELU=bool(use_relu), **prec, num_warps=_CFG["dk_warps"])
+            dk[:, :Kc] += part.sum(0)
+            del part
     if grads is not None:
         grads = (grads[0], grads[1][..., :D], grads[2])
     return total, grads
