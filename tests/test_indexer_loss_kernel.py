@@ -157,13 +157,15 @@ def _loss_inputs(B, T, S, H, D, Hq, Dq, device=DEV):
 @pytest.mark.parametrize("small", [False, True])
 def test_fused_dense_loss_matches_reference(monkeypatch, kind, relu, per_token, with_rv, small):
     """Default causal windows (keys cut per chunk), packed documents, and query rows at an offset
-    into a longer key sequence (as a CP rank's); one chunk, or (``small``) chunks of a few rows
-    with dk's rows split over several programs."""
+    into a longer key sequence (as a CP rank's); one chunk with four rows per target program, or
+    (``small``) chunks of a few rows, one row per target program, dk's rows split over several
+    programs."""
     from megatron_dsa.kernels.indexer_loss import dispatch, triton_impl
 
     if small:
         monkeypatch.setattr(dispatch, "DENSE_CHUNK_BYTES", 2000)
         monkeypatch.setitem(triton_impl._CFG, "dk_rows", 2)
+        monkeypatch.setitem(triton_impl._CFG, "att_dense_m", 16)  # one row per target program
     B, T, H, D, Hq, Dq = 2, 29, 4, 16, 3, 40
     S = T + 11 if kind == "offset" else T
     q, k, w, query, key = _loss_inputs(B, T, S, H, D, Hq, Dq)

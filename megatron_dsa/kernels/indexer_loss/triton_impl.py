@@ -50,6 +50,7 @@ DENSE_CHUNK_BYTES = 1 << 30  # the dense loss's two fp32 [rows, keys] buffers pe
 _CFG = {
     "att_bh": 128,  # all 128 heads per program: each gathered key row is loaded once per row
     "att_bn": 64,
+    "att_dense_m": 64,  # dense loss: query rows x heads per program at least (rows share key blocks)
     "att_warps": 8,
     "att_stages": 1,
     "idx_bn": 64,
@@ -114,46 +115,82 @@ def _att_kernel(
     MODE: tl.constexpr, D_V: tl.constexpr, D_QK: tl.constexpr, DC: tl.constexpr, DT: tl.constexpr,
     BH: tl.constexpr, BN: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_V: tl.constexpr,
     MASK_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
-    DENSE: tl.constexpr,
+    DENSE: tl.constexpr, RB: tl.constexpr,
 ):
-    rl, r = _row(T, T0, RT)
+    """One program per (RB consecutive rows of one batch, block of BH heads): the MMA M
+    dimension is RB x BH (query row-major). Sparse: RB = 1 (each row has its own ids). Dense:
+    the RB rows share each key block (their windows' union is walked, each row masked to its
+    own), so few heads per rank still fill a 64-row MMA and keys are read once per RB rows."""
+    pid = tl.program_id(0)
+    nrb = tl.cdiv(RT, RB)
+    b = (pid // nrb).to(tl.int64)
+    i0 = (pid % nrb) * RB  # first row of the program within the launch's rows of batch b
     hb = tl.program_id(1)
-    b = r // T
-    offs_h = hb * BH + tl.arange(0, BH)
-    hmask = offs_h < Hq
-    qb = QRY + r * sq_r
-    q0, q1, q2, q3, qt = ld_split(qb, offs_h, hmask, sq_h, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
+    offs_m = tl.arange(0, RB * BH)
+    i_m = i0 + offs_m // BH
+    h_m = hb * BH + offs_m % BH
+    row_ok = i_m < RT
+    hmask = (h_m < Hq) & row_ok
+    r_m = b * T + T0 + i_m  # global rows
+    rl_m = b * RT + i_m  # launch-local rows
+    q0, q1, q2, q3, qt = ld_split(QRY, r_m * sq_r + h_m * sq_h, hmask, 1, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V,
+                                  MASK_T)
     kbase = KEY + b * S * s_key
+    r0 = b * T + T0 + i0
+    rl0 = b * RT + i0
     if MODE == 0:
-        m_i = tl.full([BH], float("-inf"), tl.float32)
-        l_i = tl.zeros([BH], tl.float32)
+        m_i = tl.full([RB * BH], float("-inf"), tl.float32)
+        l_i = tl.zeros([RB * BH], tl.float32)
     else:
-        lse2 = tl.load(LSE + rl * Hq + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE + rl_m * Hq + h_m, mask=hmask, other=float("-inf")) * 1.4426950408889634
         lfin = lse2 > float("-inf")
         lse2 = tl.where(lfin, lse2, 0.0)
-    lo, hi = _span(ST, EN, r, K, BN, DENSE)
+    if DENSE:  # the union of the rows' windows
+        st_m = tl.load(ST + r_m, mask=row_ok, other=2147483647)
+        en_m = tl.load(EN + r_m, mask=row_ok, other=0)
+        lo = (tl.min(st_m, 0) // BN) * BN
+        hi = tl.minimum(tl.max(en_m, 0), K)
+    else:
+        lo, hi = _span(ST, EN, r0, K, BN, DENSE)
     for n0 in range(lo, hi, BN):
-        offs_n, nmask, valid, rows = _slots(IDX, ST, EN, r, rl, n0, K, S, BN, DENSE)
-        k0, k1, k2, k3, kt = ld_split(kbase, rows, valid, s_key, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
-        s = dot_split(q0, q1, q2, q3, qt, k0, k1, k2, k3, kt, tl.zeros([BH, BN], tl.float32), HAS_TAIL, UPCAST,
-                      PREC)
+        if DENSE:
+            offs_n = n0 + tl.arange(0, BN)
+            nmask = offs_n < K
+            kval = offs_n < hi
+            rows = tl.where(kval, offs_n, 0).to(tl.int64)
+            valid = kval[None, :] & (offs_n[None, :] >= st_m[:, None]) & (offs_n[None, :] < en_m[:, None])
+        else:
+            offs_n, nmask, kval, rows = _slots(IDX, ST, EN, r0, rl0, n0, K, S, BN, DENSE)
+            valid = kval[None, :]
+        k0, k1, k2, k3, kt = ld_split(kbase, rows, kval, s_key, DC, DT, D_V, D_QK, HAS_TAIL, MASK_V, MASK_T)
+        s = dot_split(q0, q1, q2, q3, qt, k0, k1, k2, k3, kt, tl.zeros([RB * BH, BN], tl.float32), HAS_TAIL,
+                      UPCAST, PREC)
         if MODE == 0:
-            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            s = tl.where(valid, s * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
             m_i = m_new
         else:
-            live = valid[None, :] & (hmask & lfin)[:, None]
+            live = valid & (hmask & lfin)[:, None]
             p = tl.where(live, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+            if RB == 1:
+                ptrs = ATT + rl0 * K + offs_n
+                amask = nmask
+                psum = tl.sum(p, 0)
+            else:  # per row: the sum over its BH heads
+                offs_r = tl.arange(0, RB)
+                ptrs = ATT + (rl0 + offs_r)[:, None] * K + offs_n[None, :]
+                amask = ((i0 + offs_r) < RT)[:, None] & nmask[None, :]
+                psum = tl.sum(tl.reshape(p, [RB, BH, BN]), 1)
             if ATOMIC:
-                tl.atomic_add(ATT + rl * K + offs_n, tl.sum(p, 0), mask=nmask, sem="relaxed")
-            else:  # one head block covers all heads: this program owns the row
-                tl.store(ATT + rl * K + offs_n, tl.sum(p, 0), mask=nmask)
+                tl.atomic_add(ptrs, psum, mask=amask, sem="relaxed")
+            else:  # one head block covers all heads: this program owns its rows
+                tl.store(ptrs, psum, mask=amask)
     if MODE == 0:
         ne = l_i > 0.0
         lse = tl.where(ne, (m_i + tl.log2(tl.where(ne, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + rl * Hq + offs_h, lse, mask=hmask)
+        tl.store(LSE + rl_m * Hq + h_m, lse, mask=hmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,10 +393,10 @@ def sparse_loss_forward(q, k, w, query, key, ids, starts, ends, scale, use_relu,
     args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, K, 0, T, float(scale) * LOG2E)
     if attn_lse is None:
         lse = torch.empty(R, Hq, dtype=torch.float32, device=dev)
-        _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args, MODE=0, DENSE=False, **common)
+        _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args, MODE=0, DENSE=False, RB=1, **common)
     else:
         lse = attn_lse.reshape(R, Hq).to(torch.float32).contiguous()
-    _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args, MODE=1, DENSE=False, **common)
+    _att_kernel[grid](qy, key, ids, starts, ends, lse, att, *args, MODE=1, DENSE=False, RB=1, **common)
     att = tp_all_reduce(att, tp_group)
     isc = index_scores(q, k, w, ids, starts, ends, use_relu)
     rv = row_valid.reshape(R) if row_valid is not None else None
@@ -462,8 +499,9 @@ def dense_loss_forward(q, k, w, query, key, starts, ends, scale, use_relu, row_v
     BH = min(_CFG["att_bh"], pow2_at_least(Hq))
     n_hb = triton.cdiv(Hq, BH)
     prec = dot_precision(q.dtype)
-    att_cfg = dict(BH=BH, BN=_CFG["att_bn"], ATOMIC=n_hb > 1, DENSE=True, **geo, **dot_precision(query.dtype),
-                   num_warps=_CFG["att_warps"], num_stages=_CFG["att_stages"])
+    RB = max(1, _CFG["att_dense_m"] // BH)  # rows per program: an MMA M of >= 64 with few heads
+    att_cfg = dict(BH=BH, BN=_CFG["att_bn"], ATOMIC=n_hb > 1, DENSE=True, RB=RB, **geo,
+                   **dot_precision(query.dtype), num_warps=_CFG["att_warps"], num_stages=_CFG["att_stages"])
     idx_args = (qr.stride(0), qr.stride(1), k.stride(1), w.stride(1), T, S, H, D)
     one = torch.ones(1, dtype=torch.float32, device=dev)
     rt_max = int(max(1, min(T, chunk_bytes // max(1, 8 * S * B))))
@@ -476,8 +514,9 @@ def dense_loss_forward(q, k, w, query, key, starts, ends, scale, use_relu, row_v
         isc = torch.empty(n, Kc, dtype=torch.float32, device=dev)
         kl = torch.empty(n, dtype=torch.float32, device=dev)
         att_args = (qy.stride(0), qy.stride(1), key.stride(1), T, S, Hq, Kc, t0, rt, float(scale) * LOG2E)
-        _att_kernel[(n, n_hb)](qy, key, isc, starts, ends, lse, att, *att_args, MODE=0, **att_cfg)
-        _att_kernel[(n, n_hb)](qy, key, isc, starts, ends, lse, att, *att_args, MODE=1, **att_cfg)
+        att_grid = (B * triton.cdiv(rt, RB), n_hb)
+        _att_kernel[att_grid](qy, key, isc, starts, ends, lse, att, *att_args, MODE=0, **att_cfg)
+        _att_kernel[att_grid](qy, key, isc, starts, ends, lse, att, *att_args, MODE=1, **att_cfg)
         att = tp_all_reduce(att, tp_group)
         _index_kernel[(n,)](qr, k, w, isc, starts, ends, isc, *idx_args, Kc, t0, rt, BHI=BHI, BD=BD,
                             BN=_CFG["idx_bn"], RELU=bool(use_relu), DENSE=True, **prec,
