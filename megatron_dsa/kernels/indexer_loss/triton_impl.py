@@ -50,7 +50,7 @@ DENSE_CHUNK_BYTES = 1 << 30  # the dense loss's two fp32 [rows, keys] buffers pe
 _CFG = {
     "att_bh": 128,  # all 128 heads per program: each gathered key row is loaded once per row
     "att_bn": 64,
-    "att_dense_m": 64,  # dense loss: query rows x heads per program at least (rows share key blocks)
+    "att_dense_m": 128,  # dense loss: query rows x heads per program at least (rows share key blocks)
     "att_warps": 8,
     "att_stages": 1,
     "idx_bn": 64,
@@ -120,7 +120,7 @@ def _att_kernel(
     """One program per (RB consecutive rows of one batch, block of BH heads): the MMA M
     dimension is RB x BH (query row-major). Sparse: RB = 1 (each row has its own ids). Dense:
     the RB rows share each key block (their windows' union is walked, each row masked to its
-    own), so few heads per rank still fill a 64-row MMA and keys are read once per RB rows."""
+    own), so few heads per rank still fill a 128-row MMA and keys are read once per RB rows."""
     pid = tl.program_id(0)
     nrb = tl.cdiv(RT, RB)
     b = (pid // nrb).to(tl.int64)
@@ -499,7 +499,7 @@ def dense_loss_forward(q, k, w, query, key, starts, ends, scale, use_relu, row_v
     BH = min(_CFG["att_bh"], pow2_at_least(Hq))
     n_hb = triton.cdiv(Hq, BH)
     prec = dot_precision(q.dtype)
-    RB = max(1, _CFG["att_dense_m"] // BH)  # rows per program: an MMA M of >= 64 with few heads
+    RB = max(1, _CFG["att_dense_m"] // BH)  # rows per program: the MMA M of 128 heads with few heads
     att_cfg = dict(BH=BH, BN=_CFG["att_bn"], ATOMIC=n_hb > 1, DENSE=True, RB=RB, **geo,
                    **dot_precision(query.dtype), num_warps=_CFG["att_warps"], num_stages=_CFG["att_stages"])
     idx_args = (qr.stride(0), qr.stride(1), k.stride(1), w.stride(1), T, S, H, D)

@@ -1,0 +1,140 @@
+"""Worker: compile the shipped Triton kernels for sm_90a ahead of time, on any machine.
+
+The CPU tests run the kernels through Triton's interpreter, which never compiles them; this
+worker runs ``triton.compile`` for a Hopper target (no GPU needed: Triton's bundled ``ptxas``),
+with the arguments specialised the way a launch would (ints as i32, a value of 1 as a constant,
+multiples of 16 and pointers marked divisible by 16) at real sizes, and reads each cubin's
+resources and instruction mix with Triton's bundled ``cuobjdump``. Prints one JSON object:
+``{kernel label: {"regs", "stack", "smem", "HGMMA", "QGMMA", "HMMA", "LDL", "STL"}}`` or
+``{"error": ...}`` for a kernel that failed to compile.
+
+Run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+import triton.backends.nvidia  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL")
+
+
+def compile_sm90(fn, args, consts, num_warps, num_stages=1):
+    """Resources of ``fn`` compiled for sm_90a. ``args``: every non-constexpr argument, a
+    pointer as its Triton type string (``"*bf16"``), else its Python value."""
+    signature, constexprs, attrs = {}, dict(consts), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        v = args[name]
+        if isinstance(v, str):
+            signature[name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        elif v == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return dict(regs=regs, stack=stack, smem=int(k.metadata.shared), **{op: sass.count(op) for op in OPS})
+
+
+def cases():
+    """(label, kernel, args, constexprs, warps, stages) at the launchers' configurations."""
+    from megatron_dsa.kernels.indexer import triton_impl as idx
+    from megatron_dsa.kernels.indexer_loss import triton_impl as il
+
+    T = S = 16384
+    out = []
+    bt, bs, nw, ns = idx._SCORE_CFG_GPU
+    for fp8 in (False, True):
+        dt = "*fp8e4nv" if fp8 else "*bf16"
+        args = dict(q_ptr=dt, k_ptr=dt, w_ptr="*fp32", st_ptr="*i32", en_ptr="*i32", out_ptr="*fp32",
+                    ks_ptr="*fp32", row0=0, n_rows=8192, T=T, S=S, sq_b=T * 64 * 128, sq_t=64 * 128, sq_h=128,
+                    sk_b=S * 128, sk_s=128, sw_b=T * 64, sw_t=64, sw_h=1, sse_b=T, sse_t=1, so_b=8192 * S,
+                    so_r=S, sks_b=S)
+        c = dict(H=64, D=128, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=True, USE_RELU=True, UPCAST=False, IEEE=False,
+                 KEY_SCALE=fp8)
+        out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, nw, ns))
+
+    cfg = il._CFG
+    geo = il._att_geometry(576)
+    for dense, Hq in ((False, 128), (True, 128), (True, 16)):
+        BH = min(cfg["att_bh"], triton.next_power_of_2(max(16, Hq)))
+        RB = max(1, cfg["att_dense_m"] // BH) if dense else 1
+        K = S if dense else 2048
+        args = dict(QRY="*bf16", KEY="*bf16", IDX="*i32", ST="*i32", EN="*i32", LSE="*fp32", ATT="*fp32",
+                    sq_r=Hq * 576, sq_h=576, s_key=576, T=T, S=S, Hq=Hq, K=K, T0=8192 if dense else 0,
+                    RT=8192 if dense else T, scale_log2=0.06)
+        for mode in (0, 1):
+            c = dict(MODE=mode, BH=BH, BN=cfg["att_bn"], ATOMIC=False, DENSE=dense, RB=RB, UPCAST=False,
+                     PREC="tf32", **geo)
+            out.append((f"loss target {'dense' if dense else 'sparse'} {Hq} heads, pass {mode}", il._att_kernel,
+                        args, c, cfg["att_warps"], cfg["att_stages"]))
+    for dense in (False, True):
+        name = "dense" if dense else "sparse"
+        K = S if dense else 2048
+        rows = dict(T0=8192, RT=8192) if dense else dict(T0=0, RT=T)
+        base = dict(Q="*bf16", KI="*bf16", W="*fp32", IDX="*i32", ST="*i32", EN="*i32", sq_r=64 * 128, sq_h=128,
+                    sk=128, sw_r=64, T=T, S=S, H=64, D=128, K=K, **rows)
+        c = dict(BHI=64, BD=128, RELU=True, UPCAST=False, PREC="tf32", DENSE=dense)
+        out.append((f"loss index scores {name}", il._index_kernel, dict(base, ISC="*fp32"), dict(c, BN=cfg["idx_bn"]),
+                    cfg["idx_warps"], cfg["idx_stages"]))
+        out.append((f"loss dq/dw {name}", il._index_bwd_kernel,
+                    dict(base, DI="*fp32", G="*fp32", DQ="*bf16", DK="*fp32", DW="*fp32"),
+                    dict(c, BN=cfg["bwd_bn"]), cfg["bwd_warps"], cfg["bwd_stages"]))
+        out.append((f"loss KL {name}", il._kl_kernel,
+                    dict(ISC="*fp32", ATT="*fp32", IDX="*i32", ST="*i32", EN="*i32", RV="*fp32", KL="*fp32",
+                         DI="*fp32", T=T, S=S, K=K, **rows),
+                    dict(BK=min(K, cfg["kl_bk"]), HAS_RV=True, DENSE=dense), cfg["kl_warps"], 1))
+    out.append(("loss dk dense", il._dense_dk_kernel,
+                dict(Q="*bf16", KI="*bf16", W="*fp32", ST="*i32", EN="*i32", DI="*fp32", PART="*fp32",
+                     sq_r=64 * 128, sq_h=128, sk=128, sw_r=64, T=T, S=S, H=64, D=128, K=S, T0=8192, RT=8192, B=2,
+                     RPS=cfg["dk_rows"]),
+                dict(BHI=64, BD=128, BS=cfg["dk_bs"], RELU=True, UPCAST=False, PREC="tf32"), cfg["dk_warps"], 1))
+    return out
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("run without TRITON_INTERPRET=1")
+    only = sys.argv[1:]
+    res = {}
+    for label, fn, args, consts, warps, stages in cases():
+        if only and not any(o in label for o in only):
+            continue
+        try:
+            res[label] = compile_sm90(fn, args, consts, warps, stages)
+        except Exception as e:  # noqa: BLE001 - reported per kernel
+            res[label] = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
