@@ -1,5 +1,7 @@
 """Sparse MLA attention (absorbed layout) benchmark: ours vs Megatron-Core's TileLang and native
-paths and cuDNN-frontend's backward, side by side in one process.
+paths, cuDNN-frontend's backward and FlashMLA's forward (a wheel built from source by
+``benchmarks/peers/build_flash_mla.sh``; its rows record its output and LSE against ours), side
+by side in one process.
 
   python benchmarks/bench_sparse_mla.py                       # all impls, receipt in docs/receipts/
   python benchmarks/bench_sparse_mla.py --impls ours --H 128 --S 16384 --no-receipt
@@ -181,8 +183,37 @@ def impl_cudnn(q, kv, idx, dout, scale):
         q, kv, out, dout, lse, sink, idx_c, softmax_scale=scale, topk_length=tk)}
 
 
+def impl_flashmla(q, kv, idx, dout, scale):
+    """FlashMLA's sparse forward (``flash_mla_sparse_fwd``, the forward Megatron-Core's ``cudnn``
+    backend calls), built from source by ``benchmarks/peers/build_flash_mla.sh``. Its sm90
+    kernel takes 64 or 128 heads. The row's ``check`` is its output and LSE against ours."""
+    from flash_mla import flash_mla_sparse_fwd
+
+    from megatron_dsa.kernels.sparse_mla import sparse_mla
+
+    S, H, _ = q.shape
+    if H not in (64, 128):
+        raise RuntimeError(f"unsupported: FlashMLA's sm90 sparse forward takes 64 or 128 heads, not {H}")
+    kv3, idx3 = kv.unsqueeze(1), idx.unsqueeze(1).contiguous()
+
+    def fwd():
+        return flash_mla_sparse_fwd(q, kv3, idx3, scale, d_v=DV)
+
+    with torch.no_grad():
+        res = fwd()
+        out, lse = sparse_mla(q, kv, idx, scale, DV)
+    theirs_lse = res[2]
+    fin = torch.isfinite(lse)
+    check = {"rel_out_vs_ours": round(_rel(res[0], out), 5),
+             "rel_lse_vs_ours": round(_rel(theirs_lse[fin], lse[fin]), 6),
+             "empty_rows_agree": bool(torch.equal(torch.isfinite(theirs_lse), fin))}
+    del res, out, lse
+    return {"fwd": fwd, "check": check}
+
+
 IMPLS = {"ours": ("megatron_dsa", impl_ours), "tilelang": ("mcore_tilelang", impl_tilelang),
-         "native": ("mcore_native", impl_native), "cudnn": ("cudnn", impl_cudnn)}
+         "native": ("mcore_native", impl_native), "cudnn": ("cudnn", impl_cudnn),
+         "flashmla": ("flashmla", impl_flashmla)}
 
 
 def _grads(res):
@@ -237,7 +268,7 @@ def profile_step(fn, out_dir, tag):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", default="ours,tilelang,native,cudnn")
+    ap.add_argument("--impls", default="ours,tilelang,native,cudnn,flashmla")
     ap.add_argument("--H", default="16,64,128")
     ap.add_argument("--S", default="4096,8192,16384")
     ap.add_argument("--k", type=int, default=2048)
@@ -324,6 +355,7 @@ def main():
                     msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
                     fns, err = {}, ("unsupported" if msg.startswith("unsupported") else f"error: {msg}")
                 kernel = fns.pop("kernel", None)  # ours: the KernelChoice it runs
+                check = fns.pop("check", None)  # a peer's output compared with ours
                 for p in passes:
                     case = {"S": S, "H": H, "D": DQK, "d_v": DV, "k": args.k, "pass": p}
                     if p not in fns:
@@ -366,7 +398,7 @@ def main():
                                  "peak_gib": r.get("peak_gib"), "status": r["status"],
                                  **{k: r[k] for k in ("cuda_mallocs_timed", "alloc_retries_timed",
                                                       "timed_span", "free_gib") if k in r},
-                                 **({"kernel": kernel} if kernel else {})})
+                                 **({"kernel": kernel} if kernel else {}), **(check or {})})
                     if args.profile_dir and label == "megatron_dsa" and p == "fwd+bwd" and r["status"] == "ok":
                         try:
                             rows[-1]["profile"] = profile_step(fn, args.profile_dir, f"S{S}_H{H}")

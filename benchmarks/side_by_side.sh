@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Side-by-side receipts: ours and the peers (Megatron-Core's TileLang / native paths, cuDNN
-# frontend, CUTLASS DSL) in one process, the peers installed from the wheel bundles.
+# frontend, CUTLASS DSL, FlashMLA's sparse forward) in one process, the peers installed from the
+# wheel bundles.
 #
 # Usage (from the repository root, on the GPU machine):
-#   bash benchmarks/side_by_side.sh PEERS_DIR install BUNDLE_DIR   # install the bundle's wheels into PEERS_DIR
+#   bash benchmarks/side_by_side.sh PEERS_DIR install BUNDLE_DIR   # install the bundle's wheels (and
+#                                                                  # FlashMLA's, .flashmla/*.whl) into PEERS_DIR
 #   bash benchmarks/side_by_side.sh PEERS_DIR indexer
 #   bash benchmarks/side_by_side.sh PEERS_DIR sparse_mla
 #   (or --peers PEERS_DIR in place of the first argument; --bundle BUNDLE_DIR for install)
@@ -17,7 +19,7 @@
 set -uo pipefail
 
 usage() {
-  sed -n '5,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '6,12p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit "${1:-2}"
 }
 
@@ -58,7 +60,12 @@ case "$cmd" in
       [ -f "$c" ] && { inst=$c; break; }
     done
     [ -n "$inst" ] || { echo "no install.sh in $bundle, shared/peers or ../shared/peers" >&2; exit 2; }
-    bash "$inst" "$bundle" "$peers" | tail -1 ;;
+    bash "$inst" "$bundle" "$peers" | tail -1
+    # FlashMLA's sparse forward has no package on the index: the wheel that
+    # benchmarks/peers/build_flash_mla.sh builds (FLASHMLA_WHEELS, default .flashmla/*.whl)
+    for w in ${FLASHMLA_WHEELS:-.flashmla/*.whl}; do
+      [ -f "$w" ] && "$PY" -m pip install -q --no-deps --target "$peers" "$w" && echo "installed $w"
+    done ;;
   indexer)
     timeout 560 "$PY" benchmarks/bench_indexer.py --S 4096,8192,16384,32768,65536,131072 \
       --impls ours,mcore_native,mcore_tilelang,cudnn --score-only --loss-S 32768 \
