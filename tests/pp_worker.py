@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import os
 import sys
+import time
 
 import torch
 
@@ -33,6 +34,11 @@ def main():
                    help="run a forward-only pass (train mode) before the training step")
     p.add_argument("--stuck-checkpoint-flag", action="store_true",
                    help="first raise inside a Megatron checkpoint, leaving its IS_CHECKPOINTING set")
+    p.add_argument("--size", choices=["tiny", "real"], default="tiny",
+                   help="real: hidden 4096, 32 heads, indexer 64 x 128, k = 2048, bf16 (the NCCL receipt)")
+    p.add_argument("--seq", type=int, default=16384, help="sequence length of --size real")
+    p.add_argument("--timed-steps", type=int, default=0,
+                   help="after the compared step, time this many more (step ms and peak memory saved)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -72,14 +78,23 @@ def main():
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif a.recompute == "selective":
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    real = a.size == "real"
+    if real:  # the issue's real sizes (DeepSeek-V3.2's MLA widths and indexer), bf16
+        dims = dict(hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11264, q_lora_rank=1536,
+                    kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
+                    dsa_indexer_n_heads=64, dsa_indexer_head_dim=128, dsa_indexer_topk=2048, bf16=True)
+        dtype, vocab, init_std = torch.bfloat16, 32768, 0.02
+    else:
+        dims = dict(hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, q_lora_rank=32, kv_lora_rank=32,
+                    qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16, dsa_indexer_n_heads=32,
+                    dsa_indexer_head_dim=16, dsa_indexer_topk=8)
+        dtype, vocab, init_std = torch.float32, 64, 0.2
     cfg = MLATransformerConfig(
-        num_layers=a.layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-        q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16,
-        rope_type="rope", experimental_attention_variant="dsa", dsa_indexer_n_heads=32,
-        dsa_indexer_head_dim=16, dsa_indexer_topk=8, dsa_indexer_loss_coeff=0.1,
+        num_layers=a.layers, **dims,
+        rope_type="rope", experimental_attention_variant="dsa", dsa_indexer_loss_coeff=0.1,
         dsa_indexer_use_sparse_loss=True, dsa_indexer_topk_freq=a.freq,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="local",
-        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype,
         pipeline_model_parallel_size=a.pp, virtual_pipeline_model_parallel_size=a.vpp, **recompute,
         context_parallel_size=a.cp, calculate_per_token_loss=a.per_token_loss,
         cp_comm_type="allgather" if a.cp > 1 else None,
@@ -97,7 +112,7 @@ def main():
         vp_stage = vp if a.vpp else None
         m = GPTModel(
             config=cfg, transformer_layer_spec=get_dsa_gpt_block_spec(cfg, vp_stage=vp_stage),
-            vocab_size=64, max_sequence_length=64, position_embedding_type="none",
+            vocab_size=vocab, max_sequence_length=a.seq if real else 64, position_embedding_type="none",
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=False, vp_stage=vp_stage,
@@ -120,18 +135,23 @@ def main():
                     shape = list(prm.shape)
                     if dim is not None:
                         shape[dim] *= a.tp
-                    full = torch.randn(shape, generator=gen) * 0.2
+                    full = torch.randn(shape, generator=gen) * init_std
                     if dim is not None:
                         full = full.chunk(a.tp, dim)[parallel_state.get_tensor_model_parallel_rank()]
                     prm.copy_(full)
             names[prm] = g
         models.append(m.cuda() if cuda else m)
 
-    mbs, seq = (1, 64) if a.packed else (2, 32)
+    if real:
+        mbs, seq = 1, a.seq
+    else:
+        mbs, seq = (1, 64) if a.packed else (2, 32)
     gen = torch.Generator().manual_seed(a.seed)
-    batches = [torch.randint(0, 64, (mbs, seq + 1), generator=gen).to(a.device) for _ in range(a.microbatches)]
+    batches = [torch.randint(0, vocab, (mbs, seq + 1), generator=gen).to(a.device) for _ in range(a.microbatches)]
     # packed: documents of different lengths (multiples of 2 * CP), a different split per microbatch
     doc_lens = [[12, 20, 16, 16], [28, 4, 32], [64], [8, 8, 24, 24]]
+    if real:  # the same splits, scaled to the sequence (still multiples of 2 * CP)
+        doc_lens = [[d * (seq // 64) for d in ds] for ds in doc_lens]
     cu_seqlens = [torch.tensor([0] + torch.tensor(d).cumsum(0).tolist(), dtype=torch.int32, device=a.device)
                   for d in doc_lens]
 
@@ -262,9 +282,35 @@ def main():
                     dist.all_reduce(p_.grad, group=tp_group)
     grads = {names[p_]: whole.get(p_, p_.grad).detach().cpu().clone() for m in models for p_ in m.parameters()
              if p_.grad is not None}
+    timing = {}
+    if a.timed_steps:  # more steps of the same batches, timed (the gradients above are saved)
+        if a.tp > 1:
+            DSAttention.select_topk = original_select
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(a.timed_steps):
+            its = [make_iter() for _ in models]
+            dist.barrier()
+            t0 = time.perf_counter()
+            get_forward_backward_func()(
+                forward_step_func=step, data_iterator=its if len(models) > 1 else its[0],
+                model=models if len(models) > 1 else models[0], num_microbatches=a.microbatches,
+                seq_length=seq, micro_batch_size=mbs, forward_only=False,
+            )
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+            for m in models:
+                m.zero_grad(set_to_none=True)
+        timing = {"step_ms": sorted(times)[len(times) // 2], "step_ms_all": times,
+                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     first_cp = parallel_state.get_context_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
     torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses and first_cp else [],
-                "roles": roles, "stats": ic.STATS.snapshot(), "topk_checked": topk_checked},
+                "roles": roles, "stats": ic.STATS.snapshot(), "topk_checked": topk_checked, "timing": timing},
                f"{a.out}.rank{rank}.pt")
     dist.destroy_process_group()
 
