@@ -11,6 +11,7 @@ Usage (GPU):
   ... --impls ours            # ours only
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
   ... --score-only            # also our score kernel alone (no selection)
+  ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
   ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
                               #   the attention backward), dense
   ... --check 32768           # correctness spot check of ours vs the fp32 reference first
@@ -328,6 +329,9 @@ def main():
                     help="sparse (target recomputed), attn (target from the attention bwd), dense")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
+    ap.add_argument("--fp8-score-cfgs", default="",
+                    help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages;...' (the e4m3 tuning sweep; "
+                         "rows megatron_dsa[fp8 BTxBS wW sS])")
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "cuda", "triton"),
@@ -365,6 +369,22 @@ def main():
             rows.append(r)
             print(json.dumps(r), f"({time.time() - t0:.1f}s)", flush=True)
             torch.cuda.empty_cache()
+            if name == "ours_fp8" and args.fp8_score_cfgs:
+                from megatron_dsa.kernels.indexer import triton_impl as ti
+
+                shipped = ti._SCORE_CFG_GPU["fp8"]
+                for spec in args.fp8_score_cfgs.split(";"):
+                    cfg = tuple(int(x) for x in spec.split(","))
+                    ti._SCORE_CFG_GPU["fp8"] = cfg
+                    try:
+                        r = bench_impl(name, S, args)
+                    finally:
+                        ti._SCORE_CFG_GPU["fp8"] = shipped
+                    r["impl"] = "megatron_dsa[fp8 {}x{} w{} s{}]".format(*cfg)
+                    r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+                    torch.cuda.empty_cache()
             if name == "ours" and args.score_only:
                 r = run_guarded(lambda: score_only(S, args))
                 r["impl"] = "megatron_dsa[score_only]"

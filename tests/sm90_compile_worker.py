@@ -72,8 +72,8 @@ def cases():
 
     T = S = 16384
     out = []
-    bt, bs, nw, ns = idx._SCORE_CFG_GPU
     for fp8 in (False, True):
+        bt, bs, nw, ns = idx._SCORE_CFG_GPU["fp8" if fp8 else "bf16"]
         dt = "*fp8e4nv" if fp8 else "*bf16"
         args = dict(q_ptr=dt, k_ptr=dt, w_ptr="*fp32", st_ptr="*i32", en_ptr="*i32", out_ptr="*fp32",
                     ks_ptr="*fp32", row0=0, n_rows=8192, T=T, S=S, sq_b=T * 64 * 128, sq_t=64 * 128, sq_h=128,

@@ -390,17 +390,19 @@ def _select_kernel(
 # host side
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel; select (BLOCK, num_warps);
-# the select's threshold sample reads every SAMPLE_STRIDE-th score. Measured on H100.
-_SCORE_CFG_GPU = (64, 128, 4, 3)
+# (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel, per operand precision ("fp8":
+# e4m3 q / k, half the shared memory per stage; not yet tuned on a GPU, the bf16 tile for now);
+# select (BLOCK, num_warps); the select's threshold sample reads every SAMPLE_STRIDE-th score.
+# Measured on H100.
+_SCORE_CFG_GPU = {"bf16": (64, 128, 4, 3), "fp8": (64, 128, 4, 3)}
 _SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
 _SELECT_CFG_INTERP = (128, 4)
 SAMPLE_STRIDE = 8
 
 
-def _score_cfg():
-    return _SCORE_CFG_INTERP if interpreting() else _SCORE_CFG_GPU
+def _score_cfg(fp8: bool = False):
+    return _SCORE_CFG_INTERP if interpreting() else _SCORE_CFG_GPU["fp8" if fp8 else "bf16"]
 
 
 def _select_cfg(S: int):
@@ -496,7 +498,7 @@ def indexer_topk_triton(
     S = k.shape[1]
     if D & (D - 1) or D < 16:
         raise ValueError(f"indexer_topk_triton needs a power-of-two head dim >= 16, got {D}")
-    scfg = _score_cfg()
+    scfg = _score_cfg(k_scale is not None)
     blk, nw_sel = _select_cfg(S)
     if out is None:
         idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
