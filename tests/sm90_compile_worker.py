@@ -83,6 +83,14 @@ def cases():
                  KEY_SCALE=fp8)
         out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, nw, ns))
 
+    blk, nw_sel = idx._select_cfg(S)
+    out.append(("indexer select", idx._select_kernel,
+                dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",
+                     row0=0, T=T, S=S, K=2048, CAP=8192, sse_b=T, sse_t=1, sb_b=8192 * S, sb_r=S, so_b=T * 2048,
+                     so_t=2048, sc_b=8192 * 8192, sc_r=8192),
+                dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=blk, STRIDE=idx.SAMPLE_STRIDE), nw_sel, 1))
+    out += _sparse_mla_cases(T)
+
     cfg = il._CFG
     geo = il._att_geometry(576)
     for dense, Hq in ((False, 128), (True, 128), (True, 16)):
@@ -118,6 +126,61 @@ def cases():
                      sq_r=64 * 128, sq_h=128, sk=128, sw_r=64, T=T, S=S, H=64, D=128, K=S, T0=8192, RT=8192, B=2,
                      RPS=cfg["dk_rows"]),
                 dict(BHI=64, BD=128, BS=cfg["dk_bs"], RELU=True, UPCAST=False, PREC="tf32"), cfg["dk_warps"], 1))
+    return out
+
+
+def _sparse_mla_cases(T):
+    """The Triton sparse MLA kernels (the path without the CUDA library, and the deterministic
+    backward) at 16 and 128 heads, d_qk = 576, d_v = 512, k = 2048."""
+    import triton as tr
+
+    from megatron_dsa.kernels.sparse_mla import triton_impl as sm
+    from megatron_dsa.kernels.triton_common import pow2_at_least
+
+    out, K, Dqk, dv = [], 2048, 576, 512
+    geo = sm._geometry(Dqk, dv)
+    prec = dict(UPCAST=False, PREC="tf32")
+    for H in (16, 128):
+        BH = sm._block_h(H)
+        big = BH >= 64
+        strides = dict(sq_t=H * Dqk, sq_h=Dqk, s_kv=Dqk, s_it=K, so_t=H * dv, so_h=dv)
+        out.append((f"sparse_mla fwd {H} heads", sm._sparse_mla_fwd_kernel,
+                    dict(Q="*bf16", KV="*bf16", IDX="*i32", TOPK="*i32", SINK="*fp32", OUT="*bf16", LSE="*fp32",
+                         **strides, H=H, Tk=T, K=K, scale_log2=0.06),
+                    dict(BH=BH, BN=sm._FWD["block_n"], HAS_TOPK=False, HAS_SINK=False, **geo, **prec),
+                    sm._FWD["warps_64"] if big else sm._FWD["warps_small"],
+                    sm._FWD["stages_64"] if big else sm._FWD["stages_small"]))
+        HP = pow2_at_least(H)
+        rc = sm._BWD_ROWS
+        out.append((f"sparse_mla bwd all heads {H}", sm._sparse_mla_bwd_dkv_rows_kernel,
+                    dict(Q="*bf16", KV="*bf16", IDX="*i32", TOPK="*i32", DO="*bf16", STATS="*fp32", DKV="*fp32",
+                         DQW="*fp32", LSE="*fp32", TGT="*fp32", sq_t=H * Dqk, sq_h=Dqk, s_kv=Dqk, s_it=K,
+                         sdo_t=H * dv, sdo_h=dv, H=H, Tk=T, K=K, NB=K // rc["block_n"], stats_off=T * H,
+                         scale=0.04, scale_log2=0.06),
+                    dict(D_V=dv, D_QK=Dqk, HP=HP, BN=rc["block_n"], BC=rc["block_c"], HAS_TOPK=False,
+                         MASK_V=False, MASK_T=False, EMIT_T=True, SINK_T=False, **prec),
+                    rc["warps"] if HP > 32 else rc["warps_small"], rc["stages"]))
+        hc = sm._BWD_HEADS
+        BHb = sm._block_h(H, hc["block_h"])
+        bigb = BHb >= 64
+        for det in (False, True):
+            out.append((f"sparse_mla bwd per head block {H}{' deterministic' if det else ''}",
+                        sm._sparse_mla_bwd_kernel,
+                        dict(Q="*bf16", KV="*bf16", IDX="*i32", TOPK="*i32", SINK="*fp32", O="*bf16", DO="*bf16",
+                             LSE="*fp32", DLSE="*fp32", DQ="*bf16", DKV="*fp32", DSINK_T="*fp32", WS="*fp32",
+                             **strides, sdo_t=H * dv, sdo_h=dv, sdq_t=H * Dqk, sdq_h=Dqk, H=H, Tk=T, K=K, T0=0,
+                             scale=0.04, scale_log2=0.06),
+                        dict(BH=BHb, BN=hc["block_n_64"] if bigb else hc["block_n_small"], HAS_TOPK=False,
+                             HAS_SINK=False, HAS_DLSE=False, **geo, **prec, DETERMINISTIC=det,
+                             DO_DQ=not bigb, DO_DKV=True),
+                        hc["warps_64"] if bigb else hc["warps_small"], hc["stages"]))
+    out.append(("sparse_mla bwd stats", sm._sparse_mla_bwd_stats_kernel,
+                dict(O="*bf16", DO="*bf16", LSE="*fp32", DLSE="*fp32", SINK="*fp32", STATS="*fp32", DSINK_T="*fp32",
+                     so_t=128 * dv, so_h=dv, sdo_t=128 * dv, sdo_h=dv, H=128, stats_off=T * 128),
+                dict(D_V=dv, BH=32, BC=128, HAS_SINK=False, HAS_DLSE=False), 4, 1))
+    out.append(("sparse_mla deterministic segment reduce", sm._segment_reduce_kernel,
+                dict(WS="*fp32", PERM="*i64", STARTS="*i64", DKV="*fp32", D_QK=Dqk), dict(BD=64, RB=16), 4, 1))
+    del tr
     return out
 
 

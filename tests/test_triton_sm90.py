@@ -15,10 +15,15 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Compiles with a small stack frame at 4 warps (Triton 3.6: 16 B, 3.8: 32 B); predates the dense
-# loss, which does not use its dk atomics.
-KNOWN_SPILLS = {"loss dq/dw sparse"}
-
+# Kernels that spill at their launch configuration, with the largest stack frame (bytes) seen
+# with Triton 3.6 and 3.8: the 128-head Triton sparse MLA kernels (the fallback and
+# deterministic paths; docs/kernels_sparse_mla.md), the sparse loss's dq/dw, the select kernel
+# (3.8 only). A kernel not listed must not spill; a listed one must not spill more.
+KNOWN_SPILLS = {"loss dq/dw sparse": 32, "indexer select": 8, "sparse_mla fwd 128 heads": 64,
+                "sparse_mla bwd all heads 128": 64, "sparse_mla bwd per head block 128": 1184,
+                "sparse_mla bwd per head block 128 deterministic": 856}
+# no matrix products
+NO_DOTS = ("KL", "select", "stats", "segment reduce")
 
 @pytest.fixture(scope="module")
 def compiled():
@@ -36,23 +41,27 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_sm90(compiled):
-    assert len(compiled) >= 15
+    assert len(compiled) >= 26
     failed = {k: v["error"] for k, v in compiled.items() if "error" in v}
     assert not failed, failed
 
 
-def test_dot_kernels_issue_wgmma_and_e4m3_uses_fp8_wgmma(compiled):
+def test_kernels_run_on_tensor_cores(compiled):
+    """wgmma wherever a tile has >= 64 rows (fp8 wgmma for e4m3); the 16-head sparse MLA
+    kernels' 16-row tiles run mma.sync."""
     for label, r in compiled.items():
-        if "KL" in label:  # no matrix products
+        if any(x in label for x in NO_DOTS):
             continue
-        assert r["HGMMA"] + r["QGMMA"] > 0 and r["HMMA"] == 0, (label, r)
+        if label.startswith("sparse_mla") and " 16" in label:
+            assert r["HMMA"] > 0, (label, r)
+        else:
+            assert r["HGMMA"] + r["QGMMA"] > 0, (label, r)
     assert compiled["indexer score e4m3"]["QGMMA"] > 0 and compiled["indexer score e4m3"]["HGMMA"] == 0
     assert compiled["indexer score bf16"]["HGMMA"] > 0
 
 
-def test_no_spills(compiled):
-    spilling = {k: (v["stack"], v["LDL"], v["STL"]) for k, v in compiled.items()
-                if k not in KNOWN_SPILLS and (v["stack"] or v["LDL"] or v["STL"])}
+def test_no_new_spills_and_shared_memory_fits(compiled):
+    spilling = {k: v["stack"] for k, v in compiled.items() if v["stack"] > KNOWN_SPILLS.get(k, 0)}
     assert not spilling, spilling
     for label, r in compiled.items():
         assert r["smem"] <= 227 * 1024, (label, r["smem"])
