@@ -15,6 +15,8 @@ Usage (GPU):
   ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
                               #   the attention backward), dense
   ... --check 32768           # correctness spot check of ours vs the fp32 reference first
+  ... --loss-peers-S 4096,8192  # top-k + loss fwd+bwd (dense and sparse), ours vs Megatron-Core's
+                                #   FusedDSAIndexerLoss, gradients compared
 Causal (top-left), B=1, H=64, D=128, k=2048, random bf16 q/k, fp32 weights.
 FLOPs counted: S^2 * H * D (the causal half of 2 * S^2 * H * D).
 Ours is the public ``indexer_topk`` / ``indexer_loss`` / ``indexer_loss_from_attention`` with
@@ -244,6 +246,95 @@ def bench_loss(S, args, sparse):
             "tflops": None, **res}
 
 
+def topk_and_loss_ours(q, k, w, query, key, topk, sparse):
+    """Ours: ``indexer_topk`` then ``indexer_loss`` forward + backward (the scope of Megatron-Core's
+    fused indexer loss, which selects the top-k in the same call). Inputs [B, S, ...]."""
+    from megatron_dsa.kernels.indexer import indexer_topk
+    from megatron_dsa.kernels.indexer_loss import indexer_loss
+
+    def fn():
+        qa, ka, wa = (x.detach().requires_grad_() for x in (q, k, w))
+        with torch.no_grad():
+            idx, _ = indexer_topk(qa, ka, wa, topk, backend=BACKEND)
+        loss = indexer_loss(qa, ka, wa, query, key, key.shape[-1] ** -0.5, 1.0, topk_indices=idx, sparse=sparse,
+                            backend=BACKEND)
+        loss.backward()
+        return loss, qa.grad, ka.grad, wa.grad
+
+    return fn
+
+
+def topk_and_loss_mcore(q, k, w, query, key, topk, sparse):
+    """Megatron-Core 0.19.2's ``FusedDSAIndexerLoss`` (the indexer loss its DSA layer runs
+    without fused kernels: top-k and loss in one call) forward + backward, its tensors in its
+    [s, b, ...] layout, a causal mask, one tensor-parallel rank."""
+    import torch.distributed as dist
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.experimental_attention_variant.dsa import FusedDSAIndexerLoss
+
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    pgs = ProcessGroupCollection(tp=dist.new_group([0]))
+    S = k.shape[1]
+    mask = torch.full((S, S), float("-inf"), device=q.device).triu_(1)
+    qs, ks, ws = (x.transpose(0, 1).contiguous() for x in (q, k, w))
+    qy, ky = query.transpose(0, 1).contiguous(), key.transpose(0, 1).unsqueeze(2).contiguous()
+    ky = ky.expand(-1, -1, qy.shape[2], -1)
+
+    def fn():
+        qa, ka, wa = (x.detach().requires_grad_() for x in (qs, ks, ws))
+        _, loss = FusedDSAIndexerLoss.apply(qa, wa, ka, qy, ky, key.shape[-1] ** -0.5, topk, 1.0, mask, sparse,
+                                            pgs)
+        loss.backward()
+        return loss, qa.grad.transpose(0, 1), ka.grad.transpose(0, 1), wa.grad.transpose(0, 1)
+
+    return fn
+
+
+LOSS_PEERS = {"ours": ("megatron_dsa", topk_and_loss_ours), "mcore": ("mcore_native", topk_and_loss_mcore)}
+
+
+def bench_loss_side_by_side(S, args, sparse):
+    """Top-k + indexer loss forward + backward, ours and Megatron-Core's, on the same inputs;
+    Megatron-Core's loss value and gradients compared with ours (``rel_*_vs_ours``)."""
+    rows = []
+    q, k, w = inputs(S, args.H, args.D)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    query = torch.randn(1, S, args.loss_heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    key = torch.randn(1, S, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    ref = None
+    for name in args.loss_peers.split(","):
+        label, make = LOSS_PEERS[name]
+
+        def body():
+            fn = make(q, k, w, query, key, args.k, sparse)
+            out = fn()
+            ms = time_cuda(fn, warmup=0, reps=max(1, min(args.reps, 3)))
+            pk = peak_gib(fn)
+            return {"ms": round(ms, 3), "peak_gib": round(pk, 4), "out": [x.detach().float() for x in out]}
+
+        try:
+            res = run_guarded(body)
+        except ImportError as e:
+            res = {"status": f"unsupported ({e})"}
+        out = res.pop("out", None)
+        if out is not None and ref is None and name == "ours":
+            ref = out
+        elif out is not None and ref is not None:
+            for n, a, b in zip(("loss", "dq", "dk", "dw"), out, ref):
+                res[f"rel_{n}_vs_ours"] = float(((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+        rows.append({"impl": label, "case": {"S": S, "H": args.H, "D": args.D, "k": args.k, "Hq": args.loss_heads,
+                                             "Dqk": 576, "pass": "top-k + loss fwd+bwd " + ("sparse" if sparse else "dense")},
+                     "tflops": None, **res})
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_loss_from_attention(S, args):
     """The sparse loss with its target from the attention backward: the loss's own fwd+bwd
     (forward, then backward with the target delivered as the slot's gradient), and what emitting
@@ -327,6 +418,9 @@ def main():
     ap.add_argument("--loss-heads", type=int, default=128)
     ap.add_argument("--loss-variants", default="sparse,attn,dense",
                     help="sparse (target recomputed), attn (target from the attention bwd), dense")
+    ap.add_argument("--loss-peers-S", default="",
+                    help="comma list of S for top-k + loss fwd+bwd side by side (--loss-peers), dense and sparse")
+    ap.add_argument("--loss-peers", default="ours,mcore", help="ours, mcore (Megatron-Core's FusedDSAIndexerLoss)")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
     ap.add_argument("--fp8-score-cfgs", default="",
@@ -399,6 +493,11 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
+    for S in [int(x) for x in args.loss_peers_S.split(",") if x]:
+        for sparse in (False, True):
+            for r in bench_loss_side_by_side(S, args, sparse):
+                rows.append(r)
+                print(json.dumps(r), flush=True)
     if "ours" in impls or loss_cases:
         notes["compile_report"] = compile_report()
         print("compile_report", json.dumps(notes["compile_report"]), flush=True)
