@@ -40,6 +40,9 @@ sys.path.insert(0, ROOT)
 
 from common import write_receipt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(WORKER))
+from helpers import merge_rank_outputs  # noqa: E402  (the tests' merge of the worker's rank files)
+
 # the pattern one stage resolves for 4 layers with dsa_indexer_topk_freq=4 split over PP = 2:
 # the second stage's first layer cannot reach layer 1 and is promoted to an anchor
 PP2_PATTERN = "FSFS"
@@ -59,13 +62,8 @@ def run_case(tmp, name, nproc, args, timeout):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
         oom = any("OutOfMemoryError" in ln or "out of memory" in ln for ln in tail)
         return {"error": "oom" if oom else "error: " + " / ".join(tail)[-600:]}
-    merged = {"grads": {}, "losses": [], "timing": [], "topk_checked": 0}
-    for r in range(nproc):
-        d = torch.load(f"{out}.rank{r}.pt", weights_only=False)
-        merged["grads"].update(d["grads"])
-        merged["losses"] += d["losses"]
-        merged["timing"].append(d.get("timing") or {})
-        merged["topk_checked"] += d.get("topk_checked", 0)
+    merged = merge_rank_outputs(out, nproc)
+    for r in range(nproc):  # real-size gradients: GBs per rank
         os.remove(f"{out}.rank{r}.pt")
     return merged
 

@@ -20,6 +20,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "pp_worker.py")
+sys.path.insert(0, os.path.dirname(WORKER))
+
+from helpers import merge_rank_outputs  # noqa: E402  (the tests' merge of the worker's rank files)
 
 
 def run(tmp, name, nproc, args):
@@ -27,14 +30,7 @@ def run(tmp, name, nproc, args):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_port", str(29400 + nproc), WORKER, "--device", "cuda", "--out", out] + args
     subprocess.run(cmd, check=True, cwd=os.path.dirname(WORKER))
-    merged = {"grads": {}, "losses": [], "roles": [], "stats": []}
-    for r in range(nproc):
-        d = torch.load(f"{out}.rank{r}.pt", weights_only=False)
-        merged["grads"].update(d["grads"])
-        merged["losses"] += d["losses"]
-        merged["roles"] += d["roles"]
-        merged["stats"].append(d["stats"])
-    return merged
+    return merge_rank_outputs(out, nproc)
 
 
 def main():

@@ -160,10 +160,11 @@ def assert_compiles_without_spills(src, tmp_path, kernel):
 
 def merge_rank_outputs(out: str, nproc: int) -> dict:
     """The per-rank files ``<out>.rank<r>.pt`` a test worker (pp_worker.py, hybrid_worker.py)
-    wrote, merged: every rank's gradients by global name, losses, roles and cache stats."""
+    wrote, merged: every rank's gradients by global name, losses, roles, cache stats and timing
+    (pp_worker.py --timed-steps; also read by the benchmarks' receipts)."""
     import torch
 
-    merged = {"grads": {}, "losses": [], "roles": [], "stats": [], "topk_checked": 0}
+    merged = {"grads": {}, "losses": [], "roles": [], "stats": [], "topk_checked": 0, "timing": []}
     for r in range(nproc):
         d = torch.load(f"{out}.rank{r}.pt", weights_only=False)
         merged["grads"].update(d["grads"])
@@ -171,4 +172,5 @@ def merge_rank_outputs(out: str, nproc: int) -> dict:
         merged["roles"] += d["roles"]
         merged["stats"].append(d["stats"])
         merged["topk_checked"] += d.get("topk_checked", 0)
+        merged["timing"].append(d.get("timing") or {})
     return merged
