@@ -1,0 +1,161 @@
+"""Row packing for the <= 32-head backward (``megatron_dsa/kernels/sparse_mla/packing.py``).
+
+CPU: the packing is a lossless re-indexing (every valid (row, slot) is exactly one (entry, row)
+pair, duplicates and empty slots included), its entries are each group's sorted union, it has
+no host synchronization, and the backward computed the way the packed kernel computes it (per
+group over the union, rows masked by their slots) equals float64 autograd through the reference:
+dq, dkv and the indexer-loss target, sink included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_dsa.graph import SyncAudit
+from megatron_dsa.kernels.sparse_mla.packing import heads_padded, pack_rows, unpack
+from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
+
+from helpers import rel
+
+
+def _ids(T, K, Tk, seed, holes=0.2, dups=True, int64=False):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, Tk, (T, K), generator=g)
+    # adjacent rows share keys, as real selections do
+    idx[1::2, : K // 2] = idx[0:T - 1:2, : K // 2]
+    idx[torch.rand(T, K, generator=g) < holes] = -1
+    idx[torch.rand(T, K, generator=g) < 0.02] = Tk + 3       # out of range: empty
+    if dups and T > 3 and K > 3:
+        idx[3, 1] = idx[3, 0] = 5                             # a duplicate id in one row
+        idx[2, 2] = 5
+        idx[3, 2] = 5                                         # three copies
+    if T > 5:
+        idx[5] = -1                                           # an empty row
+    return idx if int64 else idx.int()
+
+
+@pytest.mark.parametrize("H", [1, 7, 16, 17, 32])
+@pytest.mark.parametrize("T,K", [(1, 5), (37, 16), (64, 33)])
+@pytest.mark.parametrize("with_len", [False, True])
+def test_packing_is_a_lossless_reindexing(H, T, K, with_len):
+    Tk = 50
+    idx = _ids(T, K, Tk, seed=T * 100 + K + H, int64=H == 7)
+    tk = torch.randint(0, K + 2, (T,), generator=torch.Generator().manual_seed(H)) if with_len else None
+    p = pack_rows(idx, Tk, H, tk)
+    R = 64 // heads_padded(H)
+    G = (T + R - 1) // R
+    assert p.rows == R and p.uid.shape == (G, R * K) and p.uslot.shape == (G, R * K, R)
+    assert p.uid.dtype == torch.int32 and p.uslot.dtype == torch.int16 and p.count.dtype == torch.int32
+    valid = slot_validity(idx, Tk, tk)
+    want = torch.where(valid, idx.long(), -1)
+    assert torch.equal(unpack(p, T, K), want)
+    # every valid (row, slot) is claimed by exactly one (entry, row)
+    hits = torch.zeros(G * R, K, dtype=torch.long)
+    g, e, j = torch.nonzero(p.uslot >= 0, as_tuple=True)
+    hits.index_put_((g * R + j, p.uslot[g, e, j].long()), torch.ones_like(g), accumulate=True)
+    assert torch.equal(hits[:T], valid.long()) and hits[T:].sum() == 0
+    for gg in range(G):
+        n = int(p.count[gg])
+        # entries: (id, occurrence) pairs, sorted by id; one per distinct pair in the group
+        pairs = set()
+        for r in range(gg * R, min(T, gg * R + R)):
+            seen = {}
+            for s in range(K):
+                if valid[r, s]:
+                    x = int(idx[r, s])
+                    pairs.add((x, seen.get(x, 0)))
+                    seen[x] = seen.get(x, 0) + 1
+        assert n == len(pairs)
+        ids = p.uid[gg, :n].tolist()
+        assert ids == sorted(ids) and sorted(ids) == sorted(x for x, _ in pairs)
+        assert (p.uid[gg, n:] == -1).all() and (p.uslot[gg, n:] == -1).all()
+        assert ((p.uslot[gg, :n] >= 0).sum(1) >= 1).all()  # no entry without a row
+
+
+def test_union_is_smaller_when_rows_share_keys():
+    T, K, Tk = 64, 32, 1000
+    same = torch.arange(K).repeat(T, 1)
+    assert pack_rows(same, Tk, 16).count.tolist() == [K] * 16
+    disjoint = torch.arange(T * K).view(T, K) % Tk
+    assert pack_rows(disjoint, Tk, 16).count.tolist() == [4 * K] * 16
+    assert pack_rows(disjoint, Tk, 32).count.tolist() == [2 * K] * 32
+
+
+def test_packing_errors_name_the_argument():
+    idx = torch.zeros(4, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="heads"):
+        pack_rows(idx, 10, 33)
+    with pytest.raises(ValueError, match="heads"):
+        pack_rows(idx, 10, 0)
+    with pytest.raises(ValueError, match="indices"):
+        pack_rows(idx[0], 10, 16)
+
+
+def test_packing_has_no_host_sync():
+    idx = _ids(40, 24, 60, seed=3)
+    tk = torch.full((40,), 20)
+    with SyncAudit() as audit:
+        pack_rows(idx, 60, 16, tk)
+    assert audit.violations == []
+
+
+def _packed_backward(q, kv, packed, scale, lse, sink, out, dout):
+    """The backward as the packed CUDA kernel computes it, in float64: per group, the union's
+    entries in blocks, the group's rows x heads as one tile, a row masked where its uslot is -1;
+    stats (logZ with the sink, Delta) as the stats kernel forms them."""
+    T, H, D = q.shape
+    uid, uslot, count, R, hpad = packed
+    logz = lse if sink is None else torch.logaddexp(lse, sink[None, :])
+    delta = (dout * out).sum(-1)
+    fh = torch.exp(logz - lse) if sink is not None else torch.ones_like(lse)  # target without the sink
+    dq = torch.zeros_like(q)
+    dkv = torch.zeros_like(kv)
+    target = torch.zeros(T, uslot.shape[1] // R, dtype=q.dtype)
+    for g in range(uid.shape[0]):
+        rows = [g * R + j for j in range(R) if g * R + j < T]
+        n = int(count[g])
+        for e0 in range(0, n, 32):                       # blocks of 32 entries, as the kernel
+            e1 = min(n, e0 + 32)
+            keys = kv[uid[g, e0:e1].long()]              # [E, D]
+            for j, t in enumerate(rows):
+                sl = uslot[g, e0:e1, j].long()
+                m = (sl >= 0).to(q.dtype)                # this row's mask over the block
+                if not torch.isfinite(logz[t]).all():
+                    continue
+                s = q[t] @ keys.T * scale                # [H, E]
+                p = torch.exp(s - logz[t][:, None]) * m[None, :]
+                dp = dout[t] @ keys[:, :512].T
+                ds = p * (dp - delta[t][:, None]) * scale
+                dq[t] += ds @ keys
+                contrib = ds.T @ q[t]                    # [E, D]
+                contrib[:, :512] += p.T @ dout[t]
+                dkv.index_add_(0, uid[g, e0:e1].long(), contrib)
+                hs = (p * fh[t][:, None]).sum(0)
+                ok = sl >= 0
+                target[t, sl[ok]] += hs[ok]
+    return dq, dkv, target
+
+
+@pytest.mark.parametrize("H,sink,with_len", [(16, False, False), (7, True, True), (32, True, False), (20, False, True)])
+def test_packed_backward_equals_float64_autograd(H, sink, with_len):
+    T, K, Tk = 13, 24, 40
+    g = torch.Generator().manual_seed(H)
+    q = torch.randn(T, H, 576, generator=g, dtype=torch.float64)
+    kv = torch.randn(Tk, 576, generator=g, dtype=torch.float64)
+    idx = _ids(T, K, Tk, seed=H)
+    tk = torch.randint(0, K + 1, (T,), generator=g) if with_len else None
+    sk = torch.randn(H, generator=g, dtype=torch.float64) if sink else None
+    dout = torch.randn(T, H, 512, generator=g, dtype=torch.float64)
+    scale = 576 ** -0.5
+    qr, kvr = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out, lse = sparse_mla_reference(qr, kvr, idx, scale, 512, tk, sk)
+    out.backward(dout)
+    packed = pack_rows(idx, Tk, H, tk)
+    dq, dkv, target = _packed_backward(q, kv, packed, scale, lse.detach(), sk, out.detach(), dout)
+    assert rel(dq, qr.grad) < 1e-12 and rel(dkv, kvr.grad) < 1e-12
+    valid = slot_validity(idx, Tk, tk)
+    s = torch.einsum("thd,tkd->thk", q, kv[idx.clamp(0, Tk - 1).long()]) * scale
+    p = torch.exp(s - lse.detach()[:, :, None]).masked_fill(~valid[:, None, :], 0.0)
+    p = torch.where(torch.isfinite(lse.detach())[:, :, None], p, 0.0)
+    assert rel(target, p.sum(1)) < 1e-12
