@@ -330,7 +330,8 @@ class DSAttention(MegatronModule):
                     tp_group=self.pg_collection.tp, on_value=self._record_loss,
                 )
             out, lse = self.sparse_attention(query, key, topk_idx, plugin.attention_backend,
-                                             loss_target=slot, deterministic=plugin.deterministic)
+                                             loss_target=slot, deterministic=plugin.deterministic,
+                                             row_packing=plugin.attention_row_packing)
             if match is not None:
                 out = ic.check_recompute(out, match, self.layer_number, ic.STATS)
 
@@ -386,7 +387,8 @@ class DSAttention(MegatronModule):
             return False  # a replayed attention backward cannot hand the target over
         sq, b, heads, d = query.shape
         attention = sparse_mla_backend(plugin.attention_backend, query.device, query.dtype, heads, d,
-                                       self.latent_dim, plugin.deterministic, key.shape[0] * b, warn=False)
+                                       self.latent_dim, plugin.deterministic, key.shape[0] * b, warn=False,
+                                       row_packing=plugin.attention_row_packing)
         why = loss_target_reason(attention, heads)
         if why is not None:
             why = f"the sparse attention's backward cannot hand over the target: {why}"
@@ -458,7 +460,8 @@ class DSAttention(MegatronModule):
         )
         return idx
 
-    def sparse_attention(self, query, key, topk_idx, backend="auto", loss_target=None, deterministic=None):
+    def sparse_attention(self, query, key, topk_idx, backend="auto", loss_target=None, deterministic=None,
+                         row_packing=False):
         """Latent attention output ``[sq, b, np, kv_lora_rank]`` over the selected keys, and the
         per-head natural-log LSE ``[b, sq, np]``."""
         sq, b, heads, d = query.shape
@@ -474,5 +477,6 @@ class DSAttention(MegatronModule):
             if self._graph_step is not None:  # loss_target='attention': the slot needs the eager backward
                 dsa_graph.STATS.eager["loss_target_attention"] += 1
             out, lse = sparse_mla(q_flat, kv_flat, gidx, self.softmax_scale, d_v=self.latent_dim,
-                                  backend=backend, loss_target=loss_target, deterministic=deterministic)
+                                  backend=backend, loss_target=loss_target, deterministic=deterministic,
+                                  row_packing=row_packing)
         return out.reshape(b, sq, heads, self.latent_dim).transpose(0, 1), lse.view(b, sq, heads)

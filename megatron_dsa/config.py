@@ -92,6 +92,11 @@ class DSAPluginConfig:
             ``megatron_dsa.kernels.indexer.fp8``). The indexer loss trains on the unquantized
             projections either way. On the Triton backend the score kernel reads the e4m3
             operands (fp8 tensor-core dot products); elsewhere the reference scores them in fp32.
+        attention_row_packing: the sm_90a CUDA backward at <= 32 heads per rank packs 64 / 16 or
+            64 / 32 query rows into its 64-row tile and walks the union of their selected keys
+            (dkv added once per union key instead of once per row and slot; see
+            ``docs/kernels_sparse_mla.md``). Off by default until measured on a GPU; reported in
+            the kernel choice (backward ``cuda-packed``).
     """
 
     indexer_backend: str = "auto"
@@ -107,6 +112,7 @@ class DSAPluginConfig:
     graph_cache: bool = True
     graph_max_inflight: int = 1
     indexer_precision: str = "bf16"
+    attention_row_packing: bool = False
 
     def __post_init__(self):
         _check_graph_fields(self)
@@ -116,6 +122,9 @@ class DSAPluginConfig:
         _check_choice("loss_target", self.loss_target, _LOSS_TARGETS)
         if self.deterministic is not None and not isinstance(self.deterministic, bool):
             raise TypeError(f"DSAPluginConfig.deterministic must be None, True or False, got {self.deterministic!r}")
+        if not isinstance(self.attention_row_packing, bool):
+            raise TypeError(f"DSAPluginConfig.attention_row_packing must be True or False, got "
+                            f"{self.attention_row_packing!r}")
         if not isinstance(self.time_indexer, bool):
             raise TypeError(f"DSAPluginConfig.time_indexer must be True or False, got {self.time_indexer!r}")
         if self.index_pattern is not None:

@@ -474,6 +474,7 @@ class LayerGraphs:
         )
         topk, relu, ibackend = layer.index_topk, bool(layer.config.dsa_indexer_scoring_relu), plugin.indexer_backend
         scale, d_v, abackend = layer.softmax_scale, layer.latent_dim, plugin.attention_backend
+        packing = plugin.attention_row_packing
 
         def select(q_i, k_i, w_i, starts, ends):
             idx, _ = indexer_topk(q_i.unsqueeze(0), k_i.unsqueeze(0), w_i.unsqueeze(0), topk,
@@ -481,7 +482,8 @@ class LayerGraphs:
             return (idx[0],)
 
         def attend(q, kv, idx):
-            return sparse_mla(q, kv, idx, scale, d_v=d_v, backend=abackend, deterministic=deterministic)
+            return sparse_mla(q, kv, idx, scale, d_v=d_v, backend=abackend, deterministic=deterministic,
+                              row_packing=packing)
 
         common = dict(cache=plugin.graph_cache, max_instances=plugin.graph_max_inflight)
         # padded rows: empty windows [0, 0) select nothing; their ids are -1 (no key)

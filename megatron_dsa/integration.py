@@ -94,6 +94,9 @@ def add_dsa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--dsa-indexer-precision", choices=_INDEXER_PRECISIONS, default="bf16",
                        help="megatron-dsa: numerics of the top-k selection (fp8: e4m3 queries and keys "
                             "with per-token scales, as DeepSeek-V3.2 selects at inference)")
+    group.add_argument("--dsa-attention-row-packing", action="store_true",
+                       help="megatron-dsa: the CUDA sparse-attention backward at <= 32 heads per rank packs "
+                            "query rows and walks the union of their keys (DSAPluginConfig.attention_row_packing)")
     group.add_argument("--dsa-time-indexer", action="store_true",
                        help="megatron-dsa: measure the indexer's share of attention time (synchronises)")
     return parser
@@ -115,7 +118,8 @@ def plugin_settings_from_args(args) -> Dict[str, Any]:
     from .config import _BACKENDS
 
     out = {}
-    for field in (*_BACKENDS, "loss_target", "time_indexer", "indexer_precision"):  # add_dsa_args' flags
+    for field in (*_BACKENDS, "loss_target", "time_indexer", "indexer_precision",
+                  "attention_row_packing"):  # add_dsa_args' flags
         name = f"dsa_{field}"
         if hasattr(args, name):
             out[field] = getattr(args, name)

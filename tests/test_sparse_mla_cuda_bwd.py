@@ -6,8 +6,9 @@ channel), and, where ``nvcc`` is installed, that the kernel compiles for sm_90a 
 or serialized wgmma and fits shared memory.
 GPU (Hopper only): dq, dkv, d_sink and the indexer-loss target against float64 autograd through
 the plain-PyTorch reference, fresh random inputs each run, outputs poisoned with NaN; masked head
-tiles, -1 holes inside rows, topk_length, empty rows; CUDA-graph capture/replay; the one-launch
-row-length kernel against the PyTorch expression it replaces.
+tiles, -1 holes inside rows, topk_length, empty rows; the row-packed variant (<= 32 heads) on the
+same cases plus duplicate ids, rows sharing keys and a partial last group; CUDA-graph
+capture/replay; the one-launch row-length kernel against the PyTorch expression it replaces.
 """
 
 from __future__ import annotations
@@ -41,6 +42,34 @@ def test_deterministic_keeps_the_triton_backward(monkeypatch):
     assert select_backend("auto", gpu, torch.bfloat16, 64, 576, 512).backward == "cuda"
     assert select_backend("auto", gpu, torch.bfloat16, 64, 576, 512, True).backward == "triton-deterministic"
     assert select_backend("triton", gpu, torch.bfloat16, 64, 576, 512).backward == "triton"
+
+
+def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
+    monkeypatch.setattr(ci, "unsupported_reason", lambda *a, **k: None)
+    gpu = torch.device("cuda", 0)
+    for heads in (1, 16, 17, 32):
+        c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=True)
+        assert (c.forward, c.backward) == ("cuda", "cuda-packed") and "row packing" in c.reason
+        assert select_backend("auto", gpu, torch.bfloat16, heads, 576, 512).backward == "cuda"  # off by default
+    c = select_backend("auto", gpu, torch.bfloat16, 64, 576, 512, row_packing=True)
+    assert c.backward == "cuda" and "no row packing on 64 heads" in c.reason
+    c = select_backend("auto", gpu, torch.bfloat16, 16, 576, 512, True, row_packing=True)
+    assert c.backward == "triton-deterministic" and "no row packing" in c.reason
+    assert select_backend("cuda", gpu, torch.bfloat16, 16, 576, 512, row_packing=True).backward == "cuda-packed"
+    cpu = torch.device("cpu")
+    assert select_backend("auto", cpu, torch.float32, 16, 576, 512, row_packing=True).backward == "reference"
+
+
+def test_row_packing_argument_errors():
+    from megatron_dsa.config import DSAPluginConfig
+
+    q, kv, idx = torch.randn(4, 2, 8), torch.randn(6, 8), torch.zeros(4, 3, dtype=torch.int32)
+    with pytest.raises(TypeError, match="row_packing"):
+        sparse_mla(q, kv, idx, 0.1, d_v=4, row_packing="yes")
+    with pytest.raises(TypeError, match="attention_row_packing"):
+        DSAPluginConfig(attention_row_packing=1)
+    out, _ = sparse_mla(q, kv, idx, 0.1, d_v=4, row_packing=True)  # the CPU reference: nothing to pack
+    assert out.shape == (4, 2, 4)
 
 
 def test_effective_lengths_match_a_loop():
@@ -144,24 +173,30 @@ def test_gpu_row_length_kernel_matches_torch(K, stride_pad, cap_dtype):
     assert torch.equal(got, want), (seed, (got != want).nonzero()[:5].tolist())
 
 
-def _case(T, H, K, sink, topk, holes, seed):
-    """The forward tests' inputs (with empty rows), plus -1 holes inside rows and dout."""
+def _case(T, H, K, sink, topk, holes, seed, shared=False):
+    """The forward tests' inputs (with empty rows), plus -1 holes inside rows and dout.
+    ``shared``: odd rows copy half their keys from the row before and a few rows hold an id in
+    several slots (what row packing has to merge and keep apart)."""
     q, kv, idx, tk, sk = cuda_fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    if shared:
+        idx[1::2, : K // 2] = torch.minimum(idx[0:T - 1:2, : K // 2], torch.arange(1, T, 2, device="cuda")[:, None])
+        idx[T // 2, :3] = T // 3                              # one id in three slots
     if holes:
         idx = torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.2, -1, idx)
     dout = torch.randn(T, H, 512, device="cuda", generator=g).bfloat16()
     return q, kv, idx, tk, sk, dout
 
 
-def _check_against_reference(T, H, K, sink, topk, holes, target):
+def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, shared=False):
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
-    q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed)
+    q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed, shared)
     scale = 576 ** -0.5
     out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
     tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
     with poisoned_empty():
-        dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt)
+        dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt,
+                                                packed=packed)
     qr = q.double().requires_grad_()
     kvr = kv.double().requires_grad_()
     skr = sk.double().requires_grad_() if sink else None
@@ -185,7 +220,7 @@ def _check_against_reference(T, H, K, sink, topk, holes, target):
         p = torch.where(torch.isfinite(lse.double())[:, :, None], p, 0.0)
         errs["target"] = rel(tgt.double(), p.sum(1))
         assert errs["target"] < 1e-3, (seed, errs)
-    print(f"T={T} H={H} K={K} seed={seed}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    print(f"T={T} H={H} K={K} packed={packed} seed={seed}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
 
 
 @pytest.mark.gpu
@@ -202,6 +237,21 @@ def _check_against_reference(T, H, K, sink, topk, holes, target):
 def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
     need_library()
     _check_against_reference(T, H, K, sink, topk, holes, target)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target,shared", [
+    (1024, 16, 512, True, True, True, True, False),    # 4 rows per tile
+    (1023, 16, 300, False, False, False, True, True),  # last group partial; shared keys, duplicates
+    (777, 7, 256, True, True, True, True, True),       # 7 of 16 heads per row
+    (701, 32, 300, True, False, True, True, True),     # 2 rows per tile, last group partial
+    (600, 20, 200, False, True, False, False, True),   # 20 of 32 heads
+    (600, 1, 200, False, False, False, True, False),   # one head
+])
+def test_gpu_packed_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target, shared):
+    need_library()
+    _check_against_reference(T, H, K, sink, topk, holes, target, packed=True, shared=shared)
 
 
 @pytest.mark.gpu
@@ -233,20 +283,21 @@ def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_bwd_graph_capture_replay():
+@pytest.mark.parametrize("H,packed", [(128, False), (16, True)])
+def test_gpu_bwd_graph_capture_replay(H, packed):
     need_library()
-    q, kv, idx, tk, sk, dout = _case(512, 128, 256, True, True, True, seed=1)
+    q, kv, idx, tk, sk, dout = _case(512, H, 256, True, True, True, seed=1)
     out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)
     args = (q, kv, idx, 0.05, tk, sk, out, lse, dout)
-    ci.sparse_mla_bwd_cuda(*args)  # warm-up (builds, Triton compiles, attributes)
+    ci.sparse_mla_bwd_cuda(*args, packed=packed)  # warm-up (builds, Triton compiles, attributes)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_dq, g_dkv, g_dsink = ci.sparse_mla_bwd_cuda(*args)
+        g_dq, g_dkv, g_dsink = ci.sparse_mla_bwd_cuda(*args, packed=packed)
     dout.copy_(torch.randn_like(dout))
     graph.replay()
     torch.cuda.synchronize()
-    dq, dkv, dsink = ci.sparse_mla_bwd_cuda(*args)
+    dq, dkv, dsink = ci.sparse_mla_bwd_cuda(*args, packed=packed)
     assert torch.equal(g_dq, dq)  # dq has no atomics: bit-identical
     assert rel(g_dkv.double(), dkv.double()) < 1e-3  # fp32 atomics: order differs
     assert rel(g_dsink.double(), dsink.double()) < 1e-5

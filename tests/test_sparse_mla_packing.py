@@ -45,15 +45,15 @@ def test_packing_is_a_lossless_reindexing(H, T, K, with_len):
     p = pack_rows(idx, Tk, H, tk)
     R = 64 // heads_padded(H)
     G = (T + R - 1) // R
-    assert p.rows == R and p.uid.shape == (G, R * K) and p.uslot.shape == (G, R * K, R)
+    assert p.rows == R and p.uid.shape == (G, R * K) and p.uslot.shape == (G, R, R * K)
     assert p.uid.dtype == torch.int32 and p.uslot.dtype == torch.int16 and p.count.dtype == torch.int32
     valid = slot_validity(idx, Tk, tk)
     want = torch.where(valid, idx.long(), -1)
     assert torch.equal(unpack(p, T, K), want)
     # every valid (row, slot) is claimed by exactly one (entry, row)
     hits = torch.zeros(G * R, K, dtype=torch.long)
-    g, e, j = torch.nonzero(p.uslot >= 0, as_tuple=True)
-    hits.index_put_((g * R + j, p.uslot[g, e, j].long()), torch.ones_like(g), accumulate=True)
+    g, j, e = torch.nonzero(p.uslot >= 0, as_tuple=True)
+    hits.index_put_((g * R + j, p.uslot[g, j, e].long()), torch.ones_like(g), accumulate=True)
     assert torch.equal(hits[:T], valid.long()) and hits[T:].sum() == 0
     for gg in range(G):
         n = int(p.count[gg])
@@ -69,8 +69,8 @@ def test_packing_is_a_lossless_reindexing(H, T, K, with_len):
         assert n == len(pairs)
         ids = p.uid[gg, :n].tolist()
         assert ids == sorted(ids) and sorted(ids) == sorted(x for x, _ in pairs)
-        assert (p.uid[gg, n:] == -1).all() and (p.uslot[gg, n:] == -1).all()
-        assert ((p.uslot[gg, :n] >= 0).sum(1) >= 1).all()  # no entry without a row
+        assert (p.uid[gg, n:] == -1).all() and (p.uslot[gg, :, n:] == -1).all()
+        assert ((p.uslot[gg, :, :n] >= 0).sum(0) >= 1).all()  # no entry without a row
 
 
 def test_union_is_smaller_when_rows_share_keys():
@@ -111,7 +111,7 @@ def _packed_backward(q, kv, packed, scale, lse, sink, out, dout):
     fh = torch.exp(logz - lse) if sink is not None else torch.ones_like(lse)  # target without the sink
     dq = torch.zeros_like(q)
     dkv = torch.zeros_like(kv)
-    target = torch.zeros(T, uslot.shape[1] // R, dtype=q.dtype)
+    target = torch.zeros(T, uslot.shape[2] // R, dtype=q.dtype)
     for g in range(uid.shape[0]):
         rows = [g * R + j for j in range(R) if g * R + j < T]
         n = int(count[g])
@@ -119,7 +119,7 @@ def _packed_backward(q, kv, packed, scale, lse, sink, out, dout):
             e1 = min(n, e0 + 32)
             keys = kv[uid[g, e0:e1].long()]              # [E, D]
             for j, t in enumerate(rows):
-                sl = uslot[g, e0:e1, j].long()
+                sl = uslot[g, j, e0:e1].long()
                 m = (sl >= 0).to(q.dtype)                # this row's mask over the block
                 if not torch.isfinite(logz[t]).all():
                     continue

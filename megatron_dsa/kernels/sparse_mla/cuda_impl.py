@@ -13,6 +13,8 @@ count, int32 indices.
   heads) keeping the row's Q and dO in shared memory; dq written once, dkv added into an fp32
   workspace whose columns are permuted (:func:`unpermute_dkv`). Its per-head statistics
   (logZ, Delta, d_sink) come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`).
+  With row packing (``packed=True``, <= 32 heads) the same kernel serves a group of 64 / 16 or
+  64 / 32 rows per CTA over the union of their keys (:mod:`.packing`).
 * Every kernel stops a row at its effective length (:func:`effective_lengths`,
   ``cuda/row_lengths.cu``).
 
@@ -32,6 +34,7 @@ import torch
 
 from ..cuda_build import CudaBuildError, build_library
 from ..triton_common import LOG2E
+from .packing import MAX_PACK_HEADS, pack_rows
 from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
@@ -66,6 +69,9 @@ def _load(path: Path):
     bwd = lib.dsa_sparse_mla_bwd_sm90
     bwd.restype = i32
     bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [f32, vp]
+    packed = lib.dsa_sparse_mla_bwd_packed_sm90
+    packed.restype = i32
+    packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 7 + [f32, vp]
     lens = lib.dsa_row_lengths
     lens.restype = i32
     lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]
@@ -189,16 +195,19 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
 
 
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
-                        target_out=None):
+                        target_out=None, packed: bool = False):
     """Backward: ``(dq [T, H, 576] bf16, dkv [Tk, 576] bf16, d_sink fp32 [H] or None)``.
 
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
     ``target_out`` (fp32 ``[T, K]``, contiguous, zero-filled): += the head-summed P per slot
-    (the indexer loss's target). ``indices`` int32 with unit column stride.
+    (the indexer loss's target). ``indices`` int32 with unit column stride. ``packed``: row
+    packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys.
     """
     _check_ids(indices)
     lib = library()
     T, H, Dqk = q.shape
+    if packed and not 1 <= H <= MAX_PACK_HEADS:
+        raise ValueError(f"row packing takes 1..{MAX_PACK_HEADS} heads, got {H}")
     q, kv, dout = _rows16(q), _rows16(kv), _rows16(dout)
     if dlse is not None:
         dlse = dlse.contiguous()
@@ -206,7 +215,19 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
     dkv = torch.zeros(kv.shape[0], Dqk, dtype=torch.float32, device=q.device)  # permuted columns
-    if T > 0:
+    if T > 0 and packed:
+        bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
+        pk = pack_rows(indices, kv.shape[0], H, topk_length)
+        with torch.cuda.device(q.device):
+            _check(lib.dsa_sparse_mla_bwd_packed_sm90(
+                q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
+                dout.data_ptr(), stats.data_ptr(), lse.contiguous().data_ptr(), dq.data_ptr(), dkv.data_ptr(),
+                target_out.data_ptr() if target_out is not None else None,
+                q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
+                dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
+                4 if pk.hpad == 16 else 5, int(sink is not None), float(softmax_scale),
+                torch.cuda.current_stream(q.device).cuda_stream), "packed backward")
+    elif T > 0:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
         kv_len = effective_lengths(indices, topk_length)
         with torch.cuda.device(q.device):

@@ -16,12 +16,15 @@ backend        forward                                     backward
 =============  ==========================================  =====================================
 
 ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()`` (what
-Megatron's ``--deterministic-mode`` sets). ``auto`` warns once per reason when CUDA tensors of
+Megatron's ``--deterministic-mode`` sets). ``row_packing=True`` makes the CUDA backward at
+<= 32 heads ``cuda-packed`` (several query rows per 64-row tile over the union of their keys,
+``packing.py``); elsewhere it changes nothing and the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
 the CUDA kernels' shapes still run Triton (no Hopper GPU, no nvcc, a failed build).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -30,6 +33,7 @@ from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from . import cuda_impl
 from .ops import sparse_mla_op
+from .packing import MAX_PACK_HEADS, MAX_PACK_SLOTS
 from .reference import sparse_mla_reference
 from .triton_impl import ALL_HEADS_MAX
 
@@ -40,9 +44,20 @@ OP = "sparse_mla"
 
 def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads: int, d_qk: int, d_v: int,
                    deterministic: Optional[bool] = False, num_keys: Optional[int] = None,
-                   warn: bool = True) -> KernelChoice:
+                   warn: bool = True, row_packing: bool = False) -> KernelChoice:
     """Which implementation runs sparse MLA for these inputs (raises when ``backend`` cannot).
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``."""
+    choice = _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn)
+    if not row_packing:
+        return choice
+    if choice.backward == "cuda" and heads <= MAX_PACK_HEADS:
+        return KernelChoice(OP, backend, choice.forward, "cuda-packed", f"{choice.reason}; row packing")
+    where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})" if choice.backward == "cuda"
+             else f"the {choice.backward} backward")
+    return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
+
+
+def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn) -> KernelChoice:
     check_backend(OP, backend, BACKENDS)
     det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
     tri_bwd = "triton-deterministic" if det else "triton"
@@ -78,7 +93,7 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
 def loss_target_reason(choice: KernelChoice, heads: int) -> Optional[str]:
     """Why this backward cannot hand the indexer loss its target (``None`` when it can): the
     CUDA backward always can; the Triton one on its all-heads pass only."""
-    if choice.backward == "cuda":
+    if choice.backward in ("cuda", "cuda-packed"):
         return None
     if choice.backward == "triton" and heads <= ALL_HEADS_MAX:
         return None
@@ -112,6 +127,7 @@ def sparse_mla(
     backend: str = "auto",
     loss_target: Optional[torch.Tensor] = None,
     deterministic: Optional[bool] = None,
+    row_packing: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable sparse attention: ``(out [T, H, d_v], lse fp32 [T, H])``.
 
@@ -122,6 +138,7 @@ def sparse_mla(
     ``loss_target`` (fused backward only): the slot tensor returned by
     :func:`megatron_dsa.kernels.indexer_loss.indexer_loss_from_attention`; the backward hands it
     the head-summed attention probabilities per slot as its gradient.
+    ``row_packing``: the CUDA backward at <= 32 heads packs query rows (module docstring).
     """
     check_tensor("q", q, 3)
     check_tensor("kv", kv, 2)
@@ -139,8 +156,14 @@ def sparse_mla(
         check_dim("sink", sink, 0, H, "q's heads")
     if kv.dtype != q.dtype:
         raise TypeError(f"kv dtype {kv.dtype} must match q dtype {q.dtype}")
+    if not isinstance(row_packing, bool):
+        raise TypeError(f"row_packing must be True or False, got {row_packing!r}")
     check_same_device(q=q, kv=kv, indices=indices, topk_length=topk_length, sink=sink)
-    choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, deterministic, kv.shape[0])
+    choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, deterministic, kv.shape[0],
+                            row_packing=row_packing)
+    if choice.backward == "cuda-packed" and indices.shape[1] > MAX_PACK_SLOTS:
+        choice = dataclasses.replace(choice, backward="cuda", reason=(
+            f"{choice.reason} off: row packing takes <= {MAX_PACK_SLOTS} slots per row, got {indices.shape[1]}"))
     if loss_target is not None:
         if tuple(loss_target.shape) != tuple(indices.shape) or loss_target.dtype != torch.float32:
             raise ValueError(f"loss_target must be fp32 {tuple(indices.shape)} (the indices' shape), got "

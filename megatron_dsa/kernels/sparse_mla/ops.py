@@ -2,10 +2,10 @@
 
 ``megatron_dsa::sparse_mla`` (forward) and ``megatron_dsa::sparse_mla_backward`` run the
 launcher the dispatch chose (``forward_impl`` ``"cuda"`` / ``"triton"``; ``backward_impl``
-``"cuda"`` / ``"triton"`` / ``"triton-deterministic"``) and have fake (meta) implementations, so
-``torch.compile`` traces them as opaque ops without graph breaks and without running the
-kernels; the autograd formula is registered on the op. Explicit schemas (no annotation
-inference) keep this working across torch >= 2.6.
+``"cuda"`` / ``"cuda-packed"`` / ``"triton"`` / ``"triton-deterministic"``) and have fake (meta)
+implementations, so ``torch.compile`` traces them as opaque ops without graph breaks and
+without running the kernels; the autograd formula is registered on the op. Explicit schemas
+(no annotation inference) keep this working across torch >= 2.6.
 
 ``loss_target`` is a forward input only to reach the backward: the backward returns the
 head-summed attention probabilities per slot as its gradient (the sparse indexer loss's
@@ -40,9 +40,9 @@ def _bwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, 
          want_target):
     target = torch.zeros(indices.shape, dtype=torch.float32, device=q.device) if want_target else None
     dout = dout.to(q.dtype)
-    if backward_impl == "cuda":
+    if backward_impl in ("cuda", "cuda-packed"):
         dq, dkv, d_sink = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout,
-                                              dlse, target_out=target)
+                                              dlse, target_out=target, packed=backward_impl == "cuda-packed")
     else:
         dq, dkv, d_sink = sparse_mla_bwd_triton(
             q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse,

@@ -13,8 +13,8 @@ rows share keys.
 scatters; no host synchronization, so it can be captured in a CUDA graph):
 
 * ``uid [G, R K]`` int32: the group's entries, sorted by key id, ``count[g]`` of them, then -1;
-* ``uslot [G, R K, R]`` int16: for each entry and row of the group, the slot of that row which
-  selected it, or -1;
+* ``uslot [G, R, R K]`` int16: for each row of the group and entry, the slot of that row which
+  selected it, or -1 (row-major per row: the kernel reads two adjacent entries in one load);
 * ``count [G]`` int32.
 
 A row that holds the same id in several slots (the indexer never does; the contract counts
@@ -43,7 +43,7 @@ MAX_PACK_SLOTS = 32767
 
 class PackedRows(NamedTuple):
     uid: torch.Tensor     # [G, R K] int32
-    uslot: torch.Tensor   # [G, R K, R] int16
+    uslot: torch.Tensor   # [G, R, R K] int16
     count: torch.Tensor   # [G] int32
     rows: int             # R, query rows per group
     hpad: int             # heads per row in the 64-row tile (16 or 32)
@@ -107,9 +107,9 @@ def pack_rows(indices: torch.Tensor, num_keys: int, heads: int,
     ent_w = torch.where(ok, ent, RK)
     uid = torch.full((G, RK + 1), -1, dtype=torch.int32, device=dev)
     uid.scatter_(1, ent_w, torch.where(ok, ids_s, -1).to(torch.int32))
-    uslot = torch.full((G, (RK + 1) * R), -1, dtype=torch.int16, device=dev)
-    uslot.scatter_(1, ent_w * R + j_s, torch.where(ok, slot_s, -1).to(torch.int16))
-    return PackedRows(uid[:, :RK].contiguous(), uslot[:, :RK * R].view(G, RK, R).contiguous(), count, R, hpad)
+    uslot = torch.full((G, R, RK + 1), -1, dtype=torch.int16, device=dev)
+    uslot.view(G, R * (RK + 1)).scatter_(1, j_s * (RK + 1) + ent_w, torch.where(ok, slot_s, -1).to(torch.int16))
+    return PackedRows(uid[:, :RK].contiguous(), uslot[:, :, :RK].contiguous(), count, R, hpad)
 
 
 def unpack(packed: PackedRows, T: int, K: int) -> torch.Tensor:
@@ -117,6 +117,6 @@ def unpack(packed: PackedRows, T: int, K: int) -> torch.Tensor:
     uid, uslot, _, R, _ = packed
     G = uid.shape[0]
     out = torch.full((G * R, K), -1, dtype=torch.long, device=uid.device)
-    g, e, j = torch.nonzero(uslot >= 0, as_tuple=True)
-    out[g * R + j, uslot[g, e, j].long()] = uid[g, e].long()
+    g, j, e = torch.nonzero(uslot >= 0, as_tuple=True)
+    out[g * R + j, uslot[g, j, e].long()] = uid[g, e].long()
     return out[:T]

@@ -84,8 +84,9 @@ static_assert(SMEM_BYTES <= 232448, "shared memory");
 struct BwdParams {
   const __nv_bfloat16* q;     // [T, H, 576], channel stride 1
   const __nv_bfloat16* kv;    // [Tk, 576], channel stride 1
-  const int32_t* idx;         // [T, K]
-  const int32_t* kv_len;      // [T]: slots >= kv_len[t] are skipped (topk_length / trailing -1)
+  const int32_t* idx;         // [T, K]; packed: the groups' key unions uid [G, idx_s]
+  const int32_t* kv_len;      // [T]: slots >= kv_len[t] are skipped (topk_length / trailing -1); packed: count [G]
+  const int16_t* uslot;       // packed only: [G, rows, idx_s], the slot of row j holding entry e, or -1
   const __nv_bfloat16* dout;  // [T, H, 512], channel stride 1
   const float* stats;         // [2, T, H]: log2-domain logZ (0 on empty rows), Delta
   const float* lse;           // [T, H] (natural log; target with a sink only)
@@ -94,6 +95,7 @@ struct BwdParams {
   float* target;              // [T, K] fp32 or null: += sum_h P (times exp(logZ - lse) with a sink)
   long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
   int T, H, Tk, K, n_hblk, has_sink;
+  int hshift, rows;           // packed only: log2 of the heads per row in the tile (4 or 5), rows per group
   float scale, scale_log2;
 };
 
@@ -124,6 +126,11 @@ __device__ __forceinline__ void slot_ids(uint32_t ids_w, int slot0, int colq, in
   }
 }
 
+// PACK (row packing, <= 32 heads; packing.py): the CTA serves a group of p.rows query rows, tile
+// row r holding row tbase + (r >> hshift), head r & (2^hshift - 1); its key list is the group's
+// union (p.idx row L, p.kv_len[L] entries) and row j takes entry e where uslot[L, j, e] >= 0. A
+// thread's accumulator rows row0, row0 + 8 lie in one 16-row warp slice, so in one query row.
+template <bool PACK>
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const BwdParams p) {
   constexpr int ND = NDS;
   constexpr int BAR_KV_FULL = OFF_BAR;
@@ -148,11 +155,23 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(l));
     return static_cast<int>(2 * (l & 3));
   };
-  const int t = blockIdx.x / p.n_hblk;
-  const int h0 = (blockIdx.x % p.n_hblk) * BM;
+  // the key list's row: the query row, or (packed, one CTA per group) the group
+  const int L = PACK ? static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x / p.n_hblk);
+  const int t = PACK ? L * p.rows : L;          // (packed: the group's first query row)
+  const int h0 = PACK ? 0 : (blockIdx.x % p.n_hblk) * BM;
   // the row's length is read by each role after its setmaxnreg (values held across the role
   // split spill in the 32-register producer)
-  auto row_len = [&]() { return min(max(__ldg(p.kv_len + t), 0), p.K); };
+  auto row_len = [&]() { return min(max(__ldg(p.kv_len + L), 0), PACK ? static_cast<int>(p.idx_s) : p.K); };
+  // tile row r -> (query row, head); valid when both exist
+  auto tile_row = [&](int r, int& tr, int& h) {
+    if (PACK) {
+      tr = t + (r >> p.hshift);
+      h = r & ((1 << p.hshift) - 1);
+    } else {
+      tr = t;
+      h = h0 + r;
+    }
+  };
 
   if (tid == 0) {
 #pragma unroll
@@ -174,24 +193,43 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     asm volatile("setmaxnreg.dec.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_RP) ";\n" ::: "memory");
     const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
     {
-      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
-      const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
-      for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
-        const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
-        const bool ok = h0 + r < p.H;
-        cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                   qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
-      }
-      for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
-        const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
-        const bool ok = h0 + r < p.H;
-        cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                   dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
+      if constexpr (PACK) {
+        for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
+          const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
+          int tr, h;
+          tile_row(r, tr, h);
+          const bool ok = h < p.H && tr < p.T;
+          cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                     p.q + (ok ? (long long)tr * p.q_st + (long long)h * p.q_sh : 0) + gg * 8, ok);
+        }
+        for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
+          const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
+          int tr, h;
+          tile_row(r, tr, h);
+          const bool ok = h < p.H && tr < p.T;
+          cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                     p.dout + (ok ? (long long)tr * p.do_st + (long long)h * p.do_sh : 0) + gg * 8, ok);
+        }
+      } else {
+        const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+        const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
+        for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
+          const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
+          const bool ok = h0 + r < p.H;
+          cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                     qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
+        }
+        for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
+          const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
+          const bool ok = h0 + r < p.H;
+          cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                     dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
+        }
       }
       cp_async_arrive_noinc(sbase + BAR_Q);
     }
     // gathers: 4 threads per key row, granules g_sub and g_sub + 4 of each chunk
-    const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+    const int32_t* idx_row = p.idx + (long long)L * p.idx_s;
     const int g_row = wt >> 2, g_sub = wt & 3;
     auto load_row_id = [&](int b) -> int {
       const int slot = b * BN + g_row;
@@ -228,11 +266,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
     float z2[2], dlt[2], fh[2];
     bool hv[2];
+    int trow = t;  // this thread's query row (the same for row0 and row0 + 8)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int h = h0 + row0 + 8 * i;
-      hv[i] = h < p.H;
-      const long long o = (long long)t * p.H + (hv[i] ? h : 0);
+      int h;
+      tile_row(row0 + 8 * i, trow, h);
+      hv[i] = h < p.H && (!PACK || trow < p.T);
+      const long long o = (long long)trow * p.H + (hv[i] ? h : 0);
       z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
       dlt[i] = hv[i] ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f;
       fh[i] = hv[i] ? 1.f : 0.f;
@@ -251,6 +291,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     const uint64_t dod0 = desc(sbase + OFF_DO, 16, 1024);
     const uint64_t kd0 = desc(sbase + OFF_KV, 16, 1024);
     const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);  // kv as MN-major B [keys, channels]
+    // packed: this thread's row of uslot, read as int16 pairs
+    const uint32_t* us32 = PACK ? reinterpret_cast<const uint32_t*>(p.uslot + ((long long)L * p.rows + (trow - t)) * p.idx_s)
+                                : nullptr;
     if (nblk > 0) {
       mbar_wait(sbase + BAR_Q, 0);
       fence_async_smem();
@@ -276,12 +319,23 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       wgmma_commit();
       wgmma_wait0();
       // P and dS (in place of S and dP)
-      const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
-      int idv[8];
-      slot_ids(ids_w, b * BN + colq, colq, kv_len, p.Tk, idv);
       bool valid[8];
+      uint32_t usl[4];  // packed: this thread's row's slots of its entries 8 jj + colq + {0, 1} (int16 pairs; -1: not taken)
+      if constexpr (PACK) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) valid[e] = idv[e] >= 0;
+        for (int jj = 0; jj < 4; ++jj) {
+          const int e0 = b * BN + 8 * jj + colq;  // even; uslot rows have an even length
+          usl[jj] = e0 < kv_len ? __ldg(us32 + (e0 >> 1)) : 0xffffffffu;
+          valid[2 * jj] = !(usl[jj] & 0x8000u);
+          valid[2 * jj + 1] = !(usl[jj] & 0x80000000u);
+        }
+      } else {
+        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
+        int idv[8];
+        slot_ids(ids_w, b * BN + colq, colq, kv_len, p.Tk, idv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) valid[e] = idv[e] >= 0;
+      }
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
@@ -302,8 +356,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
             v += __shfl_xor_sync(0xffffffffu, v, 4);
             v += __shfl_xor_sync(0xffffffffu, v, 8);
             v += __shfl_xor_sync(0xffffffffu, v, 16);
-            const int slot = b * BN + 8 * jj + colq + bb;
-            if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+            if constexpr (PACK) {
+              const int slot = static_cast<int16_t>(usl[jj] >> (16 * bb));
+              if (lane < 4 && slot >= 0) red_add(p.target + (long long)trow * p.K + slot, v);
+            } else {
+              const int slot = b * BN + 8 * jj + colq + bb;
+              if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+            }
           }
       }
       uint32_t pk_s[2][4], pk_p[2][4];
@@ -350,7 +409,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (!hv[i]) continue;
-      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)(h0 + row0 + 8 * i) * p.dq_sh + colq;
+      int tr, h;
+      tile_row(row0 + 8 * i, tr, h);
+      __nv_bfloat16* dqrow = p.dq + (long long)tr * p.dq_st + (long long)h * p.dq_sh + colq;
 #pragma unroll
       for (int jj = 0; jj < 32; ++jj)
         *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1]);
@@ -457,15 +518,58 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int h = h0 + row0 + 8 * i;
-      if (h >= p.H) continue;
-      // (unsigned: t >= 0, and a zero-extended t needs no register for its high half)
-      __nv_bfloat16* dqrow = p.dq + (long long)(unsigned)t * p.dq_st + (long long)h * p.dq_sh + colq;
+      int tr, h;
+      tile_row(row0 + 8 * i, tr, h);
+      if (h >= p.H || (PACK && tr >= p.T)) continue;
+      // (unsigned: tr >= 0, and a zero-extended tr needs no register for its high half)
+      __nv_bfloat16* dqrow = p.dq + (long long)(unsigned)tr * p.dq_st + (long long)h * p.dq_sh + colq;
 #pragma unroll
       for (int jj = 0; jj < 32; ++jj)
         *reinterpret_cast<__nv_bfloat162*>(dqrow + 320 + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
     }
   }
+}
+
+}  // namespace
+
+namespace {
+
+template <bool PACK>
+int launch_bwd(BwdParams p, unsigned grid, void* stream) {
+  static bool attr_set[64] = {};
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel<PACK>, SMEM_BYTES);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (grid == 0) return 0;
+  sparse_mla_bwd_sm90_kernel<PACK><<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+BwdParams make_params(const void* q, const void* kv, const void* idx, const void* kv_len, const void* dout,
+                      const void* stats, const void* lse, void* dq, void* dkv, void* target, long long q_st,
+                      long long q_sh, long long kv_s, long long idx_s, long long do_st, long long do_sh,
+                      long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int has_sink, float scale) {
+  BwdParams p;
+  p.q = static_cast<const __nv_bfloat16*>(q);
+  p.kv = static_cast<const __nv_bfloat16*>(kv);
+  p.idx = static_cast<const int32_t*>(idx);
+  p.kv_len = static_cast<const int32_t*>(kv_len);
+  p.uslot = nullptr;
+  p.dout = static_cast<const __nv_bfloat16*>(dout);
+  p.stats = static_cast<const float*>(stats);
+  p.lse = static_cast<const float*>(lse);
+  p.dq = static_cast<__nv_bfloat16*>(dq);
+  p.dkv = static_cast<float*>(dkv);
+  p.target = static_cast<float*>(target);
+  p.q_st = q_st; p.q_sh = q_sh; p.kv_s = kv_s; p.idx_s = idx_s;
+  p.do_st = do_st; p.do_sh = do_sh; p.dq_st = dq_st; p.dq_sh = dq_sh;
+  p.T = T; p.H = H; p.Tk = Tk; p.K = K;
+  p.n_hblk = (H + BM - 1) / BM;
+  p.has_sink = has_sink;
+  p.scale = scale;
+  p.scale_log2 = scale * 1.4426950408889634f;
+  p.hshift = 6;
+  p.rows = 1;
+  return p;
 }
 
 }  // namespace
@@ -481,32 +585,29 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
                             void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
                             long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
                             int Tk, int K, int has_sink, float scale, void* stream) {
-  static bool attr_set[64] = {};
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel, SMEM_BYTES);
-  if (e != cudaSuccess) return static_cast<int>(e);
-  if (T == 0 || H == 0) return 0;
-  BwdParams p;
-  p.q = static_cast<const __nv_bfloat16*>(q);
-  p.kv = static_cast<const __nv_bfloat16*>(kv);
-  p.idx = static_cast<const int32_t*>(idx);
-  p.kv_len = static_cast<const int32_t*>(kv_len);
-  p.dout = static_cast<const __nv_bfloat16*>(dout);
-  p.stats = static_cast<const float*>(stats);
-  p.lse = static_cast<const float*>(lse);
-  p.dq = static_cast<__nv_bfloat16*>(dq);
-  p.dkv = static_cast<float*>(dkv);
-  p.target = static_cast<float*>(target);
-  p.q_st = q_st; p.q_sh = q_sh; p.kv_s = kv_s; p.idx_s = idx_s;
-  p.do_st = do_st; p.do_sh = do_sh; p.dq_st = dq_st; p.dq_sh = dq_sh;
-  p.T = T; p.H = H; p.Tk = Tk; p.K = K;
-  p.n_hblk = (H + BM - 1) / BM;
-  p.has_sink = has_sink;
-  p.scale = scale;
-  p.scale_log2 = scale * 1.4426950408889634f;
-  const unsigned grid = static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk);
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  sparse_mla_bwd_sm90_kernel<<<grid, THREADS, SMEM_BYTES, st>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  if (H == 0) T = 0;
+  const BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
+                                  idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  return launch_bwd<false>(p, static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk), stream);
+}
+
+// Row packing (H <= 32; packing.py): uid [G, ucap] int32 with count [G], uslot [G, ucap, rows]
+// int16; hshift = log2 of the heads per row in the tile (4: 16, rows = 4; 5: 32, rows = 2).
+// K is the indices' slot count (the target's row stride). One CTA per group.
+int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
+                                   const void* uslot, const void* dout, const void* stats, const void* lse,
+                                   void* dq, void* dkv, void* target, long long q_st, long long q_sh,
+                                   long long kv_s, long long ucap, long long do_st, long long do_sh,
+                                   long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G,
+                                   int hshift, int has_sink, float scale, void* stream) {
+  if (H < 1 || H > (1 << hshift) || (hshift != 4 && hshift != 5)) return static_cast<int>(cudaErrorInvalidValue);
+  BwdParams p = make_params(q, kv, uid, count, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s, ucap,
+                            do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  p.uslot = static_cast<const int16_t*>(uslot);
+  p.hshift = hshift;
+  p.rows = BM >> hshift;
+  p.n_hblk = 1;
+  return launch_bwd<true>(p, T == 0 ? 0u : static_cast<unsigned>(G), stream);
 }
 
 }  // extern "C"
