@@ -9,7 +9,11 @@ by side in one process.
   python benchmarks/bench_sparse_mla.py --report            # + registers / spills / smem of the Triton kernels
 
 Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random keys in [0, t]
-(rows t < k padded with -1). FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
+(rows t < k padded with -1); with ``--ids-shared W`` the keys' random scores are a mix, weight W,
+of a score shared by each block of 64 consecutive rows, so adjacent rows share keys as real
+selections do (``W = 0``: independent rows). ``--row-packing`` adds ours with
+``row_packing=True`` at <= 32 heads; those rows record ``union_frac``, the packed entries per
+valid (row, slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys). FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
 "ours" runs what ``sparse_mla(..., backend=B)`` runs for B in ``--ours-backends`` (default
 ``auto``: the sm_90a CUDA kernels on Hopper, else Triton): the fwd and bwd rows call the same
 launchers directly (no autograd), the fwd+bwd row the public function; every row of ours records
@@ -45,23 +49,27 @@ def flops(S, H, k, p):
     return {"fwd": f, "bwd": b, "fwd+bwd": f + b}[p]
 
 
-def causal_indices(S, K, device):
+def causal_indices(S, K, device, shared=0.0, block=64):
     out = torch.empty(S, K, dtype=torch.int32, device=device)
     keys = torch.arange(S, device=device)[None, :]
-    for r0 in range(0, S, 1024):
+    for r0 in range(0, S, 1024):  # (1024 is a multiple of block)
         r1 = min(S, r0 + 1024)
         t = torch.arange(r0, r1, device=device)[:, None]
-        score = torch.where(keys <= t, torch.rand(r1 - r0, S, device=device), -1.0)
+        u = torch.rand(r1 - r0, S, device=device)
+        if shared:
+            z = torch.rand((r1 - r0 + block - 1) // block, S, device=device)
+            u = (1 - shared) * u + shared * z.repeat_interleave(block, 0)[: r1 - r0]
+        score = torch.where(keys <= t, u, -1.0)
         val, ix = score.topk(K, dim=1)
         out[r0:r1] = torch.where(val >= 0, ix, -1).int()
     return out
 
 
-def make_case(S, H, k):
+def make_case(S, H, k, shared=0.0):
     dev = "cuda"
     q = torch.randn(S, H, DQK, device=dev, dtype=torch.bfloat16)
     kv = torch.randn(S, DQK, device=dev, dtype=torch.bfloat16)
-    idx = causal_indices(S, k, dev)
+    idx = causal_indices(S, k, dev, shared)
     dout = torch.randn(S, H, DV, device=dev, dtype=torch.bfloat16)
     return q, kv, idx, dout
 
@@ -71,7 +79,15 @@ def make_case(S, H, k):
 # ------------------------------------------------------------------------------------------
 
 
-def ours_launchers(q, kv, backend="auto", deterministic=False):
+def union_frac(idx, heads):
+    """Row packing's entries per valid (row, slot) for these ids at ``heads`` heads."""
+    from megatron_dsa.kernels.sparse_mla.packing import pack_rows
+
+    p = pack_rows(idx, idx.shape[0], heads)
+    return round(p.count.sum().item() / max(int((idx >= 0).sum()), 1), 4)
+
+
+def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=False):
     """``(choice, fwd, bwd)``: the :class:`KernelChoice` of ``sparse_mla(..., backend=backend)``
     for these inputs and the launchers (no autograd) it runs, called as
     ``fwd(q, kv, idx, scale) -> (out, lse)`` and
@@ -82,7 +98,8 @@ def ours_launchers(q, kv, backend="auto", deterministic=False):
     from megatron_dsa.kernels.sparse_mla.triton_impl import sparse_mla_bwd_triton, sparse_mla_fwd_triton
 
     H, d_qk = q.shape[1], q.shape[2]
-    choice = select_backend(backend, q.device, q.dtype, H, d_qk, DV, deterministic, kv.shape[0])
+    choice = select_backend(backend, q.device, q.dtype, H, d_qk, DV, deterministic, kv.shape[0],
+                            row_packing=row_packing)
     if choice.forward == "cuda":
         def fwd(q, kv, idx, scale):
             return sparse_mla_fwd_cuda(q, kv, idx, scale)
@@ -92,9 +109,10 @@ def ours_launchers(q, kv, backend="auto", deterministic=False):
     else:
         def fwd(q, kv, idx, scale):
             return sparse_mla_reference(q, kv, idx, scale, DV)
-    if choice.backward == "cuda":
+    if choice.backward in ("cuda", "cuda-packed"):
         def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
-            return sparse_mla_bwd_cuda(q, kv, idx, scale, None, None, out, lse, dout, target_out=target_out)
+            return sparse_mla_bwd_cuda(q, kv, idx, scale, None, None, out, lse, dout, target_out=target_out,
+                                       packed=choice.backward == "cuda-packed")
     elif choice.backward in ("triton", "triton-deterministic"):
         def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
             return sparse_mla_bwd_triton(q, kv, idx, scale, DV, None, None, out, lse, dout,
@@ -109,10 +127,10 @@ def choice_str(choice) -> str:
     return f"{choice.requested}: fwd={choice.forward} bwd={choice.backward} ({choice.reason})"
 
 
-def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False):
+def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False, row_packing=False):
     from megatron_dsa.kernels.sparse_mla import sparse_mla
 
-    choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic)
+    choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic, row_packing)
     fns = {"fwd": lambda: fwd(q, kv, idx, scale)}
     if bwd is not None:
         with torch.no_grad():
@@ -121,7 +139,8 @@ def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False):
 
     def fb():
         qa, kva = q.detach().requires_grad_(), kv.detach().requires_grad_()
-        o, _ = sparse_mla(qa, kva, idx, scale, DV, backend=backend, deterministic=deterministic)
+        o, _ = sparse_mla(qa, kva, idx, scale, DV, backend=backend, deterministic=deterministic,
+                          row_packing=row_packing)
         o.backward(dout)
         return qa.grad, kva.grad
 
@@ -280,6 +299,10 @@ def main():
     ap.add_argument("--deterministic", action="store_true",
                     help="also time ours (backend auto) with the deterministic backward")
     ap.add_argument("--native-max-heads", type=int, default=16)
+    ap.add_argument("--row-packing", action="store_true",
+                    help="also run ours with row_packing=True (<= 32 heads)")
+    ap.add_argument("--ids-shared", type=float, default=0.0,
+                    help="weight of the score shared by 64 consecutive rows (0: independent rows)")
     ap.add_argument("--report", action="store_true",
                     help="registers / spills / shared memory of the Triton kernels compiled by the run")
     ap.add_argument("--out", default="docs/receipts/")
@@ -321,7 +344,8 @@ def main():
     for S in [int(x) for x in args.S.split(",")]:
         for H in [int(x) for x in args.H.split(",")]:
             torch.cuda.empty_cache()
-            q, kv, idx, dout = make_case(S, H, args.k)
+            q, kv, idx, dout = make_case(S, H, args.k, args.ids_shared)
+            ufrac = union_frac(idx, H) if H <= 32 else None
             scale = DQK ** -0.5
             variants = []
             for key in impls:
@@ -331,6 +355,8 @@ def main():
                         variants.append((name if b == "auto" else f"{name}[{b}]", make, {"backend": b}))
                     if args.deterministic:
                         variants.append((f"{name}[deterministic]", make, {"deterministic": True}))
+                    if args.row_packing and H <= 32:
+                        variants.append((f"{name}[packed]", make, {"row_packing": True}))
                 elif key == "native" and H > args.native_max_heads:
                     continue
                 else:
@@ -358,6 +384,10 @@ def main():
                 check = fns.pop("check", None)  # a peer's output compared with ours
                 for p in passes:
                     case = {"S": S, "H": H, "D": DQK, "d_v": DV, "k": args.k, "pass": p}
+                    if args.ids_shared:
+                        case["ids_shared"] = args.ids_shared
+                    if ufrac is not None:
+                        case["union_frac"] = ufrac
                     if p not in fns:
                         rows.append({"impl": label, "case": case, "ms": None, "tflops": None,
                                      "peak_gib": None, "status": err or "unsupported",

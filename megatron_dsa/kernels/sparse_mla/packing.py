@@ -75,20 +75,20 @@ def pack_rows(indices: torch.Tensor, num_keys: int, heads: int,
         pad = G * R - T
         valid = torch.cat([valid, valid.new_zeros(pad, K)])
         indices = torch.cat([indices, indices.new_full((pad, K), -1)])
-    ids = indices.long().view(G, RK)
     valid = valid.view(G, RK)
     pos = torch.arange(RK, device=dev)
     j = pos // K                                  # row within the group
-    slot = pos % K
-    # sort by (id, row, slot); empty slots last
-    big = (num_keys + 1) * RK
-    key = torch.where(valid, (ids * R + j) * K + slot, big)
-    key, _ = torch.sort(key, dim=1)
-    ok = key < big
-    idr = key // K                                # id * R + row
+    # a stable sort by (id, row) keeps each row's slots in order; empty slots last. The key is
+    # int32 where it fits (radix sorts pass over the key's bytes)
+    big = num_keys * R
+    kdt = torch.int32 if big < 2**31 else torch.int64
+    key = torch.where(valid, indices.view(G, RK).to(kdt) * R + j.to(kdt), big)
+    idr, perm = torch.sort(key, dim=1, stable=True)
+    ok = idr < big
+    idr = idr.long()                              # id * R + row
     ids_s = idr // R
     j_s = idr % R
-    slot_s = key % K
+    slot_s = perm % K
     # occurrence number of (id, row): position minus the run's first position
     first = torch.ones_like(ok)
     first[:, 1:] = idr[:, 1:] != idr[:, :-1]
