@@ -61,6 +61,39 @@ def test_dsa_layer_forward_backward_has_no_host_sync(mcore, sparse):
     assert cores[0].indexer.linear_wq_b.weight.grad is not None
 
 
+def test_layer_passes_row_packing_to_the_attention(mcore, monkeypatch):
+    """DSAPluginConfig.attention_row_packing reaches sparse_mla (eager) and the kernel choice the
+    loss-target decision asks for."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import build_module
+
+    import megatron_dsa.attention as attention
+    from megatron_dsa.config import set_plugin_config
+    from megatron_dsa.spec import get_dsa_layer_specs
+
+    seen = []
+    real_mla, real_choice = attention.sparse_mla, attention.sparse_mla_backend
+
+    def mla(*a, **k):
+        seen.append(("sparse_mla", k.get("row_packing")))
+        return real_mla(*a, **k)
+
+    def choice(*a, **k):
+        seen.append(("select", k.get("row_packing")))
+        return real_choice(*a, **k)
+
+    monkeypatch.setattr(attention, "sparse_mla", mla)
+    monkeypatch.setattr(attention, "sparse_mla_backend", choice)
+    for packing in (True, False):
+        seen.clear()
+        cfg = set_plugin_config(tiny_config(num_layers=1, dsa_indexer_use_sparse_loss=True),
+                                attention_row_packing=packing)
+        layer = build_module(get_dsa_layer_specs(cfg)[0], config=cfg, layer_number=1)
+        core = layer.self_attention.core_attention.train()
+        core(**_core_inputs(cfg), attn_mask_type=AttnMaskType.causal).sum().backward()
+        assert ("sparse_mla", packing) in seen and all(v is packing for _, v in seen), seen
+
+
 def test_branchless_index_mask_matches_loop():
     """-1 slots go through a fixed-topology scatter (clamped onto key 0, value 0) plus the window
     fixup: same support as a Python loop over the valid slots, with no branch on their presence."""
