@@ -300,6 +300,16 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     }
     for (int b = 0; b < nblk; ++b) {
       const int st = b % NST, pb = b % ND;
+      // packed: this thread's row's slots of its entries 8 jj + colq + {0, 1} (int16 pairs, -1:
+      // not taken), loaded before the MMAs so that their latency hides behind them
+      uint32_t usl[4];
+      if constexpr (PACK) {
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          const int e0 = b * BN + 8 * jj + colq;  // even; uslot rows have an even length
+          usl[jj] = e0 < kv_len ? __ldg(us32 + (e0 >> 1)) : 0xffffffffu;
+        }
+      }
       mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);
       fence_async_smem();
       float s[16], dp[16];
@@ -320,12 +330,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       wgmma_wait0();
       // P and dS (in place of S and dP)
       bool valid[8];
-      uint32_t usl[4];  // packed: this thread's row's slots of its entries 8 jj + colq + {0, 1} (int16 pairs; -1: not taken)
       if constexpr (PACK) {
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) {
-          const int e0 = b * BN + 8 * jj + colq;  // even; uslot rows have an even length
-          usl[jj] = e0 < kv_len ? __ldg(us32 + (e0 >> 1)) : 0xffffffffu;
           valid[2 * jj] = !(usl[jj] & 0x8000u);
           valid[2 * jj + 1] = !(usl[jj] & 0x80000000u);
         }
