@@ -346,6 +346,11 @@ def main():
             torch.cuda.empty_cache()
             q, kv, idx, dout = make_case(S, H, args.k, args.ids_shared)
             ufrac = union_frac(idx, H) if H <= 32 else None
+            pack_ms = None
+            if args.row_packing and H <= 32:  # the packing alone (part of every packed backward)
+                from megatron_dsa.kernels.sparse_mla.packing import pack_rows
+
+                pack_ms = round(time_cuda(lambda: pack_rows(idx, S, H), warmup=1, reps=args.reps), 3)
             scale = DQK ** -0.5
             variants = []
             for key in impls:
@@ -388,6 +393,8 @@ def main():
                         case["ids_shared"] = args.ids_shared
                     if ufrac is not None:
                         case["union_frac"] = ufrac
+                    if pack_ms is not None:
+                        case["pack_rows_ms"] = pack_ms
                     if p not in fns:
                         rows.append({"impl": label, "case": case, "ms": None, "tflops": None,
                                      "peak_gib": None, "status": err or "unsupported",

@@ -90,6 +90,7 @@ def cases():
                      so_t=2048, sc_b=8192 * 8192, sc_r=8192),
                 dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=blk, STRIDE=idx.SAMPLE_STRIDE), nw_sel, 1))
     out += _sparse_mla_cases(T)
+    out += _pack_cases(T)
 
     cfg = il._CFG
     geo = il._att_geometry(576)
@@ -126,6 +127,20 @@ def cases():
                      sq_r=64 * 128, sq_h=128, sk=128, sw_r=64, T=T, S=S, H=64, D=128, K=S, T0=8192, RT=8192, B=2,
                      RPS=cfg["dk_rows"]),
                 dict(BHI=64, BD=128, BS=cfg["dk_bs"], RELU=True, UPCAST=False, PREC="tf32"), cfg["dk_warps"], 1))
+    return out
+
+
+def _pack_cases(T):
+    """Row packing's group kernel at 16 and 32 heads (4 and 2 rows per group), k = 2048."""
+    from megatron_dsa.kernels.sparse_mla import packing
+
+    out = []
+    for heads, R in ((16, 4), (32, 2)):
+        args = dict(idx_ptr="*i32", len_ptr="*i32", uid_ptr="*i32", uslot_ptr="*i16", count_ptr="*i32", T=T,
+                    K=2048, Tk=T, stride_t=2048, stride_k=1)
+        c = dict(R=R, BLOCK=triton.next_power_of_2(R * 2048), HAS_LEN=False, KEY64=False)
+        out.append((f"sparse_mla pack rows {heads} heads", packing._pack_rows_kernel, args, c,
+                     packing._CFG["pack_warps"], 1))
     return out
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megatron_dsa.graph import SyncAudit
-from megatron_dsa.kernels.sparse_mla.packing import heads_padded, pack_rows, unpack
+from megatron_dsa.kernels.sparse_mla.packing import (heads_padded, pack_rows, pack_rows_reference,
+                                                     pack_rows_triton, unpack)
 from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
 
 from helpers import rel
@@ -42,7 +43,7 @@ def test_packing_is_a_lossless_reindexing(H, T, K, with_len):
     Tk = 50
     idx = _ids(T, K, Tk, seed=T * 100 + K + H, int64=H == 7)
     tk = torch.randint(0, K + 2, (T,), generator=torch.Generator().manual_seed(H)) if with_len else None
-    p = pack_rows(idx, Tk, H, tk)
+    p = pack_rows_reference(idx, Tk, H, tk)
     R = 64 // heads_padded(H)
     G = (T + R - 1) // R
     assert p.rows == R and p.uid.shape == (G, R * K) and p.uslot.shape == (G, R, R * K)
@@ -57,29 +58,51 @@ def test_packing_is_a_lossless_reindexing(H, T, K, with_len):
     assert torch.equal(hits[:T], valid.long()) and hits[T:].sum() == 0
     for gg in range(G):
         n = int(p.count[gg])
-        # entries: (id, occurrence) pairs, sorted by id; one per distinct pair in the group
-        pairs = set()
+        # entries, sorted by id: one per distinct id of the group (its first occurrence in every
+        # row), plus one per repeated occurrence within a row
+        want_ids = []
+        firsts = set()
         for r in range(gg * R, min(T, gg * R + R)):
-            seen = {}
+            seen = set()
             for s in range(K):
                 if valid[r, s]:
                     x = int(idx[r, s])
-                    pairs.add((x, seen.get(x, 0)))
-                    seen[x] = seen.get(x, 0) + 1
-        assert n == len(pairs)
+                    if x in seen:
+                        want_ids.append(x)
+                    seen.add(x)
+            firsts |= seen
+        want_ids += list(firsts)
+        assert n == len(want_ids)
         ids = p.uid[gg, :n].tolist()
-        assert ids == sorted(ids) and sorted(ids) == sorted(x for x, _ in pairs)
+        assert ids == sorted(ids) and ids == sorted(want_ids)
         assert (p.uid[gg, n:] == -1).all() and (p.uslot[gg, :, n:] == -1).all()
         assert ((p.uslot[gg, :, :n] >= 0).sum(0) >= 1).all()  # no entry without a row
+
+
+@pytest.mark.parametrize("H,T,K,with_len,strided", [(7, 37, 16, True, False), (32, 64, 33, True, True),
+                                                    (17, 5, 20, False, False), (16, 64, 33, False, True)])
+def test_triton_packing_equals_the_reference(H, T, K, with_len, strided):
+    """The one-program-per-group Triton kernel (here through Triton's interpreter) against the
+    torch ops: the same tensors, element for element."""
+    Tk = 50
+    idx = _ids(T, K, Tk, seed=T + K + H, int64=H == 17)
+    if strided:
+        idx = torch.cat([idx, idx], 1)[:, ::2]   # column stride 2
+    tk = torch.randint(0, K + 2, (T,), generator=torch.Generator().manual_seed(H)) if with_len else None
+    a, b = pack_rows_triton(idx, Tk, H, tk), pack_rows_reference(idx, Tk, H, tk)
+    for name in ("uid", "uslot", "count"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert (a.rows, a.hpad) == (b.rows, b.hpad)
 
 
 def test_union_is_smaller_when_rows_share_keys():
     T, K, Tk = 64, 32, 1000
     same = torch.arange(K).repeat(T, 1)
-    assert pack_rows(same, Tk, 16).count.tolist() == [K] * 16
+    assert pack_rows_reference(same, Tk, 16).count.tolist() == [K] * 16
     disjoint = torch.arange(T * K).view(T, K) % Tk
-    assert pack_rows(disjoint, Tk, 16).count.tolist() == [4 * K] * 16
-    assert pack_rows(disjoint, Tk, 32).count.tolist() == [2 * K] * 32
+    assert pack_rows_reference(disjoint, Tk, 16).count.tolist() == [4 * K] * 16
+    assert pack_rows_reference(disjoint, Tk, 32).count.tolist() == [2 * K] * 32
 
 
 def test_packing_errors_name_the_argument():
@@ -95,9 +118,10 @@ def test_packing_errors_name_the_argument():
 def test_packing_has_no_host_sync():
     idx = _ids(40, 24, 60, seed=3)
     tk = torch.full((40,), 20)
-    with SyncAudit() as audit:
-        pack_rows(idx, 60, 16, tk)
-    assert audit.violations == []
+    for fn in (pack_rows_reference, pack_rows_triton):
+        with SyncAudit() as audit:
+            fn(idx, 60, 16, tk)
+        assert audit.violations == [], (fn.__name__, audit.violations)
 
 
 def _packed_backward(q, kv, packed, scale, lse, sink, out, dout):
@@ -151,7 +175,7 @@ def test_packed_backward_equals_float64_autograd(H, sink, with_len):
     qr, kvr = q.clone().requires_grad_(), kv.clone().requires_grad_()
     out, lse = sparse_mla_reference(qr, kvr, idx, scale, 512, tk, sk)
     out.backward(dout)
-    packed = pack_rows(idx, Tk, H, tk)
+    packed = pack_rows_reference(idx, Tk, H, tk)
     dq, dkv, target = _packed_backward(q, kv, packed, scale, lse.detach(), sk, out.detach(), dout)
     assert rel(dq, qr.grad) < 1e-12 and rel(dkv, kvr.grad) < 1e-12
     valid = slot_validity(idx, Tk, tk)
@@ -159,3 +183,21 @@ def test_packed_backward_equals_float64_autograd(H, sink, with_len):
     p = torch.exp(s - lse.detach()[:, :, None]).masked_fill(~valid[:, None, :], 0.0)
     p = torch.where(torch.isfinite(lse.detach())[:, :, None], p, 0.0)
     assert rel(target, p.sum(1)) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("H", [16, 32])
+def test_gpu_triton_packing_equals_the_reference(H):
+    """The compiled group kernel at the real k (8192 / 4096 sort keys per group) on causal ids."""
+    from helpers import causal_indices
+
+    T, K = 4096, 2048
+    idx = causal_indices(T, K, "cuda")
+    idx[1::2, :512] = idx[0::2, :512]               # rows sharing keys (and a few repeats)
+    tk = torch.randint(0, K + 1, (T,), device="cuda")
+    for lens in (None, tk):
+        a, b = pack_rows_triton(idx, T, H, lens), pack_rows_reference(idx, T, H, lens)
+        for name in ("uid", "uslot", "count"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (H, lens is None, name)
+    assert torch.equal(pack_rows(idx, T, H).count, pack_rows_reference(idx, T, H).count)
