@@ -87,7 +87,7 @@ def union_frac(idx, heads):
     return round(p.count.sum().item() / max(int((idx >= 0).sum()), 1), 4)
 
 
-def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=False):
+def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=False, packed_fwd=False):
     """``(choice, fwd, bwd)``: the :class:`KernelChoice` of ``sparse_mla(..., backend=backend)``
     for these inputs and the launchers (no autograd) it runs, called as
     ``fwd(q, kv, idx, scale) -> (out, lse)`` and
@@ -100,9 +100,13 @@ def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=False
     H, d_qk = q.shape[1], q.shape[2]
     choice = select_backend(backend, q.device, q.dtype, H, d_qk, DV, deterministic, kv.shape[0],
                             row_packing=row_packing)
-    if choice.forward == "cuda":
+    if packed_fwd:  # the packed 64-head forward whatever the dispatch picks (<= 16 heads: measuring it)
+        from dataclasses import replace
+
+        choice = replace(choice, forward="cuda-packed", reason=f"{choice.reason}; packed forward forced")
+    if choice.forward in ("cuda", "cuda-packed"):
         def fwd(q, kv, idx, scale):
-            return sparse_mla_fwd_cuda(q, kv, idx, scale)
+            return sparse_mla_fwd_cuda(q, kv, idx, scale, packed=choice.forward == "cuda-packed")
     elif choice.forward == "triton":
         def fwd(q, kv, idx, scale):
             return sparse_mla_fwd_triton(q, kv, idx, scale, DV)
@@ -127,10 +131,10 @@ def choice_str(choice) -> str:
     return f"{choice.requested}: fwd={choice.forward} bwd={choice.backward} ({choice.reason})"
 
 
-def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False, row_packing=False):
+def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False, row_packing=False, packed_fwd=False):
     from megatron_dsa.kernels.sparse_mla import sparse_mla
 
-    choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic, row_packing)
+    choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic, row_packing, packed_fwd)
     fns = {"fwd": lambda: fwd(q, kv, idx, scale)}
     if bwd is not None:
         with torch.no_grad():
@@ -362,6 +366,8 @@ def main():
                         variants.append((f"{name}[deterministic]", make, {"deterministic": True}))
                     if args.row_packing and H <= 32:
                         variants.append((f"{name}[packed]", make, {"row_packing": True}))
+                    if args.row_packing and H <= 16 and "fwd" in passes:  # the packed forward, not routed here
+                        variants.append((f"{name}[packed fwd64]", make, {"row_packing": True, "packed_fwd": True}))
                 elif key == "native" and H > args.native_max_heads:
                     continue
                 else:
@@ -387,7 +393,7 @@ def main():
                     fns, err = {}, ("unsupported" if msg.startswith("unsupported") else f"error: {msg}")
                 kernel = fns.pop("kernel", None)  # ours: the KernelChoice it runs
                 check = fns.pop("check", None)  # a peer's output compared with ours
-                for p in passes:
+                for p in (["fwd"] if kw.get("packed_fwd") else passes):  # (its other passes = [packed])
                     case = {"S": S, "H": H, "D": DQK, "d_v": DV, "k": args.k, "pass": p}
                     if args.ids_shared:
                         case["ids_shared"] = args.ids_shared

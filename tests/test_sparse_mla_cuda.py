@@ -152,6 +152,41 @@ def test_gpu_matches_float64_reference(T, H, K, sink, topk):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,shared", [
+    (1024, 16, 512, True, True, False),     # 4 rows per tile
+    (1023, 16, 300, False, False, True),    # last group partial; rows sharing keys, repeated ids
+    (777, 7, 256, True, True, True),        # 7 of 16 heads per row
+    (701, 32, 300, True, False, True),      # 2 rows per tile, last group partial
+    (600, 20, 200, False, True, True),      # 20 of 32 heads
+])
+def test_gpu_packed_forward_matches_float64_reference(T, H, K, sink, topk, shared):
+    """The row-packed 64-head forward (out and lse) against float64, and against the unpacked
+    CUDA forward on the same inputs."""
+    need_library()
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    q, kv, idx, tk, sk = cuda_fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)
+    if shared:
+        idx[1::2, : K // 2] = idx[0:T - 1:2, : K // 2]
+        idx[T // 2, :3] = T // 3
+    scale = 576 ** -0.5
+    with poisoned_empty():
+        out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk, packed=True)
+    ro, rl = sparse_mla_reference(q.double(), kv.double(), idx, scale, 512, tk,
+                                  sk.double() if sink else None)
+    assert not torch.isnan(out).any()
+    floor = rel(ro.to(torch.bfloat16).double(), ro)
+    err = rel(out.double(), ro)
+    assert err < max(5 * floor, 1e-2), (seed, err, floor)
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isfinite(lse), fin), seed
+    assert (lse[fin].double() - rl[fin]).abs().max() < 1e-3, seed
+    uo, ul = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
+    assert rel(out.double(), uo.double()) < 2 * max(floor, 1e-3), seed
+    print(f"T={T} H={H} K={K} seed={seed}: out {err:.2e} (floor {floor:.2e})")
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("H", [64, 16])
 def test_gpu_odd_k_and_strided_q(H):
     need_library()
@@ -171,17 +206,17 @@ def test_gpu_odd_k_and_strided_q(H):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("H", [128, 16])
-def test_gpu_graph_capture_replay(H):
+@pytest.mark.parametrize("H,packed", [(128, False), (16, False), (32, True)])
+def test_gpu_graph_capture_replay(H, packed):
     need_library()
     q, kv, idx, tk, sk = cuda_fwd_case(512, H, 256, True, True, False, seed=1)
-    out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)  # warm-up (build, attributes)
+    out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk, packed=packed)  # warm-up (build, attributes)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_out, g_lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)
+        g_out, g_lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk, packed=packed)
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()
-    ref_out, ref_lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)
+    ref_out, ref_lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk, packed=packed)
     assert torch.equal(g_out, ref_out) and torch.equal(g_lse, ref_lse)

@@ -14,7 +14,8 @@ count, int32 indices.
   workspace whose columns are permuted (:func:`unpermute_dkv`). Its per-head statistics
   (logZ, Delta, d_sink) come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`).
   With row packing (``packed=True``, <= 32 heads) the same kernel serves a group of 64 / 16 or
-  64 / 32 rows per CTA over the union of their keys (:mod:`.packing`).
+  64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); the 64-head forward has
+  the same packed variant (``sparse_mla_fwd_cuda(..., packed=True)``).
 * Every kernel stops a row at its effective length (:func:`effective_lengths`,
   ``cuda/row_lengths.cu``).
 
@@ -72,6 +73,9 @@ def _load(path: Path):
     packed = lib.dsa_sparse_mla_bwd_packed_sm90
     packed.restype = i32
     packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 7 + [f32, vp]
+    packed_fwd = lib.dsa_sparse_mla_fwd_packed_sm90
+    packed_fwd.restype = i32
+    packed_fwd.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
     lens = lib.dsa_row_lengths
     lens.restype = i32
     lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]
@@ -170,20 +174,34 @@ def effective_lengths_torch(indices: torch.Tensor, topk_length: Optional[torch.T
     return last.to(torch.int32).contiguous()
 
 
-def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=None,
+                        packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; the contract of ``reference.py``.
-    ``indices`` int32 with unit column stride."""
+    ``indices`` int32 with unit column stride. ``packed``: row packing (``H <= 32``): the 64-head
+    kernel over groups of rows and the union of their keys."""
     _check_ids(indices)
     lib = library()
     T, H, _ = q.shape
+    if packed and not 1 <= H <= MAX_PACK_HEADS:
+        raise ValueError(f"row packing takes 1..{MAX_PACK_HEADS} heads, got {H}")
     q, kv = _rows16(q), _rows16(kv)
-    kv_len = effective_lengths(indices, topk_length)
     if sink is not None:
         sink = sink.float().contiguous()
     out = torch.empty(T, H, 512, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
+    if packed:
+        pk = pack_rows(indices, kv.shape[0], H, topk_length)
+        with torch.cuda.device(q.device):
+            _check(lib.dsa_sparse_mla_fwd_packed_sm90(
+                q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
+                sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
+                q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], out.stride(0), out.stride(1),
+                T, H, kv.shape[0], pk.uid.shape[0], 4 if pk.hpad == 16 else 5, float(softmax_scale) * LOG2E,
+                torch.cuda.current_stream(q.device).cuda_stream), "packed forward")
+        return out, lse
+    kv_len = effective_lengths(indices, topk_length)
     args = (q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(),
             sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),

@@ -18,7 +18,9 @@ backend        forward                                     backward
 ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()`` (what
 Megatron's ``--deterministic-mode`` sets). ``row_packing=True`` makes the CUDA backward at
 <= 32 heads ``cuda-packed`` (several query rows per 64-row tile over the union of their keys,
-``packing.py``); elsewhere it changes nothing and the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
+``packing.py``), and the CUDA forward at 17-32 heads (where the 64-head tile is otherwise half
+masked; at <= 16 heads the transposed 16-head forward stays); elsewhere it changes nothing and
+the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
 the CUDA kernels' shapes still run Triton (no Hopper GPU, no nvcc, a failed build).
 """
 
@@ -33,6 +35,7 @@ from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from . import cuda_impl
 from .ops import sparse_mla_op
+from .cuda_impl import MAX_HEADS16
 from .packing import MAX_PACK_HEADS, MAX_PACK_SLOTS
 from .reference import sparse_mla_reference
 from .triton_impl import ALL_HEADS_MAX
@@ -51,7 +54,8 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     if not row_packing:
         return choice
     if choice.backward == "cuda" and heads <= MAX_PACK_HEADS:
-        return KernelChoice(OP, backend, choice.forward, "cuda-packed", f"{choice.reason}; row packing")
+        fwd = "cuda-packed" if choice.forward == "cuda" and heads > MAX_HEADS16 else choice.forward
+        return KernelChoice(OP, backend, fwd, "cuda-packed", f"{choice.reason}; row packing")
     where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})" if choice.backward == "cuda"
              else f"the {choice.backward} backward")
     return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
@@ -162,7 +166,7 @@ def sparse_mla(
     choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, deterministic, kv.shape[0],
                             row_packing=row_packing)
     if choice.backward == "cuda-packed" and indices.shape[1] > MAX_PACK_SLOTS:
-        choice = dataclasses.replace(choice, backward="cuda", reason=(
+        choice = dataclasses.replace(choice, forward="cuda", backward="cuda", reason=(
             f"{choice.reason} off: row packing takes <= {MAX_PACK_SLOTS} slots per row, got {indices.shape[1]}"))
     if loss_target is not None:
         if tuple(loss_target.shape) != tuple(indices.shape) or loss_target.dtype != torch.float32:

@@ -1,11 +1,11 @@
 """``torch.library`` custom ops for the fused sparse MLA (forward, backward, autograd).
 
 ``megatron_dsa::sparse_mla`` (forward) and ``megatron_dsa::sparse_mla_backward`` run the
-launcher the dispatch chose (``forward_impl`` ``"cuda"`` / ``"triton"``; ``backward_impl``
-``"cuda"`` / ``"cuda-packed"`` / ``"triton"`` / ``"triton-deterministic"``) and have fake (meta)
-implementations, so ``torch.compile`` traces them as opaque ops without graph breaks and
-without running the kernels; the autograd formula is registered on the op. Explicit schemas
-(no annotation inference) keep this working across torch >= 2.6.
+launcher the dispatch chose (``forward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"triton"``;
+``backward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"triton"`` / ``"triton-deterministic"``) and
+have fake (meta) implementations, so ``torch.compile`` traces them as opaque ops without graph
+breaks and without running the kernels; the autograd formula is registered on the op. Explicit
+schemas (no annotation inference) keep this working across torch >= 2.6.
 
 ``loss_target`` is a forward input only to reach the backward: the backward returns the
 head-summed attention probabilities per slot as its gradient (the sparse indexer loss's
@@ -31,8 +31,9 @@ _BWD_SCHEMA = (
 
 
 def _fwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, forward_impl, backward_impl, loss_target):
-    if forward_impl == "cuda":
-        return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink)
+    if forward_impl in ("cuda", "cuda-packed"):
+        return sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length, sink,
+                                   packed=forward_impl == "cuda-packed")
     return sparse_mla_fwd_triton(q, kv, indices, softmax_scale, d_v, topk_length, sink)
 
 
