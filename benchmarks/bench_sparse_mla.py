@@ -12,8 +12,10 @@ Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random 
 (rows t < k padded with -1); with ``--ids-shared W`` the keys' random scores are a mix, weight W,
 of a score shared by each block of 64 consecutive rows, so adjacent rows share keys as real
 selections do (``W = 0``: independent rows). ``--row-packing`` adds ours with
-``row_packing=True`` at <= 32 heads; those rows record ``union_frac``, the packed entries per
-valid (row, slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys). FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
+``row_packing=True`` at <= 32 heads (and, at <= 16 heads, ``[packed fwd64]``: the packed 64-head
+forward the dispatch does not route there); those rows record ``union_frac``, the packed entries
+per valid (row, slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys), and
+``pack_rows_ms``, the packing alone. FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
 "ours" runs what ``sparse_mla(..., backend=B)`` runs for B in ``--ours-backends`` (default
 ``auto``: the sm_90a CUDA kernels on Hopper, else Triton): the fwd and bwd rows call the same
 launchers directly (no autograd), the fwd+bwd row the public function; every row of ours records
