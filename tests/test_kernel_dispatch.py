@@ -151,6 +151,7 @@ def test_status_reports_every_op():
 
     text = format_status(rows)
     assert "sparse_mla (bf16, 128 heads" in text and "CUDA build cache:" in text
+    assert "no row packing on the reference backward" in text
 
 
 def test_build_cli_status_runs():
@@ -205,6 +206,8 @@ def test_gpu_auto_runs_cuda_on_hopper_and_explicit_cuda_refuses_other_inputs():
     assert rows["sparse_mla (bf16, 128 heads, d_qk 576, d_v 512)"].forward == "cuda"
     assert rows["sparse_mla (bf16, 16 heads, d_qk 576, d_v 512)"].backward == "cuda"
     assert rows["sparse_mla (deterministic backward)"].backward == "triton-deterministic"
+    assert rows["sparse_mla (16 heads, attention_row_packing=True)"].backward == "cuda-packed"
+    assert rows["sparse_mla (32 heads, attention_row_packing=True)"].forward == "cuda-packed"
     assert rows["indexer_topk (bf16, head dim 128)"].forward == "triton"
     q, kv, idx, dv = mla_inputs("cuda", torch.float32)
     with pytest.raises(RuntimeError, match="cover bf16 with d_qk = 576"):
