@@ -353,10 +353,12 @@ def main():
             q, kv, idx, dout = make_case(S, H, args.k, args.ids_shared)
             ufrac = union_frac(idx, H) if H <= 32 else None
             pack_ms = None
-            if args.row_packing and H <= 32:  # the packing alone (part of every packed backward)
-                from megatron_dsa.kernels.sparse_mla.packing import pack_rows
+            if args.row_packing and H <= 32:  # the packing alone (part of every packed pass): the
+                # Triton group kernel the kernels use, and the torch-ops reference
+                from megatron_dsa.kernels.sparse_mla.packing import pack_rows, pack_rows_reference
 
-                pack_ms = round(time_cuda(lambda: pack_rows(idx, S, H), warmup=1, reps=args.reps), 3)
+                pack_ms = [round(time_cuda(lambda f=f: f(idx, S, H), warmup=1, reps=args.reps), 3)
+                           for f in (pack_rows, pack_rows_reference)]
             scale = DQK ** -0.5
             variants = []
             for key in impls:
@@ -402,7 +404,7 @@ def main():
                     if ufrac is not None:
                         case["union_frac"] = ufrac
                     if pack_ms is not None:
-                        case["pack_rows_ms"] = pack_ms
+                        case["pack_rows_ms"], case["pack_rows_torch_ms"] = pack_ms
                     if p not in fns:
                         rows.append({"impl": label, "case": case, "ms": None, "tflops": None,
                                      "peak_gib": None, "status": err or "unsupported",
