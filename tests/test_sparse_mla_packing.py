@@ -96,6 +96,18 @@ def test_triton_packing_equals_the_reference(H, T, K, with_len, strided):
     assert (a.rows, a.hpad) == (b.rows, b.hpad)
 
 
+def test_pack_rows_picks_the_group_kernel_up_to_8192_keys(monkeypatch):
+    import megatron_dsa.kernels.sparse_mla.packing as packing
+
+    calls = []
+    monkeypatch.setattr(packing, "pack_rows_triton", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setattr(packing, "pack_rows_reference", lambda *a, **k: calls.append("reference"))
+    packing.pack_rows(torch.zeros(8, 2048, dtype=torch.int32), 10, 16)     # 4 x 2048 keys
+    packing.pack_rows(torch.zeros(8, 2049, dtype=torch.int32), 10, 16)     # more than 8192
+    packing.pack_rows(torch.zeros(8, 4096, dtype=torch.int32), 10, 32)     # 2 x 4096
+    assert calls == ["triton", "reference", "triton"]
+
+
 def test_union_is_smaller_when_rows_share_keys():
     T, K, Tk = 64, 32, 1000
     same = torch.arange(K).repeat(T, 1)

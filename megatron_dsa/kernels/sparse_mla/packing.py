@@ -47,6 +47,9 @@ __all__ = ["PackedRows", "pack_rows", "pack_rows_reference", "pack_rows_triton",
 MAX_PACK_HEADS = 32
 # uslot stores slot numbers as int16.
 MAX_PACK_SLOTS = 32767
+# The group kernel's launch: the group's R K keys spread over 16 warps' registers; a group of
+# more than 8192 keys (k > 2048 at 16 heads) is packed by the torch-ops reference instead.
+_CFG = {"pack_warps": 16, "max_block": 8192}
 
 
 class PackedRows(NamedTuple):
@@ -79,11 +82,12 @@ def pack_rows(indices: torch.Tensor, num_keys: int, heads: int,
               topk_length: Optional[torch.Tensor] = None) -> PackedRows:
     """The union of each group's selected keys (module docstring). ``indices [T, K]`` int32 or
     int64, any id outside ``[0, num_keys)`` empty; ``topk_length [T]`` optional. CUDA tensors
-    (and Triton's interpreter) run one Triton program per group; otherwise
+    (and Triton's interpreter) run one Triton program per group of up to 8192 keys; otherwise
     :func:`pack_rows_reference`, which gives the same tensors."""
     from ..triton_common import interpreting
 
-    if indices.is_cuda or interpreting():
+    _, K, _, R, _ = _shape(indices, heads)
+    if (indices.is_cuda or interpreting()) and triton.next_power_of_2(R * K) <= _CFG["max_block"]:
         return pack_rows_triton(indices, num_keys, heads, topk_length)
     return pack_rows_reference(indices, num_keys, heads, topk_length)
 
@@ -198,9 +202,6 @@ def pack_rows_triton(indices: torch.Tensor, num_keys: int, heads: int,
             KEY64=num_keys * RK >= 2**31, num_warps=_CFG["pack_warps"])
     return PackedRows(uid, uslot, count, R, hpad)
 
-
-# launch configuration (registers: the group's R K keys spread over the program's threads)
-_CFG = {"pack_warps": 16}
 
 
 def unpack(packed: PackedRows, T: int, K: int) -> torch.Tensor:
