@@ -607,7 +607,9 @@ int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* ui
                                    long long kv_s, long long ucap, long long do_st, long long do_sh,
                                    long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G,
                                    int hshift, int has_sink, float scale, void* stream) {
-  if (H < 1 || H > (1 << hshift) || (hshift != 4 && hshift != 5)) return static_cast<int>(cudaErrorInvalidValue);
+  // (uslot rows are read as int16 pairs: an even row length keeps them 4-byte aligned)
+  if (H < 1 || (hshift != 4 && hshift != 5) || H > (1 << hshift) || ucap % 2 != 0 || ucap >= (1LL << 31))
+    return static_cast<int>(cudaErrorInvalidValue);
   BwdParams p = make_params(q, kv, uid, count, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s, ucap,
                             do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
   p.uslot = static_cast<const int16_t*>(uslot);
