@@ -167,14 +167,18 @@ def _sparse_mla_cases(T):
                     sm._FWD["stages_64"] if big else sm._FWD["stages_small"]))
         HP = pow2_at_least(H)
         rc = sm._BWD_ROWS
-        out.append((f"sparse_mla bwd all heads {H}", sm._sparse_mla_bwd_dkv_rows_kernel,
-                    dict(Q="*bf16", KV="*bf16", IDX="*i32", TOPK="*i32", DO="*bf16", STATS="*fp32", DKV="*fp32",
-                         DQW="*fp32", LSE="*fp32", TGT="*fp32", sq_t=H * Dqk, sq_h=Dqk, s_kv=Dqk, s_it=K,
-                         sdo_t=H * dv, sdo_h=dv, H=H, Tk=T, K=K, NB=K // rc["block_n"], stats_off=T * H,
-                         scale=0.04, scale_log2=0.06),
-                    dict(D_V=dv, D_QK=Dqk, HP=HP, BN=rc["block_n"], BC=rc["block_c"], HAS_TOPK=False,
-                         MASK_V=False, MASK_T=False, EMIT_T=True, SINK_T=False, **prec),
+        rows_args = dict(Q="*bf16", KV="*bf16", IDX="*i32", TOPK="*i32", DO="*bf16", STATS="*fp32", DKV="*fp32",
+                         DQW="*fp32", LSE="*fp32", TGT="*fp32", US="*i16", sq_t=H * Dqk, sq_h=Dqk, s_kv=Dqk,
+                         s_it=K, sdo_t=H * dv, sdo_h=dv, T=T, H=H, Tk=T, K=K, KT=K, NB=K // rc["block_n"],
+                         stats_off=T * H, scale=0.04, scale_log2=0.06)
+        rows_c = dict(D_V=dv, D_QK=Dqk, HP=HP, BN=rc["block_n"], BC=rc["block_c"], HAS_TOPK=False, MASK_V=False,
+                      MASK_T=False, EMIT_T=True, SINK_T=False, **prec, PACK=False, R=1, HPAD=1)
+        out.append((f"sparse_mla bwd all heads {H}", sm._sparse_mla_bwd_dkv_rows_kernel, rows_args, rows_c,
                     rc["warps"] if HP > 32 else rc["warps_small"], rc["stages"]))
+        if H <= 32:  # row packing: 64 tile rows over the group's union (count per group, R K slots)
+            out.append((f"sparse_mla bwd all heads {H} packed", sm._sparse_mla_bwd_dkv_rows_kernel,
+                        dict(rows_args, s_it=4 * K, K=4 * K, NB=4 * K // rc["block_n"]),
+                        dict(rows_c, HP=64, HAS_TOPK=True, PACK=True, R=4, HPAD=16), rc["warps"], rc["stages"]))
         hc = sm._BWD_HEADS
         BHb = sm._block_h(H, hc["block_h"])
         bigb = BHb >= 64

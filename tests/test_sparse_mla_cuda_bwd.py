@@ -57,6 +57,9 @@ def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
     assert c.backward == "cuda" and "no row packing on 64 heads" in c.reason
     c = select_backend("auto", gpu, torch.bfloat16, 16, 576, 512, True, row_packing=True)
     assert c.backward == "triton-deterministic" and "no row packing" in c.reason
+    c = select_backend("triton", gpu, torch.bfloat16, 16, 576, 512, row_packing=True)
+    assert (c.forward, c.backward) == ("triton", "triton-packed")
+    assert select_backend("triton", gpu, torch.bfloat16, 33, 576, 512, row_packing=True).backward == "triton"
     assert select_backend("cuda", gpu, torch.bfloat16, 16, 576, 512, row_packing=True).backward == "cuda-packed"
     cpu = torch.device("cpu")
     assert select_backend("auto", cpu, torch.float32, 16, 576, 512, row_packing=True).backward == "reference"

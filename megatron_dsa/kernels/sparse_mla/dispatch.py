@@ -19,8 +19,9 @@ backend        forward                                     backward
 Megatron's ``--deterministic-mode`` sets). ``row_packing=True`` makes the CUDA backward at
 <= 32 heads ``cuda-packed`` (several query rows per 64-row tile over the union of their keys,
 ``packing.py``), and the CUDA forward at 17-32 heads (where the 64-head tile is otherwise half
-masked; at <= 16 heads the transposed 16-head forward stays); elsewhere it changes nothing and
-the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
+masked; at <= 16 heads the transposed 16-head forward stays); the Triton backward (not
+deterministic) becomes ``triton-packed``, its all-heads pass over the same groups; elsewhere
+it changes nothing and the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
 the CUDA kernels' shapes still run Triton (no Hopper GPU, no nvcc, a failed build).
 """
 
@@ -53,10 +54,10 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     choice = _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn)
     if not row_packing:
         return choice
-    if choice.backward == "cuda" and heads <= MAX_PACK_HEADS:
+    if choice.backward in ("cuda", "triton") and heads <= MAX_PACK_HEADS:
         fwd = "cuda-packed" if choice.forward == "cuda" and heads > MAX_HEADS16 else choice.forward
-        return KernelChoice(OP, backend, fwd, "cuda-packed", f"{choice.reason}; row packing")
-    where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})" if choice.backward == "cuda"
+        return KernelChoice(OP, backend, fwd, f"{choice.backward}-packed", f"{choice.reason}; row packing")
+    where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})" if choice.backward in ("cuda", "triton")
              else f"the {choice.backward} backward")
     return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
 
@@ -97,7 +98,7 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
 def loss_target_reason(choice: KernelChoice, heads: int) -> Optional[str]:
     """Why this backward cannot hand the indexer loss its target (``None`` when it can): the
     CUDA backward always can; the Triton one on its all-heads pass only."""
-    if choice.backward in ("cuda", "cuda-packed"):
+    if choice.backward in ("cuda", "cuda-packed", "triton-packed"):
         return None
     if choice.backward == "triton" and heads <= ALL_HEADS_MAX:
         return None
@@ -165,9 +166,10 @@ def sparse_mla(
     check_same_device(q=q, kv=kv, indices=indices, topk_length=topk_length, sink=sink)
     choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, deterministic, kv.shape[0],
                             row_packing=row_packing)
-    if choice.backward == "cuda-packed" and indices.shape[1] > MAX_PACK_SLOTS:
-        choice = dataclasses.replace(choice, forward="cuda", backward="cuda", reason=(
-            f"{choice.reason} off: row packing takes <= {MAX_PACK_SLOTS} slots per row, got {indices.shape[1]}"))
+    if choice.backward.endswith("-packed") and indices.shape[1] > MAX_PACK_SLOTS:
+        choice = dataclasses.replace(
+            choice, forward=choice.forward.replace("-packed", ""), backward=choice.backward.replace("-packed", ""),
+            reason=f"{choice.reason} off: row packing takes <= {MAX_PACK_SLOTS} slots per row, got {indices.shape[1]}")
     if loss_target is not None:
         if tuple(loss_target.shape) != tuple(indices.shape) or loss_target.dtype != torch.float32:
             raise ValueError(f"loss_target must be fp32 {tuple(indices.shape)} (the indices' shape), got "

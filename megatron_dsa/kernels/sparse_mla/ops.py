@@ -2,10 +2,11 @@
 
 ``megatron_dsa::sparse_mla`` (forward) and ``megatron_dsa::sparse_mla_backward`` run the
 launcher the dispatch chose (``forward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"triton"``;
-``backward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"triton"`` / ``"triton-deterministic"``) and
-have fake (meta) implementations, so ``torch.compile`` traces them as opaque ops without graph
-breaks and without running the kernels; the autograd formula is registered on the op. Explicit
-schemas (no annotation inference) keep this working across torch >= 2.6.
+``backward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"triton"`` / ``"triton-packed"`` /
+``"triton-deterministic"``) and have fake (meta) implementations, so ``torch.compile`` traces
+them as opaque ops without graph breaks and without running the kernels; the autograd formula
+is registered on the op. Explicit schemas (no annotation inference) keep this working across
+torch >= 2.6.
 
 ``loss_target`` is a forward input only to reach the backward: the backward returns the
 head-summed attention probabilities per slot as its gradient (the sparse indexer loss's
@@ -47,7 +48,8 @@ def _bwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, 
     else:
         dq, dkv, d_sink = sparse_mla_bwd_triton(
             q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse,
-            deterministic=backward_impl == "triton-deterministic", target_out=target)
+            deterministic=backward_impl == "triton-deterministic", target_out=target,
+            packed=backward_impl == "triton-packed")
     # custom ops return tensors only: empty stand-ins for "no d_sink" / "no target"
     if d_sink is None:
         d_sink = q.new_empty(0, dtype=torch.float32)

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from ..triton_common import (LOG2E, atomic_add_tile, dot_precision, dot_split, ld, ld_cols, ld_split, mm, pow2_at_least,
                              st)
+from .packing import MAX_PACK_HEADS, pack_rows
 
 __all__ = ["sparse_mla_fwd_triton", "sparse_mla_bwd_triton", "bwd_stats", "ALL_HEADS_MAX"]
 
@@ -258,14 +259,20 @@ def _sparse_mla_bwd_kernel(
 
 @triton.jit
 def _sparse_mla_bwd_dkv_rows_kernel(
-    Q, KV, IDX, TOPK, DO, STATS, DKV, DQW, LSE, TGT,
+    Q, KV, IDX, TOPK, DO, STATS, DKV, DQW, LSE, TGT, US,
     sq_t, sq_h, s_kv, s_it, sdo_t, sdo_h,
-    H, Tk, K, NB, stats_off, scale, scale_log2,
+    T, H, Tk, K, KT, NB, stats_off, scale, scale_log2,
     D_V: tl.constexpr, D_QK: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
     HAS_TOPK: tl.constexpr, MASK_V: tl.constexpr, MASK_T: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, EMIT_T: tl.constexpr, SINK_T: tl.constexpr,
+    PACK: tl.constexpr, R: tl.constexpr, HPAD: tl.constexpr,
 ):
     """dkv and dq over ALL heads of one query row and one block of BN slots.
+
+    PACK (row packing, ``packing.py``): one group of R rows instead of one row, tile row m being
+    row ``g R + m // HPAD``, head ``m % HPAD`` (HP = R HPAD); the slots are the group's union
+    (``IDX`` = uid, ``TOPK`` = count, ``K`` = its capacity) and row j takes entry e where
+    ``US[g, j, e] >= 0``, which is also where its target goes (``KT``: the target's row stride).
 
     Phase 1: S = Q K^T and dP = dO V^T for the [HP, BN] tile, channels walked in BC-wide chunks
     (Q / dO / the gathered kv chunk are streamed; nothing [*, Dqk]-sized stays live).
@@ -277,7 +284,7 @@ def _sparse_mla_bwd_dkv_rows_kernel(
     Programs of one row are adjacent in the 1-D grid, so the row's Q / dO stay in L2.
     """
     pid = tl.program_id(0)
-    t = (pid // NB).to(tl.int64)
+    t = (pid // NB).to(tl.int64)  # the query row; packed: the group
     n0 = (pid % NB) * BN
     kend = K
     if HAS_TOPK:
@@ -289,16 +296,26 @@ def _sparse_mla_bwd_dkv_rows_kernel(
     if nvalid > 0:
         rows = tl.where(valid, ids, 0).to(tl.int64)
         offs_h = tl.arange(0, HP)
-        hmask = offs_h < H
-        qb = Q + t * sq_t
-        dob = DO + t * sdo_t
+        # q / dO tile rows as (base, row offsets, stride); stats and lse by srow
+        if PACK:  # tile row -> (query row, head): element offsets of its q / dO rows
+            tr = t * R + offs_h // HPAD
+            hh = offs_h % HPAD
+            hmask = (hh < H) & (tr < T)
+            srow = tr * H + hh
+            qb, qr, qs = Q, tr * sq_t + hh * sq_h, 1
+            dob, dor, dos = DO, tr * sdo_t + hh * sdo_h, 1
+        else:
+            hmask = offs_h < H
+            srow = t * H + offs_h
+            qb, qr, qs = Q + t * sq_t, offs_h, sq_h
+            dob, dor, dos = DO + t * sdo_t, offs_h, sdo_h
         s = tl.zeros([HP, BN], tl.float32)
         dp = tl.zeros([HP, BN], tl.float32)
         for c0 in range(0, D_V, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < D_V
-            qc = ld_cols(qb, offs_h, hmask, sq_h, cols, cm, MASK_V)
-            doc = ld_cols(dob, offs_h, hmask, sdo_h, cols, cm, MASK_V)
+            qc = ld_cols(qb, qr, hmask, qs, cols, cm, MASK_V)
+            doc = ld_cols(dob, dor, hmask, dos, cols, cm, MASK_V)
             kc = ld_cols(KV, rows, valid, s_kv, cols, cm, MASK_V)
             kcT = tl.trans(kc)
             s = mm(qc, kcT, s, UPCAST, PREC)
@@ -306,48 +323,60 @@ def _sparse_mla_bwd_dkv_rows_kernel(
         for c0 in range(D_V, D_QK, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < D_QK
-            qc = ld_cols(qb, offs_h, hmask, sq_h, cols, cm, MASK_T)
+            qc = ld_cols(qb, qr, hmask, qs, cols, cm, MASK_T)
             kc = ld_cols(KV, rows, valid, s_kv, cols, cm, MASK_T)
             s = mm(qc, tl.trans(kc), s, UPCAST, PREC)
-        z2 = tl.load(STATS + t * H + offs_h, mask=hmask, other=0.0)
-        delta = tl.load(STATS + stats_off + t * H + offs_h, mask=hmask, other=0.0)
+        z2 = tl.load(STATS + srow, mask=hmask, other=0.0)
+        delta = tl.load(STATS + stats_off + srow, mask=hmask, other=0.0)
         live = valid[None, :] & hmask[:, None]
+        if PACK:  # each tile row's query row took only some of the union's entries
+            us = tl.load(US + (t * R + offs_h // HPAD)[:, None] * K + offs_n[None, :],
+                         mask=(offs_n < kend)[None, :], other=-1)
+            live = live & (us >= 0)
         p = tl.where(live, tl.exp2(s * scale_log2 - z2[:, None]), 0.0)
         ds = p * (dp - delta[:, None]) * scale
         if EMIT_T:
+            pf = p
             if SINK_T:
-                l2 = tl.load(LSE + t * H + offs_h, mask=hmask, other=float("-inf")) * 1.4426950408889634
+                l2 = tl.load(LSE + srow, mask=hmask, other=float("-inf")) * 1.4426950408889634
                 lf = l2 > float("-inf")
                 fh = tl.where(lf, tl.exp2(z2 - tl.where(lf, l2, 0.0)), 0.0)
-                tsum = tl.sum(p * fh[:, None], 0)
+                pf = p * fh[:, None]
+            if PACK:  # per query row of the group, at that row's own slot of each entry
+                for j in tl.static_range(R):
+                    tsum = tl.sum(tl.where((offs_h // HPAD == j)[:, None], pf, 0.0), 0)
+                    us_j = tl.load(US + (t * R + j) * K + offs_n, mask=offs_n < kend, other=-1)
+                    tl.store(TGT + (t * R + j) * KT + us_j, tsum, mask=(us_j >= 0) & (t * R + j < T))
             else:
-                tsum = tl.sum(p, 0)
-            tl.store(TGT + t * K + offs_n, tsum, mask=offs_n < K)
+                tl.store(TGT + t * K + offs_n, tl.sum(pf, 0), mask=offs_n < K)  # (KT = K unpacked)
         pT = tl.trans(p.to(Q.dtype.element_ty))
         dsc = ds.to(Q.dtype.element_ty)
         dsT = tl.trans(dsc)
         for c0 in range(0, D_V, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < D_V
-            qc = ld_cols(qb, offs_h, hmask, sq_h, cols, cm, MASK_V)
-            doc = ld_cols(dob, offs_h, hmask, sdo_h, cols, cm, MASK_V)
+            qc = ld_cols(qb, qr, hmask, qs, cols, cm, MASK_V)
+            doc = ld_cols(dob, dor, hmask, dos, cols, cm, MASK_V)
             g = mm(dsT, qc, tl.zeros([BN, BC], tl.float32), UPCAST, PREC)
             g = mm(pT, doc, g, UPCAST, PREC)
             atomic_add_tile(DKV, rows, valid, D_QK, c0, BC, D_V, MASK_V, g)
         for c0 in range(D_V, D_QK, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < D_QK
-            qc = ld_cols(qb, offs_h, hmask, sq_h, cols, cm, MASK_T)
+            qc = ld_cols(qb, qr, hmask, qs, cols, cm, MASK_T)
             g = mm(dsT, qc, tl.zeros([BN, BC], tl.float32), UPCAST, PREC)
             atomic_add_tile(DKV, rows, valid, D_QK, c0, BC, D_QK, MASK_T, g)
         # Phase 3: dq[t] += dS K, fp32 atomics into a [T, H, D_QK] workspace
-        dqb = DQW + t * H * D_QK
+        if PACK:
+            dqb, dqr = DQW, srow
+        else:
+            dqb, dqr = DQW + t * H * D_QK, offs_h
         for c0 in range(0, D_QK, BC):
             cols = c0 + tl.arange(0, BC)
             cm = cols < D_QK
             kc = ld_cols(KV, rows, valid, s_kv, cols, cm, MASK_V or MASK_T)
             gq = mm(dsc, kc, tl.zeros([HP, BC], tl.float32), UPCAST, PREC)
-            atomic_add_tile(dqb, offs_h, hmask, D_QK, c0, BC, D_QK, MASK_V or MASK_T, gq)
+            atomic_add_tile(dqb, dqr, hmask, D_QK, c0, BC, D_QK, MASK_V or MASK_T, gq)
 
 
 @triton.jit
@@ -470,9 +499,12 @@ def bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, d_v):
 
 def sparse_mla_bwd_triton(
     q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse=None,
-    deterministic: bool = False, target_out=None,
+    deterministic: bool = False, target_out=None, packed: bool = False,
 ):
     """Backward: returns ``(dq, dkv, d_sink or None)``.
+
+    ``packed``: row packing (``H <= 32``, not deterministic; ``packing.py``): the all-heads pass
+    over groups of 64 / 16 or 64 / 32 rows and the union of their keys.
 
     ``target_out`` (optional, fp32 ``[T, K]``, zero-filled by the caller): receives
     ``sum_h exp(softmax_scale * q_h . kv_id - lse_h)`` per slot (0 on empty slots), the indexer
@@ -491,6 +523,9 @@ def sparse_mla_bwd_triton(
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=dev) if sink is not None else None
     scale = float(softmax_scale)
     all_heads = not deterministic and H <= ALL_HEADS_MAX
+    if packed and (deterministic or not 1 <= H <= MAX_PACK_HEADS):
+        raise ValueError(f"row packing takes 1..{MAX_PACK_HEADS} heads and a backward that is not "
+                         f"deterministic; got H={H}, deterministic={deterministic}")
     if target_out is not None and not all_heads:
         raise ValueError(f"the sparse MLA backward emits the indexer-loss target only on its all-heads pass "
                          f"(H <= {ALL_HEADS_MAX}, not deterministic); got H={H}, deterministic={deterministic}")
@@ -499,17 +534,21 @@ def sparse_mla_bwd_triton(
         dq_acc = torch.zeros(T, H, Dqk, dtype=torch.float32, device=dev)
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, d_v)
         BN, BC = _BWD_ROWS["block_n"], _BWD_ROWS["block_c"]
-        HP = pow2_at_least(H)
-        NB = triton.cdiv(K, BN)
+        if packed:  # the slot lists are the groups' unions
+            pk = pack_rows(indices, Tk, H, topk_length)
+            ids, lens, us, slots, HP, R, HPAD = pk.uid, pk.count, pk.uslot, pk.uid.shape[1], 64, pk.rows, pk.hpad
+        else:
+            ids, lens, us, slots, HP, R, HPAD = indices, topk_length, lse, K, pow2_at_least(H), 1, 1
+        NB = triton.cdiv(slots, BN)
         if NB > 0 and Tk > 0:
-            _sparse_mla_bwd_dkv_rows_kernel[(T * NB,)](
-                q, kv, indices, topk_length if topk_length is not None else indices, dout, stats, dkv_acc,
-                dq_acc, lse, target_out if target_out is not None else lse,
-                q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
-                H, Tk, K, NB, T * H, scale, scale * LOG2E,
-                D_V=d_v, D_QK=Dqk, HP=HP, BN=BN, BC=BC, HAS_TOPK=topk_length is not None,
+            _sparse_mla_bwd_dkv_rows_kernel[(ids.shape[0] * NB,)](
+                q, kv, ids, lens if lens is not None else ids, dout, stats, dkv_acc,
+                dq_acc, lse, target_out if target_out is not None else lse, us,
+                q.stride(0), q.stride(1), kv.stride(0), ids.stride(0), dout.stride(0), dout.stride(1),
+                T, H, Tk, slots, K, NB, T * H, scale, scale * LOG2E,
+                D_V=d_v, D_QK=Dqk, HP=HP, BN=BN, BC=BC, HAS_TOPK=lens is not None,
                 MASK_V=(d_v % BC != 0), MASK_T=((Dqk - d_v) % BC != 0), **dot_precision(q.dtype),
-                EMIT_T=target_out is not None, SINK_T=sink is not None,
+                EMIT_T=target_out is not None, SINK_T=sink is not None, PACK=packed, R=R, HPAD=HPAD,
                 num_warps=_BWD_ROWS["warps"] if HP > 32 else _BWD_ROWS["warps_small"],
                 num_stages=_BWD_ROWS["stages"],
             )
