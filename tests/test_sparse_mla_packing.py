@@ -252,3 +252,40 @@ def test_gpu_triton_packing_equals_the_reference(H):
         for name in ("uid", "uslot", "count"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (H, lens is None, name)
     assert torch.equal(pack_rows(idx, T, H).count, pack_rows_reference(idx, T, H).count)
+
+
+def test_layer_with_row_packing_on_triton_equals_unpacked(mcore, monkeypatch):
+    """A DSA layer (sparse indexer loss on, its target from the attention backward) on the Triton
+    backend: attention_row_packing=True gives the unpacked layer's output and gradients."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import build_module
+
+    from helpers import tiny_config
+    from megatron_dsa.config import set_plugin_config
+    from megatron_dsa.kernels.sparse_mla import ops
+    from megatron_dsa.spec import get_dsa_layer_specs
+
+    calls = []
+    real = ops.sparse_mla_bwd_triton
+    monkeypatch.setattr(ops, "sparse_mla_bwd_triton",
+                        lambda *a, **k: (calls.append((k.get("packed"), k.get("target_out") is not None)),
+                                         real(*a, **k))[1])
+    results = []
+    for packing in (False, True):
+        torch.manual_seed(0)
+        cfg = set_plugin_config(tiny_config(num_layers=1, dsa_indexer_use_sparse_loss=True),
+                                attention_backend="triton", loss_backend="triton", attention_row_packing=packing)
+        layer = build_module(get_dsa_layer_specs(cfg)[0], config=cfg, layer_number=1)
+        core = layer.self_attention.core_attention.train()
+        torch.manual_seed(1)
+        s, b, d = 20, 2, cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim
+        inp = dict(query=torch.randn(s, b, cfg.num_attention_heads, d, requires_grad=True),
+                   key=torch.randn(s, b, 1, d, requires_grad=True), value=None, attention_mask=None,
+                   x=torch.randn(s, b, cfg.hidden_size), qr=torch.randn(s, b, cfg.q_lora_rank),
+                   up_v_weight=torch.randn(cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank))
+        out = core(**inp, attn_mask_type=AttnMaskType.causal)
+        out.square().sum().backward()
+        results.append((out.detach(), inp["query"].grad, inp["key"].grad, core.indexer.linear_wq_b.weight.grad))
+    assert calls == [(False, True), (True, True)]  # the target came from the attention backward both times
+    for a, b in zip(*results):
+        assert rel(a.double(), b.double()) < 1e-5
