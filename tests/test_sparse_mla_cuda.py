@@ -151,6 +151,7 @@ def test_gpu_matches_float64_reference(T, H, K, sink, topk):
 
 
 @pytest.mark.gpu
+@pytest.mark.row_packing
 @gpu
 @pytest.mark.parametrize("T,H,K,sink,topk,shared", [
     (1024, 16, 512, True, True, False),     # 4 rows per tile
@@ -206,7 +207,8 @@ def test_gpu_odd_k_and_strided_q(H):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("H,packed", [(128, False), (16, False), (32, True)])
+@pytest.mark.parametrize("H,packed", [(128, False), (16, False), pytest.param(32, True, marks=pytest.mark.row_packing)],
+                         ids=["128", "16", "32-packed"])
 def test_gpu_graph_capture_replay(H, packed):
     need_library()
     q, kv, idx, tk, sk = cuda_fwd_case(512, H, 256, True, True, False, seed=1)

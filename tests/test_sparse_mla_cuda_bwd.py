@@ -245,6 +245,7 @@ def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
 
 
 @pytest.mark.gpu
+@pytest.mark.row_packing
 @gpu
 @pytest.mark.parametrize("T,H,K,sink,topk,holes,target,shared", [
     (1024, 16, 512, True, True, True, True, False),    # 4 rows per tile
@@ -288,7 +289,8 @@ def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("H,packed", [(128, False), (16, True)])
+@pytest.mark.parametrize("H,packed", [(128, False), pytest.param(16, True, marks=pytest.mark.row_packing)],
+                         ids=["128", "16-packed"])
 def test_gpu_bwd_graph_capture_replay(H, packed):
     need_library()
     q, kv, idx, tk, sk, dout = _case(512, H, 256, True, True, True, seed=1)

@@ -237,6 +237,7 @@ def test_triton_packed_backward_equals_float64(H, T, K, sink, with_len):
 
 
 @pytest.mark.gpu
+@pytest.mark.row_packing
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("H", [16, 32])
 def test_gpu_triton_packing_equals_the_reference(H):
