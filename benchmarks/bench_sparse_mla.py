@@ -11,11 +11,12 @@ by side in one process.
 Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random keys in [0, t]
 (rows t < k padded with -1); with ``--ids-shared W`` the keys' random scores are a mix, weight W,
 of a score shared by each block of 64 consecutive rows, so adjacent rows share keys as real
-selections do (``W = 0``: independent rows). ``--row-packing`` adds ours with
-``row_packing=True`` at <= 32 heads (and, at <= 16 heads, ``[packed fwd64]``: the packed 64-head
-forward the dispatch does not route there); those rows record ``union_frac``, the packed entries
-per valid (row, slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys), and
-``pack_rows_ms``, the packing alone. FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
+selections do (``W = 0``: independent rows). Ours runs ``row_packing`` auto (the CUDA backward
+packs at <= 32 heads); ``--row-packing`` adds ``[row packing off]`` and ``[row packing on]`` at
+<= 32 heads (and, at <= 16 heads, ``[packed fwd64]``: the packed 64-head forward, which no
+setting routes there); those rows record ``union_frac``, the packed entries per valid (row,
+slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys), and ``pack_rows_ms``,
+the packing alone. FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
 "ours" runs what ``sparse_mla(..., backend=B)`` runs for B in ``--ours-backends`` (default
 ``auto``: the sm_90a CUDA kernels on Hopper, else Triton): the fwd and bwd rows call the same
 launchers directly (no autograd), the fwd+bwd row the public function; every row of ours records
@@ -89,7 +90,7 @@ def union_frac(idx, heads):
     return round(p.count.sum().item() / max(int((idx >= 0).sum()), 1), 4)
 
 
-def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=False, packed_fwd=False):
+def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=None, packed_fwd=False):
     """``(choice, fwd, bwd)``: the :class:`KernelChoice` of ``sparse_mla(..., backend=backend)``
     for these inputs and the launchers (no autograd) it runs, called as
     ``fwd(q, kv, idx, scale) -> (out, lse)`` and
@@ -119,11 +120,11 @@ def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=False
         def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
             return sparse_mla_bwd_cuda(q, kv, idx, scale, None, None, out, lse, dout, target_out=target_out,
                                        packed=choice.backward == "cuda-packed")
-    elif choice.backward in ("triton", "triton-deterministic"):
+    elif choice.backward in ("triton", "triton-deterministic", "triton-packed"):
         def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
             return sparse_mla_bwd_triton(q, kv, idx, scale, DV, None, None, out, lse, dout,
                                          deterministic=choice.backward == "triton-deterministic",
-                                         target_out=target_out)
+                                         target_out=target_out, packed=choice.backward == "triton-packed")
     else:
         bwd = None
     return choice, fwd, bwd
@@ -133,7 +134,7 @@ def choice_str(choice) -> str:
     return f"{choice.requested}: fwd={choice.forward} bwd={choice.backward} ({choice.reason})"
 
 
-def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False, row_packing=False, packed_fwd=False):
+def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False, row_packing=None, packed_fwd=False):
     from megatron_dsa.kernels.sparse_mla import sparse_mla
 
     choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic, row_packing, packed_fwd)
@@ -306,7 +307,7 @@ def main():
                     help="also time ours (backend auto) with the deterministic backward")
     ap.add_argument("--native-max-heads", type=int, default=16)
     ap.add_argument("--row-packing", action="store_true",
-                    help="also run ours with row_packing=True (<= 32 heads)")
+                    help="also run ours with row_packing=False and =True (<= 32 heads)")
     ap.add_argument("--ids-shared", type=float, default=0.0,
                     help="weight of the score shared by 64 consecutive rows (0: independent rows)")
     ap.add_argument("--report", action="store_true",
@@ -369,7 +370,8 @@ def main():
                     if args.deterministic:
                         variants.append((f"{name}[deterministic]", make, {"deterministic": True}))
                     if args.row_packing and H <= 32:
-                        variants.append((f"{name}[packed]", make, {"row_packing": True}))
+                        variants.append((f"{name}[row packing off]", make, {"row_packing": False}))
+                        variants.append((f"{name}[row packing on]", make, {"row_packing": True}))
                     if args.row_packing and H <= 16 and "fwd" in passes:  # the packed forward, not routed here
                         variants.append((f"{name}[packed fwd64]", make, {"row_packing": True, "packed_fwd": True}))
                 elif key == "native" and H > args.native_max_heads:

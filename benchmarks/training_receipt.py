@@ -7,8 +7,8 @@ on one GPU. Each case is a separate training process; the script reads Megatron'
 
 A case is ``impl:S:steps``. ``impl``: ``megatron_dsa`` (the defaults), ``megatron_dsa[anchor 1/4]``
 (``--dsa-indexer-topk-freq 4``), ``megatron_dsa[recompute]`` (full activation recompute,
-synthetic data), ``megatron_dsa[row packing]`` (``--dsa-attention-row-packing``: the model's 16
-heads run the row-packed sparse attention backward), ``mcore_tilelang`` / ``mcore_cudnn`` (``--dsa-impl megatron-core`` with
+synthetic data), ``megatron_dsa[no row packing]`` (``--dsa-attention-row-packing off``: the
+model's 16 heads run the unpacked sparse attention backward, which the default packs), ``mcore_tilelang`` / ``mcore_cudnn`` (``--dsa-impl megatron-core`` with
 Megatron-Core's ``--dsa-kernel-backend``). Rows (receipt topic ``training``): ``case.S``,
 ``tokens_per_s``, ``step_ms`` (median step after two warm-up steps), ``peak_gib`` (the
 process's peak allocated GPU memory), the per-step ``lm_loss``; ratios against
@@ -62,8 +62,8 @@ def case_args(impl: str, S: int, steps: int):
         raise ValueError(f"unknown impl {impl!r}")
     if variant == "anchor 1/4":
         args += ["--dsa-indexer-topk-freq", "4"]
-    if variant == "row packing":
-        args += ["--dsa-attention-row-packing"]
+    if variant == "no row packing":
+        args += ["--dsa-attention-row-packing", "off"]
     if variant == "recompute" or S > 65536:
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     # Megatron's mock dataset gets its data-loader workers killed on the host from S = 64K up

@@ -461,7 +461,7 @@ class DSAttention(MegatronModule):
         return idx
 
     def sparse_attention(self, query, key, topk_idx, backend="auto", loss_target=None, deterministic=None,
-                         row_packing=False):
+                         row_packing=None):
         """Latent attention output ``[sq, b, np, kv_lora_rank]`` over the selected keys, and the
         per-head natural-log LSE ``[b, sq, np]``."""
         sq, b, heads, d = query.shape

@@ -92,11 +92,12 @@ class DSAPluginConfig:
             ``megatron_dsa.kernels.indexer.fp8``). The indexer loss trains on the unquantized
             projections either way. On the Triton backend the score kernel reads the e4m3
             operands (fp8 tensor-core dot products); elsewhere the reference scores them in fp32.
-        attention_row_packing: the sm_90a CUDA backward at <= 32 heads per rank packs 64 / 16 or
-            64 / 32 query rows into its 64-row tile and walks the union of their selected keys
+        attention_row_packing: row packing in the sparse attention at <= 32 heads per rank: 64 / 16
+            or 64 / 32 query rows share the 64-row tile and walk the union of their selected keys
             (dkv added once per union key instead of once per row and slot; see
-            ``docs/kernels_sparse_mla.md``). Off by default until measured on a GPU; reported in
-            the kernel choice (backward ``cuda-packed``).
+            ``docs/kernels_sparse_mla.md``). ``None`` (auto, default): the sm_90a CUDA backward
+            packs (measured faster); ``True``: also the CUDA forward at 17-32 heads and the Triton
+            backward; ``False``: never. Reported in the kernel choice (``cuda-packed``).
     """
 
     indexer_backend: str = "auto"
@@ -112,7 +113,7 @@ class DSAPluginConfig:
     graph_cache: bool = True
     graph_max_inflight: int = 1
     indexer_precision: str = "bf16"
-    attention_row_packing: bool = False
+    attention_row_packing: Optional[bool] = None
 
     def __post_init__(self):
         _check_graph_fields(self)
@@ -122,8 +123,8 @@ class DSAPluginConfig:
         _check_choice("loss_target", self.loss_target, _LOSS_TARGETS)
         if self.deterministic is not None and not isinstance(self.deterministic, bool):
             raise TypeError(f"DSAPluginConfig.deterministic must be None, True or False, got {self.deterministic!r}")
-        if not isinstance(self.attention_row_packing, bool):
-            raise TypeError(f"DSAPluginConfig.attention_row_packing must be True or False, got "
+        if self.attention_row_packing is not None and not isinstance(self.attention_row_packing, bool):
+            raise TypeError(f"DSAPluginConfig.attention_row_packing must be None (auto), True or False, got "
                             f"{self.attention_row_packing!r}")
         if not isinstance(self.time_indexer, bool):
             raise TypeError(f"DSAPluginConfig.time_indexer must be True or False, got {self.time_indexer!r}")

@@ -94,9 +94,10 @@ def add_dsa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--dsa-indexer-precision", choices=_INDEXER_PRECISIONS, default="bf16",
                        help="megatron-dsa: numerics of the top-k selection (fp8: e4m3 queries and keys "
                             "with per-token scales, as DeepSeek-V3.2 selects at inference)")
-    group.add_argument("--dsa-attention-row-packing", action="store_true",
-                       help="megatron-dsa: the CUDA sparse-attention backward at <= 32 heads per rank packs "
-                            "query rows and walks the union of their keys (DSAPluginConfig.attention_row_packing)")
+    group.add_argument("--dsa-attention-row-packing", choices=("auto", "on", "off"), default="auto",
+                       help="megatron-dsa: row packing in the sparse attention at <= 32 heads per rank "
+                            "(DSAPluginConfig.attention_row_packing: auto = the CUDA backward, on = also the "
+                            "17-32-head forward and the Triton backward, off)")
     group.add_argument("--dsa-time-indexer", action="store_true",
                        help="megatron-dsa: measure the indexer's share of attention time (synchronises)")
     return parser
@@ -123,6 +124,8 @@ def plugin_settings_from_args(args) -> Dict[str, Any]:
         name = f"dsa_{field}"
         if hasattr(args, name):
             out[field] = getattr(args, name)
+    if "attention_row_packing" in out:
+        out["attention_row_packing"] = {"auto": None, "on": True, "off": False}[out["attention_row_packing"]]
     if getattr(args, "dsa_index_pattern", None) is not None:
         out["index_pattern"] = _parse_pattern(args.dsa_index_pattern)
     return out

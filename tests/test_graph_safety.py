@@ -84,7 +84,7 @@ def test_layer_passes_row_packing_to_the_attention(mcore, monkeypatch):
 
     monkeypatch.setattr(attention, "sparse_mla", mla)
     monkeypatch.setattr(attention, "sparse_mla_backend", choice)
-    for packing in (True, False):
+    for packing in (True, False, None):
         seen.clear()
         cfg = set_plugin_config(tiny_config(num_layers=1, dsa_indexer_use_sparse_loss=True),
                                 attention_row_packing=packing)

@@ -48,17 +48,24 @@ def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
     monkeypatch.setattr(ci, "unsupported_reason", lambda *a, **k: None)
     gpu = torch.device("cuda", 0)
     for heads in (1, 16, 17, 32):
+        # auto (the default): the backward, measured faster; not the forward
+        for c in (select_backend("auto", gpu, torch.bfloat16, heads, 576, 512),
+                  select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=None)):
+            assert (c.forward, c.backward) == ("cuda", "cuda-packed") and "row packing (auto" in c.reason
         c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=True)
-        # the forward packs where the 64-head tile would be half masked; <= 16: the 16-head kernel
+        # on: the forward too where the 64-head tile would be half masked; <= 16: the 16-head kernel
         fwd = "cuda" if heads <= 16 else "cuda-packed"
         assert (c.forward, c.backward) == (fwd, "cuda-packed") and "row packing" in c.reason
-        assert select_backend("auto", gpu, torch.bfloat16, heads, 576, 512).backward == "cuda"  # off by default
+        c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=False)
+        assert (c.forward, c.backward) == ("cuda", "cuda")
+    assert select_backend("auto", gpu, torch.bfloat16, 33, 576, 512).backward == "cuda"
     c = select_backend("auto", gpu, torch.bfloat16, 64, 576, 512, row_packing=True)
     assert c.backward == "cuda" and "no row packing on 64 heads" in c.reason
     c = select_backend("auto", gpu, torch.bfloat16, 16, 576, 512, True, row_packing=True)
     assert c.backward == "triton-deterministic" and "no row packing" in c.reason
     c = select_backend("triton", gpu, torch.bfloat16, 16, 576, 512, row_packing=True)
     assert (c.forward, c.backward) == ("triton", "triton-packed")
+    assert select_backend("triton", gpu, torch.bfloat16, 16, 576, 512).backward == "triton"  # auto: CUDA only
     assert select_backend("triton", gpu, torch.bfloat16, 33, 576, 512, row_packing=True).backward == "triton"
     assert select_backend("cuda", gpu, torch.bfloat16, 16, 576, 512, row_packing=True).backward == "cuda-packed"
     cpu = torch.device("cpu")
@@ -73,6 +80,7 @@ def test_row_packing_argument_errors():
         sparse_mla(q, kv, idx, 0.1, d_v=4, row_packing="yes")
     with pytest.raises(TypeError, match="attention_row_packing"):
         DSAPluginConfig(attention_row_packing=1)
+    assert DSAPluginConfig().attention_row_packing is None  # auto
     out, _ = sparse_mla(q, kv, idx, 0.1, d_v=4, row_packing=True)  # the CPU reference: nothing to pack
     assert out.shape == (4, 2, 4)
 

@@ -101,12 +101,14 @@ def test_plugin_flags_in_megatrons_parser(enabled):
     integration.add_dsa_args(parser)  # as extra_args_provider too: no clash, no duplicate
     args = parser.parse_args(["--dsa-impl", "megatron-core", "--dsa-attention-backend", "triton",
                               "--dsa-index-pattern", "F,S,1,S", "--dsa-time-indexer",
-                              "--dsa-kernel-backend", "tilelang", "--dsa-attention-row-packing"])
+                              "--dsa-kernel-backend", "tilelang", "--dsa-attention-row-packing", "on"])
     assert args.dsa_impl == "megatron-core" and args.dsa_kernel_backend == "tilelang"  # Megatron's own flag
     settings = integration.plugin_settings_from_args(args)
     assert settings["attention_backend"] == "triton" and settings["index_pattern"] == ["F", "S", 1, "S"]
     assert settings["time_indexer"] is True and settings["attention_row_packing"] is True
-    assert integration.plugin_settings_from_args(parser.parse_args([]))["attention_row_packing"] is False
+    assert integration.plugin_settings_from_args(parser.parse_args([]))["attention_row_packing"] is None
+    off = parser.parse_args(["--dsa-attention-row-packing", "off"])
+    assert integration.plugin_settings_from_args(off)["attention_row_packing"] is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--dsa-attention-backend", "fast"])
 

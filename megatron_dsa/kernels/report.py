@@ -26,9 +26,9 @@ def status(device: Optional[torch.device] = None) -> Dict[str, KernelChoice]:
     for heads in (128, 16):
         rows[f"sparse_mla (bf16, {heads} heads, d_qk 576, d_v 512)"] = mla_choice(
             "auto", device, bf16, heads=heads, d_qk=576, d_v=512, warn=False)
-    for heads in (16, 32):
-        rows[f"sparse_mla ({heads} heads, attention_row_packing=True)"] = mla_choice(
-            "auto", device, bf16, heads=heads, d_qk=576, d_v=512, warn=False, row_packing=True)
+    for heads, packing in ((32, True), (16, False)):
+        rows[f"sparse_mla ({heads} heads, attention_row_packing={packing})"] = mla_choice(
+            "auto", device, bf16, heads=heads, d_qk=576, d_v=512, warn=False, row_packing=packing)
     rows["sparse_mla (deterministic backward)"] = mla_choice(
         "auto", device, bf16, heads=128, d_qk=576, d_v=512, deterministic=True, warn=False)
     rows["indexer_loss (sparse, bf16)"] = loss_choice("auto", device, bf16, sparse=True, warn=False)

@@ -16,12 +16,16 @@ backend        forward                                     backward
 =============  ==========================================  =====================================
 
 ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()`` (what
-Megatron's ``--deterministic-mode`` sets). ``row_packing=True`` makes the CUDA backward at
-<= 32 heads ``cuda-packed`` (several query rows per 64-row tile over the union of their keys,
-``packing.py``), and the CUDA forward at 17-32 heads (where the 64-head tile is otherwise half
-masked; at <= 16 heads the transposed 16-head forward stays); the Triton backward (not
-deterministic) becomes ``triton-packed``, its all-heads pass over the same groups; elsewhere
-it changes nothing and the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
+Megatron's ``--deterministic-mode`` sets). Row packing (``packing.py``: several query rows per
+64-row tile over the union of their keys) follows ``row_packing``:
+
+* ``None`` (auto, the default): where it was measured faster: the CUDA backward at <= 32 heads
+  (``cuda-packed``; H200, S = 16K, 16 heads: 25.5 vs 29.7 ms on independent random ids).
+* ``True``: also the CUDA forward at 17-32 heads (``cuda-packed``; measured slower on random
+  ids, for selections that share many keys) and the Triton backward (``triton-packed``).
+* ``False``: never.
+
+Elsewhere it changes nothing and the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
 the CUDA kernels' shapes still run Triton (no Hopper GPU, no nvcc, a failed build).
 """
 
@@ -48,11 +52,17 @@ OP = "sparse_mla"
 
 def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads: int, d_qk: int, d_v: int,
                    deterministic: Optional[bool] = False, num_keys: Optional[int] = None,
-                   warn: bool = True, row_packing: bool = False) -> KernelChoice:
+                   warn: bool = True, row_packing: Optional[bool] = None) -> KernelChoice:
     """Which implementation runs sparse MLA for these inputs (raises when ``backend`` cannot).
-    ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``."""
+    ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``;
+    ``row_packing``: module docstring."""
     choice = _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn)
-    if not row_packing:
+    if row_packing is False:
+        return choice
+    if row_packing is None:  # auto: the CUDA backward at <= 32 heads
+        if choice.backward == "cuda" and heads <= MAX_PACK_HEADS:
+            return KernelChoice(OP, backend, choice.forward, "cuda-packed",
+                                f"{choice.reason}; row packing (auto: the backward at <= {MAX_PACK_HEADS} heads)")
         return choice
     if choice.backward in ("cuda", "triton") and heads <= MAX_PACK_HEADS:
         fwd = "cuda-packed" if choice.forward == "cuda" and heads > MAX_HEADS16 else choice.forward
@@ -132,7 +142,7 @@ def sparse_mla(
     backend: str = "auto",
     loss_target: Optional[torch.Tensor] = None,
     deterministic: Optional[bool] = None,
-    row_packing: bool = False,
+    row_packing: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable sparse attention: ``(out [T, H, d_v], lse fp32 [T, H])``.
 
@@ -143,7 +153,8 @@ def sparse_mla(
     ``loss_target`` (fused backward only): the slot tensor returned by
     :func:`megatron_dsa.kernels.indexer_loss.indexer_loss_from_attention`; the backward hands it
     the head-summed attention probabilities per slot as its gradient.
-    ``row_packing``: the CUDA backward at <= 32 heads packs query rows (module docstring).
+    ``row_packing``: ``None`` (auto: the CUDA backward at <= 32 heads packs query rows), ``True``
+    or ``False`` (module docstring).
     """
     check_tensor("q", q, 3)
     check_tensor("kv", kv, 2)
@@ -161,8 +172,8 @@ def sparse_mla(
         check_dim("sink", sink, 0, H, "q's heads")
     if kv.dtype != q.dtype:
         raise TypeError(f"kv dtype {kv.dtype} must match q dtype {q.dtype}")
-    if not isinstance(row_packing, bool):
-        raise TypeError(f"row_packing must be True or False, got {row_packing!r}")
+    if row_packing is not None and not isinstance(row_packing, bool):
+        raise TypeError(f"row_packing must be None (auto), True or False, got {row_packing!r}")
     check_same_device(q=q, kv=kv, indices=indices, topk_length=topk_length, sink=sink)
     choice = select_backend(backend, q.device, q.dtype, H, Dqk, d_v, deterministic, kv.shape[0],
                             row_packing=row_packing)
