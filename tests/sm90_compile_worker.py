@@ -131,16 +131,17 @@ def cases():
 
 
 def _pack_cases(T):
-    """Row packing's group kernel at 16 and 32 heads (4 and 2 rows per group), k = 2048."""
+    """Row packing's kernel at 16 and 32 heads (4 and 2 rows per group), k = 2048."""
     from megatron_dsa.kernels.sparse_mla import packing
 
     out = []
+    c = packing._CFG
     for heads, R in ((16, 4), (32, 2)):
-        args = dict(idx_ptr="*i32", len_ptr="*i32", uid_ptr="*i32", uslot_ptr="*i16", count_ptr="*i32", T=T,
-                    K=2048, Tk=T, stride_t=2048, stride_k=1)
-        c = dict(R=R, BLOCK=triton.next_power_of_2(R * 2048), HAS_LEN=False, KEY64=False)
-        out.append((f"sparse_mla pack rows {heads} heads", packing._pack_rows_kernel, args, c,
-                     packing._CFG["pack_warps"], 1))
+        args = dict(idx_ptr="*i32", len_ptr="*i32", bits_ptr="*i32", pre_ptr="*i32", first_ptr="*i8",
+                    uid_ptr="*i32", uslot_ptr="*i16", count_ptr="*i32", T=T, K=2048, Tk=T, W=T // 32, G=T // R,
+                    NPROG=264, stride_t=2048, stride_k=1)
+        out.append((f"sparse_mla pack rows {heads} heads", packing._pack_rows_kernel, args,
+                    dict(R=R, BLOCK=c["pack_block"], WB=c["pack_wb"], HAS_LEN=False), c["pack_warps"], 1))
     return out
 
 

@@ -58,9 +58,9 @@ def test_packing_is_a_lossless_reindexing(H, T, K, with_len):
     assert torch.equal(hits[:T], valid.long()) and hits[T:].sum() == 0
     for gg in range(G):
         n = int(p.count[gg])
-        # entries, sorted by id: one per distinct id of the group (its first occurrence in every
-        # row), plus one per repeated occurrence within a row
-        want_ids = []
+        # entries: the union (one per distinct id, in id order), then one per repeated occurrence
+        # within a row, in slot order
+        repeats = []
         firsts = set()
         for r in range(gg * R, min(T, gg * R + R)):
             seen = set()
@@ -68,44 +68,65 @@ def test_packing_is_a_lossless_reindexing(H, T, K, with_len):
                 if valid[r, s]:
                     x = int(idx[r, s])
                     if x in seen:
-                        want_ids.append(x)
+                        repeats.append(x)
                     seen.add(x)
             firsts |= seen
-        want_ids += list(firsts)
-        assert n == len(want_ids)
-        ids = p.uid[gg, :n].tolist()
-        assert ids == sorted(ids) and ids == sorted(want_ids)
+        assert n == len(firsts) + len(repeats)
+        assert p.uid[gg, :n].tolist() == sorted(firsts) + repeats
         assert (p.uid[gg, n:] == -1).all() and (p.uslot[gg, :, n:] == -1).all()
         assert ((p.uslot[gg, :, :n] >= 0).sum(0) >= 1).all()  # no entry without a row
 
 
-@pytest.mark.parametrize("H,T,K,with_len,strided", [(7, 37, 16, True, False), (32, 64, 33, True, True),
-                                                    (17, 5, 20, False, False), (16, 64, 33, False, True)])
-def test_triton_packing_equals_the_reference(H, T, K, with_len, strided):
-    """The one-program-per-group Triton kernel (here through Triton's interpreter) against the
-    torch ops: the same tensors, element for element."""
-    Tk = 50
-    idx = _ids(T, K, Tk, seed=T + K + H, int64=H == 17)
-    if strided:
-        idx = torch.cat([idx, idx], 1)[:, ::2]   # column stride 2
-    tk = torch.randint(0, K + 2, (T,), generator=torch.Generator().manual_seed(H)) if with_len else None
-    a, b = pack_rows_triton(idx, Tk, H, tk), pack_rows_reference(idx, Tk, H, tk)
-    for name in ("uid", "uslot", "count"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype and torch.equal(x, y), name
-    assert (a.rows, a.hpad) == (b.rows, b.hpad)
+@pytest.mark.parametrize("H,T,K,Tk,with_len,strided", [(7, 37, 16, 50, True, False), (32, 64, 33, 70, True, True),
+                                                       (17, 5, 20, 33, False, False), (16, 64, 33, 64, False, True)])
+def test_triton_packing_equals_the_reference(H, T, K, Tk, with_len, strided):
+    """The bitmap kernel (here through Triton's interpreter) against the torch ops: without
+    repeated ids the same tensors, element for element; with them the same union, the same
+    count and the same (row, slot) -> id map (which repeated slot shares the union entry may
+    differ)."""
+    for dups in (False, True):
+        idx = _ids(T, K, Tk, seed=T + K + H, int64=H == 17, dups=dups)
+        if not dups:  # no id twice in a row
+            idx = torch.stack([torch.where(_first_in_row(r), r, -1) for r in idx])
+        if strided:
+            idx = torch.cat([idx, idx], 1)[:, ::2]   # column stride 2
+        tk = torch.randint(0, K + 2, (T,), generator=torch.Generator().manual_seed(H)) if with_len else None
+        a, b = pack_rows_triton(idx, Tk, H, tk), pack_rows_reference(idx, Tk, H, tk)
+        assert (a.rows, a.hpad) == (b.rows, b.hpad)
+        for name in ("uid", "uslot", "count"):
+            assert getattr(a, name).dtype == getattr(b, name).dtype
+        assert torch.equal(a.count, b.count)
+        assert torch.equal(unpack(a, T, K), unpack(b, T, K))
+        if not dups:
+            for name in ("uid", "uslot"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+        else:
+            for g in range(a.uid.shape[0]):
+                n = int(a.count[g])
+                assert sorted(a.uid[g, :n].tolist()) == sorted(b.uid[g, :n].tolist())
 
 
-def test_pack_rows_picks_the_group_kernel_up_to_8192_keys(monkeypatch):
+def _first_in_row(r):
+    """True at each id's first slot in the row (later copies False)."""
+    seen, keep = set(), []
+    for x in r.tolist():
+        keep.append(x not in seen or x < 0)
+        seen.add(x)
+    return torch.tensor(keep)
+
+
+def test_pack_rows_takes_the_kernel_under_triton(monkeypatch):
     import megatron_dsa.kernels.sparse_mla.packing as packing
+    import megatron_dsa.kernels.triton_common as tc
 
     calls = []
     monkeypatch.setattr(packing, "pack_rows_triton", lambda *a, **k: calls.append("triton"))
     monkeypatch.setattr(packing, "pack_rows_reference", lambda *a, **k: calls.append("reference"))
-    packing.pack_rows(torch.zeros(8, 2048, dtype=torch.int32), 10, 16)     # 4 x 2048 keys
-    packing.pack_rows(torch.zeros(8, 2049, dtype=torch.int32), 10, 16)     # more than 8192
-    packing.pack_rows(torch.zeros(8, 4096, dtype=torch.int32), 10, 32)     # 2 x 4096
-    assert calls == ["triton", "reference", "triton"]
+    idx = torch.zeros(8, 4096, dtype=torch.int32)
+    packing.pack_rows(idx, 10, 16)                      # Triton's interpreter (the tests) or CUDA
+    monkeypatch.setattr(tc, "interpreting", lambda: False)
+    packing.pack_rows(idx, 10, 16)                      # CPU tensors without the interpreter
+    assert calls == ["triton", "reference"]
 
 
 def test_union_is_smaller_when_rows_share_keys():

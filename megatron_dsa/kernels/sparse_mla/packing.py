@@ -9,25 +9,24 @@ the fp32 workspace once instead of once per row. The dkv adds are what bounds th
 ``R k`` entries when the rows share nothing (random ids: the unpacked cost), less as adjacent
 rows share keys.
 
-:func:`pack_rows` builds the union per group, device-side with fixed shapes (sorts, scans and
-scatters; no host synchronization, so it can be captured in a CUDA graph):
+:func:`pack_rows` builds the union per group, device-side with fixed shapes (no host
+synchronization, so it can be captured in a CUDA graph):
 
-* ``uid [G, R K]`` int32: the group's entries, sorted by key id, ``count[g]`` of them, then -1;
+* ``uid [G, R K]`` int32: the group's entries, ``count[g]`` of them, then -1: first the union
+  (one entry per distinct id, in id order), then one entry per repeated occurrence;
 * ``uslot [G, R, R K]`` int16: for each row of the group and entry, the slot of that row which
   selected it, or -1 (row-major per row: the kernel reads two adjacent entries in one load);
 * ``count [G]`` int32.
 
-An id's first occurrence in each row of the group shares one entry. A row that holds the same
-id in further slots (the indexer never does; the contract counts each slot) gets an entry of its
-own for each further occurrence. So every valid (row, slot) is exactly one (entry, row) pair,
-and the packed sums equal the unpacked ones term for term (:func:`unpack`, tested). Slots that
-are empty (-1, an id outside ``[0, Tk)``, or past ``topk_length``) are dropped.
+An id's first occurrence in each row of the group shares its union entry. A row that holds the
+same id in further slots (the indexer never does; the contract counts each slot) gets an entry
+of its own for each further occurrence. So every valid (row, slot) is exactly one (entry, row)
+pair, and the packed sums equal the unpacked ones term for term (:func:`unpack`, tested). Slots
+that are empty (-1, an id outside ``[0, Tk)``, or past ``topk_length``) are dropped.
 
-Algorithm (per group, :func:`pack_rows_triton` in one program, :func:`pack_rows_reference` in
-torch ops): sort the keys ``(id R + row) K + slot`` of the group's ``R k`` slots; segmented
-scans give each element its occurrence number within its (id, row) run and the start of its id
-run; an entry starts at an id run's first element and at every repeated occurrence, its index is
-the running count of starts, and a first occurrence takes the index of its id run's start.
+:func:`pack_rows_triton` marks the ids in bitmaps over the keys and ranks them by popcount
+prefixes (no sort; its docstring); :func:`pack_rows_reference` does the same in torch ops with
+one stable sort per group.
 """
 
 from __future__ import annotations
@@ -47,9 +46,8 @@ __all__ = ["PackedRows", "pack_rows", "pack_rows_reference", "pack_rows_triton",
 MAX_PACK_HEADS = 32
 # uslot stores slot numbers as int16.
 MAX_PACK_SLOTS = 32767
-# The group kernel's launch: the group's R K keys spread over 16 warps' registers; a group of
-# more than 8192 keys (k > 2048 at 16 heads) is packed by the torch-ops reference instead.
-_CFG = {"pack_warps": 16, "max_block": 8192}
+# The packing kernel's launch: persistent programs per SM, slots per chunk, bitmap words per chunk.
+_CFG = {"pack_warps": 8, "pack_block": 2048, "pack_wb": 2048, "pack_programs_per_sm": 2}
 
 
 class PackedRows(NamedTuple):
@@ -82,12 +80,10 @@ def pack_rows(indices: torch.Tensor, num_keys: int, heads: int,
               topk_length: Optional[torch.Tensor] = None) -> PackedRows:
     """The union of each group's selected keys (module docstring). ``indices [T, K]`` int32 or
     int64, any id outside ``[0, num_keys)`` empty; ``topk_length [T]`` optional. CUDA tensors
-    (and Triton's interpreter) run one Triton program per group of up to 8192 keys; otherwise
-    :func:`pack_rows_reference`, which gives the same tensors."""
+    (and Triton's interpreter) run the Triton kernel; otherwise :func:`pack_rows_reference`."""
     from ..triton_common import interpreting
 
-    _, K, _, R, _ = _shape(indices, heads)
-    if (indices.is_cuda or interpreting()) and triton.next_power_of_2(R * K) <= _CFG["max_block"]:
+    if indices.is_cuda or interpreting():
         return pack_rows_triton(indices, num_keys, heads, topk_length)
     return pack_rows_reference(indices, num_keys, heads, topk_length)
 
@@ -124,11 +120,16 @@ def pack_rows_reference(indices: torch.Tensor, num_keys: int, heads: int,
 
     occ = pos - run_start(idr)                    # occurrence number of the id in its row
     id_start = run_start(ids_s)
-    # an entry starts at each id's first element and at every repeated occurrence
-    starts = ok & ((id_start == pos) | (occ > 0))
-    e = starts.long().cumsum(1) - 1
-    ent = torch.where(occ > 0, e, e.gather(1, id_start))
-    count = starts.sum(1).to(torch.int32)
+    # the union: one entry per distinct id, in id order, shared by each row's first occurrence
+    new_id = ok & (id_start == pos)
+    n_union = new_id.sum(1)
+    rank = (new_id.long().cumsum(1) - 1).gather(1, id_start)
+    # a repeated occurrence: an entry of its own after the union, numbered in slot order
+    again = ok & (occ > 0)
+    again_o = torch.zeros_like(again).scatter_(1, perm, again)   # (in the rows' own order)
+    nth = (again_o.long().cumsum(1) - 1).gather(1, perm)
+    ent = torch.where(again, n_union[:, None] + nth, rank)
+    count = (n_union + again.sum(1)).to(torch.int32)
     # scatter; empty slots go to a spare column that is cut off
     ent_w = torch.where(ok, ent, RK)
     uid = torch.full((G, RK + 1), -1, dtype=torch.int32, device=dev)
@@ -139,54 +140,98 @@ def pack_rows_reference(indices: torch.Tensor, num_keys: int, heads: int,
 
 
 @triton.jit
-def _seg_first(k1, v1, k2, v2):
-    """Scan combine: along sorted keys, the value at the first element of each run of equal keys."""
-    return k2, tl.where(k1 == k2, v1, v2)
+def _popc(x):
+    """Set bits of each int32 (SWAR)."""
+    x = x.to(tl.uint32, bitcast=True)
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
 
 
 @triton.jit
-def _pack_rows_kernel(idx_ptr, len_ptr, uid_ptr, uslot_ptr, count_ptr, T, K, Tk, stride_t, stride_k,
-                      R: tl.constexpr, BLOCK: tl.constexpr, HAS_LEN: tl.constexpr, KEY64: tl.constexpr):
-    g = tl.program_id(0)
+def _pack_rows_kernel(idx_ptr, len_ptr, bits_ptr, pre_ptr, first_ptr, uid_ptr, uslot_ptr, count_ptr,
+                      T, K, Tk, W, G, NPROG, stride_t, stride_k,
+                      R: tl.constexpr, BLOCK: tl.constexpr, WB: tl.constexpr, HAS_LEN: tl.constexpr):
+    """Persistent: program p packs groups p, p + NPROG, ... with its own scratch (R row bitmaps
+    and the union bitmap over the keys, W words each; the union's prefix popcounts; a flag per
+    slot), in three phases separated by CTA barriers:
+
+    1. mark: each valid (row, id) sets its bit in the row's bitmap; the one slot that found it
+       clear is the row's first occurrence (any one of a repeated id; the sums do not depend on
+       which) and sets the id's bit in the union bitmap;
+    2. prefix: exclusive popcount prefix of the union's words: an id's union index is
+       ``prefix[id / 32] + popc(word & lower bits)``, so the union comes out in id order;
+    3. scatter: a first occurrence takes its id's union entry, a repeat the next entry after
+       the union (numbered in slot order); uid and uslot are written there.
+    """
+    pid = tl.program_id(0)
     RK = R * K
-    pos = tl.arange(0, BLOCK)
-    j = pos // K
-    slot = pos - j * K
-    row = g * R + j
-    inb = (pos < RK) & (row < T)
-    ids = tl.load(idx_ptr + row.to(tl.int64) * stride_t + slot * stride_k, mask=inb, other=-1)
-    valid = inb & (ids >= 0) & (ids < Tk)         # (in the ids' own width: no wrap-around)
-    if HAS_LEN:
-        valid = valid & (slot < tl.load(len_ptr + row, mask=inb, other=0))
-    kt = tl.int64 if KEY64 else tl.int32
-    # one key per (id, row, slot), sorted: a group's ids in order, each row's slots in order;
-    # empty slots last
-    big = Tk.to(kt) * R * K
-    key = tl.where(valid, (ids.to(kt) * R + j) * K + slot, big)
-    key = tl.sort(key)
-    ok = key < big
-    idr = key // K                                # id * R + row
-    slot_s = (key - idr * K).to(tl.int32)
-    ids_s = idr // R
-    j_s = (idr - ids_s * R).to(tl.int32)
-    _, first_idr = tl.associative_scan((idr, pos), 0, _seg_first)
-    occ = pos - first_idr                         # occurrence number of the id in its row
-    _, id_start = tl.associative_scan((ids_s, pos), 0, _seg_first)
-    # an entry starts at each id's first element and at every repeated occurrence
-    starts = ok & ((id_start == pos) | (occ > 0))
-    e = tl.cumsum(starts.to(tl.int32), 0) - 1
-    _, e0 = tl.associative_scan((ids_s, e), 0, _seg_first)
-    ent = tl.where(occ > 0, e, e0)
     ucap = RK.to(tl.int64)
-    tl.store(uid_ptr + g * ucap + ent, ids_s.to(tl.int32), mask=ok)
-    tl.store(uslot_ptr + (g * R + j_s) * ucap + ent, slot_s.to(tl.int16), mask=ok)
-    tl.store(count_ptr + g, tl.sum(starts.to(tl.int32), 0))
+    rowbits = bits_ptr + pid.to(tl.int64) * (R + 1) * W
+    ubits = rowbits + R * W
+    pre = pre_ptr + pid.to(tl.int64) * W
+    first_s = first_ptr + pid.to(tl.int64) * RK
+    for g in range(pid, G, NPROG):
+        for w0 in range(0, (R + 1) * W, WB):
+            offs = w0 + tl.arange(0, WB)
+            tl.store(rowbits + offs, tl.zeros([WB], tl.int32), mask=offs < (R + 1) * W)
+        tl.debug_barrier()
+        for c0 in range(0, RK, BLOCK):
+            pos = c0 + tl.arange(0, BLOCK)
+            j = pos // K
+            slot = pos - j * K
+            row = g * R + j
+            inb = (pos < RK) & (row < T)
+            ids = tl.load(idx_ptr + row.to(tl.int64) * stride_t + slot * stride_k, mask=inb, other=-1)
+            valid = inb & (ids >= 0) & (ids < Tk)
+            if HAS_LEN:
+                valid = valid & (slot < tl.load(len_ptr + row, mask=inb, other=0))
+            idw = tl.where(valid, ids, 0).to(tl.int32)
+            bit = (1 << (idw & 31)).to(tl.int32)
+            old = tl.atomic_or(rowbits + j * W + (idw >> 5), bit, mask=valid)
+            first = valid & ((old & bit) == 0)
+            tl.atomic_or(ubits + (idw >> 5), bit, mask=first)
+            tl.store(first_s + pos, first.to(tl.int8), mask=pos < RK)
+        tl.debug_barrier()
+        n_union = 0
+        for w0 in range(0, W, WB):
+            offs = w0 + tl.arange(0, WB)
+            pc = _popc(tl.load(ubits + offs, mask=offs < W, other=0, cache_modifier=".cg"))
+            tl.store(pre + offs, n_union + tl.cumsum(pc, 0) - pc, mask=offs < W)
+            n_union += tl.sum(pc, 0)
+        tl.debug_barrier()
+        n_again = 0
+        for c0 in range(0, RK, BLOCK):
+            pos = c0 + tl.arange(0, BLOCK)
+            j = pos // K
+            slot = pos - j * K
+            row = g * R + j
+            inb = (pos < RK) & (row < T)
+            ids = tl.load(idx_ptr + row.to(tl.int64) * stride_t + slot * stride_k, mask=inb, other=-1)
+            valid = inb & (ids >= 0) & (ids < Tk)
+            if HAS_LEN:
+                valid = valid & (slot < tl.load(len_ptr + row, mask=inb, other=0))
+            idw = tl.where(valid, ids, 0).to(tl.int32)
+            first = tl.load(first_s + pos, mask=valid, other=0, cache_modifier=".cg") != 0
+            word = tl.load(ubits + (idw >> 5), mask=valid, other=0, cache_modifier=".cg")
+            below = word & ((1 << (idw & 31)) - 1).to(tl.int32)
+            rank = tl.load(pre + (idw >> 5), mask=valid, other=0, cache_modifier=".cg") + _popc(below)
+            again = valid & (first == 0)
+            nth = n_again + tl.cumsum(again.to(tl.int32), 0) - 1
+            n_again += tl.sum(again.to(tl.int32), 0)
+            ent = tl.where(again, n_union + nth, rank)
+            tl.store(uid_ptr + g * ucap + ent, idw, mask=valid)
+            tl.store(uslot_ptr + (g * R + j) * ucap + ent, slot.to(tl.int16), mask=valid)
+        tl.store(count_ptr + g, n_union + n_again)
+        tl.debug_barrier()
 
 
 def pack_rows_triton(indices: torch.Tensor, num_keys: int, heads: int,
                      topk_length: Optional[torch.Tensor] = None) -> PackedRows:
-    """:func:`pack_rows` as one Triton program per group (a sort of the group's ``R K`` keys in
-    registers, three segmented scans and the scatters): the same tensors as the reference."""
+    """:func:`pack_rows` as one persistent Triton kernel over the groups (bitmaps over the keys,
+    no sort: module docstring). Without repeated ids, the same tensors as the reference; with
+    them, which of a row's repeated slots shares the union entry may differ (the sums do not)."""
     T, K, hpad, R, G = _shape(indices, heads)
     dev = indices.device
     RK = R * K
@@ -194,14 +239,20 @@ def pack_rows_triton(indices: torch.Tensor, num_keys: int, heads: int,
     uslot = torch.full((G, R, RK), -1, dtype=torch.int16, device=dev)
     count = torch.zeros(G, dtype=torch.int32, device=dev)
     if G > 0 and K > 0:
+        W = max(1, triton.cdiv(num_keys, 32))
+        if dev.type == "cuda":
+            nprog = min(G, _CFG["pack_programs_per_sm"] * torch.cuda.get_device_properties(dev).multi_processor_count)
+        else:
+            nprog = min(G, 4)
+        bits = torch.empty(nprog * (R + 1) * W, dtype=torch.int32, device=dev)
+        pre = torch.empty(nprog * W, dtype=torch.int32, device=dev)
+        first = torch.empty(nprog * RK, dtype=torch.int8, device=dev)
         lens = topk_length.to(torch.int32).contiguous() if topk_length is not None else None
-        block = triton.next_power_of_2(RK)
-        _pack_rows_kernel[(G,)](
-            indices, lens if lens is not None else count, uid, uslot, count, T, K, num_keys,
-            indices.stride(0), indices.stride(1), R=R, BLOCK=block, HAS_LEN=lens is not None,
-            KEY64=num_keys * RK >= 2**31, num_warps=_CFG["pack_warps"])
+        _pack_rows_kernel[(nprog,)](
+            indices, lens if lens is not None else count, bits, pre, first, uid, uslot, count, T, K, num_keys, W,
+            G, nprog, indices.stride(0), indices.stride(1), R=R, BLOCK=_CFG["pack_block"], WB=_CFG["pack_wb"],
+            HAS_LEN=lens is not None, num_warps=_CFG["pack_warps"])
     return PackedRows(uid, uslot, count, R, hpad)
-
 
 
 def unpack(packed: PackedRows, T: int, K: int) -> torch.Tensor:
