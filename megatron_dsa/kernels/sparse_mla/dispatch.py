@@ -20,7 +20,7 @@ Megatron's ``--deterministic-mode`` sets). Row packing (``packing.py``: several 
 64-row tile over the union of their keys) follows ``row_packing``:
 
 * ``None`` (auto, the default): where it was measured faster: the CUDA backward at <= 32 heads
-  (``cuda-packed``; H200, S = 16K, 16 heads: 25.5 vs 29.7 ms on independent random ids).
+  (``cuda-packed``; H200, S = 16K, 16 heads: 21.2 vs 29.8 ms on independent random ids).
 * ``True``: also the CUDA forward at 17-32 heads (``cuda-packed``; measured slower on random
   ids, for selections that share many keys) and the Triton backward (``triton-packed``).
 * ``False``: never.
