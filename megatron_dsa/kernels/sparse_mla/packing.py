@@ -150,6 +150,23 @@ def _popc(x):
 
 
 @triton.jit
+def _group_slots(idx_ptr, len_ptr, g, c0, T, K, Tk, stride_t, stride_k,
+                 R: tl.constexpr, BLOCK: tl.constexpr, HAS_LEN: tl.constexpr):
+    """Slots ``c0 .. c0 + BLOCK`` of group ``g`` (row-major over its R rows): position, row in the
+    group, slot, validity (an id in ``[0, Tk)`` below the row's length) and the id (0 if not)."""
+    pos = c0 + tl.arange(0, BLOCK)
+    j = pos // K
+    slot = pos - j * K
+    row = g * R + j
+    inb = (pos < R * K) & (row < T)
+    ids = tl.load(idx_ptr + row.to(tl.int64) * stride_t + slot * stride_k, mask=inb, other=-1)
+    valid = inb & (ids >= 0) & (ids < Tk)
+    if HAS_LEN:
+        valid = valid & (slot < tl.load(len_ptr + row, mask=inb, other=0))
+    return pos, j, slot, valid, tl.where(valid, ids, 0).to(tl.int32)
+
+
+@triton.jit
 def _pack_rows_kernel(idx_ptr, len_ptr, bits_ptr, pre_ptr, first_ptr, uid_ptr, uslot_ptr, count_ptr,
                       T, K, Tk, W, G, NPROG, stride_t, stride_k,
                       R: tl.constexpr, BLOCK: tl.constexpr, WB: tl.constexpr, HAS_LEN: tl.constexpr):
@@ -178,16 +195,8 @@ def _pack_rows_kernel(idx_ptr, len_ptr, bits_ptr, pre_ptr, first_ptr, uid_ptr, u
             tl.store(rowbits + offs, tl.zeros([WB], tl.int32), mask=offs < (R + 1) * W)
         tl.debug_barrier()
         for c0 in range(0, RK, BLOCK):
-            pos = c0 + tl.arange(0, BLOCK)
-            j = pos // K
-            slot = pos - j * K
-            row = g * R + j
-            inb = (pos < RK) & (row < T)
-            ids = tl.load(idx_ptr + row.to(tl.int64) * stride_t + slot * stride_k, mask=inb, other=-1)
-            valid = inb & (ids >= 0) & (ids < Tk)
-            if HAS_LEN:
-                valid = valid & (slot < tl.load(len_ptr + row, mask=inb, other=0))
-            idw = tl.where(valid, ids, 0).to(tl.int32)
+            pos, j, slot, valid, idw = _group_slots(idx_ptr, len_ptr, g, c0, T, K, Tk, stride_t, stride_k,
+                                                    R, BLOCK, HAS_LEN)
             bit = (1 << (idw & 31)).to(tl.int32)
             old = tl.atomic_or(rowbits + j * W + (idw >> 5), bit, mask=valid)
             first = valid & ((old & bit) == 0)
@@ -203,16 +212,8 @@ def _pack_rows_kernel(idx_ptr, len_ptr, bits_ptr, pre_ptr, first_ptr, uid_ptr, u
         tl.debug_barrier()
         n_again = 0
         for c0 in range(0, RK, BLOCK):
-            pos = c0 + tl.arange(0, BLOCK)
-            j = pos // K
-            slot = pos - j * K
-            row = g * R + j
-            inb = (pos < RK) & (row < T)
-            ids = tl.load(idx_ptr + row.to(tl.int64) * stride_t + slot * stride_k, mask=inb, other=-1)
-            valid = inb & (ids >= 0) & (ids < Tk)
-            if HAS_LEN:
-                valid = valid & (slot < tl.load(len_ptr + row, mask=inb, other=0))
-            idw = tl.where(valid, ids, 0).to(tl.int32)
+            pos, j, slot, valid, idw = _group_slots(idx_ptr, len_ptr, g, c0, T, K, Tk, stride_t, stride_k,
+                                                    R, BLOCK, HAS_LEN)
             first = tl.load(first_s + pos, mask=valid, other=0, cache_modifier=".cg") != 0
             word = tl.load(ubits + (idw >> 5), mask=valid, other=0, cache_modifier=".cg")
             below = word & ((1 << (idw & 31)) - 1).to(tl.int32)
