@@ -15,7 +15,8 @@
 # without one there, shared/peers/install.sh of this checkout (or ../shared/peers) is used.
 # Receipts and logs go under $OUT/receipts and $OUT (OUT defaults to .: ./receipts).
 # sparse_mla reads SEQS (4096,8192,16384), HEADS (16,32,64,128), REPS (5), REST (1.5 s idle before each row) and
-# TIMEOUT (560 s); PYTHON picks the interpreter (python3).
+# TIMEOUT (560 s); indexer reads INDEXER_IMPLS (ours,ours_fp8,mcore_native,mcore_tilelang,cudnn);
+# PYTHON picks the interpreter (python3).
 set -uo pipefail
 
 usage() {
@@ -68,7 +69,7 @@ case "$cmd" in
     done ;;
   indexer)
     timeout 560 "$PY" benchmarks/bench_indexer.py --S 4096,8192,16384,32768,65536,131072 \
-      --impls ours,mcore_native,mcore_tilelang,cudnn --score-only --loss-S 32768 \
+      --impls "${INDEXER_IMPLS:-ours,ours_fp8,mcore_native,mcore_tilelang,cudnn}" --score-only --loss-S 32768 \
       --loss-variants attn,sparse --check 32768 --out "$OUT/receipts" 2>&1 | tee "$OUT/indexer.log" \
       | grep -v "^compile_report" | tail -45 ;;
   sparse_mla)
