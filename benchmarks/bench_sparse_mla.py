@@ -15,8 +15,8 @@ selections do (``W = 0``: independent rows). Ours runs ``row_packing`` auto (the
 packs at <= 32 heads); ``--row-packing`` adds ``[row packing off]`` and ``[row packing on]`` at
 <= 32 heads (and, at <= 16 heads, ``[packed fwd64]``: the packed 64-head forward, which no
 setting routes there); those rows record ``union_frac``, the packed entries per valid (row,
-slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys), and ``pack_rows_ms``,
-the packing alone. FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
+slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys), and the packing alone:
+``pack_rows_ms`` (the CUDA kernel the CUDA passes use), ``pack_rows_triton_ms``, ``pack_rows_torch_ms``. FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
 "ours" runs what ``sparse_mla(..., backend=B)`` runs for B in ``--ours-backends`` (default
 ``auto``: the sm_90a CUDA kernels on Hopper, else Triton): the fwd and bwd rows call the same
 launchers directly (no autograd), the fwd+bwd row the public function; every row of ours records
@@ -355,11 +355,14 @@ def main():
             ufrac = union_frac(idx, H) if H <= 32 else None
             pack_ms = None
             if args.row_packing and H <= 32:  # the packing alone (part of every packed pass): the
-                # Triton group kernel the kernels use, and the torch-ops reference
-                from megatron_dsa.kernels.sparse_mla.packing import pack_rows, pack_rows_reference
+                # CUDA kernel the CUDA kernels use, the Triton one, and the torch-ops reference
+                from megatron_dsa.kernels.sparse_mla import cuda_impl
+                from megatron_dsa.kernels.sparse_mla.packing import pack_rows_reference, pack_rows_triton
 
-                pack_ms = [round(time_cuda(lambda f=f: f(idx, S, H), warmup=1, reps=args.reps), 3)
-                           for f in (pack_rows, pack_rows_reference)]
+                packers = (cuda_impl.pack_rows_cuda if cuda_impl.library_error() is None else None,
+                           pack_rows_triton, pack_rows_reference)
+                pack_ms = [round(time_cuda(lambda f=f: f(idx, S, H), warmup=1, reps=args.reps), 3) if f else None
+                           for f in packers]
             scale = DQK ** -0.5
             variants = []
             for key in impls:
@@ -406,7 +409,7 @@ def main():
                     if ufrac is not None:
                         case["union_frac"] = ufrac
                     if pack_ms is not None:
-                        case["pack_rows_ms"], case["pack_rows_torch_ms"] = pack_ms
+                        case["pack_rows_ms"], case["pack_rows_triton_ms"], case["pack_rows_torch_ms"] = pack_ms
                     if p not in fns:
                         rows.append({"impl": label, "case": case, "ms": None, "tflops": None,
                                      "peak_gib": None, "status": err or "unsupported",

@@ -17,7 +17,7 @@ from megatron_dsa.kernels.sparse_mla.packing import (heads_padded, pack_rows, pa
                                                      pack_rows_triton, unpack)
 from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
 
-from helpers import poisoned_empty, rel
+from helpers import assert_compiles_without_spills, poisoned_empty, rel
 
 
 def _ids(T, K, Tk, seed, holes=0.2, dups=True, int64=False):
@@ -279,6 +279,46 @@ def test_gpu_triton_packing_equals_the_reference(H):
     idx[1::2, :512] = idx[0::2, :512]               # rows sharing keys (and a few repeated ids)
     _assert_same_packing(pack_rows_triton(idx, T, H, tk), pack_rows_reference(idx, T, H, tk), T, K, False)
     assert torch.equal(pack_rows(idx, T, H).count, pack_rows_reference(idx, T, H).count)
+
+
+def test_cuda_packing_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    from megatron_dsa.kernels.cuda_build import find_nvcc
+    from megatron_dsa.kernels.sparse_mla import cuda_impl
+
+    if find_nvcc() is None:
+        pytest.skip("needs nvcc")
+    src = next(s for s in cuda_impl.SOURCES if s.name == "pack_rows.cu")
+    assert_compiles_without_spills(src, tmp_path, "pack_rows_kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.row_packing
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("H", [7, 16, 32])
+def test_gpu_cuda_packing_equals_the_reference(H):
+    """The CUDA packing kernel (bitmaps in shared memory), the one the CUDA kernels use: causal
+    ids at the real k, lengths, a partial last group, rows sharing keys with repeated ids, a
+    strided view, ids past the keys, and the fallback to Triton past its shared memory."""
+    from helpers import causal_indices
+    from megatron_dsa.kernels.sparse_mla import cuda_impl
+
+    if cuda_impl.library_error() is not None:
+        pytest.skip(cuda_impl.library_error())
+    T, K = 4096 + 3, 2048
+    idx = causal_indices(T, K, "cuda")
+    tk = torch.randint(0, K + 1, (T,), device="cuda")
+    for lens in (None, tk):
+        _assert_same_packing(cuda_impl.pack_rows_cuda(idx, T, H, lens), pack_rows_reference(idx, T, H, lens), T, K,
+                             True)
+    wide = torch.cat([idx, idx], 1)[:, :K]           # row stride 2 K
+    wide[::7, 5] = T + 11                            # out of range: empty
+    _assert_same_packing(cuda_impl.pack_rows_cuda(wide, T, H), pack_rows_reference(wide, T, H), T, K, True)
+    idx[1::2, :512] = idx[0:T - 1:2, :512]           # rows sharing keys
+    idx[::5, 7] = idx[::5, 3]                        # repeated ids (or both -1)
+    _assert_same_packing(cuda_impl.pack_rows_cuda(idx, T, H, tk), pack_rows_reference(idx, T, H, tk), T, K, False)
+    huge = 1 << 22                                   # bitmaps past shared memory: the Triton kernel
+    small = causal_indices(64, 16, "cuda")
+    _assert_same_packing(cuda_impl.pack_rows_cuda(small, huge, H), pack_rows_reference(small, huge, H), 64, 16, True)
 
 
 def test_layer_with_row_packing_on_triton_equals_unpacked(mcore, monkeypatch):

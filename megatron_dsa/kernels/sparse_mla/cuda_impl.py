@@ -35,15 +35,15 @@ import torch
 
 from ..cuda_build import CudaBuildError, build_library
 from ..triton_common import LOG2E
-from .packing import MAX_PACK_HEADS, pack_rows
+from .packing import MAX_PACK_HEADS, PackedRows, pack_rows_triton, packed_shape
 from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
-           "effective_lengths", "unpermute_dkv", "build", "MAX_HEADS16"]
+           "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
-           _DIR / "sparse_mla_fwd16_sm90.cu")
+           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu")
 HEADERS = (_DIR / "sm90_common.cuh",)
 ARCH = "sm_90a"
 # The largest head count routed to the 16-head forward; more heads run the 64-head forward (the
@@ -79,6 +79,12 @@ def _load(path: Path):
     lens = lib.dsa_row_lengths
     lens.restype = i32
     lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]
+    pack = lib.dsa_pack_rows
+    pack.restype = i32
+    pack.argtypes = [vp, ll, vp, i32, i32, i32, i32, vp, vp, vp, vp]
+    pack_smem = lib.dsa_pack_rows_smem
+    pack_smem.restype = ll
+    pack_smem.argtypes = [i32, i32, i32]
     return lib
 
 
@@ -192,7 +198,7 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     if T == 0:
         return out, lse
     if packed:
-        pk = pack_rows(indices, kv.shape[0], H, topk_length)
+        pk = pack_rows_cuda(indices, kv.shape[0], H, topk_length)
         with torch.cuda.device(q.device):
             _check(lib.dsa_sparse_mla_fwd_packed_sm90(
                 q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
@@ -210,6 +216,30 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     with torch.cuda.device(q.device):
         _check(kernel(*args, torch.cuda.current_stream(q.device).cuda_stream), "forward")
     return out, lse
+
+
+def pack_rows_cuda(indices: torch.Tensor, num_keys: int, heads: int,
+                   topk_length: Optional[torch.Tensor] = None) -> PackedRows:
+    """``packing.pack_rows`` for the CUDA kernels: one CTA per group, its bitmaps over the keys in
+    shared memory (``cuda/pack_rows.cu``). ``indices`` int32 with unit column stride. Where one
+    group's bitmaps exceed the device's shared memory (about 270K keys at 16 heads), the Triton
+    kernel, which keeps them in global scratch."""
+    _check_ids(indices)
+    lib = library()
+    T, K, hpad, R, G = packed_shape(indices, heads)
+    dev = indices.device
+    if lib.dsa_pack_rows_smem(R, K, num_keys) > torch.cuda.get_device_properties(dev).shared_memory_per_block_optin:
+        return pack_rows_triton(indices, num_keys, heads, topk_length)
+    uid = torch.empty(G, R * K, dtype=torch.int32, device=dev)
+    uslot = torch.empty(G, R, R * K, dtype=torch.int16, device=dev)
+    count = torch.empty(G, dtype=torch.int32, device=dev)
+    lens = topk_length.to(torch.int32).contiguous() if topk_length is not None else None
+    if T > 0:
+        with torch.cuda.device(dev):
+            _check(lib.dsa_pack_rows(indices.data_ptr(), indices.stride(0), lens.data_ptr() if lens is not None else None,
+                                     T, K, num_keys, R, uid.data_ptr(), uslot.data_ptr(), count.data_ptr(),
+                                     torch.cuda.current_stream(dev).cuda_stream), "row packing")
+    return PackedRows(uid, uslot, count, R, hpad)
 
 
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
@@ -235,7 +265,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     dkv = torch.zeros(kv.shape[0], Dqk, dtype=torch.float32, device=q.device)  # permuted columns
     if T > 0 and packed:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
-        pk = pack_rows(indices, kv.shape[0], H, topk_length)
+        pk = pack_rows_cuda(indices, kv.shape[0], H, topk_length)
         with torch.cuda.device(q.device):
             _check(lib.dsa_sparse_mla_bwd_packed_sm90(
                 q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .reference import slot_validity
 
-__all__ = ["PackedRows", "pack_rows", "pack_rows_reference", "pack_rows_triton", "unpack", "heads_padded",
+__all__ = ["PackedRows", "pack_rows", "pack_rows_reference", "pack_rows_triton", "unpack", "heads_padded", "packed_shape",
            "MAX_PACK_HEADS", "MAX_PACK_SLOTS"]
 
 # Packing applies at <= 32 heads (two or more rows per 64-row tile).
@@ -65,7 +65,8 @@ def heads_padded(heads: int) -> int:
     return 16 if heads <= 16 else 32
 
 
-def _shape(indices: torch.Tensor, heads: int):
+def packed_shape(indices: torch.Tensor, heads: int):
+    """``(T, K, hpad, R, G)`` of a packing of ``indices [T, K]`` at ``heads`` heads (checked)."""
     if indices.dim() != 2:
         raise ValueError(f"indices must be [T, K], got shape {tuple(indices.shape)}")
     T, K = indices.shape
@@ -91,7 +92,7 @@ def pack_rows(indices: torch.Tensor, num_keys: int, heads: int,
 def pack_rows_reference(indices: torch.Tensor, num_keys: int, heads: int,
                         topk_length: Optional[torch.Tensor] = None) -> PackedRows:
     """:func:`pack_rows` in plain PyTorch ops (one sort per group, scans and scatters)."""
-    T, K, hpad, R, G = _shape(indices, heads)
+    T, K, hpad, R, G = packed_shape(indices, heads)
     dev = indices.device
     RK = R * K
     valid = slot_validity(indices, num_keys, topk_length)
@@ -233,7 +234,7 @@ def pack_rows_triton(indices: torch.Tensor, num_keys: int, heads: int,
     """:func:`pack_rows` as one persistent Triton kernel over the groups (bitmaps over the keys,
     no sort: module docstring). Without repeated ids, the same tensors as the reference; with
     them, which of a row's repeated slots shares the union entry may differ (the sums do not)."""
-    T, K, hpad, R, G = _shape(indices, heads)
+    T, K, hpad, R, G = packed_shape(indices, heads)
     dev = indices.device
     RK = R * K
     uid = torch.full((G, RK), -1, dtype=torch.int32, device=dev)
