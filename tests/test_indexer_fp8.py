@@ -22,6 +22,21 @@ def test_quantize_round_trip_and_scales():
     assert rel.max() <= 2.0**-4  # e4m3: 3 mantissa bits
 
 
+def test_quantize_in_chunks_equals_one_pass(monkeypatch):
+    """The chunked quantization (bounded temporaries) gives the one-pass result bit for bit,
+    with chunks that split the rows unevenly and a non-contiguous input."""
+    from megatron_dsa.kernels.indexer import fp8
+
+    x = (torch.randn(7, 5, 48) * torch.rand(7, 5, 1) * 100).transpose(0, 1)
+    x[1, 2] = 0.0
+    whole8, whole_s = fp8.quantize_e4m3(x)
+    monkeypatch.setattr(fp8, "_CHUNK_ELEMS", 48 * 3)   # three rows per chunk: 35 rows in 12 chunks
+    part8, part_s = fp8.quantize_e4m3(x)
+    assert torch.equal(part8.view(torch.uint8), whole8.view(torch.uint8)) and torch.equal(part_s, whole_s)
+    amax = x.abs().amax(-1, keepdim=True)
+    assert torch.equal(whole_s, torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
+
+
 def _fp8_scores(q, k, w):
     """Scores of DeepSeek's e4m3 selection written out: e4m3 dot products, then the scales."""
     q8, sq = quantize_e4m3(q)
