@@ -83,6 +83,11 @@ def cases():
                  KEY_SCALE=fp8)
         out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, nw, ns))
 
+    from megatron_dsa.kernels.indexer import fp8 as f8
+
+    out.append(("indexer e4m3 quantize", f8._quantize_e4m3_kernel,
+                dict(x_ptr="*bf16", y_ptr="*u8", s_ptr="*fp32", n_rows=T * 64, stride_r=128),
+                dict(D=128, BLOCK_R=64, BLOCK_D=128), 4, 1))
     blk, nw_sel = idx._select_cfg(S)
     out.append(("indexer select", idx._select_kernel,
                 dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",

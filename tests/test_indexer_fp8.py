@@ -37,6 +37,40 @@ def test_quantize_in_chunks_equals_one_pass(monkeypatch):
     assert torch.equal(whole_s, torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
 
 
+def test_triton_quantization_equals_torch_bit_for_bit():
+    """The one-pass Triton quantization (the Triton backend's) gives torch's e4m3 bytes and
+    scales: every e4m3 value, the midpoints between neighbours (ties to even) and the floats
+    next to them, subnormals, -0.0, all-zero rows, NaN / inf rows, a head dim that is not a power
+    of two, a non-contiguous input, bf16 / fp16 / fp32."""
+    from megatron_dsa.kernels.indexer.fp8 import quantize_e4m3_triton
+
+    def same(x):
+        a8, a_s = quantize_e4m3_triton(x)
+        r8, r_s = quantize_e4m3(x)
+        assert a8.shape == r8.shape and a8.dtype == r8.dtype and a_s.shape == r_s.shape
+        assert torch.equal(a8.view(torch.uint8), r8.view(torch.uint8))
+        assert torch.equal(a_s, r_s)
+
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[~vals.isnan()].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    y = torch.cat([vals, mids, mids.nextafter(torch.tensor(1e9)), mids.nextafter(torch.tensor(-1e9))])
+    y = y[y.abs() <= E4M3_MAX]
+    grid = torch.cat([y, torch.zeros((-y.numel()) % 64)]).view(-1, 64)
+    grid[:, 0] = E4M3_MAX                      # scale exactly 1: the grid is what gets rounded
+    same(grid)
+    g = torch.Generator().manual_seed(1)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        x = (torch.randn(3, 9, 4, 128, generator=g) * torch.rand(3, 9, 4, 1, generator=g) ** 6 * 50).to(dt)
+        x[0, 3, 1] = 0.0
+        x[1, 2, 0, :5] = -0.0
+        same(x)
+        same(x.transpose(1, 2))                # non-contiguous rows
+    x = torch.randn(6, 48, generator=g)
+    x[0, 3], x[1, 5], x[2, 7], x[3] = float("nan"), float("inf"), -float("inf"), 0.0
+    same(x)
+
+
 def _fp8_scores(q, k, w):
     """Scores of DeepSeek's e4m3 selection written out: e4m3 dot products, then the scales."""
     q8, sq = quantize_e4m3(q)

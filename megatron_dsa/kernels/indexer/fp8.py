@@ -9,6 +9,11 @@ Queries are quantized per (token, head) and keys per token, each row to its own 
   the e4m3 queries and keys themselves (fp8 tensor-core dot products, fp32 accumulation), takes
   the query scales folded into the head weights and multiplies each key's score by its scale;
   elsewhere the reference scores the same values in fp32.
+* :func:`quantize_e4m3` — the quantization in torch ops (the reference, and the CPU path);
+  :func:`quantize_e4m3_triton` — the same bits from one Triton pass (what the Triton backend
+  runs: no fp32 temporaries). The e4m3 bits are formed with integer operations (round to nearest
+  even on the fp32 bit pattern), so Triton's interpreter, whose fp8 cast does not round to
+  nearest, computes what the GPU computes.
 * :func:`fp8_selection_inputs` — fp32 inputs whose ordinary top-k is that selection (the e4m3
   query values, the folded weights, ``k8 * sk``), for paths that take plain tensors (the graphed
   top-k of packed batches).
@@ -19,8 +24,10 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import triton
+import triton.language as tl
 
-__all__ = ["E4M3_MAX", "quantize_e4m3", "fp8_selection_inputs"]
+__all__ = ["E4M3_MAX", "quantize_e4m3", "quantize_e4m3_triton", "fp8_selection_inputs"]
 
 E4M3_MAX = 448.0
 # quantize_e4m3 works through this many elements at a time (fp32 temporaries: 4 bytes each)
@@ -46,6 +53,60 @@ def quantize_e4m3(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
         x8[r0:r0 + step] = (part.float() / s).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         scale[r0:r0 + step] = s
+    return x8.view(xd.shape), scale.view(*xd.shape[:-1], 1)
+
+
+@triton.jit
+def _e4m3_bits(y):
+    """e4m3fn bits (int32, 0..255) of fp32 ``y`` with ``|y| <= 448``: round to nearest even, as
+    torch's cast. Normal results round the fp32 mantissa to 3 bits (a carry moves the exponent);
+    results below 2^-6 are subnormal multiples of 2^-9, rounded by the 2^23 trick."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    a = tl.abs(y)
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - (120 << 3)
+    sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    out = tl.where(a < 0.015625, sub, normal) | sign
+    return tl.where(y != y, 0x7F | sign, out)  # NaN keeps its sign bit, as torch
+
+
+@triton.jit
+def _quantize_e4m3_kernel(x_ptr, y_ptr, s_ptr, n_rows, stride_r, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    rmask = r < n_rows
+    m = rmask[:, None] & (d < D)[None, :]
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_r + d[None, :], mask=m, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    # as torch: a NaN makes the row's amax NaN, which takes the scale-1 branch
+    nan_row = tl.max((x != x).to(tl.int32), axis=1) > 0
+    scale = tl.where((amax > 0) & ~nan_row, tl.math.div_rn(amax, 448.0), 1.0)
+    y = tl.math.div_rn(x, scale[:, None])
+    y = tl.maximum(y, -448.0, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(y_ptr + r[:, None].to(tl.int64) * D + d[None, :], _e4m3_bits(y).to(tl.uint8), mask=m)
+    tl.store(s_ptr + r, scale, mask=rmask)
+
+
+def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_e4m3` in one Triton pass (bit for bit the same e4m3 values and scales):
+    each row of the last dim read once, its e4m3 bytes and scale written. CUDA tensors or
+    Triton's interpreter."""
+    xd = x.detach()
+    D = xd.shape[-1]
+    rows = xd.reshape(-1, D)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    n = rows.shape[0]
+    x8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+    if n > 0 and D > 0:
+        block_d = triton.next_power_of_2(D)
+        block_r = max(1, min(64, 8192 // block_d))
+        _quantize_e4m3_kernel[(triton.cdiv(n, block_r),)](rows, x8.view(torch.uint8), scale, n, rows.stride(0), D=D,
+                                                          BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return x8.view(xd.shape), scale.view(*xd.shape[:-1], 1)
 
 
