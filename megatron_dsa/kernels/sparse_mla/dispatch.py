@@ -62,14 +62,22 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     if row_packing is None:  # auto: the CUDA backward at <= 32 heads
         if choice.backward == "cuda" and heads <= MAX_PACK_HEADS:
             return KernelChoice(OP, backend, choice.forward, "cuda-packed",
-                                f"{choice.reason}; row packing (auto: the backward at <= {MAX_PACK_HEADS} heads)")
+                                f"{choice.reason}; row packing (auto: the backward at <= {MAX_PACK_HEADS} heads; "
+                                f"{_PACKER['cuda']})")
         return choice
     if choice.backward in ("cuda", "triton") and heads <= MAX_PACK_HEADS:
         fwd = "cuda-packed" if choice.forward == "cuda" and heads > MAX_HEADS16 else choice.forward
-        return KernelChoice(OP, backend, fwd, f"{choice.backward}-packed", f"{choice.reason}; row packing")
+        return KernelChoice(OP, backend, fwd, f"{choice.backward}-packed",
+                            f"{choice.reason}; row packing ({_PACKER[choice.backward]})")
     where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})" if choice.backward in ("cuda", "triton")
              else f"the {choice.backward} backward")
     return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
+
+
+# which kernel packs the rows for each packed backward
+_PACKER = {"cuda": "packed by cuda/pack_rows.cu, or by the Triton kernel where a group's bitmaps exceed "
+                   "shared memory (about 270K keys at 16 heads)",
+           "triton": "packed by the Triton kernel"}
 
 
 def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn) -> KernelChoice:
