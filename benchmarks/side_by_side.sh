@@ -15,7 +15,7 @@
 # without one there, shared/peers/install.sh of this checkout (or ../shared/peers) is used.
 # Receipts and logs go under $OUT/receipts and $OUT (OUT defaults to .: ./receipts).
 # sparse_mla reads SEQS (4096,8192,16384), HEADS (16,32,64,128), REPS (5), REST (1.5 s idle before each row) and
-# TIMEOUT (560 s); indexer reads INDEXER_IMPLS (ours,ours_fp8,mcore_native,mcore_tilelang,cudnn);
+# TIMEOUT (560 s), PROFILE (set: also one profiled step per case, a text file each); indexer reads INDEXER_IMPLS (ours,ours_fp8,mcore_native,mcore_tilelang,cudnn);
 # PYTHON picks the interpreter (python3).
 set -uo pipefail
 
@@ -75,6 +75,7 @@ case "$cmd" in
   sparse_mla)
     # every row starts after the GPU idled REST seconds; rows record the SM clock and power
     timeout "${TIMEOUT:-560}" "$PY" benchmarks/bench_sparse_mla.py --S "${SEQS:-4096,8192,16384}" --H "${HEADS:-16,32,64,128}" \
-      --reps "${REPS:-5}" --rest "${REST:-1.5}" --out "$OUT/receipts${PART:+/$PART}" --profile-dir "$OUT/receipts" 2>&1 \
+      --reps "${REPS:-5}" --rest "${REST:-1.5}" --out "$OUT/receipts${PART:+/$PART}" \
+      ${PROFILE:+--profile-dir "$OUT/receipts"} 2>&1 \
       | tee "$OUT/sparse_mla${PART:+_$PART}.log" | tail -45 ;;
 esac
