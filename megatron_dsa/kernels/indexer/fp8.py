@@ -34,18 +34,22 @@ E4M3_MAX = 448.0
 _CHUNK_ELEMS = 1 << 24
 
 
+def _rows_and_outputs(x: torch.Tensor):
+    """``x``'s rows of the last dim as ``[n, D]`` (detached) and the empty e4m3 ``[n, D]`` and
+    scale ``[n, 1]`` outputs the quantizations fill."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    return (rows, torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device))
+
+
 def quantize_e4m3(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x8 float8_e4m3fn, scale fp32)`` with ``x ~= x8 * scale``, one scale per row of the last
     dim (kept as a size-1 dim). All-zero rows get scale 1. Rows are quantized in chunks of
     ``_CHUNK_ELEMS`` elements, so the fp32 temporaries stay bounded (64 MB) whatever the length:
     the whole tensor at once held about 8 bytes per element (8 GiB for 64 x 128 query heads at
     S = 128K, more than the bf16 selection's whole peak). No host synchronization."""
-    xd = x.detach()
-    D = xd.shape[-1]
-    rows = xd.reshape(-1, D)
-    n = rows.shape[0]
-    x8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+    rows, x8, scale = _rows_and_outputs(x)
+    n, D = rows.shape
     step = max(1, _CHUNK_ELEMS // max(D, 1))
     for r0 in range(0, n, step):
         part = rows[r0:r0 + step]
@@ -53,7 +57,7 @@ def quantize_e4m3(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
         x8[r0:r0 + step] = (part.float() / s).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         scale[r0:r0 + step] = s
-    return x8.view(xd.shape), scale.view(*xd.shape[:-1], 1)
+    return x8.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
 @triton.jit
@@ -94,20 +98,16 @@ def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_e4m3` in one Triton pass (bit for bit the same e4m3 values and scales):
     each row of the last dim read once, its e4m3 bytes and scale written. CUDA tensors or
     Triton's interpreter."""
-    xd = x.detach()
-    D = xd.shape[-1]
-    rows = xd.reshape(-1, D)
+    rows, x8, scale = _rows_and_outputs(x)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    n = rows.shape[0]
-    x8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(n, 1, dtype=torch.float32, device=x.device)
+    n, D = rows.shape
     if n > 0 and D > 0:
         block_d = triton.next_power_of_2(D)
         block_r = max(1, min(64, 8192 // block_d))
         _quantize_e4m3_kernel[(triton.cdiv(n, block_r),)](rows, x8.view(torch.uint8), scale, n, rows.stride(0), D=D,
                                                           BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
-    return x8.view(xd.shape), scale.view(*xd.shape[:-1], 1)
+    return x8.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
 def fp8_selection_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):

@@ -20,6 +20,8 @@
 
 #include <cuda_runtime.h>
 
+#include "sm90_common.cuh"
+
 namespace {
 
 constexpr int THREADS = 512;
@@ -179,8 +181,6 @@ __global__ void __launch_bounds__(THREADS) pack_rows_kernel(const int32_t* __res
   if (tid == 0) count[g] = n_union + n_again;
 }
 
-bool g_smem_set[64][2];
-
 }  // namespace
 
 extern "C" {
@@ -204,10 +204,10 @@ int dsa_pack_rows(const void* idx, long long idx_st, const void* len, int T, int
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (bytes > optin) return static_cast<int>(cudaErrorInvalidValue);
-  if (bytes > 48 * 1024 && dev >= 0 && dev < 64 && !g_smem_set[dev][0]) {
-    e = cudaFuncSetAttribute(pack_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  static bool smem_set[64] = {};
+  if (bytes > 48 * 1024) {
+    e = dsa_sm90::set_smem_once(smem_set, pack_rows_kernel, optin);
     if (e != cudaSuccess) return static_cast<int>(e);
-    g_smem_set[dev][0] = true;
   }
   const int G = (T + R - 1) / R;
   const int W = (Tk + 31) / 32;
