@@ -413,6 +413,8 @@ def main():
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="docs/receipts/")
+    ap.add_argument("--topic", default="indexer",
+                    help="the receipt's topic (its file name's first part), e.g. indexer_e4m3 for an e4m3-only run")
     ap.add_argument("--loss-S", default="", help="comma list of S for the loss fwd+bwd (ours)")
     ap.add_argument("--loss-dense-S", default="", help="extra S list for the dense loss only")
     ap.add_argument("--loss-heads", type=int, default=128)
@@ -502,7 +504,7 @@ def main():
         notes["compile_report"] = compile_report()
         print("compile_report", json.dumps(notes["compile_report"]), flush=True)
     if not args.no_receipt:
-        paths = write_receipt("indexer", rows, args.out, extra={"notes": notes, "kernel_status": kernel_status},
+        paths = write_receipt(args.topic, rows, args.out, extra={"notes": notes, "kernel_status": kernel_status},
                               ceilings=ceil)
         print("receipt:", paths)
     print(f"\n{'impl':44s} {'S':>7s} {'pass':>22s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} status")
