@@ -435,6 +435,9 @@ def main(argv=None):
             if log and args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump({"args": vars(args), "history": history, "error": error}, f, indent=1)
+            # (the process group's threads must be shut down before exit: left running, gloo's
+            # destructor can abort the process, exit code -6 instead of 1)
+            dist.destroy_process_group()
             raise SystemExit(1)
 
     if log:
