@@ -10,7 +10,8 @@ Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
   ... --impls ours            # ours only
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
-  ... --score-only            # also our score kernel alone (no selection)
+  ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
+                              #   e4m3 score kernel alone and the quantization alone
   ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
   ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
                               #   the attention backward), dense
@@ -169,22 +170,32 @@ def bench_impl(name, S, args):
     return {"impl": label, **res}
 
 
-def score_only(S, args):
-    """Our score kernel alone over the same row chunks (no selection)."""
+def score_only(S, args, fp8=False):
+    """Our score kernel alone over the same row chunks (no selection). ``fp8``: the e4m3 score
+    kernel on pre-quantized inputs, plus the quantization alone (``quant_ms``)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
+    from megatron_dsa.kernels.indexer.fp8 import quantize_e4m3_triton
 
     q, k, w = inputs(S, args.H, args.D)
-    cfg = ti._score_cfg()
+    cfg = ti._score_cfg(fp8)
     rows, _ = ti._plan(1, S, S, args.k, cfg[0], ti.DEFAULT_CHUNK_BYTES)
     buf = torch.empty(1, rows, S, dtype=torch.float32, device="cuda")
+    extra, ks = {}, None
+    if fp8:
+        def quant():
+            return quantize_e4m3_triton(q), quantize_e4m3_triton(k)
+
+        extra["quant_ms"] = round(time_cuda(quant, warmup=1, reps=args.reps), 4)
+        (q, sq), (k, sk) = quant()
+        w, ks = w.float() * sq.squeeze(-1), sk.squeeze(-1).contiguous()
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
 
     def fn():
         for row0 in range(0, S, rows):
-            ti._launch_scores(q, k, w, st, en, causal, True, buf, row0, min(rows, S - row0), cfg)
+            ti._launch_scores(q, k, w, st, en, causal, True, buf, row0, min(rows, S - row0), cfg, ks)
 
     ms = time_cuda(fn, warmup=1, reps=args.reps)
-    return {"ms": round(ms, 4), "tflops": round(S * S * args.H * args.D / (ms * 1e-3) / 1e12, 1)}
+    return {"ms": round(ms, 4), "tflops": round(S * S * args.H * args.D / (ms * 1e-3) / 1e12, 1), **extra}
 
 
 def check_ours(S, H, D, topk):
@@ -481,9 +492,10 @@ def main():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
-            if name == "ours" and args.score_only:
-                r = run_guarded(lambda: score_only(S, args))
-                r["impl"] = "megatron_dsa[score_only]"
+            if name in ("ours", "ours_fp8") and args.score_only:
+                fp8 = name == "ours_fp8"
+                r = run_guarded(lambda: score_only(S, args, fp8))
+                r["impl"] = "megatron_dsa[fp8 score_only]" if fp8 else "megatron_dsa[score_only]"
                 r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "score"}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
