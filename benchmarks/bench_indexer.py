@@ -10,6 +10,7 @@ Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
   ... --impls ours            # ours only
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
+  ... --select-cfgs "512,4,8;512,2,8"  # our select kernel alone per (BLOCK, warps, sample stride)
   ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
                               #   e4m3 score kernel alone and the quantization alone
   ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
@@ -196,6 +197,45 @@ def score_only(S, args, fp8=False):
 
     ms = time_cuda(fn, warmup=1, reps=args.reps)
     return {"ms": round(ms, 4), "tflops": round(S * S * args.H * args.D / (ms * 1e-3) / 1e12, 1), **extra}
+
+
+def select_sweep(S, args):
+    """Our select kernel alone, per (BLOCK, num_warps, sample stride) of ``--select-cfgs``: the
+    scores of all S rows are computed once into one [S, S] buffer, then each configuration
+    selects from it in one launch. Each configuration's sets are checked against the first's
+    (every configuration is exact, so the sets must be equal row by row)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    q, k, w = inputs(S, args.H, args.D)
+    q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
+    buf = torch.empty(1, S, S, dtype=torch.float32, device="cuda")
+    ti._launch_scores(q, k, w, st, en, causal, True, buf, 0, S, ti._score_cfg())
+    _, cap = ti._plan(1, S, S, args.k, 1, 1 << 62)
+    scr = torch.empty(1, S, cap, dtype=torch.int32, device="cuda")
+    out, first = [], None
+    for spec in args.select_cfgs.split(";"):
+        blk, nw, stride = (int(x) for x in spec.split(","))
+        idx = torch.empty(1, S, args.k, dtype=torch.int32, device="cuda")
+        vals = torch.empty(1, S, args.k, dtype=torch.float32, device="cuda")
+
+        def fn():
+            ti._select_kernel[(S, 1)](
+                buf, scr, st, en, idx, vals, 0, S, S, args.k, cap, st.stride(0), st.stride(1),
+                buf.stride(0), buf.stride(1), idx.stride(0), idx.stride(1), scr.stride(0), scr.stride(1),
+                CAUSAL=causal, GLOBAL_IDS=False, BLOCK=blk, STRIDE=stride, num_warps=nw)
+
+        ms = time_cuda(fn, warmup=1, reps=args.reps)
+        sets = idx[0].sort(dim=1).values
+        if first is None:
+            first = sets
+        r = {"impl": f"megatron_dsa[select {blk} w{nw} stride {stride}]", "ms": round(ms, 4), "status": "ok",
+             "same_sets_as_first": bool(torch.equal(sets, first)),
+             "case": {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "select"}}
+        out.append(r)
+        print(json.dumps(r), flush=True)
+    del buf, scr
+    torch.cuda.empty_cache()
+    return out
 
 
 def check_ours(S, H, D, topk):
@@ -436,6 +476,9 @@ def main():
     ap.add_argument("--loss-peers", default="ours,mcore", help="ours, mcore (Megatron-Core's FusedDSAIndexerLoss)")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
+    ap.add_argument("--select-cfgs", default="",
+                    help='our select kernel alone per "BLOCK,num_warps,sample_stride;..." (the shipped '
+                         'one is "512,4,8"), from one [S, S] score buffer (S <= 64K)')
     ap.add_argument("--fp8-score-cfgs", default="",
                     help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages;...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")
@@ -492,6 +535,8 @@ def main():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
+            if name == "ours" and args.select_cfgs:
+                rows += select_sweep(S, args)
             if name in ("ours", "ours_fp8") and args.score_only:
                 fp8 = name == "ours_fp8"
                 r = run_guarded(lambda: score_only(S, args, fp8))
