@@ -175,7 +175,7 @@ def score_only(S, args, fp8=False):
     """Our score kernel alone over the same row chunks (no selection). ``fp8``: the e4m3 score
     kernel on pre-quantized inputs, plus the quantization alone (``quant_ms``)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
-    from megatron_dsa.kernels.indexer.fp8 import quantize_e4m3_triton
+    from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
 
     q, k, w = inputs(S, args.H, args.D)
     cfg = ti._score_cfg(fp8)
@@ -183,12 +183,8 @@ def score_only(S, args, fp8=False):
     buf = torch.empty(1, rows, S, dtype=torch.float32, device="cuda")
     extra, ks = {}, None
     if fp8:
-        def quant():
-            return quantize_e4m3_triton(q), quantize_e4m3_triton(k)
-
-        extra["quant_ms"] = round(time_cuda(quant, warmup=1, reps=args.reps), 4)
-        (q, sq), (k, sk) = quant()
-        w, ks = w.float() * sq.squeeze(-1), sk.squeeze(-1).contiguous()
+        extra["quant_ms"] = round(time_cuda(lambda: fp8_kernel_inputs(q, k, w), warmup=1, reps=args.reps), 4)
+        q, k, w, ks = fp8_kernel_inputs(q, k, w)
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
 
     def fn():
@@ -210,21 +206,15 @@ def select_sweep(S, args):
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
     buf = torch.empty(1, S, S, dtype=torch.float32, device="cuda")
     ti._launch_scores(q, k, w, st, en, causal, True, buf, 0, S, ti._score_cfg())
-    _, cap = ti._plan(1, S, S, args.k, 1, 1 << 62)
-    scr = torch.empty(1, S, cap, dtype=torch.int32, device="cuda")
+    scr = torch.empty(1, S, ti.scratch_cap(S, args.k), dtype=torch.int32, device="cuda")
     out, first = [], None
     for spec in args.select_cfgs.split(";"):
         blk, nw, stride = (int(x) for x in spec.split(","))
         idx = torch.empty(1, S, args.k, dtype=torch.int32, device="cuda")
         vals = torch.empty(1, S, args.k, dtype=torch.float32, device="cuda")
 
-        def fn():
-            ti._select_kernel[(S, 1)](
-                buf, scr, st, en, idx, vals, 0, S, S, args.k, cap, st.stride(0), st.stride(1),
-                buf.stride(0), buf.stride(1), idx.stride(0), idx.stride(1), scr.stride(0), scr.stride(1),
-                CAUSAL=causal, GLOBAL_IDS=False, BLOCK=blk, STRIDE=stride, num_warps=nw)
-
-        ms = time_cuda(fn, warmup=1, reps=args.reps)
+        ms = time_cuda(lambda: ti.launch_select(buf, scr, st, en, idx, vals, 0, S, S, causal, False, (blk, nw), stride),
+                       warmup=1, reps=args.reps)
         sets = idx[0].sort(dim=1).values
         if first is None:
             first = sets

@@ -14,7 +14,7 @@ import torch
 
 from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
-from .fp8 import fp8_selection_inputs, quantize_e4m3_triton
+from .fp8 import fp8_kernel_inputs, fp8_selection_inputs
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
 
@@ -83,10 +83,8 @@ def indexer_topk(
     choice = select_backend(backend, q.device, q.dtype, D)
     with torch.no_grad():
         if precision == "fp8" and choice.forward == "triton":
-            q8, sq = quantize_e4m3_triton(q)
-            k8, sk = quantize_e4m3_triton(k)
-            return indexer_topk_triton(q8, k8, w.float() * sq.squeeze(-1), topk, starts, ends, use_relu,
-                                       global_ids, k_scale=sk.squeeze(-1).contiguous())
+            q8, k8, w8, k_scale = fp8_kernel_inputs(q, k, w)
+            return indexer_topk_triton(q8, k8, w8, topk, starts, ends, use_relu, global_ids, k_scale=k_scale)
         if precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
         if choice.forward == "triton":

@@ -110,6 +110,15 @@ def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x8.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
+def fp8_kernel_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
+    """What the Triton score kernel takes for the e4m3 selection: ``(q8, k8, w * sq, k_scale)``,
+    e4m3 queries and keys from :func:`quantize_e4m3_triton`, the query scales folded into the
+    head weights (fp32 ``[B, T, H]``), the per-key scales (fp32 ``[B, S]``)."""
+    q8, sq = quantize_e4m3_triton(q)
+    k8, sk = quantize_e4m3_triton(k)
+    return q8, k8, w.float() * sq.squeeze(-1), sk.squeeze(-1).contiguous()
+
+
 def fp8_selection_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
     """fp32 indexer inputs (q ``[B, T, H, D]``, k ``[B, S, D]``, w ``[B, T, H]``) whose top-k is
     the e4m3 selection (see the module docstring)."""

@@ -435,8 +435,13 @@ def _plan(B, T, S, topk, block_t, chunk_bytes):
     """(rows per chunk, scratch ids per row): the fp32 score rows and the int32 candidate list
     (expected ~1.3 topk candidates, room for 4 topk; more fall back to a scratch-free select)
     within chunk_bytes."""
-    cap = min(S, max(_SCRATCH_PER_TOPK * topk, _SCRATCH_MIN))
+    cap = scratch_cap(S, topk)
     return _chunk_rows(B, T, 4 * (S + cap), block_t, chunk_bytes), cap
+
+
+def scratch_cap(S, topk):
+    """Candidate ids per row the select's scratch holds."""
+    return min(S, max(_SCRATCH_PER_TOPK * topk, _SCRATCH_MIN))
 
 
 def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, k_scale=None):
@@ -520,12 +525,22 @@ def indexer_topk_triton(
         n = min(rows, T - row0)
         if S > 0:
             _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
-        _select_kernel[(n, B)](
-            buf, scr, starts, ends, idx, vals, row0, T, S, topk, cap,
-            starts.stride(0), starts.stride(1),
-            buf.stride(0), buf.stride(1),
-            idx.stride(0), idx.stride(1),
-            scr.stride(0), scr.stride(1),
-            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=blk, STRIDE=SAMPLE_STRIDE, num_warps=nw_sel,
-        )
+        launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel))
     return idx, vals
+
+
+def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg,
+                  stride=SAMPLE_STRIDE):
+    """Top-k of rows ``[row0, row0 + n_rows)`` over ``S`` keys from their scores in
+    ``buf [B, >= n_rows, >= S]`` into ``idx`` / ``vals [B, T, topk]`` (``scr [B, >= n_rows, cap]``:
+    candidate scratch).
+    ``cfg``: (BLOCK, num_warps); ``stride``: the threshold sample's stride."""
+    B, T, topk = idx.shape
+    _select_kernel[(n_rows, B)](
+        buf, scr, starts, ends, idx, vals, row0, T, S, topk, scr.shape[-1],
+        starts.stride(0), starts.stride(1),
+        buf.stride(0), buf.stride(1),
+        idx.stride(0), idx.stride(1),
+        scr.stride(0), scr.stride(1),
+        CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg[0], STRIDE=stride, num_warps=cfg[1],
+    )
