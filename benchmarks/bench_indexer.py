@@ -10,7 +10,7 @@ Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
   ... --impls ours            # ours only
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
-  ... --select-cfgs "512,4,8;512,2,8"  # our select kernel alone per (BLOCK, warps, sample stride)
+  ... --select-cfgs "512,4,8;512,4,8,r4096w4,l4096"  # our select kernel alone per configuration
   ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
                               #   e4m3 score kernel alone and the quantization alone
   ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
@@ -195,11 +195,29 @@ def score_only(S, args, fp8=False):
     return {"ms": round(ms, 4), "tflops": round(S * S * args.H * args.D / (ms * 1e-3) / 1e12, 1), **extra}
 
 
+def parse_select_cfg(spec):
+    """``"BLOCK,warps,stride[,r<ROWS>w<WARPS>][,l<LIST>]"`` -> ``SelectCfg``: ``r`` selects rows of
+    at most ROWS scores in registers with WARPS warps, ``l`` a candidate list of at most LIST ids."""
+    from megatron_dsa.kernels.indexer.triton_impl import SelectCfg
+
+    f = spec.split(",")
+    cfg = SelectCfg(int(f[0]), int(f[1]), int(f[2]))
+    for extra in f[3:]:
+        if extra.startswith("r") and "w" in extra:
+            rows, warps = extra[1:].split("w")
+            cfg = cfg._replace(row_reg=int(rows), row_warps=int(warps))
+        elif extra.startswith("l"):
+            cfg = cfg._replace(list_reg=int(extra[1:]))
+        else:
+            raise ValueError(f"--select-cfgs: unknown field {extra!r} in {spec!r}")
+    return cfg
+
+
 def select_sweep(S, args):
-    """Our select kernel alone, per (BLOCK, num_warps, sample stride) of ``--select-cfgs``: the
+    """Our select kernel alone, per configuration of ``--select-cfgs`` (``parse_select_cfg``): the
     scores of all S rows are computed once into one [S, S] buffer, then each configuration
-    selects from it in one launch. Each configuration's sets are checked against the first's
-    (every configuration is exact, so the sets must be equal row by row)."""
+    selects from it. Each configuration's sets are checked against the first's (every
+    configuration is exact, so the sets must be equal row by row)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
     q, k, w = inputs(S, args.H, args.D)
@@ -209,16 +227,16 @@ def select_sweep(S, args):
     scr = torch.empty(1, S, ti.scratch_cap(S, args.k), dtype=torch.int32, device="cuda")
     out, first = [], None
     for spec in args.select_cfgs.split(";"):
-        blk, nw, stride = (int(x) for x in spec.split(","))
+        cfg = parse_select_cfg(spec)
         idx = torch.empty(1, S, args.k, dtype=torch.int32, device="cuda")
         vals = torch.empty(1, S, args.k, dtype=torch.float32, device="cuda")
 
-        ms = time_cuda(lambda: ti.launch_select(buf, scr, st, en, idx, vals, 0, S, S, causal, False, (blk, nw), stride),
+        ms = time_cuda(lambda: ti.launch_select(buf, scr, st, en, idx, vals, 0, S, S, causal, False, cfg),
                        warmup=1, reps=args.reps)
         sets = idx[0].sort(dim=1).values
         if first is None:
             first = sets
-        r = {"impl": f"megatron_dsa[select {blk} w{nw} stride {stride}]", "ms": round(ms, 4), "status": "ok",
+        r = {"impl": f"megatron_dsa[select {spec}]", "ms": round(ms, 4), "status": "ok",
              "same_sets_as_first": bool(torch.equal(sets, first)),
              "case": {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "select"}}
         out.append(r)
@@ -467,8 +485,9 @@ def main():
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
     ap.add_argument("--select-cfgs", default="",
-                    help='our select kernel alone per "BLOCK,num_warps,sample_stride;..." (the shipped '
-                         'one is "512,4,8"), from one [S, S] score buffer (S <= 64K)')
+                    help='our select kernel alone per "BLOCK,num_warps,sample_stride[,r<ROWS>w<WARPS>][,l<LIST>];..." '
+                         '(the shipped one is "512,4,8"; r: rows of <= ROWS scores in registers, l: candidate '
+                         'lists of <= LIST ids in registers), from one [S, S] score buffer (S <= 64K)')
     ap.add_argument("--fp8-score-cfgs", default="",
                     help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages;...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")

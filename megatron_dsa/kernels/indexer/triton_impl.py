@@ -22,7 +22,7 @@ Output order: the selected ids of a row are NOT sorted by score; rows with fewer
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -313,6 +313,93 @@ def _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK: tl.c
 
 
 @triton.jit
+def _reg_level(key, valid, prefix, k_rem, SHIFT: tl.constexpr, FIRST: tl.constexpr):
+    """``_radix_level`` over keys held in registers."""
+    if FIRST:
+        match = valid
+    else:
+        match = valid & ((key >> (SHIFT + 8)) == prefix)
+    hist = tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=match)
+    return _pick_bucket(hist, k_rem, 256)
+
+
+@triton.jit
+def _select_in_registers(x, pos, valid, idx_row, val_row, id0, K):
+    """Exact top-K (ties: lowest position) of the ``valid`` scores ``x`` held in registers
+    (``pos``: their ascending positions in the row, at least K valid). Radix levels on 8-bit
+    digits without any memory traffic, then one compaction: the output is in position order."""
+    key = _ordered_key(x)
+    k_rem = K
+    b0, above, in_b = _reg_level(key, valid, 0, k_rem, 24, True)
+    prefix = b0.to(tl.uint32)
+    shift = 24
+    k_rem -= above
+    if in_b != k_rem:
+        b1, above, in_b = _reg_level(key, valid, prefix, k_rem, 16, False)
+        prefix = (prefix << 8) | b1.to(tl.uint32)
+        shift = 16
+        k_rem -= above
+        if in_b != k_rem:
+            b2, above, in_b = _reg_level(key, valid, prefix, k_rem, 8, False)
+            prefix = (prefix << 8) | b2.to(tl.uint32)
+            shift = 8
+            k_rem -= above
+            if in_b != k_rem:
+                b3, above, in_b = _reg_level(key, valid, prefix, k_rem, 0, False)
+                prefix = (prefix << 8) | b3.to(tl.uint32)
+                shift = 0
+                k_rem -= above
+    kp = key >> shift
+    gt = valid & (kp > prefix)
+    eq = valid & (kp == prefix)
+    eq_i = eq.to(tl.int32)
+    eq_rank = tl.cumsum(eq_i, 0) - eq_i
+    sel = gt | (eq & (eq_rank < k_rem))
+    s_i = sel.to(tl.int32)
+    out = tl.cumsum(s_i, 0) - s_i
+    tl.store(idx_row + out, id0 + pos, mask=sel)
+    tl.store(val_row + out, x, mask=sel)
+
+
+@triton.jit
+def _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP,
+                    BLOCK: tl.constexpr, STRIDE: tl.constexpr, LIST_REG: tl.constexpr):
+    """Top-K of a row longer than K through the sampled threshold (see ``_select_kernel``)."""
+    ks0 = K // STRIDE
+    ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
+    Ls = (L + STRIDE - 1) // STRIDE  # strided reads of the row
+    ks = tl.minimum(ks0, Ls)
+    b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
+    b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
+                                      16, False, BLOCK)
+    tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
+    n0 = 0
+    for off in range(0, L, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        m = j < L
+        key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
+        cand = m & (key >= tau)
+        c_i = cand.to(tl.int32)
+        pos = n0 + tl.cumsum(c_i, 0) - c_i
+        tl.store(scr_row + pos, j, mask=cand & (pos < CAP))
+        n0 += tl.sum(c_i, 0)
+    if (n0 < K) | (n0 > CAP):
+        _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK)
+    else:
+        if LIST_REG > 0:
+            if n0 <= LIST_REG:
+                c = tl.arange(0, LIST_REG)
+                v = c < n0
+                j = tl.load(scr_row + c, mask=v, other=0)
+                x = tl.load(row_ptr + j, mask=v, other=0.0)
+                _select_in_registers(x, j, v, idx_row, val_row, id0, K)
+            else:
+                _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
+        else:
+            _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
+
+
+@triton.jit
 def _select_kernel(
     buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
     row0, T, S, K, CAP,
@@ -321,17 +408,22 @@ def _select_kernel(
     so_b, so_t,
     sc_b, sc_r,
     CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+    ROW_REG: tl.constexpr, LIST_REG: tl.constexpr,
 ):
-    """Sampled pre-filter + exact radix select.
+    """Exact top-K of each row's scores; selected ids are not sorted.
+
+    A row of at most ROW_REG scores (a power of two; 0: none) is loaded into registers once
+    and selected there (``_select_in_registers``). A longer row goes through a sampled
+    pre-filter and an exact radix select:
 
     1. On the strided sample row[0::STRIDE], find (16-bit key resolution) a value ``tau`` with
        at least ``K/STRIDE + 4 sqrt(K/STRIDE) + 16`` sample keys at or above it.
     2. One pass over the row lists the ids with key >= tau (in key order) in scratch (room for
        CAP ids per row, CAP >= K).
-    3. If K..CAP ids were listed, the exact top-K lies among them: radix select on the list.
-       Otherwise (an unlucky sample, or more than CAP keys tied around tau) an exact radix
-       select over the whole row (no scratch) decides.
-    Selected ids are not sorted.
+    3. If K..CAP ids were listed, the exact top-K lies among them: radix select on the list
+       (in registers when it holds at most LIST_REG ids). Otherwise (an unlucky sample, or
+       more than CAP keys tied around tau) an exact radix select over the whole row (no
+       scratch) decides.
     """
     r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -362,43 +454,49 @@ def _select_kernel(
             tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
             tl.store(val_row + j, x, mask=m)
     else:
-        ks0 = K // STRIDE
-        ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
-        Ls = (L + STRIDE - 1) // STRIDE  # strided reads of the row
-        ks = tl.minimum(ks0, Ls)
-        b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
-        b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
-                                          16, False, BLOCK)
-        tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
-        n0 = 0
-        for off in range(0, L, BLOCK):
-            j = off + tl.arange(0, BLOCK)
-            m = j < L
-            key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
-            cand = m & (key >= tau)
-            c_i = cand.to(tl.int32)
-            pos = n0 + tl.cumsum(c_i, 0) - c_i
-            tl.store(scr_row + pos, j, mask=cand & (pos < CAP))
-            n0 += tl.sum(c_i, 0)
-        if (n0 < K) | (n0 > CAP):
-            _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK)
+        if ROW_REG > 0:
+            if L <= ROW_REG:
+                j = tl.arange(0, ROW_REG)
+                v = j < L
+                x = tl.load(row_ptr + j, mask=v, other=0.0)
+                _select_in_registers(x, j, v, idx_row, val_row, id0, K)
+            else:
+                _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
+                                LIST_REG)
         else:
-            _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
+            _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
+                            LIST_REG)
 
 
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
 
+class SelectCfg(NamedTuple):
+    """The select kernel's configuration.
+
+    ``block`` / ``warps``: the chunk of scores one loop step of the sampled path reads and its
+    warps; ``stride``: the threshold sample reads every stride-th score; ``row_reg`` (a power
+    of two, 0: off): rows of at most that many scores are selected in registers, launched with
+    ``row_warps`` warps; ``list_reg`` (a power of two, 0: off): a candidate list of at most
+    that many ids is selected in registers."""
+
+    block: int
+    warps: int
+    stride: int = 8
+    row_reg: int = 0
+    row_warps: int = 4
+    list_reg: int = 0
+
+
 # (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel, per operand precision ("fp8":
-# e4m3 q / k, half the shared memory per stage; not yet tuned on a GPU, the bf16 tile for now);
-# select (BLOCK, num_warps); the select's threshold sample reads every SAMPLE_STRIDE-th score.
+# e4m3 q / k, half the shared memory per stage; not yet tuned on a GPU, the bf16 tile for now).
 # Measured on H100.
 _SCORE_CFG_GPU = {"bf16": (64, 128, 4, 3), "fp8": (64, 128, 4, 3)}
-_SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K
+_SELECT_CFG_GPU = SelectCfg(512, 4)  # SelectCfg(1024, 4) above S = 64K
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
-_SELECT_CFG_INTERP = (128, 4)
-SAMPLE_STRIDE = 8
+_SELECT_CFG_INTERP = SelectCfg(128, 4)
+SAMPLE_STRIDE = _SELECT_CFG_GPU.stride
 
 
 def _score_cfg(fp8: bool = False):
@@ -408,7 +506,7 @@ def _score_cfg(fp8: bool = False):
 def _select_cfg(S: int):
     if interpreting():
         return _SELECT_CFG_INTERP
-    return (1024, 4) if S > 65536 else _SELECT_CFG_GPU
+    return _SELECT_CFG_GPU._replace(block=1024) if S > 65536 else _SELECT_CFG_GPU
 
 
 def _prep(q, k, w, starts, ends):
@@ -504,7 +602,7 @@ def indexer_topk_triton(
     if D & (D - 1) or D < 16:
         raise ValueError(f"indexer_topk_triton needs a power-of-two head dim >= 16, got {D}")
     scfg = _score_cfg(k_scale is not None)
-    blk, nw_sel = _select_cfg(S)
+    sel_cfg = _select_cfg(S)
     if out is None:
         idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
         vals = torch.empty(B, T, topk, dtype=torch.float32, device=q.device)
@@ -525,22 +623,36 @@ def indexer_topk_triton(
         n = min(rows, T - row0)
         if S > 0:
             _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
-        launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel))
+        launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, sel_cfg)
     return idx, vals
 
 
-def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg,
-                  stride=SAMPLE_STRIDE):
+def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg):
     """Top-k of rows ``[row0, row0 + n_rows)`` over ``S`` keys from their scores in
     ``buf [B, >= n_rows, >= S]`` into ``idx`` / ``vals [B, T, topk]`` (``scr [B, >= n_rows, cap]``:
-    candidate scratch).
-    ``cfg``: (BLOCK, num_warps); ``stride``: the threshold sample's stride."""
+    candidate scratch). ``cfg``: a ``SelectCfg``.
+
+    Causal rows are split by length on the host (row t holds t + 1 scores): the rows that fit
+    ``cfg.row_reg`` are one launch with ``cfg.row_warps`` warps, the longer ones another with
+    ``cfg.warps``. Rows with explicit windows take one launch that branches per row."""
     B, T, topk = idx.shape
-    _select_kernel[(n_rows, B)](
-        buf, scr, starts, ends, idx, vals, row0, T, S, topk, scr.shape[-1],
-        starts.stride(0), starts.stride(1),
-        buf.stride(0), buf.stride(1),
-        idx.stride(0), idx.stride(1),
-        scr.stride(0), scr.stride(1),
-        CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg[0], STRIDE=stride, num_warps=cfg[1],
-    )
+    if causal:
+        split = min(max(cfg.row_reg, row0), row0 + n_rows) if cfg.row_reg else row0
+        parts = ((row0, split, cfg.row_reg, 0, cfg.row_warps),
+                 (split, row0 + n_rows, 0, cfg.list_reg, cfg.warps))
+    else:
+        parts = ((row0, row0 + n_rows, cfg.row_reg, cfg.list_reg,
+                  cfg.row_warps if cfg.row_reg else cfg.warps),)
+    for r0, r1, row_reg, list_reg, nw in parts:
+        if r1 <= r0:
+            continue
+        b, s = buf[:, r0 - row0:], scr[:, r0 - row0:]
+        _select_kernel[(r1 - r0, B)](
+            b, s, starts, ends, idx, vals, r0, T, S, topk, s.shape[-1],
+            starts.stride(0), starts.stride(1),
+            b.stride(0), b.stride(1),
+            idx.stride(0), idx.stride(1),
+            s.stride(0), s.stride(1),
+            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg.block, STRIDE=cfg.stride,
+            ROW_REG=row_reg, LIST_REG=list_reg, num_warps=nw,
+        )
