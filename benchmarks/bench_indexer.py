@@ -10,7 +10,8 @@ Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
   ... --impls ours            # ours only
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
-  ... --select-cfgs "512,4,8;512,4,8,r4096w4,l4096"  # our select kernel alone per configuration
+  ... --select-cfgs "512,4,8;512,4,8,r4096w4,l4096;cuda"  # our select kernel alone per configuration
+  ... --pipeline-select cuda  # ours / ours_fp8 again with another select configuration
   ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
                               #   e4m3 score kernel alone and the quantization alone
   ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
@@ -197,9 +198,12 @@ def score_only(S, args, fp8=False):
 
 def parse_select_cfg(spec):
     """``"BLOCK,warps,stride[,r<ROWS>w<WARPS>][,l<LIST>]"`` -> ``SelectCfg``: ``r`` selects rows of
-    at most ROWS scores in registers with WARPS warps, ``l`` a candidate list of at most LIST ids."""
+    at most ROWS scores in registers with WARPS warps, ``l`` a candidate list of at most LIST ids;
+    ``"cuda"``: the CUDA select."""
     from megatron_dsa.kernels.indexer.triton_impl import SelectCfg
 
+    if spec == "cuda":
+        return SelectCfg(0, 0, kernel="cuda")
     f = spec.split(",")
     cfg = SelectCfg(int(f[0]), int(f[1]), int(f[2]))
     for extra in f[3:]:
@@ -487,7 +491,11 @@ def main():
     ap.add_argument("--select-cfgs", default="",
                     help='our select kernel alone per "BLOCK,num_warps,sample_stride[,r<ROWS>w<WARPS>][,l<LIST>];..." '
                          '(the shipped one is "512,4,8"; r: rows of <= ROWS scores in registers, l: candidate '
-                         'lists of <= LIST ids in registers), from one [S, S] score buffer (S <= 64K)')
+                         'lists of <= LIST ids in registers; "cuda": the CUDA select), from one [S, S] score '
+                         'buffer (S <= 64K)')
+    ap.add_argument("--pipeline-select", default="",
+                    help="ours / ours_fp8 once more with this select configuration (a --select-cfgs entry, "
+                         "e.g. cuda)")
     ap.add_argument("--fp8-score-cfgs", default="",
                     help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages;...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")
@@ -544,6 +552,20 @@ def main():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
+            if name in ("ours", "ours_fp8") and args.pipeline_select:
+                from megatron_dsa.kernels.indexer import triton_impl as ti
+
+                shipped = ti._SELECT_CFG_GPU
+                ti._SELECT_CFG_GPU = parse_select_cfg(args.pipeline_select)
+                try:
+                    r = bench_impl(name, S, args)
+                finally:
+                    ti._SELECT_CFG_GPU = shipped
+                r["impl"] = f"{IMPLS[name][0]}[select {args.pipeline_select}]"
+                r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                torch.cuda.empty_cache()
             if name == "ours" and args.select_cfgs:
                 rows += select_sweep(S, args)
             if name in ("ours", "ours_fp8") and args.score_only:

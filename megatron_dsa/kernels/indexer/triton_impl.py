@@ -479,7 +479,8 @@ class SelectCfg(NamedTuple):
     warps; ``stride``: the threshold sample reads every stride-th score; ``row_reg`` (a power
     of two, 0: off): rows of at most that many scores are selected in registers, launched with
     ``row_warps`` warps; ``list_reg`` (a power of two, 0: off): a candidate list of at most
-    that many ids is selected in registers."""
+    that many ids is selected in registers. ``kernel="cuda"``: the CUDA select
+    (``cuda_impl.select_cuda``) instead, which takes none of the other fields."""
 
     block: int
     warps: int
@@ -487,6 +488,7 @@ class SelectCfg(NamedTuple):
     row_reg: int = 0
     row_warps: int = 4
     list_reg: int = 0
+    kernel: str = "triton"
 
 
 # (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel, per operand precision ("fp8":
@@ -635,6 +637,11 @@ def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, gl
     Causal rows are split by length on the host (row t holds t + 1 scores): the rows that fit
     ``cfg.row_reg`` are one launch with ``cfg.row_warps`` warps, the longer ones another with
     ``cfg.warps``. Rows with explicit windows take one launch that branches per row."""
+    if cfg.kernel == "cuda":
+        from .cuda_impl import select_cuda
+
+        select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids)
+        return
     B, T, topk = idx.shape
     if causal:
         split = min(max(cfg.row_reg, row0), row0 + n_rows) if cfg.row_reg else row0

@@ -1,0 +1,54 @@
+"""The indexer's CUDA select (``cuda/select_sm90.cuh``): library and launcher.
+
+The top-k of each row of fp32 scores by a radix select with shared-memory histograms, one CTA
+per row (the algorithm is described in the kernel's header). It reads the score buffer the
+Triton score kernel writes and fills the same outputs as the Triton select (``triton_impl``),
+with the same sets (ties: the lowest index). Built by :mod:`megatron_dsa.kernels.cuda_build`
+for sm_90a; launched through ``ctypes`` on the current stream, without host synchronization.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from ..cuda_build import CudaLibrary
+
+__all__ = ["LIBRARY", "MAX_TOPK", "select_cuda"]
+
+_DIR = Path(__file__).with_name("cuda")
+# The most keys per row the kernel selects (its shared-memory candidate list).
+MAX_TOPK = 6144
+
+
+def _declare(lib) -> None:
+    vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    fn = lib.dsa_indexer_select
+    fn.restype = i32
+    fn.argtypes = [vp, ll, ll, vp, vp, ll, ll, i32, i32, i32, i32, i32, i32, i32, vp, vp, ll, ll, vp]
+
+
+LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu",), (_DIR / "select_sm90.cuh",), "sm_90a", _declare)
+
+
+def select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids) -> None:
+    """``triton_impl.launch_select``'s contract on the CUDA kernel: the top-k of rows
+    ``[row0, row0 + n_rows)`` from ``buf [B, >= n_rows, >= S]`` (unit stride along keys) into
+    ``idx`` / ``vals [B, T, topk]`` (unit stride along slots)."""
+    B, T, topk = idx.shape
+    if topk > MAX_TOPK:
+        raise ValueError(f"the CUDA select takes topk <= {MAX_TOPK}, got topk={topk}")
+    if buf.stride(-1) != 1 or idx.stride(-1) != 1 or vals.stride(-1) != 1 or idx.stride() != vals.stride():
+        raise ValueError("the CUDA select needs unit-stride score rows and equal-stride outputs")
+    starts = starts.to(torch.int32)
+    ends = ends.to(torch.int32)
+    if starts.stride() != ends.stride():
+        starts, ends = starts.contiguous(), ends.contiguous()
+    err = LIBRARY.get().dsa_indexer_select(
+        buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
+        starts.stride(1), int(causal), int(global_ids), row0, n_rows, B, S, topk, idx.data_ptr(), vals.data_ptr(),
+        idx.stride(0), idx.stride(1), torch.cuda.current_stream(buf.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"dsa_indexer_select failed to launch: CUDA error {err}")

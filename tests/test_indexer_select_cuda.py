@@ -1,0 +1,165 @@
+"""The indexer's CUDA select kernel (``kernels/indexer/cuda/select_sm90.cuh``).
+
+CPU: the kernel's own source, compiled with the host compiler against ``cuda_emu/simt.h`` (one
+thread per CUDA thread, real barriers, ballots and shuffles), against a stable-sort reference on
+rows that reach each of its paths. GPU (``-m gpu``): the compiled kernel against the Triton
+select on real indexer scores.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL_DIR = os.path.join(os.path.dirname(HERE), "megatron_dsa", "kernels", "indexer", "cuda")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    out = tmp_path_factory.mktemp("emu") / "select_emu.so"
+    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
+                           os.path.join(HERE, "cuda_emu", "select_emu.cpp"), "-o", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "barrier" in proc.stderr:
+        pytest.skip(f"{cxx} lacks C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lib = ctypes.CDLL(str(out))
+    fn = lib.emu_indexer_select
+    fn.restype = ctypes.c_int
+    vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    fn.argtypes = [vp, ll, ll, vp, vp, ll, ll, i32, i32, i32, i32, i32, i32, i32, vp, vp, ll, ll]
+    return fn
+
+
+def _run(fn, buf, row0, T, S, K, starts=None, ends=None, global_ids=False):
+    """Select rows [row0, row0 + n) (buf [B, n, S] holds their scores) into fresh [B, T, K] outputs."""
+    B, n, _ = buf.shape
+    idx = torch.full((B, T, K), -7, dtype=torch.int32)
+    vals = torch.full((B, T, K), float("nan"))
+    causal = starts is None
+    if causal:
+        starts = ends = torch.zeros(1, 1, dtype=torch.int32)
+    err = fn(buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
+             starts.stride(1), int(causal), int(global_ids), row0, n, B, S, K, idx.data_ptr(), vals.data_ptr(),
+             idx.stride(0), idx.stride(1))
+    assert err == 0
+    return idx, vals
+
+
+def _check(buf, idx, vals, row0, K, windows, global_ids=False):
+    """Each row's ids: the first K of a stable descending sort of its window (ties: lowest
+    index), padded with -1 / -inf; every value is its key's score."""
+    B, n, S = buf.shape
+    for b in range(B):
+        for r in range(n):
+            t = row0 + r
+            st, en = windows(b, t)
+            row = buf[b, r, st:en]
+            order = torch.sort(row, descending=True, stable=True).indices[:K]
+            want = (order + st + (b * S if global_ids else 0)).to(torch.int32)
+            got = idx[b, t]
+            m = min(K, en - st)
+            assert torch.equal(got[:m].sort().values, want.sort().values), (b, t)
+            assert bool((got[m:] == -1).all()) and bool((vals[b, t, m:] == float("-inf")).all()), (b, t)
+            local = got[:m].long() - st - (b * S if global_ids else 0)
+            assert torch.equal(vals[b, t, :m], row[local]), (b, t)  # -0.0 == 0.0
+
+
+def _causal(S):
+    return lambda b, t: (0, min(t + 1, S))
+
+
+@pytest.mark.parametrize("rows", [(0, 3), (250, 4), (1500, 2), (2998, 2)])
+def test_emulated_select_causal_random(emu, rows):
+    """Random scores: rows at, below and above k keys (k = 256), one digit level."""
+    row0, n = rows
+    S, K = 3000, 256
+    buf = torch.randn(2, n, S)
+    idx, vals = _run(emu, buf, row0, row0 + n, S, K)
+    _check(buf, idx, vals, row0, K, _causal(S))
+
+
+def test_emulated_select_windows_global_ids(emu):
+    S, K, T = 2500, 100, 6
+    buf = torch.randn(2, T, S) * 3
+    st = torch.randint(0, 1200, (2, T), dtype=torch.int32)
+    en = (st + torch.tensor([[0, 50, 100, 101, 1300, 1200]] * 2, dtype=torch.int32)).clamp(max=S)
+    idx, vals = _run(emu, buf, 0, T, S, K, st, en, global_ids=True)
+    _check(buf, idx, vals, 0, K, lambda b, t: (int(st[b, t]), int(en[b, t])), global_ids=True)
+
+
+def test_emulated_select_paths(emu):
+    """Rows built to reach each path: a first-digit bucket too large for the candidate list
+    (a second global level), one holding exactly the missing count (taken whole), a row of one
+    value (ties down to the last digit: the lowest ids win), integer scores (ties at the last
+    shared-memory level), signed zeros and negatives."""
+    S, K = 9000, 2048
+    rows = [
+        1.0 + 0.25 * torch.rand(S),  # one first digit for all: 9000 > 6144 candidates
+        torch.cat([100 + torch.rand(K), torch.rand(S - K)])[torch.randperm(S)],  # exactly K in the top bucket
+        torch.full((S,), 0.5),
+        torch.randint(0, 40, (S,)).float(),
+        torch.where(torch.rand(S) < 0.5, torch.tensor(-0.0), torch.tensor(0.0)) + (torch.rand(S) < 0.1) * torch.randn(S),
+    ]
+    buf = torch.stack(rows)[None]
+    idx, vals = _run(emu, buf, 0, len(rows), S, K, torch.zeros(1, len(rows), dtype=torch.int32),
+                     torch.full((1, len(rows)), S, dtype=torch.int32))
+    _check(buf, idx, vals, 0, K, lambda b, t: (0, S))
+
+
+def _gpu_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from megatron_dsa.kernels.indexer import cuda_impl
+
+    why = cuda_impl.LIBRARY.error()
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["causal", "packed"])
+def test_gpu_cuda_select_equals_triton_select(kind):
+    """Real indexer scores (bf16 q / k, 64 heads of 128, k = 2048): the CUDA select gives the
+    Triton select's sets and values, in one launch and inside a CUDA graph."""
+    _gpu_or_skip()
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+    from megatron_dsa.kernels.indexer.reference import packed_causal_window
+
+    S, H, D, K = 8192, 64, 128, 2048
+    q = torch.randn(1, S, H, D, device="cuda").bfloat16()
+    k = torch.randn(1, S, D, device="cuda").bfloat16()
+    w = torch.randn(1, S, H, device="cuda") * H**-0.5
+    st = en = None
+    if kind == "packed":
+        st, en = packed_causal_window(torch.tensor([0, 1000, 1001, 5000, S], device="cuda"))
+        st, en = st.expand(1, S).contiguous(), en.expand(1, S).contiguous()
+    q, k, w, st, en, causal = ti._prep(q, k, w, st, en)
+    buf = torch.empty(1, S, S, device="cuda")
+    ti._launch_scores(q, k, w, st, en, causal, True, buf, 0, S, ti._score_cfg())
+    scr = torch.empty(1, S, ti.scratch_cap(S, K), dtype=torch.int32, device="cuda")
+    outs = {}
+    for kernel in ("triton", "cuda"):
+        cfg = ti._SELECT_CFG_GPU._replace(kernel=kernel)
+        idx = torch.full((1, S, K), -7, dtype=torch.int32, device="cuda")
+        vals = torch.full((1, S, K), float("nan"), device="cuda")
+        ti.launch_select(buf, scr, st, en, idx, vals, 0, S, S, causal, True, cfg)
+        outs[kernel] = (idx.sort(-1).values, vals.sort(-1).values)
+    assert torch.equal(outs["cuda"][0], outs["triton"][0])
+    assert torch.equal(outs["cuda"][1], outs["triton"][1])
+    cfg = ti._SELECT_CFG_GPU._replace(kernel="cuda")
+    idx = torch.empty(1, S, K, dtype=torch.int32, device="cuda")
+    vals = torch.empty(1, S, K, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ti.launch_select(buf, scr, st, en, idx, vals, 0, S, S, causal, True, cfg)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(idx.sort(-1).values, outs["triton"][0])
