@@ -17,7 +17,11 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
-inline thread_local dim3 threadIdx, blockIdx;
+struct float4 {
+  float x, y, z, w;
+};
+
+inline thread_local dim3 threadIdx, blockIdx, gridDim;
 
 #define __global__
 #define __device__
@@ -65,6 +69,7 @@ inline void launch(unsigned gx, unsigned gy, unsigned nt, K kernel, A... args) {
         th.emplace_back([=] {
           threadIdx = dim3{t, 1, 1};
           blockIdx = dim3{bx, by, 1};
+          gridDim = dim3{gx, gy, 1};
           kernel(args...);
         });
       for (auto& x : th) x.join();

@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
                                                     long long so_b, long long so_t) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
-  const int r = blockIdx.x;
+  const int r = gridDim.x - 1 - blockIdx.x;  // causal rows: the longest first
   const long long b = blockIdx.y;
   const int t = row0 + r;
   int st, en;
@@ -185,11 +185,25 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
     const int ds = shift_of(lvl);
     const unsigned mask = (1u << width_of(lvl)) - 1u;
     clear_hist(sm);
-#pragma unroll 4
-    for (int j = threadIdx.x; j < L; j += NT) {
-      const unsigned key = ordered_key(__ldg(row + j));
+    auto count = [&](float x) {
+      const unsigned key = ordered_key(x);
       if (lvl == 0 || (key >> shift) == prefix) atomicAdd(&sm.hist[(key >> ds) & mask], 1u);
+    };
+    int j0 = 0;
+    if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {  // 16-byte loads, then the tail
+      const float4* row4 = reinterpret_cast<const float4*>(row);
+#pragma unroll 2
+      for (int j = threadIdx.x; j < L / 4; j += NT) {
+        const float4 v = __ldg(row4 + j);
+        count(v.x);
+        count(v.y);
+        count(v.z);
+        count(v.w);
+      }
+      j0 = L / 4 * 4;
     }
+#pragma unroll 4
+    for (int j = j0 + threadIdx.x; j < L; j += NT) count(__ldg(row + j));
     __syncthreads();
     pick_bucket(sm, width_of(lvl), k_rem);
     const unsigned bucket = static_cast<unsigned>(sm.pick[0]);
