@@ -197,9 +197,10 @@ def score_only(S, args, fp8=False):
 
 
 def parse_select_cfg(spec):
-    """``"BLOCK,warps,stride[,r<ROWS>w<WARPS>][,l<LIST>]"`` -> ``SelectCfg``: ``r`` selects rows of
-    at most ROWS scores in registers with WARPS warps, ``l`` a candidate list of at most LIST ids;
-    ``"cuda"``: the CUDA select."""
+    """``"BLOCK,warps,stride[,g<GROUP>][,r<ROWS>w<WARPS>][,l<LIST>]"`` -> ``SelectCfg``: ``g``
+    takes GROUP consecutive scores of every GROUP * stride, ``r`` selects rows of at most ROWS
+    scores in registers with WARPS warps, ``l`` a candidate list of at most LIST ids; ``"cuda"``:
+    the CUDA select."""
     from megatron_dsa.kernels.indexer.triton_impl import SelectCfg
 
     if spec == "cuda":
@@ -212,6 +213,8 @@ def parse_select_cfg(spec):
             cfg = cfg._replace(row_reg=int(rows), row_warps=int(warps))
         elif extra.startswith("l"):
             cfg = cfg._replace(list_reg=int(extra[1:]))
+        elif extra.startswith("g"):
+            cfg = cfg._replace(group=int(extra[1:]))
         else:
             raise ValueError(f"--select-cfgs: unknown field {extra!r} in {spec!r}")
     return cfg
@@ -489,8 +492,9 @@ def main():
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
     ap.add_argument("--select-cfgs", default="",
-                    help='our select kernel alone per "BLOCK,num_warps,sample_stride[,r<ROWS>w<WARPS>][,l<LIST>];..." '
-                         '(the shipped one is "512,4,8"; r: rows of <= ROWS scores in registers, l: candidate '
+                    help='our select kernel alone per "BLOCK,num_warps,sample_stride[,g<GROUP>][,r<ROWS>w<WARPS>][,l<LIST>];..." '
+                         '(the shipped one is "512,4,8"; g: a sample of GROUP consecutive scores of every '
+                         'GROUP * stride; r: rows of <= ROWS scores in registers, l: candidate '
                          'lists of <= LIST ids in registers; "cuda": the CUDA select), from one [S, S] score '
                          'buffer (S <= 64K)')
     ap.add_argument("--pipeline-select", default="",

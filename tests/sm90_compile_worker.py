@@ -93,7 +93,7 @@ def cases():
                     so_t=2048, sc_b=8192 * 8192, sc_r=8192)
     for label, cfg in select_cases(idx):
         # the causal launches: rows in registers (no list stage), then the rest (no row stage)
-        c = dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=cfg.block, STRIDE=cfg.stride)
+        c = dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=cfg.block, STRIDE=cfg.stride, GROUP=cfg.group)
         if cfg.row_reg:
             out.append((f"{label} (rows)", idx._select_kernel, sel_args, dict(c, ROW_REG=cfg.row_reg, LIST_REG=0),
                         cfg.row_warps, 1))

@@ -258,13 +258,15 @@ def _compact_pass(row_ptr, scr_ptr, n, idx_row, val_row, id0, cnt, bsel, k_rem, 
 
 @triton.jit
 def _sample_level(row_ptr, Ls, prefix, k_rem, STRIDE: tl.constexpr, SHIFT: tl.constexpr,
-                  FIRST: tl.constexpr, BLOCK: tl.constexpr):
-    """256-bin histogram of one key digit over the strided sample row_ptr[0::STRIDE]."""
+                  FIRST: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """256-bin histogram of one key digit over the sample: the first GROUP scores of every
+    GROUP * STRIDE (GROUP = 1: row_ptr[0::STRIDE]; GROUP = 8: whole 32-byte sectors)."""
     hist = tl.zeros([256], dtype=tl.int32)
     for off in range(0, Ls, BLOCK):
         j = off + tl.arange(0, BLOCK)
         m = j < Ls
-        key = _ordered_key(tl.load(row_ptr + j * STRIDE, mask=m, other=0.0))
+        pos = (j // GROUP) * (GROUP * STRIDE) + j % GROUP
+        key = _ordered_key(tl.load(row_ptr + pos, mask=m, other=0.0))
         if FIRST:
             match = m
         else:
@@ -363,15 +365,17 @@ def _select_in_registers(x, pos, valid, idx_row, val_row, id0, K):
 
 @triton.jit
 def _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP,
-                    BLOCK: tl.constexpr, STRIDE: tl.constexpr, LIST_REG: tl.constexpr):
+                    BLOCK: tl.constexpr, STRIDE: tl.constexpr, GROUP: tl.constexpr,
+                    LIST_REG: tl.constexpr):
     """Top-K of a row longer than K through the sampled threshold (see ``_select_kernel``)."""
     ks0 = K // STRIDE
     ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
-    Ls = (L + STRIDE - 1) // STRIDE  # strided reads of the row
+    full = L // (GROUP * STRIDE)  # sample size: GROUP of every GROUP * STRIDE scores
+    Ls = full * GROUP + tl.minimum(L - full * GROUP * STRIDE, GROUP)
     ks = tl.minimum(ks0, Ls)
-    b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
+    b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK, GROUP)
     b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
-                                      16, False, BLOCK)
+                                      16, False, BLOCK, GROUP)
     tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
     n0 = 0
     for off in range(0, L, BLOCK):
@@ -408,7 +412,7 @@ def _select_kernel(
     so_b, so_t,
     sc_b, sc_r,
     CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-    ROW_REG: tl.constexpr, LIST_REG: tl.constexpr,
+    GROUP: tl.constexpr, ROW_REG: tl.constexpr, LIST_REG: tl.constexpr,
 ):
     """Exact top-K of each row's scores; selected ids are not sorted.
 
@@ -462,10 +466,10 @@ def _select_kernel(
                 _select_in_registers(x, j, v, idx_row, val_row, id0, K)
             else:
                 _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
-                                LIST_REG)
+                                GROUP, LIST_REG)
         else:
             _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
-                            LIST_REG)
+                            GROUP, LIST_REG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +480,8 @@ class SelectCfg(NamedTuple):
     """The select kernel's configuration.
 
     ``block`` / ``warps``: the chunk of scores one loop step of the sampled path reads and its
-    warps; ``stride``: the threshold sample reads every stride-th score; ``row_reg`` (a power
+    warps; ``stride`` / ``group``: the threshold sample reads the first ``group`` scores of
+    every ``group * stride`` (``group=8``: whole 32-byte sectors); ``row_reg`` (a power
     of two, 0: off): rows of at most that many scores are selected in registers, launched with
     ``row_warps`` warps; ``list_reg`` (a power of two, 0: off): a candidate list of at most
     that many ids is selected in registers. ``kernel="cuda"``: the CUDA select
@@ -489,6 +494,7 @@ class SelectCfg(NamedTuple):
     row_warps: int = 4
     list_reg: int = 0
     kernel: str = "triton"
+    group: int = 1
 
 
 # (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel, per operand precision ("fp8":
@@ -660,6 +666,6 @@ def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, gl
             b.stride(0), b.stride(1),
             idx.stride(0), idx.stride(1),
             s.stride(0), s.stride(1),
-            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg.block, STRIDE=cfg.stride,
+            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg.block, STRIDE=cfg.stride, GROUP=cfg.group,
             ROW_REG=row_reg, LIST_REG=list_reg, num_warps=nw,
         )
