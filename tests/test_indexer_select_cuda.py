@@ -163,3 +163,19 @@ def test_gpu_cuda_select_equals_triton_select(kind):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(idx.sort(-1).values, outs["triton"][0])
+
+
+@pytest.mark.gpu
+def test_gpu_public_indexer_cuda_backend():
+    """``indexer_topk(..., backend="cuda")``: the same sets as the Triton backend, bf16 and e4m3."""
+    _gpu_or_skip()
+    from megatron_dsa.kernels.indexer import indexer_topk
+
+    S, H, D, K = 4096, 64, 128, 2048
+    q = torch.randn(1, S, H, D, device="cuda").bfloat16()
+    k = torch.randn(1, S, D, device="cuda").bfloat16()
+    w = torch.randn(1, S, H, device="cuda") * H**-0.5
+    for precision in ("bf16", "fp8"):
+        a, _ = indexer_topk(q, k, w, K, backend="cuda", precision=precision)
+        b, _ = indexer_topk(q, k, w, K, backend="triton", precision=precision)
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values), precision

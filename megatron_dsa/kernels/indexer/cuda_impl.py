@@ -16,7 +16,7 @@ import torch
 
 from ..cuda_build import CudaLibrary
 
-__all__ = ["LIBRARY", "MAX_TOPK", "select_cuda"]
+__all__ = ["LIBRARY", "MAX_TOPK", "cuda_select_reason", "select_cuda"]
 
 _DIR = Path(__file__).with_name("cuda")
 # The most keys per row the kernel selects (its shared-memory candidate list).
@@ -31,6 +31,17 @@ def _declare(lib) -> None:
 
 
 LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu",), (_DIR / "select_sm90.cuh",), "sm_90a", _declare)
+
+
+def cuda_select_reason(device: torch.device):
+    """Why the CUDA select cannot run on ``device`` (``None`` when it can); builds the library
+    only when the device fits."""
+    if device.type != "cuda":
+        return f"the CUDA select needs an sm_90 GPU (the inputs are on {device.type})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return f"the CUDA select is built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
+    return LIBRARY.error()
 
 
 def select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids) -> None:

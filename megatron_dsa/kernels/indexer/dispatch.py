@@ -2,8 +2,9 @@
 function.
 
 Backends: ``auto`` (Triton for CUDA tensors, the reference for CPU tensors), ``triton``
-(CUDA tensors or Triton's CPU interpreter; else an error), ``reference`` (plain PyTorch).
-There is no CUDA-C kernel for the indexer: ``cuda`` is an error that says so.
+(CUDA tensors or Triton's CPU interpreter; else an error), ``cuda`` (the Triton score kernel
+and the CUDA select, ``cuda_impl``: sm_90 GPUs with the library built; else an error),
+``reference`` (plain PyTorch).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
+from .cuda_impl import MAX_TOPK, cuda_select_reason
 from .fp8 import fp8_kernel_inputs, fp8_selection_inputs
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
@@ -27,12 +29,16 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
                    warn: bool = True) -> KernelChoice:
     """Which implementation runs the indexer's score + top-k (raises when ``backend`` cannot)."""
     check_backend(OP, backend, BACKENDS)
-    if backend == "cuda":
-        raise ValueError(f"{OP}: backend='cuda': the indexer has no CUDA-C kernel; its fused kernel is "
-                         "Triton (backend='triton' or 'auto')")
     if backend == "reference":
         return KernelChoice(OP, backend, "reference", None, "asked for")
     pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    if backend == "cuda":
+        why = cuda_select_reason(device)
+        if why is None and not pow2:
+            why = f"the Triton score kernel needs a power-of-two head dim >= 16, got {head_dim}"
+        if why is not None:
+            raise ValueError(f"{OP}: backend='cuda' cannot run: {why}")
+        return KernelChoice(OP, backend, "cuda", None, "asked for: Triton score kernel, CUDA select")
     if backend == "triton":
         why = triton_reason(device)
         if why is None and not pow2:
@@ -81,12 +87,17 @@ def indexer_topk(
     check_windows(starts, ends, B, T)
     check_same_device(q=q, k=k, w=w, starts=starts, ends=ends)
     choice = select_backend(backend, q.device, q.dtype, D)
+    if choice.forward == "cuda" and topk > MAX_TOPK:
+        raise ValueError(f"{OP}: backend='cuda' selects at most {MAX_TOPK} keys per row, got topk={topk}")
+    fused = choice.forward in ("triton", "cuda")
     with torch.no_grad():
-        if precision == "fp8" and choice.forward == "triton":
+        if precision == "fp8" and fused:
             q8, k8, w8, k_scale = fp8_kernel_inputs(q, k, w)
-            return indexer_topk_triton(q8, k8, w8, topk, starts, ends, use_relu, global_ids, k_scale=k_scale)
+            return indexer_topk_triton(q8, k8, w8, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
+                                       select_kernel=choice.forward)
         if precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
-        if choice.forward == "triton":
-            return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids)
+        if fused:
+            return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids,
+                                       select_kernel=choice.forward)
         return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)

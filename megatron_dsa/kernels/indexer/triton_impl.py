@@ -596,6 +596,7 @@ def indexer_topk_triton(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     k_scale: Optional[torch.Tensor] = None,
+    select_kernel: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
@@ -603,6 +604,7 @@ def indexer_topk_triton(
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
     ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
     the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
+    ``select_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl.select_cuda``).
     """
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
@@ -610,7 +612,7 @@ def indexer_topk_triton(
     if D & (D - 1) or D < 16:
         raise ValueError(f"indexer_topk_triton needs a power-of-two head dim >= 16, got {D}")
     scfg = _score_cfg(k_scale is not None)
-    sel_cfg = _select_cfg(S)
+    sel_cfg = _select_cfg(S)._replace(kernel=select_kernel)
     if out is None:
         idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
         vals = torch.empty(B, T, topk, dtype=torch.float32, device=q.device)
