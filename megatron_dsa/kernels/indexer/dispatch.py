@@ -1,10 +1,11 @@
 """Lightning indexer: the one place that decides which implementation runs, and the public
 function.
 
-Backends: ``auto`` (Triton for CUDA tensors, the reference for CPU tensors), ``triton``
-(CUDA tensors or Triton's CPU interpreter; else an error), ``cuda`` (the Triton score kernel
-and the CUDA select, ``cuda_impl``: sm_90 GPUs with the library built; else an error),
-``reference`` (plain PyTorch).
+Backends: ``auto`` (the Triton score kernel and the CUDA select on sm_90 GPUs; the Triton
+score + select on other GPUs or when the CUDA library cannot be built; the reference for CPU
+tensors; topk above the CUDA select's 6144 takes the Triton select), ``triton`` (CUDA tensors or
+Triton's CPU interpreter; else an error), ``cuda`` (the Triton score kernel and the CUDA select,
+``cuda_impl``: sm_90 GPUs with the library built; else an error), ``reference`` (plain PyTorch).
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
         if warn:
             warn_once(OP, f"running the PyTorch reference: {why}")
         return KernelChoice(OP, backend, "reference", None, why)
-    return KernelChoice(OP, backend, "triton", None, "fused Triton score + top-k")
+    why_cuda = cuda_select_reason(device)
+    if why_cuda is None:
+        return KernelChoice(OP, backend, "cuda", None, "Triton score kernel, CUDA select")
+    if warn and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        warn_once(OP, f"selecting with the Triton select instead of the CUDA one: {why_cuda}")
+    return KernelChoice(OP, backend, "triton", None, f"fused Triton score + top-k ({why_cuda})")
 
 
 def indexer_topk(
@@ -87,17 +93,20 @@ def indexer_topk(
     check_windows(starts, ends, B, T)
     check_same_device(q=q, k=k, w=w, starts=starts, ends=ends)
     choice = select_backend(backend, q.device, q.dtype, D)
-    if choice.forward == "cuda" and topk > MAX_TOPK:
-        raise ValueError(f"{OP}: backend='cuda' selects at most {MAX_TOPK} keys per row, got topk={topk}")
-    fused = choice.forward in ("triton", "cuda")
+    select_kernel = choice.forward
+    if select_kernel == "cuda" and topk > MAX_TOPK:
+        if backend == "cuda":
+            raise ValueError(f"{OP}: backend='cuda' selects at most {MAX_TOPK} keys per row, got topk={topk}")
+        select_kernel = "triton"
+    fused = select_kernel in ("triton", "cuda")
     with torch.no_grad():
         if precision == "fp8" and fused:
             q8, k8, w8, k_scale = fp8_kernel_inputs(q, k, w)
             return indexer_topk_triton(q8, k8, w8, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
-                                       select_kernel=choice.forward)
+                                       select_kernel=select_kernel)
         if precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
         if fused:
             return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids,
-                                       select_kernel=choice.forward)
+                                       select_kernel=select_kernel)
         return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)
