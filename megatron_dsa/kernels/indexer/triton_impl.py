@@ -537,11 +537,11 @@ _SCRATCH_PER_TOPK = 4
 _SCRATCH_MIN = 1024
 
 
-def _plan(B, T, S, topk, block_t, chunk_bytes):
+def _plan(B, T, S, topk, block_t, chunk_bytes, scratch=True):
     """(rows per chunk, scratch ids per row): the fp32 score rows and the int32 candidate list
     (expected ~1.3 topk candidates, room for 4 topk; more fall back to a scratch-free select)
-    within chunk_bytes."""
-    cap = scratch_cap(S, topk)
+    within chunk_bytes. ``scratch=False``: the CUDA select, which needs no candidate list."""
+    cap = scratch_cap(S, topk) if scratch else 0
     return _chunk_rows(B, T, 4 * (S + cap), block_t, chunk_bytes), cap
 
 
@@ -624,7 +624,7 @@ def indexer_topk_triton(
     if T == 0 or B == 0:
         return idx, vals
     S_alloc = max(S, 1)
-    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes)
+    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, scratch=select_kernel != "cuda")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
     # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
