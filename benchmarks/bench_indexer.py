@@ -220,6 +220,24 @@ def parse_select_cfg(spec):
     return cfg
 
 
+def bench_with_select(name, S, args):
+    """``bench_impl`` of ours / ours_fp8 with ``--pipeline-select``: ``cuda`` runs the public
+    function with ``backend="cuda"``; a Triton configuration replaces the shipped one."""
+    global BACKEND
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    cfg = parse_select_cfg(args.pipeline_select)
+    shipped, backend = ti._SELECT_CFG_GPU, BACKEND
+    if cfg.kernel == "cuda":
+        BACKEND = "cuda"
+    else:
+        ti._SELECT_CFG_GPU = cfg
+    try:
+        return bench_impl(name, S, args)
+    finally:
+        ti._SELECT_CFG_GPU, BACKEND = shipped, backend
+
+
 def select_sweep(S, args):
     """Our select kernel alone, per configuration of ``--select-cfgs`` (``parse_select_cfg``): the
     scores of all S rows are computed once into one [S, S] buffer, then each configuration
@@ -557,14 +575,7 @@ def main():
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
             if name in ("ours", "ours_fp8") and args.pipeline_select:
-                from megatron_dsa.kernels.indexer import triton_impl as ti
-
-                shipped = ti._SELECT_CFG_GPU
-                ti._SELECT_CFG_GPU = parse_select_cfg(args.pipeline_select)
-                try:
-                    r = bench_impl(name, S, args)
-                finally:
-                    ti._SELECT_CFG_GPU = shipped
+                r = bench_with_select(name, S, args)
                 r["impl"] = f"{IMPLS[name][0]}[select {args.pipeline_select}]"
                 r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
                 rows.append(r)
