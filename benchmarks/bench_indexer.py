@@ -524,7 +524,7 @@ def main():
     ap.add_argument("--fp8-score-cfgs", default="",
                     help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages;...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")
-    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
+    ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "cuda", "triton"),
                     help="sparse MLA backend of the attention in the 'attn' loss variant")
