@@ -12,6 +12,7 @@ Usage (GPU):
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
   ... --select-cfgs "512,4,8;512,4,8,r4096w4,l4096;cuda"  # our select kernel alone per configuration
   ... --pipeline-select cuda  # ours / ours_fp8 again with another select configuration
+  ... --chunk-mib 512         # our score buffer's budget (the library's default: 1024)
   ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
                               #   e4m3 score kernel alone and the quantization alone
   ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
@@ -515,13 +516,15 @@ def main():
                          'GROUP * stride; r: rows of <= ROWS scores in registers, l: candidate '
                          'lists of <= LIST ids in registers; "cuda": the CUDA select), from one [S, S] score '
                          'buffer (S <= 64K)')
+    ap.add_argument("--chunk-mib", type=int, default=0,
+                    help="our score buffer's budget in MiB (default: the library's, 1024)")
     ap.add_argument("--pipeline-select", default="",
                     help="ours / ours_fp8 once more with this select configuration (a --select-cfgs entry, "
                          "e.g. cuda)")
     ap.add_argument("--fp8-score-cfgs", default="",
                     help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages;...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")
-    ap.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
+    ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "cuda", "triton"),
                     help="sparse MLA backend of the attention in the 'attn' loss variant")
@@ -533,6 +536,10 @@ def main():
         return 1
     global BACKEND
     BACKEND = args.backend
+    if args.chunk_mib:
+        from megatron_dsa.kernels.indexer import triton_impl as ti
+
+        ti.DEFAULT_CHUNK_BYTES = args.chunk_mib << 20
     sizes = [int(s) for s in args.S.split(",") if s]
     rows, notes = [], {}
     # what backend="auto" runs on this machine, and why (the receipt keeps it)

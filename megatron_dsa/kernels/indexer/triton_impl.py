@@ -593,14 +593,14 @@ def indexer_topk_triton(
     ends: Optional[torch.Tensor] = None,
     use_relu: bool = True,
     global_ids: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     k_scale: Optional[torch.Tensor] = None,
     select_kernel: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
-    ``chunk_bytes`` bounds the fp32 score buffer; ``out`` optionally gives the two output
+    ``chunk_bytes`` bounds the fp32 score buffer (default ``DEFAULT_CHUNK_BYTES``); ``out`` optionally gives the two output
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
     ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
     the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
@@ -624,6 +624,7 @@ def indexer_topk_triton(
     if T == 0 or B == 0:
         return idx, vals
     S_alloc = max(S, 1)
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, scratch=select_kernel != "cuda")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
