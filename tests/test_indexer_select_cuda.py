@@ -99,7 +99,7 @@ def test_emulated_select_paths(emu):
     """Rows built to reach each path: a first-digit bucket too large for the candidate list
     (a second global level), one holding exactly the missing count (taken whole), a row of one
     value (ties down to the last digit: the lowest ids win), integer scores (ties at the last
-    shared-memory level), signed zeros and negatives."""
+    shared-memory level), signed zeros and negatives. A second run gives the same slot order."""
     S, K = 9000, 2048
     rows = [
         1.0 + 0.25 * torch.rand(S),  # one first digit for all: 9000 > 6144 candidates
@@ -109,9 +109,11 @@ def test_emulated_select_paths(emu):
         torch.where(torch.rand(S) < 0.5, torch.tensor(-0.0), torch.tensor(0.0)) + (torch.rand(S) < 0.1) * torch.randn(S),
     ]
     buf = torch.stack(rows)[None]
-    idx, vals = _run(emu, buf, 0, len(rows), S, K, torch.zeros(1, len(rows), dtype=torch.int32),
-                     torch.full((1, len(rows)), S, dtype=torch.int32))
+    win = (torch.zeros(1, len(rows), dtype=torch.int32), torch.full((1, len(rows)), S, dtype=torch.int32))
+    idx, vals = _run(emu, buf, 0, len(rows), S, K, *win)
     _check(buf, idx, vals, 0, K, lambda b, t: (0, S))
+    again, _ = _run(emu, buf, 0, len(rows), S, K, *win)
+    assert torch.equal(again, idx)  # the slot order too: no thread-timing dependence
 
 
 def _gpu_or_skip():
