@@ -7,6 +7,7 @@ select on real indexer scores.
 """
 
 import ctypes
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -38,18 +39,32 @@ def emu(tmp_path_factory):
     return fn
 
 
-def _run(fn, buf, row0, T, S, K, starts=None, ends=None, global_ids=False):
-    """Select rows [row0, row0 + n) (buf [B, n, S] holds their scores) into fresh [B, T, K] outputs."""
+def _run(fn, buf, row0, T, S, K, starts=None, ends=None, global_ids=False, timeout=120):
+    """Select rows [row0, row0 + n) (buf [B, n, S] holds their scores) into fresh [B, T, K] outputs.
+
+    The emulated launch runs in a forked child writing shared-memory outputs, so that a kernel
+    bug that deadlocks its barriers or corrupts memory fails this test instead of hanging it."""
     B, n, _ = buf.shape
-    idx = torch.full((B, T, K), -7, dtype=torch.int32)
-    vals = torch.full((B, T, K), float("nan"))
+    idx = torch.full((B, T, K), -7, dtype=torch.int32).share_memory_()
+    vals = torch.full((B, T, K), float("nan")).share_memory_()
     causal = starts is None
     if causal:
         starts = ends = torch.zeros(1, 1, dtype=torch.int32)
-    err = fn(buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
-             starts.stride(1), int(causal), int(global_ids), row0, n, B, S, K, idx.data_ptr(), vals.data_ptr(),
-             idx.stride(0), idx.stride(1))
-    assert err == 0
+
+    def child():
+        err = fn(buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(),
+                 starts.stride(0), starts.stride(1), int(causal), int(global_ids), row0, n, B, S, K,
+                 idx.data_ptr(), vals.data_ptr(), idx.stride(0), idx.stride(1))
+        os._exit(err)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail(f"the emulated select did not finish in {timeout} s")
+    assert proc.exitcode == 0, f"the emulated select failed: exit code {proc.exitcode}"
     return idx, vals
 
 
