@@ -87,6 +87,11 @@ def _check(buf, idx, vals, row0, K, windows, global_ids=False):
             assert torch.equal(vals[b, t, :m], row[local]), (b, t)  # -0.0 == 0.0
 
 
+def _bits(i):
+    """fp32 values with the given int32 bit patterns."""
+    return i.to(torch.int32).view(torch.float32)
+
+
 def _causal(S):
     return lambda b, t: (0, min(t + 1, S))
 
@@ -112,12 +117,16 @@ def test_emulated_select_windows_global_ids(emu):
 
 def test_emulated_select_paths(emu):
     """Rows built to reach each path: a first-digit bucket too large for the candidate list
-    (a second global level), one holding exactly the missing count (taken whole), a row of one
+    (a second global level), one that fits it (two shared-memory levels), one holding exactly the missing count (taken whole), a row of one
     value (ties down to the last digit: the lowest ids win), integer scores (ties at the last
     shared-memory level), signed zeros and negatives. A second run gives the same slot order."""
     S, K = 9000, 2048
     rows = [
         1.0 + 0.25 * torch.rand(S),  # one first digit for all: 9000 > 6144 candidates
+        torch.cat([_bits(0x3F800000 + (torch.randint(0, 2048, (64,))[torch.randint(0, 64, (5000,))] << 10)
+                         + torch.randint(0, 1024, (5000,))),
+                   0.5 * torch.rand(S - 5000)])[torch.randperm(S)],  # 5000 in one first digit, spread over
+        # 64 second digits of ~80 keys: both shared-memory levels, the last one among several buckets
         torch.cat([100 + torch.rand(K), torch.rand(S - K)])[torch.randperm(S)],  # exactly K in the top bucket
         torch.full((S,), 0.5),
         torch.randint(0, 40, (S,)).float(),

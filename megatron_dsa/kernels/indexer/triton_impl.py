@@ -332,25 +332,15 @@ def _select_in_registers(x, pos, valid, idx_row, val_row, id0, K):
     digits without any memory traffic, then one compaction: the output is in position order."""
     key = _ordered_key(x)
     k_rem = K
-    b0, above, in_b = _reg_level(key, valid, 0, k_rem, 24, True)
-    prefix = b0.to(tl.uint32)
-    shift = 24
-    k_rem -= above
-    if in_b != k_rem:
-        b1, above, in_b = _reg_level(key, valid, prefix, k_rem, 16, False)
-        prefix = (prefix << 8) | b1.to(tl.uint32)
-        shift = 16
-        k_rem -= above
+    in_b = -1  # no level yet
+    prefix = tl.zeros([], dtype=tl.uint32)
+    shift = 32
+    for lvl in tl.static_range(4):  # digits 31..24, 23..16, 15..8, 7..0; stop once exact
         if in_b != k_rem:
-            b2, above, in_b = _reg_level(key, valid, prefix, k_rem, 8, False)
-            prefix = (prefix << 8) | b2.to(tl.uint32)
-            shift = 8
+            bk, above, in_b = _reg_level(key, valid, prefix, k_rem, 24 - 8 * lvl, lvl == 0)
+            prefix = (prefix << 8) | bk.to(tl.uint32)
+            shift = 24 - 8 * lvl
             k_rem -= above
-            if in_b != k_rem:
-                b3, above, in_b = _reg_level(key, valid, prefix, k_rem, 0, False)
-                prefix = (prefix << 8) | b3.to(tl.uint32)
-                shift = 0
-                k_rem -= above
     kp = key >> shift
     gt = valid & (kp > prefix)
     eq = valid & (kp == prefix)
