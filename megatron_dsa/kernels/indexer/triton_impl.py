@@ -326,10 +326,12 @@ def _reg_level(key, valid, prefix, k_rem, SHIFT: tl.constexpr, FIRST: tl.constex
 
 
 @triton.jit
-def _select_in_registers(x, pos, valid, idx_row, val_row, id0, K):
-    """Exact top-K (ties: lowest position) of the ``valid`` scores ``x`` held in registers
-    (``pos``: their ascending positions in the row, at least K valid). Radix levels on 8-bit
-    digits without any memory traffic, then one compaction: the output is in position order."""
+def _select_in_registers(row_ptr, pos, valid, idx_row, val_row, id0, K):
+    """Exact top-K (ties: lowest position) of the ``valid`` scores at the ascending positions
+    ``pos`` of the row (at least K valid), loaded into registers once: radix levels on 8-bit
+    digits without further memory traffic, then one compaction. The output is in position
+    order."""
+    x = tl.load(row_ptr + pos, mask=valid, other=0.0)
     key = _ordered_key(x)
     k_rem = K
     in_b = -1  # no level yet
@@ -384,9 +386,8 @@ def _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP,
             if n0 <= LIST_REG:
                 c = tl.arange(0, LIST_REG)
                 v = c < n0
-                j = tl.load(scr_row + c, mask=v, other=0)
-                x = tl.load(row_ptr + j, mask=v, other=0.0)
-                _select_in_registers(x, j, v, idx_row, val_row, id0, K)
+                _select_in_registers(row_ptr, tl.load(scr_row + c, mask=v, other=0), v, idx_row, val_row,
+                                     id0, K)
             else:
                 _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
         else:
@@ -451,9 +452,7 @@ def _select_kernel(
         if ROW_REG > 0:
             if L <= ROW_REG:
                 j = tl.arange(0, ROW_REG)
-                v = j < L
-                x = tl.load(row_ptr + j, mask=v, other=0.0)
-                _select_in_registers(x, j, v, idx_row, val_row, id0, K)
+                _select_in_registers(row_ptr, j, j < L, idx_row, val_row, id0, K)
             else:
                 _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
                                 GROUP, LIST_REG)
