@@ -7,6 +7,7 @@ select on real indexer scores.
 """
 
 import ctypes
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -38,18 +39,32 @@ def emu(tmp_path_factory):
     return fn
 
 
-def _run(fn, buf, row0, T, S, K, starts=None, ends=None, global_ids=False):
-    """Select rows [row0, row0 + n) (buf [B, n, S] holds their scores) into fresh [B, T, K] outputs."""
+def _run(fn, buf, row0, T, S, K, starts=None, ends=None, global_ids=False, timeout=120):
+    """Select rows [row0, row0 + n) (buf [B, n, S] holds their scores) into fresh [B, T, K] outputs.
+
+    The emulated launch runs in a forked child writing shared-memory outputs, so that a kernel
+    bug that deadlocks its barriers or corrupts memory fails this test instead of hanging it."""
     B, n, _ = buf.shape
-    idx = torch.full((B, T, K), -7, dtype=torch.int32)
-    vals = torch.full((B, T, K), float("nan"))
+    idx = torch.full((B, T, K), -7, dtype=torch.int32).share_memory_()
+    vals = torch.full((B, T, K), float("nan")).share_memory_()
     causal = starts is None
     if causal:
         starts = ends = torch.zeros(1, 1, dtype=torch.int32)
-    err = fn(buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
-             starts.stride(1), int(causal), int(global_ids), row0, n, B, S, K, idx.data_ptr(), vals.data_ptr(),
-             idx.stride(0), idx.stride(1))
-    assert err == 0
+
+    def child():
+        err = fn(buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(),
+                 starts.stride(0), starts.stride(1), int(causal), int(global_ids), row0, n, B, S, K,
+                 idx.data_ptr(), vals.data_ptr(), idx.stride(0), idx.stride(1))
+        os._exit(err)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail(f"the emulated select did not finish in {timeout} s")
+    assert proc.exitcode == 0, f"the emulated select failed: exit code {proc.exitcode}"
     return idx, vals
 
 
@@ -70,6 +85,11 @@ def _check(buf, idx, vals, row0, K, windows, global_ids=False):
             assert bool((got[m:] == -1).all()) and bool((vals[b, t, m:] == float("-inf")).all()), (b, t)
             local = got[:m].long() - st - (b * S if global_ids else 0)
             assert torch.equal(vals[b, t, :m], row[local]), (b, t)  # -0.0 == 0.0
+
+
+def _bits(i):
+    """fp32 values with the given int32 bit patterns."""
+    return i.to(torch.int32).view(torch.float32)
 
 
 def _causal(S):
@@ -97,21 +117,27 @@ def test_emulated_select_windows_global_ids(emu):
 
 def test_emulated_select_paths(emu):
     """Rows built to reach each path: a first-digit bucket too large for the candidate list
-    (a second global level), one holding exactly the missing count (taken whole), a row of one
+    (a second global level), one that fits it (two shared-memory levels), one holding exactly the missing count (taken whole), a row of one
     value (ties down to the last digit: the lowest ids win), integer scores (ties at the last
-    shared-memory level), signed zeros and negatives."""
+    shared-memory level), signed zeros and negatives. A second run gives the same slot order."""
     S, K = 9000, 2048
     rows = [
         1.0 + 0.25 * torch.rand(S),  # one first digit for all: 9000 > 6144 candidates
+        torch.cat([_bits(0x3F800000 + (torch.randint(0, 2048, (64,))[torch.randint(0, 64, (5000,))] << 10)
+                         + torch.randint(0, 1024, (5000,))),
+                   0.5 * torch.rand(S - 5000)])[torch.randperm(S)],  # 5000 in one first digit, spread over
+        # 64 second digits of ~80 keys: both shared-memory levels, the last one among several buckets
         torch.cat([100 + torch.rand(K), torch.rand(S - K)])[torch.randperm(S)],  # exactly K in the top bucket
         torch.full((S,), 0.5),
         torch.randint(0, 40, (S,)).float(),
         torch.where(torch.rand(S) < 0.5, torch.tensor(-0.0), torch.tensor(0.0)) + (torch.rand(S) < 0.1) * torch.randn(S),
     ]
     buf = torch.stack(rows)[None]
-    idx, vals = _run(emu, buf, 0, len(rows), S, K, torch.zeros(1, len(rows), dtype=torch.int32),
-                     torch.full((1, len(rows)), S, dtype=torch.int32))
+    win = (torch.zeros(1, len(rows), dtype=torch.int32), torch.full((1, len(rows)), S, dtype=torch.int32))
+    idx, vals = _run(emu, buf, 0, len(rows), S, K, *win)
     _check(buf, idx, vals, 0, K, lambda b, t: (0, S))
+    again, _ = _run(emu, buf, 0, len(rows), S, K, *win)
+    assert torch.equal(again, idx)  # the slot order too: no thread-timing dependence
 
 
 def _gpu_or_skip():

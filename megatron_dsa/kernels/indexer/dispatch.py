@@ -33,20 +33,13 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
     if backend == "reference":
         return KernelChoice(OP, backend, "reference", None, "asked for")
     pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    if backend == "cuda":
-        why = cuda_select_reason(device)
+    if backend in ("cuda", "triton"):  # cuda: the Triton score kernel with the CUDA select
+        why = (cuda_select_reason if backend == "cuda" else triton_reason)(device)
         if why is None and not pow2:
             why = f"the Triton score kernel needs a power-of-two head dim >= 16, got {head_dim}"
         if why is not None:
-            raise ValueError(f"{OP}: backend='cuda' cannot run: {why}")
-        return KernelChoice(OP, backend, "cuda", None, "asked for: Triton score kernel, CUDA select")
-    if backend == "triton":
-        why = triton_reason(device)
-        if why is None and not pow2:
-            why = f"the Triton kernel needs a power-of-two head dim >= 16, got {head_dim}"
-        if why is not None:
-            raise ValueError(f"{OP}: backend='triton' cannot run: {why}")
-        return KernelChoice(OP, backend, "triton", None, "asked for")
+            raise ValueError(f"{OP}: backend='{backend}' cannot run: {why}")
+        return KernelChoice(OP, backend, backend, None, "asked for")
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", None, f"{device.type} tensors run the PyTorch reference")
     if not pow2:

@@ -326,31 +326,23 @@ def _reg_level(key, valid, prefix, k_rem, SHIFT: tl.constexpr, FIRST: tl.constex
 
 
 @triton.jit
-def _select_in_registers(x, pos, valid, idx_row, val_row, id0, K):
-    """Exact top-K (ties: lowest position) of the ``valid`` scores ``x`` held in registers
-    (``pos``: their ascending positions in the row, at least K valid). Radix levels on 8-bit
-    digits without any memory traffic, then one compaction: the output is in position order."""
+def _select_in_registers(row_ptr, pos, valid, idx_row, val_row, id0, K):
+    """Exact top-K (ties: lowest position) of the ``valid`` scores at the ascending positions
+    ``pos`` of the row (at least K valid), loaded into registers once: radix levels on 8-bit
+    digits without further memory traffic, then one compaction. The output is in position
+    order."""
+    x = tl.load(row_ptr + pos, mask=valid, other=0.0)
     key = _ordered_key(x)
     k_rem = K
-    b0, above, in_b = _reg_level(key, valid, 0, k_rem, 24, True)
-    prefix = b0.to(tl.uint32)
-    shift = 24
-    k_rem -= above
-    if in_b != k_rem:
-        b1, above, in_b = _reg_level(key, valid, prefix, k_rem, 16, False)
-        prefix = (prefix << 8) | b1.to(tl.uint32)
-        shift = 16
-        k_rem -= above
+    in_b = -1  # no level yet
+    prefix = tl.zeros([], dtype=tl.uint32)
+    shift = 32
+    for lvl in tl.static_range(4):  # digits 31..24, 23..16, 15..8, 7..0; stop once exact
         if in_b != k_rem:
-            b2, above, in_b = _reg_level(key, valid, prefix, k_rem, 8, False)
-            prefix = (prefix << 8) | b2.to(tl.uint32)
-            shift = 8
+            bk, above, in_b = _reg_level(key, valid, prefix, k_rem, 24 - 8 * lvl, lvl == 0)
+            prefix = (prefix << 8) | bk.to(tl.uint32)
+            shift = 24 - 8 * lvl
             k_rem -= above
-            if in_b != k_rem:
-                b3, above, in_b = _reg_level(key, valid, prefix, k_rem, 0, False)
-                prefix = (prefix << 8) | b3.to(tl.uint32)
-                shift = 0
-                k_rem -= above
     kp = key >> shift
     gt = valid & (kp > prefix)
     eq = valid & (kp == prefix)
@@ -394,9 +386,8 @@ def _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP,
             if n0 <= LIST_REG:
                 c = tl.arange(0, LIST_REG)
                 v = c < n0
-                j = tl.load(scr_row + c, mask=v, other=0)
-                x = tl.load(row_ptr + j, mask=v, other=0.0)
-                _select_in_registers(x, j, v, idx_row, val_row, id0, K)
+                _select_in_registers(row_ptr, tl.load(scr_row + c, mask=v, other=0), v, idx_row, val_row,
+                                     id0, K)
             else:
                 _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
         else:
@@ -461,9 +452,7 @@ def _select_kernel(
         if ROW_REG > 0:
             if L <= ROW_REG:
                 j = tl.arange(0, ROW_REG)
-                v = j < L
-                x = tl.load(row_ptr + j, mask=v, other=0.0)
-                _select_in_registers(x, j, v, idx_row, val_row, id0, K)
+                _select_in_registers(row_ptr, j, j < L, idx_row, val_row, id0, K)
             else:
                 _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
                                 GROUP, LIST_REG)

@@ -34,7 +34,7 @@ constexpr int CAND_CAP = 6144;  // candidates kept in shared memory
 
 struct Smem {
   unsigned hist[BINS];
-  unsigned cand_key[CAND_CAP];
+  float cand_x[CAND_CAP];
   int cand_pos[CAND_CAP];
   unsigned tile[2][33];  // per tile parity: 32 exclusive packed counts + the tile's total
   unsigned wsum[NW];
@@ -49,10 +49,6 @@ __device__ __forceinline__ unsigned ordered_key(float x) {
   unsigned bits = __float_as_uint(x);
   if (x == 0.0f) bits = 0u;
   return bits ^ ((bits >> 31) ? 0xffffffffu : 0x80000000u);
-}
-
-__device__ __forceinline__ float key_value(unsigned key) {
-  return __uint_as_float((key >> 31) ? (key & 0x7fffffffu) : ~key);
 }
 
 __device__ __forceinline__ unsigned lanemask_lt() { return (1u << (threadIdx.x & 31)) - 1u; }
@@ -144,6 +140,32 @@ __device__ __forceinline__ TileCounts tile_counts(const bool (&gt)[STEPS], const
   return r;
 }
 
+// One pass over n keys in index order (load(i): the i-th score). Each key gets its class (gt:
+// (key >> shift) > prefix, above the bucket; eq: in it) and the counts of each class before it,
+// and emit(i, x, gt, eq, gt_before, eq_before) places it.
+template <class Load, class Emit>
+__device__ __forceinline__ void compaction_pass(int n, int shift, unsigned prefix, Smem& sm, int& parity, Load load,
+                                                Emit emit) {
+  unsigned run_gt = 0u, run_eq = 0u;
+  for (int base = 0; base < n; base += STEPS * NT) {
+    bool gt[STEPS], eq[STEPS];
+    float x[STEPS];
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+      const int i = base + s * NT + static_cast<int>(threadIdx.x);
+      x[s] = i < n ? load(i) : 0.0f;
+      const unsigned kp = ordered_key(x[s]) >> shift;
+      gt[s] = i < n && kp > prefix;
+      eq[s] = i < n && kp == prefix;
+    }
+    const TileCounts c = tile_counts(gt, eq, sm, parity, run_gt, run_eq);
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s)
+      emit(base + s * NT + static_cast<int>(threadIdx.x), x[s], gt[s], eq[s], c.gt_before[s], c.eq_before[s]);
+    parity ^= 1;
+  }
+}
+
 __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ buf, long long sb_b, long long sb_r,
                                                     const int32_t* __restrict__ starts,
                                                     const int32_t* __restrict__ ends, long long sse_b,
@@ -213,41 +235,31 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
     shift = ds;
     if (in_b == k_rem || in_b <= CAND_CAP) break;
   }
-  // 2. collection pass in index order; take_all: the bucket's first k_rem keys are the rest
+  // 2. collection pass in index order; take_all: the bucket's first k_rem keys are the rest.
+  // take(out0, id, ...): a key above the bucket, or among its first k_rem, goes to the output
+  // after out0 keys of earlier passes.
   const bool take_all = in_b == k_rem || shift == 0;
-  unsigned run_gt = 0u, run_eq = 0u;
+  auto take = [&](unsigned out0, int id, float x, bool gt, bool eq, unsigned gt_before, unsigned eq_before) {
+    if (gt || (eq && eq_before < k_rem)) {
+      const unsigned pos = out0 + gt_before + min(eq_before, k_rem);
+      out_i[pos] = id0 + id;
+      out_v[pos] = x;
+    }
+  };
   int parity = 0;
-  for (int base = 0; base < L; base += STEPS * NT) {
-    bool gt[STEPS], eq[STEPS];
-    float x[STEPS];
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
-      const int j = base + s * NT + threadIdx.x;
-      x[s] = j < L ? __ldg(row + j) : 0.0f;
-      const unsigned kp = ordered_key(x[s]) >> shift;
-      gt[s] = j < L && kp > prefix;
-      eq[s] = j < L && kp == prefix;
-    }
-    const TileCounts c = tile_counts(gt, eq, sm, parity, run_gt, run_eq);
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
-      const int j = base + s * NT + threadIdx.x;
-      if (take_all) {
-        if (gt[s] || (eq[s] && c.eq_before[s] < k_rem)) {
-          const unsigned pos = c.gt_before[s] + min(c.eq_before[s], k_rem);
-          out_i[pos] = id0 + j;
-          out_v[pos] = x[s];
+  compaction_pass(
+      L, shift, prefix, sm, parity, [&](int j) { return __ldg(row + j); },
+      [&](int j, float x, bool gt, bool eq, unsigned gt_before, unsigned eq_before) {
+        if (take_all) {
+          take(0u, j, x, gt, eq, gt_before, eq_before);
+        } else if (gt) {
+          out_i[gt_before] = id0 + j;
+          out_v[gt_before] = x;
+        } else if (eq) {
+          sm.cand_x[eq_before] = x;
+          sm.cand_pos[eq_before] = j;
         }
-      } else if (gt[s]) {
-        out_i[c.gt_before[s]] = id0 + j;
-        out_v[c.gt_before[s]] = x[s];
-      } else if (eq[s]) {
-        sm.cand_key[c.eq_before[s]] = ordered_key(x[s]);
-        sm.cand_pos[c.eq_before[s]] = j;
-      }
-    }
-    parity ^= 1;
-  }
+      });
   if (take_all) return;
 
   // 3. shared-memory levels on the n candidates (all match prefix at shift)
@@ -259,7 +271,7 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
     const unsigned mask = (1u << width_of(lvl)) - 1u;
     clear_hist(sm);
     for (int i = threadIdx.x; i < n; i += NT) {
-      const unsigned key = sm.cand_key[i];
+      const unsigned key = ordered_key(sm.cand_x[i]);
       if ((key >> shift) == prefix) atomicAdd(&sm.hist[(key >> ds) & mask], 1u);
     }
     __syncthreads();
@@ -271,30 +283,11 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
     if (in_b == k_rem) break;
   }
   // compaction of the list: keys above the final bucket, then its first k_rem, in index order
-  run_gt = run_eq = 0u;
-  for (int base = 0; base < n; base += STEPS * NT) {
-    bool gt[STEPS], eq[STEPS];
-    unsigned key[STEPS];
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
-      const int i = base + s * NT + threadIdx.x;
-      key[s] = i < n ? sm.cand_key[i] : 0u;
-      const unsigned kp = key[s] >> shift;
-      gt[s] = i < n && kp > prefix;
-      eq[s] = i < n && kp == prefix;
-    }
-    const TileCounts c = tile_counts(gt, eq, sm, parity, run_gt, run_eq);
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
-      const int i = base + s * NT + threadIdx.x;
-      if (gt[s] || (eq[s] && c.eq_before[s] < k_rem)) {
-        const unsigned pos = out_base + c.gt_before[s] + min(c.eq_before[s], k_rem);
-        out_i[pos] = id0 + sm.cand_pos[i];
-        out_v[pos] = key_value(key[s]);
-      }
-    }
-    parity ^= 1;
-  }
+  compaction_pass(
+      n, shift, prefix, sm, parity, [&](int i) { return sm.cand_x[i]; },
+      [&](int i, float x, bool gt, bool eq, unsigned gt_before, unsigned eq_before) {
+        take(out_base, i < n ? sm.cand_pos[i] : 0, x, gt, eq, gt_before, eq_before);
+      });
 }
 
 }  // namespace
