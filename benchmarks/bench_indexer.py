@@ -522,7 +522,7 @@ def main():
                     help="ours / ours_fp8 once more with this select configuration (a --select-cfgs entry, "
                          "e.g. cuda)")
     ap.add_argument("--fp8-score-cfgs", default="",
-                    help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages;...' (the e4m3 tuning sweep; "
+                    help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages[,maxnreg];...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")
@@ -576,7 +576,7 @@ def main():
                         r = bench_impl(name, S, args)
                     finally:
                         ti._SCORE_CFG_GPU["fp8"] = shipped
-                    r["impl"] = "megatron_dsa[fp8 {}x{} w{} s{}]".format(*cfg)
+                    r["impl"] = "megatron_dsa[fp8 {}x{} w{} s{}".format(*cfg) + (f" r{cfg[4]}]" if len(cfg) > 4 else "]")
                     r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
                     rows.append(r)
                     print(json.dumps(r), flush=True)

@@ -486,7 +486,7 @@ class SelectCfg(NamedTuple):
     group: int = 1
 
 
-# (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel, per operand precision ("fp8":
+# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg]) for the score kernel, per operand precision ("fp8":
 # e4m3 q / k, half the shared memory per stage; not yet tuned on a GPU, the bf16 tile for now).
 # Measured on H100.
 _SCORE_CFG_GPU = {"bf16": (64, 128, 4, 3), "fp8": (64, 128, 4, 3)}
@@ -544,7 +544,8 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     scales of e4m3 keys, applied after the head sum)."""
     B, T, H, D = q.shape
     S = k.shape[1]
-    bt, bs, nw, ns = cfg
+    bt, bs, nw, ns = cfg[:4]
+    limits = {"maxnreg": cfg[4]} if len(cfg) > 4 else {}  # a register cap, for more programs per SM
     n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, bs)
     grid = (n_s, triton.cdiv(n_rows, bt), B)
     ks = k_scale if k_scale is not None else buf
@@ -559,7 +560,7 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
         ks.stride(0),
         H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        KEY_SCALE=k_scale is not None, num_warps=nw, num_stages=ns,
+        KEY_SCALE=k_scale is not None, num_warps=nw, num_stages=ns, **limits,
     )
 
 
