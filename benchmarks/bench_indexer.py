@@ -11,7 +11,7 @@ Usage (GPU):
   ... --impls ours            # ours only
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
   ... --select-cfgs "512,4,8;512,4,8,r4096w4,l4096;cuda"  # our select kernel alone per configuration
-  ... --pipeline-select cuda  # ours / ours_fp8 again with another select configuration
+  ... --pipelines "cuda:triton;cuda:cuda"  # ours / ours_fp8 again per select:score kernels
   ... --chunk-mib 512         # our score buffer's budget (the library's default: 1024)
   ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
                               #   e4m3 score kernel alone and the quantization alone
@@ -173,9 +173,10 @@ def bench_impl(name, S, args):
     return {"impl": label, **res}
 
 
-def score_only(S, args, fp8=False):
+def score_only(S, args, fp8=False, kernel="triton"):
     """Our score kernel alone over the same row chunks (no selection). ``fp8``: the e4m3 score
-    kernel on pre-quantized inputs, plus the quantization alone (``quant_ms``)."""
+    kernel on pre-quantized inputs, plus the quantization alone (``quant_ms``). ``kernel``:
+    the Triton or the CUDA score kernel."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
     from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
 
@@ -189,9 +190,11 @@ def score_only(S, args, fp8=False):
         q, k, w, ks = fp8_kernel_inputs(q, k, w)
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
 
+    launch = ti._launch_scores_cuda if kernel == "cuda" else ti._launch_scores
+
     def fn():
         for row0 in range(0, S, rows):
-            ti._launch_scores(q, k, w, st, en, causal, True, buf, row0, min(rows, S - row0), cfg, ks)
+            launch(q, k, w, st, en, causal, True, buf, row0, min(rows, S - row0), cfg, ks)
 
     ms = time_cuda(fn, warmup=1, reps=args.reps)
     return {"ms": round(ms, 4), "tflops": round(S * S * args.H * args.D / (ms * 1e-3) / 1e12, 1), **extra}
@@ -221,22 +224,31 @@ def parse_select_cfg(spec):
     return cfg
 
 
-def bench_with_select(name, S, args):
-    """``bench_impl`` of ours / ours_fp8 with ``--pipeline-select``: ``cuda`` runs the public
-    function with ``backend="cuda"``; a Triton configuration replaces the shipped one."""
-    global BACKEND
+def bench_pipeline(name, S, args, spec):
+    """ours / ours_fp8 through ``indexer_topk_triton`` with the kernels of ``spec``,
+    ``"SELECT:SCORE"`` (each ``triton`` or ``cuda``; a Triton select may be a ``--select-cfgs``
+    entry instead, e.g. ``512,4,8,l4096:triton``)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
+    from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
 
-    cfg = parse_select_cfg(args.pipeline_select)
-    shipped, backend = ti._SELECT_CFG_GPU, BACKEND
-    if cfg.kernel == "cuda":
-        BACKEND = "cuda"
-    else:
+    select, score = spec.rsplit(":", 1)
+    cfg = parse_select_cfg(select) if select not in ("triton", "cuda") else None
+
+    def make(q, k, w, topk):
+        def fn():
+            qq, kk, ww, ks = (*fp8_kernel_inputs(q, k, w),) if name == "ours_fp8" else (q, k, w, None)
+            return ti.indexer_topk_triton(qq, kk, ww, topk, k_scale=ks, score_kernel=score,
+                                          select_kernel="cuda" if select == "cuda" else "triton")
+        return fn
+
+    shipped = ti._SELECT_CFG_GPU
+    if cfg is not None:
         ti._SELECT_CFG_GPU = cfg
     try:
-        return bench_impl(name, S, args)
+        res = bench_one(make, S, args.H, args.D, args.k, args.reps)
     finally:
-        ti._SELECT_CFG_GPU, BACKEND = shipped, backend
+        ti._SELECT_CFG_GPU = shipped
+    return {"impl": f"{IMPLS[name][0]}[select {select}, score {score}]", **res}
 
 
 def select_sweep(S, args):
@@ -510,6 +522,7 @@ def main():
     ap.add_argument("--loss-peers", default="ours,mcore", help="ours, mcore (Megatron-Core's FusedDSAIndexerLoss)")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
+    ap.add_argument("--score-kernels", default="triton", help="with --score-only: triton, cuda or both")
     ap.add_argument("--select-cfgs", default="",
                     help='our select kernel alone per "BLOCK,num_warps,sample_stride[,g<GROUP>][,r<ROWS>w<WARPS>][,l<LIST>];..." '
                          '(the shipped one is "512,4,8"; g: a sample of GROUP consecutive scores of every '
@@ -518,9 +531,9 @@ def main():
                          'buffer (S <= 64K)')
     ap.add_argument("--chunk-mib", type=int, default=0,
                     help="our score buffer's budget in MiB (default: the library's, 1024)")
-    ap.add_argument("--pipeline-select", default="",
-                    help="ours / ours_fp8 once more with this select configuration (a --select-cfgs entry, "
-                         "e.g. cuda)")
+    ap.add_argument("--pipelines", default="",
+                    help='ours / ours_fp8 once more per "SELECT:SCORE;..." (triton or cuda each; SELECT may be '
+                         'a --select-cfgs entry), e.g. "cuda:triton;cuda:cuda;triton:cuda"')
     ap.add_argument("--fp8-score-cfgs", default="",
                     help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages[,maxnreg];...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")
@@ -581,19 +594,20 @@ def main():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
-            if name in ("ours", "ours_fp8") and args.pipeline_select:
-                r = bench_with_select(name, S, args)
-                r["impl"] = f"{IMPLS[name][0]}[select {args.pipeline_select}]"
+            for spec in (args.pipelines.split(";") if name in ("ours", "ours_fp8") and args.pipelines else []):
+                r = bench_pipeline(name, S, args, spec)
                 r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
                 torch.cuda.empty_cache()
             if name == "ours" and args.select_cfgs:
                 rows += select_sweep(S, args)
-            if name in ("ours", "ours_fp8") and args.score_only:
+            for kernel in (args.score_kernels.split(",") if name in ("ours", "ours_fp8") and args.score_only
+                           else []):
                 fp8 = name == "ours_fp8"
-                r = run_guarded(lambda: score_only(S, args, fp8))
-                r["impl"] = "megatron_dsa[fp8 score_only]" if fp8 else "megatron_dsa[score_only]"
+                r = run_guarded(lambda: score_only(S, args, fp8, kernel))
+                r["impl"] = ("megatron_dsa[fp8 score_only" if fp8 else "megatron_dsa[score_only") + (
+                    ", cuda]" if kernel == "cuda" else "]")
                 r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "score"}
                 rows.append(r)
                 print(json.dumps(r), flush=True)

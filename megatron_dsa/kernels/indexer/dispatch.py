@@ -16,7 +16,7 @@ import torch
 
 from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
-from .cuda_impl import MAX_TOPK, cuda_select_reason
+from .cuda_impl import MAX_TOPK, cuda_select_reason, score_cuda_reason
 from .fp8 import fp8_kernel_inputs, fp8_selection_inputs
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
@@ -39,7 +39,8 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
             why = f"the Triton score kernel needs a power-of-two head dim >= 16, got {head_dim}"
         if why is not None:
             raise ValueError(f"{OP}: backend='{backend}' cannot run: {why}")
-        return KernelChoice(OP, backend, backend, None, "asked for")
+        return KernelChoice(OP, backend, backend, None, "asked for" if backend == "triton" else
+                            "asked for: CUDA select; CUDA score kernel for head dim 128 and <= 128 heads, else Triton")
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", None, f"{device.type} tensors run the PyTorch reference")
     if not pow2:
@@ -49,7 +50,7 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
         return KernelChoice(OP, backend, "reference", None, why)
     why_cuda = cuda_select_reason(device)
     if why_cuda is None:
-        return KernelChoice(OP, backend, "cuda", None, "Triton score kernel, CUDA select")
+        return KernelChoice(OP, backend, "cuda", None, "CUDA select; CUDA score kernel for head dim 128 and <= 128 heads, else Triton")
     if warn and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         warn_once(OP, f"selecting with the Triton select instead of the CUDA one: {why_cuda}")
     return KernelChoice(OP, backend, "triton", None, f"fused Triton score + top-k ({why_cuda})")
@@ -93,13 +94,14 @@ def indexer_topk(
         select_kernel = "triton"
     fused = select_kernel in ("triton", "cuda")
     with torch.no_grad():
+        k_scale = None
         if precision == "fp8" and fused:
-            q8, k8, w8, k_scale = fp8_kernel_inputs(q, k, w)
-            return indexer_topk_triton(q8, k8, w8, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
-                                       select_kernel=select_kernel)
-        if precision == "fp8":
+            q, k, w, k_scale = fp8_kernel_inputs(q, k, w)
+        elif precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
         if fused:
-            return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids,
-                                       select_kernel=select_kernel)
+            # the CUDA select comes with the CUDA score kernel, where that takes the operands
+            score_kernel = "cuda" if select_kernel == "cuda" and score_cuda_reason(q, k) is None else "triton"
+            return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
+                                       select_kernel=select_kernel, score_kernel=score_kernel)
         return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)

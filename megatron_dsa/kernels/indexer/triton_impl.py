@@ -564,13 +564,22 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     )
 
 
-def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True):
-    """Dense masked scores ``[B, T, S]`` fp32 (testing/diagnostics only: O(T*S) memory)."""
+def _launch_scores_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, k_scale=None):
+    """``_launch_scores`` on the CUDA score kernel (``cfg``, the Triton tile, does not apply)."""
+    from .cuda_impl import score_cuda
+
+    score_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, k_scale)
+
+
+def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True, k_scale=None, score_kernel="triton"):
+    """Dense masked scores ``[B, T, S]`` fp32 (testing/diagnostics only: O(T*S) memory).
+    ``k_scale``: as in :func:`indexer_topk_triton`; ``score_kernel``: ``"triton"`` or ``"cuda"``."""
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
     S = k.shape[1]
     buf = torch.full((B, T, S), float("-inf"), dtype=torch.float32, device=q.device)
-    _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg())
+    launch = _launch_scores_cuda if score_kernel == "cuda" else _launch_scores
+    launch(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg(k_scale is not None), k_scale)
     return buf
 
 
@@ -587,6 +596,7 @@ def indexer_topk_triton(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     k_scale: Optional[torch.Tensor] = None,
     select_kernel: str = "triton",
+    score_kernel: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
@@ -594,7 +604,8 @@ def indexer_topk_triton(
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
     ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
     the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
-    ``select_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl.select_cuda``).
+    ``select_kernel`` / ``score_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl``; the CUDA
+    score kernel takes the operands ``cuda_impl.score_cuda_reason`` accepts).
     """
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
@@ -615,7 +626,17 @@ def indexer_topk_triton(
         return idx, vals
     S_alloc = max(S, 1)
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, scratch=select_kernel != "cuda")
+    launch_scores = _launch_scores
+    block_t = scfg[0]
+    if score_kernel == "cuda":
+        from . import cuda_impl
+
+        why = cuda_impl.score_cuda_reason(q, k)
+        if why is not None:
+            raise ValueError(why)
+        block_t = cuda_impl.SCORE_ROWS
+        launch_scores = _launch_scores_cuda
+    rows, cap = _plan(B, T, S_alloc, topk, block_t, chunk_bytes, scratch=select_kernel != "cuda")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
     # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
@@ -623,7 +644,7 @@ def indexer_topk_triton(
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
-            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
+            launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
         launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, sel_cfg)
     return idx, vals
 
