@@ -91,7 +91,7 @@ def indexer_topk(
         elif precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
         if fused:
-            # backend "cuda": the CUDA score kernel too, where it takes the operands
+            # the CUDA select comes with the CUDA score kernel, where that takes the operands
             score_kernel = "cuda" if choice.forward == "cuda" and score_cuda_reason(q, k) is None else "triton"
             return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
                                        select_kernel=choice.forward, score_kernel=score_kernel)
