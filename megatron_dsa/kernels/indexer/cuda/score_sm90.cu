@@ -66,7 +66,8 @@ struct Cfg {
   static constexpr int OFF_Q = OFF_K + KTILE;          // [2 warpgroups][NST] query tiles
   static constexpr int OFF_KS = OFF_Q + 2 * NST * QTILE;  // [BN] fp32 key scales
   static constexpr int OFF_W = OFF_KS + BN * 4;        // [2][64 rows][H] fp32 head weights
-  static int smem_bytes(int H) { return OFF_W + 2 * BMW * H * 4 + 1024; }  // + alignment slack
+  static constexpr int smem_bytes(int H) { return OFF_W + 2 * BMW * H * 4 + 1024; }  // + alignment slack
+  static_assert(OFF_W + 2 * BMW * MAX_H * 4 + 1024 <= 232448, "shared memory");
 };
 
 struct ScoreParams {
@@ -252,7 +253,8 @@ template <bool FP8, bool RELU>
 int launch(const ScoreParams& p, int B, cudaStream_t stream) {
   static bool done[64] = {};
   const int bytes = Cfg<FP8>::smem_bytes(p.H);
-  cudaError_t e = set_smem_once(done, score_kernel<FP8, RELU>, bytes);
+  // the limit for the most heads, set once per device (a later call may have more heads)
+  cudaError_t e = set_smem_once(done, score_kernel<FP8, RELU>, Cfg<FP8>::smem_bytes(MAX_H));
   if (e != cudaSuccess) return static_cast<int>(e);
   const int keys = p.causal ? min(p.S, p.row0 + p.n_rows) : p.S;
   const dim3 grid((keys + BN - 1) / BN, (p.n_rows + 2 * BMW - 1) / (2 * BMW), B);
