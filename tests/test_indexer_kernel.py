@@ -161,13 +161,13 @@ def test_topk_select_with_ties():
 @pytest.mark.parametrize("kind", ["causal", "random"])
 def test_topk_select_in_registers(monkeypatch, kind):
     """Rows of at most ``row_reg`` scores and candidate lists of at most ``list_reg`` ids
-    selected in registers, beside rows and lists past those sizes (the sampled path and the
-    list radix in scratch): exact on random scores, and on integer scores (ties at every radix
-    level) the lowest index wins. Causal rows are two launches split on the host, windowed rows
-    one launch that branches per row."""
+    selected in registers, beside rows and lists past those sizes (the sampled path, here with
+    the threshold sampled in groups of 4 scores, and the list radix in scratch): exact on random
+    scores, and on integer scores (ties at every radix level) the lowest index wins. Causal rows
+    are two launches split on the host, windowed rows one launch that branches per row."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
-    cfg = ti._SELECT_CFG_INTERP._replace(block=32, row_reg=64, row_warps=2, list_reg=128)
+    cfg = ti._SELECT_CFG_INTERP._replace(block=32, row_reg=64, row_warps=2, list_reg=128, group=4)
     monkeypatch.setattr(ti, "_SELECT_CFG_INTERP", cfg)
     B, T, H, D, K = 1, 256, 2, 16, 16  # lists of ~180 ids in the longest rows
     q, k, w = _inputs(B, T, T, H, D)
