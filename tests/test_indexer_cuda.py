@@ -1,10 +1,12 @@
 """The indexer's CUDA kernels: the select (``kernels/indexer/cuda/select_sm90.cuh``) and the score
 kernel (``score_sm90.cu``).
 
-CPU: the select's own source, compiled with the host compiler against ``cuda_emu/simt.h`` (one
-thread per CUDA thread, real barriers, ballots and shuffles), against a stable-sort reference on
-rows that reach each of its paths (the score kernel runs wgmma, which has no CPU stand-in).
-GPU (``-m gpu``): both compiled kernels against the Triton ones on real indexer inputs.
+CPU: each kernel's own source, compiled with the host compiler against ``cuda_emu/simt.h`` (one
+thread per CUDA thread, real barriers, ballots and shuffles): the select against a stable-sort
+reference on rows that reach each of its paths; the score kernel, with ``cuda_emu/sm90_emu.h``'s
+stand-ins for cp.async and wgmma (which decode the kernel's own shared-memory descriptors and
+swizzle), against float64 math. GPU (``-m gpu``): both compiled kernels against the Triton ones
+on real indexer inputs.
 """
 
 import ctypes
@@ -139,6 +141,96 @@ def test_emulated_select_paths(emu):
     _check(buf, idx, vals, 0, K, lambda b, t: (0, S))
     again, _ = _run(emu, buf, 0, len(rows), S, K, *win)
     assert torch.equal(again, idx)  # the slot order too: no thread-timing dependence
+
+
+@pytest.fixture(scope="module")
+def score_emu(tmp_path_factory):
+    """The score kernel's source (``score_sm90.cuh``) on the CPU: simt.h threads, sm90_emu.h's
+    stand-ins for cp.async, named barriers and wgmma (decoding the kernel's own shared-memory
+    descriptors and 128-byte swizzle)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    out = tmp_path_factory.mktemp("emu") / "score_emu.so"
+    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
+                           os.path.join(HERE, "cuda_emu", "score_emu.cpp"), "-o", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "barrier" in proc.stderr:
+        pytest.skip(f"{cxx} lacks C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fn = ctypes.CDLL(str(out)).emu_indexer_score
+    fn.restype = ctypes.c_int
+    vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    fn.argtypes = [i32, i32] + [vp] * 7 + [ll] * 13 + [i32] * 7
+    return fn
+
+
+def _in_child(fn, timeout=300):
+    """Run fn() in a forked child (its outputs in shared memory): a deadlock or a crash of the
+    emulated kernel fails the test instead of hanging or killing it."""
+    def child():
+        os._exit(fn())
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail(f"the emulated kernel did not finish in {timeout} s")
+    assert proc.exitcode == 0, f"the emulated kernel failed: exit code {proc.exitcode}"
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("kind,relu,H", [("causal", True, 11), ("windows", False, 12)])
+def test_emulated_score_kernel(score_emu, fp8, kind, relu, H):
+    """The CUDA score kernel's own source on the CPU against float64 math on the same bf16 /
+    e4m3 values: two row tiles and two key tiles with ragged edges (T = 150, S = 200, a chunk
+    that starts at row 20), 11 or 12 heads (the query ring wraps; 11: the dummy wgmma), windows
+    or the causal edge, ReLU on and off, per-key scales. Outside a row's window: -inf, or
+    untouched where no row of the CTA sees the tile (as the Triton kernel; the select reads
+    windows only); buffer rows past the chunk keep their sentinel."""
+    B, T, S, D, row0 = 2, 150, 200, 128, 20
+    n = T - row0
+    q = torch.randn(B, T, H, D)
+    k = torch.randn(B, S, D)
+    w = torch.randn(B, T, H)
+    if fp8:
+        q, k = q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn)
+        ks = torch.rand(B, S) + 0.5
+    else:
+        q, k, ks = q.bfloat16(), k.bfloat16(), None
+    if kind == "causal":
+        st = torch.zeros(B, T, dtype=torch.long)
+        en = torch.arange(1, T + 1).clamp(max=S).expand(B, T)
+        sti = eni = torch.zeros(1, 1, dtype=torch.int32)
+    else:
+        a, c = torch.randint(0, S + 1, (B, T)), torch.randint(0, S + 1, (B, T))
+        st, en = torch.minimum(a, c), torch.maximum(a, c)
+        sti, eni = st.int().contiguous(), en.int().contiguous()
+    buf = torch.full((B, n + 3, S), 7.0).share_memory_()  # rows past the chunk must stay 7
+    ksp = ks.data_ptr() if ks is not None else None
+    _in_child(lambda: score_emu(
+        int(fp8), int(relu), q.data_ptr(), k.data_ptr(), w.data_ptr(), sti.data_ptr(), eni.data_ptr(), ksp,
+        buf.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
+        w.stride(2), sti.stride(0), sti.stride(1), buf.stride(0), buf.stride(1), ks.stride(0) if ks is not None else 0,
+        row0, n, T, S, H, int(kind == "causal"), B))
+    x = torch.einsum("bthd,bsd->bths", q.double(), k.double())
+    if relu:
+        x = x.clamp(min=0)
+    want = torch.einsum("bths,bth->bts", x, w.double())
+    if ks is not None:
+        want = want * ks.double()[:, None, :]
+    s_ids = torch.arange(S)
+    inside = (s_ids >= st[..., None]) & (s_ids < en[..., None])
+    inside = inside[:, row0:]
+    want = want[:, row0:]
+    got = buf[:, :n].double()
+    torch.testing.assert_close(got[inside], want[inside], atol=1e-3, rtol=1e-4)
+    # outside the windows: -inf in the tiles a row of the CTA sees, untouched in skipped ones
+    assert bool(((got[~inside] == float("-inf")) | (got[~inside] == 7.0)).all())
+    assert bool((got[~inside] == float("-inf")).any())
+    assert bool((buf[:, n:] == 7.0).all())
 
 
 def _gpu_or_skip():

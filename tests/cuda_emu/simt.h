@@ -9,7 +9,9 @@
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -20,6 +22,10 @@ struct dim3 {
 struct float4 {
   float x, y, z, w;
 };
+struct float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 inline thread_local dim3 threadIdx, blockIdx, gridDim;
 
@@ -37,7 +43,11 @@ namespace simt {
 struct Block {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<std::unique_ptr<std::barrier<>>> warpgroups;  // 128 threads each
+  std::map<int, std::unique_ptr<std::barrier<>>> named;     // bar.sync ids, made at first use
+  std::mutex named_mutex;
   std::vector<uint64_t> exchange;  // one slot per thread
+  std::atomic<int> vote{0};
 };
 
 inline Block* current = nullptr;
@@ -53,33 +63,64 @@ inline auto warp_exchange(uint64_t v, F f) {
   return r;
 }
 
-// Run kernel(args...) over grid (gx, gy) with nt threads per block.
+// Run kernel(args...) over grid (gx, gy, gz) with nt threads per block.
+template <class K, class... A>
+inline void launch3(unsigned gx, unsigned gy, unsigned gz, unsigned nt, K kernel, A... args) {
+  for (unsigned bz = 0; bz < gz; ++bz)
+    for (unsigned by = 0; by < gy; ++by)
+      for (unsigned bx = 0; bx < gx; ++bx) {
+        Block blk;
+        blk.all = std::make_unique<std::barrier<>>(static_cast<std::ptrdiff_t>(nt));
+        for (unsigned w = 0; w < (nt + 31) / 32; ++w) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
+        for (unsigned g = 0; g < nt / 128; ++g) blk.warpgroups.push_back(std::make_unique<std::barrier<>>(128));
+        blk.exchange.assign(nt, 0);
+        current = &blk;
+        std::vector<std::thread> th;
+        th.reserve(nt);
+        for (unsigned t = 0; t < nt; ++t)
+          th.emplace_back([=] {
+            threadIdx = dim3{t, 1, 1};
+            blockIdx = dim3{bx, by, bz};
+            gridDim = dim3{gx, gy, gz};
+            kernel(args...);
+          });
+        for (auto& x : th) x.join();
+        current = nullptr;
+      }
+}
+
 template <class K, class... A>
 inline void launch(unsigned gx, unsigned gy, unsigned nt, K kernel, A... args) {
-  for (unsigned by = 0; by < gy; ++by)
-    for (unsigned bx = 0; bx < gx; ++bx) {
-      Block blk;
-      blk.all = std::make_unique<std::barrier<>>(static_cast<std::ptrdiff_t>(nt));
-      for (unsigned w = 0; w < (nt + 31) / 32; ++w) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
-      blk.exchange.assign(nt, 0);
-      current = &blk;
-      std::vector<std::thread> th;
-      th.reserve(nt);
-      for (unsigned t = 0; t < nt; ++t)
-        th.emplace_back([=] {
-          threadIdx = dim3{t, 1, 1};
-          blockIdx = dim3{bx, by, 1};
-          gridDim = dim3{gx, gy, 1};
-          kernel(args...);
-        });
-      for (auto& x : th) x.join();
-      current = nullptr;
-    }
+  launch3(gx, gy, 1, nt, kernel, args...);
+}
+
+// The calling thread's warpgroup waits for its 128 threads.
+inline void warpgroup_sync() { current->warpgroups[threadIdx.x / 128]->arrive_and_wait(); }
+
+// bar.sync id, n: the barrier is made by the first thread to reach it.
+inline void named_sync(int id, int n) {
+  std::barrier<>* b;
+  {
+    std::lock_guard<std::mutex> lock(current->named_mutex);
+    auto& slot = current->named[id];
+    if (!slot) slot = std::make_unique<std::barrier<>>(n);
+    b = slot.get();
+  }
+  b->arrive_and_wait();
 }
 
 }  // namespace simt
 
 inline void __syncthreads() { simt::current->all->arrive_and_wait(); }
+
+inline int __syncthreads_or(int pred) {
+  __syncthreads();  // the previous vote has been read by everyone
+  if (threadIdx.x == 0) simt::current->vote = 0;
+  __syncthreads();
+  if (pred) simt::current->vote = 1;
+  __syncthreads();
+  return simt::current->vote.load();
+}
 
 inline unsigned __ballot_sync(unsigned mask, bool pred) {
   (void)mask;  // the kernels ballot over full warps

@@ -39,7 +39,7 @@ def _declare(lib) -> None:
 
 
 LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu", _DIR / "score_sm90.cu"),
-                      (_DIR / "select_sm90.cuh", _COMMON), "sm_90a", _declare)
+                      (_DIR / "select_sm90.cuh", _DIR / "score_sm90.cuh", _COMMON), "sm_90a", _declare)
 # The score kernel's shapes: head dim, most heads, and its CTA's rows (the chunk plan's unit).
 SCORE_D, SCORE_MAX_H, SCORE_ROWS = 128, 128, 128
 
