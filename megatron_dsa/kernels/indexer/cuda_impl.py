@@ -44,6 +44,15 @@ LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu", _DIR / "score_sm90.cu
 SCORE_D, SCORE_MAX_H, SCORE_ROWS = 128, 128, 128
 
 
+def _int32_windows(starts, ends):
+    """The kernels read int32 windows with one pair of strides (a no-op for the int32 windows
+    ``triton_impl._prep`` makes for causal rows)."""
+    starts, ends = starts.to(torch.int32), ends.to(torch.int32)
+    if starts.stride() != ends.stride():
+        starts, ends = starts.contiguous(), ends.contiguous()
+    return starts, ends
+
+
 def cuda_select_reason(device: torch.device):
     """Why the CUDA select cannot run on ``device`` (``None`` when it can); builds the library
     only when the device fits."""
@@ -64,10 +73,7 @@ def select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_id
         raise ValueError(f"the CUDA select takes topk <= {MAX_TOPK}, got topk={topk}")
     if buf.stride(-1) != 1 or idx.stride(-1) != 1 or vals.stride(-1) != 1 or idx.stride() != vals.stride():
         raise ValueError("the CUDA select needs unit-stride score rows and equal-stride outputs")
-    starts = starts.to(torch.int32)
-    ends = ends.to(torch.int32)
-    if starts.stride() != ends.stride():
-        starts, ends = starts.contiguous(), ends.contiguous()
+    starts, ends = _int32_windows(starts, ends)
     err = LIBRARY.get().dsa_indexer_select(
         buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
         starts.stride(1), int(causal), int(global_ids), row0, n_rows, B, S, topk, idx.data_ptr(), vals.data_ptr(),
@@ -103,10 +109,7 @@ def score_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, k_sca
     S = k.shape[1]
     if buf.stride(-1) != 1 or w.dtype != torch.float32:
         raise ValueError("the CUDA score kernel needs a unit-stride fp32 buffer and fp32 head weights")
-    starts = starts.to(torch.int32)
-    ends = ends.to(torch.int32)
-    if starts.stride() != ends.stride():
-        starts, ends = starts.contiguous(), ends.contiguous()
+    starts, ends = _int32_windows(starts, ends)
     ks = k_scale.float().contiguous() if k_scale is not None else None
     err = LIBRARY.get().dsa_indexer_score_sm90(
         int(q.dtype == torch.float8_e4m3fn), int(use_relu), q.data_ptr(), k.data_ptr(), w.data_ptr(),
