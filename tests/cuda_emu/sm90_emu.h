@@ -15,8 +15,9 @@
 //   writes its accumulators only at the wgmma.wait_group that retires it; until then they read
 //   as NaN. Chained wgmmas on one accumulator see each other's results, as on the hardware.
 // * A wgmma's operands stay in use until every thread of its warpgroup has retired it and then
-//   taken part in one barrier together: a cp.async into them before that is a race (a warp
-//   may pass its wait while another warp's part of the MMA still reads).
+//   taken part in one barrier together: a cp.async into them before that is reported. (The
+//   PTX ISA promises a wait only for the waiting thread's own groups; CUTLASS releases a stage
+//   after one thread's wait. This rule is the stricter reading.)
 #pragma once
 
 #include <cmath>

@@ -182,8 +182,8 @@ __global__ void __launch_bounds__(THREADS, 1) score_kernel(const ScoreParams p) 
     ready();  // heads h and h + 1 have landed
     issue(xa, h);
     issue(xb, h + 1);
-    // a slot is free once every warp of the warpgroup has retired the wgmma reading it (a warp
-    // can pass its wait while another warp's part of the MMA still reads), hence the barriers
+    // a slot is refilled once every thread of the warpgroup has retired the wgmma reading it
+    // (the PTX ISA promises a wait only for the waiting thread's own groups), hence the barriers
     wgmma_wait1();
     bar_sync(bar, 128);
     load_q(h + C::NST);
