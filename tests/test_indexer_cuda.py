@@ -5,7 +5,8 @@ CPU: each kernel's own source, compiled with the host compiler against ``cuda_em
 thread per CUDA thread, real barriers, ballots and shuffles): the select against a stable-sort
 reference on rows that reach each of its paths; the score kernel, with ``cuda_emu/sm90_emu.h``'s
 stand-ins for cp.async and wgmma (which decode the kernel's own shared-memory descriptors and
-swizzle), against float64 math. GPU (``-m gpu``): both compiled kernels against the Triton ones
+swizzle, and model their asynchrony at its worst: a missing wait, fence or barrier is reported),
+against float64 math. GPU (``-m gpu``): both compiled kernels against the Triton ones
 on real indexer inputs.
 """
 

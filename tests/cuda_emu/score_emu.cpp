@@ -1,6 +1,6 @@
 // The indexer's CUDA score kernel (megatron_dsa/kernels/indexer/cuda/score_sm90.cuh) run on the
 // CPU through simt.h and sm90_emu.h, with the C entry point's arguments (no stream): see
-// test_indexer_cuda.py.
+// test_indexer_cuda.py. Returns 3 when sm90_emu.h saw an asynchrony hazard (printed to stderr).
 #include "sm90_emu.h"
 
 #include "score_sm90.cuh"
@@ -18,6 +18,7 @@ extern "C" int emu_indexer_score(int fp8, int relu, const void* q, const void* k
                 sw_h, sse_b, sse_t, so_b, so_r, sks_b, row0, n_rows, T, S, H, causal};
   if ((fp8 ? Cfg<true>::smem_bytes(H) : Cfg<false>::smem_bytes(H)) > static_cast<int>(sizeof(smem_raw))) return 2;
   const int keys = causal ? std::min(S, row0 + n_rows) : S;
+  dsa_sm90::emu::begin();
   const unsigned gx = (keys + BN - 1) / BN, gy = (n_rows + 2 * BMW - 1) / (2 * BMW), gz = B;
   if (fp8) {
     if (relu) simt::launch3(gx, gy, gz, THREADS, score_kernel<true, true>, p);
@@ -26,5 +27,5 @@ extern "C" int emu_indexer_score(int fp8, int relu, const void* q, const void* k
     if (relu) simt::launch3(gx, gy, gz, THREADS, score_kernel<false, true>, p);
     else simt::launch3(gx, gy, gz, THREADS, score_kernel<false, false>, p);
   }
-  return 0;
+  return dsa_sm90::emu::first_error.empty() ? 0 : 3;  // a hazard, printed to stderr
 }

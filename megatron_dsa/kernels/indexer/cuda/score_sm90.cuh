@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(THREADS, 1) score_kernel(const ScoreParams p) 
   float* kss = reinterpret_cast<float*>(smem + C::OFF_KS);
   if (tid < BN) kss[tid] = (p.ks != nullptr && s_lo + tid < p.S) ? p.ks[b * p.sks_b + s_lo + tid] : 1.f;
 
-  // the key tile and query 0 have landed, for both warpgroups
-  cp_async_wait<C::NST - 1>();
+  // the key tile has landed, for both warpgroups (the queries: ready() below)
+  cp_async_wait<C::NST>();
   fence_async_smem();
   __syncthreads();
 
@@ -182,10 +182,14 @@ __global__ void __launch_bounds__(THREADS, 1) score_kernel(const ScoreParams p) 
     ready();  // heads h and h + 1 have landed
     issue(xa, h);
     issue(xb, h + 1);
-    wgmma_wait1();  // head h is done: its slot is free
+    // a slot is refilled once every thread of the warpgroup has retired the wgmma reading it
+    // (the PTX ISA promises a wait only for the waiting thread's own groups), hence the barriers
+    wgmma_wait1();
+    bar_sync(bar, 128);
     load_q(h + C::NST);
     epilogue(xa, h);
     wgmma_wait0();
+    bar_sync(bar, 128);
     load_q(h + 1 + C::NST);
     if (h + 1 < H) epilogue(xb, h + 1);
   }
