@@ -6,7 +6,8 @@ thread per CUDA thread, real barriers, ballots and shuffles): the select against
 reference on rows that reach each of its paths; the score kernel, with ``cuda_emu/sm90_emu.h``'s
 stand-ins for cp.async and wgmma (which decode the kernel's own shared-memory descriptors and
 swizzle, and model their asynchrony at its worst: a missing wait, fence or barrier is reported),
-against float64 math. GPU (``-m gpu``): both compiled kernels against the Triton ones
+against float64 math; both, under the real entry points' names, behind the library's own
+Python launchers (``cuda_impl``) on CPU tensors. GPU (``-m gpu``): both compiled kernels against the Triton ones
 on real indexer inputs.
 """
 
@@ -182,6 +183,19 @@ def _in_child(fn, timeout=300):
     assert proc.exitcode == 0, f"the emulated kernel failed: exit code {proc.exitcode}"
 
 
+def _in_process_with_deadline(fn, timeout=300):
+    """fn() in this process (it runs torch ops, which a forked child of a threaded torch may
+    deadlock on), with a deadline: past it, faulthandler prints the stacks and ends the run,
+    so a hung emulated kernel fails CI instead of hanging it."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        return fn()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("kind,relu,H", [("causal", True, 11), ("windows", False, 12)])
 def test_emulated_score_kernel(score_emu, fp8, kind, relu, H):
@@ -232,6 +246,86 @@ def test_emulated_score_kernel(score_emu, fp8, kind, relu, H):
     assert bool(((got[~inside] == float("-inf")) | (got[~inside] == 7.0)).all())
     assert bool((got[~inside] == float("-inf")).any())
     assert bool((buf[:, n:] == 7.0).all())
+
+
+@pytest.fixture(scope="module")
+def lib_emu(tmp_path_factory):
+    """Both emulated kernels in one library, under the real entry points' names and signatures
+    (``cuda_impl._declare`` declares them), for the library's own launchers."""
+    from megatron_dsa.kernels.indexer import cuda_impl
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    out = tmp_path_factory.mktemp("emu") / "indexer_emu.so"
+    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
+                           os.path.join(HERE, "cuda_emu", "select_emu.cpp"),
+                           os.path.join(HERE, "cuda_emu", "score_emu.cpp"), "-o", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "barrier" in proc.stderr:
+        pytest.skip(f"{cxx} lacks C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lib = ctypes.CDLL(str(out))
+    cuda_impl._declare(lib)
+    return lib
+
+
+class _Library:
+    """``cuda_build.CudaLibrary``'s interface over an already loaded library."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def get(self):
+        return self.lib
+
+    def error(self):
+        return None
+
+
+@pytest.mark.parametrize("fp8,kind", [(False, "causal"), (True, "windows")])
+def test_emulated_kernels_through_the_launchers(lib_emu, monkeypatch, fp8, kind):
+    """``indexer_topk_triton(select_kernel="cuda", score_kernel="cuda")`` on the CPU, with
+    ``cuda_impl``'s launchers calling the emulated kernels instead of the GPU library: the
+    arguments, strides, 128-row chunks (row0 = 0, 128), windows and global ids as the
+    real launch passes them. The ids are the first k of a stable sort of the emulated kernel's
+    own scores (``indexer_scores_triton(score_kernel="cuda")``), which equal float64 math."""
+    from megatron_dsa.kernels.indexer import cuda_impl
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+    from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
+
+    monkeypatch.setattr(cuda_impl, "LIBRARY", _Library(lib_emu))
+    monkeypatch.setattr(cuda_impl, "cuda_select_reason", lambda device: None)
+    monkeypatch.setattr(cuda_impl, "_stream", lambda device: None)
+    B, T, S, H, K = 2, 170, 170, 4, 40
+    q = torch.randn(B, T, H, 128).bfloat16()
+    k = torch.randn(B, S, 128).bfloat16()
+    w = torch.randn(B, T, H)
+    ks = None
+    if fp8:
+        q, k, w, ks = fp8_kernel_inputs(q, k, w)
+    if kind == "causal":
+        st = en = None
+        window = _causal(S)
+    else:
+        a, c = torch.randint(0, S + 1, (B, T)), torch.randint(0, S + 1, (B, T))
+        st, en = torch.minimum(a, c), torch.maximum(a, c)  # int64: the launchers convert
+        window = lambda b, t: (int(st[b, t]), int(en[b, t]))  # noqa: E731
+    global_ids = kind == "windows"
+
+    scores = _in_process_with_deadline(lambda: ti.indexer_scores_triton(q, k, w, st, en, True, k_scale=ks, score_kernel="cuda"))
+    x = torch.einsum("bthd,bsd->bths", q.double(), k.double()).clamp(min=0)
+    want = torch.einsum("bths,bth->bts", x, w.double())
+    if ks is not None:
+        want = want * ks.double()[:, None, :]
+    for b in range(B):
+        for t in range(T):
+            lo, hi = window(b, t)
+            torch.testing.assert_close(scores[b, t, lo:hi].double(), want[b, t, lo:hi], atol=1e-3, rtol=1e-4)
+
+    idx, vals = _in_process_with_deadline(lambda: ti.indexer_topk_triton(
+        q, k, w, K, st, en, True, global_ids, chunk_bytes=1, k_scale=ks, select_kernel="cuda", score_kernel="cuda"))
+    _check(scores, idx, vals, 0, K, window, global_ids)
 
 
 def _gpu_or_skip():

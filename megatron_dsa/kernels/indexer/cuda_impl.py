@@ -53,6 +53,11 @@ def _int32_windows(starts, ends):
     return starts, ends
 
 
+def _stream(device: torch.device) -> int:
+    """The handle of the current CUDA stream on ``device`` (the kernels launch on it)."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def cuda_select_reason(device: torch.device):
     """Why the CUDA select cannot run on ``device`` (``None`` when it can); builds the library
     only when the device fits."""
@@ -77,7 +82,7 @@ def select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_id
     err = LIBRARY.get().dsa_indexer_select(
         buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
         starts.stride(1), int(causal), int(global_ids), row0, n_rows, B, S, topk, idx.data_ptr(), vals.data_ptr(),
-        idx.stride(0), idx.stride(1), torch.cuda.current_stream(buf.device).cuda_stream)
+        idx.stride(0), idx.stride(1), _stream(buf.device))
     if err != 0:
         raise RuntimeError(f"dsa_indexer_select failed to launch: CUDA error {err}")
 
@@ -116,6 +121,6 @@ def score_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, k_sca
         starts.data_ptr(), ends.data_ptr(), ks.data_ptr() if ks is not None else None, buf.data_ptr(),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1), w.stride(2),
         starts.stride(0), starts.stride(1), buf.stride(0), buf.stride(1), ks.stride(0) if ks is not None else 0,
-        row0, n_rows, T, S, H, int(causal), B, torch.cuda.current_stream(q.device).cuda_stream)
+        row0, n_rows, T, S, H, int(causal), B, _stream(q.device))
     if err != 0:
         raise RuntimeError(f"dsa_indexer_score_sm90 failed to launch: CUDA error {err}")
