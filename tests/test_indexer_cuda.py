@@ -7,8 +7,8 @@ reference on rows that reach each of its paths; the score kernel, with ``cuda_em
 stand-ins for cp.async and wgmma (which decode the kernel's own shared-memory descriptors and
 swizzle, and model their asynchrony at its worst: a missing wait, fence or barrier is reported),
 against float64 math; both, under the real entry points' names, behind the library's own
-Python launchers (``cuda_impl``) on CPU tensors. GPU (``-m gpu``): both compiled kernels against the Triton ones
-on real indexer inputs.
+Python launchers (``cuda_impl``) on CPU tensors. GPU (``-m gpu``): both compiled kernels against
+the Triton ones on real indexer inputs.
 """
 
 import ctypes
@@ -24,19 +24,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_DIR = os.path.join(os.path.dirname(HERE), "megatron_dsa", "kernels", "indexer", "cuda")
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build_emu(tmp_path_factory, name, sources, opt="-O2"):
+    """Compile tests/cuda_emu sources (with the kernels' headers) into one loaded library."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
-    out = tmp_path_factory.mktemp("emu") / "select_emu.so"
-    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
-                           os.path.join(HERE, "cuda_emu", "select_emu.cpp"), "-o", str(out)],
+    out = tmp_path_factory.mktemp("emu") / name
+    proc = subprocess.run([cxx, "-std=c++20", opt, "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
+                           *(os.path.join(HERE, "cuda_emu", src) for src in sources), "-o", str(out)],
                           capture_output=True, text=True)
     if proc.returncode != 0 and "barrier" in proc.stderr:
         pytest.skip(f"{cxx} lacks C++20 <barrier>")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(str(out))
+    return ctypes.CDLL(str(out))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = _build_emu(tmp_path_factory, "select_emu.so", ["select_emu.cpp"], opt="-O1")
     fn = lib.emu_indexer_select
     fn.restype = ctypes.c_int
     vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
@@ -150,17 +155,7 @@ def score_emu(tmp_path_factory):
     """The score kernel's source (``score_sm90.cuh``) on the CPU: simt.h threads, sm90_emu.h's
     stand-ins for cp.async, named barriers and wgmma (decoding the kernel's own shared-memory
     descriptors and 128-byte swizzle)."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    out = tmp_path_factory.mktemp("emu") / "score_emu.so"
-    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
-                           os.path.join(HERE, "cuda_emu", "score_emu.cpp"), "-o", str(out)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 and "barrier" in proc.stderr:
-        pytest.skip(f"{cxx} lacks C++20 <barrier>")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fn = ctypes.CDLL(str(out)).emu_indexer_score
+    fn = _build_emu(tmp_path_factory, "score_emu.so", ["score_emu.cpp"]).emu_indexer_score
     fn.restype = ctypes.c_int
     vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
     fn.argtypes = [i32, i32] + [vp] * 7 + [ll] * 13 + [i32] * 7
@@ -194,6 +189,15 @@ def _in_process_with_deadline(fn, timeout=300):
         return fn()
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def _scores_f64(q, k, w, relu, ks):
+    """Indexer scores in float64 from the kernels' own bf16 / e4m3 operands: [B, T, S]."""
+    x = torch.einsum("bthd,bsd->bths", q.double(), k.double())
+    if relu:
+        x = x.clamp(min=0)
+    want = torch.einsum("bths,bth->bts", x, w.double())
+    return want * ks.double()[:, None, :] if ks is not None else want
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -230,12 +234,7 @@ def test_emulated_score_kernel(score_emu, fp8, kind, relu, H):
         buf.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         w.stride(2), sti.stride(0), sti.stride(1), buf.stride(0), buf.stride(1), ks.stride(0) if ks is not None else 0,
         row0, n, T, S, H, int(kind == "causal"), B))
-    x = torch.einsum("bthd,bsd->bths", q.double(), k.double())
-    if relu:
-        x = x.clamp(min=0)
-    want = torch.einsum("bths,bth->bts", x, w.double())
-    if ks is not None:
-        want = want * ks.double()[:, None, :]
+    want = _scores_f64(q, k, w, relu, ks)
     s_ids = torch.arange(S)
     inside = (s_ids >= st[..., None]) & (s_ids < en[..., None])
     inside = inside[:, row0:]
@@ -254,18 +253,7 @@ def lib_emu(tmp_path_factory):
     (``cuda_impl._declare`` declares them), for the library's own launchers."""
     from megatron_dsa.kernels.indexer import cuda_impl
 
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    out = tmp_path_factory.mktemp("emu") / "indexer_emu.so"
-    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
-                           os.path.join(HERE, "cuda_emu", "select_emu.cpp"),
-                           os.path.join(HERE, "cuda_emu", "score_emu.cpp"), "-o", str(out)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 and "barrier" in proc.stderr:
-        pytest.skip(f"{cxx} lacks C++20 <barrier>")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(str(out))
+    lib = _build_emu(tmp_path_factory, "indexer_emu.so", ["select_emu.cpp", "score_emu.cpp"])
     cuda_impl._declare(lib)
     return lib
 
@@ -313,11 +301,9 @@ def test_emulated_kernels_through_the_launchers(lib_emu, monkeypatch, fp8, kind)
         window = lambda b, t: (int(st[b, t]), int(en[b, t]))  # noqa: E731
     global_ids = kind == "windows"
 
-    scores = _in_process_with_deadline(lambda: ti.indexer_scores_triton(q, k, w, st, en, True, k_scale=ks, score_kernel="cuda"))
-    x = torch.einsum("bthd,bsd->bths", q.double(), k.double()).clamp(min=0)
-    want = torch.einsum("bths,bth->bts", x, w.double())
-    if ks is not None:
-        want = want * ks.double()[:, None, :]
+    scores = _in_process_with_deadline(
+        lambda: ti.indexer_scores_triton(q, k, w, st, en, True, k_scale=ks, score_kernel="cuda"))
+    want = _scores_f64(q, k, w, True, ks)
     for b in range(B):
         for t in range(T):
             lo, hi = window(b, t)

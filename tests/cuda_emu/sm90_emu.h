@@ -7,7 +7,7 @@
 //   shared-memory descriptors address (K-major, 128-byte swizzle: 16-byte chunk bits 4-6 of an
 //   address XOR its bits 7-9; 8-row groups SBO apart).
 //
-// Asynchrony is modelled at its worst, and every hazard it exposes is reported (emu_error):
+// Asynchrony is modelled at its worst, and every hazard it exposes is reported (emu::first_error):
 // * cp.async reads its source at issue and lands in shared memory only at the cp.async.wait_group
 //   that retires its group; the bytes then need the copying thread's fence.proxy.async and a
 //   barrier it takes part in (__syncthreads, bar.sync) before a wgmma may read them.
@@ -20,9 +20,9 @@
 //   after one thread's wait. This rule is the stricter reading.)
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -60,11 +60,7 @@ struct Pending {
   float r[64];
   long seq;
 };
-struct ReadSet {
-  std::vector<uint32_t> bytes;
-  bool released = false;
-};
-inline std::map<std::pair<int, long>, ReadSet> read_sets;  // (warpgroup, seq)
+inline std::map<std::pair<int, long>, std::vector<uint32_t>> read_sets;  // (warpgroup, seq): operand bytes in use
 inline long retired[1024];                                  // per thread: its last retired wgmma's seq
 thread_local std::vector<Copy> open_copies;
 thread_local std::deque<std::vector<Copy>> copy_groups;
@@ -106,10 +102,12 @@ inline void on_barrier(const std::vector<int>& tids) {
     if (n != 128) continue;
     long lo = retired[wg * 128];
     for (int t = wg * 128; t < wg * 128 + 128; ++t) lo = std::min(lo, retired[t]);
-    for (auto& [key, rs] : read_sets)
-      if (key.first == wg && key.second <= lo && !rs.released) {
-        for (uint32_t x : rs.bytes) reads[x] -= 1;
-        rs.released = true;
+    for (auto it = read_sets.begin(); it != read_sets.end();)
+      if (it->first.first == wg && it->first.second <= lo) {
+        for (uint32_t x : it->second) reads[x] -= 1;
+        it = read_sets.erase(it);
+      } else {
+        ++it;
       }
   }
 }
@@ -238,10 +236,11 @@ inline void wgmma_m64n128(float (&d)[64], uint64_t da, uint64_t db, int accumula
                                                     : "wgmma reads cp.async data no barrier has published");
         break;
       }
-    auto& rs = emu::read_sets[{wg, seq}];
-    if (rs.bytes.empty()) {
-      rs.bytes = std::move(bytes);
-      for (uint32_t x : rs.bytes) emu::reads[x] += 1;
+    // the warpgroup's first thread to issue this wgmma marks its operands in use (a released
+    // set cannot come back: every thread of the warpgroup had issued and retired it)
+    if (emu::read_sets.find({wg, seq}) == emu::read_sets.end()) {
+      for (uint32_t x : bytes) emu::reads[x] += 1;
+      emu::read_sets[{wg, seq}] = std::move(bytes);
     }
     // chained on an accumulator still in flight: start from that wgmma's result
     for (const auto& g : emu::mma_groups)
