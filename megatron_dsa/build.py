@@ -1,11 +1,12 @@
 """Build the sm_90a CUDA kernels ahead of time, and report which kernel each op runs.
 
-    python -m megatron_dsa.build             # build (or find) the library in the cache
+    python -m megatron_dsa.build             # build (or find) the libraries in the cache
     python -m megatron_dsa.build --force     # rebuild
     python -m megatron_dsa.build --status    # which kernel each op runs here, and why
 
-The library goes to ``$MEGATRON_DSA_CACHE`` (default ``~/.cache/megatron_dsa``), keyed by the
-sources, the ``nvcc`` version and the architecture; see :mod:`megatron_dsa.kernels.cuda_build`.
+Two libraries: the sparse MLA kernels and the indexer's select. They go to
+``$MEGATRON_DSA_CACHE`` (default ``~/.cache/megatron_dsa``), keyed by the sources, the ``nvcc``
+version and the architecture; see :mod:`megatron_dsa.kernels.cuda_build`.
 Run it once per node (or once into a shared cache) before training; at first use without it,
 one process per node builds while the others wait on a file lock.
 """
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from .kernels.cuda_build import CudaBuildError, cache_dir, find_nvcc, nvcc_version
+    from .kernels.indexer import cuda_impl as indexer_cuda
     from .kernels.sparse_mla import cuda_impl
 
     if args.status:
@@ -37,11 +39,12 @@ def main(argv=None) -> int:
         return 1
     try:
         print(f"nvcc: {nvcc} ({nvcc_version(nvcc).splitlines()[-1]})")
-        path = cuda_impl.build(force=args.force)
+        paths = [cuda_impl.build(force=args.force), indexer_cuda.LIBRARY.build(force=args.force)]
     except CudaBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"built: {path} ({cuda_impl.ARCH})")
+    for path in paths:
+        print(f"built: {path} ({cuda_impl.ARCH})")
     return 0
 
 

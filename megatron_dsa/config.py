@@ -30,7 +30,7 @@ INT32_MAX = 2**31 - 1
 
 # Which implementations each op has (megatron_dsa.kernels.backends; "auto" picks per machine).
 _BACKENDS = {
-    "indexer_backend": ("auto", "triton", "reference"),
+    "indexer_backend": ("auto", "cuda", "triton", "reference"),
     "attention_backend": ("auto", "cuda", "triton", "reference"),
     "loss_backend": ("auto", "triton", "reference"),
 }
@@ -45,7 +45,8 @@ class DSAPluginConfig:
 
     Attributes:
         indexer_backend: top-k selection: ``auto`` (fused Triton for CUDA tensors, the PyTorch
-            reference for CPU tensors), ``triton`` or ``reference``.
+            reference for CPU tensors), ``triton``, ``cuda`` (the Triton score kernel and the
+            CUDA select, sm_90) or ``reference``.
         attention_backend: sparse MLA attention: ``auto`` (the sm_90a CUDA kernels where they
             apply, else Triton; the reference on the CPU), ``cuda``, ``triton`` or
             ``reference``. An explicit choice that cannot run raises, saying why.

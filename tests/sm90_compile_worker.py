@@ -88,12 +88,16 @@ def cases():
     out.append(("indexer e4m3 quantize", f8._quantize_e4m3_kernel,
                 dict(x_ptr="*bf16", y_ptr="*u8", s_ptr="*fp32", n_rows=T * 64, stride_r=128),
                 dict(D=128, BLOCK_R=64, BLOCK_D=128), 4, 1))
-    blk, nw_sel = idx._select_cfg(S)
-    out.append(("indexer select", idx._select_kernel,
-                dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",
-                     row0=0, T=T, S=S, K=2048, CAP=8192, sse_b=T, sse_t=1, sb_b=8192 * S, sb_r=S, so_b=T * 2048,
-                     so_t=2048, sc_b=8192 * 8192, sc_r=8192),
-                dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=blk, STRIDE=idx.SAMPLE_STRIDE), nw_sel, 1))
+    sel_args = dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",
+                    row0=0, T=T, S=S, K=2048, CAP=8192, sse_b=T, sse_t=1, sb_b=8192 * S, sb_r=S, so_b=T * 2048,
+                    so_t=2048, sc_b=8192 * 8192, sc_r=8192)
+    for label, cfg in select_cases(idx):
+        # the causal launches: rows in registers (no list stage), then the rest (no row stage)
+        c = dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=cfg.block, STRIDE=cfg.stride, GROUP=cfg.group)
+        if cfg.row_reg:
+            out.append((f"{label} (rows)", idx._select_kernel, sel_args, dict(c, ROW_REG=cfg.row_reg, LIST_REG=0),
+                        cfg.row_warps, 1))
+        out.append((label, idx._select_kernel, sel_args, dict(c, ROW_REG=0, LIST_REG=cfg.list_reg), cfg.warps, 1))
     out += _sparse_mla_cases(T)
     out += _pack_cases(T)
 
@@ -133,6 +137,11 @@ def cases():
                      RPS=cfg["dk_rows"]),
                 dict(BHI=64, BD=128, BS=cfg["dk_bs"], RELU=True, UPCAST=False, PREC="tf32"), cfg["dk_warps"], 1))
     return out
+
+
+def select_cases(idx):
+    """(label, SelectCfg): the shipped select configuration."""
+    return [("indexer select", idx._select_cfg(16384))]
 
 
 def _pack_cases(T):

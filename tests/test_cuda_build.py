@@ -93,6 +93,21 @@ def test_missing_compiler_is_a_clear_error(sources, tmp_path):
         cuda_build.build_library("lib", sources, nvcc=str(tmp_path / "no-such-nvcc"))
 
 
+@pytest.mark.parametrize("fail", [True, False])
+def test_library_remembers_its_failure(sources, tmp_path, monkeypatch, fail):
+    """``CudaLibrary``: a failed build (or a file that does not load as a library) is an error
+    that names the library, returned again without a second build."""
+    nvcc, count = fake_nvcc(tmp_path, fail=fail)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    declared = []
+    lib = cuda_build.CudaLibrary("lib", sources, (), "sm_90a", declared.append)
+    why = lib.error()
+    assert why is not None and ("nvcc failed" in why if fail else "cannot load the CUDA library lib" in why)
+    assert lib.error() == why and builds(count) == 1 and not declared
+    with pytest.raises(cuda_build.CudaBuildError):
+        lib.get()
+
+
 # the child loads cuda_build.py by path: it needs neither torch nor the package (fast start)
 CHILD = textwrap.dedent("""
     import importlib.util, sys

@@ -43,13 +43,15 @@ def test_explicit_cuda_on_cpu_says_why():
         sparse_mla(q, kv, idx, 0.1, d_v=dv, backend="cuda")
 
 
-@pytest.mark.parametrize("fn", ["indexer", "loss"])
-def test_ops_without_a_cuda_kernel_refuse_cuda(fn):
+def test_loss_has_no_cuda_kernel():
     with pytest.raises(ValueError, match="no CUDA-C kernel"):
-        if fn == "indexer":
-            indexer_choice("cuda", CPU, torch.float32, head_dim=16)
-        else:
-            loss_choice("cuda", CPU, torch.float32, sparse=True)
+        loss_choice("cuda", CPU, torch.float32, sparse=True)
+
+
+def test_indexer_cuda_on_cpu_says_why():
+    """The indexer's ``cuda`` backend (Triton score, CUDA select) needs an sm_90 GPU."""
+    with pytest.raises(ValueError, match="backend='cuda' cannot run: the CUDA select needs an sm_90 GPU"):
+        indexer_choice("cuda", CPU, torch.float32, head_dim=16)
 
 
 def test_explicit_triton_on_cpu_without_interpreter_says_why(monkeypatch):
@@ -178,7 +180,7 @@ def test_library_error_without_nvcc(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("indexer_backend", "cuda", "indexer_backend must be one of"),
+    ("indexer_backend", "fast", "indexer_backend must be one of"),
     ("loss_backend", "cuda", "loss_backend must be one of"),
     ("attention_backend", "fast", "attention_backend must be one of"),
 ])
@@ -188,6 +190,7 @@ def test_plugin_config_backends(field, value, match):
     with pytest.raises(ValueError, match=match):
         DSAPluginConfig(**{field: value})
     assert DSAPluginConfig(attention_backend="cuda").attention_backend == "cuda"
+    assert DSAPluginConfig(indexer_backend="cuda").indexer_backend == "cuda"
 
 
 def test_plugin_config_deterministic_type():
@@ -212,3 +215,14 @@ def test_gpu_auto_runs_cuda_on_hopper_and_explicit_cuda_refuses_other_inputs():
     q, kv, idx, dv = mla_inputs("cuda", torch.float32)
     with pytest.raises(RuntimeError, match="cover bf16 with d_qk = 576"):
         sparse_mla(q, kv, idx, 0.1, d_v=dv, backend="cuda")
+
+
+def test_indexer_cuda_refuses_topk_beyond_its_list(monkeypatch):
+    """The CUDA select keeps at most MAX_TOPK candidates per row: a larger topk is refused by
+    name before anything runs (the device check is bypassed to reach it on the CPU)."""
+    from megatron_dsa.kernels.indexer import cuda_impl, dispatch
+
+    monkeypatch.setattr(dispatch, "cuda_select_reason", lambda device: None)
+    q, k, w = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 2)
+    with pytest.raises(ValueError, match=f"at most {cuda_impl.MAX_TOPK} keys per row, got topk=6145"):
+        dispatch.indexer_topk(q, k, w, cuda_impl.MAX_TOPK + 1, backend="cuda")

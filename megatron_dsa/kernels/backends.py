@@ -5,7 +5,7 @@ Every public kernel function takes ``backend``:
 * ``"auto"``: the fastest implementation that can run these inputs on this machine; when it
   cannot use the op's best kernel for the device (e.g. the CUDA build failed) it falls back and
   warns once per reason;
-* ``"cuda"`` (sparse MLA only), ``"triton"``, ``"reference"``: exactly that implementation, or a
+* ``"cuda"`` (sparse MLA; the indexer's select), ``"triton"``, ``"reference"``: exactly that implementation, or a
   ``ValueError`` / ``RuntimeError`` that says why it cannot run.
 
 Each op's ``dispatch.select_backend`` returns a :class:`KernelChoice`;

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["CudaBuildError", "cache_dir", "find_nvcc", "nvcc_version", "build_library", "library_path"]
+__all__ = ["CudaBuildError", "CudaLibrary", "cache_dir", "find_nvcc", "nvcc_version", "build_library",
+           "library_path"]
 
 
 class CudaBuildError(RuntimeError):
@@ -132,3 +133,47 @@ def build_library(name: str, sources: Sequence[Path], headers: Sequence[Path] = 
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return out
+
+
+class CudaLibrary:
+    """A library of C entry points built on first use and loaded with ``ctypes``.
+
+    ``declare(lib)`` sets the entry points' argument and result types. A failed build or load
+    is remembered: later calls raise the same error without compiling again.
+    """
+
+    def __init__(self, name: str, sources: Sequence[Path], headers: Sequence[Path], arch: str, declare):
+        self.name, self.sources, self.headers, self.arch, self._declare = name, sources, headers, arch, declare
+        self._lib = None
+        self._error: Optional[CudaBuildError] = None
+
+    def build(self, force: bool = False) -> Path:
+        """Build the library into the cache (or find it there); raises :class:`CudaBuildError`."""
+        return build_library(self.name, self.sources, self.headers, arch=self.arch, force=force)
+
+    def get(self):
+        """The loaded library, built on first use; raises the (remembered) build error."""
+        if self._lib is None:
+            if self._error is not None:
+                raise self._error
+            import ctypes
+
+            try:
+                lib = ctypes.CDLL(str(self.build()))
+                self._declare(lib)
+            except CudaBuildError as exc:
+                self._error = exc
+                raise
+            except (OSError, AttributeError) as exc:  # does not load, or lacks an entry point
+                self._error = CudaBuildError(f"cannot load the CUDA library {self.name}: {exc}")
+                raise self._error from exc
+            self._lib = lib
+        return self._lib
+
+    def error(self) -> Optional[str]:
+        """Why the library is unavailable (building it if it was not tried yet), or ``None``."""
+        try:
+            self.get()
+        except CudaBuildError as exc:
+            return str(exc)
+        return None

@@ -1,9 +1,11 @@
 """Lightning indexer: the one place that decides which implementation runs, and the public
 function.
 
-Backends: ``auto`` (Triton for CUDA tensors, the reference for CPU tensors), ``triton``
-(CUDA tensors or Triton's CPU interpreter; else an error), ``reference`` (plain PyTorch).
-There is no CUDA-C kernel for the indexer: ``cuda`` is an error that says so.
+Backends: ``auto`` (the Triton score kernel and the CUDA select on sm_90 GPUs; the Triton
+score + select on other GPUs or when the CUDA library cannot be built; the reference for CPU
+tensors; topk above the CUDA select's 6144 takes the Triton select), ``triton`` (CUDA tensors or
+Triton's CPU interpreter; else an error), ``cuda`` (the Triton score kernel and the CUDA select,
+``cuda_impl``: sm_90 GPUs with the library built; else an error), ``reference`` (plain PyTorch).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
+from .cuda_impl import MAX_TOPK, cuda_select_reason, score_cuda_reason
 from .fp8 import fp8_kernel_inputs, fp8_selection_inputs
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
@@ -27,19 +30,17 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
                    warn: bool = True) -> KernelChoice:
     """Which implementation runs the indexer's score + top-k (raises when ``backend`` cannot)."""
     check_backend(OP, backend, BACKENDS)
-    if backend == "cuda":
-        raise ValueError(f"{OP}: backend='cuda': the indexer has no CUDA-C kernel; its fused kernel is "
-                         "Triton (backend='triton' or 'auto')")
     if backend == "reference":
         return KernelChoice(OP, backend, "reference", None, "asked for")
     pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    if backend == "triton":
-        why = triton_reason(device)
+    if backend in ("cuda", "triton"):  # cuda: the Triton score kernel with the CUDA select
+        why = (cuda_select_reason if backend == "cuda" else triton_reason)(device)
         if why is None and not pow2:
-            why = f"the Triton kernel needs a power-of-two head dim >= 16, got {head_dim}"
+            why = f"the Triton score kernel needs a power-of-two head dim >= 16, got {head_dim}"
         if why is not None:
-            raise ValueError(f"{OP}: backend='triton' cannot run: {why}")
-        return KernelChoice(OP, backend, "triton", None, "asked for")
+            raise ValueError(f"{OP}: backend='{backend}' cannot run: {why}")
+        return KernelChoice(OP, backend, backend, None, "asked for" if backend == "triton" else
+                            "asked for: CUDA select; CUDA score kernel for head dim 128 and <= 128 heads, else Triton")
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", None, f"{device.type} tensors run the PyTorch reference")
     if not pow2:
@@ -47,7 +48,12 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
         if warn:
             warn_once(OP, f"running the PyTorch reference: {why}")
         return KernelChoice(OP, backend, "reference", None, why)
-    return KernelChoice(OP, backend, "triton", None, "fused Triton score + top-k")
+    why_cuda = cuda_select_reason(device)
+    if why_cuda is None:
+        return KernelChoice(OP, backend, "cuda", None, "CUDA select; CUDA score kernel for head dim 128 and <= 128 heads, else Triton")
+    if warn and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        warn_once(OP, f"selecting with the Triton select instead of the CUDA one: {why_cuda}")
+    return KernelChoice(OP, backend, "triton", None, f"fused Triton score + top-k ({why_cuda})")
 
 
 def indexer_topk(
@@ -81,12 +87,21 @@ def indexer_topk(
     check_windows(starts, ends, B, T)
     check_same_device(q=q, k=k, w=w, starts=starts, ends=ends)
     choice = select_backend(backend, q.device, q.dtype, D)
+    select_kernel = choice.forward
+    if select_kernel == "cuda" and topk > MAX_TOPK:
+        if backend == "cuda":
+            raise ValueError(f"{OP}: backend='cuda' selects at most {MAX_TOPK} keys per row, got topk={topk}")
+        select_kernel = "triton"
+    fused = select_kernel in ("triton", "cuda")
     with torch.no_grad():
-        if precision == "fp8" and choice.forward == "triton":
-            q8, k8, w8, k_scale = fp8_kernel_inputs(q, k, w)
-            return indexer_topk_triton(q8, k8, w8, topk, starts, ends, use_relu, global_ids, k_scale=k_scale)
-        if precision == "fp8":
+        k_scale = None
+        if precision == "fp8" and fused:
+            q, k, w, k_scale = fp8_kernel_inputs(q, k, w)
+        elif precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
-        if choice.forward == "triton":
-            return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids)
+        if fused:
+            # the CUDA select comes with the CUDA score kernel, where that takes the operands
+            score_kernel = "cuda" if select_kernel == "cuda" and score_cuda_reason(q, k) is None else "triton"
+            return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
+                                       select_kernel=select_kernel, score_kernel=score_kernel)
         return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)

@@ -22,7 +22,7 @@ Output order: the selected ids of a row are NOT sorted by score; rows with fewer
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -258,13 +258,15 @@ def _compact_pass(row_ptr, scr_ptr, n, idx_row, val_row, id0, cnt, bsel, k_rem, 
 
 @triton.jit
 def _sample_level(row_ptr, Ls, prefix, k_rem, STRIDE: tl.constexpr, SHIFT: tl.constexpr,
-                  FIRST: tl.constexpr, BLOCK: tl.constexpr):
-    """256-bin histogram of one key digit over the strided sample row_ptr[0::STRIDE]."""
+                  FIRST: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """256-bin histogram of one key digit over the sample: the first GROUP scores of every
+    GROUP * STRIDE (GROUP = 1: row_ptr[0::STRIDE]; GROUP = 8: whole 32-byte sectors)."""
     hist = tl.zeros([256], dtype=tl.int32)
     for off in range(0, Ls, BLOCK):
         j = off + tl.arange(0, BLOCK)
         m = j < Ls
-        key = _ordered_key(tl.load(row_ptr + j * STRIDE, mask=m, other=0.0))
+        pos = (j // GROUP) * (GROUP * STRIDE) + j % GROUP
+        key = _ordered_key(tl.load(row_ptr + pos, mask=m, other=0.0))
         if FIRST:
             match = m
         else:
@@ -313,6 +315,86 @@ def _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK: tl.c
 
 
 @triton.jit
+def _reg_level(key, valid, prefix, k_rem, SHIFT: tl.constexpr, FIRST: tl.constexpr):
+    """``_radix_level`` over keys held in registers."""
+    if FIRST:
+        match = valid
+    else:
+        match = valid & ((key >> (SHIFT + 8)) == prefix)
+    hist = tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=match)
+    return _pick_bucket(hist, k_rem, 256)
+
+
+@triton.jit
+def _select_in_registers(row_ptr, pos, valid, idx_row, val_row, id0, K):
+    """Exact top-K (ties: lowest position) of the ``valid`` scores at the ascending positions
+    ``pos`` of the row (at least K valid), loaded into registers once: radix levels on 8-bit
+    digits without further memory traffic, then one compaction. The output is in position
+    order."""
+    x = tl.load(row_ptr + pos, mask=valid, other=0.0)
+    key = _ordered_key(x)
+    k_rem = K
+    in_b = -1  # no level yet
+    prefix = tl.zeros([], dtype=tl.uint32)
+    shift = 32
+    for lvl in tl.static_range(4):  # digits 31..24, 23..16, 15..8, 7..0; stop once exact
+        if in_b != k_rem:
+            bk, above, in_b = _reg_level(key, valid, prefix, k_rem, 24 - 8 * lvl, lvl == 0)
+            prefix = (prefix << 8) | bk.to(tl.uint32)
+            shift = 24 - 8 * lvl
+            k_rem -= above
+    kp = key >> shift
+    gt = valid & (kp > prefix)
+    eq = valid & (kp == prefix)
+    eq_i = eq.to(tl.int32)
+    eq_rank = tl.cumsum(eq_i, 0) - eq_i
+    sel = gt | (eq & (eq_rank < k_rem))
+    s_i = sel.to(tl.int32)
+    out = tl.cumsum(s_i, 0) - s_i
+    tl.store(idx_row + out, id0 + pos, mask=sel)
+    tl.store(val_row + out, x, mask=sel)
+
+
+@triton.jit
+def _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP,
+                    BLOCK: tl.constexpr, STRIDE: tl.constexpr, GROUP: tl.constexpr,
+                    LIST_REG: tl.constexpr):
+    """Top-K of a row longer than K through the sampled threshold (see ``_select_kernel``)."""
+    ks0 = K // STRIDE
+    ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
+    full = L // (GROUP * STRIDE)  # sample size: GROUP of every GROUP * STRIDE scores
+    Ls = full * GROUP + tl.minimum(L - full * GROUP * STRIDE, GROUP)
+    ks = tl.minimum(ks0, Ls)
+    b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK, GROUP)
+    b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
+                                      16, False, BLOCK, GROUP)
+    tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
+    n0 = 0
+    for off in range(0, L, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        m = j < L
+        key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
+        cand = m & (key >= tau)
+        c_i = cand.to(tl.int32)
+        pos = n0 + tl.cumsum(c_i, 0) - c_i
+        tl.store(scr_row + pos, j, mask=cand & (pos < CAP))
+        n0 += tl.sum(c_i, 0)
+    if (n0 < K) | (n0 > CAP):
+        _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK)
+    else:
+        if LIST_REG > 0:
+            if n0 <= LIST_REG:
+                c = tl.arange(0, LIST_REG)
+                v = c < n0
+                _select_in_registers(row_ptr, tl.load(scr_row + c, mask=v, other=0), v, idx_row, val_row,
+                                     id0, K)
+            else:
+                _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
+        else:
+            _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
+
+
+@triton.jit
 def _select_kernel(
     buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
     row0, T, S, K, CAP,
@@ -321,17 +403,22 @@ def _select_kernel(
     so_b, so_t,
     sc_b, sc_r,
     CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
+    GROUP: tl.constexpr, ROW_REG: tl.constexpr, LIST_REG: tl.constexpr,
 ):
-    """Sampled pre-filter + exact radix select.
+    """Exact top-K of each row's scores; selected ids are not sorted.
+
+    A row of at most ROW_REG scores (a power of two; 0: none) is loaded into registers once
+    and selected there (``_select_in_registers``). A longer row goes through a sampled
+    pre-filter and an exact radix select:
 
     1. On the strided sample row[0::STRIDE], find (16-bit key resolution) a value ``tau`` with
        at least ``K/STRIDE + 4 sqrt(K/STRIDE) + 16`` sample keys at or above it.
     2. One pass over the row lists the ids with key >= tau (in key order) in scratch (room for
        CAP ids per row, CAP >= K).
-    3. If K..CAP ids were listed, the exact top-K lies among them: radix select on the list.
-       Otherwise (an unlucky sample, or more than CAP keys tied around tau) an exact radix
-       select over the whole row (no scratch) decides.
-    Selected ids are not sorted.
+    3. If K..CAP ids were listed, the exact top-K lies among them: radix select on the list
+       (in registers when it holds at most LIST_REG ids). Otherwise (an unlucky sample, or
+       more than CAP keys tied around tau) an exact radix select over the whole row (no
+       scratch) decides.
     """
     r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -362,43 +449,51 @@ def _select_kernel(
             tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
             tl.store(val_row + j, x, mask=m)
     else:
-        ks0 = K // STRIDE
-        ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
-        Ls = (L + STRIDE - 1) // STRIDE  # strided reads of the row
-        ks = tl.minimum(ks0, Ls)
-        b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
-        b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
-                                          16, False, BLOCK)
-        tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
-        n0 = 0
-        for off in range(0, L, BLOCK):
-            j = off + tl.arange(0, BLOCK)
-            m = j < L
-            key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
-            cand = m & (key >= tau)
-            c_i = cand.to(tl.int32)
-            pos = n0 + tl.cumsum(c_i, 0) - c_i
-            tl.store(scr_row + pos, j, mask=cand & (pos < CAP))
-            n0 += tl.sum(c_i, 0)
-        if (n0 < K) | (n0 > CAP):
-            _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK)
+        if ROW_REG > 0:
+            if L <= ROW_REG:
+                j = tl.arange(0, ROW_REG)
+                _select_in_registers(row_ptr, j, j < L, idx_row, val_row, id0, K)
+            else:
+                _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
+                                GROUP, LIST_REG)
         else:
-            _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
+            _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
+                            GROUP, LIST_REG)
 
 
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_T, BLOCK_S, num_warps, num_stages) for the score kernel, per operand precision ("fp8":
-# e4m3 q / k, half the shared memory per stage; not yet tuned on a GPU, the bf16 tile for now);
-# select (BLOCK, num_warps); the select's threshold sample reads every SAMPLE_STRIDE-th score.
+class SelectCfg(NamedTuple):
+    """The select kernel's configuration.
+
+    ``block`` / ``warps``: the chunk of scores one loop step of the sampled path reads and its
+    warps; ``stride`` / ``group``: the threshold sample reads the first ``group`` scores of
+    every ``group * stride`` (``group=8``: whole 32-byte sectors); ``row_reg`` (a power
+    of two, 0: off): rows of at most that many scores are selected in registers, launched with
+    ``row_warps`` warps; ``list_reg`` (a power of two, 0: off): a candidate list of at most
+    that many ids is selected in registers. ``kernel="cuda"``: the CUDA select
+    (``cuda_impl.select_cuda``) instead, which takes none of the other fields."""
+
+    block: int
+    warps: int
+    stride: int = 8
+    row_reg: int = 0
+    row_warps: int = 4
+    list_reg: int = 0
+    kernel: str = "triton"
+    group: int = 1
+
+
+# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg]) for the score kernel, per operand precision ("fp8":
+# e4m3 q / k, half the shared memory per stage; not yet tuned on a GPU, the bf16 tile for now).
 # Measured on H100.
 _SCORE_CFG_GPU = {"bf16": (64, 128, 4, 3), "fp8": (64, 128, 4, 3)}
-_SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K
+_SELECT_CFG_GPU = SelectCfg(512, 4)  # SelectCfg(1024, 4) above S = 64K
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
-_SELECT_CFG_INTERP = (128, 4)
-SAMPLE_STRIDE = 8
+_SELECT_CFG_INTERP = SelectCfg(128, 4)
+SAMPLE_STRIDE = _SELECT_CFG_GPU.stride
 
 
 def _score_cfg(fp8: bool = False):
@@ -408,7 +503,7 @@ def _score_cfg(fp8: bool = False):
 def _select_cfg(S: int):
     if interpreting():
         return _SELECT_CFG_INTERP
-    return (1024, 4) if S > 65536 else _SELECT_CFG_GPU
+    return _SELECT_CFG_GPU._replace(block=1024) if S > 65536 else _SELECT_CFG_GPU
 
 
 def _prep(q, k, w, starts, ends):
@@ -431,11 +526,11 @@ _SCRATCH_PER_TOPK = 4
 _SCRATCH_MIN = 1024
 
 
-def _plan(B, T, S, topk, block_t, chunk_bytes):
+def _plan(B, T, S, topk, block_t, chunk_bytes, scratch=True):
     """(rows per chunk, scratch ids per row): the fp32 score rows and the int32 candidate list
     (expected ~1.3 topk candidates, room for 4 topk; more fall back to a scratch-free select)
-    within chunk_bytes."""
-    cap = scratch_cap(S, topk)
+    within chunk_bytes. ``scratch=False``: the CUDA select, which needs no candidate list."""
+    cap = scratch_cap(S, topk) if scratch else 0
     return _chunk_rows(B, T, 4 * (S + cap), block_t, chunk_bytes), cap
 
 
@@ -449,7 +544,8 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     scales of e4m3 keys, applied after the head sum)."""
     B, T, H, D = q.shape
     S = k.shape[1]
-    bt, bs, nw, ns = cfg
+    bt, bs, nw, ns = cfg[:4]
+    limits = {"maxnreg": cfg[4]} if len(cfg) > 4 else {}  # a register cap, for more programs per SM
     n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, bs)
     grid = (n_s, triton.cdiv(n_rows, bt), B)
     ks = k_scale if k_scale is not None else buf
@@ -464,17 +560,26 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
         ks.stride(0),
         H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        KEY_SCALE=k_scale is not None, num_warps=nw, num_stages=ns,
+        KEY_SCALE=k_scale is not None, num_warps=nw, num_stages=ns, **limits,
     )
 
 
-def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True):
-    """Dense masked scores ``[B, T, S]`` fp32 (testing/diagnostics only: O(T*S) memory)."""
+def _launch_scores_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, k_scale=None):
+    """``_launch_scores`` on the CUDA score kernel (``cfg``, the Triton tile, does not apply)."""
+    from .cuda_impl import score_cuda
+
+    score_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, k_scale)
+
+
+def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True, k_scale=None, score_kernel="triton"):
+    """Dense masked scores ``[B, T, S]`` fp32 (testing/diagnostics only: O(T*S) memory).
+    ``k_scale``: as in :func:`indexer_topk_triton`; ``score_kernel``: ``"triton"`` or ``"cuda"``."""
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
     S = k.shape[1]
     buf = torch.full((B, T, S), float("-inf"), dtype=torch.float32, device=q.device)
-    _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg())
+    launch = _launch_scores_cuda if score_kernel == "cuda" else _launch_scores
+    launch(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg(k_scale is not None), k_scale)
     return buf
 
 
@@ -487,16 +592,20 @@ def indexer_topk_triton(
     ends: Optional[torch.Tensor] = None,
     use_relu: bool = True,
     global_ids: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     k_scale: Optional[torch.Tensor] = None,
+    select_kernel: str = "triton",
+    score_kernel: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
-    ``chunk_bytes`` bounds the fp32 score buffer; ``out`` optionally gives the two output
+    ``chunk_bytes`` bounds the fp32 score buffer (default ``DEFAULT_CHUNK_BYTES``); ``out`` optionally gives the two output
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
     ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
     the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
+    ``select_kernel`` / ``score_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl``; the CUDA
+    score kernel takes the operands ``cuda_impl.score_cuda_reason`` accepts).
     """
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
@@ -504,7 +613,7 @@ def indexer_topk_triton(
     if D & (D - 1) or D < 16:
         raise ValueError(f"indexer_topk_triton needs a power-of-two head dim >= 16, got {D}")
     scfg = _score_cfg(k_scale is not None)
-    blk, nw_sel = _select_cfg(S)
+    sel_cfg = _select_cfg(S)._replace(kernel=select_kernel)
     if out is None:
         idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
         vals = torch.empty(B, T, topk, dtype=torch.float32, device=q.device)
@@ -516,7 +625,18 @@ def indexer_topk_triton(
     if T == 0 or B == 0:
         return idx, vals
     S_alloc = max(S, 1)
-    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes)
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    launch_scores = _launch_scores
+    block_t = scfg[0]
+    if score_kernel == "cuda":
+        from . import cuda_impl
+
+        why = cuda_impl.score_cuda_reason(q, k)
+        if why is not None:
+            raise ValueError(why)
+        block_t = cuda_impl.SCORE_ROWS
+        launch_scores = _launch_scores_cuda
+    rows, cap = _plan(B, T, S_alloc, topk, block_t, chunk_bytes, scratch=select_kernel != "cuda")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
     # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
@@ -524,23 +644,42 @@ def indexer_topk_triton(
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
-            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
-        launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel))
+            launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
+        launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, sel_cfg)
     return idx, vals
 
 
-def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg,
-                  stride=SAMPLE_STRIDE):
+def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg):
     """Top-k of rows ``[row0, row0 + n_rows)`` over ``S`` keys from their scores in
     ``buf [B, >= n_rows, >= S]`` into ``idx`` / ``vals [B, T, topk]`` (``scr [B, >= n_rows, cap]``:
-    candidate scratch).
-    ``cfg``: (BLOCK, num_warps); ``stride``: the threshold sample's stride."""
+    candidate scratch). ``cfg``: a ``SelectCfg``.
+
+    Causal rows are split by length on the host (row t holds t + 1 scores): the rows that fit
+    ``cfg.row_reg`` are one launch with ``cfg.row_warps`` warps, the longer ones another with
+    ``cfg.warps``. Rows with explicit windows take one launch that branches per row."""
+    if cfg.kernel == "cuda":
+        from .cuda_impl import select_cuda
+
+        select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids)
+        return
     B, T, topk = idx.shape
-    _select_kernel[(n_rows, B)](
-        buf, scr, starts, ends, idx, vals, row0, T, S, topk, scr.shape[-1],
-        starts.stride(0), starts.stride(1),
-        buf.stride(0), buf.stride(1),
-        idx.stride(0), idx.stride(1),
-        scr.stride(0), scr.stride(1),
-        CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg[0], STRIDE=stride, num_warps=cfg[1],
-    )
+    if causal:
+        split = min(max(cfg.row_reg, row0), row0 + n_rows) if cfg.row_reg else row0
+        parts = ((row0, split, cfg.row_reg, 0, cfg.row_warps),
+                 (split, row0 + n_rows, 0, cfg.list_reg, cfg.warps))
+    else:
+        parts = ((row0, row0 + n_rows, cfg.row_reg, cfg.list_reg,
+                  cfg.row_warps if cfg.row_reg else cfg.warps),)
+    for r0, r1, row_reg, list_reg, nw in parts:
+        if r1 <= r0:
+            continue
+        b, s = buf[:, r0 - row0:], scr[:, r0 - row0:]
+        _select_kernel[(r1 - r0, B)](
+            b, s, starts, ends, idx, vals, r0, T, S, topk, s.shape[-1],
+            starts.stride(0), starts.stride(1),
+            b.stride(0), b.stride(1),
+            idx.stride(0), idx.stride(1),
+            s.stride(0), s.stride(1),
+            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg.block, STRIDE=cfg.stride, GROUP=cfg.group,
+            ROW_REG=row_reg, LIST_REG=list_reg, num_warps=nw,
+        )
