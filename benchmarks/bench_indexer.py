@@ -10,9 +10,10 @@ Usage (GPU):
   PYTHONPATH=$PWD python3 benchmarks/bench_indexer.py --S 4096,8192,16384,32768 --out docs/receipts
   ... --impls ours            # ours only
   ... --impls ours,ours_fp8   # the bf16 and the e4m3 selection
-  ... --select-cfgs "512,4,8;512,4,8,r4096w4,l4096;cuda"  # our select kernel alone per configuration
-  ... --pipelines "cuda:triton;cuda:cuda"  # ours / ours_fp8 again per select:score kernels
-  ... --chunk-mib 512         # our score buffer's budget (the library's default: 1024)
+  ... --select-cfgs "512,4,8;cuda"  # our select kernel alone: Triton per (BLOCK, warps, sample
+                              #   stride), or the CUDA select
+  ... --backend triton        # ours with the Triton select (auto: the CUDA select on sm_90)
+  ... --chunk-mib 1024        # our score buffer's budget (the library's default: 512)
   ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
                               #   e4m3 score kernel alone and the quantization alone
   ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
@@ -173,10 +174,9 @@ def bench_impl(name, S, args):
     return {"impl": label, **res}
 
 
-def score_only(S, args, fp8=False, kernel="triton"):
+def score_only(S, args, fp8=False):
     """Our score kernel alone over the same row chunks (no selection). ``fp8``: the e4m3 score
-    kernel on pre-quantized inputs, plus the quantization alone (``quant_ms``). ``kernel``:
-    the Triton or the CUDA score kernel."""
+    kernel on pre-quantized inputs, plus the quantization alone (``quant_ms``)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
     from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
 
@@ -190,72 +190,19 @@ def score_only(S, args, fp8=False, kernel="triton"):
         q, k, w, ks = fp8_kernel_inputs(q, k, w)
     q, k, w, st, en, causal = ti._prep(q, k, w, None, None)
 
-    launch = ti._launch_scores_cuda if kernel == "cuda" else ti._launch_scores
-
     def fn():
         for row0 in range(0, S, rows):
-            launch(q, k, w, st, en, causal, True, buf, row0, min(rows, S - row0), cfg, ks)
+            ti._launch_scores(q, k, w, st, en, causal, True, buf, row0, min(rows, S - row0), cfg, ks)
 
     ms = time_cuda(fn, warmup=1, reps=args.reps)
     return {"ms": round(ms, 4), "tflops": round(S * S * args.H * args.D / (ms * 1e-3) / 1e12, 1), **extra}
 
 
-def parse_select_cfg(spec):
-    """``"BLOCK,warps,stride[,g<GROUP>][,r<ROWS>w<WARPS>][,l<LIST>]"`` -> ``SelectCfg``: ``g``
-    takes GROUP consecutive scores of every GROUP * stride, ``r`` selects rows of at most ROWS
-    scores in registers with WARPS warps, ``l`` a candidate list of at most LIST ids; ``"cuda"``:
-    the CUDA select."""
-    from megatron_dsa.kernels.indexer.triton_impl import SelectCfg
-
-    if spec == "cuda":
-        return SelectCfg(0, 0, kernel="cuda")
-    f = spec.split(",")
-    cfg = SelectCfg(int(f[0]), int(f[1]), int(f[2]))
-    for extra in f[3:]:
-        if extra.startswith("r") and "w" in extra:
-            rows, warps = extra[1:].split("w")
-            cfg = cfg._replace(row_reg=int(rows), row_warps=int(warps))
-        elif extra.startswith("l"):
-            cfg = cfg._replace(list_reg=int(extra[1:]))
-        elif extra.startswith("g"):
-            cfg = cfg._replace(group=int(extra[1:]))
-        else:
-            raise ValueError(f"--select-cfgs: unknown field {extra!r} in {spec!r}")
-    return cfg
-
-
-def bench_pipeline(name, S, args, spec):
-    """ours / ours_fp8 through ``indexer_topk_triton`` with the kernels of ``spec``,
-    ``"SELECT:SCORE"`` (each ``triton`` or ``cuda``; a Triton select may be a ``--select-cfgs``
-    entry instead, e.g. ``512,4,8,l4096:triton``)."""
-    from megatron_dsa.kernels.indexer import triton_impl as ti
-    from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
-
-    select, score = spec.rsplit(":", 1)
-    cfg = parse_select_cfg(select) if select not in ("triton", "cuda") else None
-
-    def make(q, k, w, topk):
-        def fn():
-            qq, kk, ww, ks = (*fp8_kernel_inputs(q, k, w),) if name == "ours_fp8" else (q, k, w, None)
-            return ti.indexer_topk_triton(qq, kk, ww, topk, k_scale=ks, score_kernel=score,
-                                          select_kernel="cuda" if select == "cuda" else "triton")
-        return fn
-
-    shipped = ti._SELECT_CFG_GPU
-    if cfg is not None:
-        ti._SELECT_CFG_GPU = cfg
-    try:
-        res = bench_one(make, S, args.H, args.D, args.k, args.reps)
-    finally:
-        ti._SELECT_CFG_GPU = shipped
-    return {"impl": f"{IMPLS[name][0]}[select {select}, score {score}]", **res}
-
-
 def select_sweep(S, args):
-    """Our select kernel alone, per configuration of ``--select-cfgs`` (``parse_select_cfg``): the
-    scores of all S rows are computed once into one [S, S] buffer, then each configuration
-    selects from it. Each configuration's sets are checked against the first's (every
-    configuration is exact, so the sets must be equal row by row)."""
+    """Our select kernel alone, per (BLOCK, num_warps, sample stride) of ``--select-cfgs`` or
+    ``cuda`` (the CUDA select): the scores of all S rows are computed once into one [S, S]
+    buffer, then each configuration selects from it in one launch. Each configuration's sets are checked against the first's
+    (every configuration is exact, so the sets must be equal row by row)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
     q, k, w = inputs(S, args.H, args.D)
@@ -265,16 +212,18 @@ def select_sweep(S, args):
     scr = torch.empty(1, S, ti.scratch_cap(S, args.k), dtype=torch.int32, device="cuda")
     out, first = [], None
     for spec in args.select_cfgs.split(";"):
-        cfg = parse_select_cfg(spec)
+        kernel = "cuda" if spec == "cuda" else "triton"
+        blk, nw, stride = (0, 0, 0) if kernel == "cuda" else (int(x) for x in spec.split(","))
         idx = torch.empty(1, S, args.k, dtype=torch.int32, device="cuda")
         vals = torch.empty(1, S, args.k, dtype=torch.float32, device="cuda")
 
-        ms = time_cuda(lambda: ti.launch_select(buf, scr, st, en, idx, vals, 0, S, S, causal, False, cfg),
-                       warmup=1, reps=args.reps)
+        ms = time_cuda(lambda: ti.launch_select(buf, scr, st, en, idx, vals, 0, S, S, causal, False, (blk, nw), stride,
+                                                kernel=kernel), warmup=1, reps=args.reps)
         sets = idx[0].sort(dim=1).values
         if first is None:
             first = sets
-        r = {"impl": f"megatron_dsa[select {spec}]", "ms": round(ms, 4), "status": "ok",
+        label = "cuda" if kernel == "cuda" else f"{blk} w{nw} stride {stride}"
+        r = {"impl": f"megatron_dsa[select {label}]", "ms": round(ms, 4), "status": "ok",
              "same_sets_as_first": bool(torch.equal(sets, first)),
              "case": {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "select"}}
         out.append(r)
@@ -522,18 +471,11 @@ def main():
     ap.add_argument("--loss-peers", default="ours,mcore", help="ours, mcore (Megatron-Core's FusedDSAIndexerLoss)")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
-    ap.add_argument("--score-kernels", default="triton", help="with --score-only: triton, cuda or both")
     ap.add_argument("--select-cfgs", default="",
-                    help='our select kernel alone per "BLOCK,num_warps,sample_stride[,g<GROUP>][,r<ROWS>w<WARPS>][,l<LIST>];..." '
-                         '(the shipped one is "512,4,8"; g: a sample of GROUP consecutive scores of every '
-                         'GROUP * stride; r: rows of <= ROWS scores in registers, l: candidate '
-                         'lists of <= LIST ids in registers; "cuda": the CUDA select), from one [S, S] score '
-                         'buffer (S <= 64K)')
+                    help='our select kernel alone per "BLOCK,num_warps,sample_stride;..." (the Triton '
+                         'select\'s is "512,4,8") or "cuda", from one [S, S] score buffer (S <= 64K)')
     ap.add_argument("--chunk-mib", type=int, default=0,
-                    help="our score buffer's budget in MiB (default: the library's, 1024)")
-    ap.add_argument("--pipelines", default="",
-                    help='ours / ours_fp8 once more per "SELECT:SCORE;..." (triton or cuda each; SELECT may be '
-                         'a --select-cfgs entry), e.g. "cuda:triton;cuda:cuda;triton:cuda"')
+                    help="our score buffer's budget in MiB (default: the library's, 512)")
     ap.add_argument("--fp8-score-cfgs", default="",
                     help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages[,maxnreg];...' (the e4m3 tuning sweep; "
                          "rows megatron_dsa[fp8 BTxBS wW sS])")
@@ -594,20 +536,12 @@ def main():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     torch.cuda.empty_cache()
-            for spec in (args.pipelines.split(";") if name in ("ours", "ours_fp8") and args.pipelines else []):
-                r = bench_pipeline(name, S, args, spec)
-                r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-                torch.cuda.empty_cache()
             if name == "ours" and args.select_cfgs:
                 rows += select_sweep(S, args)
-            for kernel in (args.score_kernels.split(",") if name in ("ours", "ours_fp8") and args.score_only
-                           else []):
+            if name in ("ours", "ours_fp8") and args.score_only:
                 fp8 = name == "ours_fp8"
-                r = run_guarded(lambda: score_only(S, args, fp8, kernel))
-                r["impl"] = ("megatron_dsa[fp8 score_only" if fp8 else "megatron_dsa[score_only") + (
-                    ", cuda]" if kernel == "cuda" else "]")
+                r = run_guarded(lambda: score_only(S, args, fp8))
+                r["impl"] = "megatron_dsa[fp8 score_only]" if fp8 else "megatron_dsa[score_only]"
                 r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "score"}
                 rows.append(r)
                 print(json.dumps(r), flush=True)

@@ -44,9 +44,9 @@ class DSAPluginConfig:
     """Plugin-only settings.
 
     Attributes:
-        indexer_backend: top-k selection: ``auto`` (fused Triton for CUDA tensors, the PyTorch
-            reference for CPU tensors), ``triton``, ``cuda`` (the Triton score kernel and the
-            CUDA select, sm_90) or ``reference``.
+        indexer_backend: top-k selection: ``auto`` (the Triton score kernel with the CUDA
+            select on sm_90, with the Triton select on other GPUs; the PyTorch reference for
+            CPU tensors), ``cuda`` (the CUDA select, sm_90), ``triton`` or ``reference``.
         attention_backend: sparse MLA attention: ``auto`` (the sm_90a CUDA kernels where they
             apply, else Triton; the reference on the CPU), ``cuda``, ``triton`` or
             ``reference``. An explicit choice that cannot run raises, saying why.

@@ -30,9 +30,10 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin"
 OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL")
 
 
-def compile_sm90(fn, args, consts, num_warps, num_stages=1):
+def compile_sm90(fn, args, consts, num_warps, num_stages=1, maxnreg=None):
     """Resources of ``fn`` compiled for sm_90a. ``args``: every non-constexpr argument, a
-    pointer as its Triton type string (``"*bf16"``), else its Python value."""
+    pointer as its Triton type string (``"*bf16"``), else its Python value; ``maxnreg``: the
+    launcher's register cap, if any."""
     signature, constexprs, attrs = {}, dict(consts), {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -52,7 +53,8 @@ def compile_sm90(fn, args, consts, num_warps, num_stages=1):
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    k = triton.compile(src, target=TARGET, options=options)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -66,14 +68,14 @@ def compile_sm90(fn, args, consts, num_warps, num_stages=1):
 
 
 def cases():
-    """(label, kernel, args, constexprs, warps, stages) at the launchers' configurations."""
+    """(label, kernel, args, constexprs, warps, stages[, maxnreg]) at the launchers' configurations."""
     from megatron_dsa.kernels.indexer import triton_impl as idx
     from megatron_dsa.kernels.indexer_loss import triton_impl as il
 
     T = S = 16384
     out = []
     for fp8 in (False, True):
-        bt, bs, nw, ns = idx._SCORE_CFG_GPU["fp8" if fp8 else "bf16"]
+        bt, bs, nw, ns, *cap = idx._SCORE_CFG_GPU["fp8" if fp8 else "bf16"]
         dt = "*fp8e4nv" if fp8 else "*bf16"
         args = dict(q_ptr=dt, k_ptr=dt, w_ptr="*fp32", st_ptr="*i32", en_ptr="*i32", out_ptr="*fp32",
                     ks_ptr="*fp32", row0=0, n_rows=8192, T=T, S=S, sq_b=T * 64 * 128, sq_t=64 * 128, sq_h=128,
@@ -81,23 +83,19 @@ def cases():
                     so_r=S, sks_b=S)
         c = dict(H=64, D=128, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=True, USE_RELU=True, UPCAST=False, IEEE=False,
                  KEY_SCALE=fp8)
-        out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, nw, ns))
+        out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, nw, ns, *cap))
 
     from megatron_dsa.kernels.indexer import fp8 as f8
 
     out.append(("indexer e4m3 quantize", f8._quantize_e4m3_kernel,
                 dict(x_ptr="*bf16", y_ptr="*u8", s_ptr="*fp32", n_rows=T * 64, stride_r=128),
                 dict(D=128, BLOCK_R=64, BLOCK_D=128), 4, 1))
-    sel_args = dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",
-                    row0=0, T=T, S=S, K=2048, CAP=8192, sse_b=T, sse_t=1, sb_b=8192 * S, sb_r=S, so_b=T * 2048,
-                    so_t=2048, sc_b=8192 * 8192, sc_r=8192)
-    for label, cfg in select_cases(idx):
-        # the causal launches: rows in registers (no list stage), then the rest (no row stage)
-        c = dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=cfg.block, STRIDE=cfg.stride, GROUP=cfg.group)
-        if cfg.row_reg:
-            out.append((f"{label} (rows)", idx._select_kernel, sel_args, dict(c, ROW_REG=cfg.row_reg, LIST_REG=0),
-                        cfg.row_warps, 1))
-        out.append((label, idx._select_kernel, sel_args, dict(c, ROW_REG=0, LIST_REG=cfg.list_reg), cfg.warps, 1))
+    blk, nw_sel = idx._select_cfg(S)
+    out.append(("indexer select", idx._select_kernel,
+                dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",
+                     row0=0, T=T, S=S, K=2048, CAP=8192, sse_b=T, sse_t=1, sb_b=8192 * S, sb_r=S, so_b=T * 2048,
+                     so_t=2048, sc_b=8192 * 8192, sc_r=8192),
+                dict(CAUSAL=True, GLOBAL_IDS=False, BLOCK=blk, STRIDE=idx.SAMPLE_STRIDE), nw_sel, 1))
     out += _sparse_mla_cases(T)
     out += _pack_cases(T)
 
@@ -137,11 +135,6 @@ def cases():
                      RPS=cfg["dk_rows"]),
                 dict(BHI=64, BD=128, BS=cfg["dk_bs"], RELU=True, UPCAST=False, PREC="tf32"), cfg["dk_warps"], 1))
     return out
-
-
-def select_cases(idx):
-    """(label, SelectCfg): the shipped select configuration."""
-    return [("indexer select", idx._select_cfg(16384))]
 
 
 def _pack_cases(T):
@@ -223,11 +216,11 @@ def main():
         sys.exit("run without TRITON_INTERPRET=1")
     only = sys.argv[1:]
     res = {}
-    for label, fn, args, consts, warps, stages in cases():
+    for label, fn, args, consts, warps, stages, *cap in cases():
         if only and not any(o in label for o in only):
             continue
         try:
-            res[label] = compile_sm90(fn, args, consts, warps, stages)
+            res[label] = compile_sm90(fn, args, consts, warps, stages, *cap)
         except Exception as e:  # noqa: BLE001 - reported per kernel
             res[label] = {"error": f"{type(e).__name__}: {str(e)[-2000:]}"}
     print(json.dumps(res))

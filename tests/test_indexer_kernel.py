@@ -158,30 +158,6 @@ def test_topk_select_with_ties():
     assert torch.equal(idx.sort(-1).values, ri.sort(-1).values)
 
 
-@pytest.mark.parametrize("kind", ["causal", "random"])
-def test_topk_select_in_registers(monkeypatch, kind):
-    """Rows of at most ``row_reg`` scores and candidate lists of at most ``list_reg`` ids
-    selected in registers, beside rows and lists past those sizes (the sampled path, here with
-    the threshold sampled in groups of 4 scores, and the list radix in scratch): exact on random
-    scores, and on integer scores (ties at every radix level) the lowest index wins. Causal rows
-    are two launches split on the host, windowed rows one launch that branches per row."""
-    from megatron_dsa.kernels.indexer import triton_impl as ti
-
-    cfg = ti._SELECT_CFG_INTERP._replace(block=32, row_reg=64, row_warps=2, list_reg=128, group=4)
-    monkeypatch.setattr(ti, "_SELECT_CFG_INTERP", cfg)
-    B, T, H, D, K = 1, 256, 2, 16, 16  # lists of ~180 ids in the longest rows
-    q, k, w = _inputs(B, T, T, H, D)
-    st, en = _window(kind, B, T, T)
-    idx, val = indexer_topk_triton(q, k, w, K, st, en)
-    _check_topk(q, k, w, K, st, en, idx, val)
-    qi = torch.randint(-1, 2, (B, T, H, D), device=DEV).float()
-    ki = torch.randint(-1, 2, (B, T, D), device=DEV).float()
-    wi = torch.randint(-2, 3, (B, T, H), device=DEV).float()
-    idx, _ = indexer_topk_triton(qi, ki, wi, K, st, en, use_relu=False)
-    ri, _ = indexer_topk_reference(qi, ki, wi, K, st, en, use_relu=False)
-    assert torch.equal(idx.sort(-1).values, ri.sort(-1).values)
-
-
 def test_topk_sampled_prefilter_fallback():
     """Strided-sample positions hold the largest scores: the sampled threshold admits fewer
     than k candidates, so the select must fall back to the whole row."""

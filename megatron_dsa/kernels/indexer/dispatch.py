@@ -16,7 +16,7 @@ import torch
 
 from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
-from .cuda_impl import MAX_TOPK, cuda_select_reason, score_cuda_reason
+from .cuda_impl import MAX_TOPK, cuda_select_reason
 from .fp8 import fp8_kernel_inputs, fp8_selection_inputs
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
@@ -40,7 +40,7 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
         if why is not None:
             raise ValueError(f"{OP}: backend='{backend}' cannot run: {why}")
         return KernelChoice(OP, backend, backend, None, "asked for" if backend == "triton" else
-                            "asked for: CUDA select; CUDA score kernel for head dim 128 and <= 128 heads, else Triton")
+                            "asked for: Triton score + CUDA select")
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", None, f"{device.type} tensors run the PyTorch reference")
     if not pow2:
@@ -50,7 +50,8 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
         return KernelChoice(OP, backend, "reference", None, why)
     why_cuda = cuda_select_reason(device)
     if why_cuda is None:
-        return KernelChoice(OP, backend, "cuda", None, "CUDA select; CUDA score kernel for head dim 128 and <= 128 heads, else Triton")
+        return KernelChoice(OP, backend, "cuda", None,
+                            f"Triton score + CUDA select (the Triton select above topk {MAX_TOPK})")
     if warn and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         warn_once(OP, f"selecting with the Triton select instead of the CUDA one: {why_cuda}")
     return KernelChoice(OP, backend, "triton", None, f"fused Triton score + top-k ({why_cuda})")
@@ -100,8 +101,6 @@ def indexer_topk(
         elif precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
         if fused:
-            # the CUDA select comes with the CUDA score kernel, where that takes the operands
-            score_kernel = "cuda" if select_kernel == "cuda" and score_cuda_reason(q, k) is None else "triton"
             return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
-                                       select_kernel=select_kernel, score_kernel=score_kernel)
+                                       select_kernel=select_kernel)
         return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)

@@ -13,8 +13,10 @@ Two kernels per chunk of query rows (see ``docs/kernels_indexer.md``):
    the sample under-shoots, the whole row is the candidate list, so the result is exact.
    Ties: among equal scores the lower key index wins. Only ``[start, end)`` of a row is read.
 
-Extra memory is the chunk buffer (+ scratch), ``R * S * 8 * B`` bytes with ``R`` chosen so
-that it stays under ``chunk_bytes`` (1 GiB by default), whatever ``T`` is. No host
+Extra memory is the chunk buffer (+ the Triton select's scratch), ``R * (S + cap) * 4 * B``
+bytes with ``R`` chosen so that it stays under ``chunk_bytes`` (512 MiB by default), whatever
+``T`` is. The select may instead be the CUDA one (``cuda_impl.select_cuda``, ``select_kernel``),
+which reads the same buffer and needs no scratch. No host
 synchronisation: the grids depend on shapes only, so the call can be captured in a CUDA graph.
 
 Output order: the selected ids of a row are NOT sorted by score; rows with fewer than ``topk`` valid keys list all of them and pad with ``-1`` / ``-inf``.
@@ -22,7 +24,7 @@ Output order: the selected ids of a row are NOT sorted by score; rows with fewer
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -32,7 +34,9 @@ from ..triton_common import interpreting
 
 __all__ = ["indexer_topk_triton", "indexer_scores_triton", "DEFAULT_CHUNK_BYTES"]
 
-DEFAULT_CHUNK_BYTES = 1 << 30
+# The score buffer's budget. Halving it from 1 GiB cost 1-3% of the time on H100 (S = 16K-64K)
+# and cut the peak at S = 16K from 1.25 to 0.75 GiB.
+DEFAULT_CHUNK_BYTES = 512 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,15 +262,13 @@ def _compact_pass(row_ptr, scr_ptr, n, idx_row, val_row, id0, cnt, bsel, k_rem, 
 
 @triton.jit
 def _sample_level(row_ptr, Ls, prefix, k_rem, STRIDE: tl.constexpr, SHIFT: tl.constexpr,
-                  FIRST: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    """256-bin histogram of one key digit over the sample: the first GROUP scores of every
-    GROUP * STRIDE (GROUP = 1: row_ptr[0::STRIDE]; GROUP = 8: whole 32-byte sectors)."""
+                  FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """256-bin histogram of one key digit over the strided sample row_ptr[0::STRIDE]."""
     hist = tl.zeros([256], dtype=tl.int32)
     for off in range(0, Ls, BLOCK):
         j = off + tl.arange(0, BLOCK)
         m = j < Ls
-        pos = (j // GROUP) * (GROUP * STRIDE) + j % GROUP
-        key = _ordered_key(tl.load(row_ptr + pos, mask=m, other=0.0))
+        key = _ordered_key(tl.load(row_ptr + j * STRIDE, mask=m, other=0.0))
         if FIRST:
             match = m
         else:
@@ -315,86 +317,6 @@ def _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK: tl.c
 
 
 @triton.jit
-def _reg_level(key, valid, prefix, k_rem, SHIFT: tl.constexpr, FIRST: tl.constexpr):
-    """``_radix_level`` over keys held in registers."""
-    if FIRST:
-        match = valid
-    else:
-        match = valid & ((key >> (SHIFT + 8)) == prefix)
-    hist = tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=match)
-    return _pick_bucket(hist, k_rem, 256)
-
-
-@triton.jit
-def _select_in_registers(row_ptr, pos, valid, idx_row, val_row, id0, K):
-    """Exact top-K (ties: lowest position) of the ``valid`` scores at the ascending positions
-    ``pos`` of the row (at least K valid), loaded into registers once: radix levels on 8-bit
-    digits without further memory traffic, then one compaction. The output is in position
-    order."""
-    x = tl.load(row_ptr + pos, mask=valid, other=0.0)
-    key = _ordered_key(x)
-    k_rem = K
-    in_b = -1  # no level yet
-    prefix = tl.zeros([], dtype=tl.uint32)
-    shift = 32
-    for lvl in tl.static_range(4):  # digits 31..24, 23..16, 15..8, 7..0; stop once exact
-        if in_b != k_rem:
-            bk, above, in_b = _reg_level(key, valid, prefix, k_rem, 24 - 8 * lvl, lvl == 0)
-            prefix = (prefix << 8) | bk.to(tl.uint32)
-            shift = 24 - 8 * lvl
-            k_rem -= above
-    kp = key >> shift
-    gt = valid & (kp > prefix)
-    eq = valid & (kp == prefix)
-    eq_i = eq.to(tl.int32)
-    eq_rank = tl.cumsum(eq_i, 0) - eq_i
-    sel = gt | (eq & (eq_rank < k_rem))
-    s_i = sel.to(tl.int32)
-    out = tl.cumsum(s_i, 0) - s_i
-    tl.store(idx_row + out, id0 + pos, mask=sel)
-    tl.store(val_row + out, x, mask=sel)
-
-
-@triton.jit
-def _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP,
-                    BLOCK: tl.constexpr, STRIDE: tl.constexpr, GROUP: tl.constexpr,
-                    LIST_REG: tl.constexpr):
-    """Top-K of a row longer than K through the sampled threshold (see ``_select_kernel``)."""
-    ks0 = K // STRIDE
-    ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
-    full = L // (GROUP * STRIDE)  # sample size: GROUP of every GROUP * STRIDE scores
-    Ls = full * GROUP + tl.minimum(L - full * GROUP * STRIDE, GROUP)
-    ks = tl.minimum(ks0, Ls)
-    b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK, GROUP)
-    b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
-                                      16, False, BLOCK, GROUP)
-    tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
-    n0 = 0
-    for off in range(0, L, BLOCK):
-        j = off + tl.arange(0, BLOCK)
-        m = j < L
-        key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
-        cand = m & (key >= tau)
-        c_i = cand.to(tl.int32)
-        pos = n0 + tl.cumsum(c_i, 0) - c_i
-        tl.store(scr_row + pos, j, mask=cand & (pos < CAP))
-        n0 += tl.sum(c_i, 0)
-    if (n0 < K) | (n0 > CAP):
-        _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK)
-    else:
-        if LIST_REG > 0:
-            if n0 <= LIST_REG:
-                c = tl.arange(0, LIST_REG)
-                v = c < n0
-                _select_in_registers(row_ptr, tl.load(scr_row + c, mask=v, other=0), v, idx_row, val_row,
-                                     id0, K)
-            else:
-                _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
-        else:
-            _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
-
-
-@triton.jit
 def _select_kernel(
     buf_ptr, scr_ptr, st_ptr, en_ptr, idx_ptr, val_ptr,
     row0, T, S, K, CAP,
@@ -403,22 +325,17 @@ def _select_kernel(
     so_b, so_t,
     sc_b, sc_r,
     CAUSAL: tl.constexpr, GLOBAL_IDS: tl.constexpr, BLOCK: tl.constexpr, STRIDE: tl.constexpr,
-    GROUP: tl.constexpr, ROW_REG: tl.constexpr, LIST_REG: tl.constexpr,
 ):
-    """Exact top-K of each row's scores; selected ids are not sorted.
-
-    A row of at most ROW_REG scores (a power of two; 0: none) is loaded into registers once
-    and selected there (``_select_in_registers``). A longer row goes through a sampled
-    pre-filter and an exact radix select:
+    """Sampled pre-filter + exact radix select.
 
     1. On the strided sample row[0::STRIDE], find (16-bit key resolution) a value ``tau`` with
        at least ``K/STRIDE + 4 sqrt(K/STRIDE) + 16`` sample keys at or above it.
     2. One pass over the row lists the ids with key >= tau (in key order) in scratch (room for
        CAP ids per row, CAP >= K).
-    3. If K..CAP ids were listed, the exact top-K lies among them: radix select on the list
-       (in registers when it holds at most LIST_REG ids). Otherwise (an unlucky sample, or
-       more than CAP keys tied around tau) an exact radix select over the whole row (no
-       scratch) decides.
+    3. If K..CAP ids were listed, the exact top-K lies among them: radix select on the list.
+       Otherwise (an unlucky sample, or more than CAP keys tied around tau) an exact radix
+       select over the whole row (no scratch) decides.
+    Selected ids are not sorted.
     """
     r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -449,51 +366,44 @@ def _select_kernel(
             tl.store(idx_row + j, tl.where(v, id0 + j, -1), mask=m)
             tl.store(val_row + j, x, mask=m)
     else:
-        if ROW_REG > 0:
-            if L <= ROW_REG:
-                j = tl.arange(0, ROW_REG)
-                _select_in_registers(row_ptr, j, j < L, idx_row, val_row, id0, K)
-            else:
-                _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
-                                GROUP, LIST_REG)
+        ks0 = K // STRIDE
+        ks0 = ks0 + 4 * tl.sqrt(ks0.to(tl.float32)).to(tl.int32) + 16
+        Ls = (L + STRIDE - 1) // STRIDE  # strided reads of the row
+        ks = tl.minimum(ks0, Ls)
+        b0, above, in_b = _sample_level(row_ptr, Ls, 0, ks, STRIDE, 24, True, BLOCK)
+        b1, above1, in_b1 = _sample_level(row_ptr, Ls, b0.to(tl.uint32), ks - above, STRIDE,
+                                          16, False, BLOCK)
+        tau = ((b0.to(tl.uint32) << 8) | b1.to(tl.uint32)) << 16
+        n0 = 0
+        for off in range(0, L, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < L
+            key = _ordered_key(tl.load(row_ptr + j, mask=m, other=0.0))
+            cand = m & (key >= tau)
+            c_i = cand.to(tl.int32)
+            pos = n0 + tl.cumsum(c_i, 0) - c_i
+            tl.store(scr_row + pos, j, mask=cand & (pos < CAP))
+            n0 += tl.sum(c_i, 0)
+        if (n0 < K) | (n0 > CAP):
+            _radix_select_full(row_ptr, L, idx_row, val_row, id0, K, BLOCK)
         else:
-            _sampled_select(row_ptr, scr_row, L, idx_row, val_row, id0, K, CAP, BLOCK, STRIDE,
-                            GROUP, LIST_REG)
+            _exact_from_list(row_ptr, scr_row, n0, idx_row, val_row, id0, K, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------
 
-class SelectCfg(NamedTuple):
-    """The select kernel's configuration.
-
-    ``block`` / ``warps``: the chunk of scores one loop step of the sampled path reads and its
-    warps; ``stride`` / ``group``: the threshold sample reads the first ``group`` scores of
-    every ``group * stride`` (``group=8``: whole 32-byte sectors); ``row_reg`` (a power
-    of two, 0: off): rows of at most that many scores are selected in registers, launched with
-    ``row_warps`` warps; ``list_reg`` (a power of two, 0: off): a candidate list of at most
-    that many ids is selected in registers. ``kernel="cuda"``: the CUDA select
-    (``cuda_impl.select_cuda``) instead, which takes none of the other fields."""
-
-    block: int
-    warps: int
-    stride: int = 8
-    row_reg: int = 0
-    row_warps: int = 4
-    list_reg: int = 0
-    kernel: str = "triton"
-    group: int = 1
-
-
-# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg]) for the score kernel, per operand precision ("fp8":
-# e4m3 q / k, half the shared memory per stage; not yet tuned on a GPU, the bf16 tile for now).
-# Measured on H100.
-_SCORE_CFG_GPU = {"bf16": (64, 128, 4, 3), "fp8": (64, 128, 4, 3)}
-_SELECT_CFG_GPU = SelectCfg(512, 4)  # SelectCfg(1024, 4) above S = 64K
+# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg]) for the score kernel, per operand
+# precision ("fp8": e4m3 q / k, half the shared memory per stage; capped at 168 registers, two
+# programs per SM: 15.3 against 16.3 ms uncapped at S = 32K on H100, where 64x256 and 128x128
+# tiles with 8 warps took 18.0 / 18.2 ms); select (BLOCK, num_warps); the select's threshold
+# sample reads every SAMPLE_STRIDE-th score. Measured on H100.
+_SCORE_CFG_GPU = {"bf16": (64, 128, 4, 3), "fp8": (64, 128, 4, 3, 168)}
+_SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
-_SELECT_CFG_INTERP = SelectCfg(128, 4)
-SAMPLE_STRIDE = _SELECT_CFG_GPU.stride
+_SELECT_CFG_INTERP = (128, 4)
+SAMPLE_STRIDE = 8
 
 
 def _score_cfg(fp8: bool = False):
@@ -503,7 +413,7 @@ def _score_cfg(fp8: bool = False):
 def _select_cfg(S: int):
     if interpreting():
         return _SELECT_CFG_INTERP
-    return _SELECT_CFG_GPU._replace(block=1024) if S > 65536 else _SELECT_CFG_GPU
+    return (1024, 4) if S > 65536 else _SELECT_CFG_GPU
 
 
 def _prep(q, k, w, starts, ends):
@@ -564,22 +474,14 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     )
 
 
-def _launch_scores_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, k_scale=None):
-    """``_launch_scores`` on the CUDA score kernel (``cfg``, the Triton tile, does not apply)."""
-    from .cuda_impl import score_cuda
-
-    score_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, k_scale)
-
-
-def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True, k_scale=None, score_kernel="triton"):
+def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True, k_scale=None):
     """Dense masked scores ``[B, T, S]`` fp32 (testing/diagnostics only: O(T*S) memory).
-    ``k_scale``: as in :func:`indexer_topk_triton`; ``score_kernel``: ``"triton"`` or ``"cuda"``."""
+    ``k_scale``: as in :func:`indexer_topk_triton`."""
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
     S = k.shape[1]
     buf = torch.full((B, T, S), float("-inf"), dtype=torch.float32, device=q.device)
-    launch = _launch_scores_cuda if score_kernel == "cuda" else _launch_scores
-    launch(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg(k_scale is not None), k_scale)
+    _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg(k_scale is not None), k_scale)
     return buf
 
 
@@ -596,7 +498,6 @@ def indexer_topk_triton(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     k_scale: Optional[torch.Tensor] = None,
     select_kernel: str = "triton",
-    score_kernel: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
@@ -604,16 +505,18 @@ def indexer_topk_triton(
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
     ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
     the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
-    ``select_kernel`` / ``score_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl``; the CUDA
-    score kernel takes the operands ``cuda_impl.score_cuda_reason`` accepts).
+    ``select_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl.select_cuda``: sm_90, topk <=
+    ``cuda_impl.MAX_TOPK``); both give the same sets.
     """
+    if select_kernel not in ("triton", "cuda"):
+        raise ValueError(f"select_kernel must be 'triton' or 'cuda', got {select_kernel!r}")
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
     S = k.shape[1]
     if D & (D - 1) or D < 16:
         raise ValueError(f"indexer_topk_triton needs a power-of-two head dim >= 16, got {D}")
     scfg = _score_cfg(k_scale is not None)
-    sel_cfg = _select_cfg(S)._replace(kernel=select_kernel)
+    blk, nw_sel = _select_cfg(S)
     if out is None:
         idx = torch.empty(B, T, topk, dtype=torch.int32, device=q.device)
         vals = torch.empty(B, T, topk, dtype=torch.float32, device=q.device)
@@ -626,17 +529,7 @@ def indexer_topk_triton(
         return idx, vals
     S_alloc = max(S, 1)
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    launch_scores = _launch_scores
-    block_t = scfg[0]
-    if score_kernel == "cuda":
-        from . import cuda_impl
-
-        why = cuda_impl.score_cuda_reason(q, k)
-        if why is not None:
-            raise ValueError(why)
-        block_t = cuda_impl.SCORE_ROWS
-        launch_scores = _launch_scores_cuda
-    rows, cap = _plan(B, T, S_alloc, topk, block_t, chunk_bytes, scratch=select_kernel != "cuda")
+    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
     # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
@@ -644,42 +537,30 @@ def indexer_topk_triton(
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
-            launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
-        launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, sel_cfg)
+            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
+        launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel),
+                      kernel=select_kernel)
     return idx, vals
 
 
-def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg):
+def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg,
+                  stride=SAMPLE_STRIDE, kernel="triton"):
     """Top-k of rows ``[row0, row0 + n_rows)`` over ``S`` keys from their scores in
     ``buf [B, >= n_rows, >= S]`` into ``idx`` / ``vals [B, T, topk]`` (``scr [B, >= n_rows, cap]``:
-    candidate scratch). ``cfg``: a ``SelectCfg``.
-
-    Causal rows are split by length on the host (row t holds t + 1 scores): the rows that fit
-    ``cfg.row_reg`` are one launch with ``cfg.row_warps`` warps, the longer ones another with
-    ``cfg.warps``. Rows with explicit windows take one launch that branches per row."""
-    if cfg.kernel == "cuda":
+    candidate scratch).
+    ``cfg``: (BLOCK, num_warps); ``stride``: the threshold sample's stride; ``kernel="cuda"``:
+    the CUDA select instead (``cuda_impl.select_cuda``), which takes neither, nor the scratch."""
+    if kernel == "cuda":
         from .cuda_impl import select_cuda
 
         select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids)
         return
     B, T, topk = idx.shape
-    if causal:
-        split = min(max(cfg.row_reg, row0), row0 + n_rows) if cfg.row_reg else row0
-        parts = ((row0, split, cfg.row_reg, 0, cfg.row_warps),
-                 (split, row0 + n_rows, 0, cfg.list_reg, cfg.warps))
-    else:
-        parts = ((row0, row0 + n_rows, cfg.row_reg, cfg.list_reg,
-                  cfg.row_warps if cfg.row_reg else cfg.warps),)
-    for r0, r1, row_reg, list_reg, nw in parts:
-        if r1 <= r0:
-            continue
-        b, s = buf[:, r0 - row0:], scr[:, r0 - row0:]
-        _select_kernel[(r1 - r0, B)](
-            b, s, starts, ends, idx, vals, r0, T, S, topk, s.shape[-1],
-            starts.stride(0), starts.stride(1),
-            b.stride(0), b.stride(1),
-            idx.stride(0), idx.stride(1),
-            s.stride(0), s.stride(1),
-            CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg.block, STRIDE=cfg.stride, GROUP=cfg.group,
-            ROW_REG=row_reg, LIST_REG=list_reg, num_warps=nw,
-        )
+    _select_kernel[(n_rows, B)](
+        buf, scr, starts, ends, idx, vals, row0, T, S, topk, scr.shape[-1],
+        starts.stride(0), starts.stride(1),
+        buf.stride(0), buf.stride(1),
+        idx.stride(0), idx.stride(1),
+        scr.stride(0), scr.stride(1),
+        CAUSAL=causal, GLOBAL_IDS=global_ids, BLOCK=cfg[0], STRIDE=stride, num_warps=cfg[1],
+    )
