@@ -238,11 +238,8 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     const float m = m_run[i];
     const float m_use = m == -INFINITY ? 0.f : m;
     float denom = l_s[r] + l_s[64 + r];
-    if (x == 0 && (lane & 3) == 0 && h < p.H) {
-      float dl = denom;
-      if (p.sink != nullptr) dl += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
-      p.lse[static_cast<long long>(t) * p.H + h] = dl > 0.f ? (m_use + log2f(dl)) * 0.6931471805599453f : -INFINITY;
-    }
+    if (x == 0 && (lane & 3) == 0 && h < p.H)  // (the lse of the selected keys: the sink is not in it)
+      p.lse[static_cast<long long>(t) * p.H + h] = denom > 0.f ? (m_use + log2f(denom)) * 0.6931471805599453f : -INFINITY;
     if (p.sink != nullptr && h < p.H) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
     const float inv = denom > 0.f ? 1.f / denom : 0.f;
     // row r of this warpgroup's [64, 256] tile: 512 B at Q + x * 32 KB + r * 512, granule k at k ^ (r % 8)
