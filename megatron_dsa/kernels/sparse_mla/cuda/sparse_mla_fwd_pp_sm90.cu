@@ -207,6 +207,9 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       // ---- the other's block: issue my next S, take its P, P V from shared memory ----
       if (j + 1 < nblk) issue_s(j + 1);
       bar_sync(BAR_FULL_P + (1 - x), 256);
+      // this warpgroup did not wait on the stage's full barrier itself (the owner did, before its
+      // S): order the gathered rows before its own async-proxy (wgmma) reads
+      fence_async_smem();
       const float a0 = a_s[(j & 1) * 64 + row0], a1 = a_s[(j & 1) * 64 + row0 + 8];
       m_run[0] = m_s[(j & 1) * 64 + row0];
       m_run[1] = m_s[(j & 1) * 64 + row0 + 8];
