@@ -157,26 +157,25 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   // the online softmax of block j in s (exp2 domain); m_in: the running max so far (A: its own;
   // B: A's after block j - 1). Returns the new max per row; rescales o and l_run from m_run.
   auto softmax = [&](int j, const float (&m_in)[2]) {
-    bool valid[16];
+    // scale, and mask the slots past the row's length or with an invalid id (in place)
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
       const int col = 8 * jj + colq;
       const int2 id2 = *reinterpret_cast<const int2*>(ids_s + col);
-      valid[2 * jj] = j * BN + col < kv_len && id2.x >= 0 && id2.x < p.Tk;
-      valid[2 * jj + 1] = j * BN + col + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
+      const bool v0 = j * BN + col < kv_len && id2.x >= 0 && id2.x < p.Tk;
+      const bool v1 = j * BN + col + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        s[4 * jj + 2 * r] = v0 ? s[4 * jj + 2 * r] * p.scale_log2 : -INFINITY;
+        s[4 * jj + 2 * r + 1] = v1 ? s[4 * jj + 2 * r + 1] * p.scale_log2 : -INFINITY;
+      }
     }
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = m_in[r];
 #pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-          const float v = valid[2 * jj + b] ? s[4 * jj + 2 * r + b] * p.scale_log2 : -INFINITY;
-          s[4 * jj + 2 * r + b] = v;
-          mx = fmaxf(mx, v);
-        }
+      for (int jj = 0; jj < 8; ++jj) mx = fmaxf(mx, fmaxf(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_use = mx == -INFINITY ? 0.f : mx;
@@ -200,8 +199,7 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     }
   };
   // P as bf16 A fragments: pf[kk] holds keys [16 kk, 16 kk + 16)
-  uint32_t pf[4][4];
-  auto make_pf = [&]() {
+  auto make_pf = [&](uint32_t (&pf)[4][4]) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -213,7 +211,7 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
           pf[kk][2 * h + r] = *reinterpret_cast<uint32_t*>(&v);
         }
   };
-  auto pv_own = [&]() {  // O += P_own V(own buffer, own channels), P from registers
+  auto pv_own = [&](const uint32_t (&pf)[4][4]) {  // O += P_own V(own buffer, own channels), P from registers
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_rs<1>(o, pf[kk], VOWN + ((kk * 16 * 128) >> 4), 1);
@@ -227,6 +225,20 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     wgmma_commit();
   };
 
+  // B's P as is: the bf16 fragments themselves (s is dead once they are made)
+  auto store_pf = [&](const uint32_t (&pf)[4][4]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int rr = row0 + 8 * r;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          *reinterpret_cast<uint32_t*>(pown + rr * 128 + (((2 * kk + h) ^ (rr & 7)) << 4) + colq * 2) = pf[kk][2 * h + r];
+    }
+    fence_async_smem();
+  };
+
   if constexpr (X == 0) {
     for (int i = 0; i < npair; ++i) {
       if (i == 0) {  // (the first S inside the loop: outside it, ptxas spills)
@@ -237,8 +249,9 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       const float m_in[2] = {m_run[0], m_run[1]};
       softmax(2 * i, m_in);
       bar_arrive(BAR_A, 256);  // A's max is out
-      make_pf();
-      pv_own();
+      uint32_t pf[4][4];
+      make_pf(pf);
+      pv_own(pf);
       wgmma_wait0();
       mbar_arrive(bar_free(sbase, 0, 0));
       bar_sync(BAR_B, 256);  // B's max (at least A's)
@@ -253,6 +266,9 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       store_p(f[0], f[1]);  // into buffer 0's rope chunk: this warpgroup's S read it, and is done
       bar_arrive(BAR_PA, 256);
       bar_sync(BAR_PB, 256);
+      // buffer 1 was waited on by B only: order its gathered rows before this warpgroup's
+      // async-proxy (wgmma) reads
+      fence_async_smem();
       rescale(f[0], f[1]);
       pv_other();
       if (i + 1 < npair) {
@@ -275,10 +291,12 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       const float m_in[2] = {m_s[row0], m_s[row0 + 8]};
       softmax(2 * i + 1, m_in);  // (A's max is at least B's previous one)
       bar_arrive(BAR_B, 256);
-      make_pf();
-      pv_own();
-      store_p(1.f, 1.f);
+      uint32_t pf[4][4];
+      make_pf(pf);
+      pv_own(pf);
+      store_pf(pf);
       bar_sync(BAR_PA, 256);
+      fence_async_smem();  // (buffer 0 was waited on by A only)
       pv_other();
       bar_arrive(BAR_PB, 256);
       wgmma_wait1();  // P_B V(1.R)
