@@ -18,8 +18,8 @@
 //              longer needs) for B; P_B V(1.L) from shared memory (then frees 1.L); S of the next
 //              even block.
 //   WG2 (B)    block 2i + 1 and channels 256-511: S from buffer 1 (R half first), softmax with
-//              A's max, hands its max to A, P_B V(1.R) from registers (frees 1.R), stores P_B,
-//              P_A V(0.R) from shared memory (frees 0.R).
+//              A's max, hands its max to A, stores P_B for A, P_B V(1.R) from registers (frees
+//              1.R), P_A V(0.R) from shared memory (frees 0.R).
 //   The two softmaxes of a pair run one after the other (B needs A's max), but each warpgroup's
 //   S, its P V and the loads of the other buffer overlap them. Row sums: each warpgroup keeps
 //   those of its own blocks; added at the end.
@@ -293,8 +293,8 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       bar_arrive(BAR_B, 256);
       uint32_t pf[4][4];
       make_pf(pf);
+      store_pf(pf);  // (before the P V reads pf: a wgmma's A registers are not touched in flight)
       pv_own(pf);
-      store_pf(pf);
       bar_sync(BAR_PA, 256);
       fence_async_smem();  // (buffer 0 was waited on by A only)
       pv_other();
