@@ -24,7 +24,7 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 
 NO_NVCC = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc")
-FWD_SRC, BWD_SRC, _, FWD16_SRC, _ = ci.SOURCES
+FWD_SRC, BWD_SRC, _, FWD16_SRC, _, PP_SRC = ci.SOURCES
 
 
 def need_library():
@@ -148,6 +148,45 @@ def test_gpu_matches_float64_reference(T, H, K, sink, topk):
     err = rel(out.double(), ro)
     floor = rel(ro.to(torch.bfloat16).double(), ro)
     print(f"T={T} H={H} K={K} seed={seed}: out rel err {err:.2e} (bf16 rounding {floor:.2e})")
+    assert err < max(4 * floor, 5e-3), (seed, err, floor)
+
+
+@NO_NVCC
+def test_pingpong_forward_compiles_for_sm90a_without_spills(tmp_path):
+    """WIP (branch): the ping-pong 64-head forward compiles without spills or serialized wgmma."""
+    assert_compiles_without_spills(PP_SRC, tmp_path, "sparse_mla_fwd_pp_sm90_kernel")
+
+
+@pytest.mark.gpu
+@pytest.mark.pingpong
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk", [
+    (2048, 128, 2048, False, False),
+    (1536, 64, 1024, True, True),
+    (1024, 100, 512, True, False),   # last head tile masked
+    (777, 48, 300, False, True),     # K not a multiple of 64; odd block counts
+    (600, 17, 64, True, True),       # one block per row at most
+    (300, 64, 1, False, False),      # a single slot
+])
+def test_gpu_pingpong_forward_matches_float64_reference(T, H, K, sink, topk):
+    """WIP (branch): the ping-pong forward against float64, and against the shipped kernel."""
+    need_library()
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    q, kv, idx, tk, sk = cuda_fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)
+    scale = 576 ** -0.5
+    with poisoned_empty():
+        out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk, pingpong=True)
+    ref_out, ref_lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
+    ro, rl = sparse_mla_reference(q.double(), kv.double(), idx, scale, 512, tk,
+                                  sk.double() if sk is not None else None)
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(lse)), (seed, "empty rows must give lse = -inf exactly")
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (lse[fin].double() - rl[fin]).abs().max().item() < 1e-2, seed
+    err = rel(out.double(), ro)
+    floor = rel(ro.to(torch.bfloat16).double(), ro)
+    print(f"T={T} H={H} K={K} seed={seed}: out rel err {err:.2e} (bf16 rounding {floor:.2e}), "
+          f"vs shipped {rel(out.double(), ref_out.double()):.2e}")
     assert err < max(4 * floor, 5e-3), (seed, err, floor)
 
 

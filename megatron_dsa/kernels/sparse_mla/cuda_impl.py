@@ -43,7 +43,7 @@ __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cud
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
-           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu")
+           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu", _DIR / "sparse_mla_fwd_pp_sm90.cu")
 HEADERS = (_DIR / "sm90_common.cuh",)
 ARCH = "sm_90a"
 # The largest head count routed to the 16-head forward; more heads run the 64-head forward (the
@@ -63,7 +63,7 @@ def build(force: bool = False) -> Path:
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))
     ll, i32, vp, f32 = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
-    for name in ("dsa_sparse_mla_fwd_sm90", "dsa_sparse_mla_fwd16_sm90"):
+    for name in ("dsa_sparse_mla_fwd_sm90", "dsa_sparse_mla_fwd16_sm90", "dsa_sparse_mla_fwd_pp_sm90"):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
@@ -181,7 +181,7 @@ def effective_lengths_torch(indices: torch.Tensor, topk_length: Optional[torch.T
 
 
 def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=None,
-                        packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                        packed: bool = False, pingpong: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; the contract of ``reference.py``.
     ``indices`` int32 with unit column stride. ``packed``: row packing (``H <= 32``): the 64-head
     kernel over groups of rows and the union of their keys."""
@@ -213,6 +213,8 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E)
     kernel = lib.dsa_sparse_mla_fwd16_sm90 if H <= MAX_HEADS16 else lib.dsa_sparse_mla_fwd_sm90
+    if pingpong:  # WIP (branch only): the ping-pong 64-head forward, sparse_mla_fwd_pp_sm90.cu
+        kernel = lib.dsa_sparse_mla_fwd_pp_sm90
     with torch.cuda.device(q.device):
         _check(kernel(*args, torch.cuda.current_stream(q.device).cuda_stream), "forward")
     return out, lse
