@@ -1,17 +1,18 @@
-// WIP (branch only): a ping-pong sparse MLA forward for Hopper, 64 heads per CTA.
+// Sparse MLA forward (absorbed layout) for Hopper (sm_90a), H > 16: a ping-pong of two math
+// warpgroups over 64-key blocks, after FlashMLA's sparse forward (docs/kernels_sparse_mla.md,
+// section 3.1).
 //
-// The shipped 64-head forward (sparse_mla_fwd_sm90.cu) has one warpgroup issue every S = Q K^T
-// and run every softmax while two P V warpgroups wait on it. FlashMLA's sparse forward (read,
-// docs/kernels_sparse_mla.md section 5) runs 1.4x faster with the same CTA mapping. This kernel
-// follows that schedule (a first version that handed every block from one math warpgroup to the
-// other ran 1.2x slower than the shipped kernel: its softmaxes and stage releases were serial).
-//
-// Keys go in pairs of 64-key blocks: block 2i to kv buffer 0, block 2i + 1 to buffer 1. Each
-// buffer is two halves with their own ready / free mbarriers: L = channel chunks 0-3, R = 4-8.
+// Fast path: Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three
+// warpgroups) per (query row t, block of 64 heads; heads >= H of the last block are zero rows
+// of Q and are not stored). The row's first kv_len slots (kv_len = topk_len[t], the effective
+// length the launcher passes, capped by K) go in pairs of 64-key blocks: block 2i to kv buffer
+// 0, block 2i + 1 to buffer 1. Each buffer is two halves with their own ready / free mbarriers:
+// L = channel chunks 0-3, R = 4-8.
 //
 //   WG0        producer (72 registers): 8 threads per 128-byte row of a chunk (whole lines),
 //              cp.async with an L2 256-byte prefetch and evict_last; per pair it fills
 //              0.L, 1.R, 0.R, 1.L, each after its free barrier, the order the math reads them.
+//              Slots past kv_len and ids outside [0, Tk) (-1 padding) are zero-filled.
 //   WG1 (A)    block 2i and output channels 0-255: S from buffer 0, softmax with the running
 //              max, hands its max to B, P_A V(0.L) from registers (then frees 0.L); takes B's new
 //              max, rescales P_A and O by it, stores P_A (into buffer 0's rope chunk, which S no
@@ -22,9 +23,16 @@
 //              1.R), P_A V(0.R) from shared memory (frees 0.R).
 //   The two softmaxes of a pair run one after the other (B needs A's max), but each warpgroup's
 //   S, its P V and the loads of the other buffer overlap them. Row sums: each warpgroup keeps
-//   those of its own blocks; added at the end.
+//   those of its own blocks; added at the end. The softmax masks (-inf) every slot past kv_len
+//   or with an id outside [0, Tk); a row with no valid slot gives out = 0, lse = -inf.
+//   A half is freed by the one warpgroup that reads it last, through an mbarrier that counts
+//   all 128 of its threads, each arriving after its own wgmma wait (and, for what the other
+//   warpgroup read of it, after a named barrier that follows that warpgroup's waits).
+// Epilogue: O / (row sum + the sink's exp, if any), staged bf16 in Q's space, 16-byte stores of
+// whole 512-byte rows; lse = the log-sum-exp of the selected keys (the sink not in it).
+// Registers: setmaxnreg 72 + 2 x 216 = 504 = the CTA's 3 x 168.
 // Shared memory: Q [64, 576] (72 KB, reused to stage O), two kv buffers [64, 576] (72 KB each),
-// P_B [64, 64] bf16, the max hand-off, row sums, the blocks' ids, barriers.
+// P_B [64, 64] bf16, the max hand-off, row sums, the blocks' ids, barriers: 225 KB.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -60,14 +68,11 @@ constexpr int BAR_A = 1, BAR_B = 2, BAR_PA = 3, BAR_PB = 4, BAR_MATH = 5;
 __device__ __forceinline__ uint32_t bar_ready(uint32_t sbase, int b, int h) { return sbase + OFF_BAR + 8 * (2 * b + h); }
 __device__ __forceinline__ uint32_t bar_free(uint32_t sbase, int b, int h) { return sbase + OFF_BAR + 32 + 8 * (2 * b + h); }
 
-template <bool HINTS>
+// a 16-byte gather with an L2 cache policy (evict_last) and a 256-byte L2 prefetch
 __device__ __forceinline__ void gather16(uint32_t dst, const void* src, bool valid, uint64_t policy) {
   const int n = valid ? 16 : 0;  // 0 source bytes: zero-filled
-  if constexpr (HINTS)
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
-                 "r"(n), "l"(policy) : "memory");
-  else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+               "r"(n), "l"(policy) : "memory");
 }
 
 // A math warpgroup: X = 0 (A: even blocks, buffer 0, channels 0-255) or 1 (B). A template, so
@@ -334,7 +339,6 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   }
 }
 
-template <bool HINTS>
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(const FwdParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -373,8 +377,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
   if (wg == 0) {
     // ---------------- producer ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");
-    uint64_t policy = 0;
-    if constexpr (HINTS) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
     // 8 threads per 128-byte row of a chunk: a warp covers 4 whole rows per cp.async
     const int grp = wt >> 3, sub = wt & 7;
     for (int i = 0; i < npair; ++i) {
@@ -398,7 +402,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
           const __nv_bfloat16* src = p.kv + static_cast<long long>(ok ? id[b][k] : 0) * p.kv_s + sub * 8;
           const uint32_t dst = sbase + OFF_KV + b * STAGE + r * 128 + ((sub ^ (r & 7)) << 4);
 #pragma unroll
-          for (int c = c0; c < c1; ++c) gather16<HINTS>(dst + c * CH, src + c * 64, ok, policy);
+          for (int c = c0; c < c1; ++c) gather16(dst + c * CH, src + c * 64, ok, policy);
         }
         if ((b == 0) == (h == 0) && sub == 0) {
 #pragma unroll
@@ -427,44 +431,32 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
     math_wg<1>(p, smem, sbase, t, h0, kv_len, npair);
 }
 
-template <bool HINTS>
-int launch(const void* q, const void* kv, const void* idx, const void* topk_len, const void* sink, void* out, void* lse,
-           long long q_st, long long q_sh, long long kv_s, long long idx_s, long long out_st, long long out_sh, int T,
-           int H, int Tk, int K, float scale_log2, void* stream) {
-  if ((reinterpret_cast<uintptr_t>(out) & 15) != 0 || out_st % 8 != 0 || out_sh % 8 != 0)
-    return static_cast<int>(cudaErrorInvalidValue);
-  static bool attr_set[64] = {};
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_pp_sm90_kernel<HINTS>, SMEM_BYTES);
+}  // namespace
+
+extern "C" {
+
+// Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
+// topk_len: the rows' effective lengths (int32 [T]) or null; out: 16-byte aligned rows (base,
+// out_st and out_sh multiples of 8 elements, as a contiguous torch.empty gives; else
+// cudaErrorInvalidValue): the output is written in 16-byte pieces.
+int dsa_sparse_mla_fwd_pp_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
+                               const void* sink, void* out, void* lse, long long q_st, long long q_sh,
+                               long long kv_s, long long idx_s, long long out_st, long long out_sh, int T, int H,
+                               int Tk, int K, float scale_log2, void* stream) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(out) & 15) == 0 && out_st % 8 == 0 && out_sh % 8 == 0;
+  if (!aligned && T > 0 && H > 0) return static_cast<int>(cudaErrorInvalidValue);
+  static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_pp_sm90_kernel, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
   FwdParams p = fwd_params(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st, out_sh, T, H, Tk,
                            K, scale_log2);
   p.n_hblk = (H + BM - 1) / BM;
   if (T == 0 || H == 0) return 0;
-  sparse_mla_fwd_pp_sm90_kernel<HINTS><<<static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk), THREADS,
-                                         SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  sparse_mla_fwd_pp_sm90_kernel<<<static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk), THREADS, SMEM_BYTES,
+                                  static_cast<cudaStream_t>(stream)>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
-}  // namespace
-
-extern "C" {
-
-// The shipped forward's C interface (dsa_sparse_mla_fwd_sm90), this kernel. Returns a cudaError_t.
-int dsa_sparse_mla_fwd_pp_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
-                               const void* sink, void* out, void* lse, long long q_st, long long q_sh,
-                               long long kv_s, long long idx_s, long long out_st, long long out_sh, int T, int H,
-                               int Tk, int K, float scale_log2, void* stream) {
-  return launch<true>(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st, out_sh, T, H, Tk, K,
-                      scale_log2, stream);
-}
-
-// WIP A/B: the same kernel without the L2 prefetch / evict_last hints on the gathers.
-int dsa_sparse_mla_fwd_pp_nohint_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
-                                      const void* sink, void* out, void* lse, long long q_st, long long q_sh,
-                                      long long kv_s, long long idx_s, long long out_st, long long out_sh, int T,
-                                      int H, int Tk, int K, float scale_log2, void* stream) {
-  return launch<false>(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st, out_sh, T, H, Tk, K,
-                       scale_log2, stream);
-}
+int dsa_sparse_mla_fwd_pp_smem_bytes() { return SMEM_BYTES; }
 
 }  // extern "C"
