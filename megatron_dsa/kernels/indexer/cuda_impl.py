@@ -21,6 +21,7 @@ from ..cuda_build import CudaLibrary
 __all__ = ["LIBRARY", "MAX_TOPK", "cuda_select_reason", "select_cuda"]
 
 _DIR = Path(__file__).with_name("cuda")
+_COMMON = Path(__file__).parents[1] / "sparse_mla" / "cuda" / "sm90_common.cuh"  # set_smem_once
 # The most keys per row the kernel selects (its shared-memory candidate list).
 MAX_TOPK = 6144
 
@@ -32,12 +33,13 @@ def _declare(lib) -> None:
     fn.argtypes = [vp, ll, ll, vp, vp, ll, ll, i32, i32, i32, i32, i32, i32, i32, vp, vp, ll, ll, vp]
 
 
-LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu",), (_DIR / "select_sm90.cuh",), "sm_90a", _declare)
+LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu",), (_DIR / "select_sm90.cuh", _COMMON), "sm_90a",
+                      _declare)
 
 
-def _int32_windows(starts, ends):
-    """The kernels read int32 windows with one pair of strides (a no-op for the int32 windows
-    ``triton_impl._prep`` makes for causal rows)."""
+def int32_windows(starts, ends):
+    """The windows as the kernel reads them: int32 with one pair of strides (a no-op when they
+    are already; ``triton_impl.indexer_topk_triton`` converts once per call, not per chunk)."""
     starts, ends = starts.to(torch.int32), ends.to(torch.int32)
     if starts.stride() != ends.stride():
         starts, ends = starts.contiguous(), ends.contiguous()
@@ -69,7 +71,7 @@ def select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_id
         raise ValueError(f"the CUDA select takes topk <= {MAX_TOPK}, got topk={topk}")
     if buf.stride(-1) != 1 or idx.stride(-1) != 1 or vals.stride(-1) != 1 or idx.stride() != vals.stride():
         raise ValueError("the CUDA select needs unit-stride score rows and equal-stride outputs")
-    starts, ends = _int32_windows(starts, ends)
+    starts, ends = int32_windows(starts, ends)
     err = LIBRARY.get().dsa_indexer_select(
         buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
         starts.stride(1), int(causal), int(global_ids), row0, n_rows, B, S, topk, idx.data_ptr(), vals.data_ptr(),

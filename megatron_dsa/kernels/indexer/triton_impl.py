@@ -529,6 +529,10 @@ def indexer_topk_triton(
         return idx, vals
     S_alloc = max(S, 1)
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    if select_kernel == "cuda":  # the CUDA select's int32 windows, once for every chunk
+        from .cuda_impl import int32_windows
+
+        starts, ends = int32_windows(starts, ends)
     rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)

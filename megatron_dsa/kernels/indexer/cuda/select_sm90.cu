@@ -1,12 +1,10 @@
 // C entry point of the select kernel (select_sm90.cuh, where the algorithm is described).
 #include <cuda_runtime.h>
 
+#include "../../sparse_mla/cuda/sm90_common.cuh"
 #include "select_sm90.cuh"
 
 extern "C" {
-
-// Shared memory one CTA of the select uses (bytes).
-long long dsa_indexer_select_smem() { return static_cast<long long>(sizeof(Smem)); }
 
 // Top-k of rows [row0, row0 + n_rows) of B batches. buf: fp32 scores, row r of the launch at
 // buf + b * sb_b + r * sb_r (element strides); starts / ends: int32 [B, T] windows (strides
@@ -18,7 +16,8 @@ int dsa_indexer_select(const void* buf, long long sb_b, long long sb_r, const vo
   if (n_rows <= 0 || B <= 0) return 0;
   if (K <= 0 || K > CAND_CAP) return static_cast<int>(cudaErrorInvalidValue);
   const int smem = static_cast<int>(sizeof(Smem));
-  cudaError_t err = cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
+  const cudaError_t err = dsa_sm90::set_smem_once(attr_set, select_kernel, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
   select_kernel<<<dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>(B)), NT, smem,
                   static_cast<cudaStream_t>(stream)>>>(
