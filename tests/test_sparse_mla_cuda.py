@@ -1,11 +1,12 @@
-"""The sm_90a CUDA sparse MLA forward.
+"""The sm_90a CUDA sparse MLA forward: the 16-head kernel (H <= 16), the ping-pong 64-head
+kernel (H > 16) and the row-packed 64-head kernel (``packed=True``).
 
 CPU: routing (CPU tensors never take the CUDA path), a failed build, and, where an ``nvcc`` is
 installed, that the kernel sources compile for sm_90a without register spills and the library
 builds and loads.
 GPU (Hopper only): against the float64 reference at real sizes with fresh random inputs, outputs
-poisoned with NaN before each run; masked head tiles, sink, topk_length, empty rows, and a
-CUDA-graph capture/replay.
+poisoned with NaN before each run; masked head tiles, odd 64-key block counts, sink,
+topk_length, empty rows, and a CUDA-graph capture/replay.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 
 NO_NVCC = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc")
-FWD_SRC, BWD_SRC, _, FWD16_SRC, _ = ci.SOURCES
+FWD_SRC, BWD_SRC, _, FWD16_SRC, _, PACKED_FWD_SRC = ci.SOURCES
 
 
 def need_library():
@@ -49,7 +50,13 @@ def test_launchers_refuse_int64_indices():
 
 @NO_NVCC
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    assert_compiles_without_spills(FWD_SRC, tmp_path, "sparse_mla_fwd_sm90_kernel")
+    """The ping-pong 64-head forward: no spills, no serialized wgmma, setmaxnreg honoured."""
+    assert_compiles_without_spills(FWD_SRC, tmp_path, "sparse_mla_fwd_pp_sm90_kernel")
+
+
+@NO_NVCC
+def test_packed_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    assert_compiles_without_spills(PACKED_FWD_SRC, tmp_path, "sparse_mla_fwd_packed_sm90_kernel")
 
 
 @NO_NVCC
@@ -64,8 +71,8 @@ def test_library_builds_loads_and_fits_shared_memory(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.exists()
     assert ci.build() == path  # cached: same key, no rebuild
     lib = ci._load(path)
-    smem = lib.dsa_sparse_mla_fwd_smem_bytes()
-    assert 200 * 1024 < smem <= 232448  # Hopper's per-block opt-in limit (227 KB)
+    for smem in (lib.dsa_sparse_mla_fwd_pp_smem_bytes(), lib.dsa_sparse_mla_fwd_packed_smem_bytes()):
+        assert 200 * 1024 < smem <= 232448  # Hopper's per-block opt-in limit (227 KB)
 
 
 def test_failed_build_is_reported_once_with_its_log(tmp_path, monkeypatch):
@@ -94,18 +101,18 @@ gpu = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.gpu
 @gpu
 def test_gpu_head_count_routing(monkeypatch):
-    """Every head count takes a CUDA kernel: <= 16 heads the 16-head forward, more the 64-head
-    one; the backward too unless deterministic."""
+    """Every head count takes a CUDA kernel: <= 16 heads the 16-head forward, more the ping-pong
+    64-head one; the backward too unless deterministic."""
     need_library()
     kv = torch.zeros(4, 576, dtype=torch.bfloat16, device="cuda")
     launched = []
     lib = ci.library()
-    for name in ("dsa_sparse_mla_fwd16_sm90", "dsa_sparse_mla_fwd_sm90"):
+    for name in ("dsa_sparse_mla_fwd16_sm90", "dsa_sparse_mla_fwd_pp_sm90"):
         real = getattr(lib, name)
         monkeypatch.setattr(lib, name, lambda *a, _n=name, _r=real: (launched.append(_n), _r(*a))[1])
     for H, kernel in ((1, "dsa_sparse_mla_fwd16_sm90"), (16, "dsa_sparse_mla_fwd16_sm90"),
-                      (17, "dsa_sparse_mla_fwd_sm90"), (32, "dsa_sparse_mla_fwd_sm90"),
-                      (128, "dsa_sparse_mla_fwd_sm90")):
+                      (17, "dsa_sparse_mla_fwd_pp_sm90"), (32, "dsa_sparse_mla_fwd_pp_sm90"),
+                      (128, "dsa_sparse_mla_fwd_pp_sm90"), (200, "dsa_sparse_mla_fwd_pp_sm90")):
         q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
         auto = select_backend("auto", q.device, q.dtype, H, 576, 512)
         # (row packing, auto: the backward at <= 32 heads)
@@ -120,16 +127,19 @@ def test_gpu_head_count_routing(monkeypatch):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("T,H,K,sink,topk", [
-    (2048, 128, 2048, False, False),
+    (2048, 128, 2048, False, False),  # the ping-pong 64-head kernel from here to the 16-head rows
     (1536, 64, 1024, True, True),
     (1024, 100, 512, True, False),   # last head tile masked (100 = 64 + 36)
-    (777, 48, 300, False, True),     # one partial head tile; K not a multiple of 64
+    (777, 48, 300, False, True),     # one partial head tile; K not a multiple of 64, odd block counts
+    (600, 17, 64, True, True),       # one 64-key block per row at most (B's block of the pair empty)
+    (300, 64, 1, False, False),      # a single slot
     (2100, 16, 2048, True, True),    # the 16-head kernel; rows with 0 to 2048 keys
     (5000, 16, 2048, False, False),  # the 16-head kernel, many rows per CTA
     (600, 7, 512, True, True),       # the 16-head kernel, 7 heads (zero rows of Q, not stored)
     (257, 1, 200, False, True),      # the 16-head kernel, one head; K not a multiple of 64
     (1024, 32, 512, True, True),     # the 64-head kernel, one half-empty head tile
     (600, 17, 300, False, False),    # the 64-head kernel, 17 heads
+    (300, 130, 300, True, True),     # the 64-head kernel, three head tiles, the last with 2 heads
 ])
 def test_gpu_matches_float64_reference(T, H, K, sink, topk):
     need_library()
@@ -163,7 +173,7 @@ def test_gpu_matches_float64_reference(T, H, K, sink, topk):
 ])
 def test_gpu_packed_forward_matches_float64_reference(T, H, K, sink, topk, shared):
     """The row-packed 64-head forward (out and lse) against float64, and against the unpacked
-    CUDA forward on the same inputs."""
+    CUDA forward on the same inputs (the 16-head kernel at <= 16 heads, else the ping-pong one)."""
     need_library()
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     q, kv, idx, tk, sk = cuda_fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)

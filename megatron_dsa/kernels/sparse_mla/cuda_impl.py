@@ -6,16 +6,17 @@ count, int32 indices.
 * Forward, H <= 16 (tensor-parallel shards): ``cuda/sparse_mla_fwd16_sm90.cu``, the transposed
   problem (keys as wgmma's M), one persistent CTA per SM whose warpgroups gather into a
   10-slot ring, issue S^T, run the softmax and accumulate O^T.
-* Forward, H > 16: ``cuda/sparse_mla_fwd_sm90.cu``, one CTA per (row, 64 heads; the last tile
-  masked): an S / softmax warpgroup holding the query in registers and two P V / gather
-  warpgroups.
+* Forward, H > 16: ``cuda/sparse_mla_fwd_pp_sm90.cu``, one CTA per (row, 64 heads; the last
+  tile masked), after FlashMLA's schedule: a producer warpgroup gathers 64-key blocks into two kv
+  buffers and two math warpgroups ping-pong over them (each the S and softmax of every other
+  block, P V of every block for its half of the output channels).
 * Backward, any H, not deterministic: ``cuda/sparse_mla_bwd_sm90.cu``, one CTA per (row, 64
   heads) keeping the row's Q and dO in shared memory; dq written once, dkv added into an fp32
   workspace whose columns are permuted (:func:`unpermute_dkv`). Its per-head statistics
   (logZ, Delta, d_sink) come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`).
   With row packing (``packed=True``, <= 32 heads) the same kernel serves a group of 64 / 16 or
-  64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); the 64-head forward has
-  the same packed variant (``sparse_mla_fwd_cuda(..., packed=True)``).
+  64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); the forward has a packed
+  kernel too, ``cuda/sparse_mla_fwd_packed_sm90.cu`` (``sparse_mla_fwd_cuda(..., packed=True)``).
 * Every kernel stops a row at its effective length (:func:`effective_lengths`,
   ``cuda/row_lengths.cu``).
 
@@ -42,13 +43,14 @@ __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cud
            "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
-SOURCES = (_DIR / "sparse_mla_fwd_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
-           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu")
+SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
+           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu", _DIR / "sparse_mla_fwd_packed_sm90.cu")
 HEADERS = (_DIR / "sm90_common.cuh",)
 ARCH = "sm_90a"
-# The largest head count routed to the 16-head forward; more heads run the 64-head forward (the
-# last tile masked). H100, S = 16K, k = 2048: the 64-head kernel at 17-32 heads ran 9.30 ms
-# (32 heads) against Triton's 10.33.
+# The largest head count routed to the 16-head forward; more heads run the 64-head (ping-pong)
+# forward, the last tile masked. Measured (H100, S = 16K, k = 2048) with the 64-head kernel before
+# it: 9.30 ms at 32 heads against Triton's 10.33; the ping-pong kernel computes the same whole
+# 64-row tiles and is 1.12-1.17x faster at 64 and 128 heads (its 17-32-head times not measured).
 MAX_HEADS16 = 16
 
 _LIB = None
@@ -63,7 +65,7 @@ def build(force: bool = False) -> Path:
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))
     ll, i32, vp, f32 = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
-    for name in ("dsa_sparse_mla_fwd_sm90", "dsa_sparse_mla_fwd16_sm90"):
+    for name in ("dsa_sparse_mla_fwd_pp_sm90", "dsa_sparse_mla_fwd16_sm90"):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
@@ -85,6 +87,10 @@ def _load(path: Path):
     pack_smem = lib.dsa_pack_rows_smem
     pack_smem.restype = ll
     pack_smem.argtypes = [i32, i32, i32]
+    for name in ("dsa_sparse_mla_fwd_pp_smem_bytes", "dsa_sparse_mla_fwd_packed_smem_bytes"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = []
     return lib
 
 
@@ -183,8 +189,9 @@ def effective_lengths_torch(indices: torch.Tensor, topk_length: Optional[torch.T
 def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=None,
                         packed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; the contract of ``reference.py``.
-    ``indices`` int32 with unit column stride. ``packed``: row packing (``H <= 32``): the 64-head
-    kernel over groups of rows and the union of their keys."""
+    ``indices`` int32 with unit column stride. ``H <= MAX_HEADS16``: the 16-head kernel; more: the
+    ping-pong 64-head kernel. ``packed``: row packing (``H <= 32``): the packed 64-head kernel
+    over groups of rows and the union of their keys."""
     _check_ids(indices)
     lib = library()
     T, H, _ = q.shape
@@ -212,7 +219,7 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
             sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             T, H, kv.shape[0], indices.shape[1], float(softmax_scale) * LOG2E)
-    kernel = lib.dsa_sparse_mla_fwd16_sm90 if H <= MAX_HEADS16 else lib.dsa_sparse_mla_fwd_sm90
+    kernel = lib.dsa_sparse_mla_fwd16_sm90 if H <= MAX_HEADS16 else lib.dsa_sparse_mla_fwd_pp_sm90
     with torch.cuda.device(q.device):
         _check(kernel(*args, torch.cuda.current_stream(q.device).cuda_stream), "forward")
     return out, lse

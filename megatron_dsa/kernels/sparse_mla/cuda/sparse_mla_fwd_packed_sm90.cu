@@ -1,30 +1,35 @@
-// Sparse MLA forward (absorbed layout) for Hopper (sm_90a): warp-specialized, wgmma.
+// Row-packed sparse MLA forward (absorbed layout) for Hopper (sm_90a), <= 32 heads: warp-
+// specialized, wgmma. Routed only with row packing on (packing.py; sparse_mla_fwd_cuda(...,
+// packed=True)); the unpacked forward is sparse_mla_fwd_pp_sm90.cu (H > 16) and
+// sparse_mla_fwd16_sm90.cu (H <= 16).
 //
 // Fast path: Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three
-// warpgroups) per (query row t, block of 64 heads); the row's selected keys are walked in
-// blocks of 32 through a 5-slot ring of gathered kv tiles in shared memory.
+// warpgroups) per group of 64 / 16 or 64 / 32 query rows (16 or 32 heads each, heads >= H
+// masked): tile row r holds row t + (r >> hshift), head r & (2^hshift - 1). The group's union of
+// selected keys (pack_rows) is walked in blocks of 32 through a 5-slot ring of gathered kv tiles
+// in shared memory; each tile row masks the union entries its own row did not select (uslot).
 //
 //   WG0   holds the query's first 512 channels in registers as wgmma A fragments (its 64 rope
 //         channels sit in shared memory) and computes S = Q K^T for a 32-key block
 //         (m64n32k16: register A for 32 k-steps, shared A for the 4 rope k-steps), the online
 //         softmax (exp2 domain, whole rows per thread quad, so no cross-warpgroup max
-//         exchange), and hands P [64 heads, 32 keys] (bf16) plus each row's rescale factor
+//         exchange), and hands P [64 rows, 32 keys] (bf16) plus each row's rescale factor
 //         to WG1/2 through shared memory. S of block j + 1 is issued before block j is handed
 //         off, so it runs while the hand-off waits.
 //   WG1/2 own output channels [256 w, 256 w + 256): rescale O, O += P V (m64n256k16, V read
 //         MN-major from the same kv tile), and gather the next kv tiles with cp.async. Each
 //         of the two writes only the channel chunks that it (and WG0's S) reads (WG1: 0-3
-//         and the rope chunk 8, WG2: 4-7, plus the slot ids), so a slot is refilled as soon
-//         as its own P V is done, without a cross-warpgroup barrier. Landing is signalled on
-//         one mbarrier per slot (cp.async.mbarrier.arrive.noinc).
+//         and the rope chunk 8, WG2: 4-7, plus the slot rows of uslot), so a slot is refilled
+//         as soon as its own P V is done, without a cross-warpgroup barrier. Landing is
+//         signalled on one mbarrier per slot (cp.async.mbarrier.arrive.noinc).
 //   Registers: setmaxnreg moves 2 x 128 x 8 registers from WG1/2 (O is 128 fp32 each) to
 //   WG0 (query fragments); the CTA's 384 x 168 allocation is never exceeded.
 //   Shared-memory tiles are 64-channel column chunks [rows, 128 B] in the 128-byte swizzled
 //   layout wgmma reads (16-byte granule g of row r stored at granule g ^ (r % 8)). Invalid
-//   slots are zero-filled, so no NaN can come out of stale shared memory; heads >= H in the
-//   last tile are zero and not stored. No host synchronization, no workspace.
-#include <type_traits>
-
+//   slots are zero-filled, so no NaN can come out of stale shared memory; masked heads and rows
+//   past T are zero and not stored. No host synchronization, no workspace.
+//   (This was the unpacked 64-head forward's design too, before the ping-pong kernel replaced
+//   it; the unpacked instantiation is in git history.)
 #include "sm90_common.cuh"
 
 namespace {
@@ -48,34 +53,30 @@ constexpr int OFF_QR = OFF_P + NP * CHUNK;   // [64 heads, 64] bf16: the query's
 constexpr int OFF_ALPHA = OFF_QR + CHUNK;    // NP x [64] fp32 rescale factors
 constexpr int OFF_L = OFF_ALPHA + NP * 64 * 4;  // [64] fp32 final row sums
 constexpr int OFF_M = OFF_L + 64 * 4;        // [64] fp32 final row maxima (log2 domain)
-constexpr int OFF_IDS = OFF_M + 64 * 4;      // [NST][BN] int32: the ids of each slot's keys
+constexpr int OFF_IDS = OFF_M + 64 * 4;      // [NST][BN] int32 (unused since the unpacked kernel
+                                             // went; kept: the layout, hence the SASS, as measured)
 constexpr int OFF_BAR = OFF_IDS + NST * BN * 4;  // NST mbarriers: slot full
 constexpr int OFF_US = OFF_BAR + NST * 8;        // packed: [NST][4 rows][BN] int16, each row's slots
 constexpr int SMEM_USED = OFF_US + NST * 4 * BN * 2;
 constexpr int SMEM_BYTES = SMEM_USED + 1024;     // slack to align the base to 1024 B
-constexpr int SMEM_BYTES_UNPACKED = OFF_US + 1024;  // (the unpacked kernel has no OFF_US region)
 static_assert(SMEM_BYTES <= 232448, "shared memory");
 // named barriers: P_FREE / P_FULL of P buffer b are ids 1 + 4 b / 2 + 4 b; 3 = done; 4 = WG0;
 // 7 / 8 = WG1 / WG2 staged their output
 constexpr int BAR_P_FREE = 1, BAR_P_FULL = 2, BAR_DONE = 3, BAR_WG0 = 4;
 constexpr int BAR_STORE = 7;  // + w: warpgroup 1 + w has staged its O tile (ids 7, 8)
 
-// the forward's parameters plus row packing's (packing.py): with PACK, idx = the groups' unions
-// [G, idx_s], topk_len = their lengths [G], K = idx_s, uslot [G, rows, idx_s]. The unpacked
-// kernel keeps FwdParams (a larger parameter block reschedules its code)
+// the forward's parameters plus row packing's (packing.py): idx = the groups' unions [G, idx_s],
+// topk_len = their lengths [G], K = idx_s, uslot [G, rows, idx_s]
 struct PackedParams : FwdParams {
   const int16_t* uslot;
   int hshift, rows;
 };
-template <bool PACK>
-using Params = std::conditional_t<PACK, PackedParams, FwdParams>;
 
-// PACK (row packing, <= 32 heads; packing.py): the CTA serves a group of p.rows query rows, tile
-// row r holding row t + (r >> hshift), head r & (2^hshift - 1); the key list is the group's
-// union and row j takes entry e where uslot[L, j, e] >= 0 (copied per slot next to the ids).
-// A thread's rows row0, row0 + 8 lie in one 16-row warp slice, so in one query row.
-template <bool PACK>
-__global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const Params<PACK> p) {
+// The CTA serves a group of p.rows query rows, tile row r holding row t + (r >> hshift), head
+// r & (2^hshift - 1); the key list is the group's union and row j takes entry e where
+// uslot[L, j, e] >= 0 (copied per slot). A thread's rows row0, row0 + 8 lie in one 16-row warp
+// slice, so in one query row.
+__global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_packed_sm90_kernel(const PackedParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = smem_u32(smem);
@@ -90,22 +91,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
   const int warp = wt >> 5, lane = tid & 31;
   const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
   const int colq = 2 * (lane & 3);
-  // the key list's row: the query row, or (packed, one CTA per group) the group
-  const int L = PACK ? static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x / p.n_hblk);
-  const int t = [&] {  // (packed: the group's first query row)
-    if constexpr (PACK) return L * p.rows;
-    else return L;
-  }();
-  const int h0 = PACK ? 0 : (blockIdx.x % p.n_hblk) * BM;
+  // the key list's row: the group (one CTA per group)
+  const int L = static_cast<int>(blockIdx.x);
+  const int t = L * p.rows;  // the group's first query row
   // tile row r -> (query row, head)
   auto tile_row = [&](int r, int& tr, int& h) {
-    if constexpr (PACK) {
-      tr = t + (r >> p.hshift);
-      h = r & ((1 << p.hshift) - 1);
-    } else {
-      tr = t;
-      h = h0 + r;
-    }
+    tr = t + (r >> p.hshift);
+    h = r & ((1 << p.hshift) - 1);
   };
 
   int kv_len = p.K;
@@ -128,61 +120,36 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     // [16 kk, 16 kk + 16)); its 64 rope channels go to shared memory (registers are short)
     constexpr int KQ = (NCH - 1) * 4;
     uint32_t qf[KQ][4];
-    if constexpr (PACK) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int f = wt + 128 * i, r = f >> 3, g = f & 7;
-        int tr, h;
-        tile_row(r, tr, h);
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (h < p.H && tr < p.T)
-          v = __ldg(reinterpret_cast<const uint4*>(p.q + (long long)tr * p.q_st + (long long)h * p.q_sh + (NCH - 1) * 64 + g * 8));
-        *reinterpret_cast<uint4*>(smem + OFF_QR + r * 128 + ((g ^ (r & 7)) << 4)) = v;
-      }
-      fence_async_smem();
-      int tq, ha, hb;
-      tile_row(row0, tq, ha);
-      tile_row(row0 + 8, tq, hb);
-      const bool oka = ha < p.H && tq < p.T, okb = hb < p.H && tq < p.T;
-      const __nv_bfloat16* qrow = p.q + (long long)min(tq, p.T - 1) * p.q_st;
-      const uint32_t* q0 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(ha, p.H - 1) * p.q_sh);
-      const uint32_t* q1 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(hb, p.H - 1) * p.q_sh);
-#pragma unroll
-      for (int kk = 0; kk < KQ; ++kk) {
-        const int c = (kk * 16 + colq) >> 1;  // in bf16 pairs
-        qf[kk][0] = oka ? __ldg(q0 + c) : 0u;
-        qf[kk][1] = okb ? __ldg(q1 + c) : 0u;
-        qf[kk][2] = oka ? __ldg(q0 + c + 4) : 0u;
-        qf[kk][3] = okb ? __ldg(q1 + c + 4) : 0u;
-      }
-      bar_sync(BAR_WG0, 128);  // WG0's rope tile is written
-    } else {
-      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int f = wt + 128 * i, r = f >> 3, g = f & 7;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (h0 + r < p.H) v = __ldg(reinterpret_cast<const uint4*>(qrow + (long long)(h0 + r) * p.q_sh + (NCH - 1) * 64 + g * 8));
-        *reinterpret_cast<uint4*>(smem + OFF_QR + r * 128 + ((g ^ (r & 7)) << 4)) = v;
-      }
-      fence_async_smem();
-      const int hr0 = h0 + row0, hr1 = hr0 + 8;
-      const uint32_t* q0 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(hr0, p.H - 1) * p.q_sh);
-      const uint32_t* q1 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(hr1, p.H - 1) * p.q_sh);
-#pragma unroll
-      for (int kk = 0; kk < KQ; ++kk) {
-        const int c = (kk * 16 + colq) >> 1;  // in bf16 pairs
-        qf[kk][0] = hr0 < p.H ? __ldg(q0 + c) : 0u;
-        qf[kk][1] = hr1 < p.H ? __ldg(q1 + c) : 0u;
-        qf[kk][2] = hr0 < p.H ? __ldg(q0 + c + 4) : 0u;
-        qf[kk][3] = hr1 < p.H ? __ldg(q1 + c + 4) : 0u;
-      }
-      bar_sync(BAR_WG0, 128);  // WG0's rope tile is written
+    for (int i = 0; i < 4; ++i) {
+      const int f = wt + 128 * i, r = f >> 3, g = f & 7;
+      int tr, h;
+      tile_row(r, tr, h);
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (h < p.H && tr < p.T)
+        v = __ldg(reinterpret_cast<const uint4*>(p.q + (long long)tr * p.q_st + (long long)h * p.q_sh + (NCH - 1) * 64 + g * 8));
+      *reinterpret_cast<uint4*>(smem + OFF_QR + r * 128 + ((g ^ (r & 7)) << 4)) = v;
     }
+    fence_async_smem();
+    int tq, ha, hb;
+    tile_row(row0, tq, ha);
+    tile_row(row0 + 8, tq, hb);
+    const bool oka = ha < p.H && tq < p.T, okb = hb < p.H && tq < p.T;
+    const __nv_bfloat16* qrow = p.q + (long long)min(tq, p.T - 1) * p.q_st;
+    const uint32_t* q0 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(ha, p.H - 1) * p.q_sh);
+    const uint32_t* q1 = reinterpret_cast<const uint32_t*>(qrow + (long long)min(hb, p.H - 1) * p.q_sh);
+#pragma unroll
+    for (int kk = 0; kk < KQ; ++kk) {
+      const int c = (kk * 16 + colq) >> 1;  // in bf16 pairs
+      qf[kk][0] = oka ? __ldg(q0 + c) : 0u;
+      qf[kk][1] = okb ? __ldg(q1 + c) : 0u;
+      qf[kk][2] = oka ? __ldg(q0 + c + 4) : 0u;
+      qf[kk][3] = okb ? __ldg(q1 + c + 4) : 0u;
+    }
+    bar_sync(BAR_WG0, 128);  // WG0's rope tile is written
     const uint64_t qrdesc0 = desc(sbase + OFF_QR, 16, 1024);
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
-    const int* ids_s = reinterpret_cast<const int*>(smem + OFF_IDS);
     const uint64_t kdesc0 = desc(sbase + OFF_KV, 16, 1024);
     // j >= nblk issues a dummy S on whatever a stage holds (result unused): the wgmma issue and
     // wait sequence stays the same on every path, which keeps ptxas from serializing it.
@@ -213,16 +180,11 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const int slot = j * BN + 8 * jj + colq;
-        if constexpr (PACK) {  // this row's slots of the two entries (int16 pair), -1: not taken
-          const uint32_t u = *reinterpret_cast<const uint32_t*>(
-              smem + OFF_US + ((st * 4 + (row0 >> p.hshift)) * BN + 8 * jj + colq) * 2);
-          valid[2 * jj] = slot < kv_len && !(u & 0x8000u);
-          valid[2 * jj + 1] = slot + 1 < kv_len && !(u & 0x80000000u);
-        } else {
-          const int2 id2 = *reinterpret_cast<const int2*>(ids_s + st * BN + 8 * jj + colq);
-          valid[2 * jj] = slot < kv_len && id2.x >= 0 && id2.x < p.Tk;
-          valid[2 * jj + 1] = slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
-        }
+        // this row's slots of the two entries (int16 pair), -1: not taken
+        const uint32_t u = *reinterpret_cast<const uint32_t*>(
+            smem + OFF_US + ((st * 4 + (row0 >> p.hshift)) * BN + 8 * jj + colq) * 2);
+        valid[2 * jj] = slot < kv_len && !(u & 0x8000u);
+        valid[2 * jj + 1] = slot + 1 < kv_len && !(u & 0x80000000u);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -300,7 +262,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
         m_s[r] = m_run[i];
         int tr, h;
         tile_row(r, tr, h);
-        if (h < p.H && (!PACK || tr < p.T)) {
+        if (h < p.H && tr < p.T) {
           const float m_use = m_run[i] == -INFINITY ? 0.f : m_run[i];
           p.lse[(long long)tr * p.H + h] = l > 0.f ? (m_use + log2f(l)) * 0.6931471805599453f : -INFINITY;
         }
@@ -333,20 +295,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
           cp_async16(dst + c * CH + ((gi ^ (g_row & 7)) << 4), src + c * 64 + TPR * 8 * (i % PER_CHUNK), ok);
         }
       }
-      if constexpr (PACK) {  // each row's slots of the block's entries, for WG0's validity test
-        if (w == 1 && wt < 16 * p.rows) {  // 4-byte copies: row wt / 16, entries 2 (wt % 16) + {0, 1}
-          const int jr = wt >> 4, e = j * BN + 2 * (wt & 15);
-          const uint32_t dst = sbase + OFF_US + (((j % NST) * 4 + jr) * BN + 2 * (wt & 15)) * 2;
-          const int16_t* src = p.uslot + ((long long)L * p.rows + jr) * p.idx_s + (e < kv_len ? e : 0);
-          asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
-                       "r"(e < kv_len ? 4 : 0) : "memory");
-        }
-      } else if (w == 1 && wt < BN) {  // the slot's ids for WG0's validity test (4-byte copies)
-        const int row = wt;
-        const int slot = j * BN + row;
-        const uint32_t dst_id = sbase + OFF_IDS + ((j % NST) * BN + row) * 4;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
-                     "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
+      // each row's slots of the block's entries, for WG0's validity test
+      if (w == 1 && wt < 16 * p.rows) {  // 4-byte copies: row wt / 16, entries 2 (wt % 16) + {0, 1}
+        const int jr = wt >> 4, e = j * BN + 2 * (wt & 15);
+        const uint32_t dst = sbase + OFF_US + (((j % NST) * 4 + jr) * BN + 2 * (wt & 15)) * 2;
+        const int16_t* src = p.uslot + ((long long)L * p.rows + jr) * p.idx_s + (e < kv_len ? e : 0);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(e < kv_len ? 4 : 0) : "memory");
       }
       cp_async_arrive_noinc(bar0 + 8 * (j % NST));
     };
@@ -420,21 +375,19 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_sm90_kernel(const P
     for (int r = wt >> 5; r < BM; r += 4) {
       int tr, h;
       tile_row(r, tr, h);
-      if (h >= p.H || (PACK && tr >= p.T)) continue;
+      if (h >= p.H || tr >= p.T) continue;
       const uint4 v = *reinterpret_cast<const uint4*>(stage_row(r) + ((k ^ (r & 7)) << 4));
       *reinterpret_cast<uint4*>(p.out + (long long)tr * p.out_st + (long long)h * p.out_sh + w * 256 + 8 * k) = v;
     }
   }
 }
 
-template <bool PACK>
-int launch_fwd(const Params<PACK>& p, unsigned grid, void* stream) {
+int launch_fwd(const PackedParams& p, unsigned grid, void* stream) {
   static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
-  constexpr int bytes = PACK ? SMEM_BYTES : SMEM_BYTES_UNPACKED;
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_sm90_kernel<PACK>, bytes);
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_packed_sm90_kernel, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (grid == 0) return 0;
-  sparse_mla_fwd_sm90_kernel<PACK><<<grid, THREADS, bytes, static_cast<cudaStream_t>(stream)>>>(p);
+  sparse_mla_fwd_packed_sm90_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -446,26 +399,13 @@ bool out_aligned(const void* out, long long out_st, long long out_sh) {
 
 extern "C" {
 
-int dsa_sparse_mla_fwd_smem_bytes() { return SMEM_BYTES; }
+int dsa_sparse_mla_fwd_packed_smem_bytes() { return SMEM_BYTES; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
-// out: 16-byte aligned rows (base, out_st and out_sh multiples of 8 elements, as a contiguous
-// torch.empty gives; else cudaErrorInvalidValue): the output is written in 16-byte pieces.
-int dsa_sparse_mla_fwd_sm90(const void* q, const void* kv, const void* idx, const void* topk_len,
-                            const void* sink, void* out, void* lse, long long q_st, long long q_sh,
-                            long long kv_s, long long idx_s, long long out_st, long long out_sh,
-                            int T, int H, int Tk, int K, float scale_log2, void* stream) {
-  if (!out_aligned(out, out_st, out_sh) && T > 0 && H > 0) return static_cast<int>(cudaErrorInvalidValue);
-  FwdParams p = fwd_params(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st, out_sh, T, H,
-                           Tk, K, scale_log2);
-  p.n_hblk = (H + BM - 1) / BM;
-  return launch_fwd<false>(p, (T == 0 || H == 0) ? 0u : static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk),
-                           stream);
-}
-
 // Row packing (H <= 32; packing.py): uid [G, ucap] int32 with count [G], uslot [G, rows, ucap]
 // int16; hshift = log2 of the heads per row in the tile (4: 16, rows = 4; 5: 32, rows = 2).
-// One CTA per group.
+// One CTA per group. out: 16-byte aligned rows (base, out_st and out_sh multiples of 8
+// elements; else cudaErrorInvalidValue): the output is written in 16-byte pieces.
 int dsa_sparse_mla_fwd_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
                                    const void* uslot, const void* sink, void* out, void* lse, long long q_st,
                                    long long q_sh, long long kv_s, long long ucap, long long out_st,
@@ -481,7 +421,7 @@ int dsa_sparse_mla_fwd_packed_sm90(const void* q, const void* kv, const void* ui
   p.uslot = static_cast<const int16_t*>(uslot);
   p.hshift = hshift;
   p.rows = BM >> hshift;
-  return launch_fwd<true>(p, T == 0 ? 0u : static_cast<unsigned>(G), stream);
+  return launch_fwd(p, T == 0 ? 0u : static_cast<unsigned>(G), stream);
 }
 
 }  // extern "C"
