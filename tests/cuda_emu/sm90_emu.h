@@ -1,0 +1,990 @@
+// A CPU emulator of the sm_90 features the sparse MLA ping-pong forward uses, for tests only.
+//
+// The kernel source runs unchanged except for its inline PTX: ptx_source.py rewrites every
+// `asm volatile(...)` statement into a call of emu::exec with the statement's own PTX text and
+// operands, and every `kernel<<<...>>>(...)` launch into emu::launch. emu::exec interprets the
+// PTX (a small interpreter: predicates, labels and branches, cp.async, mbarriers, named
+// barriers, proxy fences, wgmma), so the instructions the shipped source emits are the ones
+// emulated: `cp.async.wait_group 0` and `cp.async.wait_all` behave differently here, as on the GPU.
+//
+// Threads: one OS thread per CUDA thread, CTAs one after another. Every blocking primitive
+// (mbarrier try_wait, bar.sync, __syncthreads, warp shuffles) really blocks.
+//
+// Memory model (happens-before by vector clocks: one component per thread, one per mbarrier):
+// * cp.async reads its source at issue; its destination holds poison (0xFF bytes: bf16 NaN)
+//   until the copy lands. A copy lands as late as the PTX ISA allows: at the
+//   cp.async.wait_group / wait_all of its thread that covers it (copies never committed to a
+//   group are not covered by wait_group), or when an mbarrier phase that tracks it
+//   (cp.async.mbarrier.arrive.noinc: all the thread's prior copies) completes.
+// * A copy is visible to a reader if its landing is ordered before the read: the reader's
+//   vector clock covers the issuer's wait (propagated by barriers: bar.arrive / mbarrier.arrive
+//   release, bar.sync / __syncthreads / a completed try_wait acquire) or the mbarrier phase.
+// * wgmma reads shared memory through the async proxy: a copy must be visible as of the
+//   reader's last fence.proxy.async, or fenced by its issuer after its own wait and published.
+// * A wgmma checks its operands at issue, and reads them and writes its accumulators only at
+//   the wgmma.wait_group that retires it (until then its accumulator registers hold NaN); a
+//   cp.async into its operands between issue and retirement is a hazard.
+// Every violation is a reported hazard (emu::hazards); plain C++ loads and stores of shared
+// memory are not intercepted (a load of an unlanded copy reads the poison).
+#pragma once
+
+#include <math.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+// ---------------------------------------------------------------- CUDA language stand-ins
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __restrict__
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct int2 {
+  int x, y;
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+inline uint16_t emu_f2bf(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float emu_bf2f(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return __nv_bfloat162{{emu_f2bf(a)}, {emu_f2bf(b)}};
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+
+// ---- CUDA runtime stand-ins (the launcher's calls)
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+struct CUstream_st;
+typedef CUstream_st* cudaStream_t;
+
+// shared memory of the one CTA that runs at a time (the kernel's `extern __shared__ smem_raw`)
+namespace {
+constexpr int EMU_SMEM_CAP = 232448;
+alignas(1024) uint8_t smem_raw[EMU_SMEM_CAP];
+}  // namespace
+
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<size_t>(static_cast<const uint8_t*>(p) - smem_raw);
+}
+
+namespace emu {
+
+constexpr int MAXT = 1024;   // threads per CTA
+constexpr int NMBAR = 64;    // mbarriers per CTA (vector-clock components after the threads')
+constexpr int NCOMP = MAXT + NMBAR;
+constexpr int NWORD = EMU_SMEM_CAP / 4;
+
+using Clock = std::vector<uint32_t>;
+inline void join(Clock& a, const Clock& b) {
+  for (size_t i = 0; i < a.size(); ++i) a[i] = std::max(a[i], b[i]);
+}
+
+struct Copy {
+  uint32_t dst;
+  int n;
+  int issuer;
+  uint64_t issue_no;
+  bool landed = false;
+  uint8_t data[16];
+  std::vector<std::pair<int, uint32_t>> routes;  // (clock component, value): landing ordered before
+  int fence_comp = -1;                            // the issuer's fence.proxy.async after its wait
+  uint32_t fence_clock = 0;
+};
+
+struct Mma {
+  int m_n;                 // N
+  std::vector<float*> d;   // accumulator registers
+  bool chain;              // accumulate onto an in-flight wgmma's result
+  bool acc;                // scale-d
+  std::vector<float> init; // accumulator at issue (when not chained)
+  bool a_regs;
+  uint64_t da, db;
+  int ta, tb;
+  uint32_t a_frag[4][4];   // rs: the quad's A registers (lane in quad, register)
+  std::vector<uint32_t> granules;  // operand granules (byte offsets)
+  uint64_t issue_mark;
+  std::vector<float> result;
+};
+
+struct Thr {
+  int tid = 0;
+  Clock vc, fenced_vc;
+  std::vector<Copy*> open;                 // not committed to a group
+  std::deque<std::vector<Copy*>> groups;   // committed, not waited
+  std::vector<Copy*> unlanded;             // all of this thread's copies that may not have landed
+  std::vector<Copy*> own_landed;           // landed by this thread's waits, not yet fenced by it
+  std::vector<Mma> open_mma;
+  std::deque<std::vector<Mma>> mma_groups;
+  std::mt19937 rng;
+  int slow = 0;
+};
+
+struct Mbar {
+  int comp;
+  int count = 0, pending = 0;
+  uint64_t completed = 0;  // phases completed
+  Clock acc;
+  Clock phase_vc[2];
+  bool phase_done[2] = {false, false};
+  std::vector<Copy*> tracked;
+  std::condition_variable cv;
+};
+
+struct NamedBar {
+  int n = 0, count = 0;
+  uint64_t gen = 0;
+  Clock acc;
+  std::vector<Clock> results;  // per generation
+  std::condition_variable cv;
+};
+
+struct Warp {
+  std::mutex m;
+  std::condition_variable cv;
+  int count = 0;
+  uint64_t gen = 0;
+  uint32_t slot[32][4];
+};
+
+struct Cta {
+  int nthreads = 0;
+  int smem_bytes = 0;
+  std::vector<Thr> thr;
+  std::deque<Copy> copies;
+  std::vector<Copy*> word;  // per 4-byte word of shared memory: the last cp.async into it
+  std::map<uint32_t, std::unique_ptr<Mbar>> mbars;
+  std::map<int, std::unique_ptr<NamedBar>> bars;
+  std::vector<std::unique_ptr<Warp>> warps;
+  uint64_t next_issue = 1;
+  uint32_t mbar_clock[NMBAR] = {};
+};
+
+inline std::mutex mu;  // all of a CTA's async / barrier state
+inline Cta* cta = nullptr;
+inline thread_local Thr* me = nullptr;
+
+// ---- reports
+inline std::atomic<long> hazards{0};
+inline std::vector<std::string> messages;  // distinct messages, first occurrences (under mu)
+inline std::atomic<bool> aborted{false};
+inline unsigned seed = 0;
+inline double wait_limit_s = 60.0;
+inline std::map<int, int> smem_limit;  // kernel id (unused) -> dynamic shared memory allowed
+
+inline void report_locked(const std::string& what) {
+  hazards += 1;
+  for (const auto& m : messages)
+    if (m.compare(0, m.find(" [thread"), what) == 0) return;
+  if (messages.size() < 16) {
+    char where[96];
+    std::snprintf(where, sizeof where, " [thread %d, block %u]", me ? me->tid : -1, blockIdx.x);
+    messages.push_back(what + where);
+    std::fprintf(stderr, "sm90_emu: %s%s\n", what.c_str(), where);
+  }
+}
+inline void report(const std::string& what) {
+  std::lock_guard<std::mutex> lock(mu);
+  report_locked(what);
+}
+inline void fatal(const std::string& what) {  // cannot go on emulating: report, release every wait
+  report(what);
+  aborted = true;
+}
+
+// Randomly slowed threads (the seed picks how slow each warpgroup is): other interleavings.
+inline void jitter() {
+  if (seed == 0 || me == nullptr || me->slow == 0) return;
+  const unsigned r = me->rng();
+  if (r % 16u < static_cast<unsigned>(me->slow)) std::this_thread::sleep_for(std::chrono::microseconds(20 + r % 400u));
+}
+
+// Block on cv (mu held in lk) until pred, with a watchdog against deadlock.
+template <class P>
+inline void block_on(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, P pred, const char* what) {
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!pred() && !aborted) {
+    cv.wait_for(lk, std::chrono::milliseconds(200));
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > wait_limit_s) {
+      report_locked(std::string("deadlock: a thread waited too long on ") + what);
+      aborted = true;
+    }
+  }
+}
+
+// ---- copies
+inline void land(Copy* c) {
+  if (c->landed) return;
+  std::memcpy(smem_raw + c->dst, c->data, c->n);
+  c->landed = true;
+}
+
+inline bool visible(const Copy* c, const Clock& vc) {
+  for (const auto& r : c->routes)
+    if (vc[r.first] >= r.second) return true;
+  return false;
+}
+
+inline void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  if (dst % cp_size != 0 || reinterpret_cast<uintptr_t>(src) % cp_size != 0) report_locked("misaligned cp.async");
+  if (static_cast<int>(dst) + cp_size > cta->smem_bytes) {
+    report_locked("cp.async past the CTA's dynamic shared memory");
+    return;
+  }
+  if (src_size < 0 || src_size > cp_size) report_locked("cp.async src-size out of range");
+  cta->copies.emplace_back();
+  Copy* c = &cta->copies.back();
+  c->dst = dst;
+  c->n = cp_size;
+  c->issuer = me->tid;
+  c->issue_no = cta->next_issue++;
+  std::memset(c->data, 0, sizeof c->data);
+  if (src_size > 0) std::memcpy(c->data, src, std::min(src_size, cp_size));
+  for (uint32_t w = dst / 4; w < (dst + cp_size) / 4; ++w) {
+    Copy* old = cta->word[w];
+    if (old != nullptr && !old->landed) report_locked("two cp.async in flight to the same shared memory");
+    cta->word[w] = c;
+  }
+  std::memset(smem_raw + dst, 0xFF, cp_size);  // in flight: the destination is undefined
+  me->open.push_back(c);
+  me->unlanded.push_back(c);
+}
+
+inline void cp_async_commit() {
+  std::lock_guard<std::mutex> lock(mu);
+  me->groups.push_back(std::move(me->open));
+  me->open.clear();
+}
+
+inline void cp_async_wait_group(size_t n) {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  if (me->groups.size() <= n) return;
+  const uint32_t stamp = ++me->vc[me->tid];
+  while (me->groups.size() > n) {
+    for (Copy* c : me->groups.front()) {
+      land(c);
+      c->routes.emplace_back(me->tid, stamp);
+      me->own_landed.push_back(c);
+    }
+    me->groups.pop_front();
+  }
+}
+
+inline void fence_proxy_async() {
+  std::lock_guard<std::mutex> lock(mu);
+  const uint32_t stamp = ++me->vc[me->tid];
+  for (Copy* c : me->own_landed) {
+    c->fence_comp = me->tid;
+    c->fence_clock = stamp;
+  }
+  me->own_landed.clear();
+  me->fenced_vc = me->vc;
+}
+
+// ---- mbarriers
+inline Mbar* mbar_at(uint32_t addr) {
+  auto it = cta->mbars.find(addr);
+  if (it == cta->mbars.end()) {
+    report_locked("mbarrier used before mbarrier.init");
+    aborted = true;
+    return nullptr;
+  }
+  return it->second.get();
+}
+
+inline void mbar_init(uint32_t addr, int count) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (addr % 8 != 0) report_locked("misaligned mbarrier");
+  auto& slot = cta->mbars[addr];
+  if (!slot) {
+    slot = std::make_unique<Mbar>();
+    slot->comp = MAXT + static_cast<int>(cta->mbars.size() - 1);
+    if (slot->comp >= NCOMP) fatal("too many mbarriers");
+  }
+  slot->count = slot->pending = count;
+  slot->acc.assign(NCOMP, 0);
+}
+
+inline void mbar_complete_locked(Mbar* b) {  // the phase's last arrival
+  const int par = static_cast<int>(b->completed & 1);
+  const uint32_t stamp = ++cta->mbar_clock[b->comp - MAXT];
+  for (Copy* c : b->tracked) {
+    land(c);
+    c->routes.emplace_back(b->comp, stamp);
+  }
+  b->tracked.clear();
+  b->acc[b->comp] = stamp;
+  b->phase_vc[par] = b->acc;
+  b->phase_done[par] = true;
+  b->acc.assign(NCOMP, 0);
+  b->pending = b->count;
+  b->completed += 1;
+  b->cv.notify_all();
+}
+
+inline void mbar_arrive(uint32_t addr) {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  Mbar* b = mbar_at(addr);
+  if (b == nullptr) return;
+  join(b->acc, me->vc);  // release
+  me->vc[me->tid] += 1;
+  if (--b->pending == 0) mbar_complete_locked(b);
+}
+
+// cp.async.mbarrier.arrive.noinc: an arrival once all the thread's prior cp.async have landed;
+// it orders those copies (and nothing else of the thread) before the phase's completion.
+inline void mbar_arrive_cp_async(uint32_t addr) {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  Mbar* b = mbar_at(addr);
+  if (b == nullptr) return;
+  std::vector<Copy*> still;
+  for (Copy* c : me->unlanded)
+    if (!c->landed) {
+      b->tracked.push_back(c);
+      still.push_back(c);
+    }
+  me->unlanded.swap(still);
+  if (--b->pending == 0) mbar_complete_locked(b);
+}
+
+inline void mbar_wait_parity(uint32_t addr, int parity) {
+  jitter();
+  std::unique_lock<std::mutex> lk(mu);
+  Mbar* b = mbar_at(addr);
+  if (b == nullptr) return;
+  const int p = parity & 1;
+  block_on(b->cv, lk, [&] { return static_cast<int>(b->completed & 1) != p; }, "an mbarrier");
+  if (b->phase_done[p]) join(me->vc, b->phase_vc[p]);  // acquire
+}
+
+// ---- named barriers (bar.sync / bar.arrive; __syncthreads is bar.sync 0)
+inline void bar(int id, int n, bool wait) {
+  jitter();
+  std::unique_lock<std::mutex> lk(mu);
+  if (n <= 0) n = cta->nthreads;
+  if (id < 0 || id > 15 || n % 32 != 0) report_locked("bad bar.sync / bar.arrive operands");
+  auto& slot = cta->bars[id];
+  if (!slot) {
+    slot = std::make_unique<NamedBar>();
+    slot->acc.assign(NCOMP, 0);
+  }
+  NamedBar* b = slot.get();
+  if (b->count == 0) b->n = n;
+  else if (b->n != n) report_locked("threads disagree on a named barrier's thread count");
+  join(b->acc, me->vc);
+  me->vc[me->tid] += 1;
+  const uint64_t g = b->gen;
+  if (++b->count == b->n) {
+    b->results.push_back(b->acc);
+    b->acc.assign(NCOMP, 0);
+    b->count = 0;
+    b->gen += 1;
+    b->cv.notify_all();
+  }
+  if (!wait) return;
+  block_on(b->cv, lk, [&] { return b->gen > g; }, "a named barrier");
+  if (g < b->results.size()) join(me->vc, b->results[g]);
+}
+
+// ---- warp exchange (shuffles, votes): no memory ordering
+template <class F>
+inline auto warp_exchange(const uint32_t (&v)[4], F f) {
+  Warp& w = *cta->warps[me->tid / 32];
+  const int lane = me->tid & 31;
+  std::unique_lock<std::mutex> lk(w.m);
+  auto phase = [&] {
+    const uint64_t g = w.gen;
+    if (++w.count == 32) {
+      w.count = 0;
+      w.gen += 1;
+      w.cv.notify_all();
+    } else {
+      const auto t0 = std::chrono::steady_clock::now();
+      while (w.gen == g && !aborted) {
+        w.cv.wait_for(lk, std::chrono::milliseconds(200));
+        if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > wait_limit_s) {
+          lk.unlock();
+          fatal("deadlock: a warp shuffle waited too long");
+          lk.lock();
+        }
+      }
+    }
+  };
+  std::memcpy(w.slot[lane], v, sizeof v);
+  phase();
+  auto r = f(w.slot);
+  phase();
+  return r;
+}
+
+// ---- wgmma
+inline float smem_bf16(uint32_t byte) {
+  uint16_t b;
+  std::memcpy(&b, smem_raw + byte, 2);
+  return emu_bf2f(b);
+}
+// byte offset of element (mn, k) of an operand: K-major (trans 0) or MN-major (trans 1), 128-byte swizzle
+inline uint32_t operand_byte(uint64_t d, int trans, int mn, int k) {
+  const uint32_t start = static_cast<uint32_t>(d & 0x3FFF) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((d >> 16) & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((d >> 32) & 0x3FFF) << 4;
+  uint32_t lin;
+  if (trans == 0) lin = start + (mn / 8) * sbo + (mn % 8) * 128 + 2 * k;
+  else lin = start + (mn / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + 2 * (mn % 64);
+  return lin ^ (((lin >> 7) & 7) << 4);
+}
+
+inline void check_desc(uint64_t d) {
+  if ((d >> 62) != 1 || ((d >> 49) & 7) != 0) fatal("unsupported wgmma descriptor (not 128-byte swizzle, base 0)");
+}
+
+inline void wgmma_issue(int n, std::vector<float*> dregs, bool acc, bool a_regs, const uint32_t* a, uint64_t da,
+                        uint64_t db, int ta, int tb) {
+  jitter();
+  if (static_cast<int>(dregs.size()) != n / 2) {
+    fatal("wgmma accumulator count");
+    return;
+  }
+  Mma op;
+  op.m_n = n;
+  op.acc = acc;
+  op.a_regs = a_regs;
+  op.da = da;
+  op.db = db;
+  op.ta = ta;
+  op.tb = tb;
+  if (a_regs) {  // the quad's A fragments (rows lane/4 (+8) of the warp's 16, all 16 k)
+    uint32_t mine[4] = {a[0], a[1], a[2], a[3]};
+    const int q0 = (me->tid & 31) & ~3;
+    warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+      for (int q = 0; q < 4; ++q)
+        for (int r = 0; r < 4; ++r) op.a_frag[q][r] = slot[q0 + q][r];
+      return 0;
+    });
+  } else {
+    check_desc(da);
+  }
+  check_desc(db);
+  // the operands' 16-byte granules
+  if (!a_regs)
+    for (int m = 0; m < 64; ++m)
+      for (int k = 0; k < 16; k += 8) op.granules.push_back(operand_byte(da, ta, m, k) & ~15u);
+  if (tb == 0) {
+    for (int c = 0; c < n; ++c)
+      for (int k = 0; k < 16; k += 8) op.granules.push_back(operand_byte(db, 0, c, k) & ~15u);
+  } else {
+    for (int k = 0; k < 16; ++k)
+      for (int c = 0; c < n; c += 8) op.granules.push_back(operand_byte(db, 1, c, k) & ~15u);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (uint32_t g : op.granules) {
+      if (g + 16 > static_cast<uint32_t>(cta->smem_bytes)) {
+        report_locked("wgmma operand past the CTA's dynamic shared memory");
+        break;
+      }
+      const Copy* c = cta->word[g / 4];
+      if (c == nullptr) continue;
+      const bool fenced = visible(c, me->fenced_vc) || (c->fence_comp >= 0 && me->vc[c->fence_comp] >= c->fence_clock);
+      if (fenced) continue;
+      if (!c->landed)
+        report_locked("wgmma reads shared memory whose cp.async has not landed (no cp.async.wait_group / wait_all "
+                      "or mbarrier phase covers the copy yet)");
+      else if (!visible(c, me->vc))
+        report_locked("wgmma reads cp.async data whose completion is not ordered before the read (the reader "
+                      "neither waited for the copy nor synchronized with a thread that did)");
+      else
+        report_locked("wgmma reads cp.async data without a fence.proxy.async after the wait");
+      break;
+    }
+    op.issue_mark = cta->next_issue;
+  }
+  // chained onto an in-flight wgmma of this thread with the same accumulators?
+  op.chain = false;
+  for (const auto& g : me->mma_groups)
+    for (const Mma& p : g)
+      if (p.d[0] == dregs[0]) op.chain = true;
+  for (const Mma& p : me->open_mma)
+    if (p.d[0] == dregs[0]) op.chain = true;
+  if (!op.chain) {
+    op.init.resize(dregs.size());
+    for (size_t i = 0; i < dregs.size(); ++i) op.init[i] = *dregs[i];
+  }
+  for (float* x : dregs) *x = NAN;  // in flight: the registers are not the result yet
+  op.d = std::move(dregs);
+  me->open_mma.push_back(std::move(op));
+}
+
+inline void wgmma_retire(Mma& op, const std::vector<float>* chained_from) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (uint32_t g : op.granules) {
+      const Copy* c = cta->word[g / 4];
+      if (c != nullptr && c->issue_no >= op.issue_mark) {
+        report_locked("cp.async into shared memory that an in-flight wgmma reads (issued before the wgmma retired)");
+        break;
+      }
+    }
+  }
+  const int t = me->tid & 127, warp = t / 32, lane = t & 31;
+  const int n = op.m_n;
+  float a[2][16];
+  for (int i = 0; i < 2; ++i)
+    for (int k = 0; k < 16; ++k) {
+      const int m = 16 * warp + lane / 4 + 8 * i;
+      if (op.a_regs) {  // register r = 2 h + i holds (row + 8 i, k = 8 h + 2 (lane % 4) + e)
+        const int h = k / 8, q = (k % 8) / 2, e = k % 2;
+        const uint32_t v = op.a_frag[q][2 * h + i];
+        a[i][k] = emu_bf2f(static_cast<uint16_t>(e ? v >> 16 : v & 0xFFFF));
+      } else {
+        a[i][k] = smem_bf16(operand_byte(op.da, op.ta, m, k));
+      }
+    }
+  op.result.assign(n / 2, 0.f);
+  std::vector<float> b(16);
+  for (int j = 0; j < n / 8; ++j)
+    for (int e = 0; e < 2; ++e) {
+      const int col = 8 * j + 2 * (lane % 4) + e;
+      for (int k = 0; k < 16; ++k) b[k] = smem_bf16(operand_byte(op.db, op.tb, col, k));
+      for (int i = 0; i < 2; ++i) {
+        const int idx = 4 * j + 2 * i + e;
+        float acc = 0.f;
+        if (op.acc) acc = op.chain ? (chained_from ? (*chained_from)[idx] : NAN) : op.init[idx];
+        for (int k = 0; k < 16; ++k) acc += a[i][k] * b[k];
+        op.result[idx] = acc;
+      }
+    }
+}
+
+inline void wgmma_commit() {
+  me->mma_groups.push_back(std::move(me->open_mma));
+  me->open_mma.clear();
+}
+
+inline void wgmma_wait(size_t n) {
+  jitter();
+  while (me->mma_groups.size() > n) {
+    for (Mma& op : me->mma_groups.front()) {
+      // the latest retired result on the same registers (kept across calls in `last`)
+      static thread_local std::map<float*, std::vector<float>> last;
+      auto it = last.find(op.d[0]);
+      wgmma_retire(op, op.chain && it != last.end() ? &it->second : nullptr);
+      last[op.d[0]] = op.result;
+      for (size_t i = 0; i < op.d.size(); ++i) *op.d[i] = op.result[i];
+    }
+    me->mma_groups.pop_front();
+  }
+  // registers of wgmmas still in flight read as NaN
+  for (const auto& g : me->mma_groups)
+    for (const Mma& p : g)
+      for (float* x : p.d) *x = NAN;
+}
+
+// ---------------------------------------------------------------- the PTX interpreter
+struct Operand {
+  enum Kind { NONE, ARG, ADDR, VEC, IMM, NAME } kind = NONE;
+  int arg = -1;                // %N
+  std::vector<int> vec;        // {%a, %b, ...}
+  double imm = 0;
+  std::string name;
+};
+struct Instr {
+  std::string label;           // a label on this instruction
+  std::string guard;           // predicate name, with '!' if negated
+  std::string op;              // opcode with its qualifiers
+  std::vector<Operand> args;
+};
+struct Prog {
+  std::string text;
+  std::vector<Instr> code;
+};
+
+struct Op {
+  uint64_t v = 0;
+  double f = 0;
+  bool is_float = false;
+  void* out = nullptr;
+  int out_size = 0;
+  bool out_float = false;
+};
+template <class T>
+inline Op in(const T& x) {
+  Op o;
+  if constexpr (std::is_pointer_v<T>) o.v = reinterpret_cast<uintptr_t>(x);
+  else if constexpr (std::is_floating_point_v<T>) {
+    o.f = x;
+    o.is_float = true;
+  } else o.v = static_cast<uint64_t>(x);
+  return o;
+}
+template <class T>
+inline Op out(T& x) {
+  Op o;
+  o.out = &x;
+  o.out_size = sizeof(T);
+  o.out_float = std::is_floating_point_v<T>;
+  return o;
+}
+template <class T>
+inline Op inout(T& x) {
+  Op o = out(x);
+  o.is_float = std::is_floating_point_v<T>;
+  if constexpr (std::is_floating_point_v<T>) o.f = x;
+  else o.v = static_cast<uint64_t>(x);
+  return o;
+}
+
+inline std::string trim(const std::string& s) {
+  size_t a = 0, b = s.size();
+  while (a < b && std::isspace(static_cast<unsigned char>(s[a]))) ++a;
+  while (b > a && std::isspace(static_cast<unsigned char>(s[b - 1]))) --b;
+  return s.substr(a, b - a);
+}
+
+inline Operand parse_operand(std::string s) {
+  s = trim(s);
+  Operand o;
+  if (s.empty()) return o;
+  if (s[0] == '[') {
+    Operand in = parse_operand(s.substr(1, s.find(']') - 1));
+    in.kind = in.kind == Operand::ARG ? Operand::ADDR : Operand::NONE;
+    return in;
+  }
+  if (s[0] == '{') {
+    o.kind = Operand::VEC;
+    std::string body = s.substr(1, s.find('}') - 1);
+    size_t p = 0;
+    while (p < body.size()) {
+      size_t q = body.find(',', p);
+      if (q == std::string::npos) q = body.size();
+      Operand e = parse_operand(body.substr(p, q - p));
+      o.vec.push_back(e.kind == Operand::ARG ? e.arg : -1);
+      p = q + 1;
+    }
+    return o;
+  }
+  if (s[0] == '%') {
+    o.kind = Operand::ARG;
+    o.arg = std::atoi(s.c_str() + 1);
+    return o;
+  }
+  if (std::isdigit(static_cast<unsigned char>(s[0])) || s[0] == '-') {
+    o.kind = Operand::IMM;
+    o.imm = std::strtod(s.c_str(), nullptr);
+    return o;
+  }
+  o.kind = Operand::NAME;
+  o.name = s;
+  return o;
+}
+
+inline const Prog* compile(const char* text) {
+  auto* p = new Prog;  // one per asm statement, kept for the process
+  p->text = text;
+  std::string src = text;
+  // statements end with ';'; scope braces around a block are not statements
+  size_t pos = 0;
+  while (pos < src.size()) {
+    size_t e = src.find(';', pos);
+    if (e == std::string::npos) e = src.size();
+    std::string st = trim(src.substr(pos, e - pos));
+    pos = e + 1;
+    for (;;) {  // strip scope braces (a leading '{' not of an operand vector, a '}')
+      if (!st.empty() && (st[0] == '}' || (st[0] == '{' && st.size() > 1 && st[1] != '%'))) st = trim(st.substr(1));
+      else break;
+    }
+    Instr in;
+    for (;;) {  // labels
+      size_t i = 0;
+      while (i < st.size() && (std::isalnum(static_cast<unsigned char>(st[i])) || st[i] == '_' || st[i] == '$')) ++i;
+      if (i > 0 && i < st.size() && st[i] == ':' && (i + 1 >= st.size() || st[i + 1] != ':')) {
+        if (!in.label.empty()) {  // two labels: an empty instruction for the first
+          Instr l;
+          l.label = in.label;
+          l.op = "";
+          p->code.push_back(l);
+        }
+        in.label = st.substr(0, i);
+        st = trim(st.substr(i + 1));
+      } else {
+        break;
+      }
+    }
+    if (!st.empty() && st[0] == '@') {
+      size_t sp = st.find_first_of(" \t\n");
+      in.guard = st.substr(1, sp - 1);
+      st = trim(st.substr(sp));
+    }
+    if (st.empty() && in.label.empty()) continue;
+    size_t sp = st.find_first_of(" \t\n");
+    in.op = st.substr(0, sp);
+    if (sp != std::string::npos) {
+      std::string rest = st.substr(sp);
+      int depth = 0;
+      size_t a = 0;
+      for (size_t i = 0; i <= rest.size(); ++i) {
+        if (i < rest.size() && (rest[i] == '{' || rest[i] == '[')) ++depth;
+        if (i < rest.size() && (rest[i] == '}' || rest[i] == ']')) --depth;
+        if (i == rest.size() || (rest[i] == ',' && depth == 0)) {
+          if (!trim(rest.substr(a, i - a)).empty()) in.args.push_back(parse_operand(rest.substr(a, i - a)));
+          a = i + 1;
+        }
+      }
+    }
+    p->code.push_back(in);
+  }
+  return p;
+}
+
+inline bool starts(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+inline bool has(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
+inline void exec(const Prog& prog, Op* ops, int nops) {
+  if (aborted) return;
+  std::map<std::string, bool> pred;
+  auto val = [&](const Operand& o) -> uint64_t {
+    if (o.kind == Operand::ARG || o.kind == Operand::ADDR) {
+      if (o.arg < 0 || o.arg >= nops) {
+        fatal("PTX operand out of range in: " + prog.text);
+        return 0;
+      }
+      return ops[o.arg].is_float ? static_cast<uint64_t>(ops[o.arg].f) : ops[o.arg].v;
+    }
+    if (o.kind == Operand::IMM) return static_cast<uint64_t>(static_cast<int64_t>(o.imm));
+    return 0;
+  };
+  auto u32 = [&](const Operand& o) { return static_cast<uint32_t>(val(o)); };
+  auto unsupported = [&](const Instr& in) { fatal("unsupported PTX instruction '" + in.op + "' in: " + prog.text); };
+  size_t pc = 0, steps = 0;
+  while (pc < prog.code.size()) {
+    if (++steps > 1000000) {
+      fatal("PTX loop does not end: " + prog.text);
+      return;
+    }
+    const Instr& in = prog.code[pc++];
+    if (!in.guard.empty()) {
+      const bool neg = in.guard[0] == '!';
+      const bool v = pred[neg ? in.guard.substr(1) : in.guard];
+      if (v == neg) continue;
+    }
+    const std::string& op = in.op;
+    const auto& A = in.args;
+    if (op.empty() || starts(op, ".reg")) continue;
+    if (op == "setp.ne.b32" || op == "setp.eq.b32") {
+      const bool ne = u32(A[1]) != u32(A[2]);
+      pred[A[0].name] = op == "setp.ne.b32" ? ne : !ne;
+    } else if (op == "bra" || op == "bra.uni") {
+      size_t t = 0;
+      while (t < prog.code.size() && prog.code[t].label != A[0].name) ++t;
+      if (t == prog.code.size()) return unsupported(in);
+      pc = t;
+    } else if (starts(op, "cp.async.cg.shared.global") || starts(op, "cp.async.ca.shared.global")) {
+      // [dst], [src], cp-size[, src-size][, cache-policy]
+      const int cp_size = static_cast<int>(val(A[2]));
+      int src_size = cp_size;
+      const bool hint = has(op, ".L2::cache_hint");
+      if (A.size() >= static_cast<size_t>(hint ? 5 : 4)) src_size = static_cast<int>(val(A[3]));
+      if (starts(op, "cp.async.cg") && cp_size != 16) report("cp.async.cg with a cp-size other than 16");
+      if (cp_size != 4 && cp_size != 8 && cp_size != 16) return unsupported(in);
+      cp_async(u32(A[0]), reinterpret_cast<const void*>(val(A[1])), cp_size, src_size);
+    } else if (op == "cp.async.commit_group") {
+      cp_async_commit();
+    } else if (op == "cp.async.wait_group") {
+      cp_async_wait_group(val(A[0]));
+    } else if (op == "cp.async.wait_all") {  // commit_group + wait_group 0
+      cp_async_commit();
+      cp_async_wait_group(0);
+    } else if (starts(op, "cp.async.mbarrier.arrive.noinc")) {
+      mbar_arrive_cp_async(u32(A[0]));
+    } else if (starts(op, "fence.proxy.async")) {
+      fence_proxy_async();
+    } else if (starts(op, "mbarrier.init")) {
+      mbar_init(u32(A[0]), static_cast<int>(val(A[1])));
+    } else if (starts(op, "mbarrier.arrive.") && !has(op, "expect_tx")) {
+      mbar_arrive(u32(A[1]));
+    } else if (starts(op, "mbarrier.try_wait.parity")) {
+      mbar_wait_parity(u32(A[1]), static_cast<int>(val(A[2])));  // blocks until it would succeed
+      pred[A[0].name] = true;
+    } else if (op == "bar.sync" || op == "barrier.sync" || op == "bar.arrive" || op == "barrier.arrive") {
+      bar(static_cast<int>(val(A[0])), A.size() > 1 ? static_cast<int>(val(A[1])) : 0, has(op, "sync"));
+    } else if (op == "wgmma.fence.sync.aligned") {
+      // (register dependences are exact here)
+    } else if (op == "wgmma.commit_group.sync.aligned") {
+      wgmma_commit();
+    } else if (op == "wgmma.wait_group.sync.aligned") {
+      wgmma_wait(val(A[0]));
+    } else if (starts(op, "wgmma.mma_async.sync.aligned.m64n") && has(op, ".f32.bf16.bf16")) {
+      const int n = std::atoi(op.c_str() + std::strlen("wgmma.mma_async.sync.aligned.m64n"));
+      if (!has(op, "k16.") || A.size() < 6) return unsupported(in);
+      std::vector<float*> d;
+      for (int i : A[0].vec) {
+        if (i < 0 || i >= nops || ops[i].out == nullptr || !ops[i].out_float) return unsupported(in);
+        d.push_back(static_cast<float*>(ops[i].out));
+      }
+      const bool a_regs = A[1].kind == Operand::VEC;
+      bool scale_d = true;
+      if (A[3].kind == Operand::NAME) scale_d = pred[A[3].name];
+      else scale_d = val(A[3]) != 0;
+      if (val(A[4]) != 1 || val(A[5]) != 1) return unsupported(in);  // negated operands
+      uint32_t a[4] = {0, 0, 0, 0};
+      if (a_regs) {
+        if (A[1].vec.size() != 4) return unsupported(in);
+        for (int r = 0; r < 4; ++r) a[r] = static_cast<uint32_t>(ops[A[1].vec[r]].v);
+      }
+      const int ta = a_regs ? 0 : (A.size() > 6 ? static_cast<int>(val(A[6])) : 0);
+      const int tb = a_regs ? (A.size() > 6 ? static_cast<int>(val(A[6])) : 0)
+                            : (A.size() > 7 ? static_cast<int>(val(A[7])) : 0);
+      wgmma_issue(n, std::move(d), scale_d, a_regs, a, a_regs ? 0 : val(A[1]), val(A[2]), ta, tb);
+    } else if (starts(op, "setmaxnreg.")) {
+      // (a register budget: nothing to emulate)
+    } else if (starts(op, "createpolicy.")) {
+      if (ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 8) return unsupported(in);
+      const uint64_t token = 0x10E7C0DEull;  // an opaque cache policy
+      std::memcpy(ops[A[0].arg].out, &token, 8);
+    } else {
+      return unsupported(in);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- launches
+inline cudaError_t last_error = cudaSuccess;
+
+inline void run_thread(Cta& c, int tid, const std::function<void()>& body, dim3 b) {
+  threadIdx = dim3(static_cast<unsigned>(tid));
+  blockIdx = b;
+  blockDim = dim3(static_cast<unsigned>(c.nthreads));
+  me = &c.thr[tid];
+  body();
+  me = nullptr;
+}
+
+template <class K, class... Args>
+inline void launch(K kernel, dim3 grid, dim3 block, int smem, cudaStream_t, Args... args) {
+  const int nt = static_cast<int>(block.x * block.y * block.z);
+  if (nt <= 0 || nt > MAXT || smem > EMU_SMEM_CAP || block.y != 1 || block.z != 1) {
+    last_error = cudaErrorInvalidValue;
+    return;
+  }
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        if (aborted) return;
+        Cta c;
+        c.nthreads = nt;
+        c.smem_bytes = smem;
+        c.word.assign(NWORD, nullptr);
+        c.thr.resize(nt);
+        for (int w = 0; w < (nt + 31) / 32; ++w) c.warps.push_back(std::make_unique<Warp>());
+        for (int t = 0; t < nt; ++t) {
+          Thr& th = c.thr[t];
+          th.tid = t;
+          th.vc.assign(NCOMP, 0);
+          th.fenced_vc.assign(NCOMP, 0);
+          const unsigned wg = static_cast<unsigned>(t / 128);
+          std::mt19937 pick(seed * 7919u + wg * 104729u + bx * 31u + 1u);
+          th.slow = seed == 0 ? 0 : static_cast<int>(pick() % 3u) * 3;  // 0, 3 or 6 sixteenths
+          th.rng.seed(seed * 1000003u + static_cast<unsigned>(t) * 9176u + bx);
+        }
+        std::memset(smem_raw, 0xFF, sizeof smem_raw);  // uninitialized shared memory
+        gridDim = grid;
+        cta = &c;
+        const dim3 b(bx, by, bz);
+        std::function<void()> body = [&] { kernel(args...); };
+        std::vector<std::thread> th;
+        th.reserve(nt);
+        for (int t = 0; t < nt; ++t) th.emplace_back(run_thread, std::ref(c), t, std::cref(body), b);
+        for (auto& x : th) x.join();
+        cta = nullptr;
+      }
+}
+
+}  // namespace emu
+
+// ---- builtins that need the runtime
+inline void __syncthreads() { emu::bar(0, 0, true); }
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  (void)mask;
+  uint32_t in[4] = {0, 0, 0, 0};
+  std::memcpy(&in[0], &v, 4);
+  const int lane = emu::me->tid & 31;
+  return emu::warp_exchange(in, [&](uint32_t (*slot)[4]) {
+    float r;
+    std::memcpy(&r, &slot[(lane ^ lane_mask) & 31][0], 4);
+    return r;
+  });
+}
+inline int __any_sync(unsigned mask, int pred) {
+  (void)mask;
+  uint32_t in[4] = {pred ? 1u : 0u, 0, 0, 0};
+  return emu::warp_exchange(in, [](uint32_t (*slot)[4]) {
+    int any = 0;
+    for (int l = 0; l < 32; ++l) any |= slot[l][0] != 0;
+    return any;
+  });
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+template <class K>
+inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int bytes) {
+  return bytes <= EMU_SMEM_CAP ? cudaSuccess : cudaErrorInvalidValue;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
