@@ -218,10 +218,10 @@ def _check(prob, dq, dkv, d_sink, tgt=None):
     assert untouched.any() and (dkv[untouched] == 0).all()
     if prob.sink is not None:
         errs["d_sink"] = _rel(d_sink, prob.dsink_ref)
-        assert errs["d_sink"] <= 1e-3, errs
+        assert errs["d_sink"] <= 1e-2, errs
     if tgt is not None:
         errs["target"] = _rel(tgt, prob.target_ref)
-        assert errs["target"] <= 1e-3, errs
+        assert errs["target"] <= 1e-5, errs
         assert (tgt[prob.target_ref == 0] == 0).all()  # empty / cut / masked slots stay 0
     return errs
 
