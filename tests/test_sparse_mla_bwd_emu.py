@@ -262,7 +262,7 @@ def test_emulated_bwd_dq_bit_identical_under_random_slowdowns(lib):
     (no atomics), dkv equal up to the order of its fp32 atomic adds, no hazard."""
     prob = _problem(T=1, H=64, K=100, seed=5)
     results = []
-    for seed in (0, 11, 12):
+    for seed in (0, 11, 12, 13):  # (producer, WG1, WG2) slowed by (3, 6, 0), (3, 3, 6), (6, 3, 0) / 16
         rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, seed=seed)
         assert rc == 0 and hazards == 0 and not aborted, (seed, msgs)
         results.append((dq, dkv))
@@ -274,43 +274,53 @@ def test_emulated_bwd_dq_bit_identical_under_random_slowdowns(lib):
 
 # The emulator must see the races it exists to find: the kernel's source with its
 # synchronization broken (the shipped file is not touched: each mutant is built from a copy of
-# its text). (old, new, the expected message's words)
+# its text). ([(old, new), ...], the expected message's words)
 MUTANTS = {
     # WG1 hands dS / P (st.shared, generic proxy) to WG2's wgmmas without the proxy fence
     "wg1_no_fence_before_ds_full": (
-        "      fence_async_smem();\n      mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);",
-        "      mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);",
+        [("      fence_async_smem();\n      mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);",
+          "      mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);")],
         "without a fence.proxy.async by its writer"),
     # WG2 frees the kv slot before the wait_group that retires its dQ wgmma reading the slot: the
     # producer's gathers of block b + 2 overwrite what that wgmma reads
     "wg2_kv_empty_before_wait": (
-        "      wgmma_wait1();  // dQ's group is done: the kv slot is free\n"
-        "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);",
-        "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);\n      wgmma_wait1();",
+        [("      wgmma_wait1();  // dQ's group is done: the kv slot is free\n"
+          "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);",
+          "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);\n      wgmma_wait1();")],
         "cp.async into shared memory that"),
     # WG2 without its proxy fence after the kv-full wait: the gathered rows are not fenced for the
     # async proxy its wgmmas read through
     "wg2_no_fence_after_kv_full": (
-        "      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n      fence_async_smem();\n"
-        "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
-        "        const uint64_t da",
-        "      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n"
-        "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
-        "        const uint64_t da",
+        [("      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n      fence_async_smem();\n"
+          "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
+          "        const uint64_t da",
+          "      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n"
+          "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
+          "        const uint64_t da")],
         "without a fence.proxy.async after the wait"),
+    # a register split above the CTA's 3 x 168 (the producer keeps 40, not 32) with the source's
+    # static_assert against it removed: the last setmaxnreg.inc waits forever
+    "register_split_over_budget": (
+        [("#define SPARSE_MLA_BWD_RP 32", "#define SPARSE_MLA_BWD_RP 40"),
+         ("static_assert(SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1", "static_assert(true || SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1")],
+        "deadlock: a thread waited too long on setmaxnreg.inc"),
 }
 
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
-    old, new, expected = MUTANTS[mutant]
+    edits, expected = MUTANTS[mutant]
     text = _read(KERNEL)
-    assert text.count(old) == 1, f"{old!r} is not in {KERNEL} once: update this mutant"
-    lib = _build(tmp_path_factory, mutant, text.replace(old, new))
+    for old, new in edits:
+        assert text.count(old) == 1, f"{old!r} is not in {KERNEL} once: update this mutant"
+        text = text.replace(old, new)
+    lib = _build(tmp_path_factory, mutant, text)
     prob = _problem(T=1, H=64, K=100, seed=7)  # 4 blocks: both kv slots and dS buffers reused
-    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob)
+    deadlock = expected.startswith("deadlock")
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, wait_limit_s=2.0 if deadlock else 60.0)
     assert rc == 0
     assert hazards > 0 and any(expected in m for m in msgs), msgs
+    assert aborted == deadlock, msgs
 
 
 def test_source_rewrite_covers_every_asm_statement():
