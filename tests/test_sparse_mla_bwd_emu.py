@@ -122,7 +122,7 @@ class Problem:
         self.target_ref = torch.where(valid, p.sum(1), 0.0)
 
 
-def _problem(T, H, K, Tk=200, sink=False, seed=0, shared_pool=None):
+def _problem(T, H, K, Tk=200, sink=False, seed=0, shared_pool=None, empty_last_row=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(T, H, D_QK, generator=g).bfloat16()
     kv = torch.randn(Tk, D_QK, generator=g).bfloat16()
@@ -139,6 +139,8 @@ def _problem(T, H, K, Tk=200, sink=False, seed=0, shared_pool=None):
         topk_len[1] = K - 37                  # a row cut by topk_length (a partial last block)
     if T > 2:
         idx[2, 5] = idx[2, 6]                 # an id twice in a row: counted per slot
+    if empty_last_row:
+        idx[T - 1] = -1                       # no valid slot: no block runs, dq = 0
     sink_t = torch.randn(H, generator=g) if sink else None
     dout = torch.randn(T, H, D_V, generator=g).bfloat16()
     return Problem(q, kv, idx, topk_len, sink_t, dout)
@@ -230,7 +232,7 @@ CASES = {
     # T, H, K: blocks of 32 keys per row (the last ones partial; row 1 cut by topk_length)
     "h64_k100_target": dict(T=3, H=64, K=100, target=True),              # 4 / 2 / 4 blocks
     "h100_k70_sink_target": dict(T=2, H=100, K=70, sink=True, target=True),  # 2 head tiles, the last masked
-    "h17_k40_sink": dict(T=3, H=17, K=40, sink=True),                    # one tile, 47 rows masked
+    "h17_k40_sink_empty_row": dict(T=4, H=17, K=40, sink=True, empty_last_row=True),  # 47 rows masked
 }
 
 
@@ -243,13 +245,21 @@ def test_emulated_bwd_matches_reference_without_hazards(lib, case):
     assert rc == 0
     assert not aborted and hazards == 0, msgs
     errs = _check(prob, dq, dkv, d_sink, tgt)
+    if kw.get("empty_last_row"):
+        assert torch.equal(dq[-1].float(), torch.zeros(kw["H"], D_QK))
     print(case, errs)
 
 
 def test_emulated_bwd_packed_matches_reference_without_hazards(lib):
     """Row packing: 16 heads, 4 rows per CTA over the union of their keys (rows drawing from one
-    pool of 56 keys: unions of ~56 entries against 4 x 44 slots), with the sink and the target."""
+    pool of 56 keys: unions of <= 56 entries against ~130 valid slots per group), 7 rows (the
+    last group padded), with the sink and the target."""
     prob = _problem(T=7, H=16, K=44, sink=True, shared_pool=56, seed=3)
+    pk = pack_rows_reference(prob.idx, prob.kv.shape[0], 16, prob.topk_len)
+    valid = slot_validity(prob.idx, prob.kv.shape[0], prob.topk_len).sum(1)
+    # the rows share their keys: each group's union at most the pool, under half its slots (the
+    # second group has 3 rows: its fourth tile slice is masked, tr >= T)
+    assert (pk.count <= 56).all() and valid[:4].sum() >= 2 * pk.count[0] and valid[4:].sum() >= 2 * pk.count[1]
     rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=True, packed=True)
     assert rc == 0
     assert not aborted and hazards == 0, msgs
@@ -260,7 +270,7 @@ def test_emulated_bwd_packed_matches_reference_without_hazards(lib):
 def test_emulated_bwd_dq_bit_identical_under_random_slowdowns(lib):
     """Randomly slowed warpgroups (other interleavings of producer, WG1 and WG2): dq the same bits
     (no atomics), dkv equal up to the order of its fp32 atomic adds, no hazard."""
-    prob = _problem(T=1, H=64, K=100, seed=5)
+    prob = _problem(T=1, H=64, K=200, seed=5)  # 7 blocks: the kv, dS and ids rings all wrap
     results = []
     for seed in (0, 11, 12, 13):  # (producer, WG1, WG2) slowed by (3, 6, 0), (3, 3, 6), (6, 3, 0) / 16
         rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, seed=seed)
