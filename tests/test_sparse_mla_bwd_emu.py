@@ -23,8 +23,10 @@ modified copies of the kernel's source.
 
 Tolerances (bf16 inputs, P and dS rounded to bf16 as on the GPU, fp32 accumulation, bf16 dq):
 relative Frobenius error <= 1e-2 for dq and dkv (the H100 gets ~2.5e-3 / ~1.7e-3 on its
-benchmark shapes; measured here ~3e-3), max |err| <= 3e-2 max |ref|; d_sink (from the torch
-stats, not the kernel) and the target (fp32 sums of fp32 P) relative <= 1e-3.
+benchmark shapes; measured here 2.3e-3 - 2.7e-3 / 1.7e-3 - 1.8e-3), max |err| <= 3e-2 max |ref|;
+the target (fp32 sums of fp32 P, measured ~1e-7) relative <= 1e-5; d_sink relative <= 1e-2
+(measured 1.7e-3 - 3.1e-3: Delta from the bf16 out; d_sink comes from the torch stats, not the
+kernel, and checks the port of the stats kernel only).
 """
 
 import ctypes
