@@ -314,7 +314,8 @@ MUTANTS = {
     # static_assert against it removed: the last setmaxnreg.inc waits forever
     "register_split_over_budget": (
         [("#define SPARSE_MLA_BWD_RP 32", "#define SPARSE_MLA_BWD_RP 40"),
-         ("static_assert(SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1", "static_assert(true || SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1")],
+         ("static_assert(SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1",
+          "static_assert(true || SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1")],
         "deadlock: a thread waited too long on setmaxnreg.inc"),
 }
 

@@ -448,7 +448,8 @@ inline void setmaxnreg(bool inc, int n) {
   std::unique_lock<std::mutex> lk(mu);
   if (n < 24 || n > 256 || n % 8 != 0) report_locked("setmaxnreg count outside 24..256 or not a multiple of 8");
   if (inc ? n < me->regs : n > me->regs) {
-    report_locked(inc ? "setmaxnreg.inc below the current register count" : "setmaxnreg.dec above the current register count");
+    report_locked(inc ? "setmaxnreg.inc below the current register count"
+                      : "setmaxnreg.dec above the current register count");
     return;
   }
   if (!inc) {
