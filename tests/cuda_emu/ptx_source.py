@@ -5,8 +5,8 @@
   ``{ static const ::emu::Prog* p = ::emu::compile("PTX"); ::emu::Op o[] = {...};
   ::emu::exec(*p, o, n); }`` (``"+x"`` operands by reference and read, ``"=x"`` by reference,
   the others by value).
-* ``kernel<<<grid, block, smem, stream>>>(args);`` becomes ``::emu::launch(kernel, grid, block,
-  smem, stream, args);``.
+* ``kernel<<<grid, block, smem, stream>>>(args);`` (also ``kernel<T><<<...>>>``) becomes
+  ``::emu::launch(kernel, grid, block, smem, stream, args);``.
 
 Everything else of the source is left as it is (line numbers too: each rewrite keeps the
 newlines it replaces).
@@ -107,6 +107,27 @@ def _launch_call(kernel: str, config: str, args: str) -> str:
     return f"::emu::launch({kernel}, {', '.join(cfg)}{rest})"
 
 
+def _template_args(text: str, j: int):
+    """j just after an identifier: the end of a template argument list `<...>` there when a launch's
+    `<<<` follows it, else None (a comparison, a shift, a plain launch)."""
+    m = re.match(r"\s*<(?!<)", text[j:])
+    if m is None:
+        return None
+    k, depth = j + m.end(), 1
+    while k < len(text) and depth > 0:
+        c = text[k]
+        if c in ";{}":
+            return None
+        if c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+        k += 1
+    if depth == 0 and re.match(r"\s*<<<", text[k:]):
+        return k
+    return None
+
+
 def emulated_source(text: str) -> str:
     out, i, n = [], 0, len(text)
     ident = re.compile(r"[A-Za-z_]\w*")
@@ -148,6 +169,9 @@ def emulated_source(text: str) -> str:
                 out.append(_asm_call(text[k + 1:close]) + "\n" * original.count("\n"))
                 i = end
                 continue
+        targs = _template_args(text, j)  # kernel<PACK><<<...>>>: the instantiation's arguments
+        if targs is not None:
+            word, j = word + text[j:targs], targs
         launch = re.match(r"\s*<<<", text[j:])
         if launch is not None:
             cfg_start = j + launch.end()

@@ -24,6 +24,20 @@
 // * A wgmma checks its operands at issue, and reads them and writes its accumulators only at
 //   the wgmma.wait_group that retires it (until then its accumulator registers hold NaN); a
 //   cp.async into its operands between issue and retirement is a hazard.
+// * Generic-proxy stores through PTX (st.shared) read by a wgmma: the writer must have executed
+//   a fence.proxy.async after the store, and that fence must be ordered before the wgmma's issue
+//   (the reader's vector clock covers it). ld.shared (PTX) of cp.async data is checked like a
+//   wgmma read, without the proxy fence (generic proxy).
+// * Write-after-read: a wgmma's operand reads are recorded when it retires (wgmma.wait_group; the
+//   first lane of each warp stands for the warp), an ld.shared's at the load. A later cp.async
+//   or st.shared into the same 16-byte granule must be ordered after every recorded read (the
+//   writer's vector clock covers the reader's at the read), else a hazard: e.g. a consumer that
+//   releases a buffer before the wait_group that retires the wgmma reading it.
+// * Global fp32 atomics (red.global.add.f32 / .v2.f32 / .v4.f32) are atomic per element.
+// * setmaxnreg: a CTA starts with 64K / threads registers per thread (rounded down to 8, at most
+//   255: __launch_bounds__(threads, 1)); .dec gives registers back to the CTA's pool, .inc blocks
+//   until the pool holds what it asks for (a split that asks for more waits forever: reported
+//   as a deadlock).
 // Every violation is a reported hazard (emu::hazards); plain C++ loads and stores of shared
 // memory are not intercepted (a load of an unlanded copy reads the poison).
 #pragma once
@@ -165,6 +179,16 @@ struct Thr {
   std::deque<std::vector<Mma>> mma_groups;
   std::mt19937 rng;
   int slow = 0;
+  std::vector<uint32_t> fence_stamps;      // this thread's fence.proxy.async, its clock at each
+  int regs = 0;                            // registers per thread (setmaxnreg)
+};
+
+// st.shared writers of the 8 half-words of a 16-byte granule (writer -1: none), and the fence
+// epoch of each write (the number of fence.proxy.async the writer had executed before it)
+struct GenW {
+  int16_t writer[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+  uint32_t epoch[8] = {};
+  bool any = false;
 };
 
 struct Mbar {
@@ -205,6 +229,10 @@ struct Cta {
   std::vector<std::unique_ptr<Warp>> warps;
   uint64_t next_issue = 1;
   uint32_t mbar_clock[NMBAR] = {};
+  std::vector<GenW> gen;                                        // per 16-byte granule
+  std::vector<std::vector<std::pair<int, uint32_t>>> reads;     // per granule: (reader, its clock at the read)
+  int reg_pool = 0;                                             // registers given back by setmaxnreg.dec
+  std::condition_variable reg_cv;
 };
 
 inline std::mutex mu;  // all of a CTA's async / barrier state
@@ -272,6 +300,29 @@ inline bool visible(const Copy* c, const Clock& vc) {
   return false;
 }
 
+// A write (cp.async issue, st.shared) into granule g by this thread: every recorded read of it
+// must be ordered before (write-after-read); the reads are then forgotten.
+inline void check_war_locked(uint32_t g, const char* what) {
+  auto& rs = cta->reads[g];
+  for (const auto& r : rs)
+    if (r.first != me->tid && me->vc[r.first] < r.second) {
+      report_locked(std::string(what) + " into shared memory that a wgmma or ld.shared of another thread read, "
+                    "without that read (the wgmma's wait_group) ordered before the write");
+      break;
+    }
+  rs.clear();
+}
+inline void record_read_locked(uint32_t g) {
+  auto& rs = cta->reads[g];
+  const uint32_t now = me->vc[me->tid];
+  for (auto& r : rs)
+    if (r.first == me->tid) {
+      r.second = now;
+      return;
+    }
+  rs.emplace_back(me->tid, now);
+}
+
 inline void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
   jitter();
   std::lock_guard<std::mutex> lock(mu);
@@ -293,6 +344,13 @@ inline void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
     Copy* old = cta->word[w];
     if (old != nullptr && !old->landed) report_locked("two cp.async in flight to the same shared memory");
     cta->word[w] = c;
+  }
+  for (uint32_t g = dst / 16; g < (dst + cp_size + 15) / 16; ++g) {
+    check_war_locked(g, "cp.async");
+    GenW& gw = cta->gen[g];
+    if (gw.any)
+      for (int h = 0; h < 8; ++h)
+        if (16 * g + 2 * h >= dst && 16 * g + 2 * h < dst + cp_size) gw.writer[h] = -1;
   }
   std::memset(smem_raw + dst, 0xFF, cp_size);  // in flight: the destination is undefined
   me->open.push_back(c);
@@ -323,12 +381,88 @@ inline void cp_async_wait_group(size_t n) {
 inline void fence_proxy_async() {
   std::lock_guard<std::mutex> lock(mu);
   const uint32_t stamp = ++me->vc[me->tid];
+  me->fence_stamps.push_back(stamp);
   for (Copy* c : me->own_landed) {
     c->fence_comp = me->tid;
     c->fence_clock = stamp;
   }
   me->own_landed.clear();
   me->fenced_vc = me->vc;
+}
+
+// ---- generic-proxy shared memory through PTX
+inline void st_shared(uint32_t addr, const void* v, int n) {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  if (addr % n != 0) report_locked("misaligned st.shared");
+  if (static_cast<int>(addr) + n > cta->smem_bytes) {
+    report_locked("st.shared past the CTA's dynamic shared memory");
+    return;
+  }
+  for (uint32_t w = addr / 4; w < (addr + n + 3) / 4; ++w) {
+    Copy* c = cta->word[w];
+    if (c == nullptr) continue;
+    if (!c->landed) report_locked("st.shared into shared memory with a cp.async in flight");
+    cta->word[w] = nullptr;
+  }
+  for (uint32_t g = addr / 16; g < (addr + n + 15) / 16; ++g) check_war_locked(g, "st.shared");
+  const uint32_t epoch = static_cast<uint32_t>(me->fence_stamps.size());
+  for (uint32_t b = addr & ~1u; b < addr + n; b += 2) {
+    GenW& gw = cta->gen[b / 16];
+    gw.any = true;
+    gw.writer[(b % 16) / 2] = static_cast<int16_t>(me->tid);
+    gw.epoch[(b % 16) / 2] = epoch;
+  }
+  std::memcpy(smem_raw + addr, v, n);
+}
+
+inline void ld_shared(uint32_t addr, void* v, int n) {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  if (addr % std::min(n, 16) != 0) report_locked("misaligned ld.shared");
+  if (static_cast<int>(addr) + n > cta->smem_bytes) {
+    report_locked("ld.shared past the CTA's dynamic shared memory");
+    return;
+  }
+  for (uint32_t w = addr / 4; w < (addr + n + 3) / 4; ++w) {
+    const Copy* c = cta->word[w];
+    if (c == nullptr) continue;
+    if (!c->landed) report_locked("ld.shared reads shared memory whose cp.async has not landed");
+    else if (!visible(c, me->vc))
+      report_locked("ld.shared reads cp.async data whose completion is not ordered before the read");
+  }
+  for (uint32_t g = addr / 16; g < (addr + n + 15) / 16; ++g) record_read_locked(g);
+  std::memcpy(v, smem_raw + addr, n);
+}
+
+// ---- global fp32 reductions (red.global.add): atomic per element
+inline void red_add_f32(uint64_t addr, const float* v, int n) {
+  jitter();
+  if (addr % (4u * static_cast<unsigned>(n)) != 0) report("misaligned red.global.add");
+  float* p = reinterpret_cast<float*>(addr);
+  for (int i = 0; i < n; ++i) std::atomic_ref<float>(p[i]).fetch_add(v[i], std::memory_order_relaxed);
+}
+
+// ---- setmaxnreg
+inline void setmaxnreg(bool inc, int n) {
+  std::unique_lock<std::mutex> lk(mu);
+  if (n < 24 || n > 256 || n % 8 != 0) report_locked("setmaxnreg count outside 24..256 or not a multiple of 8");
+  if (inc ? n < me->regs : n > me->regs) {
+    report_locked(inc ? "setmaxnreg.inc below the current register count"
+                      : "setmaxnreg.dec above the current register count");
+    return;
+  }
+  if (!inc) {
+    cta->reg_pool += me->regs - n;
+    me->regs = n;
+    cta->reg_cv.notify_all();
+    return;
+  }
+  const int need = n - me->regs;
+  block_on(cta->reg_cv, lk, [&] { return cta->reg_pool >= need; }, "setmaxnreg.inc (the CTA's register pool)");
+  if (aborted) return;
+  cta->reg_pool -= need;
+  me->regs = n;
 }
 
 // ---- mbarriers
@@ -549,6 +683,26 @@ inline void wgmma_issue(int n, std::vector<float*> dregs, bool acc, bool a_regs,
         report_locked("wgmma reads cp.async data without a fence.proxy.async after the wait");
       break;
     }
+    // st.shared data: fenced by its writer after the store, the fence ordered before this issue
+    bool gen_bad = false;
+    for (uint32_t g : op.granules) {
+      if (gen_bad) break;
+      const GenW& gw = cta->gen[g / 16];
+      if (!gw.any) continue;
+      for (int h = 0; h < 8 && !gen_bad; ++h) {
+        const int w = gw.writer[h];
+        if (w < 0) continue;
+        const auto& fs = cta->thr[w].fence_stamps;
+        if (fs.size() <= gw.epoch[h]) {
+          report_locked("wgmma reads st.shared data without a fence.proxy.async by its writer after the store");
+          gen_bad = true;
+        } else if (me->vc[w] < fs[gw.epoch[h]]) {
+          report_locked("wgmma reads st.shared data whose store (and the writer's fence.proxy.async) is not "
+                        "ordered before the wgmma");
+          gen_bad = true;
+        }
+      }
+    }
     op.issue_mark = cta->next_issue;
   }
   // chained onto an in-flight wgmma of this thread with the same accumulators?
@@ -577,6 +731,15 @@ inline void wgmma_retire(Mma& op, const std::vector<float>* chained_from) {
         break;
       }
     }
+  }
+  if ((me->tid & 31) == 0) {
+    std::lock_guard<std::mutex> lock(mu);
+    uint32_t prev = ~0u;
+    for (uint32_t g : op.granules)
+      if (g != prev) {
+        record_read_locked(g / 16);
+        prev = g;
+      }
   }
   const int t = me->tid & 127, warp = t / 32, lane = t & 31;
   const int n = op.m_n;
@@ -713,6 +876,11 @@ inline Operand parse_operand(std::string s) {
       o.vec.push_back(e.kind == Operand::ARG ? e.arg : -1);
       p = q + 1;
     }
+    return o;
+  }
+  if (s.size() > 1 && s[0] == '%' && s[1] == '%') {  // a special register (%%laneid in the template)
+    o.kind = Operand::NAME;
+    o.name = s.substr(1);
     return o;
   }
   if (s[0] == '%') {
@@ -887,8 +1055,50 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       const int tb = a_regs ? (A.size() > 6 ? static_cast<int>(val(A[6])) : 0)
                             : (A.size() > 7 ? static_cast<int>(val(A[7])) : 0);
       wgmma_issue(n, std::move(d), scale_d, a_regs, a, a_regs ? 0 : val(A[1]), val(A[2]), ta, tb);
-    } else if (starts(op, "setmaxnreg.")) {
-      // (a register budget: nothing to emulate)
+    } else if (op == "setmaxnreg.inc.sync.aligned.u32" || op == "setmaxnreg.dec.sync.aligned.u32") {
+      setmaxnreg(has(op, ".inc."), static_cast<int>(val(A[0])));
+    } else if (op == "mov.u32" && A.size() == 2 && A[0].kind == Operand::ARG && A[1].kind == Operand::NAME) {
+      uint32_t v = 0;
+      if (A[1].name == "%laneid") v = static_cast<uint32_t>(me->tid & 31);
+      else if (A[1].name == "%warpid") v = static_cast<uint32_t>(me->tid / 32);
+      else if (A[1].name == "%tid.x") v = static_cast<uint32_t>(me->tid);
+      else return unsupported(in);
+      Op& o = ops[A[0].arg];
+      if (o.out == nullptr || o.out_size != 4) return unsupported(in);
+      std::memcpy(o.out, &v, 4);
+    } else if (starts(op, "st.shared.")) {
+      // st.shared{.v2,.v4}.{u16,b16,u32,b32} [addr], value(s)
+      const int w = has(op, "16") ? 2 : has(op, "32") ? 4 : 0;
+      if (w == 0 || A.size() != 2 || A[0].kind != Operand::ADDR || has(op, "64")) return unsupported(in);
+      std::vector<int> src = A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{A[1].arg};
+      uint8_t buf[64];
+      for (size_t i = 0; i < src.size(); ++i) {
+        const uint32_t v = static_cast<uint32_t>(ops[src[i]].v);
+        std::memcpy(buf + w * i, &v, w);
+      }
+      st_shared(u32(A[0]), buf, w * static_cast<int>(src.size()));
+    } else if (starts(op, "ld.shared.")) {
+      // ld.shared{.v2,.v4}.{u32,b32,s32,f32} dst(s), [addr]
+      if (!(has(op, "32")) || A.size() != 2 || A[1].kind != Operand::ADDR) return unsupported(in);
+      std::vector<int> dst = A[0].kind == Operand::VEC ? A[0].vec : std::vector<int>{A[0].arg};
+      uint8_t buf[64];
+      ld_shared(u32(A[1]), buf, 4 * static_cast<int>(dst.size()));
+      for (size_t i = 0; i < dst.size(); ++i) {
+        Op& o = ops[dst[i]];
+        if (o.out == nullptr || o.out_size != 4) return unsupported(in);
+        std::memcpy(o.out, buf + 4 * i, 4);
+      }
+    } else if (op == "red.global.add.f32" || op == "red.global.add.v2.f32" || op == "red.global.add.v4.f32") {
+      if (A.size() != 2 || A[0].kind != Operand::ADDR) return unsupported(in);
+      std::vector<int> src = A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{A[1].arg};
+      const size_t want = has(op, ".v4.") ? 4 : has(op, ".v2.") ? 2 : 1;
+      if (src.size() != want) return unsupported(in);
+      float v[4];
+      for (size_t i = 0; i < src.size(); ++i) {
+        if (src[i] < 0 || !ops[src[i]].is_float) return unsupported(in);
+        v[i] = static_cast<float>(ops[src[i]].f);
+      }
+      red_add_f32(val(A[0]), v, static_cast<int>(src.size()));
     } else if (starts(op, "createpolicy.")) {
       if (ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 8) return unsupported(in);
       const uint64_t token = 0x10E7C0DEull;  // an opaque cache policy
@@ -926,6 +1136,9 @@ inline void launch(K kernel, dim3 grid, dim3 block, int smem, cudaStream_t, Args
         c.nthreads = nt;
         c.smem_bytes = smem;
         c.word.assign(NWORD, nullptr);
+        c.gen.assign(EMU_SMEM_CAP / 16, GenW{});
+        c.reads.assign(EMU_SMEM_CAP / 16, {});
+        const int launch_regs = std::min(255, 65536 / (((nt + 31) / 32) * 32)) & ~7;
         c.thr.resize(nt);
         for (int w = 0; w < (nt + 31) / 32; ++w) c.warps.push_back(std::make_unique<Warp>());
         for (int t = 0; t < nt; ++t) {
@@ -933,6 +1146,7 @@ inline void launch(K kernel, dim3 grid, dim3 block, int smem, cudaStream_t, Args
           th.tid = t;
           th.vc.assign(NCOMP, 0);
           th.fenced_vc.assign(NCOMP, 0);
+          th.regs = launch_regs;
           const unsigned wg = static_cast<unsigned>(t / 128);
           std::mt19937 pick(seed * 7919u + wg * 104729u + bx * 31u + 1u);
           th.slow = seed == 0 ? 0 : static_cast<int>(pick() % 3u) * 3;  // 0, 3 or 6 sixteenths

@@ -1,0 +1,344 @@
+"""The sparse MLA backward (``kernels/sparse_mla/cuda/sparse_mla_bwd_sm90.cu``) on the CPU.
+
+As ``test_sparse_mla_fwd_pp_emu.py`` does for the forward: the kernel's own source and its
+``sm90_common.cuh`` are compiled by the host compiler against ``cuda_emu/sm90_emu.h`` after
+``cuda_emu/ptx_source.py`` turned each inline-PTX statement into a call of the emulator's PTX
+interpreter and the launch into ``emu::launch``; the library's entry points
+``dsa_sparse_mla_bwd_sm90`` and ``dsa_sparse_mla_bwd_packed_sm90`` are called through ctypes.
+384 OS threads per CTA, real blocking mbarriers, wgmma m64n{32,64,256}k16 with register and
+shared (K- and MN-major) operands, fp32 ``red.global.add`` into the dkv workspace, setmaxnreg
+register accounting, and the emulator's hazard checks (cp.async landing / visibility / proxy
+fences, st.shared -> wgmma fences, write-after-read of wgmma and ld.shared operands).
+
+What the library's launcher does around the kernel is done here in torch: the stats (the Triton
+``bwd_stats`` kernel's per-(row, head) log2-domain logZ with the sink, Delta = rowsum(dO * O),
+the d_sink terms; :func:`_stats` ports it), ``effective_lengths_torch``, the packing
+(``pack_rows_reference``) and ``cuda_impl.unpermute_dkv`` on the workspace. ``out`` / ``lse`` are
+the float64 reference's, rounded as the forward returns them (bf16 / fp32).
+
+Checked against float64 autograd of ``reference.py``: dq, dkv (unpermuted) and d_sink, the
+indexer-loss target (head sum of P per slot), the row-packed kernel, no hazard, dq bit-identical
+under random warpgroup slowdowns, and that the emulator catches broken synchronization in
+modified copies of the kernel's source.
+
+Tolerances (bf16 inputs, P and dS rounded to bf16 as on the GPU, fp32 accumulation, bf16 dq):
+relative Frobenius error <= 1e-2 for dq and dkv (the H100 gets ~2.5e-3 / ~1.7e-3 on its
+benchmark shapes; measured here 2.3e-3 - 2.7e-3 / 1.7e-3 - 1.8e-3), max |err| <= 3e-2 max |ref|;
+the target (fp32 sums of fp32 P, measured ~1e-7) relative <= 1e-5; d_sink relative <= 1e-2
+(measured 1.7e-3 - 3.1e-3: Delta from the bf16 out; d_sink comes from the torch stats, not the
+kernel, and checks the port of the stats kernel only).
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_dsa.kernels.sparse_mla.cuda_impl import effective_lengths_torch, unpermute_dkv
+from megatron_dsa.kernels.sparse_mla.packing import pack_rows_reference
+from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMU_DIR = os.path.join(HERE, "cuda_emu")
+KERNEL_DIR = os.path.join(os.path.dirname(HERE), "megatron_dsa", "kernels", "sparse_mla", "cuda")
+KERNEL, COMMON = "sparse_mla_bwd_sm90.cu", "sm90_common.cuh"
+LOG2E = 1.4426950408889634
+D_QK, D_V = 576, 512
+SCALE = D_QK ** -0.5
+
+sys.path.insert(0, EMU_DIR)
+from ptx_source import emulated_source  # noqa: E402
+
+sys.path.pop(0)
+
+
+def _read(name):
+    with open(os.path.join(KERNEL_DIR, name)) as f:
+        return f.read()
+
+
+def _build(tmp_path_factory, tag, kernel_text=None):
+    """The emulated kernel library: the kernel's source (or kernel_text, a modified copy of it) and
+    sm90_common.cuh rewritten by ptx_source, compiled with bwd_emu.cpp."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp(f"bwd_emu_{tag}")
+    (d / KERNEL).write_text(emulated_source(kernel_text if kernel_text is not None else _read(KERNEL)))
+    (d / COMMON).write_text(emulated_source(_read(COMMON)))
+    out = d / "bwd_emu.so"
+    # -fno-gnu-unique, -Bsymbolic: each build keeps its own inline functions' statics (the parsed
+    # PTX of each asm statement); a mutant loaded after the shipped build must not bind to its
+    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-gnu-unique",
+                           "-Wl,-Bsymbolic", f"-I{d}",
+                           f"-I{os.path.join(EMU_DIR, 'include')}", f"-I{EMU_DIR}",
+                           os.path.join(EMU_DIR, "bwd_emu.cpp"), "-o", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "c++20" in proc.stderr:
+        pytest.skip(f"{cxx} lacks C++20 support")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lib = ctypes.CDLL(str(out))
+    vp, ll, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
+    lib.dsa_sparse_mla_bwd_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [f32, vp]
+    lib.dsa_sparse_mla_bwd_packed_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 7 + [f32, vp]
+    lib.emu_reset.argtypes = [ctypes.c_uint, ctypes.c_double]
+    lib.emu_reset.restype = None
+    lib.emu_hazards.restype = ctypes.c_long
+    lib.emu_aborted.restype = i32
+    lib.emu_message.argtypes = [i32, ctypes.c_char_p, i32]
+    lib.emu_message.restype = i32
+    return lib
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return _build(tmp_path_factory, "shipped")
+
+
+class Problem:
+    """Inputs, the forward's out / lse (float64 reference, rounded as the forward returns them) and
+    the float64 autograd gradients."""
+
+    def __init__(self, q, kv, idx, topk_len, sink, dout):
+        self.q, self.kv, self.idx, self.topk_len, self.sink, self.dout = q, kv, idx, topk_len, sink, dout
+        q64 = q.double().requires_grad_()
+        kv64 = kv.double().requires_grad_()
+        s64 = sink.double().requires_grad_() if sink is not None else None
+        out, lse = sparse_mla_reference(q64, kv64, idx, SCALE, topk_length=topk_len, sink=s64)
+        (out * dout.double()).sum().backward()
+        self.out, self.lse = out.detach().bfloat16(), lse.detach().float()
+        self.dq_ref, self.dkv_ref = q64.grad, kv64.grad
+        self.dsink_ref = s64.grad if s64 is not None else None
+        # the indexer-loss target: sum_h exp(scale q_h . kv_id - lse_h) per valid slot
+        valid = slot_validity(idx, kv.shape[0], topk_len)
+        sel = kv.double()[torch.where(valid, idx.long(), 0)]
+        logits = torch.einsum("thd,tkd->thk", q.double(), sel) * SCALE
+        lse_d = lse.detach().double()
+        p = torch.exp(logits - torch.where(torch.isfinite(lse_d), lse_d, 0)[..., None])
+        self.target_ref = torch.where(valid, p.sum(1), 0.0)
+
+
+def _problem(T, H, K, Tk=200, sink=False, seed=0, shared_pool=None, empty_last_row=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, D_QK, generator=g).bfloat16()
+    kv = torch.randn(Tk, D_QK, generator=g).bfloat16()
+    if shared_pool is None:
+        idx = torch.randint(0, Tk, (T, K), generator=g, dtype=torch.int32)
+    else:  # rows drawing from one pool of keys: the packed groups' unions are shared
+        pool = torch.randperm(Tk, generator=g)[:shared_pool]
+        idx = torch.stack([pool[torch.randperm(shared_pool, generator=g)[:K]] for _ in range(T)]).to(torch.int32)
+    idx[0, K - 7:] = -1                       # causal-style -1 padding at the end of a row
+    idx[0, 3] = -1                            # an empty slot inside a block
+    idx[0, 11] = Tk + 5                       # an id past the keys: masked
+    topk_len = torch.full((T,), K, dtype=torch.int32)
+    if T > 1:
+        topk_len[1] = K - 37                  # a row cut by topk_length (a partial last block)
+    if T > 2:
+        idx[2, 5] = idx[2, 6]                 # an id twice in a row: counted per slot
+    if empty_last_row:
+        idx[T - 1] = -1                       # no valid slot: no block runs, dq = 0
+    sink_t = torch.randn(H, generator=g) if sink else None
+    dout = torch.randn(T, H, D_V, generator=g).bfloat16()
+    return Problem(q, kv, idx, topk_len, sink_t, dout)
+
+
+def _stats(prob):
+    """``triton_impl.bwd_stats`` in torch (fp32): stats [2, T, H] = (log2-domain logZ with the sink,
+    0 on empty rows; Delta = rowsum(dO * O)) and the d_sink terms [T, H]."""
+    delta = (prob.out.float() * prob.dout.float()).sum(-1)
+    lse2 = prob.lse * LOG2E
+    z2 = lse2
+    dsink_t = None
+    if prob.sink is not None:
+        sk2 = prob.sink.float()[None, :] * LOG2E
+        mx = torch.maximum(lse2, sk2)
+        mx = torch.where(mx == float("-inf"), 0.0, mx)
+        z2 = mx + torch.log2(torch.exp2(lse2 - mx) + torch.exp2(sk2 - mx))
+        zfin = z2 > float("-inf")
+        dsink_t = torch.where(zfin, -torch.exp2(sk2 - torch.where(zfin, z2, 0.0)) * delta, 0.0)
+    z2 = torch.where(lse2 > float("-inf"), z2, 0.0)
+    return torch.stack([z2, delta]).contiguous(), dsink_t
+
+
+def _messages(lib):
+    msgs, buf, i = [], ctypes.create_string_buffer(2048), 0
+    while lib.emu_message(i, buf, len(buf)) >= 0:
+        msgs.append(buf.value.decode())
+        i += 1
+    return msgs
+
+
+def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0):
+    """The launcher's steps around the kernel (cuda_impl.sparse_mla_bwd_cuda) with the emulated
+    kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages)."""
+    q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
+    T, H, _ = q.shape
+    Tk, K = kv.shape[0], idx.shape[1]
+    stats, dsink_t = _stats(prob)
+    lse = prob.lse.contiguous()
+    dq = torch.full((T, H, D_QK), float("nan"), dtype=torch.bfloat16)
+    ws = torch.zeros(Tk, D_QK)                                  # permuted columns
+    tgt = torch.zeros(T, K) if target else None
+    lib.emu_reset(seed, wait_limit_s)
+    common = (dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
+              tgt.data_ptr() if tgt is not None else None)
+    if packed:
+        pk = pack_rows_reference(idx, Tk, H, prob.topk_len)
+        assert pk.hpad == 16 and pk.rows == 4
+        uid, count, uslot = pk.uid.contiguous(), pk.count.contiguous(), pk.uslot.contiguous()
+        rc = lib.dsa_sparse_mla_bwd_packed_sm90(
+            q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
+            q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
+            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4, int(prob.sink is not None), SCALE, None)
+    else:
+        kv_len = effective_lengths_torch(idx, prob.topk_len)
+        rc = lib.dsa_sparse_mla_bwd_sm90(
+            q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
+            q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
+            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), SCALE, None)
+    d_sink = dsink_t.sum(0) if dsink_t is not None else None
+    return (rc, dq, unpermute_dkv(ws), d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), _messages(lib))
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def _check(prob, dq, dkv, d_sink, tgt=None):
+    """Against float64 autograd of the reference; returns the relative errors."""
+    assert not dq.isnan().any() and not dkv.isnan().any()
+    errs = {"dq": _rel(dq, prob.dq_ref), "dkv": _rel(dkv, prob.dkv_ref)}
+    for name, x, ref in (("dq", dq, prob.dq_ref), ("dkv", dkv, prob.dkv_ref)):
+        assert errs[name] <= 1e-2, (name, errs)
+        assert (x.double() - ref).abs().max() <= 3e-2 * ref.abs().max(), name
+    # keys no valid slot selects get exactly nothing
+    untouched = prob.dkv_ref.abs().amax(1) == 0
+    assert untouched.any() and (dkv[untouched] == 0).all()
+    if prob.sink is not None:
+        errs["d_sink"] = _rel(d_sink, prob.dsink_ref)
+        assert errs["d_sink"] <= 1e-2, errs
+    if tgt is not None:
+        errs["target"] = _rel(tgt, prob.target_ref)
+        assert errs["target"] <= 1e-5, errs
+        assert (tgt[prob.target_ref == 0] == 0).all()  # empty / cut / masked slots stay 0
+    return errs
+
+
+CASES = {
+    # T, H, K: blocks of 32 keys per row (the last ones partial; row 1 cut by topk_length)
+    "h64_k100_target": dict(T=3, H=64, K=100, target=True),              # 4 / 2 / 4 blocks
+    "h100_k70_sink_target": dict(T=2, H=100, K=70, sink=True, target=True),  # 2 head tiles, the last masked
+    "h17_k40_sink_empty_row": dict(T=4, H=17, K=40, sink=True, empty_last_row=True),  # 47 rows masked
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_emulated_bwd_matches_reference_without_hazards(lib, case):
+    kw = dict(CASES[case])
+    target = kw.pop("target", False)
+    prob = _problem(**kw)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=target)
+    assert rc == 0
+    assert not aborted and hazards == 0, msgs
+    errs = _check(prob, dq, dkv, d_sink, tgt)
+    if kw.get("empty_last_row"):
+        assert torch.equal(dq[-1].float(), torch.zeros(kw["H"], D_QK))
+    print(case, errs)
+
+
+def test_emulated_bwd_packed_matches_reference_without_hazards(lib):
+    """Row packing: 16 heads, 4 rows per CTA over the union of their keys (rows drawing from one
+    pool of 56 keys: unions of <= 56 entries against ~130 valid slots per group), 7 rows (the
+    last group padded), with the sink and the target."""
+    prob = _problem(T=7, H=16, K=44, sink=True, shared_pool=56, seed=3)
+    pk = pack_rows_reference(prob.idx, prob.kv.shape[0], 16, prob.topk_len)
+    valid = slot_validity(prob.idx, prob.kv.shape[0], prob.topk_len).sum(1)
+    # the rows share their keys: each group's union at most the pool, under half its slots (the
+    # second group has 3 rows: its fourth tile slice is masked, tr >= T)
+    assert (pk.count <= 56).all() and valid[:4].sum() >= 2 * pk.count[0] and valid[4:].sum() >= 2 * pk.count[1]
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=True, packed=True)
+    assert rc == 0
+    assert not aborted and hazards == 0, msgs
+    errs = _check(prob, dq, dkv, d_sink, tgt)
+    print("packed", errs)
+
+
+def test_emulated_bwd_dq_bit_identical_under_random_slowdowns(lib):
+    """Randomly slowed warpgroups (other interleavings of producer, WG1 and WG2): dq the same bits
+    (no atomics), dkv equal up to the order of its fp32 atomic adds, no hazard."""
+    prob = _problem(T=1, H=64, K=200, seed=5)  # 7 blocks: the kv, dS and ids rings all wrap
+    results = []
+    for seed in (0, 11, 12, 13):  # (producer, WG1, WG2) slowed by (3, 6, 0), (3, 3, 6), (6, 3, 0) / 16
+        rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, seed=seed)
+        assert rc == 0 and hazards == 0 and not aborted, (seed, msgs)
+        results.append((dq, dkv))
+    for dq, dkv in results[1:]:
+        assert torch.equal(dq.view(torch.int16), results[0][0].view(torch.int16))
+        assert torch.allclose(dkv, results[0][1], rtol=1e-5, atol=1e-5 * results[0][1].abs().max().item())
+    _check(prob, *results[0], None)
+
+
+# The emulator must see the races it exists to find: the kernel's source with its
+# synchronization broken (the shipped file is not touched: each mutant is built from a copy of
+# its text). ([(old, new), ...], the expected message's words)
+MUTANTS = {
+    # WG1 hands dS / P (st.shared, generic proxy) to WG2's wgmmas without the proxy fence
+    "wg1_no_fence_before_ds_full": (
+        [("      fence_async_smem();\n      mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);",
+          "      mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);")],
+        "without a fence.proxy.async by its writer"),
+    # WG2 frees the kv slot before the wait_group that retires its dQ wgmma reading the slot: the
+    # producer's gathers of block b + 2 overwrite what that wgmma reads
+    "wg2_kv_empty_before_wait": (
+        [("      wgmma_wait1();  // dQ's group is done: the kv slot is free\n"
+          "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);",
+          "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);\n      wgmma_wait1();")],
+        "cp.async into shared memory that"),
+    # WG2 without its proxy fence after the kv-full wait: the gathered rows are not fenced for the
+    # async proxy its wgmmas read through
+    "wg2_no_fence_after_kv_full": (
+        [("      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n      fence_async_smem();\n"
+          "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
+          "        const uint64_t da",
+          "      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n"
+          "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
+          "        const uint64_t da")],
+        "without a fence.proxy.async after the wait"),
+    # a register split above the CTA's 3 x 168 (the producer keeps 40, not 32) with the source's
+    # static_assert against it removed: the last setmaxnreg.inc waits forever
+    "register_split_over_budget": (
+        [("#define SPARSE_MLA_BWD_RP 32", "#define SPARSE_MLA_BWD_RP 40"),
+         ("static_assert(SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1",
+          "static_assert(true || SPARSE_MLA_BWD_RP + SPARSE_MLA_BWD_R1")],
+        "deadlock: a thread waited too long on setmaxnreg.inc"),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
+    edits, expected = MUTANTS[mutant]
+    text = _read(KERNEL)
+    for old, new in edits:
+        assert text.count(old) == 1, f"{old!r} is not in {KERNEL} once: update this mutant"
+        text = text.replace(old, new)
+    lib = _build(tmp_path_factory, mutant, text)
+    prob = _problem(T=1, H=64, K=100, seed=7)  # 4 blocks: both kv slots and dS buffers reused
+    deadlock = expected.startswith("deadlock")
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, wait_limit_s=2.0 if deadlock else 60.0)
+    assert rc == 0
+    assert hazards > 0 and any(expected in m for m in msgs), msgs
+    assert aborted == deadlock, msgs
+
+
+def test_source_rewrite_covers_every_asm_statement():
+    """ptx_source leaves no inline PTX and no <<<>>> launch in the sources it rewrites."""
+    for name in (KERNEL, COMMON):
+        text = emulated_source(_read(name))
+        code = "\n".join(line.split("//")[0] for line in text.splitlines())
+        assert "asm volatile" not in code and "asm(" not in code and "<<<" not in code, name
