@@ -31,8 +31,6 @@ kernel, and checks the port of the stats kernel only).
 
 import ctypes
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -44,55 +42,25 @@ from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU_DIR = os.path.join(HERE, "cuda_emu")
-KERNEL_DIR = os.path.join(os.path.dirname(HERE), "megatron_dsa", "kernels", "sparse_mla", "cuda")
 KERNEL, COMMON = "sparse_mla_bwd_sm90.cu", "sm90_common.cuh"
 LOG2E = 1.4426950408889634
 D_QK, D_V = 576, 512
 SCALE = D_QK ** -0.5
 
 sys.path.insert(0, EMU_DIR)
-from ptx_source import emulated_source  # noqa: E402
+from emu_lib import assert_rewrite_complete, build_emulated, messages, read_kernel  # noqa: E402
 
 sys.path.pop(0)
 
 
-def _read(name):
-    with open(os.path.join(KERNEL_DIR, name)) as f:
-        return f.read()
-
-
 def _build(tmp_path_factory, tag, kernel_text=None):
-    """The emulated kernel library: the kernel's source (or kernel_text, a modified copy of it) and
-    sm90_common.cuh rewritten by ptx_source, compiled with bwd_emu.cpp."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp(f"bwd_emu_{tag}")
-    (d / KERNEL).write_text(emulated_source(kernel_text if kernel_text is not None else _read(KERNEL)))
-    (d / COMMON).write_text(emulated_source(_read(COMMON)))
-    out = d / "bwd_emu.so"
-    # -fno-gnu-unique, -Bsymbolic: each build keeps its own inline functions' statics (the parsed
-    # PTX of each asm statement); a mutant loaded after the shipped build must not bind to its
-    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-gnu-unique",
-                           "-Wl,-Bsymbolic", f"-I{d}",
-                           f"-I{os.path.join(EMU_DIR, 'include')}", f"-I{EMU_DIR}",
-                           os.path.join(EMU_DIR, "bwd_emu.cpp"), "-o", str(out)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 and "c++20" in proc.stderr:
-        pytest.skip(f"{cxx} lacks C++20 support")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lib = ctypes.CDLL(str(out))
+    """The emulated library of the kernel (kernel_text: a modified copy in place of the shipped text)."""
+    lib = build_emulated(tmp_path_factory, tag, "bwd_emu.cpp", KERNEL, kernel_text=kernel_text)
     vp, ll, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
     lib.dsa_sparse_mla_bwd_sm90.restype = i32
     lib.dsa_sparse_mla_bwd_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [f32, vp]
     lib.dsa_sparse_mla_bwd_packed_sm90.restype = i32
     lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 7 + [f32, vp]
-    lib.emu_reset.argtypes = [ctypes.c_uint, ctypes.c_double]
-    lib.emu_reset.restype = None
-    lib.emu_hazards.restype = ctypes.c_long
-    lib.emu_aborted.restype = i32
-    lib.emu_message.argtypes = [i32, ctypes.c_char_p, i32]
-    lib.emu_message.restype = i32
     return lib
 
 
@@ -166,14 +134,6 @@ def _stats(prob):
     return torch.stack([z2, delta]).contiguous(), dsink_t
 
 
-def _messages(lib):
-    msgs, buf, i = [], ctypes.create_string_buffer(2048), 0
-    while lib.emu_message(i, buf, len(buf)) >= 0:
-        msgs.append(buf.value.decode())
-        i += 1
-    return msgs
-
-
 def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0):
     """The launcher's steps around the kernel (cuda_impl.sparse_mla_bwd_cuda) with the emulated
     kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages)."""
@@ -203,7 +163,7 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0):
             q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
             dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), SCALE, None)
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
-    return (rc, dq, unpermute_dkv(ws), d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), _messages(lib))
+    return (rc, dq, unpermute_dkv(ws), d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
 
 
 def _rel(x, ref):
@@ -323,7 +283,7 @@ MUTANTS = {
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
     edits, expected = MUTANTS[mutant]
-    text = _read(KERNEL)
+    text = read_kernel(KERNEL)
     for old, new in edits:
         assert text.count(old) == 1, f"{old!r} is not in {KERNEL} once: update this mutant"
         text = text.replace(old, new)
@@ -338,7 +298,4 @@ def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
 
 def test_source_rewrite_covers_every_asm_statement():
     """ptx_source leaves no inline PTX and no <<<>>> launch in the sources it rewrites."""
-    for name in (KERNEL, COMMON):
-        text = emulated_source(_read(name))
-        code = "\n".join(line.split("//")[0] for line in text.splitlines())
-        assert "asm volatile" not in code and "asm(" not in code and "<<<" not in code, name
+    assert_rewrite_complete(KERNEL, COMMON)

@@ -20,8 +20,6 @@ max |out - ref| <= 1e-2 * max |ref| and mean |out - ref| <= 4e-3 * mean |ref| (t
 
 import ctypes
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -32,52 +30,22 @@ from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU_DIR = os.path.join(HERE, "cuda_emu")
-KERNEL_DIR = os.path.join(os.path.dirname(HERE), "megatron_dsa", "kernels", "sparse_mla", "cuda")
 KERNEL, COMMON = "sparse_mla_fwd_pp_sm90.cu", "sm90_common.cuh"
 LOG2E = 1.4426950408889634
 D_QK, D_V = 576, 512
 
 sys.path.insert(0, EMU_DIR)
-from ptx_source import emulated_source  # noqa: E402
+from emu_lib import assert_rewrite_complete, build_emulated, messages, read_kernel  # noqa: E402
 
 sys.path.pop(0)
 
 
-def _read(name):
-    with open(os.path.join(KERNEL_DIR, name)) as f:
-        return f.read()
-
-
 def _build(tmp_path_factory, tag, common_text=None):
-    """The emulated kernel library: the kernel's source (and sm90_common.cuh, or common_text in its
-    place) rewritten by ptx_source, compiled with fwd_pp_emu.cpp."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp(f"fwd_pp_emu_{tag}")
-    (d / KERNEL).write_text(emulated_source(_read(KERNEL)))
-    (d / COMMON).write_text(emulated_source(common_text if common_text is not None else _read(COMMON)))
-    out = d / "fwd_pp_emu.so"
-    # -fno-gnu-unique, -Bsymbolic: each build keeps its own inline functions' statics (the parsed
-    # PTX of each asm statement); a mutant loaded after the shipped build must not bind to its
-    proc = subprocess.run([cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-gnu-unique",
-                           "-Wl,-Bsymbolic", f"-I{d}",
-                           f"-I{os.path.join(EMU_DIR, 'include')}", f"-I{EMU_DIR}",
-                           os.path.join(EMU_DIR, "fwd_pp_emu.cpp"), "-o", str(out)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 and "c++20" in proc.stderr:
-        pytest.skip(f"{cxx} lacks C++20 support")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lib = ctypes.CDLL(str(out))
+    """The emulated library of the kernel (common_text: a modified copy in place of the shipped text)."""
+    lib = build_emulated(tmp_path_factory, tag, "fwd_pp_emu.cpp", KERNEL, common_text=common_text)
     vp, ll, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
     lib.dsa_sparse_mla_fwd_pp_sm90.restype = i32
     lib.dsa_sparse_mla_fwd_pp_sm90.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
-    lib.emu_reset.argtypes = [ctypes.c_uint, ctypes.c_double]
-    lib.emu_reset.restype = None
-    lib.emu_hazards.restype = ctypes.c_long
-    lib.emu_aborted.restype = i32
-    lib.emu_message.argtypes = [i32, ctypes.c_char_p, i32]
-    lib.emu_message.restype = i32
     return lib
 
 
@@ -115,11 +83,7 @@ def _run(lib, prob, seed=0):
         sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
         q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1),
         T, H, kv.shape[0], idx.shape[1], scale * LOG2E, None)
-    msgs, buf, i = [], ctypes.create_string_buffer(2048), 0
-    while lib.emu_message(i, buf, len(buf)) >= 0:
-        msgs.append(buf.value.decode())
-        i += 1
-    return rc, out, lse, lib.emu_hazards(), bool(lib.emu_aborted()), msgs
+    return rc, out, lse, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib)
 
 
 def _check_against_reference(prob, out, lse):
@@ -192,7 +156,7 @@ MUTANTS = {
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
     old, new, expected = MUTANTS[mutant]
-    text = _read(COMMON)
+    text = read_kernel(COMMON)
     assert text.count(old) == 1, f"{old!r} is not in {COMMON} once: update this mutant"
     lib = _build(tmp_path_factory, mutant, text.replace(old, new))
     prob = _problem(T=2, H=64, K=130)
@@ -205,7 +169,4 @@ def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
 
 def test_source_rewrite_covers_every_asm_statement():
     """ptx_source leaves no inline PTX and no <<<>>> launch in the sources it rewrites."""
-    for name in (KERNEL, COMMON):
-        text = emulated_source(_read(name))
-        code = "\n".join(line.split("//")[0] for line in text.splitlines())
-        assert "asm volatile" not in code and "asm(" not in code and "<<<" not in code, name
+    assert_rewrite_complete(KERNEL, COMMON)
