@@ -50,7 +50,8 @@ ARCH = "sm_90a"
 # The largest head count routed to the 16-head forward; more heads run the 64-head (ping-pong)
 # forward, the last tile masked. Measured (H100, S = 16K, k = 2048) with the 64-head kernel before
 # it: 9.30 ms at 32 heads against Triton's 10.33; the ping-pong kernel computes the same whole
-# 64-row tiles and is 1.12-1.17x faster at 64 and 128 heads (its 17-32-head times not measured).
+# 64-row tiles and is faster still (8.30 vs 9.45 ms at 32 heads, 8.05 ms at 17; 1.09-1.17x at
+# 64 and 128 heads).
 MAX_HEADS16 = 16
 
 _LIB = None
