@@ -83,6 +83,7 @@ struct int2 {
 struct uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 struct __nv_bfloat16 {
   uint16_t bits;
 };
@@ -116,6 +117,7 @@ inline T __ldg(const T* p) { return *p; }
 // ---- CUDA runtime stand-ins (the launcher's calls)
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
 
@@ -207,6 +209,8 @@ struct NamedBar {
   uint64_t gen = 0;
   Clock acc;
   std::vector<Clock> results;  // per generation
+  int red_acc = 0;             // bar.red.or: the OR of this generation's predicates so far
+  std::vector<int> red_results;  // per generation
   std::condition_variable cv;
 };
 
@@ -544,7 +548,7 @@ inline void mbar_wait_parity(uint32_t addr, int parity) {
 }
 
 // ---- named barriers (bar.sync / bar.arrive; __syncthreads is bar.sync 0)
-inline void bar(int id, int n, bool wait) {
+inline void bar(int id, int n, bool wait, int* red_or = nullptr) {
   jitter();
   std::unique_lock<std::mutex> lk(mu);
   if (n <= 0) n = cta->nthreads;
@@ -559,8 +563,11 @@ inline void bar(int id, int n, bool wait) {
   else if (b->n != n) report_locked("threads disagree on a named barrier's thread count");
   join(b->acc, me->vc);
   me->vc[me->tid] += 1;
+  if (red_or != nullptr) b->red_acc |= *red_or != 0;
   const uint64_t g = b->gen;
   if (++b->count == b->n) {
+    b->red_results.push_back(b->red_acc);
+    b->red_acc = 0;
     b->results.push_back(b->acc);
     b->acc.assign(NCOMP, 0);
     b->count = 0;
@@ -570,6 +577,7 @@ inline void bar(int id, int n, bool wait) {
   if (!wait) return;
   block_on(b->cv, lk, [&] { return b->gen > g; }, "a named barrier");
   if (g < b->results.size()) join(me->vc, b->results[g]);
+  if (red_or != nullptr && g < b->red_results.size()) *red_or = b->red_results[g];
 }
 
 // ---- warp exchange (shuffles, votes): no memory ordering
@@ -793,6 +801,10 @@ inline void wgmma_wait(size_t n) {
   for (const auto& g : me->mma_groups)
     for (const Mma& p : g)
       for (float* x : p.d) *x = NAN;
+  // .sync.aligned: the warp's lanes leave the wait together, so a lane past it (e.g. lane 0
+  // releasing the operands for its warp) knows every lane of its warp has retired its wgmmas
+  const uint32_t none[4] = {0, 0, 0, 0};
+  warp_exchange(none, [](uint32_t (*)[4]) { return 0; });
 }
 
 // ---------------------------------------------------------------- the PTX interpreter
@@ -990,9 +1002,67 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
     const std::string& op = in.op;
     const auto& A = in.args;
     if (op.empty() || starts(op, ".reg")) continue;
-    if (op == "setp.ne.b32" || op == "setp.eq.b32") {
+    if (op == "setp.ne.b32" || op == "setp.eq.b32" || op == "setp.ne.u32" || op == "setp.eq.u32") {
       const bool ne = u32(A[1]) != u32(A[2]);
-      pred[A[0].name] = op == "setp.ne.b32" ? ne : !ne;
+      pred[A[0].name] = has(op, ".ne.") ? ne : !ne;
+    } else if (op == "selp.u32" || op == "selp.b32") {  // d, a, b, p
+      if (A.size() != 4 || A[0].kind != Operand::ARG || ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 4)
+        return unsupported(in);
+      const uint32_t v = pred[A[3].name] ? u32(A[1]) : u32(A[2]);
+      std::memcpy(ops[A[0].arg].out, &v, 4);
+    } else if (op == "bar.red.or.pred" || op == "barrier.red.or.pred") {  // p, id, n, q
+      if (A.size() != 4 || A[0].kind != Operand::NAME || A[3].kind != Operand::NAME) return unsupported(in);
+      int v = pred[A[3].name] ? 1 : 0;
+      bar(static_cast<int>(val(A[1])), static_cast<int>(val(A[2])), true, &v);
+      pred[A[0].name] = v != 0;
+    } else if (op == "ex2.approx.ftz.f32" || op == "ex2.approx.f32") {
+      if (A.size() != 2 || A[0].kind != Operand::ARG || !ops[A[0].arg].out_float || ops[A[0].arg].out_size != 4 ||
+          A[1].kind != Operand::ARG || !ops[A[1].arg].is_float)
+        return unsupported(in);
+      float x = static_cast<float>(ops[A[1].arg].f);
+      if (has(op, ".ftz") && std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+      float y = exp2f(x);
+      if (has(op, ".ftz") && std::fpclassify(y) == FP_SUBNORMAL) y = 0.f;
+      std::memcpy(ops[A[0].arg].out, &y, 4);
+    } else if (op == "ldmatrix.sync.aligned.m8n8.x4.shared.b16" || op == "ldmatrix.sync.aligned.m8n8.x2.shared.b16" ||
+               op == "ldmatrix.sync.aligned.m8n8.x1.shared.b16") {
+      // lane L supplies the address of row L % 8 of matrix L / 8; register j of lane l: matrix j,
+      // row l / 4, columns 2 (l % 4) + {0, 1}
+      const int nm = has(op, ".x4.") ? 4 : has(op, ".x2.") ? 2 : 1;
+      std::vector<int> dst = A[0].kind == Operand::VEC ? A[0].vec : std::vector<int>{A[0].arg};
+      if (static_cast<int>(dst.size()) != nm || A.size() != 2 || A[1].kind != Operand::ADDR) return unsupported(in);
+      const int lane = me->tid & 31;
+      const uint32_t mine[4] = {u32(A[1]), 0, 0, 0};
+      uint32_t rows[4] = {0, 0, 0, 0};
+      warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+        for (int j = 0; j < nm; ++j) rows[j] = slot[8 * j + lane / 4][0];
+        return 0;
+      });
+      for (int j = 0; j < nm; ++j) {
+        Op& o = ops[dst[j]];
+        if (dst[j] < 0 || o.out == nullptr || o.out_size != 4) return unsupported(in);
+        uint8_t buf[4];
+        ld_shared(rows[j] + 4 * (lane % 4), buf, 4);  // the 4 bytes this lane receives, checked as a load
+        std::memcpy(o.out, buf, 4);
+      }
+    } else if (op == "movmatrix.sync.aligned.m8n8.trans.b16") {
+      // lane l holds (row l / 4, columns 2 (l % 4) + {0, 1}); the transpose's: element (c, r)
+      // of the input for its (r, c)
+      if (A.size() != 2 || A[0].kind != Operand::ARG || ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 4)
+        return unsupported(in);
+      const int lane = me->tid & 31;
+      const uint32_t mine[4] = {u32(A[1]), 0, 0, 0};
+      const uint32_t v = warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+        uint32_t r = 0;
+        for (int e = 0; e < 2; ++e) {
+          const int row = 2 * (lane % 4) + e, col = lane / 4;  // of the input
+          const uint32_t w = slot[4 * row + col / 2][0];
+          const uint32_t h = (col % 2) ? w >> 16 : w & 0xFFFFu;
+          r |= h << (16 * e);
+        }
+        return r;
+      });
+      std::memcpy(ops[A[0].arg].out, &v, 4);
     } else if (op == "bra" || op == "bra.uni") {
       size_t t = 0;
       while (t < prog.code.size() && prog.code[t].label != A[0].name) ++t;
@@ -1073,7 +1143,11 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       std::vector<int> src = A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{A[1].arg};
       uint8_t buf[64];
       for (size_t i = 0; i < src.size(); ++i) {
-        const uint32_t v = static_cast<uint32_t>(ops[src[i]].v);
+        uint32_t v = static_cast<uint32_t>(ops[src[i]].v);
+        if (ops[src[i]].is_float) {  // an "f" operand: its fp32 bits
+          const float f = static_cast<float>(ops[src[i]].f);
+          std::memcpy(&v, &f, 4);
+        }
         std::memcpy(buf + w * i, &v, w);
       }
       st_shared(u32(A[0]), buf, w * static_cast<int>(src.size()));
@@ -1188,6 +1262,15 @@ inline int __any_sync(unsigned mask, int pred) {
     for (int l = 0; l < 32; ++l) any |= slot[l][0] != 0;
     return any;
   });
+}
+namespace emu {
+inline int sm_count = 2;  // cudaDevAttrMultiProcessorCount: a small count (a persistent grid walks several rows per CTA)
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int dev) {
+  (void)dev;
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *v = emu::sm_count;
+  return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
