@@ -53,7 +53,7 @@ def lib(tmp_path_factory):
     return _build(tmp_path_factory, "shipped")
 
 
-def _problem(T, H, K, Tk=300, sink=False, seed=0, empty_row=None):
+def _problem(T, H, K, Tk=300, sink=False, seed=0, empty_rows=()):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(T, H, D_QK, generator=g).bfloat16()
     kv = torch.randn(Tk, D_QK, generator=g).bfloat16()
@@ -65,8 +65,8 @@ def _problem(T, H, K, Tk=300, sink=False, seed=0, empty_row=None):
     topk_len = torch.full((T,), K, dtype=torch.int32)
     if T > 1:
         topk_len[1] = K - 37                  # a partial last block
-    if empty_row is not None:
-        idx[empty_row] = -1                   # no valid key: out = 0, lse = -inf
+    for r in empty_rows:
+        idx[r] = -1                           # no valid key: out = 0, lse = -inf
     sink_t = torch.randn(H, generator=g) if sink else None
     return q, kv, idx, topk_len, sink_t
 
@@ -103,7 +103,11 @@ def _check_against_reference(prob, out, lse):
 CASES = {
     # T > EMU_SMS: each of the 2 persistent CTAs takes several rows
     "h16_k200_sink_t5": dict(T=5, H=16, K=200, sink=True),           # 4 / 3 / 4 ... blocks, partial last ones
-    "h7_k130_t4_empty_row": dict(T=4, H=7, K=130, empty_row=2),     # heads 7-15 zero rows; a row with 0 keys
+    # one block per row: every block ends a row (S^T's query buffers turn over each block)
+    "h16_k64_t4": dict(T=4, H=16, K=64),
+    # heads 7-15 zero rows of Q, not stored; rows without keys: CTA 1's first row (1), one in the
+    # middle of CTA 0's walk (0, 2, 4)
+    "h7_k130_t5_empty_rows": dict(T=5, H=7, K=130, empty_rows=(1, 2)),
 }
 
 
@@ -116,8 +120,7 @@ def test_emulated_fwd16_matches_reference_without_hazards(lib, case):
     assert rc == 0
     assert not aborted and hazards == 0, msgs
     _check_against_reference(prob, out, lse)
-    er = CASES[case].get("empty_row")
-    if er is not None:
+    for er in CASES[case].get("empty_rows", ()):
         assert torch.equal(out[er].float(), torch.zeros(H, D_V)) and torch.isneginf(lse[er]).all()
 
 
@@ -135,13 +138,18 @@ def test_emulated_fwd16_bit_identical_under_random_slowdowns(lib):
     _check_against_reference(prob, *results[0])
 
 
-# The emulator must see the races it exists to find: the kernel's text with its query wait
+# The emulator must see the races it exists to find: the kernel's text with one synchronization
 # changed (a modified copy; the shipped source is not touched).
 MUTANTS = {
     # cp_async_wait1 waiting for nothing: S^T's wgmmas read the query before its cp.async lands
     "wait1_waits_for_nothing": ('asm volatile("cp.async.wait_group 1;\\n" ::: "memory");',
                                 'asm volatile("cp.async.wait_group 8;\\n" ::: "memory");',
                                 "wgmma reads shared memory whose cp.async has not landed"),
+    # PV without the proxy fence after its full-barrier waits: the gathered keys have landed and
+    # are ordered before the wgmma, but not for the async proxy
+    "pv_no_fence_after_full": ("((seq0 + i) / NS16) & 1);\n        fence_async_smem();",
+                               "((seq0 + i) / NS16) & 1);\n",
+                               "without a fence.proxy.async after the wait"),
 }
 
 

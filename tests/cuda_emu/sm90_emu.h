@@ -1,4 +1,5 @@
-// A CPU emulator of the sm_90 features the sparse MLA ping-pong forward uses, for tests only.
+// A CPU emulator of the sm_90 features the sparse MLA kernels (ping-pong and 16-head forward,
+// backward) use, for tests only.
 //
 // The kernel source runs unchanged except for its inline PTX: ptx_source.py rewrites every
 // `asm volatile(...)` statement into a call of emu::exec with the statement's own PTX text and
@@ -33,6 +34,15 @@
 //   or st.shared into the same 16-byte granule must be ordered after every recorded read (the
 //   writer's vector clock covers the reader's at the read), else a hazard: e.g. a consumer that
 //   releases a buffer before the wait_group that retires the wgmma reading it.
+// * ldmatrix (.x1/.x2/.x4, m8n8 b16) and movmatrix (m8n8.trans.b16) are warp exchanges; each lane's
+//   ldmatrix bytes are checked (and recorded as reads) like an ld.shared of that lane.
+// * bar.red.or.pred is a named barrier that also ORs the threads' predicates. A wgmma is one
+//   operation of its warpgroup (complete only once all four warps issued it): wgmma.wait_group
+//   ends with a rendezvous of the warpgroup that orders every thread's retirement before any
+//   thread leaves (the 16-head forward releases ring slots from each warp's lane 0 and reuses a
+//   query buffer every warp's wgmmas read).
+// * cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) answers emu::sm_count (2), so a
+//   persistent kernel's CTAs each walk several rows.
 // * Global fp32 atomics (red.global.add.f32 / .v2.f32 / .v4.f32) are atomic per element.
 // * setmaxnreg: a CTA starts with 64K / threads registers per thread (rounded down to 8, at most
 //   255: __launch_bounds__(threads, 1)); .dec gives registers back to the CTA's pool, .inc blocks
@@ -230,6 +240,7 @@ struct Cta {
   std::vector<Copy*> word;  // per 4-byte word of shared memory: the last cp.async into it
   std::map<uint32_t, std::unique_ptr<Mbar>> mbars;
   std::map<int, std::unique_ptr<NamedBar>> bars;
+  std::map<int, std::unique_ptr<NamedBar>> wg_bars;  // per warpgroup: wgmma.wait_group rendezvous
   std::vector<std::unique_ptr<Warp>> warps;
   uint64_t next_issue = 1;
   uint32_t mbar_clock[NMBAR] = {};
@@ -784,6 +795,31 @@ inline void wgmma_commit() {
   me->open_mma.clear();
 }
 
+inline void wg_rendezvous() {
+  std::unique_lock<std::mutex> lk(mu);
+  const int wg = me->tid / 128;
+  const int n = std::min(128, cta->nthreads - 128 * wg);
+  auto& slot = cta->wg_bars[wg];
+  if (!slot) {
+    slot = std::make_unique<NamedBar>();
+    slot->acc.assign(NCOMP, 0);
+  }
+  NamedBar* b = slot.get();
+  join(b->acc, me->vc);
+  me->vc[me->tid] += 1;
+  const uint64_t g = b->gen;
+  if (++b->count == n) {
+    b->results.push_back(b->acc);
+    b->acc.assign(NCOMP, 0);
+    b->count = 0;
+    b->gen += 1;
+    b->cv.notify_all();
+  }
+  block_on(b->cv, lk, [&] { return b->gen > g; }, "a warpgroup's wgmma.wait_group (its threads' waits differ?)");
+  if (g < b->results.size()) join(me->vc, b->results[g]);
+  if (b->results.size() > 4 && b->gen > 4) b->results[b->gen - 5].clear();  // old generations
+}
+
 inline void wgmma_wait(size_t n) {
   jitter();
   while (me->mma_groups.size() > n) {
@@ -801,10 +837,14 @@ inline void wgmma_wait(size_t n) {
   for (const auto& g : me->mma_groups)
     for (const Mma& p : g)
       for (float* x : p.d) *x = NAN;
-  // .sync.aligned: the warp's lanes leave the wait together, so a lane past it (e.g. lane 0
-  // releasing the operands for its warp) knows every lane of its warp has retired its wgmmas
-  const uint32_t none[4] = {0, 0, 0, 0};
-  warp_exchange(none, [](uint32_t (*)[4]) { return 0; });
+  // A wgmma is one operation of the warpgroup: it completes only once all four warps have issued
+  // it, so a thread past its wait_group knows the whole warpgroup's wgmmas of the retired groups
+  // were issued and have read their operands. Modeled as a rendezvous of the warpgroup (.aligned:
+  // its threads execute the same wait_groups) that orders every thread's retirement (and operand
+  // reads) before any thread leaves the wait, e.g. before lane 0 releases a ring slot for its
+  // warp or another warp overwrites a shared operand. (Stronger than the GPU: it also orders
+  // what a warp did between its last commit and its wait.)
+  wg_rendezvous();
 }
 
 // ---------------------------------------------------------------- the PTX interpreter
