@@ -11,9 +11,12 @@ The kernel is persistent: the launcher asks cudaDeviceGetAttribute for the SM co
 emulator answers with 2, so grid = min(T, 2) CTAs and with T > 2 every CTA walks several rows
 (the producer's ring runs across rows, the query is double-buffered across rows).
 
-Checked: out / lse against the float64 reference with the ping-pong test's tolerances, no
-hazard, bit-identical results under random warpgroup slowdowns, and that the emulator catches a
-mutant of the kernel text (the shipped file is not touched).
+Checked: out / lse against the float64 reference with the ping-pong test's tolerances (H = 16
+and H = 7, K not a multiple of 64 with -1 padding and an id past the keys, one block per row,
+rows without keys, the sink on and off), no hazard, bit-identical results under random
+warpgroup slowdowns, and that the emulator catches mutants of the kernel text (the shipped file
+is not touched): S^T's query wait (``cp.async.wait_group 1``) waiting for nothing, and PV's
+``fence.proxy.async`` after its full-barrier waits dropped.
 """
 
 import ctypes
@@ -163,6 +166,8 @@ def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
     rc, out, lse, hazards, aborted, msgs = _run(lib, prob)
     assert rc == 0
     assert hazards > 0 and any(expected in m for m in msgs), msgs
+    if mutant == "wait1_waits_for_nothing":  # unlanded queries read the poison: wrong numbers as well
+        assert out.isnan().any()
 
 
 def test_source_rewrite_covers_every_asm_statement():
