@@ -1,4 +1,5 @@
-// A CPU emulator of the sm_90 features the sparse MLA ping-pong forward uses, for tests only.
+// A CPU emulator of the sm_90 features the sparse MLA kernels (ping-pong and 16-head forward,
+// backward) use, for tests only.
 //
 // The kernel source runs unchanged except for its inline PTX: ptx_source.py rewrites every
 // `asm volatile(...)` statement into a call of emu::exec with the statement's own PTX text and
@@ -33,6 +34,15 @@
 //   or st.shared into the same 16-byte granule must be ordered after every recorded read (the
 //   writer's vector clock covers the reader's at the read), else a hazard: e.g. a consumer that
 //   releases a buffer before the wait_group that retires the wgmma reading it.
+// * ldmatrix (.x1/.x2/.x4, m8n8 b16) and movmatrix (m8n8.trans.b16) are warp exchanges; each lane's
+//   ldmatrix bytes are checked (and recorded as reads) like an ld.shared of that lane.
+// * bar.red.or.pred is a named barrier that also ORs the threads' predicates. A wgmma is one
+//   operation of its warpgroup (complete only once all four warps issued it): wgmma.wait_group
+//   ends with a rendezvous of the warpgroup that orders every thread's retirement before any
+//   thread leaves (the 16-head forward releases ring slots from each warp's lane 0 and reuses a
+//   query buffer every warp's wgmmas read).
+// * cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) answers emu::sm_count (2), so a
+//   persistent kernel's CTAs each walk several rows.
 // * Global fp32 atomics (red.global.add.f32 / .v2.f32 / .v4.f32) are atomic per element.
 // * setmaxnreg: a CTA starts with 64K / threads registers per thread (rounded down to 8, at most
 //   255: __launch_bounds__(threads, 1)); .dec gives registers back to the CTA's pool, .inc blocks
@@ -83,6 +93,7 @@ struct int2 {
 struct uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 struct __nv_bfloat16 {
   uint16_t bits;
 };
@@ -116,6 +127,7 @@ inline T __ldg(const T* p) { return *p; }
 // ---- CUDA runtime stand-ins (the launcher's calls)
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
 
@@ -207,6 +219,8 @@ struct NamedBar {
   uint64_t gen = 0;
   Clock acc;
   std::vector<Clock> results;  // per generation
+  int red_acc = 0;             // bar.red.or: the OR of this generation's predicates so far
+  std::vector<int> red_results;  // per generation
   std::condition_variable cv;
 };
 
@@ -226,6 +240,7 @@ struct Cta {
   std::vector<Copy*> word;  // per 4-byte word of shared memory: the last cp.async into it
   std::map<uint32_t, std::unique_ptr<Mbar>> mbars;
   std::map<int, std::unique_ptr<NamedBar>> bars;
+  std::map<int, std::unique_ptr<NamedBar>> wg_bars;  // per warpgroup: wgmma.wait_group rendezvous
   std::vector<std::unique_ptr<Warp>> warps;
   uint64_t next_issue = 1;
   uint32_t mbar_clock[NMBAR] = {};
@@ -544,7 +559,7 @@ inline void mbar_wait_parity(uint32_t addr, int parity) {
 }
 
 // ---- named barriers (bar.sync / bar.arrive; __syncthreads is bar.sync 0)
-inline void bar(int id, int n, bool wait) {
+inline void bar(int id, int n, bool wait, int* red_or = nullptr) {
   jitter();
   std::unique_lock<std::mutex> lk(mu);
   if (n <= 0) n = cta->nthreads;
@@ -559,8 +574,11 @@ inline void bar(int id, int n, bool wait) {
   else if (b->n != n) report_locked("threads disagree on a named barrier's thread count");
   join(b->acc, me->vc);
   me->vc[me->tid] += 1;
+  if (red_or != nullptr) b->red_acc |= *red_or != 0;
   const uint64_t g = b->gen;
   if (++b->count == b->n) {
+    b->red_results.push_back(b->red_acc);
+    b->red_acc = 0;
     b->results.push_back(b->acc);
     b->acc.assign(NCOMP, 0);
     b->count = 0;
@@ -570,6 +588,7 @@ inline void bar(int id, int n, bool wait) {
   if (!wait) return;
   block_on(b->cv, lk, [&] { return b->gen > g; }, "a named barrier");
   if (g < b->results.size()) join(me->vc, b->results[g]);
+  if (red_or != nullptr && g < b->red_results.size()) *red_or = b->red_results[g];
 }
 
 // ---- warp exchange (shuffles, votes): no memory ordering
@@ -776,6 +795,31 @@ inline void wgmma_commit() {
   me->open_mma.clear();
 }
 
+inline void wg_rendezvous() {
+  std::unique_lock<std::mutex> lk(mu);
+  const int wg = me->tid / 128;
+  const int n = std::min(128, cta->nthreads - 128 * wg);
+  auto& slot = cta->wg_bars[wg];
+  if (!slot) {
+    slot = std::make_unique<NamedBar>();
+    slot->acc.assign(NCOMP, 0);
+  }
+  NamedBar* b = slot.get();
+  join(b->acc, me->vc);
+  me->vc[me->tid] += 1;
+  const uint64_t g = b->gen;
+  if (++b->count == n) {
+    b->results.push_back(b->acc);
+    b->acc.assign(NCOMP, 0);
+    b->count = 0;
+    b->gen += 1;
+    b->cv.notify_all();
+  }
+  block_on(b->cv, lk, [&] { return b->gen > g; }, "a warpgroup's wgmma.wait_group (its threads' waits differ?)");
+  if (g < b->results.size()) join(me->vc, b->results[g]);
+  if (b->results.size() > 4 && b->gen > 4) b->results[b->gen - 5].clear();  // old generations
+}
+
 inline void wgmma_wait(size_t n) {
   jitter();
   while (me->mma_groups.size() > n) {
@@ -793,6 +837,14 @@ inline void wgmma_wait(size_t n) {
   for (const auto& g : me->mma_groups)
     for (const Mma& p : g)
       for (float* x : p.d) *x = NAN;
+  // A wgmma is one operation of the warpgroup: it completes only once all four warps have issued
+  // it, so a thread past its wait_group knows the whole warpgroup's wgmmas of the retired groups
+  // were issued and have read their operands. Modeled as a rendezvous of the warpgroup (.aligned:
+  // its threads execute the same wait_groups) that orders every thread's retirement (and operand
+  // reads) before any thread leaves the wait, e.g. before lane 0 releases a ring slot for its
+  // warp or another warp overwrites a shared operand. (Stronger than the GPU: it also orders
+  // what a warp did between its last commit and its wait.)
+  wg_rendezvous();
 }
 
 // ---------------------------------------------------------------- the PTX interpreter
@@ -990,9 +1042,67 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
     const std::string& op = in.op;
     const auto& A = in.args;
     if (op.empty() || starts(op, ".reg")) continue;
-    if (op == "setp.ne.b32" || op == "setp.eq.b32") {
+    if (op == "setp.ne.b32" || op == "setp.eq.b32" || op == "setp.ne.u32" || op == "setp.eq.u32") {
       const bool ne = u32(A[1]) != u32(A[2]);
-      pred[A[0].name] = op == "setp.ne.b32" ? ne : !ne;
+      pred[A[0].name] = has(op, ".ne.") ? ne : !ne;
+    } else if (op == "selp.u32" || op == "selp.b32") {  // d, a, b, p
+      if (A.size() != 4 || A[0].kind != Operand::ARG || ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 4)
+        return unsupported(in);
+      const uint32_t v = pred[A[3].name] ? u32(A[1]) : u32(A[2]);
+      std::memcpy(ops[A[0].arg].out, &v, 4);
+    } else if (op == "bar.red.or.pred" || op == "barrier.red.or.pred") {  // p, id, n, q
+      if (A.size() != 4 || A[0].kind != Operand::NAME || A[3].kind != Operand::NAME) return unsupported(in);
+      int v = pred[A[3].name] ? 1 : 0;
+      bar(static_cast<int>(val(A[1])), static_cast<int>(val(A[2])), true, &v);
+      pred[A[0].name] = v != 0;
+    } else if (op == "ex2.approx.ftz.f32" || op == "ex2.approx.f32") {
+      if (A.size() != 2 || A[0].kind != Operand::ARG || !ops[A[0].arg].out_float || ops[A[0].arg].out_size != 4 ||
+          A[1].kind != Operand::ARG || !ops[A[1].arg].is_float)
+        return unsupported(in);
+      float x = static_cast<float>(ops[A[1].arg].f);
+      if (has(op, ".ftz") && std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+      float y = exp2f(x);
+      if (has(op, ".ftz") && std::fpclassify(y) == FP_SUBNORMAL) y = 0.f;
+      std::memcpy(ops[A[0].arg].out, &y, 4);
+    } else if (op == "ldmatrix.sync.aligned.m8n8.x4.shared.b16" || op == "ldmatrix.sync.aligned.m8n8.x2.shared.b16" ||
+               op == "ldmatrix.sync.aligned.m8n8.x1.shared.b16") {
+      // lane L supplies the address of row L % 8 of matrix L / 8; register j of lane l: matrix j,
+      // row l / 4, columns 2 (l % 4) + {0, 1}
+      const int nm = has(op, ".x4.") ? 4 : has(op, ".x2.") ? 2 : 1;
+      std::vector<int> dst = A[0].kind == Operand::VEC ? A[0].vec : std::vector<int>{A[0].arg};
+      if (static_cast<int>(dst.size()) != nm || A.size() != 2 || A[1].kind != Operand::ADDR) return unsupported(in);
+      const int lane = me->tid & 31;
+      const uint32_t mine[4] = {u32(A[1]), 0, 0, 0};
+      uint32_t rows[4] = {0, 0, 0, 0};
+      warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+        for (int j = 0; j < nm; ++j) rows[j] = slot[8 * j + lane / 4][0];
+        return 0;
+      });
+      for (int j = 0; j < nm; ++j) {
+        Op& o = ops[dst[j]];
+        if (dst[j] < 0 || o.out == nullptr || o.out_size != 4) return unsupported(in);
+        uint8_t buf[4];
+        ld_shared(rows[j] + 4 * (lane % 4), buf, 4);  // the 4 bytes this lane receives, checked as a load
+        std::memcpy(o.out, buf, 4);
+      }
+    } else if (op == "movmatrix.sync.aligned.m8n8.trans.b16") {
+      // lane l holds (row l / 4, columns 2 (l % 4) + {0, 1}); the transpose's: element (c, r)
+      // of the input for its (r, c)
+      if (A.size() != 2 || A[0].kind != Operand::ARG || ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 4)
+        return unsupported(in);
+      const int lane = me->tid & 31;
+      const uint32_t mine[4] = {u32(A[1]), 0, 0, 0};
+      const uint32_t v = warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+        uint32_t r = 0;
+        for (int e = 0; e < 2; ++e) {
+          const int row = 2 * (lane % 4) + e, col = lane / 4;  // of the input
+          const uint32_t w = slot[4 * row + col / 2][0];
+          const uint32_t h = (col % 2) ? w >> 16 : w & 0xFFFFu;
+          r |= h << (16 * e);
+        }
+        return r;
+      });
+      std::memcpy(ops[A[0].arg].out, &v, 4);
     } else if (op == "bra" || op == "bra.uni") {
       size_t t = 0;
       while (t < prog.code.size() && prog.code[t].label != A[0].name) ++t;
@@ -1073,7 +1183,11 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       std::vector<int> src = A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{A[1].arg};
       uint8_t buf[64];
       for (size_t i = 0; i < src.size(); ++i) {
-        const uint32_t v = static_cast<uint32_t>(ops[src[i]].v);
+        uint32_t v = static_cast<uint32_t>(ops[src[i]].v);
+        if (ops[src[i]].is_float) {  // an "f" operand: its fp32 bits
+          const float f = static_cast<float>(ops[src[i]].f);
+          std::memcpy(&v, &f, 4);
+        }
         std::memcpy(buf + w * i, &v, w);
       }
       st_shared(u32(A[0]), buf, w * static_cast<int>(src.size()));
@@ -1188,6 +1302,15 @@ inline int __any_sync(unsigned mask, int pred) {
     for (int l = 0; l < 32; ++l) any |= slot[l][0] != 0;
     return any;
   });
+}
+namespace emu {
+inline int sm_count = 2;  // cudaDevAttrMultiProcessorCount: a small count (a persistent grid walks several rows per CTA)
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int dev) {
+  (void)dev;
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *v = emu::sm_count;
+  return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
