@@ -19,25 +19,21 @@ is not touched): S^T's query wait (``cp.async.wait_group 1``) waiting for nothin
 ``fence.proxy.async`` after its full-barrier waits dropped.
 """
 
-import ctypes
 import os
 import sys
 
 import pytest
 import torch
 
-from megatron_dsa.kernels.sparse_mla.cuda_impl import effective_lengths_torch
-from megatron_dsa.kernels.sparse_mla.reference import sparse_mla_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU_DIR = os.path.join(HERE, "cuda_emu")
 KERNEL, COMMON = "sparse_mla_fwd16_sm90.cu", "sm90_common.cuh"
-LOG2E = 1.4426950408889634
-D_QK, D_V = 576, 512
 EMU_SMS = 2  # sm90_emu.h's answer to cudaDevAttrMultiProcessorCount
 
 sys.path.insert(0, EMU_DIR)
-from emu_lib import assert_rewrite_complete, build_emulated, messages, read_kernel  # noqa: E402
+from emu_fwd import D_V, check_fwd_against_reference, declare_fwd, fwd_problem, run_fwd  # noqa: E402
+from emu_lib import assert_rewrite_complete, build_emulated, read_kernel  # noqa: E402
 
 sys.path.pop(0)
 
@@ -45,10 +41,7 @@ sys.path.pop(0)
 def _build(tmp_path_factory, tag, kernel_text=None):
     """The emulated library of the kernel (kernel_text: a modified copy in place of the shipped text)."""
     lib = build_emulated(tmp_path_factory, tag, "fwd16_emu.cpp", KERNEL, kernel_text=kernel_text)
-    vp, ll, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
-    lib.dsa_sparse_mla_fwd16_sm90.restype = i32
-    lib.dsa_sparse_mla_fwd16_sm90.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
-    return lib
+    return declare_fwd(lib, "dsa_sparse_mla_fwd16_sm90")
 
 
 @pytest.fixture(scope="module")
@@ -56,51 +49,8 @@ def lib(tmp_path_factory):
     return _build(tmp_path_factory, "shipped")
 
 
-def _problem(T, H, K, Tk=300, sink=False, seed=0, empty_rows=()):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, H, D_QK, generator=g).bfloat16()
-    kv = torch.randn(Tk, D_QK, generator=g).bfloat16()
-    idx = torch.randint(0, Tk, (T, K), generator=g, dtype=torch.int32)
-    idx[0, K - 7:] = -1                       # causal-style -1 padding at the end of a row
-    idx[0, 3] = -1                            # an empty slot inside a block
-    if K > 20:
-        idx[0, 11] = Tk + 5                   # an id past the keys: masked
-    topk_len = torch.full((T,), K, dtype=torch.int32)
-    if T > 1:
-        topk_len[1] = K - 37                  # a partial last block
-    for r in empty_rows:
-        idx[r] = -1                           # no valid key: out = 0, lse = -inf
-    sink_t = torch.randn(H, generator=g) if sink else None
-    return q, kv, idx, topk_len, sink_t
-
-
 def _run(lib, prob, seed=0):
-    q, kv, idx, topk_len, sink = prob
-    T, H, _ = q.shape
-    kv_len = effective_lengths_torch(idx, topk_len)  # what the library's launcher passes
-    out = torch.full((T, H, D_V), float("nan"), dtype=torch.bfloat16)
-    lse = torch.full((T, H), float("nan"))
-    scale = D_QK ** -0.5
-    lib.emu_reset(seed, 60.0)
-    rc = lib.dsa_sparse_mla_fwd16_sm90(
-        q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(),
-        sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
-        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1),
-        T, H, kv.shape[0], idx.shape[1], scale * LOG2E, None)
-    return rc, out, lse, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib)
-
-
-def _check_against_reference(prob, out, lse):
-    q, kv, idx, topk_len, sink = prob
-    ref_out, ref_lse = sparse_mla_reference(q.double(), kv.double(), idx, D_QK ** -0.5, topk_length=topk_len,
-                                            sink=sink.double() if sink is not None else None)
-    assert not out.isnan().any() and not lse.isnan().any()
-    err = (out.double() - ref_out).abs()
-    assert err.max() <= 1e-2 * ref_out.abs().max(), err.max()
-    assert err.mean() <= 4e-3 * ref_out.abs().mean(), err.mean()
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    assert (lse.double()[finite] - ref_lse[finite]).abs().max() <= 1e-4
+    return run_fwd(lib, "dsa_sparse_mla_fwd16_sm90", prob, seed)
 
 
 CASES = {
@@ -116,20 +66,20 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_emulated_fwd16_matches_reference_without_hazards(lib, case):
-    prob = _problem(**CASES[case])
+    prob = fwd_problem(**CASES[case])
     T, H = prob[0].shape[:2]
     assert T > EMU_SMS
     rc, out, lse, hazards, aborted, msgs = _run(lib, prob)
     assert rc == 0
     assert not aborted and hazards == 0, msgs
-    _check_against_reference(prob, out, lse)
+    check_fwd_against_reference(prob, out, lse)
     for er in CASES[case].get("empty_rows", ()):
         assert torch.equal(out[er].float(), torch.zeros(H, D_V)) and torch.isneginf(lse[er]).all()
 
 
 def test_emulated_fwd16_bit_identical_under_random_slowdowns(lib):
     """Randomly slowed warpgroups (other interleavings of producer, S^T, softmax and PV): same bits."""
-    prob = _problem(T=3, H=16, K=130, sink=True, seed=1)
+    prob = fwd_problem(T=3, H=16, K=130, sink=True, seed=1)
     results = []
     for seed in (11, 12):
         rc, out, lse, hazards, aborted, msgs = _run(lib, prob, seed=seed)
@@ -138,7 +88,7 @@ def test_emulated_fwd16_bit_identical_under_random_slowdowns(lib):
     for out, lse in results[1:]:
         assert torch.equal(out.view(torch.int16), results[0][0].view(torch.int16))
         assert torch.equal(lse, results[0][1])
-    _check_against_reference(prob, *results[0])
+    check_fwd_against_reference(prob, *results[0])
 
 
 # The emulator must see the races it exists to find: the kernel's text with one synchronization
@@ -162,7 +112,7 @@ def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
     text = read_kernel(KERNEL)
     assert text.count(old) == 1, f"{old!r} is not in {KERNEL} once: update this mutant"
     lib = _build(tmp_path_factory, mutant, text.replace(old, new))
-    prob = _problem(T=3, H=16, K=64)
+    prob = fwd_problem(T=3, H=16, K=64)
     rc, out, lse, hazards, aborted, msgs = _run(lib, prob)
     assert rc == 0
     assert hazards > 0 and any(expected in m for m in msgs), msgs
