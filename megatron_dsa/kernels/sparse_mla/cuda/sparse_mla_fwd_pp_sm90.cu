@@ -360,19 +360,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
         mbar_init(bar_free(sbase, b, h), 128);   // the one math warpgroup that reads the half last
       }
   }
-  // Q -> shared memory, 128-byte swizzle, rows >= H zero (every thread; 64 x 72 granules)
-  {
-    const __nv_bfloat16* qrow = p.q + static_cast<long long>(t) * p.q_st;
-    for (int f = tid; f < BM * NCH * 8; f += THREADS) {
-      const int r = f / (NCH * 8), rem = f % (NCH * 8), c = rem >> 3, g = rem & 7;
-      const bool ok = h0 + r < p.H;
-      cp_async16(sbase + OFF_Q + c * CH + r * 128 + ((g ^ (r & 7)) << 4),
-                 qrow + static_cast<long long>(ok ? h0 + r : 0) * p.q_sh + c * 64 + g * 8, ok);
-    }
-    cp_async_wait_all();
-    fence_async_smem();
-  }
-  __syncthreads();
+  __syncthreads();  // the barriers are initialized
 
   if (wg == 0) {
     // ---------------- producer ----------------
@@ -424,6 +412,20 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
   }
 
   // ---------------- math warpgroups ----------------
+  // Q -> shared memory (128-byte swizzle, rows >= H zero; 64 x 72 granules) by the two math
+  // warpgroups while the producer already gathers the first pair's rows
+  {
+    const __nv_bfloat16* qrow = p.q + static_cast<long long>(t) * p.q_st;
+    for (int f = tid - 128; f < BM * NCH * 8; f += THREADS - 128) {
+      const int r = f / (NCH * 8), rem = f % (NCH * 8), c = rem >> 3, g = rem & 7;
+      const bool ok = h0 + r < p.H;
+      cp_async16(sbase + OFF_Q + c * CH + r * 128 + ((g ^ (r & 7)) << 4),
+                 qrow + static_cast<long long>(ok ? h0 + r : 0) * p.q_sh + c * 64 + g * 8, ok);
+    }
+    cp_async_wait_all();
+    fence_async_smem();
+    bar_sync(BAR_MATH, 256);  // both math warpgroups' parts of Q have landed
+  }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
   if (wg == 1)
     math_wg<0>(p, smem, sbase, t, h0, kv_len, npair);
