@@ -116,10 +116,11 @@ def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=None,
     else:
         def fwd(q, kv, idx, scale):
             return sparse_mla_reference(q, kv, idx, scale, DV)
-    if choice.backward in ("cuda", "cuda-packed"):
+    if choice.backward.startswith("cuda"):
         def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
             return sparse_mla_bwd_cuda(q, kv, idx, scale, None, None, out, lse, dout, target_out=target_out,
-                                       packed=choice.backward == "cuda-packed")
+                                       packed="-packed" in choice.backward,
+                                       deterministic=choice.backward.endswith("-deterministic"))
     elif choice.backward in ("triton", "triton-deterministic", "triton-packed"):
         def bwd(q, kv, idx, scale, out, lse, dout, target_out=None):
             return sparse_mla_bwd_triton(q, kv, idx, scale, DV, None, None, out, lse, dout,

@@ -51,13 +51,16 @@ class DSAPluginConfig:
             apply, else Triton; the reference on the CPU), ``cuda``, ``triton`` or
             ``reference``. An explicit choice that cannot run raises, saying why.
         loss_backend: indexer KL loss: ``auto``, ``triton`` (the fused path) or ``reference``.
-        deterministic: a bit-reproducible sparse-attention backward (Triton's sort-and-reduce
-            pass instead of atomics; slower). ``None`` follows
-            ``torch.are_deterministic_algorithms_enabled()`` (Megatron's ``--deterministic-mode``).
+        deterministic: a bit-reproducible sparse-attention backward on a given GPU model (the
+            CUDA kernel on a persistent grid, each SM adding into its own fp32 dkv lane, the lanes
+            summed in order: ``SMs * Tk * 2304`` bytes of workspace; elsewhere Triton's
+            sort-and-reduce pass). ``None`` follows ``torch.are_deterministic_algorithms_enabled()``
+            (Megatron's ``--deterministic-mode``).
         loss_target: where the sparse indexer loss gets its target (the head-summed attention
             probabilities over the selected keys). ``auto``: from the attention backward when
             the fused attention and loss run and the attention's all-heads backward applies
-            (<= 128 heads per rank, not deterministic), else ``recompute``. ``attention``: the
+            (every CUDA backward; Triton's at <= 128 heads per rank, not deterministic), else
+            ``recompute``. ``attention``: the
             attention backward hands it over (no pass of the loss's own over the attention heads;
             the loss *value* is then recorded in Megatron's tracker during the backward); an
             error where that cannot run. ``recompute``: the loss recomputes it in the forward

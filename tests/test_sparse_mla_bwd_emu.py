@@ -58,9 +58,9 @@ def _build(tmp_path_factory, tag, kernel_text=None):
     lib = build_emulated(tmp_path_factory, tag, "bwd_emu.cpp", KERNEL, kernel_text=kernel_text)
     vp, ll, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
     lib.dsa_sparse_mla_bwd_sm90.restype = i32
-    lib.dsa_sparse_mla_bwd_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [f32, vp]
+    lib.dsa_sparse_mla_bwd_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 6 + [f32, vp]
     lib.dsa_sparse_mla_bwd_packed_sm90.restype = i32
-    lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 7 + [f32, vp]
+    lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 8 + [f32, vp]
     return lib
 
 
@@ -134,16 +134,18 @@ def _stats(prob):
     return torch.stack([z2, delta]).contiguous(), dsink_t
 
 
-def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0):
+def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0):
     """The launcher's steps around the kernel (cuda_impl.sparse_mla_bwd_cuda) with the emulated
-    kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages)."""
+    kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages).
+    ``lanes`` > 0: the deterministic mode, a persistent grid of ``lanes`` CTAs each adding into
+    its own dkv lane, the lanes summed in order."""
     q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
     T, H, _ = q.shape
     Tk, K = kv.shape[0], idx.shape[1]
     stats, dsink_t = _stats(prob)
     lse = prob.lse.contiguous()
     dq = torch.full((T, H, D_QK), float("nan"), dtype=torch.bfloat16)
-    ws = torch.zeros(Tk, D_QK)                                  # permuted columns
+    ws = torch.zeros(max(lanes, 1), Tk, D_QK)                   # permuted columns
     tgt = torch.zeros(T, K) if target else None
     lib.emu_reset(seed, wait_limit_s)
     common = (dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
@@ -155,15 +157,16 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0):
         rc = lib.dsa_sparse_mla_bwd_packed_sm90(
             q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
             q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4, int(prob.sink is not None), SCALE, None)
+            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4, int(prob.sink is not None), lanes, SCALE,
+            None)
     else:
         kv_len = effective_lengths_torch(idx, prob.topk_len)
         rc = lib.dsa_sparse_mla_bwd_sm90(
             q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
             q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), SCALE, None)
+            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), lanes, SCALE, None)
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
-    return (rc, dq, unpermute_dkv(ws), d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
+    return (rc, dq, unpermute_dkv(ws.sum(0)), d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
 
 
 def _rel(x, ref):
@@ -244,6 +247,44 @@ def test_emulated_bwd_dq_bit_identical_under_random_slowdowns(lib):
     _check(prob, *results[0], None)
 
 
+DET_CASES = {
+    # (problem, lanes): the persistent grid walks several items per CTA, its rings continuing
+    # across items; rows 0, 2, 4 on CTA 0 and 1, 3 on CTA 1, each with both head tiles (the
+    # target's two adds per slot from one CTA in turn), the last row empty
+    "h100_5rows_2lanes_sink_target": (dict(T=5, H=100, K=70, sink=True, empty_last_row=True), 2, False),
+    # more lanes than rows: one CTA per row
+    "h64_3rows_8lanes": (dict(T=3, H=64, K=100), 8, False),
+    # packed: 13 rows of 16 heads = 4 groups of 4 rows on 3 CTAs (groups 0 and 3 on CTA 0)
+    "packed_h16_13rows_3lanes_sink_target": (dict(T=13, H=16, K=44, sink=True, shared_pool=56, seed=3), 3, True),
+}
+
+
+@pytest.mark.parametrize("case", list(DET_CASES))
+def test_emulated_bwd_deterministic_matches_reference_and_default(lib, case):
+    """Deterministic mode (lanes > 0): the reference's gradients and target, no hazard, dq and
+    the target the same bits as the default mode's, dkv equal up to the order of its fp32 adds."""
+    kw, lanes, packed = DET_CASES[case]
+    target = kw["T"] > 3 or packed
+    prob = _problem(**kw)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=target, packed=packed, lanes=lanes)
+    assert rc == 0
+    assert not aborted and hazards == 0, msgs
+    errs = _check(prob, dq, dkv, d_sink, tgt)
+    rc, dq0, dkv0, _, tgt0, hazards, aborted, msgs = _run(lib, prob, target=target, packed=packed)
+    assert rc == 0 and hazards == 0 and not aborted, msgs
+    assert torch.equal(dq.view(torch.int16), dq0.view(torch.int16))
+    assert torch.allclose(dkv, dkv0, rtol=1e-5, atol=1e-5 * dkv0.abs().max().item())
+    if target:
+        assert torch.allclose(tgt, tgt0, rtol=1e-6, atol=0)
+    print(case, errs)
+
+
+def test_emulated_bwd_deterministic_rejects_negative_lanes(lib):
+    prob = _problem(T=2, H=64, K=40)
+    rc = _run(lib, prob, lanes=-1)[0]
+    assert rc == 1  # cudaErrorInvalidValue
+
+
 # The emulator must see the races it exists to find: the kernel's source with its
 # synchronization broken (the shipped file is not touched: each mutant is built from a copy of
 # its text). ([(old, new), ...], the expected message's words)
@@ -263,10 +304,10 @@ MUTANTS = {
     # WG2 without its proxy fence after the kv-full wait: the gathered rows are not fenced for the
     # async proxy its wgmmas read through
     "wg2_no_fence_after_kv_full": (
-        [("      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n      fence_async_smem();\n"
+        [("      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (g / NST) & 1);\n      fence_async_smem();\n"
           "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
           "        const uint64_t da",
-          "      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);\n"
+          "      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (g / NST) & 1);\n"
           "      wgmma_fence();\n#pragma unroll\n      for (int k = 0; k < 2; ++k) {\n"
           "        const uint64_t da")],
         "without a fence.proxy.async after the wait"),
@@ -294,6 +335,19 @@ def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
     assert rc == 0
     assert hazards > 0 and any(expected in m for m in msgs), msgs
     assert aborted == deadlock, msgs
+
+
+def test_emulator_catches_deterministic_q_reuse_race(tmp_path_factory):
+    """Deterministic mode: the producer loads the next item's Q / dO without waiting until both
+    math warpgroups are done with this item's: the emulator reports the overwrite."""
+    old = "    if (DET) mbar_wait(sbase + BAR_Q_EMPTY, par ^ 1);"
+    text = read_kernel(KERNEL)
+    assert text.count(old) == 1, f"{old!r} is not in {KERNEL} once: update this mutant"
+    lib = _build(tmp_path_factory, "det_no_q_empty_wait", text.replace(old, ""))
+    prob = _problem(T=3, H=64, K=100, seed=7)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, lanes=1)
+    assert rc == 0
+    assert hazards > 0 and any("cp.async into shared memory that" in m for m in msgs), msgs
 
 
 def test_source_rewrite_covers_every_asm_statement():

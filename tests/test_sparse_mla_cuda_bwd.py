@@ -1,13 +1,14 @@
 """The sm_90a CUDA sparse MLA backward.
 
-CPU: routing (the deterministic mode keeps the Triton backward), the effective row lengths'
+CPU: routing (the deterministic mode takes the kernel's persistent per-SM-lane mode), the effective row lengths'
 reference, the dkv workspace's column permutation (against the mapping written out channel by
 channel), and, where ``nvcc`` is installed, that the kernel compiles for sm_90a without spills
 or serialized wgmma and fits shared memory.
 GPU (Hopper only): dq, dkv, d_sink and the indexer-loss target against float64 autograd through
 the plain-PyTorch reference, fresh random inputs each run, outputs poisoned with NaN; masked head
 tiles, -1 holes inside rows, topk_length, empty rows; the row-packed variant (<= 32 heads) on the
-same cases plus duplicate ids, rows sharing keys and a partial last group; CUDA-graph
+same cases plus duplicate ids, rows sharing keys and a partial last group; the deterministic
+mode (unpacked and packed) against the reference and bit-identical over repeated runs; CUDA-graph
 capture/replay; the one-launch row-length kernel against the PyTorch expression it replaces.
 """
 
@@ -35,13 +36,19 @@ def need_library():
         pytest.skip(f"CUDA kernels unavailable: {why}")
 
 
-def test_deterministic_keeps_the_triton_backward(monkeypatch):
-    # where the forward takes the CUDA kernel, only the deterministic mode keeps the Triton backward
+def test_deterministic_takes_the_cuda_deterministic_backward(monkeypatch):
+    # where the forward takes the CUDA kernel, the deterministic mode takes the CUDA kernel's
+    # persistent per-SM-lane mode (packed at <= 32 heads, as the default)
     monkeypatch.setattr(ci, "unsupported_reason", lambda *a, **k: None)
     gpu = torch.device("cuda", 0)
     assert select_backend("auto", gpu, torch.bfloat16, 64, 576, 512).backward == "cuda"
-    assert select_backend("auto", gpu, torch.bfloat16, 64, 576, 512, True).backward == "triton-deterministic"
+    assert select_backend("auto", gpu, torch.bfloat16, 64, 576, 512, True).backward == "cuda-deterministic"
+    assert select_backend("auto", gpu, torch.bfloat16, 16, 576, 512, True).backward == "cuda-packed-deterministic"
+    assert select_backend("cuda", gpu, torch.bfloat16, 128, 576, 512, True).backward == "cuda-deterministic"
+    assert select_backend("cuda", gpu, torch.bfloat16, 32, 576, 512, True,
+                          row_packing=False).backward == "cuda-deterministic"
     assert select_backend("triton", gpu, torch.bfloat16, 64, 576, 512).backward == "triton"
+    assert select_backend("triton", gpu, torch.bfloat16, 64, 576, 512, True).backward == "triton-deterministic"
 
 
 def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
@@ -62,6 +69,8 @@ def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
     c = select_backend("auto", gpu, torch.bfloat16, 64, 576, 512, row_packing=True)
     assert c.backward == "cuda" and "no row packing on 64 heads" in c.reason
     c = select_backend("auto", gpu, torch.bfloat16, 16, 576, 512, True, row_packing=True)
+    assert c.backward == "cuda-packed-deterministic" and "row packing" in c.reason
+    c = select_backend("triton", gpu, torch.bfloat16, 16, 576, 512, True, row_packing=True)
     assert c.backward == "triton-deterministic" and "no row packing" in c.reason
     c = select_backend("triton", gpu, torch.bfloat16, 16, 576, 512, row_packing=True)
     assert (c.forward, c.backward) == ("triton", "triton-packed")
@@ -201,15 +210,26 @@ def _case(T, H, K, sink, topk, holes, seed, shared=False):
     return q, kv, idx, tk, sk, dout
 
 
-def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, shared=False):
+def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, shared=False,
+                             deterministic=False, repeats=0):
+    """``repeats``: run the backward that many more times; each must give the same bits."""
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
     q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed, shared)
     scale = 576 ** -0.5
     out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
-    tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
-    with poisoned_empty():
-        dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt,
-                                                packed=packed)
+
+    def run():
+        tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
+        with poisoned_empty():
+            dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt,
+                                                    packed=packed, deterministic=deterministic)
+        return dq, dkv, dsink, tgt
+
+    dq, dkv, dsink, tgt = run()
+    for _ in range(repeats):
+        again = run()
+        for name, a, b in zip(("dq", "dkv", "dsink", "target"), (dq, dkv, dsink, tgt), again):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (name, seed)
     qr = q.double().requires_grad_()
     kvr = kv.double().requires_grad_()
     skr = sk.double().requires_grad_() if sink else None
@@ -270,6 +290,23 @@ def test_gpu_packed_bwd_matches_float64_reference(T, H, K, sink, topk, holes, ta
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target,packed", [
+    (2048, 128, 2048, False, False, False, False, False),
+    (1536, 100, 1024, True, True, True, True, False),   # two head tiles: a slot's two target adds
+    (777, 48, 300, False, True, True, True, False),
+    (1024, 16, 512, True, True, True, True, True),       # packed, 4 rows per tile
+    (701, 32, 300, True, False, True, True, True),       # packed, 2 rows per tile, last group partial
+])
+def test_gpu_deterministic_bwd_matches_reference_and_repeats_bit_identical(T, H, K, sink, topk, holes, target,
+                                                                           packed):
+    """The deterministic mode: the reference's gradients, and dq, dkv, d_sink and the target the
+    same bits over three more runs (rows with distinct ids: what the indexer's top-k gives)."""
+    need_library()
+    _check_against_reference(T, H, K, sink, topk, holes, target, packed=packed, deterministic=True, repeats=3)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
     need_library()
     from megatron_dsa.kernels.sparse_mla import ops
@@ -297,25 +334,29 @@ def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("H,packed", [(128, False), pytest.param(16, True, marks=pytest.mark.row_packing)],
-                         ids=["128", "16-packed"])
-def test_gpu_bwd_graph_capture_replay(H, packed):
+@pytest.mark.parametrize("H,packed,det", [(128, False, False), pytest.param(16, True, False, marks=pytest.mark.row_packing),
+                                         (128, False, True), (16, True, True)],
+                         ids=["128", "16-packed", "128-deterministic", "16-packed-deterministic"])
+def test_gpu_bwd_graph_capture_replay(H, packed, det):
     need_library()
     q, kv, idx, tk, sk, dout = _case(512, H, 256, True, True, True, seed=1)
     out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, 0.05, tk, sk)
     args = (q, kv, idx, 0.05, tk, sk, out, lse, dout)
-    ci.sparse_mla_bwd_cuda(*args, packed=packed)  # warm-up (builds, Triton compiles, attributes)
+    ci.sparse_mla_bwd_cuda(*args, packed=packed, deterministic=det)  # warm-up (builds, compiles, attributes)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_dq, g_dkv, g_dsink = ci.sparse_mla_bwd_cuda(*args, packed=packed)
+        g_dq, g_dkv, g_dsink = ci.sparse_mla_bwd_cuda(*args, packed=packed, deterministic=det)
     dout.copy_(torch.randn_like(dout))
     graph.replay()
     torch.cuda.synchronize()
-    dq, dkv, dsink = ci.sparse_mla_bwd_cuda(*args, packed=packed)
+    dq, dkv, dsink = ci.sparse_mla_bwd_cuda(*args, packed=packed, deterministic=det)
     assert torch.equal(g_dq, dq)  # dq has no atomics: bit-identical
-    assert rel(g_dkv.double(), dkv.double()) < 1e-3  # fp32 atomics: order differs
-    assert rel(g_dsink.double(), dsink.double()) < 1e-5
+    if det:
+        assert torch.equal(g_dkv, dkv) and torch.equal(g_dsink, dsink)
+    else:
+        assert rel(g_dkv.double(), dkv.double()) < 1e-3  # fp32 atomics: order differs
+        assert rel(g_dsink.double(), dsink.double()) < 1e-5
 
 
 def test_wheel_ships_every_kernel_source():

@@ -31,8 +31,9 @@ BACKENDS = ("auto", "cuda", "triton", "reference")
 class KernelChoice:
     """Which implementation runs one op, and why.
 
-    ``forward`` / ``backward``: ``"cuda"``, ``"triton"``, ``"triton-deterministic"`` or
-    ``"reference"`` (``backward`` is ``None`` for ops without one).
+    ``forward`` / ``backward``: ``"cuda"``, ``"triton"`` or ``"reference"``, with ``-packed``
+    (row packing) and ``-deterministic`` variants where an op has them (``backward`` is ``None``
+    for ops without one).
     """
 
     op: str

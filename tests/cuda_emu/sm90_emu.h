@@ -44,6 +44,8 @@
 // * cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) answers emu::sm_count (2), so a
 //   persistent kernel's CTAs each walk several rows.
 // * Global fp32 atomics (red.global.add.f32 / .v2.f32 / .v4.f32) are atomic per element.
+//   fence.acq_rel.gpu / fence.sc.gpu order global memory across CTAs: CTAs run one at a time
+//   here, so they are no-ops.
 // * setmaxnreg: a CTA starts with 64K / threads registers per thread (rounded down to 8, at most
 //   255: __launch_bounds__(threads, 1)); .dec gives registers back to the CTA's pool, .inc blocks
 //   until the pool holds what it asks for (a split that asks for more waits forever: reported
@@ -1128,6 +1130,9 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       mbar_arrive_cp_async(u32(A[0]));
     } else if (starts(op, "fence.proxy.async")) {
       fence_proxy_async();
+    } else if (op == "fence.acq_rel.gpu" || op == "fence.sc.gpu") {
+      // global-memory ordering across CTAs: one CTA runs at a time and each red.global.add is
+      // atomic, so there is nothing to model
     } else if (starts(op, "mbarrier.init")) {
       mbar_init(u32(A[0]), static_cast<int>(val(A[1])));
     } else if (starts(op, "mbarrier.arrive.") && !has(op, "expect_tx")) {
@@ -1226,9 +1231,10 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
 // ---------------------------------------------------------------- launches
 inline cudaError_t last_error = cudaSuccess;
 
-inline void run_thread(Cta& c, int tid, const std::function<void()>& body, dim3 b) {
+inline void run_thread(Cta& c, int tid, const std::function<void()>& body, dim3 b, dim3 grid) {
   threadIdx = dim3(static_cast<unsigned>(tid));
   blockIdx = b;
+  gridDim = grid;  // (thread-local, as blockIdx)
   blockDim = dim3(static_cast<unsigned>(c.nthreads));
   me = &c.thr[tid];
   body();
@@ -1273,7 +1279,7 @@ inline void launch(K kernel, dim3 grid, dim3 block, int smem, cudaStream_t, Args
         std::function<void()> body = [&] { kernel(args...); };
         std::vector<std::thread> th;
         th.reserve(nt);
-        for (int t = 0; t < nt; ++t) th.emplace_back(run_thread, std::ref(c), t, std::cref(body), b);
+        for (int t = 0; t < nt; ++t) th.emplace_back(run_thread, std::ref(c), t, std::cref(body), b, grid);
         for (auto& x : th) x.join();
         cta = nullptr;
       }

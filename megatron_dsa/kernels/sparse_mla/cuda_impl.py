@@ -10,9 +10,11 @@ count, int32 indices.
   tile masked), after FlashMLA's schedule: a producer warpgroup gathers 64-key blocks into two kv
   buffers and two math warpgroups ping-pong over them (each the S and softmax of every other
   block, P V of every block for its half of the output channels).
-* Backward, any H, not deterministic: ``cuda/sparse_mla_bwd_sm90.cu``, one CTA per (row, 64
-  heads) keeping the row's Q and dO in shared memory; dq written once, dkv added into an fp32
-  workspace whose columns are permuted (:func:`unpermute_dkv`). Its per-head statistics
+* Backward, any H: ``cuda/sparse_mla_bwd_sm90.cu``, one CTA per (row, 64 heads) keeping the
+  row's Q and dO in shared memory; dq written once, dkv added into an fp32 workspace whose
+  columns are permuted (:func:`unpermute_dkv`). Deterministic (``deterministic=True``): the same
+  kernel on a persistent grid of one CTA per SM, CTA j taking rows j, j + #SMs, ... in order and
+  adding into its own workspace lane; the lanes are summed in a fixed order (:func:`det_lanes`). Its per-head statistics
   (logZ, Delta, d_sink) come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`).
   With row packing (``packed=True``, <= 32 heads) the same kernel serves a group of 64 / 16 or
   64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); the forward has a packed
@@ -40,7 +42,7 @@ from .packing import MAX_PACK_HEADS, PackedRows, pack_rows_triton, packed_shape
 from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
-           "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "MAX_HEADS16"]
+           "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "det_lanes", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
@@ -72,10 +74,10 @@ def _load(path: Path):
         fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
     bwd = lib.dsa_sparse_mla_bwd_sm90
     bwd.restype = i32
-    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 5 + [f32, vp]
+    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 6 + [f32, vp]
     packed = lib.dsa_sparse_mla_bwd_packed_sm90
     packed.restype = i32
-    packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 7 + [f32, vp]
+    packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 8 + [f32, vp]
     packed_fwd = lib.dsa_sparse_mla_fwd_packed_sm90
     packed_fwd.restype = i32
     packed_fwd.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
@@ -250,14 +252,25 @@ def pack_rows_cuda(indices: torch.Tensor, num_keys: int, heads: int,
     return PackedRows(uid, uslot, count, R, hpad)
 
 
+def det_lanes(device: torch.device) -> int:
+    """The deterministic backward's dkv lanes: one persistent CTA per SM, each adding into its own
+    fp32 ``[Tk, 576]`` lane (``lanes * Tk * 2304`` bytes of workspace: 4.6 GiB at Tk = 16K on
+    132 SMs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
-                        target_out=None, packed: bool = False):
+                        target_out=None, packed: bool = False, deterministic: bool = False):
     """Backward: ``(dq [T, H, 576] bf16, dkv [Tk, 576] bf16, d_sink fp32 [H] or None)``.
 
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
     ``target_out`` (fp32 ``[T, K]``, contiguous, zero-filled): += the head-summed P per slot
     (the indexer loss's target). ``indices`` int32 with unit column stride. ``packed``: row
     packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys.
+    ``deterministic``: bit-reproducible dkv and target for a given device (its SM count sets the
+    lanes, :func:`det_lanes`), when each row's valid ids are distinct (the indexer's top-k are;
+    a row naming a key twice adds it twice in no fixed order). dq and d_sink are deterministic
+    in both modes (no atomics).
     """
     _check_ids(indices)
     lib = library()
@@ -270,7 +283,9 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     stats = torch.empty(2 * T * H, dtype=torch.float32, device=q.device)
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
-    dkv = torch.zeros(kv.shape[0], Dqk, dtype=torch.float32, device=q.device)  # permuted columns
+    lanes = det_lanes(q.device) if deterministic else 0
+    # permuted columns; deterministic: one lane per persistent CTA
+    dkv = torch.zeros(max(lanes, 1), kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
     if T > 0 and packed:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
         pk = pack_rows_cuda(indices, kv.shape[0], H, topk_length)
@@ -281,7 +296,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 target_out.data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
-                4 if pk.hpad == 16 else 5, int(sink is not None), float(softmax_scale),
+                4 if pk.hpad == 16 else 5, int(sink is not None), lanes, float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "packed backward")
     elif T > 0:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
@@ -293,9 +308,10 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 target_out.data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
-                float(softmax_scale), torch.cuda.current_stream(q.device).cuda_stream), "backward")
+                lanes, float(softmax_scale), torch.cuda.current_stream(q.device).cuda_stream), "backward")
     d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
-    return dq, unpermute_dkv(dkv, kv.dtype), d_sink
+    # (the lanes are summed in index order: torch's reduction over a leading dim has no atomics)
+    return dq, unpermute_dkv(dkv[0] if lanes == 0 else dkv.sum(0), kv.dtype), d_sink
 
 
 def unpermute_dkv(ws: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

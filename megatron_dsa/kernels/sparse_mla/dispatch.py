@@ -6,10 +6,11 @@ Backends (``backend=``):
 backend        forward                                     backward
 =============  ==========================================  =====================================
 ``auto``       CUDA tensors: the sm_90a CUDA kernels when  CUDA kernel when the forward is CUDA
-               they take the inputs (bf16, d_qk = 576,     and not deterministic; else Triton
-               d_v = 512, Hopper, library built), else     (deterministic: Triton's
-               Triton; CPU tensors: the reference          sort-and-reduce pass); reference
-``cuda``       the CUDA kernels, or an error saying why    CUDA; deterministic is an error
+               they take the inputs (bf16, d_qk = 576,     (deterministic: its persistent
+               d_v = 512, Hopper, library built), else     per-SM-lane mode); else Triton
+               Triton; CPU tensors: the reference          (deterministic: sort-and-reduce);
+                                                           reference
+``cuda``       the CUDA kernels, or an error saying why    CUDA (deterministic when asked)
 ``triton``     Triton (CUDA tensors, or Triton's CPU       Triton (deterministic when asked)
                interpreter), or an error
 ``reference``  plain PyTorch (autograd through it)         autograd
@@ -20,7 +21,8 @@ Megatron's ``--deterministic-mode`` sets). Row packing (``packing.py``: several 
 64-row tile over the union of their keys) follows ``row_packing``:
 
 * ``None`` (auto, the default): where it was measured faster: the CUDA backward at <= 32 heads
-  (``cuda-packed``; H200, S = 16K, 16 heads: 21.2 vs 29.8 ms on independent random ids).
+  (``cuda-packed``, deterministic or not; H200, S = 16K, 16 heads: 21.2 vs 29.8 ms on
+  independent random ids).
 * ``True``: also the CUDA forward at 17-32 heads (``cuda-packed``; measured slower on random
   ids, for selections that share many keys) and the Triton backward (``triton-packed``).
 * ``False``: never.
@@ -60,16 +62,18 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     if row_packing is False:
         return choice
     if row_packing is None:  # auto: the CUDA backward at <= 32 heads
-        if choice.backward == "cuda" and heads <= MAX_PACK_HEADS:
-            return KernelChoice(OP, backend, choice.forward, "cuda-packed",
+        if choice.backward in ("cuda", "cuda-deterministic") and heads <= MAX_PACK_HEADS:
+            return KernelChoice(OP, backend, choice.forward, choice.backward.replace("cuda", "cuda-packed"),
                                 f"{choice.reason}; row packing (auto: the backward at <= {MAX_PACK_HEADS} heads; "
                                 f"{_PACKER['cuda']})")
         return choice
-    if choice.backward in ("cuda", "triton") and heads <= MAX_PACK_HEADS:
+    if choice.backward in ("cuda", "cuda-deterministic", "triton") and heads <= MAX_PACK_HEADS:
         fwd = "cuda-packed" if choice.forward == "cuda" and heads > MAX_HEADS16 else choice.forward
-        return KernelChoice(OP, backend, fwd, f"{choice.backward}-packed",
-                            f"{choice.reason}; row packing ({_PACKER[choice.backward]})")
-    where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})" if choice.backward in ("cuda", "triton")
+        kernel = choice.backward.split("-")[0]
+        return KernelChoice(OP, backend, fwd, choice.backward.replace(kernel, f"{kernel}-packed"),
+                            f"{choice.reason}; row packing ({_PACKER[kernel]})")
+    where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})"
+             if choice.backward in ("cuda", "cuda-deterministic", "triton")
              else f"the {choice.backward} backward")
     return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
 
@@ -95,17 +99,15 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
         why = cuda_impl.unsupported_reason(device, dtype, d_qk, d_v, num_keys)
         if why is not None:
             raise RuntimeError(f"{OP}: backend='cuda' cannot run: {why}")
-        if det:
-            raise ValueError(f"{OP}: backend='cuda' has no deterministic backward (deterministic=True); "
-                             "use backend='auto' or 'triton'")
-        return KernelChoice(OP, backend, "cuda", "cuda", "asked for")
+        return KernelChoice(OP, backend, "cuda", "cuda-deterministic" if det else "cuda", "asked for")
     # auto
     if device.type != "cuda":
         return KernelChoice(OP, backend, "reference", "reference", f"{device.type} tensors run the PyTorch reference")
     why_cuda = cuda_impl.unsupported_reason(device, dtype, d_qk, d_v, num_keys)
     if why_cuda is None:
         if det:
-            return KernelChoice(OP, backend, "cuda", tri_bwd, "the CUDA backward is not deterministic")
+            return KernelChoice(OP, backend, "cuda", "cuda-deterministic",
+                                f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: one dkv lane per SM)")
         return KernelChoice(OP, backend, "cuda", "cuda", f"sm_90a CUDA kernels ({heads} heads)")
     kernel_shapes = dtype == torch.bfloat16 and d_qk == 576 and d_v == 512
     if warn and kernel_shapes:
@@ -116,7 +118,7 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
 def loss_target_reason(choice: KernelChoice, heads: int) -> Optional[str]:
     """Why this backward cannot hand the indexer loss its target (``None`` when it can): the
     CUDA backward always can; the Triton one on its all-heads pass only."""
-    if choice.backward in ("cuda", "cuda-packed", "triton-packed"):
+    if choice.backward.startswith("cuda") or choice.backward == "triton-packed":
         return None
     if choice.backward == "triton" and heads <= ALL_HEADS_MAX:
         return None

@@ -2,8 +2,8 @@
 
 ``megatron_dsa::sparse_mla`` (forward) and ``megatron_dsa::sparse_mla_backward`` run the
 launcher the dispatch chose (``forward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"triton"``;
-``backward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"triton"`` / ``"triton-packed"`` /
-``"triton-deterministic"``) and have fake (meta) implementations, so ``torch.compile`` traces
+``backward_impl`` ``"cuda"`` / ``"cuda-packed"`` / ``"cuda-deterministic"`` /
+``"cuda-packed-deterministic"`` / ``"triton"`` / ``"triton-packed"`` / ``"triton-deterministic"``) and have fake (meta) implementations, so ``torch.compile`` traces
 them as opaque ops without graph breaks and without running the kernels; the autograd formula
 is registered on the op. Explicit schemas (no annotation inference) keep this working across
 torch >= 2.6.
@@ -42,9 +42,10 @@ def _bwd(q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, 
          want_target):
     target = torch.zeros(indices.shape, dtype=torch.float32, device=q.device) if want_target else None
     dout = dout.to(q.dtype)
-    if backward_impl in ("cuda", "cuda-packed"):
+    if backward_impl.startswith("cuda"):
         dq, dkv, d_sink = sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout,
-                                              dlse, target_out=target, packed=backward_impl == "cuda-packed")
+                                              dlse, target_out=target, packed="-packed" in backward_impl,
+                                              deterministic=backward_impl.endswith("-deterministic"))
     else:
         dq, dkv, d_sink = sparse_mla_bwd_triton(
             q, kv, indices, softmax_scale, d_v, topk_length, sink, out, lse, dout, dlse,

@@ -76,8 +76,9 @@ constexpr int OFF_IDS = OFF_DS + NDS * 2 * CH;
 constexpr int OFF_BAR = OFF_IDS + NIDS * BN * 4;
 // mbarriers, in this order from OFF_BAR: kv full [NST] (the slot's rows and ids landed), kv
 // empty [NST] (WG1 and WG2 are done reading it), ds full [NDS] (WG1 wrote dS and P), ds empty
-// [NDS] (WG2 is done reading them), q (Q and dO landed)
-constexpr int SMEM_USED = OFF_BAR + 8 * (2 * NST + 2 * NDS + 1);
+// [NDS] (WG2 is done reading them), q full (Q and dO landed), q empty (WG1 and WG2 are done with
+// the work item's Q and dO)
+constexpr int SMEM_USED = OFF_BAR + 8 * (2 * NST + 2 * NDS + 2);
 constexpr int SMEM_BYTES = SMEM_USED + 1024;  // slack to align the base to 1024 B
 static_assert(SMEM_BYTES <= 232448, "shared memory");
 
@@ -95,6 +96,8 @@ struct BwdParams {
   float* target;              // [T, K] fp32 or null: += sum_h P (times exp(logZ - lse) with a sink)
   long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
   int T, H, Tk, K, n_hblk, has_sink;
+  int n_rows;                 // key-list rows: T, or (packed) the groups G
+  long long ws_lane;          // deterministic: floats per dkv lane (Tk * 576)
   int hshift, rows;           // packed only: log2 of the heads per row in the tile (4 or 5), rows per group
   float scale, scale_log2;
 };
@@ -130,7 +133,7 @@ __device__ __forceinline__ void slot_ids(uint32_t ids_w, int slot0, int colq, in
 // row r holding row tbase + (r >> hshift), head r & (2^hshift - 1); its key list is the group's
 // union (p.idx row L, p.kv_len[L] entries) and row j takes entry e where uslot[L, j, e] >= 0. A
 // thread's accumulator rows row0, row0 + 8 lie in one 16-row warp slice, so in one query row.
-template <bool PACK>
+template <bool PACK, bool DET>
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const BwdParams p) {
   constexpr int ND = NDS;
   constexpr int BAR_KV_FULL = OFF_BAR;
@@ -138,6 +141,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   constexpr int BAR_DS_FULL = BAR_KV_EMPTY + 8 * NST;
   constexpr int BAR_DS_EMPTY = BAR_DS_FULL + 8 * ND;
   constexpr int BAR_Q = BAR_DS_EMPTY + 8 * ND;
+  constexpr int BAR_Q_EMPTY = BAR_Q + 8;
   extern __shared__ uint8_t smem_raw[];
   // shared memory is addressed by 32-bit shared-window addresses only (no 64-bit generic
   // pointers held across the role split: they cost registers in the 32-register producer)
@@ -155,15 +159,38 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(l));
     return static_cast<int>(2 * (l & 3));
   };
-  // the key list's row: the query row, or (packed, one CTA per group) the group
-  const int L = PACK ? static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x / p.n_hblk);
-  const int t = PACK ? L * p.rows : L;          // (packed: the group's first query row)
-  const int h0 = PACK ? 0 : (blockIdx.x % p.n_hblk) * BM;
-  // the row's length is read by each role after its setmaxnreg (values held across the role
+  // Work items: (key-list row L, head block hb). L is the query row, or (packed) the group of
+  // rows. Default: one item per CTA (blockIdx = L * n_hblk + hb). Deterministic: a persistent
+  // grid; CTA j takes rows j, j + gridDim, ... and every head block of each, in this order, so
+  // that its adds into its own dkv lane (and into a row's target) come in a fixed order. Each
+  // role walks the items itself: fn(L, hb, gb, par) runs an item whose blocks follow ring
+  // position gb (the blocks before it, modulo 4 = lcm(NST, ND, NIDS)) and whose Q / dO barrier
+  // phase has parity par, and returns its block count.
+  static_assert(4 % NST == 0 && 4 % ND == 0 && 4 % NIDS == 0, "ring positions modulo 4");
+  auto walk = [&](auto&& fn) {
+    if constexpr (DET) {
+      // (the item's parity is recomputed from (L, hb), not carried: WG1 has no register to spare)
+      const int nh = PACK ? 1 : p.n_hblk;
+      int L = static_cast<int>(blockIdx.x), hb = 0, gb = 0;
+      while (L < p.n_rows) {
+        const int par = (((L - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x)) * nh + hb) & 1;
+        gb = (gb + fn(L, hb, gb, par)) & 3;
+        if (++hb == nh) {
+          hb = 0;
+          L += static_cast<int>(gridDim.x);
+        }
+      }
+    } else {
+      fn(static_cast<int>(blockIdx.x) / p.n_hblk, static_cast<int>(blockIdx.x) % p.n_hblk, 0, 0);
+    }
+  };
+  // the first query row of key-list row L (packed: of the group)
+  auto first_row = [&](int L) { return PACK ? L * p.rows : L; };
+  // the row's length (read by each role after its setmaxnreg: values held across the role
   // split spill in the 32-register producer)
-  auto row_len = [&]() { return min(max(__ldg(p.kv_len + L), 0), PACK ? static_cast<int>(p.idx_s) : p.K); };
-  // tile row r -> (query row, head); valid when both exist
-  auto tile_row = [&](int r, int& tr, int& h) {
+  auto row_len = [&](int L) { return min(max(__ldg(p.kv_len + L), 0), PACK ? static_cast<int>(p.idx_s) : p.K); };
+  // tile row r of item (t, h0) -> (query row, head); valid when both exist
+  auto tile_row = [&](int t, int h0, int r, int& tr, int& h) {
     if (PACK) {
       tr = t + (r >> p.hshift);
       h = r & ((1 << p.hshift) - 1);
@@ -185,27 +212,35 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       mbar_init(sbase + BAR_DS_EMPTY + 8 * s, 128);
     }
     mbar_init(sbase + BAR_Q, 128);
+    mbar_init(sbase + BAR_Q_EMPTY, 256);
   }
   __syncthreads();
 
   if (wg == 0) {
     // ---------------- producer ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_RP) ";\n" ::: "memory");
-    const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
+    walk([&](const int L, const int hb, const int gb, const int par) -> int {
+    const int t = first_row(L), h0 = hb * BM;
+    const int kv_len = row_len(L), nblk = (kv_len + BN - 1) / BN;
+    // deterministic: the previous item's Q and dO are read (the first wait, parity 1 on a fresh
+    // barrier, passes at once)
+    if (DET) mbar_wait(sbase + BAR_Q_EMPTY, par ^ 1);
     {
       if constexpr (PACK) {
+#pragma unroll 1
         for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
           const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
           int tr, h;
-          tile_row(r, tr, h);
+          tile_row(t, h0, r, tr, h);
           const bool ok = h < p.H && tr < p.T;
           cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
                      p.q + (ok ? (long long)tr * p.q_st + (long long)h * p.q_sh : 0) + gg * 8, ok);
         }
+#pragma unroll 1
         for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
           const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
           int tr, h;
-          tile_row(r, tr, h);
+          tile_row(t, h0, r, tr, h);
           const bool ok = h < p.H && tr < p.T;
           cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
                      p.dout + (ok ? (long long)tr * p.do_st + (long long)h * p.do_sh : 0) + gg * 8, ok);
@@ -213,12 +248,14 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       } else {
         const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
         const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
+#pragma unroll 1
         for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
           const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
           const bool ok = h0 + r < p.H;
           cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
                      qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
         }
+#pragma unroll 1
         for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
           const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
           const bool ok = h0 + r < p.H;
@@ -237,8 +274,10 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     };
     int gid = load_row_id(0);
     for (int b = 0; b < nblk; ++b) {
-      const int st = b % NST;
-      if (b >= NST) mbar_wait(sbase + BAR_KV_EMPTY + 8 * st, ((b / NST) - 1) & 1);
+      const int g = gb + b, st = g % NST;
+      // (deterministic: g is the ring position modulo 4, so wait always: a slot's first wait,
+      // parity 1 on a fresh barrier, passes at once)
+      if (DET || g >= NST) mbar_wait(sbase + BAR_KV_EMPTY + 8 * st, ((g / NST) - 1) & 1);
       {
         const bool ok = gid >= 0 && gid < p.Tk;
         const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
@@ -251,26 +290,30 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       }
       if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
         const int slot = b * BN + wt;
-        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
+        const uint32_t dst_id = sbase + OFF_IDS + ((g % NIDS) * BN + wt) * 4;
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
                      "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
       }
       cp_async_arrive_noinc(sbase + BAR_KV_FULL + 8 * st);
       gid = load_row_id(b + 1);
     }
+    return nblk;
+    });
     cp_async_wait_all();
   } else if (wg == 1) {
     // ---------------- S, dP, softmax gradient, dQ[:, 0:256] ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R1) ";\n" ::: "memory");
     const int colq = 2 * (lane & 3);
-    const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
+    walk([&](const int L, const int hb, const int gb, const int par) -> int {
+    const int t = first_row(L), h0 = hb * BM;
+    const int kv_len = row_len(L), nblk = (kv_len + BN - 1) / BN;
     float z2[2], dlt[2], fh[2];
     bool hv[2];
     int trow = t;  // this thread's query row (the same for row0 and row0 + 8)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int h;
-      tile_row(row0 + 8 * i, trow, h);
+      tile_row(t, h0, row0 + 8 * i, trow, h);
       hv[i] = h < p.H && (!PACK || trow < p.T);
       const long long o = (long long)trow * p.H + (hv[i] ? h : 0);
       z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
@@ -292,14 +335,12 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     const uint64_t kd0 = desc(sbase + OFF_KV, 16, 1024);
     const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);  // kv as MN-major B [keys, channels]
     // packed: this thread's row of uslot, read as int16 pairs
-    const uint32_t* us32 = PACK ? reinterpret_cast<const uint32_t*>(p.uslot + ((long long)L * p.rows + (trow - t)) * p.idx_s)
-                                : nullptr;
-    if (nblk > 0) {
-      mbar_wait(sbase + BAR_Q, 0);
-      fence_async_smem();
-    }
+    // (uslot row L * rows + trow - t = trow: the group's rows are consecutive)
+    const uint32_t* us32 = PACK ? reinterpret_cast<const uint32_t*>(p.uslot + (long long)trow * p.idx_s) : nullptr;
+    mbar_wait(sbase + BAR_Q, par);
+    fence_async_smem();
     for (int b = 0; b < nblk; ++b) {
-      const int st = b % NST, pb = b % ND;
+      const int g = gb + b, st = g % NST, pb = g % ND;
       // packed: this thread's row's slots of its entries 8 jj + colq + {0, 1} (int16 pairs, -1:
       // not taken), loaded before the MMAs so that their latency hides behind them
       uint32_t usl[4];
@@ -310,7 +351,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           usl[jj] = e0 < kv_len ? __ldg(us32 + (e0 >> 1)) : 0xffffffffu;
         }
       }
-      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);
+      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (g / NST) & 1);
       fence_async_smem();
       float s[16], dp[16];
       wgmma_fence();
@@ -337,7 +378,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           valid[2 * jj + 1] = !(usl[jj] & 0x80000000u);
         }
       } else {
-        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
+        const uint32_t ids_w = sbase + OFF_IDS + (g % NIDS) * BN * 4;
         int idv[8];
         slot_ids(ids_w, b * BN + colq, colq, kv_len, p.Tk, idv);
 #pragma unroll
@@ -383,20 +424,22 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           pk_p[i][jj] = *reinterpret_cast<uint32_t*>(&vp);
         }
       // hand dS and P to WG2 as [key, head] tiles
-      if (b >= ND) mbar_wait(sbase + BAR_DS_EMPTY + 8 * pb, ((b / ND) - 1) & 1);
+      if (DET || g >= ND) mbar_wait(sbase + BAR_DS_EMPTY + 8 * pb, ((g / ND) - 1) & 1);  // (as the producer's)
       const uint32_t dsb = sbase + OFF_DS + pb * 2 * CH;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int h = row0 + 8 * i;
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
+        for (int bb = 0; bb < 2; ++bb) {
+          // key 8 jj + colq + bb: colq + bb < 8 is the key's row in its 8-row swizzle group, so
+          // one address per (i, bb) and the keys' 1024-byte steps as immediates
+          const uint32_t a = dsb + (colq + bb) * 128 + (((h >> 3) ^ (colq + bb)) << 4) + (h & 7) * 2;
 #pragma unroll
-          for (int bb = 0; bb < 2; ++bb) {
-            const int key = 8 * jj + colq + bb;
-            const int off = key * 128 + (((h >> 3) ^ (key & 7)) << 4) + (h & 7) * 2;
-            st_shared_u16(dsb + off, static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb)));
-            st_shared_u16(dsb + CH + off, static_cast<uint16_t>(pk_p[i][jj] >> (16 * bb)));
+          for (int jj = 0; jj < 4; ++jj) {
+            st_shared_u16(a + jj * 1024, static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb)));
+            st_shared_u16(a + CH + jj * 1024, static_cast<uint16_t>(pk_p[i][jj] >> (16 * bb)));
           }
+        }
       }
       fence_async_smem();
       mbar_arrive(sbase + BAR_DS_FULL + 8 * pb);
@@ -413,11 +456,17 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       wgmma_wait0();
       mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
     }
+    // deterministic: this item's target adds are performed before the next item's (ordered
+    // through the q-empty / q-full barriers)
+    if (DET) {
+      asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+      mbar_arrive(sbase + BAR_Q_EMPTY);
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (!hv[i]) continue;
       int tr, h;
-      tile_row(row0 + 8 * i, tr, h);
+      tile_row(t, h0, row0 + 8 * i, tr, h);
       __nv_bfloat16* dqrow = p.dq + (long long)tr * p.dq_st + (long long)h * p.dq_sh + colq;
 #pragma unroll
       for (int jj = 0; jj < 32; ++jj)
@@ -426,11 +475,17 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int jj = 0; jj < 8; ++jj)
         *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqm[4 * jj + 2 * i], dqm[4 * jj + 2 * i + 1]);
     }
+    return nblk;
+    });
   } else {
     // ---------------- dQ[:, 256:576], dKV ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R2) ";\n" ::: "memory");
     const int colq = lane_colq();
-    const int kv_len = row_len(), nblk = (kv_len + BN - 1) / BN;
+    // deterministic: this CTA's own dkv lane
+    float* const dkv = p.dkv + (DET ? static_cast<long long>(blockIdx.x) * p.ws_lane : 0ll);
+    walk([&](const int L, const int hb, const int gb, const int par) -> int {
+    const int t = first_row(L), h0 = hb * BM;
+    const int kv_len = row_len(L), nblk = (kv_len + BN - 1) / BN;
     float dqb[128];  // dQ[:, 320:576]
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqb[i] = 0.f;
@@ -439,14 +494,12 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     const uint64_t dsb0 = desc(sbase + OFF_DS, 16, 1024);      // dS / P, K-major B [keys, heads]
     const uint64_t qt0 = desc(sbase + OFF_Q, QCH, 1024);       // Q^T, MN-major A [channels, heads]
     const uint64_t dot0 = desc(sbase + OFF_DO, QCH, 1024);     // dO^T
-    if (nblk > 0) {
-      mbar_wait(sbase + BAR_Q, 0);
-      fence_async_smem();
-    }
+    mbar_wait(sbase + BAR_Q, par);
+    fence_async_smem();
     for (int b = 0; b < nblk; ++b) {
-      const int st = b % NST, pb = b % ND;
-      mbar_wait(sbase + BAR_DS_FULL + 8 * pb, (b / ND) & 1);
-      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (b / NST) & 1);
+      const int g = gb + b, st = g % NST, pb = g % ND;
+      mbar_wait(sbase + BAR_DS_FULL + 8 * pb, (g / ND) & 1);
+      mbar_wait(sbase + BAR_KV_FULL + 8 * st, (g / NST) & 1);
       fence_async_smem();
       wgmma_fence();
 #pragma unroll
@@ -456,7 +509,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       }
       wgmma_commit();
       // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
-      const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;  // 32-bit shared address: fewer registers
+      const uint32_t ids_w = sbase + OFF_IDS + (g % NIDS) * BN * 4;  // 32-bit shared address: fewer registers
       // the row offsets (id * 576, -1: skip) of this thread's 8 keys, read once per block: an
       // ld.shared per add waited behind the adds in the memory-instruction queue
       int ro8[8];
@@ -490,7 +543,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           for (int bb = 0; bb < 2; ++bb) {
             const int ro = row_off(jj, bb);
             if (ro >= 0)
-              red_add_v4(p.dkv + (ro + pair_off + pp * 128), x[4 * jj + bb], x[4 * jj + 2 + bb], y[4 * jj + bb],
+              red_add_v4(dkv + (ro + pair_off + pp * 128), x[4 * jj + bb], x[4 * jj + 2 + bb], y[4 * jj + bb],
                          y[4 * jj + 2 + bb]);
           }
       };
@@ -520,13 +573,19 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
         for (int bb = 0; bb < 2; ++bb) {
           const int ro = row_off(jj, bb);
-          if (ro >= 0) red_add_v2(p.dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
+          if (ro >= 0) red_add_v2(dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
         }
+    }
+    // deterministic: this item's dkv adds are performed before the next item's (ordered through
+    // the q-empty / q-full barriers)
+    if (DET) {
+      asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+      mbar_arrive(sbase + BAR_Q_EMPTY);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int tr, h;
-      tile_row(row0 + 8 * i, tr, h);
+      tile_row(t, h0, row0 + 8 * i, tr, h);
       if (h >= p.H || (PACK && tr >= p.T)) continue;
       // (unsigned: tr >= 0, and a zero-extended tr needs no register for its high half)
       __nv_bfloat16* dqrow = p.dq + (long long)(unsigned)tr * p.dq_st + (long long)h * p.dq_sh + colq;
@@ -534,6 +593,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       for (int jj = 0; jj < 32; ++jj)
         *reinterpret_cast<__nv_bfloat162*>(dqrow + 320 + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
     }
+    return nblk;
+    });
   }
 }
 
@@ -541,13 +602,25 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 
 namespace {
 
+// lanes > 0: deterministic, a persistent grid of min(lanes, p.n_rows) CTAs, CTA j adding into
+// dkv lane j ([lanes, Tk, 576] fp32, zeroed; the caller sums the lanes in order)
 template <bool PACK>
-int launch_bwd(BwdParams p, unsigned grid, void* stream) {
-  static bool attr_set[64] = {};
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd_sm90_kernel<PACK>, SMEM_BYTES);
+int launch_bwd(BwdParams p, int lanes, void* stream) {
+  if (lanes < 0) return static_cast<int>(cudaErrorInvalidValue);
+  unsigned grid = static_cast<unsigned>(static_cast<long long>(p.n_rows) * p.n_hblk);
+  if (lanes > 0) {
+    p.ws_lane = static_cast<long long>(p.Tk) * D_QK;
+    grid = static_cast<unsigned>(min(lanes, p.n_rows));
+  }
+  static bool attr_set[2][64] = {};
+  const cudaError_t e = lanes > 0 ? set_smem_once(attr_set[1], sparse_mla_bwd_sm90_kernel<PACK, true>, SMEM_BYTES)
+                                  : set_smem_once(attr_set[0], sparse_mla_bwd_sm90_kernel<PACK, false>, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (grid == 0) return 0;
-  sparse_mla_bwd_sm90_kernel<PACK><<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  if (lanes > 0)
+    sparse_mla_bwd_sm90_kernel<PACK, true><<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  else
+    sparse_mla_bwd_sm90_kernel<PACK, false><<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -576,6 +649,8 @@ BwdParams make_params(const void* q, const void* kv, const void* idx, const void
   p.scale_log2 = scale * 1.4426950408889634f;
   p.hshift = 6;
   p.rows = 1;
+  p.n_rows = T;
+  p.ws_lane = 0;
   return p;
 }
 
@@ -586,16 +661,17 @@ extern "C" {
 int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
-// dkv: fp32 [Tk, 576], zeroed, columns in the permuted order described at the top.
+// dkv: fp32 [Tk, 576], zeroed, columns in the permuted order described at the top; with
+// lanes > 0 (deterministic) [lanes, Tk, 576], zeroed, one lane per CTA, summed by the caller.
 int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                             const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
                             void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
                             long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
-                            int Tk, int K, int has_sink, float scale, void* stream) {
+                            int Tk, int K, int has_sink, int lanes, float scale, void* stream) {
   if (H == 0) T = 0;
   const BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
                                   idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
-  return launch_bwd<false>(p, static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk), stream);
+  return launch_bwd<false>(p, lanes, stream);
 }
 
 // Row packing (H <= 32; packing.py): uid [G, ucap] int32 with count [G], uslot [G, ucap, rows]
@@ -606,7 +682,7 @@ int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* ui
                                    void* dq, void* dkv, void* target, long long q_st, long long q_sh,
                                    long long kv_s, long long ucap, long long do_st, long long do_sh,
                                    long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G,
-                                   int hshift, int has_sink, float scale, void* stream) {
+                                   int hshift, int has_sink, int lanes, float scale, void* stream) {
   // (uslot rows are read as int16 pairs: an even row length keeps them 4-byte aligned)
   if (H < 1 || (hshift != 4 && hshift != 5) || H > (1 << hshift) || ucap % 2 != 0 || ucap >= (1LL << 31))
     return static_cast<int>(cudaErrorInvalidValue);
@@ -616,7 +692,8 @@ int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* ui
   p.hshift = hshift;
   p.rows = BM >> hshift;
   p.n_hblk = 1;
-  return launch_bwd<true>(p, T == 0 ? 0u : static_cast<unsigned>(G), stream);
+  p.n_rows = T == 0 ? 0 : G;
+  return launch_bwd<true>(p, lanes, stream);
 }
 
 }  // extern "C"
