@@ -209,7 +209,7 @@ def test_gpu_auto_runs_cuda_on_hopper_and_explicit_cuda_refuses_other_inputs():
     rows = status()
     assert rows["sparse_mla (bf16, 128 heads, d_qk 576, d_v 512)"].forward == "cuda"
     assert rows["sparse_mla (bf16, 16 heads, d_qk 576, d_v 512)"].backward == "cuda-packed"  # auto
-    assert rows["sparse_mla (deterministic backward)"].backward == "triton-deterministic"
+    assert rows["sparse_mla (deterministic backward)"].backward == "cuda-deterministic"
     assert rows["sparse_mla (16 heads, attention_row_packing=False)"].backward == "cuda"
     assert rows["sparse_mla (32 heads, attention_row_packing=True)"].forward == "cuda-packed"
     assert rows["indexer_topk (bf16, head dim 128)"].forward == "triton"

@@ -118,7 +118,8 @@ def test_gpu_head_count_routing(monkeypatch):
         # (row packing, auto: the backward at <= 32 heads)
         assert (auto.forward, auto.backward) == ("cuda", "cuda-packed" if H <= 32 else "cuda"), (H, auto)
         det = select_backend("auto", q.device, q.dtype, H, 576, 512, deterministic=True)
-        assert (det.forward, det.backward) == ("cuda", "triton-deterministic"), (H, det)
+        assert (det.forward, det.backward) == ("cuda", "cuda-packed-deterministic" if H <= 32 else "cuda-deterministic"), \
+            (H, det)
         launched.clear()
         ci.sparse_mla_fwd_cuda(q, kv, torch.zeros(4, 64, dtype=torch.int32, device="cuda"), 0.1)
         assert launched == [kernel], (H, launched)

@@ -51,6 +51,22 @@ def test_deterministic_takes_the_cuda_deterministic_backward(monkeypatch):
     assert select_backend("triton", gpu, torch.bfloat16, 64, 576, 512, True).backward == "triton-deterministic"
 
 
+def test_deterministic_lanes_follow_sms_and_the_workspace_share(monkeypatch):
+    """One lane per SM while the lanes' fp32 [Tk, 576] workspaces fit the memory share, fewer
+    beyond, at least one: a function of the device model and Tk only."""
+    import types
+
+    props = types.SimpleNamespace(multi_processor_count=132, total_memory=80 * 10**9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    dev = torch.device("cuda", 0)
+    per_lane = 576 * 4
+    budget = int(ci.DET_WORKSPACE_SHARE * props.total_memory)
+    assert ci.det_lanes(dev, 16384) == 132 and ci.det_lanes(dev, 1) == 132
+    assert ci.det_lanes(dev, 131072) == budget // (131072 * per_lane) < 132
+    assert ci.det_lanes(dev, 131072) * 131072 * per_lane <= budget
+    assert ci.det_lanes(dev, 10**9) == 1
+
+
 def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
     monkeypatch.setattr(ci, "unsupported_reason", lambda *a, **k: None)
     gpu = torch.device("cuda", 0)

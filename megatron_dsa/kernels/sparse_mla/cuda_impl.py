@@ -12,10 +12,11 @@ count, int32 indices.
   block, P V of every block for its half of the output channels).
 * Backward, any H: ``cuda/sparse_mla_bwd_sm90.cu``, one CTA per (row, 64 heads) keeping the
   row's Q and dO in shared memory; dq written once, dkv added into an fp32 workspace whose
-  columns are permuted (:func:`unpermute_dkv`). Deterministic (``deterministic=True``): the same
-  kernel on a persistent grid of one CTA per SM, CTA j taking rows j, j + #SMs, ... in order and
-  adding into its own workspace lane; the lanes are summed in a fixed order (:func:`det_lanes`). Its per-head statistics
-  (logZ, Delta, d_sink) come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`).
+  columns are permuted (:func:`unpermute_dkv`). Its per-head statistics (logZ, Delta, d_sink)
+  come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`). Deterministic
+  (``deterministic=True``): the same kernel on a persistent grid of one CTA per SM, CTA j taking
+  rows j, j + grid, ... in order and adding into its own workspace lane; the lanes are summed
+  in a fixed order (:func:`det_lanes`).
   With row packing (``packed=True``, <= 32 heads) the same kernel serves a group of 64 / 16 or
   64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); the forward has a packed
   kernel too, ``cuda/sparse_mla_fwd_packed_sm90.cu`` (``sparse_mla_fwd_cuda(..., packed=True)``).
@@ -252,11 +253,19 @@ def pack_rows_cuda(indices: torch.Tensor, num_keys: int, heads: int,
     return PackedRows(uid, uslot, count, R, hpad)
 
 
-def det_lanes(device: torch.device) -> int:
-    """The deterministic backward's dkv lanes: one persistent CTA per SM, each adding into its own
-    fp32 ``[Tk, 576]`` lane (``lanes * Tk * 2304`` bytes of workspace: 4.6 GiB at Tk = 16K on
-    132 SMs)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+# The deterministic backward's dkv lanes may take at most this share of the device's memory
+DET_WORKSPACE_SHARE = 0.1
+
+
+def det_lanes(device: torch.device, num_keys: int) -> int:
+    """The deterministic backward's dkv lanes (= its persistent CTAs): one per SM, each adding
+    into its own fp32 ``[Tk, 576]`` lane, as long as the ``lanes * Tk * 2304`` bytes stay within
+    :data:`DET_WORKSPACE_SHARE` of the device's memory (132 lanes, 4.6 GiB at Tk = 16K); fewer
+    lanes (a slower backward) beyond. A function of the device model and Tk only, so a shape
+    sums its lanes the same way on every run."""
+    props = torch.cuda.get_device_properties(device)
+    fit = int(DET_WORKSPACE_SHARE * props.total_memory) // (max(num_keys, 1) * 576 * 4)
+    return max(1, min(props.multi_processor_count, fit))
 
 
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
@@ -267,10 +276,10 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     ``target_out`` (fp32 ``[T, K]``, contiguous, zero-filled): += the head-summed P per slot
     (the indexer loss's target). ``indices`` int32 with unit column stride. ``packed``: row
     packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys.
-    ``deterministic``: bit-reproducible dkv and target for a given device (its SM count sets the
-    lanes, :func:`det_lanes`), when each row's valid ids are distinct (the indexer's top-k are;
-    a row naming a key twice adds it twice in no fixed order). dq and d_sink are deterministic
-    in both modes (no atomics).
+    ``deterministic``: bit-reproducible dkv and target for a given device model and shape (they
+    set the lanes, :func:`det_lanes`), when each row's valid ids are distinct (the indexer's
+    top-k are; a row naming a key twice adds it twice in no fixed order). dq and d_sink are
+    deterministic in both modes (no atomics).
     """
     _check_ids(indices)
     lib = library()
@@ -283,7 +292,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     stats = torch.empty(2 * T * H, dtype=torch.float32, device=q.device)
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
-    lanes = det_lanes(q.device) if deterministic else 0
+    lanes = det_lanes(q.device, kv.shape[0]) if deterministic else 0
     # permuted columns; deterministic: one lane per persistent CTA
     dkv = torch.zeros(max(lanes, 1), kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
     if T > 0 and packed:
