@@ -73,7 +73,11 @@ constexpr int OFF_DO = OFF_Q + NCH * QCH;
 constexpr int OFF_KV = OFF_DO + NCV * QCH;
 constexpr int OFF_DS = OFF_KV + NST * STAGE;  // NDS x {dS, P}, each [32 keys, 64 heads] bf16
 constexpr int OFF_IDS = OFF_DS + NDS * 2 * CH;
-constexpr int OFF_BAR = OFF_IDS + NIDS * BN * 4;
+// deterministic, with the target: two buffers of the 4 warps' head sums per block slot, added
+// across the warps of a query row in a fixed order
+constexpr int OFF_TGT = OFF_IDS + NIDS * BN * 4;
+constexpr int TGT_BYTES = 4 * BN * 4;
+constexpr int OFF_BAR = OFF_TGT + 2 * TGT_BYTES;
 // mbarriers, in this order from OFF_BAR: kv full [NST] (the slot's rows and ids landed), kv
 // empty [NST] (WG1 and WG2 are done reading it), ds full [NDS] (WG1 wrote dS and P), ds empty
 // [NDS] (WG2 is done reading them), q full (Q and dO landed), q empty (WG1 and WG2 are done with
@@ -104,6 +108,14 @@ struct BwdParams {
 
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+  return v;
 }
 __device__ __forceinline__ void st_shared_u16(uint32_t addr, uint16_t v) {
   asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
@@ -404,7 +416,10 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
             v += __shfl_xor_sync(0xffffffffu, v, 4);
             v += __shfl_xor_sync(0xffffffffu, v, 8);
             v += __shfl_xor_sync(0xffffffffu, v, 16);
-            if constexpr (PACK) {
+            if constexpr (DET) {  // staged; summed across the row's warps below
+              if (lane < 4)
+                st_shared_f32(sbase + OFF_TGT + (g & 1) * TGT_BYTES + (warp * BN + 8 * jj + colq + bb) * 4, v);
+            } else if constexpr (PACK) {
               const int slot = static_cast<int16_t>(usl[jj] >> (16 * bb));
               if (lane < 4 && slot >= 0) red_add(p.target + (long long)trow * p.K + slot, v);
             } else {
@@ -412,6 +427,27 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
               if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
             }
           }
+        if constexpr (DET) {
+          // the warps of one query row (4; packed: 64 >> hshift rows of 2^hshift / 16 warps
+          // each) add their sums for a slot one after the other in warp order, in one fp32 add.
+          // Two buffers: a block's writes follow the previous block's barrier, after which its
+          // readers are done with the buffer written two blocks ago.
+          bar_sync(1, 128);
+          const int wpr = PACK ? (1 << p.hshift) / 16 : 4, q = wt / BN, e = wt % BN;
+          if (q < 4 / wpr) {
+            const uint32_t tb = sbase + OFF_TGT + (g & 1) * TGT_BYTES;
+            float sum = 0.f;
+            for (int w = q * wpr; w < (q + 1) * wpr; ++w) sum += ld_shared_f32(tb + (w * BN + e) * 4);
+            const int entry = b * BN + e;
+            if constexpr (PACK) {
+              const int tr = t + q;
+              const int slot = tr < p.T && entry < kv_len ? __ldg(p.uslot + (long long)tr * p.idx_s + entry) : -1;
+              if (slot >= 0) red_add(p.target + (long long)tr * p.K + slot, sum);
+            } else {
+              if (entry < kv_len) red_add(p.target + (long long)t * p.K + entry, sum);
+            }
+          }
+        }
       }
       uint32_t pk_s[2][4], pk_p[2][4];
 #pragma unroll
