@@ -433,11 +433,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
           // Two buffers: a block's writes follow the previous block's barrier, after which its
           // readers are done with the buffer written two blocks ago.
           bar_sync(1, 128);
-          const int wpr = PACK ? (1 << p.hshift) / 16 : 4, q = wt / BN, e = wt % BN;
+          // (warps per query row: 4; packed, 2^hshift / 16 = 1 or 2)
+          const int wpr = PACK ? 1 << (p.hshift - 4) : 4, q = wt / BN, e = wt % BN;
           if (q < 4 / wpr) {
-            const uint32_t tb = sbase + OFF_TGT + (g & 1) * TGT_BYTES;
-            float sum = 0.f;
-            for (int w = q * wpr; w < (q + 1) * wpr; ++w) sum += ld_shared_f32(tb + (w * BN + e) * 4);
+            const uint32_t tw = sbase + OFF_TGT + (g & 1) * TGT_BYTES + (q * wpr * BN + e) * 4;
+            float sum = ld_shared_f32(tw);
+            if (wpr > 1) sum += ld_shared_f32(tw + BN * 4);
+            if (wpr > 2) sum = sum + ld_shared_f32(tw + 2 * BN * 4) + ld_shared_f32(tw + 3 * BN * 4);
             const int entry = b * BN + e;
             if constexpr (PACK) {
               const int tr = t + q;
