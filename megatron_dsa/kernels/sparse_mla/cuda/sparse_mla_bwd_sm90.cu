@@ -1,9 +1,9 @@
 // Sparse MLA backward (absorbed layout) for Hopper (sm_90a): warp-specialized, wgmma.
 //
-// Fast path: Dqk = 576, d_v = 512, bf16, int32 indices, not deterministic. One CTA of 384
-// threads (three warpgroups) per (query row t, block of 64 heads). The row's Q [64, 576] and
-// dO [64, 512] stay in shared memory for the whole row; its selected keys are walked in blocks
-// of 32 through a 2-slot ring of gathered kv tiles.
+// Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three warpgroups) per
+// (query row t, block of 64 heads); deterministic (DET): a persistent grid, below. The row's
+// Q [64, 576] and dO [64, 512] stay in shared memory for the whole row; its selected keys are
+// walked in blocks of 32 through a 2-slot ring of gathered kv tiles.
 //
 //   WG0   producer: loads Q and dO once, then gathers kv tiles (cp.async, zero-filled for
 //         invalid slots) and the slot ids into the ring; landing is signalled per slot on an
@@ -41,6 +41,14 @@
 // one 128-byte line. The rope tile (c >= 512, unpaired): 512 + 16 w + 8 i + r lives at
 // 512 + 16 w + 2 r + i (v2 adds, 64 B per key). The host undoes the permutation when it
 // casts the workspace (cuda_impl.unpermute_dkv).
+//
+// Deterministic (DET, lanes > 0): grid = lanes persistent CTAs; CTA j walks rows j, j + lanes,
+// ... and every head block of each, adding into its own dkv lane [Tk, 576] of the workspace
+// [lanes, Tk, 576]; the caller sums the lanes in order. Each WG1 / WG2 thread fences its adds
+// (fence.acq_rel.gpu) and arrives on a q-empty barrier before the producer loads the next
+// item's Q / dO, so one item's adds precede the next item's. The target's per-warp head sums
+// go through shared memory and are added per query row in warp order. The rings continue
+// across items (positions modulo 4).
 #include "sm90_common.cuh"
 
 // Registers per thread after setmaxnreg: producer, WG1, WG2. The CTA is launched with 168 per
