@@ -276,11 +276,12 @@ def test_emulated_bwd_deterministic_matches_reference_and_default(lib, case):
     assert torch.allclose(dkv, dkv0, rtol=1e-5, atol=1e-5 * dkv0.abs().max().item())
     if target:
         assert torch.allclose(tgt, tgt0, rtol=1e-6, atol=0)
-    # the same bits under other interleavings of the warpgroups (random slowdowns)
-    for seed in (11, 12):
-        again = _run(lib, prob, seed=seed, target=target, packed=packed, lanes=lanes)
+    # the same bits under another interleaving of the warpgroups (random slowdowns; one case:
+    # each emulated run takes ~10 s)
+    if case == "h100_5rows_2lanes_sink_target":
+        again = _run(lib, prob, seed=11, target=target, packed=packed, lanes=lanes)
         assert again[0] == 0 and again[5] == 0 and not again[6], again[7]
-        assert torch.equal(again[2], dkv) and (not target or torch.equal(again[4], tgt))
+        assert torch.equal(again[2], dkv) and torch.equal(again[4], tgt)
     print(case, errs)
 
 
