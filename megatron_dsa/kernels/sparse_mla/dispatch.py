@@ -62,21 +62,24 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     if row_packing is False:
         return choice
     if row_packing is None:  # auto: the CUDA backward at <= 32 heads
-        if choice.backward in ("cuda", "cuda-deterministic") and heads <= MAX_PACK_HEADS:
+        if choice.backward in _CUDA_BWD and heads <= MAX_PACK_HEADS:
             return KernelChoice(OP, backend, choice.forward, choice.backward.replace("cuda", "cuda-packed"),
                                 f"{choice.reason}; row packing (auto: the backward at <= {MAX_PACK_HEADS} heads; "
                                 f"{_PACKER['cuda']})")
         return choice
-    if choice.backward in ("cuda", "cuda-deterministic", "triton") and heads <= MAX_PACK_HEADS:
+    if choice.backward in (*_CUDA_BWD, "triton") and heads <= MAX_PACK_HEADS:
         fwd = "cuda-packed" if choice.forward == "cuda" and heads > MAX_HEADS16 else choice.forward
         kernel = choice.backward.split("-")[0]
         return KernelChoice(OP, backend, fwd, choice.backward.replace(kernel, f"{kernel}-packed"),
                             f"{choice.reason}; row packing ({_PACKER[kernel]})")
     where = (f"{heads} heads (it takes <= {MAX_PACK_HEADS})"
-             if choice.backward in ("cuda", "cuda-deterministic", "triton")
+             if choice.backward in (*_CUDA_BWD, "triton")
              else f"the {choice.backward} backward")
     return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
 
+
+# the unpacked CUDA backwards, which row packing applies to
+_CUDA_BWD = ("cuda", "cuda-deterministic")
 
 # which kernel packs the rows for each packed backward
 _PACKER = {"cuda": "packed by cuda/pack_rows.cu, or by the Triton kernel where a group's bitmaps exceed "

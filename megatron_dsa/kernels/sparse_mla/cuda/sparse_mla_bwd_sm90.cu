@@ -109,7 +109,6 @@ struct BwdParams {
   long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
   int T, H, Tk, K, n_hblk, has_sink;
   int n_rows;                 // key-list rows: T, or (packed) the groups G
-  long long ws_lane;          // deterministic: floats per dkv lane (Tk * 576)
   int hshift, rows;           // packed only: log2 of the heads per row in the tile (4 or 5), rows per group
   float scale, scale_log2;
 };
@@ -183,10 +182,19 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   // rows. Default: one item per CTA (blockIdx = L * n_hblk + hb). Deterministic: a persistent
   // grid; CTA j takes rows j, j + gridDim, ... and every head block of each, in this order, so
   // that its adds into its own dkv lane (and into a row's target) come in a fixed order. Each
-  // role walks the items itself: fn(L, hb, gb, par) runs an item whose blocks follow ring
+  // role walks the items itself: fn(item, gb, par) runs an item whose blocks follow ring
   // position gb (the blocks before it, modulo 4 = lcm(NST, ND, NIDS)) and whose Q / dO barrier
-  // phase has parity par, and returns its block count.
+  // phase has parity par, and returns its block count. (Each role reads the row's length after
+  // its setmaxnreg: values held across the role split spill in the 32-register producer.)
   static_assert(4 % NST == 0 && 4 % ND == 0 && 4 % NIDS == 0, "ring positions modulo 4");
+  // key-list row L, its first query row t (packed: of the group), first head h0, length, blocks
+  struct Item {
+    int L, t, h0, kv_len, nblk;
+  };
+  auto run = [&](auto&& fn, int L, int hb, int gb, int par) -> int {
+    const int kv_len = min(max(__ldg(p.kv_len + L), 0), PACK ? static_cast<int>(p.idx_s) : p.K);
+    return fn(Item{L, PACK ? L * p.rows : L, hb * BM, kv_len, (kv_len + BN - 1) / BN}, gb, par);
+  };
   auto walk = [&](auto&& fn) {
     if constexpr (DET) {
       // (the item's parity is recomputed from (L, hb), not carried: WG1 has no register to spare)
@@ -194,21 +202,16 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       int L = static_cast<int>(blockIdx.x), hb = 0, gb = 0;
       while (L < p.n_rows) {
         const int par = (((L - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x)) * nh + hb) & 1;
-        gb = (gb + fn(L, hb, gb, par)) & 3;
+        gb = (gb + run(fn, L, hb, gb, par)) & 3;
         if (++hb == nh) {
           hb = 0;
           L += static_cast<int>(gridDim.x);
         }
       }
     } else {
-      fn(static_cast<int>(blockIdx.x) / p.n_hblk, static_cast<int>(blockIdx.x) % p.n_hblk, 0, 0);
+      run(fn, static_cast<int>(blockIdx.x) / p.n_hblk, static_cast<int>(blockIdx.x) % p.n_hblk, 0, 0);
     }
   };
-  // the first query row of key-list row L (packed: of the group)
-  auto first_row = [&](int L) { return PACK ? L * p.rows : L; };
-  // the row's length (read by each role after its setmaxnreg: values held across the role
-  // split spill in the 32-register producer)
-  auto row_len = [&](int L) { return min(max(__ldg(p.kv_len + L), 0), PACK ? static_cast<int>(p.idx_s) : p.K); };
   // tile row r of item (t, h0) -> (query row, head); valid when both exist
   auto tile_row = [&](int t, int h0, int r, int& tr, int& h) {
     if (PACK) {
@@ -239,9 +242,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   if (wg == 0) {
     // ---------------- producer ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_RP) ";\n" ::: "memory");
-    walk([&](const int L, const int hb, const int gb, const int par) -> int {
-    const int t = first_row(L), h0 = hb * BM;
-    const int kv_len = row_len(L), nblk = (kv_len + BN - 1) / BN;
+    walk([&](const Item& item, const int gb, const int par) -> int {
+    const int L = item.L, t = item.t, h0 = item.h0, kv_len = item.kv_len, nblk = item.nblk;
     // deterministic: the previous item's Q and dO are read (the first wait, parity 1 on a fresh
     // barrier, passes at once)
     if (DET) mbar_wait(sbase + BAR_Q_EMPTY, par ^ 1);
@@ -324,9 +326,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     // ---------------- S, dP, softmax gradient, dQ[:, 0:256] ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R1) ";\n" ::: "memory");
     const int colq = 2 * (lane & 3);
-    walk([&](const int L, const int hb, const int gb, const int par) -> int {
-    const int t = first_row(L), h0 = hb * BM;
-    const int kv_len = row_len(L), nblk = (kv_len + BN - 1) / BN;
+    walk([&](const Item& item, const int gb, const int par) -> int {
+    const int L = item.L, t = item.t, h0 = item.h0, kv_len = item.kv_len, nblk = item.nblk;
     float z2[2], dlt[2], fh[2];
     bool hv[2];
     int trow = t;  // this thread's query row (the same for row0 and row0 + 8)
@@ -528,10 +529,9 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     asm volatile("setmaxnreg.inc.sync.aligned.u32 " DSA_STR(SPARSE_MLA_BWD_R2) ";\n" ::: "memory");
     const int colq = lane_colq();
     // deterministic: this CTA's own dkv lane
-    float* const dkv = p.dkv + (DET ? static_cast<long long>(blockIdx.x) * p.ws_lane : 0ll);
-    walk([&](const int L, const int hb, const int gb, const int par) -> int {
-    const int t = first_row(L), h0 = hb * BM;
-    const int kv_len = row_len(L), nblk = (kv_len + BN - 1) / BN;
+    float* const dkv = p.dkv + (DET ? static_cast<long long>(blockIdx.x) * p.Tk * D_QK : 0ll);
+    walk([&](const Item& item, const int gb, const int par) -> int {
+    const int L = item.L, t = item.t, h0 = item.h0, kv_len = item.kv_len, nblk = item.nblk;
     float dqb[128];  // dQ[:, 320:576]
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqb[i] = 0.f;
@@ -654,10 +654,7 @@ template <bool PACK>
 int launch_bwd(BwdParams p, int lanes, void* stream) {
   if (lanes < 0) return static_cast<int>(cudaErrorInvalidValue);
   unsigned grid = static_cast<unsigned>(static_cast<long long>(p.n_rows) * p.n_hblk);
-  if (lanes > 0) {
-    p.ws_lane = static_cast<long long>(p.Tk) * D_QK;
-    grid = static_cast<unsigned>(min(lanes, p.n_rows));
-  }
+  if (lanes > 0) grid = static_cast<unsigned>(min(lanes, p.n_rows));
   static bool attr_set[2][64] = {};
   const cudaError_t e = lanes > 0 ? set_smem_once(attr_set[1], sparse_mla_bwd_sm90_kernel<PACK, true>, SMEM_BYTES)
                                   : set_smem_once(attr_set[0], sparse_mla_bwd_sm90_kernel<PACK, false>, SMEM_BYTES);
@@ -696,7 +693,6 @@ BwdParams make_params(const void* q, const void* kv, const void* idx, const void
   p.hshift = 6;
   p.rows = 1;
   p.n_rows = T;
-  p.ws_lane = 0;
   return p;
 }
 
