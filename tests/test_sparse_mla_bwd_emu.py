@@ -303,7 +303,7 @@ MUTANTS = {
     # WG2 frees the kv slot before the wait_group that retires its dQ wgmma reading the slot: the
     # producer's gathers of block b + 2 overwrite what that wgmma reads
     "wg2_kv_empty_before_wait": (
-        [("      wgmma_wait1();  // dQ and the rope tile are done: the kv slot is free\n"
+        [("      wgmma_wait1();  // dQ's group is done: the kv slot is free\n"
           "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);",
           "      mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);\n      wgmma_wait1();")],
         "cp.async into shared memory that"),

@@ -19,11 +19,8 @@
 //         MN-major), computed in pairs, two pairs in flight in turn (a pair's MMAs run while
 //         the previous pair's adds issue); each pair is added into the fp32 dkv workspace
 //         with red.global.add.v4.f32, one 128-byte line per key and warp ("dkv workspace").
-//         A block's last pair is added in the next block, after that block's dQ and rope MMAs
-//         are issued: the tensor pipe never waits for WG2 to get its adds into the memory
-//         pipe, and every MMA wait has adds queued ahead of it. The 8 keys' row offsets are
-//         read once per block into registers (an ld.shared per add waited behind the adds in
-//         the memory-instruction pipe).
+//         The 8 keys' row offsets are read once per block into registers (an ld.shared per
+//         add waited behind the adds in the memory-instruction pipe).
 //   dQ is complete per CTA (it owns every key of its heads): written once, in bf16, no
 //   atomics and no dq workspace. Registers: setmaxnreg gives the producer 32, WG1 240 and
 //   WG2 232 (sum 504 = the 3 x 168 the CTA is launched with; WG1 holds 160 dQ accumulators,
@@ -545,46 +542,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     const uint64_t dot0 = desc(sbase + OFF_DO, QCH, 1024);     // dO^T
     mbar_wait(sbase + BAR_Q, par);
     fence_async_smem();
-    // the row offsets (id * 576, -1: skip) of this thread's 8 keys of a block (columns 8 jj +
-    // colq + bb of the dKV^T tiles), read once per block: an ld.shared per add waited behind the
-    // adds in the memory-instruction queue
-    int ro8[8];
-    auto mma = [&](int pb, int mt, float (&acc)[16]) {  // dKV^T tile mt (channels 64 mt ..) into acc
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        wgmma_m64n32k16_ss<1, 0>(acc, qt0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + k * 32) >> 4), k != 0);
-      if (mt < NCV) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-          wgmma_m64n32k16_ss<1, 0>(acc, dot0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + CH + k * 32) >> 4), 1);
-      }
-    };
-    auto issue_pair = [&](int pb, int pp, float (&x)[16], float (&y)[16]) {
-      wgmma_fence();
-      mma(pb, 2 * pp, x);
-      mma(pb, 2 * pp + 1, y);
-      wgmma_commit();
-    };
-    // per key (jj, bb) this thread holds acc[4 jj + bb] (fragment row half i = 0) and
-    // acc[4 jj + 2 + bb] (i = 1) of each tile; workspace positions as in "dkv workspace"
-    const int pair_off = warp * 32 + (lane >> 2) * 4, rope_off = 8 * 64 + warp * 16 + (lane >> 2) * 2;
-    auto add_pair = [&](int pp, const float (&x)[16], const float (&y)[16]) {
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-        for (int bb = 0; bb < 2; ++bb) {
-          const int ro = ro8[2 * jj + bb];
-          if (ro >= 0)
-            red_add_v4(dkv + (ro + pair_off + pp * 128), x[4 * jj + bb], x[4 * jj + 2 + bb], y[4 * jj + bb],
-                       y[4 * jj + 2 + bb]);
-        }
-    };
-    // One block, with two register sets of a tile pair: F (free) and P (the previous block's
-    // last pair, not yet added; b > 0). This block's dQ and rope MMAs are issued before P's adds,
-    // so the tensor pipe works while the adds stall on the memory pipe, and from then on every
-    // MMA wait has the previous tiles' adds queued ahead of it: rope -> F, pairs 0..3 -> P, F,
-    // P, F. On return this block's last pair is in F, not yet added; the caller moves it to P.
-    auto block = [&](int b, float (&fa)[16], float (&fb)[16], float (&pa)[16], float (&pq)[16]) {
+    for (int b = 0; b < nblk; ++b) {
       const int g = gb + b, st = g % NST, pb = g % ND;
       mbar_wait(sbase + BAR_DS_FULL + 8 * pb, (g / ND) & 1);
       mbar_wait(sbase + BAR_KV_FULL + 8 * st, (g / NST) & 1);
@@ -595,45 +553,75 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         const uint64_t da = dsa0 + ((pb * 2 * CH + k * 16 * 128) >> 4);
         wgmma_m64n256k16_ss<1, 1>(dqb, da, kt0 + ((st * STAGE + 5 * CH + k * 16 * 128) >> 4), 1);
       }
-      mma(pb, NCH - 1, fa);  // the rope tile, unpaired
       wgmma_commit();
-      if (b > 0) add_pair(3, pa, pq);  // the previous block's last pair, at its keys' offsets
+      // the keys this thread adds: columns 8 jj + colq + bb of the dKV^T tiles
       const uint32_t ids_w = sbase + OFF_IDS + (g % NIDS) * BN * 4;  // 32-bit shared address: fewer registers
+      // the row offsets (id * 576, -1: skip) of this thread's 8 keys, read once per block: an
+      // ld.shared per add waited behind the adds in the memory-instruction queue
+      int ro8[8];
       slot_ids(ids_w, b * BN + colq, colq, kv_len, p.Tk, ro8);
 #pragma unroll
       for (int e = 0; e < 8; ++e) ro8[e] = ro8[e] >= 0 ? ro8[e] * D_QK : -1;
-      issue_pair(pb, 0, pa, pq);
-      wgmma_wait1();  // dQ and the rope tile are done: the kv slot is free
+      auto row_off = [&](int jj, int bb) -> int { return ro8[2 * jj + bb]; };
+      auto mma = [&](int mt, float (&acc)[16]) {  // dKV^T tile mt (channels 64 mt ..) into acc
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n32k16_ss<1, 0>(acc, qt0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + k * 32) >> 4), k != 0);
+        if (mt < NCV) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n32k16_ss<1, 0>(acc, dot0 + ((mt * QCH + k * 16 * 128) >> 4), dsb0 + ((pb * 2 * CH + CH + k * 32) >> 4), 1);
+        }
+      };
+      auto issue_pair = [&](int pp, float (&x)[16], float (&y)[16]) {
+        wgmma_fence();
+        mma(2 * pp, x);
+        mma(2 * pp + 1, y);
+        wgmma_commit();
+      };
+      // per key (jj, bb) this thread holds acc[4 jj + bb] (fragment row half i = 0) and
+      // acc[4 jj + 2 + bb] (i = 1) of each tile; workspace positions as in "dkv workspace"
+      const int pair_off = warp * 32 + (lane >> 2) * 4, rope_off = 8 * 64 + warp * 16 + (lane >> 2) * 2;
+      auto add_pair = [&](int pp, const float (&x)[16], const float (&y)[16]) {
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const int ro = row_off(jj, bb);
+            if (ro >= 0)
+              red_add_v4(dkv + (ro + pair_off + pp * 128), x[4 * jj + bb], x[4 * jj + 2 + bb], y[4 * jj + bb],
+                         y[4 * jj + 2 + bb]);
+          }
+      };
+      // two register sets in turn: a pair's MMAs run while the previous pair's adds issue
+      float xa[16], xb[16], ya[16], yb[16];
+      issue_pair(0, xa, xb);
+      wgmma_wait1();  // dQ's group is done: the kv slot is free
       mbar_arrive(sbase + BAR_KV_EMPTY + 8 * st);
+      issue_pair(1, ya, yb);
+      wgmma_wait1();
+      add_pair(0, xa, xb);
+      issue_pair(2, xa, xb);
+      wgmma_wait1();
+      add_pair(1, ya, yb);
+      issue_pair(3, ya, yb);
+      wgmma_wait1();
+      add_pair(2, xa, xb);
+      wgmma_fence();
+      mma(NCH - 1, xa);  // the rope tile, unpaired
+      wgmma_commit();
+      wgmma_wait1();
+      add_pair(3, ya, yb);
+      wgmma_wait0();
+      mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
         for (int bb = 0; bb < 2; ++bb) {
-          const int ro = ro8[2 * jj + bb];
-          if (ro >= 0) red_add_v2(dkv + (ro + rope_off), fa[4 * jj + bb], fa[4 * jj + 2 + bb]);
+          const int ro = row_off(jj, bb);
+          if (ro >= 0) red_add_v2(dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
         }
-      issue_pair(pb, 1, fa, fb);
-      wgmma_wait1();
-      add_pair(0, pa, pq);
-      issue_pair(pb, 2, pa, pq);
-      wgmma_wait1();
-      add_pair(1, fa, fb);
-      issue_pair(pb, 3, fa, fb);
-      wgmma_wait1();
-      add_pair(2, pa, pq);
-      wgmma_wait0();
-      mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
-    };
-    float xa[16], xb[16], ya[16], yb[16];
-    for (int b = 0; b < nblk; ++b) {
-      block(b, xa, xb, ya, yb);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {  // the pending pair to P (register moves)
-        ya[i] = xa[i];
-        yb[i] = xb[i];
-      }
     }
-    if (nblk > 0) add_pair(3, ya, yb);  // the last block's last pair
     // deterministic: this item's dkv adds are performed before the next item's (ordered through
     // the q-empty / q-full barriers)
     if (DET) {
