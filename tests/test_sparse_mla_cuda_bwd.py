@@ -322,6 +322,45 @@ def test_gpu_deterministic_bwd_matches_reference_and_repeats_bit_identical(T, H,
 
 
 @pytest.mark.gpu
+@pytest.mark.row_packing
+@gpu
+@pytest.mark.parametrize("H,det", [(16, False), (32, False), (16, True), (32, True)])
+def test_gpu_packed_bwd_in_row_chunks_equals_one_launch(H, det, monkeypatch):
+    """The row-packed backward packed and run in row chunks (a small PACK_CHUNK_BYTES) gives the
+    one-launch result: dq and d_sink the same bits (the groups, hence each CTA's work, are the
+    same), dkv within one bf16 step and the target within fp32 add-order noise; the deterministic
+    mode repeats its bits."""
+    need_library()
+    T, K = 1023, 300  # 16 heads: 256 groups of 4 rows (the last partial); 32 heads: 512 of 2
+    q, kv, idx, tk, sk, dout = _case(T, H, K, True, True, True, seed=11)
+    scale = 576 ** -0.5
+    out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
+
+    def run():
+        tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda")
+        with poisoned_empty():
+            res = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt, packed=True,
+                                         deterministic=det)
+        return (*res, tgt)
+
+    one = run()
+    R = 64 // (16 if H <= 16 else 32)
+    monkeypatch.setattr(ci, "PACK_CHUNK_BYTES", 100 * R * K * (4 + 2 * R) + 7)  # 100 groups a launch
+    rows = ci.packed_chunk_rows(T, K, H)
+    assert rows == 100 * R and T > 2 * rows, rows  # three launches, the last partial
+    chunked = run()
+    assert torch.equal(chunked[0], one[0]) and torch.equal(chunked[2], one[2])  # dq, d_sink
+    # dkv: bf16 roundings of fp32 sums added in another order, so at most one bf16 step apart
+    a, b = chunked[1].double(), one[1].double()
+    assert ((a - b).abs() <= 2.0 ** -7 * a.abs().maximum(b.abs()) + 1e-5 * b.abs().max()).all()
+    assert rel(a, b) < 1e-3
+    assert rel(chunked[3].double(), one[3].double()) < 1e-6  # target
+    if det:
+        again = run()
+        assert all(torch.equal(a, b) for a, b in zip(chunked, again))
+
+
+@pytest.mark.gpu
 @gpu
 def test_gpu_autograd_takes_the_cuda_backward(monkeypatch):
     need_library()

@@ -316,6 +316,11 @@ def test_gpu_cuda_packing_equals_the_reference(H):
     idx[1::2, :512] = idx[0:T - 1:2, :512]           # rows sharing keys
     idx[::5, 7] = idx[::5, 3]                        # repeated ids (or both -1)
     _assert_same_packing(cuda_impl.pack_rows_cuda(idx, T, H, tk), pack_rows_reference(idx, T, H, tk), T, K, False)
+    # 100K keys: bitmaps past 48 KB (the kernel's dynamic shared memory opted in up to what its
+    # static part leaves; S = 128K at <= 32 heads needs this)
+    many = 100_000
+    far = torch.rand(64, 64, device="cuda").argsort(1).int() + (many - 64)  # distinct ids near the end
+    _assert_same_packing(cuda_impl.pack_rows_cuda(far, many, H), pack_rows_reference(far, many, H), 64, 64, True)
     huge = 1 << 22                                   # bitmaps past shared memory: the Triton kernel
     small = causal_indices(64, 16, "cuda")
     _assert_same_packing(cuda_impl.pack_rows_cuda(small, huge, H), pack_rows_reference(small, huge, H), 64, 16, True)
@@ -356,3 +361,22 @@ def test_layer_with_row_packing_on_triton_equals_unpacked(mcore, monkeypatch):
     assert calls == [(False, True), (True, True)]  # the target came from the attention backward both times
     for a, b in zip(*results):
         assert rel(a.double(), b.double()) < 1e-5
+
+
+@pytest.mark.parametrize("T,K,heads", [(131072, 2048, 16), (131072, 2048, 32), (262144, 2048, 7), (16384, 2048, 16),
+                                       (5, 3000, 1), (1 << 20, 8192, 32)])
+def test_packed_backward_chunks_are_whole_groups_within_the_budget(T, K, heads):
+    """The row-packed backward's launches: whole groups of R rows whose packing fits
+    PACK_CHUNK_BYTES (at least one group), or all T rows at once when they fit."""
+    from megatron_dsa.kernels.sparse_mla.cuda_impl import PACK_CHUNK_BYTES, packed_chunk_rows
+
+    R = 64 // heads_padded(heads)
+    rows = packed_chunk_rows(T, K, heads)
+    per_row = K * (4 + 2 * R)
+    if T * per_row <= PACK_CHUNK_BYTES:
+        assert rows == T
+    else:
+        assert rows % R == 0 and rows < T
+        assert rows * per_row <= PACK_CHUNK_BYTES or rows == R
+        assert (rows + R) * per_row > PACK_CHUNK_BYTES  # as many groups as fit
+    assert packed_chunk_rows(T, K, heads, budget=1) == min(T, R)

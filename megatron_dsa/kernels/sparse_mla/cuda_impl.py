@@ -43,7 +43,8 @@ from .packing import MAX_PACK_HEADS, PackedRows, pack_rows_triton, packed_shape
 from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
-           "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "det_lanes", "MAX_HEADS16"]
+           "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
+           "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
@@ -255,6 +256,20 @@ def pack_rows_cuda(indices: torch.Tensor, num_keys: int, heads: int,
 
 # The deterministic backward's dkv lanes may take at most this share of the device's memory
 DET_WORKSPACE_SHARE = 0.1
+# The row-packed backward packs (and runs) at most this many bytes of packing at a time
+PACK_CHUNK_BYTES = 1 << 30
+
+
+def packed_chunk_rows(T: int, K: int, heads: int, budget: Optional[int] = None) -> int:
+    """Query rows per launch of the row-packed backward: a whole number of groups (``R`` rows)
+    whose packing (``uid`` int32 and ``uslot`` int16: ``K (4 + 2 R)`` bytes a row) fits
+    ``budget`` (default :data:`PACK_CHUNK_BYTES`), at least one group; ``T`` when all rows fit.
+    A function of the shape only, so the chunks (and the deterministic mode's add order) are
+    the same on every run."""
+    budget = PACK_CHUNK_BYTES if budget is None else budget
+    R = 64 // (16 if heads <= 16 else 32)
+    rows = max(1, budget // max(K * (4 + 2 * R), 1) // R) * R
+    return T if rows >= T else rows
 
 
 def det_lanes(device: torch.device, num_keys: int) -> int:
@@ -289,31 +304,39 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     q, kv, dout = _rows16(q), _rows16(kv), _rows16(dout)
     if dlse is not None:
         dlse = dlse.contiguous()
-    stats = torch.empty(2 * T * H, dtype=torch.float32, device=q.device)
+    lse = lse.contiguous()
+    # packed: rows in chunks of at most PACK_CHUNK_BYTES of packing, each with its own stats
+    rows = packed_chunk_rows(T, indices.shape[1], H) if packed else T
+    stats = torch.empty(2 * rows * H, dtype=torch.float32, device=q.device)
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
     lanes = det_lanes(q.device, kv.shape[0]) if deterministic else 0
     # permuted columns; deterministic: one lane per persistent CTA
     dkv = torch.zeros(max(lanes, 1), kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
-    if T > 0 and packed:
-        bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
-        pk = pack_rows_cuda(indices, kv.shape[0], H, topk_length)
+    for r0 in range(0, T if packed else 0, rows):
+        c = slice(r0, min(T, r0 + rows))
+        n = c.stop - r0
+        st = stats[: 2 * n * H]
+        bwd_stats(st, dsink_t[c] if sink is not None else None, out[c], dout[c], lse[c],
+                  dlse[c] if dlse is not None else None, sink, 512)
+        pk = pack_rows_cuda(indices[c], kv.shape[0], H, topk_length[c] if topk_length is not None else None)
         with torch.cuda.device(q.device):
             _check(lib.dsa_sparse_mla_bwd_packed_sm90(
-                q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
-                dout.data_ptr(), stats.data_ptr(), lse.contiguous().data_ptr(), dq.data_ptr(), dkv.data_ptr(),
-                target_out.data_ptr() if target_out is not None else None,
+                q[c].data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
+                dout[c].data_ptr(), st.data_ptr(), lse[c].data_ptr(), dq[c].data_ptr(), dkv.data_ptr(),
+                target_out[c].data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
-                dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
+                dq.stride(0), dq.stride(1), n, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
                 4 if pk.hpad == 16 else 5, int(sink is not None), lanes, float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "packed backward")
-    elif T > 0:
+        del pk  # (freed before the next chunk packs: stream-ordered reuse)
+    if T > 0 and not packed:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
         kv_len = effective_lengths(indices, topk_length)
         with torch.cuda.device(q.device):
             _check(lib.dsa_sparse_mla_bwd_sm90(
                 q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
-                stats.data_ptr(), lse.contiguous().data_ptr(), dq.data_ptr(), dkv.data_ptr(),
+                stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), dkv.data_ptr(),
                 target_out.data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),

@@ -185,11 +185,19 @@ __global__ void __launch_bounds__(THREADS) pack_rows_kernel(const int32_t* __res
 
 extern "C" {
 
-// Shared memory one CTA needs for R rows of K slots over Tk keys (bytes).
-long long dsa_pack_rows_smem(int R, int K, int Tk) {
+// The kernel's static shared memory (its warp sums), which shares the opt-in limit with the
+// dynamic part
+static long long static_smem() {
+  cudaFuncAttributes fa;
+  return cudaFuncGetAttributes(&fa, pack_rows_kernel) == cudaSuccess ? static_cast<long long>(fa.sharedSizeBytes) : 0;
+}
+static long long dynamic_smem(int R, int K, int Tk) {
   const long long W = (static_cast<long long>(Tk) + 31) / 32;
   return 4 * ((R + 2) * W + (static_cast<long long>(R) * K + 31) / 32);
 }
+
+// Shared memory one CTA needs for R rows of K slots over Tk keys (bytes, static part included).
+long long dsa_pack_rows_smem(int R, int K, int Tk) { return dynamic_smem(R, K, Tk) + static_smem(); }
 
 // idx: int32 [T, K], row stride idx_st (elements), unit column stride; len: int32 [T] or null;
 // uid: int32 [G, R K]; uslot: int16 [G, R, R K]; count: int32 [G]; G = ceil(T / R), R = 2 or 4.
@@ -198,15 +206,15 @@ int dsa_pack_rows(const void* idx, long long idx_st, const void* len, int T, int
                   void* uslot, void* count, void* stream) {
   if ((R != 2 && R != 4) || K < 1 || K > 32767 || Tk < 1 || T < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (T == 0) return 0;
-  const long long bytes = dsa_pack_rows_smem(R, K, Tk);
+  const long long bytes = dynamic_smem(R, K, Tk), fixed = static_smem();
   int dev = 0, optin = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return static_cast<int>(e);
-  if (bytes > optin) return static_cast<int>(cudaErrorInvalidValue);
+  if (bytes + fixed > optin) return static_cast<int>(cudaErrorInvalidValue);
   static bool smem_set[64] = {};
-  if (bytes > 48 * 1024) {
-    e = dsa_sm90::set_smem_once(smem_set, pack_rows_kernel, optin);
+  if (bytes > 48 * 1024) {  // (the dynamic part may take what the static part leaves of the opt-in limit)
+    e = dsa_sm90::set_smem_once(smem_set, pack_rows_kernel, static_cast<int>(optin - fixed));
     if (e != cudaSuccess) return static_cast<int>(e);
   }
   const int G = (T + R - 1) / R;
