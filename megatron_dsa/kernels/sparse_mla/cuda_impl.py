@@ -351,14 +351,13 @@ def unpermute_dkv(ws: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     ``cuda/sparse_mla_bwd_sm90.cu``, "dkv workspace") in channel order, cast to ``dtype``.
 
     Value channels ``128 pp + 64 a + 16 w + 8 i + r`` are stored at ``128 pp + 32 w + 4 r + 2 a + i``;
-    rope channels ``512 + 32 q + 16 a + 8 i + r`` at ``512 + 32 q + 4 r + 2 a + i``. One strided copy
-    per part."""
+    rope channels ``512 + 16 w + 8 i + r`` at ``512 + 16 w + 2 r + i``. One strided copy per part."""
     if ws.dim() != 2 or ws.shape[1] != 576 or ws.dtype != torch.float32 or not ws.is_contiguous():
         raise ValueError(f"expected the contiguous fp32 [Tk, 576] workspace, got {ws.dtype} {tuple(ws.shape)}")
     Tk = ws.shape[0]
     out = torch.empty(Tk, 576, dtype=dtype, device=ws.device)
     # stored (pp, w, r, a, i) -> channel order (pp, a, w, i, r)
     out[:, :512].view(Tk, 4, 2, 4, 2, 8).copy_(ws[:, :512].view(Tk, 4, 4, 8, 2, 2).permute(0, 1, 4, 2, 5, 3))
-    # stored (q, r, a, i) -> (q, a, i, r)
-    out[:, 512:].view(Tk, 2, 2, 2, 8).copy_(ws[:, 512:].view(Tk, 2, 8, 2, 2).permute(0, 1, 3, 4, 2))
+    # stored (w, r, i) -> (w, i, r)
+    out[:, 512:].view(Tk, 4, 2, 8).copy_(ws[:, 512:].view(Tk, 4, 8, 2).permute(0, 1, 3, 2))
     return out

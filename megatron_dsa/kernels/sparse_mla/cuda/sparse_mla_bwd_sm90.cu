@@ -38,11 +38,9 @@
 // for c < 512, logical channel 128 pp + 64 a + 16 w + 8 i + r (pair pp, tile a of the pair,
 // warp w, fragment row half i, r = lane / 4) lives at 128 pp + 32 w + 4 r + 2 a + i, so a
 // thread's four values of a key form one 16-byte vector and the 8 lanes sharing a key cover
-// one 128-byte line. The rope tile (c >= 512, unpaired) gives a warp 16 channels of a key, so
-// the warps of a pair (w = 2 q + a) trade half their keys through shared memory: 512 + 32 q +
-// 16 a + 8 i + r lives at 512 + 32 q + 4 r + 2 a + i, again one v4 add per thread and one
-// 128-byte line per key and warp. The host undoes the permutation when it casts the workspace
-// (cuda_impl.unpermute_dkv).
+// one 128-byte line. The rope tile (c >= 512, unpaired): 512 + 16 w + 8 i + r lives at
+// 512 + 16 w + 2 r + i (v2 adds, 64 B per key). The host undoes the permutation when it
+// casts the workspace (cuda_impl.unpermute_dkv).
 //
 // Deterministic (DET, lanes > 0): grid = lanes persistent CTAs; CTA j walks rows j, j + lanes,
 // ... and every head block of each, adding into its own dkv lane [Tk, 576] of the workspace
@@ -82,11 +80,7 @@ constexpr int OFF_Q = 0;
 constexpr int OFF_DO = OFF_Q + NCH * QCH;
 constexpr int OFF_KV = OFF_DO + NCV * QCH;
 constexpr int OFF_DS = OFF_KV + NST * STAGE;  // NDS x {dS, P}, each [32 keys, 64 heads] bf16
-// the rope tile's exchange between the two warps of a pair (w, w ^ 1): two buffers (block
-// parity) of [4 warps, 32 lanes, 8 floats]
-constexpr int OFF_XCH = OFF_DS + NDS * 2 * CH;
-constexpr int XCH_BYTES = 4 * 32 * 8 * 4;
-constexpr int OFF_IDS = OFF_XCH + 2 * XCH_BYTES;
+constexpr int OFF_IDS = OFF_DS + NDS * 2 * CH;
 // deterministic, with the target: two buffers of the 4 warps' head sums per block slot, added
 // across the warps of a query row in a fixed order
 constexpr int OFF_TGT = OFF_IDS + NIDS * BN * 4;
@@ -135,6 +129,9 @@ __device__ __forceinline__ void st_shared_u16(uint32_t addr, uint16_t v) {
 }
 __device__ __forceinline__ void red_add_v4(float* ptr, float a, float b, float c, float d) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ void red_add_v2(float* ptr, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b) : "memory");
 }
 
 // The ids of a thread's 8 slots in a block (accumulator columns 8 jj + colq + bb, at index
@@ -584,7 +581,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       };
       // per key (jj, bb) this thread holds acc[4 jj + bb] (fragment row half i = 0) and
       // acc[4 jj + 2 + bb] (i = 1) of each tile; workspace positions as in "dkv workspace"
-      const int pair_off = warp * 32 + (lane >> 2) * 4, rope_off = 8 * 64 + (warp >> 1) * 32 + (lane >> 2) * 4;
+      const int pair_off = warp * 32 + (lane >> 2) * 4, rope_off = 8 * 64 + warp * 16 + (lane >> 2) * 2;
       auto add_pair = [&](int pp, const float (&x)[16], const float (&y)[16]) {
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
@@ -617,28 +614,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       add_pair(3, ya, yb);
       wgmma_wait0();
       mbar_arrive(sbase + BAR_DS_EMPTY + 8 * pb);
-      // The rope tile gives each warp 16 channels (64 B) of a key. The warps of a pair (w, w ^ 1)
-      // trade half their keys through shared memory: warp parity a keeps the keys bb = a and
-      // sends the others, so that each add covers a key's 32 channels, a full 128-byte line.
-      {
-        const int a = warp & 1;
-        const uint32_t own = sbase + OFF_XCH + (g & 1) * XCH_BYTES + (warp * 32 + lane) * 32;
-        const uint32_t par = sbase + OFF_XCH + (g & 1) * XCH_BYTES + ((warp ^ 1) * 32 + lane) * 32;
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          st_shared_f32(own + 8 * jj, a ? xa[4 * jj] : xa[4 * jj + 1]);
-          st_shared_f32(own + 8 * jj + 4, a ? xa[4 * jj + 2] : xa[4 * jj + 3]);
-        }
-        bar_sync(2 + (warp >> 1), 64);
+      for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          const float p0 = ld_shared_f32(par + 8 * jj), p1 = ld_shared_f32(par + 8 * jj + 4);
-          const float o0 = a ? xa[4 * jj + 1] : xa[4 * jj], o1 = a ? xa[4 * jj + 3] : xa[4 * jj + 2];
-          const int ro = a ? row_off(jj, 1) : row_off(jj, 0);
-          // stored (r, a, i): warp parity 0's two values first
-          if (ro >= 0) red_add_v4(dkv + (ro + rope_off), a ? p0 : o0, a ? p1 : o1, a ? o0 : p0, a ? o1 : p1);
+        for (int bb = 0; bb < 2; ++bb) {
+          const int ro = row_off(jj, bb);
+          if (ro >= 0) red_add_v2(dkv + (ro + rope_off), xa[4 * jj + bb], xa[4 * jj + 2 + bb]);
         }
-      }
     }
     // deterministic: this item's dkv adds are performed before the next item's (ordered through
     // the q-empty / q-full barriers)
