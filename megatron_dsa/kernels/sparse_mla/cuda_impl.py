@@ -290,7 +290,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
     ``target_out`` (fp32 ``[T, K]``, contiguous, zero-filled): += the head-summed P per slot
     (the indexer loss's target). ``indices`` int32 with unit column stride. ``packed``: row
-    packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys.
+    packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys; the rows are
+    packed and run in chunks of at most :data:`PACK_CHUNK_BYTES` of packing (:func:`packed_chunk_rows`).
     ``deterministic``: bit-reproducible dkv and target for a given device model and shape (they
     set the lanes, :func:`det_lanes`), when each row's valid ids are distinct (the indexer's
     top-k are; a row naming a key twice adds it twice in no fixed order). dq and d_sink are
