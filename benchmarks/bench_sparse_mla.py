@@ -320,10 +320,18 @@ def main():
                     help="seconds the GPU idles before each timed row (same start for every impl)")
     ap.add_argument("--profile-dir", default=None,
                     help="profile one call of ours' fwd+bwd per case: kernel times vs the step")
+    ap.add_argument("--pack-chunk-mib", type=int, default=None,
+                    help="the row-packed backward's packing per launch (cuda_impl.PACK_CHUNK_BYTES, MiB)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sparse_mla: needs a CUDA device")
         return 1
+    if args.pack_chunk_mib is not None:
+        if args.pack_chunk_mib < 1:
+            raise SystemExit(f"--pack-chunk-mib must be >= 1, got {args.pack_chunk_mib}")
+        from megatron_dsa.kernels.sparse_mla import cuda_impl
+
+        cuda_impl.PACK_CHUNK_BYTES = args.pack_chunk_mib << 20
 
     impls = [s for s in args.impls.split(",") if s]
     backends = [b for b in args.ours_backends.split(",") if b]
