@@ -169,7 +169,8 @@ def _shards_match_full(device, dtype, backend, S=256, cp=4, H=2, D=80, dv=64, IH
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_cp_shards_equal_the_full_rows(backend, packed):
-    _shards_match_full("cpu", torch.float32, backend, packed=packed)
+    # (the Triton interpreter on 128 rows: 32 a rank, most with more keys than K; CI time)
+    _shards_match_full("cpu", torch.float32, backend, S=128 if backend == "triton" else 256, packed=packed)
 
 
 @pytest.mark.gpu
