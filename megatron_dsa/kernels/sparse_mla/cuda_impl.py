@@ -39,7 +39,7 @@ import torch
 
 from ..cuda_build import CudaBuildError, build_library
 from ..triton_common import LOG2E
-from .packing import MAX_PACK_HEADS, PackedRows, pack_rows_triton, packed_shape
+from .packing import MAX_PACK_HEADS, PackedRows, heads_padded, pack_rows_triton, packed_shape
 from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
@@ -267,7 +267,7 @@ def packed_chunk_rows(T: int, K: int, heads: int, budget: Optional[int] = None) 
     A function of the shape only, so the chunks (and the deterministic mode's add order) are
     the same on every run."""
     budget = PACK_CHUNK_BYTES if budget is None else budget
-    R = 64 // (16 if heads <= 16 else 32)
+    R = 64 // heads_padded(heads)
     rows = max(1, budget // max(K * (4 + 2 * R), 1) // R) * R
     return T if rows >= T else rows
 
