@@ -314,7 +314,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     lanes = det_lanes(q.device, kv.shape[0]) if deterministic else 0
     # permuted columns; deterministic: one lane per persistent CTA
     dkv = torch.zeros(max(lanes, 1), kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
-    for r0 in range(0, T if packed else 0, rows):
+    for r0 in range(0, T, rows) if packed and T > 0 else ():  # (T = 0: no chunk, rows = 0)
         c = slice(r0, min(T, r0 + rows))
         n = c.stop - r0
         st = stats[: 2 * n * H]

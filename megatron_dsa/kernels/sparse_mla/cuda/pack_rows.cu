@@ -186,10 +186,15 @@ __global__ void __launch_bounds__(THREADS) pack_rows_kernel(const int32_t* __res
 extern "C" {
 
 // The kernel's static shared memory (its warp sums), which shares the opt-in limit with the
-// dynamic part
+// dynamic part; asked of the runtime once (it is the same on every device of the build)
 static long long static_smem() {
-  cudaFuncAttributes fa;
-  return cudaFuncGetAttributes(&fa, pack_rows_kernel) == cudaSuccess ? static_cast<long long>(fa.sharedSizeBytes) : 0;
+  static long long bytes = -1;
+  if (bytes < 0) {
+    cudaFuncAttributes fa;
+    if (cudaFuncGetAttributes(&fa, pack_rows_kernel) != cudaSuccess) return 0;
+    bytes = static_cast<long long>(fa.sharedSizeBytes);
+  }
+  return bytes;
 }
 static long long dynamic_smem(int R, int K, int Tk) {
   const long long W = (static_cast<long long>(Tk) + 31) / 32;
