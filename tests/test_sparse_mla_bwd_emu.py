@@ -58,9 +58,9 @@ def _build(tmp_path_factory, tag, kernel_text=None):
     lib = build_emulated(tmp_path_factory, tag, "bwd_emu.cpp", KERNEL, kernel_text=kernel_text)
     vp, ll, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
     lib.dsa_sparse_mla_bwd_sm90.restype = i32
-    lib.dsa_sparse_mla_bwd_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 6 + [f32, vp]
+    lib.dsa_sparse_mla_bwd_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
     lib.dsa_sparse_mla_bwd_packed_sm90.restype = i32
-    lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 8 + [f32, vp]
+    lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
     return lib
 
 
@@ -134,11 +134,12 @@ def _stats(prob):
     return torch.stack([z2, delta]).contiguous(), dsink_t
 
 
-def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0):
+def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0, launch_ctas=0):
     """The launcher's steps around the kernel (cuda_impl.sparse_mla_bwd_cuda) with the emulated
     kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages).
     ``lanes`` > 0: the deterministic mode, a persistent grid of ``lanes`` CTAs each adding into
-    its own dkv lane, the lanes summed in order."""
+    its own dkv lane, the lanes summed in order. ``launch_ctas`` > 0: the rows in launches of at
+    most that many CTAs."""
     q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
     T, H, _ = q.shape
     Tk, K = kv.shape[0], idx.shape[1]
@@ -157,14 +158,14 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
         rc = lib.dsa_sparse_mla_bwd_packed_sm90(
             q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
             q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4, int(prob.sink is not None), lanes, SCALE,
-            None)
+            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4, int(prob.sink is not None), lanes,
+            launch_ctas, SCALE, None)
     else:
         kv_len = effective_lengths_torch(idx, prob.topk_len)
         rc = lib.dsa_sparse_mla_bwd_sm90(
             q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
             q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), lanes, SCALE, None)
+            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), lanes, launch_ctas, SCALE, None)
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
     return (rc, dq, unpermute_dkv(ws.sum(0)), d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
 
@@ -232,6 +233,26 @@ def test_emulated_bwd_packed_matches_reference_without_hazards(lib):
     print("packed", errs)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["h100_rows", "packed_groups"])
+def test_emulated_bwd_in_launches_of_rows_equals_one_launch(lib, packed):
+    """``launch_ctas`` (the long-sequence launches of cuda_impl.l2_order): rows in several launches,
+    each CTA finding its row from the launch's first row. The reference's gradients and target,
+    no hazard; dq and the target the same bits as one launch, dkv equal up to its add order.
+    Unpacked: 3 rows of 2 head tiles, 3 CTAs per launch (one row each: the odd CTA budget rounds
+    down to whole rows); packed: 2 groups, one per launch."""
+    prob = (_problem(T=7, H=16, K=44, sink=True, shared_pool=56, seed=3) if packed
+            else _problem(T=3, H=100, K=70, sink=True, seed=4))
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=True, packed=packed,
+                                                            launch_ctas=1 if packed else 3)
+    assert rc == 0 and not aborted and hazards == 0, msgs
+    _check(prob, dq, dkv, d_sink, tgt)
+    rc, dq0, dkv0, _, tgt0, hazards, aborted, msgs = _run(lib, prob, target=True, packed=packed)
+    assert rc == 0 and hazards == 0 and not aborted, msgs
+    assert torch.equal(dq.view(torch.int16), dq0.view(torch.int16))
+    assert torch.allclose(dkv, dkv0, rtol=1e-5, atol=1e-5 * dkv0.abs().max().item())
+    assert torch.allclose(tgt, tgt0, rtol=1e-6, atol=0)
+
+
 def test_emulated_bwd_dq_bit_identical_under_random_slowdowns(lib):
     """Randomly slowed warpgroups (other interleavings of producer, WG1 and WG2): dq the same bits
     (no atomics), dkv equal up to the order of its fp32 atomic adds, no hazard."""
@@ -285,10 +306,10 @@ def test_emulated_bwd_deterministic_matches_reference_and_default(lib, case):
     print(case, errs)
 
 
-def test_emulated_bwd_deterministic_rejects_negative_lanes(lib):
+def test_emulated_bwd_rejects_negative_lanes_and_launch_sizes(lib):
     prob = _problem(T=2, H=64, K=40)
-    rc = _run(lib, prob, lanes=-1)[0]
-    assert rc == 1  # cudaErrorInvalidValue
+    assert _run(lib, prob, lanes=-1)[0] == 1  # cudaErrorInvalidValue
+    assert _run(lib, prob, launch_ctas=-1)[0] == 1
 
 
 # The emulator must see the races it exists to find: the kernel's source with its

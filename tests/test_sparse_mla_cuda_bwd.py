@@ -135,6 +135,33 @@ def test_effective_lengths_match_a_loop():
         sparse_mla(q, kv, idx[0], 0.1, d_v=8)
 
 
+def test_sort_row_ids_sorts_the_valid_ids_and_keeps_their_slots(monkeypatch):
+    """The long-sequence backward's id order (cuda_impl.l2_order): each row's valid ids ascending,
+    then -1; ids outside [0, num_keys), -1 holes and slots past topk_length are not valid; a
+    repeated id stays repeated; perm names the input slot of each sorted one (the target goes
+    back through it). Rows in chunks (SORT_CHUNK_ROWS), the last partial."""
+    monkeypatch.setattr(ci, "SORT_CHUNK_ROWS", 8)
+    g = torch.Generator().manual_seed(1)
+    T, K, Tk = 21, 40, 90
+    idx = torch.randint(-5, Tk + 6, (T, K), generator=g, dtype=torch.int32)
+    idx[3, 1:4] = idx[3, 0]                               # one id in four slots
+    idx[6] = -1                                           # an empty row
+    topk = torch.randint(0, K + 3, (T,), generator=g, dtype=torch.int32)
+    for tk in (None, topk):
+        got, perm = ci.sort_row_ids(idx, tk, Tk, with_perm=True)
+        assert got.dtype == perm.dtype == torch.int32 and got.shape == perm.shape == (T, K)
+        for t in range(T):
+            n_slots = K if tk is None else min(int(tk[t]), K)
+            want = sorted(int(v) for v in idx[t, :n_slots] if 0 <= v < Tk)
+            assert got[t].tolist() == want + [-1] * (K - len(want)), t
+            assert sorted(perm[t].tolist()) == list(range(K)), t      # a permutation of the slots
+            n = len(want)
+            assert torch.equal(idx[t, perm[t, :n].long()], got[t, :n]), t
+            assert (perm[t, :n] < n_slots).all(), t
+        assert ci.sort_row_ids(idx, tk, Tk)[1] is None
+        assert torch.equal(ci.sort_row_ids(idx, tk, Tk)[0], got)
+
+
 def _stored_column(c: int) -> int:
     """Where the kernel adds dkv channel c in its workspace (the layout described at the top of
     cuda/sparse_mla_bwd_sm90.cu), written out from the accumulator fragment it comes from."""
@@ -358,6 +385,40 @@ def test_gpu_packed_bwd_in_row_chunks_equals_one_launch(H, det, monkeypatch):
     if det:
         again = run()
         assert all(torch.equal(a, b) for a, b in zip(chunked, again))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target,packed", [
+    (1536, 64, 1024, True, True, True, True, False),    # 4 launches of 500 rows (the last 36)
+    (1024, 100, 512, False, False, True, True, False),  # 2 head tiles: 250 rows a launch
+    (777, 48, 300, True, True, True, False, False),
+    pytest.param(1023, 16, 300, True, True, True, True, True, marks=pytest.mark.row_packing),  # 100 groups a launch
+])
+def test_gpu_bwd_in_l2_order_matches_float64_reference(T, H, K, sink, topk, holes, target, packed, monkeypatch):
+    """The long-sequence order (cuda_impl.l2_order) forced at small shapes: ids sorted per row
+    (the target moved back to the input's slots), rows in launches of a few hundred CTAs, the
+    sort in chunks; against float64 as the default order is."""
+    need_library()
+    monkeypatch.setattr(ci, "l2_order", lambda device, num_keys: True)
+    monkeypatch.setattr(ci, "L2_ORDER_CTAS", 500)
+    monkeypatch.setattr(ci, "L2_ORDER_PACKED_CTAS", 100)
+    monkeypatch.setattr(ci, "SORT_CHUNK_ROWS", 700)
+    _check_against_reference(T, H, K, sink, topk, holes, target, packed=packed)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_l2_order_starts_where_the_dkv_workspace_leaves_the_l2():
+    need_library()
+    dev = torch.device("cuda")
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+    n = l2 // (576 * 4)
+    assert not ci.l2_order(dev, n) and ci.l2_order(dev, n + 1)
+    def reason(num_keys):
+        return select_backend("auto", dev, torch.bfloat16, 64, 576, 512, num_keys=num_keys).reason
+
+    assert "L2 order" in reason(n + 1) and "L2 order" not in reason(n)
 
 
 @pytest.mark.gpu

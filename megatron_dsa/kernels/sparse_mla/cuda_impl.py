@@ -44,7 +44,7 @@ from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
-           "MAX_HEADS16"]
+           "l2_order", "sort_row_ids", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
@@ -76,10 +76,10 @@ def _load(path: Path):
         fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
     bwd = lib.dsa_sparse_mla_bwd_sm90
     bwd.restype = i32
-    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 6 + [f32, vp]
+    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
     packed = lib.dsa_sparse_mla_bwd_packed_sm90
     packed.restype = i32
-    packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 8 + [f32, vp]
+    packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
     packed_fwd = lib.dsa_sparse_mla_fwd_packed_sm90
     packed_fwd.restype = i32
     packed_fwd.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
@@ -258,6 +258,49 @@ def pack_rows_cuda(indices: torch.Tensor, num_keys: int, heads: int,
 DET_WORKSPACE_SHARE = 0.1
 # The row-packed backward packs (and runs) at most this many bytes of packing at a time
 PACK_CHUNK_BYTES = 1 << 30
+# Long sequences (l2_order): CTAs per launch of the backward, unpacked (rows x head blocks) and
+# row-packed (groups). H100, S = 32K, rows' ids sorted: 64 heads 61.6 ms in launches of 4096
+# CTAs against 86.0 in one launch of random-order ids; 128 heads 123.8 against 144.2; 16 heads
+# packed 48.9 in launches of 2048 groups against 65.2 in one (docs/kernels_sparse_mla.md, 3.3)
+L2_ORDER_CTAS = 4096
+L2_ORDER_PACKED_CTAS = 2048
+# rows per torch.sort call of sort_row_ids (bounds its transient memory)
+SORT_CHUNK_ROWS = 4096
+
+
+def l2_order(device: torch.device, num_keys: int) -> bool:
+    """Whether the (non-deterministic) backward walks its rows in L2 order: true when the fp32
+    dkv workspace (``num_keys x 576 x 4`` bytes) exceeds the device's L2. Then every row's ids
+    are walked ascending (sorted by :func:`sort_row_ids`; a packed group's union already is) and
+    the rows run in launches of at most :data:`L2_ORDER_CTAS` (packed:
+    :data:`L2_ORDER_PACKED_CTAS`) CTAs, so that the CTAs of a launch, started together, walk
+    the keys in step and their dkv adds and kv gathers stay in the part of the workspace the L2
+    holds. A function of the device model and the shape."""
+    return num_keys * 576 * 4 > torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def sort_row_ids(indices: torch.Tensor, topk_length: Optional[torch.Tensor], num_keys: int,
+                 with_perm: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(ids, perm)``: each row's valid ids (in ``[0, num_keys)``, at a slot below
+    ``topk_length``) ascending, then -1; ``perm`` (int32, with ``with_perm``) the slot of the
+    input row each sorted slot came from (``ids[t, j] = indices[t, perm[t, j]]`` where valid).
+    Repeated ids stay repeated. Rows are sorted :data:`SORT_CHUNK_ROWS` at a time; no host sync."""
+    T, K = indices.shape
+    big = torch.iinfo(torch.int32).max
+    out = torch.empty(T, K, dtype=torch.int32, device=indices.device)
+    perm = torch.empty(T, K, dtype=torch.int32, device=indices.device) if with_perm else None
+    slots = torch.arange(K, device=indices.device, dtype=torch.int32)
+    for r0 in range(0, T, SORT_CHUNK_ROWS):
+        c = slice(r0, min(T, r0 + SORT_CHUNK_ROWS))
+        ids = indices[c]
+        valid = (ids >= 0) & (ids < num_keys)
+        if topk_length is not None:
+            valid &= slots[None, :] < topk_length[c].to(torch.int32)[:, None]
+        v, p = torch.where(valid, ids, big).sort(dim=1)
+        out[c] = torch.where(v == big, -1, v)
+        if perm is not None:
+            perm[c] = p
+    return out, perm
 
 
 def packed_chunk_rows(T: int, K: int, heads: int, budget: Optional[int] = None) -> int:
@@ -295,7 +338,9 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     ``deterministic``: bit-reproducible dkv and target for a given device model and shape (they
     set the lanes, :func:`det_lanes`), when each row's valid ids are distinct (the indexer's
     top-k are; a row naming a key twice adds it twice in no fixed order). dq and d_sink are
-    deterministic in both modes (no atomics).
+    deterministic in both modes (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
+    workspace exceeds the L2), each row's ids are walked ascending and the rows run in launches
+    of a bounded number of CTAs (the packed path's unions are ascending already).
     """
     _check_ids(indices)
     lib = library()
@@ -312,6 +357,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
     lanes = det_lanes(q.device, kv.shape[0]) if deterministic else 0
+    l2 = not deterministic and l2_order(q.device, kv.shape[0])
     # permuted columns; deterministic: one lane per persistent CTA
     dkv = torch.zeros(max(lanes, 1), kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
     for r0 in range(0, T, rows) if packed and T > 0 else ():  # (T = 0: no chunk, rows = 0)
@@ -328,20 +374,33 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 target_out[c].data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), n, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
-                4 if pk.hpad == 16 else 5, int(sink is not None), lanes, float(softmax_scale),
+                4 if pk.hpad == 16 else 5, int(sink is not None), lanes, L2_ORDER_PACKED_CTAS if l2 else 0,
+                float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "packed backward")
         del pk  # (freed before the next chunk packs: stream-ordered reuse)
     if T > 0 and not packed:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
+        perm = tgt = None
+        if l2:  # each row's ids ascending; the target is added at the sorted slots, then moved back
+            indices, perm = sort_row_ids(indices, topk_length, kv.shape[0], with_perm=target_out is not None)
+            topk_length = None
+            tgt = torch.zeros_like(target_out) if target_out is not None else None
+        else:
+            tgt = target_out
         kv_len = effective_lengths(indices, topk_length)
         with torch.cuda.device(q.device):
             _check(lib.dsa_sparse_mla_bwd_sm90(
                 q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
                 stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), dkv.data_ptr(),
-                target_out.data_ptr() if target_out is not None else None,
+                tgt.data_ptr() if tgt is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
-                lanes, float(softmax_scale), torch.cuda.current_stream(q.device).cuda_stream), "backward")
+                lanes, L2_ORDER_CTAS if l2 else 0, float(softmax_scale),
+                torch.cuda.current_stream(q.device).cuda_stream), "backward")
+        if perm is not None:  # (a permutation per row: one add per slot, in a fixed order)
+            for r0 in range(0, T, SORT_CHUNK_ROWS):
+                c = slice(r0, min(T, r0 + SORT_CHUNK_ROWS))
+                target_out[c].scatter_add_(1, perm[c].long(), tgt[c])
     d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
     # (the lanes are summed in index order: torch's reduction over a leading dim has no atomics)
     return dq, unpermute_dkv(dkv[0] if lanes == 0 else dkv.sum(0), kv.dtype), d_sink

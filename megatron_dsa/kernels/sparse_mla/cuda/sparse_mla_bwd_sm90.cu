@@ -109,6 +109,7 @@ struct BwdParams {
   long long q_st, q_sh, kv_s, idx_s, do_st, do_sh, dq_st, dq_sh;
   int T, H, Tk, K, n_hblk, has_sink;
   int n_rows;                 // key-list rows: T, or (packed) the groups G
+  int r0;                     // default mode: the first key-list row of this launch (launches of rows)
   int hshift, rows;           // packed only: log2 of the heads per row in the tile (4 or 5), rows per group
   float scale, scale_log2;
 };
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
         }
       }
     } else {
-      run(fn, static_cast<int>(blockIdx.x) / p.n_hblk, static_cast<int>(blockIdx.x) % p.n_hblk, 0, 0);
+      run(fn, p.r0 + static_cast<int>(blockIdx.x) / p.n_hblk, static_cast<int>(blockIdx.x) % p.n_hblk, 0, 0);
     }
   };
   // tile row r of item (t, h0) -> (query row, head); valid when both exist
@@ -649,22 +650,34 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 namespace {
 
 // lanes > 0: deterministic, a persistent grid of min(lanes, p.n_rows) CTAs, CTA j adding into
-// dkv lane j ([lanes, Tk, 576] fp32, zeroed; the caller sums the lanes in order)
+// dkv lane j ([lanes, Tk, 576] fp32, zeroed; the caller sums the lanes in order).
+// lanes = 0: one CTA per (key-list row, head block), in launches of at most launch_ctas CTAs
+// (whole rows; 0: one launch). Rows whose ids ascend, run in short launches, walk the keys in
+// step: their adds and gathers stay within a window of the keys that the L2 holds (cuda_impl.l2_order).
 template <bool PACK>
-int launch_bwd(BwdParams p, int lanes, void* stream) {
-  if (lanes < 0) return static_cast<int>(cudaErrorInvalidValue);
-  unsigned grid = static_cast<unsigned>(static_cast<long long>(p.n_rows) * p.n_hblk);
-  if (lanes > 0) grid = static_cast<unsigned>(min(lanes, p.n_rows));
+int launch_bwd(BwdParams p, int lanes, int launch_ctas, void* stream) {
+  if (lanes < 0 || launch_ctas < 0) return static_cast<int>(cudaErrorInvalidValue);
   static bool attr_set[2][64] = {};
   const cudaError_t e = lanes > 0 ? set_smem_once(attr_set[1], sparse_mla_bwd_sm90_kernel<PACK, true>, SMEM_BYTES)
                                   : set_smem_once(attr_set[0], sparse_mla_bwd_sm90_kernel<PACK, false>, SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
-  if (grid == 0) return 0;
-  if (lanes > 0)
-    sparse_mla_bwd_sm90_kernel<PACK, true><<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
-  else
-    sparse_mla_bwd_sm90_kernel<PACK, false><<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (lanes > 0) {
+    if (p.n_rows == 0) return 0;
+    const unsigned grid = static_cast<unsigned>(min(lanes, p.n_rows));
+    sparse_mla_bwd_sm90_kernel<PACK, true><<<grid, THREADS, SMEM_BYTES, s>>>(p);
+    return static_cast<int>(cudaGetLastError());
+  }
+  const int step = launch_ctas > 0 ? max(1, launch_ctas / p.n_hblk) : max(p.n_rows, 1);
+  for (int r0 = 0; r0 < p.n_rows; r0 += step) {
+    BwdParams pl = p;
+    pl.r0 = r0;
+    const unsigned grid = static_cast<unsigned>(static_cast<long long>(min(step, p.n_rows - r0)) * p.n_hblk);
+    sparse_mla_bwd_sm90_kernel<PACK, false><<<grid, THREADS, SMEM_BYTES, s>>>(pl);
+    const cudaError_t le = cudaGetLastError();
+    if (le != cudaSuccess) return static_cast<int>(le);
+  }
+  return 0;
 }
 
 BwdParams make_params(const void* q, const void* kv, const void* idx, const void* kv_len, const void* dout,
@@ -693,6 +706,7 @@ BwdParams make_params(const void* q, const void* kv, const void* idx, const void
   p.hshift = 6;
   p.rows = 1;
   p.n_rows = T;
+  p.r0 = 0;
   return p;
 }
 
@@ -705,26 +719,28 @@ int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
 // dkv: fp32 [Tk, 576], zeroed, columns in the permuted order described at the top; with
 // lanes > 0 (deterministic) [lanes, Tk, 576], zeroed, one lane per CTA, summed by the caller.
+// launch_ctas (lanes = 0): at most this many CTAs per launch, whole rows (0: one launch).
 int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                             const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
                             void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
                             long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
-                            int Tk, int K, int has_sink, int lanes, float scale, void* stream) {
+                            int Tk, int K, int has_sink, int lanes, int launch_ctas, float scale, void* stream) {
   if (H == 0) T = 0;
   const BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
                                   idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
-  return launch_bwd<false>(p, lanes, stream);
+  return launch_bwd<false>(p, lanes, launch_ctas, stream);
 }
 
 // Row packing (H <= 32; packing.py): uid [G, ucap] int32 with count [G], uslot [G, ucap, rows]
 // int16; hshift = log2 of the heads per row in the tile (4: 16, rows = 4; 5: 32, rows = 2).
-// K is the indices' slot count (the target's row stride). One CTA per group.
+// K is the indices' slot count (the target's row stride). One CTA per group (launch_ctas: as above).
 int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
                                    const void* uslot, const void* dout, const void* stats, const void* lse,
                                    void* dq, void* dkv, void* target, long long q_st, long long q_sh,
                                    long long kv_s, long long ucap, long long do_st, long long do_sh,
                                    long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G,
-                                   int hshift, int has_sink, int lanes, float scale, void* stream) {
+                                   int hshift, int has_sink, int lanes, int launch_ctas, float scale,
+                                   void* stream) {
   // (uslot rows are read as int16 pairs: an even row length keeps them 4-byte aligned)
   if (H < 1 || (hshift != 4 && hshift != 5) || H > (1 << hshift) || ucap % 2 != 0 || ucap >= (1LL << 31))
     return static_cast<int>(cudaErrorInvalidValue);
@@ -735,7 +751,7 @@ int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* ui
   p.rows = BM >> hshift;
   p.n_hblk = 1;
   p.n_rows = T == 0 ? 0 : G;
-  return launch_bwd<true>(p, lanes, stream);
+  return launch_bwd<true>(p, lanes, launch_ctas, stream);
 }
 
 }  // extern "C"
