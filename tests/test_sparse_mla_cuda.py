@@ -25,7 +25,7 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 
 NO_NVCC = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc")
-FWD_SRC, BWD_SRC, _, FWD16_SRC, _, PACKED_FWD_SRC = ci.SOURCES
+FWD_SRC, BWD_SRC, _, FWD16_SRC, _, PACKED_FWD_SRC, _ = ci.SOURCES
 
 
 def need_library():

@@ -135,31 +135,37 @@ def test_effective_lengths_match_a_loop():
         sparse_mla(q, kv, idx[0], 0.1, d_v=8)
 
 
-def test_sort_row_ids_sorts_the_valid_ids_and_keeps_their_slots(monkeypatch):
-    """The long-sequence backward's id order (cuda_impl.l2_order): each row's valid ids ascending,
-    then -1; ids outside [0, num_keys), -1 holes and slots past topk_length are not valid; a
-    repeated id stays repeated; perm names the input slot of each sorted one (the target goes
-    back through it). Rows in chunks (SORT_CHUNK_ROWS), the last partial."""
-    monkeypatch.setattr(ci, "SORT_CHUNK_ROWS", 8)
-    g = torch.Generator().manual_seed(1)
-    T, K, Tk = 21, 40, 90
+def _sort_case(T, K, Tk, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
     idx = torch.randint(-5, Tk + 6, (T, K), generator=g, dtype=torch.int32)
     idx[3, 1:4] = idx[3, 0]                               # one id in four slots
     idx[6] = -1                                           # an empty row
     topk = torch.randint(0, K + 3, (T,), generator=g, dtype=torch.int32)
+    return idx.to(device), topk.to(device)
+
+
+def test_sort_row_ids_sorts_the_valid_ids_and_keeps_their_slots(monkeypatch):
+    """The long-sequence backward's id order (cuda_impl.l2_order), its PyTorch reference: each
+    row's valid ids ascending, then -1; ids outside [0, num_keys), -1 holes and slots past
+    topk_length are not valid; a repeated id stays repeated (in slot order); perm names the
+    input slot of each sorted one (the target goes back through it); lengths counts the valid
+    ids. Rows in chunks (SORT_CHUNK_ROWS), the last partial."""
+    monkeypatch.setattr(ci, "SORT_CHUNK_ROWS", 8)
+    T, K, Tk = 21, 40, 90
+    idx, topk = _sort_case(T, K, Tk, 1)
     for tk in (None, topk):
-        got, perm = ci.sort_row_ids(idx, tk, Tk, with_perm=True)
-        assert got.dtype == perm.dtype == torch.int32 and got.shape == perm.shape == (T, K)
+        got, perm, lengths = ci.sort_row_ids_torch(idx, tk, Tk, with_perm=True)
+        assert got.dtype == perm.dtype == lengths.dtype == torch.int32 and got.shape == perm.shape == (T, K)
         for t in range(T):
             n_slots = K if tk is None else min(int(tk[t]), K)
-            want = sorted(int(v) for v in idx[t, :n_slots] if 0 <= v < Tk)
-            assert got[t].tolist() == want + [-1] * (K - len(want)), t
-            assert sorted(perm[t].tolist()) == list(range(K)), t      # a permutation of the slots
+            want = sorted((int(v), s) for s, v in enumerate(idx[t].tolist()) if s < n_slots and 0 <= v < Tk)
             n = len(want)
-            assert torch.equal(idx[t, perm[t, :n].long()], got[t, :n]), t
-            assert (perm[t, :n] < n_slots).all(), t
-        assert ci.sort_row_ids(idx, tk, Tk)[1] is None
-        assert torch.equal(ci.sort_row_ids(idx, tk, Tk)[0], got)
+            assert got[t].tolist() == [v for v, _ in want] + [-1] * (K - n), t
+            assert perm[t, :n].tolist() == [s for _, s in want], t    # equal ids in slot order
+            assert sorted(perm[t].tolist()) == list(range(K)), t      # a permutation of the slots
+            assert perm[t, n:].tolist() == sorted(perm[t, n:].tolist()), t
+            assert int(lengths[t]) == n, t
+        assert ci.sort_row_ids_torch(idx, tk, Tk)[1] is None
 
 
 def _stored_column(c: int) -> int:
@@ -405,6 +411,23 @@ def test_gpu_bwd_in_l2_order_matches_float64_reference(T, H, K, sink, topk, hole
     monkeypatch.setattr(ci, "L2_ORDER_PACKED_CTAS", 100)
     monkeypatch.setattr(ci, "SORT_CHUNK_ROWS", 700)
     _check_against_reference(T, H, K, sink, topk, holes, target, packed=packed)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,K,Tk", [(21, 40, 90), (300, 2048, 32768), (64, 4096, 5000), (50, 600, 3), (9, 4100, 70000)])
+def test_gpu_row_sort_kernel_matches_torch(T, K, Tk):
+    """cuda/sort_rows.cu against its reference, bit for bit (ids, perm, lengths): rows of 40
+    (128 threads), 2048 (256) and 4096 (512) slots, ids past Tk, holes, repeats, topk_length; a
+    row longer than the kernel's 4096 takes the reference."""
+    need_library()
+    idx, topk = _sort_case(T, K, Tk, T, "cuda")
+    for tk in (None, topk):
+        for with_perm in (True, False):
+            got = ci.sort_row_ids(idx, tk, Tk, with_perm)
+            want = ci.sort_row_ids_torch(idx, tk, Tk, with_perm)
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
 @pytest.mark.gpu

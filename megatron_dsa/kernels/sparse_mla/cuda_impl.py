@@ -44,11 +44,12 @@ from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
-           "l2_order", "sort_row_ids", "MAX_HEADS16"]
+           "l2_order", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
-           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu", _DIR / "sparse_mla_fwd_packed_sm90.cu")
+           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu", _DIR / "sparse_mla_fwd_packed_sm90.cu",
+           _DIR / "sort_rows.cu")
 HEADERS = (_DIR / "sm90_common.cuh",)
 ARCH = "sm_90a"
 # The largest head count routed to the 16-head forward; more heads run the 64-head (ping-pong)
@@ -89,6 +90,11 @@ def _load(path: Path):
     pack = lib.dsa_pack_rows
     pack.restype = i32
     pack.argtypes = [vp, ll, vp, i32, i32, i32, i32, vp, vp, vp, vp]
+    sort = lib.dsa_sort_rows
+    sort.restype = i32
+    sort.argtypes = [vp, ll, vp, i32, i32, i32, vp, vp, vp, vp]
+    lib.dsa_sort_rows_max_k.restype = i32
+    lib.dsa_sort_rows_max_k.argtypes = []
     pack_smem = lib.dsa_pack_rows_smem
     pack_smem.restype = ll
     pack_smem.argtypes = [i32, i32, i32]
@@ -264,7 +270,7 @@ PACK_CHUNK_BYTES = 1 << 30
 # packed 48.9 in launches of 2048 groups against 65.2 in one (docs/kernels_sparse_mla.md, 3.3)
 L2_ORDER_CTAS = 4096
 L2_ORDER_PACKED_CTAS = 2048
-# rows per torch.sort call of sort_row_ids (bounds its transient memory)
+# rows per torch.sort call of sort_row_ids_torch (bounds its transient memory)
 SORT_CHUNK_ROWS = 4096
 
 
@@ -280,15 +286,41 @@ def l2_order(device: torch.device, num_keys: int) -> bool:
 
 
 def sort_row_ids(indices: torch.Tensor, topk_length: Optional[torch.Tensor], num_keys: int,
-                 with_perm: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(ids, perm)``: each row's valid ids (in ``[0, num_keys)``, at a slot below
-    ``topk_length``) ascending, then -1; ``perm`` (int32, with ``with_perm``) the slot of the
-    input row each sorted slot came from (``ids[t, j] = indices[t, perm[t, j]]`` where valid).
-    Repeated ids stay repeated. Rows are sorted :data:`SORT_CHUNK_ROWS` at a time; no host sync."""
+                 with_perm: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """``(ids, perm, lengths)``: each row's valid ids (in ``[0, num_keys)``, at a slot below
+    ``topk_length``) ascending, then -1; ``perm`` (int32, with ``with_perm``) the input slot of
+    each sorted one (``ids[t, j] = indices[t, perm[t, j]]`` where valid; equal ids and the
+    invalid slots in slot order); ``lengths`` int32 [T] the valid count per row. Repeated ids
+    stay repeated. ``cuda/sort_rows.cu`` (one CTA per row, a block radix sort) for rows of up
+    to 4096 slots; :func:`sort_row_ids_torch` beyond. No host sync."""
+    _check_ids(indices)
+    lib = library()
+    T, K = indices.shape
+    if K > lib.dsa_sort_rows_max_k():
+        return sort_row_ids_torch(indices, topk_length, num_keys, with_perm)
+    dev = indices.device
+    out = torch.empty(T, K, dtype=torch.int32, device=dev)
+    perm = torch.empty(T, K, dtype=torch.int32, device=dev) if with_perm else None
+    lengths = torch.empty(T, dtype=torch.int32, device=dev)
+    cap = topk_length.to(torch.int32).contiguous() if topk_length is not None else None
+    with torch.cuda.device(dev):
+        _check(lib.dsa_sort_rows(indices.data_ptr(), indices.stride(0), cap.data_ptr() if cap is not None else None,
+                                 T, K, max(int(num_keys), 1), out.data_ptr(),
+                                 perm.data_ptr() if perm is not None else None, lengths.data_ptr(),
+                                 torch.cuda.current_stream(dev).cuda_stream), "row sort")
+    return out, perm, lengths
+
+
+def sort_row_ids_torch(indices: torch.Tensor, topk_length: Optional[torch.Tensor], num_keys: int,
+                       with_perm: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """:func:`sort_row_ids` in PyTorch (the CUDA kernel's reference; any row length): a stable
+    sort of each row with the invalid slots keyed past every id, :data:`SORT_CHUNK_ROWS` rows at
+    a time."""
     T, K = indices.shape
     big = torch.iinfo(torch.int32).max
     out = torch.empty(T, K, dtype=torch.int32, device=indices.device)
     perm = torch.empty(T, K, dtype=torch.int32, device=indices.device) if with_perm else None
+    lengths = torch.empty(T, dtype=torch.int32, device=indices.device)
     slots = torch.arange(K, device=indices.device, dtype=torch.int32)
     for r0 in range(0, T, SORT_CHUNK_ROWS):
         c = slice(r0, min(T, r0 + SORT_CHUNK_ROWS))
@@ -296,11 +328,12 @@ def sort_row_ids(indices: torch.Tensor, topk_length: Optional[torch.Tensor], num
         valid = (ids >= 0) & (ids < num_keys)
         if topk_length is not None:
             valid &= slots[None, :] < topk_length[c].to(torch.int32)[:, None]
-        v, p = torch.where(valid, ids, big).sort(dim=1)
+        v, p = torch.where(valid, ids, big).sort(dim=1, stable=True)
         out[c] = torch.where(v == big, -1, v)
+        lengths[c] = valid.sum(1, dtype=torch.int32)
         if perm is not None:
             perm[c] = p
-    return out, perm
+    return out, perm, lengths
 
 
 def packed_chunk_rows(T: int, K: int, heads: int, budget: Optional[int] = None) -> int:
@@ -382,12 +415,11 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
         perm = tgt = None
         if l2:  # each row's ids ascending; the target is added at the sorted slots, then moved back
-            indices, perm = sort_row_ids(indices, topk_length, kv.shape[0], with_perm=target_out is not None)
-            topk_length = None
+            indices, perm, kv_len = sort_row_ids(indices, topk_length, kv.shape[0], with_perm=target_out is not None)
             tgt = torch.zeros_like(target_out) if target_out is not None else None
         else:
             tgt = target_out
-        kv_len = effective_lengths(indices, topk_length)
+            kv_len = effective_lengths(indices, topk_length)
         with torch.cuda.device(q.device):
             _check(lib.dsa_sparse_mla_bwd_sm90(
                 q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
