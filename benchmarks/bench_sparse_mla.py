@@ -322,6 +322,9 @@ def main():
                     help="profile one call of ours' fwd+bwd per case: kernel times vs the step")
     ap.add_argument("--pack-chunk-mib", type=int, default=None,
                     help="the row-packed backward's packing per launch (cuda_impl.PACK_CHUNK_BYTES, MiB)")
+    ap.add_argument("--no-l2-order", action="store_true",
+                    help="ours' backward in the ids' own order and one launch at every S (cuda_impl.l2_order "
+                         "off): the other side of the L2 order's A/B")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sparse_mla: needs a CUDA device")
@@ -332,6 +335,10 @@ def main():
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 
         cuda_impl.PACK_CHUNK_BYTES = args.pack_chunk_mib << 20
+    if args.no_l2_order:
+        from megatron_dsa.kernels.sparse_mla import cuda_impl
+
+        cuda_impl.l2_order = lambda device, num_keys: False
 
     impls = [s for s in args.impls.split(",") if s]
     backends = [b for b in args.ours_backends.split(",") if b]
