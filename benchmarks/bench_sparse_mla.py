@@ -338,7 +338,7 @@ def main():
     if args.no_l2_order:
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 
-        cuda_impl.l2_order = lambda device, num_keys: False
+        cuda_impl.l2_order = lambda device, num_keys, key_bytes=0: False
 
     impls = [s for s in args.impls.split(",") if s]
     backends = [b for b in args.ours_backends.split(",") if b]

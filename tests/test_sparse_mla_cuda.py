@@ -143,6 +143,24 @@ def test_gpu_head_count_routing(monkeypatch):
     (300, 130, 300, True, True),     # the 64-head kernel, three head tiles, the last with 2 heads
 ])
 def test_gpu_matches_float64_reference(T, H, K, sink, topk):
+    _fwd_against_float64(T, H, K, sink, topk)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk", [
+    (1536, 64, 1024, True, True),    # the ping-pong kernel
+    (2100, 16, 2048, True, True),    # the 16-head kernel
+    (777, 48, 300, False, True),
+])
+def test_gpu_forward_in_l2_order_matches_float64_reference(T, H, K, sink, topk, monkeypatch):
+    """The long-sequence order (cuda_impl.l2_order) forced at small shapes: each row's ids sorted
+    (cuda/sort_rows.cu) before the kernel, its lengths from the sort."""
+    monkeypatch.setattr(ci, "l2_order", lambda device, num_keys, key_bytes=0: True)
+    _fwd_against_float64(T, H, K, sink, topk)
+
+
+def _fwd_against_float64(T, H, K, sink, topk):
     need_library()
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
     q, kv, idx, tk, sk = cuda_fwd_case(T, H, K, sink, topk, empty_rows=True, seed=seed)

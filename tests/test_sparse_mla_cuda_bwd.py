@@ -168,6 +168,15 @@ def test_sort_row_ids_sorts_the_valid_ids_and_keeps_their_slots(monkeypatch):
         assert ci.sort_row_ids_torch(idx, tk, Tk)[1] is None
 
 
+def test_l2_order_launches_shrink_with_the_keys():
+    """Launch sizes of the L2 order: the base up to 32K keys, in proportion beyond, at least 256."""
+    for packed, base in ((False, ci.L2_ORDER_CTAS), (True, ci.L2_ORDER_PACKED_CTAS)):
+        assert ci.l2_order_launch_ctas(16384, packed) == ci.l2_order_launch_ctas(32768, packed) == base
+        assert ci.l2_order_launch_ctas(65536, packed) == base // 2
+        assert ci.l2_order_launch_ctas(131072, packed) == base // 4
+        assert ci.l2_order_launch_ctas(1 << 22, packed) == 256
+
+
 def _stored_column(c: int) -> int:
     """Where the kernel adds dkv channel c in its workspace (the layout described at the top of
     cuda/sparse_mla_bwd_sm90.cu), written out from the accumulator fragment it comes from."""
@@ -406,7 +415,7 @@ def test_gpu_bwd_in_l2_order_matches_float64_reference(T, H, K, sink, topk, hole
     (the target moved back to the input's slots), rows in launches of a few hundred CTAs, the
     sort in chunks; against float64 as the default order is."""
     need_library()
-    monkeypatch.setattr(ci, "l2_order", lambda device, num_keys: True)
+    monkeypatch.setattr(ci, "l2_order", lambda device, num_keys, key_bytes=0: True)
     monkeypatch.setattr(ci, "L2_ORDER_CTAS", 500)
     monkeypatch.setattr(ci, "L2_ORDER_PACKED_CTAS", 100)
     monkeypatch.setattr(ci, "SORT_CHUNK_ROWS", 700)

@@ -44,7 +44,7 @@ from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
-           "l2_order", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16"]
+           "l2_order", "l2_order_launch_ctas", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
@@ -202,7 +202,8 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     """Forward: ``(out [T, H, 512] bf16, lse [T, H] fp32)``; the contract of ``reference.py``.
     ``indices`` int32 with unit column stride. ``H <= MAX_HEADS16``: the 16-head kernel; more: the
     ping-pong 64-head kernel. ``packed``: row packing (``H <= 32``): the packed 64-head kernel
-    over groups of rows and the union of their keys."""
+    over groups of rows and the union of their keys. Unpacked, where kv exceeds the L2
+    (:func:`l2_order` with :data:`FWD_KEY_BYTES`), each row's ids are sorted first."""
     _check_ids(indices)
     lib = library()
     T, H, _ = q.shape
@@ -225,7 +226,10 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
                 T, H, kv.shape[0], pk.uid.shape[0], 4 if pk.hpad == 16 else 5, float(softmax_scale) * LOG2E,
                 torch.cuda.current_stream(q.device).cuda_stream), "packed forward")
         return out, lse
-    kv_len = effective_lengths(indices, topk_length)
+    if l2_order(q.device, kv.shape[0], FWD_KEY_BYTES):  # ids ascending: the gathers stay in a band of kv
+        indices, _, kv_len = sort_row_ids(indices, topk_length, kv.shape[0])
+    else:
+        kv_len = effective_lengths(indices, topk_length)
     args = (q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(),
             sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
@@ -264,25 +268,41 @@ def pack_rows_cuda(indices: torch.Tensor, num_keys: int, heads: int,
 DET_WORKSPACE_SHARE = 0.1
 # The row-packed backward packs (and runs) at most this many bytes of packing at a time
 PACK_CHUNK_BYTES = 1 << 30
-# Long sequences (l2_order): CTAs per launch of the backward, unpacked (rows x head blocks) and
-# row-packed (groups). H100, S = 32K, rows' ids sorted: 64 heads 61.6 ms in launches of 4096
+# Long sequences (l2_order): CTAs per launch of the backward at Tk <= L2_ORDER_REF_KEYS,
+# unpacked (rows x head blocks) and row-packed (groups); fewer in proportion beyond
+# (l2_order_launch_ctas). H100, S = 32K, rows' ids sorted: 64 heads 61.6 ms in launches of 4096
 # CTAs against 86.0 in one launch of random-order ids; 128 heads 123.8 against 144.2; 16 heads
-# packed 48.9 in launches of 2048 groups against 65.2 in one (docs/kernels_sparse_mla.md, 3.3)
+# packed 48.9 in launches of 2048 groups against 65.2 in one; at 128K 16 heads packed 237 / 250
+# / 273 ms in launches of 512 / 1024 / 2048 groups (docs/kernels_sparse_mla.md, 3.3)
 L2_ORDER_CTAS = 4096
 L2_ORDER_PACKED_CTAS = 2048
+L2_ORDER_REF_KEYS = 32768
+# the forward's l2_order row: one bf16 kv row
+FWD_KEY_BYTES = 576 * 2
 # rows per torch.sort call of sort_row_ids_torch (bounds its transient memory)
 SORT_CHUNK_ROWS = 4096
 
 
-def l2_order(device: torch.device, num_keys: int) -> bool:
-    """Whether the (non-deterministic) backward walks its rows in L2 order: true when the fp32
-    dkv workspace (``num_keys x 576 x 4`` bytes) exceeds the device's L2. Then every row's ids
-    are walked ascending (sorted by :func:`sort_row_ids`; a packed group's union already is) and
-    the rows run in launches of at most :data:`L2_ORDER_CTAS` (packed:
-    :data:`L2_ORDER_PACKED_CTAS`) CTAs, so that the CTAs of a launch, started together, walk
-    the keys in step and their dkv adds and kv gathers stay in the part of the workspace the L2
-    holds. A function of the device model and the shape."""
-    return num_keys * 576 * 4 > torch.cuda.get_device_properties(device).L2_cache_size
+def l2_order(device: torch.device, num_keys: int, key_bytes: int = 576 * 4) -> bool:
+    """Whether a kernel walks its rows in L2 order: true when ``num_keys x key_bytes`` exceeds the
+    device's L2. The (non-deterministic) backward asks with the fp32 dkv workspace's row (the
+    default): every row's ids are then walked ascending (sorted by :func:`sort_row_ids`; a
+    packed group's union already is) and the rows run in launches of at most
+    :func:`l2_order_launch_ctas` CTAs, so that the CTAs of a
+    launch, started together, walk the keys in step and their dkv adds and kv gathers stay in
+    the part of the workspace the L2 holds. The (unpacked) forward asks with kv's bf16 row
+    (1152 bytes) and sorts the ids only (its launches are persistent or short already). A
+    function of the device model and the shape."""
+    return num_keys * key_bytes > torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def l2_order_launch_ctas(num_keys: int, packed: bool) -> int:
+    """CTAs (packed: groups) per launch of the backward in L2 order: :data:`L2_ORDER_CTAS` (packed:
+    :data:`L2_ORDER_PACKED_CTAS`) up to :data:`L2_ORDER_REF_KEYS` keys, in proportion to
+    ``L2_ORDER_REF_KEYS / num_keys`` beyond (a launch's band of keys widens with the keys each row
+    spans), at least 256."""
+    base = L2_ORDER_PACKED_CTAS if packed else L2_ORDER_CTAS
+    return max(min(256, base), min(base, base * L2_ORDER_REF_KEYS // max(num_keys, 1)))
 
 
 def sort_row_ids(indices: torch.Tensor, topk_length: Optional[torch.Tensor], num_keys: int,
@@ -407,7 +427,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 target_out[c].data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), n, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
-                4 if pk.hpad == 16 else 5, int(sink is not None), lanes, L2_ORDER_PACKED_CTAS if l2 else 0,
+                4 if pk.hpad == 16 else 5, int(sink is not None), lanes,
+                l2_order_launch_ctas(kv.shape[0], True) if l2 else 0,
                 float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "packed backward")
         del pk  # (freed before the next chunk packs: stream-ordered reuse)
@@ -427,7 +448,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 tgt.data_ptr() if tgt is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
-                lanes, L2_ORDER_CTAS if l2 else 0, float(softmax_scale),
+                lanes, l2_order_launch_ctas(kv.shape[0], False) if l2 else 0, float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "backward")
         if perm is not None:  # (a permutation per row: one add per slot, in a fixed order)
             for r0 in range(0, T, SORT_CHUNK_ROWS):

@@ -111,8 +111,12 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
         if det:
             return KernelChoice(OP, backend, "cuda", "cuda-deterministic",
                                 f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: one dkv lane per SM)")
-        l2 = ("; the backward walks its rows in L2 order (ids ascending, short launches: the dkv "
-              "workspace exceeds the L2)" if num_keys is not None and cuda_impl.l2_order(device, num_keys) else "")
+        l2 = ""
+        if num_keys is not None and cuda_impl.l2_order(device, num_keys):
+            l2 = ("; the backward walks its rows in L2 order (ids ascending, short launches: the dkv "
+                  "workspace exceeds the L2)")
+            if cuda_impl.l2_order(device, num_keys, cuda_impl.FWD_KEY_BYTES):
+                l2 += ", the forward its ids ascending (kv exceeds the L2)"
         return KernelChoice(OP, backend, "cuda", "cuda", f"sm_90a CUDA kernels ({heads} heads){l2}")
     kernel_shapes = dtype == torch.bfloat16 and d_qk == 576 and d_v == 512
     if warn and kernel_shapes:
