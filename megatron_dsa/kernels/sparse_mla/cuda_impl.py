@@ -93,6 +93,9 @@ def _load(path: Path):
     sort = lib.dsa_sort_rows
     sort.restype = i32
     sort.argtypes = [vp, ll, vp, i32, i32, i32, vp, vp, vp, vp]
+    unperm = lib.dsa_unpermute_add
+    unperm.restype = i32
+    unperm.argtypes = [vp, vp, i32, i32, vp, vp]
     lib.dsa_sort_rows_max_k.restype = i32
     lib.dsa_sort_rows_max_k.argtypes = []
     pack_smem = lib.dsa_pack_rows_smem
@@ -450,10 +453,11 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
                 lanes, l2_order_launch_ctas(kv.shape[0], False) if l2 else 0, float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "backward")
-        if perm is not None:  # (a permutation per row: one add per slot, in a fixed order)
-            for r0 in range(0, T, SORT_CHUNK_ROWS):
-                c = slice(r0, min(T, r0 + SORT_CHUNK_ROWS))
-                target_out[c].scatter_add_(1, perm[c].long(), tgt[c])
+        if perm is not None:  # target_out[t, perm[t, j]] += tgt[t, j]: one add per slot
+            with torch.cuda.device(q.device):
+                _check(lib.dsa_unpermute_add(tgt.data_ptr(), perm.data_ptr(), T, indices.shape[1],
+                                             target_out.data_ptr(), torch.cuda.current_stream(q.device).cuda_stream),
+                       "target unpermute")
     d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
     # (the lanes are summed in index order: torch's reduction over a leading dim has no atomics)
     return dq, unpermute_dkv(dkv[0] if lanes == 0 else dkv.sum(0), kv.dtype), d_sink

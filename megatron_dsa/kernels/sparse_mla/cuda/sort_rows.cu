@@ -73,9 +73,28 @@ cudaError_t launch(const void* idx, long long idx_s, const void* cap, int T, int
   return cudaGetLastError();
 }
 
+// out[t, perm[t, j]] += src[t, j] for j < K (perm a permutation of each row's slots): the loss
+// target, added at the sorted slots, back at the input's. One add per destination, so the
+// result is the same bits on every run. One CTA per row.
+__global__ void __launch_bounds__(256) unpermute_add_kernel(const float* __restrict__ src,
+                                                            const int32_t* __restrict__ perm, int K,
+                                                            float* __restrict__ out) {
+  const long long base = static_cast<long long>(blockIdx.x) * K;
+  for (int j = threadIdx.x; j < K; j += 256) out[base + __ldg(perm + base + j)] += __ldg(src + base + j);
+}
+
 }  // namespace
 
 extern "C" {
+
+// src, out: fp32 [T, K] contiguous; perm: int32 [T, K] contiguous, each row a permutation of
+// [0, K). Returns a cudaError_t (0 = launched).
+int dsa_unpermute_add(const void* src, const void* perm, int T, int K, void* out, void* stream) {
+  if (T <= 0 || K <= 0) return 0;
+  unpermute_add_kernel<<<static_cast<unsigned>(T), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const float*>(src), static_cast<const int32_t*>(perm), K, static_cast<float*>(out));
+  return static_cast<int>(cudaGetLastError());
+}
 
 // The largest row (K) dsa_sort_rows takes; longer rows are the caller's (torch.sort).
 int dsa_sort_rows_max_k() { return 4096; }
