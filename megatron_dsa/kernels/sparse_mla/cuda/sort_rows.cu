@@ -18,6 +18,8 @@
 
 namespace {
 
+constexpr int MAX_K = 4096;  // the longest row (512 threads x 8 items)
+
 template <int THREADS, int ITEMS>
 __global__ void __launch_bounds__(THREADS) sort_rows_kernel(const int32_t* __restrict__ idx, long long idx_s,
                                                             const int32_t* __restrict__ cap, int K, int Tk,
@@ -29,7 +31,7 @@ __global__ void __launch_bounds__(THREADS) sort_rows_kernel(const int32_t* __res
   const long long row = blockIdx.x;
   const int32_t* r = idx + row * idx_s;
   const int n_slots = cap != nullptr ? min(max(__ldg(cap + row), 0), K) : K;
-  const uint32_t sentinel = (bits >= 32 ? 0xffffffffu : (1u << bits) - 1u);
+  const uint32_t sentinel = (1u << bits) - 1u;  // bits <= 31 (Tk < 2^31)
   uint32_t key[ITEMS];
   int32_t val[ITEMS];
 #pragma unroll
@@ -97,20 +99,20 @@ int dsa_unpermute_add(const void* src, const void* perm, int T, int K, void* out
 }
 
 // The largest row (K) dsa_sort_rows takes; longer rows are the caller's (torch.sort).
-int dsa_sort_rows_max_k() { return 4096; }
+int dsa_sort_rows_max_k() { return MAX_K; }
 
 // idx: int32 [T, K], row stride idx_s; cap: int32 [T] or null; out: int32 [T, K] contiguous;
 // perm: int32 [T, K] contiguous or null; count: int32 [T]. 1 <= Tk < 2^31. Returns a
 // cudaError_t (0 = launched; cudaErrorInvalidValue for K outside [0, 4096] or Tk < 1).
 int dsa_sort_rows(const void* idx, long long idx_s, const void* cap, int T, int K, int Tk, void* out,
                   void* perm, void* count, void* stream) {
-  if (K < 0 || K > 4096 || Tk < 1) return static_cast<int>(cudaErrorInvalidValue);
+  if (K < 0 || K > MAX_K || Tk < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (T <= 0 || K == 0) {
     if (T > 0) return static_cast<int>(cudaMemsetAsync(count, 0, sizeof(int32_t) * T, static_cast<cudaStream_t>(stream)));
     return 0;
   }
   int bits = 1;
-  while (bits < 32 && (1ll << bits) <= Tk) ++bits;  // Tk < 2^bits: the sentinel 2^bits - 1 >= Tk
+  while ((1ll << bits) <= Tk) ++bits;  // Tk < 2^bits: the sentinel 2^bits - 1 >= Tk
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   if (K <= 512)

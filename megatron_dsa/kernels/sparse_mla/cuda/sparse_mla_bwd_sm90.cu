@@ -652,8 +652,8 @@ namespace {
 // lanes > 0: deterministic, a persistent grid of min(lanes, p.n_rows) CTAs, CTA j adding into
 // dkv lane j ([lanes, Tk, 576] fp32, zeroed; the caller sums the lanes in order).
 // lanes = 0: one CTA per (key-list row, head block), in launches of at most launch_ctas CTAs
-// (whole rows; 0: one launch). Rows whose ids ascend, run in short launches, walk the keys in
-// step: their adds and gathers stay within a window of the keys that the L2 holds (cuda_impl.l2_order).
+// (whole rows; 0: one launch). The CTAs of a short launch start together; walking ascending ids,
+// they add and gather within a band of keys that the L2 holds (cuda_impl.l2_order).
 template <bool PACK>
 int launch_bwd(BwdParams p, int lanes, int launch_ctas, void* stream) {
   if (lanes < 0 || launch_ctas < 0) return static_cast<int>(cudaErrorInvalidValue);
