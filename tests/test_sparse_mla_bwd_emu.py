@@ -36,7 +36,7 @@ import sys
 import pytest
 import torch
 
-from megatron_dsa.kernels.sparse_mla.cuda_impl import effective_lengths_torch, unpermute_dkv
+from megatron_dsa.kernels.sparse_mla.cuda_impl import effective_lengths_torch, unpermute_dkv, unpermute_dkv64
 from megatron_dsa.kernels.sparse_mla.packing import pack_rows_reference
 from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
 
@@ -61,6 +61,8 @@ def _build(tmp_path_factory, tag, kernel_text=None):
     lib.dsa_sparse_mla_bwd_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
     lib.dsa_sparse_mla_bwd_packed_sm90.restype = i32
     lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
+    lib.dsa_sparse_mla_bwd64_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd64_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
     return lib
 
 
@@ -134,12 +136,13 @@ def _stats(prob):
     return torch.stack([z2, delta]).contiguous(), dsink_t
 
 
-def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0, launch_ctas=0):
+def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0, launch_ctas=0, keys64=False):
     """The launcher's steps around the kernel (cuda_impl.sparse_mla_bwd_cuda) with the emulated
     kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages).
     ``lanes`` > 0: the deterministic mode, a persistent grid of ``lanes`` CTAs each adding into
     its own dkv lane, the lanes summed in order. ``launch_ctas`` > 0: the rows in launches of at
-    most that many CTAs."""
+    most that many CTAs. ``keys64``: the 64-key kernel (``dsa_sparse_mla_bwd64_sm90``, its own
+    workspace layout)."""
     q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
     T, H, _ = q.shape
     Tk, K = kv.shape[0], idx.shape[1]
@@ -162,12 +165,14 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
             launch_ctas, SCALE, None)
     else:
         kv_len = effective_lengths_torch(idx, prob.topk_len)
-        rc = lib.dsa_sparse_mla_bwd_sm90(
+        entry = lib.dsa_sparse_mla_bwd64_sm90 if keys64 else lib.dsa_sparse_mla_bwd_sm90
+        rc = entry(
             q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
             q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
             dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), lanes, launch_ctas, SCALE, None)
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
-    return (rc, dq, unpermute_dkv(ws.sum(0)), d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
+    dkv = unpermute_dkv64(ws.sum(0)) if keys64 else unpermute_dkv(ws.sum(0))
+    return (rc, dq, dkv, d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
 
 
 def _rel(x, ref):
@@ -214,6 +219,50 @@ def test_emulated_bwd_matches_reference_without_hazards(lib, case):
     if kw.get("empty_last_row"):
         assert torch.equal(dq[-1].float(), torch.zeros(kw["H"], D_QK))
     print(case, errs)
+
+
+CASES64 = {
+    # T, H, K: blocks of 64 keys per row (the last ones partial; row 1 cut by topk_length)
+    "h64_k150_target": dict(T=3, H=64, K=150, target=True),                # 3 / 2 / 3 blocks
+    "h100_k70_sink_target": dict(T=2, H=100, K=70, sink=True, target=True),  # 2 head tiles, the last masked
+    "h17_k40_sink_empty_row": dict(T=4, H=17, K=40, sink=True, empty_last_row=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES64))
+def test_emulated_bwd64_matches_reference_without_hazards(lib, case):
+    """The 64-key kernel: the reference's gradients and target, no hazard; dq the same bits
+    under another interleaving of its warpgroups."""
+    kw = dict(CASES64[case])
+    target = kw.pop("target", False)
+    prob = _problem(**kw)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=target, keys64=True)
+    assert rc == 0
+    assert not aborted and hazards == 0, msgs
+    errs = _check(prob, dq, dkv, d_sink, tgt)
+    if kw.get("empty_last_row"):
+        assert torch.equal(dq[-1].float(), torch.zeros(kw["H"], D_QK))
+    if case == "h64_k150_target":
+        again = _run(lib, prob, seed=11, target=target, keys64=True)
+        assert again[0] == 0 and again[5] == 0 and not again[6], again[7]
+        assert torch.equal(again[1].view(torch.int16), dq.view(torch.int16))
+        assert torch.allclose(again[2], dkv, rtol=1e-5, atol=1e-5 * dkv.abs().max().item())
+    print(case, errs)
+
+
+def test_emulated_bwd64_in_launches_and_errors(lib):
+    """The 64-key kernel in launches of rows (3 CTAs: one row of 2 head tiles each) equals one
+    launch; it has no deterministic mode (lanes > 0) and refuses negative launch sizes."""
+    prob = _problem(T=3, H=100, K=70, sink=True, seed=4)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=True, launch_ctas=3, keys64=True)
+    assert rc == 0 and not aborted and hazards == 0, msgs
+    _check(prob, dq, dkv, d_sink, tgt)
+    rc, dq0, dkv0, _, tgt0, hazards, aborted, msgs = _run(lib, prob, target=True, keys64=True)
+    assert rc == 0 and hazards == 0 and not aborted, msgs
+    assert torch.equal(dq.view(torch.int16), dq0.view(torch.int16))
+    assert torch.allclose(tgt, tgt0, rtol=1e-6, atol=0)
+    assert _run(lib, prob, lanes=1, keys64=True)[0] == 1  # cudaErrorInvalidValue
+    assert _run(lib, prob, launch_ctas=-1, keys64=True)[0] == 1
 
 
 def test_emulated_bwd_packed_matches_reference_without_hazards(lib):

@@ -43,7 +43,7 @@ from .packing import MAX_PACK_HEADS, PackedRows, heads_padded, pack_rows_triton,
 from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
-           "effective_lengths", "unpermute_dkv", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
+           "effective_lengths", "unpermute_dkv", "unpermute_dkv64", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
            "l2_order", "l2_order_launch_ctas", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
@@ -75,9 +75,10 @@ def _load(path: Path):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
-    bwd = lib.dsa_sparse_mla_bwd_sm90
-    bwd.restype = i32
-    bwd.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
+    for name in ("dsa_sparse_mla_bwd_sm90", "dsa_sparse_mla_bwd64_sm90"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
     packed = lib.dsa_sparse_mla_bwd_packed_sm90
     packed.restype = i32
     packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
@@ -383,7 +384,8 @@ def det_lanes(device: torch.device, num_keys: int) -> int:
 
 
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
-                        target_out=None, packed: bool = False, deterministic: bool = False):
+                        target_out=None, packed: bool = False, deterministic: bool = False,
+                        block_keys: int = 32):
     """Backward: ``(dq [T, H, 576] bf16, dkv [Tk, 576] bf16, d_sink fp32 [H] or None)``.
 
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
@@ -399,6 +401,10 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     of a bounded number of CTAs (the packed path's unions are ascending already).
     """
     _check_ids(indices)
+    if block_keys not in (32, 64):
+        raise ValueError(f"block_keys must be 32 or 64, got {block_keys}")
+    if block_keys == 64 and (packed or deterministic):
+        raise ValueError("block_keys=64 runs unpacked rows in the default mode only (packed=False, deterministic=False)")
     lib = library()
     T, H, Dqk = q.shape
     if packed and not 1 <= H <= MAX_PACK_HEADS:
@@ -444,8 +450,9 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         else:
             tgt = target_out
             kv_len = effective_lengths(indices, topk_length)
+        entry = lib.dsa_sparse_mla_bwd64_sm90 if block_keys == 64 else lib.dsa_sparse_mla_bwd_sm90
         with torch.cuda.device(q.device):
-            _check(lib.dsa_sparse_mla_bwd_sm90(
+            _check(entry(
                 q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
                 stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), dkv.data_ptr(),
                 tgt.data_ptr() if tgt is not None else None,
@@ -460,6 +467,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                        "target unpermute")
     d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
     # (the lanes are summed in index order: torch's reduction over a leading dim has no atomics)
+    if block_keys == 64:
+        return dq, unpermute_dkv64(dkv[0], kv.dtype), d_sink
     return dq, unpermute_dkv(dkv[0] if lanes == 0 else dkv.sum(0), kv.dtype), d_sink
 
 
@@ -477,4 +486,18 @@ def unpermute_dkv(ws: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     out[:, :512].view(Tk, 4, 2, 4, 2, 8).copy_(ws[:, :512].view(Tk, 4, 4, 8, 2, 2).permute(0, 1, 4, 2, 5, 3))
     # stored (w, r, i) -> (w, i, r)
     out[:, 512:].view(Tk, 4, 2, 8).copy_(ws[:, 512:].view(Tk, 4, 8, 2).permute(0, 1, 3, 2))
+    return out
+
+
+def unpermute_dkv64(ws: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 64-key backward kernel's fp32 dkv workspace ``[Tk, 576]`` (columns permuted within
+    each 32-channel line, ``cuda/sparse_mla_bwd_sm90.cu``, "dkv64 workspace") in channel order,
+    cast to ``dtype``: channel ``32 L + 16 s + 8 jl + 2 c2 + bb`` is stored at
+    ``32 L + 16 s + 4 c2 + 2 jl + bb``. One strided copy."""
+    if ws.dim() != 2 or ws.shape[1] != 576 or ws.dtype != torch.float32 or not ws.is_contiguous():
+        raise ValueError(f"expected the contiguous fp32 [Tk, 576] workspace, got {ws.dtype} {tuple(ws.shape)}")
+    Tk = ws.shape[0]
+    out = torch.empty(Tk, 576, dtype=dtype, device=ws.device)
+    # stored (L, s, c2, jl, bb) -> channel order (L, s, jl, c2, bb)
+    out.view(Tk, 18, 2, 2, 4, 2).copy_(ws.view(Tk, 18, 2, 4, 2, 2).permute(0, 1, 2, 4, 3, 5))
     return out

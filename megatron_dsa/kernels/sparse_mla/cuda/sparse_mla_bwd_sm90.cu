@@ -645,6 +645,379 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// 64-key blocks (unpacked rows, default mode): sparse_mla_bwd64_sm90_kernel
+//
+// The kernel above walks 32-key blocks with a producer warpgroup; its S, dP and dKV^T tiles are
+// m64n32k16 wgmmas, and its WG2 holds two tile pairs in 232 registers. This one has two
+// warpgroups of 255 registers (no producer: 256 threads) and walks 64-key blocks through a single
+// kv slot (Q 72 KB + dO 64 KB + kv 72 KB + {dS, P} 16 KB = 224 KB):
+//   WG1   Q / dO once; per block: waits until WG2's dQ MMAs of the previous block released the
+//         slot, gathers the block's 64 kv rows and ids (cp.async, then waits for them: the
+//         gather's latency is on WG1's path, and WG2's dKV work of the previous block overlaps
+//         it), S and dP (m64n64k16), P and dS, the target's head sums, P and dS to shared
+//         memory, dQ[:, 0:256] += dS K (dS from registers).
+//   WG2   per block: dQ[:, 256:576] += dS K (dS from shared memory), then dKV as nine
+//         [64 keys, 64 channels] tiles (M = keys: A = dS^T / P^T read K-major from the
+//         [key, head] buffers, B = Q / dO read MN-major), two accumulators in turn: a tile's
+//         MMAs run while the previous tile's adds issue.
+// dkv adds ("dkv64 workspace"): a [64 keys, 64 channels] accumulator gives the 4 lanes of a
+// lane quad (lane / 4) 16 channels each of two keys (rows q and q + 8 of the warp's 16). Lanes l
+// and l ^ 4 (keys q, q ^ 1) trade halves by shuffles, so that each holds side s = (l / 4) & 1 of
+// both keys: channels j in {2 s, 2 s + 1} (mod 4) of the fragment's column groups 8 j + 2 (l % 4)
+// + {0, 1}. A warp's red.global.add.v4.f32 then covers one 128-byte line (32 channels) of each of
+// 4 keys, 8 lanes per line, with the workspace's columns permuted within each line: channel
+// 32 L' + 16 s + 8 jl + 2 c2 + bb (line L', side s, jl, lane c2 = l % 4, bb) is stored at
+// 32 L' + 16 s + 4 c2 + 2 jl + bb (cuda_impl.unpermute_dkv64).
+namespace b64 {
+constexpr int THREADS = 256;
+constexpr int BN = 64;                         // keys per block
+constexpr int CH = BN * 128;                   // one [64 rows, 128 B] chunk of the kv slot / P / dS
+constexpr int STAGE = NCH * CH;                // the kv slot: 72 KB
+constexpr int NIDS = 2;                        // ids ring (block b + 1's ids land while WG2 reads block b's)
+constexpr int OFF_Q = 0;
+constexpr int OFF_DO = OFF_Q + NCH * QCH;
+constexpr int OFF_KV = OFF_DO + NCV * QCH;
+constexpr int OFF_DS = OFF_KV + STAGE;         // {dS, P}, each [64 keys, 64 heads] bf16
+constexpr int OFF_IDS = OFF_DS + 2 * CH;
+constexpr int OFF_HEAD = OFF_IDS + NIDS * BN * 4;  // per head: logZ, Delta, the target's factor (fp32)
+constexpr int OFF_BAR = OFF_HEAD + 3 * BM * 4;
+constexpr int BAR_KV_EMPTY = OFF_BAR, BAR_DS_FULL = OFF_BAR + 8, BAR_DS_EMPTY = OFF_BAR + 16;
+constexpr int SMEM_USED = OFF_BAR + 24;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;  // slack to align the base to 1024 B
+static_assert(SMEM_BYTES <= 232448, "shared memory");
+}  // namespace b64
+
+__global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(const BwdParams p) {
+  // (local names shadow the 32-key kernel's constants)
+  constexpr int BN = b64::BN, CH = b64::CH, NIDS = b64::NIDS, OFF_Q = b64::OFF_Q, OFF_DO = b64::OFF_DO,
+                OFF_KV = b64::OFF_KV, OFF_DS = b64::OFF_DS, OFF_IDS = b64::OFF_IDS, OFF_HEAD = b64::OFF_HEAD,
+                BAR_KV_EMPTY = b64::BAR_KV_EMPTY, BAR_DS_FULL = b64::BAR_DS_FULL, BAR_DS_EMPTY = b64::BAR_DS_EMPTY;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  const int wt = tid & 127;
+  const int warp = wt >> 5, lane = tid & 31;
+  const int colq = 2 * (lane & 3);
+  const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
+  const int t = p.r0 + static_cast<int>(blockIdx.x) / p.n_hblk;
+  const int h0 = (static_cast<int>(blockIdx.x) % p.n_hblk) * BM;
+  const int kv_len = min(max(__ldg(p.kv_len + t), 0), p.K), nblk = (kv_len + BN - 1) / BN;
+
+  if (tid == 0) {
+    mbar_init(sbase + BAR_KV_EMPTY, 128);
+    mbar_init(sbase + BAR_DS_FULL, 128);
+    mbar_init(sbase + BAR_DS_EMPTY, 128);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- loads, gathers, S, dP, softmax gradient, dQ[:, 0:256] ----------------
+    {
+      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+      const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
+#pragma unroll 1
+      for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
+        const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
+        const bool ok = h0 + r < p.H;
+        cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                   qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
+      }
+#pragma unroll 1
+      for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
+        const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
+        const bool ok = h0 + r < p.H;
+        cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                   dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
+      }
+    }
+    // the heads' logZ, Delta and target factor, staged in shared memory (read per block: held
+    // in registers, they spilled); visible after the first block's barrier
+    if (wt < BM) {
+      const int h = h0 + wt;
+      const bool ok = h < p.H;
+      const long long o = (long long)t * p.H + (ok ? h : 0);
+      const float z2 = ok ? __ldg(p.stats + o) : 0.f;
+      float fh = ok ? 1.f : 0.f;
+      if (p.target != nullptr && p.has_sink && ok) {
+        // the target is normalised without the sink: P exp(logZ - lse)
+        const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
+        fh = l2 > -INFINITY ? exp2f(z2 - l2) : 0.f;
+      }
+      st_shared_f32(sbase + OFF_HEAD + wt * 4, z2);
+      st_shared_f32(sbase + OFF_HEAD + (BM + wt) * 4, ok ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f);
+      st_shared_f32(sbase + OFF_HEAD + (2 * BM + wt) * 4, fh);
+    }
+    bool hv[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) hv[i] = h0 + row0 + 8 * i < p.H;
+    float dqa[128];  // dQ[:, 0:256]
+#pragma unroll
+    for (int i = 0; i < 128; ++i) dqa[i] = 0.f;
+    const uint64_t qd0 = desc(sbase + OFF_Q, 16, 1024);
+    const uint64_t dod0 = desc(sbase + OFF_DO, 16, 1024);
+    const uint64_t kd0 = desc(sbase + OFF_KV, 16, 1024);
+    const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);  // kv as MN-major B [keys, channels]
+    // gathers: 4 threads per key row (rows g_row and g_row + 32), granules g_sub and g_sub + 4;
+    // the next block's ids are read while this block computes
+    const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+    const int g_row = wt >> 2, g_sub = wt & 3;
+    auto load_id = [&](int b, int half) -> int {
+      const int slot = b * BN + g_row + 32 * half;
+      return (b < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
+    };
+    int gid0 = load_id(0, 0), gid1 = load_id(0, 1);
+#pragma unroll 1
+    for (int b = 0; b < nblk; ++b) {
+      // the slot is free once WG2's dQ MMAs of block b - 1 retired (this warpgroup's own retired
+      // in its previous iteration)
+      if (b > 0) mbar_wait(sbase + BAR_KV_EMPTY, (b - 1) & 1);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int gid = half ? gid1 : gid0, r = g_row + 32 * half;
+        const bool ok = gid >= 0 && gid < p.Tk;
+        const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
+        const uint32_t dst = sbase + OFF_KV + r * 128;
+#pragma unroll
+        for (int c = 0; c < NCH; ++c)
+#pragma unroll
+          for (int u = 0; u < 2; ++u)
+            cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (r & 7)) << 4), src + c * 64 + 32 * u, ok);
+      }
+      if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
+        const int slot = b * BN + wt;
+        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
+                     "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
+      }
+      gid0 = load_id(b + 1, 0);
+      gid1 = load_id(b + 1, 1);
+      cp_async_wait_all();  // (block 0: Q and dO too)
+      fence_async_smem();
+      bar_sync(1, 128);
+      float s[32], dp[32];
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < NCH; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n64k16_ss<0, 0>(s, qd0 + ((c * QCH + k * 32) >> 4), kd0 + ((c * CH + k * 32) >> 4), (c | k) != 0);
+#pragma unroll
+      for (int c = 0; c < NCV; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n64k16_ss<0, 0>(dp, dod0 + ((c * QCH + k * 32) >> 4), kd0 + ((c * CH + k * 32) >> 4), (c | k) != 0);
+      float z2[2], dlt[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        z2[i] = ld_shared_f32(sbase + OFF_HEAD + (row0 + 8 * i) * 4);
+        dlt[i] = ld_shared_f32(sbase + OFF_HEAD + (BM + row0 + 8 * i) * 4);
+      }
+      wgmma_commit();
+      wgmma_wait0();
+      // P and dS (in place of S and dP); accumulator column 8 jj + colq + bb is key slot
+      // b * 64 + 8 jj + colq + bb
+      bool valid[16];
+      {
+        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
+        int idv[8];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          slot_ids(ids_w + half * 128, b * BN + 32 * half + colq, colq, kv_len, p.Tk, idv);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) valid[8 * half + e] = idv[e] >= 0;
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const int e = 4 * jj + 2 * i + bb;
+            const float pe = (valid[2 * jj + bb] && hv[i]) ? exp2f(s[e] * p.scale_log2 - z2[i]) : 0.f;
+            s[e] = pe;
+            dp[e] = pe * (dp[e] - dlt[i]) * p.scale;
+          }
+      uint32_t pk_s[2][8];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          __nv_bfloat162 vs = __floats2bfloat162_rn(dp[4 * jj + 2 * i], dp[4 * jj + 2 * i + 1]);
+          pk_s[i][jj] = *reinterpret_cast<uint32_t*>(&vs);
+        }
+      // hand dS and P to WG2 as [key, head] tiles (its dKV MMAs of the previous block are done)
+      if (b > 0) mbar_wait(sbase + BAR_DS_EMPTY, (b - 1) & 1);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int h = row0 + 8 * i;
+#pragma unroll
+        for (int bb = 0; bb < 2; ++bb) {
+          // key 8 jj + colq + bb: colq + bb is its row in the 8-row swizzle group
+          const uint32_t a = sbase + OFF_DS + (colq + bb) * 128 + (((h >> 3) ^ (colq + bb)) << 4) + (h & 7) * 2;
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            __nv_bfloat162 vp = __floats2bfloat162_rn(s[4 * jj + 2 * i], s[4 * jj + 2 * i + 1]);
+            const uint32_t pv = *reinterpret_cast<uint32_t*>(&vp);
+            st_shared_u16(a + jj * 1024, static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb)));
+            st_shared_u16(a + CH + jj * 1024, static_cast<uint16_t>(pv >> (16 * bb)));
+          }
+        }
+      }
+      fence_async_smem();
+      mbar_arrive(sbase + BAR_DS_FULL);
+      // dQ[:, 0:256] += dS K (accumulator columns [16 k, 16 k + 16) are the A fragment of k-step k)
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t a[4] = {pk_s[0][2 * k], pk_s[1][2 * k], pk_s[0][2 * k + 1], pk_s[1][2 * k + 1]};
+        wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((k * 16 * 128) >> 4), 1);
+      }
+      wgmma_commit();
+      // the target's head sums of P while the dQ MMAs run
+      if (p.target != nullptr) {
+        const float fh0 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0) * 4);
+        const float fh1 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0 + 8) * 4);
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            float v = s[4 * jj + bb] * fh0 + s[4 * jj + 2 + bb] * fh1;
+            v += __shfl_xor_sync(0xffffffffu, v, 4);
+            v += __shfl_xor_sync(0xffffffffu, v, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            const int slot = b * BN + 8 * jj + colq + bb;
+            if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+          }
+      }
+      wgmma_wait0();
+    }
+    cp_async_wait_all();  // (no block: Q and dO)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!hv[i]) continue;
+      const int h = h0 + row0 + 8 * i;
+      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1]);
+    }
+  } else {
+    // ---------------- dQ[:, 256:576], dKV ----------------
+    const bool side = (lane >> 2) & 1;  // s: this lane adds channels j = 2 s, 2 s + 1 (mod 4) of both keys of its pair
+    float dqb[128], dqr[32];  // dQ[:, 256:512], dQ[:, 512:576]
+#pragma unroll
+    for (int i = 0; i < 128; ++i) dqb[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dqr[i] = 0.f;
+    const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);   // kv, MN-major B [keys, channels]
+    const uint64_t dsa0 = desc(sbase + OFF_DS, CH, 1024);  // dS, MN-major A [heads, keys]
+    const uint64_t dsk0 = desc(sbase + OFF_DS, 16, 1024);  // dS^T / P^T, K-major A [keys, heads]
+    const uint64_t qb0 = desc(sbase + OFF_Q, QCH, 1024);   // Q, MN-major B [heads, channels]
+    const uint64_t dob0 = desc(sbase + OFF_DO, QCH, 1024); // dO
+    // this lane's keys in a block: rows 16 w + 8 i + (lane / 4 & ~1) + e of the tile (i, e = 0, 1)
+    const int key0 = warp * 16 + ((lane >> 2) & ~1);
+    float* const dkv_lane = p.dkv + 16 * side + 2 * colq;
+#pragma unroll 1
+    for (int b = 0; b < nblk; ++b) {
+      mbar_wait(sbase + BAR_DS_FULL, b & 1);
+      fence_async_smem();
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint64_t da = dsa0 + ((k * 16 * 128) >> 4);
+        wgmma_m64n256k16_ss<1, 1>(dqb, da, kt0 + ((4 * CH + k * 16 * 128) >> 4), 1);
+        wgmma_m64n64k16_ss<1, 1>(dqr, da, kt0 + ((8 * CH + k * 16 * 128) >> 4), 1);
+      }
+      wgmma_commit();
+      // row offsets (id * 576, -1: skip) of the lane's four keys [i][e], read before the kv slot
+      // is released (WG1 rewrites this ids slot two blocks later, after the next release)
+      int ro[2][2];
+      {
+        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          int2 id2;
+          asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (key0 + 8 * i) * 4));
+          const int slot = b * BN + key0 + 8 * i;
+          ro[i][0] = (slot < kv_len && id2.x >= 0 && id2.x < p.Tk) ? id2.x * D_QK : -1;
+          ro[i][1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk) ? id2.y * D_QK : -1;
+        }
+      }
+      auto mma = [&](int c, float (&acc)[32]) {  // dKV tile c: [64 keys, channels 64 c ..]
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n64k16_ss<0, 1>(acc, dsk0 + ((k * 32) >> 4), qb0 + ((c * QCH + k * 16 * 128) >> 4), k != 0);
+        if (c < NCV) {  // (the rope tile, c = 8: dS^T Q only)
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n64k16_ss<0, 1>(acc, dsk0 + ((CH + k * 32) >> 4), dob0 + ((c * QCH + k * 16 * 128) >> 4), 1);
+        }
+      };
+      // acc[4 j + 2 i + bb]: key row (lane / 4) + 8 i of the warp's 16, channel 64 c + 8 j + colq + bb
+      auto add = [&](int c, const float (&acc)[32]) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int l2 = 0; l2 < 2; ++l2) {  // line l2 of the tile: j = 4 l2 + {0 .. 3}
+            float mine[4], theirs[4];
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {  // n = 2 jl + bb
+              const int jl = n >> 1, bb = n & 1;
+              const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
+              mine[n] = side ? hi : lo;
+              theirs[n] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
+            }
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int r = ro[i][e];
+              const bool own = static_cast<int>(side) == e;
+              if (r >= 0)
+                red_add_v4(dkv_lane + (r + 64 * c + 32 * l2), own ? mine[0] : theirs[0], own ? mine[1] : theirs[1],
+                           own ? mine[2] : theirs[2], own ? mine[3] : theirs[3]);
+            }
+          }
+      };
+      // two accumulators in turn: tile c's MMAs are issued before tile c - 1's adds
+      float xa[32], xb[32];
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        wgmma_fence();
+        if (c & 1)
+          mma(c, xb);
+        else
+          mma(c, xa);
+        wgmma_commit();
+        wgmma_wait1();  // the group before: dQ (c = 0: the kv slot is free) or tile c - 1
+        if (c == 0)
+          mbar_arrive(sbase + BAR_KV_EMPTY);
+        else if (c & 1)
+          add(c - 1, xa);
+        else
+          add(c - 1, xb);
+      }
+      wgmma_wait0();
+      mbar_arrive(sbase + BAR_DS_EMPTY);
+      add(NCH - 1, xa);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int h = h0 + row0 + 8 * i;
+      if (h >= p.H) continue;
+      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + 256 + colq;
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj)
+        *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1]);
+    }
+  }
+}
+
 }  // namespace
 
 namespace {
@@ -674,6 +1047,25 @@ int launch_bwd(BwdParams p, int lanes, int launch_ctas, void* stream) {
     pl.r0 = r0;
     const unsigned grid = static_cast<unsigned>(static_cast<long long>(min(step, p.n_rows - r0)) * p.n_hblk);
     sparse_mla_bwd_sm90_kernel<PACK, false><<<grid, THREADS, SMEM_BYTES, s>>>(pl);
+    const cudaError_t le = cudaGetLastError();
+    if (le != cudaSuccess) return static_cast<int>(le);
+  }
+  return 0;
+}
+
+// The 64-key kernel (unpacked rows, default mode): launched as launch_bwd's default mode.
+int launch_bwd64(BwdParams p, int launch_ctas, void* stream) {
+  if (launch_ctas < 0) return static_cast<int>(cudaErrorInvalidValue);
+  static bool attr_set[64] = {};
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd64_sm90_kernel, b64::SMEM_BYTES);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int step = launch_ctas > 0 ? max(1, launch_ctas / p.n_hblk) : max(p.n_rows, 1);
+  for (int r0 = 0; r0 < p.n_rows; r0 += step) {
+    BwdParams pl = p;
+    pl.r0 = r0;
+    const unsigned grid = static_cast<unsigned>(static_cast<long long>(min(step, p.n_rows - r0)) * p.n_hblk);
+    sparse_mla_bwd64_sm90_kernel<<<grid, b64::THREADS, b64::SMEM_BYTES, s>>>(pl);
     const cudaError_t le = cudaGetLastError();
     if (le != cudaSuccess) return static_cast<int>(le);
   }
@@ -729,6 +1121,22 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
   const BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
                                   idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
   return launch_bwd<false>(p, lanes, launch_ctas, stream);
+}
+
+// The 64-key kernel (unpacked rows, default mode; H any, one CTA per (row, 64 heads)): the
+// arguments of dsa_sparse_mla_bwd_sm90 (lanes must be 0: no deterministic mode); dkv: fp32
+// [Tk, 576], zeroed, columns permuted within each 32-channel line ("dkv64 workspace").
+int dsa_sparse_mla_bwd64_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
+                              const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
+                              void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
+                              long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
+                              int Tk, int K, int has_sink, int lanes, int launch_ctas, float scale,
+                              void* stream) {
+  if (lanes != 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (H == 0) T = 0;
+  const BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
+                                  idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  return launch_bwd64(p, launch_ctas, stream);
 }
 
 // Row packing (H <= 32; packing.py): uid [G, ucap] int32 with count [G], uslot [G, ucap, rows]
