@@ -136,13 +136,14 @@ def _stats(prob):
     return torch.stack([z2, delta]).contiguous(), dsink_t
 
 
-def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0, launch_ctas=0, keys64=False):
+def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0, launch_ctas=0, keys64=False,
+         l2_hints=0):
     """The launcher's steps around the kernel (cuda_impl.sparse_mla_bwd_cuda) with the emulated
     kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages).
     ``lanes`` > 0: the deterministic mode, a persistent grid of ``lanes`` CTAs each adding into
     its own dkv lane, the lanes summed in order. ``launch_ctas`` > 0: the rows in launches of at
     most that many CTAs. ``keys64``: the 64-key kernel (``dsa_sparse_mla_bwd64_sm90``, its own
-    workspace layout)."""
+    workspace layout; ``l2_hints`` in place of ``lanes``)."""
     q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
     T, H, _ = q.shape
     Tk, K = kv.shape[0], idx.shape[1]
@@ -169,7 +170,8 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
         rc = entry(
             q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
             q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), lanes, launch_ctas, SCALE, None)
+            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), l2_hints if keys64 else lanes,
+            launch_ctas, SCALE, None)
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
     dkv = unpermute_dkv64(ws.sum(0)) if keys64 else unpermute_dkv(ws.sum(0))
     return (rc, dq, dkv, d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
@@ -251,8 +253,9 @@ def test_emulated_bwd64_matches_reference_without_hazards(lib, case):
 
 
 def test_emulated_bwd64_in_launches_and_errors(lib):
-    """The 64-key kernel in launches of rows (3 CTAs: one row of 2 head tiles each) equals one
-    launch; it has no deterministic mode (lanes > 0) and refuses negative launch sizes."""
+    """The 64-key kernel in launches of rows (3 CTAs: one row of 2 head tiles each) and with its
+    L2 cache hints (red / cp.async with a policy) equals one launch without; it refuses negative
+    launch sizes."""
     prob = _problem(T=3, H=100, K=70, sink=True, seed=4)
     rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=True, launch_ctas=3, keys64=True)
     assert rc == 0 and not aborted and hazards == 0, msgs
@@ -261,8 +264,12 @@ def test_emulated_bwd64_in_launches_and_errors(lib):
     assert rc == 0 and hazards == 0 and not aborted, msgs
     assert torch.equal(dq.view(torch.int16), dq0.view(torch.int16))
     assert torch.allclose(tgt, tgt0, rtol=1e-6, atol=0)
-    assert _run(lib, prob, lanes=1, keys64=True)[0] == 1  # cudaErrorInvalidValue
-    assert _run(lib, prob, launch_ctas=-1, keys64=True)[0] == 1
+    rc, dq1, dkv1, _, tgt1, hazards, aborted, msgs = _run(lib, prob, target=True, keys64=True, l2_hints=1)
+    assert rc == 0 and hazards == 0 and not aborted, msgs
+    assert torch.equal(dq1.view(torch.int16), dq0.view(torch.int16))
+    assert torch.allclose(dkv1, dkv0, rtol=1e-5, atol=1e-5 * dkv0.abs().max().item())
+    assert torch.allclose(tgt1, tgt0, rtol=1e-6, atol=0)
+    assert _run(lib, prob, launch_ctas=-1, keys64=True)[0] == 1  # cudaErrorInvalidValue
 
 
 def test_emulated_bwd_packed_matches_reference_without_hazards(lib):

@@ -210,9 +210,56 @@ def test_unpermute_dkv_inverts_the_kernels_layout():
             ci.unpermute_dkv(bad)
 
 
+def _stored_column64(c):
+    """Where the 64-key kernel adds dkv channel c ("dkv64 workspace"): within each 32-channel
+    line, channel 16 s + 8 jl + 2 c2 + bb at 16 s + 4 c2 + 2 jl + bb."""
+    line, x = divmod(c, 32)
+    s, jl, c2, bb = x // 16, (x // 8) % 2, (x // 2) % 4, x % 2
+    return 32 * line + 16 * s + 4 * c2 + 2 * jl + bb
+
+
+def test_unpermute_dkv64_inverts_the_kernels_layout():
+    cols = [_stored_column64(c) for c in range(576)]
+    assert sorted(cols) == list(range(576))  # a permutation
+    for line in range(18):  # a warp instruction's line: 8 lanes (quads of keys q, q ^ 1), 16 B each
+        got = []
+        for s in (0, 1):
+            for c2 in range(4):  # lane l = 4 q + c2 of side s: channels 8 j + 2 c2 + {0, 1}, j in {2 s, 2 s + 1}
+                lane = sorted(cols[32 * line + 8 * j + 2 * c2 + bb] for j in (2 * s, 2 * s + 1) for bb in (0, 1))
+                assert lane == list(range(lane[0], lane[0] + 4)) and lane[0] % 4 == 0
+                got += lane
+        assert sorted(got) == list(range(32 * line, 32 * line + 32))
+    want = torch.randn(3, 576, dtype=torch.float64).float()
+    ws = torch.empty_like(want)
+    ws[:, cols] = want
+    for dt in (torch.float32, torch.bfloat16):
+        got = ci.unpermute_dkv64(ws, dt)
+        assert got.dtype == dt and got.is_contiguous()
+        assert torch.equal(got, want.to(dt))
+    for bad in (ws[:, :512], ws.double(), ws.t()):
+        with pytest.raises(ValueError, match="576"):
+            ci.unpermute_dkv64(bad)
+
+
+def test_block_keys_follow_the_mode_and_refuse_what_the_64_key_kernel_lacks():
+    assert ci.bwd_block_keys(False, False) == 64
+    assert ci.bwd_block_keys(True, False) == ci.bwd_block_keys(False, True) == ci.bwd_block_keys(True, True) == 32
+    q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(8, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(4, 16, dtype=torch.int32)
+    args = (q, kv, idx, 576 ** -0.5, None, None, None, None, None)
+    with pytest.raises(ValueError, match="block_keys must be 32 or 64"):
+        ci.sparse_mla_bwd_cuda(*args, block_keys=128)
+    for kw in (dict(packed=True), dict(deterministic=True)):
+        with pytest.raises(ValueError, match="block_keys=64 runs unpacked rows in the default mode only"):
+            ci.sparse_mla_bwd_cuda(*args, block_keys=64, **kw)
+
+
 @NO_NVCC
 def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    # (every entry point of the file: the 32-key kernel's four modes and the 64-key kernel)
     assert_compiles_without_spills(ci.SOURCES[1], tmp_path, "sparse_mla_bwd_sm90_kernel")
+    assert_compiles_without_spills(ci.SOURCES[1], tmp_path, "sparse_mla_bwd64_sm90_kernel")
 
 
 @NO_NVCC
@@ -269,8 +316,10 @@ def _case(T, H, K, sink, topk, holes, seed, shared=False):
 
 
 def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, shared=False,
-                             deterministic=False, repeats=0):
-    """``repeats``: run the backward that many more times; each must give the same bits."""
+                             deterministic=False, repeats=0, block_keys=None):
+    """``repeats``: run the backward that many more times; each must give the same bits.
+    ``block_keys``: as ``sparse_mla_bwd_cuda``'s (None: auto, the 64-key kernel where unpacked
+    in the default mode)."""
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
     q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed, shared)
     scale = 576 ** -0.5
@@ -280,7 +329,8 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, s
         tgt = torch.zeros(idx.shape, dtype=torch.float32, device="cuda") if target else None
         with poisoned_empty():
             dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt,
-                                                    packed=packed, deterministic=deterministic)
+                                                    packed=packed, deterministic=deterministic,
+                                                    block_keys=block_keys)
         return dq, dkv, dsink, tgt
 
     dq, dkv, dsink, tgt = run()
@@ -327,7 +377,55 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, s
 ])
 def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
     need_library()
+    _check_against_reference(T, H, K, sink, topk, holes, target)  # (the 64-key kernel)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
+    (1536, 64, 1024, True, True, False, True),
+    (1024, 100, 512, True, False, True, False),
+    (777, 48, 300, False, True, True, True),
+])
+def test_gpu_32_key_bwd_unpacked_matches_float64_reference(T, H, K, sink, topk, holes, target):
+    """The 32-key kernel's unpacked default mode (``block_keys=32``; auto takes it only packed or
+    deterministic)."""
+    need_library()
+    _check_against_reference(T, H, K, sink, topk, holes, target, block_keys=32)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
+    (1536, 128, 1024, True, True, True, True),
+    (777, 48, 300, False, True, False, False),
+])
+def test_gpu_bwd64_with_l2_hints_matches_float64_reference(T, H, K, sink, topk, holes, target, monkeypatch):
+    """The 64-key kernel with its L2 cache hints forced on (cuda_impl.l2_hints)."""
+    need_library()
+    monkeypatch.setattr(ci, "l2_hints", lambda device, num_keys: True)
     _check_against_reference(T, H, K, sink, topk, holes, target)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_l2_hints_where_kv_and_the_workspace_leave_the_l2():
+    """On between ``Tk x 3456 B`` (kv and the fp32 workspace) and ``Tk x 2304 B`` (the workspace
+    alone, where the L2 order takes over) exceeding the L2; the reason says which kernel and hints."""
+    need_library()
+    dev = torch.device("cuda")
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+    lo, hi = l2 // 3456, l2 // 2304
+    assert not ci.l2_hints(dev, lo) and ci.l2_hints(dev, lo + 1) and ci.l2_hints(dev, hi) and not ci.l2_hints(dev, hi + 1)
+
+    def reason(heads, num_keys, **kw):
+        return select_backend("auto", dev, torch.bfloat16, heads, 576, 512, num_keys=num_keys, **kw).reason
+
+    assert "64-key blocks" in reason(64, lo) and "L2 cache hints" not in reason(64, lo)
+    assert "64-key blocks with L2 cache hints" in reason(128, lo + 1)
+    assert "64-key" not in reason(16, lo + 1)  # row-packed: the 32-key kernel
+    assert "64-key" in reason(16, lo + 1, row_packing=False)
+    assert "64-key" not in reason(64, lo, deterministic=True)
 
 
 @pytest.mark.gpu

@@ -43,7 +43,8 @@
 //   query buffer every warp's wgmmas read).
 // * cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) answers emu::sm_count (2), so a
 //   persistent kernel's CTAs each walk several rows.
-// * Global fp32 atomics (red.global.add.f32 / .v2.f32 / .v4.f32) are atomic per element.
+// * Global fp32 atomics (red.global.add.f32 / .v2.f32 / .v4.f32, the last also with an L2 cache
+//   policy) are atomic per element.
 //   fence.acq_rel.gpu / fence.sc.gpu order global memory across CTAs: CTAs run one at a time
 //   here, so they are no-ops.
 // * setmaxnreg: a CTA starts with 64K / threads registers per thread (rounded down to 8, at most
@@ -1207,8 +1208,11 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
         if (o.out == nullptr || o.out_size != 4) return unsupported(in);
         std::memcpy(o.out, buf + 4 * i, 4);
       }
-    } else if (op == "red.global.add.f32" || op == "red.global.add.v2.f32" || op == "red.global.add.v4.f32") {
-      if (A.size() != 2 || A[0].kind != Operand::ADDR) return unsupported(in);
+    } else if (op == "red.global.add.f32" || op == "red.global.add.v2.f32" || op == "red.global.add.v4.f32" ||
+               op == "red.global.add.L2::cache_hint.v4.f32") {
+      // [addr], value(s)[, cache-policy]: the policy is a hint, with no effect on the result
+      const size_t n_args = has(op, ".L2::cache_hint") ? 3 : 2;
+      if (A.size() != n_args || A[0].kind != Operand::ADDR) return unsupported(in);
       std::vector<int> src = A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{A[1].arg};
       const size_t want = has(op, ".v4.") ? 4 : has(op, ".v2.") ? 2 : 1;
       if (src.size() != want) return unsupported(in);

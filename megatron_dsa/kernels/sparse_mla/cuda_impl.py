@@ -44,7 +44,7 @@ from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "unpermute_dkv64", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
-           "l2_order", "l2_order_launch_ctas", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16"]
+           "l2_order", "l2_order_launch_ctas", "l2_hints", "bwd_block_keys", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
@@ -300,6 +300,18 @@ def l2_order(device: torch.device, num_keys: int, key_bytes: int = 576 * 4) -> b
     return num_keys * key_bytes > torch.cuda.get_device_properties(device).L2_cache_size
 
 
+def l2_hints(device: torch.device, num_keys: int) -> bool:
+    """Whether the 64-key backward sends its dkv adds to the L2 as ``evict_last`` and its kv
+    gathers as ``evict_first``: where the fp32 dkv workspace fits the device's L2 but not beside
+    kv (``num_keys x (2304 + 1152)`` bytes exceed it) and the rows do not run in L2 order
+    (:func:`l2_order`). The gathered rows then give way to the workspace's lines, each of which
+    takes many adds. H100, S = 16K, 64 heads: 29.2 vs 30.7 ms (128 heads 57.5 vs 58.2); at 4K
+    (everything fits) and at 32K (L2 order) the hints were 1% slower. A function of the device
+    model and the shape."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return num_keys * (576 * 4 + 576 * 2) > l2 and not l2_order(device, num_keys)
+
+
 def l2_order_launch_ctas(num_keys: int, packed: bool) -> int:
     """CTAs (packed: groups) per launch of the backward in L2 order: :data:`L2_ORDER_CTAS` (packed:
     :data:`L2_ORDER_PACKED_CTAS`) up to :data:`L2_ORDER_REF_KEYS` keys, in proportion to
@@ -383,9 +395,17 @@ def det_lanes(device: torch.device, num_keys: int) -> int:
     return max(1, min(props.multi_processor_count, fit))
 
 
+def bwd_block_keys(packed: bool, deterministic: bool) -> int:
+    """Keys per block of the CUDA backward: 64 (``dsa_sparse_mla_bwd64_sm90``: two warpgroups,
+    [64 keys, 64 channels] dKV tiles, 4.5-7.8% faster than the 32-key kernel on an H100 at
+    S = 4K-32K, 32-128 heads) for unpacked rows in the default mode; 32 (the kernel with the
+    row-packed and deterministic modes) otherwise."""
+    return 32 if packed or deterministic else 64
+
+
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
                         target_out=None, packed: bool = False, deterministic: bool = False,
-                        block_keys: int = 32):
+                        block_keys: Optional[int] = None):
     """Backward: ``(dq [T, H, 576] bf16, dkv [Tk, 576] bf16, d_sink fp32 [H] or None)``.
 
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
@@ -399,10 +419,14 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     deterministic in both modes (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
     workspace exceeds the L2), each row's ids are walked ascending and the rows run in launches
     of a bounded number of CTAs (the packed path's unions are ascending already).
+    ``block_keys``: the keys per block of the kernel, ``None`` (auto): 64 for unpacked rows in
+    the default mode (the 64-key kernel, :func:`bwd_block_keys`), else 32; 64 takes only those.
     """
     _check_ids(indices)
+    if block_keys is None:
+        block_keys = bwd_block_keys(packed, deterministic)
     if block_keys not in (32, 64):
-        raise ValueError(f"block_keys must be 32 or 64, got {block_keys}")
+        raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
     if block_keys == 64 and (packed or deterministic):
         raise ValueError("block_keys=64 runs unpacked rows in the default mode only (packed=False, deterministic=False)")
     lib = library()
@@ -450,7 +474,9 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         else:
             tgt = target_out
             kv_len = effective_lengths(indices, topk_length)
-        entry = lib.dsa_sparse_mla_bwd64_sm90 if block_keys == 64 else lib.dsa_sparse_mla_bwd_sm90
+        # (the 64-key kernel takes its L2 hints where the deterministic kernel takes its lanes)
+        entry, mode = ((lib.dsa_sparse_mla_bwd64_sm90, int(l2_hints(q.device, kv.shape[0]))) if block_keys == 64
+                       else (lib.dsa_sparse_mla_bwd_sm90, lanes))
         with torch.cuda.device(q.device):
             _check(entry(
                 q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
@@ -458,7 +484,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 tgt.data_ptr() if tgt is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
-                lanes, l2_order_launch_ctas(kv.shape[0], False) if l2 else 0, float(softmax_scale),
+                mode, l2_order_launch_ctas(kv.shape[0], False) if l2 else 0, float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "backward")
         if perm is not None:  # target_out[t, perm[t, j]] += tgt[t, j]: one add per slot
             with torch.cuda.device(q.device):

@@ -58,7 +58,8 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     """Which implementation runs sparse MLA for these inputs (raises when ``backend`` cannot).
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``;
     ``row_packing``: module docstring."""
-    choice = _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn)
+    choice = _with_block_keys(_select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn),
+                              device, heads, num_keys, row_packing)
     if row_packing is False:
         return choice
     if row_packing is None:  # auto: the CUDA backward at <= 32 heads
@@ -76,6 +77,18 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
              if choice.backward in (*_CUDA_BWD, "triton")
              else f"the {choice.backward} backward")
     return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
+
+
+def _with_block_keys(choice: KernelChoice, device, heads, num_keys, row_packing) -> KernelChoice:
+    """The reason names the 64-key kernel where the unpacked default-mode CUDA backward runs
+    (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on (``cuda_impl.l2_hints``)."""
+    packs = row_packing is True or (row_packing is None and heads <= MAX_PACK_HEADS)
+    if choice.backward != "cuda" or packs:
+        return choice
+    why = f"{choice.reason}; the backward in 64-key blocks"
+    if num_keys is not None and cuda_impl.l2_hints(device, num_keys):
+        why += " with L2 cache hints (dkv adds evict_last, kv gathers evict_first: kv and the workspace exceed the L2)"
+    return dataclasses.replace(choice, reason=why)
 
 
 # the unpacked CUDA backwards, which row packing applies to

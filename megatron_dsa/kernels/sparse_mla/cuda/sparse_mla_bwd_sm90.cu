@@ -110,6 +110,7 @@ struct BwdParams {
   int T, H, Tk, K, n_hblk, has_sink;
   int n_rows;                 // key-list rows: T, or (packed) the groups G
   int r0;                     // default mode: the first key-list row of this launch (launches of rows)
+  int l2_hints;               // 64-key kernel: dkv adds evict_last, kv gathers evict_first (else evict_normal)
   int hshift, rows;           // packed only: log2 of the heads per row in the tile (4 or 5), rows per group
   float scale, scale_log2;
 };
@@ -130,6 +131,28 @@ __device__ __forceinline__ void st_shared_u16(uint32_t addr, uint16_t v) {
 }
 __device__ __forceinline__ void red_add_v4(float* ptr, float a, float b, float c, float d) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ void red_add_v4_pol(float* ptr, float a, float b, float c, float d, uint64_t pol) {
+  asm volatile("red.global.add.L2::cache_hint.v4.f32 [%0], {%1, %2, %3, %4}, %5;\n" ::"l"(ptr), "f"(a), "f"(b), "f"(c),
+               "f"(d), "l"(pol) : "memory");
+}
+__device__ __forceinline__ void cp_async16_pol(uint32_t dst, const void* src, bool valid, uint64_t pol) {
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src), "r"(n),
+               "l"(pol) : "memory");
+}
+// L2 cache policies (createpolicy): evict_last / evict_first where `on`, else evict_normal
+__device__ __forceinline__ uint64_t policy_last(bool on) {
+  uint64_t a, b;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(a));
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(b));
+  return on ? a : b;
+}
+__device__ __forceinline__ uint64_t policy_first(bool on) {
+  uint64_t a, b;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(a));
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(b));
+  return on ? a : b;
 }
 __device__ __forceinline__ void red_add_v2(float* ptr, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b) : "memory");
@@ -769,6 +792,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       return (b < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
     };
     int gid0 = load_id(0, 0), gid1 = load_id(0, 1);
+    const uint64_t kv_pol = policy_first(p.l2_hints != 0);
 #pragma unroll 1
     for (int b = 0; b < nblk; ++b) {
       // the slot is free once WG2's dQ MMAs of block b - 1 retired (this warpgroup's own retired
@@ -784,7 +808,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
         for (int c = 0; c < NCH; ++c)
 #pragma unroll
           for (int u = 0; u < 2; ++u)
-            cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (r & 7)) << 4), src + c * 64 + 32 * u, ok);
+            cp_async16_pol(dst + c * CH + (((g_sub + 4 * u) ^ (r & 7)) << 4), src + c * 64 + 32 * u, ok, kv_pol);
       }
       if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
         const int slot = b * BN + wt;
@@ -921,6 +945,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     // this lane's keys in a block: rows 16 w + 8 i + (lane / 4 & ~1) + e of the tile (i, e = 0, 1)
     const int key0 = warp * 16 + ((lane >> 2) & ~1);
     float* const dkv_lane = p.dkv + 16 * side + 2 * colq;
+    const uint64_t add_pol = policy_last(p.l2_hints != 0);
 #pragma unroll 1
     for (int b = 0; b < nblk; ++b) {
       mbar_wait(sbase + BAR_DS_FULL, b & 1);
@@ -976,8 +1001,8 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
               const int r = ro[i][e];
               const bool own = static_cast<int>(side) == e;
               if (r >= 0)
-                red_add_v4(dkv_lane + (r + 64 * c + 32 * l2), own ? mine[0] : theirs[0], own ? mine[1] : theirs[1],
-                           own ? mine[2] : theirs[2], own ? mine[3] : theirs[3]);
+                red_add_v4_pol(dkv_lane + (r + 64 * c + 32 * l2), own ? mine[0] : theirs[0], own ? mine[1] : theirs[1],
+                               own ? mine[2] : theirs[2], own ? mine[3] : theirs[3], add_pol);
             }
           }
       };
@@ -1099,6 +1124,7 @@ BwdParams make_params(const void* q, const void* kv, const void* idx, const void
   p.rows = 1;
   p.n_rows = T;
   p.r0 = 0;
+  p.l2_hints = 0;
   return p;
 }
 
@@ -1124,18 +1150,20 @@ int dsa_sparse_mla_bwd_sm90(const void* q, const void* kv, const void* idx, cons
 }
 
 // The 64-key kernel (unpacked rows, default mode; H any, one CTA per (row, 64 heads)): the
-// arguments of dsa_sparse_mla_bwd_sm90 (lanes must be 0: no deterministic mode); dkv: fp32
+// arguments of dsa_sparse_mla_bwd_sm90 with l2_hints in place of lanes (no deterministic mode):
+// nonzero, the dkv adds go to L2 as evict_last and the kv gathers as evict_first (for a
+// workspace that fits the L2 beside which kv does not, cuda_impl.l2_hints); dkv: fp32
 // [Tk, 576], zeroed, columns permuted within each 32-channel line ("dkv64 workspace").
 int dsa_sparse_mla_bwd64_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                               const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
                               void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
                               long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
-                              int Tk, int K, int has_sink, int lanes, int launch_ctas, float scale,
+                              int Tk, int K, int has_sink, int l2_hints, int launch_ctas, float scale,
                               void* stream) {
-  if (lanes != 0) return static_cast<int>(cudaErrorInvalidValue);
   if (H == 0) T = 0;
-  const BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
-                                  idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
+                            idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  p.l2_hints = l2_hints;
   return launch_bwd64(p, launch_ctas, stream);
 }
 
