@@ -121,6 +121,11 @@ __device__ __forceinline__ void red_add(float* ptr, float v) {
 __device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
 }
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
 __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
@@ -311,28 +316,28 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       }
       cp_async_arrive_noinc(sbase + BAR_Q);
     }
-    // gathers: 4 threads per key row, granules g_sub and g_sub + 4 of each chunk
+    // gathers: 8 threads per key row (rows g_row and g_row + 16), granule g_sub of each 128-byte
+    // chunk: a warp's cp.async covers whole lines (4 rows x 128 B)
     const int32_t* idx_row = p.idx + (long long)L * p.idx_s;
-    const int g_row = wt >> 2, g_sub = wt & 3;
-    auto load_row_id = [&](int b) -> int {
-      const int slot = b * BN + g_row;
+    const int g_row = wt >> 3, g_sub = wt & 7;
+    auto load_row_id = [&](int b, int k) -> int {
+      const int slot = b * BN + g_row + 16 * k;
       return (b < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
     };
-    int gid = load_row_id(0);
+    int gid0 = load_row_id(0, 0), gid1 = load_row_id(0, 1);
     for (int b = 0; b < nblk; ++b) {
       const int g = gb + b, st = g % NST;
       // (deterministic: g is the ring position modulo 4, so wait always: a slot's first wait,
       // parity 1 on a fresh barrier, passes at once)
       if (DET || g >= NST) mbar_wait(sbase + BAR_KV_EMPTY + 8 * st, ((g / NST) - 1) & 1);
-      {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int gid = k ? gid1 : gid0, r = g_row + 16 * k;
         const bool ok = gid >= 0 && gid < p.Tk;
         const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
-        const uint32_t dst = sbase + OFF_KV + st * STAGE + g_row * 128;
+        const uint32_t dst = sbase + OFF_KV + st * STAGE + r * 128 + ((g_sub ^ (r & 7)) << 4);
 #pragma unroll
-        for (int c = 0; c < NCH; ++c)
-#pragma unroll
-          for (int u = 0; u < 2; ++u)
-            cp_async16(dst + c * CH + (((g_sub + 4 * u) ^ (g_row & 7)) << 4), src + c * 64 + 32 * u, ok);
+        for (int c = 0; c < NCH; ++c) cp_async16(dst + c * CH, src + c * 64, ok);
       }
       if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
         const int slot = b * BN + wt;
@@ -341,7 +346,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
                      "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
       }
       cp_async_arrive_noinc(sbase + BAR_KV_FULL + 8 * st);
-      gid = load_row_id(b + 1);
+      gid0 = load_row_id(b + 1, 0);
+      gid1 = load_row_id(b + 1, 1);
     }
     return nblk;
     });
@@ -783,41 +789,43 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     const uint64_t dod0 = desc(sbase + OFF_DO, 16, 1024);
     const uint64_t kd0 = desc(sbase + OFF_KV, 16, 1024);
     const uint64_t kt0 = desc(sbase + OFF_KV, CH, 1024);  // kv as MN-major B [keys, channels]
-    // gathers: 4 threads per key row (rows g_row and g_row + 32), granules g_sub and g_sub + 4;
-    // the next block's ids are read while this block computes
+    // gathers: 8 threads per key row (rows g_row + 16 k), granule g_sub of each 128-byte chunk, so
+    // that a warp's cp.async covers whole lines (4 rows x 128 B: half the L2 requests of 64-byte
+    // pieces). A block's ids reach the ids ring one block ahead (block 0's with Q / dO), and its
+    // gathers read them there (block 0: from global memory)
     const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
-    const int g_row = wt >> 2, g_sub = wt & 3;
-    auto load_id = [&](int b, int half) -> int {
-      const int slot = b * BN + g_row + 32 * half;
-      return (b < nblk && slot < kv_len) ? __ldg(idx_row + slot) : -1;
+    const int g_row = wt >> 3, g_sub = wt & 7;
+    auto stage_ids = [&](int b) {  // block b's ids into ring slot b % NIDS (slots past kv_len: 0, masked by slot)
+      if (wt < BN) {
+        const int slot = b * BN + wt;
+        const bool in = b < nblk && slot < kv_len;
+        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id), "l"(idx_row + (in ? slot : 0)),
+                     "r"(in ? 4 : 0) : "memory");
+      }
     };
-    int gid0 = load_id(0, 0), gid1 = load_id(0, 1);
+    stage_ids(0);
     const uint64_t kv_pol = policy_first(p.l2_hints != 0);
 #pragma unroll 1
     for (int b = 0; b < nblk; ++b) {
       // the slot is free once WG2's dQ MMAs of block b - 1 retired (this warpgroup's own retired
-      // in its previous iteration)
+      // in its previous iteration); so is ids slot (b + 1) % 2, which held block b - 1's ids
       if (b > 0) mbar_wait(sbase + BAR_KV_EMPTY, (b - 1) & 1);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int gid = half ? gid1 : gid0, r = g_row + 32 * half;
-        const bool ok = gid >= 0 && gid < p.Tk;
-        const __nv_bfloat16* src = p.kv + (long long)(ok ? gid : 0) * p.kv_s + g_sub * 8;
-        const uint32_t dst = sbase + OFF_KV + r * 128;
+      for (int k = 0; k < 4; ++k) {
+        const int r = g_row + 16 * k, slot = b * BN + r;
+        int id;
+        if (b == 0)
+          id = slot < kv_len ? __ldg(idx_row + slot) : -1;
+        else
+          id = slot < kv_len ? static_cast<int>(ld_shared_u32(sbase + OFF_IDS + ((b % NIDS) * BN + r) * 4)) : -1;
+        const bool ok = id >= 0 && id < p.Tk;
+        const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s + g_sub * 8;
+        const uint32_t dst = sbase + OFF_KV + r * 128 + ((g_sub ^ (r & 7)) << 4);
 #pragma unroll
-        for (int c = 0; c < NCH; ++c)
-#pragma unroll
-          for (int u = 0; u < 2; ++u)
-            cp_async16_pol(dst + c * CH + (((g_sub + 4 * u) ^ (r & 7)) << 4), src + c * 64 + 32 * u, ok, kv_pol);
+        for (int c = 0; c < NCH; ++c) cp_async16_pol(dst + c * CH, src + c * 64, ok, kv_pol);
       }
-      if (wt < BN) {  // the block's ids (4-byte copies; slots past kv_len read as 0, masked by slot)
-        const int slot = b * BN + wt;
-        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id),
-                     "l"(idx_row + (slot < kv_len ? slot : 0)), "r"(slot < kv_len ? 4 : 0) : "memory");
-      }
-      gid0 = load_id(b + 1, 0);
-      gid1 = load_id(b + 1, 1);
+      stage_ids(b + 1);
       cp_async_wait_all();  // (block 0: Q and dO too)
       fence_async_smem();
       bar_sync(1, 128);
