@@ -325,6 +325,11 @@ def main():
     ap.add_argument("--no-l2-order", action="store_true",
                     help="ours' backward in the ids' own order and one launch at every S (cuda_impl.l2_order "
                          "off): the other side of the L2 order's A/B")
+    ap.add_argument("--bwd-block-keys", type=int, choices=(32, 64), default=None,
+                    help="ours' unpacked default-mode backward on the 32- or 64-key kernel (default: "
+                         "cuda_impl.bwd_block_keys, 64): the 64-key kernel's A/B")
+    ap.add_argument("--no-l2-hints", action="store_true",
+                    help="the 64-key backward without its L2 cache hints (cuda_impl.l2_hints off)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sparse_mla: needs a CUDA device")
@@ -339,6 +344,15 @@ def main():
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 
         cuda_impl.l2_order = lambda device, num_keys, key_bytes=0: False
+    if args.bwd_block_keys is not None:
+        from megatron_dsa.kernels.sparse_mla import cuda_impl
+
+        keys = args.bwd_block_keys
+        cuda_impl.bwd_block_keys = lambda packed, deterministic: 32 if packed or deterministic else keys
+    if args.no_l2_hints:
+        from megatron_dsa.kernels.sparse_mla import cuda_impl
+
+        cuda_impl.l2_hints = lambda device, num_keys: False
 
     impls = [s for s in args.impls.split(",") if s]
     backends = [b for b in args.ours_backends.split(",") if b]

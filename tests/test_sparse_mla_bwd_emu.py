@@ -17,7 +17,8 @@ the d_sink terms; :func:`_stats` ports it), ``effective_lengths_torch``, the pac
 the float64 reference's, rounded as the forward returns them (bf16 / fp32).
 
 Checked against float64 autograd of ``reference.py``: dq, dkv (unpermuted) and d_sink, the
-indexer-loss target (head sum of P per slot), the row-packed kernel, no hazard, dq bit-identical
+indexer-loss target (head sum of P per slot), the row-packed kernel, the 64-key kernel
+(``dsa_sparse_mla_bwd64_sm90``, with and without its L2 cache hints), no hazard, dq bit-identical
 under random warpgroup slowdowns, and that the emulator catches broken synchronization in
 modified copies of the kernel's source.
 

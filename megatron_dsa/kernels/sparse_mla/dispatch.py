@@ -83,7 +83,7 @@ def _with_block_keys(choice: KernelChoice, device, heads, num_keys, row_packing)
     """The reason names the 64-key kernel where the unpacked default-mode CUDA backward runs
     (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on (``cuda_impl.l2_hints``)."""
     packs = row_packing is True or (row_packing is None and heads <= MAX_PACK_HEADS)
-    if choice.backward != "cuda" or packs:
+    if choice.backward != "cuda" or packs or cuda_impl.bwd_block_keys(False, False) != 64:
         return choice
     why = f"{choice.reason}; the backward in 64-key blocks"
     if num_keys is not None and cuda_impl.l2_hints(device, num_keys):
