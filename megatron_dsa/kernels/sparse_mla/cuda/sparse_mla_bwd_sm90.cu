@@ -177,6 +177,65 @@ __device__ __forceinline__ void slot_ids(uint32_t ids_w, int slot0, int colq, in
   }
 }
 
+// Shared by both kernels (both keep Q at shared offset 0 and dO after it, in the same layout):
+// the Q [64, 576] and dO [64, 512] tiles of query row t, heads h0 .. h0 + 63 (rows past H
+// zero-filled), cp.async by the 128 threads wt of one warpgroup (no commit or wait).
+static_assert(OFF_Q == 0 && OFF_DO == NCH * QCH, "load_q_do's layout");
+__device__ __forceinline__ void load_q_do(uint32_t sbase, const BwdParams& p, int t, int h0, int wt) {
+  const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+  const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
+#pragma unroll 1
+  for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
+    const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
+    const bool ok = h0 + r < p.H;
+    cp_async16(sbase + c * QCH + r * 128 + ((g ^ (r & 7)) << 4), qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8,
+               ok);
+  }
+#pragma unroll 1
+  for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
+    const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
+    const bool ok = h0 + r < p.H;
+    cp_async16(sbase + NCH * QCH + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+               dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
+  }
+}
+
+// P and dS in place of the S and dP accumulators of NJ 8-key column groups (accumulator
+// [4 jj + 2 i + bb]: head row0 + 8 i, key 8 jj + colq + bb): P = exp2(S scale log2e - logZ) on
+// valid (key, head) pairs, else 0; dS = scale P (dP - Delta).
+template <int NJ>
+__device__ __forceinline__ void softmax_grad(float (&s)[4 * NJ], float (&dp)[4 * NJ], const bool (&valid)[2 * NJ],
+                                             const bool (&hv)[2], const float (&z2)[2], const float (&dlt)[2],
+                                             float scale_log2, float scale) {
+#pragma unroll
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int bb = 0; bb < 2; ++bb) {
+        const int e = 4 * jj + 2 * i + bb;
+        const float pe = (valid[2 * jj + bb] && hv[i]) ? exp2f(s[e] * scale_log2 - z2[i]) : 0.f;
+        s[e] = pe;
+        dp[e] = pe * (dp[e] - dlt[i]) * scale;
+      }
+}
+
+// The sum of v over the 8 lane quads of a warp (its 16 heads: the target's head sum).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  v += __shfl_xor_sync(0xffffffffu, v, 16);
+  return v;
+}
+
+// NJ 8-column groups of a dQ accumulator (its fragment row half i) as bf16 pairs at dqrow + 8 jj.
+template <int NJ>
+__device__ __forceinline__ void store_dq(__nv_bfloat16* dqrow, const float (&acc)[4 * NJ], int i) {
+#pragma unroll
+  for (int jj = 0; jj < NJ; ++jj)
+    *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(acc[4 * jj + 2 * i], acc[4 * jj + 2 * i + 1]);
+}
+
 // PACK (row packing, <= 32 heads; packing.py): the CTA serves a group of p.rows query rows, tile
 // row r holding row tbase + (r >> hshift), head r & (2^hshift - 1); its key list is the group's
 // union (p.idx row L, p.kv_len[L] entries) and row j takes entry e where uslot[L, j, e] >= 0. A
@@ -297,22 +356,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
                      p.dout + (ok ? (long long)tr * p.do_st + (long long)h * p.do_sh : 0) + gg * 8, ok);
         }
       } else {
-        const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
-        const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
-#pragma unroll 1
-        for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
-          const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
-          const bool ok = h0 + r < p.H;
-          cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                     qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
-        }
-#pragma unroll 1
-        for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
-          const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
-          const bool ok = h0 + r < p.H;
-          cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                     dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
-        }
+        load_q_do(sbase, p, t, h0, wt);
       }
       cp_async_arrive_noinc(sbase + BAR_Q);
     }
@@ -435,26 +479,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
         for (int e = 0; e < 8; ++e) valid[e] = idv[e] >= 0;
       }
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int bb = 0; bb < 2; ++bb) {
-            const int e = 4 * jj + 2 * i + bb;
-            const float pe = (valid[2 * jj + bb] && hv[i]) ? exp2f(s[e] * p.scale_log2 - z2[i]) : 0.f;
-            s[e] = pe;
-            dp[e] = pe * (dp[e] - dlt[i]) * p.scale;
-          }
+      softmax_grad<4>(s, dp, valid, hv, z2, dlt, p.scale_log2, p.scale);
       if (p.target != nullptr) {
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
-            float v = s[4 * jj + bb] * fh[0] + s[4 * jj + 2 + bb] * fh[1];
-            v += __shfl_xor_sync(0xffffffffu, v, 4);
-            v += __shfl_xor_sync(0xffffffffu, v, 8);
-            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            const float v = quad_sum(s[4 * jj + bb] * fh[0] + s[4 * jj + 2 + bb] * fh[1]);
             if constexpr (DET) {  // staged; summed across the row's warps below
               if (lane < 4)
                 st_shared_f32(sbase + OFF_TGT + (g & 1) * TGT_BYTES + (warp * BN + 8 * jj + colq + bb) * 4, v);
@@ -545,12 +576,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       int tr, h;
       tile_row(t, h0, row0 + 8 * i, tr, h);
       __nv_bfloat16* dqrow = p.dq + (long long)tr * p.dq_st + (long long)h * p.dq_sh + colq;
-#pragma unroll
-      for (int jj = 0; jj < 32; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1]);
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqm[4 * jj + 2 * i], dqm[4 * jj + 2 * i + 1]);
+      store_dq<32>(dqrow, dqa, i);
+      store_dq<8>(dqrow + 256, dqm, i);
     }
     return nblk;
     });
@@ -665,9 +692,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       if (h >= p.H || (PACK && tr >= p.T)) continue;
       // (unsigned: tr >= 0, and a zero-extended tr needs no register for its high half)
       __nv_bfloat16* dqrow = p.dq + (long long)(unsigned)tr * p.dq_st + (long long)h * p.dq_sh + colq;
-#pragma unroll
-      for (int jj = 0; jj < 32; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 320 + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
+      store_dq<32>(dqrow + 320, dqb, i);
     }
     return nblk;
     });
@@ -716,6 +741,7 @@ constexpr int BAR_KV_EMPTY = OFF_BAR, BAR_DS_FULL = OFF_BAR + 8, BAR_DS_EMPTY = 
 constexpr int SMEM_USED = OFF_BAR + 24;
 constexpr int SMEM_BYTES = SMEM_USED + 1024;  // slack to align the base to 1024 B
 static_assert(SMEM_BYTES <= 232448, "shared memory");
+static_assert(OFF_Q == 0 && OFF_DO == NCH * QCH, "load_q_do's layout");
 }  // namespace b64
 
 __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(const BwdParams p) {
@@ -744,24 +770,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
 
   if (wg == 0) {
     // ---------------- loads, gathers, S, dP, softmax gradient, dQ[:, 0:256] ----------------
-    {
-      const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
-      const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
-#pragma unroll 1
-      for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
-        const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
-        const bool ok = h0 + r < p.H;
-        cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                   qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok);
-      }
-#pragma unroll 1
-      for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
-        const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
-        const bool ok = h0 + r < p.H;
-        cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                   dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
-      }
-    }
+    load_q_do(sbase, p, t, h0, wt);
     // the heads' logZ, Delta and target factor, staged in shared memory (read per block: held
     // in registers, they spilled); visible after the first block's barrier
     if (wt < BM) {
@@ -862,17 +871,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
           for (int e = 0; e < 8; ++e) valid[8 * half + e] = idv[e] >= 0;
         }
       }
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int bb = 0; bb < 2; ++bb) {
-            const int e = 4 * jj + 2 * i + bb;
-            const float pe = (valid[2 * jj + bb] && hv[i]) ? exp2f(s[e] * p.scale_log2 - z2[i]) : 0.f;
-            s[e] = pe;
-            dp[e] = pe * (dp[e] - dlt[i]) * p.scale;
-          }
+      softmax_grad<8>(s, dp, valid, hv, z2, dlt, p.scale_log2, p.scale);
       uint32_t pk_s[2][8];
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -917,10 +916,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
         for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
-            float v = s[4 * jj + bb] * fh0 + s[4 * jj + 2 + bb] * fh1;
-            v += __shfl_xor_sync(0xffffffffu, v, 4);
-            v += __shfl_xor_sync(0xffffffffu, v, 8);
-            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            const float v = quad_sum(s[4 * jj + bb] * fh0 + s[4 * jj + 2 + bb] * fh1);
             const int slot = b * BN + 8 * jj + colq + bb;
             if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
           }
@@ -933,9 +929,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       if (!hv[i]) continue;
       const int h = h0 + row0 + 8 * i;
       __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
-#pragma unroll
-      for (int jj = 0; jj < 32; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqa[4 * jj + 2 * i], dqa[4 * jj + 2 * i + 1]);
+      store_dq<32>(dqrow, dqa, i);
     }
   } else {
     // ---------------- dQ[:, 256:576], dKV ----------------
@@ -1041,12 +1035,8 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       const int h = h0 + row0 + 8 * i;
       if (h >= p.H) continue;
       __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + 256 + colq;
-#pragma unroll
-      for (int jj = 0; jj < 32; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 8 * jj) = __floats2bfloat162_rn(dqb[4 * jj + 2 * i], dqb[4 * jj + 2 * i + 1]);
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-        *reinterpret_cast<__nv_bfloat162*>(dqrow + 256 + 8 * jj) = __floats2bfloat162_rn(dqr[4 * jj + 2 * i], dqr[4 * jj + 2 * i + 1]);
+      store_dq<32>(dqrow, dqb, i);
+      store_dq<8>(dqrow + 256, dqr, i);
     }
   }
 }
@@ -1060,6 +1050,22 @@ namespace {
 // lanes = 0: one CTA per (key-list row, head block), in launches of at most launch_ctas CTAs
 // (whole rows; 0: one launch). The CTAs of a short launch start together; walking ascending ids,
 // they add and gather within a band of keys that the L2 holds (cuda_impl.l2_order).
+// One CTA per (key-list row, head block) in launches of at most launch_ctas CTAs (whole rows;
+// 0: one launch), each launch's first row in p.r0.
+template <typename Kernel>
+int launch_rows(Kernel kernel, int threads, int smem, const BwdParams& p, int launch_ctas, cudaStream_t s) {
+  const int step = launch_ctas > 0 ? max(1, launch_ctas / p.n_hblk) : max(p.n_rows, 1);
+  for (int r0 = 0; r0 < p.n_rows; r0 += step) {
+    BwdParams pl = p;
+    pl.r0 = r0;
+    const unsigned grid = static_cast<unsigned>(static_cast<long long>(min(step, p.n_rows - r0)) * p.n_hblk);
+    kernel<<<grid, threads, smem, s>>>(pl);
+    const cudaError_t le = cudaGetLastError();
+    if (le != cudaSuccess) return static_cast<int>(le);
+  }
+  return 0;
+}
+
 template <bool PACK>
 int launch_bwd(BwdParams p, int lanes, int launch_ctas, void* stream) {
   if (lanes < 0 || launch_ctas < 0) return static_cast<int>(cudaErrorInvalidValue);
@@ -1074,16 +1080,7 @@ int launch_bwd(BwdParams p, int lanes, int launch_ctas, void* stream) {
     sparse_mla_bwd_sm90_kernel<PACK, true><<<grid, THREADS, SMEM_BYTES, s>>>(p);
     return static_cast<int>(cudaGetLastError());
   }
-  const int step = launch_ctas > 0 ? max(1, launch_ctas / p.n_hblk) : max(p.n_rows, 1);
-  for (int r0 = 0; r0 < p.n_rows; r0 += step) {
-    BwdParams pl = p;
-    pl.r0 = r0;
-    const unsigned grid = static_cast<unsigned>(static_cast<long long>(min(step, p.n_rows - r0)) * p.n_hblk);
-    sparse_mla_bwd_sm90_kernel<PACK, false><<<grid, THREADS, SMEM_BYTES, s>>>(pl);
-    const cudaError_t le = cudaGetLastError();
-    if (le != cudaSuccess) return static_cast<int>(le);
-  }
-  return 0;
+  return launch_rows(sparse_mla_bwd_sm90_kernel<PACK, false>, THREADS, SMEM_BYTES, p, launch_ctas, s);
 }
 
 // The 64-key kernel (unpacked rows, default mode): launched as launch_bwd's default mode.
@@ -1092,17 +1089,8 @@ int launch_bwd64(BwdParams p, int launch_ctas, void* stream) {
   static bool attr_set[64] = {};
   const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd64_sm90_kernel, b64::SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int step = launch_ctas > 0 ? max(1, launch_ctas / p.n_hblk) : max(p.n_rows, 1);
-  for (int r0 = 0; r0 < p.n_rows; r0 += step) {
-    BwdParams pl = p;
-    pl.r0 = r0;
-    const unsigned grid = static_cast<unsigned>(static_cast<long long>(min(step, p.n_rows - r0)) * p.n_hblk);
-    sparse_mla_bwd64_sm90_kernel<<<grid, b64::THREADS, b64::SMEM_BYTES, s>>>(pl);
-    const cudaError_t le = cudaGetLastError();
-    if (le != cudaSuccess) return static_cast<int>(le);
-  }
-  return 0;
+  return launch_rows(sparse_mla_bwd64_sm90_kernel, b64::THREADS, b64::SMEM_BYTES, p, launch_ctas,
+                     static_cast<cudaStream_t>(stream));
 }
 
 BwdParams make_params(const void* q, const void* kv, const void* idx, const void* kv_len, const void* dout,
