@@ -12,7 +12,10 @@ count, int32 indices.
   block, P V of every block for its half of the output channels).
 * Backward, any H: ``cuda/sparse_mla_bwd_sm90.cu``, one CTA per (row, 64 heads) keeping the
   row's Q and dO in shared memory; dq written once, dkv added into an fp32 workspace whose
-  columns are permuted (:func:`unpermute_dkv`). Its per-head statistics (logZ, Delta, d_sink)
+  columns are permuted. Two kernels (:func:`bwd_block_keys`): for unpacked rows in the default
+  mode the 64-key one (two warpgroups, ``[64 keys, 64 channels]`` dKV tiles, full-line adds,
+  :func:`unpermute_dkv64`; L2 cache hints where :func:`l2_hints` holds), otherwise the 32-key
+  one with its producer warpgroup (:func:`unpermute_dkv`). Its per-head statistics (logZ, Delta, d_sink)
   come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`). Deterministic
   (``deterministic=True``): the same kernel on a persistent grid of one CTA per SM, CTA j taking
   rows j, j + grid, ... in order and adding into its own workspace lane; the lanes are summed

@@ -1,5 +1,9 @@
 // Sparse MLA backward (absorbed layout) for Hopper (sm_90a): warp-specialized, wgmma.
 //
+// Two kernels: sparse_mla_bwd_sm90_kernel (32-key blocks, a producer warpgroup; the row-packed
+// and deterministic modes), described here, and sparse_mla_bwd64_sm90_kernel (64-key blocks,
+// two warpgroups; unpacked rows in the default mode), described above its own code below.
+//
 // Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three warpgroups) per
 // (query row t, block of 64 heads); deterministic (DET): a persistent grid, below. The row's
 // Q [64, 576] and dO [64, 512] stay in shared memory for the whole row; its selected keys are
