@@ -225,21 +225,25 @@ def test_emulated_bwd_matches_reference_without_hazards(lib, case):
 
 
 CASES64 = {
-    # T, H, K: blocks of 64 keys per row (the last ones partial; row 1 cut by topk_length)
-    "h64_k150_target": dict(T=3, H=64, K=150, target=True),                # 3 / 2 / 3 blocks
-    "h100_k70_sink_target": dict(T=2, H=100, K=70, sink=True, target=True),  # 2 head tiles, the last masked
-    "h17_k40_sink_empty_row": dict(T=4, H=17, K=40, sink=True, empty_last_row=True),
+    # T, H, K: blocks of 64 keys per row (the last ones partial; row 1 cut by topk_length);
+    # (l2_hints, launch_ctas): the L2 cache policies on the adds and gathers, rows in launches
+    "h64_k150_target": (dict(T=3, H=64, K=150, target=True), 0, 0),                 # 3 / 2 / 3 blocks
+    "h100_k70_sink_target_hints_launches": (dict(T=3, H=100, K=70, sink=True, target=True), 1, 3),  # 2 head tiles
+    "h17_k40_sink_empty_row": (dict(T=4, H=17, K=40, sink=True, empty_last_row=True), 0, 0),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES64))
 def test_emulated_bwd64_matches_reference_without_hazards(lib, case):
-    """The 64-key kernel: the reference's gradients and target, no hazard; dq the same bits
-    under another interleaving of its warpgroups."""
-    kw = dict(CASES64[case])
+    """The 64-key kernel: the reference's gradients and target, no hazard, with its L2 hints and in
+    launches of rows (3 CTAs: one row of 2 head tiles each); dq the same bits under another
+    interleaving of its warpgroups; negative launch sizes refused."""
+    kw, hints, launch_ctas = CASES64[case]
+    kw = dict(kw)
     target = kw.pop("target", False)
     prob = _problem(**kw)
-    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=target, keys64=True)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=target, keys64=True, l2_hints=hints,
+                                                            launch_ctas=launch_ctas)
     assert rc == 0
     assert not aborted and hazards == 0, msgs
     errs = _check(prob, dq, dkv, d_sink, tgt)
@@ -250,27 +254,8 @@ def test_emulated_bwd64_matches_reference_without_hazards(lib, case):
         assert again[0] == 0 and again[5] == 0 and not again[6], again[7]
         assert torch.equal(again[1].view(torch.int16), dq.view(torch.int16))
         assert torch.allclose(again[2], dkv, rtol=1e-5, atol=1e-5 * dkv.abs().max().item())
+        assert _run(lib, prob, launch_ctas=-1, keys64=True)[0] == 1  # cudaErrorInvalidValue
     print(case, errs)
-
-
-def test_emulated_bwd64_in_launches_and_errors(lib):
-    """The 64-key kernel in launches of rows (3 CTAs: one row of 2 head tiles each) and with its
-    L2 cache hints (red / cp.async with a policy) equals one launch without; it refuses negative
-    launch sizes."""
-    prob = _problem(T=3, H=100, K=70, sink=True, seed=4)
-    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=True, launch_ctas=3, keys64=True)
-    assert rc == 0 and not aborted and hazards == 0, msgs
-    _check(prob, dq, dkv, d_sink, tgt)
-    rc, dq0, dkv0, _, tgt0, hazards, aborted, msgs = _run(lib, prob, target=True, keys64=True)
-    assert rc == 0 and hazards == 0 and not aborted, msgs
-    assert torch.equal(dq.view(torch.int16), dq0.view(torch.int16))
-    assert torch.allclose(tgt, tgt0, rtol=1e-6, atol=0)
-    rc, dq1, dkv1, _, tgt1, hazards, aborted, msgs = _run(lib, prob, target=True, keys64=True, l2_hints=1)
-    assert rc == 0 and hazards == 0 and not aborted, msgs
-    assert torch.equal(dq1.view(torch.int16), dq0.view(torch.int16))
-    assert torch.allclose(dkv1, dkv0, rtol=1e-5, atol=1e-5 * dkv0.abs().max().item())
-    assert torch.allclose(tgt1, tgt0, rtol=1e-6, atol=0)
-    assert _run(lib, prob, launch_ctas=-1, keys64=True)[0] == 1  # cudaErrorInvalidValue
 
 
 def test_emulated_bwd_packed_matches_reference_without_hazards(lib):
