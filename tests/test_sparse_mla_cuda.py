@@ -71,7 +71,8 @@ def test_library_builds_loads_and_fits_shared_memory(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.exists()
     assert ci.build() == path  # cached: same key, no rebuild
     lib = ci._load(path)
-    for smem in (lib.dsa_sparse_mla_fwd_pp_smem_bytes(), lib.dsa_sparse_mla_fwd_packed_smem_bytes()):
+    for smem in (lib.dsa_sparse_mla_fwd_pp_smem_bytes(), lib.dsa_sparse_mla_fwd_packed_smem_bytes(),
+                 lib.dsa_sparse_mla_bwd_smem_bytes(), lib.dsa_sparse_mla_bwd64_smem_bytes()):
         assert 200 * 1024 < smem <= 232448  # Hopper's per-block opt-in limit (227 KB)
 
 

@@ -105,7 +105,8 @@ def _load(path: Path):
     pack_smem = lib.dsa_pack_rows_smem
     pack_smem.restype = ll
     pack_smem.argtypes = [i32, i32, i32]
-    for name in ("dsa_sparse_mla_fwd_pp_smem_bytes", "dsa_sparse_mla_fwd_packed_smem_bytes"):
+    for name in ("dsa_sparse_mla_fwd_pp_smem_bytes", "dsa_sparse_mla_fwd_packed_smem_bytes",
+                 "dsa_sparse_mla_bwd_smem_bytes", "dsa_sparse_mla_bwd64_smem_bytes"):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = []

@@ -1133,6 +1133,7 @@ BwdParams make_params(const void* q, const void* kv, const void* idx, const void
 extern "C" {
 
 int dsa_sparse_mla_bwd_smem_bytes() { return SMEM_BYTES; }
+int dsa_sparse_mla_bwd64_smem_bytes() { return b64::SMEM_BYTES; }
 
 // Launches on `stream`; returns a cudaError_t (0 = launched). No host synchronization.
 // dkv: fp32 [Tk, 576], zeroed, columns in the permuted order described at the top; with
