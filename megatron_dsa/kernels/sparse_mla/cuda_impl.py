@@ -312,8 +312,7 @@ def l2_hints(device: torch.device, num_keys: int) -> bool:
     takes many adds. H100, S = 16K, 64 heads: 29.2 vs 30.7 ms (128 heads 57.5 vs 58.2); at 4K
     (everything fits) and at 32K (L2 order) the hints were 1% slower. A function of the device
     model and the shape."""
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return num_keys * (576 * 4 + 576 * 2) > l2 and not l2_order(device, num_keys)
+    return l2_order(device, num_keys, 576 * 4 + FWD_KEY_BYTES) and not l2_order(device, num_keys)
 
 
 def l2_order_launch_ctas(num_keys: int, packed: bool) -> int:
@@ -401,9 +400,9 @@ def det_lanes(device: torch.device, num_keys: int) -> int:
 
 def bwd_block_keys(packed: bool, deterministic: bool) -> int:
     """Keys per block of the CUDA backward: 64 (``dsa_sparse_mla_bwd64_sm90``: two warpgroups,
-    [64 keys, 64 channels] dKV tiles, 4.5-7.8% faster than the 32-key kernel on an H100 at
-    S = 4K-32K, 32-128 heads) for unpacked rows in the default mode; 32 (the kernel with the
-    row-packed and deterministic modes) otherwise."""
+    [64 keys, 64 channels] dKV tiles; faster than the 32-key kernel at every measured S and head
+    count, ``docs/kernels_sparse_mla.md`` section 3.3b) for unpacked rows in the default mode; 32
+    (the kernel with the row-packed and deterministic modes) otherwise."""
     return 32 if packed or deterministic else 64
 
 

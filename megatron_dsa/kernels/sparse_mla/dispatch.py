@@ -58,8 +58,12 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     """Which implementation runs sparse MLA for these inputs (raises when ``backend`` cannot).
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``;
     ``row_packing``: module docstring."""
-    choice = _with_block_keys(_select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn),
-                              device, heads, num_keys, row_packing)
+    choice = _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn)
+    return _with_block_keys(_with_packing(choice, backend, heads, row_packing), device, num_keys)
+
+
+def _with_packing(choice: KernelChoice, backend: str, heads: int, row_packing: Optional[bool]) -> KernelChoice:
+    """``choice`` with row packing where ``row_packing`` (module docstring) applies it."""
     if row_packing is False:
         return choice
     if row_packing is None:  # auto: the CUDA backward at <= 32 heads
@@ -79,11 +83,10 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     return KernelChoice(OP, backend, choice.forward, choice.backward, f"{choice.reason}; no row packing on {where}")
 
 
-def _with_block_keys(choice: KernelChoice, device, heads, num_keys, row_packing) -> KernelChoice:
+def _with_block_keys(choice: KernelChoice, device, num_keys) -> KernelChoice:
     """The reason names the 64-key kernel where the unpacked default-mode CUDA backward runs
     (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on (``cuda_impl.l2_hints``)."""
-    packs = row_packing is True or (row_packing is None and heads <= MAX_PACK_HEADS)
-    if choice.backward != "cuda" or packs or cuda_impl.bwd_block_keys(False, False) != 64:
+    if choice.backward != "cuda" or cuda_impl.bwd_block_keys(False, False) != 64:
         return choice
     why = f"{choice.reason}; the backward in 64-key blocks"
     if num_keys is not None and cuda_impl.l2_hints(device, num_keys):
