@@ -498,7 +498,6 @@ def indexer_topk_triton(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     k_scale: Optional[torch.Tensor] = None,
     select_kernel: str = "triton",
-    score_kernel: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
@@ -507,14 +506,10 @@ def indexer_topk_triton(
     ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
     the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
     ``select_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl.select_cuda``: sm_90, topk <=
-    ``cuda_impl.MAX_TOPK``); both give the same sets. ``score_kernel``: ``"triton"`` or ``"cuda"``
-    (``cuda_impl.score_cuda``: sm_90, head dim 128, an even head count; the same scores up to
-    fp32 summation order).
+    ``cuda_impl.MAX_TOPK``); both give the same sets.
     """
     if select_kernel not in ("triton", "cuda"):
         raise ValueError(f"select_kernel must be 'triton' or 'cuda', got {select_kernel!r}")
-    if score_kernel not in ("triton", "cuda"):
-        raise ValueError(f"score_kernel must be 'triton' or 'cuda', got {score_kernel!r}")
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
     S = k.shape[1]
@@ -538,11 +533,6 @@ def indexer_topk_triton(
         from .cuda_impl import int32_windows
 
         starts, ends = int32_windows(starts, ends)
-    if score_kernel == "cuda":  # its float2 stores: even row strides
-        from .cuda_impl import SCORE_TILE, score_cuda
-
-        S_alloc += S_alloc % 2
-        scfg = (SCORE_TILE[0],)
     rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
@@ -550,9 +540,7 @@ def indexer_topk_triton(
     # buffer sets, was measured slower on H100 at S=32K: 20.56 vs 19.43 ms. Not kept.)
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
-        if S > 0 and score_kernel == "cuda":
-            score_cuda(q, k, w, starts, ends, causal, use_relu, buf, row0, n, k_scale)
-        elif S > 0:
+        if S > 0:
             _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
         launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel),
                       kernel=select_kernel)
