@@ -326,8 +326,8 @@ def main():
                     help="ours' backward in the ids' own order and one launch at every S (cuda_impl.l2_order "
                          "off): the other side of the L2 order's A/B")
     ap.add_argument("--bwd-block-keys", type=int, choices=(32, 64), default=None,
-                    help="ours' unpacked default-mode backward on the 32- or 64-key kernel (default: "
-                         "cuda_impl.bwd_block_keys, 64): the 64-key kernel's A/B")
+                    help="ours' default-mode backward (unpacked and row-packed) on the 32- or 64-key kernel "
+                         "(default: cuda_impl.bwd_block_keys, 64): the 64-key kernel's A/B")
     ap.add_argument("--no-l2-hints", action="store_true",
                     help="the 64-key backward without its L2 cache hints (cuda_impl.l2_hints off)")
     args = ap.parse_args()
@@ -348,7 +348,7 @@ def main():
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 
         keys = args.bwd_block_keys
-        cuda_impl.bwd_block_keys = lambda packed, deterministic: 32 if packed or deterministic else keys
+        cuda_impl.bwd_block_keys = lambda packed, deterministic: 32 if deterministic else keys
     if args.no_l2_hints:
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 

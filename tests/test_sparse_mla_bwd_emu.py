@@ -64,6 +64,8 @@ def _build(tmp_path_factory, tag, kernel_text=None):
     lib.dsa_sparse_mla_bwd_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
     lib.dsa_sparse_mla_bwd64_sm90.restype = i32
     lib.dsa_sparse_mla_bwd64_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
+    lib.dsa_sparse_mla_bwd64_packed_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd64_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
     return lib
 
 
@@ -143,8 +145,9 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
     kernel: (rc, dq, dkv unpermuted fp32, d_sink, target, hazards, aborted, messages).
     ``lanes`` > 0: the deterministic mode, a persistent grid of ``lanes`` CTAs each adding into
     its own dkv lane, the lanes summed in order. ``launch_ctas`` > 0: the rows in launches of at
-    most that many CTAs. ``keys64``: the 64-key kernel (``dsa_sparse_mla_bwd64_sm90``, its own
-    workspace layout; ``l2_hints`` in place of ``lanes``)."""
+    most that many CTAs. ``keys64``: the 64-key kernel (``dsa_sparse_mla_bwd64_sm90``, or with
+    ``packed`` ``dsa_sparse_mla_bwd64_packed_sm90``: its own workspace layout; ``l2_hints`` in
+    place of ``lanes``)."""
     q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
     T, H, _ = q.shape
     Tk, K = kv.shape[0], idx.shape[1]
@@ -158,13 +161,14 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
               tgt.data_ptr() if tgt is not None else None)
     if packed:
         pk = pack_rows_reference(idx, Tk, H, prob.topk_len)
-        assert pk.hpad == 16 and pk.rows == 4
+        assert pk.rows == 64 // pk.hpad
         uid, count, uslot = pk.uid.contiguous(), pk.count.contiguous(), pk.uslot.contiguous()
-        rc = lib.dsa_sparse_mla_bwd_packed_sm90(
+        entry = lib.dsa_sparse_mla_bwd64_packed_sm90 if keys64 else lib.dsa_sparse_mla_bwd_packed_sm90
+        rc = entry(
             q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
             q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4, int(prob.sink is not None), lanes,
-            launch_ctas, SCALE, None)
+            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4 if pk.hpad == 16 else 5,
+            int(prob.sink is not None), l2_hints if keys64 else lanes, launch_ctas, SCALE, None)
     else:
         kv_len = effective_lengths_torch(idx, prob.topk_len)
         entry = lib.dsa_sparse_mla_bwd64_sm90 if keys64 else lib.dsa_sparse_mla_bwd_sm90
@@ -255,6 +259,38 @@ def test_emulated_bwd64_matches_reference_without_hazards(lib, case):
         assert torch.equal(again[1].view(torch.int16), dq.view(torch.int16))
         assert torch.allclose(again[2], dkv, rtol=1e-5, atol=1e-5 * dkv.abs().max().item())
         assert _run(lib, prob, launch_ctas=-1, keys64=True)[0] == 1  # cudaErrorInvalidValue
+    print(case, errs)
+
+
+PACKED64 = {
+    # 16 heads: groups of 4 rows (7 rows: the last group has 3), unions of <= 56 entries; with the
+    # L2 hints, in launches of one group
+    "h16_7rows_sink_target_launches": (dict(T=7, H=16, K=44, sink=True, shared_pool=56, seed=3), 1, 1),
+    # 32 heads (groups of 2 rows, a query row over two warps), 20 heads (12 masked heads per row),
+    # unions of up to 2 x 90 entries: several 64-entry blocks, the last partial
+    "h32_5rows_target": (dict(T=5, H=32, K=90, shared_pool=150, seed=5), 0, 0),
+    "h20_4rows_sink_empty_row": (dict(T=4, H=20, K=70, sink=True, seed=6, empty_last_row=True), 0, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED64))
+def test_emulated_bwd64_packed_matches_reference_without_hazards(lib, case):
+    """The 64-key kernel on packed rows: the reference's gradients and target, no hazard, and the
+    32-key packed kernel's results up to summation order."""
+    kw, hints, launch_ctas = PACKED64[case]
+    prob = _problem(**kw)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=True, packed=True, keys64=True,
+                                                            l2_hints=hints, launch_ctas=launch_ctas)
+    assert rc == 0
+    assert not aborted and hazards == 0, msgs
+    errs = _check(prob, dq, dkv, d_sink, tgt)
+    if kw.get("empty_last_row"):
+        assert torch.equal(dq[-1].float(), torch.zeros(kw["H"], D_QK))
+    rc, dq32, dkv32, _, tgt32, hazards, aborted, msgs = _run(lib, prob, target=True, packed=True)
+    assert rc == 0 and hazards == 0 and not aborted, msgs
+    assert _rel(dq, dq32.double()) <= 5e-3  # (bf16 dq from fp32 sums in blocks of 64 vs 32 keys)
+    assert torch.allclose(dkv, dkv32, rtol=1e-4, atol=1e-5 * dkv32.abs().max().item())
+    assert torch.allclose(tgt, tgt32, rtol=1e-5, atol=1e-7)
     print(case, errs)
 
 

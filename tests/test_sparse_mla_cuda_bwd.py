@@ -242,22 +242,22 @@ def test_unpermute_dkv64_inverts_the_kernels_layout():
 
 
 def test_block_keys_follow_the_mode_and_refuse_what_the_64_key_kernel_lacks():
-    assert ci.bwd_block_keys(False, False) == 64
-    assert ci.bwd_block_keys(True, False) == ci.bwd_block_keys(False, True) == ci.bwd_block_keys(True, True) == 32
+    assert ci.bwd_block_keys(False, False) == ci.bwd_block_keys(True, False) == 64
+    assert ci.bwd_block_keys(False, True) == ci.bwd_block_keys(True, True) == 32
     q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
     kv = torch.zeros(8, 576, dtype=torch.bfloat16)
     idx = torch.zeros(4, 16, dtype=torch.int32)
     args = (q, kv, idx, 576 ** -0.5, None, None, None, None, None)
     with pytest.raises(ValueError, match="block_keys must be 32 or 64"):
         ci.sparse_mla_bwd_cuda(*args, block_keys=128)
-    for kw in (dict(packed=True), dict(deterministic=True)):
-        with pytest.raises(ValueError, match="block_keys=64 runs unpacked rows in the default mode only"):
+    for kw in (dict(deterministic=True), dict(deterministic=True, packed=True)):
+        with pytest.raises(ValueError, match="block_keys=64 runs in the default mode only"):
             ci.sparse_mla_bwd_cuda(*args, block_keys=64, **kw)
 
 
 @NO_NVCC
 def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    # (every entry point of the file: the 32-key kernel's four modes and the 64-key kernel)
+    # (every entry point of the file: the 32-key kernel's four modes and the 64-key kernel's two)
     assert_compiles_without_spills(ci.SOURCES[1], tmp_path, ("sparse_mla_bwd_sm90_kernel", "sparse_mla_bwd64_sm90_kernel"))
 
 
@@ -313,8 +313,8 @@ def _case(T, H, K, sink, topk, holes, seed, shared=False):
 def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, shared=False,
                              deterministic=False, repeats=0, block_keys=None):
     """``repeats``: run the backward that many more times; each must give the same bits.
-    ``block_keys``: as ``sparse_mla_bwd_cuda``'s (None: auto, the 64-key kernel where unpacked
-    in the default mode)."""
+    ``block_keys``: as ``sparse_mla_bwd_cuda``'s (None: auto, the 64-key kernel in the default
+    mode)."""
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh inputs every run
     q, kv, idx, tk, sk, dout = _case(T, H, K, sink, topk, holes, seed, shared)
     scale = 576 ** -0.5
@@ -418,7 +418,7 @@ def test_gpu_l2_hints_where_kv_and_the_workspace_leave_the_l2():
 
     assert "64-key blocks" in reason(64, lo) and "L2 cache hints" not in reason(64, lo)
     assert "64-key blocks with L2 cache hints" in reason(128, lo + 1)
-    assert "64-key" not in reason(16, lo + 1)  # row-packed: the 32-key kernel
+    assert "64-key blocks with L2 cache hints" in reason(16, lo + 1)  # row-packed: the 64-key kernel too
     assert "64-key" in reason(16, lo + 1, row_packing=False)
     assert "64-key" not in reason(64, lo, deterministic=True)
 
@@ -434,9 +434,11 @@ def test_gpu_l2_hints_where_kv_and_the_workspace_leave_the_l2():
     (600, 20, 200, False, True, False, False, True),   # 20 of 32 heads
     (600, 1, 200, False, False, False, True, False),   # one head
 ])
-def test_gpu_packed_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target, shared):
+@pytest.mark.parametrize("block_keys", [32, 64])
+def test_gpu_packed_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target, shared, block_keys):
+    """Both kernels on packed rows (``block_keys``: 32, the 32-key kernel; 64, the 64-key one)."""
     need_library()
-    _check_against_reference(T, H, K, sink, topk, holes, target, packed=True, shared=shared)
+    _check_against_reference(T, H, K, sink, topk, holes, target, packed=True, shared=shared, block_keys=block_keys)
 
 
 @pytest.mark.gpu

@@ -1131,6 +1131,8 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       mbar_arrive_cp_async(u32(A[0]));
     } else if (starts(op, "fence.proxy.async")) {
       fence_proxy_async();
+    } else if (op == "prefetch.global.L1" || op == "prefetch.global.L2") {
+      // a cache hint: nothing to model (the address is not checked: a prefetch never faults)
     } else if (op == "fence.acq_rel.gpu" || op == "fence.sc.gpu") {
       // global-memory ordering across CTAs: one CTA runs at a time and each red.global.add is
       // atomic, so there is nothing to model

@@ -12,15 +12,15 @@ count, int32 indices.
   block, P V of every block for its half of the output channels).
 * Backward, any H: ``cuda/sparse_mla_bwd_sm90.cu``, one CTA per (row, 64 heads) keeping the
   row's Q and dO in shared memory; dq written once, dkv added into an fp32 workspace whose
-  columns are permuted. Two kernels (:func:`bwd_block_keys`): for unpacked rows in the default
-  mode the 64-key one (two warpgroups, ``[64 keys, 64 channels]`` dKV tiles, full-line adds,
-  :func:`unpermute_dkv64`; L2 cache hints where :func:`l2_hints` holds), otherwise the 32-key
-  one with its producer warpgroup (:func:`unpermute_dkv`). Its per-head statistics (logZ, Delta, d_sink)
+  columns are permuted. Two kernels (:func:`bwd_block_keys`): in the default mode the 64-key
+  one (two warpgroups, ``[64 keys, 64 channels]`` dKV tiles, full-line adds,
+  :func:`unpermute_dkv64`; L2 cache hints where :func:`l2_hints` holds), in the deterministic
+  mode the 32-key one with its producer warpgroup (:func:`unpermute_dkv`). Its per-head statistics (logZ, Delta, d_sink)
   come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`). Deterministic
   (``deterministic=True``): the same kernel on a persistent grid of one CTA per SM, CTA j taking
   rows j, j + grid, ... in order and adding into its own workspace lane; the lanes are summed
   in a fixed order (:func:`det_lanes`).
-  With row packing (``packed=True``, <= 32 heads) the same kernel serves a group of 64 / 16 or
+  With row packing (``packed=True``, <= 32 heads) either kernel serves a group of 64 / 16 or
   64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); the forward has a packed
   kernel too, ``cuda/sparse_mla_fwd_packed_sm90.cu`` (``sparse_mla_fwd_cuda(..., packed=True)``).
 * Every kernel stops a row at its effective length (:func:`effective_lengths`,
@@ -82,9 +82,10 @@ def _load(path: Path):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
-    packed = lib.dsa_sparse_mla_bwd_packed_sm90
-    packed.restype = i32
-    packed.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
+    for name in ("dsa_sparse_mla_bwd_packed_sm90", "dsa_sparse_mla_bwd64_packed_sm90"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
     packed_fwd = lib.dsa_sparse_mla_fwd_packed_sm90
     packed_fwd.restype = i32
     packed_fwd.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
@@ -399,11 +400,13 @@ def det_lanes(device: torch.device, num_keys: int) -> int:
 
 
 def bwd_block_keys(packed: bool, deterministic: bool) -> int:
-    """Keys per block of the CUDA backward: 64 (``dsa_sparse_mla_bwd64_sm90``: two warpgroups,
-    [64 keys, 64 channels] dKV tiles; faster than the 32-key kernel at every measured S and head
-    count, ``docs/kernels_sparse_mla.md`` section 3.3b) for unpacked rows in the default mode; 32
-    (the kernel with the row-packed and deterministic modes) otherwise."""
-    return 32 if packed or deterministic else 64
+    """Keys per block of the CUDA backward: 64 (``dsa_sparse_mla_bwd64_sm90`` and, row-packed,
+    ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys, 64 channels] dKV tiles; faster
+    than the 32-key kernel at every measured S and head count, ``docs/kernels_sparse_mla.md``
+    section 3.3b) in the default mode; 32 (the kernel with the deterministic mode) otherwise.
+    ``packed`` does not change it (both kernels take packed rows)."""
+    del packed
+    return 32 if deterministic else 64
 
 
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
@@ -422,16 +425,16 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     deterministic in both modes (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
     workspace exceeds the L2), each row's ids are walked ascending and the rows run in launches
     of a bounded number of CTAs (the packed path's unions are ascending already).
-    ``block_keys``: the keys per block of the kernel, ``None`` (auto): 64 for unpacked rows in
-    the default mode (the 64-key kernel, :func:`bwd_block_keys`), else 32; 64 takes only those.
+    ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`);
+    64 (the 64-key kernel, unpacked or packed rows) runs in the default mode only.
     """
     _check_ids(indices)
     if block_keys is None:
         block_keys = bwd_block_keys(packed, deterministic)
     if block_keys not in (32, 64):
         raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
-    if block_keys == 64 and (packed or deterministic):
-        raise ValueError("block_keys=64 runs unpacked rows in the default mode only (packed=False, deterministic=False)")
+    if block_keys == 64 and deterministic:
+        raise ValueError("block_keys=64 runs in the default mode only (deterministic=False)")
     lib = library()
     T, H, Dqk = q.shape
     if packed and not 1 <= H <= MAX_PACK_HEADS:
@@ -456,14 +459,17 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         bwd_stats(st, dsink_t[c] if sink is not None else None, out[c], dout[c], lse[c],
                   dlse[c] if dlse is not None else None, sink, 512)
         pk = pack_rows_cuda(indices[c], kv.shape[0], H, topk_length[c] if topk_length is not None else None)
+        # (the 64-key kernel takes its L2 hints where the 32-key kernel takes its lanes)
+        entry, mode = ((lib.dsa_sparse_mla_bwd64_packed_sm90, int(l2_hints(q.device, kv.shape[0])))
+                       if block_keys == 64 else (lib.dsa_sparse_mla_bwd_packed_sm90, lanes))
         with torch.cuda.device(q.device):
-            _check(lib.dsa_sparse_mla_bwd_packed_sm90(
+            _check(entry(
                 q[c].data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
                 dout[c].data_ptr(), st.data_ptr(), lse[c].data_ptr(), dq[c].data_ptr(), dkv.data_ptr(),
                 target_out[c].data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), n, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
-                4 if pk.hpad == 16 else 5, int(sink is not None), lanes,
+                4 if pk.hpad == 16 else 5, int(sink is not None), mode,
                 l2_order_launch_ctas(kv.shape[0], True) if l2 else 0,
                 float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "packed backward")

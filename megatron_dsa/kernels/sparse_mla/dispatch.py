@@ -84,9 +84,11 @@ def _with_packing(choice: KernelChoice, backend: str, heads: int, row_packing: O
 
 
 def _with_block_keys(choice: KernelChoice, device, num_keys) -> KernelChoice:
-    """The reason names the 64-key kernel where the unpacked default-mode CUDA backward runs
-    (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on (``cuda_impl.l2_hints``)."""
-    if choice.backward != "cuda" or cuda_impl.bwd_block_keys(False, False) != 64:
+    """The reason names the 64-key kernel where the default-mode CUDA backward (unpacked or
+    row-packed) runs it (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on
+    (``cuda_impl.l2_hints``)."""
+    if choice.backward not in ("cuda", "cuda-packed") or cuda_impl.bwd_block_keys(
+            choice.backward == "cuda-packed", False) != 64:
         return choice
     why = f"{choice.reason}; the backward in 64-key blocks"
     if num_keys is not None and cuda_impl.l2_hints(device, num_keys):

@@ -204,6 +204,43 @@ __device__ __forceinline__ void load_q_do(uint32_t sbase, const BwdParams& p, in
   }
 }
 
+// Row packing (PACK: <= 32 heads; packing.py): tile row r of an item whose first query row is t
+// (the group's first row) holds query row t + (r >> hshift), head r & (2^hshift - 1); unpacked,
+// query row t, head h0 + r.
+template <bool PACK>
+__device__ __forceinline__ void tile_row(const BwdParams& p, int t, int h0, int r, int& tr, int& h) {
+  if (PACK) {
+    tr = t + (r >> p.hshift);
+    h = r & ((1 << p.hshift) - 1);
+  } else {
+    tr = t;
+    h = h0 + r;
+  }
+}
+
+// load_q_do for a packed group of rows t, t + 1, ...: tile row r from (query row, head) of
+// tile_row (rows past T or heads past H zero-filled).
+__device__ __forceinline__ void load_q_do_packed(uint32_t sbase, const BwdParams& p, int t, int wt) {
+#pragma unroll 1
+  for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
+    const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
+    int tr, h;
+    tile_row<true>(p, t, 0, r, tr, h);
+    const bool ok = h < p.H && tr < p.T;
+    cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+               p.q + (ok ? (long long)tr * p.q_st + (long long)h * p.q_sh : 0) + gg * 8, ok);
+  }
+#pragma unroll 1
+  for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
+    const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
+    int tr, h;
+    tile_row<true>(p, t, 0, r, tr, h);
+    const bool ok = h < p.H && tr < p.T;
+    cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+               p.dout + (ok ? (long long)tr * p.do_st + (long long)h * p.do_sh : 0) + gg * 8, ok);
+  }
+}
+
 // P and dS in place of the S and dP accumulators of NJ 8-key column groups (accumulator
 // [4 jj + 2 i + bb]: head row0 + 8 i, key 8 jj + colq + bb): P = exp2(S scale log2e - logZ) on
 // valid (key, head) pairs, else 0; dS = scale P (dP - Delta).
@@ -304,16 +341,6 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
       run(fn, p.r0 + static_cast<int>(blockIdx.x) / p.n_hblk, static_cast<int>(blockIdx.x) % p.n_hblk, 0, 0);
     }
   };
-  // tile row r of item (t, h0) -> (query row, head); valid when both exist
-  auto tile_row = [&](int t, int h0, int r, int& tr, int& h) {
-    if (PACK) {
-      tr = t + (r >> p.hshift);
-      h = r & ((1 << p.hshift) - 1);
-    } else {
-      tr = t;
-      h = h0 + r;
-    }
-  };
 
   if (tid == 0) {
 #pragma unroll
@@ -340,28 +367,10 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     // barrier, passes at once)
     if (DET) mbar_wait(sbase + BAR_Q_EMPTY, par ^ 1);
     {
-      if constexpr (PACK) {
-#pragma unroll 1
-        for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
-          const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
-          int tr, h;
-          tile_row(t, h0, r, tr, h);
-          const bool ok = h < p.H && tr < p.T;
-          cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                     p.q + (ok ? (long long)tr * p.q_st + (long long)h * p.q_sh : 0) + gg * 8, ok);
-        }
-#pragma unroll 1
-        for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
-          const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
-          int tr, h;
-          tile_row(t, h0, r, tr, h);
-          const bool ok = h < p.H && tr < p.T;
-          cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-                     p.dout + (ok ? (long long)tr * p.do_st + (long long)h * p.do_sh : 0) + gg * 8, ok);
-        }
-      } else {
+      if constexpr (PACK)
+        load_q_do_packed(sbase, p, t, wt);
+      else
         load_q_do(sbase, p, t, h0, wt);
-      }
       cp_async_arrive_noinc(sbase + BAR_Q);
     }
     // gathers: 8 threads per key row (rows g_row and g_row + 16), granule g_sub of each 128-byte
@@ -412,7 +421,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int h;
-      tile_row(t, h0, row0 + 8 * i, trow, h);
+      tile_row<PACK>(p, t, h0, row0 + 8 * i, trow, h);
       hv[i] = h < p.H && (!PACK || trow < p.T);
       const long long o = (long long)trow * p.H + (hv[i] ? h : 0);
       z2[i] = hv[i] ? __ldg(p.stats + o) : 0.f;
@@ -578,7 +587,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
     for (int i = 0; i < 2; ++i) {
       if (!hv[i]) continue;
       int tr, h;
-      tile_row(t, h0, row0 + 8 * i, tr, h);
+      tile_row<PACK>(p, t, h0, row0 + 8 * i, tr, h);
       __nv_bfloat16* dqrow = p.dq + (long long)tr * p.dq_st + (long long)h * p.dq_sh + colq;
       store_dq<32>(dqrow, dqa, i);
       store_dq<8>(dqrow + 256, dqm, i);
@@ -692,7 +701,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int tr, h;
-      tile_row(t, h0, row0 + 8 * i, tr, h);
+      tile_row<PACK>(p, t, h0, row0 + 8 * i, tr, h);
       if (h >= p.H || (PACK && tr >= p.T)) continue;
       // (unsigned: tr >= 0, and a zero-extended tr needs no register for its high half)
       __nv_bfloat16* dqrow = p.dq + (long long)(unsigned)tr * p.dq_st + (long long)h * p.dq_sh + colq;
@@ -748,6 +757,23 @@ static_assert(SMEM_BYTES <= 232448, "shared memory");
 static_assert(OFF_Q == 0 && OFF_DO == NCH * QCH, "load_q_do's layout");
 }  // namespace b64
 
+__device__ __forceinline__ void prefetch_l1(const void* ptr) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr));
+}
+
+// Packed, 64-key blocks: a thread's row's slots of block b's entries 8 jj + colq + {0, 1} (int16
+// pairs from its uslot row us32; -1: the row does not take the entry, or it is past kv_len).
+__device__ __forceinline__ void packed_slots(const uint32_t* us32, int b, int colq, int kv_len, uint32_t (&usl)[8]) {
+#pragma unroll
+  for (int jj = 0; jj < 8; ++jj) {
+    const int e0 = b * 64 + 8 * jj + colq;  // even; uslot rows have an even length
+    usl[jj] = e0 < kv_len ? __ldg(us32 + (e0 >> 1)) : 0xffffffffu;
+  }
+}
+
+// PACK: row packing as in the kernel above (a group of p.rows query rows per CTA over the union
+// of their keys; each thread's rows row0, row0 + 8 lie in one query row, trow).
+template <bool PACK>
 __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(const BwdParams p) {
   // (local names shadow the 32-key kernel's constants)
   constexpr int BN = b64::BN, CH = b64::CH, NIDS = b64::NIDS, OFF_Q = b64::OFF_Q, OFF_DO = b64::OFF_DO,
@@ -761,9 +787,12 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
   const int warp = wt >> 5, lane = tid & 31;
   const int colq = 2 * (lane & 3);
   const int row0 = warp * 16 + (lane >> 2);  // accumulator rows of this thread: row0, row0 + 8
-  const int t = p.r0 + static_cast<int>(blockIdx.x) / p.n_hblk;
+  // key-list row L (the query row; packed: the group), the item's first query row t, head block h0
+  const int L = p.r0 + static_cast<int>(blockIdx.x) / p.n_hblk;
+  const int t = PACK ? L * p.rows : L;
   const int h0 = (static_cast<int>(blockIdx.x) % p.n_hblk) * BM;
-  const int kv_len = min(max(__ldg(p.kv_len + t), 0), p.K), nblk = (kv_len + BN - 1) / BN;
+  const int kv_len = min(max(__ldg(p.kv_len + L), 0), PACK ? static_cast<int>(p.idx_s) : p.K);
+  const int nblk = (kv_len + BN - 1) / BN;
 
   if (tid == 0) {
     mbar_init(sbase + BAR_KV_EMPTY, 128);
@@ -774,13 +803,17 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
 
   if (wg == 0) {
     // ---------------- loads, gathers, S, dP, softmax gradient, dQ[:, 0:256] ----------------
-    load_q_do(sbase, p, t, h0, wt);
-    // the heads' logZ, Delta and target factor, staged in shared memory (read per block: held
-    // in registers, they spilled); visible after the first block's barrier
+    if constexpr (PACK)
+      load_q_do_packed(sbase, p, t, wt);
+    else
+      load_q_do(sbase, p, t, h0, wt);
+    // the tile rows' logZ, Delta and target factor, staged in shared memory (read per block:
+    // held in registers, they spilled); visible after the first block's barrier
     if (wt < BM) {
-      const int h = h0 + wt;
-      const bool ok = h < p.H;
-      const long long o = (long long)t * p.H + (ok ? h : 0);
+      int tr, h;
+      tile_row<PACK>(p, t, h0, wt, tr, h);
+      const bool ok = h < p.H && (!PACK || tr < p.T);
+      const long long o = (long long)tr * p.H + (ok ? h : 0);  // (read only where ok)
       const float z2 = ok ? __ldg(p.stats + o) : 0.f;
       float fh = ok ? 1.f : 0.f;
       if (p.target != nullptr && p.has_sink && ok) {
@@ -793,8 +826,13 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       st_shared_f32(sbase + OFF_HEAD + (2 * BM + wt) * 4, fh);
     }
     bool hv[2];
+    int trow = t;  // this thread's query row (the same for row0 and row0 + 8)
 #pragma unroll
-    for (int i = 0; i < 2; ++i) hv[i] = h0 + row0 + 8 * i < p.H;
+    for (int i = 0; i < 2; ++i) {
+      int h;
+      tile_row<PACK>(p, t, h0, row0 + 8 * i, trow, h);
+      hv[i] = h < p.H && (!PACK || trow < p.T);
+    }
     float dqa[128];  // dQ[:, 0:256]
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqa[i] = 0.f;
@@ -806,7 +844,9 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     // that a warp's cp.async covers whole lines (4 rows x 128 B: half the L2 requests of 64-byte
     // pieces). A block's ids reach the ids ring one block ahead (block 0's with Q / dO), and its
     // gathers read them there (block 0: from global memory)
-    const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+    const int32_t* idx_row = p.idx + (long long)L * p.idx_s;
+    // packed: this thread's row of uslot, read as int16 pairs (the group's rows are consecutive)
+    const uint32_t* us32 = PACK ? reinterpret_cast<const uint32_t*>(p.uslot + (long long)trow * p.idx_s) : nullptr;
     const int g_row = wt >> 3, g_sub = wt & 7;
     auto stage_ids = [&](int b) {  // block b's ids into ring slot b % NIDS (slots past kv_len: 0, masked by slot)
       if (wt < BN) {
@@ -839,6 +879,13 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
         for (int c = 0; c < NCH; ++c) cp_async16_pol(dst + c * CH, src + c * 64, ok, kv_pol);
       }
       stage_ids(b + 1);
+      // packed: the block's entries of this thread's uslot row (64 int16, one 128-byte line when
+      // the row length is a multiple of 64) into L1 while the gathers and MMAs run (loaded into
+      // registers here, they spilled)
+      if constexpr (PACK) {
+        prefetch_l1(us32 + b * (BN / 2));
+        prefetch_l1(us32 + b * (BN / 2) + BN / 2 - 1);
+      }
       cp_async_wait_all();  // (block 0: Q and dO too)
       fence_async_smem();
       bar_sync(1, 128);
@@ -865,7 +912,15 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       // P and dS (in place of S and dP); accumulator column 8 jj + colq + bb is key slot
       // b * 64 + 8 jj + colq + bb
       bool valid[16];
-      {
+      if constexpr (PACK) {
+        uint32_t usl[8];
+        packed_slots(us32, b, colq, kv_len, usl);
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          valid[2 * jj] = !(usl[jj] & 0x8000u);
+          valid[2 * jj + 1] = !(usl[jj] & 0x80000000u);
+        }
+      } else {
         const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
         int idv[8];
 #pragma unroll
@@ -916,13 +971,20 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       if (p.target != nullptr) {
         const float fh0 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0) * 4);
         const float fh1 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0 + 8) * 4);
+        uint32_t usl[8];  // packed: the row's slots again (L1)
+        if constexpr (PACK) packed_slots(us32, b, colq, kv_len, usl);
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
             const float v = quad_sum(s[4 * jj + bb] * fh0 + s[4 * jj + 2 + bb] * fh1);
-            const int slot = b * BN + 8 * jj + colq + bb;
-            if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+            if constexpr (PACK) {  // at the row's own slot of the entry
+              const int slot = static_cast<int16_t>(usl[jj] >> (16 * bb));
+              if (lane < 4 && slot >= 0) red_add(p.target + (long long)trow * p.K + slot, v);
+            } else {
+              const int slot = b * BN + 8 * jj + colq + bb;
+              if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+            }
           }
       }
       wgmma_wait0();
@@ -931,8 +993,9 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (!hv[i]) continue;
-      const int h = h0 + row0 + 8 * i;
-      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
+      int tr, h;
+      tile_row<PACK>(p, t, h0, row0 + 8 * i, tr, h);
+      __nv_bfloat16* dqrow = p.dq + (long long)tr * p.dq_st + (long long)h * p.dq_sh + colq;
       store_dq<32>(dqrow, dqa, i);
     }
   } else {
@@ -1036,9 +1099,10 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int h = h0 + row0 + 8 * i;
-      if (h >= p.H) continue;
-      __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + 256 + colq;
+      int tr, h;
+      tile_row<PACK>(p, t, h0, row0 + 8 * i, tr, h);
+      if (h >= p.H || (PACK && tr >= p.T)) continue;
+      __nv_bfloat16* dqrow = p.dq + (long long)tr * p.dq_st + (long long)h * p.dq_sh + 256 + colq;
       store_dq<32>(dqrow, dqb, i);
       store_dq<8>(dqrow + 256, dqr, i);
     }
@@ -1087,13 +1151,14 @@ int launch_bwd(BwdParams p, int lanes, int launch_ctas, void* stream) {
   return launch_rows(sparse_mla_bwd_sm90_kernel<PACK, false>, THREADS, SMEM_BYTES, p, launch_ctas, s);
 }
 
-// The 64-key kernel (unpacked rows, default mode): launched as launch_bwd's default mode.
+// The 64-key kernel (default mode, unpacked or packed rows): launched as launch_bwd's default mode.
+template <bool PACK>
 int launch_bwd64(BwdParams p, int launch_ctas, void* stream) {
   if (launch_ctas < 0) return static_cast<int>(cudaErrorInvalidValue);
   static bool attr_set[64] = {};
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd64_sm90_kernel, b64::SMEM_BYTES);
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd64_sm90_kernel<PACK>, b64::SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
-  return launch_rows(sparse_mla_bwd64_sm90_kernel, b64::THREADS, b64::SMEM_BYTES, p, launch_ctas,
+  return launch_rows(sparse_mla_bwd64_sm90_kernel<PACK>, b64::THREADS, b64::SMEM_BYTES, p, launch_ctas,
                      static_cast<cudaStream_t>(stream));
 }
 
@@ -1126,6 +1191,27 @@ BwdParams make_params(const void* q, const void* kv, const void* idx, const void
   p.r0 = 0;
   p.l2_hints = 0;
   return p;
+}
+
+// Row packing's parameters (H <= 32; packing.py): uid [G, ucap] int32 with count [G], uslot
+// [G, rows, ucap] int16; hshift = log2 of the heads per row in the tile (4: 16, rows = 4; 5: 32,
+// rows = 2). K is the indices' slot count (the target's row stride). False for bad arguments.
+bool packed_params(BwdParams& p, const void* q, const void* kv, const void* uid, const void* count, const void* uslot,
+                   const void* dout, const void* stats, const void* lse, void* dq, void* dkv, void* target,
+                   long long q_st, long long q_sh, long long kv_s, long long ucap, long long do_st, long long do_sh,
+                   long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G, int hshift, int has_sink,
+                   float scale) {
+  // (uslot rows are read as int16 pairs: an even row length keeps them 4-byte aligned)
+  if (H < 1 || (hshift != 4 && hshift != 5) || H > (1 << hshift) || ucap % 2 != 0 || ucap >= (1LL << 31))
+    return false;
+  p = make_params(q, kv, uid, count, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s, ucap, do_st, do_sh, dq_st,
+                  dq_sh, T, H, Tk, K, has_sink, scale);
+  p.uslot = static_cast<const int16_t*>(uslot);
+  p.hshift = hshift;
+  p.rows = BM >> hshift;
+  p.n_hblk = 1;
+  p.n_rows = T == 0 ? 0 : G;
+  return true;
 }
 
 }  // namespace
@@ -1165,12 +1251,10 @@ int dsa_sparse_mla_bwd64_sm90(const void* q, const void* kv, const void* idx, co
   BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
                             idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
   p.l2_hints = l2_hints;
-  return launch_bwd64(p, launch_ctas, stream);
+  return launch_bwd64<false>(p, launch_ctas, stream);
 }
 
-// Row packing (H <= 32; packing.py): uid [G, ucap] int32 with count [G], uslot [G, ucap, rows]
-// int16; hshift = log2 of the heads per row in the tile (4: 16, rows = 4; 5: 32, rows = 2).
-// K is the indices' slot count (the target's row stride). One CTA per group (launch_ctas: as above).
+// Row packing (packed_params): one CTA per group (launch_ctas: as above).
 int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
                                    const void* uslot, const void* dout, const void* stats, const void* lse,
                                    void* dq, void* dkv, void* target, long long q_st, long long q_sh,
@@ -1178,17 +1262,28 @@ int dsa_sparse_mla_bwd_packed_sm90(const void* q, const void* kv, const void* ui
                                    long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G,
                                    int hshift, int has_sink, int lanes, int launch_ctas, float scale,
                                    void* stream) {
-  // (uslot rows are read as int16 pairs: an even row length keeps them 4-byte aligned)
-  if (H < 1 || (hshift != 4 && hshift != 5) || H > (1 << hshift) || ucap % 2 != 0 || ucap >= (1LL << 31))
+  BwdParams p;
+  if (!packed_params(p, q, kv, uid, count, uslot, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s, ucap,
+                     do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, G, hshift, has_sink, scale))
     return static_cast<int>(cudaErrorInvalidValue);
-  BwdParams p = make_params(q, kv, uid, count, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s, ucap,
-                            do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
-  p.uslot = static_cast<const int16_t*>(uslot);
-  p.hshift = hshift;
-  p.rows = BM >> hshift;
-  p.n_hblk = 1;
-  p.n_rows = T == 0 ? 0 : G;
   return launch_bwd<true>(p, lanes, launch_ctas, stream);
+}
+
+// The 64-key kernel on packed rows: the arguments of dsa_sparse_mla_bwd_packed_sm90 with l2_hints
+// in place of lanes (no deterministic mode); dkv in the dkv64 workspace layout.
+int dsa_sparse_mla_bwd64_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
+                                     const void* uslot, const void* dout, const void* stats, const void* lse,
+                                     void* dq, void* dkv, void* target, long long q_st, long long q_sh,
+                                     long long kv_s, long long ucap, long long do_st, long long do_sh,
+                                     long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G,
+                                     int hshift, int has_sink, int l2_hints, int launch_ctas, float scale,
+                                     void* stream) {
+  BwdParams p;
+  if (!packed_params(p, q, kv, uid, count, uslot, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s, ucap,
+                     do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, G, hshift, has_sink, scale))
+    return static_cast<int>(cudaErrorInvalidValue);
+  p.l2_hints = l2_hints;
+  return launch_bwd64<true>(p, launch_ctas, stream);
 }
 
 }  // extern "C"
