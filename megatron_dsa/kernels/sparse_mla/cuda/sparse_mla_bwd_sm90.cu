@@ -879,13 +879,11 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
         for (int c = 0; c < NCH; ++c) cp_async16_pol(dst + c * CH, src + c * 64, ok, kv_pol);
       }
       stage_ids(b + 1);
-      // packed: the block's entries of this thread's uslot row (64 int16, one 128-byte line when
-      // the row length is a multiple of 64) into L1 while the gathers and MMAs run (loaded into
-      // registers here, they spilled)
-      if constexpr (PACK) {
-        prefetch_l1(us32 + b * (BN / 2));
-        prefetch_l1(us32 + b * (BN / 2) + BN / 2 - 1);
-      }
+      // packed: the block's entries of this thread's uslot row (64 int16: one 128-byte line when
+      // the row length is a multiple of 64, as at k = 2048) into L1 while the gathers and MMAs
+      // run (loaded into registers here, they spilled; so did a second prefetch clamped to the
+      // row's length)
+      if constexpr (PACK) prefetch_l1(us32 + b * (BN / 2));  // (entry b * 64 < kv_len: inside the row)
       cp_async_wait_all();  // (block 0: Q and dO too)
       fence_async_smem();
       bar_sync(1, 128);
