@@ -348,7 +348,7 @@ def main():
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 
         keys = args.bwd_block_keys
-        cuda_impl.bwd_block_keys = lambda packed, deterministic: 32 if deterministic else keys
+        cuda_impl.bwd_block_keys = lambda deterministic: 32 if deterministic else keys
     if args.no_l2_hints:
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 

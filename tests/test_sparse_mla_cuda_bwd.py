@@ -242,8 +242,8 @@ def test_unpermute_dkv64_inverts_the_kernels_layout():
 
 
 def test_block_keys_follow_the_mode_and_refuse_what_the_64_key_kernel_lacks():
-    assert ci.bwd_block_keys(False, False) == ci.bwd_block_keys(True, False) == 64
-    assert ci.bwd_block_keys(False, True) == ci.bwd_block_keys(True, True) == 32
+    assert ci.bwd_block_keys(False) == 64
+    assert ci.bwd_block_keys(True) == 32
     q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
     kv = torch.zeros(8, 576, dtype=torch.bfloat16)
     idx = torch.zeros(4, 16, dtype=torch.int32)

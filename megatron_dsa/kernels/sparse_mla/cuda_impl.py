@@ -399,13 +399,11 @@ def det_lanes(device: torch.device, num_keys: int) -> int:
     return max(1, min(props.multi_processor_count, fit))
 
 
-def bwd_block_keys(packed: bool, deterministic: bool) -> int:
-    """Keys per block of the CUDA backward: 64 (``dsa_sparse_mla_bwd64_sm90`` and, row-packed,
-    ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys, 64 channels] dKV tiles; faster
-    than the 32-key kernel at every measured S and head count, ``docs/kernels_sparse_mla.md``
-    section 3.3b) in the default mode; 32 (the kernel with the deterministic mode) otherwise.
-    ``packed`` does not change it (both kernels take packed rows)."""
-    del packed
+def bwd_block_keys(deterministic: bool) -> int:
+    """Keys per block of the CUDA backward, unpacked or row-packed: 64 (``dsa_sparse_mla_bwd64_sm90``
+    / ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys, 64 channels] dKV tiles;
+    faster than the 32-key kernel at every measured S and head count, ``docs/kernels_sparse_mla.md``
+    section 3.3b) in the default mode; 32 (the kernel with the deterministic mode) otherwise."""
     return 32 if deterministic else 64
 
 
@@ -430,7 +428,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     """
     _check_ids(indices)
     if block_keys is None:
-        block_keys = bwd_block_keys(packed, deterministic)
+        block_keys = bwd_block_keys(deterministic)
     if block_keys not in (32, 64):
         raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
     if block_keys == 64 and deterministic:

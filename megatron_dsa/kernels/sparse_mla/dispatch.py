@@ -87,8 +87,7 @@ def _with_block_keys(choice: KernelChoice, device, num_keys) -> KernelChoice:
     """The reason names the 64-key kernel where the default-mode CUDA backward (unpacked or
     row-packed) runs it (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on
     (``cuda_impl.l2_hints``)."""
-    if choice.backward not in ("cuda", "cuda-packed") or cuda_impl.bwd_block_keys(
-            choice.backward == "cuda-packed", False) != 64:
+    if choice.backward not in ("cuda", "cuda-packed") or cuda_impl.bwd_block_keys(False) != 64:
         return choice
     why = f"{choice.reason}; the backward in 64-key blocks"
     if num_keys is not None and cuda_impl.l2_hints(device, num_keys):

@@ -1,8 +1,9 @@
 // Sparse MLA backward (absorbed layout) for Hopper (sm_90a): warp-specialized, wgmma.
 //
-// Two kernels: sparse_mla_bwd_sm90_kernel (32-key blocks, a producer warpgroup; the row-packed
-// and deterministic modes), described here, and sparse_mla_bwd64_sm90_kernel (64-key blocks,
-// two warpgroups; unpacked rows in the default mode), described above its own code below.
+// Two kernels: sparse_mla_bwd_sm90_kernel (32-key blocks, a producer warpgroup; the
+// deterministic mode and block_keys=32, unpacked or row-packed), described here, and
+// sparse_mla_bwd64_sm90_kernel (64-key blocks, two warpgroups; the default mode, unpacked or
+// row-packed), described above its own code below.
 //
 // Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three warpgroups) per
 // (query row t, block of 64 heads); deterministic (DET): a persistent grid, below. The row's
@@ -714,7 +715,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 
 
 // ---------------------------------------------------------------------------------------------
-// 64-key blocks (unpacked rows, default mode): sparse_mla_bwd64_sm90_kernel
+// 64-key blocks (default mode, unpacked or row-packed): sparse_mla_bwd64_sm90_kernel
 //
 // The kernel above walks 32-key blocks with a producer warpgroup; its S, dP and dKV^T tiles are
 // m64n32k16 wgmmas, and its WG2 holds two tile pairs in 232 registers. This one has two
