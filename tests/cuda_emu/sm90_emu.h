@@ -34,8 +34,9 @@
 //   or st.shared into the same 16-byte granule must be ordered after every recorded read (the
 //   writer's vector clock covers the reader's at the read), else a hazard: e.g. a consumer that
 //   releases a buffer before the wait_group that retires the wgmma reading it.
-// * ldmatrix (.x1/.x2/.x4, m8n8 b16) and movmatrix (m8n8.trans.b16) are warp exchanges; each lane's
-//   ldmatrix bytes are checked (and recorded as reads) like an ld.shared of that lane.
+// * ldmatrix / stmatrix (.x1/.x2/.x4, m8n8 b16) and movmatrix (m8n8.trans.b16) are warp exchanges;
+//   each lane's ldmatrix bytes are checked (and recorded as reads) like an ld.shared of that lane,
+//   its stmatrix bytes like an st.shared.
 // * bar.red.or.pred is a named barrier that also ORs the threads' predicates. A wgmma is one
 //   operation of its warpgroup (complete only once all four warps issued it): wgmma.wait_group
 //   ends with a rendezvous of the warpgroup that orders every thread's retirement before any
@@ -1087,6 +1088,27 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
         uint8_t buf[4];
         ld_shared(rows[j] + 4 * (lane % 4), buf, 4);  // the 4 bytes this lane receives, checked as a load
         std::memcpy(o.out, buf, 4);
+      }
+    } else if (op == "stmatrix.sync.aligned.m8n8.x4.shared.b16" || op == "stmatrix.sync.aligned.m8n8.x2.shared.b16" ||
+               op == "stmatrix.sync.aligned.m8n8.x1.shared.b16") {
+      // ldmatrix's layout, stored: lane L supplies the address of row L % 8 of matrix L / 8;
+      // register j of lane l (matrix j, row l / 4, columns 2 (l % 4) + {0, 1}) goes to that row's
+      // bytes 4 (l % 4) .. + 3, each lane's 4 bytes a st.shared of that lane
+      const int nm = has(op, ".x4.") ? 4 : has(op, ".x2.") ? 2 : 1;
+      std::vector<int> src = A.size() == 2 && A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{};
+      if (A.size() == 2 && A[1].kind == Operand::ARG) src = {A[1].arg};
+      if (static_cast<int>(src.size()) != nm || A[0].kind != Operand::ADDR) return unsupported(in);
+      const int lane = me->tid & 31;
+      const uint32_t mine[4] = {u32(A[0]), 0, 0, 0};
+      uint32_t rows[4] = {0, 0, 0, 0};
+      warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+        for (int j = 0; j < nm; ++j) rows[j] = slot[8 * j + lane / 4][0];
+        return 0;
+      });
+      for (int j = 0; j < nm; ++j) {
+        if (src[j] < 0 || ops[src[j]].is_float) return unsupported(in);
+        const uint32_t v = static_cast<uint32_t>(ops[src[j]].v);
+        st_shared(rows[j] + 4 * (lane % 4), &v, 4);
       }
     } else if (op == "movmatrix.sync.aligned.m8n8.trans.b16") {
       // lane l holds (row l / 4, columns 2 (l % 4) + {0, 1}); the transpose's: element (c, r)

@@ -57,6 +57,18 @@ __device__ __forceinline__ void bar_sync(int id, int n) {
 __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
+// stmatrix m8n8.x4 (b16): lane L gives the address of row L % 8 of matrix L / 8; register j is
+// matrix j's row lane / 4, columns 2 (lane % 4) + {0, 1}: an 8 x 8 block of a wgmma accumulator
+// fragment, so a warp stores four such blocks (16 bytes a lane) per instruction
+__device__ __forceinline__ void stsm_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
 
 // wgmma wrappers (generated; m64nNk16, bf16 in, fp32 accumulate)
 template <int TA, int TB>

@@ -129,19 +129,17 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       }
     }
   };
-  // P (bf16, times f per row) to this warpgroup's shared P buffer: row r, keys [8 jj, 8 jj + 8)
-  // at granule jj ^ (r % 8)
-  auto store_p = [&](float f0, float f1) {
+  // P (bf16) to this warpgroup's shared P buffer: row r, keys [8 jj, 8 jj + 8) at granule
+  // jj ^ (r % 8), by stmatrix: the c-th stores keys [16 c, 16 c + 16) of the warp's 16 rows as
+  // four 8 x 8 blocks m (rows + 8 (m % 2), keys 8 (2 c + m / 2)); lane L addresses row L % 8 of
+  // block L / 8
+  const uint32_t prow = smem_u32(pown) + (warp * 16 + 8 * ((lane >> 3) & 1) + (lane & 7)) * 128;
+  auto p_addr = [&](int c) { return prow + (((2 * c + (lane >> 4)) ^ (lane & 7)) << 4); };
+  auto store_p = [&](float f0, float f1) {  // A: its P, times f per row
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = row0 + 8 * i;
-      const float f = i == 0 ? f0 : f1;
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(s[4 * jj + 2 * i] * f, s[4 * jj + 2 * i + 1] * f);
-        *reinterpret_cast<__nv_bfloat162*>(pown + r * 128 + ((jj ^ (r & 7)) << 4) + colq * 2) = v;
-      }
-    }
+    for (int c = 0; c < 4; ++c)
+      stsm_x4(p_addr(c), bf16x2_bits(s[8 * c] * f0, s[8 * c + 1] * f0), bf16x2_bits(s[8 * c + 2] * f1, s[8 * c + 3] * f1),
+              bf16x2_bits(s[8 * c + 4] * f0, s[8 * c + 5] * f0), bf16x2_bits(s[8 * c + 6] * f1, s[8 * c + 7] * f1));
     fence_async_smem();
   };
 
@@ -216,17 +214,11 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     wgmma_commit();
   };
 
-  // B's P as is: the bf16 fragments themselves (s is dead once they are made)
+  // B's P as is: the bf16 fragments themselves (s is dead once they are made); pf[c] holds
+  // stmatrix's four blocks of keys [16 c, 16 c + 16) in its order
   auto store_pf = [&](const uint32_t (&pf)[4][4]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int rr = row0 + 8 * r;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<uint32_t*>(pown + rr * 128 + (((2 * kk + h) ^ (rr & 7)) << 4) + colq * 2) = pf[kk][2 * h + r];
-    }
+    for (int c = 0; c < 4; ++c) stsm_x4(p_addr(c), pf[c][0], pf[c][1], pf[c][2], pf[c][3]);
     fence_async_smem();
   };
 
@@ -312,6 +304,7 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     if ((lane & 3) == 0) l_s[X * 64 + row0 + 8 * r] = l;
   }
   bar_sync(BAR_MATH, 256);  // both warpgroups are done with Q, the buffers and P; l is written
+  float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int rr = row0 + 8 * r, h = h0 + rr;
@@ -320,14 +313,16 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     if (X == 0 && (lane & 3) == 0 && h < p.H)  // (the lse of the selected keys: the sink is not in it)
       p.lse[static_cast<long long>(t) * p.H + h] = denom > 0.f ? (m_use + log2f(denom)) * 0.6931471805599453f : -INFINITY;
     if (p.sink != nullptr && h < p.H) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
-    const float inv = denom > 0.f ? 1.f / denom : 0.f;
-    // row rr of this warpgroup's [64, 256] tile: 512 B at Q + X * 32 KB + rr * 512, granule k at k ^ (rr % 8)
-    uint8_t* srow = smem + OFF_Q + X * 32768 + rr * 512;
-#pragma unroll
-    for (int jj = 0; jj < 32; ++jj)
-      *reinterpret_cast<__nv_bfloat162*>(srow + ((jj ^ (rr & 7)) << 4) + colq * 2) =
-          __floats2bfloat162_rn(o[4 * jj + 2 * r] * inv, o[4 * jj + 2 * r + 1] * inv);
+    inv[r] = denom > 0.f ? 1.f / denom : 0.f;
   }
+  // row rr of this warpgroup's [64, 256] tile: 512 B at Q + X * 32 KB + rr * 512, granule k at
+  // k ^ (rr % 8); stored by stmatrix as P is (channels [16 c, 16 c + 16) per instruction)
+  const uint32_t orow = sbase + OFF_Q + X * 32768 + (warp * 16 + 8 * ((lane >> 3) & 1) + (lane & 7)) * 512;
+#pragma unroll
+  for (int c = 0; c < 16; ++c)
+    stsm_x4(orow + (((2 * c + (lane >> 4)) ^ (lane & 7)) << 4),
+            bf16x2_bits(o[8 * c] * inv[0], o[8 * c + 1] * inv[0]), bf16x2_bits(o[8 * c + 2] * inv[1], o[8 * c + 3] * inv[1]),
+            bf16x2_bits(o[8 * c + 4] * inv[0], o[8 * c + 5] * inv[0]), bf16x2_bits(o[8 * c + 6] * inv[1], o[8 * c + 7] * inv[1]));
   bar_sync(BAR_MATH + 1 + X, 128);  // this warpgroup's tile is staged
   const int k = wt & 31;
 #pragma unroll 4
