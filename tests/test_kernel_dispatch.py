@@ -212,7 +212,7 @@ def test_gpu_auto_runs_cuda_on_hopper_and_explicit_cuda_refuses_other_inputs():
     assert rows["sparse_mla (deterministic backward)"].backward == "cuda-deterministic"
     assert rows["sparse_mla (16 heads, attention_row_packing=False)"].backward == "cuda"
     assert rows["sparse_mla (32 heads, attention_row_packing=True)"].forward == "cuda-packed"
-    assert rows["indexer_topk (bf16, head dim 128)"].forward == "triton"
+    assert rows["indexer_topk (bf16, head dim 128)"].forward == "cuda"  # the CUDA select (Triton score)
     q, kv, idx, dv = mla_inputs("cuda", torch.float32)
     with pytest.raises(RuntimeError, match="cover bf16 with d_qk = 576"):
         sparse_mla(q, kv, idx, 0.1, d_v=dv, backend="cuda")

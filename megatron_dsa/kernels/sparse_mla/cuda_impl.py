@@ -218,6 +218,8 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     T, H, _ = q.shape
     if packed and not 1 <= H <= MAX_PACK_HEADS:
         raise ValueError(f"row packing takes 1..{MAX_PACK_HEADS} heads, got {H}")
+    if packed and (indices.shape[1] == 0 or kv.shape[0] == 0):
+        packed = False  # no key to pack (every row is empty): the unpacked kernels take empty rows
     q, kv = _rows16(q), _rows16(kv)
     if sink is not None:
         sink = sink.float().contiguous()
@@ -437,6 +439,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     T, H, Dqk = q.shape
     if packed and not 1 <= H <= MAX_PACK_HEADS:
         raise ValueError(f"row packing takes 1..{MAX_PACK_HEADS} heads, got {H}")
+    if packed and (indices.shape[1] == 0 or kv.shape[0] == 0):
+        packed = False  # no key to pack (every row is empty): the unpacked kernels take empty rows
     q, kv, dout = _rows16(q), _rows16(kv), _rows16(dout)
     if dlse is not None:
         dlse = dlse.contiguous()
