@@ -3,10 +3,18 @@
 Run under torchrun (or plain python for PP=1). Weights are set from a generator seeded by each
 parameter's *global* name, so every pipeline split has the same model. Writes, per rank,
 ``{global param name: grad}``, the losses, this rank's resolved roles and the cache stats.
+
+``--batch FILE`` (a JSON list of argument lists, each one config with its own ``--out``) runs
+several configs one after another in the same processes: the tests' parametrized cases of one
+parallel layout share one launch, whose start-up (importing torch and Megatron in every process)
+costs more than a tiny config. Between configs everything global is torn down and rebuilt, so
+each config's files are bit-identical to its own launch.
 """
 
 import argparse
+import gc
 import hashlib
+import json
 import os
 import sys
 import time
@@ -14,7 +22,7 @@ import time
 import torch
 
 
-def main():
+def _parser():
     p = argparse.ArgumentParser()
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
@@ -39,9 +47,77 @@ def main():
     p.add_argument("--seq", type=int, default=16384, help="sequence length of --size real")
     p.add_argument("--timed-steps", type=int, default=0,
                    help="after the compared step, time this many more (step ms and peak memory saved)")
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
+    p.add_argument("--out", help="prefix of this config's per-rank output files (required without --batch)")
+    p.add_argument("--batch", help="a JSON list of argument lists: run those configs one after another "
+                                   "in these processes (no other argument)")
+    return p
 
+
+def parse_args(argv):
+    """The configs of a command line: its own, or the list in ``--batch FILE``."""
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.batch is None:
+        if a.out is None:
+            p.error("--out is required (or --batch)")
+        a.argv = list(argv)
+        return [a]
+    others = [k for k, v in vars(a).items() if k != "batch" and v != p.get_default(k)]
+    if others:
+        p.error(f"--batch takes no other argument (each config has its own): got {others}")
+    with open(a.batch) as f:
+        configs = []
+        for argv_i in json.load(f):
+            c = p.parse_args(argv_i)
+            if c.batch is not None or c.out is None:
+                p.error(f"a --batch config needs its own --out and no --batch: {argv_i}")
+            c.argv = list(argv_i)
+            configs.append(c)
+    if len({c.device for c in configs}) > 1:
+        p.error("the configs of one --batch share one process group: one --device")
+    return configs
+
+
+def main(argv=None):
+    configs = parse_args(sys.argv[1:] if argv is None else argv)
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import utils as mcore_utils
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
+
+    from megatron_dsa import index_cache as ic
+    from megatron_dsa.attention import DSAttention
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29577")
+    cuda = configs[0].device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    # what a config may change in the process, as a fresh process has it
+    rng, tex, select_topk = torch.get_rng_state(), mcore_utils.tex, DSAttention.select_topk
+    for i, a in enumerate(configs):
+        if len(configs) > 1 and rank == 0:  # the output's tail names the config a failure stopped in
+            print(f"pp_worker: config {i + 1}/{len(configs)}: {' '.join(a.argv)}", flush=True)
+        torch.set_rng_state(rng)
+        try:
+            run(a, rank)
+        finally:  # undo what the config left behind (the next one starts as in a fresh process)
+            parallel_state.destroy_model_parallel()
+            mcore_utils.tex = tex  # the packed-CP stand-in
+            DSAttention.select_topk = select_topk  # the TP top-k recorder
+            tensor_parallel.random._unset_checkpointing()  # --stuck-checkpoint-flag leaves it set
+            DSAIndexerLossLoggingHelper.tracker.clear()  # sized by the first model's layers
+            ic.STATS.reset()
+            gc.collect()  # the model's weakly linked indexers (index_cache.links) go with it
+    dist.destroy_process_group()
+
+
+def run(a, rank):
+    """One config: build the model, one forward-backward, save this rank's results."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -54,14 +130,7 @@ def main():
     from megatron_dsa.config import set_plugin_config
     from megatron_dsa.spec import get_dsa_gpt_block_spec
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29577")
     cuda = a.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=a.pp,
                                              virtual_pipeline_model_parallel_size=a.vpp,
                                              context_parallel_size=a.cp, tensor_model_parallel_size=a.tp)
@@ -312,7 +381,6 @@ def main():
     torch.save({"grads": grads, "losses": [float(x["lm loss"]) for x in losses] if losses and first_cp else [],
                 "roles": roles, "stats": ic.STATS.snapshot(), "topk_checked": topk_checked, "timing": timing},
                f"{a.out}.rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

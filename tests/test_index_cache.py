@@ -1,6 +1,7 @@
 """Index cache: schedule resolution, fail-closed runtime, recompute and pipeline parallelism."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -254,13 +255,17 @@ def test_mismatched_recompute_fails_once_and_leaves_the_process_usable(mcore):
 _ONE_RANK_RUNS = {}
 
 
-def _worker(tmp_path, name, nproc=1, **kw):
+def _args(kw):
+    """The worker's command line for ``_worker``'s keyword arguments (``True``: a bare flag)."""
     args = []
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k}", str(v)]
-    if nproc == 1 and tuple(args) in _ONE_RANK_RUNS:
-        return copy.deepcopy(_ONE_RANK_RUNS[tuple(args)])
-    out = str(tmp_path / name)
+    return args
+
+
+def _launch(name, nproc, args):
+    """Run the worker with ``args`` in ``nproc`` processes (torchrun unless one); returns None, or
+    what went wrong with the tail of the output."""
     if nproc == 1:
         cmd = [sys.executable, WORKER]
         env = dict(os.environ, MASTER_PORT=str(29100 + (os.getpid() + len(name)) % 800))
@@ -269,13 +274,66 @@ def _worker(tmp_path, name, nproc=1, **kw):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_port", str(port), WORKER]
         env = dict(os.environ)
-    proc = subprocess.run(cmd + args + ["--out", out], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=os.path.dirname(WORKER))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    try:
+        proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=env,
+                              cwd=os.path.dirname(WORKER))
+    except subprocess.TimeoutExpired as e:
+        out = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
+        return f"timed out after {e.timeout:.0f} s\n" + out[0][-2000:] + out[1][-4000:]
+    if proc.returncode != 0:
+        return f"exit code {proc.returncode}\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
+    return None
+
+
+def _worker(tmp_path, name, nproc=1, **kw):
+    args = _args(kw)
+    if nproc == 1 and tuple(args) in _ONE_RANK_RUNS:
+        return copy.deepcopy(_ONE_RANK_RUNS[tuple(args)])
+    out = str(tmp_path / name)
+    error = _launch(name, nproc, args + ["--out", out])
+    assert error is None, error
     result = merge_rank_outputs(out, nproc)
     if nproc == 1:
         _ONE_RANK_RUNS[tuple(args)] = copy.deepcopy(result)
     return result
+
+
+def _batch(out_dir, name, nproc, arg_lists):
+    """Run the configs ``arg_lists`` one after another in one launch of ``nproc`` processes
+    (``pp_worker.py --batch``); returns their merged results in order, or the failure's text."""
+    outs = [str(out_dir / f"{name}{i}") for i in range(len(arg_lists))]
+    with open(out_dir / f"{name}.json", "w") as f:
+        json.dump([list(args) + ["--out", out] for args, out in zip(arg_lists, outs)], f)
+    error = _launch(name, nproc, ["--batch", str(out_dir / f"{name}.json")])
+    return error if error is not None else [merge_rank_outputs(out, nproc) for out in outs]
+
+
+# Parametrized multi-rank groups, by name: every case of a group runs on the same number of
+# processes, so the group's first case runs all of the group's configs in one launch (and the
+# one-rank references not yet run in one plain-python process): each process's start-up,
+# importing torch and Megatron, takes longer than a tiny config. The others reuse the results.
+# The worker resets everything global between configs, so a result is bit-identical to its own
+# launch. A failed batch fails every case of its group, with the process output.
+_GROUP_RUNS = {}
+
+
+def _group_case(tmp_path_factory, group, nproc, pairs, case):
+    """``(one-rank reference, nproc-rank run)`` of case ``case`` of a group whose cases are
+    ``pairs``: per case, the ``_worker`` keyword arguments of the reference and of the run."""
+    if group not in _GROUP_RUNS:
+        out_dir = tmp_path_factory.mktemp(group)
+        refs = list(dict.fromkeys(tuple(_args(ref)) for ref, _ in pairs))
+        refs = [r for r in refs if r not in _ONE_RANK_RUNS]
+        got = _batch(out_dir, f"{group}_ref", 1, refs) if refs else []
+        if not isinstance(got, str):
+            _ONE_RANK_RUNS.update(zip(refs, got))
+            got = _batch(out_dir, f"{group}_run", nproc, [_args(run) for _, run in pairs])
+        _GROUP_RUNS[group] = got
+    got = _GROUP_RUNS[group]
+    if isinstance(got, str):
+        pytest.fail(f"the {group} batch (every case of the group in one launch) failed; this case: "
+                    f"{pairs[case]}\n{got}", pytrace=False)
+    return copy.deepcopy(_ONE_RANK_RUNS[tuple(_args(pairs[case][0]))]), copy.deepcopy(got[case])
 
 
 def _assert_same_grads(a, b, rtol=1e-5, atol=1e-7):
@@ -425,10 +483,13 @@ def test_checkpointed_recompute_has_no_host_sync(mcore):
     assert ic.STATS.recompute_reuses == 2
 
 
+_CP_CASES = [{}, {"recompute": "full"}, {"recompute": "selective"}, {"per_token_loss": True}, {"packed": True},
+             {"packed": True, "recompute": "full"}]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}, {"recompute": "selective"}, {"per_token_loss": True},
-                                   {"packed": True}, {"packed": True, "recompute": "full"}])
-def test_context_parallel_two_ranks_matches_single_rank(tmp_path, extra):
+@pytest.mark.parametrize("extra", _CP_CASES)
+def test_context_parallel_two_ranks_matches_single_rank(tmp_path_factory, extra):
     """CP=2 over gloo (Megatron's load-balanced split, the latent KV and the indexer keys
     all-gathered, global top-k ids, gradients back to the owning rank), index sharing on, 4
     microbatches: the same loss and every gradient as one rank, with and without per-token loss
@@ -436,8 +497,8 @@ def test_context_parallel_two_ranks_matches_single_rank(tmp_path, extra):
     documents of different lengths, split per document by Megatron's
     ``get_batch_on_this_cp_rank`` (Transformer Engine's partition replaced on the CPU by the
     plugin's own, checked against its definition in test_context_parallel.py)."""
-    base = _worker(tmp_path, "cp1", freq=2, **extra)
-    cp2 = _worker(tmp_path, "cp2", nproc=2, cp=2, freq=2, **extra)
+    pairs = [(dict(freq=2, **e), dict(cp=2, freq=2, **e)) for e in _CP_CASES]
+    base, cp2 = _group_case(tmp_path_factory, "cp2", 2, pairs, _CP_CASES.index(extra))
     _assert_same_grads(cp2, base, rtol=1e-4, atol=1e-6)
 
 
@@ -450,28 +511,35 @@ def test_context_parallel_with_pipeline_matches_single_rank(tmp_path):
     _assert_same_grads(both, base, rtol=1e-4, atol=1e-6)
 
 
+_TP_CASES = [{}, {"recompute": "full"}, {"recompute": "selective"}]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"recompute": "full"}, {"recompute": "selective"}])
-def test_tensor_parallel_with_sequence_parallel_matches_single_rank(tmp_path, extra):
+@pytest.mark.parametrize("extra", _TP_CASES)
+def test_tensor_parallel_with_sequence_parallel_matches_single_rank(tmp_path_factory, extra):
     """TP=2 with sequence parallelism over gloo (local modules: norms that accept SP, the
     indexer replicated with its gradients averaged, the RoPE key gradient summed over TP),
     index sharing on, 4 microbatches: the same loss and every gradient (split ones gathered) as
     one rank."""
-    base = _worker(tmp_path, "tp1", freq=2, **extra)
-    tp2 = _worker(tmp_path, "tp2", nproc=2, tp=2, freq=2, **extra)
+    pairs = [(dict(freq=2, **e), dict(tp=2, freq=2, **e)) for e in _TP_CASES]
+    base, tp2 = _group_case(tmp_path_factory, "tp2", 2, pairs, _TP_CASES.index(extra))
     _assert_same_grads(tp2, base, rtol=1e-4, atol=1e-6)
     assert tp2["topk_checked"] > 0  # every selection was compared across the TP ranks: identical
 
 
+_TP_COMBINED_CASES = [{"pp": 2}, {"cp": 2}, {"cp": 2, "packed": True, "seed": 8}]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("other", [{"pp": 2}, {"cp": 2}, {"cp": 2, "packed": True, "seed": 8}])
-def test_tensor_parallel_combined_matches_single_rank(tmp_path, other):
+@pytest.mark.parametrize("other", _TP_COMBINED_CASES)
+def test_tensor_parallel_combined_matches_single_rank(tmp_path_factory, other):
     """TP=2 (with SP) x PP=2 and TP=2 x CP=2, plain and packed (4 processes over gloo): the same
     loss and every gradient as one rank, identical top-k on the TP ranks. (The packed case uses
     another batch: with seed 7's, one (head, channel) row of one indexer's weight gradient
     differs by 1e-3 of its norm under TP with or without CP, with identical top-k and losses,
     and the difference vanishes with seeds 8, 9 and 10: an fp32 tie at a kink of the loss.)"""
-    base = _worker(tmp_path, "one", freq=2, **{k: v for k, v in other.items() if k in ("packed", "seed")})
-    both = _worker(tmp_path, "tp2x", nproc=4, tp=2, freq=2, **other)
+    pairs = [(dict(freq=2, **{k: v for k, v in o.items() if k in ("packed", "seed")}), dict(tp=2, freq=2, **o))
+             for o in _TP_COMBINED_CASES]
+    base, both = _group_case(tmp_path_factory, "tp2x", 4, pairs, _TP_COMBINED_CASES.index(other))
     _assert_same_grads(both, base, rtol=1e-4, atol=1e-6)
     assert both["topk_checked"] > 0
