@@ -119,6 +119,35 @@ def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
         assert out.isnan().any()
 
 
+# The kernel's own P stores by stmatrix, mutated: A's P tile without the proxy fence that orders
+# it before B's wgmma reads it (A's next fence comes only after its hand-off arrive); and B's
+# blocks handed to stmatrix in the wrong order (no hazard, wrong numbers).
+_STORE_P_END = "s[8 * c + 7] * f1));\n    fence_async_smem();"
+_STORE_PF = "for (int c = 0; c < 4; ++c) stsm_x4(p_addr(c), pf[c][0], pf[c][1], pf[c][2], pf[c][3]);"
+KERNEL_MUTANTS = {
+    "p_store_without_proxy_fence": (_STORE_P_END, "s[8 * c + 7] * f1));", "fence.proxy.async"),
+    "p_store_blocks_swapped": (_STORE_PF, _STORE_PF.replace("pf[c][1], pf[c][2]", "pf[c][2], pf[c][1]"), None),
+}
+
+
+@pytest.mark.parametrize("mutant", list(KERNEL_MUTANTS))
+def test_emulator_catches_mutated_p_store(tmp_path_factory, mutant):
+    old, new, expected = KERNEL_MUTANTS[mutant]
+    text = read_kernel(KERNEL)
+    assert text.count(old) == 1, f"{old!r} is not in {KERNEL} once: update this mutant"
+    lib = declare_fwd(build_emulated(tmp_path_factory, mutant, "fwd_pp_emu.cpp", KERNEL,
+                                     kernel_text=text.replace(old, new)), "dsa_sparse_mla_fwd_pp_sm90")
+    prob = fwd_problem(T=2, H=64, K=130)
+    rc, out, lse, hazards, aborted, msgs = _run(lib, prob)
+    assert rc == 0
+    if expected is not None:
+        assert hazards > 0 and any(expected in m for m in msgs), msgs
+    else:
+        assert hazards == 0 and not aborted, msgs
+        with pytest.raises(AssertionError):
+            check_fwd_against_reference(prob, out, lse)
+
+
 def test_source_rewrite_covers_every_asm_statement():
     """ptx_source leaves no inline PTX and no <<<>>> launch in the sources it rewrites."""
     assert_rewrite_complete(KERNEL, COMMON)
