@@ -1,0 +1,193 @@
+"""A/B of the sparse MLA CUDA kernels: this tree's library against the library built from the
+same sources at a git revision, in one process (alternating calls, the GPU idle before each),
+with the results compared call for call.
+
+  python benchmarks/ab_revision.py --rev HEAD~1 --ops fwd --cases 16384:64,16384:128
+  python benchmarks/ab_revision.py --rev main --ops bwd --cases 16384:16,16384:64 --flashmla
+
+Both libraries are built by ``megatron_dsa.kernels.cuda_build`` (the revision's copy under its own
+cache name). ``fwd`` times ``cuda_impl.sparse_mla_fwd_cuda`` and compares out / lse; ``bwd`` times
+``sparse_mla_bwd_cuda`` (row-packed at <= 32 heads, as the default routing does) from one forward
+of this tree and compares dq / dkv. A row reports both medians, ``speedup`` = revision / tree
+(> 1: the tree is faster) and whether the results are bit-identical (else their relative
+difference). ``--flashmla`` adds FlashMLA's sparse forward to the fwd rows at 64 / 128 heads.
+Cases ``S:H``: k = 2048 random causal ids per row (``bench_sparse_mla.make_case``). The Python
+launchers are this tree's for both libraries: a revision whose C entry points differ in their
+arguments cannot be compared this way (the build or the call fails, naming the entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sources_at(rev: str, paths: Sequence[Path], dest: Path, repo: Path = REPO) -> List[Path]:
+    """The files ``paths`` (inside ``repo``) as they are at git revision ``rev``, written under
+    ``dest`` with their own names; raises ``ValueError`` naming the revision or the file."""
+    try:
+        subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
+                       capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        raise ValueError(f"--rev {rev!r} is not a commit of {repo}: {e.stderr.strip()}") from e
+    out = []
+    for p in paths:
+        rel = Path(p).resolve().relative_to(repo.resolve()).as_posix()
+        proc = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{rel}"], capture_output=True)
+        if proc.returncode != 0:
+            raise ValueError(f"{rel} does not exist at --rev {rev!r}")
+        target = dest / Path(rel).name
+        target.write_bytes(proc.stdout)
+        out.append(target)
+    return out
+
+
+def parse_cases(text: str) -> List[Tuple[int, int]]:
+    """``"S:H,S:H"`` -> ``[(S, H), ...]``; raises ``ValueError`` naming ``--cases``."""
+    cases = []
+    for item in text.split(","):
+        try:
+            s, h = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ValueError(f"--cases takes S:H pairs separated by commas, got {item!r}") from None
+        if s < 1 or h < 1:
+            raise ValueError(f"--cases: S and H must be positive, got {item!r}")
+        cases.append((s, h))
+    return cases
+
+
+def _time(fns: Dict[str, Callable], reps: int, rest: float) -> Dict[str, float]:
+    import torch
+
+    ts = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            torch.cuda.synchronize()
+            time.sleep(rest)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            f()
+            e1.record()
+            torch.cuda.synchronize()
+            ts[k].append(e0.elapsed_time(e1))
+    return {k: round(statistics.median(v), 3) for k, v in ts.items()}
+
+
+def _compare(names: Sequence[str], a, b) -> dict:
+    """Per output pair: bit-identical, else also the relative difference over finite entries."""
+    import torch
+
+    out = {}
+    for name, x, y in zip(names, a, b):
+        if x is None or y is None:
+            continue
+        same = bool(torch.equal(x, y))
+        out[f"{name}_bit_identical"] = same
+        if not same:
+            xd, yd = x.double(), y.double()
+            fin = xd.isfinite() & yd.isfinite()
+            out[f"{name}_rel"] = float((xd[fin] - yd[fin]).norm() / yd[fin].norm().clamp_min(1e-30))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rev", default="HEAD", help="the git revision whose kernel sources are the baseline")
+    ap.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd")
+    ap.add_argument("--cases", default="16384:64,16384:128", help="S:H pairs, comma separated")
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--rest", type=float, default=0.4, help="seconds the GPU idles before each timed call")
+    ap.add_argument("--flashmla", action="store_true", help="FlashMLA's forward beside (64 / 128 heads)")
+    ap.add_argument("--out", default=None, help="a JSON file for the rows")
+    a = ap.parse_args(argv)
+    ops = [o for o in a.ops.split(",") if o]
+    bad = [o for o in ops if o not in ("fwd", "bwd")]
+    if bad or not ops:
+        ap.error(f"--ops takes fwd and / or bwd, got {a.ops!r}")
+    try:
+        cases = parse_cases(a.cases)
+    except ValueError as e:
+        ap.error(str(e))
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("ab_revision: needs a CUDA device (sm_90)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_sparse_mla import make_case
+
+    from megatron_dsa.kernels.cuda_build import build_library
+    from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+
+    tree = ci.library()
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            srcs = sources_at(a.rev, ci.SOURCES, Path(d))
+            hdrs = sources_at(a.rev, ci.HEADERS, Path(d))
+        except ValueError as e:
+            ap.error(str(e))
+        rev_name = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.rev], capture_output=True,
+                                  text=True).stdout.strip()
+        base = ci._load(build_library(f"sparse_mla_rev_{rev_name}", tuple(srcs), tuple(hdrs), arch=ci.ARCH))
+    scale = 576 ** -0.5
+    rows = []
+    try:
+        for S, H in cases:
+            torch.manual_seed(0)
+            q, kv, idx, dout = make_case(S, H, a.k)
+            for op in ops:
+                if op == "fwd":
+                    def call(lib):
+                        ci._LIB = lib
+                        return ci.sparse_mla_fwd_cuda(q, kv, idx, scale)
+                    names = ("out", "lse")
+                else:
+                    ci._LIB = tree
+                    out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale)
+                    packed = H <= ci.MAX_PACK_HEADS
+
+                    def call(lib, out=out, lse=lse, packed=packed):
+                        ci._LIB = lib
+                        return ci.sparse_mla_bwd_cuda(q, kv, idx, scale, None, None, out, lse, dout, packed=packed)
+                    names = ("dq", "dkv", "d_sink")
+                fns = {"rev": lambda: call(base), "tree": lambda: call(tree)}
+                if op == "fwd" and a.flashmla and H in (64, 128):
+                    from flash_mla import flash_mla_sparse_fwd
+
+                    kv3, idx3 = kv.unsqueeze(1), idx.unsqueeze(1).contiguous()
+                    fns["flashmla"] = lambda: flash_mla_sparse_fwd(q, kv3, idx3, scale, d_v=512)
+                check = _compare(names, call(base), call(tree))
+                row = _time(fns, a.reps, a.rest)
+                row.update(op=op, S=S, H=H, rev=rev_name, speedup=round(row["rev"] / row["tree"], 4), **check)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            del q, kv, idx, dout
+            torch.cuda.empty_cache()
+    finally:
+        ci._LIB = tree
+    print(f"\n{'op':4s} {'S':>6s} {'H':>4s} {'rev ms':>9s} {'tree ms':>9s} {'speedup':>8s}  same bits")
+    for r in rows:
+        same = ",".join(k[: -len("_bit_identical")] for k, v in r.items() if k.endswith("_bit_identical") and v)
+        print(f"{r['op']:4s} {r['S']:6d} {r['H']:4d} {r['rev']:9.3f} {r['tree']:9.3f} {r['speedup']:8.4f}  {same or '-'}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
