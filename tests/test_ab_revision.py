@@ -53,3 +53,34 @@ def test_bad_ops_and_no_gpu(capsys):
     if not torch.cuda.is_available():
         assert ab.main(["--ops", "fwd"]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_entry_points_see_a_changed_parameter_list(tmp_path):
+    from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+
+    tree = ab.entry_points(ci.SOURCES)
+    assert "dsa_sparse_mla_fwd_pp_sm90" in tree and "dsa_pack_rows" in tree
+    src = next(p for p in ci.SOURCES if p.name == "pack_rows.cu")
+    changed = tmp_path / "changed" / src.name
+    changed.parent.mkdir()
+    changed.write_text(src.read_text().replace("int dsa_pack_rows(const void* idx, long long idx_st,",
+                                               "int dsa_pack_rows(const void* idx, int idx_st,"))
+    got = ab.entry_points([changed])
+    assert got["dsa_pack_rows"] != tree["dsa_pack_rows"]
+    assert {k: v for k, v in got.items() if k != "dsa_pack_rows"} == {
+        k: v for k, v in tree.items() if k in got and k != "dsa_pack_rows"}
+
+
+def test_rel_and_summary():
+    x = torch.randn(5000, 3)
+    assert ab._rel(x, x.clone()) == 0.0
+    y = x.clone()
+    y[7, 1] += 1.0
+    assert ab._rel(y, x) == pytest.approx(1.0 / float(x.double().norm()), rel=1e-6)
+    z = x.clone()
+    z[0, 0] = float("nan")
+    assert ab._rel(z, x) == ab._rel(x.clone(), x) == 0.0  # non-finite entries are left out
+    rows = [dict(op="bwd", S=16384, H=64, rev_ms=28.4, tree_ms=28.2, speedup=1.0071, revision="abc1234",
+                 dq_bit_identical=True, dq_rel=0.0, dkv_rel=4.0e-5)]
+    text = ab.summary(rows)
+    assert "28.400" in text and "28.200" in text and "dq same bits" in text and "dkv 4.0e-05" in text

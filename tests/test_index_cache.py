@@ -263,7 +263,7 @@ def _args(kw):
     return args
 
 
-def _launch(name, nproc, args):
+def _launch(name, nproc, args, timeout=600):
     """Run the worker with ``args`` in ``nproc`` processes (torchrun unless one); returns None, or
     what went wrong with the tail of the output."""
     if nproc == 1:
@@ -275,7 +275,7 @@ def _launch(name, nproc, args):
                "--master_port", str(port), WORKER]
         env = dict(os.environ)
     try:
-        proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=env,
+        proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=os.path.dirname(WORKER))
     except subprocess.TimeoutExpired as e:
         out = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
@@ -304,7 +304,7 @@ def _batch(out_dir, name, nproc, arg_lists):
     outs = [str(out_dir / f"{name}{i}") for i in range(len(arg_lists))]
     with open(out_dir / f"{name}.json", "w") as f:
         json.dump([list(args) + ["--out", out] for args, out in zip(arg_lists, outs)], f)
-    error = _launch(name, nproc, ["--batch", str(out_dir / f"{name}.json")])
+    error = _launch(name, nproc, ["--batch", str(out_dir / f"{name}.json")], timeout=600 * len(arg_lists))
     return error if error is not None else [merge_rank_outputs(out, nproc) for out in outs]
 
 
