@@ -36,7 +36,7 @@
 //   releases a buffer before the wait_group that retires the wgmma reading it.
 // * ldmatrix / stmatrix (.x1/.x2/.x4, m8n8 b16) and movmatrix (m8n8.trans.b16) are warp exchanges;
 //   each lane's ldmatrix bytes are checked (and recorded as reads) like an ld.shared of that lane,
-//   its stmatrix bytes like an st.shared.
+//   its stmatrix bytes like an st.shared; every row address must be 16-byte aligned.
 // * bar.red.or.pred is a named barrier that also ORs the threads' predicates. A wgmma is one
 //   operation of its warpgroup (complete only once all four warps issued it): wgmma.wait_group
 //   ends with a rendezvous of the warpgroup that orders every thread's retirement before any
@@ -1076,6 +1076,7 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       std::vector<int> dst = A[0].kind == Operand::VEC ? A[0].vec : std::vector<int>{A[0].arg};
       if (static_cast<int>(dst.size()) != nm || A.size() != 2 || A[1].kind != Operand::ADDR) return unsupported(in);
       const int lane = me->tid & 31;
+      if (u32(A[1]) % 16 != 0) report("misaligned ldmatrix row (16 bytes)");
       const uint32_t mine[4] = {u32(A[1]), 0, 0, 0};
       uint32_t rows[4] = {0, 0, 0, 0};
       warp_exchange(mine, [&](uint32_t (*slot)[4]) {
@@ -1099,6 +1100,7 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       if (A.size() == 2 && A[1].kind == Operand::ARG) src = {A[1].arg};
       if (static_cast<int>(src.size()) != nm || A[0].kind != Operand::ADDR) return unsupported(in);
       const int lane = me->tid & 31;
+      if (u32(A[0]) % 16 != 0) report("misaligned stmatrix row (16 bytes)");
       const uint32_t mine[4] = {u32(A[0]), 0, 0, 0};
       uint32_t rows[4] = {0, 0, 0, 0};
       warp_exchange(mine, [&](uint32_t (*slot)[4]) {
