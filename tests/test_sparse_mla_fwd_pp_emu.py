@@ -122,10 +122,10 @@ def test_emulator_catches_mutated_sync(tmp_path_factory, mutant):
 # The kernel's own P stores by stmatrix, mutated: A's P tile without the proxy fence that orders
 # it before B's wgmma reads it (A's next fence comes only after its hand-off arrive); and B's
 # blocks handed to stmatrix in the wrong order (no hazard, wrong numbers).
-_STORE_P_END = "s[8 * c + 7] * f1));\n    fence_async_smem();"
+_STORE_P = "for (int c = 0; c < 4; ++c) stsm_acc16(prow, c, s + 8 * c, f0, f1);"
 _STORE_PF = "for (int c = 0; c < 4; ++c) stsm_x4(p_addr(c), pf[c][0], pf[c][1], pf[c][2], pf[c][3]);"
 KERNEL_MUTANTS = {
-    "p_store_without_proxy_fence": (_STORE_P_END, "s[8 * c + 7] * f1));", "fence.proxy.async"),
+    "p_store_without_proxy_fence": (_STORE_P + "\n    fence_async_smem();", _STORE_P, "fence.proxy.async"),
     "p_store_blocks_swapped": (_STORE_PF, _STORE_PF.replace("pf[c][1], pf[c][2]", "pf[c][2], pf[c][1]"), None),
 }
 

@@ -69,6 +69,21 @@ __device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 }
+// stmatrix of accumulator fragments into a swizzled bf16 tile (16-byte granule g of row r at
+// g ^ (r % 8)): stsm_row is this lane's row address for a warp whose 16 rows start at row
+// `row0` of a tile of `pitch`-byte rows at `tile` (lane L addresses row L % 8 of block L / 8, block
+// m = rows + 8 (m % 2)); stsm_acc16 stores the warp's columns [16 c, 16 c + 16) (blocks m at
+// columns 8 (2 c + m / 2)) from acc = the fragment's 8 values of them (acc[8 c ...] of an m64nN
+// accumulator), rows scaled by f0 / f1 (+8)
+__device__ __forceinline__ uint32_t stsm_row(uint32_t tile, int row0, int pitch) {
+  const int lane = threadIdx.x & 31;
+  return tile + (row0 + 8 * ((lane >> 3) & 1) + (lane & 7)) * pitch;
+}
+__device__ __forceinline__ void stsm_acc16(uint32_t row, int c, const float* acc, float f0, float f1) {
+  const int lane = threadIdx.x & 31;
+  stsm_x4(row + (((2 * c + (lane >> 4)) ^ (lane & 7)) << 4), bf16x2_bits(acc[0] * f0, acc[1] * f0),
+          bf16x2_bits(acc[2] * f1, acc[3] * f1), bf16x2_bits(acc[4] * f0, acc[5] * f0), bf16x2_bits(acc[6] * f1, acc[7] * f1));
+}
 
 // wgmma wrappers (generated; m64nNk16, bf16 in, fp32 accumulate)
 template <int TA, int TB>

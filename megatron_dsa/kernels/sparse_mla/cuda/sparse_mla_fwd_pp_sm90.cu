@@ -130,16 +130,14 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     }
   };
   // P (bf16) to this warpgroup's shared P buffer: row r, keys [8 jj, 8 jj + 8) at granule
-  // jj ^ (r % 8), by stmatrix: the c-th stores keys [16 c, 16 c + 16) of the warp's 16 rows as
-  // four 8 x 8 blocks m (rows + 8 (m % 2), keys 8 (2 c + m / 2)); lane L addresses row L % 8 of
-  // block L / 8
-  const uint32_t prow = smem_u32(pown) + (warp * 16 + 8 * ((lane >> 3) & 1) + (lane & 7)) * 128;
-  auto p_addr = [&](int c) { return prow + (((2 * c + (lane >> 4)) ^ (lane & 7)) << 4); };
+  // jj ^ (r % 8), by stmatrix: keys [16 c, 16 c + 16) of the warp's 16 rows per instruction
+  // (stsm_acc16: four 8 x 8 blocks m = rows + 8 (m % 2), keys 8 (2 c + m / 2); lane L addresses
+  // row L % 8 of block L / 8)
+  const uint32_t prow = stsm_row(smem_u32(pown), warp * 16, 128);
+  auto p_addr = [&](int c) { return prow + (((2 * c + (lane >> 4)) ^ (lane & 7)) << 4); };  // (stsm_acc16's)
   auto store_p = [&](float f0, float f1) {  // A: its P, times f per row
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
-      stsm_x4(p_addr(c), bf16x2_bits(s[8 * c] * f0, s[8 * c + 1] * f0), bf16x2_bits(s[8 * c + 2] * f1, s[8 * c + 3] * f1),
-              bf16x2_bits(s[8 * c + 4] * f0, s[8 * c + 5] * f0), bf16x2_bits(s[8 * c + 6] * f1, s[8 * c + 7] * f1));
+    for (int c = 0; c < 4; ++c) stsm_acc16(prow, c, s + 8 * c, f0, f1);
     fence_async_smem();
   };
 
@@ -317,12 +315,9 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   }
   // row rr of this warpgroup's [64, 256] tile: 512 B at Q + X * 32 KB + rr * 512, granule k at
   // k ^ (rr % 8); stored by stmatrix as P is (channels [16 c, 16 c + 16) per instruction)
-  const uint32_t orow = sbase + OFF_Q + X * 32768 + (warp * 16 + 8 * ((lane >> 3) & 1) + (lane & 7)) * 512;
+  const uint32_t orow = stsm_row(sbase + OFF_Q + X * 32768, warp * 16, 512);
 #pragma unroll
-  for (int c = 0; c < 16; ++c)
-    stsm_x4(orow + (((2 * c + (lane >> 4)) ^ (lane & 7)) << 4),
-            bf16x2_bits(o[8 * c] * inv[0], o[8 * c + 1] * inv[0]), bf16x2_bits(o[8 * c + 2] * inv[1], o[8 * c + 3] * inv[1]),
-            bf16x2_bits(o[8 * c + 4] * inv[0], o[8 * c + 5] * inv[0]), bf16x2_bits(o[8 * c + 6] * inv[1], o[8 * c + 7] * inv[1]));
+  for (int c = 0; c < 16; ++c) stsm_acc16(orow, c, o + 8 * c, inv[0], inv[1]);
   bar_sync(BAR_MATH + 1 + X, 128);  // this warpgroup's tile is staged
   const int k = wt & 31;
 #pragma unroll 4
