@@ -626,6 +626,19 @@ inline auto warp_exchange(const uint32_t (&v)[4], F f) {
   return r;
 }
 
+// ldmatrix / stmatrix (m8n8, nm matrices): lane L supplies `addr`, the address of row L % 8 of
+// matrix L / 8 (16-byte aligned); returns in rows[j] the address of row lane / 4 of matrix j,
+// whose bytes 4 (lane % 4) .. + 3 are this lane's register j
+inline void matrix_rows(uint32_t addr, int nm, uint32_t (&rows)[4], const char* what) {
+  if (addr % 16 != 0) report(std::string("misaligned ") + what + " row (16 bytes)");
+  const int lane = me->tid & 31;
+  const uint32_t mine[4] = {addr, 0, 0, 0};
+  warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+    for (int j = 0; j < nm; ++j) rows[j] = slot[8 * j + lane / 4][0];
+    return 0;
+  });
+}
+
 // ---- wgmma
 inline float smem_bf16(uint32_t byte) {
   uint16_t b;
@@ -1076,13 +1089,8 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       std::vector<int> dst = A[0].kind == Operand::VEC ? A[0].vec : std::vector<int>{A[0].arg};
       if (static_cast<int>(dst.size()) != nm || A.size() != 2 || A[1].kind != Operand::ADDR) return unsupported(in);
       const int lane = me->tid & 31;
-      if (u32(A[1]) % 16 != 0) report("misaligned ldmatrix row (16 bytes)");
-      const uint32_t mine[4] = {u32(A[1]), 0, 0, 0};
       uint32_t rows[4] = {0, 0, 0, 0};
-      warp_exchange(mine, [&](uint32_t (*slot)[4]) {
-        for (int j = 0; j < nm; ++j) rows[j] = slot[8 * j + lane / 4][0];
-        return 0;
-      });
+      matrix_rows(u32(A[1]), nm, rows, "ldmatrix");
       for (int j = 0; j < nm; ++j) {
         Op& o = ops[dst[j]];
         if (dst[j] < 0 || o.out == nullptr || o.out_size != 4) return unsupported(in);
@@ -1100,13 +1108,8 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       if (A.size() == 2 && A[1].kind == Operand::ARG) src = {A[1].arg};
       if (static_cast<int>(src.size()) != nm || A[0].kind != Operand::ADDR) return unsupported(in);
       const int lane = me->tid & 31;
-      if (u32(A[0]) % 16 != 0) report("misaligned stmatrix row (16 bytes)");
-      const uint32_t mine[4] = {u32(A[0]), 0, 0, 0};
       uint32_t rows[4] = {0, 0, 0, 0};
-      warp_exchange(mine, [&](uint32_t (*slot)[4]) {
-        for (int j = 0; j < nm; ++j) rows[j] = slot[8 * j + lane / 4][0];
-        return 0;
-      });
+      matrix_rows(u32(A[0]), nm, rows, "stmatrix");
       for (int j = 0; j < nm; ++j) {
         if (src[j] < 0 || ops[src[j]].is_float) return unsupported(in);
         const uint32_t v = static_cast<uint32_t>(ops[src[j]].v);
