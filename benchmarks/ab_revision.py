@@ -71,7 +71,10 @@ def parse_cases(text: str) -> List[Tuple[int, int]]:
 
 
 def _time(fns: Dict[str, Callable], reps: int, rest: float) -> Dict[str, float]:
+    """Median ms of each of ``fns``, called in turn ``reps`` times (after one warm-up each), the GPU
+    idle ``rest`` seconds before every call (``common.time_cuda`` times each call)."""
     import torch
+    from common import time_cuda
 
     ts = {k: [] for k in fns}
     for f in fns.values():
@@ -80,12 +83,7 @@ def _time(fns: Dict[str, Callable], reps: int, rest: float) -> Dict[str, float]:
         for k, f in fns.items():
             torch.cuda.synchronize()
             time.sleep(rest)
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            f()
-            e1.record()
-            torch.cuda.synchronize()
-            ts[k].append(e0.elapsed_time(e1))
+            ts[k].append(time_cuda(f, warmup=0, reps=1))
     return {k: round(statistics.median(v), 3) for k, v in ts.items()}
 
 
