@@ -36,9 +36,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sources_at(rev: str, paths: Sequence[Path], dest: Path, repo: Path = REPO) -> List[Path]:
+def sources_at(rev: str, paths: Sequence[Path], dest: Path, repo: Path = REPO, missing_ok: bool = False) -> List[Path]:
     """The files ``paths`` (inside ``repo``) as they are at git revision ``rev``, written under
-    ``dest`` with their own names; raises ``ValueError`` naming the revision or the file."""
+    ``dest`` with their own names; raises ``ValueError`` naming the revision or the file (with
+    ``missing_ok``, a file the revision lacks is left out: a header added since)."""
     try:
         subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
                        capture_output=True, text=True)
@@ -49,6 +50,8 @@ def sources_at(rev: str, paths: Sequence[Path], dest: Path, repo: Path = REPO) -
         rel = Path(p).resolve().relative_to(repo.resolve()).as_posix()
         proc = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{rel}"], capture_output=True)
         if proc.returncode != 0:
+            if missing_ok:
+                continue
             raise ValueError(f"{rel} does not exist at --rev {rev!r}")
         target = dest / Path(rel).name
         target.write_bytes(proc.stdout)
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         try:
             srcs = sources_at(a.rev, ci.SOURCES, Path(d))
-            hdrs = sources_at(a.rev, ci.HEADERS, Path(d))
+            hdrs = sources_at(a.rev, ci.HEADERS, Path(d), missing_ok=True)
         except ValueError as e:
             ap.error(str(e))
         rev_name = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.rev], capture_output=True,

@@ -37,6 +37,9 @@ def test_sources_at_names_a_bad_revision_and_a_missing_file(tmp_path):
         ab.sources_at("no-such-rev", ci.SOURCES, tmp_path)
     with pytest.raises(ValueError, match="no_such_file.cu does not exist at --rev 'HEAD'"):
         ab.sources_at("HEAD", [ci.HEADERS[0].parent / "no_such_file.cu"], tmp_path)
+    # a header added since the revision: left out with missing_ok, the others still written
+    got = ab.sources_at("HEAD", [ci.HEADERS[0].parent / "no_such_file.cuh", ci.HEADERS[0]], tmp_path, missing_ok=True)
+    assert [p.name for p in got] == [ci.HEADERS[0].name]
 
 
 @pytest.mark.parametrize("text,match", [("16384", "S:H pairs"), ("a:b", "S:H pairs"), ("0:64", "positive")])

@@ -11,29 +11,23 @@ public function's ``cuda`` backend against its ``triton`` one.
 import ctypes
 import multiprocessing
 import os
-import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "cuda_emu"))
+from emu_lib import build_simt  # noqa: E402
+
+sys.path.pop(0)
 KERNEL_DIR = os.path.join(os.path.dirname(HERE), "megatron_dsa", "kernels", "indexer", "cuda")
 
 
 def _build_emu(tmp_path_factory, name, sources, opt="-O2"):
-    """Compile tests/cuda_emu sources (with the kernels' headers) into one loaded library."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    out = tmp_path_factory.mktemp("emu") / name
-    proc = subprocess.run([cxx, "-std=c++20", opt, "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}",
-                           *(os.path.join(HERE, "cuda_emu", src) for src in sources), "-o", str(out)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 and "barrier" in proc.stderr:
-        pytest.skip(f"{cxx} lacks C++20 <barrier>")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return ctypes.CDLL(str(out))
+    """The select's emulated library (``emu_lib.build_simt`` with the indexer's kernel folder)."""
+    return build_simt(tmp_path_factory, name, sources, KERNEL_DIR, opt)
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,66 @@ def _first_in_row(r):
     return torch.tensor(keep)
 
 
+@pytest.fixture(scope="module")
+def pack_emu(tmp_path_factory):
+    """The CUDA packing kernel's own source (``cuda/pack_rows.cuh``) built for the CPU through
+    ``cuda_emu/simt.h``: ``emu_pack_rows(..., stage)`` runs either variant."""
+    import ctypes
+    import os
+    import sys
+
+    emu_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
+    sys.path.insert(0, emu_dir)
+    try:
+        from emu_lib import KERNEL_DIR, build_simt
+    finally:
+        sys.path.pop(0)
+    fn = build_simt(tmp_path_factory, "pack_emu.so", ["pack_emu.cpp"], KERNEL_DIR, opt="-O1").emu_pack_rows
+    vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    fn.argtypes = [vp, ll, vp, i32, i32, i32, i32, vp, vp, vp, i32]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _emu_pack(fn, idx, Tk, H, lens, stage):
+    """``packing.pack_rows`` by the emulated CUDA kernel (outputs poisoned first: each element
+    must be written)."""
+    from megatron_dsa.kernels.sparse_mla.packing import PackedRows
+
+    T, K = idx.shape
+    hpad = heads_padded(H)
+    R = 64 // hpad
+    G = (T + R - 1) // R
+    uid = torch.full((G, R * K), -7, dtype=torch.int32)
+    uslot = torch.full((G, R, R * K), -7, dtype=torch.int16)
+    count = torch.full((G,), -7, dtype=torch.int32)
+    ln = lens.int().contiguous() if lens is not None else None
+    assert idx.dtype == torch.int32 and idx.stride(1) == 1
+    err = fn(idx.data_ptr(), idx.stride(0), ln.data_ptr() if ln is not None else None, T, K, Tk, R,
+             uid.data_ptr(), uslot.data_ptr(), count.data_ptr(), int(stage))
+    assert err == 0, err
+    return PackedRows(uid, uslot, count, R, hpad)
+
+
+@pytest.mark.parametrize("stage", [True, False])
+@pytest.mark.parametrize("H,T,K,Tk,with_len,wide", [(16, 13, 24, 50, True, False), (32, 9, 33, 70, False, True),
+                                                    (7, 16, 40, 1000, True, False)])
+def test_cuda_packing_kernel_on_the_cpu_equals_the_reference(pack_emu, stage, H, T, K, Tk, with_len, wide):
+    """The CUDA packing kernel (both variants: uid / uslot staged in shared memory and written out
+    once, or scattered in place) run by the SIMT stand-in: without repeated ids the reference's
+    tensors element for element, with them the same union, count and (row, slot) -> id map; a
+    partial last group, an empty row, ids past the keys, lengths, a row stride past K."""
+    for dups in (False, True):
+        idx = _ids(T, K, Tk, seed=T + K + H, dups=dups)
+        if not dups:
+            idx = torch.stack([torch.where(_first_in_row(r), r, -1) for r in idx])
+        if wide:
+            idx = torch.cat([idx, idx], 1)[:, :K]    # row stride 2 K
+        tk = torch.randint(0, K + 2, (T,), generator=torch.Generator().manual_seed(H)) if with_len else None
+        got = _emu_pack(pack_emu, idx, Tk, H, tk, stage)
+        _assert_same_packing(got, pack_rows_reference(idx, Tk, H, tk), T, K, exact=not dups)
+
+
 def test_pack_rows_takes_the_kernel_under_triton(monkeypatch):
     import megatron_dsa.kernels.sparse_mla.packing as packing
     import megatron_dsa.kernels.triton_common as tc
@@ -316,11 +376,17 @@ def test_gpu_cuda_packing_equals_the_reference(H):
     idx[1::2, :512] = idx[0:T - 1:2, :512]           # rows sharing keys
     idx[::5, 7] = idx[::5, 3]                        # repeated ids (or both -1)
     _assert_same_packing(cuda_impl.pack_rows_cuda(idx, T, H, tk), pack_rows_reference(idx, T, H, tk), T, K, False)
-    # 100K keys: bitmaps past 48 KB (the kernel's dynamic shared memory opted in up to what its
-    # static part leaves; S = 128K at <= 32 heads needs this)
+    # 100K keys: bitmaps past 48 KB (dynamic shared memory opted in; S = 128K at <= 32 heads needs
+    # this), uid / uslot still staged beside them
     many = 100_000
     far = torch.rand(64, 64, device="cuda").argsort(1).int() + (many - 64)  # distinct ids near the end
     _assert_same_packing(cuda_impl.pack_rows_cuda(far, many, H), pack_rows_reference(far, many, H), 64, 64, True)
+    # 200K keys at the real k: at <= 16 heads (R = 4) bitmaps and staged outputs together exceed
+    # shared memory, so the kernel writes uid / uslot in place (at 32 heads, R = 2, they fit)
+    wide_keys = 200_000
+    far = torch.rand(64, wide_keys - K, device="cuda").argsort(1)[:, :K].int() + K
+    _assert_same_packing(cuda_impl.pack_rows_cuda(far, wide_keys, H), pack_rows_reference(far, wide_keys, H), 64, K,
+                         True)
     huge = 1 << 22                                   # bitmaps past shared memory: the Triton kernel
     small = causal_indices(64, 16, "cuda")
     _assert_same_packing(cuda_impl.pack_rows_cuda(small, huge, H), pack_rows_reference(small, huge, H), 64, 16, True)

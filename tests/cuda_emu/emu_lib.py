@@ -56,6 +56,23 @@ def build_emulated(tmp_path_factory, tag, wrapper, kernel, kernel_text=None, com
     return lib
 
 
+def build_simt(tmp_path_factory, name, sources, include_dir, opt="-O2"):
+    """One loaded library of ``sources`` (``.cpp`` files of this folder that include a kernel's
+    own SIMT source from ``include_dir`` through ``simt.h``, unrewritten: no inline PTX). Skips
+    without a host C++ compiler or C++20 ``<barrier>``."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    out = tmp_path_factory.mktemp("emu") / name
+    proc = subprocess.run([cxx, "-std=c++20", opt, "-shared", "-fPIC", "-pthread", f"-I{include_dir}",
+                           *(os.path.join(EMU_DIR, src) for src in sources), "-o", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "barrier" in proc.stderr:
+        pytest.skip(f"{cxx} lacks C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(out))
+
+
 def messages(lib):
     """The emulator's reports since the last ``emu_reset``."""
     msgs, buf, i = [], ctypes.create_string_buffer(2048), 0

@@ -1,7 +1,7 @@
 // A CPU stand-in for the CUDA features the library's SIMT kernels use (not the tensor-core
 // ones): one std::thread per CUDA thread of a block, __syncthreads as a block barrier, warp
 // ballots and shuffles through a per-warp exchange between two warp barriers, shared-memory
-// atomics as atomic adds. Blocks run one after another. For tests only: it checks a kernel's
+// atomics as atomic read-modify-writes (add, or). Blocks run one after another. For tests only: it checks a kernel's
 // logic (indexing, synchronization, ballot arithmetic) on any machine, not its speed.
 #pragma once
 
@@ -20,6 +20,11 @@ struct dim3 {
 struct float4 {
   float x, y, z, w;
 };
+
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
 
 inline thread_local dim3 threadIdx, blockIdx, gridDim;
 
@@ -98,7 +103,15 @@ inline unsigned __shfl_up_sync(unsigned mask, unsigned v, unsigned delta) {
   });
 }
 
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask) {
+  (void)mask;
+  const unsigned lane = threadIdx.x & 31;
+  return simt::warp_exchange(v, [=](const uint64_t* lanes) { return static_cast<unsigned>(lanes[lane ^ lane_mask]); });
+}
+
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
 
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 

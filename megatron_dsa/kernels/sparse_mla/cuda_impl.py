@@ -53,7 +53,7 @@ _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
            _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu", _DIR / "sparse_mla_fwd_packed_sm90.cu",
            _DIR / "sort_rows.cu")
-HEADERS = (_DIR / "sm90_common.cuh",)
+HEADERS = (_DIR / "sm90_common.cuh", _DIR / "pack_rows.cuh")
 ARCH = "sm_90a"
 # The largest head count routed to the 16-head forward; more heads run the 64-head (ping-pong)
 # forward, the last tile masked. Measured (H100, S = 16K, k = 2048) with the 64-head kernel before
