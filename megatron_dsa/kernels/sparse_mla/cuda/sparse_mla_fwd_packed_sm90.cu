@@ -78,7 +78,8 @@ struct PackedParams : FwdParams {
 // slice, so in one query row.
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_packed_sm90_kernel(const PackedParams p) {
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // (aligned by offsetting the __shared__ array itself: its accesses stay shared-space, LDS / STS)
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_u32(smem);
   float* alpha_s = reinterpret_cast<float*>(smem + OFF_ALPHA);
   float* l_s = reinterpret_cast<float*>(smem + OFF_L);

@@ -213,11 +213,11 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   };
 
   // B's P as is: the bf16 fragments themselves (s is dead once they are made); pf[c] holds
-  // stmatrix's four blocks of keys [16 c, 16 c + 16) in its order
+  // stmatrix's four blocks of keys [16 c, 16 c + 16) in its order. (No proxy fence here: B's
+  // fence after BAR_PA, before the BAR_PB arrive that A waits on, orders these stores too.)
   auto store_pf = [&](const uint32_t (&pf)[4][4]) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) stsm_x4(p_addr(c), pf[c][0], pf[c][1], pf[c][2], pf[c][3]);
-    fence_async_smem();
   };
 
   if constexpr (X == 0) {
@@ -277,7 +277,7 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       store_pf(pf);  // (before the P V reads pf: a wgmma's A registers are not touched in flight)
       pv_own(pf);
       bar_sync(BAR_PA, 256);
-      fence_async_smem();  // (buffer 0 was waited on by A only)
+      fence_async_smem();  // (buffer 0 was waited on by A only; also orders P_B's stores for A)
       pv_other();
       bar_arrive(BAR_PB, 256);
       wgmma_wait1();  // P_B V(1.R)
@@ -331,7 +331,8 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
 
 __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(const FwdParams p) {
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // (aligned by offsetting the __shared__ array itself: its accesses stay shared-space, LDS / STS)
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_u32(smem);
 
   const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127;
