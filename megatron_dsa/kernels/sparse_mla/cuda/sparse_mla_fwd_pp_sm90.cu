@@ -143,8 +143,10 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
 
   // the online softmax of block j in s (exp2 domain); m_in: the running max so far (A: its own;
   // B: A's after block j - 1). Returns the new max per row; rescales o and l_run from m_run.
+  // The scale (> 0: the launcher's contract) is applied to the row max and folded into the
+  // exponent's FMA, not multiplied into every score: max(scale s) = scale max(s).
   auto softmax = [&](int j, const float (&m_in)[2]) {
-    // scale, and mask the slots past the row's length or with an invalid id (in place)
+    // mask the slots past the row's length or with an invalid id (in place, raw scores)
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
       const int col = 8 * jj + colq;
@@ -153,18 +155,19 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       const bool v1 = j * BN + col + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        s[4 * jj + 2 * r] = v0 ? s[4 * jj + 2 * r] * p.scale_log2 : -INFINITY;
-        s[4 * jj + 2 * r + 1] = v1 ? s[4 * jj + 2 * r + 1] * p.scale_log2 : -INFINITY;
+        s[4 * jj + 2 * r] = v0 ? s[4 * jj + 2 * r] : -INFINITY;
+        s[4 * jj + 2 * r + 1] = v1 ? s[4 * jj + 2 * r + 1] : -INFINITY;
       }
     }
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = m_in[r];
+      float mx = -INFINITY;
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) mx = fmaxf(mx, fmaxf(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(m_in[r], mx * p.scale_log2);
       const float m_use = mx == -INFINITY ? 0.f : mx;
       alpha[r] = mx == -INFINITY ? 1.f : exp2f(m_run[r] - mx);
       float sum = 0.f;
@@ -172,7 +175,7 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
         for (int b = 0; b < 2; ++b) {
-          const float e = exp2f(s[4 * jj + 2 * r + b] - m_use);
+          const float e = exp2f(fmaf(s[4 * jj + 2 * r + b], p.scale_log2, -m_use));
           s[4 * jj + 2 * r + b] = e;
           sum += e;
         }
@@ -274,8 +277,8 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       bar_arrive(BAR_B, 256);
       uint32_t pf[4][4];
       make_pf(pf);
-      store_pf(pf);  // (before the P V reads pf: a wgmma's A registers are not touched in flight)
       pv_own(pf);
+      store_pf(pf);
       bar_sync(BAR_PA, 256);
       fence_async_smem();  // (buffer 0 was waited on by A only; also orders P_B's stores for A)
       pv_other();
