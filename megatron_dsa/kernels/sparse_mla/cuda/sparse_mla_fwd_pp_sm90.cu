@@ -146,13 +146,16 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   // The scale (> 0: the launcher's contract) is applied to the row max and folded into the
   // exponent's FMA, not multiplied into every score: max(scale s) = scale max(s).
   auto softmax = [&](int j, const float (&m_in)[2]) {
-    // mask the slots past the row's length or with an invalid id (in place, raw scores)
+    // mask the slots past the row's length or with an invalid id (in place, raw scores); one
+    // unsigned compare per id (Tk >= 0), the length only in a row's last block
+    const int left = kv_len - j * BN - colq;   // slot 8 jj + colq (+ 1) of the block is in the row if < left
+    const bool whole = (j + 1) * BN <= kv_len;  // (uniform: the whole block is)
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
       const int col = 8 * jj + colq;
       const int2 id2 = *reinterpret_cast<const int2*>(ids_s + col);
-      const bool v0 = j * BN + col < kv_len && id2.x >= 0 && id2.x < p.Tk;
-      const bool v1 = j * BN + col + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk;
+      const bool v0 = static_cast<unsigned>(id2.x) < static_cast<unsigned>(p.Tk) && (whole || 8 * jj < left);
+      const bool v1 = static_cast<unsigned>(id2.y) < static_cast<unsigned>(p.Tk) && (whole || 8 * jj + 1 < left);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         s[4 * jj + 2 * r] = v0 ? s[4 * jj + 2 * r] : -INFINITY;
