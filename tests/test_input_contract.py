@@ -146,6 +146,11 @@ def test_sparse_mla_same_errors(backend):
         sparse_mla(q, kv, idx[:-1], 0.1, d_v=dv, backend=backend)
     with pytest.raises(TypeError, match="indices has dtype"):
         sparse_mla(q, kv, idx.float(), 0.1, d_v=dv, backend=backend)
+    for scale in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softmax_scale must be a finite number > 0"):
+            sparse_mla(q, kv, idx, scale, d_v=dv, backend=backend)
+    with pytest.raises(TypeError, match="softmax_scale must be a number"):
+        sparse_mla(q, kv, idx, "0.1", d_v=dv, backend=backend)
 
 
 # ----------------------------------------------------------------------------- indexer

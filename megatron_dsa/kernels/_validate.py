@@ -18,6 +18,20 @@ def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {names}")
 
 
+def check_positive_scale(name: str, value) -> float:
+    """A softmax scale: a finite number > 0 (the kernels take the row max of the unscaled scores
+    and scale it, which needs scale > 0). Returns it as a float."""
+    try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not v > 0 or v == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
 def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
     if t.shape[dim] != expected:
         raise ValueError(

@@ -40,6 +40,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._validate import check_positive_scale
 from ..cuda_build import CudaBuildError, build_library
 from ..triton_common import LOG2E
 from .packing import MAX_PACK_HEADS, PackedRows, heads_padded, pack_rows_triton, packed_shape
@@ -214,6 +215,7 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     over groups of rows and the union of their keys. Unpacked, where kv exceeds the L2
     (:func:`l2_order` with :data:`FWD_KEY_BYTES`), each row's ids are sorted first."""
     _check_ids(indices)
+    softmax_scale = check_positive_scale("softmax_scale", softmax_scale)
     lib = library()
     T, H, _ = q.shape
     if packed and not 1 <= H <= MAX_PACK_HEADS:

@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._validate import INDEX_DTYPES, check_dim, check_same_device, check_tensor
+from .._validate import INDEX_DTYPES, check_dim, check_positive_scale, check_same_device, check_tensor
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from . import cuda_impl
 from .ops import sparse_mla_op
@@ -182,6 +182,7 @@ def sparse_mla(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Differentiable sparse attention: ``(out [T, H, d_v], lse fp32 [T, H])``.
 
+    ``softmax_scale``: a finite number > 0.
     q ``[T, H, Dqk]``, kv ``[Tk, Dqk]`` (V = first ``d_v`` channels), indices ``[T, K]`` int32 or
     int64 (``-1`` and any id outside ``[0, Tk)`` = empty slot), topk_length ``[T]`` optional,
     sink ``[H]`` optional. Any strides. ``backend``: see the module docstring.
@@ -198,6 +199,7 @@ def sparse_mla(
     T, H, Dqk = q.shape
     check_dim("kv", kv, 1, Dqk, "q's head dim")
     check_dim("indices", indices, 0, T, "q's rows")
+    softmax_scale = check_positive_scale("softmax_scale", softmax_scale)
     if isinstance(d_v, bool) or not isinstance(d_v, int) or not 0 < d_v <= Dqk:
         raise ValueError(f"d_v must be an int in (0, {Dqk}], got {d_v!r}")
     if topk_length is not None:
