@@ -141,13 +141,14 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
     fence_async_smem();
   };
 
-  // the online softmax of block j in s (exp2 domain); m_in: the running max so far (A: its own;
-  // B: A's after block j - 1). Returns the new max per row; rescales o and l_run from m_run.
-  // The scale (> 0: the launcher's contract) is applied to the row max and folded into the
-  // exponent's FMA, not multiplied into every score: max(scale s) = scale max(s).
-  auto softmax = [&](int j, const float (&m_in)[2]) {
-    // mask the slots past the row's length or with an invalid id (in place, raw scores); one
-    // unsigned compare per id (Tk >= 0), the length only in a row's last block
+  // The online softmax of block j in s (exp2 domain), in two parts so that the other warpgroup
+  // waits on the row max only. The scale (> 0: the launcher's contract) is applied to the row
+  // max and folded into the exponent's FMA, not multiplied into every score: max(scale s) =
+  // scale max(s).
+  // raw_max: masks the slots past the row's length or with an invalid id (in place; one unsigned
+  // compare per id, Tk >= 0, and the length only in a row's last block) and returns the row
+  // maxima of the unscaled scores.
+  auto raw_max = [&](int j, float (&mx)[2]) {
     const int left = kv_len - j * BN - colq;   // slot 8 jj + colq (+ 1) of the block is in the row if < left
     const bool whole = (j + 1) * BN <= kv_len;  // (uniform: the whole block is)
 #pragma unroll
@@ -162,17 +163,32 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
         s[4 * jj + 2 * r + 1] = v1 ? s[4 * jj + 2 * r + 1] : -INFINITY;
       }
     }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float m = -INFINITY;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) m = fmaxf(m, fmaxf(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      mx[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    }
+  };
+  // finish: the new running max from the raw maxima and m_in (A: its own running max; B: A's
+  // after block j - 1) goes to the hand-off, then `bar` is arrived on (the other warpgroup may
+  // go on), then the exponentials, the row sums and O's rescale from m_run.
+  auto finish = [&](const float (&mx_raw)[2], const float (&m_in)[2], int bar) {
+    float mx[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) mx[r] = fmaxf(m_in[r], mx_raw[r] * p.scale_log2);
+    if ((lane & 3) == 0) {
+      m_s[row0] = mx[0];
+      m_s[row0 + 8] = mx[1];
+    }
+    bar_arrive(bar, 256);
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) mx = fmaxf(mx, fmaxf(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(m_in[r], mx * p.scale_log2);
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      alpha[r] = mx == -INFINITY ? 1.f : exp2f(m_run[r] - mx);
+      const float m_use = mx[r] == -INFINITY ? 0.f : mx[r];
+      alpha[r] = mx[r] == -INFINITY ? 1.f : exp2f(m_run[r] - mx[r]);
       float sum = 0.f;
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj)
@@ -183,13 +199,9 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
           sum += e;
         }
       l_run[r] = l_run[r] * alpha[r] + sum;
-      m_run[r] = mx;
+      m_run[r] = mx[r];
     }
     rescale(alpha[0], alpha[1]);
-    if ((lane & 3) == 0) {
-      m_s[row0] = m_run[0];
-      m_s[row0 + 8] = m_run[1];
-    }
   };
   // P as bf16 A fragments: pf[kk] holds keys [16 kk, 16 kk + 16)
   auto make_pf = [&](uint32_t (&pf)[4][4]) {
@@ -233,9 +245,10 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
         s_half(0, 1);
         wgmma_wait0();
       }
+      float mx[2];
+      raw_max(2 * i, mx);
       const float m_in[2] = {m_run[0], m_run[1]};
-      softmax(2 * i, m_in);
-      bar_arrive(BAR_A, 256);  // A's max is out
+      finish(mx, m_in, BAR_A);  // (A's max is out before its exponentials)
       uint32_t pf[4][4];
       make_pf(pf);
       pv_own(pf);
@@ -274,10 +287,11 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
       s_half(i, 1);
       s_half(i, 0);
       wgmma_wait0();
-      bar_sync(BAR_A, 256);  // A's max after block 2 i
+      float mx[2];
+      raw_max(2 * i + 1, mx);  // (before A's max is waited on)
+      bar_sync(BAR_A, 256);    // A's max after block 2 i
       const float m_in[2] = {m_s[row0], m_s[row0 + 8]};
-      softmax(2 * i + 1, m_in);  // (A's max is at least B's previous one)
-      bar_arrive(BAR_B, 256);
+      finish(mx, m_in, BAR_B);  // (A's max is at least B's previous one)
       uint32_t pf[4][4];
       make_pf(pf);
       pv_own(pf);
