@@ -22,7 +22,8 @@
 //              A's max, hands its max to A, stores P_B for A, P_B V(1.R) from registers (frees
 //              1.R), P_A V(0.R) from shared memory (frees 0.R).
 //   The two softmaxes of a pair run one after the other (B needs A's max), but each warpgroup's
-//   S, its P V and the loads of the other buffer overlap them. Row sums: each warpgroup keeps
+//   S, its P V and the loads of the other buffer overlap them, and what the other waits on is
+//   the row max alone (published before the exponentials). Row sums: each warpgroup keeps
 //   those of its own blocks; added at the end. The softmax masks (-inf) every slot past kv_len
 //   or with an id outside [0, Tk); a row with no valid slot gives out = 0, lse = -inf.
 //   A half is freed by the one warpgroup that reads it last, through an mbarrier that counts
