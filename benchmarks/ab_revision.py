@@ -4,6 +4,13 @@ with the results compared call for call.
 
   python benchmarks/ab_revision.py --rev HEAD~1 --ops fwd --cases 16384:64,16384:128
   python benchmarks/ab_revision.py --rev main --ops bwd --cases 16384:16,16384:64 --flashmla
+  python benchmarks/ab_revision.py --rev main --export .gpu/rev_main      # here: the sources only
+  python benchmarks/ab_revision.py --rev-dir .gpu/rev_main --ops fwd      # there: from that folder
+
+A GPU machine that receives a copy of the working tree may hold a git history older than the
+tree's (the device machines here do: their ``HEAD~1`` is not this checkout's), so ``--export``
+writes the revision's kernel sources and a ``REVISION`` file (hash, subject) into a folder to
+carry, and ``--rev-dir`` builds from it; the resolved revision is printed first either way.
 
 Both libraries are built by ``megatron_dsa.kernels.cuda_build`` (the revision's copy under its own
 cache name). ``fwd`` times ``cuda_impl.sparse_mla_fwd_cuda`` and compares out / lse; ``bwd`` times
@@ -57,6 +64,32 @@ def sources_at(rev: str, paths: Sequence[Path], dest: Path, repo: Path = REPO, m
         target.write_bytes(proc.stdout)
         out.append(target)
     return out
+
+
+def export_sources(rev: str, paths: Sequence[Path], headers: Sequence[Path], dest: Path, repo: Path = REPO) -> str:
+    """``rev``'s kernel sources (and those of ``headers`` it has) into ``dest`` with a
+    ``REVISION`` file: its full hash and subject, which is also returned."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sources_at(rev, paths, dest, repo)
+    sources_at(rev, headers, dest, repo, missing_ok=True)
+    line = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%H %s", rev], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (dest / "REVISION").write_text(line + "\n")
+    return line
+
+
+def sources_in(folder: Path, paths: Sequence[Path], headers: Sequence[Path]) -> Tuple[List[Path], List[Path], str]:
+    """The sources an ``--export`` wrote into ``folder``: (sources, headers present, the
+    ``REVISION`` line); raises ``ValueError`` naming ``--rev-dir`` and what is missing."""
+    folder = Path(folder)
+    rev_file = folder / "REVISION"
+    if not rev_file.is_file():
+        raise ValueError(f"--rev-dir {str(folder)!r} has no REVISION file (write it with --export)")
+    missing = [p.name for p in paths if not (folder / p.name).is_file()]
+    if missing:
+        raise ValueError(f"--rev-dir {str(folder)!r} lacks {', '.join(missing)}")
+    return ([folder / p.name for p in paths], [folder / h.name for h in headers if (folder / h.name).is_file()],
+            rev_file.read_text().strip())
 
 
 def parse_cases(text: str) -> List[Tuple[int, int]]:
@@ -145,6 +178,9 @@ def summary(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="the git revision whose kernel sources are the baseline")
+    ap.add_argument("--rev-dir", default=None, help="the baseline's sources from a folder --export wrote (not --rev)")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="write --rev's kernel sources and REVISION into DIR and exit (no GPU needed)")
     ap.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd")
     ap.add_argument("--cases", default="16384:64,16384:128", help="S:H pairs, comma separated")
     ap.add_argument("--k", type=int, default=2048)
@@ -153,6 +189,17 @@ def main(argv=None) -> int:
     ap.add_argument("--flashmla", action="store_true", help="FlashMLA's forward beside (64 / 128 heads)")
     ap.add_argument("--out", default=None, help="a JSON file for the rows")
     a = ap.parse_args(argv)
+    if a.export is not None:
+        from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+
+        if a.rev_dir is not None:
+            ap.error("--export writes --rev's sources; --rev-dir reads them: give one")
+        try:
+            line = export_sources(a.rev, ci.SOURCES, ci.HEADERS, Path(a.export))
+        except ValueError as e:
+            ap.error(str(e))
+        print(f"exported {line} into {a.export}")
+        return 0
     ops = [o for o in a.ops.split(",") if o]
     bad = [o for o in ops if o not in ("fwd", "bwd")]
     if bad or not ops:
@@ -174,18 +221,22 @@ def main(argv=None) -> int:
     from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
 
     tree = ci.library()
+    what = f"--rev-dir {a.rev_dir!r}" if a.rev_dir is not None else f"--rev {a.rev!r}"
     with tempfile.TemporaryDirectory() as d:
         try:
-            srcs = sources_at(a.rev, ci.SOURCES, Path(d))
-            hdrs = sources_at(a.rev, ci.HEADERS, Path(d), missing_ok=True)
+            if a.rev_dir is not None:
+                srcs, hdrs, line = sources_in(Path(a.rev_dir), ci.SOURCES, ci.HEADERS)
+            else:
+                line = export_sources(a.rev, ci.SOURCES, ci.HEADERS, Path(d))
+                srcs, hdrs, _ = sources_in(Path(d), ci.SOURCES, ci.HEADERS)
         except ValueError as e:
             ap.error(str(e))
-        rev_name = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", a.rev], capture_output=True,
-                                  text=True).stdout.strip()
+        rev_name = line.split()[0][:10]
+        print(f"baseline ({what}): {line}", flush=True)
         ours, theirs = entry_points(ci.SOURCES), entry_points(srcs)
         if ours != theirs:
             diff = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
-            ap.error(f"--rev {a.rev!r}: its C entry points differ from the tree's ({', '.join(diff)}); "
+            ap.error(f"{what}: its C entry points differ from the tree's ({', '.join(diff)}); "
                      "this tree's launchers cannot call them")
         base = ci._load(build_library(f"sparse_mla_rev_{rev_name}", tuple(srcs), tuple(hdrs), arch=ci.ARCH))
     scale = 576 ** -0.5

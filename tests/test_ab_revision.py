@@ -42,6 +42,27 @@ def test_sources_at_names_a_bad_revision_and_a_missing_file(tmp_path):
     assert [p.name for p in got] == [ci.HEADERS[0].name]
 
 
+def test_export_and_rev_dir_round_trip(tmp_path):
+    """``--export`` writes the revision's sources and REVISION (a machine with an older git
+    history builds from that folder); ``sources_in`` reads them back and names what is missing."""
+    from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+
+    assert ab.main(["--rev", "HEAD", "--export", str(tmp_path / "rev")]) == 0
+    srcs, hdrs, line = ab.sources_in(tmp_path / "rev", ci.SOURCES, ci.HEADERS)
+    head = _git("rev-parse", "HEAD").decode().strip()
+    assert line.split()[0] == head
+    assert [p.name for p in srcs] == [p.name for p in ci.SOURCES] and [p.name for p in hdrs] == [p.name for p in ci.HEADERS]
+    for src, p in zip(ci.SOURCES, srcs):
+        assert p.read_bytes() == _git("show", f"HEAD:{os.path.relpath(src, ROOT)}")
+    (tmp_path / "rev" / ci.SOURCES[0].name).unlink()
+    with pytest.raises(ValueError, match=f"--rev-dir .* lacks {ci.SOURCES[0].name}"):
+        ab.sources_in(tmp_path / "rev", ci.SOURCES, ci.HEADERS)
+    with pytest.raises(ValueError, match="has no REVISION file"):
+        ab.sources_in(tmp_path, ci.SOURCES, ci.HEADERS)
+    with pytest.raises(SystemExit):
+        ab.main(["--rev-dir", str(tmp_path), "--export", str(tmp_path / "x")])
+
+
 @pytest.mark.parametrize("text,match", [("16384", "S:H pairs"), ("a:b", "S:H pairs"), ("0:64", "positive")])
 def test_parse_cases_names_the_argument(text, match):
     with pytest.raises(ValueError, match=match):
