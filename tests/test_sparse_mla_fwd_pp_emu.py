@@ -30,8 +30,8 @@ EMU_DIR = os.path.join(HERE, "cuda_emu")
 KERNEL, COMMON = "sparse_mla_fwd_pp_sm90.cu", "sm90_common.cuh"
 
 sys.path.insert(0, EMU_DIR)
-from emu_fwd import D_V, check_fwd_against_reference, declare_fwd, fwd_problem, run_fwd  # noqa: E402
-from emu_lib import assert_rewrite_complete, build_emulated, read_kernel  # noqa: E402
+from emu_fwd import D_QK, D_V, check_fwd_against_reference, declare_fwd, fwd_problem, run_fwd  # noqa: E402
+from emu_lib import assert_rewrite_complete, build_emulated, messages, read_kernel  # noqa: E402
 
 sys.path.pop(0)
 
@@ -90,6 +90,54 @@ def test_emulated_fwd_pp_bit_identical_under_random_slowdowns(lib):
         assert torch.equal(out.view(torch.int16), results[0][0].view(torch.int16))
         assert torch.equal(lse, results[0][1])
     check_fwd_against_reference(prob, *results[0])
+
+
+PACKED_CASES = {
+    # T, H, K: groups of 64 / hpad rows over the union of their ids (rows of a group share keys)
+    "h16_t7_k90_sink": dict(T=7, H=16, K=90, sink=True),  # 4 rows per group, the last group partial
+    "h13_t5_k40": dict(T=5, H=13, K=40),                   # heads past H masked, 4 rows per group
+    "h32_t3_k70": dict(T=3, H=32, K=70, Tk=120),           # 2 rows per group, the last one partial
+}
+
+
+def _run_packed(lib, prob, seed=0):
+    """The ping-pong kernel's row-packed instantiation, as the launcher would call it: the packing
+    of ``packing.pack_rows_reference`` (rows 2 j + 1 sharing half their ids with rows 2 j)."""
+    import ctypes
+
+    from megatron_dsa.kernels.sparse_mla.packing import pack_rows_reference
+
+    q, kv, idx, topk_len, sink = prob
+    T, H, _ = q.shape
+    pk = pack_rows_reference(idx, kv.shape[0], H, topk_len)
+    fn = lib.dsa_sparse_mla_fwd_pp_packed_sm90
+    vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    fn.restype = i32
+    fn.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [ctypes.c_float, vp]
+    out = torch.full((T, H, D_V), float("nan"), dtype=torch.bfloat16)
+    lse = torch.full((T, H), float("nan"))
+    lib.emu_reset(seed, 60.0)
+    rc = fn(q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
+            sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(), q.stride(0), q.stride(1),
+            kv.stride(0), pk.uid.shape[1], out.stride(0), out.stride(1), T, H, kv.shape[0], pk.uid.shape[0],
+            4 if pk.hpad == 16 else 5, D_QK ** -0.5 * 1.4426950408889634, None)
+    return rc, out, lse, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib)
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_emulated_fwd_pp_packed_matches_reference_without_hazards(lib, case):
+    """Row packing in the ping-pong kernel: tile rows are (query row, head) of a group, the keys
+    the group's union, each row masked to the entries it selected (uslot); empty and padded
+    slots, a partial last block, an id past the keys, a row without keys, a partial last group."""
+    c = dict(PACKED_CASES[case])
+    prob = fwd_problem(c["T"], c["H"], c["K"], Tk=c.get("Tk", 300), sink=c.get("sink", False), empty_rows=(4,)
+                       if c["T"] > 4 else ())
+    idx = prob[2]
+    idx[1::2, : c["K"] // 2] = idx[0:c["T"] - 1:2, : c["K"] // 2]   # neighbouring rows share keys
+    rc, out, lse, hazards, aborted, msgs = _run_packed(lib, prob)
+    assert rc == 0
+    assert not aborted and hazards == 0, msgs
+    check_fwd_against_reference(prob, out, lse)
 
 
 # The emulator must see the races it exists to find: sm90_common.cuh with one PTX instruction

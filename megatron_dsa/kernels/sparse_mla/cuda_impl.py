@@ -87,9 +87,10 @@ def _load(path: Path):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
-    packed_fwd = lib.dsa_sparse_mla_fwd_packed_sm90
-    packed_fwd.restype = i32
-    packed_fwd.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
+    for name in ("dsa_sparse_mla_fwd_packed_sm90", "dsa_sparse_mla_fwd_pp_packed_sm90"):
+        fn = getattr(lib, name)
+        fn.restype = i32
+        fn.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
     lens = lib.dsa_row_lengths
     lens.restype = i32
     lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]

@@ -58,13 +58,36 @@ constexpr int OFF_PA = OFF_KV + 8 * CH;         // P_A: buffer 0's rope chunk
 constexpr int OFF_PB = OFF_KV + 2 * STAGE;      // P_B [64 heads, 64 keys] bf16, 128-byte rows
 constexpr int OFF_M = OFF_PB + CH;              // [64] fp32: the running row max hand-off
 constexpr int OFF_L = OFF_M + 64 * 4;           // [2][64] fp32: row sums (epilogue)
-constexpr int OFF_IDS = OFF_L + 2 * 64 * 4;     // [2][BN] int32: the buffers' ids
-constexpr int OFF_BAR = OFF_IDS + 2 * BN * 4;   // ready[b][h], free[b][h] (b buffer, h = L / R)
+constexpr int OFF_IDS = OFF_L + 2 * 64 * 4;     // [2][BN] int32: the buffers' ids (unpacked)
+constexpr int OFF_US = OFF_IDS;                 // [2][4][BN] int16: the buffers' uslot rows (packed)
+constexpr int US_BUF = 4 * BN * 2;              // one buffer's uslot rows (bytes)
+constexpr int OFF_BAR = OFF_US + 2 * US_BUF;    // ready[b][h], free[b][h] (b buffer, h = L / R)
 constexpr int SMEM_USED = OFF_BAR + 8 * 8;
 constexpr int SMEM_BYTES = SMEM_USED + 1024;
 static_assert(SMEM_BYTES <= 232448, "shared memory");
 // named barriers: A's max is out; B's max is out; P_A stored; P_B stored; both math warpgroups
 constexpr int BAR_A = 1, BAR_B = 2, BAR_PA = 3, BAR_PB = 4, BAR_MATH = 5;
+
+// The forward's parameters plus row packing's (PACK; packing.py): idx = the groups' unions
+// [G, idx_s], topk_len = their lengths [G], uslot [G, rows, idx_s]; tile row r holds query row
+// t + (r >> hshift), head r & (2^hshift - 1) (hshift 4: 16 heads x 4 rows; 5: 32 x 2).
+struct PpParams : FwdParams {
+  const int16_t* uslot;
+  int hshift, rows;
+};
+
+// tile row r of the CTA whose first query row is t (PACK) or whose heads start at h0: its query
+// row and head
+template <bool PACK>
+__device__ __forceinline__ void tile_row(const PpParams& p, int t, int h0, int r, int& tr, int& h) {
+  if (PACK) {
+    tr = t + (r >> p.hshift);
+    h = r & ((1 << p.hshift) - 1);
+  } else {
+    tr = t;
+    h = h0 + r;
+  }
+}
 
 __device__ __forceinline__ uint32_t bar_ready(uint32_t sbase, int b, int h) { return sbase + OFF_BAR + 8 * (2 * b + h); }
 __device__ __forceinline__ uint32_t bar_free(uint32_t sbase, int b, int h) { return sbase + OFF_BAR + 32 + 8 * (2 * b + h); }
@@ -79,8 +102,8 @@ __device__ __forceinline__ void gather16(uint32_t dst, const void* src, bool val
 // A math warpgroup: X = 0 (A: even blocks, buffer 0, channels 0-255) or 1 (B). A template, so
 // that which warpgroup runs is known at compile time (a branch on the warpgroup index around the
 // wgmma makes ptxas serialize them).
-template <int X>
-__device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint32_t sbase, int t, int h0, int kv_len,
+template <int X, bool PACK>
+__device__ __forceinline__ void math_wg(const PpParams& p, uint8_t* smem, uint32_t sbase, int t, int h0, int kv_len,
                                         int npair) {
   float* m_s = reinterpret_cast<float*>(smem + OFF_M);
   float* l_s = reinterpret_cast<float*>(smem + OFF_L);
@@ -88,6 +111,10 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   const int wt = threadIdx.x & 127, warp = wt >> 5, lane = threadIdx.x & 31;
   const int row0 = warp * 16 + (lane >> 2);
   const int colq = 2 * (lane & 3);
+  // (PACK) the uslot entries of this thread's query row for its buffer's block (rows row0 and
+  // row0 + 8 lie in one query row: 16 or 32 heads per row), two int16 per word
+  const uint32_t* us_s =
+      reinterpret_cast<const uint32_t*>(smem + OFF_US + X * US_BUF) + (PACK ? (row0 >> p.hshift) * (BN / 2) : 0);
   float o[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -155,9 +182,16 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
       const int col = 8 * jj + colq;
-      const int2 id2 = *reinterpret_cast<const int2*>(ids_s + col);
-      const bool v0 = static_cast<unsigned>(id2.x) < static_cast<unsigned>(p.Tk) && (whole || 8 * jj < left);
-      const bool v1 = static_cast<unsigned>(id2.y) < static_cast<unsigned>(p.Tk) && (whole || 8 * jj + 1 < left);
+      bool v0, v1;
+      if (PACK) {  // the row selected the entry: its uslot (int16) >= 0, a clear sign bit
+        const uint32_t w = us_s[col >> 1];
+        v0 = (w & 0x8000u) == 0u && (whole || 8 * jj < left);
+        v1 = (w & 0x80000000u) == 0u && (whole || 8 * jj + 1 < left);
+      } else {
+        const int2 id2 = *reinterpret_cast<const int2*>(ids_s + col);
+        v0 = static_cast<unsigned>(id2.x) < static_cast<unsigned>(p.Tk) && (whole || 8 * jj < left);
+        v1 = static_cast<unsigned>(id2.y) < static_cast<unsigned>(p.Tk) && (whole || 8 * jj + 1 < left);
+      }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         s[4 * jj + 2 * r] = v0 ? s[4 * jj + 2 * r] : -INFINITY;
@@ -326,12 +360,15 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int rr = row0 + 8 * r, h = h0 + rr;
+    const int rr = row0 + 8 * r;
+    int tr, h;
+    tile_row<PACK>(p, t, h0, rr, tr, h);
+    const bool stored = h < p.H && (!PACK || tr < p.T);
     const float m_use = m_run[r] == -INFINITY ? 0.f : m_run[r];
     float denom = l_s[rr] + l_s[64 + rr];
-    if (X == 0 && (lane & 3) == 0 && h < p.H)  // (the lse of the selected keys: the sink is not in it)
-      p.lse[static_cast<long long>(t) * p.H + h] = denom > 0.f ? (m_use + log2f(denom)) * 0.6931471805599453f : -INFINITY;
-    if (p.sink != nullptr && h < p.H) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
+    if (X == 0 && (lane & 3) == 0 && stored)  // (the lse of the selected keys: the sink is not in it)
+      p.lse[static_cast<long long>(tr) * p.H + h] = denom > 0.f ? (m_use + log2f(denom)) * 0.6931471805599453f : -INFINITY;
+    if (p.sink != nullptr && stored) denom += exp2f(__ldg(p.sink + h) * 1.4426950408889634f - m_use);
     inv[r] = denom > 0.f ? 1.f / denom : 0.f;
   }
   // row rr of this warpgroup's [64, 256] tile: 512 B at Q + X * 32 KB + rr * 512, granule k at
@@ -343,27 +380,33 @@ __device__ __forceinline__ void math_wg(const FwdParams& p, uint8_t* smem, uint3
   const int k = wt & 31;
 #pragma unroll 4
   for (int r = wt >> 5; r < BM; r += 4) {
-    if (h0 + r >= p.H) continue;
+    int tr, h;
+    tile_row<PACK>(p, t, h0, r, tr, h);
+    if (h >= p.H || (PACK && tr >= p.T)) continue;
     const uint4 v = *reinterpret_cast<const uint4*>(smem + OFF_Q + X * 32768 + r * 512 + ((k ^ (r & 7)) << 4));
-    *reinterpret_cast<uint4*>(p.out + static_cast<long long>(t) * p.out_st + static_cast<long long>(h0 + r) * p.out_sh +
+    *reinterpret_cast<uint4*>(p.out + static_cast<long long>(tr) * p.out_st + static_cast<long long>(h) * p.out_sh +
                               X * 256 + 8 * k) = v;
   }
 }
 
-__global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(const FwdParams p) {
+template <bool PACK>
+__global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(const PpParams p) {
   extern __shared__ uint8_t smem_raw[];
   // (aligned by offsetting the __shared__ array itself: its accesses stay shared-space, LDS / STS)
   uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   const uint32_t sbase = smem_u32(smem);
 
   const int tid = threadIdx.x, wg = tid >> 7, wt = tid & 127;
-  const int t = static_cast<int>(blockIdx.x / p.n_hblk);
+  // unpacked: (query row t, heads from h0); PACK: group L of p.rows query rows from t, its union
+  // as the key list (idx row L, length topk_len[L])
+  const int L = static_cast<int>(blockIdx.x / p.n_hblk);
+  const int t = PACK ? L * p.rows : L;
   const int h0 = static_cast<int>(blockIdx.x % p.n_hblk) * BM;
   int kv_len = p.K;
-  if (p.topk_len != nullptr) kv_len = min(kv_len, max(0, __ldg(p.topk_len + t)));
+  if (p.topk_len != nullptr) kv_len = min(kv_len, max(0, __ldg(p.topk_len + L)));
   const int nblk = (kv_len + BN - 1) / BN;
   const int npair = (nblk + 1) / 2;  // (an odd count leaves B one block with no valid key)
-  const int32_t* idx_row = p.idx + static_cast<long long>(t) * p.idx_s;
+  const int32_t* idx_row = p.idx + static_cast<long long>(L) * p.idx_s;
 
   if (tid == 0) {
     for (int b = 0; b < 2; ++b)
@@ -391,7 +434,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
           id[b][k] = slot < kv_len ? __ldg(idx_row + slot) : -1;
         }
       // fill (buffer b, chunks [c0, c1)) with block 2 i + b; the first half of a buffer also
-      // brings the block's ids
+      // brings the block's ids (PACK: the group's rows' uslot entries of the block, 4 bytes per
+      // thread, zero past kv_len, which the math masks)
       auto fill = [&](int b, int h) {
         mbar_wait(bar_free(sbase, b, h), (i & 1) ^ 1);
         const int c0 = h == 0 ? 0 : 4, c1 = h == 0 ? 4 : NCH;
@@ -404,7 +448,14 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
 #pragma unroll
           for (int c = c0; c < c1; ++c) gather16(dst + c * CH, src + c * 64, ok, policy);
         }
-        if ((b == 0) == (h == 0) && sub == 0) {
+        if (PACK && (b == 0) == (h == 0) && wt < 32 * p.rows) {
+          const int jr = wt >> 5, e = (2 * i + b) * BN + 2 * (wt & 31);
+          const int16_t* src = p.uslot + (static_cast<long long>(L) * p.rows + jr) * p.idx_s + (e < kv_len ? e : 0);
+          asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sbase + OFF_US + b * US_BUF + jr * (2 * BN) +
+                                                                              4 * (wt & 31)),
+                       "l"(src), "r"(e < kv_len ? 4 : 0) : "memory");
+        }
+        if (!PACK && (b == 0) == (h == 0) && sub == 0) {
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             const int slot = (2 * i + b) * BN + grp + 16 * k;
@@ -427,12 +478,14 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
   // Q -> shared memory (128-byte swizzle, rows >= H zero; 64 x 72 granules) by the two math
   // warpgroups while the producer already gathers the first pair's rows
   {
-    const __nv_bfloat16* qrow = p.q + static_cast<long long>(t) * p.q_st;
     for (int f = tid - 128; f < BM * NCH * 8; f += THREADS - 128) {
       const int r = f / (NCH * 8), rem = f % (NCH * 8), c = rem >> 3, g = rem & 7;
-      const bool ok = h0 + r < p.H;
+      int tr, h;
+      tile_row<PACK>(p, t, h0, r, tr, h);
+      const bool ok = h < p.H && (!PACK || tr < p.T);
       cp_async16(sbase + OFF_Q + c * CH + r * 128 + ((g ^ (r & 7)) << 4),
-                 qrow + static_cast<long long>(ok ? h0 + r : 0) * p.q_sh + c * 64 + g * 8, ok);
+                 p.q + (ok ? static_cast<long long>(tr) * p.q_st + static_cast<long long>(h) * p.q_sh : 0) + c * 64 + g * 8,
+                 ok);
     }
     cp_async_wait_all();
     fence_async_smem();
@@ -440,9 +493,24 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_fwd_pp_sm90_kernel(cons
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
   if (wg == 1)
-    math_wg<0>(p, smem, sbase, t, h0, kv_len, npair);
+    math_wg<0, PACK>(p, smem, sbase, t, h0, kv_len, npair);
   else
-    math_wg<1>(p, smem, sbase, t, h0, kv_len, npair);
+    math_wg<1, PACK>(p, smem, sbase, t, h0, kv_len, npair);
+}
+
+// Raise the kernel's shared-memory limit (once per device and instantiation) and launch `ctas`
+template <bool PACK>
+int launch_pp(const PpParams& p, unsigned ctas, void* stream) {
+  static bool attr_set[64] = {};
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_pp_sm90_kernel<PACK>, SMEM_BYTES);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (ctas == 0) return 0;
+  sparse_mla_fwd_pp_sm90_kernel<PACK><<<ctas, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+bool out_aligned(const void* out, long long out_st, long long out_sh) {
+  return (reinterpret_cast<uintptr_t>(out) & 15) == 0 && out_st % 8 == 0 && out_sh % 8 == 0;
 }
 
 }  // namespace
@@ -457,18 +525,37 @@ int dsa_sparse_mla_fwd_pp_sm90(const void* q, const void* kv, const void* idx, c
                                const void* sink, void* out, void* lse, long long q_st, long long q_sh,
                                long long kv_s, long long idx_s, long long out_st, long long out_sh, int T, int H,
                                int Tk, int K, float scale_log2, void* stream) {
-  const bool aligned = (reinterpret_cast<uintptr_t>(out) & 15) == 0 && out_st % 8 == 0 && out_sh % 8 == 0;
-  if (!aligned && T > 0 && H > 0) return static_cast<int>(cudaErrorInvalidValue);
-  static bool attr_set[64] = {};  // per device: raise the dynamic shared-memory limit once
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_fwd_pp_sm90_kernel, SMEM_BYTES);
-  if (e != cudaSuccess) return static_cast<int>(e);
-  FwdParams p = fwd_params(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st, out_sh, T, H, Tk,
-                           K, scale_log2);
+  if (!out_aligned(out, out_st, out_sh) && T > 0 && H > 0) return static_cast<int>(cudaErrorInvalidValue);
+  PpParams p;
+  static_cast<FwdParams&>(p) = fwd_params(q, kv, idx, topk_len, sink, out, lse, q_st, q_sh, kv_s, idx_s, out_st,
+                                          out_sh, T, H, Tk, K, scale_log2);
   p.n_hblk = (H + BM - 1) / BM;
-  if (T == 0 || H == 0) return 0;
-  sparse_mla_fwd_pp_sm90_kernel<<<static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk), THREADS, SMEM_BYTES,
-                                  static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  p.uslot = nullptr;
+  p.hshift = p.rows = 0;
+  return launch_pp<false>(p, T == 0 || H == 0 ? 0u : static_cast<unsigned>(static_cast<long long>(T) * p.n_hblk),
+                          stream);
+}
+
+// Row packing (H <= 32; packing.py): the same kernel over groups of rows and the union of their
+// keys. uid [G, ucap] int32 with count [G], uslot [G, rows, ucap] int16; hshift = log2 of the
+// heads per row in the tile (4: 16 heads, rows = 4; 5: 32, rows = 2). One CTA per group; the
+// arguments of dsa_sparse_mla_fwd_packed_sm90 (the packed forward of the design before).
+int dsa_sparse_mla_fwd_pp_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
+                                      const void* uslot, const void* sink, void* out, void* lse, long long q_st,
+                                      long long q_sh, long long kv_s, long long ucap, long long out_st,
+                                      long long out_sh, int T, int H, int Tk, int G, int hshift, float scale_log2,
+                                      void* stream) {
+  if (H < 1 || (hshift != 4 && hshift != 5) || H > (1 << hshift) || ucap % 2 != 0 || ucap >= (1LL << 31))
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (!out_aligned(out, out_st, out_sh) && T > 0) return static_cast<int>(cudaErrorInvalidValue);
+  PpParams p;
+  static_cast<FwdParams&>(p) = fwd_params(q, kv, uid, count, sink, out, lse, q_st, q_sh, kv_s, ucap, out_st, out_sh,
+                                          T, H, Tk, static_cast<int>(ucap), scale_log2);
+  p.n_hblk = 1;
+  p.uslot = static_cast<const int16_t*>(uslot);
+  p.hshift = hshift;
+  p.rows = BM >> hshift;
+  return launch_pp<true>(p, T == 0 ? 0u : static_cast<unsigned>(G), stream);
 }
 
 int dsa_sparse_mla_fwd_pp_smem_bytes() { return SMEM_BYTES; }
