@@ -12,9 +12,9 @@ Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random 
 (rows t < k padded with -1); with ``--ids-shared W`` the keys' random scores are a mix, weight W,
 of a score shared by each block of 64 consecutive rows, so adjacent rows share keys as real
 selections do (``W = 0``: independent rows). Ours runs ``row_packing`` auto (the CUDA backward
-packs at <= 32 heads); ``--row-packing`` adds ``[row packing off]`` and ``[row packing on]`` at
-<= 32 heads (and, at <= 16 heads, ``[packed fwd64]``: the packed 64-head forward, which no
-setting routes there); those rows record ``union_frac``, the packed entries per valid (row,
+packs at <= 32 heads, the forward too up to ``cuda_impl.FWD_PACK_MAX_KEYS`` keys);
+``--row-packing`` adds ``[row packing off]`` and ``[row packing on]`` at <= 32 heads; those
+rows record ``union_frac``, the packed entries per valid (row,
 slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys), and the packing alone:
 ``pack_rows_ms`` (the CUDA kernel the CUDA passes use), ``pack_rows_triton_ms``, ``pack_rows_torch_ms``. FLOPs: fwd 2*S*H*k*(576+512), bwd 2*S*H*k*(2*512+3*576).
 "ours" runs what ``sparse_mla(..., backend=B)`` runs for B in ``--ours-backends`` (default
@@ -90,7 +90,7 @@ def union_frac(idx, heads):
     return round(p.count.sum().item() / max(int((idx >= 0).sum()), 1), 4)
 
 
-def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=None, packed_fwd=False):
+def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=None):
     """``(choice, fwd, bwd)``: the :class:`KernelChoice` of ``sparse_mla(..., backend=backend)``
     for these inputs and the launchers (no autograd) it runs, called as
     ``fwd(q, kv, idx, scale) -> (out, lse)`` and
@@ -103,10 +103,6 @@ def ours_launchers(q, kv, backend="auto", deterministic=False, row_packing=None,
     H, d_qk = q.shape[1], q.shape[2]
     choice = select_backend(backend, q.device, q.dtype, H, d_qk, DV, deterministic, kv.shape[0],
                             row_packing=row_packing)
-    if packed_fwd:  # the packed 64-head forward whatever the dispatch picks (<= 16 heads: measuring it)
-        from dataclasses import replace
-
-        choice = replace(choice, forward="cuda-packed", reason=f"{choice.reason}; packed forward forced")
     if choice.forward in ("cuda", "cuda-packed"):
         def fwd(q, kv, idx, scale):
             return sparse_mla_fwd_cuda(q, kv, idx, scale, packed=choice.forward == "cuda-packed")
@@ -135,10 +131,10 @@ def choice_str(choice) -> str:
     return f"{choice.requested}: fwd={choice.forward} bwd={choice.backward} ({choice.reason})"
 
 
-def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False, row_packing=None, packed_fwd=False):
+def impl_ours(q, kv, idx, dout, scale, backend="auto", deterministic=False, row_packing=None):
     from megatron_dsa.kernels.sparse_mla import sparse_mla
 
-    choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic, row_packing, packed_fwd)
+    choice, fwd, bwd = ours_launchers(q, kv, backend, deterministic, row_packing)
     fns = {"fwd": lambda: fwd(q, kv, idx, scale)}
     if bwd is not None:
         with torch.no_grad():
@@ -405,8 +401,6 @@ def main():
                     if args.row_packing and H <= 32:
                         variants.append((f"{name}[row packing off]", make, {"row_packing": False}))
                         variants.append((f"{name}[row packing on]", make, {"row_packing": True}))
-                    if args.row_packing and H <= 16 and "fwd" in passes:  # the packed forward, not routed here
-                        variants.append((f"{name}[packed fwd64]", make, {"row_packing": True, "packed_fwd": True}))
                 elif key == "native" and H > args.native_max_heads:
                     continue
                 else:
@@ -432,7 +426,7 @@ def main():
                     fns, err = {}, ("unsupported" if msg.startswith("unsupported") else f"error: {msg}")
                 kernel = fns.pop("kernel", None)  # ours: the KernelChoice it runs
                 check = fns.pop("check", None)  # a peer's output compared with ours
-                for p in (["fwd"] if kw.get("packed_fwd") else passes):  # (its other passes = [packed])
+                for p in passes:
                     case = {"S": S, "H": H, "D": DQK, "d_v": DV, "k": args.k, "pass": p}
                     if args.ids_shared:
                         case["ids_shared"] = args.ids_shared

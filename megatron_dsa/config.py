@@ -100,8 +100,9 @@ class DSAPluginConfig:
             or 64 / 32 query rows share the 64-row tile and walk the union of their selected keys
             (dkv added once per union key instead of once per row and slot; see
             ``docs/kernels_sparse_mla.md``). ``None`` (auto, default): the sm_90a CUDA backward
-            packs (measured faster); ``True``: also the CUDA forward at 17-32 heads and the Triton
-            backward; ``False``: never. Reported in the kernel choice (``cuda-packed``).
+            packs, and the CUDA forward up to ``FWD_PACK_MAX_KEYS`` (32K) keys (both measured
+            faster); ``True``: also the forward beyond and the Triton backward; ``False``: never.
+            Reported in the kernel choice (``cuda-packed``).
     """
 
     indexer_backend: str = "auto"

@@ -25,7 +25,7 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 
 NO_NVCC = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="no nvcc")
-FWD_SRC, BWD_SRC, _, FWD16_SRC, _, PACKED_FWD_SRC, _ = ci.SOURCES
+FWD_SRC, BWD_SRC, _, FWD16_SRC, _, _ = ci.SOURCES
 
 
 def need_library():
@@ -50,13 +50,9 @@ def test_launchers_refuse_int64_indices():
 
 @NO_NVCC
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    """The ping-pong 64-head forward: no spills, no serialized wgmma, setmaxnreg honoured."""
-    assert_compiles_without_spills(FWD_SRC, tmp_path, "sparse_mla_fwd_pp_sm90_kernel")
-
-
-@NO_NVCC
-def test_packed_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    assert_compiles_without_spills(PACKED_FWD_SRC, tmp_path, "sparse_mla_fwd_packed_sm90_kernel")
+    """The ping-pong 64-head forward, unpacked and row-packed (two instantiations): no spills,
+    no serialized wgmma, setmaxnreg honoured."""
+    assert_compiles_without_spills(FWD_SRC, tmp_path, ("sparse_mla_fwd_pp_sm90_kernelILb0E", "sparse_mla_fwd_pp_sm90_kernelILb1E"))
 
 
 @NO_NVCC
@@ -71,8 +67,8 @@ def test_library_builds_loads_and_fits_shared_memory(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.exists()
     assert ci.build() == path  # cached: same key, no rebuild
     lib = ci._load(path)
-    for smem in (lib.dsa_sparse_mla_fwd_pp_smem_bytes(), lib.dsa_sparse_mla_fwd_packed_smem_bytes(),
-                 lib.dsa_sparse_mla_bwd_smem_bytes(), lib.dsa_sparse_mla_bwd64_smem_bytes()):
+    for smem in (lib.dsa_sparse_mla_fwd_pp_smem_bytes(), lib.dsa_sparse_mla_bwd_smem_bytes(),
+                 lib.dsa_sparse_mla_bwd64_smem_bytes()):
         assert 200 * 1024 < smem <= 232448  # Hopper's per-block opt-in limit (227 KB)
 
 
@@ -116,8 +112,12 @@ def test_gpu_head_count_routing(monkeypatch):
                       (128, "dsa_sparse_mla_fwd_pp_sm90"), (200, "dsa_sparse_mla_fwd_pp_sm90")):
         q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
         auto = select_backend("auto", q.device, q.dtype, H, 576, 512)
-        # (row packing, auto: the backward at <= 32 heads)
+        # (row packing, auto: the backward at <= 32 heads; the forward too where the keys are known
+        # and at most FWD_PACK_MAX_KEYS)
         assert (auto.forward, auto.backward) == ("cuda", "cuda-packed" if H <= 32 else "cuda"), (H, auto)
+        for keys, packs in ((4, H <= 32), (ci.FWD_PACK_MAX_KEYS, H <= 32), (ci.FWD_PACK_MAX_KEYS + 1, False)):
+            c = select_backend("auto", q.device, q.dtype, H, 576, 512, num_keys=keys)
+            assert c.forward == ("cuda-packed" if packs else "cuda"), (H, keys, c)
         det = select_backend("auto", q.device, q.dtype, H, 576, 512, deterministic=True)
         assert (det.forward, det.backward) == ("cuda", "cuda-packed-deterministic" if H <= 32 else "cuda-deterministic"), \
             (H, det)

@@ -69,16 +69,23 @@ def test_deterministic_lanes_follow_sms_and_the_workspace_share(monkeypatch):
 
 def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
     monkeypatch.setattr(ci, "unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(ci, "l2_order", lambda *a, **k: False)   # (no device to ask for its L2)
+    monkeypatch.setattr(ci, "l2_hints", lambda *a, **k: False)
     gpu = torch.device("cuda", 0)
     for heads in (1, 16, 17, 32):
-        # auto (the default): the backward, measured faster; not the forward
+        # auto (the default): the backward, measured faster; the forward too where the keys are
+        # known and at most FWD_PACK_MAX_KEYS (measured faster there)
         for c in (select_backend("auto", gpu, torch.bfloat16, heads, 576, 512),
-                  select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=None)):
+                  select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=None),
+                  select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, num_keys=ci.FWD_PACK_MAX_KEYS + 1)):
             assert (c.forward, c.backward) == ("cuda", "cuda-packed") and "row packing (auto" in c.reason
-        c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=True)
-        # on: the forward too where the 64-head tile would be half masked; <= 16: the 16-head kernel
-        fwd = "cuda" if heads <= 16 else "cuda-packed"
-        assert (c.forward, c.backward) == (fwd, "cuda-packed") and "row packing" in c.reason
+        for keys in (1, 16384, ci.FWD_PACK_MAX_KEYS):
+            c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, num_keys=keys)
+            assert (c.forward, c.backward) == ("cuda-packed", "cuda-packed") and "the forward and backward" in c.reason
+        # on: the forward too, at any length
+        for keys in (None, 1, 10 * ci.FWD_PACK_MAX_KEYS):
+            c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=True, num_keys=keys)
+            assert (c.forward, c.backward) == ("cuda-packed", "cuda-packed") and "row packing" in c.reason
         c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=False)
         assert (c.forward, c.backward) == ("cuda", "cuda")
     assert select_backend("auto", gpu, torch.bfloat16, 33, 576, 512).backward == "cuda"

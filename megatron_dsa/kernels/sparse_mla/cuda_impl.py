@@ -21,8 +21,8 @@ count, int32 indices.
   rows j, j + grid, ... in order and adding into its own workspace lane; the lanes are summed
   in a fixed order (:func:`det_lanes`).
   With row packing (``packed=True``, <= 32 heads) either kernel serves a group of 64 / 16 or
-  64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); the forward has a packed
-  kernel too, ``cuda/sparse_mla_fwd_packed_sm90.cu`` (``sparse_mla_fwd_cuda(..., packed=True)``).
+  64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); so does the ping-pong
+  forward's second instantiation (``sparse_mla_fwd_cuda(..., packed=True)``, any H <= 32).
 * Every kernel stops a row at its effective length (:func:`effective_lengths`,
   ``cuda/row_lengths.cu``).
 
@@ -48,11 +48,12 @@ from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "unpermute_dkv64", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
-           "l2_order", "l2_order_launch_ctas", "l2_hints", "bwd_block_keys", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16"]
+           "l2_order", "l2_order_launch_ctas", "l2_hints", "bwd_block_keys", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16",
+           "FWD_PACK_MAX_KEYS"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
-           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu", _DIR / "sparse_mla_fwd_packed_sm90.cu",
+           _DIR / "sparse_mla_fwd16_sm90.cu", _DIR / "pack_rows.cu",
            _DIR / "sort_rows.cu")
 HEADERS = (_DIR / "sm90_common.cuh", _DIR / "pack_rows.cuh")
 ARCH = "sm_90a"
@@ -62,6 +63,13 @@ ARCH = "sm_90a"
 # 64-row tiles and is faster still (8.30 vs 9.45 ms at 32 heads, 8.05 ms at 17; 1.09-1.17x at
 # 64 and 128 heads).
 MAX_HEADS16 = 16
+# The row-packed forward (the ping-pong kernel over each group's union, packing included) is
+# the default at <= 32 heads up to this many keys: H100, k = 2048, random causal ids (union 0.33
+# - 0.89 of the slots), against the unpacked forward: 16 heads 0.90 vs 1.46 ms (4K), 4.98 vs
+# 5.97 (16K), 11.91 vs 12.13 (32K); 32 heads 1.26 vs 1.70, 6.37 vs 7.14, 13.80 vs 14.40; rows
+# sharing keys (union 0.27 - 0.59) 1.46-1.96x. Longer rows were not timed (the union grows
+# toward all slots on random ids, and the packing's memory with T).
+FWD_PACK_MAX_KEYS = 32768
 
 _LIB = None
 _LIB_ERROR: Optional[CudaBuildError] = None
@@ -87,10 +95,9 @@ def _load(path: Path):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
-    for name in ("dsa_sparse_mla_fwd_packed_sm90", "dsa_sparse_mla_fwd_pp_packed_sm90"):
-        fn = getattr(lib, name)
-        fn.restype = i32
-        fn.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
+    packed_fwd = lib.dsa_sparse_mla_fwd_pp_packed_sm90
+    packed_fwd.restype = i32
+    packed_fwd.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
     lens = lib.dsa_row_lengths
     lens.restype = i32
     lens.argtypes = [vp, ll, vp, i32, i32, vp, vp]
@@ -108,8 +115,8 @@ def _load(path: Path):
     pack_smem = lib.dsa_pack_rows_smem
     pack_smem.restype = ll
     pack_smem.argtypes = [i32, i32, i32]
-    for name in ("dsa_sparse_mla_fwd_pp_smem_bytes", "dsa_sparse_mla_fwd_packed_smem_bytes",
-                 "dsa_sparse_mla_bwd_smem_bytes", "dsa_sparse_mla_bwd64_smem_bytes"):
+    for name in ("dsa_sparse_mla_fwd_pp_smem_bytes", "dsa_sparse_mla_bwd_smem_bytes",
+                 "dsa_sparse_mla_bwd64_smem_bytes"):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = []
@@ -233,7 +240,7 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     if packed:
         pk = pack_rows_cuda(indices, kv.shape[0], H, topk_length)
         with torch.cuda.device(q.device):
-            _check(lib.dsa_sparse_mla_fwd_packed_sm90(
+            _check(lib.dsa_sparse_mla_fwd_pp_packed_sm90(
                 q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
                 sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
                 q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], out.stride(0), out.stride(1),

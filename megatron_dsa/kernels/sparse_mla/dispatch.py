@@ -22,9 +22,10 @@ Megatron's ``--deterministic-mode`` sets). Row packing (``packing.py``: several 
 
 * ``None`` (auto, the default): where it was measured faster: the CUDA backward at <= 32 heads
   (``cuda-packed``, deterministic or not; H200, S = 16K, 16 heads: 21.2 vs 29.8 ms on
-  independent random ids).
-* ``True``: also the CUDA forward at 17-32 heads (``cuda-packed``; measured slower on random
-  ids, for selections that share many keys) and the Triton backward (``triton-packed``).
+  independent random ids) and the CUDA forward at <= 32 heads up to
+  ``cuda_impl.FWD_PACK_MAX_KEYS`` keys (H100, 16K, 16 heads: 4.98 vs 5.97 ms, packing included).
+* ``True``: also the CUDA forward at <= 32 heads beyond that, and the Triton backward
+  (``triton-packed``).
 * ``False``: never.
 
 Elsewhere it changes nothing and the choice's reason says so. ``auto`` warns once per reason when CUDA tensors of
@@ -42,7 +43,7 @@ from .._validate import INDEX_DTYPES, check_dim, check_positive_scale, check_sam
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from . import cuda_impl
 from .ops import sparse_mla_op
-from .cuda_impl import MAX_HEADS16
+from .cuda_impl import FWD_PACK_MAX_KEYS
 from .packing import MAX_PACK_HEADS, MAX_PACK_SLOTS
 from .reference import sparse_mla_reference
 from .triton_impl import ALL_HEADS_MAX
@@ -59,21 +60,25 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, heads
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``;
     ``row_packing``: module docstring."""
     choice = _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, warn)
-    return _with_block_keys(_with_packing(choice, backend, heads, row_packing), device, num_keys)
+    return _with_block_keys(_with_packing(choice, backend, heads, row_packing, num_keys), device, num_keys)
 
 
-def _with_packing(choice: KernelChoice, backend: str, heads: int, row_packing: Optional[bool]) -> KernelChoice:
+def _with_packing(choice: KernelChoice, backend: str, heads: int, row_packing: Optional[bool],
+                  num_keys: Optional[int] = None) -> KernelChoice:
     """``choice`` with row packing where ``row_packing`` (module docstring) applies it."""
     if row_packing is False:
         return choice
-    if row_packing is None:  # auto: the CUDA backward at <= 32 heads
+    if row_packing is None:  # auto: the CUDA backward at <= 32 heads, the forward up to FWD_PACK_MAX_KEYS
         if choice.backward in _CUDA_BWD and heads <= MAX_PACK_HEADS:
-            return KernelChoice(OP, backend, choice.forward, choice.backward.replace("cuda", "cuda-packed"),
-                                f"{choice.reason}; row packing (auto: the backward at <= {MAX_PACK_HEADS} heads; "
-                                f"{_PACKER['cuda']})")
+            fwd_packs = choice.forward == "cuda" and num_keys is not None and num_keys <= FWD_PACK_MAX_KEYS
+            what = (f"the forward and backward at <= {MAX_PACK_HEADS} heads and <= {FWD_PACK_MAX_KEYS} keys"
+                    if fwd_packs else f"the backward at <= {MAX_PACK_HEADS} heads")
+            return KernelChoice(OP, backend, "cuda-packed" if fwd_packs else choice.forward,
+                                choice.backward.replace("cuda", "cuda-packed"),
+                                f"{choice.reason}; row packing (auto: {what}; {_PACKER['cuda']})")
         return choice
     if choice.backward in (*_CUDA_BWD, "triton") and heads <= MAX_PACK_HEADS:
-        fwd = "cuda-packed" if choice.forward == "cuda" and heads > MAX_HEADS16 else choice.forward
+        fwd = "cuda-packed" if choice.forward == "cuda" else choice.forward
         kernel = choice.backward.split("-")[0]
         return KernelChoice(OP, backend, fwd, choice.backward.replace(kernel, f"{kernel}-packed"),
                             f"{choice.reason}; row packing ({_PACKER[kernel]})")
