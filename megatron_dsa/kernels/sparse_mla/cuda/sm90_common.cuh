@@ -165,6 +165,21 @@ struct FwdParams {
   float scale_log2;           // softmax_scale * log2(e)
 };
 
+// Row packing (PACK: <= 32 heads; packing.py): tile row r of a CTA (or work item) whose first
+// query row is t, the group's first row, holds query row t + (r >> p.hshift), head
+// r & (2^hshift - 1); unpacked, query row t, head h0 + r. (P: the forward's or backward's
+// parameters, each with its hshift.)
+template <bool PACK, typename P>
+__device__ __forceinline__ void tile_row(const P& p, int t, int h0, int r, int& tr, int& h) {
+  if (PACK) {
+    tr = t + (r >> p.hshift);
+    h = r & ((1 << p.hshift) - 1);
+  } else {
+    tr = t;
+    h = h0 + r;
+  }
+}
+
 // ---- host side ----
 
 inline FwdParams fwd_params(const void* q, const void* kv, const void* idx, const void* topk_len,

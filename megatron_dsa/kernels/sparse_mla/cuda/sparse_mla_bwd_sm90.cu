@@ -205,20 +205,6 @@ __device__ __forceinline__ void load_q_do(uint32_t sbase, const BwdParams& p, in
   }
 }
 
-// Row packing (PACK: <= 32 heads; packing.py): tile row r of an item whose first query row is t
-// (the group's first row) holds query row t + (r >> hshift), head r & (2^hshift - 1); unpacked,
-// query row t, head h0 + r.
-template <bool PACK>
-__device__ __forceinline__ void tile_row(const BwdParams& p, int t, int h0, int r, int& tr, int& h) {
-  if (PACK) {
-    tr = t + (r >> p.hshift);
-    h = r & ((1 << p.hshift) - 1);
-  } else {
-    tr = t;
-    h = h0 + r;
-  }
-}
-
 // load_q_do for a packed group of rows t, t + 1, ...: tile row r from (query row, head) of
 // tile_row (rows past T or heads past H zero-filled).
 __device__ __forceinline__ void load_q_do_packed(uint32_t sbase, const BwdParams& p, int t, int wt) {

@@ -8,6 +8,10 @@
 // length the launcher passes, capped by K) go in pairs of 64-key blocks: block 2i to kv buffer
 // 0, block 2i + 1 to buffer 1. Each buffer is two halves with their own ready / free mbarriers:
 // L = channel chunks 0-3, R = 4-8.
+// Row-packed instantiation (PACK, H <= 32; packing.py): one CTA per group of 64 / 2^hshift
+// query rows, tile row r = (row r >> hshift, head r & (2^hshift - 1)); the key list is the
+// group's union (uid, length count), and each thread masks by its own row's uslot entries,
+// which the producer copies beside each block (in place of the ids). Everything else is the same.
 //
 //   WG0        producer (72 registers): 8 threads per 128-byte row of a chunk (whole lines),
 //              cp.async with an L2 256-byte prefetch and evict_last; per pair it fills
@@ -75,19 +79,6 @@ struct PpParams : FwdParams {
   const int16_t* uslot;
   int hshift, rows;
 };
-
-// tile row r of the CTA whose first query row is t (PACK) or whose heads start at h0: its query
-// row and head
-template <bool PACK>
-__device__ __forceinline__ void tile_row(const PpParams& p, int t, int h0, int r, int& tr, int& h) {
-  if (PACK) {
-    tr = t + (r >> p.hshift);
-    h = r & ((1 << p.hshift) - 1);
-  } else {
-    tr = t;
-    h = h0 + r;
-  }
-}
 
 __device__ __forceinline__ uint32_t bar_ready(uint32_t sbase, int b, int h) { return sbase + OFF_BAR + 8 * (2 * b + h); }
 __device__ __forceinline__ uint32_t bar_free(uint32_t sbase, int b, int h) { return sbase + OFF_BAR + 32 + 8 * (2 * b + h); }
