@@ -530,7 +530,7 @@ int dsa_sparse_mla_fwd_pp_sm90(const void* q, const void* kv, const void* idx, c
 // Row packing (H <= 32; packing.py): the same kernel over groups of rows and the union of their
 // keys. uid [G, ucap] int32 with count [G], uslot [G, rows, ucap] int16; hshift = log2 of the
 // heads per row in the tile (4: 16 heads, rows = 4; 5: 32, rows = 2). One CTA per group; the
-// arguments of dsa_sparse_mla_fwd_packed_sm90 (the packed forward of the design before).
+// arguments the packed forward of the design before took (in git history).
 int dsa_sparse_mla_fwd_pp_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
                                       const void* uslot, const void* sink, void* out, void* lse, long long q_st,
                                       long long q_sh, long long kv_s, long long ucap, long long out_st,
