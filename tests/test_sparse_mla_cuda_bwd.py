@@ -505,6 +505,32 @@ def test_gpu_packed_bwd_in_row_chunks_equals_one_launch(H, det, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.row_packing
+@gpu
+@pytest.mark.parametrize("H", [16, 32])
+def test_gpu_packed_fwd_in_row_chunks_equals_one_launch(H, monkeypatch):
+    """The row-packed forward packed and run in row chunks (a small PACK_CHUNK_BYTES, as the
+    packed backward) gives the one-launch output and lse bit for bit (the groups, hence each
+    CTA's work, are the same)."""
+    need_library()
+    T, K = 1023, 300
+    q, kv, idx, tk, sk, _ = _case(T, H, K, True, True, True, seed=12)
+    scale = 576 ** -0.5
+    with poisoned_empty():
+        one = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk, packed=True)
+    R = 64 // (16 if H <= 16 else 32)
+    monkeypatch.setattr(ci, "PACK_CHUNK_BYTES", 100 * R * K * (4 + 2 * R) + 7)  # 100 groups a launch
+    assert ci.packed_chunk_rows(T, K, H) == 100 * R
+    with poisoned_empty():
+        chunked = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk, packed=True)
+    assert torch.equal(chunked[0], one[0]) and torch.equal(chunked[1], one[1])
+    unpacked = ci.sparse_mla_fwd_cuda(q, kv, idx, scale, tk, sk)
+    assert rel(one[0].double(), unpacked[0].double()) < 5e-3
+    fin = torch.isfinite(unpacked[1])
+    assert torch.equal(fin, torch.isfinite(one[1])) and (one[1][fin] - unpacked[1][fin]).abs().max() < 1e-4
+
+
+@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("T,H,K,sink,topk,holes,target,packed", [
     (1536, 64, 1024, True, True, True, True, False),    # 4 launches of 500 rows (the last 36)

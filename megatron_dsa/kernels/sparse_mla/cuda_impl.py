@@ -237,15 +237,20 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    if packed:
-        pk = pack_rows_cuda(indices, kv.shape[0], H, topk_length)
-        with torch.cuda.device(q.device):
-            _check(lib.dsa_sparse_mla_fwd_pp_packed_sm90(
-                q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
-                sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(),
-                q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], out.stride(0), out.stride(1),
-                T, H, kv.shape[0], pk.uid.shape[0], 4 if pk.hpad == 16 else 5, float(softmax_scale) * LOG2E,
-                torch.cuda.current_stream(q.device).cuda_stream), "packed forward")
+    if packed:  # rows in chunks of at most PACK_CHUNK_BYTES of packing (as the packed backward)
+        rows = packed_chunk_rows(T, indices.shape[1], H)
+        for r0 in range(0, T, rows):
+            c = slice(r0, min(T, r0 + rows))
+            pk = pack_rows_cuda(indices[c], kv.shape[0], H, topk_length[c] if topk_length is not None else None)
+            qc, oc, lc = q[c], out[c], lse[c]
+            with torch.cuda.device(q.device):
+                _check(lib.dsa_sparse_mla_fwd_pp_packed_sm90(
+                    qc.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
+                    sink.data_ptr() if sink is not None else None, oc.data_ptr(), lc.data_ptr(),
+                    qc.stride(0), qc.stride(1), kv.stride(0), pk.uid.shape[1], oc.stride(0), oc.stride(1),
+                    c.stop - r0, H, kv.shape[0], pk.uid.shape[0], 4 if pk.hpad == 16 else 5,
+                    float(softmax_scale) * LOG2E, torch.cuda.current_stream(q.device).cuda_stream), "packed forward")
+            pk = None  # (the chunk's packing is freed before the next is built)
         return out, lse
     if l2_order(q.device, kv.shape[0], FWD_KEY_BYTES):  # ids ascending: the gathers stay in a band of kv
         indices, _, kv_len = sort_row_ids(indices, topk_length, kv.shape[0])
