@@ -71,8 +71,13 @@ def _with_packing(choice: KernelChoice, backend: str, heads: int, row_packing: O
     if row_packing is None:  # auto: the CUDA backward at <= 32 heads, the forward up to FWD_PACK_MAX_KEYS
         if choice.backward in _CUDA_BWD and heads <= MAX_PACK_HEADS:
             fwd_packs = choice.forward == "cuda" and num_keys is not None and num_keys <= FWD_PACK_MAX_KEYS
-            what = (f"the forward and backward at <= {MAX_PACK_HEADS} heads and <= {FWD_PACK_MAX_KEYS} keys"
-                    if fwd_packs else f"the backward at <= {MAX_PACK_HEADS} heads")
+            if fwd_packs:
+                what = f"the forward and backward at <= {MAX_PACK_HEADS} heads and <= {FWD_PACK_MAX_KEYS} keys"
+            elif choice.forward == "cuda" and num_keys is None:  # (a report without a call's keys)
+                what = (f"the backward at <= {MAX_PACK_HEADS} heads, the forward too where a call has "
+                        f"<= {FWD_PACK_MAX_KEYS} keys")
+            else:
+                what = f"the backward at <= {MAX_PACK_HEADS} heads"
             return KernelChoice(OP, backend, "cuda-packed" if fwd_packs else choice.forward,
                                 choice.backward.replace("cuda", "cuda-packed"),
                                 f"{choice.reason}; row packing (auto: {what}; {_PACKER['cuda']})")
