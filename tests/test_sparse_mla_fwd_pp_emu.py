@@ -120,7 +120,7 @@ def _run_packed(lib, prob, seed=0):
     rc = fn(q.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
             sink.data_ptr() if sink is not None else None, out.data_ptr(), lse.data_ptr(), q.stride(0), q.stride(1),
             kv.stride(0), pk.uid.shape[1], out.stride(0), out.stride(1), T, H, kv.shape[0], pk.uid.shape[0],
-            4 if pk.hpad == 16 else 5, D_QK ** -0.5 * 1.4426950408889634, None)
+            pk.hshift, D_QK ** -0.5 * 1.4426950408889634, None)
     return rc, out, lse, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib)
 
 

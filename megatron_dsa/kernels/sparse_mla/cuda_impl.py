@@ -238,19 +238,16 @@ def sparse_mla_fwd_cuda(q, kv, indices, softmax_scale, topk_length=None, sink=No
     if T == 0:
         return out, lse
     if packed:  # rows in chunks of at most PACK_CHUNK_BYTES of packing (as the packed backward)
-        rows = packed_chunk_rows(T, indices.shape[1], H)
-        for r0 in range(0, T, rows):
-            c = slice(r0, min(T, r0 + rows))
-            pk = pack_rows_cuda(indices[c], kv.shape[0], H, topk_length[c] if topk_length is not None else None)
+        for c, pk in _packed_chunks(indices, kv.shape[0], H, topk_length):
             qc, oc, lc = q[c], out[c], lse[c]
             with torch.cuda.device(q.device):
                 _check(lib.dsa_sparse_mla_fwd_pp_packed_sm90(
                     qc.data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
                     sink.data_ptr() if sink is not None else None, oc.data_ptr(), lc.data_ptr(),
                     qc.stride(0), qc.stride(1), kv.stride(0), pk.uid.shape[1], oc.stride(0), oc.stride(1),
-                    c.stop - r0, H, kv.shape[0], pk.uid.shape[0], 4 if pk.hpad == 16 else 5,
-                    float(softmax_scale) * LOG2E, torch.cuda.current_stream(q.device).cuda_stream), "packed forward")
-            pk = None  # (the chunk's packing is freed before the next is built)
+                    c.stop - c.start, H, kv.shape[0], pk.uid.shape[0], pk.hshift, softmax_scale * LOG2E,
+                    torch.cuda.current_stream(q.device).cuda_stream), "packed forward")
+            del pk  # (freed before the next chunk packs)
         return out, lse
     if l2_order(q.device, kv.shape[0], FWD_KEY_BYTES):  # ids ascending: the gathers stay in a band of kv
         indices, _, kv_len = sort_row_ids(indices, topk_length, kv.shape[0])
@@ -393,6 +390,19 @@ def sort_row_ids_torch(indices: torch.Tensor, topk_length: Optional[torch.Tensor
     return out, perm, lengths
 
 
+def _packed_chunks(indices: torch.Tensor, num_keys: int, heads: int, topk_length: Optional[torch.Tensor]):
+    """``(rows slice, its packing)`` per chunk of :func:`packed_chunk_rows` rows, in order. The
+    caller launches on a chunk's packing and drops it (``del``) before asking for the next, so
+    that its memory is reused (stream-ordered) for the next chunk's."""
+    T = indices.shape[0]
+    rows = packed_chunk_rows(T, indices.shape[1], heads)
+    for r0 in range(0, T, rows) if T > 0 else ():
+        c = slice(r0, min(T, r0 + rows))
+        pk = pack_rows_cuda(indices[c], num_keys, heads, topk_length[c] if topk_length is not None else None)
+        yield c, pk
+        pk = None
+
+
 def packed_chunk_rows(T: int, K: int, heads: int, budget: Optional[int] = None) -> int:
     """Query rows per launch of the row-packed backward: a whole number of groups (``R`` rows)
     whose packing (``uid`` int32 and ``uslot`` int16: ``K (4 + 2 R)`` bytes a row) fits
@@ -469,13 +479,11 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     l2 = not deterministic and l2_order(q.device, kv.shape[0])
     # permuted columns; deterministic: one lane per persistent CTA
     dkv = torch.zeros(max(lanes, 1), kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
-    for r0 in range(0, T, rows) if packed and T > 0 else ():  # (T = 0: no chunk, rows = 0)
-        c = slice(r0, min(T, r0 + rows))
-        n = c.stop - r0
+    for c, pk in _packed_chunks(indices, kv.shape[0], H, topk_length) if packed else ():
+        n = c.stop - c.start
         st = stats[: 2 * n * H]
         bwd_stats(st, dsink_t[c] if sink is not None else None, out[c], dout[c], lse[c],
                   dlse[c] if dlse is not None else None, sink, 512)
-        pk = pack_rows_cuda(indices[c], kv.shape[0], H, topk_length[c] if topk_length is not None else None)
         # (the 64-key kernel takes its L2 hints where the 32-key kernel takes its lanes)
         entry, mode = ((lib.dsa_sparse_mla_bwd64_packed_sm90, int(l2_hints(q.device, kv.shape[0])))
                        if block_keys == 64 else (lib.dsa_sparse_mla_bwd_packed_sm90, lanes))
@@ -486,11 +494,11 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 target_out[c].data_ptr() if target_out is not None else None,
                 q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
                 dq.stride(0), dq.stride(1), n, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
-                4 if pk.hpad == 16 else 5, int(sink is not None), mode,
+                pk.hshift, int(sink is not None), mode,
                 l2_order_launch_ctas(kv.shape[0], True) if l2 else 0,
                 float(softmax_scale),
                 torch.cuda.current_stream(q.device).cuda_stream), "packed backward")
-        del pk  # (freed before the next chunk packs: stream-ordered reuse)
+        del pk  # (freed before the next chunk packs)
     if T > 0 and not packed:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
         perm = tgt = None

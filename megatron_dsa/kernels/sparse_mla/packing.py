@@ -57,6 +57,11 @@ class PackedRows(NamedTuple):
     rows: int             # R, query rows per group
     hpad: int             # heads per row in the 64-row tile (16 or 32)
 
+    @property
+    def hshift(self) -> int:
+        """log2 of ``hpad``: what the CUDA kernels take to map a tile row to (row, head)."""
+        return self.hpad.bit_length() - 1
+
 
 def heads_padded(heads: int) -> int:
     """The per-row head slice of the 64-row tile: 16 for <= 16 heads, 32 for 17-32."""

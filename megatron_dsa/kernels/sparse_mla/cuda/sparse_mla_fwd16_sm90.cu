@@ -110,10 +110,6 @@ __device__ __forceinline__ float ex2(float x) {  // 2^x; -inf -> 0
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 __device__ __forceinline__ bool bar_red_or(int id, int n, bool pred) {
   uint32_t r;
   asm volatile(
@@ -289,7 +285,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
           // matrix m of chunk c: channels 64 c + 16 warp + 8 (m & 1) + [0, 8), heads 8 (m >> 1) + [0, 8)
-          const uint32_t tr = movm_trans(pack_bf16(o[c][2 * m] * inv[hv16(2 * m)], o[c][2 * m + 1] * inv[hv16(2 * m + 1)]));
+          const uint32_t tr = movm_trans(bf16x2_bits(o[c][2 * m] * inv[hv16(2 * m)], o[c][2 * m + 1] * inv[hv16(2 * m + 1)]));
           const int h = (lane >> 2) + 8 * (m >> 1);
           if (h < p.H)
             *reinterpret_cast<uint32_t*>(orow + (long long)h * p.out_sh + 64 * c + 16 * warp + 8 * (m & 1) + 2 * (lane & 3)) = tr;
@@ -447,7 +443,7 @@ __global__ void __launch_bounds__(THREADS16, 1) sparse_mla_fwd16_sm90_kernel(con
     // the warp's 16 x 16 (keys x heads) tile as four 8 x 8 matrices, transposed to heads x keys
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      const uint32_t tr = movm_trans(pack_bf16(e[2 * m], e[2 * m + 1]));
+      const uint32_t tr = movm_trans(bf16x2_bits(e[2 * m], e[2 * m + 1]));
       // m: 0 = keys 0-7 / heads 0-7, 1 = keys 8-15 / heads 0-7, 2 = keys 0-7 / heads 8-15, 3
       const int h = (lane >> 2) + 8 * (m >> 1), gk = 2 * warp + (m & 1);
       sts32(sbase + OFF_P16 + pb * HT16 * 128 + h * 128 + ((gk ^ (h & 7)) << 4) + 4 * (lane & 3), tr);

@@ -238,8 +238,7 @@ __device__ __forceinline__ void math_wg(const PpParams& p, uint8_t* smem, uint32
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int jj = 2 * kk + h;
-          __nv_bfloat162 v = __floats2bfloat162_rn(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]);
-          pf[kk][2 * h + r] = *reinterpret_cast<uint32_t*>(&v);
+          pf[kk][2 * h + r] = bf16x2_bits(s[4 * jj + 2 * r], s[4 * jj + 2 * r + 1]);
         }
   };
   auto pv_own = [&](const uint32_t (&pf)[4][4]) {  // O += P_own V(own buffer, own channels), P from registers
