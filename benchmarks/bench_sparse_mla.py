@@ -12,7 +12,7 @@ Cases: d_qk=576, d_v=512, bf16, k=2048 (default); indices: row t takes k random 
 (rows t < k padded with -1); with ``--ids-shared W`` the keys' random scores are a mix, weight W,
 of a score shared by each block of 64 consecutive rows, so adjacent rows share keys as real
 selections do (``W = 0``: independent rows). Ours runs ``row_packing`` auto (the CUDA backward
-packs at <= 32 heads, the forward too up to ``cuda_impl.FWD_PACK_MAX_KEYS`` keys);
+packs at <= 32 heads, the forward too up to ``cuda_impl.fwd_pack_max_keys(H)`` keys);
 ``--row-packing`` adds ``[row packing off]`` and ``[row packing on]`` at <= 32 heads; those
 rows record ``union_frac``, the packed entries per valid (row,
 slot) (1: nothing shared; 1/4 at 16 heads: four rows with the same keys), and the packing alone:

@@ -113,9 +113,10 @@ def test_gpu_head_count_routing(monkeypatch):
         q = torch.zeros(4, H, 576, dtype=torch.bfloat16, device="cuda")
         auto = select_backend("auto", q.device, q.dtype, H, 576, 512)
         # (row packing, auto: the backward at <= 32 heads; the forward too where the keys are known
-        # and at most FWD_PACK_MAX_KEYS)
+        # and at most fwd_pack_max_keys)
         assert (auto.forward, auto.backward) == ("cuda", "cuda-packed" if H <= 32 else "cuda"), (H, auto)
-        for keys, packs in ((4, H <= 32), (ci.FWD_PACK_MAX_KEYS, H <= 32), (ci.FWD_PACK_MAX_KEYS + 1, False)):
+        most = ci.fwd_pack_max_keys(H) if H <= 32 else 1
+        for keys, packs in ((4, H <= 32), (most, H <= 32), (most + 1, False)):
             c = select_backend("auto", q.device, q.dtype, H, 576, 512, num_keys=keys)
             assert c.forward == ("cuda-packed" if packs else "cuda"), (H, keys, c)
         det = select_backend("auto", q.device, q.dtype, H, 576, 512, deterministic=True)

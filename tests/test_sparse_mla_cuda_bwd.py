@@ -74,16 +74,18 @@ def test_row_packing_routes_the_cuda_backward_at_up_to_32_heads(monkeypatch):
     gpu = torch.device("cuda", 0)
     for heads in (1, 16, 17, 32):
         # auto (the default): the backward, measured faster; the forward too where the keys are
-        # known and at most FWD_PACK_MAX_KEYS (measured faster there)
+        # known and at most fwd_pack_max_keys (measured faster there: 16K keys at <= 16 heads, 32K at <= 32)
+        most = ci.fwd_pack_max_keys(heads)
+        assert most == (16384 if heads <= 16 else 32768)
         for c in (select_backend("auto", gpu, torch.bfloat16, heads, 576, 512),
                   select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=None),
-                  select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, num_keys=ci.FWD_PACK_MAX_KEYS + 1)):
+                  select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, num_keys=most + 1)):
             assert (c.forward, c.backward) == ("cuda", "cuda-packed") and "row packing (auto" in c.reason
-        for keys in (1, 16384, ci.FWD_PACK_MAX_KEYS):
+        for keys in (1, 16384, most):
             c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, num_keys=keys)
             assert (c.forward, c.backward) == ("cuda-packed", "cuda-packed") and "the forward and backward" in c.reason
         # on: the forward too, at any length
-        for keys in (None, 1, 10 * ci.FWD_PACK_MAX_KEYS):
+        for keys in (None, 1, 10 * most):
             c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=True, num_keys=keys)
             assert (c.forward, c.backward) == ("cuda-packed", "cuda-packed") and "row packing" in c.reason
         c = select_backend("auto", gpu, torch.bfloat16, heads, 576, 512, row_packing=False)

@@ -49,7 +49,7 @@ from .triton_impl import bwd_stats
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "unpermute_dkv64", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
            "l2_order", "l2_order_launch_ctas", "l2_hints", "bwd_block_keys", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16",
-           "FWD_PACK_MAX_KEYS"]
+           "FWD_PACK_MAX_KEYS", "fwd_pack_max_keys"]
 
 _DIR = Path(__file__).with_name("cuda")
 SOURCES = (_DIR / "sparse_mla_fwd_pp_sm90.cu", _DIR / "sparse_mla_bwd_sm90.cu", _DIR / "row_lengths.cu",
@@ -64,12 +64,19 @@ ARCH = "sm_90a"
 # 64 and 128 heads).
 MAX_HEADS16 = 16
 # The row-packed forward (the ping-pong kernel over each group's union, packing included) is
-# the default at <= 32 heads up to this many keys: H100, k = 2048, random causal ids (union 0.33
-# - 0.89 of the slots), against the unpacked forward: 16 heads 0.90 vs 1.46 ms (4K), 4.98 vs
-# 5.97 (16K), 11.91 vs 12.13 (32K); 32 heads 1.26 vs 1.70, 6.37 vs 7.14, 13.80 vs 14.40; rows
-# sharing keys (union 0.27 - 0.59) 1.46-1.96x. Longer rows were not timed (the union grows
-# toward all slots on random ids, and the packing's memory with T).
-FWD_PACK_MAX_KEYS = 32768
+# the default up to this many keys, by the packed tile's heads per row (<= 16, <= 32). H100,
+# k = 2048, random causal ids, against the unpacked forward: 16 heads 0.90 vs 1.46 ms (4K),
+# 4.98 vs 5.97 (16K), 12.36 vs 12.06 (32K: 11.91 vs 12.13 in an earlier run), 29.7 vs 25.8
+# (64K), 64.0 vs 53.6 (128K); 32 heads 1.26 vs 1.70, 6.37 vs 7.14, 14.06 vs 15.46 (32K), 33.8 vs
+# 34.5 (64K), 69.9 vs 70.4 (128K). On random ids a group's union grows toward all its slots with
+# the length (0.85 of them at 64K, 16 heads), where packing only adds work; rows sharing keys
+# (union 0.27 - 0.59) ran 1.46-1.96x faster packed.
+FWD_PACK_MAX_KEYS = {16: 16384, 32: 32768}
+
+
+def fwd_pack_max_keys(heads: int) -> int:
+    """The most keys at which ``row_packing`` auto packs the forward of ``heads`` (<= 32) heads."""
+    return FWD_PACK_MAX_KEYS[16 if heads <= 16 else 32]
 
 _LIB = None
 _LIB_ERROR: Optional[CudaBuildError] = None

@@ -23,7 +23,8 @@ Megatron's ``--deterministic-mode`` sets). Row packing (``packing.py``: several 
 * ``None`` (auto, the default): where it was measured faster: the CUDA backward at <= 32 heads
   (``cuda-packed``, deterministic or not; H200, S = 16K, 16 heads: 21.2 vs 29.8 ms on
   independent random ids) and the CUDA forward at <= 32 heads up to
-  ``cuda_impl.FWD_PACK_MAX_KEYS`` keys (H100, 16K, 16 heads: 4.98 vs 5.97 ms, packing included).
+  ``cuda_impl.fwd_pack_max_keys(heads)`` keys (16K at <= 16 heads, 32K at <= 32; H100, 16K, 16
+  heads: 4.98 vs 5.97 ms, packing included).
 * ``True``: also the CUDA forward at <= 32 heads beyond that, and the Triton backward
   (``triton-packed``).
 * ``False``: never.
@@ -43,7 +44,7 @@ from .._validate import INDEX_DTYPES, check_dim, check_positive_scale, check_sam
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from . import cuda_impl
 from .ops import sparse_mla_op
-from .cuda_impl import FWD_PACK_MAX_KEYS
+from .cuda_impl import fwd_pack_max_keys
 from .packing import MAX_PACK_HEADS, MAX_PACK_SLOTS
 from .reference import sparse_mla_reference
 from .triton_impl import ALL_HEADS_MAX
@@ -68,14 +69,15 @@ def _with_packing(choice: KernelChoice, backend: str, heads: int, row_packing: O
     """``choice`` with row packing where ``row_packing`` (module docstring) applies it."""
     if row_packing is False:
         return choice
-    if row_packing is None:  # auto: the CUDA backward at <= 32 heads, the forward up to FWD_PACK_MAX_KEYS
+    if row_packing is None:  # auto: the CUDA backward at <= 32 heads, the forward up to fwd_pack_max_keys
         if choice.backward in _CUDA_BWD and heads <= MAX_PACK_HEADS:
-            fwd_packs = choice.forward == "cuda" and num_keys is not None and num_keys <= FWD_PACK_MAX_KEYS
+            max_keys = fwd_pack_max_keys(heads)
+            fwd_packs = choice.forward == "cuda" and num_keys is not None and num_keys <= max_keys
             if fwd_packs:
-                what = f"the forward and backward at <= {MAX_PACK_HEADS} heads and <= {FWD_PACK_MAX_KEYS} keys"
+                what = f"the forward and backward at <= {MAX_PACK_HEADS} heads, the forward at <= {max_keys} keys"
             elif choice.forward == "cuda" and num_keys is None:  # (a report without a call's keys)
                 what = (f"the backward at <= {MAX_PACK_HEADS} heads, the forward too where a call has "
-                        f"<= {FWD_PACK_MAX_KEYS} keys")
+                        f"<= {max_keys} keys")
             else:
                 what = f"the backward at <= {MAX_PACK_HEADS} heads"
             return KernelChoice(OP, backend, "cuda-packed" if fwd_packs else choice.forward,
