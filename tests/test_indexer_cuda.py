@@ -120,7 +120,8 @@ def test_emulated_select_paths(emu):
     """Rows built to reach each path: a first-digit bucket too large for the candidate list
     (a second global level), one that fits it (two shared-memory levels), one holding exactly the missing count (taken whole), a row of one
     value (ties down to the last digit: the lowest ids win), integer scores (ties at the last
-    shared-memory level), signed zeros and negatives. A second run gives the same slot order."""
+    shared-memory level), signed zeros and negatives. Rows of 9000 keys: longer than the
+    candidate list (path C). A second run gives the same slot order."""
     S, K = 9000, 2048
     rows = [
         1.0 + 0.25 * torch.rand(S),  # one first digit for all: 9000 > 6144 candidates
@@ -139,6 +140,39 @@ def test_emulated_select_paths(emu):
     _check(buf, idx, vals, 0, K, lambda b, t: (0, S))
     again, _ = _run(emu, buf, 0, len(rows), S, K, *win)
     assert torch.equal(again, idx)  # the slot order too: no thread-timing dependence
+
+
+def _sampled(L):
+    """The positions path B of the select samples in a row of L keys (select_sm90.cuh,
+    sample_bound: 256 runs of 8 keys, run i from i (L - 8) // 255)."""
+    return torch.tensor([i * (L - 8) // 255 + o for i in range(256) for o in range(8)])
+
+
+def test_emulated_select_sampled_rows(emu):
+    """Path B (rows of >= 16384 keys, 2 k <= 6144) on rows that start at every offset from a
+    16-byte boundary (a row stride of 16411 keys, windows from 0..3 keys) and end mid-group (its
+    first and last groups load key by key, the rest as float4 pairs): random scores, integer
+    scores (ties at the bound and at the k-th key), a row of one value and two rows whose sample
+    misleads the bound: large keys exactly where it samples (too few keys reach the bound), and
+    everywhere but there (too many); those three take path C. A second run gives the same slot
+    order."""
+    S, K = 16411, 2048
+    st = torch.tensor([[0, 0, 0, 0, 2, 1, 3]], dtype=torch.int32)  # rows 0..3 start 0, 3, 2, 1 keys past a boundary
+    en = torch.tensor([[S - 8, S - 8, S - 8, S - 8, S - 5, S - 1, S]], dtype=torch.int32)
+    at = torch.zeros(S, dtype=torch.bool)
+    at[_sampled(S)] = True
+    rows = [torch.randn(S), torch.randn(S) * 3, torch.randint(-50, 50, (S,)).float(), torch.randn(S),
+            torch.full((S,), 0.5), torch.where(at, 10 + torch.rand(S), torch.rand(S)),
+            torch.where(at, torch.rand(S), 10 + torch.rand(S))]
+    buf = torch.stack(rows)[None]
+    pos = torch.arange(S)
+    outside = (pos < st[0, :, None]) | (pos >= en[0, :, None])
+    buf[0][outside] = 1e6  # keys outside the windows (also just before rows 1..3 and after each row) never selected
+    idx, vals = _run(emu, buf, 0, len(rows), S, K, st, en, global_ids=True)
+    window = lambda b, t: (int(st[b, t]), int(en[b, t]))  # noqa: E731
+    _check(buf, idx, vals, 0, K, window, global_ids=True)
+    again, _ = _run(emu, buf, 0, len(rows), S, K, st, en, global_ids=True)
+    assert torch.equal(again, idx)
 
 
 def _in_process_with_deadline(fn, timeout=300):

@@ -1,27 +1,39 @@
 // Exact top-k of each row of fp32 indexer scores: radix select with shared-memory histograms.
 //
 // One CTA of 512 threads per row. Keys are the order-preserving uint32 images of the scores
-// (-0.0 folded onto +0.0), cut into three digits: bits [21, 32), [10, 21) and [0, 10).
+// (-0.0 folded onto +0.0), cut into three digits: bits [21, 32), [10, 21) and [0, 10). Every
+// path ends in a shared-memory candidate list (key, position) in index order, whose remaining
+// digits are histogrammed in shared memory before one compaction of the list to the output.
 //
-// 1. Global levels. A histogram pass over the row (shared-memory atomics) finds the digit
-//    bucket holding the k-th largest key; the next level histograms only the keys of that
-//    bucket. Levels stop once the bucket holds at most CAND_CAP keys (usually after the first),
-//    once it holds exactly the missing count, or at the last digit (the threshold is then one
-//    exact key value).
-// 2. One collection pass over the row in index order: keys above the bucket go to the output;
-//    keys in it go to a shared-memory candidate list (key, position), also in index order.
-//    When the bucket's keys are all taken, or are all equal, the first missing ones in index
-//    order go straight to the output instead.
-// 3. Shared-memory levels on the candidates for the remaining digits, then one compaction of
-//    the list.
+// A. Rows of at most CAND_CAP keys are copied into the list whole: one read of the row.
+// B. Rows of at least PATH_B_KEYS keys, where 2 k <= CAND_CAP (k = 2048 of 6144): a bound from
+//    a sample, then one read of the row. The sample is 256 runs of 8 consecutive keys (one
+//    32-byte sector each) spread over the row; two shared-memory levels on it give a bound lb
+//    (22 bits) at the sample rank r whose share of the row falls below k only 3 standard
+//    deviations out (r - 3 sqrt(r) = k m / L for a sample of m keys: about 2500 keys above lb at
+//    L = 16K, 3500 at 128K). One pass in index order then collects the keys >= lb into the list (each thread 8 consecutive keys per tile of 4096, 16-byte loads, one
+//    scan per tile). The list is the row's top candidates when it holds between k and
+//    CAND_CAP keys: every key below lb is below the k-th. Otherwise (a sample unlike its row;
+//    many equal keys) the row takes path C; the result is exact either way.
+// C. The general path, 2-4 reads of the row (the second mostly from L2 where the rows in flight
+//    fit it: below PATH_B_KEYS, where B measured no faster):
+//   1. Global levels. A histogram pass over the row (shared-memory atomics) finds the digit
+//      bucket holding the k-th largest key; the next level histograms only the keys of that
+//      bucket. Levels stop once the bucket holds at most CAND_CAP keys (usually after the
+//      first), once it holds exactly the missing count, or at the last digit (the threshold is
+//      then one exact key value).
+//   2. One collection pass over the row in index order: keys above the bucket go to the
+//      output; keys in it go to the candidate list. When the bucket's keys are all taken, or
+//      are all equal, the first missing ones in index order go straight to the output instead.
 //
 // Ties: the lowest index wins, as in the Triton select and the reference. The order of the
-// output is deterministic: keys above the first bucket in index order, then the candidates
-// taken, in index order. Compactions in index order use warp ballots and one scan per tile of
-// 1024 keys over the 32 (step, warp) counts. Rows of at most k keys are copied, padded with -1
-// and -inf. No host synchronization; graph-capturable.
+// output is deterministic: in paths A and B the list's keys taken, in index order; in C keys
+// above the first bucket in index order, then the candidates taken, in index order.
+// Compactions in index order use warp ballots and one scan per tile. Rows of at most k keys
+// are copied, padded with -1 and -inf. No host synchronization; graph-capturable.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace {
@@ -31,6 +43,10 @@ constexpr int NW = NT / 32;
 constexpr int STEPS = 32 / NW;  // steps of NT keys per compaction tile: 32 (step, warp) counts
 constexpr int BINS = 2048;      // the widest digit: 11 bits
 constexpr int CAND_CAP = 6144;  // candidates kept in shared memory
+constexpr int PATH_B_KEYS = 16384;     // path B's shortest row
+constexpr int SAMPLE_RUNS = NT / 2;     // path B's sample: runs of 8 keys, 4 per thread
+constexpr int SAMPLE = 8 * SAMPLE_RUNS;  // 2048 keys
+constexpr int CPT = 8;                   // path B's collection: keys per thread per tile
 
 struct Smem {
   unsigned hist[BINS];
@@ -38,6 +54,7 @@ struct Smem {
   int cand_pos[CAND_CAP];
   unsigned tile[2][33];  // per tile parity: 32 exclusive packed counts + the tile's total
   unsigned wsum[NW];
+  unsigned wsum2[2][NW];  // per tile parity: the warps' candidate counts (path B)
   int pick[3];  // bucket, keys above it, keys in it
 };
 
@@ -166,7 +183,126 @@ __device__ __forceinline__ void compaction_pass(int n, int shift, unsigned prefi
   }
 }
 
-__global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ buf, long long sb_b, long long sb_r,
+// Path B's bound: the first two digits (22 bits) of the sample's r-th largest key, r from
+// r - 3 sqrt(r) = K SAMPLE / L. Needs L >= PATH_B_KEYS (r <= 309 < SAMPLE).
+__device__ __forceinline__ unsigned sample_bound(const float* row, int L, int K, Smem& sm) {
+  const int run = static_cast<int>(threadIdx.x) >> 1, off = 4 * (static_cast<int>(threadIdx.x) & 1);
+  const long long at = static_cast<long long>(run) * (L - 8) / (SAMPLE_RUNS - 1) + off;
+  clear_hist(sm);
+  // (the sample's keys are read again for the second level, from L1, not kept in registers)
+  auto key = [&](int i) { return ordered_key(__ldg(row + at + i)); };
+#pragma unroll
+  for (int i = 0; i < 4; ++i) atomicAdd(&sm.hist[key(i) >> 21], 1u);
+  __syncthreads();
+  const float root = 1.5f + sqrtf(2.25f + static_cast<float>(K) * static_cast<float>(SAMPLE) / static_cast<float>(L));
+  const unsigned r = static_cast<unsigned>(ceilf(root * root));
+  pick_bucket(sm, 11, r);
+  const unsigned b0 = static_cast<unsigned>(sm.pick[0]), r1 = r - static_cast<unsigned>(sm.pick[1]);
+  clear_hist(sm);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    if ((key(i) >> 21) == b0) atomicAdd(&sm.hist[(key(i) >> 10) & 2047u], 1u);
+  __syncthreads();
+  pick_bucket(sm, 11, r1);
+  return (b0 << 21) | (static_cast<unsigned>(sm.pick[0]) << 10);
+}
+
+// Path B's collection: the row's keys >= lb into the candidate list in index order (the first
+// CAND_CAP of them stored); returns how many there are. Thread i takes keys [8 i, 8 i + 8) of
+// each tile of 8 NT, counted from the 16-byte boundary at or before the row (a = the row's
+// offset from it, in keys), so that whole groups load as two float4; a group that reaches
+// outside the row (the first and the last) loads key by key. Ends synchronized.
+__device__ __forceinline__ unsigned collect_at_least(const float* row, int L, unsigned lb, Smem& sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int a = static_cast<int>((reinterpret_cast<uintptr_t>(row) >> 2) & 3u);
+  const float* base = row - a;
+  const int np = L + a;
+  unsigned run = 0u;  // keys >= lb before the tile
+  int parity = 0;
+  for (int t0 = 0; t0 < np; t0 += CPT * NT) {
+    const int v0 = t0 + CPT * static_cast<int>(threadIdx.x);
+    unsigned m = 0u;  // bit i: key v0 + i is in the row and >= lb
+    if (v0 >= CPT && v0 + CPT <= np) {
+      const float4 p0 = __ldg(reinterpret_cast<const float4*>(base + v0));
+      const float4 p1 = __ldg(reinterpret_cast<const float4*>(base + v0) + 1);
+      const float x[CPT] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) m |= static_cast<unsigned>(ordered_key(x[i]) >= lb) << i;
+    } else {
+#pragma unroll
+      for (int i = 0; i < CPT; ++i) {
+        const int j = v0 + i - a;
+        m |= static_cast<unsigned>(j >= 0 && j < L && ordered_key(__ldg(row + j)) >= lb) << i;
+      }
+    }
+    const unsigned c = __popc(m);
+    unsigned inc = c;  // inclusive scan of the counts over the warp, then over the warps
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned y = __shfl_up_sync(0xffffffffu, inc, o);
+      if (lane >= o) inc += y;
+    }
+    if (lane == 31) sm.wsum2[parity][warp] = inc;
+    __syncthreads();  // (one per tile: the next tile writes the other parity's counts)
+    unsigned pos = run + inc - c, tot = 0u;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const unsigned v = sm.wsum2[parity][w];
+      pos += w < warp ? v : 0u;
+      tot += v;
+    }
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      if ((m >> i) & 1u) {  // (the score read again, from L1: candidates are a few percent of the keys)
+        if (pos < static_cast<unsigned>(CAND_CAP)) {
+          sm.cand_x[pos] = __ldg(row + v0 + i - a);
+          sm.cand_pos[pos] = v0 + i - a;
+        }
+        ++pos;
+      }
+    }
+    run += tot;
+    parity ^= 1;
+  }
+  __syncthreads();
+  return run;
+}
+
+// The candidate list's select: its n keys (index order; all match prefix at shift, the digits
+// from level lvl0 on undecided) hold the row's k_rem missing keys; digit levels in shared memory
+// find them, then one compaction writes them to the output after out_base keys.
+__device__ __forceinline__ void select_in_list(Smem& sm, int n, int lvl0, int shift, unsigned prefix, unsigned k_rem,
+                                               unsigned out_base, int id0, int32_t* out_i, float* out_v,
+                                               int& parity) {
+  for (int lvl = lvl0; lvl < 3; ++lvl) {
+    const int ds = shift_of(lvl);
+    const unsigned mask = (1u << width_of(lvl)) - 1u;
+    clear_hist(sm);
+    for (int i = threadIdx.x; i < n; i += NT) {
+      const unsigned key = ordered_key(sm.cand_x[i]);
+      if (lvl == 0 || (key >> shift) == prefix) atomicAdd(&sm.hist[(key >> ds) & mask], 1u);
+    }
+    __syncthreads();
+    pick_bucket(sm, width_of(lvl), k_rem);
+    k_rem -= static_cast<unsigned>(sm.pick[1]);
+    const unsigned in_b = static_cast<unsigned>(sm.pick[2]);
+    prefix = lvl == 0 ? static_cast<unsigned>(sm.pick[0]) : (prefix << width_of(lvl)) | static_cast<unsigned>(sm.pick[0]);
+    shift = ds;
+    if (in_b == k_rem) break;
+  }
+  // keys above the final bucket, then its first k_rem, in index order
+  compaction_pass(
+      n, shift, prefix, sm, parity, [&](int i) { return sm.cand_x[i]; },
+      [&](int i, float x, bool gt, bool eq, unsigned gt_before, unsigned eq_before) {
+        if (gt || (eq && eq_before < k_rem)) {
+          const unsigned pos = out_base + gt_before + min(eq_before, k_rem);
+          out_i[pos] = id0 + sm.cand_pos[i];
+          out_v[pos] = x;
+        }
+      });
+}
+
+__global__ void __launch_bounds__(NT, 3) select_kernel(const float* __restrict__ buf, long long sb_b, long long sb_r,
                                                     const int32_t* __restrict__ starts,
                                                     const int32_t* __restrict__ ends, long long sse_b,
                                                     long long sse_t, int causal, int global_ids, int row0, int S,
@@ -200,7 +336,27 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
     return;
   }
 
-  // 1. global levels: (key >> shift) == prefix marks the bucket
+  // A / B: the candidate list straight from the row (n: its keys; -1: path C)
+  int n = -1;
+  if (L <= CAND_CAP) {
+    for (int j = threadIdx.x; j < L; j += NT) {
+      sm.cand_x[j] = __ldg(row + j);
+      sm.cand_pos[j] = j;
+    }
+    __syncthreads();
+    n = L;
+  } else if (L >= PATH_B_KEYS && 2 * K <= CAND_CAP) {
+    const unsigned lb = sample_bound(row, L, K, sm);
+    const unsigned c = collect_at_least(row, L, lb, sm);
+    if (c >= static_cast<unsigned>(K) && c <= static_cast<unsigned>(CAND_CAP)) n = static_cast<int>(c);
+  }
+  int parity = 0;
+  if (n >= 0) {
+    select_in_list(sm, n, 0, 32, 0u, static_cast<unsigned>(K), 0u, id0, out_i, out_v, parity);
+    return;
+  }
+
+  // C1. global levels: (key >> shift) == prefix marks the bucket
   unsigned prefix = 0u, k_rem = static_cast<unsigned>(K), in_b = 0u;
   int shift = 32;
   for (int lvl = 0; lvl < 3; ++lvl) {
@@ -235,7 +391,7 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
     shift = ds;
     if (in_b == k_rem || in_b <= CAND_CAP) break;
   }
-  // 2. collection pass in index order; take_all: the bucket's first k_rem keys are the rest.
+  // C2. collection pass in index order; take_all: the bucket's first k_rem keys are the rest.
   // take(out0, id, ...): a key above the bucket, or among its first k_rem, goes to the output
   // after out0 keys of earlier passes.
   const bool take_all = in_b == k_rem || shift == 0;
@@ -246,7 +402,6 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
       out_v[pos] = x;
     }
   };
-  int parity = 0;
   compaction_pass(
       L, shift, prefix, sm, parity, [&](int j) { return __ldg(row + j); },
       [&](int j, float x, bool gt, bool eq, unsigned gt_before, unsigned eq_before) {
@@ -262,32 +417,10 @@ __global__ void __launch_bounds__(NT) select_kernel(const float* __restrict__ bu
       });
   if (take_all) return;
 
-  // 3. shared-memory levels on the n candidates (all match prefix at shift)
-  const unsigned out_base = static_cast<unsigned>(K) - k_rem;
-  const int n = static_cast<int>(in_b);
+  // C3. the candidates' remaining digits (they all match prefix at shift)
   __syncthreads();
-  for (int lvl = shift == 21 ? 1 : 2; lvl < 3; ++lvl) {
-    const int ds = shift_of(lvl);
-    const unsigned mask = (1u << width_of(lvl)) - 1u;
-    clear_hist(sm);
-    for (int i = threadIdx.x; i < n; i += NT) {
-      const unsigned key = ordered_key(sm.cand_x[i]);
-      if ((key >> shift) == prefix) atomicAdd(&sm.hist[(key >> ds) & mask], 1u);
-    }
-    __syncthreads();
-    pick_bucket(sm, width_of(lvl), k_rem);
-    k_rem -= static_cast<unsigned>(sm.pick[1]);
-    in_b = static_cast<unsigned>(sm.pick[2]);
-    prefix = (prefix << width_of(lvl)) | static_cast<unsigned>(sm.pick[0]);
-    shift = ds;
-    if (in_b == k_rem) break;
-  }
-  // compaction of the list: keys above the final bucket, then its first k_rem, in index order
-  compaction_pass(
-      n, shift, prefix, sm, parity, [&](int i) { return sm.cand_x[i]; },
-      [&](int i, float x, bool gt, bool eq, unsigned gt_before, unsigned eq_before) {
-        take(out_base, i < n ? sm.cand_pos[i] : 0, x, gt, eq, gt_before, eq_before);
-      });
+  select_in_list(sm, static_cast<int>(in_b), shift == 21 ? 1 : 2, shift, prefix, k_rem, static_cast<unsigned>(K) - k_rem,
+                 id0, out_i, out_v, parity);
 }
 
 }  // namespace
