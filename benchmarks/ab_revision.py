@@ -1,29 +1,36 @@
-"""A/B of the sparse MLA CUDA kernels: this tree's library against the library built from the
-same sources at a git revision, in one process (alternating calls, the GPU idle before each),
-with the results compared call for call.
+"""A/B of the CUDA kernels: this tree's library against the library built from the same
+sources at a git revision, in one process (alternating calls, the GPU idle before each), with
+the results compared call for call.
 
   python benchmarks/ab_revision.py --rev HEAD~1 --ops fwd --cases 16384:64,16384:128
   python benchmarks/ab_revision.py --rev main --ops bwd --cases 16384:16,16384:64 --flashmla
+  python benchmarks/ab_revision.py --rev main --ops topk,select --cases 32768:64,131072:64
   python benchmarks/ab_revision.py --rev main --export .gpu/rev_main      # here: the sources only
   python benchmarks/ab_revision.py --rev-dir .gpu/rev_main --ops fwd      # there: from that folder
 
 A GPU machine that receives a copy of the working tree may hold a git history older than the
 tree's (the device machines here do: their ``HEAD~1`` is not this checkout's), so ``--export``
-writes the revision's kernel sources and a ``REVISION`` file (hash, subject) into a folder to
-carry, and ``--rev-dir`` builds from it; the resolved revision is printed first either way.
+writes the revision's kernel sources (at their paths in the repository, so that their relative
+includes resolve) and a ``REVISION`` file (hash, subject) into a folder to carry, and
+``--rev-dir`` builds from it; the resolved revision is printed first either way.
 
 Both libraries are built by ``megatron_dsa.kernels.cuda_build`` (the revision's copy under its own
-cache name). ``fwd`` times ``cuda_impl.sparse_mla_fwd_cuda`` and compares out / lse; ``bwd`` times
-``sparse_mla_bwd_cuda`` (row-packed at <= 32 heads, as the default routing does) from one forward
-of this tree and compares dq / dkv. A row reports both medians (``rev_ms``, ``tree_ms``),
-``speedup`` = revision / tree (> 1: the tree is faster), and per output whether the two results
-are bit-identical (``*_bit_identical``) and their relative difference (``*_rel``); dkv is summed
-by fp32 atomics in no fixed order, so it has a relative difference only (about 1e-5 - 1e-4 between
-two calls of the same kernel). ``--flashmla`` adds FlashMLA's sparse forward (``flashmla_ms``) to
-the fwd rows at 64 / 128 heads. Cases ``S:H``: k = 2048 random causal ids per row
-(``bench_sparse_mla.make_case``). The Python launchers are this tree's for both libraries, so the
-tool refuses a revision whose ``extern "C"`` entry points (names or parameter lists) differ from
-the tree's: ctypes would pass them the tree's arguments.
+cache name). Sparse MLA (cases ``S:H``, H attention heads; k = 2048 random causal ids per row,
+``bench_sparse_mla.make_case``): ``fwd`` times ``cuda_impl.sparse_mla_fwd_cuda`` and compares
+out / lse; ``bwd`` times ``sparse_mla_bwd_cuda`` (row-packed at <= 32 heads, as the default
+routing does) from one forward of this tree and compares dq / dkv. The indexer (cases ``S:H``,
+H indexer heads of 128, ``bench_indexer.inputs``): ``topk`` times the public
+``indexer_topk`` (the Triton score kernel and the CUDA select) with either select library;
+``select`` times the CUDA select alone on the scores of the last row chunk (the longest rows).
+Both compare the selected sets and their scores row by row (``idx_same_sets``). A row reports
+both medians (``rev_ms``, ``tree_ms``), ``speedup`` = revision / tree (> 1: the tree is faster),
+and per output whether the two results are bit-identical (``*_bit_identical``) and their
+relative difference (``*_rel``); dkv is summed by fp32 atomics in no fixed order, so it has a
+relative difference only (about 1e-5 - 1e-4 between two calls of the same kernel).
+``--flashmla`` adds FlashMLA's sparse forward (``flashmla_ms``) to the fwd rows at 64 / 128
+heads. The Python launchers are this tree's for both libraries, so the tool refuses a revision
+whose ``extern "C"`` entry points (names or parameter lists) differ from the tree's: ctypes
+would pass them the tree's arguments.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sources_at(rev: str, paths: Sequence[Path], dest: Path, repo: Path = REPO, missing_ok: bool = False) -> List[Path]:
     """The files ``paths`` (inside ``repo``) as they are at git revision ``rev``, written under
-    ``dest`` with their own names; raises ``ValueError`` naming the revision or the file (with
+    ``dest`` at their paths in the repository; raises ``ValueError`` naming the revision or the file (with
     ``missing_ok``, a file the revision lacks is left out: a header added since)."""
     try:
         subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
@@ -60,22 +67,28 @@ def sources_at(rev: str, paths: Sequence[Path], dest: Path, repo: Path = REPO, m
             if missing_ok:
                 continue
             raise ValueError(f"{rel} does not exist at --rev {rev!r}")
-        target = dest / Path(rel).name
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(proc.stdout)
         out.append(target)
     return out
 
 
-def export_sources(rev: str, paths: Sequence[Path], headers: Sequence[Path], dest: Path, repo: Path = REPO) -> str:
-    """``rev``'s kernel sources (and those of ``headers`` it has) into ``dest`` with a
-    ``REVISION`` file: its full hash and subject, which is also returned."""
+def export_sources(rev: str, paths: Sequence[Path], headers: Sequence[Path], dest: Path, repo: Path = REPO,
+                   optional: Sequence[Path] = ()) -> str:
+    """``rev``'s kernel sources (and those of ``headers`` and ``optional`` it has) into ``dest``
+    with a ``REVISION`` file: its full hash and subject, which is also returned."""
     dest.mkdir(parents=True, exist_ok=True)
     sources_at(rev, paths, dest, repo)
-    sources_at(rev, headers, dest, repo, missing_ok=True)
+    sources_at(rev, list(headers) + list(optional), dest, repo, missing_ok=True)
     line = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%H %s", rev], capture_output=True,
                           text=True, check=True).stdout.strip()
     (dest / "REVISION").write_text(line + "\n")
     return line
+
+
+def _in(folder: Path, p: Path, repo: Path = REPO) -> Path:
+    return folder / Path(p).resolve().relative_to(repo.resolve())
 
 
 def sources_in(folder: Path, paths: Sequence[Path], headers: Sequence[Path]) -> Tuple[List[Path], List[Path], str]:
@@ -85,10 +98,10 @@ def sources_in(folder: Path, paths: Sequence[Path], headers: Sequence[Path]) -> 
     rev_file = folder / "REVISION"
     if not rev_file.is_file():
         raise ValueError(f"--rev-dir {str(folder)!r} has no REVISION file (write it with --export)")
-    missing = [p.name for p in paths if not (folder / p.name).is_file()]
+    missing = [p.name for p in paths if not _in(folder, p).is_file()]
     if missing:
         raise ValueError(f"--rev-dir {str(folder)!r} lacks {', '.join(missing)}")
-    return ([folder / p.name for p in paths], [folder / h.name for h in headers if (folder / h.name).is_file()],
+    return ([_in(folder, p) for p in paths], [_in(folder, h) for h in headers if _in(folder, h).is_file()],
             rev_file.read_text().strip())
 
 
@@ -165,14 +178,92 @@ def _compare(names: Sequence[str], a, b, exact: Sequence[str]) -> dict:
 
 def summary(rows: List[dict]) -> str:
     """The table printed after the rows."""
-    lines = [f"{'op':4s} {'S':>6s} {'H':>4s} {'rev ms':>9s} {'tree ms':>9s} {'speedup':>8s}  same bits / rel. diff"]
+    lines = [f"{'op':6s} {'S':>6s} {'H':>4s} {'rev ms':>9s} {'tree ms':>9s} {'speedup':>8s}  same bits / rel. diff"]
     for r in rows:
-        cmp = ", ".join(
-            f"{k[:-4]} {'same bits' if r.get(k[:-4] + '_bit_identical') else format(v, '.1e')}"
-            for k, v in r.items() if k.endswith("_rel"))
-        lines.append(f"{r['op']:4s} {r['S']:6d} {r['H']:4d} {r['rev_ms']:9.3f} {r['tree_ms']:9.3f} "
-                     f"{r['speedup']:8.4f}  {cmp or '-'}")
+        cmp = [f"{k[:-4]} {'same bits' if r.get(k[:-4] + '_bit_identical') else format(v, '.1e')}"
+               for k, v in r.items() if k.endswith("_rel")]
+        if "idx_same_sets" in r:
+            cmp.append("same sets" if r["idx_same_sets"] else "DIFFERENT SETS")
+        lines.append(f"{r['op']:6s} {r['S']:6d} {r['H']:4d} {r['rev_ms']:9.3f} {r['tree_ms']:9.3f} "
+                     f"{r['speedup']:8.4f}  {', '.join(cmp) or '-'}")
     return "\n".join(lines)
+
+
+SPARSE_OPS, INDEXER_OPS = ("fwd", "bwd"), ("topk", "select")
+
+
+def kernel_sets() -> Dict[str, Tuple[Tuple[Path, ...], Tuple[Path, ...]]]:
+    """``{set: (sources, headers)}`` of the two CUDA libraries: sparse MLA's and the indexer's."""
+    from megatron_dsa.kernels.indexer import cuda_impl as ii
+    from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
+
+    return {"sparse_mla": (tuple(ci.SOURCES), tuple(ci.HEADERS)),
+            "indexer": (tuple(ii.LIBRARY.sources), tuple(ii.LIBRARY.headers))}
+
+
+class _Loaded:
+    """``cuda_build.CudaLibrary``'s interface over a loaded library (the indexer's launcher
+    calls ``LIBRARY.get()``)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def get(self):
+        return self.lib
+
+    def error(self):
+        return None
+
+
+def _same_sets(a, b) -> dict:
+    """Whether two selections (idx, scores) hold the same sets row by row."""
+    import torch
+
+    return {"idx_same_sets": bool(torch.equal(a[0].sort(-1).values, b[0].sort(-1).values)
+                                  and torch.equal(a[1].sort(-1).values, b[1].sort(-1).values))}
+
+
+def indexer_rows(S: int, H: int, ops: Sequence[str], k: int, base, tree, reps: int, rest: float, rev_name: str):
+    """The ``topk`` / ``select`` rows of one case (``base`` / ``tree``: loaded select libraries)."""
+    import torch
+    from bench_indexer import inputs
+
+    from megatron_dsa.kernels.indexer import cuda_impl as ii
+    from megatron_dsa.kernels.indexer import indexer_topk
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    q, kk, w = inputs(S, H, 128)
+    rows = []
+    for op in ops:
+        if op == "topk":
+            def run(lib):
+                ii.LIBRARY = lib
+                return indexer_topk(q, kk, w, k, backend="cuda")
+            result = run
+        else:  # the CUDA select alone on the last row chunk's scores, as the pipeline chunks them
+            n_rows = ti._plan(1, S, S, k, ti._score_cfg()[0], ti.DEFAULT_CHUNK_BYTES, scratch=False)[0]
+            row0 = (S - 1) // n_rows * n_rows
+            n = S - row0
+            qp, kp, wp, st, en, causal = ti._prep(q, kk, w, None, None)
+            buf = torch.empty(1, n_rows, S, device="cuda")
+            ti._launch_scores(qp, kp, wp, st, en, causal, True, buf, row0, n, ti._score_cfg())
+            idx = torch.empty(1, S, k, dtype=torch.int32, device="cuda")
+            vals = torch.empty(1, S, k, device="cuda")
+
+            def run(lib, buf=buf, st=st, en=en, idx=idx, vals=vals, row0=row0, n=n, causal=causal):
+                ii.LIBRARY = lib
+                ii.select_cuda(buf, st, en, idx, vals, row0, n, S, causal, False)
+
+            def result(lib, idx=idx, vals=vals, row0=row0):
+                run(lib)
+                return idx[:, row0:].clone(), vals[:, row0:].clone()
+        check = _same_sets(result(base), result(tree))
+        row = _time({"rev_ms": lambda: run(base), "tree_ms": lambda: run(tree)}, reps, rest)
+        row.update(op=op, S=S, H=H, revision=rev_name, speedup=round(row["rev_ms"] / row["tree_ms"], 4), **check)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        run = result = buf = None
+    return rows
 
 
 def main(argv=None) -> int:
@@ -181,8 +272,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rev-dir", default=None, help="the baseline's sources from a folder --export wrote (not --rev)")
     ap.add_argument("--export", default=None, metavar="DIR",
                     help="write --rev's kernel sources and REVISION into DIR and exit (no GPU needed)")
-    ap.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd")
-    ap.add_argument("--cases", default="16384:64,16384:128", help="S:H pairs, comma separated")
+    ap.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd (sparse MLA), topk, select (indexer)")
+    ap.add_argument("--cases", default="16384:64,16384:128",
+                    help="S:H pairs, comma separated (H: attention heads for fwd / bwd, indexer heads for topk / select)")
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rest", type=float, default=0.4, help="seconds the GPU idles before each timed call")
@@ -190,20 +282,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="a JSON file for the rows")
     a = ap.parse_args(argv)
     if a.export is not None:
-        from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
-
+        sets = kernel_sets()
         if a.rev_dir is not None:
             ap.error("--export writes --rev's sources; --rev-dir reads them: give one")
         try:
-            line = export_sources(a.rev, ci.SOURCES, ci.HEADERS, Path(a.export))
+            line = export_sources(a.rev, *sets["sparse_mla"], Path(a.export), optional=sum(sets["indexer"], ()))
         except ValueError as e:
             ap.error(str(e))
         print(f"exported {line} into {a.export}")
         return 0
     ops = [o for o in a.ops.split(",") if o]
-    bad = [o for o in ops if o not in ("fwd", "bwd")]
+    bad = [o for o in ops if o not in SPARSE_OPS + INDEXER_OPS]
     if bad or not ops:
-        ap.error(f"--ops takes fwd and / or bwd, got {a.ops!r}")
+        ap.error(f"--ops takes fwd, bwd, topk and / or select, got {a.ops!r}")
     try:
         cases = parse_cases(a.cases)
     except ValueError as e:
@@ -218,34 +309,53 @@ def main(argv=None) -> int:
     from bench_sparse_mla import make_case
 
     from megatron_dsa.kernels.cuda_build import build_library
+    from megatron_dsa.kernels.indexer import cuda_impl as ii
     from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
 
-    tree = ci.library()
+    sets = kernel_sets()
+    wanted = [name for name, set_ops in (("sparse_mla", SPARSE_OPS), ("indexer", INDEXER_OPS))
+              if any(o in set_ops for o in ops)]
+    tree = ci.library() if "sparse_mla" in wanted else None
+    tree_ix = ii.LIBRARY
     what = f"--rev-dir {a.rev_dir!r}" if a.rev_dir is not None else f"--rev {a.rev!r}"
+    base = base_ix = None
     with tempfile.TemporaryDirectory() as d:
+        folder = Path(a.rev_dir) if a.rev_dir is not None else Path(d)
         try:
-            if a.rev_dir is not None:
-                srcs, hdrs, line = sources_in(Path(a.rev_dir), ci.SOURCES, ci.HEADERS)
-            else:
-                line = export_sources(a.rev, ci.SOURCES, ci.HEADERS, Path(d))
-                srcs, hdrs, _ = sources_in(Path(d), ci.SOURCES, ci.HEADERS)
+            line = (export_sources(a.rev, *sets["sparse_mla"], folder, optional=sum(sets["indexer"], ()))
+                    if a.rev_dir is None else None)
+            for name in wanted:
+                srcs, hdrs, line = sources_in(folder, *sets[name])
+                ours, theirs = entry_points(sets[name][0]), entry_points(srcs)
+                if ours != theirs:
+                    diff = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
+                    ap.error(f"{what}: its C entry points differ from the tree's ({', '.join(diff)}); "
+                             "this tree's launchers cannot call them")
+                rev_name = line.split()[0][:10]
+                if name == "sparse_mla":
+                    base = ci._load(build_library(f"sparse_mla_rev_{rev_name}", tuple(srcs), tuple(hdrs), arch=ci.ARCH))
+                else:
+                    import ctypes
+
+                    lib = ctypes.CDLL(str(build_library(f"indexer_rev_{rev_name}", tuple(srcs), tuple(hdrs),
+                                                        arch=tree_ix.arch)))
+                    ii._declare(lib)
+                    base_ix = _Loaded(lib)
         except ValueError as e:
             ap.error(str(e))
-        rev_name = line.split()[0][:10]
         print(f"baseline ({what}): {line}", flush=True)
-        ours, theirs = entry_points(ci.SOURCES), entry_points(srcs)
-        if ours != theirs:
-            diff = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
-            ap.error(f"{what}: its C entry points differ from the tree's ({', '.join(diff)}); "
-                     "this tree's launchers cannot call them")
-        base = ci._load(build_library(f"sparse_mla_rev_{rev_name}", tuple(srcs), tuple(hdrs), arch=ci.ARCH))
     scale = 576 ** -0.5
     rows = []
     try:
         for S, H in cases:
+            if base_ix is not None:
+                rows += indexer_rows(S, H, [o for o in ops if o in INDEXER_OPS], a.k, base_ix, _Loaded(tree_ix.get()),
+                                     a.reps, a.rest, rev_name)
+            if base is None:
+                continue
             torch.manual_seed(0)
             q, kv, idx, dout = make_case(S, H, a.k)
-            for op in ops:
+            for op in [o for o in ops if o in SPARSE_OPS]:
                 if op == "fwd":
                     def call(lib):
                         ci._LIB = lib
@@ -276,7 +386,9 @@ def main(argv=None) -> int:
             del q, kv, idx, dout
             torch.cuda.empty_cache()
     finally:
-        ci._LIB = tree
+        if tree is not None:
+            ci._LIB = tree
+        ii.LIBRARY = tree_ix
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -2,6 +2,7 @@
 the refusal without a GPU (the A/B itself needs an sm_90 device)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -54,7 +55,14 @@ def test_export_and_rev_dir_round_trip(tmp_path):
     assert [p.name for p in srcs] == [p.name for p in ci.SOURCES] and [p.name for p in hdrs] == [p.name for p in ci.HEADERS]
     for src, p in zip(ci.SOURCES, srcs):
         assert p.read_bytes() == _git("show", f"HEAD:{os.path.relpath(src, ROOT)}")
-    (tmp_path / "rev" / ci.SOURCES[0].name).unlink()
+    # the indexer's select too, and every quoted include of an exported source resolves beside it
+    # (the files keep their paths in the repository: select_sm90.cu includes ../../sparse_mla/...)
+    ix_srcs, ix_hdrs, _ = ab.sources_in(tmp_path / "rev", *ab.kernel_sets()["indexer"])
+    assert [p.name for p in ix_srcs] == ["select_sm90.cu"] and "sm90_common.cuh" in [p.name for p in ix_hdrs]
+    for src in list(srcs) + list(ix_srcs) + list(hdrs) + list(ix_hdrs):
+        for inc in re.findall(r'^#include "([^"]+)"', src.read_text(), re.M):
+            assert (src.parent / inc).is_file(), (src, inc)
+    ab._in(tmp_path / "rev", ci.SOURCES[0]).unlink()
     with pytest.raises(ValueError, match=f"--rev-dir .* lacks {ci.SOURCES[0].name}"):
         ab.sources_in(tmp_path / "rev", ci.SOURCES, ci.HEADERS)
     with pytest.raises(ValueError, match="has no REVISION file"):
@@ -73,7 +81,7 @@ def test_parse_cases_names_the_argument(text, match):
 def test_bad_ops_and_no_gpu(capsys):
     with pytest.raises(SystemExit):
         ab.main(["--ops", "fwd,dq"])
-    assert "--ops takes fwd and / or bwd" in capsys.readouterr().err
+    assert "--ops takes fwd, bwd, topk and / or select" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert ab.main(["--ops", "fwd"]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
@@ -105,6 +113,22 @@ def test_rel_and_summary():
     z[0, 0] = float("nan")
     assert ab._rel(z, x) == ab._rel(x.clone(), x) == 0.0  # non-finite entries are left out
     rows = [dict(op="bwd", S=16384, H=64, rev_ms=28.4, tree_ms=28.2, speedup=1.0071, revision="abc1234",
-                 dq_bit_identical=True, dq_rel=0.0, dkv_rel=4.0e-5)]
+                 dq_bit_identical=True, dq_rel=0.0, dkv_rel=4.0e-5),
+            dict(op="select", S=32768, H=64, rev_ms=0.7, tree_ms=0.57, speedup=1.228, revision="abc1234",
+                 idx_same_sets=True),
+            dict(op="topk", S=32768, H=64, rev_ms=16.3, tree_ms=16.0, speedup=1.019, revision="abc1234",
+                 idx_same_sets=False)]
     text = ab.summary(rows)
     assert "28.400" in text and "28.200" in text and "dq same bits" in text and "dkv 4.0e-05" in text
+    assert "select  32768" in text and "same sets" in text and "DIFFERENT SETS" in text
+
+
+def test_same_sets_ignores_the_slot_order():
+    idx = torch.tensor([[[3, 1, 2, -1]]], dtype=torch.int32)
+    vals = torch.tensor([[[0.5, 2.0, 1.0, float("-inf")]]])
+    perm = [2, 0, 3, 1]
+    assert ab._same_sets((idx, vals), (idx[..., perm], vals[..., perm])) == {"idx_same_sets": True}
+    other = idx.clone()
+    other[0, 0, 0] = 4
+    assert ab._same_sets((idx, vals), (other, vals)) == {"idx_same_sets": False}
+    assert ab._same_sets((idx, vals), (idx, vals + 1)) == {"idx_same_sets": False}
