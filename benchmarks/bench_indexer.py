@@ -16,6 +16,8 @@ Usage (GPU):
   ... --chunk-mib 1024        # our score buffer's budget (the library's default: 512)
   ... --score-only            # also our score kernel alone (no selection); with ours_fp8 the
                               #   e4m3 score kernel alone and the quantization alone
+  ... --breakdown             # ours: one profiled call, device ms per kernel group (score,
+                              #   select, quantize, other) in the row and the receipt
   ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
   ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
                               #   the attention backward), dense
@@ -43,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
-    kernel_resources, measure_ceilings, peak_gib, run_guarded, time_cuda, triton_kernels,
+    kernel_resources, measure_ceilings, peak_gib, profile_groups, run_guarded, time_cuda, triton_kernels,
     write_receipt,
 )
 
@@ -131,15 +133,21 @@ def inputs(S, H, D, seed=0):
     return q, k, w
 
 
-def bench_one(make, S, H, D, topk, reps):
+# --breakdown: our pipeline's kernels by group (name fragments; the rest is "other")
+KERNEL_GROUPS = {"score": ("_score_kernel",), "select": ("select_kernel",), "quantize": ("_quantize_e4m3",)}
+
+
+def bench_one(make, S, H, D, topk, reps, breakdown=False):
     def body():
         q, k, w = inputs(S, H, D)
         fn = make(q, k, w, topk)
         ms = time_cuda(fn, warmup=1, reps=reps)
         pk = peak_gib(fn)
         flops = S * S * H * D
-        return {"ms": round(ms, 4), "tflops": round(flops / (ms * 1e-3) / 1e12, 1),
-                "peak_gib": round(pk, 4)}
+        out = {"ms": round(ms, 4), "tflops": round(flops / (ms * 1e-3) / 1e12, 1), "peak_gib": round(pk, 4)}
+        if breakdown:
+            out["breakdown_ms"] = profile_groups(fn, KERNEL_GROUPS)
+        return out
 
     try:
         return run_guarded(body)
@@ -168,7 +176,8 @@ def bench_impl(name, S, args):
         return {"impl": label, "status": "unsupported", "note": str(e)[:200]}
     except Exception:  # noqa: BLE001 - the real run records errors
         pass
-    res = bench_one(make, S, args.H, args.D, args.k, args.reps)
+    res = bench_one(make, S, args.H, args.D, args.k, args.reps,
+                    breakdown=args.breakdown and name in ("ours", "ours_fp8"))
     if name == "ours":
         res["kernel"] = ours_kernel(q)
     return {"impl": label, **res}
@@ -471,6 +480,8 @@ def main():
     ap.add_argument("--loss-peers", default="ours,mcore", help="ours, mcore (Megatron-Core's FusedDSAIndexerLoss)")
     ap.add_argument("--check", default="", help="comma list of S for a correctness check")
     ap.add_argument("--score-only", action="store_true", help="also time our score kernel alone")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="ours: also one profiled call, device ms per kernel group (score, select, quantize, other)")
     ap.add_argument("--select-cfgs", default="",
                     help='our select kernel alone per "BLOCK,num_warps,sample_stride;..." (the Triton '
                          'select\'s is "512,4,8") or "cuda", from one [S, S] score buffer (S <= 64K)')

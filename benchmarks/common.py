@@ -10,6 +10,8 @@ Stable API (other benchmark scripts import it):
   ClockLog(): the SM clock, power and throttle reasons every 100 ms (nvidia-smi), in the background;
               .during(t0, t1) summarises what it saw between two time.time() stamps
   kernel_times(prof) -> ({kernel: [calls, ms]}, (first start, last end) in ms or None)
+  kernel_groups(kt, groups) -> {group: ms}   those summed by name fragments (the rest: "other")
+  profile_groups(fn, groups) -> {group: ms, "span": ms}   one profiled call of fn, grouped
   triton_kernels(*modules) -> [compiled kernel]   every kernel Triton compiled in this process for
               the @triton.jit functions of ``modules`` (read from Triton's own JIT cache)
   kernel_resources(kernel) -> {"kernel", "regs", "spills", "shared", "warps", "stages", "constexprs"}
@@ -35,7 +37,8 @@ import torch
 
 __all__ = [
     "time_cuda", "peak_gib", "device_name", "versions", "measure_ceilings", "write_receipt",
-    "run_guarded", "ClockLog", "kernel_times", "triton_kernels", "kernel_resources",
+    "run_guarded", "ClockLog", "kernel_times", "kernel_groups", "profile_groups", "triton_kernels",
+    "kernel_resources",
 ]
 
 
@@ -163,6 +166,31 @@ def kernel_times(prof):
         first = t0 if first is None else min(first, t0)
         last = t1 if last is None else max(last, t1)
     return dict(kern), ((first, last) if first is not None else None)
+
+
+def kernel_groups(kt: dict, groups: Dict[str, tuple]) -> Dict[str, float]:
+    """``kernel_times``' ``{kernel: [calls, ms]}`` summed into named groups: a kernel goes to the
+    first group one of whose name fragments its name contains, else to ``"other"`` (ms, rounded)."""
+    out = {g: 0.0 for g in groups}
+    out["other"] = 0.0
+    for name, (_calls, ms) in kt.items():
+        g = next((g for g, frags in groups.items() if any(f in name for f in frags)), "other")
+        out[g] += ms
+    return {g: round(v, 4) for g, v in out.items()}
+
+
+def profile_groups(fn: Callable[[], object], groups: Dict[str, tuple]) -> Dict[str, float]:
+    """Device ms of one call of ``fn`` per kernel group (``kernel_groups``), and ``span`` (the
+    first kernel's start to the last one's end), from ``torch.profiler``."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kt, span = kernel_times(prof)
+    out = kernel_groups(kt, groups)
+    out["span"] = round(span[1] - span[0], 4) if span else 0.0
+    return out
 
 
 def _jit_function(obj):
@@ -386,6 +414,15 @@ def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
                                         + [f"{r[k]:.1e}" if isinstance(r.get(k), float) else _fmt(r.get(k))
                                            for k in checks]
                                         + (_clock_cells(r.get("clock")) if clock else [])) + " |")
+    bd = [r for r in rows if r.get("breakdown_ms")]
+    if bd:  # device ms of one call per kernel group (profile_groups), where a benchmark recorded it
+        cols = list(dict.fromkeys(k for r in bd for k in r["breakdown_ms"]))
+        lines += ["", "Device time of one call by kernel group (ms, `torch.profiler`):", "",
+                  "| impl | " + " | ".join(keys) + " | " + " | ".join(cols) + " |", "|---" * (1 + len(keys) + len(cols)) + "|"]
+        for r in bd:
+            c = r.get("case", {})
+            lines.append("| " + " | ".join([r["impl"]] + [_fmt(c.get(k)) for k in keys]
+                                            + [_fmt(r["breakdown_ms"].get(k)) for k in cols]) + " |")
     if doc.get("kernel_status"):
         lines += ["", "Kernels `backend=\"auto\"` runs here (`megatron_dsa.kernels.format_status()`):", "",
                   str(doc["kernel_status"])]

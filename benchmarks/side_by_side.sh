@@ -69,7 +69,7 @@ case "$cmd" in
     done ;;
   indexer)
     timeout 560 "$PY" benchmarks/bench_indexer.py --S 4096,8192,16384,32768,65536,131072 \
-      --impls "${INDEXER_IMPLS:-ours,ours_fp8,mcore_native,mcore_tilelang,cudnn}" --score-only --loss-S 32768 \
+      --impls "${INDEXER_IMPLS:-ours,ours_fp8,mcore_native,mcore_tilelang,cudnn}" --score-only --breakdown --loss-S 32768 \
       --loss-variants attn,sparse --check 32768 --out "$OUT/receipts" 2>&1 | tee "$OUT/indexer.log" \
       | grep -v "^compile_report" | tail -45 ;;
   sparse_mla)
