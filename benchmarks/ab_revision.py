@@ -201,20 +201,6 @@ def kernel_sets() -> Dict[str, Tuple[Tuple[Path, ...], Tuple[Path, ...]]]:
             "indexer": (tuple(ii.LIBRARY.sources), tuple(ii.LIBRARY.headers))}
 
 
-class _Loaded:
-    """``cuda_build.CudaLibrary``'s interface over a loaded library (the indexer's launcher
-    calls ``LIBRARY.get()``)."""
-
-    def __init__(self, lib):
-        self.lib = lib
-
-    def get(self):
-        return self.lib
-
-    def error(self):
-        return None
-
-
 def _same_sets(a, b) -> dict:
     """Whether two selections (idx, scores) hold the same sets row by row."""
     import torch
@@ -274,7 +260,8 @@ def main(argv=None) -> int:
                     help="write --rev's kernel sources and REVISION into DIR and exit (no GPU needed)")
     ap.add_argument("--ops", default="fwd,bwd", help="comma list of fwd, bwd (sparse MLA), topk, select (indexer)")
     ap.add_argument("--cases", default="16384:64,16384:128",
-                    help="S:H pairs, comma separated (H: attention heads for fwd / bwd, indexer heads for topk / select)")
+                    help="S:H pairs, comma separated (H: attention heads for fwd / bwd, indexer heads "
+                         "for topk / select)")
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rest", type=float, default=0.4, help="seconds the GPU idles before each timed call")
@@ -308,7 +295,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_sparse_mla import make_case
 
-    from megatron_dsa.kernels.cuda_build import build_library
+    from megatron_dsa.kernels.cuda_build import LoadedLibrary, build_library
     from megatron_dsa.kernels.indexer import cuda_impl as ii
     from megatron_dsa.kernels.sparse_mla import cuda_impl as ci
 
@@ -340,7 +327,7 @@ def main(argv=None) -> int:
                     lib = ctypes.CDLL(str(build_library(f"indexer_rev_{rev_name}", tuple(srcs), tuple(hdrs),
                                                         arch=tree_ix.arch)))
                     ii._declare(lib)
-                    base_ix = _Loaded(lib)
+                    base_ix = LoadedLibrary(lib)
         except ValueError as e:
             ap.error(str(e))
         print(f"baseline ({what}): {line}", flush=True)
@@ -349,8 +336,8 @@ def main(argv=None) -> int:
     try:
         for S, H in cases:
             if base_ix is not None:
-                rows += indexer_rows(S, H, [o for o in ops if o in INDEXER_OPS], a.k, base_ix, _Loaded(tree_ix.get()),
-                                     a.reps, a.rest, rev_name)
+                ix_ops = [o for o in ops if o in INDEXER_OPS]
+                rows += indexer_rows(S, H, ix_ops, a.k, base_ix, LoadedLibrary(tree_ix.get()), a.reps, a.rest, rev_name)
             if base is None:
                 continue
             torch.manual_seed(0)

@@ -418,7 +418,8 @@ def _write_doc(doc: dict, out_dir: str) -> Dict[str, str]:
     if bd:  # device ms of one call per kernel group (profile_groups), where a benchmark recorded it
         cols = list(dict.fromkeys(k for r in bd for k in r["breakdown_ms"]))
         lines += ["", "Device time of one call by kernel group (ms, `torch.profiler`):", "",
-                  "| impl | " + " | ".join(keys) + " | " + " | ".join(cols) + " |", "|---" * (1 + len(keys) + len(cols)) + "|"]
+                  "| impl | " + " | ".join(keys) + " | " + " | ".join(cols) + " |",
+                  "|---" * (1 + len(keys) + len(cols)) + "|"]
         for r in bd:
             c = r.get("case", {})
             lines.append("| " + " | ".join([r["impl"]] + [_fmt(c.get(k)) for k in keys]

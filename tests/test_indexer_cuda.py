@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from megatron_dsa.kernels.cuda_build import LoadedLibrary
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cuda_emu"))
 from emu_lib import build_simt  # noqa: E402
@@ -199,19 +201,6 @@ def lib_emu(tmp_path_factory):
     return lib
 
 
-class _Library:
-    """``cuda_build.CudaLibrary``'s interface over an already loaded library."""
-
-    def __init__(self, lib):
-        self.lib = lib
-
-    def get(self):
-        return self.lib
-
-    def error(self):
-        return None
-
-
 @pytest.mark.parametrize("kind", ["causal", "windows"])
 def test_emulated_select_through_the_launcher(lib_emu, monkeypatch, kind):
     """``indexer_topk_triton(select_kernel="cuda")`` on the CPU (the Triton score kernel in
@@ -222,7 +211,7 @@ def test_emulated_select_through_the_launcher(lib_emu, monkeypatch, kind):
     from megatron_dsa.kernels.indexer import cuda_impl
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
-    monkeypatch.setattr(cuda_impl, "LIBRARY", _Library(lib_emu))
+    monkeypatch.setattr(cuda_impl, "LIBRARY", LoadedLibrary(lib_emu))
     monkeypatch.setattr(cuda_impl, "_stream", lambda device: None)
     B, T, S, H, D, K = 2, 70, 70, 2, 16, 20
     q, k, w = torch.randn(B, T, H, D), torch.randn(B, S, D), torch.randn(B, T, H)

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["CudaBuildError", "CudaLibrary", "cache_dir", "find_nvcc", "nvcc_version", "build_library",
-           "library_path"]
+__all__ = ["CudaBuildError", "CudaLibrary", "LoadedLibrary", "cache_dir", "find_nvcc", "nvcc_version",
+           "build_library", "library_path"]
 
 
 class CudaBuildError(RuntimeError):
@@ -176,4 +176,19 @@ class CudaLibrary:
             self.get()
         except CudaBuildError as exc:
             return str(exc)
+        return None
+
+
+class LoadedLibrary:
+    """:class:`CudaLibrary`'s interface (``get``, ``error``) over a library already loaded with
+    ``ctypes`` and declared: what a launcher that calls ``LIBRARY.get()`` is pointed at to run
+    another build of the same entry points (a revision's, an emulated one)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def get(self):
+        return self.lib
+
+    def error(self) -> Optional[str]:
         return None
