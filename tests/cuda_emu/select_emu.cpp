@@ -2,6 +2,8 @@
 // the CPU through simt.h, with the entry point's arguments: see test_indexer_cuda.py.
 // dsa_indexer_select: the same under the library's own name and signature (the stream is
 // ignored), so that cuda_impl's launcher can be pointed at it.
+#include <cstring>
+
 #include "simt.h"
 
 namespace {
@@ -16,6 +18,7 @@ extern "C" int emu_indexer_select(const void* buf, long long sb_b, long long sb_
                                   long long so_t) {
   if (K <= 0 || K > CAND_CAP) return 1;
   if (sizeof(Smem) > sizeof(smem_raw)) return 2;
+  std::memset(smem_raw, 0xA5, sizeof(smem_raw));  // (shared memory starts as garbage, as on the GPU)
   simt::launch(static_cast<unsigned>(n_rows), static_cast<unsigned>(B), NT, select_kernel,
                static_cast<const float*>(buf), sb_b, sb_r, static_cast<const int32_t*>(starts),
                static_cast<const int32_t*>(ends), sse_b, sse_t, causal, global_ids, row0, S, K,
