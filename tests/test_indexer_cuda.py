@@ -241,21 +241,24 @@ def _gpu_or_skip():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["causal", "packed"])
-def test_gpu_cuda_select_equals_triton_select(kind):
+@pytest.mark.parametrize("kind,S", [("causal", 8192), ("packed", 8192), ("packed", 20480)])
+def test_gpu_cuda_select_equals_triton_select(kind, S):
     """Real indexer scores (bf16 q / k, 64 heads of 128, k = 2048): the CUDA select gives the
-    Triton select's sets and values, in one launch and inside a CUDA graph."""
+    Triton select's sets and values, in one launch and inside a CUDA graph. At S = 20480 the
+    longest rows (>= 16K keys) take path B, in a document that starts 3 keys past a 16-byte
+    boundary."""
     _gpu_or_skip()
     from megatron_dsa.kernels.indexer import triton_impl as ti
     from megatron_dsa.kernels.indexer.reference import packed_causal_window
 
-    S, H, D, K = 8192, 64, 128, 2048
+    H, D, K = 64, 128, 2048
     q = torch.randn(1, S, H, D, device="cuda").bfloat16()
     k = torch.randn(1, S, D, device="cuda").bfloat16()
     w = torch.randn(1, S, H, device="cuda") * H**-0.5
     st = en = None
     if kind == "packed":
-        st, en = packed_causal_window(torch.tensor([0, 1000, 1001, 5000, S], device="cuda"))
+        docs = [0, 1000, 1001, 5000, S] if S == 8192 else [0, 3, S]
+        st, en = packed_causal_window(torch.tensor(docs, device="cuda"))
         st, en = st.expand(1, S).contiguous(), en.expand(1, S).contiguous()
     q, k, w, st, en, causal = ti._prep(q, k, w, st, en)
     buf = torch.empty(1, S, S, device="cuda")
