@@ -100,10 +100,9 @@ class DSAPluginConfig:
             or 64 / 32 query rows share the 64-row tile and walk the union of their selected keys
             (dkv added once per union key instead of once per row and slot; see
             ``docs/kernels_sparse_mla.md``). ``None`` (auto, default): the sm_90a CUDA backward
-            packs, and the CUDA forward up to ``fwd_pack_max_keys`` (16K keys at <= 16 heads, 32K at
-            <= 32) keys (both measured
-            faster); ``True``: also the forward beyond and the Triton backward; ``False``: never.
-            Reported in the kernel choice (``cuda-packed``).
+            packs, and the CUDA forward up to ``fwd_pack_max_keys`` keys (16K at <= 16 heads, 32K
+            at <= 32; both measured faster); ``True``: also the forward beyond and the Triton
+            backward; ``False``: never. Reported in the kernel choice (``cuda-packed``).
     """
 
     indexer_backend: str = "auto"

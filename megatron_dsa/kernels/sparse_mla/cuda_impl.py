@@ -78,6 +78,7 @@ def fwd_pack_max_keys(heads: int) -> int:
     """The most keys at which ``row_packing`` auto packs the forward of ``heads`` (<= 32) heads."""
     return FWD_PACK_MAX_KEYS[16 if heads <= 16 else 32]
 
+
 _LIB = None
 _LIB_ERROR: Optional[CudaBuildError] = None
 

@@ -70,8 +70,10 @@ __device__ __forceinline__ unsigned ordered_key(float x) {
 
 __device__ __forceinline__ unsigned lanemask_lt() { return (1u << (threadIdx.x & 31)) - 1u; }
 
-// Exclusive prefix sum of v over the CTA's threads (in thread order); ends synchronized.
-__device__ __forceinline__ unsigned block_exclusive_scan(unsigned v, Smem& sm) {
+// Exclusive prefix sum of v over the CTA's threads (in thread order); with total, also the CTA's
+// sum. One barrier: wsum (NW entries) must not be written again before a barrier that follows
+// these reads (pick_bucket ends with one; collect_at_least alternates two buffers).
+__device__ __forceinline__ unsigned block_exclusive_scan(unsigned v, unsigned* wsum, unsigned* total = nullptr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   unsigned inc = v;
 #pragma unroll
@@ -79,11 +81,21 @@ __device__ __forceinline__ unsigned block_exclusive_scan(unsigned v, Smem& sm) {
     const unsigned y = __shfl_up_sync(0xffffffffu, inc, o);
     if (lane >= o) inc += y;
   }
-  if (lane == 31) sm.wsum[warp] = inc;
+  if (lane == 31) wsum[warp] = inc;
   __syncthreads();
-  unsigned before = 0;
-  for (int w = 0; w < warp; ++w) before += sm.wsum[w];
-  __syncthreads();
+  unsigned before = 0u;
+  if (total == nullptr) {  // (pick_bucket's: the unrolled loop below costs it a spill at 40 registers)
+    for (int w = 0; w < warp; ++w) before += wsum[w];
+  } else {
+    unsigned tot = 0u;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const unsigned x = wsum[w];
+      before += w < warp ? x : 0u;
+      tot += x;
+    }
+    *total = tot;
+  }
   return before + inc - v;
 }
 
@@ -94,7 +106,8 @@ __device__ __forceinline__ void pick_bucket(Smem& sm, int width, unsigned k_rem)
   const int hi = (1 << width) - 1 - static_cast<int>(threadIdx.x) * per;
   unsigned local = 0;
   for (int i = 0; i < per; ++i) local += sm.hist[hi - i];
-  unsigned acc = block_exclusive_scan(local, sm);
+  unsigned acc = block_exclusive_scan(local, sm.wsum);
+  __syncthreads();  // (not needed by the scan, whose next call follows the final barrier; kept as timed)
   for (int i = 0; i < per; ++i) {
     const unsigned c = sm.hist[hi - i];
     if (acc < k_rem && acc + c >= k_rem) {
@@ -213,7 +226,6 @@ __device__ __forceinline__ unsigned sample_bound(const float* row, int L, int K,
 // offset from it, in keys), so that whole groups load as two float4; a group that reaches
 // outside the row (the first and the last) loads key by key. Ends synchronized.
 __device__ __forceinline__ unsigned collect_at_least(const float* row, int L, unsigned lb, Smem& sm) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int a = static_cast<int>((reinterpret_cast<uintptr_t>(row) >> 2) & 3u);
   const float* base = row - a;
   const int np = L + a;
@@ -235,22 +247,8 @@ __device__ __forceinline__ unsigned collect_at_least(const float* row, int L, un
         m |= static_cast<unsigned>(j >= 0 && j < L && ordered_key(__ldg(row + j)) >= lb) << i;
       }
     }
-    const unsigned c = __popc(m);
-    unsigned inc = c;  // inclusive scan of the counts over the warp, then over the warps
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const unsigned y = __shfl_up_sync(0xffffffffu, inc, o);
-      if (lane >= o) inc += y;
-    }
-    if (lane == 31) sm.wsum2[parity][warp] = inc;
-    __syncthreads();  // (one per tile: the next tile writes the other parity's counts)
-    unsigned pos = run + inc - c, tot = 0u;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const unsigned v = sm.wsum2[parity][w];
-      pos += w < warp ? v : 0u;
-      tot += v;
-    }
+    unsigned tot;  // (one barrier per tile: the next tile scans in the other parity's buffer)
+    unsigned pos = run + block_exclusive_scan(__popc(m), sm.wsum2[parity], &tot);
 #pragma unroll
     for (int i = 0; i < CPT; ++i) {
       if ((m >> i) & 1u) {  // (the score read again, from L1: candidates are a few percent of the keys)
