@@ -322,3 +322,25 @@ def test_gpu_loss_bf16(sparse):
     for name, a, b in zip(("loss", "dq", "dk", "dw"), res[1], res[0]):
         rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
         assert rel < 2e-2, (name, rel)
+
+
+@pytest.mark.parametrize("keys_m", [False, True])
+@pytest.mark.parametrize("kind", ["causal", "random", "packed"])
+def test_score_kernel_orientations(monkeypatch, kind, keys_m):
+    """The score kernel's two tile orientations (rows or keys as the MMA's M; a config field)
+    write the reference's masked scores, with and without per-key scales."""
+    import megatron_dsa.kernels.indexer.triton_impl as ti
+
+    if not ti.interpreting():
+        pytest.skip("the interpreter's tile config is the one patched here")
+    monkeypatch.setattr(ti, "_SCORE_CFG_INTERP", (16, 32, 4, 1, None, keys_m))
+    B, T, S, H, D = 2, 37, 37, 3, 32
+    q, k, w = _inputs(B, T, S, H, D)
+    st, en = _window(kind, B, T, S)
+    ks = torch.rand(B, S, device=DEV) + 0.5
+    for scale in (None, ks):
+        got = ti.indexer_scores_triton(q, k, w, st, en, k_scale=scale)
+        ref = indexer_scores_reference(q, k * (1.0 if scale is None else scale[..., None]), w, st, en)
+        fin = torch.isfinite(ref)
+        assert torch.equal(torch.isfinite(got), fin)
+        torch.testing.assert_close(got[fin], ref[fin].float(), atol=1e-4, rtol=1e-4)
