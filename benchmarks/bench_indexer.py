@@ -18,7 +18,8 @@ Usage (GPU):
                               #   e4m3 score kernel alone and the quantization alone
   ... --breakdown             # ours: one profiled call, device ms per kernel group (score,
                               #   select, quantize, other) in the row and the receipt
-  ... --impls ours,ours_fp8 --fp8-score-cfgs "64,128,4,3;128,128,8,3"   # e4m3 tile sweep
+  ... --impls ours,ours_fp8 --score-cfgs "64,128,4,3;64,256,16,3,0,1"   # score tile sweep (per
+                              #   precision; the last field 1: the keys as the MMA's M)
   ... --loss-S 32768          # also the indexer loss fwd+bwd (ours): sparse, attn (target from
                               #   the attention backward), dense
   ... --check 32768           # correctness spot check of ours vs the fp32 reference first
@@ -458,6 +459,29 @@ def bench_loss_from_attention(S, args):
             "tflops": None, **res}
 
 
+
+def score_cfg_sweep(name, S, args):
+    """``name`` (ours / ours_fp8) again with each of ``--score-cfgs`` as its precision's score-kernel
+    config (``triton_impl._SCORE_CFG_GPU``, restored after each)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    prec = "fp8" if name == "ours_fp8" else "bf16"
+    shipped, out = ti._SCORE_CFG_GPU[prec], []
+    for spec in args.score_cfgs.split(";"):
+        cfg = tuple(int(x) for x in spec.split(","))
+        ti._SCORE_CFG_GPU[prec] = cfg
+        try:
+            r = bench_impl(name, S, args)
+        finally:
+            ti._SCORE_CFG_GPU[prec] = shipped
+        extra = (f" r{cfg[4]}" if len(cfg) > 4 and cfg[4] else "") + (" keys_m" if len(cfg) > 5 and cfg[5] else "")
+        r["impl"] = "megatron_dsa[{} {}x{} w{} s{}{}]".format(prec, *cfg[:4], extra)
+        r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+        out.append(r)
+        print(json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
+    return out
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--S", default="4096,8192,16384,32768",
@@ -487,9 +511,10 @@ def main():
                          'select\'s is "512,4,8") or "cuda", from one [S, S] score buffer (S <= 64K)')
     ap.add_argument("--chunk-mib", type=int, default=0,
                     help="our score buffer's budget in MiB (default: the library's, 512)")
-    ap.add_argument("--fp8-score-cfgs", default="",
-                    help="ours_fp8 once per score-kernel tile 'BT,BS,warps,stages[,maxnreg];...' (the e4m3 tuning sweep; "
-                         "rows megatron_dsa[fp8 BTxBS wW sS])")
+    ap.add_argument("--score-cfgs", default="",
+                    help="ours / ours_fp8 once more per score-kernel config 'BT,BS,warps,stages[,maxnreg[,keys_m]];...' "
+                         "(maxnreg 0: none; keys_m 1: the keys as the MMA's M) for that precision (the tuning sweep; "
+                         "rows megatron_dsa[bf16|fp8 BTxBS wW sS ...])")
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "cuda", "triton"),
@@ -531,22 +556,8 @@ def main():
             rows.append(r)
             print(json.dumps(r), f"({time.time() - t0:.1f}s)", flush=True)
             torch.cuda.empty_cache()
-            if name == "ours_fp8" and args.fp8_score_cfgs:
-                from megatron_dsa.kernels.indexer import triton_impl as ti
-
-                shipped = ti._SCORE_CFG_GPU["fp8"]
-                for spec in args.fp8_score_cfgs.split(";"):
-                    cfg = tuple(int(x) for x in spec.split(","))
-                    ti._SCORE_CFG_GPU["fp8"] = cfg
-                    try:
-                        r = bench_impl(name, S, args)
-                    finally:
-                        ti._SCORE_CFG_GPU["fp8"] = shipped
-                    r["impl"] = "megatron_dsa[fp8 {}x{} w{} s{}".format(*cfg) + (f" r{cfg[4]}]" if len(cfg) > 4 else "]")
-                    r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-                    torch.cuda.empty_cache()
+            if name in ("ours", "ours_fp8") and args.score_cfgs:
+                rows += score_cfg_sweep(name, S, args)
             if name == "ours" and args.select_cfgs:
                 rows += select_sweep(S, args)
             if name in ("ours", "ours_fp8") and args.score_only:

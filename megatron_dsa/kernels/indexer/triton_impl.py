@@ -57,7 +57,7 @@ def _score_kernel(
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    KEY_SCALE: tl.constexpr,
+    KEY_SCALE: tl.constexpr, KEYS_M: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -86,31 +86,54 @@ def _score_kernel(
         kt = tl.load(k_ptr + b * sk_b + s[:, None] * sk_s + d[None, :], mask=smask[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        kt = tl.trans(kt)
-        q_row = q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + d[None, :]
         w_row = w_ptr + b * sw_b + t.to(tl.int64) * sw_t
-        acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
-        # (Issuing head h+1's MMA before head h's epilogue, by hand, measured slower on H100:
-        # score alone at S=32K 15.3 vs 13.1 ms.)
-        for h in range(H):
-            qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
-            wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
-            if UPCAST:
-                qh = qh.to(tl.float32)
-            if IEEE:
-                x = tl.dot(qh, kt, input_precision="ieee")
-            else:
-                x = tl.dot(qh, kt)
-            if USE_RELU:
-                x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
-            acc += x * wh[:, None]
-        if KEY_SCALE:  # e4m3 keys: the per-key scale (> 0) commutes with ReLU and the head sum
-            ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
-            acc = acc * ks[None, :]
-        valid = (s[None, :] >= st[:, None]) & (s[None, :] < en[:, None])
-        acc = tl.where(valid, acc, float("-inf"))
-        o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
-        tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
+        if KEYS_M:  # the keys as the MMA's M: acc[s, t] (more keys per q tile read from L2)
+            q_col = q_ptr + b * sq_b + t[None, :].to(tl.int64) * sq_t + d[:, None]
+            acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
+            for h in range(H):
+                qh = tl.load(q_col + h * sq_h, mask=rmask[None, :], other=0.0)
+                wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
+                if UPCAST:
+                    qh = qh.to(tl.float32)
+                if IEEE:
+                    x = tl.dot(kt, qh, input_precision="ieee")
+                else:
+                    x = tl.dot(kt, qh)
+                if USE_RELU:
+                    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                acc += x * wh[None, :]
+            if KEY_SCALE:
+                ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
+                acc = acc * ks[:, None]
+            valid = (s[:, None] >= st[None, :]) & (s[:, None] < en[None, :])
+            acc = tl.where(valid, acc, float("-inf"))
+            o = out_ptr + b * so_b + r[None, :].to(tl.int64) * so_r + s[:, None]
+            tl.store(o, acc, mask=rmask[None, :] & smask[:, None])
+        else:
+            kt = tl.trans(kt)
+            q_row = q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + d[None, :]
+            acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
+            # (Issuing head h+1's MMA before head h's epilogue, by hand, measured slower on H100:
+            # score alone at S=32K 15.3 vs 13.1 ms.)
+            for h in range(H):
+                qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
+                wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
+                if UPCAST:
+                    qh = qh.to(tl.float32)
+                if IEEE:
+                    x = tl.dot(qh, kt, input_precision="ieee")
+                else:
+                    x = tl.dot(qh, kt)
+                if USE_RELU:
+                    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
+                acc += x * wh[:, None]
+            if KEY_SCALE:  # e4m3 keys: the per-key scale (> 0) commutes with ReLU and the head sum
+                ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
+                acc = acc * ks[None, :]
+            valid = (s[None, :] >= st[:, None]) & (s[None, :] < en[:, None])
+            acc = tl.where(valid, acc, float("-inf"))
+            o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
+            tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +417,8 @@ def _select_kernel(
 # host side
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg]) for the score kernel, per operand
+# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg or 0[, keys_m]]) for the score kernel (keys_m: the
+# keys as the MMA's M, acc[s, t]), per operand
 # precision ("fp8": e4m3 q / k, half the shared memory per stage; capped at 168 registers, two
 # programs per SM: 15.3 against 16.3 ms uncapped at S = 32K on H100, where 64x256 and 128x128
 # tiles with 8 warps took 18.0 / 18.2 ms); select (BLOCK, num_warps); the select's threshold
@@ -455,7 +479,8 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     B, T, H, D = q.shape
     S = k.shape[1]
     bt, bs, nw, ns = cfg[:4]
-    limits = {"maxnreg": cfg[4]} if len(cfg) > 4 else {}  # a register cap, for more programs per SM
+    keys_m = len(cfg) > 5 and bool(cfg[5])
+    limits = {"maxnreg": cfg[4]} if len(cfg) > 4 and cfg[4] else {}  # a register cap, for more programs per SM
     n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, bs)
     grid = (n_s, triton.cdiv(n_rows, bt), B)
     ks = k_scale if k_scale is not None else buf
@@ -470,7 +495,7 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
         ks.stride(0),
         H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        KEY_SCALE=k_scale is not None, num_warps=nw, num_stages=ns, **limits,
+        KEY_SCALE=k_scale is not None, KEYS_M=keys_m, num_warps=nw, num_stages=ns, **limits,
     )
 
 
