@@ -47,6 +47,7 @@ constexpr int PATH_B_KEYS = 16384;     // path B's shortest row
 constexpr int SAMPLE_RUNS = NT / 2;     // path B's sample: runs of 8 keys, 4 per thread
 constexpr int SAMPLE = 8 * SAMPLE_RUNS;  // 2048 keys
 constexpr int CPT = 8;                   // path B's collection: keys per thread per tile
+constexpr int PREFETCH_TILES = 2;        // path B's collection: L2 prefetch distance in tiles
 
 struct Smem {
   unsigned hist[BINS];
@@ -107,7 +108,6 @@ __device__ __forceinline__ void pick_bucket(Smem& sm, int width, unsigned k_rem)
   unsigned local = 0;
   for (int i = 0; i < per; ++i) local += sm.hist[hi - i];
   unsigned acc = block_exclusive_scan(local, sm.wsum);
-  __syncthreads();  // (not needed by the scan, whose next call follows the final barrier; kept as timed)
   for (int i = 0; i < per; ++i) {
     const unsigned c = sm.hist[hi - i];
     if (acc < k_rem && acc + c >= k_rem) {
@@ -116,10 +116,13 @@ __device__ __forceinline__ void pick_bucket(Smem& sm, int width, unsigned k_rem)
       sm.pick[2] = static_cast<int>(c);
     }
     acc += c;
+    sm.hist[hi - i] = 0u;  // (only this thread reads these bins: the histogram is clear again)
   }
   __syncthreads();
 }
 
+// Zeroes the histogram; needed once per row: pick_bucket leaves it clear (a width-10 histogram
+// only fills the bins it reads).
 __device__ __forceinline__ void clear_hist(Smem& sm) {
   for (int i = threadIdx.x; i < BINS; i += NT) sm.hist[i] = 0u;
   __syncthreads();
@@ -201,7 +204,6 @@ __device__ __forceinline__ void compaction_pass(int n, int shift, unsigned prefi
 __device__ __forceinline__ unsigned sample_bound(const float* row, int L, int K, Smem& sm) {
   const int run = static_cast<int>(threadIdx.x) >> 1, off = 4 * (static_cast<int>(threadIdx.x) & 1);
   const long long at = static_cast<long long>(run) * (L - 8) / (SAMPLE_RUNS - 1) + off;
-  clear_hist(sm);
   // (the sample's keys are read again for the second level, from L1, not kept in registers)
   auto key = [&](int i) { return ordered_key(__ldg(row + at + i)); };
 #pragma unroll
@@ -211,7 +213,6 @@ __device__ __forceinline__ unsigned sample_bound(const float* row, int L, int K,
   const unsigned r = static_cast<unsigned>(ceilf(root * root));
   pick_bucket(sm, 11, r);
   const unsigned b0 = static_cast<unsigned>(sm.pick[0]), r1 = r - static_cast<unsigned>(sm.pick[1]);
-  clear_hist(sm);
 #pragma unroll
   for (int i = 0; i < 4; ++i)
     if ((key(i) >> 21) == b0) atomicAdd(&sm.hist[(key(i) >> 10) & 2047u], 1u);
@@ -231,8 +232,17 @@ __device__ __forceinline__ unsigned collect_at_least(const float* row, int L, un
   const int np = L + a;
   unsigned run = 0u;  // keys >= lb before the tile
   int parity = 0;
+  // each thread's 32-byte group of the tile PREFETCH_TILES ahead goes to L2 (the rows were
+  // written long before: HBM latency otherwise stalls every tile)
+  auto prefetch = [&](int v) {
+#ifdef __CUDA_ARCH__  // (a cache hint: the CPU emulation of the tests has nothing to model)
+    if (v < np) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + v));
+#endif
+  };
+  for (int t = 1; t < PREFETCH_TILES; ++t) prefetch(t * CPT * NT + CPT * static_cast<int>(threadIdx.x));
   for (int t0 = 0; t0 < np; t0 += CPT * NT) {
     const int v0 = t0 + CPT * static_cast<int>(threadIdx.x);
+    prefetch(v0 + PREFETCH_TILES * CPT * NT);
     unsigned m = 0u;  // bit i: key v0 + i is in the row and >= lb
     if (v0 >= CPT && v0 + CPT <= np) {
       const float4 p0 = __ldg(reinterpret_cast<const float4*>(base + v0));
@@ -275,7 +285,6 @@ __device__ __forceinline__ void select_in_list(Smem& sm, int n, int lvl0, int sh
   for (int lvl = lvl0; lvl < 3; ++lvl) {
     const int ds = shift_of(lvl);
     const unsigned mask = (1u << width_of(lvl)) - 1u;
-    clear_hist(sm);
     for (int i = threadIdx.x; i < n; i += NT) {
       const unsigned key = ordered_key(sm.cand_x[i]);
       if (lvl == 0 || (key >> shift) == prefix) atomicAdd(&sm.hist[(key >> ds) & mask], 1u);
@@ -335,6 +344,7 @@ __global__ void __launch_bounds__(NT, 3) select_kernel(const float* __restrict__
   }
 
   // A / B: the candidate list straight from the row (n: its keys; -1: path C)
+  clear_hist(sm);  // (once per row: each pick_bucket leaves the histogram clear)
   int n = -1;
   if (L <= CAND_CAP) {
     for (int j = threadIdx.x; j < L; j += NT) {
@@ -360,7 +370,6 @@ __global__ void __launch_bounds__(NT, 3) select_kernel(const float* __restrict__
   for (int lvl = 0; lvl < 3; ++lvl) {
     const int ds = shift_of(lvl);
     const unsigned mask = (1u << width_of(lvl)) - 1u;
-    clear_hist(sm);
     auto count = [&](float x) {
       const unsigned key = ordered_key(x);
       if (lvl == 0 || (key >> shift) == prefix) atomicAdd(&sm.hist[(key >> ds) & mask], 1u);
