@@ -87,53 +87,66 @@ def _score_kernel(
         if UPCAST:
             kt = kt.to(tl.float32)
         w_row = w_ptr + b * sw_b + t.to(tl.int64) * sw_t
-        if KEYS_M:  # the keys as the MMA's M: acc[s, t] (more keys per q tile read from L2)
-            q_col = q_ptr + b * sq_b + t[None, :].to(tl.int64) * sq_t + d[:, None]
+        # the tile: acc[t, s], or with KEYS_M acc[s, t] (the keys as the MMA's M: more keys per
+        # q tile read from L2); _rows / _keys put a row / key vector on its axis
+        q_tile = q_ptr + b * sq_b + _rows(t.to(tl.int64), KEYS_M) * sq_t + _keys(d, KEYS_M)
+        if KEYS_M:
             acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
-            for h in range(H):
-                qh = tl.load(q_col + h * sq_h, mask=rmask[None, :], other=0.0)
-                wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
-                if UPCAST:
-                    qh = qh.to(tl.float32)
-                if IEEE:
-                    x = tl.dot(kt, qh, input_precision="ieee")
-                else:
-                    x = tl.dot(kt, qh)
-                if USE_RELU:
-                    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                acc += x * wh[None, :]
-            if KEY_SCALE:
-                ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
-                acc = acc * ks[:, None]
-            valid = (s[:, None] >= st[None, :]) & (s[:, None] < en[None, :])
-            acc = tl.where(valid, acc, float("-inf"))
-            o = out_ptr + b * so_b + r[None, :].to(tl.int64) * so_r + s[:, None]
-            tl.store(o, acc, mask=rmask[None, :] & smask[:, None])
         else:
             kt = tl.trans(kt)
-            q_row = q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + d[None, :]
             acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
-            # (Issuing head h+1's MMA before head h's epilogue, by hand, measured slower on H100:
-            # score alone at S=32K 15.3 vs 13.1 ms.)
-            for h in range(H):
-                qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
-                wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
-                if UPCAST:
-                    qh = qh.to(tl.float32)
-                if IEEE:
-                    x = tl.dot(qh, kt, input_precision="ieee")
-                else:
-                    x = tl.dot(qh, kt)
-                if USE_RELU:
-                    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
-                acc += x * wh[:, None]
-            if KEY_SCALE:  # e4m3 keys: the per-key scale (> 0) commutes with ReLU and the head sum
-                ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
-                acc = acc * ks[None, :]
-            valid = (s[None, :] >= st[:, None]) & (s[None, :] < en[:, None])
-            acc = tl.where(valid, acc, float("-inf"))
-            o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
-            tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
+        # (Issuing head h+1's MMA before head h's epilogue, by hand, measured slower on H100:
+        # score alone at S=32K 15.3 vs 13.1 ms.)
+        for h in range(H):
+            qh = tl.load(q_tile + h * sq_h, mask=_rows(rmask, KEYS_M), other=0.0)
+            wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
+            if UPCAST:
+                qh = qh.to(tl.float32)
+            x = _tile_dot(qh, kt, KEYS_M, IEEE)
+            if USE_RELU:
+                x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
+            acc += x * _rows(wh, KEYS_M)
+        if KEY_SCALE:  # e4m3 keys: the per-key scale (> 0) commutes with ReLU and the head sum
+            ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
+            acc = acc * _keys(ks, KEYS_M)
+        valid = (_keys(s, KEYS_M) >= _rows(st, KEYS_M)) & (_keys(s, KEYS_M) < _rows(en, KEYS_M))
+        acc = tl.where(valid, acc, float("-inf"))
+        o = out_ptr + b * so_b + _rows(r.to(tl.int64), KEYS_M) * so_r + _keys(s, KEYS_M)
+        tl.store(o, acc, mask=_rows(rmask, KEYS_M) & _keys(smask, KEYS_M))
+
+
+@triton.jit
+def _rows(v, KEYS_M: tl.constexpr):
+    """A vector over the tile's rows (queries) on the rows' axis: 0, or 1 with KEYS_M."""
+    if KEYS_M:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _keys(v, KEYS_M: tl.constexpr):
+    """A vector over the tile's keys (or the head dim of a q tile) on the keys' axis."""
+    if KEYS_M:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _tile_dot(qh, kt, KEYS_M: tl.constexpr, IEEE: tl.constexpr):
+    """One head's scores: ``qh @ kt`` ([rows, D] x [D, keys]), or with KEYS_M ``kt @ qh``
+    ([keys, D] x [D, rows])."""
+    if KEYS_M:
+        if IEEE:
+            return tl.dot(kt, qh, input_precision="ieee")
+        else:
+            return tl.dot(kt, qh)
+    else:
+        if IEEE:
+            return tl.dot(qh, kt, input_precision="ieee")
+        else:
+            return tl.dot(qh, kt)
 
 
 # --------------------------------------------------------------------------------------------
