@@ -227,7 +227,7 @@ def indexer_rows(S: int, H: int, ops: Sequence[str], k: int, base, tree, reps: i
                 return indexer_topk(q, kk, w, k, backend="cuda")
             result = run
         else:  # the CUDA select alone on the last row chunk's scores, as the pipeline chunks them
-            n_rows = ti._plan(1, S, S, k, ti._score_cfg()[0], ti.DEFAULT_CHUNK_BYTES, scratch=False)[0]
+            n_rows = ti._plan(1, S, S, k, ti._score_cfg().block_t, ti.DEFAULT_CHUNK_BYTES, scratch=False)[0]
             row0 = (S - 1) // n_rows * n_rows
             n = S - row0
             qp, kp, wp, st, en, causal = ti._prep(q, kk, w, None, None)

@@ -192,7 +192,7 @@ def score_only(S, args, fp8=False):
 
     q, k, w = inputs(S, args.H, args.D)
     cfg = ti._score_cfg(fp8)
-    rows, _ = ti._plan(1, S, S, args.k, cfg[0], ti.DEFAULT_CHUNK_BYTES)
+    rows, _ = ti._plan(1, S, S, args.k, cfg.block_t, ti.DEFAULT_CHUNK_BYTES)
     buf = torch.empty(1, rows, S, dtype=torch.float32, device="cuda")
     extra, ks = {}, None
     if fp8:
@@ -459,7 +459,6 @@ def bench_loss_from_attention(S, args):
             "tflops": None, **res}
 
 
-
 def score_cfg_sweep(name, S, args):
     """``name`` (ours / ours_fp8) again with each of ``--score-cfgs`` as its precision's score-kernel
     config (``triton_impl._SCORE_CFG_GPU``, restored after each)."""
@@ -468,19 +467,20 @@ def score_cfg_sweep(name, S, args):
     prec = "fp8" if name == "ours_fp8" else "bf16"
     shipped, out = ti._SCORE_CFG_GPU[prec], []
     for spec in args.score_cfgs.split(";"):
-        cfg = tuple(int(x) for x in spec.split(","))
+        cfg = ti.ScoreCfg(*(int(x) for x in spec.split(",")))
         ti._SCORE_CFG_GPU[prec] = cfg
         try:
             r = bench_impl(name, S, args)
         finally:
             ti._SCORE_CFG_GPU[prec] = shipped
-        extra = (f" r{cfg[4]}" if len(cfg) > 4 and cfg[4] else "") + (" keys_m" if len(cfg) > 5 and cfg[5] else "")
-        r["impl"] = "megatron_dsa[{} {}x{} w{} s{}{}]".format(prec, *cfg[:4], extra)
+        extra = (f" r{cfg.maxnreg}" if cfg.maxnreg else "") + (" keys_m" if cfg.keys_m else "")
+        r["impl"] = f"megatron_dsa[{prec} {cfg.block_t}x{cfg.block_s} w{cfg.warps} s{cfg.stages}{extra}]"
         r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
         out.append(r)
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
     return out
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -333,7 +333,7 @@ def test_score_kernel_orientations(monkeypatch, kind, keys_m):
 
     if not ti.interpreting():
         pytest.skip("the interpreter's tile config is the one patched here")
-    monkeypatch.setattr(ti, "_SCORE_CFG_INTERP", (16, 32, 4, 1, None, keys_m))
+    monkeypatch.setattr(ti, "_SCORE_CFG_INTERP", (16, 32, 4, 1, 0, keys_m))
     B, T, S, H, D = 2, 37, 37, 3, 32
     q, k, w = _inputs(B, T, S, H, D)
     st, en = _window(kind, B, T, S)

@@ -24,7 +24,7 @@ Output order: the selected ids of a row are NOT sorted by score; rows with fewer
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -443,8 +443,20 @@ _SELECT_CFG_INTERP = (128, 4)
 SAMPLE_STRIDE = 8
 
 
-def _score_cfg(fp8: bool = False):
-    return _SCORE_CFG_INTERP if interpreting() else _SCORE_CFG_GPU["fp8" if fp8 else "bf16"]
+class ScoreCfg(NamedTuple):
+    """A score-kernel config: the tuples above (and a sweep's), fields named; ``maxnreg`` 0: no
+    register cap; ``keys_m``: the keys as the MMA's M (``acc[s, t]``)."""
+
+    block_t: int
+    block_s: int
+    warps: int
+    stages: int
+    maxnreg: int = 0
+    keys_m: bool = False
+
+
+def _score_cfg(fp8: bool = False) -> ScoreCfg:
+    return ScoreCfg(*(_SCORE_CFG_INTERP if interpreting() else _SCORE_CFG_GPU["fp8" if fp8 else "bf16"]))
 
 
 def _select_cfg(S: int):
@@ -491,11 +503,10 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     scales of e4m3 keys, applied after the head sum)."""
     B, T, H, D = q.shape
     S = k.shape[1]
-    bt, bs, nw, ns = cfg[:4]
-    keys_m = len(cfg) > 5 and bool(cfg[5])
-    limits = {"maxnreg": cfg[4]} if len(cfg) > 4 and cfg[4] else {}  # a register cap, for more programs per SM
-    n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, bs)
-    grid = (n_s, triton.cdiv(n_rows, bt), B)
+    c = ScoreCfg(*cfg)
+    limits = {"maxnreg": c.maxnreg} if c.maxnreg else {}  # a register cap, for more programs per SM
+    n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, c.block_s)
+    grid = (n_s, triton.cdiv(n_rows, c.block_t), B)
     ks = k_scale if k_scale is not None else buf
     _score_kernel[grid](
         q, k, w, starts, ends, buf, ks,
@@ -506,9 +517,9 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
         starts.stride(0), starts.stride(1),
         buf.stride(0), buf.stride(1),
         ks.stride(0),
-        H=H, D=D, BLOCK_T=bt, BLOCK_S=bs, CAUSAL=causal, USE_RELU=use_relu,
+        H=H, D=D, BLOCK_T=c.block_t, BLOCK_S=c.block_s, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        KEY_SCALE=k_scale is not None, KEYS_M=keys_m, num_warps=nw, num_stages=ns, **limits,
+        KEY_SCALE=k_scale is not None, KEYS_M=bool(c.keys_m), num_warps=c.warps, num_stages=c.stages, **limits,
     )
 
 
@@ -571,7 +582,7 @@ def indexer_topk_triton(
         from .cuda_impl import int32_windows
 
         starts, ends = int32_windows(starts, ends)
-    rows, cap = _plan(B, T, S_alloc, topk, scfg[0], chunk_bytes, scratch=select_kernel == "triton")
+    rows, cap = _plan(B, T, S_alloc, topk, scfg.block_t, chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
     # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
