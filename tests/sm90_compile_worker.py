@@ -5,7 +5,7 @@ worker runs ``triton.compile`` for a Hopper target (no GPU needed: Triton's bund
 with the arguments specialised the way a launch would (ints as i32, a value of 1 as a constant,
 multiples of 16 and pointers marked divisible by 16) at real sizes, and reads each cubin's
 resources and instruction mix with Triton's bundled ``cuobjdump``. Prints one JSON object:
-``{kernel label: {"regs", "stack", "smem", "HGMMA", "QGMMA", "HMMA", "LDL", "STL"}}`` or
+``{kernel label: {"regs", "stack", "smem", "HGMMA", ..., "STL", "F2FP.SATFINITE.E4M3"}}`` or
 ``{"error": ...}`` for a kernel that failed to compile.
 
 Run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions).
@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL")
+OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL", "F2FP.SATFINITE.E4M3")
 
 
 def compile_sm90(fn, args, consts, num_warps, num_stages=1, maxnreg=None):
@@ -92,9 +92,10 @@ def cases():
 
     from megatron_dsa.kernels.indexer import fp8 as f8
 
-    out.append(("indexer e4m3 quantize", f8._quantize_e4m3_kernel,
-                dict(x_ptr="*bf16", y_ptr="*u8", s_ptr="*fp32", n_rows=T * 64, stride_r=128),
-                dict(D=128, BLOCK_R=64, BLOCK_D=128), 4, 1))
+    for hw, tag in ((True, ""), (False, " integer path")):  # (the GPU's conversion; before sm_89)
+        out.append((f"indexer e4m3 quantize{tag}", f8._quantize_e4m3_kernel,
+                    dict(x_ptr="*bf16", y_ptr="*u8", s_ptr="*fp32", n_rows=T * 64, stride_r=128),
+                    dict(D=128, BLOCK_R=64, BLOCK_D=128, HW_CVT=hw), 4, 1))
     blk, nw_sel = idx._select_cfg(S)
     out.append(("indexer select", idx._select_kernel,
                 dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",

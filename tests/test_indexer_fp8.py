@@ -37,20 +37,10 @@ def test_quantize_in_chunks_equals_one_pass(monkeypatch):
     assert torch.equal(whole_s, torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
 
 
-def test_triton_quantization_equals_torch_bit_for_bit():
-    """The one-pass Triton quantization (the Triton backend's) gives torch's e4m3 bytes and
-    scales: every e4m3 value, the midpoints between neighbours (ties to even) and the floats
-    next to them, subnormals, -0.0, all-zero rows, NaN / inf rows, a head dim that is not a power
-    of two, a non-contiguous input, bf16 / fp16 / fp32."""
-    from megatron_dsa.kernels.indexer.fp8 import quantize_e4m3_triton
-
-    def same(x):
-        a8, a_s = quantize_e4m3_triton(x)
-        r8, r_s = quantize_e4m3(x)
-        assert a8.shape == r8.shape and a8.dtype == r8.dtype and a_s.shape == r_s.shape
-        assert torch.equal(a8.view(torch.uint8), r8.view(torch.uint8))
-        assert torch.equal(a_s, r_s)
-
+def _quantization_cases():
+    """Inputs of the bit-for-bit checks: every e4m3 value, the midpoints between neighbours
+    (ties to even) and the floats next to them, subnormals, -0.0, all-zero rows, NaN / inf rows,
+    a head dim that is not a power of two, non-contiguous rows, bf16 / fp16 / fp32."""
     vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     vals = vals[~vals.isnan()].unique()
     mids = (vals[1:] + vals[:-1]) / 2
@@ -58,17 +48,48 @@ def test_triton_quantization_equals_torch_bit_for_bit():
     y = y[y.abs() <= E4M3_MAX]
     grid = torch.cat([y, torch.zeros((-y.numel()) % 64)]).view(-1, 64)
     grid[:, 0] = E4M3_MAX                      # scale exactly 1: the grid is what gets rounded
-    same(grid)
+    yield grid
     g = torch.Generator().manual_seed(1)
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         x = (torch.randn(3, 9, 4, 128, generator=g) * torch.rand(3, 9, 4, 1, generator=g) ** 6 * 50).to(dt)
         x[0, 3, 1] = 0.0
         x[1, 2, 0, :5] = -0.0
-        same(x)
-        same(x.transpose(1, 2))                # non-contiguous rows
+        yield x
+        yield x.transpose(1, 2)                # non-contiguous rows
     x = torch.randn(6, 48, generator=g)
     x[0, 3], x[1, 5], x[2, 7], x[3] = float("nan"), float("inf"), -float("inf"), 0.0
-    same(x)
+    yield x
+
+
+def _check_quantization_bits(device):
+    from megatron_dsa.kernels.indexer.fp8 import quantize_e4m3_triton
+
+    for x in _quantization_cases():
+        a8, a_s = quantize_e4m3_triton(x.to(device))
+        r8, r_s = quantize_e4m3(x)
+        assert a8.shape == r8.shape and a8.dtype == r8.dtype and a_s.shape == r_s.shape
+        assert torch.equal(_nan_unsigned(a8.cpu()), _nan_unsigned(r8))
+        assert torch.equal(a_s.cpu(), r_s)
+
+
+def _nan_unsigned(x8):
+    """e4m3 bytes with NaN's sign bit cleared: a GPU's arithmetic makes its NaNs positive
+    (inf / inf), x86's negative; every other byte must agree."""
+    b = x8.view(torch.uint8)
+    return torch.where((b & 0x7F) == 0x7F, torch.full_like(b, 0x7F), b)
+
+
+def test_triton_quantization_equals_torch_bit_for_bit():
+    """The one-pass Triton quantization (the Triton backend's) gives torch's e4m3 bytes and
+    scales (the integer path here; the GPU's own conversion on sm_89+: the GPU test below)."""
+    _check_quantization_bits("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_gpu_triton_quantization_equals_torch_bit_for_bit():
+    """The GPU's e4m3 conversion (cvt.rn.satfinite) gives torch's bytes (CPU) on every case."""
+    _check_quantization_bits("cuda")
 
 
 def _fp8_scores(q, k, w):

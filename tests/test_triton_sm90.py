@@ -70,3 +70,10 @@ def test_no_new_spills_and_shared_memory_fits(compiled):
     assert not spilling, spilling
     for label, r in compiled.items():
         assert r["smem"] <= 227 * 1024, (label, r["smem"])
+
+
+def test_e4m3_quantization_converts_in_hardware(compiled):
+    """On sm_89+ the quantization forms its e4m3 bytes with the GPU's conversion (two values per
+    instruction); the integer path (Triton's interpreter, older GPUs) has none."""
+    assert compiled["indexer e4m3 quantize"]["F2FP.SATFINITE.E4M3"] > 0
+    assert compiled["indexer e4m3 quantize integer path"]["F2FP.SATFINITE.E4M3"] == 0

@@ -11,9 +11,10 @@ Queries are quantized per (token, head) and keys per token, each row to its own 
   elsewhere the reference scores the same values in fp32.
 * :func:`quantize_e4m3` — the quantization in torch ops (the reference, and the CPU path);
   :func:`quantize_e4m3_triton` — the same bits from one Triton pass (what the Triton backend
-  runs: no fp32 temporaries). The e4m3 bits are formed with integer operations (round to nearest
-  even on the fp32 bit pattern), so Triton's interpreter, whose fp8 cast does not round to
-  nearest, computes what the GPU computes.
+  runs: no fp32 temporaries). On sm_89 and later the GPU's own conversion forms the e4m3 bits
+  (`cvt.rn.satfinite`: round to nearest even, saturating); elsewhere, Triton's interpreter
+  included (its fp8 cast does not round to nearest), integer operations on the fp32 bit pattern
+  form the same bits.
 * :func:`fp8_selection_inputs` — fp32 inputs whose ordinary top-k is that selection (the e4m3
   query values, the folded weights, ``k8 * sk``), for paths that take plain tensors (the graphed
   top-k of packed batches).
@@ -26,6 +27,8 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ..triton_common import interpreting
 
 __all__ = ["E4M3_MAX", "quantize_e4m3", "quantize_e4m3_triton", "fp8_selection_inputs"]
 
@@ -77,7 +80,7 @@ def _e4m3_bits(y):
 
 @triton.jit
 def _quantize_e4m3_kernel(x_ptr, y_ptr, s_ptr, n_rows, stride_r, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          BLOCK_D: tl.constexpr, HW_CVT: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     rmask = r < n_rows
@@ -88,16 +91,28 @@ def _quantize_e4m3_kernel(x_ptr, y_ptr, s_ptr, n_rows, stride_r, D: tl.constexpr
     nan_row = tl.max((x != x).to(tl.int32), axis=1) > 0
     scale = tl.where((amax > 0) & ~nan_row, tl.math.div_rn(amax, 448.0), 1.0)
     y = tl.math.div_rn(x, scale[:, None])
-    y = tl.maximum(y, -448.0, propagate_nan=tl.PropagateNan.ALL)
-    y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(y_ptr + r[:, None].to(tl.int64) * D + d[None, :], _e4m3_bits(y).to(tl.uint8), mask=m)
+    if HW_CVT:
+        # cvt.rn.satfinite.e4m3x2.f32 (sm_89+): round to nearest even and the clamp to +-448 in
+        # one instruction per two values (a NaN stays NaN)
+        bits = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        y = tl.maximum(y, -448.0, propagate_nan=tl.PropagateNan.ALL)
+        y = tl.minimum(y, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        bits = _e4m3_bits(y)
+    tl.store(y_ptr + r[:, None].to(tl.int64) * D + d[None, :], bits.to(tl.uint8), mask=m)
     tl.store(s_ptr + r, scale, mask=rmask)
 
 
+def _hardware_e4m3(device: torch.device) -> bool:
+    """Whether the GPU converts fp32 to e4m3 itself (sm_89 and later); Triton's interpreter's
+    fp8 cast does not round to nearest, so it takes the integer path."""
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_e4m3` in one Triton pass (bit for bit the same e4m3 values and scales):
-    each row of the last dim read once, its e4m3 bytes and scale written. CUDA tensors or
-    Triton's interpreter."""
+    """:func:`quantize_e4m3` in one Triton pass (bit for bit the same e4m3 values and scales; a
+    NaN's sign bit may differ): each row of the last dim read once, its e4m3 bytes and scale
+    written. CUDA tensors or Triton's interpreter."""
     rows, x8, scale = _rows_and_outputs(x)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -106,7 +121,8 @@ def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         block_d = triton.next_power_of_2(D)
         block_r = max(1, min(64, 8192 // block_d))
         _quantize_e4m3_kernel[(triton.cdiv(n, block_r),)](rows, x8.view(torch.uint8), scale, n, rows.stride(0), D=D,
-                                                          BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+                                                          BLOCK_R=block_r, BLOCK_D=block_d,
+                                                          HW_CVT=_hardware_e4m3(x.device), num_warps=4)
     return x8.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
