@@ -473,7 +473,7 @@ def score_cfg_sweep(name, S, args):
             r = bench_impl(name, S, args)
         finally:
             ti._SCORE_CFG_GPU[prec] = shipped
-        extra = (f" r{cfg.maxnreg}" if cfg.maxnreg else "") + (" keys_m" if cfg.keys_m else "")
+        extra = f" r{cfg.maxnreg}" if cfg.maxnreg else ""
         r["impl"] = f"megatron_dsa[{prec} {cfg.block_t}x{cfg.block_s} w{cfg.warps} s{cfg.stages}{extra}]"
         r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
         out.append(r)
@@ -512,8 +512,8 @@ def main():
     ap.add_argument("--chunk-mib", type=int, default=0,
                     help="our score buffer's budget in MiB (default: the library's, 512)")
     ap.add_argument("--score-cfgs", default="",
-                    help="ours / ours_fp8 once more per score-kernel config 'BT,BS,warps,stages[,maxnreg[,keys_m]];...' "
-                         "(maxnreg 0: none; keys_m 1: the keys as the MMA's M) for that precision (the tuning sweep; "
+                    help="ours / ours_fp8 once more per score-kernel config 'BT,BS,warps,stages[,maxnreg];...' "
+                         "(maxnreg 0: none) for that precision (the tuning sweep; "
                          "rows megatron_dsa[bf16|fp8 BTxBS wW sS ...])")
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")

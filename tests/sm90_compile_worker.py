@@ -74,20 +74,16 @@ def cases():
 
     T = S = 16384
     out = []
-    # the shipped score tiles, and the keys-as-M orientation's 32 x 256 tile (8 warps: two
-    # programs per SM by registers and shared memory; the sweep's candidate)
-    score_cfgs = [(fp8, "", idx._SCORE_CFG_GPU["fp8" if fp8 else "bf16"]) for fp8 in (False, True)]
-    score_cfgs += [(fp8, " keys_m 32x256", (32, 256, 8, 3, 0, 1)) for fp8 in (False, True)]
-    for fp8, tag, cfg in score_cfgs:
-        cfg = idx.ScoreCfg(*cfg)
+    for fp8 in (False, True):  # the shipped score tiles
+        cfg = idx.ScoreCfg(*idx._SCORE_CFG_GPU["fp8" if fp8 else "bf16"])
         dt = "*fp8e4nv" if fp8 else "*bf16"
         args = dict(q_ptr=dt, k_ptr=dt, w_ptr="*fp32", st_ptr="*i32", en_ptr="*i32", out_ptr="*fp32",
                     ks_ptr="*fp32", row0=0, n_rows=8192, T=T, S=S, sq_b=T * 64 * 128, sq_t=64 * 128, sq_h=128,
                     sk_b=S * 128, sk_s=128, sw_b=T * 64, sw_t=64, sw_h=1, sse_b=T, sse_t=1, so_b=8192 * S,
                     so_r=S, sks_b=S)
         c = dict(H=64, D=128, BLOCK_T=cfg.block_t, BLOCK_S=cfg.block_s, CAUSAL=True, USE_RELU=True, UPCAST=False,
-                 IEEE=False, KEY_SCALE=fp8, KEYS_M=bool(cfg.keys_m))
-        out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}{tag}", idx._score_kernel, args, c, cfg.warps,
+                 IEEE=False, KEY_SCALE=fp8)
+        out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, cfg.warps,
                     cfg.stages, *([cfg.maxnreg] if cfg.maxnreg else [])))
 
     from megatron_dsa.kernels.indexer import fp8 as f8

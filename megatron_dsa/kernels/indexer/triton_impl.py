@@ -57,7 +57,7 @@ def _score_kernel(
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    KEY_SCALE: tl.constexpr, KEYS_M: tl.constexpr,
+    KEY_SCALE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -86,67 +86,32 @@ def _score_kernel(
         kt = tl.load(k_ptr + b * sk_b + s[:, None] * sk_s + d[None, :], mask=smask[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
+        kt = tl.trans(kt)
+        q_row = q_ptr + b * sq_b + t[:, None].to(tl.int64) * sq_t + d[None, :]
         w_row = w_ptr + b * sw_b + t.to(tl.int64) * sw_t
-        # the tile: acc[t, s], or with KEYS_M acc[s, t] (the keys as the MMA's M: more keys per
-        # q tile read from L2); _rows / _keys put a row / key vector on its axis
-        q_tile = q_ptr + b * sq_b + _rows(t.to(tl.int64), KEYS_M) * sq_t + _keys(d, KEYS_M)
-        if KEYS_M:
-            acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
-        else:
-            kt = tl.trans(kt)
-            acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
         # (Issuing head h+1's MMA before head h's epilogue, by hand, measured slower on H100:
-        # score alone at S=32K 15.3 vs 13.1 ms.)
+        # score alone at S=32K 15.3 vs 13.1 ms; the keys as the MMA's M, acc[s, t], half the q
+        # bytes per score, slower still: docs/kernels_indexer.md section 4.)
         for h in range(H):
-            qh = tl.load(q_tile + h * sq_h, mask=_rows(rmask, KEYS_M), other=0.0)
+            qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
             wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
             if UPCAST:
                 qh = qh.to(tl.float32)
-            x = _tile_dot(qh, kt, KEYS_M, IEEE)
+            if IEEE:
+                x = tl.dot(qh, kt, input_precision="ieee")
+            else:
+                x = tl.dot(qh, kt)
             if USE_RELU:
                 x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
-            acc += x * _rows(wh, KEYS_M)
+            acc += x * wh[:, None]
         if KEY_SCALE:  # e4m3 keys: the per-key scale (> 0) commutes with ReLU and the head sum
             ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
-            acc = acc * _keys(ks, KEYS_M)
-        valid = (_keys(s, KEYS_M) >= _rows(st, KEYS_M)) & (_keys(s, KEYS_M) < _rows(en, KEYS_M))
+            acc = acc * ks[None, :]
+        valid = (s[None, :] >= st[:, None]) & (s[None, :] < en[:, None])
         acc = tl.where(valid, acc, float("-inf"))
-        o = out_ptr + b * so_b + _rows(r.to(tl.int64), KEYS_M) * so_r + _keys(s, KEYS_M)
-        tl.store(o, acc, mask=_rows(rmask, KEYS_M) & _keys(smask, KEYS_M))
-
-
-@triton.jit
-def _rows(v, KEYS_M: tl.constexpr):
-    """A vector over the tile's rows (queries) on the rows' axis: 0, or 1 with KEYS_M."""
-    if KEYS_M:
-        return v[None, :]
-    else:
-        return v[:, None]
-
-
-@triton.jit
-def _keys(v, KEYS_M: tl.constexpr):
-    """A vector over the tile's keys (or the head dim of a q tile) on the keys' axis."""
-    if KEYS_M:
-        return v[:, None]
-    else:
-        return v[None, :]
-
-
-@triton.jit
-def _tile_dot(qh, kt, KEYS_M: tl.constexpr, IEEE: tl.constexpr):
-    """One head's scores: ``qh @ kt`` ([rows, D] x [D, keys]), or with KEYS_M ``kt @ qh``
-    ([keys, D] x [D, rows])."""
-    if KEYS_M:
-        if IEEE:
-            return tl.dot(kt, qh, input_precision="ieee")
-        else:
-            return tl.dot(kt, qh)
-    else:
-        if IEEE:
-            return tl.dot(qh, kt, input_precision="ieee")
-        else:
-            return tl.dot(qh, kt)
+        o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
+        tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,8 +395,7 @@ def _select_kernel(
 # host side
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg or 0[, keys_m]]) for the score kernel (keys_m: the
-# keys as the MMA's M, acc[s, t]), per operand
+# (BLOCK_T, BLOCK_S, num_warps, num_stages[, maxnreg or 0]) for the score kernel, per operand
 # precision ("fp8": e4m3 q / k, half the shared memory per stage; capped at 168 registers, two
 # programs per SM: 15.3 against 16.3 ms uncapped at S = 32K on H100, where 64x256 and 128x128
 # tiles with 8 warps took 18.0 / 18.2 ms); select (BLOCK, num_warps); the select's threshold
@@ -445,14 +409,13 @@ SAMPLE_STRIDE = 8
 
 class ScoreCfg(NamedTuple):
     """A score-kernel config: the tuples above (and a sweep's), fields named; ``maxnreg`` 0: no
-    register cap; ``keys_m``: the keys as the MMA's M (``acc[s, t]``)."""
+    register cap."""
 
     block_t: int
     block_s: int
     warps: int
     stages: int
     maxnreg: int = 0
-    keys_m: bool = False
 
 
 def _score_cfg(fp8: bool = False) -> ScoreCfg:
@@ -519,7 +482,7 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
         ks.stride(0),
         H=H, D=D, BLOCK_T=c.block_t, BLOCK_S=c.block_s, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        KEY_SCALE=k_scale is not None, KEYS_M=bool(c.keys_m), num_warps=c.warps, num_stages=c.stages, **limits,
+        KEY_SCALE=k_scale is not None, num_warps=c.warps, num_stages=c.stages, **limits,
     )
 
 
