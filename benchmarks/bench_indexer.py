@@ -482,6 +482,28 @@ def score_cfg_sweep(name, S, args):
     return out
 
 
+def overlap_rows(name, S, args):
+    """``name`` (ours / ours_fp8) with ``triton_impl.SELECT_OVERLAP`` on (each chunk's select
+    on a side stream beside the next chunk's scores), then off again (the serial loop timed on
+    both sides of it)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    prec, out = ("fp8 " if name == "ours_fp8" else ""), []
+    shipped = ti.SELECT_OVERLAP
+    for overlap, tag in ((True, "overlap"), (False, "serial again")):
+        ti.SELECT_OVERLAP = overlap
+        try:
+            r = bench_impl(name, S, args)
+        finally:
+            ti.SELECT_OVERLAP = shipped
+        r["impl"] = f"megatron_dsa[{prec}{tag}]"
+        r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+        out.append(r)
+        print(json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--S", default="4096,8192,16384,32768",
@@ -515,6 +537,9 @@ def main():
                     help="ours / ours_fp8 once more per score-kernel config 'BT,BS,warps,stages[,maxnreg];...' "
                          "(maxnreg 0: none) for that precision (the tuning sweep; "
                          "rows megatron_dsa[bf16|fp8 BTxBS wW sS ...])")
+    ap.add_argument("--select-overlap", action="store_true",
+                    help="ours / ours_fp8 again with each chunk's CUDA select overlapped with the next chunk's "
+                         "scores (triton_impl.SELECT_OVERLAP), then serial again")
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "cuda", "triton"),
@@ -558,6 +583,8 @@ def main():
             torch.cuda.empty_cache()
             if name in ("ours", "ours_fp8") and args.score_cfgs:
                 rows += score_cfg_sweep(name, S, args)
+            if name in ("ours", "ours_fp8") and args.select_overlap:
+                rows += overlap_rows(name, S, args)
             if name == "ours" and args.select_cfgs:
                 rows += select_sweep(S, args)
             if name in ("ours", "ours_fp8") and args.score_only:

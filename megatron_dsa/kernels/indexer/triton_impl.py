@@ -405,6 +405,12 @@ _SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
 _SELECT_CFG_INTERP = (128, 4)
 SAMPLE_STRIDE = 8
+# With the CUDA select on a GPU: select chunk i on a second stream while chunk i + 1's scores are
+# computed, in two buffers of half the budget each, the select with 256 threads per CTA (10,240
+# registers: one CTA fits on an SM beside two bf16 score programs' 51,200, where a 512-thread
+# one's 20,480 does not). The same sets as the serial loop. Off until timed against it
+# (bench_indexer.py --select-overlap).
+SELECT_OVERLAP = False
 
 
 class ScoreCfg(NamedTuple):
@@ -545,11 +551,17 @@ def indexer_topk_triton(
         from .cuda_impl import int32_windows
 
         starts, ends = int32_windows(starts, ends)
+    # (With the Triton select, overlapping chunk i's select with chunk i+1's scores on a second
+    # stream was measured slower on H100 at S=32K: 20.56 vs 19.43 ms; the CUDA select's overlap
+    # is _overlapped_chunks.)
+    if select_kernel == "cuda" and SELECT_OVERLAP and q.device.type == "cuda" and S > 0:
+        half = _plan(B, T, S, topk, scfg.block_t, chunk_bytes // 2, scratch=False)[0]
+        if half < T:  # (at least two chunks)
+            _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, half, S, global_ids, scfg, k_scale)
+            return idx, vals
     rows, cap = _plan(B, T, S_alloc, topk, scfg.block_t, chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
-    # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
-    # buffer sets, was measured slower on H100 at S=32K: 20.56 vs 19.43 ms. Not kept.)
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
@@ -557,6 +569,43 @@ def indexer_topk_triton(
         launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel),
                       kernel=select_kernel)
     return idx, vals
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, rows, S, global_ids, scfg, k_scale):
+    """The row chunks of ``rows`` rows in two score buffers: chunk i's scores on the current
+    stream, its CUDA select (256 threads per CTA) on a side stream, so that it runs while chunk
+    i + 1's scores are computed into the other buffer. Chunk i + 2's scores wait for chunk i's
+    select (its buffer); the current stream waits for the side stream at the end, so the outputs
+    are ready in stream order. Events and stream waits only: no host synchronization, and the
+    fork / join pattern CUDA graph capture accepts."""
+    from .cuda_impl import select_cuda
+
+    B, T = idx.shape[0], idx.shape[1]
+    dev = q.device
+    main = torch.cuda.current_stream(dev)
+    side = _SIDE_STREAMS.get(dev.index)
+    if side is None:
+        side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
+    bufs = [torch.empty(B, rows, S, dtype=torch.float32, device=dev) for _ in range(2)]
+    free = [None, None]  # per buffer: the event after its last select
+    side.wait_stream(main)  # the inputs and outputs, as the caller's stream left them
+    for i, row0 in enumerate(range(0, T, rows)):
+        n = min(rows, T - row0)
+        buf = bufs[i % 2]
+        if free[i % 2] is not None:
+            main.wait_event(free[i % 2])
+        _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
+        scored = torch.cuda.Event()
+        scored.record(main)
+        side.wait_event(scored)
+        with torch.cuda.stream(side):
+            select_cuda(buf, starts, ends, idx, vals, row0, n, S, causal, global_ids, threads=256)
+        free[i % 2] = torch.cuda.Event()
+        free[i % 2].record(side)
+    main.wait_stream(side)
 
 
 def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg,

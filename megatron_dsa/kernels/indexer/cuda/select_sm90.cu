@@ -1,5 +1,10 @@
-// C entry point of the select kernel (select_sm90.cuh, where the algorithm is described).
+// C entry point of the select kernel (select_sm90.cuh, where the algorithm is described); the
+// 256-thread variant (select_sm90_nt256.cu) includes this file under its own entry name.
 #include <cuda_runtime.h>
+
+#ifndef DSA_SELECT_ENTRY
+#define DSA_SELECT_ENTRY dsa_indexer_select
+#endif
 
 #include "../../sparse_mla/cuda/sm90_common.cuh"
 #include "select_sm90.cuh"
@@ -10,7 +15,7 @@ extern "C" {
 // buf + b * sb_b + r * sb_r (element strides); starts / ends: int32 [B, T] windows (strides
 // sse_b, sse_t) unless causal (row t: keys [0, t + 1)); idx / vals: int32 / fp32 [B, T, K]
 // (strides so_b, so_t). K <= 6144. Returns a cudaError_t (0 = launched).
-int dsa_indexer_select(const void* buf, long long sb_b, long long sb_r, const void* starts, const void* ends,
+int DSA_SELECT_ENTRY(const void* buf, long long sb_b, long long sb_r, const void* starts, const void* ends,
                        long long sse_b, long long sse_t, int causal, int global_ids, int row0, int n_rows, int B,
                        int S, int K, void* idx, void* vals, long long so_b, long long so_t, void* stream) {
   if (n_rows <= 0 || B <= 0) return 0;

@@ -1,6 +1,6 @@
 // Exact top-k of each row of fp32 indexer scores: radix select with shared-memory histograms.
 //
-// One CTA of 512 threads per row. Keys are the order-preserving uint32 images of the scores
+// One CTA of 512 threads (or 256: DSA_SELECT_NT) per row. Keys are the order-preserving uint32 images of the scores
 // (-0.0 folded onto +0.0), cut into three digits: bits [21, 32), [10, 21) and [0, 10). Every
 // path ends in a shared-memory candidate list (key, position) in index order, whose remaining
 // digits are histogrammed in shared memory before one compaction of the list to the output.
@@ -38,14 +38,22 @@
 
 namespace {
 
-constexpr int NT = 512;  // threads per CTA
+#ifndef DSA_SELECT_NT
+#define DSA_SELECT_NT 512
+#endif
+// Threads per CTA: 512 (the default launch), or 256 (select_sm90_nt256.cu: a CTA small enough
+// to run beside two score programs on one SM, for the overlapped pipeline of triton_impl).
+constexpr int NT = DSA_SELECT_NT;
+static_assert(NT == 256 || NT == 512, "the select runs 256 or 512 threads per CTA");
+constexpr int MIN_CTAS = 1536 / NT;  // CTAs per SM the register budget allows (40 registers)
 constexpr int NW = NT / 32;
 constexpr int STEPS = 32 / NW;  // steps of NT keys per compaction tile: 32 (step, warp) counts
 constexpr int BINS = 2048;      // the widest digit: 11 bits
 constexpr int CAND_CAP = 6144;  // candidates kept in shared memory
 constexpr int PATH_B_KEYS = 16384;     // path B's shortest row
-constexpr int SAMPLE_RUNS = NT / 2;     // path B's sample: runs of 8 keys, 4 per thread
+constexpr int SAMPLE_RUNS = 256;         // path B's sample: runs of 8 keys, 4 per half-run
 constexpr int SAMPLE = 8 * SAMPLE_RUNS;  // 2048 keys
+constexpr int SAMPLE_REPS = 2 * SAMPLE_RUNS / NT;  // half-runs per thread
 constexpr int CPT = 8;                   // path B's collection: keys per thread per tile
 constexpr int PREFETCH_TILES = 2;        // path B's collection: L2 prefetch distance in tiles
 
@@ -202,20 +210,27 @@ __device__ __forceinline__ void compaction_pass(int n, int shift, unsigned prefi
 // Path B's bound: the first two digits (22 bits) of the sample's r-th largest key, r from
 // r - 3 sqrt(r) = K SAMPLE / L. Needs L >= PATH_B_KEYS (r <= 309 < SAMPLE).
 __device__ __forceinline__ unsigned sample_bound(const float* row, int L, int K, Smem& sm) {
-  const int run = static_cast<int>(threadIdx.x) >> 1, off = 4 * (static_cast<int>(threadIdx.x) & 1);
-  const long long at = static_cast<long long>(run) * (L - 8) / (SAMPLE_RUNS - 1) + off;
+  // half-run h = threadIdx.x + rep NT: keys [4 (h & 1), 4 (h & 1) + 4) of run h >> 1
+  auto at = [&](int rep) {
+    const int h = static_cast<int>(threadIdx.x) + rep * NT;
+    return static_cast<long long>(h >> 1) * (L - 8) / (SAMPLE_RUNS - 1) + 4 * (h & 1);
+  };
   // (the sample's keys are read again for the second level, from L1, not kept in registers)
-  auto key = [&](int i) { return ordered_key(__ldg(row + at + i)); };
+  auto key = [&](int rep, int i) { return ordered_key(__ldg(row + at(rep) + i)); };
 #pragma unroll
-  for (int i = 0; i < 4; ++i) atomicAdd(&sm.hist[key(i) >> 21], 1u);
+  for (int rep = 0; rep < SAMPLE_REPS; ++rep)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) atomicAdd(&sm.hist[key(rep, i) >> 21], 1u);
   __syncthreads();
   const float root = 1.5f + sqrtf(2.25f + static_cast<float>(K) * static_cast<float>(SAMPLE) / static_cast<float>(L));
   const unsigned r = static_cast<unsigned>(ceilf(root * root));
   pick_bucket(sm, 11, r);
   const unsigned b0 = static_cast<unsigned>(sm.pick[0]), r1 = r - static_cast<unsigned>(sm.pick[1]);
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    if ((key(i) >> 21) == b0) atomicAdd(&sm.hist[(key(i) >> 10) & 2047u], 1u);
+  for (int rep = 0; rep < SAMPLE_REPS; ++rep)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if ((key(rep, i) >> 21) == b0) atomicAdd(&sm.hist[(key(rep, i) >> 10) & 2047u], 1u);
   __syncthreads();
   pick_bucket(sm, 11, r1);
   return (b0 << 21) | (static_cast<unsigned>(sm.pick[0]) << 10);
@@ -309,7 +324,7 @@ __device__ __forceinline__ void select_in_list(Smem& sm, int n, int lvl0, int sh
       });
 }
 
-__global__ void __launch_bounds__(NT, 3) select_kernel(const float* __restrict__ buf, long long sb_b, long long sb_r,
+__global__ void __launch_bounds__(NT, MIN_CTAS) select_kernel(const float* __restrict__ buf, long long sb_b, long long sb_r,
                                                     const int32_t* __restrict__ starts,
                                                     const int32_t* __restrict__ ends, long long sse_b,
                                                     long long sse_t, int causal, int global_ids, int row0, int S,
