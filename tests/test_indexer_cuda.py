@@ -234,6 +234,55 @@ def test_emulated_select_through_the_launcher(lib_emu, monkeypatch, kind):
     _check(scores, idx, vals, 0, K, window, global_ids)
 
 
+def test_emulated_overlapped_chunk_loop(tmp_path_factory, monkeypatch):
+    """``triton_impl._overlapped_chunks`` on the CPU: the Triton score kernel in the interpreter,
+    the 256-thread select emulated behind the library's launcher, and the streams and events as
+    no-op stand-ins (the CPU runs each launch to completion, so this checks the loop's
+    bookkeeping, not its concurrency: two buffers alternating over chunks of ``rows`` rows, each
+    chunk's row offset, the 256-thread entry point). Same ids as the serial loop."""
+    import contextlib
+    import types
+
+    from megatron_dsa.kernels.indexer import cuda_impl
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    lib = _build_emu(tmp_path_factory, "indexer_emu256.so", ["select_emu_nt256.cpp"])
+    fn = lib.dsa_indexer_select  # (the emulated library names its entry as the 512-thread one)
+    cuda_impl._declare_entry(fn)
+    monkeypatch.setattr(cuda_impl, "LIBRARY", LoadedLibrary(types.SimpleNamespace(dsa_indexer_select_nt256=fn)))
+    monkeypatch.setattr(cuda_impl, "_stream", lambda device: None)
+
+    class Stand:  # a stream or an event: every wait and record is a no-op on the CPU
+        def __init__(self, *a, **kw):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stand())
+    monkeypatch.setattr(torch.cuda, "Stream", Stand)
+    monkeypatch.setattr(torch.cuda, "Event", Stand)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(ti, "_SIDE_STREAMS", {})
+    B, T, S, H, D, K = 2, 70, 70, 2, 16, 20
+    q, k, w = torch.randn(B, T, H, D), torch.randn(B, S, D), torch.randn(B, T, H)
+    a, c = torch.randint(0, S + 1, (B, T)), torch.randint(0, S + 1, (B, T))
+    st, en = torch.minimum(a, c).to(torch.int32), torch.maximum(a, c).to(torch.int32)
+    scores = _in_process_with_deadline(lambda: ti.indexer_scores_triton(q, k, w, st, en, True))
+    rows = ti._score_cfg().block_t  # 16 rows: 5 chunks, the buffers alternating
+    idx = torch.full((B, T, K), -7, dtype=torch.int32)
+    vals = torch.full((B, T, K), float("nan"))
+    _in_process_with_deadline(lambda: ti._overlapped_chunks(
+        q, k, w, st, en, False, True, idx, vals, rows, S, True, ti._score_cfg(), None))
+    _check(scores, idx, vals, 0, K, lambda b, t: (int(st[b, t]), int(en[b, t])), True)
+
+
 def _gpu_or_skip():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
