@@ -459,26 +459,37 @@ def bench_loss_from_attention(S, args):
             "tflops": None, **res}
 
 
-def score_cfg_sweep(name, S, args):
-    """``name`` (ours / ours_fp8) again with each of ``--score-cfgs`` as its precision's score-kernel
-    config (``triton_impl._SCORE_CFG_GPU``, restored after each)."""
+def _row_with(name, S, args, impl, **patch):
+    """``name`` (ours / ours_fp8) timed with these ``triton_impl`` globals replaced (restored
+    after), printed and returned as row ``impl``."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
-    prec = "fp8" if name == "ours_fp8" else "bf16"
-    shipped, out = ti._SCORE_CFG_GPU[prec], []
+    saved = {a: getattr(ti, a) for a in patch}
+    for a, v in patch.items():
+        setattr(ti, a, v)
+    try:
+        r = bench_impl(name, S, args)
+    finally:
+        for a, v in saved.items():
+            setattr(ti, a, v)
+    r["impl"] = impl
+    r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
+    print(json.dumps(r), flush=True)
+    torch.cuda.empty_cache()
+    return r
+
+
+def score_cfg_sweep(name, S, args):
+    """``name`` (ours / ours_fp8) again with each of ``--score-cfgs`` as its precision's score-kernel
+    config (``triton_impl._SCORE_CFG_GPU``)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    prec, out = "fp8" if name == "ours_fp8" else "bf16", []
     for spec in args.score_cfgs.split(";"):
         cfg = ti.ScoreCfg(*(int(x) for x in spec.split(",")))
-        ti._SCORE_CFG_GPU[prec] = cfg
-        try:
-            r = bench_impl(name, S, args)
-        finally:
-            ti._SCORE_CFG_GPU[prec] = shipped
         extra = f" r{cfg.maxnreg}" if cfg.maxnreg else ""
-        r["impl"] = f"megatron_dsa[{prec} {cfg.block_t}x{cfg.block_s} w{cfg.warps} s{cfg.stages}{extra}]"
-        r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
-        out.append(r)
-        print(json.dumps(r), flush=True)
-        torch.cuda.empty_cache()
+        impl = f"megatron_dsa[{prec} {cfg.block_t}x{cfg.block_s} w{cfg.warps} s{cfg.stages}{extra}]"
+        out.append(_row_with(name, S, args, impl, _SCORE_CFG_GPU={**ti._SCORE_CFG_GPU, prec: cfg}))
     return out
 
 
@@ -490,25 +501,13 @@ def overlap_rows(name, S, args):
     no room for a select CTA; uncapped (175) two fit beside one."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
-    prec, out = ("fp8 " if name == "ours_fp8" else ""), []
-    shipped, shipped_cfg = ti.SELECT_OVERLAP, dict(ti._SCORE_CFG_GPU)
-    variants = [(True, None, "overlap"), (False, None, "serial again")]
+    tag = "fp8 " if name == "ours_fp8" else ""
+    out = [_row_with(name, S, args, f"megatron_dsa[{tag}overlap]", SELECT_OVERLAP=True)]
     if name == "ours_fp8":
-        variants.insert(1, (True, ti._SCORE_CFG_GPU["fp8"][:4], "overlap uncapped"))
-    for overlap, cfg, tag in variants:
-        ti.SELECT_OVERLAP = overlap
-        if cfg is not None:
-            ti._SCORE_CFG_GPU["fp8"] = cfg
-        try:
-            r = bench_impl(name, S, args)
-        finally:
-            ti.SELECT_OVERLAP = shipped
-            ti._SCORE_CFG_GPU.update(shipped_cfg)
-        r["impl"] = f"megatron_dsa[{prec}{tag}]"
-        r["case"] = {"S": S, "H": args.H, "D": args.D, "k": args.k, "pass": "fwd"}
-        out.append(r)
-        print(json.dumps(r), flush=True)
-        torch.cuda.empty_cache()
+        uncapped = {**ti._SCORE_CFG_GPU, "fp8": ti._SCORE_CFG_GPU["fp8"][:4]}
+        out.append(_row_with(name, S, args, "megatron_dsa[fp8 overlap uncapped]", SELECT_OVERLAP=True,
+                             _SCORE_CFG_GPU=uncapped))
+    out.append(_row_with(name, S, args, f"megatron_dsa[{tag}serial again]", SELECT_OVERLAP=False))
     return out
 
 
