@@ -1,11 +1,14 @@
 """The benchmarks' per-kernel-group breakdown (``common.kernel_groups``, the receipt's table) on
-the CPU, with kernel names as the profiler reports them on the GPU."""
+the CPU, with kernel names as the profiler reports them on the GPU; the indexer benchmark's
+variant rows (each timed with the library's tuning globals replaced, then restored)."""
 
 import os
 import sys
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench_indexer  # noqa: E402
 from bench_indexer import KERNEL_GROUPS  # noqa: E402
 from common import kernel_groups, write_receipt  # noqa: E402
 
@@ -31,3 +34,38 @@ def test_receipt_renders_the_breakdown_table(tmp_path):
     assert md[at + 2] == "| impl | S | score | select | quantize | other | span |"
     assert md[at + 4] == "| ours | 32768 | 13.200 | 3.000 | 0.000 | 0.100 | 16.500 |"
     assert not any(ln.startswith("| peer") for ln in md[at:])  # rows without a breakdown are left out
+
+
+def test_variant_rows_patch_and_restore_the_tuning_globals(monkeypatch):
+    """``--select-overlap`` / ``--score-cfgs`` rows: each call sees its variant's globals, every
+    row gets its label, and the shipped values are back afterwards (also when a call fails)."""
+    from megatron_dsa.kernels.indexer import triton_impl as ti
+
+    shipped_cfg, shipped_overlap, seen = dict(ti._SCORE_CFG_GPU), ti.SELECT_OVERLAP, []
+
+    def bench_impl(name, S, args):
+        seen.append((name, ti.SELECT_OVERLAP, tuple(ti._SCORE_CFG_GPU["fp8"]), tuple(ti._SCORE_CFG_GPU["bf16"])))
+        return {"ms": 1.0}
+
+    monkeypatch.setattr(bench_indexer, "bench_impl", bench_impl)
+    args = SimpleNamespace(H=64, D=128, k=2048, score_cfgs="64,128,4,4,168;32,64,4,2")
+    fp8, bf16 = tuple(shipped_cfg["fp8"]), tuple(shipped_cfg["bf16"])
+    rows = bench_indexer.overlap_rows("ours_fp8", 4096, args)
+    assert [r["impl"] for r in rows] == ["megatron_dsa[fp8 overlap]", "megatron_dsa[fp8 overlap uncapped]",
+                                         "megatron_dsa[fp8 serial again]"]
+    assert seen == [("ours_fp8", True, fp8, bf16), ("ours_fp8", True, fp8[:4], bf16), ("ours_fp8", False, fp8, bf16)]
+    seen.clear()
+    rows = bench_indexer.score_cfg_sweep("ours", 4096, args)
+    assert [r["impl"] for r in rows] == ["megatron_dsa[bf16 64x128 w4 s4 r168]", "megatron_dsa[bf16 32x64 w4 s2]"]
+    assert [s[3] for s in seen] == [(64, 128, 4, 4, 168), (32, 64, 4, 2, 0)]
+    assert ti._SCORE_CFG_GPU == shipped_cfg and ti.SELECT_OVERLAP == shipped_overlap
+
+    def failing(name, S, args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench_indexer, "bench_impl", failing)
+    try:
+        bench_indexer.overlap_rows("ours", 4096, args)
+    except RuntimeError:
+        pass
+    assert ti._SCORE_CFG_GPU == shipped_cfg and ti.SELECT_OVERLAP == shipped_overlap
