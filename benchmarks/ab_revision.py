@@ -91,18 +91,20 @@ def _in(folder: Path, p: Path, repo: Path = REPO) -> Path:
     return folder / Path(p).resolve().relative_to(repo.resolve())
 
 
-def sources_in(folder: Path, paths: Sequence[Path], headers: Sequence[Path]) -> Tuple[List[Path], List[Path], str]:
-    """The sources an ``--export`` wrote into ``folder``: (sources, headers present, the
-    ``REVISION`` line); raises ``ValueError`` naming ``--rev-dir`` and what is missing."""
+def sources_in(folder: Path, paths: Sequence[Path], headers: Sequence[Path],
+               optional: Sequence[Path] = ()) -> Tuple[List[Path], List[Path], str]:
+    """The sources an ``--export`` wrote into ``folder``: (sources present, headers present, the
+    ``REVISION`` line); raises ``ValueError`` naming ``--rev-dir`` and what is missing (sources
+    in ``optional`` may be: added since the revision)."""
     folder = Path(folder)
     rev_file = folder / "REVISION"
     if not rev_file.is_file():
         raise ValueError(f"--rev-dir {str(folder)!r} has no REVISION file (write it with --export)")
-    missing = [p.name for p in paths if not _in(folder, p).is_file()]
+    missing = [p.name for p in paths if not _in(folder, p).is_file() and p not in optional]
     if missing:
         raise ValueError(f"--rev-dir {str(folder)!r} lacks {', '.join(missing)}")
-    return ([_in(folder, p) for p in paths], [_in(folder, h) for h in headers if _in(folder, h).is_file()],
-            rev_file.read_text().strip())
+    return ([_in(folder, p) for p in paths if _in(folder, p).is_file()],
+            [_in(folder, h) for h in headers if _in(folder, h).is_file()], rev_file.read_text().strip())
 
 
 def parse_cases(text: str) -> List[Tuple[int, int]]:
@@ -312,10 +314,15 @@ def main(argv=None) -> int:
             line = (export_sources(a.rev, *sets["sparse_mla"], folder, optional=sum(sets["indexer"], ()))
                     if a.rev_dir is None else None)
             for name in wanted:
-                srcs, hdrs, line = sources_in(folder, *sets[name])
+                # the indexer's sources after its first (select_sm90_nt256.cu: the overlapped
+                # loop's entry point) may postdate the revision, which is then timed on the
+                # entry points it has (the serial loop's)
+                optional = sets[name][0][1:] if name == "indexer" else ()
+                srcs, hdrs, line = sources_in(folder, *sets[name], optional=optional)
                 ours, theirs = entry_points(sets[name][0]), entry_points(srcs)
-                if ours != theirs:
-                    diff = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
+                compared = set(theirs) if name == "indexer" and theirs else set(ours) | set(theirs)
+                if any(ours.get(n) != theirs.get(n) for n in compared):
+                    diff = sorted(n for n in compared if ours.get(n) != theirs.get(n))
                     ap.error(f"{what}: its C entry points differ from the tree's ({', '.join(diff)}); "
                              "this tree's launchers cannot call them")
                 rev_name = line.split()[0][:10]
@@ -326,7 +333,8 @@ def main(argv=None) -> int:
 
                     lib = ctypes.CDLL(str(build_library(f"indexer_rev_{rev_name}", tuple(srcs), tuple(hdrs),
                                                         arch=tree_ix.arch)))
-                    ii._declare(lib)
+                    for entry in theirs:
+                        ii._declare_entry(getattr(lib, entry))
                     base_ix = LoadedLibrary(lib)
         except ValueError as e:
             ap.error(str(e))

@@ -58,7 +58,8 @@ def test_export_and_rev_dir_round_trip(tmp_path):
     # the indexer's select too, and every quoted include of an exported source resolves beside it
     # (the files keep their paths in the repository: select_sm90.cu includes ../../sparse_mla/...)
     ix_srcs, ix_hdrs, _ = ab.sources_in(tmp_path / "rev", *ab.kernel_sets()["indexer"])
-    assert [p.name for p in ix_srcs] == ["select_sm90.cu"] and "sm90_common.cuh" in [p.name for p in ix_hdrs]
+    assert [p.name for p in ix_srcs] == ["select_sm90.cu", "select_sm90_nt256.cu"]
+    assert "sm90_common.cuh" in [p.name for p in ix_hdrs]
     for src in list(srcs) + list(ix_srcs) + list(hdrs) + list(ix_hdrs):
         for inc in re.findall(r'^#include "([^"]+)"', src.read_text(), re.M):
             assert (src.parent / inc).is_file(), (src, inc)
@@ -85,6 +86,24 @@ def test_bad_ops_and_no_gpu(capsys):
     if not torch.cuda.is_available():
         assert ab.main(["--ops", "fwd"]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_an_indexer_revision_before_the_256_thread_select(tmp_path):
+    """A revision older than ``select_sm90_nt256.cu`` (187b061) exports and reads back without
+    it, and its one entry point matches the tree's serial one: the A/B runs it on that entry;
+    its first source stays required."""
+    if subprocess.run(["git", "-C", ROOT, "cat-file", "-e", "187b061^{commit}"], capture_output=True).returncode:
+        pytest.skip("187b061 is not in this clone's history")
+    srcs, hdrs = ab.kernel_sets()["indexer"]
+    assert ab.main(["--rev", "187b061", "--export", str(tmp_path / "rev")]) == 0
+    got, _, line = ab.sources_in(tmp_path / "rev", srcs, hdrs, optional=srcs[1:])
+    assert line.startswith("187b061") and [p.name for p in got] == ["select_sm90.cu"]
+    theirs, ours = ab.entry_points(got), ab.entry_points(srcs)
+    assert list(theirs) == ["dsa_indexer_select"] and theirs["dsa_indexer_select"] == ours["dsa_indexer_select"]
+    assert set(ours) == {"dsa_indexer_select", "dsa_indexer_select_nt256"}
+    got[0].unlink()
+    with pytest.raises(ValueError, match="lacks select_sm90.cu"):
+        ab.sources_in(tmp_path / "rev", srcs, hdrs, optional=srcs[1:])
 
 
 def test_entry_points_see_a_changed_parameter_list(tmp_path):

@@ -1,23 +1,24 @@
-// C entry point of the select kernel (select_sm90.cuh, where the algorithm is described); the
-// 256-thread variant (select_sm90_nt256.cu) includes this file under its own entry name.
+// C entry point of the select kernel (select_sm90.cuh, where the algorithm is described). The
+// 256-thread variant (select_sm90_nt256.cu) includes this file with DSA_SELECT_NT set and
+// defines its own entry point around the same launcher.
 #include <cuda_runtime.h>
 
-#ifndef DSA_SELECT_ENTRY
-#define DSA_SELECT_ENTRY dsa_indexer_select
+#ifndef DSA_SELECT_NT
+#define DSA_SELECT_DEFAULT_ENTRY
 #endif
 
 #include "../../sparse_mla/cuda/sm90_common.cuh"
 #include "select_sm90.cuh"
 
-extern "C" {
+namespace {
 
 // Top-k of rows [row0, row0 + n_rows) of B batches. buf: fp32 scores, row r of the launch at
 // buf + b * sb_b + r * sb_r (element strides); starts / ends: int32 [B, T] windows (strides
 // sse_b, sse_t) unless causal (row t: keys [0, t + 1)); idx / vals: int32 / fp32 [B, T, K]
 // (strides so_b, so_t). K <= 6144. Returns a cudaError_t (0 = launched).
-int DSA_SELECT_ENTRY(const void* buf, long long sb_b, long long sb_r, const void* starts, const void* ends,
-                       long long sse_b, long long sse_t, int causal, int global_ids, int row0, int n_rows, int B,
-                       int S, int K, void* idx, void* vals, long long so_b, long long so_t, void* stream) {
+int launch_select(const void* buf, long long sb_b, long long sb_r, const void* starts, const void* ends,
+                  long long sse_b, long long sse_t, int causal, int global_ids, int row0, int n_rows, int B, int S,
+                  int K, void* idx, void* vals, long long so_b, long long so_t, void* stream) {
   if (n_rows <= 0 || B <= 0) return 0;
   if (K <= 0 || K > CAND_CAP) return static_cast<int>(cudaErrorInvalidValue);
   const int smem = static_cast<int>(sizeof(Smem));
@@ -32,4 +33,18 @@ int DSA_SELECT_ENTRY(const void* buf, long long sb_b, long long sb_r, const void
   return static_cast<int>(cudaGetLastError());
 }
 
+}  // namespace
+
+#ifdef DSA_SELECT_DEFAULT_ENTRY
+extern "C" {
+
+// 512 threads per CTA.
+int dsa_indexer_select(const void* buf, long long sb_b, long long sb_r, const void* starts, const void* ends,
+                       long long sse_b, long long sse_t, int causal, int global_ids, int row0, int n_rows, int B,
+                       int S, int K, void* idx, void* vals, long long so_b, long long so_t, void* stream) {
+  return launch_select(buf, sb_b, sb_r, starts, ends, sse_b, sse_t, causal, global_ids, row0, n_rows, B, S, K, idx,
+                       vals, so_b, so_t, stream);
+}
+
 }  // extern "C"
+#endif
