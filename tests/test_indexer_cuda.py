@@ -262,12 +262,11 @@ def test_emulated_overlapped_chunk_loop(tmp_path_factory, monkeypatch):
         def wait_event(self, event):
             pass
 
-        def record(self, stream=None):
-            pass
+        def record_event(self):
+            return Stand()
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stand())
     monkeypatch.setattr(torch.cuda, "Stream", Stand)
-    monkeypatch.setattr(torch.cuda, "Event", Stand)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(ti, "_SIDE_STREAMS", {})
     B, T, S, H, D, K = 2, 70, 70, 2, 16, 20

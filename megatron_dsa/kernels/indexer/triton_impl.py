@@ -591,20 +591,16 @@ def _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, rows,
         side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
     bufs = [torch.empty(B, rows, S, dtype=torch.float32, device=dev) for _ in range(2)]
     free = [None, None]  # per buffer: the event after its last select
-    side.wait_stream(main)  # the inputs and outputs, as the caller's stream left them
     for i, row0 in enumerate(range(0, T, rows)):
         n = min(rows, T - row0)
         buf = bufs[i % 2]
         if free[i % 2] is not None:
             main.wait_event(free[i % 2])
         _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
-        scored = torch.cuda.Event()
-        scored.record(main)
-        side.wait_event(scored)
+        side.wait_stream(main)  # this chunk's scores (and, first, the caller's inputs and outputs)
         with torch.cuda.stream(side):
             select_cuda(buf, starts, ends, idx, vals, row0, n, S, causal, global_ids, threads=256)
-        free[i % 2] = torch.cuda.Event()
-        free[i % 2].record(side)
+        free[i % 2] = side.record_event()
     main.wait_stream(side)
 
 
