@@ -498,11 +498,14 @@ def overlap_rows(name, S, args):
     on a side stream beside the next chunk's scores), then off again (the serial loop timed on
     both sides of it). For ours_fp8 also overlapped with the e4m3 score tile uncapped: the
     shipped cap of 168 registers fits three score programs per SM, whose 64,512 registers leave
-    no room for a select CTA; uncapped (175) two fit beside one."""
+    no room for a select CTA; uncapped (175) two fit beside one. The side stream at priority 0
+    and -1 (``SELECT_SIDE_PRIORITY``)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
     tag = "fp8 " if name == "ours_fp8" else ""
-    out = [_row_with(name, S, args, f"megatron_dsa[{tag}overlap]", SELECT_OVERLAP=True)]
+    out = [_row_with(name, S, args, f"megatron_dsa[{tag}overlap]", SELECT_OVERLAP=True),
+           _row_with(name, S, args, f"megatron_dsa[{tag}overlap, side priority -1]", SELECT_OVERLAP=True,
+                     SELECT_SIDE_PRIORITY=-1)]
     if name == "ours_fp8":
         uncapped = {**ti._SCORE_CFG_GPU, "fp8": ti._SCORE_CFG_GPU["fp8"][:4]}
         out.append(_row_with(name, S, args, "megatron_dsa[fp8 overlap uncapped]", SELECT_OVERLAP=True,

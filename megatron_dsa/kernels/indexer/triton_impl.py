@@ -411,6 +411,9 @@ SAMPLE_STRIDE = 8
 # one's 20,480 does not). The same sets as the serial loop. Off until timed against it
 # (bench_indexer.py --select-overlap).
 SELECT_OVERLAP = False
+# The side stream's CUDA priority (0: the default; -1: higher than the score kernel's stream, so
+# that an SM a score program leaves takes a waiting select CTA first).
+SELECT_SIDE_PRIORITY = 0
 
 
 class ScoreCfg(NamedTuple):
@@ -586,9 +589,10 @@ def _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, rows,
     B, T = idx.shape[0], idx.shape[1]
     dev = q.device
     main = torch.cuda.current_stream(dev)
-    side = _SIDE_STREAMS.get(dev.index)
+    key = (dev.index, SELECT_SIDE_PRIORITY)
+    side = _SIDE_STREAMS.get(key)
     if side is None:
-        side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
+        side = _SIDE_STREAMS[key] = torch.cuda.Stream(dev, priority=SELECT_SIDE_PRIORITY)
     bufs = [torch.empty(B, rows, S, dtype=torch.float32, device=dev) for _ in range(2)]
     free = [None, None]  # per buffer: the event after its last select
     for i, row0 in enumerate(range(0, T, rows)):
