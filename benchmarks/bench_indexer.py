@@ -499,13 +499,15 @@ def overlap_rows(name, S, args):
     both sides of it). For ours_fp8 also overlapped with the e4m3 score tile uncapped: the
     shipped cap of 168 registers fits three score programs per SM, whose 64,512 registers leave
     no room for a select CTA; uncapped (175) two fit beside one. The side stream at priority 0
-    and -1 (``SELECT_SIDE_PRIORITY``)."""
+    and -1 (``SELECT_SIDE_PRIORITY``), and at -1 with the 512-thread select."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
     tag = "fp8 " if name == "ours_fp8" else ""
     out = [_row_with(name, S, args, f"megatron_dsa[{tag}overlap]", SELECT_OVERLAP=True),
            _row_with(name, S, args, f"megatron_dsa[{tag}overlap, side priority -1]", SELECT_OVERLAP=True,
-                     SELECT_SIDE_PRIORITY=-1)]
+                     SELECT_SIDE_PRIORITY=-1),
+           _row_with(name, S, args, f"megatron_dsa[{tag}overlap, 512 threads, side priority -1]",
+                     SELECT_OVERLAP=True, SELECT_SIDE_PRIORITY=-1, SELECT_OVERLAP_THREADS=512)]
     if name == "ours_fp8":
         uncapped = {**ti._SCORE_CFG_GPU, "fp8": ti._SCORE_CFG_GPU["fp8"][:4]}
         out.append(_row_with(name, S, args, "megatron_dsa[fp8 overlap uncapped]", SELECT_OVERLAP=True,

@@ -46,17 +46,20 @@ def test_variant_rows_patch_and_restore_the_tuning_globals(monkeypatch):
 
     def bench_impl(name, S, args):
         seen.append((name, ti.SELECT_OVERLAP, tuple(ti._SCORE_CFG_GPU["fp8"]), tuple(ti._SCORE_CFG_GPU["bf16"]),
-                     ti.SELECT_SIDE_PRIORITY))
+                     ti.SELECT_SIDE_PRIORITY, ti.SELECT_OVERLAP_THREADS))
         return {"ms": 1.0}
 
     monkeypatch.setattr(bench_indexer, "bench_impl", bench_impl)
     args = SimpleNamespace(H=64, D=128, k=2048, score_cfgs="64,128,4,4,168;32,64,4,2")
     fp8, bf16 = tuple(shipped_cfg["fp8"]), tuple(shipped_cfg["bf16"])
     rows = bench_indexer.overlap_rows("ours_fp8", 4096, args)
-    assert [r["impl"] for r in rows] == ["megatron_dsa[fp8 overlap]", "megatron_dsa[fp8 overlap, side priority -1]",
-                                         "megatron_dsa[fp8 overlap uncapped]", "megatron_dsa[fp8 serial again]"]
-    assert seen == [("ours_fp8", True, fp8, bf16, 0), ("ours_fp8", True, fp8, bf16, -1),
-                    ("ours_fp8", True, fp8[:4], bf16, 0), ("ours_fp8", False, fp8, bf16, 0)]
+    assert [r["impl"] for r in rows] == [
+        "megatron_dsa[fp8 overlap]", "megatron_dsa[fp8 overlap, side priority -1]",
+        "megatron_dsa[fp8 overlap, 512 threads, side priority -1]", "megatron_dsa[fp8 overlap uncapped]",
+        "megatron_dsa[fp8 serial again]"]
+    assert seen == [("ours_fp8", True, fp8, bf16, 0, 256), ("ours_fp8", True, fp8, bf16, -1, 256),
+                    ("ours_fp8", True, fp8, bf16, -1, 512), ("ours_fp8", True, fp8[:4], bf16, 0, 256),
+                    ("ours_fp8", False, fp8, bf16, 0, 256)]
     seen.clear()
     rows = bench_indexer.score_cfg_sweep("ours", 4096, args)
     assert [r["impl"] for r in rows] == ["megatron_dsa[bf16 64x128 w4 s4 r168]", "megatron_dsa[bf16 32x64 w4 s2]"]

@@ -335,11 +335,11 @@ def test_gpu_cuda_select_equals_triton_select(kind, S):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_gpu_overlapped_chunks_equal_serial(monkeypatch, precision):
-    """``SELECT_OVERLAP``: chunk i's select (256 threads per CTA, a side stream) beside chunk
-    i + 1's scores in the other buffer gives the serial loop's sets and values, over 12 chunks of
-    a packed layout (a buffer reused while the other's select may still run), and the same
+@pytest.mark.parametrize("precision,threads,priority", [("bf16", 256, 0), ("fp8", 256, 0), ("bf16", 512, -1)])
+def test_gpu_overlapped_chunks_equal_serial(monkeypatch, precision, threads, priority):
+    """``SELECT_OVERLAP``: chunk i's select (256 or 512 threads per CTA, a side stream of either
+    priority) beside chunk i + 1's scores in the other buffer gives the serial loop's sets and
+    values, over 12 chunks of a packed layout (a buffer reused while the other's select may still run), and the same
     inside a CUDA graph (the side stream forks from and joins the captured one)."""
     _gpu_or_skip()
     from megatron_dsa.kernels.indexer import triton_impl as ti
@@ -356,6 +356,8 @@ def test_gpu_overlapped_chunks_equal_serial(monkeypatch, precision):
     if precision == "fp8":
         q, k, w, ks = fp8_kernel_inputs(q, k, w)
     budget = 2 * 1024 * S * 4  # two buffers of 1024 rows: 12 chunks
+    monkeypatch.setattr(ti, "SELECT_OVERLAP_THREADS", threads)
+    monkeypatch.setattr(ti, "SELECT_SIDE_PRIORITY", priority)
 
     def run(overlap, out=None):
         monkeypatch.setattr(ti, "SELECT_OVERLAP", overlap)

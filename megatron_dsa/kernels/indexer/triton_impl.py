@@ -414,6 +414,8 @@ SELECT_OVERLAP = False
 # The side stream's CUDA priority (0: the default; -1: higher than the score kernel's stream, so
 # that an SM a score program leaves takes a waiting select CTA first).
 SELECT_SIDE_PRIORITY = 0
+# Threads per select CTA in the overlapped loop (256 or 512: cuda_impl.select_cuda's variants).
+SELECT_OVERLAP_THREADS = 256
 
 
 class ScoreCfg(NamedTuple):
@@ -579,7 +581,7 @@ _SIDE_STREAMS: dict = {}
 
 def _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, rows, S, global_ids, scfg, k_scale):
     """The row chunks of ``rows`` rows in two score buffers: chunk i's scores on the current
-    stream, its CUDA select (256 threads per CTA) on a side stream, so that it runs while chunk
+    stream, its CUDA select (``SELECT_OVERLAP_THREADS`` per CTA) on a side stream, so that it runs while chunk
     i + 1's scores are computed into the other buffer. Chunk i + 2's scores wait for chunk i's
     select (its buffer); the current stream waits for the side stream at the end, so the outputs
     are ready in stream order. Events and stream waits only: no host synchronization, and the
@@ -603,7 +605,8 @@ def _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, rows,
         _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
         side.wait_stream(main)  # this chunk's scores (and, first, the caller's inputs and outputs)
         with torch.cuda.stream(side):
-            select_cuda(buf, starts, ends, idx, vals, row0, n, S, causal, global_ids, threads=256)
+            select_cuda(buf, starts, ends, idx, vals, row0, n, S, causal, global_ids,
+                        threads=SELECT_OVERLAP_THREADS)
         free[i % 2] = side.record_event()
     main.wait_stream(side)
 
