@@ -582,9 +582,9 @@ _SIDE_STREAMS: dict = {}
 def _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, rows, S, global_ids, scfg, k_scale):
     """The row chunks of ``rows`` rows in two score buffers: chunk i's scores on the current
     stream, its CUDA select (``SELECT_OVERLAP_THREADS`` per CTA) on a side stream, so that it
-    runs while chunk i + 1's scores are computed into the other buffer. Chunk i + 2's scores wait for chunk i's
-    select (its buffer); the current stream waits for the side stream at the end, so the outputs
-    are ready in stream order. Events and stream waits only: no host synchronization, and the
+    runs while chunk i + 1's scores are computed into the other buffer. Chunk i + 2's scores
+    wait for chunk i's select (its buffer); the current stream waits for the side stream at the
+    end, so the outputs are ready in stream order. Events and stream waits only: no host synchronization, and the
     fork / join pattern CUDA graph capture accepts."""
     from .cuda_impl import select_cuda
 

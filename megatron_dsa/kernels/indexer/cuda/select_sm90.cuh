@@ -1,9 +1,10 @@
 // Exact top-k of each row of fp32 indexer scores: radix select with shared-memory histograms.
 //
-// One CTA of 512 threads (or 256: DSA_SELECT_NT) per row. Keys are the order-preserving uint32 images of the scores
-// (-0.0 folded onto +0.0), cut into three digits: bits [21, 32), [10, 21) and [0, 10). Every
-// path ends in a shared-memory candidate list (key, position) in index order, whose remaining
-// digits are histogrammed in shared memory before one compaction of the list to the output.
+// One CTA of 512 threads (or 256: DSA_SELECT_NT) per row. Keys are the order-preserving uint32
+// images of the scores (-0.0 folded onto +0.0), cut into three digits: bits [21, 32), [10, 21)
+// and [0, 10). Every path ends in a shared-memory candidate list (key, position) in index
+// order, whose remaining digits are histogrammed in shared memory before one compaction of the
+// list to the output.
 //
 // A. Rows of at most CAND_CAP keys are copied into the list whole: one read of the row.
 // B. Rows of at least PATH_B_KEYS keys, where 2 k <= CAND_CAP (k = 2048 of 6144): a bound from
