@@ -114,14 +114,6 @@ def pytest_runtest_makereport(item, call):
                 ("megatron-dsa seed", f"seed: {seed}\nrerun: {rerun_command(item, seed)}\n"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mcore():
     """A one-process gloo world with Megatron-Core's parallel state and our CPU patches."""
@@ -132,7 +124,9 @@ def mcore():
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        from helpers import free_port
+
+        os.environ["MASTER_PORT"] = free_port()
         dist.init_process_group("gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()

@@ -1,12 +1,22 @@
 """Helpers shared by the tests (test files import from here, never from each other): tiny DSA
 configs, Megatron-Core's own DSA as the reference, sparse MLA inputs and error measures, the
-sm_90a compile check, and a child-process runner for GPU code that could hang."""
+sm_90a compile check, a free port for a child's process group, and a child-process runner for GPU
+code that could hang."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 
 import torch
+
+
+def free_port() -> str:
+    """A TCP port free on this machine now, as a string (MASTER_PORT / ``--master_port``): a
+    port drawn from the process id could collide with a test running beside this one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def tiny_config(**overrides):

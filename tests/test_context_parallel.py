@@ -19,7 +19,7 @@ from megatron_dsa.context_parallel import (
 from megatron_dsa.kernels.indexer import indexer_topk, packed_causal_window
 from megatron_dsa.kernels.sparse_mla import sparse_mla
 
-from helpers import rel
+from helpers import free_port, rel
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -41,7 +41,7 @@ MEGATRON_SPLIT = textwrap.dedent("""
 @pytest.mark.parametrize("cp", [2, 4])
 def test_positions_are_megatrons_split(cp):
     """Each rank of a real gloo group: ``cp_positions`` == Megatron's ``get_batch_on_this_cp_rank``."""
-    port = str(29700 + (os.getpid() * 7 + cp) % 200)
+    port = free_port()
     procs = []
     for r in range(cp):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(cp), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import clear_indexer_tracker, tiny_config, to_mcore_spec
+from helpers import clear_indexer_tracker, free_port, tiny_config, to_mcore_spec
 
 pytest.importorskip("psutil")  # Megatron's torch_dist file writer needs it
 
@@ -234,11 +234,7 @@ def test_cpu_checkpoint_patch_is_undoable(mcore):
 def test_pipeline_parallel_save_loads_on_one_rank(mcore, tmp_path):
     """PP=2 over gloo (torchrun): save under the training metadata, load into PP=2 (checked in
     the worker) and into this one-rank model: the same parameters."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     here = os.path.dirname(os.path.abspath(__file__))
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     ckpt.mkdir(), out.mkdir()

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_tiny_gpt.py")
 SMALL = ["--layers", "2", "--hidden", "64", "--seq-len", "64", "--micro-batch", "4",
@@ -17,8 +19,8 @@ def _run(args, tmp_path, nproc=1, timeout=400):
     out = tmp_path / "log.json"
     cmd = [sys.executable, SCRIPT] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_port", str(29600 + os.getpid() % 300), SCRIPT]
-    env = dict(os.environ, MASTER_PORT=str(29000 + os.getpid() % 500))
+        "--master_port", free_port(), SCRIPT]
+    env = dict(os.environ, MASTER_PORT=free_port())
     proc = subprocess.run(cmd + args + ["--json-out", str(out)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,7 +65,7 @@ def test_example_bad_arguments(args, msg):
 
 
 def _run_raw(args, timeout=120):
-    env = dict(os.environ, MASTER_PORT=str(29000 + os.getpid() % 500))
+    env = dict(os.environ, MASTER_PORT=free_port())
     return subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=ROOT)
 

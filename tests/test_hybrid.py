@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import clear_indexer_tracker, indexer_tracker_values, merge_rank_outputs, tiny_config, to_mcore_spec
+from helpers import clear_indexer_tracker, free_port, indexer_tracker_values, merge_rank_outputs, tiny_config, to_mcore_spec
 from megatron_dsa import index_cache as ic
 from megatron_dsa.config import set_plugin_config
 
@@ -285,11 +285,10 @@ def _worker(tmp_path, name, nproc=1, **kw):
     out = str(tmp_path / name)
     if nproc == 1:
         cmd = [sys.executable, WORKER]
-        env = dict(os.environ, MASTER_PORT=str(29100 + (os.getpid() + 3 * len(name)) % 800))
+        env = dict(os.environ, MASTER_PORT=free_port())
     else:
-        port = 29900 + (os.getpid() + len(name) * 11) % 90
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-               str(port), WORKER]
+               free_port(), WORKER]
         env = dict(os.environ)
     proc = subprocess.run(cmd + args + ["--out", out], capture_output=True, text=True, timeout=600, env=env,
                           cwd=os.path.dirname(WORKER))

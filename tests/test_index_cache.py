@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import merge_rank_outputs, tiny_config, to_mcore_spec
+from helpers import free_port, merge_rank_outputs, tiny_config, to_mcore_spec
 from megatron_dsa import index_cache as ic
 from megatron_dsa.config import set_plugin_config
 
@@ -268,11 +268,10 @@ def _launch(name, nproc, args, timeout=600):
     what went wrong with the tail of the output."""
     if nproc == 1:
         cmd = [sys.executable, WORKER]
-        env = dict(os.environ, MASTER_PORT=str(29100 + (os.getpid() + len(name)) % 800))
+        env = dict(os.environ, MASTER_PORT=free_port())
     else:
-        port = 29900 + (os.getpid() + len(name) * 7) % 90
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port", str(port), WORKER]
+               "--master_port", free_port(), WORKER]
         env = dict(os.environ)
     try:
         proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env,

@@ -15,7 +15,7 @@ import pytest
 import megatron_dsa
 from megatron_dsa import integration
 
-from helpers import tiny_config
+from helpers import free_port, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "pretrain_dsa.py")
@@ -114,7 +114,7 @@ def test_plugin_flags_in_megatrons_parser(enabled):
 
 
 def _pretrain(tmp_path, *extra, name="run"):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29300 + (os.getpid() + len(name)) % 500),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(),
                WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, EXAMPLE, *TINY, *extra], capture_output=True, text=True,
                           timeout=600, env=env, cwd=str(tmp_path))
@@ -174,7 +174,7 @@ def test_pretrain_example_two_processes_matches_one(tmp_path, parallel):
     same_vocab = ["--make-vocab-size-divisible-by", "64"]
     one, _ = _pretrain(tmp_path, *same_vocab, name="one")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CUDA_DEVICE_MAX_CONNECTIONS="1")  # Megatron asks for it under TP / CP
-    port = str(29400 + (os.getpid() + len(parallel[0])) % 400)
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
                            EXAMPLE, *TINY, *same_vocab, *parallel], capture_output=True, text=True, timeout=900, env=env,
                           cwd=str(tmp_path))
@@ -201,7 +201,7 @@ def test_pretrain_example_saves_and_resumes_with_index_sharing(tmp_path):
     assert len(resumed) == 3
     assert resumed[0] == whole[3] and resumed[2] == whole[5]
     # a model with another schedule refuses the checkpoint in Megatron's own load, naming layers
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29300 + os.getpid() % 500),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(),
                WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, EXAMPLE, *TINY, "--train-iters", "6", "--dsa-indexer-topk-freq", "1",
                            "--load", ck], capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))

@@ -12,8 +12,9 @@
 //    32-byte sector each) spread over the row; two shared-memory levels on it give a bound lb
 //    (22 bits) at the sample rank r whose share of the row falls below k only 3 standard
 //    deviations out (r - 3 sqrt(r) = k m / L for a sample of m keys: about 2500 keys above lb at
-//    L = 16K, 3500 at 128K). One pass in index order then collects the keys >= lb into the list (each thread 8 consecutive keys per tile of 4096, 16-byte loads, one
-//    scan per tile). The list is the row's top candidates when it holds between k and
+//    L = 16K, 3500 at 128K). One pass in index order then collects the keys >= lb into the
+//    list (each thread 8 consecutive keys per tile of 4096, 16-byte loads, one scan per two
+//    tiles, each thread's stores a walk over its set bits). The list is the row's top candidates when it holds between k and
 //    CAND_CAP keys: every key below lb is below the k-th. Otherwise (a sample unlike its row;
 //    many equal keys) the row takes path C; the result is exact either way.
 // C. The general path, 2-4 reads of the row (the second mostly from L2 where the rows in flight
@@ -56,7 +57,9 @@ constexpr int SAMPLE_RUNS = 256;         // path B's sample: runs of 8 keys, 4 p
 constexpr int SAMPLE = 8 * SAMPLE_RUNS;  // 2048 keys
 constexpr int SAMPLE_REPS = 2 * SAMPLE_RUNS / NT;  // half-runs per thread
 constexpr int CPT = 8;                   // path B's collection: keys per thread per tile
+constexpr int TILES_PER_SCAN = 2;        // path B's collection: tiles per scan (16-bit fields)
 constexpr int PREFETCH_TILES = 2;        // path B's collection: L2 prefetch distance in tiles
+static_assert(TILES_PER_SCAN * 16 <= 32 && CPT * NT < 65536, "a tile's count fits 16 bits of the scan");
 
 struct Smem {
   unsigned hist[BINS];
@@ -238,15 +241,19 @@ __device__ __forceinline__ unsigned sample_bound(const float* row, int L, int K,
 }
 
 // Path B's collection: the row's keys >= lb into the candidate list in index order (the first
-// CAND_CAP of them stored); returns how many there are. Thread i takes keys [8 i, 8 i + 8) of
-// each tile of 8 NT, counted from the 16-byte boundary at or before the row (a = the row's
-// offset from it, in keys), so that whole groups load as two float4; a group that reaches
-// outside the row (the first and the last) loads key by key. Ends synchronized.
+// CAND_CAP of them stored); returns how many there are. A tile is CPT NT keys; thread i takes
+// keys [8 i, 8 i + 8) of each, counted from the 16-byte boundary at or before the row (a = the
+// row's offset from it, in keys), so that whole groups load as two float4; a group that reaches
+// outside the row (the first and the last) loads key by key. A step takes TILES_PER_SCAN tiles
+// and one scan of the threads' packed counts (one 16-bit field per tile). Each thread then
+// stores its candidates by walking the set bits of its masks: a warp issues as many stores as
+// its fullest lane has candidates (2-3 at a few percent of the keys), not one branch per key.
+// Ends synchronized.
 __device__ __forceinline__ unsigned collect_at_least(const float* row, int L, unsigned lb, Smem& sm) {
   const int a = static_cast<int>((reinterpret_cast<uintptr_t>(row) >> 2) & 3u);
   const float* base = row - a;
   const int np = L + a;
-  unsigned run = 0u;  // keys >= lb before the tile
+  unsigned run = 0u;  // keys >= lb before the step
   int parity = 0;
   // each thread's 32-byte group of the tile PREFETCH_TILES ahead goes to L2 (the rows were
   // written long before: HBM latency otherwise stalls every tile)
@@ -255,37 +262,46 @@ __device__ __forceinline__ unsigned collect_at_least(const float* row, int L, un
     if (v < np) asm volatile("prefetch.global.L2 [%0];" ::"l"(base + v));
 #endif
   };
-  for (int t = 1; t < PREFETCH_TILES; ++t) prefetch(t * CPT * NT + CPT * static_cast<int>(threadIdx.x));
-  for (int t0 = 0; t0 < np; t0 += CPT * NT) {
-    const int v0 = t0 + CPT * static_cast<int>(threadIdx.x);
-    prefetch(v0 + PREFETCH_TILES * CPT * NT);
-    unsigned m = 0u;  // bit i: key v0 + i is in the row and >= lb
-    if (v0 >= CPT && v0 + CPT <= np) {
-      const float4 p0 = __ldg(reinterpret_cast<const float4*>(base + v0));
-      const float4 p1 = __ldg(reinterpret_cast<const float4*>(base + v0) + 1);
-      const float x[CPT] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+  for (int t = TILES_PER_SCAN; t < PREFETCH_TILES; ++t) prefetch(t * CPT * NT + CPT * static_cast<int>(threadIdx.x));
+  for (int t0 = 0; t0 < np; t0 += TILES_PER_SCAN * CPT * NT) {
+    unsigned m[TILES_PER_SCAN];  // bit i: key v0 + i is in the row and >= lb
+    unsigned packed = 0u;
 #pragma unroll
-      for (int i = 0; i < CPT; ++i) m |= static_cast<unsigned>(ordered_key(x[i]) >= lb) << i;
-    } else {
+    for (int u = 0; u < TILES_PER_SCAN; ++u) {
+      const int v0 = t0 + u * CPT * NT + CPT * static_cast<int>(threadIdx.x);
+      prefetch(v0 + PREFETCH_TILES * CPT * NT);
+      m[u] = 0u;
+      if (v0 >= CPT && v0 + CPT <= np) {
+        const float4 p0 = __ldg(reinterpret_cast<const float4*>(base + v0));
+        const float4 p1 = __ldg(reinterpret_cast<const float4*>(base + v0) + 1);
+        const float x[CPT] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
 #pragma unroll
-      for (int i = 0; i < CPT; ++i) {
-        const int j = v0 + i - a;
-        m |= static_cast<unsigned>(j >= 0 && j < L && ordered_key(__ldg(row + j)) >= lb) << i;
+        for (int i = 0; i < CPT; ++i) m[u] |= static_cast<unsigned>(ordered_key(x[i]) >= lb) << i;
+      } else {
+#pragma unroll
+        for (int i = 0; i < CPT; ++i) {
+          const int j = v0 + i - a;
+          m[u] |= static_cast<unsigned>(j >= 0 && j < L && ordered_key(__ldg(row + j)) >= lb) << i;
+        }
       }
+      packed |= static_cast<unsigned>(__popc(m[u])) << (16 * u);
     }
-    unsigned tot;  // (one barrier per tile: the next tile scans in the other parity's buffer)
-    unsigned pos = run + block_exclusive_scan(__popc(m), sm.wsum2[parity], &tot);
+    unsigned tot;  // (one barrier per step: the next step scans in the other parity's buffer)
+    const unsigned ex = block_exclusive_scan(packed, sm.wsum2[parity], &tot);
 #pragma unroll
-    for (int i = 0; i < CPT; ++i) {
-      if ((m >> i) & 1u) {  // (the score read again, from L1: candidates are a few percent of the keys)
+    for (int u = 0; u < TILES_PER_SCAN; ++u) {
+      const int v0 = t0 + u * CPT * NT + CPT * static_cast<int>(threadIdx.x);
+      unsigned pos = run + ((ex >> (16 * u)) & 0xffffu);
+      // (the score read again, from L1: candidates are a few percent of the keys)
+      for (unsigned mm = m[u]; mm != 0u; mm &= mm - 1u, ++pos) {
+        const int i = __ffs(static_cast<int>(mm)) - 1;
         if (pos < static_cast<unsigned>(CAND_CAP)) {
-          sm.cand_x[pos] = __ldg(row + v0 + i - a);
+          sm.cand_x[pos] = __ldg(base + v0 + i);
           sm.cand_pos[pos] = v0 + i - a;
         }
-        ++pos;
       }
+      run += (tot >> (16 * u)) & 0xffffu;
     }
-    run += tot;
     parity ^= 1;
   }
   __syncthreads();
