@@ -103,6 +103,11 @@ inline unsigned __shfl_up_sync(unsigned mask, unsigned v, unsigned delta) {
   });
 }
 
+inline unsigned __shfl_sync(unsigned mask, unsigned v, int src_lane) {
+  (void)mask;
+  return simt::warp_exchange(v, [=](const uint64_t* lanes) { return static_cast<unsigned>(lanes[src_lane & 31]); });
+}
+
 inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask) {
   (void)mask;
   const unsigned lane = threadIdx.x & 31;

@@ -52,7 +52,7 @@ constexpr int NW = NT / 32;
 constexpr int STEPS = 32 / NW;  // steps of NT keys per compaction tile: 32 (step, warp) counts
 constexpr int BINS = 2048;      // the widest digit: 11 bits
 constexpr int CAND_CAP = 6144;  // candidates kept in shared memory
-constexpr int PATH_B_KEYS = 16384;     // path B's shortest row
+constexpr int PATH_B_KEYS = 8192;      // path B's shortest row
 constexpr int SAMPLE_RUNS = 256;         // path B's sample: runs of 8 keys, 4 per half-run
 constexpr int SAMPLE = 8 * SAMPLE_RUNS;  // 2048 keys
 constexpr int SAMPLE_REPS = 2 * SAMPLE_RUNS / NT;  // half-runs per thread
@@ -212,7 +212,7 @@ __device__ __forceinline__ void compaction_pass(int n, int shift, unsigned prefi
 }
 
 // Path B's bound: the first two digits (22 bits) of the sample's r-th largest key, r from
-// r - 3 sqrt(r) = K SAMPLE / L. Needs L >= PATH_B_KEYS (r <= 309 < SAMPLE).
+// r - 3 sqrt(r) = K SAMPLE / L. Needs L >= PATH_B_KEYS (r < 860 < SAMPLE).
 __device__ __forceinline__ unsigned sample_bound(const float* row, int L, int K, Smem& sm) {
   // half-run h = threadIdx.x + rep NT: keys [4 (h & 1), 4 (h & 1) + 4) of run h >> 1
   auto at = [&](int rep) {
