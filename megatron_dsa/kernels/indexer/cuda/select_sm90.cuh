@@ -96,19 +96,16 @@ __device__ __forceinline__ unsigned block_exclusive_scan(unsigned v, unsigned* w
   }
   if (lane == 31) wsum[warp] = inc;
   __syncthreads();
-  unsigned before = 0u;
-  if (total == nullptr) {  // (pick_bucket's: the unrolled loop below costs it a spill at 40 registers)
-    for (int w = 0; w < warp; ++w) before += wsum[w];
-  } else {
-    unsigned tot = 0u;
+  // lane w < NW scans the warps' sums; its exclusive sum is warp w's offset
+  const unsigned own = lane < NW ? wsum[lane] : 0u;
+  unsigned ws = own;
 #pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const unsigned x = wsum[w];
-      before += w < warp ? x : 0u;
-      tot += x;
-    }
-    *total = tot;
+  for (int o = 1; o < NW; o <<= 1) {
+    const unsigned y = __shfl_up_sync(0xffffffffu, ws, o);
+    if (lane >= o) ws += y;
   }
+  if (total != nullptr) *total = __shfl_sync(0xffffffffu, ws, NW - 1);
+  const unsigned before = __shfl_sync(0xffffffffu, ws - own, warp);
   return before + inc - v;
 }
 
