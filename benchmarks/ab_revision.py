@@ -29,8 +29,9 @@ relative difference (``*_rel``); dkv is summed by fp32 atomics in no fixed order
 relative difference only (about 1e-5 - 1e-4 between two calls of the same kernel).
 ``--flashmla`` adds FlashMLA's sparse forward (``flashmla_ms``) to the fwd rows at 64 / 128
 heads. The Python launchers are this tree's for both libraries, so the tool refuses a revision
-whose ``extern "C"`` entry points (names or parameter lists) differ from the tree's: ctypes
-would pass them the tree's arguments.
+that lacks one of the tree's ``extern "C"`` entry points or defines it with another parameter
+list: ctypes would pass it the tree's arguments. Entry points the revision has and the tree
+does not (an older select's second entry point) are never called, and ignored.
 """
 
 from __future__ import annotations
@@ -147,6 +148,13 @@ def entry_points(paths: Sequence[Path]) -> Dict[str, str]:
         for m in re.finditer(r"^(?:int|long long|void)\s+(dsa_\w+)\s*\(([^)]*)\)\s*\{", text, re.M):
             out[m.group(1)] = " ".join(m.group(2).split())
     return out
+
+
+def entry_point_mismatch(ours: Dict[str, str], theirs: Dict[str, str]) -> List[str]:
+    """The tree's entry points (``ours``, from :func:`entry_points`) that the revision's
+    (``theirs``) lacks or defines with another parameter list, sorted; the revision's other entry
+    points are ignored (the tree's launchers never call them)."""
+    return sorted(n for n in ours if theirs.get(n) != ours[n])
 
 
 def _rel(x, y, rows: int = 4096) -> float:
@@ -314,17 +322,11 @@ def main(argv=None) -> int:
             line = (export_sources(a.rev, *sets["sparse_mla"], folder, optional=sum(sets["indexer"], ()))
                     if a.rev_dir is None else None)
             for name in wanted:
-                # the indexer's sources after its first (select_sm90_nt256.cu: the overlapped
-                # loop's entry point) may postdate the revision, which is then timed on the
-                # entry points it has (the serial loop's)
-                optional = sets[name][0][1:] if name == "indexer" else ()
-                srcs, hdrs, line = sources_in(folder, *sets[name], optional=optional)
-                ours, theirs = entry_points(sets[name][0]), entry_points(srcs)
-                compared = set(theirs) if name == "indexer" and theirs else set(ours) | set(theirs)
-                if any(ours.get(n) != theirs.get(n) for n in compared):
-                    diff = sorted(n for n in compared if ours.get(n) != theirs.get(n))
-                    ap.error(f"{what}: its C entry points differ from the tree's ({', '.join(diff)}); "
-                             "this tree's launchers cannot call them")
+                srcs, hdrs, line = sources_in(folder, *sets[name])
+                diff = entry_point_mismatch(entry_points(sets[name][0]), entry_points(srcs))
+                if diff:
+                    ap.error(f"{what}: the tree's C entry points {', '.join(diff)} are missing from it or take "
+                             "other parameters; this tree's launchers cannot call them")
                 rev_name = line.split()[0][:10]
                 if name == "sparse_mla":
                     base = ci._load(build_library(f"sparse_mla_rev_{rev_name}", tuple(srcs), tuple(hdrs), arch=ci.ARCH))
@@ -333,8 +335,7 @@ def main(argv=None) -> int:
 
                     lib = ctypes.CDLL(str(build_library(f"indexer_rev_{rev_name}", tuple(srcs), tuple(hdrs),
                                                         arch=tree_ix.arch)))
-                    for entry in theirs:
-                        ii._declare_entry(getattr(lib, entry))
+                    ii._declare(lib)
                     base_ix = LoadedLibrary(lib)
         except ValueError as e:
             ap.error(str(e))

@@ -493,29 +493,6 @@ def score_cfg_sweep(name, S, args):
     return out
 
 
-def overlap_rows(name, S, args):
-    """``name`` (ours / ours_fp8) with ``triton_impl.SELECT_OVERLAP`` on (each chunk's select
-    on a side stream beside the next chunk's scores), then off again (the serial loop timed on
-    both sides of it). For ours_fp8 also overlapped with the e4m3 score tile uncapped: the
-    shipped cap of 168 registers fits three score programs per SM, whose 64,512 registers leave
-    no room for a select CTA; uncapped (175) two fit beside one. The side stream at priority 0
-    and -1 (``SELECT_SIDE_PRIORITY``), and at -1 with the 512-thread select."""
-    from megatron_dsa.kernels.indexer import triton_impl as ti
-
-    tag = "fp8 " if name == "ours_fp8" else ""
-    out = [_row_with(name, S, args, f"megatron_dsa[{tag}overlap]", SELECT_OVERLAP=True),
-           _row_with(name, S, args, f"megatron_dsa[{tag}overlap, side priority -1]", SELECT_OVERLAP=True,
-                     SELECT_SIDE_PRIORITY=-1),
-           _row_with(name, S, args, f"megatron_dsa[{tag}overlap, 512 threads, side priority -1]",
-                     SELECT_OVERLAP=True, SELECT_SIDE_PRIORITY=-1, SELECT_OVERLAP_THREADS=512)]
-    if name == "ours_fp8":
-        uncapped = {**ti._SCORE_CFG_GPU, "fp8": ti._SCORE_CFG_GPU["fp8"][:4]}
-        out.append(_row_with(name, S, args, "megatron_dsa[fp8 overlap uncapped]", SELECT_OVERLAP=True,
-                             _SCORE_CFG_GPU=uncapped))
-    out.append(_row_with(name, S, args, f"megatron_dsa[{tag}serial again]", SELECT_OVERLAP=False))
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--S", default="4096,8192,16384,32768",
@@ -549,9 +526,6 @@ def main():
                     help="ours / ours_fp8 once more per score-kernel config 'BT,BS,warps,stages[,maxnreg];...' "
                          "(maxnreg 0: none) for that precision (the tuning sweep; "
                          "rows megatron_dsa[bf16|fp8 BTxBS wW sS ...])")
-    ap.add_argument("--select-overlap", action="store_true",
-                    help="ours / ours_fp8 again with each chunk's CUDA select overlapped with the next chunk's "
-                         "scores (triton_impl.SELECT_OVERLAP), then serial again")
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "reference"),
                     help="backend of ours (indexer_topk / indexer_loss)")
     ap.add_argument("--attn-backend", default="auto", choices=("auto", "cuda", "triton"),
@@ -595,8 +569,6 @@ def main():
             torch.cuda.empty_cache()
             if name in ("ours", "ours_fp8") and args.score_cfgs:
                 rows += score_cfg_sweep(name, S, args)
-            if name in ("ours", "ours_fp8") and args.select_overlap:
-                rows += overlap_rows(name, S, args)
             if name == "ours" and args.select_cfgs:
                 rows += select_sweep(S, args)
             if name in ("ours", "ours_fp8") and args.score_only:

@@ -58,7 +58,7 @@ def test_export_and_rev_dir_round_trip(tmp_path):
     # the indexer's select too, and every quoted include of an exported source resolves beside it
     # (the files keep their paths in the repository: select_sm90.cu includes ../../sparse_mla/...)
     ix_srcs, ix_hdrs, _ = ab.sources_in(tmp_path / "rev", *ab.kernel_sets()["indexer"])
-    assert [p.name for p in ix_srcs] == ["select_sm90.cu", "select_sm90_nt256.cu"]
+    assert [p.name for p in ix_srcs] == ["select_sm90.cu"]
     assert "sm90_common.cuh" in [p.name for p in ix_hdrs]
     for src in list(srcs) + list(ix_srcs) + list(hdrs) + list(ix_hdrs):
         for inc in re.findall(r'^#include "([^"]+)"', src.read_text(), re.M):
@@ -88,22 +88,113 @@ def test_bad_ops_and_no_gpu(capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def _commit_or_skip(rev):
+    if subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{rev}^{{commit}}"], capture_output=True).returncode:
+        pytest.skip(f"{rev} is not in this clone's history")
+
+
 def test_an_indexer_revision_before_the_256_thread_select(tmp_path):
-    """A revision older than ``select_sm90_nt256.cu`` (187b061) exports and reads back without
-    it, and its one entry point matches the tree's serial one: the A/B runs it on that entry;
-    its first source stays required."""
-    if subprocess.run(["git", "-C", ROOT, "cat-file", "-e", "187b061^{commit}"], capture_output=True).returncode:
-        pytest.skip("187b061 is not in this clone's history")
+    """A revision older than the (since removed) 256-thread select (187b061) exports and reads
+    back, and its one entry point is the tree's; its source stays required."""
+    _commit_or_skip("187b061")
     srcs, hdrs = ab.kernel_sets()["indexer"]
     assert ab.main(["--rev", "187b061", "--export", str(tmp_path / "rev")]) == 0
-    got, _, line = ab.sources_in(tmp_path / "rev", srcs, hdrs, optional=srcs[1:])
+    got, _, line = ab.sources_in(tmp_path / "rev", srcs, hdrs)
     assert line.startswith("187b061") and [p.name for p in got] == ["select_sm90.cu"]
     theirs, ours = ab.entry_points(got), ab.entry_points(srcs)
-    assert list(theirs) == ["dsa_indexer_select"] and theirs["dsa_indexer_select"] == ours["dsa_indexer_select"]
-    assert set(ours) == {"dsa_indexer_select", "dsa_indexer_select_nt256"}
+    assert list(ours) == list(theirs) == ["dsa_indexer_select"] and ab.entry_point_mismatch(ours, theirs) == []
     got[0].unlink()
     with pytest.raises(ValueError, match="lacks select_sm90.cu"):
-        ab.sources_in(tmp_path / "rev", srcs, hdrs, optional=srcs[1:])
+        ab.sources_in(tmp_path / "rev", srcs, hdrs)
+
+
+def test_an_indexer_revision_with_the_256_thread_select(tmp_path):
+    """A revision that still had the 256-thread select (badbe1e: a second source file with a
+    second entry point) exports the tree's sources (its ``select_sm90.cu`` alone defines the
+    tree's entry point) and reads back; with its second file, the extra entry point is
+    ignored."""
+    _commit_or_skip("badbe1e")
+    srcs, hdrs = ab.kernel_sets()["indexer"]
+    assert ab.main(["--rev", "badbe1e", "--export", str(tmp_path / "rev")]) == 0
+    got, got_hdrs, line = ab.sources_in(tmp_path / "rev", srcs, hdrs)
+    assert line.startswith("badbe1e") and [p.name for p in got] == ["select_sm90.cu"]
+    assert [p.name for p in got_hdrs] == [p.name for p in hdrs]
+    ours = ab.entry_points(srcs)
+    assert ab.entry_points(got) == ours
+    folder = os.path.relpath(srcs[0].parent, ROOT)
+    names = _git("ls-tree", "--name-only", "badbe1e", folder + "/").decode().split()
+    cu = [srcs[0].parent / os.path.basename(n) for n in names if n.endswith(".cu")]
+    assert len(cu) == 2 and srcs[0] in cu
+    both = ab.sources_at("badbe1e", cu, tmp_path / "both")
+    theirs = ab.entry_points(both)
+    assert len(theirs) == 2 and theirs["dsa_indexer_select"] == ours["dsa_indexer_select"]
+    assert ab.entry_point_mismatch(ours, theirs) == []
+
+
+def test_entry_point_rule_on_the_select(tmp_path):
+    """The tree's select entry point with an extra entry point beside it: accepted; with one
+    parameter changed, or missing: refused."""
+    srcs = ab.kernel_sets()["indexer"][0]
+    ours = ab.entry_points(srcs)
+    text = srcs[0].read_text()
+    extra = tmp_path / "extra.cu"
+    extra.write_text(text + '\nextern "C" {\nint dsa_indexer_select_other(int x) { return x; }\n}\n')
+    theirs = ab.entry_points([extra])
+    assert set(theirs) == {"dsa_indexer_select", "dsa_indexer_select_other"}
+    assert ab.entry_point_mismatch(ours, theirs) == []
+    changed = tmp_path / "changed.cu"
+    changed.write_text(text.replace("int S, int K, void* idx", "int S, long long K, void* idx"))
+    assert ab.entry_point_mismatch(ours, ab.entry_points([changed])) == ["dsa_indexer_select"]
+    assert ab.entry_point_mismatch(ours, {"dsa_indexer_select_other": "int x"}) == ["dsa_indexer_select"]
+
+
+def _select_rev_dir(folder, edit):
+    """A ``--rev-dir`` folder holding the tree's indexer sources, ``select_sm90.cu`` passed
+    through ``edit``."""
+    srcs, hdrs = ab.kernel_sets()["indexer"]
+    for p in list(srcs) + list(hdrs):
+        target = ab._in(folder, p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = p.read_text()
+        target.write_text(edit(text) if p == srcs[0] else text)
+    (folder / "REVISION").write_text("0123456789abcdef0123456789abcdef01234567 a test revision\n")
+
+
+@pytest.mark.parametrize("kind", ["extra_entry", "changed_parameters"])
+def test_main_accepts_an_extra_entry_point_and_refuses_changed_parameters(tmp_path, monkeypatch, capsys, kind):
+    """``main`` on a ``--rev-dir`` whose select has an extra entry point goes on to build it (the
+    build stubbed out here); one whose ``dsa_indexer_select`` takes another parameter list is
+    refused before any build, naming it."""
+    from megatron_dsa.kernels import cuda_build
+
+    class Built(Exception):
+        pass
+
+    built = []
+
+    def fake_build(name, sources, headers=(), arch="sm_90a", **kw):
+        built.append((name, [p.name for p in sources]))
+        raise Built
+
+    if kind == "extra_entry":
+        edit = lambda t: t + '\nextern "C" {\nint dsa_indexer_select_other(int x) { return x; }\n}\n'  # noqa: E731
+    else:
+        edit = lambda t: t.replace("int S, int K, void* idx", "int S, long long K, void* idx")  # noqa: E731
+    assert edit(ab.kernel_sets()["indexer"][0][0].read_text()) != ab.kernel_sets()["indexer"][0][0].read_text()
+    _select_rev_dir(tmp_path / "rev", edit)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_build, "build_library", fake_build)
+    argv = ["--rev-dir", str(tmp_path / "rev"), "--ops", "select", "--cases", "1024:4"]
+    if kind == "extra_entry":
+        with pytest.raises(Built):
+            ab.main(argv)
+        assert built == [("indexer_rev_0123456789", ["select_sm90.cu"])]
+    else:
+        with pytest.raises(SystemExit):
+            ab.main(argv)
+        assert built == []
+        err = capsys.readouterr().err
+        assert "dsa_indexer_select are missing from it or take other parameters" in err
 
 
 def test_entry_points_see_a_changed_parameter_list(tmp_path):

@@ -37,41 +37,36 @@ def test_receipt_renders_the_breakdown_table(tmp_path):
 
 
 def test_variant_rows_patch_and_restore_the_tuning_globals(monkeypatch):
-    """``--select-overlap`` / ``--score-cfgs`` rows: each call sees its variant's globals, every
-    row gets its label, and the shipped values are back afterwards (also when a call fails)."""
+    """``--score-cfgs`` rows: each call sees its variant's score config (its precision's only),
+    every row gets its label, and the shipped values are back afterwards (also when a call
+    fails)."""
     from megatron_dsa.kernels.indexer import triton_impl as ti
 
-    shipped_cfg, shipped_overlap, seen = dict(ti._SCORE_CFG_GPU), ti.SELECT_OVERLAP, []
-    shipped_prio = ti.SELECT_SIDE_PRIORITY
+    shipped_cfg, seen = dict(ti._SCORE_CFG_GPU), []
 
     def bench_impl(name, S, args):
-        seen.append((name, ti.SELECT_OVERLAP, tuple(ti._SCORE_CFG_GPU["fp8"]), tuple(ti._SCORE_CFG_GPU["bf16"]),
-                     ti.SELECT_SIDE_PRIORITY, ti.SELECT_OVERLAP_THREADS))
+        seen.append((name, tuple(ti._SCORE_CFG_GPU["fp8"]), tuple(ti._SCORE_CFG_GPU["bf16"])))
         return {"ms": 1.0}
 
     monkeypatch.setattr(bench_indexer, "bench_impl", bench_impl)
     args = SimpleNamespace(H=64, D=128, k=2048, score_cfgs="64,128,4,4,168;32,64,4,2")
     fp8, bf16 = tuple(shipped_cfg["fp8"]), tuple(shipped_cfg["bf16"])
-    rows = bench_indexer.overlap_rows("ours_fp8", 4096, args)
-    assert [r["impl"] for r in rows] == [
-        "megatron_dsa[fp8 overlap]", "megatron_dsa[fp8 overlap, side priority -1]",
-        "megatron_dsa[fp8 overlap, 512 threads, side priority -1]", "megatron_dsa[fp8 overlap uncapped]",
-        "megatron_dsa[fp8 serial again]"]
-    assert seen == [("ours_fp8", True, fp8, bf16, 0, 256), ("ours_fp8", True, fp8, bf16, -1, 256),
-                    ("ours_fp8", True, fp8, bf16, -1, 512), ("ours_fp8", True, fp8[:4], bf16, 0, 256),
-                    ("ours_fp8", False, fp8, bf16, 0, 256)]
-    seen.clear()
     rows = bench_indexer.score_cfg_sweep("ours", 4096, args)
     assert [r["impl"] for r in rows] == ["megatron_dsa[bf16 64x128 w4 s4 r168]", "megatron_dsa[bf16 32x64 w4 s2]"]
-    assert [s[3] for s in seen] == [(64, 128, 4, 4, 168), (32, 64, 4, 2, 0)]
-    assert ti._SCORE_CFG_GPU == shipped_cfg and ti.SELECT_OVERLAP == shipped_overlap
+    assert seen == [("ours", fp8, (64, 128, 4, 4, 168)), ("ours", fp8, (32, 64, 4, 2, 0))]
+    assert ti._SCORE_CFG_GPU == shipped_cfg
+    seen.clear()
+    rows = bench_indexer.score_cfg_sweep("ours_fp8", 4096, args)
+    assert [r["impl"] for r in rows] == ["megatron_dsa[fp8 64x128 w4 s4 r168]", "megatron_dsa[fp8 32x64 w4 s2]"]
+    assert seen == [("ours_fp8", (64, 128, 4, 4, 168), bf16), ("ours_fp8", (32, 64, 4, 2, 0), bf16)]
+    assert ti._SCORE_CFG_GPU == shipped_cfg
 
     def failing(name, S, args):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(bench_indexer, "bench_impl", failing)
     try:
-        bench_indexer.overlap_rows("ours", 4096, args)
+        bench_indexer.score_cfg_sweep("ours", 4096, args)
     except RuntimeError:
         pass
-    assert ti._SCORE_CFG_GPU == shipped_cfg and ti.SELECT_OVERLAP == shipped_overlap
+    assert ti._SCORE_CFG_GPU == shipped_cfg

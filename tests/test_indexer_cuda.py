@@ -33,12 +33,9 @@ def _build_emu(tmp_path_factory, name, sources, opt="-O2"):
     return build_simt(tmp_path_factory, name, sources, KERNEL_DIR, opt)
 
 
-@pytest.fixture(scope="module", params=[512, 256], ids=["512threads", "256threads"])
-def emu(tmp_path_factory, request):
-    """The emulated kernel with 512 threads per CTA (the default launch) or 256 (the variant the
-    overlapped pipeline launches, select_sm90_nt256.cu)."""
-    src = "select_emu.cpp" if request.param == 512 else "select_emu_nt256.cpp"
-    lib = _build_emu(tmp_path_factory, f"select_emu{request.param}.so", [src], opt="-O1")
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = _build_emu(tmp_path_factory, "select_emu.so", ["select_emu.cpp"], opt="-O1")
     fn = lib.emu_indexer_select
     fn.restype = ctypes.c_int
     vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
@@ -201,7 +198,7 @@ def lib_emu(tmp_path_factory):
     from megatron_dsa.kernels.indexer import cuda_impl
 
     lib = _build_emu(tmp_path_factory, "indexer_emu.so", ["select_emu.cpp"])
-    cuda_impl._declare_entry(lib.dsa_indexer_select)  # (the serial loop's 512-thread entry)
+    cuda_impl._declare(lib)
     return lib
 
 
@@ -232,54 +229,6 @@ def test_emulated_select_through_the_launcher(lib_emu, monkeypatch, kind):
     idx, vals = _in_process_with_deadline(lambda: ti.indexer_topk_triton(
         q, k, w, K, st, en, True, global_ids, chunk_bytes=1, select_kernel="cuda"))
     _check(scores, idx, vals, 0, K, window, global_ids)
-
-
-def test_emulated_overlapped_chunk_loop(tmp_path_factory, monkeypatch):
-    """``triton_impl._overlapped_chunks`` on the CPU: the Triton score kernel in the interpreter,
-    the 256-thread select emulated behind the library's launcher, and the streams and events as
-    no-op stand-ins (the CPU runs each launch to completion, so this checks the loop's
-    bookkeeping, not its concurrency: two buffers alternating over chunks of ``rows`` rows, each
-    chunk's row offset, the 256-thread entry point). Same ids as the serial loop."""
-    import contextlib
-    import types
-
-    from megatron_dsa.kernels.indexer import cuda_impl
-    from megatron_dsa.kernels.indexer import triton_impl as ti
-
-    lib = _build_emu(tmp_path_factory, "indexer_emu256.so", ["select_emu_nt256.cpp"])
-    fn = lib.dsa_indexer_select  # (the emulated library names its entry as the 512-thread one)
-    cuda_impl._declare_entry(fn)
-    monkeypatch.setattr(cuda_impl, "LIBRARY", LoadedLibrary(types.SimpleNamespace(dsa_indexer_select_nt256=fn)))
-    monkeypatch.setattr(cuda_impl, "_stream", lambda device: None)
-
-    class Stand:  # a stream or an event: every wait and record is a no-op on the CPU
-        def __init__(self, *a, **kw):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-        def wait_event(self, event):
-            pass
-
-        def record_event(self):
-            return Stand()
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stand())
-    monkeypatch.setattr(torch.cuda, "Stream", Stand)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(ti, "_SIDE_STREAMS", {})
-    B, T, S, H, D, K = 2, 70, 70, 2, 16, 20
-    q, k, w = torch.randn(B, T, H, D), torch.randn(B, S, D), torch.randn(B, T, H)
-    a, c = torch.randint(0, S + 1, (B, T)), torch.randint(0, S + 1, (B, T))
-    st, en = torch.minimum(a, c).to(torch.int32), torch.maximum(a, c).to(torch.int32)
-    scores = _in_process_with_deadline(lambda: ti.indexer_scores_triton(q, k, w, st, en, True))
-    rows = ti._score_cfg().block_t  # 16 rows: 5 chunks, the buffers alternating
-    idx = torch.full((B, T, K), -7, dtype=torch.int32)
-    vals = torch.full((B, T, K), float("nan"))
-    _in_process_with_deadline(lambda: ti._overlapped_chunks(
-        q, k, w, st, en, False, True, idx, vals, rows, S, True, ti._score_cfg(), None))
-    _check(scores, idx, vals, 0, K, lambda b, t: (int(st[b, t]), int(en[b, t])), True)
 
 
 def _gpu_or_skip():
@@ -335,50 +284,6 @@ def test_gpu_cuda_select_equals_triton_select(kind, S):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision,threads,priority", [("bf16", 256, 0), ("fp8", 256, 0), ("bf16", 512, -1)])
-def test_gpu_overlapped_chunks_equal_serial(monkeypatch, precision, threads, priority):
-    """``SELECT_OVERLAP``: chunk i's select (256 or 512 threads per CTA, a side stream of either
-    priority) beside chunk i + 1's scores in the other buffer gives the serial loop's sets and
-    values, over 12 chunks of a packed layout (a buffer reused while the other's select may still run), and the same
-    inside a CUDA graph (the side stream forks from and joins the captured one)."""
-    _gpu_or_skip()
-    from megatron_dsa.kernels.indexer import triton_impl as ti
-    from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
-    from megatron_dsa.kernels.indexer.reference import packed_causal_window
-
-    S, H, D, K = 12288, 64, 128, 2048
-    q = torch.randn(1, S, H, D, device="cuda").bfloat16()
-    k = torch.randn(1, S, D, device="cuda").bfloat16()
-    w = torch.randn(1, S, H, device="cuda") * H**-0.5
-    st, en = packed_causal_window(torch.tensor([0, 3, 5000, S], device="cuda"))
-    st, en = st.expand(1, S).contiguous(), en.expand(1, S).contiguous()
-    ks = None
-    if precision == "fp8":
-        q, k, w, ks = fp8_kernel_inputs(q, k, w)
-    budget = 2 * 1024 * S * 4  # two buffers of 1024 rows: 12 chunks
-    monkeypatch.setattr(ti, "SELECT_OVERLAP_THREADS", threads)
-    monkeypatch.setattr(ti, "SELECT_SIDE_PRIORITY", priority)
-
-    def run(overlap, out=None):
-        monkeypatch.setattr(ti, "SELECT_OVERLAP", overlap)
-        return ti.indexer_topk_triton(q, k, w, K, st, en, True, True, chunk_bytes=budget, out=out, k_scale=ks,
-                                      select_kernel="cuda")
-
-    want = [x.sort(-1).values for x in run(False)]
-    got = [x.sort(-1).values for x in run(True)]
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    out = (torch.empty(1, S, K, dtype=torch.int32, device="cuda"), torch.empty(1, S, K, device="cuda"))
-    run(True, out)  # (compiled and the side stream made before the capture)
-    out[0].fill_(-7)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run(True, out)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out[0].sort(-1).values, want[0]) and torch.equal(out[1].sort(-1).values, want[1])
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_gpu_public_indexer_cuda_backend(precision):
     """``indexer_topk(..., backend="cuda")`` (Triton score, CUDA select) against the ``triton``
@@ -407,14 +312,12 @@ def test_cuda_select_compiles_without_spills(tmp_path):
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("no nvcc")
-    for src in ("select_sm90.cu", "select_sm90_nt256.cu"):
-        proc = subprocess.run([nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-                               "-c", os.path.join(KERNEL_DIR, src), "-o", str(tmp_path / "k.o")],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert " 0 bytes spill stores" in proc.stderr and "bytes spill stores" not in proc.stderr.replace(
-            " 0 bytes spill stores", ""), src
-        # 40 registers: 3 CTAs of 512 threads per SM; a 256-thread CTA (10,240) fits beside two
-        # bf16 score programs (51,200 of 65,536), which the overlapped pipeline relies on
-        regs = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
-        assert regs <= 40, (src, regs)
+    proc = subprocess.run([nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                           "-c", os.path.join(KERNEL_DIR, "select_sm90.cu"), "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert " 0 bytes spill stores" in proc.stderr and "bytes spill stores" not in proc.stderr.replace(
+        " 0 bytes spill stores", "")
+    # 40 registers: 3 CTAs of 512 threads per SM (__launch_bounds__)
+    regs = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
+    assert regs <= 40, regs

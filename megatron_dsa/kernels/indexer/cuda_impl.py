@@ -26,25 +26,16 @@ _COMMON = Path(__file__).parents[1] / "sparse_mla" / "cuda" / "sm90_common.cuh" 
 MAX_TOPK = 6144
 
 
-# The entry point per threads per CTA: 512 (the default), 256 (small enough to share an SM with
-# two score programs; the overlapped pipeline of triton_impl, SELECT_OVERLAP).
-_ENTRIES = {512: "dsa_indexer_select", 256: "dsa_indexer_select_nt256"}
-
-
-def _declare_entry(fn) -> None:
-    """One entry point's C signature (``select_sm90.cu``'s ``dsa_indexer_select``)."""
+def _declare(lib) -> None:
+    """The C signature of the entry point (``select_sm90.cu``'s ``dsa_indexer_select``)."""
     vp, ll, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    fn = lib.dsa_indexer_select
     fn.restype = i32
     fn.argtypes = [vp, ll, ll, vp, vp, ll, ll, i32, i32, i32, i32, i32, i32, i32, vp, vp, ll, ll, vp]
 
 
-def _declare(lib) -> None:
-    for name in _ENTRIES.values():
-        _declare_entry(getattr(lib, name))
-
-
-LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu", _DIR / "select_sm90_nt256.cu"),
-                      (_DIR / "select_sm90.cuh", _COMMON), "sm_90a", _declare)
+LIBRARY = CudaLibrary("indexer", (_DIR / "select_sm90.cu",), (_DIR / "select_sm90.cuh", _COMMON), "sm_90a",
+                      _declare)
 
 
 def int32_windows(starts, ends):
@@ -72,22 +63,19 @@ def cuda_select_reason(device: torch.device):
     return LIBRARY.error()
 
 
-def select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, threads: int = 512) -> None:
+def select_cuda(buf, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids) -> None:
     """``triton_impl.launch_select``'s contract on the CUDA kernel: the top-k of rows
     ``[row0, row0 + n_rows)`` from ``buf [B, >= n_rows, >= S]`` (unit stride along keys) into
-    ``idx`` / ``vals [B, T, topk]`` (unit stride along slots), with ``threads`` (512 or 256) per
-    CTA; both give the same sets."""
-    if threads not in _ENTRIES:
-        raise ValueError(f"threads must be one of {sorted(_ENTRIES)}, got {threads!r}")
+    ``idx`` / ``vals [B, T, topk]`` (unit stride along slots)."""
     B, T, topk = idx.shape
     if topk > MAX_TOPK:
         raise ValueError(f"the CUDA select takes topk <= {MAX_TOPK}, got topk={topk}")
     if buf.stride(-1) != 1 or idx.stride(-1) != 1 or vals.stride(-1) != 1 or idx.stride() != vals.stride():
         raise ValueError("the CUDA select needs unit-stride score rows and equal-stride outputs")
     starts, ends = int32_windows(starts, ends)
-    err = getattr(LIBRARY.get(), _ENTRIES[threads])(
+    err = LIBRARY.get().dsa_indexer_select(
         buf.data_ptr(), buf.stride(0), buf.stride(1), starts.data_ptr(), ends.data_ptr(), starts.stride(0),
         starts.stride(1), int(causal), int(global_ids), row0, n_rows, B, S, topk, idx.data_ptr(), vals.data_ptr(),
         idx.stride(0), idx.stride(1), _stream(buf.device))
     if err != 0:
-        raise RuntimeError(f"{_ENTRIES[threads]} failed to launch: CUDA error {err}")
+        raise RuntimeError(f"dsa_indexer_select failed to launch: CUDA error {err}")

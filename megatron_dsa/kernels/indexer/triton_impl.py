@@ -405,17 +405,6 @@ _SELECT_CFG_GPU = (512, 4)  # (1024, 4) above S = 64K
 _SCORE_CFG_INTERP = (16, 32, 4, 1)
 _SELECT_CFG_INTERP = (128, 4)
 SAMPLE_STRIDE = 8
-# With the CUDA select on a GPU: select chunk i on a second stream while chunk i + 1's scores are
-# computed, in two buffers of half the budget each, the select with 256 threads per CTA (10,240
-# registers: one CTA fits on an SM beside two bf16 score programs' 51,200, where a 512-thread
-# one's 20,480 does not). The same sets as the serial loop. Off until timed against it
-# (bench_indexer.py --select-overlap).
-SELECT_OVERLAP = False
-# The side stream's CUDA priority (0: the default; -1: higher than the score kernel's stream, so
-# that an SM a score program leaves takes a waiting select CTA first).
-SELECT_SIDE_PRIORITY = 0
-# Threads per select CTA in the overlapped loop (256 or 512: cuda_impl.select_cuda's variants).
-SELECT_OVERLAP_THREADS = 256
 
 
 class ScoreCfg(NamedTuple):
@@ -556,14 +545,10 @@ def indexer_topk_triton(
         from .cuda_impl import int32_windows
 
         starts, ends = int32_windows(starts, ends)
-    # (With the Triton select, overlapping chunk i's select with chunk i+1's scores on a second
-    # stream was measured slower on H100 at S=32K: 20.56 vs 19.43 ms; the CUDA select's overlap
-    # is _overlapped_chunks.)
-    if select_kernel == "cuda" and SELECT_OVERLAP and q.device.type == "cuda" and S > 0:
-        half = _plan(B, T, S, topk, scfg.block_t, chunk_bytes // 2, scratch=False)[0]
-        if half < T:  # (at least two chunks)
-            _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, half, S, global_ids, scfg, k_scale)
-            return idx, vals
+    # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
+    # buffers, was measured on H100 no faster: with the Triton select at S=32K 20.56 vs 19.43
+    # ms; with the CUDA select, 256 or 512 threads per CTA, at S=16K-64K, bf16 and fp8, within
+    # noise of the serial loop or slower. Not kept.)
     rows, cap = _plan(B, T, S_alloc, topk, scfg.block_t, chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
@@ -574,41 +559,6 @@ def indexer_topk_triton(
         launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel),
                       kernel=select_kernel)
     return idx, vals
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _overlapped_chunks(q, k, w, starts, ends, causal, use_relu, idx, vals, rows, S, global_ids, scfg, k_scale):
-    """The row chunks of ``rows`` rows in two score buffers: chunk i's scores on the current
-    stream, its CUDA select (``SELECT_OVERLAP_THREADS`` per CTA) on a side stream, so that it
-    runs while chunk i + 1's scores are computed into the other buffer. Chunk i + 2's scores
-    wait for chunk i's select (its buffer); the current stream waits for the side stream at the
-    end, so the outputs are ready in stream order. Events and stream waits only: no host synchronization, and the
-    fork / join pattern CUDA graph capture accepts."""
-    from .cuda_impl import select_cuda
-
-    B, T = idx.shape[0], idx.shape[1]
-    dev = q.device
-    main = torch.cuda.current_stream(dev)
-    key = (dev.index, SELECT_SIDE_PRIORITY)
-    side = _SIDE_STREAMS.get(key)
-    if side is None:
-        side = _SIDE_STREAMS[key] = torch.cuda.Stream(dev, priority=SELECT_SIDE_PRIORITY)
-    bufs = [torch.empty(B, rows, S, dtype=torch.float32, device=dev) for _ in range(2)]
-    free = [None, None]  # per buffer: the event after its last select
-    for i, row0 in enumerate(range(0, T, rows)):
-        n = min(rows, T - row0)
-        buf = bufs[i % 2]
-        if free[i % 2] is not None:
-            main.wait_event(free[i % 2])
-        _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
-        side.wait_stream(main)  # this chunk's scores (and, first, the caller's inputs and outputs)
-        with torch.cuda.stream(side):
-            select_cuda(buf, starts, ends, idx, vals, row0, n, S, causal, global_ids,
-                        threads=SELECT_OVERLAP_THREADS)
-        free[i % 2] = side.record_event()
-    main.wait_stream(side)
 
 
 def launch_select(buf, scr, starts, ends, idx, vals, row0, n_rows, S, causal, global_ids, cfg,

@@ -1,11 +1,5 @@
-// C entry point of the select kernel (select_sm90.cuh, where the algorithm is described). The
-// 256-thread variant (select_sm90_nt256.cu) includes this file with DSA_SELECT_NT set and
-// defines its own entry point around the same launcher.
+// C entry point of the select kernel (select_sm90.cuh, where the algorithm is described).
 #include <cuda_runtime.h>
-
-#ifndef DSA_SELECT_NT
-#define DSA_SELECT_DEFAULT_ENTRY
-#endif
 
 #include "../../sparse_mla/cuda/sm90_common.cuh"
 #include "select_sm90.cuh"
@@ -35,10 +29,8 @@ int launch_select(const void* buf, long long sb_b, long long sb_r, const void* s
 
 }  // namespace
 
-#ifdef DSA_SELECT_DEFAULT_ENTRY
 extern "C" {
 
-// 512 threads per CTA.
 int dsa_indexer_select(const void* buf, long long sb_b, long long sb_r, const void* starts, const void* ends,
                        long long sse_b, long long sse_t, int causal, int global_ids, int row0, int n_rows, int B,
                        int S, int K, void* idx, void* vals, long long so_b, long long so_t, void* stream) {
@@ -47,4 +39,3 @@ int dsa_indexer_select(const void* buf, long long sb_b, long long sb_r, const vo
 }
 
 }  // extern "C"
-#endif

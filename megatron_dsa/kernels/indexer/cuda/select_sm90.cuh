@@ -1,10 +1,9 @@
 // Exact top-k of each row of fp32 indexer scores: radix select with shared-memory histograms.
 //
-// One CTA of 512 threads (or 256: DSA_SELECT_NT) per row. Keys are the order-preserving uint32
-// images of the scores (-0.0 folded onto +0.0), cut into three digits: bits [21, 32), [10, 21)
-// and [0, 10). Every path ends in a shared-memory candidate list (key, position) in index
-// order, whose remaining digits are histogrammed in shared memory before one compaction of the
-// list to the output.
+// One CTA of 512 threads per row. Keys are the order-preserving uint32 images of the scores
+// (-0.0 folded onto +0.0), cut into three digits: bits [21, 32), [10, 21) and [0, 10). Every
+// path ends in a shared-memory candidate list (key, position) in index order, whose remaining
+// digits are histogrammed in shared memory before one compaction of the list to the output.
 //
 // A. Rows of at most CAND_CAP keys are copied into the list whole: one read of the row.
 // B. Rows of at least PATH_B_KEYS keys, where 2 k <= CAND_CAP (k = 2048 of 6144): a bound from
@@ -40,13 +39,7 @@
 
 namespace {
 
-#ifndef DSA_SELECT_NT
-#define DSA_SELECT_NT 512
-#endif
-// Threads per CTA: 512 (the default launch), or 256 (select_sm90_nt256.cu: a CTA small enough
-// to run beside two score programs on one SM, for the overlapped pipeline of triton_impl).
-constexpr int NT = DSA_SELECT_NT;
-static_assert(NT == 256 || NT == 512, "the select runs 256 or 512 threads per CTA");
+constexpr int NT = 512;  // threads per CTA
 constexpr int MIN_CTAS = 1536 / NT;  // CTAs per SM the register budget allows (40 registers)
 constexpr int NW = NT / 32;
 constexpr int STEPS = 32 / NW;  // steps of NT keys per compaction tile: 32 (step, warp) counts
