@@ -10,12 +10,13 @@
 //    a sample, then one read of the row. The sample is 256 runs of 8 consecutive keys (one
 //    32-byte sector each) spread over the row; two shared-memory levels on it give a bound lb
 //    (22 bits) at the sample rank r whose share of the row falls below k only 3 standard
-//    deviations out (r - 3 sqrt(r) = k m / L for a sample of m keys: about 2500 keys above lb at
-//    L = 16K, 3500 at 128K). One pass in index order then collects the keys >= lb into the
-//    list (each thread 8 consecutive keys per tile of 4096, 16-byte loads, one scan per two
-//    tiles, each thread's stores a walk over its set bits). The list is the row's top candidates when it holds between k and
-//    CAND_CAP keys: every key below lb is below the k-th. Otherwise (a sample unlike its row;
-//    many equal keys) the row takes path C; the result is exact either way.
+//    deviations out (r - 3 sqrt(r) = k m / L for a sample of m keys: about 2300 keys above lb at
+//    L = 8K, 2500 at 16K, 3500 at 128K). One pass in index order then collects the keys >= lb
+//    into the list (each thread 8 consecutive keys per tile of 4096, 16-byte loads, one scan per
+//    two tiles, each thread's stores a walk over its set bits). The list is the row's top
+//    candidates when it holds between k and CAND_CAP keys: every key below lb is below the
+//    k-th. Otherwise (a sample unlike its row; many equal keys) the row takes path C; the
+//    result is exact either way.
 // C. The general path, 2-4 reads of the row (the second mostly from L2 where the rows in flight
 //    fit it: below PATH_B_KEYS, where B measured no faster):
 //   1. Global levels. A histogram pass over the row (shared-memory atomics) finds the digit
