@@ -70,9 +70,8 @@ __device__ __forceinline__ int shift_of(int lvl) { return lvl == 0 ? 21 : (lvl =
 __device__ __forceinline__ int width_of(int lvl) { return lvl == 2 ? 10 : 11; }
 
 __device__ __forceinline__ unsigned ordered_key(float x) {
-  unsigned bits = __float_as_uint(x);
-  if (x == 0.0f) bits = 0u;
-  return bits ^ ((bits >> 31) ? 0xffffffffu : 0x80000000u);
+  const unsigned bits = __float_as_uint(x + 0.0f);  // -0.0 + 0.0 = +0.0 (no flush to zero here)
+  return bits ^ (static_cast<unsigned>(static_cast<int>(bits) >> 31) | 0x80000000u);
 }
 
 __device__ __forceinline__ unsigned lanemask_lt() { return (1u << (threadIdx.x & 31)) - 1u; }
