@@ -1,13 +1,20 @@
 """Helpers shared by the tests (test files import from here, never from each other): tiny DSA
 configs, Megatron-Core's own DSA as the reference, sparse MLA inputs and error measures, the
-sm_90a compile check, a free port for a child's process group, and a child-process runner for GPU
-code that could hang."""
+sm_90a compile check, a free port for a child's process group, the index cache's pp_worker runs
+(one-rank references cached per session, parametrized groups in one launch), and a
+child-process runner for GPU code that could hang."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
+import os
 import socket
+import subprocess
+import sys
 
+import pytest
 import torch
 
 
@@ -185,3 +192,100 @@ def merge_rank_outputs(out: str, nproc: int) -> dict:
         merged["topk_checked"] += d.get("topk_checked", 0)
         merged["timing"].append(d.get("timing") or {})
     return merged
+
+
+# ----------------------------------------------------------------------------- pp_worker runs
+# The index cache's multi-process tests (test_index_cache*.py) run tests/pp_worker.py.
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pp_worker.py")
+
+# Single-rank references, by their arguments: several tests compare against the same one-rank
+# run (each is a full training of the tiny model in a fresh process), so it runs once per session.
+_ONE_RANK_RUNS = {}
+
+
+def worker_args(kw):
+    """The worker's command line for ``_worker``'s keyword arguments (``True``: a bare flag)."""
+    args = []
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k}", str(v)]
+    return args
+
+
+def launch_worker(name, nproc, args, timeout=600):
+    """Run the worker with ``args`` in ``nproc`` processes (torchrun unless one); returns None, or
+    what went wrong with the tail of the output."""
+    if nproc == 1:
+        cmd = [sys.executable, WORKER]
+        env = dict(os.environ, MASTER_PORT=free_port())
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port", free_port(), WORKER]
+        env = dict(os.environ)
+    try:
+        proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=os.path.dirname(WORKER))
+    except subprocess.TimeoutExpired as e:
+        out = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
+        return f"timed out after {e.timeout:.0f} s\n" + out[0][-2000:] + out[1][-4000:]
+    if proc.returncode != 0:
+        return f"exit code {proc.returncode}\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
+    return None
+
+
+def run_worker(tmp_path, name, nproc=1, **kw):
+    args = worker_args(kw)
+    if nproc == 1 and tuple(args) in _ONE_RANK_RUNS:
+        return copy.deepcopy(_ONE_RANK_RUNS[tuple(args)])
+    out = str(tmp_path / name)
+    error = launch_worker(name, nproc, args + ["--out", out])
+    assert error is None, error
+    result = merge_rank_outputs(out, nproc)
+    if nproc == 1:
+        _ONE_RANK_RUNS[tuple(args)] = copy.deepcopy(result)
+    return result
+
+
+def run_batch(out_dir, name, nproc, arg_lists):
+    """Run the configs ``arg_lists`` one after another in one launch of ``nproc`` processes
+    (``pp_worker.py --batch``); returns their merged results in order, or the failure's text."""
+    outs = [str(out_dir / f"{name}{i}") for i in range(len(arg_lists))]
+    with open(out_dir / f"{name}.json", "w") as f:
+        json.dump([list(args) + ["--out", out] for args, out in zip(arg_lists, outs)], f)
+    error = launch_worker(name, nproc, ["--batch", str(out_dir / f"{name}.json")], timeout=600 * len(arg_lists))
+    return error if error is not None else [merge_rank_outputs(out, nproc) for out in outs]
+
+
+# Parametrized multi-rank groups, by name: every case of a group runs on the same number of
+# processes, so the group's first case runs all of the group's configs in one launch (and the
+# one-rank references not yet run in one plain-python process): each process's start-up,
+# importing torch and Megatron, takes longer than a tiny config. The others reuse the results.
+# The worker resets everything global between configs, so a result is bit-identical to its own
+# launch. A failed batch fails every case of its group, with the process output.
+_GROUP_RUNS = {}
+
+
+def group_case(tmp_path_factory, group, nproc, pairs, case):
+    """``(one-rank reference, nproc-rank run)`` of case ``case`` of a group whose cases are
+    ``pairs``: per case, the ``_worker`` keyword arguments of the reference and of the run."""
+    if group not in _GROUP_RUNS:
+        out_dir = tmp_path_factory.mktemp(group)
+        refs = list(dict.fromkeys(tuple(worker_args(ref)) for ref, _ in pairs))
+        refs = [r for r in refs if r not in _ONE_RANK_RUNS]
+        got = run_batch(out_dir, f"{group}_ref", 1, refs) if refs else []
+        if not isinstance(got, str):
+            _ONE_RANK_RUNS.update(zip(refs, got))
+            got = run_batch(out_dir, f"{group}_run", nproc, [worker_args(run) for _, run in pairs])
+        _GROUP_RUNS[group] = got
+    got = _GROUP_RUNS[group]
+    if isinstance(got, str):
+        pytest.fail(f"the {group} batch (every case of the group in one launch) failed; this case: "
+                    f"{pairs[case]}\n{got}", pytrace=False)
+    return copy.deepcopy(_ONE_RANK_RUNS[tuple(worker_args(pairs[case][0]))]), copy.deepcopy(got[case])
+
+
+def assert_same_grads(a, b, rtol=1e-5, atol=1e-7):
+    assert set(a["grads"]) == set(b["grads"])
+    for n in a["grads"]:
+        torch.testing.assert_close(a["grads"][n], b["grads"][n], rtol=rtol, atol=atol, msg=n)
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)

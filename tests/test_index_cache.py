@@ -1,19 +1,11 @@
 """Index cache: schedule resolution, fail-closed runtime, recompute and pipeline parallelism."""
 
-import copy
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from helpers import free_port, merge_rank_outputs, tiny_config, to_mcore_spec
+from helpers import assert_same_grads, run_worker, tiny_config, to_mcore_spec
 from megatron_dsa import index_cache as ic
 from megatron_dsa.config import set_plugin_config
-
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pp_worker.py")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -249,106 +241,13 @@ def test_mismatched_recompute_fails_once_and_leaves_the_process_usable(mcore):
     torch.testing.assert_close(x2.grad, x3.grad, rtol=0, atol=0)
 
 
-# ----------------------------------------------------------------------------- processes
-# Single-rank references, by their arguments: several tests compare against the same one-rank
-# run (each is a full training of the tiny model in a fresh process), so it runs once per session.
-_ONE_RANK_RUNS = {}
-
-
-def _args(kw):
-    """The worker's command line for ``_worker``'s keyword arguments (``True``: a bare flag)."""
-    args = []
-    for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k}", str(v)]
-    return args
-
-
-def _launch(name, nproc, args, timeout=600):
-    """Run the worker with ``args`` in ``nproc`` processes (torchrun unless one); returns None, or
-    what went wrong with the tail of the output."""
-    if nproc == 1:
-        cmd = [sys.executable, WORKER]
-        env = dict(os.environ, MASTER_PORT=free_port())
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port", free_port(), WORKER]
-        env = dict(os.environ)
-    try:
-        proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=os.path.dirname(WORKER))
-    except subprocess.TimeoutExpired as e:
-        out = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
-        return f"timed out after {e.timeout:.0f} s\n" + out[0][-2000:] + out[1][-4000:]
-    if proc.returncode != 0:
-        return f"exit code {proc.returncode}\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
-    return None
-
-
-def _worker(tmp_path, name, nproc=1, **kw):
-    args = _args(kw)
-    if nproc == 1 and tuple(args) in _ONE_RANK_RUNS:
-        return copy.deepcopy(_ONE_RANK_RUNS[tuple(args)])
-    out = str(tmp_path / name)
-    error = _launch(name, nproc, args + ["--out", out])
-    assert error is None, error
-    result = merge_rank_outputs(out, nproc)
-    if nproc == 1:
-        _ONE_RANK_RUNS[tuple(args)] = copy.deepcopy(result)
-    return result
-
-
-def _batch(out_dir, name, nproc, arg_lists):
-    """Run the configs ``arg_lists`` one after another in one launch of ``nproc`` processes
-    (``pp_worker.py --batch``); returns their merged results in order, or the failure's text."""
-    outs = [str(out_dir / f"{name}{i}") for i in range(len(arg_lists))]
-    with open(out_dir / f"{name}.json", "w") as f:
-        json.dump([list(args) + ["--out", out] for args, out in zip(arg_lists, outs)], f)
-    error = _launch(name, nproc, ["--batch", str(out_dir / f"{name}.json")], timeout=600 * len(arg_lists))
-    return error if error is not None else [merge_rank_outputs(out, nproc) for out in outs]
-
-
-# Parametrized multi-rank groups, by name: every case of a group runs on the same number of
-# processes, so the group's first case runs all of the group's configs in one launch (and the
-# one-rank references not yet run in one plain-python process): each process's start-up,
-# importing torch and Megatron, takes longer than a tiny config. The others reuse the results.
-# The worker resets everything global between configs, so a result is bit-identical to its own
-# launch. A failed batch fails every case of its group, with the process output.
-_GROUP_RUNS = {}
-
-
-def _group_case(tmp_path_factory, group, nproc, pairs, case):
-    """``(one-rank reference, nproc-rank run)`` of case ``case`` of a group whose cases are
-    ``pairs``: per case, the ``_worker`` keyword arguments of the reference and of the run."""
-    if group not in _GROUP_RUNS:
-        out_dir = tmp_path_factory.mktemp(group)
-        refs = list(dict.fromkeys(tuple(_args(ref)) for ref, _ in pairs))
-        refs = [r for r in refs if r not in _ONE_RANK_RUNS]
-        got = _batch(out_dir, f"{group}_ref", 1, refs) if refs else []
-        if not isinstance(got, str):
-            _ONE_RANK_RUNS.update(zip(refs, got))
-            got = _batch(out_dir, f"{group}_run", nproc, [_args(run) for _, run in pairs])
-        _GROUP_RUNS[group] = got
-    got = _GROUP_RUNS[group]
-    if isinstance(got, str):
-        pytest.fail(f"the {group} batch (every case of the group in one launch) failed; this case: "
-                    f"{pairs[case]}\n{got}", pytrace=False)
-    return copy.deepcopy(_ONE_RANK_RUNS[tuple(_args(pairs[case][0]))]), copy.deepcopy(got[case])
-
-
-def _assert_same_grads(a, b, rtol=1e-5, atol=1e-7):
-    assert set(a["grads"]) == set(b["grads"])
-    for n in a["grads"]:
-        torch.testing.assert_close(a["grads"][n], b["grads"][n], rtol=rtol, atol=atol, msg=n)
-    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
-
-
 @pytest.mark.slow
 def test_recompute_uses_original_indices(tmp_path):
     """attention_mask=None, 4 microbatches: gradients with full/selective recompute == without."""
-    base = _worker(tmp_path, "base", freq=2)
+    base = run_worker(tmp_path, "base", freq=2)
     for mode in ("full", "selective"):
-        rec = _worker(tmp_path, f"rec_{mode}", freq=2, recompute=mode)
-        _assert_same_grads(rec, base)
+        rec = run_worker(tmp_path, f"rec_{mode}", freq=2, recompute=mode)
+        assert_same_grads(rec, base)
         assert rec["stats"][0]["recompute_reuses"] > 0
         assert rec["stats"][0]["recompute_mismatches"] == 0
 
@@ -358,19 +257,19 @@ def test_recompute_uses_original_indices(tmp_path):
 def test_forward_only_pass_in_train_mode_leaves_nothing_behind(tmp_path, mode):
     """A forward-only pass with the model in train mode (an RL reference-logprob pass) under
     recompute, then a training step: the same gradients as the training step alone."""
-    base = _worker(tmp_path, "base", freq=2)
-    rec = _worker(tmp_path, f"fwd_only_{mode}", freq=2, recompute=mode, forward_only_first=True)
-    _assert_same_grads(rec, base)
+    base = run_worker(tmp_path, "base", freq=2)
+    rec = run_worker(tmp_path, f"fwd_only_{mode}", freq=2, recompute=mode, forward_only_first=True)
+    assert_same_grads(rec, base)
 
 
 @pytest.mark.slow
 def test_checkpoint_flag_left_set_by_an_exception_changes_nothing(tmp_path):
     """Megatron leaves IS_CHECKPOINTING set when a checkpointed function raises; later forwards
     (no recompute, and with recompute) must still train exactly."""
-    base = _worker(tmp_path, "base", freq=2)
+    base = run_worker(tmp_path, "base", freq=2)
     for mode in ("none", "full"):
-        rec = _worker(tmp_path, f"stuck_{mode}", freq=2, recompute=mode, stuck_checkpoint_flag=True)
-        _assert_same_grads(rec, base)
+        rec = run_worker(tmp_path, f"stuck_{mode}", freq=2, recompute=mode, stuck_checkpoint_flag=True)
+        assert_same_grads(rec, base)
 
 
 @pytest.mark.slow
@@ -378,11 +277,11 @@ def test_pipeline_two_stages_matches_single_stage(tmp_path):
     """PP=2 over gloo, 1F1B, 4 microbatches, full recompute: same loss and grads as PP=1 of the
     same model. With freq=4, layer 3 opens stage 2 and is promoted to an anchor ("stage
     boundary"); the PP=1 reference states that schedule explicitly (pattern FSFS)."""
-    ref = _worker(tmp_path, "pp1", layers=4, pattern="FSFS")
-    pp2 = _worker(tmp_path, "pp2", nproc=2, pp=2, freq=4, layers=4, recompute="full")
+    ref = run_worker(tmp_path, "pp1", layers=4, pattern="FSFS")
+    pp2 = run_worker(tmp_path, "pp2", nproc=2, pp=2, freq=4, layers=4, recompute="full")
     stage2 = [r for r in pp2["roles"] if r.stage == 1]
     assert stage2[0].layer == 3 and stage2[0].role == "anchor" and stage2[0].reason == "stage boundary"
-    _assert_same_grads(pp2, ref)
+    assert_same_grads(pp2, ref)
     assert sum(s["cache_hits"] for s in pp2["stats"]) == 8  # layers 2 and 4, 4 microbatches
     assert all(not s["promotions"] for s in pp2["stats"])
 
@@ -390,10 +289,10 @@ def test_pipeline_two_stages_matches_single_stage(tmp_path):
 @pytest.mark.slow
 def test_interleaved_pipeline_matches_single_stage(tmp_path):
     """Interleaved 1F1B (PP=2, 2 virtual chunks): every chunk starts on an anchor."""
-    ref = _worker(tmp_path, "vpp_ref", layers=8, pattern="FSFSFSFS")
-    vpp = _worker(tmp_path, "vpp", nproc=2, pp=2, vpp=2, freq=8, layers=8)
+    ref = run_worker(tmp_path, "vpp_ref", layers=8, pattern="FSFSFSFS")
+    vpp = run_worker(tmp_path, "vpp", nproc=2, pp=2, vpp=2, freq=8, layers=8)
     assert {r.layer for r in vpp["roles"] if r.role == "anchor"} == {1, 3, 5, 7}
-    _assert_same_grads(vpp, ref)
+    assert_same_grads(vpp, ref)
 
 
 def test_per_layer_cuda_graphs_turn_sharing_off():
@@ -480,65 +379,3 @@ def test_checkpointed_recompute_has_no_host_sync(mcore):
         tensor_parallel.checkpoint(run, False, x).sum().backward()
     assert not audit.violations, audit.violations
     assert ic.STATS.recompute_reuses == 2
-
-
-_CP_CASES = [{}, {"recompute": "full"}, {"recompute": "selective"}, {"per_token_loss": True}, {"packed": True},
-             {"packed": True, "recompute": "full"}]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", _CP_CASES)
-def test_context_parallel_two_ranks_matches_single_rank(tmp_path_factory, extra):
-    """CP=2 over gloo (Megatron's load-balanced split, the latent KV and the indexer keys
-    all-gathered, global top-k ids, gradients back to the owning rank), index sharing on, 4
-    microbatches: the same loss and every gradient as one rank, with and without per-token loss
-    (the indexer loss is not scaled by the CP size) and under full recompute. Packed: THD rows of
-    documents of different lengths, split per document by Megatron's
-    ``get_batch_on_this_cp_rank`` (Transformer Engine's partition replaced on the CPU by the
-    plugin's own, checked against its definition in test_context_parallel.py)."""
-    pairs = [(dict(freq=2, **e), dict(cp=2, freq=2, **e)) for e in _CP_CASES]
-    base, cp2 = _group_case(tmp_path_factory, "cp2", 2, pairs, _CP_CASES.index(extra))
-    _assert_same_grads(cp2, base, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_context_parallel_with_pipeline_matches_single_rank(tmp_path):
-    """CP=2 x PP=2 (4 processes over gloo, 1F1B, index sharing: stages start on an anchor):
-    the same loss and every gradient as one rank."""
-    base = _worker(tmp_path, "cp1pp1", freq=2)
-    both = _worker(tmp_path, "cp2pp2", nproc=4, cp=2, pp=2, freq=2)
-    _assert_same_grads(both, base, rtol=1e-4, atol=1e-6)
-
-
-_TP_CASES = [{}, {"recompute": "full"}, {"recompute": "selective"}]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", _TP_CASES)
-def test_tensor_parallel_with_sequence_parallel_matches_single_rank(tmp_path_factory, extra):
-    """TP=2 with sequence parallelism over gloo (local modules: norms that accept SP, the
-    indexer replicated with its gradients averaged, the RoPE key gradient summed over TP),
-    index sharing on, 4 microbatches: the same loss and every gradient (split ones gathered) as
-    one rank."""
-    pairs = [(dict(freq=2, **e), dict(tp=2, freq=2, **e)) for e in _TP_CASES]
-    base, tp2 = _group_case(tmp_path_factory, "tp2", 2, pairs, _TP_CASES.index(extra))
-    _assert_same_grads(tp2, base, rtol=1e-4, atol=1e-6)
-    assert tp2["topk_checked"] > 0  # every selection was compared across the TP ranks: identical
-
-
-_TP_COMBINED_CASES = [{"pp": 2}, {"cp": 2}, {"cp": 2, "packed": True, "seed": 8}]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("other", _TP_COMBINED_CASES)
-def test_tensor_parallel_combined_matches_single_rank(tmp_path_factory, other):
-    """TP=2 (with SP) x PP=2 and TP=2 x CP=2, plain and packed (4 processes over gloo): the same
-    loss and every gradient as one rank, identical top-k on the TP ranks. (The packed case uses
-    another batch: with seed 7's, one (head, channel) row of one indexer's weight gradient
-    differs by 1e-3 of its norm under TP with or without CP, with identical top-k and losses,
-    and the difference vanishes with seeds 8, 9 and 10: an fp32 tie at a kink of the loss.)"""
-    pairs = [(dict(freq=2, **{k: v for k, v in o.items() if k in ("packed", "seed")}), dict(tp=2, freq=2, **o))
-             for o in _TP_COMBINED_CASES]
-    base, both = _group_case(tmp_path_factory, "tp2x", 4, pairs, _TP_COMBINED_CASES.index(other))
-    _assert_same_grads(both, base, rtol=1e-4, atol=1e-6)
-    assert both["topk_checked"] > 0
