@@ -205,7 +205,7 @@ _ONE_RANK_RUNS = {}
 
 
 def worker_args(kw):
-    """The worker's command line for ``_worker``'s keyword arguments (``True``: a bare flag)."""
+    """The worker's command line for ``run_worker``'s keyword arguments (``True``: a bare flag)."""
     args = []
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k}", str(v)]
@@ -267,7 +267,7 @@ _GROUP_RUNS = {}
 
 def group_case(tmp_path_factory, group, nproc, pairs, case):
     """``(one-rank reference, nproc-rank run)`` of case ``case`` of a group whose cases are
-    ``pairs``: per case, the ``_worker`` keyword arguments of the reference and of the run."""
+    ``pairs``: per case, the ``run_worker`` keyword arguments of the reference and of the run."""
     if group not in _GROUP_RUNS:
         out_dir = tmp_path_factory.mktemp(group)
         refs = list(dict.fromkeys(tuple(worker_args(ref)) for ref, _ in pairs))
