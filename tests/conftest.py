@@ -139,6 +139,19 @@ def mcore():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_plugin_stats():
+    """The index cache's and the graph classes' process-wide counters start at zero in every
+    test: which tests ran before one in the same process depends on the run (pytest-xdist)."""
+    import sys
+
+    for name in ("megatron_dsa.index_cache", "megatron_dsa.graph"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            mod.STATS.reset()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_indexer_tracker():
     """Megatron-Core's indexer-loss tracker is sized by the first model's layer count: reset it."""
     import sys
