@@ -123,11 +123,12 @@ def test_emulated_select_paths(emu):
     """Rows built to reach each path: a first-digit bucket too large for the candidate list
     (a second global level), one that fits it (two shared-memory levels), one holding exactly the missing count (taken whole), a row of one
     value (ties down to the last digit: the lowest ids win), integer scores (ties at the last
-    shared-memory level), signed zeros and negatives. Rows of 9000 keys: longer than the
-    candidate list (path C). A second run gives the same slot order."""
-    S, K = 9000, 2048
+    shared-memory level), signed zeros and negatives. Rows of 8000 keys: longer than the
+    candidate list, shorter than path B's rows (path C). A second run gives the same slot
+    order."""
+    S, K = 8000, 2048
     rows = [
-        1.0 + 0.25 * torch.rand(S),  # one first digit for all: 9000 > 6144 candidates
+        1.0 + 0.25 * torch.rand(S),  # one first digit for all: 8000 > 6144 candidates
         torch.cat([_bits(0x3F800000 + (torch.randint(0, 2048, (64,))[torch.randint(0, 64, (5000,))] << 10)
                          + torch.randint(0, 1024, (5000,))),
                    0.5 * torch.rand(S - 5000)])[torch.randperm(S)],  # 5000 in one first digit, spread over
@@ -152,7 +153,7 @@ def _sampled(L):
 
 
 def test_emulated_select_sampled_rows(emu):
-    """Path B (rows of >= 16384 keys, 2 k <= 6144) on rows that start at every offset from a
+    """Path B (rows of >= 8192 keys, 2 k <= 6144) on rows that start at every offset from a
     16-byte boundary (a row stride of 16411 keys, windows from 0..3 keys) and end mid-group (its
     first and last groups load key by key, the rest as float4 pairs): random scores, integer
     scores (ties at the bound and at the k-th key), a row of one value and two rows whose sample
