@@ -92,19 +92,17 @@ def _in(folder: Path, p: Path, repo: Path = REPO) -> Path:
     return folder / Path(p).resolve().relative_to(repo.resolve())
 
 
-def sources_in(folder: Path, paths: Sequence[Path], headers: Sequence[Path],
-               optional: Sequence[Path] = ()) -> Tuple[List[Path], List[Path], str]:
-    """The sources an ``--export`` wrote into ``folder``: (sources present, headers present, the
-    ``REVISION`` line); raises ``ValueError`` naming ``--rev-dir`` and what is missing (sources
-    in ``optional`` may be: added since the revision)."""
+def sources_in(folder: Path, paths: Sequence[Path], headers: Sequence[Path]) -> Tuple[List[Path], List[Path], str]:
+    """The sources an ``--export`` wrote into ``folder``: (sources, headers present, the
+    ``REVISION`` line); raises ``ValueError`` naming ``--rev-dir`` and a missing source."""
     folder = Path(folder)
     rev_file = folder / "REVISION"
     if not rev_file.is_file():
         raise ValueError(f"--rev-dir {str(folder)!r} has no REVISION file (write it with --export)")
-    missing = [p.name for p in paths if not _in(folder, p).is_file() and p not in optional]
+    missing = [p.name for p in paths if not _in(folder, p).is_file()]
     if missing:
         raise ValueError(f"--rev-dir {str(folder)!r} lacks {', '.join(missing)}")
-    return ([_in(folder, p) for p in paths if _in(folder, p).is_file()],
+    return ([_in(folder, p) for p in paths],
             [_in(folder, h) for h in headers if _in(folder, h).is_file()], rev_file.read_text().strip())
 
 

@@ -545,10 +545,8 @@ def indexer_topk_triton(
         from .cuda_impl import int32_windows
 
         starts, ends = int32_windows(starts, ends)
-    # (Overlapping chunk i's select with chunk i+1's scores on a second stream, two half-size
-    # buffers, was measured on H100 no faster: with the Triton select at S=32K 20.56 vs 19.43
-    # ms; with the CUDA select, 256 or 512 threads per CTA, at S=16K-64K, bf16 and fp8, within
-    # noise of the serial loop or slower. Not kept.)
+    # (Serial chunks: overlapping a chunk's select with the next chunk's scores was measured no
+    # faster, docs/kernels_indexer.md section 2.2b.)
     rows, cap = _plan(B, T, S_alloc, topk, scfg.block_t, chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
     scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
