@@ -92,6 +92,41 @@ def test_gpu_triton_quantization_equals_torch_bit_for_bit():
     _check_quantization_bits("cuda")
 
 
+def _check_kernel_inputs(device):
+    """``fp8_kernel_inputs`` (one launch for queries, keys and the folded weights) gives the bytes
+    and scales of the per-tensor quantization and ``w.float() * sq`` exactly, for bf16 and fp32
+    inputs, non-contiguous ones and a NaN / all-zero row."""
+    from megatron_dsa.kernels.indexer.fp8 import fp8_kernel_inputs
+
+    g = torch.Generator().manual_seed(3)
+    B, T, S, H, D = 2, 37, 41, 3, 32
+    for dtype in (torch.float32, torch.bfloat16):
+        q = (torch.randn(B, H, T, D, generator=g) * 5).to(dtype).transpose(1, 2)  # non-contiguous rows
+        k = (torch.randn(B, S, D, generator=g) * 0.1).to(dtype)
+        w = torch.randn(B, H, T, generator=g).to(dtype).transpose(1, 2)
+        q[0, 3, 1] = 0.0
+        q[1, 2, 0, 4] = float("nan")
+        k[1, 5] = 0.0
+        q8, k8, ws, ks = fp8_kernel_inputs(q.to(device), k.to(device), w.to(device))
+        r_q8, r_sq = quantize_e4m3(q)
+        r_k8, r_sk = quantize_e4m3(k)
+        assert q8.shape == q.shape and k8.shape == k.shape and ws.shape == w.shape and ks.shape == (B, S)
+        assert torch.equal(_nan_unsigned(q8.cpu()), _nan_unsigned(r_q8))
+        assert torch.equal(_nan_unsigned(k8.cpu()), _nan_unsigned(r_k8))
+        assert torch.equal(ks.cpu(), r_sk.squeeze(-1))
+        assert ws.dtype == torch.float32 and torch.equal(ws.cpu(), w.float() * r_sq.squeeze(-1))
+
+
+def test_fp8_kernel_inputs_equal_per_tensor_quantization():
+    _check_kernel_inputs("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_gpu_fp8_kernel_inputs_equal_per_tensor_quantization():
+    _check_kernel_inputs("cuda")
+
+
 def _fp8_scores(q, k, w):
     """Scores of DeepSeek's e4m3 selection written out: e4m3 dot products, then the scales."""
     q8, sq = quantize_e4m3(q)

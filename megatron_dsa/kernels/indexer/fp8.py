@@ -79,9 +79,11 @@ def _e4m3_bits(y):
 
 
 @triton.jit
-def _quantize_e4m3_kernel(x_ptr, y_ptr, s_ptr, n_rows, stride_r, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_D: tl.constexpr, HW_CVT: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _quantize_rows(x_ptr, y_ptr, s_ptr, w_ptr, ws_ptr, pid, n_rows, stride_r, D: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HW_CVT: tl.constexpr, FOLD_W: tl.constexpr):
+    """Rows ``[pid BLOCK_R, (pid + 1) BLOCK_R)`` of ``x``: their e4m3 bytes and scales; with
+    ``FOLD_W``, also ``ws[r] = w[r] * scale[r]`` (fp32; ``w`` one value per row)."""
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     rmask = r < n_rows
     m = rmask[:, None] & (d < D)[None, :]
@@ -101,12 +103,47 @@ def _quantize_e4m3_kernel(x_ptr, y_ptr, s_ptr, n_rows, stride_r, D: tl.constexpr
         bits = _e4m3_bits(y)
     tl.store(y_ptr + r[:, None].to(tl.int64) * D + d[None, :], bits.to(tl.uint8), mask=m)
     tl.store(s_ptr + r, scale, mask=rmask)
+    if FOLD_W:
+        wv = tl.load(w_ptr + r, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(ws_ptr + r, wv * scale, mask=rmask)
+
+
+@triton.jit
+def _quantize_e4m3_kernel(x_ptr, y_ptr, s_ptr, n_rows, stride_r, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_D: tl.constexpr, HW_CVT: tl.constexpr):
+    _quantize_rows(x_ptr, y_ptr, s_ptr, s_ptr, s_ptr, tl.program_id(0), n_rows, stride_r, D, BLOCK_R, BLOCK_D,
+                   HW_CVT, False)
+
+
+@triton.jit
+def _quantize_qk_kernel(q_ptr, q8_ptr, sq_ptr, w_ptr, ws_ptr, nq, stride_q, k_ptr, k8_ptr, sk_ptr, nk, stride_k,
+                        nq_prog, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HW_CVT: tl.constexpr):
+    """The queries' rows (and the head weights folded with their scales) in the first
+    ``nq_prog`` programs, the keys' rows in the rest: one launch for both."""
+    pid = tl.program_id(0)
+    if pid < nq_prog:
+        _quantize_rows(q_ptr, q8_ptr, sq_ptr, w_ptr, ws_ptr, pid, nq, stride_q, D, BLOCK_R, BLOCK_D, HW_CVT, True)
+    else:
+        _quantize_rows(k_ptr, k8_ptr, sk_ptr, w_ptr, ws_ptr, pid - nq_prog, nk, stride_k, D, BLOCK_R, BLOCK_D,
+                       HW_CVT, False)
 
 
 def _hardware_e4m3(device: torch.device) -> bool:
     """Whether the GPU converts fp32 to e4m3 itself (sm_89 and later); Triton's interpreter's
     fp8 cast does not round to nearest, so it takes the integer path."""
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _rows_unit_stride(x: torch.Tensor) -> torch.Tensor:
+    rows = x.detach().reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _row_block(D: int) -> Tuple[int, int]:
+    """(rows, padded columns) per program of the quantization kernels."""
+    block_d = triton.next_power_of_2(D)
+    return max(1, min(64, 8192 // block_d)), block_d
 
 
 def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +155,7 @@ def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         rows = rows.contiguous()
     n, D = rows.shape
     if n > 0 and D > 0:
-        block_d = triton.next_power_of_2(D)
-        block_r = max(1, min(64, 8192 // block_d))
+        block_r, block_d = _row_block(D)
         _quantize_e4m3_kernel[(triton.cdiv(n, block_r),)](rows, x8.view(torch.uint8), scale, n, rows.stride(0), D=D,
                                                           BLOCK_R=block_r, BLOCK_D=block_d,
                                                           HW_CVT=_hardware_e4m3(x.device), num_warps=4)
@@ -128,11 +164,30 @@ def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_kernel_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
     """What the Triton score kernel takes for the e4m3 selection: ``(q8, k8, w * sq, k_scale)``,
-    e4m3 queries and keys from :func:`quantize_e4m3_triton`, the query scales folded into the
-    head weights (fp32 ``[B, T, H]``), the per-key scales (fp32 ``[B, S]``)."""
-    q8, sq = quantize_e4m3_triton(q)
-    k8, sk = quantize_e4m3_triton(k)
-    return q8, k8, w.float() * sq.squeeze(-1), sk.squeeze(-1).contiguous()
+    the e4m3 queries and keys of :func:`quantize_e4m3_triton` (the same bytes), the query scales
+    folded into the head weights (fp32 ``[B, T, H]``, ``w.float() * sq`` exactly), the per-key
+    scales (fp32 ``[B, S]``). One launch quantizes both and folds the weights (a launch per
+    tensor and a multiply cost the host more than the GPU work at S <= 8K)."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    qr, kr = _rows_unit_stride(q), _rows_unit_stride(k)
+    wr = w.detach().reshape(-1)
+    if wr.stride(0) != 1:
+        wr = wr.contiguous()
+    dev = q.device
+    q8 = torch.empty(qr.shape, dtype=torch.float8_e4m3fn, device=dev)
+    k8 = torch.empty(kr.shape, dtype=torch.float8_e4m3fn, device=dev)
+    sq = torch.empty(qr.shape[0], dtype=torch.float32, device=dev)
+    ws = torch.empty(qr.shape[0], dtype=torch.float32, device=dev)
+    sk = torch.empty(kr.shape[0], dtype=torch.float32, device=dev)
+    nq, nk = qr.shape[0], kr.shape[0]
+    if D > 0 and nq + nk > 0:
+        block_r, block_d = _row_block(D)
+        nq_prog = triton.cdiv(nq, block_r)
+        _quantize_qk_kernel[(nq_prog + triton.cdiv(nk, block_r),)](
+            qr, q8.view(torch.uint8), sq, wr, ws, nq, qr.stride(0), kr, k8.view(torch.uint8), sk, nk, kr.stride(0),
+            nq_prog, D=D, BLOCK_R=block_r, BLOCK_D=block_d, HW_CVT=_hardware_e4m3(dev), num_warps=4)
+    return q8.view(q.shape), k8.view(k.shape), ws.view(B, T, H), sk.view(B, S)
 
 
 def fp8_selection_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):

@@ -428,14 +428,19 @@ def _select_cfg(S: int):
     return (1024, 4) if S > 65536 else _SELECT_CFG_GPU
 
 
+_NO_WINDOWS: dict = {}  # device -> int32 [1, 1]: the window arguments of a causal call (never read)
+
+
 def _prep(q, k, w, starts, ends):
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
     causal = starts is None or ends is None
-    if causal:
-        starts = ends = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+    if causal:  # (one tensor per device, not an allocation and a fill per call)
+        starts = ends = _NO_WINDOWS.get(q.device)
+        if starts is None:
+            starts = ends = _NO_WINDOWS.setdefault(q.device, torch.zeros(1, 1, dtype=torch.int32, device=q.device))
     return q, k, w, starts, ends, causal
 
 
