@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,10 +19,36 @@ import pytest
 import torch
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to sockets bound to port 0 (Linux's default 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> str:
-    """A TCP port free on this machine now, as a string (MASTER_PORT / ``--master_port``): a
-    port drawn from the process id could collide with a test running beside this one."""
-    with socket.socket() as s:
+    """A TCP port free on this machine now, as a string (MASTER_PORT / ``--master_port``).
+
+    Drawn below the ephemeral range, from a band of its own per pytest-xdist worker: a port the
+    kernel handed out (bind to 0) and that was closed again can be taken by any connection of a
+    process group running beside this test (gloo's pairs bind ephemeral ports) before the child
+    listens on it, which failed a CI run with EADDRINUSE."""
+    lo, hi = 20000, min(32000, _ephemeral_low() - 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    n = int("".join(c for c in worker if c.isdigit()) or 0) % 8
+    span = max(1, (hi - lo) // 8)
+    rng = random.Random()  # (its own state: the tests' seed plugin seeds the global one)
+    for _ in range(256):
+        port = lo + n * span + rng.randrange(span)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return str(port)
+    with socket.socket() as s:  # (the band is full: any port the kernel gives)
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
 
