@@ -136,6 +136,7 @@ def _hardware_e4m3(device: torch.device) -> bool:
 
 
 def _rows_unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s rows of the last dim as ``[n, D]`` (detached), unit stride along ``D``."""
     rows = x.detach().reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
