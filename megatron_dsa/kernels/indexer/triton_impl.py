@@ -554,7 +554,8 @@ def indexer_topk_triton(
     # faster, docs/kernels_indexer.md section 2.2b.)
     rows, cap = _plan(B, T, S_alloc, topk, scfg.block_t, chunk_bytes, scratch=select_kernel == "triton")
     buf = torch.empty(B, rows, S_alloc, dtype=torch.float32, device=q.device)
-    scr = torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
+    # (the CUDA select keeps its candidates in shared memory: no scratch)
+    scr = None if select_kernel == "cuda" else torch.empty(B, rows, cap, dtype=torch.int32, device=q.device)
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
