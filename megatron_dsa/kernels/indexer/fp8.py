@@ -135,9 +135,8 @@ def _hardware_e4m3(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _rows_unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """``x``'s rows of the last dim as ``[n, D]`` (detached), unit stride along ``D``."""
-    rows = x.detach().reshape(-1, x.shape[-1])
+def _unit_stride(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` with unit stride along the last dim (the kernels' addressing)."""
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
@@ -152,8 +151,7 @@ def quantize_e4m3_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     NaN's sign bit may differ): each row of the last dim read once, its e4m3 bytes and scale
     written. CUDA tensors or Triton's interpreter."""
     rows, x8, scale = _rows_and_outputs(x)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _unit_stride(rows)
     n, D = rows.shape
     if n > 0 and D > 0:
         block_r, block_d = _row_block(D)
@@ -169,26 +167,18 @@ def fp8_kernel_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
     folded into the head weights (fp32 ``[B, T, H]``, ``w.float() * sq`` exactly), the per-key
     scales (fp32 ``[B, S]``). One launch quantizes both and folds the weights (a launch per
     tensor and a multiply cost the host more than the GPU work at S <= 8K)."""
-    B, T, H, D = q.shape
-    S = k.shape[1]
-    qr, kr = _rows_unit_stride(q), _rows_unit_stride(k)
-    wr = w.detach().reshape(-1)
-    if wr.stride(0) != 1:
-        wr = wr.contiguous()
-    dev = q.device
-    q8 = torch.empty(qr.shape, dtype=torch.float8_e4m3fn, device=dev)
-    k8 = torch.empty(kr.shape, dtype=torch.float8_e4m3fn, device=dev)
-    sq = torch.empty(qr.shape[0], dtype=torch.float32, device=dev)
-    ws = torch.empty(qr.shape[0], dtype=torch.float32, device=dev)
-    sk = torch.empty(kr.shape[0], dtype=torch.float32, device=dev)
-    nq, nk = qr.shape[0], kr.shape[0]
+    (qr, q8, sq), (kr, k8, sk) = _rows_and_outputs(q), _rows_and_outputs(k)
+    qr, kr = _unit_stride(qr), _unit_stride(kr)
+    wr = _unit_stride(w.detach().reshape(-1))
+    ws = torch.empty(wr.shape, dtype=torch.float32, device=q.device)
+    (nq, D), nk = qr.shape, kr.shape[0]
     if D > 0 and nq + nk > 0:
         block_r, block_d = _row_block(D)
         nq_prog = triton.cdiv(nq, block_r)
         _quantize_qk_kernel[(nq_prog + triton.cdiv(nk, block_r),)](
             qr, q8.view(torch.uint8), sq, wr, ws, nq, qr.stride(0), kr, k8.view(torch.uint8), sk, nk, kr.stride(0),
-            nq_prog, D=D, BLOCK_R=block_r, BLOCK_D=block_d, HW_CVT=_hardware_e4m3(dev), num_warps=4)
-    return q8.view(q.shape), k8.view(k.shape), ws.view(B, T, H), sk.view(B, S)
+            nq_prog, D=D, BLOCK_R=block_r, BLOCK_D=block_d, HW_CVT=_hardware_e4m3(q.device), num_warps=4)
+    return q8.view(q.shape), k8.view(k.shape), ws.view(w.shape), sk.view(k.shape[:-1])
 
 
 def fp8_selection_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
