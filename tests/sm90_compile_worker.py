@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL", "F2FP.SATFINITE.E4M3", "FMNMX")
+OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL", "F2FP.SATFINITE.E4M3")
 
 
 def compile_sm90(fn, args, consts, num_warps, num_stages=1, maxnreg=None):
@@ -80,9 +80,9 @@ def cases():
         args = dict(q_ptr=dt, k_ptr=dt, w_ptr="*fp32", st_ptr="*i32", en_ptr="*i32", out_ptr="*fp32",
                     ks_ptr="*fp32", row0=0, n_rows=8192, T=T, S=S, sq_b=T * 64 * 128, sq_t=64 * 128, sq_h=128,
                     sk_b=S * 128, sk_s=128, sw_b=T * 64, sw_t=64, sw_h=1, sse_b=T, sse_t=1, so_b=8192 * S,
-                    so_r=S, sks_b=S, qf_ptr="*fp16", qe_ptr="*fp32", sqf_b=T * 256, sqf_t=256, sqe_b=T)
+                    so_r=S, sks_b=S)
         c = dict(H=64, D=128, BLOCK_T=cfg.block_t, BLOCK_S=cfg.block_s, CAUSAL=True, USE_RELU=True, UPCAST=False,
-                 IEEE=False, KEY_SCALE=fp8, LIN=fp8)
+                 IEEE=False, KEY_SCALE=fp8)
         out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, cfg.warps,
                     cfg.stages, *([cfg.maxnreg] if cfg.maxnreg else [])))
 
@@ -92,9 +92,6 @@ def cases():
         out.append((f"indexer e4m3 quantize{tag}", f8._quantize_e4m3_kernel,
                     dict(x_ptr="*bf16", y_ptr="*u8", s_ptr="*fp32", n_rows=T * 64, stride_r=128),
                     dict(D=128, BLOCK_R=64, BLOCK_D=128, HW_CVT=hw), 4, 1))
-    out.append(("indexer e4m3 fold queries", f8._fold_queries_kernel,
-                dict(q8_ptr="*fp8e4nv", ws_ptr="*fp32", qf_ptr="*fp16", qe_ptr="*fp32", n_tok=T, H=64),
-                dict(D=128, BLOCK_T=32), 4, 1))
     blk, nw_sel = idx._select_cfg(S)
     out.append(("indexer select", idx._select_kernel,
                 dict(buf_ptr="*fp32", scr_ptr="*i32", st_ptr="*i32", en_ptr="*i32", idx_ptr="*i32", val_ptr="*fp32",

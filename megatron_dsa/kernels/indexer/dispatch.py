@@ -17,7 +17,7 @@ import torch
 from .._validate import check_indexer_tensors, check_same_device, check_windows
 from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
 from .cuda_impl import MAX_TOPK, cuda_select_reason
-from .fp8 import fold_queries, fp8_kernel_inputs, fp8_selection_inputs
+from .fp8 import fp8_kernel_inputs, fp8_selection_inputs
 from .reference import indexer_topk_reference
 from .triton_impl import indexer_topk_triton
 
@@ -95,14 +95,12 @@ def indexer_topk(
         select_kernel = "triton"
     fused = select_kernel in ("triton", "cuda")
     with torch.no_grad():
-        k_scale = q_lin = None
+        k_scale = None
         if precision == "fp8" and fused:
             q, k, w, k_scale = fp8_kernel_inputs(q, k, w)
-            if use_relu:
-                q_lin = fold_queries(q, w)
         elif precision == "fp8":
             q, k, w = fp8_selection_inputs(q, k, w)
         if fused:
             return indexer_topk_triton(q, k, w, topk, starts, ends, use_relu, global_ids, k_scale=k_scale,
-                                       select_kernel=select_kernel, q_lin=q_lin)
+                                       select_kernel=select_kernel)
         return indexer_topk_reference(q, k, w, topk, starts, ends, use_relu, global_ids)

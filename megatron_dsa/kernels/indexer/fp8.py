@@ -181,49 +181,6 @@ def fp8_kernel_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
     return q8.view(q.shape), k8.view(k.shape), ws.view(w.shape), sk.view(k.shape[:-1])
 
 
-@triton.jit
-def _fold_queries_kernel(q8_ptr, ws_ptr, qf_ptr, qe_ptr, n_tok, H, D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Tokens ``[pid BLOCK_T, (pid + 1) BLOCK_T)``: ``Q = sum_h ws[t, h] q8[t, h]`` in fp32, as
-    ``e (hi + lo)`` with ``e`` a power of two (``|Q| / e < 2``) and ``hi``, ``lo`` fp16."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < n_tok
-    d = tl.arange(0, D)
-    acc = tl.zeros([BLOCK_T, D], dtype=tl.float32)
-    for h in range(H):
-        x = tl.load(q8_ptr + (t[:, None].to(tl.int64) * H + h) * D + d[None, :], mask=tm[:, None], other=0.0)
-        wv = tl.load(ws_ptr + t.to(tl.int64) * H + h, mask=tm, other=0.0)
-        acc += x.to(tl.float32) * wv[:, None]
-    amax = tl.max(tl.abs(acc), 1)
-    ebits = amax.to(tl.int32, bitcast=True) & 0x7F800000  # 2^floor(log2 amax) for a normal amax
-    ok = (ebits > 0) & (ebits < 0x7F000000)  # (1 / e normal too)
-    e = tl.where(ok, ebits, 0x3F800000).to(tl.float32, bitcast=True)
-    inv = tl.where(ok, (0x7F000000 - ebits), 0x3F800000).to(tl.float32, bitcast=True)  # 1 / e, exact
-    xs = acc * inv[:, None]
-    hi = xs.to(tl.float16)
-    lo = (xs - hi.to(tl.float32)).to(tl.float16)
-    out = qf_ptr + t[:, None].to(tl.int64) * (2 * D) + d[None, :]
-    tl.store(out, hi, mask=tm[:, None])
-    tl.store(out + D, lo, mask=tm[:, None])
-    tl.store(qe_ptr + t, e, mask=tm)
-
-
-def fold_queries(q8: torch.Tensor, ws: torch.Tensor):
-    """``(qf fp16 [B, T, 2, D], qe fp32 [B, T])`` from the e4m3 queries ``[B, T, H, D]`` and the
-    folded weights ``[B, T, H]`` of :func:`fp8_kernel_inputs`: ``sum_h ws q8 = qe (qf[:, :, 0] +
-    qf[:, :, 1])`` to about 22 bits, what the score kernel needs for the ``w x`` half of
-    ``w ReLU(x) = w (x + |x|) / 2`` (one MMA per tile instead of a max per score and head)."""
-    B, T, H, D = q8.shape
-    q8c = q8.contiguous()
-    wsc = ws.contiguous()
-    qf = torch.empty(B, T, 2, D, dtype=torch.float16, device=q8.device)
-    qe = torch.empty(B, T, dtype=torch.float32, device=q8.device)
-    n = B * T
-    if n > 0 and D > 0:
-        block_t = 16 if interpreting() else 32
-        _fold_queries_kernel[(triton.cdiv(n, block_t),)](q8c, wsc, qf, qe, n, H, D=D, BLOCK_T=block_t, num_warps=4)
-    return qf, qe
-
-
 def fp8_selection_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
     """fp32 indexer inputs (q ``[B, T, H, D]``, k ``[B, S, D]``, w ``[B, T, H]``) whose top-k is
     the e4m3 selection (see the module docstring)."""

@@ -54,11 +54,10 @@ def _score_kernel(
     sse_b, sse_t,
     so_b, so_r,
     sks_b,
-    qf_ptr, qe_ptr, sqf_b, sqf_t, sqe_b,
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    KEY_SCALE: tl.constexpr, LIN: tl.constexpr,
+    KEY_SCALE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -103,31 +102,9 @@ def _score_kernel(
                 x = tl.dot(qh, kt, input_precision="ieee")
             else:
                 x = tl.dot(qh, kt)
-            if LIN:  # ReLU(x) = (x + |x|) / 2: here the |x| half, one FFMA (|x| an operand modifier)
-                acc += _fabs(x, not UPCAST) * wh[:, None]
-            else:
-                if USE_RELU:
-                    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
-                acc += x * wh[:, None]
-        if LIN:  # the x half, sum_h w_h x_h = (sum_h w_h q_h) . k: one fp16 pair (hi, lo) per row
-            qf_row = qf_ptr + b * sqf_b + t[:, None].to(tl.int64) * sqf_t + d[None, :]
-            qa = tl.load(qf_row, mask=rmask[:, None], other=0.0)
-            qb = tl.load(qf_row + D, mask=rmask[:, None], other=0.0)
-            qe = tl.load(qe_ptr + b * sqe_b + t, mask=rmask, other=1.0)
-            qe_inv = (0x7F000000 - qe.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1 / qe, exact
-            acc = acc * qe_inv[:, None]  # (scaled into the MMA's accumulator: no second tile of registers)
-            if UPCAST:
-                acc = tl.dot(qa.to(tl.float32), kt, acc, input_precision="ieee")
-                acc = tl.dot(qb.to(tl.float32), kt, acc, input_precision="ieee")
-            else:
-                # e4m3 -> fp16 (exact), the tile read again (from L2): kept in registers across the
-                # head loop, it spilled
-                k16 = tl.load(k_ptr + b * sk_b + s[:, None] * sk_s + d[None, :], mask=smask[:, None], other=0.0,
-                              volatile=True)  # (volatile: not merged with the first read)
-                k16 = tl.trans(k16.to(tl.float16))
-                acc = tl.dot(qa, k16, acc)
-                acc = tl.dot(qb, k16, acc)
-            acc = acc * (qe * 0.5)[:, None]
+            if USE_RELU:
+                x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # as torch.relu: NaN stays
+            acc += x * wh[:, None]
         if KEY_SCALE:  # e4m3 keys: the per-key scale (> 0) commutes with ReLU and the head sum
             ks = tl.load(ks_ptr + b * sks_b + s, mask=smask, other=0.0).to(tl.float32)
             acc = acc * ks[None, :]
@@ -135,16 +112,6 @@ def _score_kernel(
         acc = tl.where(valid, acc, float("-inf"))
         o = out_ptr + b * so_b + r[:, None].to(tl.int64) * so_r + s[None, :]
         tl.store(o, acc, mask=rmask[:, None] & smask[None, :])
-
-
-@triton.jit
-def _fabs(x, ASM: tl.constexpr):
-    """|x| as PTX ``abs.f32``, which ptxas folds into the consuming FFMA as an operand modifier
-    (``tl.abs`` lowers to an AND on the bits: one more instruction per element)."""
-    if ASM:
-        return tl.inline_asm_elementwise("abs.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return tl.abs(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,10 +466,9 @@ def scratch_cap(S, topk):
     return min(S, max(_SCRATCH_PER_TOPK * topk, _SCRATCH_MIN))
 
 
-def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, k_scale=None, q_lin=None):
+def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, cfg, k_scale=None):
     """Masked scores of rows [row0, row0 + n_rows) into ``buf`` (``k_scale [B, S]``: per-key
-    scales of e4m3 keys, applied after the head sum; ``q_lin``: ``fp8.fold_queries``' pair, with
-    which the kernel takes ReLU as ``(x + |x|) / 2``)."""
+    scales of e4m3 keys, applied after the head sum)."""
     B, T, H, D = q.shape
     S = k.shape[1]
     c = ScoreCfg(*cfg)
@@ -510,8 +476,6 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, c.block_s)
     grid = (n_s, triton.cdiv(n_rows, c.block_t), B)
     ks = k_scale if k_scale is not None else buf
-    lin = q_lin is not None and use_relu
-    qf, qe = q_lin if lin else (buf, buf)
     _score_kernel[grid](
         q, k, w, starts, ends, buf, ks,
         row0, n_rows, T, S,
@@ -521,22 +485,20 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
         starts.stride(0), starts.stride(1),
         buf.stride(0), buf.stride(1),
         ks.stride(0),
-        qf, qe, qf.stride(0), qf.stride(1), qe.stride(0),
         H=H, D=D, BLOCK_T=c.block_t, BLOCK_S=c.block_s, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        KEY_SCALE=k_scale is not None, LIN=lin, num_warps=c.warps, num_stages=c.stages, **limits,
+        KEY_SCALE=k_scale is not None, num_warps=c.warps, num_stages=c.stages, **limits,
     )
 
 
-def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True, k_scale=None, q_lin=None):
+def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True, k_scale=None):
     """Dense masked scores ``[B, T, S]`` fp32 (testing/diagnostics only: O(T*S) memory).
-    ``k_scale``, ``q_lin``: as in :func:`indexer_topk_triton`."""
+    ``k_scale``: as in :func:`indexer_topk_triton`."""
     q, k, w, starts, ends, causal = _prep(q, k, w, starts, ends)
     B, T, H, D = q.shape
     S = k.shape[1]
     buf = torch.full((B, T, S), float("-inf"), dtype=torch.float32, device=q.device)
-    _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg(k_scale is not None), k_scale,
-                   q_lin)
+    _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, 0, T, _score_cfg(k_scale is not None), k_scale)
     return buf
 
 
@@ -553,16 +515,13 @@ def indexer_topk_triton(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     k_scale: Optional[torch.Tensor] = None,
     select_kernel: str = "triton",
-    q_lin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key ids ``int32 [B, T, topk]`` (unsorted, ``-1`` padded) and their fp32 scores.
 
     ``chunk_bytes`` bounds the fp32 score buffer (default ``DEFAULT_CHUNK_BYTES``); ``out`` optionally gives the two output
     tensors (contiguous int32 / fp32 ``[B, T, topk]``), every element of which is written.
     ``k_scale`` (fp32 ``[B, S]``, positive): q and k are e4m3 and the scores are multiplied by
-    the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``). ``q_lin``
-    (with ``k_scale``): ``fp8.fold_queries(q, w)``, with which the score kernel forms
-    ``w ReLU(x)`` as ``w (x + |x|) / 2``, the ``w x`` half for all heads in one MMA.
+    the per-key scale (the per-query scales come folded into ``w``; see ``fp8.py``).
     ``select_kernel``: ``"triton"`` or ``"cuda"`` (``cuda_impl.select_cuda``: sm_90, topk <=
     ``cuda_impl.MAX_TOPK``); both give the same sets.
     """
@@ -600,7 +559,7 @@ def indexer_topk_triton(
     for row0 in range(0, T, rows):
         n = min(rows, T - row0)
         if S > 0:
-            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale, q_lin)
+            _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n, scfg, k_scale)
         launch_select(buf, scr, starts, ends, idx, vals, row0, n, S, causal, global_ids, (blk, nw_sel),
                       kernel=select_kernel)
     return idx, vals
