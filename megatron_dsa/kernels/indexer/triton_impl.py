@@ -440,7 +440,7 @@ def _prep(q, k, w, starts, ends):
     if causal:  # (one tensor per device, not an allocation and a fill per call)
         starts = ends = _NO_WINDOWS.get(q.device)
         if starts is None:
-            starts = ends = _NO_WINDOWS.setdefault(q.device, torch.zeros(1, 1, dtype=torch.int32, device=q.device))
+            starts = ends = _NO_WINDOWS[q.device] = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
     return q, k, w, starts, ends, causal
 
 
