@@ -27,20 +27,23 @@ from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL", "F2FP.SATFINITE.E4M3")
+OPS = ("HGMMA", "QGMMA", "HMMA", "LDL", "STL", "F2FP.SATFINITE.E4M3", "UTMALDG")
 
 
 def compile_sm90(fn, args, consts, num_warps, num_stages=1, maxnreg=None):
     """Resources of ``fn`` compiled for sm_90a. ``args``: every non-constexpr argument, a
-    pointer as its Triton type string (``"*bf16"``), else its Python value; ``maxnreg``: the
-    launcher's register cap, if any."""
+    pointer as its Triton type string (``"*bf16"``), a TMA descriptor as its type string
+    (``"tensordesc<bf16[64, 128]>"``), else its Python value; ``maxnreg``: the launcher's
+    register cap, if any."""
     signature, constexprs, attrs = {}, dict(consts), {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             signature[name] = "constexpr"
             continue
         v = args[name]
-        if isinstance(v, str):
+        if isinstance(v, str) and v.startswith("tensordesc"):
+            signature[name] = v
+        elif isinstance(v, str):
             signature[name] = v
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
@@ -77,12 +80,12 @@ def cases():
     for fp8 in (False, True):  # the shipped score tiles
         cfg = idx.ScoreCfg(*idx._SCORE_CFG_GPU["fp8" if fp8 else "bf16"])
         dt = "*fp8e4nv" if fp8 else "*bf16"
-        args = dict(q_ptr=dt, k_ptr=dt, w_ptr="*fp32", st_ptr="*i32", en_ptr="*i32", out_ptr="*fp32",
+        args = dict(q_desc=f"tensordesc<{dt[1:]}[{cfg.block_t}, 128]>", q_ptr=dt, k_ptr=dt, w_ptr="*fp32", st_ptr="*i32", en_ptr="*i32", out_ptr="*fp32",
                     ks_ptr="*fp32", row0=0, n_rows=8192, T=T, S=S, sq_b=T * 64 * 128, sq_t=64 * 128, sq_h=128,
                     sk_b=S * 128, sk_s=128, sw_b=T * 64, sw_t=64, sw_h=1, sse_b=T, sse_t=1, so_b=8192 * S,
                     so_r=S, sks_b=S)
         c = dict(H=64, D=128, BLOCK_T=cfg.block_t, BLOCK_S=cfg.block_s, CAUSAL=True, USE_RELU=True, UPCAST=False,
-                 IEEE=False, KEY_SCALE=fp8)
+                 IEEE=False, KEY_SCALE=fp8, Q_TMA=True)
         out.append((f"indexer score {'e4m3' if fp8 else 'bf16'}", idx._score_kernel, args, c, cfg.warps,
                     cfg.stages, *([cfg.maxnreg] if cfg.maxnreg else [])))
 

@@ -337,9 +337,14 @@ def test_score_kernel_writes_masked_reference(monkeypatch, kind):
     q, k, w = _inputs(B, T, S, H, D)
     st, en = _window(kind, B, T, S)
     ks = torch.rand(B, S, device=DEV) + 0.5
+    # q contiguous: read by TMA (the interpreter emulates the descriptor); q strided (heads
+    # outermost in memory): by pointer loads. Rows past T, the tile's tail, read the next batch's.
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert ti._q_descriptor(q, 16) is not None and ti._q_descriptor(q_strided, 16) is None
     for scale in (None, ks):
         got = ti.indexer_scores_triton(q, k, w, st, en, k_scale=scale)
         ref = indexer_scores_reference(q, k * (1.0 if scale is None else scale[..., None]), w, st, en)
         fin = torch.isfinite(ref)
         assert torch.equal(torch.isfinite(got), fin)
         torch.testing.assert_close(got[fin], ref[fin].float(), atol=1e-4, rtol=1e-4)
+        assert torch.equal(ti.indexer_scores_triton(q_strided, k, w, st, en, k_scale=scale), got)

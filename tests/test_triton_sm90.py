@@ -62,6 +62,8 @@ def test_kernels_run_on_tensor_cores(compiled):
             assert r["HGMMA"] + r["QGMMA"] > 0, (label, r)
     assert compiled["indexer score e4m3"]["QGMMA"] > 0 and compiled["indexer score e4m3"]["HGMMA"] == 0
     assert compiled["indexer score bf16"]["HGMMA"] > 0
+    # q tiles by TMA (a contiguous q, the launcher's default)
+    assert compiled["indexer score bf16"]["UTMALDG"] > 0 and compiled["indexer score e4m3"]["UTMALDG"] > 0
 
 
 def test_no_new_spills_and_shared_memory_fits(compiled):

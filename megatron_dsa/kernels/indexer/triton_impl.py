@@ -5,7 +5,8 @@ Two kernels per chunk of query rows (see ``docs/kernels_indexer.md``):
 1. ``_score_kernel``: a program owns ``BLOCK_T`` query rows x ``BLOCK_S`` keys and loops over the
    heads, ``acc += w[:, h] * relu(q_h @ k^T)`` (fp32 accumulation), then writes the masked fp32
    scores of the tile into a chunk buffer ``[B, R, S]``. Key tiles outside every row's window
-   are skipped (causal: only ``s <= t``).
+   are skipped (causal: only ``s <= t``). A contiguous q is read by TMA (a tensor descriptor,
+   one copy per head tile on Hopper); any other q by pointer loads.
 2. ``_select_kernel``: one program per query row. A threshold from a strided
    sample of the row admits a short candidate list (int32 scratch); an exact radix select
    (256-bin histograms of 8-bit digits of the order-preserving uint32 image of the fp32
@@ -30,6 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: q by pointer loads
+    TensorDescriptor = None
+
 from ..triton_common import interpreting
 
 __all__ = ["indexer_topk_triton", "indexer_scores_triton", "DEFAULT_CHUNK_BYTES"]
@@ -46,7 +52,7 @@ DEFAULT_CHUNK_BYTES = 512 << 20
 
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr, ks_ptr,
+    q_desc, q_ptr, k_ptr, w_ptr, st_ptr, en_ptr, out_ptr, ks_ptr,
     row0, n_rows, T, S,
     sq_b, sq_t, sq_h,
     sk_b, sk_s,
@@ -57,7 +63,7 @@ def _score_kernel(
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     CAUSAL: tl.constexpr, USE_RELU: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    KEY_SCALE: tl.constexpr,
+    KEY_SCALE: tl.constexpr, Q_TMA: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -93,8 +99,15 @@ def _score_kernel(
         # (Issuing head h+1's MMA before head h's epilogue, by hand, measured slower on H100:
         # score alone at S=32K 15.3 vs 13.1 ms; the keys as the MMA's M, acc[s, t], half the q
         # bytes per score, slower still: docs/kernels_indexer.md section 4.)
+        # q_desc: q as [B T, H D]; rows past the chunk's (past T: the next batch's, or zeros)
+        # are read but never stored. By TMA the head loop issues one copy per q tile instead of
+        # each thread's cp.async and their addresses: 1.05-1.09x on H100 (section 4).
+        q_tile_row = (b * T + row0 + pid_t * BLOCK_T).to(tl.int32)
         for h in range(H):
-            qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
+            if Q_TMA:
+                qh = q_desc.load([q_tile_row, h * D])
+            else:
+                qh = tl.load(q_row + h * sq_h, mask=rmask[:, None], other=0.0)
             wh = tl.load(w_row + h * sw_h, mask=rmask, other=0.0).to(tl.float32)
             if UPCAST:
                 qh = qh.to(tl.float32)
@@ -476,8 +489,9 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     n_s = triton.cdiv(min(S, row0 + n_rows) if causal else S, c.block_s)
     grid = (n_s, triton.cdiv(n_rows, c.block_t), B)
     ks = k_scale if k_scale is not None else buf
+    desc = _q_descriptor(q, c.block_t)
     _score_kernel[grid](
-        q, k, w, starts, ends, buf, ks,
+        q if desc is None else desc, q, k, w, starts, ends, buf, ks,
         row0, n_rows, T, S,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1),
@@ -487,8 +501,32 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
         ks.stride(0),
         H=H, D=D, BLOCK_T=c.block_t, BLOCK_S=c.block_s, CAUSAL=causal, USE_RELU=use_relu,
         UPCAST=interpreting() or q.dtype == torch.float64, IEEE=(q.dtype in (torch.float32, torch.float64)),
-        KEY_SCALE=k_scale is not None, num_warps=c.warps, num_stages=c.stages, **limits,
+        KEY_SCALE=k_scale is not None, Q_TMA=desc is not None, num_warps=c.warps, num_stages=c.stages, **limits,
     )
+
+
+_TMA_CAPABLE = {}
+
+
+def _tma_capable(device) -> bool:
+    cap = _TMA_CAPABLE.get(device)
+    if cap is None:
+        cap = _TMA_CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return cap
+
+
+def _q_descriptor(q, block_t):
+    """A TMA descriptor of ``q [B, T, H, D]`` as ``[B T, H D]`` with ``[block_t, D]`` boxes, or
+    ``None`` (q by pointer loads): q must be contiguous, 16-byte aligned, on a Hopper or newer GPU
+    (the interpreter emulates the descriptor, so the CPU tests run this path too)."""
+    if TensorDescriptor is None or not q.is_contiguous() or q.data_ptr() % 16:
+        return None
+    if not interpreting() and not (q.is_cuda and _tma_capable(q.device)):
+        return None
+    B, T, H, D = q.shape
+    if (H * D * q.element_size()) % 16 or D * q.element_size() < 16 or B * T >= 2**31:
+        return None
+    return TensorDescriptor(q, [B * T, H * D], [H * D, 1], [block_t, D])
 
 
 def indexer_scores_triton(q, k, w, starts=None, ends=None, use_relu=True, k_scale=None):
