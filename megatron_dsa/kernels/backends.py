@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .triton_common import interpreting
 
-__all__ = ["BACKENDS", "KernelChoice", "check_backend", "triton_reason", "warn_once"]
+__all__ = ["BACKENDS", "KernelChoice", "check_backend", "cuda_capability", "triton_reason", "warn_once"]
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
 
@@ -46,6 +46,19 @@ class KernelChoice:
 def check_backend(op: str, backend: str, choices=BACKENDS) -> None:
     if not isinstance(backend, str) or backend not in choices:
         raise ValueError(f"{op}: backend must be one of {tuple(choices)}, got {backend!r}")
+
+
+_CAPABILITY = {}
+
+
+def cuda_capability(device: torch.device) -> Tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, remembered per device: the kernels' launch
+    paths ask on every call, and the query cost tens of microseconds of host time there (before
+    the first kernel of a call is queued)."""
+    cap = _CAPABILITY.get(device)
+    if cap is None:
+        cap = _CAPABILITY[device] = tuple(torch.cuda.get_device_capability(device))
+    return cap
 
 
 def triton_reason(device: torch.device) -> Optional[str]:

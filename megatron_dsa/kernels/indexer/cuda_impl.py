@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import cuda_capability
 from ..cuda_build import CudaLibrary
 
 __all__ = ["LIBRARY", "MAX_TOPK", "cuda_select_reason", "select_cuda"]
@@ -57,7 +58,7 @@ def cuda_select_reason(device: torch.device):
     only when the device fits."""
     if device.type != "cuda":
         return f"the CUDA select needs an sm_90 GPU (the inputs are on {device.type})"
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = cuda_capability(device)
     if (major, minor) != (9, 0):
         return f"the CUDA select is built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
     return LIBRARY.error()

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._validate import check_indexer_tensors, check_same_device, check_windows
-from ..backends import BACKENDS, KernelChoice, check_backend, triton_reason, warn_once
+from ..backends import BACKENDS, KernelChoice, check_backend, cuda_capability, triton_reason, warn_once
 from .cuda_impl import MAX_TOPK, cuda_select_reason
 from .fp8 import fp8_kernel_inputs, fp8_selection_inputs
 from .reference import indexer_topk_reference
@@ -52,7 +52,7 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype, head_
     if why_cuda is None:
         return KernelChoice(OP, backend, "cuda", None,
                             f"Triton score + CUDA select (the Triton select above topk {MAX_TOPK})")
-    if warn and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+    if warn and device.type == "cuda" and cuda_capability(device) == (9, 0):
         warn_once(OP, f"selecting with the Triton select instead of the CUDA one: {why_cuda}")
     return KernelChoice(OP, backend, "triton", None, f"fused Triton score + top-k ({why_cuda})")
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import cuda_capability
 from ..triton_common import interpreting
 
 __all__ = ["E4M3_MAX", "quantize_e4m3", "quantize_e4m3_triton", "fp8_selection_inputs"]
@@ -132,7 +133,7 @@ def _quantize_qk_kernel(q_ptr, q8_ptr, sq_ptr, w_ptr, ws_ptr, nq, stride_q, k_pt
 def _hardware_e4m3(device: torch.device) -> bool:
     """Whether the GPU converts fp32 to e4m3 itself (sm_89 and later); Triton's interpreter's
     fp8 cast does not round to nearest, so it takes the integer path."""
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and not interpreting() and cuda_capability(device) >= (8, 9)
 
 
 def _unit_stride(rows: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ try:  # host-side TMA descriptors (Triton >= 3.3)
 except ImportError:  # pragma: no cover - older Triton: q by pointer loads
     TensorDescriptor = None
 
+from ..backends import cuda_capability
 from ..triton_common import interpreting
 
 __all__ = ["indexer_topk_triton", "indexer_scores_triton", "DEFAULT_CHUNK_BYTES"]
@@ -505,23 +506,13 @@ def _launch_scores(q, k, w, starts, ends, causal, use_relu, buf, row0, n_rows, c
     )
 
 
-_TMA_CAPABLE = {}
-
-
-def _tma_capable(device) -> bool:
-    cap = _TMA_CAPABLE.get(device)
-    if cap is None:
-        cap = _TMA_CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
-    return cap
-
-
 def _q_descriptor(q, block_t):
     """A TMA descriptor of ``q [B, T, H, D]`` as ``[B T, H D]`` with ``[block_t, D]`` boxes, or
     ``None`` (q by pointer loads): q must be contiguous, 16-byte aligned, on a Hopper or newer GPU
     (the interpreter emulates the descriptor, so the CPU tests run this path too)."""
     if TensorDescriptor is None or not q.is_contiguous() or q.data_ptr() % 16:
         return None
-    if not interpreting() and not (q.is_cuda and _tma_capable(q.device)):
+    if not interpreting() and not (q.is_cuda and cuda_capability(q.device)[0] >= 9):
         return None
     B, T, H, D = q.shape
     if (H * D * q.element_size()) % 16 or D * q.element_size() < 16 or B * T >= 2**31:

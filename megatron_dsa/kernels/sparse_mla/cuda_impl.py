@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._validate import check_positive_scale
+from ..backends import cuda_capability
 from ..cuda_build import CudaBuildError, build_library
 from ..triton_common import LOG2E
 from .packing import MAX_PACK_HEADS, PackedRows, heads_padded, pack_rows_triton, packed_shape
@@ -165,7 +166,7 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, d_qk: int, d_v:
     """
     if device.type != "cuda":
         return f"the CUDA kernels need an sm_90 GPU (the inputs are on {device.type})"
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = cuda_capability(device)
     if (major, minor) != (9, 0):
         return f"the CUDA kernels are built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
     if dtype != torch.bfloat16 or d_qk != 576 or d_v != 512:
