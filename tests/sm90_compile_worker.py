@@ -41,11 +41,10 @@ def compile_sm90(fn, args, consts, num_warps, num_stages=1, maxnreg=None):
             signature[name] = "constexpr"
             continue
         v = args[name]
-        if isinstance(v, str) and v.startswith("tensordesc"):
+        if isinstance(v, str):
             signature[name] = v
-        elif isinstance(v, str):
-            signature[name] = v
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if not v.startswith("tensordesc"):  # (a pointer: 16-byte aligned, as at run time)
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[name] = "fp32"
         elif v == 1:
