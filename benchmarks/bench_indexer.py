@@ -135,7 +135,7 @@ def inputs(S, H, D, seed=0):
 
 
 # --breakdown: our pipeline's kernels by group (name fragments; the rest is "other")
-KERNEL_GROUPS = {"score": ("_score_kernel",), "select": ("select_kernel",), "quantize": ("_quantize_e4m3",)}
+KERNEL_GROUPS = {"score": ("_score_kernel",), "select": ("select_kernel",), "quantize": ("_quantize_e4m3", "_quantize_qk")}
 
 
 def bench_one(make, S, H, D, topk, reps, breakdown=False):

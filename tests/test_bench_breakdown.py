@@ -17,11 +17,11 @@ sys.path.pop(0)
 
 def test_kernel_groups_sum_by_name_fragment():
     kt = {"_score_kernel": [8, 13.25], "(anonymous namespace)::select_kernel(float const*, long long)": [8, 3.0],
-          "_quantize_e4m3_kernel": [2, 0.5],
+          "_quantize_e4m3_kernel": [2, 0.5], "_quantize_qk_kernel": [1, 0.25],
           "void at::native::vectorized_elementwise_kernel<4, at::native::MulFunctor<float>>": [1, 0.02],
           "_select_kernel": [1, 1.0]}
     got = kernel_groups(kt, KERNEL_GROUPS)
-    assert got == {"score": 13.25, "select": 4.0, "quantize": 0.5, "other": 0.02}
+    assert got == {"score": 13.25, "select": 4.0, "quantize": 0.75, "other": 0.02}
     assert kernel_groups({}, KERNEL_GROUPS) == {"score": 0.0, "select": 0.0, "quantize": 0.0, "other": 0.0}
 
 
