@@ -1,4 +1,4 @@
-"""CUDA source -> host C++ for sm90_emu.h: a mechanical rewrite of two constructs only.
+"""CUDA source -> host C++ for sm90_emu.h: a mechanical rewrite of three constructs only.
 
 * ``asm volatile("PTX" : outputs : inputs : clobbers);`` becomes a call of the emulator's PTX
   interpreter with the statement's own PTX text and operands, in GCC's numbering:
@@ -7,6 +7,9 @@
   the others by value).
 * ``kernel<<<grid, block, smem, stream>>>(args);`` (also ``kernel<T><<<...>>>``) becomes
   ``::emu::launch(kernel, grid, block, smem, stream, args);``.
+* ``extern __shared__ T smem_raw[];`` becomes ``T* const smem_raw = reinterpret_cast<T*>(
+  ::emu::cta_smem());``: the executing CTA's shared memory (a cluster's CTAs run together, each
+  in its own buffer).
 
 Everything else of the source is left as it is (line numbers too: each rewrite keeps the
 newlines it replaces).
@@ -128,7 +131,13 @@ def _template_args(text: str, j: int):
     return None
 
 
+_SMEM_DECL = re.compile(r"extern[ \t]+__shared__[ \t]+(?:__align__\(\d+\)[ \t]+)?"
+                        r"([A-Za-z_][\w:]*(?:[ \t]+[A-Za-z_]\w*)?)[ \t]+smem_raw[ \t]*\[[ \t]*\][ \t]*;")
+
+
 def emulated_source(text: str) -> str:
+    text = _SMEM_DECL.sub(lambda m: f"{m.group(1)}* const smem_raw = reinterpret_cast<{m.group(1)}*>(::emu::cta_smem());",
+                          text)
     out, i, n = [], 0, len(text)
     ident = re.compile(r"[A-Za-z_]\w*")
     while i < n:

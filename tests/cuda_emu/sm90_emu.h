@@ -11,6 +11,13 @@
 // Threads: one OS thread per CUDA thread, CTAs one after another. Every blocking primitive
 // (mbarrier try_wait, bar.sync, __syncthreads, warp shuffles) really blocks.
 //
+// Clusters (cudaLaunchKernelEx with a cluster dimension): the CTAs of one cluster run together,
+// each in its own shared memory; %cluster_ctarank, mapa.shared::cluster, st / ld.shared::cluster,
+// mbarrier.arrive on another CTA's mbarrier and barrier.cluster.arrive / wait are emulated. No
+// vector clock crosses CTAs: a remote store or arrival takes effect at once and is not checked
+// for races (an arrival on an mbarrier not yet initialized is reported), so a cluster protocol's
+// ordering errors show in its results or as deadlocks; within each CTA every check below holds.
+//
 // Memory model (happens-before by vector clocks: one component per thread, one per mbarrier):
 // * cp.async reads its source at issue; its destination holds poison (0xFF bytes: bf16 NaN)
 //   until the copy lands. A copy lands as late as the PTX ISA allows: at the
@@ -135,14 +142,19 @@ enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
 
-// shared memory of the one CTA that runs at a time (the kernel's `extern __shared__ smem_raw`)
+// shared memory of a CTA: this array for a launch without clusters (one CTA runs at a time),
+// one buffer per CTA for a cluster launch (its CTAs run together). A kernel's `extern __shared__
+// ... smem_raw[]` is rewritten (ptx_source.py) into a pointer to its CTA's buffer, emu::cta_smem().
 namespace {
 constexpr int EMU_SMEM_CAP = 232448;
 alignas(1024) uint8_t smem_raw[EMU_SMEM_CAP];
 }  // namespace
 
+namespace emu {
+inline uint8_t* cta_smem();
+}
 inline size_t __cvta_generic_to_shared(const void* p) {
-  return static_cast<size_t>(static_cast<const uint8_t*>(p) - smem_raw);
+  return static_cast<size_t>(static_cast<const uint8_t*>(p) - emu::cta_smem());
 }
 
 namespace emu {
@@ -157,7 +169,9 @@ inline void join(Clock& a, const Clock& b) {
   for (size_t i = 0; i < a.size(); ++i) a[i] = std::max(a[i], b[i]);
 }
 
+struct Cta;
 struct Copy {
+  Cta* owner;  // the CTA whose shared memory it writes
   uint32_t dst;
   int n;
   int issuer;
@@ -197,6 +211,8 @@ struct Thr {
   int slow = 0;
   std::vector<uint32_t> fence_stamps;      // this thread's fence.proxy.async, its clock at each
   int regs = 0;                            // registers per thread (setmaxnreg)
+  bool cbar_pending = false;               // barrier.cluster.arrive done, its wait not yet
+  uint64_t cbar_gen = 0;                   // the cluster barrier's generation it arrived in
 };
 
 // st.shared writers of the 8 half-words of a 16-byte granule (writer -1: none), and the fence
@@ -208,6 +224,7 @@ struct GenW {
 };
 
 struct Mbar {
+  Cta* owner;
   int comp;
   int count = 0, pending = 0;
   uint64_t completed = 0;  // phases completed
@@ -236,9 +253,13 @@ struct Warp {
   uint32_t slot[32][4];
 };
 
+struct Cluster;
 struct Cta {
   int nthreads = 0;
   int smem_bytes = 0;
+  uint8_t* smem = nullptr;  // its shared memory (smem_raw, or a cluster CTA's own buffer)
+  int rank = 0;             // %cluster_ctarank
+  Cluster* cluster = nullptr;
   std::vector<Thr> thr;
   std::deque<Copy> copies;
   std::vector<Copy*> word;  // per 4-byte word of shared memory: the last cp.async into it
@@ -254,9 +275,25 @@ struct Cta {
   std::condition_variable reg_cv;
 };
 
-inline std::mutex mu;  // all of a CTA's async / barrier state
-inline Cta* cta = nullptr;
+// The CTAs of one cluster launch, run together. barrier.cluster: every thread of every CTA
+// arrives, then waits for its generation; it orders each CTA's own threads (their vector clocks
+// join per CTA, as at a named barrier). Across CTAs the emulator keeps no vector clocks: remote
+// stores (st.shared::cluster) and remote mbarrier arrivals take effect at once and are not
+// checked for races; the results show what ordering went wrong.
+struct Cluster {
+  std::vector<Cta*> ctas;
+  int threads = 0;
+  int arrived = 0;
+  uint64_t gen = 0;
+  std::vector<Clock> acc;                  // per CTA: the joined clocks of this generation
+  std::vector<std::vector<Clock>> results; // per generation, per CTA
+  std::condition_variable cv;
+};
+
+inline std::mutex mu;  // all async / barrier state (every CTA's)
+inline thread_local Cta* cta = nullptr;
 inline thread_local Thr* me = nullptr;
+inline uint8_t* cta_smem() { return cta != nullptr ? cta->smem : smem_raw; }
 
 // ---- reports
 inline std::atomic<long> hazards{0};
@@ -309,7 +346,7 @@ inline void block_on(std::condition_variable& cv, std::unique_lock<std::mutex>& 
 // ---- copies
 inline void land(Copy* c) {
   if (c->landed) return;
-  std::memcpy(smem_raw + c->dst, c->data, c->n);
+  std::memcpy(c->owner->smem + c->dst, c->data, c->n);
   c->landed = true;
 }
 
@@ -353,6 +390,7 @@ inline void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
   if (src_size < 0 || src_size > cp_size) report_locked("cp.async src-size out of range");
   cta->copies.emplace_back();
   Copy* c = &cta->copies.back();
+  c->owner = cta;
   c->dst = dst;
   c->n = cp_size;
   c->issuer = me->tid;
@@ -371,7 +409,7 @@ inline void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
       for (int h = 0; h < 8; ++h)
         if (16 * g + 2 * h >= dst && 16 * g + 2 * h < dst + cp_size) gw.writer[h] = -1;
   }
-  std::memset(smem_raw + dst, 0xFF, cp_size);  // in flight: the destination is undefined
+  std::memset(cta->smem + dst, 0xFF, cp_size);  // in flight: the destination is undefined
   me->open.push_back(c);
   me->unlanded.push_back(c);
 }
@@ -432,7 +470,7 @@ inline void st_shared(uint32_t addr, const void* v, int n) {
     gw.writer[(b % 16) / 2] = static_cast<int16_t>(me->tid);
     gw.epoch[(b % 16) / 2] = epoch;
   }
-  std::memcpy(smem_raw + addr, v, n);
+  std::memcpy(cta->smem + addr, v, n);
 }
 
 inline void ld_shared(uint32_t addr, void* v, int n) {
@@ -451,7 +489,109 @@ inline void ld_shared(uint32_t addr, void* v, int n) {
       report_locked("ld.shared reads cp.async data whose completion is not ordered before the read");
   }
   for (uint32_t g = addr / 16; g < (addr + n + 15) / 16; ++g) record_read_locked(g);
-  std::memcpy(v, smem_raw + addr, n);
+  std::memcpy(v, cta->smem + addr, n);
+}
+
+// ---- distributed shared memory (a cluster's CTAs)
+// mapa.shared::cluster: the address `addr` of this CTA's window in CTA `rank` of the cluster,
+// tagged (rank + 1) << 24 (an emulator convention; offsets stay below 2^24). An untagged
+// address in a shared::cluster access is the executing CTA's own.
+inline uint32_t mapa(uint32_t addr, uint32_t rank) {
+  const int n = cta->cluster != nullptr ? static_cast<int>(cta->cluster->ctas.size()) : 1;
+  if (static_cast<int>(rank) >= n) {
+    report("mapa to a CTA rank outside the cluster");
+    return addr;
+  }
+  return ((rank + 1u) << 24) | (addr & 0xFFFFFFu);
+}
+inline Cta* cluster_target_locked(uint32_t addr, uint32_t& off) {
+  off = addr & 0xFFFFFFu;
+  if ((addr >> 24) == 0) return cta;
+  const uint32_t rank = (addr >> 24) - 1u;
+  if (cta->cluster == nullptr || rank >= cta->cluster->ctas.size()) {
+    report_locked("shared::cluster address of a CTA rank outside the cluster");
+    return nullptr;
+  }
+  return cta->cluster->ctas[rank];
+}
+inline void st_shared_cluster(uint32_t addr, const void* v, int n) {
+  jitter();
+  std::unique_lock<std::mutex> lk(mu);
+  uint32_t off;
+  Cta* t = cluster_target_locked(addr, off);
+  if (t == nullptr) return;
+  if (t == cta) {
+    lk.unlock();
+    st_shared(off, v, n);
+    return;
+  }
+  if (off % n != 0) report_locked("misaligned st.shared::cluster");
+  if (static_cast<int>(off) + n > t->smem_bytes) {
+    report_locked("st.shared::cluster past the target CTA's dynamic shared memory");
+    return;
+  }
+  for (uint32_t w = off / 4; w < (off + n + 3) / 4; ++w) {
+    Copy* c = t->word[w];
+    if (c == nullptr) continue;
+    if (!c->landed) report_locked("st.shared::cluster into shared memory with a cp.async in flight");
+    t->word[w] = nullptr;
+  }
+  for (uint32_t b = off & ~1u; b < off + n; b += 2) t->gen[b / 16].writer[(b % 16) / 2] = -1;  // (not checked)
+  std::memcpy(t->smem + off, v, n);
+}
+inline void ld_shared_cluster(uint32_t addr, void* v, int n) {
+  jitter();
+  std::unique_lock<std::mutex> lk(mu);
+  uint32_t off;
+  Cta* t = cluster_target_locked(addr, off);
+  if (t == nullptr) return;
+  if (t == cta) {
+    lk.unlock();
+    ld_shared(off, v, n);
+    return;
+  }
+  if (off % std::min(n, 16) != 0) report_locked("misaligned ld.shared::cluster");
+  if (static_cast<int>(off) + n > t->smem_bytes) {
+    report_locked("ld.shared::cluster past the target CTA's dynamic shared memory");
+    return;
+  }
+  for (uint32_t w = off / 4; w < (off + n + 3) / 4; ++w) {
+    const Copy* c = t->word[w];
+    if (c != nullptr && !c->landed) report_locked("ld.shared::cluster reads shared memory whose cp.async has not landed");
+  }
+  std::memcpy(v, t->smem + off, n);
+}
+
+// barrier.cluster.arrive / barrier.cluster.wait
+inline void cluster_arrive() {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  Cluster* cl = cta->cluster;
+  if (me->cbar_pending) report_locked("barrier.cluster.arrive again before barrier.cluster.wait");
+  me->cbar_pending = true;
+  me->cbar_gen = cl->gen;
+  join(cl->acc[cta->rank], me->vc);
+  me->vc[me->tid] += 1;
+  if (++cl->arrived == cl->threads) {
+    cl->results.push_back(cl->acc);
+    for (auto& a : cl->acc) a.assign(NCOMP, 0);
+    cl->arrived = 0;
+    cl->gen += 1;
+    cl->cv.notify_all();
+  }
+}
+inline void cluster_wait() {
+  jitter();
+  std::unique_lock<std::mutex> lk(mu);
+  Cluster* cl = cta->cluster;
+  if (!me->cbar_pending) {
+    report_locked("barrier.cluster.wait without a barrier.cluster.arrive before it");
+    return;
+  }
+  const uint64_t g = me->cbar_gen;
+  block_on(cl->cv, lk, [&] { return cl->gen > g; }, "a cluster barrier");
+  me->cbar_pending = false;
+  if (g < cl->results.size()) join(me->vc, cl->results[g][cta->rank]);
 }
 
 // ---- global fp32 reductions (red.global.add): atomic per element
@@ -501,6 +641,7 @@ inline void mbar_init(uint32_t addr, int count) {
   auto& slot = cta->mbars[addr];
   if (!slot) {
     slot = std::make_unique<Mbar>();
+    slot->owner = cta;
     slot->comp = MAXT + static_cast<int>(cta->mbars.size() - 1);
     if (slot->comp >= NCOMP) fatal("too many mbarriers");
   }
@@ -510,7 +651,7 @@ inline void mbar_init(uint32_t addr, int count) {
 
 inline void mbar_complete_locked(Mbar* b) {  // the phase's last arrival
   const int par = static_cast<int>(b->completed & 1);
-  const uint32_t stamp = ++cta->mbar_clock[b->comp - MAXT];
+  const uint32_t stamp = ++b->owner->mbar_clock[b->comp - MAXT];
   for (Copy* c : b->tracked) {
     land(c);
     c->routes.emplace_back(b->comp, stamp);
@@ -532,6 +673,29 @@ inline void mbar_arrive(uint32_t addr) {
   if (b == nullptr) return;
   join(b->acc, me->vc);  // release
   me->vc[me->tid] += 1;
+  if (--b->pending == 0) mbar_complete_locked(b);
+}
+
+// mbarrier.arrive on a shared::cluster address: another CTA's mbarrier takes the arrival (no
+// vector clock crosses CTAs: see Cluster); the executing CTA's own, as mbar_arrive
+inline void mbar_arrive_cluster(uint32_t addr) {
+  jitter();
+  std::unique_lock<std::mutex> lk(mu);
+  uint32_t off;
+  Cta* t = cluster_target_locked(addr, off);
+  if (t == nullptr) return;
+  if (t == cta) {
+    lk.unlock();
+    mbar_arrive(off);
+    return;
+  }
+  auto it = t->mbars.find(off);
+  if (it == t->mbars.end()) {
+    report_locked("remote mbarrier arrival before the target CTA's mbarrier.init (no cluster barrier between?)");
+    aborted = true;
+    return;
+  }
+  Mbar* b = it->second.get();
   if (--b->pending == 0) mbar_complete_locked(b);
 }
 
@@ -642,7 +806,7 @@ inline void matrix_rows(uint32_t addr, int nm, uint32_t (&rows)[4], const char* 
 // ---- wgmma
 inline float smem_bf16(uint32_t byte) {
   uint16_t b;
-  std::memcpy(&b, smem_raw + byte, 2);
+  std::memcpy(&b, cta->smem + byte, 2);
   return emu_bf2f(b);
 }
 // byte offset of element (mn, k) of an operand: K-major (trans 0) or MN-major (trans 1), 128-byte swizzle
@@ -1163,10 +1327,22 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
     } else if (op == "fence.acq_rel.gpu" || op == "fence.sc.gpu") {
       // global-memory ordering across CTAs: one CTA runs at a time and each red.global.add is
       // atomic, so there is nothing to model
+    } else if (op == "fence.acq_rel.cluster" || op == "fence.mbarrier_init.release.cluster") {
+      // cluster-scope ordering: no vector clock crosses CTAs here (see Cluster)
+    } else if (starts(op, "barrier.cluster.arrive")) {
+      cluster_arrive();
+    } else if (starts(op, "barrier.cluster.wait")) {
+      cluster_wait();
+    } else if (op == "mapa.shared::cluster.u32") {  // d, addr, rank
+      Op& o = ops[A[0].arg];
+      if (A.size() != 3 || o.out == nullptr || o.out_size != 4) return unsupported(in);
+      const uint32_t v = mapa(u32(A[1]), u32(A[2]));
+      std::memcpy(o.out, &v, 4);
     } else if (starts(op, "mbarrier.init")) {
       mbar_init(u32(A[0]), static_cast<int>(val(A[1])));
     } else if (starts(op, "mbarrier.arrive.") && !has(op, "expect_tx")) {
-      mbar_arrive(u32(A[1]));
+      if (has(op, ".shared::cluster")) mbar_arrive_cluster(u32(A[1]));
+      else mbar_arrive(u32(A[1]));
     } else if (starts(op, "mbarrier.try_wait.parity")) {
       mbar_wait_parity(u32(A[1]), static_cast<int>(val(A[2])));  // blocks until it would succeed
       pred[A[0].name] = true;
@@ -1207,12 +1383,14 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
       if (A[1].name == "%laneid") v = static_cast<uint32_t>(me->tid & 31);
       else if (A[1].name == "%warpid") v = static_cast<uint32_t>(me->tid / 32);
       else if (A[1].name == "%tid.x") v = static_cast<uint32_t>(me->tid);
+      else if (A[1].name == "%cluster_ctarank") v = static_cast<uint32_t>(cta->rank);
+      else if (A[1].name == "%cluster_nctarank") v = cta->cluster != nullptr ? static_cast<uint32_t>(cta->cluster->ctas.size()) : 1u;
       else return unsupported(in);
       Op& o = ops[A[0].arg];
       if (o.out == nullptr || o.out_size != 4) return unsupported(in);
       std::memcpy(o.out, &v, 4);
-    } else if (starts(op, "st.shared.")) {
-      // st.shared{.v2,.v4}.{u16,b16,u32,b32} [addr], value(s)
+    } else if (starts(op, "st.shared.") || starts(op, "st.shared::cluster.") || starts(op, "st.shared::cta.")) {
+      // st.shared[::cluster]{.v2,.v4}.{u16,b16,u32,b32,f32} [addr], value(s)
       const int w = has(op, "16") ? 2 : has(op, "32") ? 4 : 0;
       if (w == 0 || A.size() != 2 || A[0].kind != Operand::ADDR || has(op, "64")) return unsupported(in);
       std::vector<int> src = A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{A[1].arg};
@@ -1225,13 +1403,15 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
         }
         std::memcpy(buf + w * i, &v, w);
       }
-      st_shared(u32(A[0]), buf, w * static_cast<int>(src.size()));
-    } else if (starts(op, "ld.shared.")) {
-      // ld.shared{.v2,.v4}.{u32,b32,s32,f32} dst(s), [addr]
+      if (starts(op, "st.shared::cluster.")) st_shared_cluster(u32(A[0]), buf, w * static_cast<int>(src.size()));
+      else st_shared(u32(A[0]), buf, w * static_cast<int>(src.size()));
+    } else if (starts(op, "ld.shared.") || starts(op, "ld.shared::cluster.") || starts(op, "ld.shared::cta.")) {
+      // ld.shared[::cluster]{.v2,.v4}.{u32,b32,s32,f32} dst(s), [addr]
       if (!(has(op, "32")) || A.size() != 2 || A[1].kind != Operand::ADDR) return unsupported(in);
       std::vector<int> dst = A[0].kind == Operand::VEC ? A[0].vec : std::vector<int>{A[0].arg};
       uint8_t buf[64];
-      ld_shared(u32(A[1]), buf, 4 * static_cast<int>(dst.size()));
+      if (starts(op, "ld.shared::cluster.")) ld_shared_cluster(u32(A[1]), buf, 4 * static_cast<int>(dst.size()));
+      else ld_shared(u32(A[1]), buf, 4 * static_cast<int>(dst.size()));
       for (size_t i = 0; i < dst.size(); ++i) {
         Op& o = ops[dst[i]];
         if (o.out == nullptr || o.out_size != 4) return unsupported(in);
@@ -1269,53 +1449,81 @@ inline void run_thread(Cta& c, int tid, const std::function<void()>& body, dim3 
   blockIdx = b;
   gridDim = grid;  // (thread-local, as blockIdx)
   blockDim = dim3(static_cast<unsigned>(c.nthreads));
+  cta = &c;
   me = &c.thr[tid];
   body();
   me = nullptr;
+  cta = nullptr;
+}
+
+inline void setup_cta(Cta& c, int nt, int smem, unsigned bx) {
+  c.nthreads = nt;
+  c.smem_bytes = smem;
+  c.word.assign(NWORD, nullptr);
+  c.gen.assign(EMU_SMEM_CAP / 16, GenW{});
+  c.reads.assign(EMU_SMEM_CAP / 16, {});
+  const int launch_regs = std::min(255, 65536 / (((nt + 31) / 32) * 32)) & ~7;
+  c.thr.resize(nt);
+  for (int w = 0; w < (nt + 31) / 32; ++w) c.warps.push_back(std::make_unique<Warp>());
+  for (int t = 0; t < nt; ++t) {
+    Thr& th = c.thr[t];
+    th.tid = t;
+    th.vc.assign(NCOMP, 0);
+    th.fenced_vc.assign(NCOMP, 0);
+    th.regs = launch_regs;
+    const unsigned wg = static_cast<unsigned>(t / 128);
+    std::mt19937 pick(seed * 7919u + wg * 104729u + bx * 31u + 1u);
+    th.slow = seed == 0 ? 0 : static_cast<int>(pick() % 3u) * 3;  // 0, 3 or 6 sixteenths
+    th.rng.seed(seed * 1000003u + static_cast<unsigned>(t) * 9176u + bx);
+  }
+  std::memset(c.smem, 0xFF, EMU_SMEM_CAP);  // uninitialized shared memory
+}
+
+// Blocks in clusters of `cluster` consecutive x indices (1: no clusters, one CTA at a time, in
+// smem_raw); the CTAs of a cluster run together, each in its own shared memory buffer.
+template <class K, class... Args>
+inline void launch_clusters(K kernel, dim3 grid, dim3 block, int smem, unsigned cluster, Args... args) {
+  const int nt = static_cast<int>(block.x * block.y * block.z);
+  if (nt <= 0 || nt > MAXT || smem > EMU_SMEM_CAP || block.y != 1 || block.z != 1 || cluster < 1 ||
+      cluster > 8 || grid.x % cluster != 0) {
+    last_error = cudaErrorInvalidValue;
+    return;
+  }
+  std::vector<std::unique_ptr<uint8_t[]>> bufs;
+  if (cluster > 1)
+    for (unsigned r = 0; r < cluster; ++r) bufs.emplace_back(new uint8_t[EMU_SMEM_CAP + 1024]);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster) {
+        if (aborted) return;
+        std::vector<Cta> ctas(cluster);
+        Cluster cl;
+        cl.threads = nt * static_cast<int>(cluster);
+        cl.acc.assign(cluster, Clock(NCOMP, 0));
+        for (unsigned r = 0; r < cluster; ++r) {
+          Cta& c = ctas[r];
+          c.smem = cluster > 1 ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(bufs[r].get()) + 1023) &
+                                                            ~uintptr_t(1023))
+                               : smem_raw;
+          c.rank = static_cast<int>(r);
+          c.cluster = &cl;
+          cl.ctas.push_back(&c);
+          setup_cta(c, nt, smem, bx0 + r);
+        }
+        gridDim = grid;
+        std::function<void()> body = [&] { kernel(args...); };
+        std::vector<std::thread> th;
+        th.reserve(static_cast<size_t>(nt) * cluster);
+        for (unsigned r = 0; r < cluster; ++r)
+          for (int t = 0; t < nt; ++t)
+            th.emplace_back(run_thread, std::ref(ctas[r]), t, std::cref(body), dim3(bx0 + r, by, bz), grid);
+        for (auto& x : th) x.join();
+      }
 }
 
 template <class K, class... Args>
 inline void launch(K kernel, dim3 grid, dim3 block, int smem, cudaStream_t, Args... args) {
-  const int nt = static_cast<int>(block.x * block.y * block.z);
-  if (nt <= 0 || nt > MAXT || smem > EMU_SMEM_CAP || block.y != 1 || block.z != 1) {
-    last_error = cudaErrorInvalidValue;
-    return;
-  }
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        if (aborted) return;
-        Cta c;
-        c.nthreads = nt;
-        c.smem_bytes = smem;
-        c.word.assign(NWORD, nullptr);
-        c.gen.assign(EMU_SMEM_CAP / 16, GenW{});
-        c.reads.assign(EMU_SMEM_CAP / 16, {});
-        const int launch_regs = std::min(255, 65536 / (((nt + 31) / 32) * 32)) & ~7;
-        c.thr.resize(nt);
-        for (int w = 0; w < (nt + 31) / 32; ++w) c.warps.push_back(std::make_unique<Warp>());
-        for (int t = 0; t < nt; ++t) {
-          Thr& th = c.thr[t];
-          th.tid = t;
-          th.vc.assign(NCOMP, 0);
-          th.fenced_vc.assign(NCOMP, 0);
-          th.regs = launch_regs;
-          const unsigned wg = static_cast<unsigned>(t / 128);
-          std::mt19937 pick(seed * 7919u + wg * 104729u + bx * 31u + 1u);
-          th.slow = seed == 0 ? 0 : static_cast<int>(pick() % 3u) * 3;  // 0, 3 or 6 sixteenths
-          th.rng.seed(seed * 1000003u + static_cast<unsigned>(t) * 9176u + bx);
-        }
-        std::memset(smem_raw, 0xFF, sizeof smem_raw);  // uninitialized shared memory
-        gridDim = grid;
-        cta = &c;
-        const dim3 b(bx, by, bz);
-        std::function<void()> body = [&] { kernel(args...); };
-        std::vector<std::thread> th;
-        th.reserve(nt);
-        for (int t = 0; t < nt; ++t) th.emplace_back(run_thread, std::ref(c), t, std::cref(body), b, grid);
-        for (auto& x : th) x.join();
-        cta = nullptr;
-      }
+  launch_clusters(kernel, grid, block, smem, 1u, args...);
 }
 
 }  // namespace emu
@@ -1363,4 +1571,37 @@ inline cudaError_t cudaGetLastError() {
   const cudaError_t e = emu::last_error;
   emu::last_error = cudaSuccess;
   return e;
+}
+
+// cudaLaunchKernelEx with a cluster dimension (the only launch attribute modelled)
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+template <class... P, class... A>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P...), A&&... args) {
+  unsigned cluster = 1;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
+    if (cfg->attrs[i].id != cudaLaunchAttributeClusterDimension) return cudaErrorInvalidValue;
+    const auto& d = cfg->attrs[i].val.clusterDim;
+    if (d.y != 1 || d.z != 1) return cudaErrorInvalidValue;
+    cluster = d.x;
+  }
+  emu::launch_clusters(kernel, cfg->gridDim, cfg->blockDim, static_cast<int>(cfg->dynamicSmemBytes), cluster,
+                       static_cast<P>(args)...);
+  return cudaGetLastError();
 }
