@@ -809,19 +809,25 @@ inline float smem_bf16(uint32_t byte) {
   std::memcpy(&b, cta->smem + byte, 2);
   return emu_bf2f(b);
 }
-// byte offset of element (mn, k) of an operand: K-major (trans 0) or MN-major (trans 1), 128-byte swizzle
+// byte offset of element (mn, k) of an operand: K-major (trans 0) or MN-major (trans 1), in
+// swizzled rows of W bytes (descriptor mode 1: 128-byte swizzle, W = 128; mode 2: 64-byte
+// swizzle, W = 64): 8-row atoms, the 16-byte unit's index within a row XORed with the row's
+// index within its atom (address bits [4, 4 + log2(W / 16)) ^= bits [7, ...))
 inline uint32_t operand_byte(uint64_t d, int trans, int mn, int k) {
   const uint32_t start = static_cast<uint32_t>(d & 0x3FFF) << 4;
   const uint32_t lbo = static_cast<uint32_t>((d >> 16) & 0x3FFF) << 4;
   const uint32_t sbo = static_cast<uint32_t>((d >> 32) & 0x3FFF) << 4;
+  const uint32_t W = ((d >> 62) & 3) == 2 ? 64u : 128u, E = W / 2;  // bytes, bf16 elements per row
   uint32_t lin;
-  if (trans == 0) lin = start + (mn / 8) * sbo + (mn % 8) * 128 + 2 * k;
-  else lin = start + (mn / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + 2 * (mn % 64);
-  return lin ^ (((lin >> 7) & 7) << 4);
+  if (trans == 0) lin = start + (mn / 8) * sbo + (mn % 8) * W + 2 * k;
+  else lin = start + (mn / E) * lbo + (k / 8) * sbo + (k % 8) * W + 2 * (mn % E);
+  return lin ^ (((lin >> 7) & (W / 16 - 1)) << 4);
 }
 
 inline void check_desc(uint64_t d) {
-  if ((d >> 62) != 1 || ((d >> 49) & 7) != 0) fatal("unsupported wgmma descriptor (not 128-byte swizzle, base 0)");
+  const uint64_t mode = d >> 62;
+  if ((mode != 1 && mode != 2) || ((d >> 49) & 7) != 0)
+    fatal("unsupported wgmma descriptor (not a 128- or 64-byte swizzle, base 0)");
 }
 
 inline void wgmma_issue(int n, std::vector<float*> dregs, bool acc, bool a_regs, const uint32_t* a, uint64_t da,

@@ -1,4 +1,4 @@
-// A kernel for the emulator's cluster support, for tests only (tests/test_cuda_emu_cluster.py;
+// A kernel for the emulator's cluster support, for tests only (tests/test_cuda_emu_features.py;
 // it also compiles with nvcc for sm_90a): clusters of two CTAs of 128 threads trade one value
 // per thread through distributed shared memory for `rounds` rounds. Thread i writes its value
 // into slot i of the other CTA (mapa + st.shared::cluster) and arrives on that CTA's "full"

@@ -1,0 +1,120 @@
+"""Emulator features no shipped kernel uses yet (``tests/cuda_emu/sm90_emu.h``), each on a
+test-only kernel under ``tests/cuda_emu/test_kernels`` that also compiles with nvcc.
+
+* Thread-block clusters (``cluster_exchange.cu``): two CTAs per cluster run together, each in
+  its own shared memory; ``mapa`` + ``st.shared::cluster`` reach the other CTA's, remote mbarrier
+  arrivals pace the rounds, ``barrier.cluster`` brackets them, ``cudaLaunchKernelEx`` carries
+  the cluster size. A missing arrival is reported as a deadlock; a store into the wrong CTA
+  gives the wrong sums.
+* 64-byte-swizzled wgmma operands (``swizzle64.cu``): ``A B^T`` with either operand K-major
+  or MN-major equals the float64 product; read as 128-byte-swizzled, it does not."""
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+import pytest
+
+EMU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
+sys.path.insert(0, EMU_DIR)
+from emu_lib import build_emulated, messages  # noqa: E402
+
+sys.path.pop(0)
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    with open(os.path.join(EMU_DIR, "test_kernels", "cluster_exchange.cu")) as f:
+        text = f.read()
+    lib = build_emulated(tmp_path_factory, "cluster", "cluster_emu.cpp", "cluster_exchange.cu", kernel_text=text)
+    lib.cluster_exchange.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.cluster_exchange.restype = ctypes.c_int
+    return lib
+
+
+def expected(clusters, rounds):
+    tid = np.arange(128, dtype=np.float64)
+    out = []
+    for _ in range(clusters):
+        for rank in (0, 1):
+            other = rank ^ 1
+            out.append(sum((r + 1) * (1000 * r + 200 * other + tid) for r in range(rounds)) + 0.5 * rank)
+    return np.concatenate(out)
+
+
+def run(lib, clusters, rounds, mode, seed, wait_limit=30.0):
+    lib.emu_reset(seed, wait_limit)
+    out = np.full(2 * clusters * 128, np.nan, dtype=np.float32)
+    err = lib.cluster_exchange(out.ctypes.data, clusters, rounds, mode)
+    return err, out
+
+
+@pytest.mark.parametrize("seed", [0, 3, 11])
+def test_cluster_ctas_trade_values_through_distributed_shared_memory(lib, seed):
+    err, out = run(lib, clusters=2, rounds=5, mode=0, seed=seed)
+    assert err == 0
+    assert lib.emu_hazards() == 0, messages(lib)
+    assert lib.emu_aborted() == 0
+    np.testing.assert_array_equal(out, expected(2, 5).astype(np.float32))
+
+
+def test_a_missing_remote_arrival_is_reported_as_a_deadlock(lib):
+    err, out = run(lib, clusters=1, rounds=2, mode=1, seed=0, wait_limit=2.0)
+    assert lib.emu_aborted() == 1
+    assert any("deadlock" in m for m in messages(lib)), messages(lib)
+
+
+def test_a_store_into_its_own_cta_gives_other_sums(lib):
+    err, out = run(lib, clusters=1, rounds=3, mode=2, seed=0)
+    assert err == 0 and lib.emu_aborted() == 0
+    own = np.concatenate([expected(1, 3)[128:] - 0.5, expected(1, 3)[:128] + 0.5])  # each CTA's own values
+    np.testing.assert_array_equal(out, own.astype(np.float32))
+    assert not np.array_equal(out, expected(1, 3).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def swz(tmp_path_factory):
+    with open(os.path.join(EMU_DIR, "test_kernels", "swizzle64.cu")) as f:
+        text = f.read()
+    lib = build_emulated(tmp_path_factory, "swizzle", "swizzle_emu.cpp", "swizzle64.cu", kernel_text=text)
+    lib.swizzle64_mma.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.swizzle64_mma.restype = ctypes.c_int
+    return lib, text
+
+
+def bf16_bits(x):
+    """float32 values exactly representable in bf16 -> their bf16 bits (uint16)."""
+    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def swizzle_case(seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-8, 9, size=(64, 32)).astype(np.float32) / 4  # exact in bf16; sums exact in fp32
+    b = rng.integers(-8, 9, size=(32, 32)).astype(np.float32) / 4
+    return a, b, a.astype(np.float64) @ b.astype(np.float64).T
+
+
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0)])
+def test_64_byte_swizzled_operands_multiply_as_laid_out(swz, ta, tb):
+    lib, _ = swz
+    a, b, want = swizzle_case(ta + 2 * tb)
+    ab, bb = bf16_bits(a), bf16_bits(b)
+    d = np.full((64, 32), np.nan, dtype=np.float32)
+    lib.emu_reset(5, 30.0)
+    assert lib.swizzle64_mma(ab.ctypes.data, bb.ctypes.data, d.ctypes.data, ta, tb) == 0
+    assert lib.emu_hazards() == 0, messages(lib)
+    np.testing.assert_array_equal(d, want.astype(np.float32))
+
+
+def test_a_64_byte_layout_read_with_the_128_byte_swizzle_is_wrong(swz, tmp_path_factory):
+    _, text = swz
+    mutant = text.replace("d |= static_cast<uint64_t>(2) << 62;", "d |= static_cast<uint64_t>(1) << 62;")
+    assert mutant != text
+    lib = build_emulated(tmp_path_factory, "swizzle_mut", "swizzle_emu.cpp", "swizzle64.cu", kernel_text=mutant)
+    lib.swizzle64_mma.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    a, b, want = swizzle_case(0)
+    d = np.full((64, 32), np.nan, dtype=np.float32)
+    lib.emu_reset(0, 30.0)
+    lib.swizzle64_mma(bf16_bits(a).ctypes.data, bf16_bits(b).ctypes.data, d.ctypes.data, 0, 0)
+    assert not np.array_equal(d, want.astype(np.float32))
