@@ -17,6 +17,7 @@
 // vector clock crosses CTAs: a remote store or arrival takes effect at once and is not checked
 // for races (an arrival on an mbarrier not yet initialized is reported), so a cluster protocol's
 // ordering errors show in its results or as deadlocks; within each CTA every check below holds.
+// wgmma operands: 128-byte (descriptor mode 1) or 64-byte (mode 2) swizzle (operand_byte).
 //
 // Memory model (happens-before by vector clocks: one component per thread, one per mbarrier):
 // * cp.async reads its source at issue; its destination holds poison (0xFF bytes: bf16 NaN)
