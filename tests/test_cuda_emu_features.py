@@ -4,8 +4,10 @@ test-only kernel under ``tests/cuda_emu/test_kernels`` that also compiles with n
 * Thread-block clusters (``cluster_exchange.cu``): two CTAs per cluster run together, each in
   its own shared memory; ``mapa`` + ``st.shared::cluster`` reach the other CTA's, remote mbarrier
   arrivals pace the rounds, ``barrier.cluster`` brackets them, ``cudaLaunchKernelEx`` carries
-  the cluster size. A missing arrival is reported as a deadlock; a store into the wrong CTA
-  gives the wrong sums.
+  the cluster size; the CTAs share one vector-clock space, so the protocol runs without
+  hazards. A missing arrival is reported as a deadlock; a store into the wrong CTA gives the
+  wrong sums; a store that does not wait for the reader's release is reported (or, where it
+  overtook the read, gives the wrong sums).
 * 64-byte-swizzled wgmma operands (``swizzle64.cu``): ``A B^T`` with either operand K-major
   or MN-major equals the float64 product; read as 128-byte-swizzled, it does not."""
 
@@ -63,6 +65,13 @@ def test_a_missing_remote_arrival_is_reported_as_a_deadlock(lib):
     err, out = run(lib, clusters=1, rounds=2, mode=1, seed=0, wait_limit=2.0)
     assert lib.emu_aborted() == 1
     assert any("deadlock" in m for m in messages(lib)), messages(lib)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_store_before_the_reader_released_the_slot_is_caught(lib, seed):
+    err, out = run(lib, clusters=2, rounds=6, mode=3, seed=seed, wait_limit=3.0)
+    caught = lib.emu_hazards() > 0 or lib.emu_aborted() == 1 or not np.array_equal(out, expected(2, 6).astype(np.float32))
+    assert caught, messages(lib)
 
 
 def test_a_store_into_its_own_cta_gives_other_sums(lib):

@@ -12,11 +12,11 @@
 // (mbarrier try_wait, bar.sync, __syncthreads, warp shuffles) really blocks.
 //
 // Clusters (cudaLaunchKernelEx with a cluster dimension): the CTAs of one cluster run together,
-// each in its own shared memory; %cluster_ctarank, mapa.shared::cluster, st / ld.shared::cluster,
-// mbarrier.arrive on another CTA's mbarrier and barrier.cluster.arrive / wait are emulated. No
-// vector clock crosses CTAs: a remote store or arrival takes effect at once and is not checked
-// for races (an arrival on an mbarrier not yet initialized is reported), so a cluster protocol's
-// ordering errors show in its results or as deadlocks; within each CTA every check below holds.
+// each in its own shared memory, their threads and mbarriers in one vector-clock space;
+// %cluster_ctarank, mapa.shared::cluster, st / ld.shared::cluster (checked as st / ld.shared of
+// the target CTA), mbarrier.arrive on another CTA's mbarrier (release; its waiters acquire) and
+// barrier.cluster.arrive / wait (a barrier of every thread of the cluster) are emulated; an
+// arrival on an mbarrier not yet initialized is reported.
 // wgmma operands: 128-byte (descriptor mode 1) or 64-byte (mode 2) swizzle (operand_byte).
 //
 // Memory model (happens-before by vector clocks: one component per thread, one per mbarrier):
@@ -162,10 +162,11 @@ namespace emu {
 
 constexpr int MAXT = 1024;   // threads per CTA
 constexpr int NMBAR = 64;    // mbarriers per CTA (vector-clock components after the threads')
-constexpr int NCOMP = MAXT + NMBAR;
+constexpr int NCOMP = MAXT + NMBAR;  // vector-clock components per CTA (a cluster's CTAs: NCOMP each)
 constexpr int NWORD = EMU_SMEM_CAP / 4;
 
 using Clock = std::vector<uint32_t>;
+inline size_t clock_width = NCOMP;  // NCOMP x the CTAs of the launch's clusters (set per launch)
 inline void join(Clock& a, const Clock& b) {
   for (size_t i = 0; i < a.size(); ++i) a[i] = std::max(a[i], b[i]);
 }
@@ -201,6 +202,7 @@ struct Mma {
 
 struct Thr {
   int tid = 0;
+  int comp = 0;  // its vector-clock component: rank x NCOMP + tid
   Clock vc, fenced_vc;
   std::vector<Copy*> open;                 // not committed to a group
   std::deque<std::vector<Copy*>> groups;   // committed, not waited
@@ -276,18 +278,16 @@ struct Cta {
   std::condition_variable reg_cv;
 };
 
-// The CTAs of one cluster launch, run together. barrier.cluster: every thread of every CTA
-// arrives, then waits for its generation; it orders each CTA's own threads (their vector clocks
-// join per CTA, as at a named barrier). Across CTAs the emulator keeps no vector clocks: remote
-// stores (st.shared::cluster) and remote mbarrier arrivals take effect at once and are not
-// checked for races; the results show what ordering went wrong.
+// The CTAs of one cluster launch, run together, their vector clocks one space (component rank x
+// NCOMP + local). barrier.cluster: every thread of every CTA arrives (release), then waits for
+// its generation (acquire), as at a named barrier spanning the cluster.
 struct Cluster {
   std::vector<Cta*> ctas;
   int threads = 0;
   int arrived = 0;
   uint64_t gen = 0;
-  std::vector<Clock> acc;                  // per CTA: the joined clocks of this generation
-  std::vector<std::vector<Clock>> results; // per generation, per CTA
+  Clock acc;                  // the joined clocks of this generation
+  std::vector<Clock> results; // per generation
   std::condition_variable cv;
 };
 
@@ -295,6 +295,11 @@ inline std::mutex mu;  // all async / barrier state (every CTA's)
 inline thread_local Cta* cta = nullptr;
 inline thread_local Thr* me = nullptr;
 inline uint8_t* cta_smem() { return cta != nullptr ? cta->smem : smem_raw; }
+// the thread whose vector-clock component is `comp` (a thread of this CTA's cluster)
+inline Thr& thread_of(int comp) {
+  Cta* c = cta->cluster != nullptr ? cta->cluster->ctas[static_cast<size_t>(comp / NCOMP)] : cta;
+  return c->thr[static_cast<size_t>(comp % NCOMP)];
+}
 
 // ---- reports
 inline std::atomic<long> hazards{0};
@@ -359,25 +364,25 @@ inline bool visible(const Copy* c, const Clock& vc) {
 
 // A write (cp.async issue, st.shared) into granule g by this thread: every recorded read of it
 // must be ordered before (write-after-read); the reads are then forgotten.
-inline void check_war_locked(uint32_t g, const char* what) {
-  auto& rs = cta->reads[g];
+inline void check_war_locked(uint32_t g, const char* what, Cta* t = nullptr) {
+  auto& rs = (t != nullptr ? t : cta)->reads[g];
   for (const auto& r : rs)
-    if (r.first != me->tid && me->vc[r.first] < r.second) {
+    if (r.first != me->comp && me->vc[r.first] < r.second) {
       report_locked(std::string(what) + " into shared memory that a wgmma or ld.shared of another thread read, "
                     "without that read (the wgmma's wait_group) ordered before the write");
       break;
     }
   rs.clear();
 }
-inline void record_read_locked(uint32_t g) {
-  auto& rs = cta->reads[g];
-  const uint32_t now = me->vc[me->tid];
+inline void record_read_locked(uint32_t g, Cta* t = nullptr) {
+  auto& rs = (t != nullptr ? t : cta)->reads[g];
+  const uint32_t now = me->vc[me->comp];
   for (auto& r : rs)
-    if (r.first == me->tid) {
+    if (r.first == me->comp) {
       r.second = now;
       return;
     }
-  rs.emplace_back(me->tid, now);
+  rs.emplace_back(me->comp, now);
 }
 
 inline void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
@@ -394,7 +399,7 @@ inline void cp_async(uint32_t dst, const void* src, int cp_size, int src_size) {
   c->owner = cta;
   c->dst = dst;
   c->n = cp_size;
-  c->issuer = me->tid;
+  c->issuer = me->comp;
   c->issue_no = cta->next_issue++;
   std::memset(c->data, 0, sizeof c->data);
   if (src_size > 0) std::memcpy(c->data, src, std::min(src_size, cp_size));
@@ -425,11 +430,11 @@ inline void cp_async_wait_group(size_t n) {
   jitter();
   std::lock_guard<std::mutex> lock(mu);
   if (me->groups.size() <= n) return;
-  const uint32_t stamp = ++me->vc[me->tid];
+  const uint32_t stamp = ++me->vc[me->comp];
   while (me->groups.size() > n) {
     for (Copy* c : me->groups.front()) {
       land(c);
-      c->routes.emplace_back(me->tid, stamp);
+      c->routes.emplace_back(me->comp, stamp);
       me->own_landed.push_back(c);
     }
     me->groups.pop_front();
@@ -438,10 +443,10 @@ inline void cp_async_wait_group(size_t n) {
 
 inline void fence_proxy_async() {
   std::lock_guard<std::mutex> lock(mu);
-  const uint32_t stamp = ++me->vc[me->tid];
+  const uint32_t stamp = ++me->vc[me->comp];
   me->fence_stamps.push_back(stamp);
   for (Copy* c : me->own_landed) {
-    c->fence_comp = me->tid;
+    c->fence_comp = me->comp;
     c->fence_clock = stamp;
   }
   me->own_landed.clear();
@@ -449,48 +454,59 @@ inline void fence_proxy_async() {
 }
 
 // ---- generic-proxy shared memory through PTX
-inline void st_shared(uint32_t addr, const void* v, int n) {
-  jitter();
-  std::lock_guard<std::mutex> lock(mu);
-  if (addr % n != 0) report_locked("misaligned st.shared");
-  if (static_cast<int>(addr) + n > cta->smem_bytes) {
-    report_locked("st.shared past the CTA's dynamic shared memory");
+// st.shared into CTA t's shared memory (t: this CTA, or another of its cluster through
+// st.shared::cluster), mu held
+inline void st_shared_locked(Cta* t, uint32_t addr, const void* v, int n, const char* what) {
+  if (addr % n != 0) report_locked(std::string("misaligned ") + what);
+  if (static_cast<int>(addr) + n > t->smem_bytes) {
+    report_locked(std::string(what) + " past the CTA's dynamic shared memory");
     return;
   }
   for (uint32_t w = addr / 4; w < (addr + n + 3) / 4; ++w) {
-    Copy* c = cta->word[w];
+    Copy* c = t->word[w];
     if (c == nullptr) continue;
-    if (!c->landed) report_locked("st.shared into shared memory with a cp.async in flight");
-    cta->word[w] = nullptr;
+    if (!c->landed) report_locked(std::string(what) + " into shared memory with a cp.async in flight");
+    t->word[w] = nullptr;
   }
-  for (uint32_t g = addr / 16; g < (addr + n + 15) / 16; ++g) check_war_locked(g, "st.shared");
+  for (uint32_t g = addr / 16; g < (addr + n + 15) / 16; ++g) check_war_locked(g, what, t);
   const uint32_t epoch = static_cast<uint32_t>(me->fence_stamps.size());
   for (uint32_t b = addr & ~1u; b < addr + n; b += 2) {
-    GenW& gw = cta->gen[b / 16];
+    GenW& gw = t->gen[b / 16];
     gw.any = true;
-    gw.writer[(b % 16) / 2] = static_cast<int16_t>(me->tid);
+    gw.writer[(b % 16) / 2] = static_cast<int16_t>(me->comp);
     gw.epoch[(b % 16) / 2] = epoch;
   }
-  std::memcpy(cta->smem + addr, v, n);
+  std::memcpy(t->smem + addr, v, n);
+}
+
+inline void st_shared(uint32_t addr, const void* v, int n) {
+  jitter();
+  std::lock_guard<std::mutex> lock(mu);
+  st_shared_locked(cta, addr, v, n, "st.shared");
+}
+
+// ld.shared from CTA t's shared memory, mu held
+inline void ld_shared_locked(Cta* t, uint32_t addr, void* v, int n, const char* what) {
+  if (addr % std::min(n, 16) != 0) report_locked(std::string("misaligned ") + what);
+  if (static_cast<int>(addr) + n > t->smem_bytes) {
+    report_locked(std::string(what) + " past the CTA's dynamic shared memory");
+    return;
+  }
+  for (uint32_t w = addr / 4; w < (addr + n + 3) / 4; ++w) {
+    const Copy* c = t->word[w];
+    if (c == nullptr) continue;
+    if (!c->landed) report_locked(std::string(what) + " reads shared memory whose cp.async has not landed");
+    else if (!visible(c, me->vc))
+      report_locked(std::string(what) + " reads cp.async data whose completion is not ordered before the read");
+  }
+  for (uint32_t g = addr / 16; g < (addr + n + 15) / 16; ++g) record_read_locked(g, t);
+  std::memcpy(v, t->smem + addr, n);
 }
 
 inline void ld_shared(uint32_t addr, void* v, int n) {
   jitter();
   std::lock_guard<std::mutex> lock(mu);
-  if (addr % std::min(n, 16) != 0) report_locked("misaligned ld.shared");
-  if (static_cast<int>(addr) + n > cta->smem_bytes) {
-    report_locked("ld.shared past the CTA's dynamic shared memory");
-    return;
-  }
-  for (uint32_t w = addr / 4; w < (addr + n + 3) / 4; ++w) {
-    const Copy* c = cta->word[w];
-    if (c == nullptr) continue;
-    if (!c->landed) report_locked("ld.shared reads shared memory whose cp.async has not landed");
-    else if (!visible(c, me->vc))
-      report_locked("ld.shared reads cp.async data whose completion is not ordered before the read");
-  }
-  for (uint32_t g = addr / 16; g < (addr + n + 15) / 16; ++g) record_read_locked(g);
-  std::memcpy(v, cta->smem + addr, n);
+  ld_shared_locked(cta, addr, v, n, "ld.shared");
 }
 
 // ---- distributed shared memory (a cluster's CTAs)
@@ -517,50 +533,17 @@ inline Cta* cluster_target_locked(uint32_t addr, uint32_t& off) {
 }
 inline void st_shared_cluster(uint32_t addr, const void* v, int n) {
   jitter();
-  std::unique_lock<std::mutex> lk(mu);
+  std::lock_guard<std::mutex> lock(mu);
   uint32_t off;
   Cta* t = cluster_target_locked(addr, off);
-  if (t == nullptr) return;
-  if (t == cta) {
-    lk.unlock();
-    st_shared(off, v, n);
-    return;
-  }
-  if (off % n != 0) report_locked("misaligned st.shared::cluster");
-  if (static_cast<int>(off) + n > t->smem_bytes) {
-    report_locked("st.shared::cluster past the target CTA's dynamic shared memory");
-    return;
-  }
-  for (uint32_t w = off / 4; w < (off + n + 3) / 4; ++w) {
-    Copy* c = t->word[w];
-    if (c == nullptr) continue;
-    if (!c->landed) report_locked("st.shared::cluster into shared memory with a cp.async in flight");
-    t->word[w] = nullptr;
-  }
-  for (uint32_t b = off & ~1u; b < off + n; b += 2) t->gen[b / 16].writer[(b % 16) / 2] = -1;  // (not checked)
-  std::memcpy(t->smem + off, v, n);
+  if (t != nullptr) st_shared_locked(t, off, v, n, "st.shared::cluster");
 }
 inline void ld_shared_cluster(uint32_t addr, void* v, int n) {
   jitter();
-  std::unique_lock<std::mutex> lk(mu);
+  std::lock_guard<std::mutex> lock(mu);
   uint32_t off;
   Cta* t = cluster_target_locked(addr, off);
-  if (t == nullptr) return;
-  if (t == cta) {
-    lk.unlock();
-    ld_shared(off, v, n);
-    return;
-  }
-  if (off % std::min(n, 16) != 0) report_locked("misaligned ld.shared::cluster");
-  if (static_cast<int>(off) + n > t->smem_bytes) {
-    report_locked("ld.shared::cluster past the target CTA's dynamic shared memory");
-    return;
-  }
-  for (uint32_t w = off / 4; w < (off + n + 3) / 4; ++w) {
-    const Copy* c = t->word[w];
-    if (c != nullptr && !c->landed) report_locked("ld.shared::cluster reads shared memory whose cp.async has not landed");
-  }
-  std::memcpy(v, t->smem + off, n);
+  if (t != nullptr) ld_shared_locked(t, off, v, n, "ld.shared::cluster");
 }
 
 // barrier.cluster.arrive / barrier.cluster.wait
@@ -571,11 +554,11 @@ inline void cluster_arrive() {
   if (me->cbar_pending) report_locked("barrier.cluster.arrive again before barrier.cluster.wait");
   me->cbar_pending = true;
   me->cbar_gen = cl->gen;
-  join(cl->acc[cta->rank], me->vc);
-  me->vc[me->tid] += 1;
+  join(cl->acc, me->vc);
+  me->vc[me->comp] += 1;
   if (++cl->arrived == cl->threads) {
     cl->results.push_back(cl->acc);
-    for (auto& a : cl->acc) a.assign(NCOMP, 0);
+    cl->acc.assign(clock_width, 0);
     cl->arrived = 0;
     cl->gen += 1;
     cl->cv.notify_all();
@@ -592,7 +575,7 @@ inline void cluster_wait() {
   const uint64_t g = me->cbar_gen;
   block_on(cl->cv, lk, [&] { return cl->gen > g; }, "a cluster barrier");
   me->cbar_pending = false;
-  if (g < cl->results.size()) join(me->vc, cl->results[g][cta->rank]);
+  if (g < cl->results.size()) join(me->vc, cl->results[g]);
 }
 
 // ---- global fp32 reductions (red.global.add): atomic per element
@@ -643,16 +626,17 @@ inline void mbar_init(uint32_t addr, int count) {
   if (!slot) {
     slot = std::make_unique<Mbar>();
     slot->owner = cta;
-    slot->comp = MAXT + static_cast<int>(cta->mbars.size() - 1);
-    if (slot->comp >= NCOMP) fatal("too many mbarriers");
+    const int local = MAXT + static_cast<int>(cta->mbars.size() - 1);
+    if (local >= NCOMP) fatal("too many mbarriers");
+    slot->comp = cta->rank * NCOMP + local;
   }
   slot->count = slot->pending = count;
-  slot->acc.assign(NCOMP, 0);
+  slot->acc.assign(clock_width, 0);
 }
 
 inline void mbar_complete_locked(Mbar* b) {  // the phase's last arrival
   const int par = static_cast<int>(b->completed & 1);
-  const uint32_t stamp = ++b->owner->mbar_clock[b->comp - MAXT];
+  const uint32_t stamp = ++b->owner->mbar_clock[b->comp % NCOMP - MAXT];
   for (Copy* c : b->tracked) {
     land(c);
     c->routes.emplace_back(b->comp, stamp);
@@ -661,7 +645,7 @@ inline void mbar_complete_locked(Mbar* b) {  // the phase's last arrival
   b->acc[b->comp] = stamp;
   b->phase_vc[par] = b->acc;
   b->phase_done[par] = true;
-  b->acc.assign(NCOMP, 0);
+  b->acc.assign(clock_width, 0);
   b->pending = b->count;
   b->completed += 1;
   b->cv.notify_all();
@@ -673,12 +657,12 @@ inline void mbar_arrive(uint32_t addr) {
   Mbar* b = mbar_at(addr);
   if (b == nullptr) return;
   join(b->acc, me->vc);  // release
-  me->vc[me->tid] += 1;
+  me->vc[me->comp] += 1;
   if (--b->pending == 0) mbar_complete_locked(b);
 }
 
-// mbarrier.arrive on a shared::cluster address: another CTA's mbarrier takes the arrival (no
-// vector clock crosses CTAs: see Cluster); the executing CTA's own, as mbar_arrive
+// mbarrier.arrive on a shared::cluster address (release at cluster scope): the arrival goes to
+// that CTA's mbarrier, this CTA's own or another's
 inline void mbar_arrive_cluster(uint32_t addr) {
   jitter();
   std::unique_lock<std::mutex> lk(mu);
@@ -697,6 +681,8 @@ inline void mbar_arrive_cluster(uint32_t addr) {
     return;
   }
   Mbar* b = it->second.get();
+  join(b->acc, me->vc);  // release
+  me->vc[me->comp] += 1;
   if (--b->pending == 0) mbar_complete_locked(b);
 }
 
@@ -736,20 +722,20 @@ inline void bar(int id, int n, bool wait, int* red_or = nullptr) {
   auto& slot = cta->bars[id];
   if (!slot) {
     slot = std::make_unique<NamedBar>();
-    slot->acc.assign(NCOMP, 0);
+    slot->acc.assign(clock_width, 0);
   }
   NamedBar* b = slot.get();
   if (b->count == 0) b->n = n;
   else if (b->n != n) report_locked("threads disagree on a named barrier's thread count");
   join(b->acc, me->vc);
-  me->vc[me->tid] += 1;
+  me->vc[me->comp] += 1;
   if (red_or != nullptr) b->red_acc |= *red_or != 0;
   const uint64_t g = b->gen;
   if (++b->count == b->n) {
     b->red_results.push_back(b->red_acc);
     b->red_acc = 0;
     b->results.push_back(b->acc);
-    b->acc.assign(NCOMP, 0);
+    b->acc.assign(clock_width, 0);
     b->count = 0;
     b->gen += 1;
     b->cv.notify_all();
@@ -899,7 +885,7 @@ inline void wgmma_issue(int n, std::vector<float*> dregs, bool acc, bool a_regs,
       for (int h = 0; h < 8 && !gen_bad; ++h) {
         const int w = gw.writer[h];
         if (w < 0) continue;
-        const auto& fs = cta->thr[w].fence_stamps;
+        const auto& fs = thread_of(w).fence_stamps;
         if (fs.size() <= gw.epoch[h]) {
           report_locked("wgmma reads st.shared data without a fence.proxy.async by its writer after the store");
           gen_bad = true;
@@ -990,15 +976,15 @@ inline void wg_rendezvous() {
   auto& slot = cta->wg_bars[wg];
   if (!slot) {
     slot = std::make_unique<NamedBar>();
-    slot->acc.assign(NCOMP, 0);
+    slot->acc.assign(clock_width, 0);
   }
   NamedBar* b = slot.get();
   join(b->acc, me->vc);
-  me->vc[me->tid] += 1;
+  me->vc[me->comp] += 1;
   const uint64_t g = b->gen;
   if (++b->count == n) {
     b->results.push_back(b->acc);
-    b->acc.assign(NCOMP, 0);
+    b->acc.assign(clock_width, 0);
     b->count = 0;
     b->gen += 1;
     b->cv.notify_all();
@@ -1475,8 +1461,9 @@ inline void setup_cta(Cta& c, int nt, int smem, unsigned bx) {
   for (int t = 0; t < nt; ++t) {
     Thr& th = c.thr[t];
     th.tid = t;
-    th.vc.assign(NCOMP, 0);
-    th.fenced_vc.assign(NCOMP, 0);
+    th.comp = c.rank * NCOMP + t;
+    th.vc.assign(clock_width, 0);
+    th.fenced_vc.assign(clock_width, 0);
     th.regs = launch_regs;
     const unsigned wg = static_cast<unsigned>(t / 128);
     std::mt19937 pick(seed * 7919u + wg * 104729u + bx * 31u + 1u);
@@ -1496,6 +1483,7 @@ inline void launch_clusters(K kernel, dim3 grid, dim3 block, int smem, unsigned 
     last_error = cudaErrorInvalidValue;
     return;
   }
+  clock_width = static_cast<size_t>(NCOMP) * cluster;
   std::vector<std::unique_ptr<uint8_t[]>> bufs;
   if (cluster > 1)
     for (unsigned r = 0; r < cluster; ++r) bufs.emplace_back(new uint8_t[EMU_SMEM_CAP + 1024]);
@@ -1506,7 +1494,7 @@ inline void launch_clusters(K kernel, dim3 grid, dim3 block, int smem, unsigned 
         std::vector<Cta> ctas(cluster);
         Cluster cl;
         cl.threads = nt * static_cast<int>(cluster);
-        cl.acc.assign(cluster, Clock(NCOMP, 0));
+        cl.acc.assign(clock_width, 0);
         for (unsigned r = 0; r < cluster; ++r) {
           Cta& c = ctas[r];
           c.smem = cluster > 1 ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(bufs[r].get()) + 1023) &

@@ -6,7 +6,8 @@
 // "empty" barrier, which the writer waits on before the next round's store: the hand-over of
 // partial results a kernel that splits a row across a cluster needs. MODE 0 is the protocol;
 // MODE 1 never arrives on the other CTA's "full" barrier (its waits never end); MODE 2 maps the
-// slot in its own CTA instead of the other one (each CTA reads its own values).
+// slot in its own CTA instead of the other one (each CTA reads its own values); MODE 3 skips the
+// wait on its "empty" barrier (the next store may overwrite a value not yet read).
 #include <cstdint>
 
 #include "sm90_common.cuh"
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(128, 1) exchange_kernel(float* out, int rounds
   const uint32_t other_full = map_rank(full, other), other_empty = map_rank(empty, other);
   float sum = 0.f;
   for (int r = 0; r < rounds; ++r) {
-    if (r > 0) mbar_wait_cluster(empty, (r - 1) & 1);  // the other CTA read the previous value
+    if (r > 0 && MODE != 3) mbar_wait_cluster(empty, (r - 1) & 1);  // the other CTA read the previous value
     st_cluster_f32(dst, value(r, rank, tid));
     if (MODE != 1) mbar_arrive_cluster(other_full);
     mbar_wait_cluster(full, r & 1);
@@ -94,5 +95,6 @@ extern "C" int cluster_exchange(float* out, int clusters, int rounds, int mode) 
   cfg.numAttrs = 1;
   if (mode == 1) return static_cast<int>(cudaLaunchKernelEx(&cfg, cluster_test::exchange_kernel<1>, out, rounds));
   if (mode == 2) return static_cast<int>(cudaLaunchKernelEx(&cfg, cluster_test::exchange_kernel<2>, out, rounds));
+  if (mode == 3) return static_cast<int>(cudaLaunchKernelEx(&cfg, cluster_test::exchange_kernel<3>, out, rounds));
   return static_cast<int>(cudaLaunchKernelEx(&cfg, cluster_test::exchange_kernel<0>, out, rounds));
 }
