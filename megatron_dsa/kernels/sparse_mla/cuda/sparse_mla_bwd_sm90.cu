@@ -1094,6 +1094,479 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
   }
 }
 
+
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 128 heads, a cluster of two CTAs per row that split the channels: sparse_mla_bwd128c_sm90_kernel
+//
+// CTA c (its cluster rank) holds Q [128 heads] and dO of its half of the channels: value chunks
+// 4 c .. 4 c + 3 (64 channels each, 128-byte swizzle) and rope channels 512 + 32 c .. + 31
+// (64-byte swizzle), and gathers only those channels of each kv row. Per 64-key block and head
+// half j (64 heads, wgmma M): partial S and dP over its channels; the partial sums of the keys
+// the other CTA owns go to the same thread of the other CTA's same warpgroup (fp32, 128 bytes
+// per thread, st.shared::cluster), which adds them to its own: CTA c owns keys 32 c .. 32 c + 31
+// of the block, computes P and dS there and writes them (bf16) into both CTAs' [64 keys, 128
+// heads] buffers. Then dQ for its channels (WG1 over chunks 4 c, 4 c + 1; WG2 over 4 c + 2,
+// 4 c + 3 and the rope half) and dKV for its channels over all 128 heads, added once: half the
+// dkv adds and gathers of two 64-head CTAs. Barriers (mbarriers; "remote": arrivals from the
+// other CTA): RECV_FULL (128 remote), RECV_EMPTY (128 remote: the other CTA read what this one
+// sent), DS_FULL (128 local + 128 remote WG1 threads: both key halves of dS / P written),
+// DS_EMPTY (256 local + 256 remote: both CTAs' readers are done with the block's dS / P),
+// KV_EMPTY (WG2's dQ MMAs released the kv slot). Not deterministic; unpacked rows; H = 128.
+namespace c128 {
+constexpr int THREADS = 256;
+constexpr int BN = 64;                         // keys per block
+constexpr int HH = 64;                         // heads per half (wgmma M)
+constexpr int VC = 4;                          // value chunks per CTA
+constexpr int QC = HH * 128;                   // [64 heads, 64 channels], 128-byte swizzle: 8 KB
+constexpr int QR = HH * 64;                    // [64 heads, 32 rope channels], 64-byte swizzle: 4 KB
+constexpr int QHALF = VC * QC + QR;            // Q of one head half: 36 KB
+constexpr int KC = BN * 128;                   // [64 keys, 64 channels]: 8 KB
+constexpr int DSH = BN * 128;                  // [64 keys, 64 heads] bf16: 8 KB
+constexpr int OFF_Q = 0;                       // [2 halves][4 chunks, rope]
+constexpr int OFF_DO = OFF_Q + 2 * QHALF;      // [2 halves][4 chunks]
+constexpr int OFF_KV = OFF_DO + 2 * VC * QC;   // [4 chunks]
+constexpr int OFF_KVR = OFF_KV + VC * KC;      // the rope half [64 keys, 32 channels]
+constexpr int OFF_DS = OFF_KVR + BN * 64;      // dS [2 halves], then P [2 halves]
+constexpr int OFF_P = OFF_DS + 2 * DSH;
+constexpr int OFF_RECV = OFF_P + 2 * DSH;      // [128 threads][32 floats]: the other CTA's partial S, dP
+constexpr int NIDS = 2;
+constexpr int OFF_IDS = OFF_RECV + 128 * 128;
+constexpr int OFF_HEAD = OFF_IDS + NIDS * BN * 4;  // [3][128]: logZ, Delta, the target's factor
+constexpr int OFF_BAR = OFF_HEAD + 3 * 128 * 4;
+constexpr int BAR_KV_EMPTY = OFF_BAR, BAR_DS_FULL = OFF_BAR + 8, BAR_DS_EMPTY = OFF_BAR + 16,
+              BAR_RECV_FULL = OFF_BAR + 24, BAR_RECV_EMPTY = OFF_BAR + 32;
+constexpr int SMEM_USED = OFF_BAR + 40;
+constexpr int SMEM_BYTES = SMEM_USED + 1024;  // slack to align the base to 1024 B
+static_assert(SMEM_BYTES <= 232448, "shared memory");
+static_assert(OFF_KVR % 1024 == 0 && OFF_DS % 1024 == 0 && QHALF % 1024 == 0, "operand alignment");
+
+// 64-byte-swizzled byte offset of (row, 16-byte granule g < 4) in a tile of 64-byte rows
+__device__ __forceinline__ uint32_t swz64(int row, int g) {
+  const uint32_t lin = static_cast<uint32_t>((row / 8) * 512 + (row % 8) * 64 + 16 * g);
+  return lin ^ (((lin >> 7) & 3u) << 4);
+}
+__device__ __forceinline__ uint64_t desc64(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (desc(addr, lbo, sbo) & ~(3ull << 62)) | (2ull << 62);
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t mapa(uint32_t addr, uint32_t rank) {
+  uint32_t d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(d) : "r"(addr), "r"(rank));
+  return d;
+}
+__device__ __forceinline__ void st_cluster_u16(uint32_t addr, uint16_t v) {
+  asm volatile("st.shared::cluster.u16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
+}
+__device__ __forceinline__ void st_cluster_v4(uint32_t addr, float a, float b, float c, float d) {
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+__device__ __forceinline__ void ld_shared_v4(uint32_t addr, float (&v)[4]) {
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+               : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t addr, int parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
+      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_all() { asm volatile("fence.proxy.async;\n" ::: "memory"); }
+}  // namespace c128
+
+__global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kernel(const BwdParams p) {
+  // (local names shadow the other kernels' constants)
+  constexpr int BN = c128::BN, HH = c128::HH, VC = c128::VC, QC = c128::QC, QHALF = c128::QHALF, KC = c128::KC,
+                DSH = c128::DSH, OFF_Q = c128::OFF_Q, OFF_DO = c128::OFF_DO, OFF_KV = c128::OFF_KV,
+                OFF_KVR = c128::OFF_KVR, OFF_DS = c128::OFF_DS, OFF_P = c128::OFF_P, OFF_RECV = c128::OFF_RECV,
+                NIDS = c128::NIDS, OFF_IDS = c128::OFF_IDS, OFF_HEAD = c128::OFF_HEAD,
+                BAR_KV_EMPTY = c128::BAR_KV_EMPTY, BAR_DS_FULL = c128::BAR_DS_FULL, BAR_DS_EMPTY = c128::BAR_DS_EMPTY,
+                BAR_RECV_FULL = c128::BAR_RECV_FULL, BAR_RECV_EMPTY = c128::BAR_RECV_EMPTY;
+  using c128::cluster_rank, c128::cluster_sync, c128::desc64, c128::fence_proxy_async_all, c128::ld_shared_v4,
+      c128::mapa, c128::mbar_arrive_cluster, c128::mbar_wait_cluster, c128::st_cluster_u16, c128::st_cluster_v4,
+      c128::swz64;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  const int wt = tid & 127;
+  const int warp = wt >> 5, lane = tid & 31;
+  const int colq = 2 * (lane & 3);
+  const int row0 = warp * 16 + (lane >> 2);
+  const int c = static_cast<int>(cluster_rank());
+  const uint32_t other = static_cast<uint32_t>(c ^ 1);
+  const uint32_t obase = mapa(sbase, other);  // the other CTA's shared memory (same layout)
+  const int t = p.r0 + static_cast<int>(blockIdx.x) / 2;
+  const int kv_len = min(max(__ldg(p.kv_len + t), 0), p.K);
+  const int nblk = (kv_len + BN - 1) / BN;
+
+  if (tid == 0) {
+    mbar_init(sbase + BAR_KV_EMPTY, 128);
+    mbar_init(sbase + BAR_DS_FULL, 256);
+    mbar_init(sbase + BAR_DS_EMPTY, 512);
+    mbar_init(sbase + BAR_RECV_FULL, 128);
+    mbar_init(sbase + BAR_RECV_EMPTY, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  cluster_sync();  // both CTAs' barriers exist before any remote arrival
+
+  const int32_t* idx_row = p.idx + (long long)t * p.idx_s;
+  if (wg == 0) {
+    // ---------------- Q / dO (this CTA's channels), gathers, S, dP, the exchange, P / dS, dQ (chunks 4c, 4c+1)
+    const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
+    const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
+#pragma unroll 1
+    for (int f = wt; f < 2 * HH * 36; f += 128) {  // Q: 128 heads x (32 value + 4 rope granules)
+      const int r = (f / 36) % HH, jh = f / (HH * 36), g = f % 36, h = HH * jh + r;
+      const bool ok = h < p.H;
+      const __nv_bfloat16* src = qrow + (long long)(ok ? h : 0) * p.q_sh;
+      uint32_t dst = sbase + OFF_Q + jh * QHALF;
+      if (g < 32) {
+        src += 64 * (VC * c + g / 8) + 8 * (g % 8);
+        dst += (g / 8) * QC + r * 128 + (((g % 8) ^ (r & 7)) << 4);
+      } else {
+        src += 512 + 32 * c + 8 * (g - 32);
+        dst += VC * QC + swz64(r, g - 32);
+      }
+      cp_async16(dst, src, ok);
+    }
+#pragma unroll 1
+    for (int f = wt; f < 2 * HH * 32; f += 128) {  // dO: 128 heads x 32 granules
+      const int r = (f / 32) % HH, jh = f / (HH * 32), g = f % 32, h = HH * jh + r;
+      const bool ok = h < p.H;
+      cp_async16(sbase + OFF_DO + jh * VC * QC + (g / 8) * QC + r * 128 + (((g % 8) ^ (r & 7)) << 4),
+                 dorow + (long long)(ok ? h : 0) * p.do_sh + 64 * (VC * c + g / 8) + 8 * (g % 8), ok);
+    }
+    {  // the 128 heads' logZ, Delta and target factor
+      const int h = wt;
+      const bool ok = h < p.H;
+      const long long o = (long long)t * p.H + (ok ? h : 0);
+      const float z2 = ok ? __ldg(p.stats + o) : 0.f;
+      float fh = ok ? 1.f : 0.f;
+      if (p.target != nullptr && p.has_sink && ok) {
+        const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
+        fh = l2 > -INFINITY ? exp2f(z2 - l2) : 0.f;
+      }
+      st_shared_f32(sbase + OFF_HEAD + h * 4, z2);
+      st_shared_f32(sbase + OFF_HEAD + (128 + h) * 4, ok ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f);
+      st_shared_f32(sbase + OFF_HEAD + (256 + h) * 4, fh);
+    }
+    float dqa[2][64];  // dQ over chunks 4 c, 4 c + 1, per head half
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) dqa[j][i] = 0.f;
+    auto stage_ids = [&](int b) {
+      if (wt < BN) {
+        const int slot = b * BN + wt;
+        const bool in = b < nblk && slot < kv_len;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4),
+                     "l"(idx_row + (in ? slot : 0)), "r"(in ? 4 : 0) : "memory");
+      }
+    };
+    stage_ids(0);
+#pragma unroll 1
+    for (int b = 0; b < nblk; ++b) {
+      if (b > 0) mbar_wait(sbase + BAR_KV_EMPTY, (b - 1) & 1);
+#pragma unroll 1
+      for (int f = wt; f < BN * 36; f += 128) {  // gathers: 64 rows x (32 value + 4 rope granules)
+        const int r = f / 36, g = f % 36, slot = b * BN + r;
+        int id;
+        if (b == 0)
+          id = slot < kv_len ? __ldg(idx_row + slot) : -1;
+        else
+          id = slot < kv_len ? static_cast<int>(ld_shared_u32(sbase + OFF_IDS + ((b % NIDS) * BN + r) * 4)) : -1;
+        const bool ok = id >= 0 && id < p.Tk;
+        const __nv_bfloat16* src = p.kv + (long long)(ok ? id : 0) * p.kv_s;
+        if (g < 32)
+          cp_async16(sbase + OFF_KV + (g / 8) * KC + r * 128 + (((g % 8) ^ (r & 7)) << 4),
+                     src + 64 * (VC * c + g / 8) + 8 * (g % 8), ok);
+        else
+          cp_async16(sbase + OFF_KVR + swz64(r, g - 32), src + 512 + 32 * c + 8 * (g - 32), ok);
+      }
+      stage_ids(b + 1);
+      cp_async_wait_all();
+      fence_async_smem();
+      bar_sync(1, 128);
+      const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
+      bool valid[8];
+      {
+        int idv[8];
+        slot_ids(ids_w + 32 * c * 4, b * BN + 32 * c + colq, colq, kv_len, p.Tk, idv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) valid[e] = idv[e] >= 0;
+      }
+#pragma unroll 1
+      for (int j = 0; j < 2; ++j) {
+        float s[32], dp[32];
+        const uint32_t qj = sbase + OFF_Q + j * QHALF, doj = sbase + OFF_DO + j * VC * QC;
+        wgmma_fence();
+#pragma unroll
+        for (int v = 0; v < VC; ++v)
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n64k16_ss<0, 0>(s, desc(qj + v * QC + k * 32, 16, 1024),
+                                     desc(sbase + OFF_KV + v * KC + k * 32, 16, 1024), (v | k) != 0);
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+          wgmma_m64n64k16_ss<0, 0>(s, desc64(qj + VC * QC + k * 32, 16, 512), desc64(sbase + OFF_KVR + k * 32, 16, 512), 1);
+#pragma unroll
+        for (int v = 0; v < VC; ++v)
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n64k16_ss<0, 0>(dp, desc(doj + v * QC + k * 32, 16, 1024),
+                                     desc(sbase + OFF_KV + v * KC + k * 32, 16, 1024), (v | k) != 0);
+        wgmma_commit();
+        wgmma_wait0();
+        // the exchange: the other key half's partial sums to the other CTA, its partial sums of ours back
+        const int n = 2 * b + j;
+        if (n > 0) mbar_wait_cluster(sbase + BAR_RECV_EMPTY, (n - 1) & 1);
+        // (entries by selects, not by a runtime offset: the arrays stay in registers)
+        float so[16], dpo[16], sx[16], dx[16];
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {
+          so[e] = c == 0 ? s[e] : s[16 + e];
+          dpo[e] = c == 0 ? dp[e] : dp[16 + e];
+          sx[e] = c == 0 ? s[16 + e] : s[e];
+          dx[e] = c == 0 ? dp[16 + e] : dp[e];
+        }
+        const uint32_t dst = obase + OFF_RECV + wt * 128;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          st_cluster_v4(dst + 16 * q, sx[4 * q], sx[4 * q + 1], sx[4 * q + 2], sx[4 * q + 3]);
+          st_cluster_v4(dst + 64 + 16 * q, dx[4 * q], dx[4 * q + 1], dx[4 * q + 2], dx[4 * q + 3]);
+        }
+        mbar_arrive_cluster(obase + BAR_RECV_FULL);
+        mbar_wait_cluster(sbase + BAR_RECV_FULL, n & 1);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float rs[4], rd[4];
+          ld_shared_v4(sbase + OFF_RECV + wt * 128 + 16 * q, rs);
+          ld_shared_v4(sbase + OFF_RECV + wt * 128 + 64 + 16 * q, rd);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            so[4 * q + e] += rs[e];
+            dpo[4 * q + e] += rd[e];
+          }
+        }
+        mbar_arrive_cluster(obase + BAR_RECV_EMPTY);
+        float z2[2], dlt[2];
+        bool hv[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int h = HH * j + row0 + 8 * i;
+          z2[i] = ld_shared_f32(sbase + OFF_HEAD + h * 4);
+          dlt[i] = ld_shared_f32(sbase + OFF_HEAD + (128 + h) * 4);
+          hv[i] = h < p.H;
+        }
+        softmax_grad<4>(so, dpo, valid, hv, z2, dlt, p.scale_log2, p.scale);
+        // P and dS of the owned keys into both CTAs' [key, head] buffers (both are free once
+        // every reader of the previous block arrived)
+        if (j == 0 && b > 0) mbar_wait_cluster(sbase + BAR_DS_EMPTY, (b - 1) & 1);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int h = row0 + 8 * i;
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            const uint32_t a = (colq + bb) * 128 + (((h >> 3) ^ (colq + bb)) << 4) + (h & 7) * 2;
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj) {
+              const uint32_t o = a + (4 * c + jj) * 1024;
+              __nv_bfloat162 vd = __floats2bfloat162_rn(dpo[4 * jj + 2 * i + bb], so[4 * jj + 2 * i + bb]);
+              const uint32_t pv = *reinterpret_cast<uint32_t*>(&vd);
+              const uint16_t ds16 = static_cast<uint16_t>(pv & 0xFFFFu), p16 = static_cast<uint16_t>(pv >> 16);
+              st_shared_u16(sbase + OFF_DS + j * DSH + o, ds16);
+              st_shared_u16(sbase + OFF_P + j * DSH + o, p16);
+              st_cluster_u16(obase + OFF_DS + j * DSH + o, ds16);
+              st_cluster_u16(obase + OFF_P + j * DSH + o, p16);
+            }
+          }
+        }
+        if (p.target != nullptr) {  // the head sums of P over this half's heads, at the owned slots
+          const float fh0 = ld_shared_f32(sbase + OFF_HEAD + (256 + HH * j + row0) * 4);
+          const float fh1 = ld_shared_f32(sbase + OFF_HEAD + (256 + HH * j + row0 + 8) * 4);
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+            for (int bb = 0; bb < 2; ++bb) {
+              const float v = quad_sum(so[4 * jj + bb] * fh0 + so[4 * jj + 2 + bb] * fh1);
+              const int slot = b * BN + 32 * c + 8 * jj + colq + bb;
+              if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+            }
+        }
+      }
+      fence_proxy_async_all();  // (the stores above, local and remote, are read by wgmma)
+      mbar_arrive(sbase + BAR_DS_FULL);
+      mbar_arrive_cluster(obase + BAR_DS_FULL);
+      mbar_wait_cluster(sbase + BAR_DS_FULL, b & 1);
+      fence_async_smem();
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          wgmma_m64n128k16_ss<1, 1>(dqa[j], desc(sbase + OFF_DS + j * DSH + k * 16 * 128, DSH, 1024),
+                                    desc(sbase + OFF_KV + k * 16 * 128, KC, 1024), 1);
+      wgmma_commit();
+      wgmma_wait0();
+      mbar_arrive(sbase + BAR_DS_EMPTY);
+      mbar_arrive_cluster(obase + BAR_DS_EMPTY);
+    }
+    cp_async_wait_all();  // (no block: Q and dO)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int h = HH * j + row0 + 8 * i;
+        if (h >= p.H) continue;
+        store_dq<16>(p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + 64 * VC * c + colq, dqa[j], i);
+      }
+  } else {
+    // ---------------- dQ (chunks 4c+2, 4c+3 and the rope half), dKV of this CTA's channels ----------------
+    const bool side = (lane >> 2) & 1;
+    float dqb[2][64], dqr[2][16];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) dqb[j][i] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) dqr[j][i] = 0.f;
+    }
+    const int key0 = warp * 16 + ((lane >> 2) & ~1);
+    float* const dkv_lane = p.dkv + 16 * side + 2 * colq;
+#pragma unroll 1
+    for (int b = 0; b < nblk; ++b) {
+      mbar_wait_cluster(sbase + BAR_DS_FULL, b & 1);
+      fence_async_smem();
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint64_t da = desc(sbase + OFF_DS + j * DSH + k * 16 * 128, DSH, 1024);
+          wgmma_m64n128k16_ss<1, 1>(dqb[j], da, desc(sbase + OFF_KV + 2 * KC + k * 16 * 128, KC, 1024), 1);
+          wgmma_m64n32k16_ss<1, 1>(dqr[j], da, desc64(sbase + OFF_KVR + k * 16 * 64, 2048, 512), 1);
+        }
+      wgmma_commit();
+      int ro[2][2];
+      {
+        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          int2 id2;
+          asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (key0 + 8 * i) * 4));
+          const int slot = b * BN + key0 + 8 * i;
+          ro[i][0] = (slot < kv_len && id2.x >= 0 && id2.x < p.Tk) ? id2.x * D_QK : -1;
+          ro[i][1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk) ? id2.y * D_QK : -1;
+        }
+      }
+      // dKV tile v (< 4): [64 keys, channels 64 (4 c + v) ..], over both head halves; tile 4: the rope half
+      auto mma = [&](int v, float (&acc)[32]) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n64k16_ss<0, 1>(acc, desc(sbase + OFF_DS + j * DSH + k * 32, 16, 1024),
+                                     desc(sbase + OFF_Q + j * QHALF + v * QC + k * 16 * 128, QC, 1024), (j | k) != 0);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n64k16_ss<0, 1>(acc, desc(sbase + OFF_P + j * DSH + k * 32, 16, 1024),
+                                     desc(sbase + OFF_DO + j * VC * QC + v * QC + k * 16 * 128, QC, 1024), 1);
+      };
+      auto mma_rope = [&](float (&acc)[16]) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            wgmma_m64n32k16_ss<0, 1>(acc, desc(sbase + OFF_DS + j * DSH + k * 32, 16, 1024),
+                                     desc64(sbase + OFF_Q + j * QHALF + VC * QC + k * 16 * 64, 2048, 512), (j | k) != 0);
+      };
+      // the dkv64 workspace's line adds (see above) of lines l2 < nl of an accumulator whose
+      // column groups j = 4 l2 + 0..3 are the line's channels, at workspace column `col0` + 32 l2
+      auto add = [&](int col0, int nl, const float* acc) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int l2 = 0; l2 < 2; ++l2) {
+            if (l2 >= nl) break;
+            float mine4[4], theirs4[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const int jl = q >> 1, bb = q & 1;
+              const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
+              mine4[q] = side ? hi : lo;
+              theirs4[q] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
+            }
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int r = ro[i][e];
+              const bool own = static_cast<int>(side) == e;
+              if (r >= 0)
+                red_add_v4_pol(dkv_lane + (r + col0 + 32 * l2), own ? mine4[0] : theirs4[0], own ? mine4[1] : theirs4[1],
+                               own ? mine4[2] : theirs4[2], own ? mine4[3] : theirs4[3], policy_last(false));
+            }
+          }
+      };
+      float xa[32], xb[32];
+#pragma unroll
+      for (int v = 0; v <= VC; ++v) {
+        wgmma_fence();
+        if (v == VC)
+          mma_rope(reinterpret_cast<float(&)[16]>(xa));
+        else if (v & 1)
+          mma(v, xb);
+        else
+          mma(v, xa);
+        wgmma_commit();
+        wgmma_wait1();  // the group before: dQ (v = 0: the kv slot is free) or tile v - 1
+        if (v == 0)
+          mbar_arrive(sbase + BAR_KV_EMPTY);
+        else if (v & 1)
+          add(64 * (VC * c + v - 1), 2, xa);
+        else
+          add(64 * (VC * c + v - 1), 2, xb);
+      }
+      wgmma_wait0();
+      mbar_arrive(sbase + BAR_DS_EMPTY);
+      mbar_arrive_cluster(obase + BAR_DS_EMPTY);
+      add(512 + 32 * c, 1, xa);  // the rope half: one line per key
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int h = HH * j + row0 + 8 * i;
+        if (h >= p.H) continue;
+        __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
+        store_dq<16>(dqrow + 64 * (VC * c + 2), dqb[j], i);
+        store_dq<4>(dqrow + 512 + 32 * c, dqr[j], i);
+      }
+  }
+  cluster_sync();  // no CTA exits while the other may still write into its shared memory
+}
+
 }  // namespace
 
 namespace {
@@ -1145,6 +1618,35 @@ int launch_bwd64(BwdParams p, int launch_ctas, void* stream) {
   if (e != cudaSuccess) return static_cast<int>(e);
   return launch_rows(sparse_mla_bwd64_sm90_kernel<PACK>, b64::THREADS, b64::SMEM_BYTES, p, launch_ctas,
                      static_cast<cudaStream_t>(stream));
+}
+
+// The 128-head cluster kernel: clusters of two CTAs (one per row), rows in launches of at most
+// launch_ctas / 2 (0: one launch).
+int launch_bwd128c(BwdParams p, int launch_ctas, void* stream) {
+  if (launch_ctas < 0 || p.H != 128) return static_cast<int>(cudaErrorInvalidValue);
+  static bool attr_set[64] = {};
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd128c_sm90_kernel, c128::SMEM_BYTES);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  const int step = launch_ctas > 0 ? max(1, launch_ctas / 2) : max(p.n_rows, 1);
+  for (int r0 = 0; r0 < p.n_rows; r0 += step) {
+    BwdParams pl = p;
+    pl.r0 = r0;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(2 * min(step, p.n_rows - r0)));
+    cfg.blockDim = dim3(c128::THREADS);
+    cfg.dynamicSmemBytes = c128::SMEM_BYTES;
+    cfg.stream = static_cast<cudaStream_t>(stream);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t le = cudaLaunchKernelEx(&cfg, sparse_mla_bwd128c_sm90_kernel, pl);
+    if (le != cudaSuccess) return static_cast<int>(le);
+  }
+  return 0;
 }
 
 BwdParams make_params(const void* q, const void* kv, const void* idx, const void* kv_len, const void* dout,
@@ -1237,6 +1739,21 @@ int dsa_sparse_mla_bwd64_sm90(const void* q, const void* kv, const void* idx, co
                             idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
   p.l2_hints = l2_hints;
   return launch_bwd64<false>(p, launch_ctas, stream);
+}
+
+// The 128-head cluster kernel (H = 128 only; unpacked rows, default mode): the arguments of
+// dsa_sparse_mla_bwd64_sm90 (l2_hints ignored); dkv in the dkv64 workspace layout.
+int dsa_sparse_mla_bwd128c_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
+                                const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
+                                void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
+                                long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
+                                int Tk, int K, int has_sink, int l2_hints, int launch_ctas, float scale,
+                                void* stream) {
+  (void)l2_hints;
+  if (H != 128) return static_cast<int>(cudaErrorInvalidValue);
+  BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
+                            idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  return launch_bwd128c(p, launch_ctas, stream);
 }
 
 // Row packing (packed_params): one CTA per group (launch_ctas: as above).
