@@ -96,7 +96,7 @@ def _load(path: Path):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
-    for name in ("dsa_sparse_mla_bwd_sm90", "dsa_sparse_mla_bwd64_sm90"):
+    for name in ("dsa_sparse_mla_bwd_sm90", "dsa_sparse_mla_bwd64_sm90", "dsa_sparse_mla_bwd128c_sm90"):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
@@ -445,7 +445,7 @@ def bwd_block_keys(deterministic: bool) -> int:
 
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
                         target_out=None, packed: bool = False, deterministic: bool = False,
-                        block_keys: Optional[int] = None):
+                        block_keys: Optional[int] = None, cluster128: bool = False):
     """Backward: ``(dq [T, H, 576] bf16, dkv [Tk, 576] bf16, d_sink fp32 [H] or None)``.
 
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
@@ -461,6 +461,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     of a bounded number of CTAs (the packed path's unions are ascending already).
     ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`);
     64 (the 64-key kernel, unpacked or packed rows) runs in the default mode only.
+    ``cluster128``: at 128 heads, unpacked, default mode, the 64-key blocks in clusters of two
+    CTAs that split the channels (``sparse_mla_bwd128c_sm90_kernel``; experimental, opt-in).
     """
     _check_ids(indices)
     if block_keys is None:
@@ -469,6 +471,9 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
     if block_keys == 64 and deterministic:
         raise ValueError("block_keys=64 runs in the default mode only (deterministic=False)")
+    if cluster128 and (q.shape[1] != 128 or packed or deterministic or block_keys != 64):
+        raise ValueError("cluster128 takes 128 heads, unpacked rows, the default mode and block_keys 64 (or None), "
+                         f"got {q.shape[1]} heads, packed={packed}, deterministic={deterministic}, block_keys={block_keys}")
     lib = library()
     T, H, Dqk = q.shape
     if packed and not 1 <= H <= MAX_PACK_HEADS:
@@ -520,6 +525,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         # (the 64-key kernel takes its L2 hints where the deterministic kernel takes its lanes)
         entry, mode = ((lib.dsa_sparse_mla_bwd64_sm90, int(l2_hints(q.device, kv.shape[0]))) if block_keys == 64
                        else (lib.dsa_sparse_mla_bwd_sm90, lanes))
+        if cluster128:
+            entry = lib.dsa_sparse_mla_bwd128c_sm90
         with torch.cuda.device(q.device):
             _check(entry(
                 q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
