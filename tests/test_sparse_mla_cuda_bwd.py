@@ -262,6 +262,8 @@ def test_block_keys_follow_the_mode_and_refuse_what_the_64_key_kernel_lacks():
     for kw in (dict(deterministic=True), dict(deterministic=True, packed=True)):
         with pytest.raises(ValueError, match="block_keys=64 runs in the default mode only"):
             ci.sparse_mla_bwd_cuda(*args, block_keys=64, **kw)
+    with pytest.raises(ValueError, match="cluster128 takes 128 heads"):
+        ci.sparse_mla_bwd_cuda(*args, cluster128=True)
 
 
 @NO_NVCC
@@ -320,7 +322,7 @@ def _case(T, H, K, sink, topk, holes, seed, shared=False):
 
 
 def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, shared=False,
-                             deterministic=False, repeats=0, block_keys=None):
+                             deterministic=False, repeats=0, block_keys=None, cluster128=False):
     """``repeats``: run the backward that many more times; each must give the same bits.
     ``block_keys``: as ``sparse_mla_bwd_cuda``'s (None: auto, the 64-key kernel in the default
     mode)."""
@@ -334,7 +336,7 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, s
         with poisoned_empty():
             dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt,
                                                     packed=packed, deterministic=deterministic,
-                                                    block_keys=block_keys)
+                                                    block_keys=block_keys, cluster128=cluster128)
         return dq, dkv, dsink, tgt
 
     dq, dkv, dsink, tgt = run()
@@ -409,6 +411,19 @@ def test_gpu_bwd64_with_l2_hints_matches_float64_reference(T, H, K, sink, topk, 
     need_library()
     monkeypatch.setattr(ci, "l2_hints", lambda device, num_keys: True)
     _check_against_reference(T, H, K, sink, topk, holes, target)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
+    (2048, 128, 2048, False, False, False, False),
+    (1536, 128, 1024, True, True, True, True),
+    (777, 128, 300, False, True, True, True),     # K not a multiple of 64
+])
+def test_gpu_bwd128_cluster_matches_float64_reference(T, H, K, sink, topk, holes, target):
+    """The 128-head backward in clusters of two CTAs that split the channels (``cluster128``)."""
+    need_library()
+    _check_against_reference(T, H, K, sink, topk, holes, target, cluster128=True)
 
 
 @pytest.mark.gpu
