@@ -443,9 +443,15 @@ def bwd_block_keys(deterministic: bool) -> int:
     return 32 if deterministic else 64
 
 
+def bwd_cluster128(heads: int, packed: bool, deterministic: bool) -> bool:
+    """Whether the backward takes the 128-head cluster kernel (``dsa_sparse_mla_bwd128c_sm90``):
+    not by default (experimental: emulator-checked, not yet measured on a GPU)."""
+    return False
+
+
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
                         target_out=None, packed: bool = False, deterministic: bool = False,
-                        block_keys: Optional[int] = None, cluster128: bool = False):
+                        block_keys: Optional[int] = None, cluster128: Optional[bool] = None):
     """Backward: ``(dq [T, H, 576] bf16, dkv [Tk, 576] bf16, d_sink fp32 [H] or None)``.
 
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
@@ -462,7 +468,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`);
     64 (the 64-key kernel, unpacked or packed rows) runs in the default mode only.
     ``cluster128``: at 128 heads, unpacked, default mode, the 64-key blocks in clusters of two
-    CTAs that split the channels (``sparse_mla_bwd128c_sm90_kernel``; experimental, opt-in).
+    CTAs that split the channels (``sparse_mla_bwd128c_sm90_kernel``; experimental, opt-in;
+    ``None``: :func:`bwd_cluster128`).
     """
     _check_ids(indices)
     if block_keys is None:
@@ -471,6 +478,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
     if block_keys == 64 and deterministic:
         raise ValueError("block_keys=64 runs in the default mode only (deterministic=False)")
+    if cluster128 is None:
+        cluster128 = bwd_cluster128(q.shape[1], packed, deterministic) and block_keys == 64
     if cluster128 and (q.shape[1] != 128 or packed or deterministic or block_keys != 64):
         raise ValueError("cluster128 takes 128 heads, unpacked rows, the default mode and block_keys 64 (or None), "
                          f"got {q.shape[1]} heads, packed={packed}, deterministic={deterministic}, block_keys={block_keys}")
