@@ -1271,11 +1271,14 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
       st_shared_f32(sbase + OFF_HEAD + (128 + h) * 4, ok ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f);
       st_shared_f32(sbase + OFF_HEAD + (256 + h) * 4, fh);
     }
-    float dqa[2][64];  // dQ over chunks 4 c, 4 c + 1, per head half
+    float dqa[2][64], dqr[2][16];  // dQ over chunks 4 c, 4 c + 1 and the rope half, per head half
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < 2; ++j) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) dqa[j][i] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) dqr[j][i] = 0.f;
+    }
     auto stage_ids = [&](int b) {
       if (wt < BN) {
         const int slot = b * BN + wt;
@@ -1342,20 +1345,21 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
         const int n = 2 * b + j;
         if (n > 0) mbar_wait_cluster(sbase + BAR_RECV_EMPTY, (n - 1) & 1);
         // (entries by selects, not by a runtime offset: the arrays stay in registers)
-        float so[16], dpo[16], sx[16], dx[16];
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-          so[e] = c == 0 ? s[e] : s[16 + e];
-          dpo[e] = c == 0 ? dp[e] : dp[16 + e];
-          sx[e] = c == 0 ? s[16 + e] : s[e];
-          dx[e] = c == 0 ? dp[16 + e] : dp[e];
-        }
         const uint32_t dst = obase + OFF_RECV + wt * 128;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          st_cluster_v4(dst + 16 * q, sx[4 * q], sx[4 * q + 1], sx[4 * q + 2], sx[4 * q + 3]);
-          st_cluster_v4(dst + 64 + 16 * q, dx[4 * q], dx[4 * q + 1], dx[4 * q + 2], dx[4 * q + 3]);
+          st_cluster_v4(dst + 16 * q, c ? s[4 * q] : s[16 + 4 * q], c ? s[4 * q + 1] : s[16 + 4 * q + 1],
+                        c ? s[4 * q + 2] : s[16 + 4 * q + 2], c ? s[4 * q + 3] : s[16 + 4 * q + 3]);
+          st_cluster_v4(dst + 64 + 16 * q, c ? dp[4 * q] : dp[16 + 4 * q], c ? dp[4 * q + 1] : dp[16 + 4 * q + 1],
+                        c ? dp[4 * q + 2] : dp[16 + 4 * q + 2], c ? dp[4 * q + 3] : dp[16 + 4 * q + 3]);
         }
+#pragma unroll
+        for (int e = 0; e < 16; ++e) {  // the owned half into entries 0 .. 15
+          s[e] = c ? s[16 + e] : s[e];
+          dp[e] = c ? dp[16 + e] : dp[e];
+        }
+        float(&so)[16] = reinterpret_cast<float(&)[16]>(s);
+        float(&dpo)[16] = reinterpret_cast<float(&)[16]>(dp);
         mbar_arrive_cluster(obase + BAR_RECV_FULL);
         mbar_wait_cluster(sbase + BAR_RECV_FULL, n & 1);
 #pragma unroll
@@ -1425,8 +1429,11 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          wgmma_m64n128k16_ss<1, 1>(dqa[j], desc(sbase + OFF_DS + j * DSH + k * 16 * 128, DSH, 1024),
-                                    desc(sbase + OFF_KV + k * 16 * 128, KC, 1024), 1);
+        {
+          const uint64_t da = desc(sbase + OFF_DS + j * DSH + k * 16 * 128, DSH, 1024);
+          wgmma_m64n128k16_ss<1, 1>(dqa[j], da, desc(sbase + OFF_KV + k * 16 * 128, KC, 1024), 1);
+          wgmma_m64n32k16_ss<1, 1>(dqr[j], da, desc64(sbase + OFF_KVR + k * 16 * 64, 2048, 512), 1);
+        }
       wgmma_commit();
       wgmma_wait0();
       mbar_arrive(sbase + BAR_DS_EMPTY);
@@ -1439,21 +1446,27 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
       for (int i = 0; i < 2; ++i) {
         const int h = HH * j + row0 + 8 * i;
         if (h >= p.H) continue;
-        store_dq<16>(p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + 64 * VC * c + colq, dqa[j], i);
+        __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
+        store_dq<16>(dqrow + 64 * VC * c, dqa[j], i);
+        store_dq<4>(dqrow + 512 + 32 * c, dqr[j], i);
       }
   } else {
     // ---------------- dQ (chunks 4c+2, 4c+3 and the rope half), dKV of this CTA's channels ----------------
     const bool side = (lane >> 2) & 1;
-    float dqb[2][64], dqr[2][16];
+    float dqb[2][64];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int i = 0; i < 64; ++i) dqb[j][i] = 0.f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) dqr[j][i] = 0.f;
-    }
     const int key0 = warp * 16 + ((lane >> 2) & ~1);
     float* const dkv_lane = p.dkv + 16 * side + 2 * colq;
+    const uint64_t add_pol = policy_last(false);
+    const uint64_t dsa0 = desc(sbase + OFF_DS, DSH, 1024);       // dS, MN-major A [heads, keys]
+    const uint64_t dsk0 = desc(sbase + OFF_DS, 16, 1024);        // dS^T / P^T, K-major A [keys, heads]
+    const uint64_t kt0 = desc(sbase + OFF_KV + 2 * KC, KC, 1024);  // kv chunks 2, 3, MN-major B
+    const uint64_t qb0 = desc(sbase + OFF_Q, QC, 1024);          // Q, MN-major B [heads, channels]
+    const uint64_t dob0 = desc(sbase + OFF_DO, QC, 1024);        // dO
+    const uint64_t qr0 = desc64(sbase + OFF_Q + VC * QC, 2048, 512);  // the Q rope half
 #pragma unroll 1
     for (int b = 0; b < nblk; ++b) {
       mbar_wait_cluster(sbase + BAR_DS_FULL, b & 1);
@@ -1463,9 +1476,8 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          const uint64_t da = desc(sbase + OFF_DS + j * DSH + k * 16 * 128, DSH, 1024);
-          wgmma_m64n128k16_ss<1, 1>(dqb[j], da, desc(sbase + OFF_KV + 2 * KC + k * 16 * 128, KC, 1024), 1);
-          wgmma_m64n32k16_ss<1, 1>(dqr[j], da, desc64(sbase + OFF_KVR + k * 16 * 64, 2048, 512), 1);
+          const uint64_t da = dsa0 + ((j * DSH + k * 16 * 128) >> 4);
+          wgmma_m64n128k16_ss<1, 1>(dqb[j], da, kt0 + ((k * 16 * 128) >> 4), 1);
         }
       wgmma_commit();
       int ro[2][2];
@@ -1486,22 +1498,22 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
         for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int k = 0; k < 4; ++k)
-            wgmma_m64n64k16_ss<0, 1>(acc, desc(sbase + OFF_DS + j * DSH + k * 32, 16, 1024),
-                                     desc(sbase + OFF_Q + j * QHALF + v * QC + k * 16 * 128, QC, 1024), (j | k) != 0);
+            wgmma_m64n64k16_ss<0, 1>(acc, dsk0 + ((j * DSH + k * 32) >> 4),
+                                     qb0 + ((j * QHALF + v * QC + k * 16 * 128) >> 4), (j | k) != 0);
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int k = 0; k < 4; ++k)
-            wgmma_m64n64k16_ss<0, 1>(acc, desc(sbase + OFF_P + j * DSH + k * 32, 16, 1024),
-                                     desc(sbase + OFF_DO + j * VC * QC + v * QC + k * 16 * 128, QC, 1024), 1);
+            wgmma_m64n64k16_ss<0, 1>(acc, dsk0 + ((2 * DSH + j * DSH + k * 32) >> 4),
+                                     dob0 + ((j * VC * QC + v * QC + k * 16 * 128) >> 4), 1);
       };
       auto mma_rope = [&](float (&acc)[16]) {
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int k = 0; k < 4; ++k)
-            wgmma_m64n32k16_ss<0, 1>(acc, desc(sbase + OFF_DS + j * DSH + k * 32, 16, 1024),
-                                     desc64(sbase + OFF_Q + j * QHALF + VC * QC + k * 16 * 64, 2048, 512), (j | k) != 0);
+            wgmma_m64n32k16_ss<0, 1>(acc, dsk0 + ((j * DSH + k * 32) >> 4), qr0 + ((j * QHALF + k * 16 * 64) >> 4),
+                                     (j | k) != 0);
       };
       // the dkv64 workspace's line adds (see above) of lines l2 < nl of an accumulator whose
       // column groups j = 4 l2 + 0..3 are the line's channels, at workspace column `col0` + 32 l2
@@ -1525,16 +1537,16 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
               const bool own = static_cast<int>(side) == e;
               if (r >= 0)
                 red_add_v4_pol(dkv_lane + (r + col0 + 32 * l2), own ? mine4[0] : theirs4[0], own ? mine4[1] : theirs4[1],
-                               own ? mine4[2] : theirs4[2], own ? mine4[3] : theirs4[3], policy_last(false));
+                               own ? mine4[2] : theirs4[2], own ? mine4[3] : theirs4[3], add_pol);
             }
           }
       };
-      float xa[32], xb[32];
+      float xa[32], xb[32], xr[16];
 #pragma unroll
       for (int v = 0; v <= VC; ++v) {
         wgmma_fence();
         if (v == VC)
-          mma_rope(reinterpret_cast<float(&)[16]>(xa));
+          mma_rope(xr);
         else if (v & 1)
           mma(v, xb);
         else
@@ -1551,7 +1563,7 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
       wgmma_wait0();
       mbar_arrive(sbase + BAR_DS_EMPTY);
       mbar_arrive_cluster(obase + BAR_DS_EMPTY);
-      add(512 + 32 * c, 1, xa);  // the rope half: one line per key
+      add(512 + 32 * c, 1, xr);  // the rope half: one line per key
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j)
@@ -1561,7 +1573,6 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
         if (h >= p.H) continue;
         __nv_bfloat16* dqrow = p.dq + (long long)t * p.dq_st + (long long)h * p.dq_sh + colq;
         store_dq<16>(dqrow + 64 * (VC * c + 2), dqb[j], i);
-        store_dq<4>(dqrow + 512 + 32 * c, dqr[j], i);
       }
   }
   cluster_sync();  // no CTA exits while the other may still write into its shared memory
