@@ -268,8 +268,10 @@ def test_block_keys_follow_the_mode_and_refuse_what_the_64_key_kernel_lacks():
 
 @NO_NVCC
 def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    # (every entry point of the file: the 32-key kernel's four modes and the 64-key kernel's two)
-    assert_compiles_without_spills(ci.SOURCES[1], tmp_path, ("sparse_mla_bwd_sm90_kernel", "sparse_mla_bwd64_sm90_kernel"))
+    # (every entry point of the file: the 32-key kernel's four modes, the 64-key kernel's two and the
+    # 128-head cluster kernel)
+    assert_compiles_without_spills(ci.SOURCES[1], tmp_path, ("sparse_mla_bwd_sm90_kernel", "sparse_mla_bwd64_sm90_kernel",
+                                                             "sparse_mla_bwd128c_sm90_kernel"))
 
 
 # (the backward kernels' shared memory: test_sparse_mla_cuda.py's library build test)

@@ -1115,13 +1115,15 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t da,
 // the other CTA owns go to the same thread of the other CTA's same warpgroup (fp32, 128 bytes
 // per thread, st.shared::cluster), which adds them to its own: CTA c owns keys 32 c .. 32 c + 31
 // of the block, computes P and dS there and writes them (bf16) into both CTAs' [64 keys, 128
-// heads] buffers. Then dQ for its channels (WG1 over chunks 4 c, 4 c + 1; WG2 over 4 c + 2,
-// 4 c + 3 and the rope half) and dKV for its channels over all 128 heads, added once: half the
+// heads] buffers. Then dQ for its channels (WG1 over chunks 4 c, 4 c + 1 and the rope half; WG2
+// over 4 c + 2, 4 c + 3) and dKV for its channels over all 128 heads, added once: half the
 // dkv adds and gathers of two 64-head CTAs. Barriers (mbarriers; "remote": arrivals from the
 // other CTA): RECV_FULL (128 remote), RECV_EMPTY (128 remote: the other CTA read what this one
 // sent), DS_FULL (128 local + 128 remote WG1 threads: both key halves of dS / P written),
 // DS_EMPTY (256 local + 256 remote: both CTAs' readers are done with the block's dS / P),
 // KV_EMPTY (WG2's dQ MMAs released the kv slot). Not deterministic; unpacked rows; H = 128.
+// Experimental (cuda_impl.bwd_cluster128, off): checked on the CPU emulator against float64,
+// compiled for sm_90a without spills (255 registers, 228 KB of shared memory), not yet run on a GPU.
 namespace c128 {
 constexpr int THREADS = 256;
 constexpr int BN = 64;                         // keys per block
