@@ -242,9 +242,10 @@ CASES64 = {
 
 
 CASES128C = {
-    # T, H = 128, K: 64-key blocks (the last ones partial; row 1 cut by topk_length); launch_ctas
-    "k150_target": (dict(T=3, H=128, K=150, target=True), 0),
-    "k70_sink_target_launches": (dict(T=3, H=128, K=70, sink=True, target=True), 2),
+    # T, H = 128, K: 64-key blocks (the last ones partial; row 1 cut by topk_length); launch_ctas,
+    # l2_hints
+    "k150_target": (dict(T=3, H=128, K=150, target=True), 0, 0),
+    "k70_sink_target_launches_hints": (dict(T=3, H=128, K=70, sink=True, target=True), 2, 1),
 }
 
 
@@ -252,13 +253,13 @@ CASES128C = {
 def test_emulated_bwd128_cluster_matches_reference_without_hazards(lib, case):
     """The 128-head kernel in clusters of two CTAs that split the channels: the reference's
     gradients and target, no hazard (one vector-clock space across the cluster), in launches of
-    rows too."""
-    kw, launch_ctas = CASES128C[case]
+    rows and with its L2 hint too."""
+    kw, launch_ctas, hints = CASES128C[case]
     kw = dict(kw)
     target = kw.pop("target", False)
     prob = _problem(**kw)
     rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs = _run(lib, prob, target=target, cluster=True,
-                                                            launch_ctas=launch_ctas, seed=3)
+                                                            launch_ctas=launch_ctas, l2_hints=hints, seed=3)
     assert rc == 0
     assert not aborted and hazards == 0, msgs
     print(case, _check(prob, dq, dkv, d_sink, tgt))

@@ -1462,7 +1462,7 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
       for (int i = 0; i < 64; ++i) dqb[j][i] = 0.f;
     const int key0 = warp * 16 + ((lane >> 2) & ~1);
     float* const dkv_lane = p.dkv + 16 * side + 2 * colq;
-    const uint64_t add_pol = policy_last(false);
+    const uint64_t add_pol = policy_last(p.l2_hints != 0);
     const uint64_t dsa0 = desc(sbase + OFF_DS, DSH, 1024);       // dS, MN-major A [heads, keys]
     const uint64_t dsk0 = desc(sbase + OFF_DS, 16, 1024);        // dS^T / P^T, K-major A [keys, heads]
     const uint64_t kt0 = desc(sbase + OFF_KV + 2 * KC, KC, 1024);  // kv chunks 2, 3, MN-major B
@@ -1755,17 +1755,18 @@ int dsa_sparse_mla_bwd64_sm90(const void* q, const void* kv, const void* idx, co
 }
 
 // The 128-head cluster kernel (H = 128 only; unpacked rows, default mode): the arguments of
-// dsa_sparse_mla_bwd64_sm90 (l2_hints ignored); dkv in the dkv64 workspace layout.
+// dsa_sparse_mla_bwd64_sm90 (l2_hints: the dkv adds evict_last; its gathers take no hint);
+// dkv in the dkv64 workspace layout.
 int dsa_sparse_mla_bwd128c_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
                                 const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
                                 void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
                                 long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
                                 int Tk, int K, int has_sink, int l2_hints, int launch_ctas, float scale,
                                 void* stream) {
-  (void)l2_hints;
   if (H != 128) return static_cast<int>(cudaErrorInvalidValue);
   BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, target, q_st, q_sh, kv_s,
                             idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  p.l2_hints = l2_hints;
   return launch_bwd128c(p, launch_ctas, stream);
 }
 
