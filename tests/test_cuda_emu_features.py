@@ -118,7 +118,7 @@ def test_64_byte_swizzled_operands_multiply_as_laid_out(swz, ta, tb):
 
 def test_a_64_byte_layout_read_with_the_128_byte_swizzle_is_wrong(swz, tmp_path_factory):
     _, text = swz
-    mutant = text.replace("d |= static_cast<uint64_t>(2) << 62;", "d |= static_cast<uint64_t>(1) << 62;")
+    mutant = text.replace("desc64(", "desc(")  # the same layout, read with the 128-byte swizzle
     assert mutant != text
     lib = build_emulated(tmp_path_factory, "swizzle_mut", "swizzle_emu.cpp", "swizzle64.cu", kernel_text=mutant)
     lib.swizzle64_mma.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]

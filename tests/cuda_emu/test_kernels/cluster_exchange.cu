@@ -13,18 +13,8 @@
 #include "sm90_common.cuh"
 
 namespace cluster_test {
-using namespace dsa_sm90;
+using namespace dsa_sm90;  // (cluster_rank, mapa, mbar_arrive_cluster, mbar_wait_cluster, cluster_sync)
 
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t map_rank(uint32_t addr, uint32_t rank) {
-  uint32_t d;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(d) : "r"(addr), "r"(rank));
-  return d;
-}
 __device__ __forceinline__ void st_cluster_f32(uint32_t addr, float v) {
   asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
 }
@@ -33,19 +23,6 @@ __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
   return v;
 }
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
-}
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t addr, int parity) {
-  asm volatile(
-      "{\n.reg .pred P1;\nLAB_WAIT:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
-      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
 __device__ __forceinline__ float value(int r, uint32_t rank, int tid) {
   return static_cast<float>(1000 * r + 200 * static_cast<int>(rank) + tid);
 }
@@ -63,8 +40,8 @@ __global__ void __launch_bounds__(128, 1) exchange_kernel(float* out, int rounds
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   cluster_sync();  // both CTAs' barriers exist before any remote arrival
-  const uint32_t dst = map_rank(slot, MODE == 2 ? rank : other);
-  const uint32_t other_full = map_rank(full, other), other_empty = map_rank(empty, other);
+  const uint32_t dst = mapa(slot, MODE == 2 ? rank : other);
+  const uint32_t other_full = mapa(full, other), other_empty = mapa(empty, other);
   float sum = 0.f;
   for (int r = 0; r < rounds; ++r) {
     if (r > 0 && MODE != 3) mbar_wait_cluster(empty, (r - 1) & 1);  // the other CTA read the previous value

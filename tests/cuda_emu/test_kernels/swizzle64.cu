@@ -9,16 +9,8 @@
 #include "sm90_common.cuh"
 
 namespace swizzle_test {
-using namespace dsa_sm90;
+using namespace dsa_sm90;  // (desc64: the 64-byte-swizzle descriptor)
 
-__device__ __forceinline__ uint64_t desc64(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
-  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-  d |= static_cast<uint64_t>(2) << 62;  // 64-byte swizzle
-  return d;
-}
 // byte of element (mn, k) of a 32-wide operand: K-major rows are mn, MN-major rows are k
 __device__ __forceinline__ uint32_t swz64(int row, int col) {
   const uint32_t lin = static_cast<uint32_t>((row / 8) * 512 + (row % 8) * 64 + 2 * col);

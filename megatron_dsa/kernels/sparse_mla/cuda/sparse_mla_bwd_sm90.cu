@@ -744,6 +744,47 @@ static_assert(SMEM_BYTES <= 232448, "shared memory");
 static_assert(OFF_Q == 0 && OFF_DO == NCH * QCH, "load_q_do's layout");
 }  // namespace b64
 
+// The 64-key kernels' dkv adds (both the 64-key kernel's WG2 and the cluster kernel's):
+// the row offsets (id * 576, -1: skip) of a lane's four keys [i][e] of block b (keys key0 + 8 i +
+// e of the ids at ids_w), and the full-line adds of an accumulator's lines l2 < nl (column groups
+// j = 4 l2 + 0 .. 3) at workspace column col0 + 32 l2, as the dkv64 workspace comment above says.
+__device__ __forceinline__ void key_row_offsets(uint32_t ids_w, int key0, int slot0, int kv_len, int Tk,
+                                                int (&ro)[2][2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    int2 id2;
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (key0 + 8 * i) * 4));
+    const int slot = slot0 + key0 + 8 * i;
+    ro[i][0] = (slot < kv_len && id2.x >= 0 && id2.x < Tk) ? id2.x * D_QK : -1;
+    ro[i][1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < Tk) ? id2.y * D_QK : -1;
+  }
+}
+template <int NL>
+__device__ __forceinline__ void dkv64_line_adds(float* dkv_lane, const int (&ro)[2][2], bool side, int col0,
+                                                const float* acc, uint64_t pol) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int l2 = 0; l2 < NL; ++l2) {  // line l2 of the tile: j = 4 l2 + {0 .. 3}
+      float mine[4], theirs[4];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {  // n = 2 jl + bb
+        const int jl = n >> 1, bb = n & 1;
+        const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
+        mine[n] = side ? hi : lo;
+        theirs[n] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = ro[i][e];
+        const bool own = static_cast<int>(side) == e;
+        if (r >= 0)
+          red_add_v4_pol(dkv_lane + (r + col0 + 32 * l2), own ? mine[0] : theirs[0], own ? mine[1] : theirs[1],
+                         own ? mine[2] : theirs[2], own ? mine[3] : theirs[3], pol);
+      }
+    }
+}
+
 __device__ __forceinline__ void prefetch_l1(const void* ptr) {
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr));
 }
@@ -1015,17 +1056,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       // row offsets (id * 576, -1: skip) of the lane's four keys [i][e], read before the kv slot
       // is released (WG1 rewrites this ids slot two blocks later, after the next release)
       int ro[2][2];
-      {
-        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          int2 id2;
-          asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (key0 + 8 * i) * 4));
-          const int slot = b * BN + key0 + 8 * i;
-          ro[i][0] = (slot < kv_len && id2.x >= 0 && id2.x < p.Tk) ? id2.x * D_QK : -1;
-          ro[i][1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk) ? id2.y * D_QK : -1;
-        }
-      }
+      key_row_offsets(sbase + OFF_IDS + (b % NIDS) * BN * 4, key0, b * BN, kv_len, p.Tk, ro);
       auto mma = [&](int c, float (&acc)[32]) {  // dKV tile c: [64 keys, channels 64 c ..]
 #pragma unroll
         for (int k = 0; k < 4; ++k)
@@ -1037,29 +1068,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
         }
       };
       // acc[4 j + 2 i + bb]: key row (lane / 4) + 8 i of the warp's 16, channel 64 c + 8 j + colq + bb
-      auto add = [&](int c, const float (&acc)[32]) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int l2 = 0; l2 < 2; ++l2) {  // line l2 of the tile: j = 4 l2 + {0 .. 3}
-            float mine[4], theirs[4];
-#pragma unroll
-            for (int n = 0; n < 4; ++n) {  // n = 2 jl + bb
-              const int jl = n >> 1, bb = n & 1;
-              const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
-              mine[n] = side ? hi : lo;
-              theirs[n] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
-            }
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int r = ro[i][e];
-              const bool own = static_cast<int>(side) == e;
-              if (r >= 0)
-                red_add_v4_pol(dkv_lane + (r + 64 * c + 32 * l2), own ? mine[0] : theirs[0], own ? mine[1] : theirs[1],
-                               own ? mine[2] : theirs[2], own ? mine[3] : theirs[3], add_pol);
-            }
-          }
-      };
+      auto add = [&](int c, const float (&acc)[32]) { dkv64_line_adds<2>(dkv_lane, ro, side, 64 * c, acc, add_pol); };
       // two accumulators in turn: tile c's MMAs are issued before tile c - 1's adds
       float xa[32], xb[32];
 #pragma unroll
@@ -1095,15 +1104,6 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
 }
 
 
-template <int TA, int TB>
-__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
-}
 
 // ---------------------------------------------------------------------------------------------
 // 128 heads, a cluster of two CTAs per row that split the channels: sparse_mla_bwd128c_sm90_kernel
@@ -1157,41 +1157,9 @@ __device__ __forceinline__ uint32_t swz64(int row, int g) {
   const uint32_t lin = static_cast<uint32_t>((row / 8) * 512 + (row % 8) * 64 + 16 * g);
   return lin ^ (((lin >> 7) & 3u) << 4);
 }
-__device__ __forceinline__ uint64_t desc64(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return (desc(addr, lbo, sbo) & ~(3ull << 62)) | (2ull << 62);
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t mapa(uint32_t addr, uint32_t rank) {
-  uint32_t d;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(d) : "r"(addr), "r"(rank));
-  return d;
-}
-__device__ __forceinline__ void st_cluster_u16(uint32_t addr, uint16_t v) {
-  asm volatile("st.shared::cluster.u16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
-}
-__device__ __forceinline__ void st_cluster_v4(uint32_t addr, float a, float b, float c, float d) {
-  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
-}
 __device__ __forceinline__ void ld_shared_v4(uint32_t addr, float (&v)[4]) {
   asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n" : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
                : "r"(addr) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
-}
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t addr, int parity) {
-  asm volatile(
-      "{\n.reg .pred P1;\nLAB_WAIT:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
-      "@!P1 bra LAB_WAIT;\n}\n" ::"r"(addr), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 __device__ __forceinline__ void fence_proxy_async_all() { asm volatile("fence.proxy.async;\n" ::: "memory"); }
 }  // namespace c128
@@ -1204,9 +1172,7 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
                 NIDS = c128::NIDS, OFF_IDS = c128::OFF_IDS, OFF_HEAD = c128::OFF_HEAD,
                 BAR_KV_EMPTY = c128::BAR_KV_EMPTY, BAR_DS_FULL = c128::BAR_DS_FULL, BAR_DS_EMPTY = c128::BAR_DS_EMPTY,
                 BAR_RECV_FULL = c128::BAR_RECV_FULL, BAR_RECV_EMPTY = c128::BAR_RECV_EMPTY;
-  using c128::cluster_rank, c128::cluster_sync, c128::desc64, c128::fence_proxy_async_all, c128::ld_shared_v4,
-      c128::mapa, c128::mbar_arrive_cluster, c128::mbar_wait_cluster, c128::st_cluster_u16, c128::st_cluster_v4,
-      c128::swz64;
+  using c128::fence_proxy_async_all, c128::ld_shared_v4, c128::swz64;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const int tid = threadIdx.x;
@@ -1483,17 +1449,7 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
         }
       wgmma_commit();
       int ro[2][2];
-      {
-        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          int2 id2;
-          asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(id2.x), "=r"(id2.y) : "r"(ids_w + (key0 + 8 * i) * 4));
-          const int slot = b * BN + key0 + 8 * i;
-          ro[i][0] = (slot < kv_len && id2.x >= 0 && id2.x < p.Tk) ? id2.x * D_QK : -1;
-          ro[i][1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < p.Tk) ? id2.y * D_QK : -1;
-        }
-      }
+      key_row_offsets(sbase + OFF_IDS + (b % NIDS) * BN * 4, key0, b * BN, kv_len, p.Tk, ro);
       // dKV tile v (< 4): [64 keys, channels 64 (4 c + v) ..], over both head halves; tile 4: the rope half
       auto mma = [&](int v, float (&acc)[32]) {
 #pragma unroll
@@ -1517,32 +1473,6 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
             wgmma_m64n32k16_ss<0, 1>(acc, dsk0 + ((j * DSH + k * 32) >> 4), qr0 + ((j * QHALF + k * 16 * 64) >> 4),
                                      (j | k) != 0);
       };
-      // the dkv64 workspace's line adds (see above) of lines l2 < nl of an accumulator whose
-      // column groups j = 4 l2 + 0..3 are the line's channels, at workspace column `col0` + 32 l2
-      auto add = [&](int col0, int nl, const float* acc) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int l2 = 0; l2 < 2; ++l2) {
-            if (l2 >= nl) break;
-            float mine4[4], theirs4[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const int jl = q >> 1, bb = q & 1;
-              const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
-              mine4[q] = side ? hi : lo;
-              theirs4[q] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
-            }
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int r = ro[i][e];
-              const bool own = static_cast<int>(side) == e;
-              if (r >= 0)
-                red_add_v4_pol(dkv_lane + (r + col0 + 32 * l2), own ? mine4[0] : theirs4[0], own ? mine4[1] : theirs4[1],
-                               own ? mine4[2] : theirs4[2], own ? mine4[3] : theirs4[3], add_pol);
-            }
-          }
-      };
       float xa[32], xb[32], xr[16];
 #pragma unroll
       for (int v = 0; v <= VC; ++v) {
@@ -1558,14 +1488,14 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
         if (v == 0)
           mbar_arrive(sbase + BAR_KV_EMPTY);
         else if (v & 1)
-          add(64 * (VC * c + v - 1), 2, xa);
+          dkv64_line_adds<2>(dkv_lane, ro, side, 64 * (VC * c + v - 1), xa, add_pol);
         else
-          add(64 * (VC * c + v - 1), 2, xb);
+          dkv64_line_adds<2>(dkv_lane, ro, side, 64 * (VC * c + v - 1), xb, add_pol);
       }
       wgmma_wait0();
       mbar_arrive(sbase + BAR_DS_EMPTY);
       mbar_arrive_cluster(obase + BAR_DS_EMPTY);
-      add(512 + 32 * c, 1, xr);  // the rope half: one line per key
+      dkv64_line_adds<1>(dkv_lane, ro, side, 512 + 32 * c, xr, add_pol);  // the rope half: one line per key
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j)
