@@ -744,6 +744,35 @@ static_assert(SMEM_BYTES <= 232448, "shared memory");
 static_assert(OFF_Q == 0 && OFF_DO == NCH * QCH, "load_q_do's layout");
 }  // namespace b64
 
+// The 64-key kernels' per-head statistics, staged in shared memory by one thread per head:
+// logZ, Delta and the target's factor (1, or exp(logZ - lse) with a sink: the target is
+// normalised without it) of (query row tr, head h) at `at`, `at + 4 n` and `at + 8 n` (n heads
+// per table); zeros where !ok.
+__device__ __forceinline__ void stage_head_stats(uint32_t at, int n, const BwdParams& p, int tr, int h, bool ok) {
+  const long long o = (long long)tr * p.H + (ok ? h : 0);  // (read only where ok)
+  const float z2 = ok ? __ldg(p.stats + o) : 0.f;
+  float fh = ok ? 1.f : 0.f;
+  if (p.target != nullptr && p.has_sink && ok) {
+    const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
+    fh = l2 > -INFINITY ? exp2f(z2 - l2) : 0.f;
+  }
+  st_shared_f32(at, z2);
+  st_shared_f32(at + 4 * n, ok ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f);
+  st_shared_f32(at + 8 * n, fh);
+}
+// Block b's ids (thread wt < 64 of the loading warpgroup: slot b * 64 + wt) into the ids ring at
+// `ring` (2 slots of 64 ids; past kv_len: no bytes read, the slot masked by its position).
+__device__ __forceinline__ void stage_block_ids(uint32_t ring, const int32_t* idx_row, int b, int nblk, int kv_len,
+                                                int wt) {
+  if (wt < 64) {
+    const int slot = b * 64 + wt;
+    const bool in = b < nblk && slot < kv_len;
+    const uint32_t dst_id = ring + ((b % 2) * 64 + wt) * 4;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id), "l"(idx_row + (in ? slot : 0)),
+                 "r"(in ? 4 : 0) : "memory");
+  }
+}
+
 // The 64-key kernels' dkv adds (both the 64-key kernel's WG2 and the cluster kernel's):
 // the row offsets (id * 576, -1: skip) of a lane's four keys [i][e] of block b (keys key0 + 8 i +
 // e of the ids at ids_w), and the full-line adds of an accumulator's lines l2 < nl (column groups
@@ -840,18 +869,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     if (wt < BM) {
       int tr, h;
       tile_row<PACK>(p, t, h0, wt, tr, h);
-      const bool ok = h < p.H && (!PACK || tr < p.T);
-      const long long o = (long long)tr * p.H + (ok ? h : 0);  // (read only where ok)
-      const float z2 = ok ? __ldg(p.stats + o) : 0.f;
-      float fh = ok ? 1.f : 0.f;
-      if (p.target != nullptr && p.has_sink && ok) {
-        // the target is normalised without the sink: P exp(logZ - lse)
-        const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
-        fh = l2 > -INFINITY ? exp2f(z2 - l2) : 0.f;
-      }
-      st_shared_f32(sbase + OFF_HEAD + wt * 4, z2);
-      st_shared_f32(sbase + OFF_HEAD + (BM + wt) * 4, ok ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f);
-      st_shared_f32(sbase + OFF_HEAD + (2 * BM + wt) * 4, fh);
+      stage_head_stats(sbase + OFF_HEAD + wt * 4, BM, p, tr, h, h < p.H && (!PACK || tr < p.T));
     }
     bool hv[2];
     int trow = t;  // this thread's query row (the same for row0 and row0 + 8)
@@ -876,15 +894,8 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     // packed: this thread's row of uslot, read as int16 pairs (the group's rows are consecutive)
     const uint32_t* us32 = PACK ? reinterpret_cast<const uint32_t*>(p.uslot + (long long)trow * p.idx_s) : nullptr;
     const int g_row = wt >> 3, g_sub = wt & 7;
-    auto stage_ids = [&](int b) {  // block b's ids into ring slot b % NIDS (slots past kv_len: 0, masked by slot)
-      if (wt < BN) {
-        const int slot = b * BN + wt;
-        const bool in = b < nblk && slot < kv_len;
-        const uint32_t dst_id = sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_id), "l"(idx_row + (in ? slot : 0)),
-                     "r"(in ? 4 : 0) : "memory");
-      }
-    };
+    static_assert(BN == 64 && NIDS == 2, "stage_block_ids' ring");
+    auto stage_ids = [&](int b) { stage_block_ids(sbase + OFF_IDS, idx_row, b, nblk, kv_len, wt); };
     stage_ids(0);
     const uint64_t kv_pol = policy_first(p.l2_hints != 0);
 #pragma unroll 1
@@ -1103,8 +1114,6 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
   }
 }
 
-
-
 // ---------------------------------------------------------------------------------------------
 // 128 heads, a cluster of two CTAs per row that split the channels: sparse_mla_bwd128c_sm90_kernel
 //
@@ -1225,20 +1234,7 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
       cp_async16(sbase + OFF_DO + jh * VC * QC + (g / 8) * QC + r * 128 + (((g % 8) ^ (r & 7)) << 4),
                  dorow + (long long)(ok ? h : 0) * p.do_sh + 64 * (VC * c + g / 8) + 8 * (g % 8), ok);
     }
-    {  // the 128 heads' logZ, Delta and target factor
-      const int h = wt;
-      const bool ok = h < p.H;
-      const long long o = (long long)t * p.H + (ok ? h : 0);
-      const float z2 = ok ? __ldg(p.stats + o) : 0.f;
-      float fh = ok ? 1.f : 0.f;
-      if (p.target != nullptr && p.has_sink && ok) {
-        const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
-        fh = l2 > -INFINITY ? exp2f(z2 - l2) : 0.f;
-      }
-      st_shared_f32(sbase + OFF_HEAD + h * 4, z2);
-      st_shared_f32(sbase + OFF_HEAD + (128 + h) * 4, ok ? __ldg(p.stats + (long long)p.T * p.H + o) : 0.f);
-      st_shared_f32(sbase + OFF_HEAD + (256 + h) * 4, fh);
-    }
+    stage_head_stats(sbase + OFF_HEAD + wt * 4, 128, p, t, wt, wt < p.H);  // the 128 heads' logZ, Delta, factor
     float dqa[2][64], dqr[2][16];  // dQ over chunks 4 c, 4 c + 1 and the rope half, per head half
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -1247,14 +1243,8 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
 #pragma unroll
       for (int i = 0; i < 16; ++i) dqr[j][i] = 0.f;
     }
-    auto stage_ids = [&](int b) {
-      if (wt < BN) {
-        const int slot = b * BN + wt;
-        const bool in = b < nblk && slot < kv_len;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sbase + OFF_IDS + ((b % NIDS) * BN + wt) * 4),
-                     "l"(idx_row + (in ? slot : 0)), "r"(in ? 4 : 0) : "memory");
-      }
-    };
+    static_assert(BN == 64 && NIDS == 2, "stage_block_ids' ring");
+    auto stage_ids = [&](int b) { stage_block_ids(sbase + OFF_IDS, idx_row, b, nblk, kv_len, wt); };
     stage_ids(0);
 #pragma unroll 1
     for (int b = 0; b < nblk; ++b) {
@@ -1396,8 +1386,7 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-        {
+        for (int k = 0; k < 4; ++k) {
           const uint64_t da = desc(sbase + OFF_DS + j * DSH + k * 16 * 128, DSH, 1024);
           wgmma_m64n128k16_ss<1, 1>(dqa[j], da, desc(sbase + OFF_KV + k * 16 * 128, KC, 1024), 1);
           wgmma_m64n32k16_ss<1, 1>(dqr[j], da, desc64(sbase + OFF_KVR + k * 16 * 64, 2048, 512), 1);
