@@ -9,7 +9,10 @@ test-only kernel under ``tests/cuda_emu/test_kernels`` that also compiles with n
   wrong sums; a store that does not wait for the reader's release is reported (or, where it
   overtook the read, gives the wrong sums).
 * 64-byte-swizzled wgmma operands (``swizzle64.cu``): ``A B^T`` with either operand K-major
-  or MN-major equals the float64 product; read as 128-byte-swizzled, it does not."""
+  or MN-major equals the float64 product; read as 128-byte-swizzled, it does not.
+
+Both kernels also build with nvcc for sm_90a (checked wherever nvcc is found) and, on an sm_90
+GPU (``-m gpu``), give there the results the emulator is held to.
 
 import ctypes
 import os
@@ -127,3 +130,66 @@ def test_a_64_byte_layout_read_with_the_128_byte_swizzle_is_wrong(swz, tmp_path_
     lib.emu_reset(0, 30.0)
     lib.swizzle64_mma(bf16_bits(a).ctypes.data, bf16_bits(b).ctypes.data, d.ctypes.data, 0, 0)
     assert not np.array_equal(d, want.astype(np.float32))
+
+
+# ---- the same kernels on the hardware: what the emulator is held to is what an H100 / H200 does ----
+
+HOPPER = False
+try:
+    import torch
+
+    HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+except ImportError:  # (the emulator tests need no torch)
+    torch = None
+
+
+def _nvcc_build(tmp_path, name):
+    """``test_kernels/name.cu`` built by nvcc for sm_90a into a shared library (skips without nvcc)."""
+    import subprocess
+
+    from megatron_dsa.kernels.cuda_build import find_nvcc
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    kernel_dir = os.path.join(os.path.dirname(EMU_DIR), "..", "megatron_dsa", "kernels", "sparse_mla", "cuda")
+    so = tmp_path / f"{name}.so"
+    proc = subprocess.run([nvcc, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-O3", "-shared",
+                           "-Xcompiler", "-fPIC", "-I", os.path.normpath(kernel_dir),
+                           os.path.join(EMU_DIR, "test_kernels", f"{name}.cu"), "-o", str(so)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return so
+
+
+@pytest.mark.parametrize("name", ["cluster_exchange", "swizzle64"])
+def test_the_test_kernels_build_for_sm90a(tmp_path, name):
+    assert _nvcc_build(tmp_path, name).exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_cluster_exchange_on_the_gpu_gives_the_emulators_sums(tmp_path):
+    lib = ctypes.CDLL(str(_nvcc_build(tmp_path, "cluster_exchange")))
+    lib.cluster_exchange.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    own = np.concatenate([expected(1, 3)[128:] - 0.5, expected(1, 3)[:128] + 0.5])
+    for clusters, rounds, mode, want in [(2, 5, 0, expected(2, 5)), (64, 9, 0, expected(64, 9)), (1, 3, 2, own)]:
+        out = torch.full((2 * clusters * 128,), float("nan"), device="cuda")
+        assert lib.cluster_exchange(out.data_ptr(), clusters, rounds, mode) == 0
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(out.cpu().numpy(), want.astype(np.float32), err_msg=f"mode {mode}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0)])
+def test_64_byte_swizzled_operands_on_the_gpu_multiply_as_laid_out(tmp_path, ta, tb):
+    lib = ctypes.CDLL(str(_nvcc_build(tmp_path, "swizzle64")))
+    lib.swizzle64_mma.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    a, b, want = swizzle_case(ta + 2 * tb)
+    ab = torch.from_numpy(bf16_bits(a).view(np.int16)).cuda()
+    bb = torch.from_numpy(bf16_bits(b).view(np.int16)).cuda()
+    d = torch.full((64, 32), float("nan"), device="cuda")
+    assert lib.swizzle64_mma(ab.data_ptr(), bb.data_ptr(), d.data_ptr(), ta, tb) == 0
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(d.cpu().numpy(), want.astype(np.float32))
