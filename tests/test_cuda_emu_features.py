@@ -12,7 +12,7 @@ test-only kernel under ``tests/cuda_emu/test_kernels`` that also compiles with n
   or MN-major equals the float64 product; read as 128-byte-swizzled, it does not.
 
 Both kernels also build with nvcc for sm_90a (checked wherever nvcc is found) and, on an sm_90
-GPU (``-m gpu``), give there the results the emulator is held to.
+GPU (``-m gpu``), give there the results the emulator is held to."""
 
 import ctypes
 import os
