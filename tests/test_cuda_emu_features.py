@@ -20,10 +20,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 EMU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
 sys.path.insert(0, EMU_DIR)
-from emu_lib import build_emulated, messages  # noqa: E402
+from emu_lib import KERNEL_DIR, build_emulated, messages  # noqa: E402
 
 sys.path.pop(0)
 
@@ -46,6 +47,12 @@ def expected(clusters, rounds):
             other = rank ^ 1
             out.append(sum((r + 1) * (1000 * r + 200 * other + tid) for r in range(rounds)) + 0.5 * rank)
     return np.concatenate(out)
+
+
+def own_sums(rounds):
+    """One cluster's outputs when each CTA stores into its own shared memory (mode 2)."""
+    e = expected(1, rounds)
+    return np.concatenate([e[128:] - 0.5, e[:128] + 0.5])
 
 
 def run(lib, clusters, rounds, mode, seed, wait_limit=30.0):
@@ -80,8 +87,7 @@ def test_a_store_before_the_reader_released_the_slot_is_caught(lib, seed):
 def test_a_store_into_its_own_cta_gives_other_sums(lib):
     err, out = run(lib, clusters=1, rounds=3, mode=2, seed=0)
     assert err == 0 and lib.emu_aborted() == 0
-    own = np.concatenate([expected(1, 3)[128:] - 0.5, expected(1, 3)[:128] + 0.5])  # each CTA's own values
-    np.testing.assert_array_equal(out, own.astype(np.float32))
+    np.testing.assert_array_equal(out, own_sums(3).astype(np.float32))  # each CTA's own values
     assert not np.array_equal(out, expected(1, 3).astype(np.float32))
 
 
@@ -134,13 +140,7 @@ def test_a_64_byte_layout_read_with_the_128_byte_swizzle_is_wrong(swz, tmp_path_
 
 # ---- the same kernels on the hardware: what the emulator is held to is what an H100 / H200 does ----
 
-HOPPER = False
-try:
-    import torch
-
-    HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-except ImportError:  # (the emulator tests need no torch)
-    torch = None
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
 def _nvcc_build(tmp_path, name):
@@ -152,10 +152,9 @@ def _nvcc_build(tmp_path, name):
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("no nvcc")
-    kernel_dir = os.path.join(os.path.dirname(EMU_DIR), "..", "megatron_dsa", "kernels", "sparse_mla", "cuda")
     so = tmp_path / f"{name}.so"
     proc = subprocess.run([nvcc, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-O3", "-shared",
-                           "-Xcompiler", "-fPIC", "-I", os.path.normpath(kernel_dir),
+                           "-Xcompiler", "-fPIC", "-I", KERNEL_DIR,
                            os.path.join(EMU_DIR, "test_kernels", f"{name}.cu"), "-o", str(so)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -172,8 +171,7 @@ def test_the_test_kernels_build_for_sm90a(tmp_path, name):
 def test_cluster_exchange_on_the_gpu_gives_the_emulators_sums(tmp_path):
     lib = ctypes.CDLL(str(_nvcc_build(tmp_path, "cluster_exchange")))
     lib.cluster_exchange.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    own = np.concatenate([expected(1, 3)[128:] - 0.5, expected(1, 3)[:128] + 0.5])
-    for clusters, rounds, mode, want in [(2, 5, 0, expected(2, 5)), (64, 9, 0, expected(64, 9)), (1, 3, 2, own)]:
+    for clusters, rounds, mode, want in [(2, 5, 0, expected(2, 5)), (64, 9, 0, expected(64, 9)), (1, 3, 2, own_sums(3))]:
         out = torch.full((2 * clusters * 128,), float("nan"), device="cuda")
         assert lib.cluster_exchange(out.data_ptr(), clusters, rounds, mode) == 0
         torch.cuda.synchronize()
