@@ -37,7 +37,9 @@ import sys
 import pytest
 import torch
 
-from megatron_dsa.kernels.sparse_mla.cuda_impl import effective_lengths_torch, unpermute_dkv, unpermute_dkv64
+from megatron_dsa.kernels.sparse_mla.cuda_impl import (DET_QUANTUM_BITS, det_bound_scale, det_finish, det_head_max,
+                                                       det_quanta, det_target, effective_lengths_torch, unpermute_dkv,
+                                                       unpermute_dkv64)
 from megatron_dsa.kernels.sparse_mla.packing import pack_rows_reference
 from megatron_dsa.kernels.sparse_mla.reference import slot_validity, sparse_mla_reference
 
@@ -68,6 +70,10 @@ def _build(tmp_path_factory, tag, kernel_text=None):
     lib.dsa_sparse_mla_bwd128c_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
     lib.dsa_sparse_mla_bwd64_packed_sm90.restype = i32
     lib.dsa_sparse_mla_bwd64_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
+    lib.dsa_sparse_mla_bwd64_det_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd64_det_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32] + [vp] * 6
+    lib.dsa_sparse_mla_bwd64_det_packed_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd64_det_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32] + [vp] * 6
     return lib
 
 
@@ -184,6 +190,53 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
     dkv = unpermute_dkv64(ws.sum(0)) if keys64 else unpermute_dkv(ws.sum(0))
     return (rc, dq, dkv, d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
+
+
+def _run_det64(lib, prob, seed=0, target=False, packed=False, launch_ctas=0, wait_limit_s=60.0):
+    """The deterministic 64-key backward as cuda_impl.sparse_mla_bwd_cuda runs it (the bound
+    pass, the keys' quanta, the integer pass, the finish) with the emulated kernel: (rc, dq,
+    dkv (fp32, unpermuted), d_sink, target, hazards, aborted, messages, extras) with extras the
+    bound pass's per-key bounds (float64), the integer workspace and the quanta."""
+    q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
+    T, H, _ = q.shape
+    Tk, K = kv.shape[0], idx.shape[1]
+    stats, dsink_t = _stats(prob)
+    lse = prob.lse.contiguous()
+    dq = torch.full((T, H, D_QK), float("nan"), dtype=torch.bfloat16)
+    ws = torch.zeros(Tk, D_QK, dtype=torch.int32)
+    tfx = torch.zeros(T, K, dtype=torch.int64) if target else None
+    hq, hdo = det_head_max(q), det_head_max(dout)
+    bscale, bad = det_bound_scale(kv, dout, hq, hdo, SCALE)
+    bound = torch.zeros(Tk, dtype=torch.int64)
+    lib.emu_reset(seed, wait_limit_s)
+    inv_q = qs = None
+    rc = 0
+    for stage in (1, 2):
+        if stage == 2:
+            inv_q, qs = det_quanta(bound, bscale)
+        common = (dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
+                  tfx.data_ptr() if tfx is not None else None)
+        tail = (stage, launch_ctas, SCALE, hq.data_ptr(), hdo.data_ptr(), bound.data_ptr(), bscale.data_ptr(),
+                inv_q.data_ptr() if inv_q is not None else None, None)
+        if packed:
+            pk = pack_rows_reference(idx, Tk, H, prob.topk_len)
+            uid, count, uslot = pk.uid.contiguous(), pk.count.contiguous(), pk.uslot.contiguous()
+            rc = rc or lib.dsa_sparse_mla_bwd64_det_packed_sm90(
+                q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
+                q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
+                dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4 if pk.hpad == 16 else 5,
+                int(prob.sink is not None), *tail)
+        else:
+            kv_len = effective_lengths_torch(idx, prob.topk_len)
+            rc = rc or lib.dsa_sparse_mla_bwd64_det_sm90(
+                q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
+                q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
+                dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), *tail)
+    d_sink = dsink_t.sum(0) if dsink_t is not None else None
+    dkv = det_finish(ws, qs, bad, torch.float32)
+    tgt = det_target(tfx) if tfx is not None else None
+    extras = dict(bound=bound.double() / bscale.double(), ws=ws, q=qs, bad=bad)
+    return (rc, dq, dkv, d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib), extras)
 
 
 def _rel(x, ref):
@@ -529,3 +582,65 @@ def test_emulator_catches_deterministic_q_reuse_race(tmp_path_factory):
 def test_source_rewrite_covers_every_asm_statement():
     """ptx_source leaves no inline PTX and no <<<>>> launch in the sources it rewrites."""
     assert_rewrite_complete(KERNEL, COMMON)
+
+
+DET64 = {
+    # (problem, packed, launch_ctas): the deterministic 64-key backward (the bound pass, then the
+    # integer adds), unpacked and on packed rows, with the target
+    "h64_k150": (dict(T=3, H=64, K=150), False, 0),
+    "h100_k70_sink_launches": (dict(T=3, H=100, K=70, sink=True), False, 3),
+    "h17_k40_sink_empty_row": (dict(T=4, H=17, K=40, sink=True, empty_last_row=True), False, 0),
+    "h16_packed_7rows_sink_launches": (dict(T=7, H=16, K=44, sink=True, shared_pool=56, seed=3), True, 1),
+    "h32_packed_5rows": (dict(T=5, H=32, K=90, shared_pool=150, seed=5), True, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(DET64))
+def test_emulated_bwd64_deterministic_matches_reference(lib, case):
+    """The deterministic 64-key backward: the reference's gradients and target, no hazard (the
+    emulator reports a finite value outside int32 in the integer conversion: a broken bound), each
+    key's bound above the float64 |dkv| and its integers within 2^30 (1 + 2^-7); dq the same bits
+    as the default mode's, dkv and the target within the default mode's summation noise."""
+    kw, packed, launch_ctas = DET64[case]
+    prob = _problem(**kw)
+    rc, dq, dkv, d_sink, tgt, hazards, aborted, msgs, ex = _run_det64(lib, prob, target=True, packed=packed,
+                                                                     launch_ctas=launch_ctas)
+    assert rc == 0
+    assert not aborted and hazards == 0, msgs
+    assert not bool(ex["bad"])
+    errs = _check(prob, dq, dkv, d_sink, tgt)
+    assert (prob.dkv_ref.abs().amax(1) <= ex["bound"]).all()
+    assert ex["bound"].max() > 0 and ex["ws"].abs().max() <= 2 ** DET_QUANTUM_BITS * (1 + 2 ** -7)
+    # the quanta are powers of two, at most 2^-30 of the next power of two above the bound
+    assert torch.equal(torch.frexp(ex["q"]).mantissa, torch.full_like(ex["q"], 0.5))
+    fast = _run(lib, prob, target=True, packed=packed, keys64=True)
+    assert fast[0] == 0 and fast[5] == 0 and not fast[6], fast[7]
+    assert torch.equal(dq.view(torch.int16), fast[1].view(torch.int16))
+    assert torch.allclose(dkv, fast[2], rtol=1e-4, atol=1e-5 * fast[2].abs().max().item())
+    assert torch.allclose(tgt, fast[4], rtol=1e-5, atol=1e-7)
+    print(case, errs)
+
+
+@pytest.mark.parametrize("case", ["h100_k70_sink_launches", "h16_packed_7rows_sink_launches"])
+def test_emulated_bwd64_deterministic_same_bits(lib, case):
+    """The same bits for dq, dkv and the target under other interleavings of the threads (another
+    emulator seed) and, unpacked, with the rows in another order (the emulator runs CTAs one at a
+    time: the rows' launch order is the order of the different CTAs' adds)."""
+    kw, packed, launch_ctas = DET64[case]
+    prob = _problem(**kw)
+    ref = _run_det64(lib, prob, target=True, packed=packed, launch_ctas=launch_ctas)
+    assert ref[0] == 0 and ref[5] == 0 and not ref[6], ref[7]
+    runs = [(None, _run_det64(lib, prob, seed=7, target=True, packed=packed, launch_ctas=launch_ctas))]
+    if not packed:  # (packed: the row order makes the groups, so it is part of the problem)
+        perm = torch.tensor([2, 0, 1])
+        prob_p = Problem(prob.q[perm], prob.kv, prob.idx[perm].contiguous(), prob.topk_len[perm], prob.sink,
+                         prob.dout[perm])
+        runs.append((perm, _run_det64(lib, prob_p, seed=5, target=True, packed=packed, launch_ctas=launch_ctas)))
+    for perm, run in runs:
+        assert run[0] == 0 and run[5] == 0 and not run[6], run[7]
+        dq, tgt = ref[1], ref[4]
+        if perm is not None:
+            dq, tgt = dq[perm], tgt[perm]
+        assert torch.equal(run[1].view(torch.int16), dq.view(torch.int16))
+        assert torch.equal(run[2].view(torch.int32), ref[2].view(torch.int32))
+        assert torch.equal(run[4].view(torch.int32), tgt.view(torch.int32))

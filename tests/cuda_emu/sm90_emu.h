@@ -69,6 +69,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cmath>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -584,6 +585,17 @@ inline void red_add_f32(uint64_t addr, const float* v, int n) {
   if (addr % (4u * static_cast<unsigned>(n)) != 0) report("misaligned red.global.add");
   float* p = reinterpret_cast<float*>(addr);
   for (int i = 0; i < n; ++i) std::atomic_ref<float>(p[i]).fetch_add(v[i], std::memory_order_relaxed);
+}
+
+// ---- global integer reductions (red.global.add.s32 / .u64): atomic, wrapping (two's complement)
+inline void red_add_int(uint64_t addr, uint64_t v, int bytes) {
+  jitter();
+  if (addr % static_cast<unsigned>(bytes) != 0) report("misaligned red.global.add");
+  if (bytes == 4) {
+    std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(addr)).fetch_add(static_cast<uint32_t>(v), std::memory_order_relaxed);
+  } else {
+    std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(addr)).fetch_add(v, std::memory_order_relaxed);
+  }
 }
 
 // ---- setmaxnreg
@@ -1420,6 +1432,11 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
         v[i] = static_cast<float>(ops[src[i]].f);
       }
       red_add_f32(val(A[0]), v, static_cast<int>(src.size()));
+    } else if (op == "red.global.add.s32" || op == "red.global.add.u64") {  // [addr], value
+      if (A.size() != 2 || A[0].kind != Operand::ADDR || A[1].kind == Operand::VEC || A[1].arg < 0 ||
+          ops[A[1].arg].is_float)
+        return unsupported(in);
+      red_add_int(val(A[0]), ops[A[1].arg].v, op == "red.global.add.s32" ? 4 : 8);
     } else if (starts(op, "createpolicy.")) {
       if (ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 8) return unsupported(in);
       const uint64_t token = 0x10E7C0DEull;  // an opaque cache policy
@@ -1532,6 +1549,26 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     return r;
   });
 }
+inline int __shfl_sync(unsigned mask, int v, int src_lane) {
+  (void)mask;
+  uint32_t in[4] = {static_cast<uint32_t>(v), 0, 0, 0};
+  return emu::warp_exchange(in, [&](uint32_t (*slot)[4]) { return static_cast<int>(slot[src_lane & 31][0]); });
+}
+// float -> integer conversions (cvt.rni.s32.f32, cvt.rni / cvt.rpi .u64.f32): the GPU saturates
+// and converts NaN to 0; the kernels that use them bound their values, so a finite value out of
+// range is reported (a broken bound), NaN converts to 0 as on the GPU
+inline int __float2int_rn(float x) {
+  if (std::isnan(x)) return 0;
+  if (!(std::fabs(x) < 2147483648.f)) emu::report("__float2int_rn: a value outside the int32 range");
+  return static_cast<int>(std::nearbyint(x));
+}
+inline unsigned long long emu_f2ull(double r) {
+  if (std::isnan(r)) return 0;
+  if (!(r >= 0 && r < 18446744073709551616.0)) emu::report("__float2ull: a value outside the u64 range");
+  return static_cast<unsigned long long>(r);
+}
+inline unsigned long long __float2ull_rn(float x) { return emu_f2ull(std::nearbyint(static_cast<double>(x))); }
+inline unsigned long long __float2ull_ru(float x) { return emu_f2ull(std::ceil(static_cast<double>(x))); }
 inline int __any_sync(unsigned mask, int pred) {
   (void)mask;
   uint32_t in[4] = {pred ? 1u : 0u, 0, 0, 0};

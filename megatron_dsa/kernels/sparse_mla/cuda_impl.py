@@ -49,6 +49,7 @@ from .triton_impl import bwd_stats
 
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "unpermute_dkv64", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
+           "det_head_max", "det_bound_scale", "det_quanta", "det_finish", "det_target",
            "l2_order", "l2_order_launch_ctas", "l2_hints", "bwd_block_keys", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16",
            "FWD_PACK_MAX_KEYS", "fwd_pack_max_keys"]
 
@@ -104,6 +105,11 @@ def _load(path: Path):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32, vp]
+    # the deterministic 64-key entries: the arguments above, then hq, hdo, bound, bound_scale, inv_q
+    lib.dsa_sparse_mla_bwd64_det_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd64_det_sm90.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32] + [vp] * 6
+    lib.dsa_sparse_mla_bwd64_det_packed_sm90.restype = i32
+    lib.dsa_sparse_mla_bwd64_det_packed_sm90.argtypes = [vp] * 11 + [ll] * 8 + [i32] * 9 + [f32] + [vp] * 6
     packed_fwd = lib.dsa_sparse_mla_fwd_pp_packed_sm90
     packed_fwd.restype = i32
     packed_fwd.argtypes = [vp] * 8 + [ll] * 6 + [i32] * 5 + [f32, vp]
@@ -439,8 +445,78 @@ def bwd_block_keys(deterministic: bool) -> int:
     """Keys per block of the CUDA backward, unpacked or row-packed: 64 (``dsa_sparse_mla_bwd64_sm90``
     / ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys, 64 channels] dKV tiles;
     faster than the 32-key kernel at every measured S and head count, ``docs/kernels_sparse_mla.md``
-    section 3.3b) in the default mode; 32 (the kernel with the deterministic mode) otherwise."""
-    return 32 if deterministic else 64
+    section 3.3b), in both modes (deterministic: the integer adds, :func:`det_bound_scale`). 32
+    (the 32-key kernel; deterministic: its fp32 lanes, :func:`det_lanes`) on request only."""
+    return 64
+
+
+# The deterministic 64-key backward (docs/kernels_sparse_mla.md section 6): each key's dkv is
+# added as int32 multiples of a per-key power-of-two quantum q_s = 2^(e_s - DET_QUANTUM_BITS),
+# where 2^e_s bounds |dkv[s, c]| (a first pass of the kernel sums the bound as u64 fixed point
+# with DET_BOUND_BITS bits of headroom over the whole problem); the target as u64 multiples of
+# 2^-DET_TARGET_BITS. Integer adds are associative: the bits do not depend on the add order.
+DET_QUANTUM_BITS = 30
+DET_BOUND_BITS = 62
+DET_TARGET_BITS = 40
+
+
+def _pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2 ** exponent`` exactly (integer exponents in the dtype's normal range), from the bits."""
+    if dtype == torch.float32:
+        return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+    return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
+def det_head_max(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[T, H]``: max over the channels of ``|x[t, h, :]|`` (the deterministic bound's q
+    and dO factors; exact: the max of bf16 values is one of them)."""
+    return torch.linalg.vector_norm(x, ord=float("inf"), dim=-1).float()
+
+
+def det_bound_scale(kv: torch.Tensor, dout: torch.Tensor, hq: torch.Tensor, hdo: torch.Tensor,
+                    softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The bound pass's fixed-point scale (fp32 ``[1]``, a power of two, on the device) and a
+    ``bad`` flag (bool ``[]``: the inputs are not finite or too large, dkv is NaN).
+
+    One (row, head)'s term of a key's bound, ``|dS| max|q| + P max|dO|``, is at most ``c =
+    2 scale max||dO|| max||v|| max|q| + max|dO|`` (``P <= 1``, ``|dP - Delta| <= 2 ||dO|| max||v||``);
+    with a factor 2 for roundings, ``T H c`` bounds the sum over all of them, which the scale maps
+    to at most ``2^DET_BOUND_BITS`` units (each term rounded up to whole units). No host sync."""
+    T, H = hq.shape
+    vn = (torch.linalg.vector_norm(kv[:, :512], dim=-1, dtype=torch.float32).amax().double()
+          if kv.shape[0] else torch.zeros((), dtype=torch.float64, device=kv.device))
+    don = torch.linalg.vector_norm(dout, dim=-1, dtype=torch.float32).amax().double() if T * H else vn * 0
+    qm = hq.amax().double() if T * H else vn * 0
+    dm = hdo.amax().double() if T * H else vn * 0
+    total = 2.0 * (2.0 * softmax_scale * don * vn * qm + dm) * float(max(T * H, 1))
+    e = torch.frexp(total).exponent  # total <= 2^e
+    bad = ~torch.isfinite(total) | (e > DET_BOUND_BITS + 126)
+    e = torch.where(bad | (total == 0), torch.full_like(e, DET_BOUND_BITS), e)
+    scale = _pow2((DET_BOUND_BITS - e).clamp(-126, 126), torch.float32).reshape(1)
+    return scale, bad
+
+
+def det_quanta(bound: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per key, from the bound pass's sums (int64 ``[Tk]``, u64 units) and its scale: ``(inv_q
+    fp32, q fp64)``, ``q = 2^(e - DET_QUANTUM_BITS)`` with ``2^e`` >= the bound (exponents clamped
+    to fp32's normal range). A function of integers: the same on every run."""
+    B = bound.double() / scale.double()
+    e = torch.frexp(B).exponent.clamp(-96, 126 + DET_QUANTUM_BITS)
+    return _pow2(DET_QUANTUM_BITS - e, torch.float32), _pow2(e - DET_QUANTUM_BITS, torch.float64)
+
+
+def det_finish(ws: torch.Tensor, q: torch.Tensor, bad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dkv in channel order and ``dtype`` from the integer workspace (int32 ``[Tk, 576]``, dkv64
+    layout) and the keys' quanta: exact in fp64, one rounding to fp32, then to ``dtype``;
+    NaN where ``bad``."""
+    f = (ws.double() * q[:, None]).float()
+    f = torch.where(bad, torch.full_like(f, float("nan")), f)
+    return unpermute_dkv64(f, dtype)
+
+
+def det_target(fx: torch.Tensor) -> torch.Tensor:
+    """The target (fp32) from its u64 sums (int64 views) in units of ``2^-DET_TARGET_BITS``."""
+    return (fx.double() * 2.0 ** -DET_TARGET_BITS).float()
 
 
 def bwd_cluster128(heads: int, packed: bool, deterministic: bool) -> bool:
@@ -459,10 +535,14 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     (the indexer loss's target). ``indices`` int32 with unit column stride. ``packed``: row
     packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys; the rows are
     packed and run in chunks of at most :data:`PACK_CHUNK_BYTES` of packing (:func:`packed_chunk_rows`).
-    ``deterministic``: bit-reproducible dkv and target for a given device model and shape (they
-    set the lanes, :func:`det_lanes`), when each row's valid ids are distinct (the indexer's
-    top-k are; a row naming a key twice adds it twice in no fixed order). dq and d_sink are
-    deterministic in both modes (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
+    ``deterministic``: bit-reproducible dkv and target. With 64-key blocks (the default) the
+    kernel runs twice: a bound pass (each key's bound on ``|dkv|``, summed as integers), then
+    the backward adding dkv as int32 multiples of each key's power-of-two quantum and the target
+    as u64 multiples of ``2^-40`` (:func:`det_bound_scale`, :func:`det_quanta`): the same bits on
+    every run, device and schedule. With ``block_keys=32``: the 32-key kernel on a persistent
+    grid adding into fp32 lanes (:func:`det_lanes`), the same bits for a given device model and
+    shape when each row's valid ids are distinct. dq and d_sink are deterministic in both modes
+    (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
     workspace exceeds the L2), each row's ids are walked ascending and the rows run in launches
     of a bounded number of CTAs (the packed path's unions are ascending already).
     ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`);
@@ -476,8 +556,6 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         block_keys = bwd_block_keys(deterministic)
     if block_keys not in (32, 64):
         raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
-    if block_keys == 64 and deterministic:
-        raise ValueError("block_keys=64 runs in the default mode only (deterministic=False)")
     if cluster128 is None:
         cluster128 = bwd_cluster128(q.shape[1], packed, deterministic) and block_keys == 64
     if cluster128 and (q.shape[1] != 128 or packed or deterministic or block_keys != 64):
@@ -498,30 +576,52 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     stats = torch.empty(2 * rows * H, dtype=torch.float32, device=q.device)
     dsink_t = torch.empty(T, H, dtype=torch.float32, device=q.device) if sink is not None else None
     dq = torch.empty(T, H, Dqk, dtype=q.dtype, device=q.device)
-    lanes = det_lanes(q.device, kv.shape[0]) if deterministic else 0
-    l2 = not deterministic and l2_order(q.device, kv.shape[0])
-    # permuted columns; deterministic: one lane per persistent CTA
-    dkv = torch.zeros(max(lanes, 1), kv.shape[0], Dqk, dtype=torch.float32, device=q.device)
-    for c, pk in _packed_chunks(indices, kv.shape[0], H, topk_length) if packed else ():
-        n = c.stop - c.start
-        st = stats[: 2 * n * H]
-        bwd_stats(st, dsink_t[c] if sink is not None else None, out[c], dout[c], lse[c],
-                  dlse[c] if dlse is not None else None, sink, 512)
-        # (the 64-key kernel takes its L2 hints where the 32-key kernel takes its lanes)
-        entry, mode = ((lib.dsa_sparse_mla_bwd64_packed_sm90, int(l2_hints(q.device, kv.shape[0])))
-                       if block_keys == 64 else (lib.dsa_sparse_mla_bwd_packed_sm90, lanes))
-        with torch.cuda.device(q.device):
-            _check(entry(
-                q[c].data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
-                dout[c].data_ptr(), st.data_ptr(), lse[c].data_ptr(), dq[c].data_ptr(), dkv.data_ptr(),
-                target_out[c].data_ptr() if target_out is not None else None,
-                q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
-                dq.stride(0), dq.stride(1), n, H, kv.shape[0], indices.shape[1], pk.uid.shape[0],
-                pk.hshift, int(sink is not None), mode,
-                l2_order_launch_ctas(kv.shape[0], True) if l2 else 0,
-                float(softmax_scale),
-                torch.cuda.current_stream(q.device).cuda_stream), "packed backward")
-        del pk  # (freed before the next chunk packs)
+    det64 = deterministic and block_keys == 64
+    lanes = det_lanes(q.device, kv.shape[0]) if deterministic and not det64 else 0
+    l2 = not lanes and l2_order(q.device, kv.shape[0])
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    Tk, K = kv.shape[0], indices.shape[1]
+    if det64:  # the bound pass's inputs and outputs, the integer workspace, the target's sums
+        hq, hdo = det_head_max(q), det_head_max(dout)
+        bscale, bad = det_bound_scale(kv, dout, hq, hdo, float(softmax_scale))
+        bound = torch.zeros(Tk, dtype=torch.int64, device=q.device)
+        dkv = torch.zeros(1, Tk, Dqk, dtype=torch.int32, device=q.device)
+        tfx = torch.zeros(T, K, dtype=torch.int64, device=q.device) if target_out is not None else None
+    else:  # permuted columns; deterministic: one lane per persistent CTA
+        dkv = torch.zeros(max(lanes, 1), Tk, Dqk, dtype=torch.float32, device=q.device)
+        tfx = None
+
+    def det_args(stage, r0, r1):  # the deterministic entries' trailing arguments
+        return (stage, l2_order_launch_ctas(Tk, packed) if l2 else 0, float(softmax_scale),
+                hq[r0:r1].data_ptr(), hdo[r0:r1].data_ptr(), bound.data_ptr(), bscale.data_ptr(),
+                inv_q.data_ptr() if stage == 2 else None, stream)
+
+    inv_q = qs = None
+    for stage in ((1, 2) if det64 else (0,)) if packed else ():
+        if stage == 2:
+            inv_q, qs = det_quanta(bound, bscale)
+        for c, pk in _packed_chunks(indices, Tk, H, topk_length):
+            n = c.stop - c.start
+            st = stats[: 2 * n * H]
+            bwd_stats(st, dsink_t[c] if sink is not None else None, out[c], dout[c], lse[c],
+                      dlse[c] if dlse is not None else None, sink, 512)
+            args = (q[c].data_ptr(), kv.data_ptr(), pk.uid.data_ptr(), pk.count.data_ptr(), pk.uslot.data_ptr(),
+                    dout[c].data_ptr(), st.data_ptr(), lse[c].data_ptr(), dq[c].data_ptr(), dkv.data_ptr())
+            dims = (q.stride(0), q.stride(1), kv.stride(0), pk.uid.shape[1], dout.stride(0), dout.stride(1),
+                    dq.stride(0), dq.stride(1), n, H, Tk, K, pk.uid.shape[0], pk.hshift, int(sink is not None))
+            with torch.cuda.device(q.device):
+                if det64:
+                    _check(lib.dsa_sparse_mla_bwd64_det_packed_sm90(
+                        *args, tfx[c].data_ptr() if tfx is not None else None, *dims, *det_args(stage, c.start, c.stop)),
+                        "packed backward (deterministic)")
+                else:
+                    # (the 64-key kernel takes its L2 hints where the 32-key kernel takes its lanes)
+                    entry, mode = ((lib.dsa_sparse_mla_bwd64_packed_sm90, int(l2_hints(q.device, Tk)))
+                                   if block_keys == 64 else (lib.dsa_sparse_mla_bwd_packed_sm90, lanes))
+                    _check(entry(*args, target_out[c].data_ptr() if target_out is not None else None, *dims, mode,
+                                 l2_order_launch_ctas(Tk, True) if l2 else 0, float(softmax_scale), stream),
+                           "packed backward")
+            del pk  # (freed before the next chunk packs)
     if T > 0 and not packed:
         bwd_stats(stats, dsink_t, out, dout, lse, dlse, sink, 512)
         perm = tgt = None
@@ -531,26 +631,43 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         else:
             tgt = target_out
             kv_len = effective_lengths(indices, topk_length)
-        # (the 64-key kernel takes its L2 hints where the deterministic kernel takes its lanes)
-        entry, mode = ((lib.dsa_sparse_mla_bwd64_sm90, int(l2_hints(q.device, kv.shape[0]))) if block_keys == 64
-                       else (lib.dsa_sparse_mla_bwd_sm90, lanes))
-        if cluster128:
-            entry = lib.dsa_sparse_mla_bwd128c_sm90
+        args = (q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
+                stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), dkv.data_ptr())
+        dims = (q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
+                dq.stride(0), dq.stride(1), T, H, Tk, K, int(sink is not None))
         with torch.cuda.device(q.device):
-            _check(entry(
-                q.data_ptr(), kv.data_ptr(), indices.data_ptr(), kv_len.data_ptr(), dout.data_ptr(),
-                stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), dkv.data_ptr(),
-                tgt.data_ptr() if tgt is not None else None,
-                q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
-                dq.stride(0), dq.stride(1), T, H, kv.shape[0], indices.shape[1], int(sink is not None),
-                mode, l2_order_launch_ctas(kv.shape[0], False) if l2 else 0, float(softmax_scale),
-                torch.cuda.current_stream(q.device).cuda_stream), "backward")
+            if det64:
+                for stage in (1, 2):
+                    if stage == 2:
+                        inv_q, qs = det_quanta(bound, bscale)
+                    _check(lib.dsa_sparse_mla_bwd64_det_sm90(
+                        *args, tfx.data_ptr() if tfx is not None else None, *dims, *det_args(stage, 0, T)),
+                        "backward (deterministic)")
+            else:
+                # (the 64-key kernel takes its L2 hints where the deterministic kernel takes its lanes)
+                entry, mode = ((lib.dsa_sparse_mla_bwd64_sm90, int(l2_hints(q.device, Tk))) if block_keys == 64
+                               else (lib.dsa_sparse_mla_bwd_sm90, lanes))
+                if cluster128:
+                    entry = lib.dsa_sparse_mla_bwd128c_sm90
+                _check(entry(*args, tgt.data_ptr() if tgt is not None else None, *dims, mode,
+                             l2_order_launch_ctas(Tk, False) if l2 else 0, float(softmax_scale), stream), "backward")
+        if tfx is not None and det64:  # the target's integer sums (at the sorted slots where perm)
+            if perm is None:
+                target_out += det_target(tfx)
+            else:
+                tgt = det_target(tfx)
         if perm is not None:  # target_out[t, perm[t, j]] += tgt[t, j]: one add per slot
             with torch.cuda.device(q.device):
                 _check(lib.dsa_unpermute_add(tgt.data_ptr(), perm.data_ptr(), T, indices.shape[1],
                                              target_out.data_ptr(), torch.cuda.current_stream(q.device).cuda_stream),
                        "target unpermute")
     d_sink = dsink_t.sum(0).to(sink.dtype) if sink is not None else None
+    if det64:
+        if packed and tfx is not None:
+            target_out += det_target(tfx)
+        if qs is None:  # (no row ran)
+            qs = torch.ones(Tk, dtype=torch.float64, device=q.device)
+        return dq, det_finish(dkv[0], qs, bad, kv.dtype), d_sink
     # (the lanes are summed in index order: torch's reduction over a leading dim has no atomics)
     if block_keys == 64:
         return dq, unpermute_dkv64(dkv[0], kv.dtype), d_sink

@@ -118,7 +118,18 @@ struct BwdParams {
   int l2_hints;               // 64-key kernel: dkv adds evict_last, kv gathers evict_first (else evict_normal)
   int hshift, rows;           // packed only: log2 of the heads per row in the tile (4 or 5), rows per group
   float scale, scale_log2;
+  // the deterministic 64-key kernel's two stages (DET_BOUND, DET_INT; "deterministic" above the
+  // 64-key kernel), else null
+  const float* hq;            // [T, H]: max_c |q[t, h, c]| (DET_BOUND)
+  const float* hdo;           // [T, H]: max_c |dO[t, h, c]| (DET_BOUND)
+  unsigned long long* bound;  // [Tk]: += the keys' bounds, in units of 1 / *bound_scale (DET_BOUND)
+  const float* bound_scale;   // [1], on the device: fixed-point units per unit of bound (DET_BOUND)
+  const float* inv_q;         // [Tk]: 1 / the key's quantum, a power of two (DET_INT)
+  unsigned long long* target_fx;  // [T, K] or null: += the target in units of 2^-40 (DET_INT)
 };
+// the 64-key kernel's modes: the default (fp32 adds), and the deterministic mode's two stages
+constexpr int DET_OFF = 0, DET_BOUND = 1, DET_INT = 2;
+constexpr float TARGET_FX_UNITS = 1099511627776.f;  // 2^40 units of the DET_INT target per unit
 
 __device__ __forceinline__ void red_add(float* ptr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(ptr), "f"(v) : "memory");
@@ -163,6 +174,12 @@ __device__ __forceinline__ uint64_t policy_first(bool on) {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(a));
   asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(b));
   return on ? a : b;
+}
+__device__ __forceinline__ void red_add_s32(int* ptr, int v) {
+  asm volatile("red.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void red_add_u64(unsigned long long* ptr, unsigned long long v) {
+  asm volatile("red.global.add.u64 [%0], %1;\n" ::"l"(ptr), "l"(v) : "memory");
 }
 __device__ __forceinline__ void red_add_v2(float* ptr, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(ptr), "f"(a), "f"(b) : "memory");
@@ -752,7 +769,7 @@ __device__ __forceinline__ void stage_head_stats(uint32_t at, int n, const BwdPa
   const long long o = (long long)tr * p.H + (ok ? h : 0);  // (read only where ok)
   const float z2 = ok ? __ldg(p.stats + o) : 0.f;
   float fh = ok ? 1.f : 0.f;
-  if (p.target != nullptr && p.has_sink && ok) {
+  if ((p.target != nullptr || p.target_fx != nullptr) && p.has_sink && ok) {
     const float l2 = __ldg(p.lse + o) * 1.4426950408889634f;
     fh = l2 > -INFINITY ? exp2f(z2 - l2) : 0.f;
   }
@@ -814,6 +831,55 @@ __device__ __forceinline__ void dkv64_line_adds(float* dkv_lane, const int (&ro)
     }
 }
 
+// DET_INT: the same lines as integers in units of each key's quantum (rint(v / q_s); iq[i][e] =
+// 1 / q_s, a power of two, so the scaling is exact), added by red.global.add.s32 one whole line
+// per warp instruction (integer adds have no vector form): the 4 lane groups g = lane / 8 (one
+// key each) trade values so that in add m lane l holds element l of key group m's line (element
+// 4 j + n of a line is value n of the group's lane j): a rotation by g, 4 shuffles, a rotation
+// by lane % 4. ws_lane = the int32 workspace + lane; the offsets of key group m come from its
+// first lane. Integer adds are associative: the sum, and so the bits, do not depend on the order.
+__device__ __forceinline__ void rot4(int (&v)[4], int k) {  // v[n] <- v[(n + k) % 4]
+  int a[4];
+#pragma unroll
+  for (int n = 0; n < 4; ++n) a[n] = (k & 1) ? v[(n + 1) & 3] : v[n];
+#pragma unroll
+  for (int n = 0; n < 4; ++n) v[n] = (k & 2) ? a[(n + 2) & 3] : a[n];
+}
+template <int NL>
+__device__ __forceinline__ void dkv64_line_adds_s32(int* ws_lane, const int (&ro)[2][2], const float (&iq)[2][2],
+                                                    bool side, int col0, const float* acc, int lane) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int l2 = 0; l2 < NL; ++l2) {
+      float mine[4], theirs[4];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {  // n = 2 jl + bb (as dkv64_line_adds)
+        const int jl = n >> 1, bb = n & 1;
+        const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
+        mine[n] = side ? hi : lo;
+        theirs[n] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool own = static_cast<int>(side) == e;
+        int x[4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n) x[n] = __float2int_rn((own ? mine[n] : theirs[n]) * iq[i][e]);
+        rot4(x, lane >> 3);  // x[k]: value (g + k) % 4
+        int y[4];            // round r: value lane % 4 of lane 8 ((r + lane) % 4) + lane / 4
+#pragma unroll
+        for (int r = 0; r < 4; ++r) y[r] = __shfl_sync(0xffffffffu, x[(4 - r) & 3], 8 * ((r + lane) & 3) + (lane >> 2));
+        rot4(y, (4 - lane) & 3);  // y[m]: element `lane` of key group m's line
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const int rm = __shfl_sync(0xffffffffu, ro[i][e], 8 * m);
+          if (rm >= 0) red_add_s32(ws_lane + (rm + col0 + 32 * l2), y[m]);
+        }
+      }
+    }
+}
+
 __device__ __forceinline__ void prefetch_l1(const void* ptr) {
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr));
 }
@@ -830,7 +896,7 @@ __device__ __forceinline__ void packed_slots(const uint32_t* us32, int b, int co
 
 // PACK: row packing as in the kernel above (a group of p.rows query rows per CTA over the union
 // of their keys; each thread's rows row0, row0 + 8 lie in one query row, trow).
-template <bool PACK>
+template <bool PACK, int MODE = DET_OFF>
 __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(const BwdParams p) {
   // (local names shadow the 32-key kernel's constants)
   constexpr int BN = b64::BN, CH = b64::CH, NIDS = b64::NIDS, OFF_Q = b64::OFF_Q, OFF_DO = b64::OFF_DO,
@@ -882,6 +948,20 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     float dqa[128];  // dQ[:, 0:256]
 #pragma unroll
     for (int i = 0; i < 128; ++i) dqa[i] = 0.f;
+    // DET_BOUND: max |q| and max |dO| of this thread's rows, and the fixed-point scale
+    float mq[2] = {0.f, 0.f}, md[2] = {0.f, 0.f}, bsc = 0.f;
+    if constexpr (MODE == DET_BOUND) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        int tr, h;
+        tile_row<PACK>(p, t, h0, row0 + 8 * i, tr, h);
+        if (hv[i]) {
+          mq[i] = __ldg(p.hq + (long long)tr * p.H + h);
+          md[i] = __ldg(p.hdo + (long long)tr * p.H + h);
+        }
+      }
+      bsc = __ldg(p.bound_scale);
+    }
     const uint64_t qd0 = desc(sbase + OFF_Q, 16, 1024);
     const uint64_t dod0 = desc(sbase + OFF_DO, 16, 1024);
     const uint64_t kd0 = desc(sbase + OFF_KV, 16, 1024);
@@ -902,7 +982,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
     for (int b = 0; b < nblk; ++b) {
       // the slot is free once WG2's dQ MMAs of block b - 1 retired (this warpgroup's own retired
       // in its previous iteration); so is ids slot (b + 1) % 2, which held block b - 1's ids
-      if (b > 0) mbar_wait(sbase + BAR_KV_EMPTY, (b - 1) & 1);
+      if (MODE != DET_BOUND && b > 0) mbar_wait(sbase + BAR_KV_EMPTY, (b - 1) & 1);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int r = g_row + 16 * k, slot = b * BN + r;
@@ -968,74 +1048,98 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
         }
       }
       softmax_grad<8>(s, dp, valid, hv, z2, dlt, p.scale_log2, p.scale);
-      uint32_t pk_s[2][8];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-          __nv_bfloat162 vs = __floats2bfloat162_rn(dp[4 * jj + 2 * i], dp[4 * jj + 2 * i + 1]);
-          pk_s[i][jj] = *reinterpret_cast<uint32_t*>(&vs);
-        }
-      // hand dS and P to WG2 as [key, head] tiles (its dKV MMAs of the previous block are done)
-      if (b > 0) mbar_wait(sbase + BAR_DS_EMPTY, (b - 1) & 1);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int h = row0 + 8 * i;
-#pragma unroll
-        for (int bb = 0; bb < 2; ++bb) {
-          // key 8 jj + colq + bb: colq + bb is its row in the 8-row swizzle group
-          const uint32_t a = sbase + OFF_DS + (colq + bb) * 128 + (((h >> 3) ^ (colq + bb)) << 4) + (h & 7) * 2;
-#pragma unroll
-          for (int jj = 0; jj < 8; ++jj) {
-            __nv_bfloat162 vp = __floats2bfloat162_rn(s[4 * jj + 2 * i], s[4 * jj + 2 * i + 1]);
-            const uint32_t pv = *reinterpret_cast<uint32_t*>(&vp);
-            st_shared_u16(a + jj * 1024, static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb)));
-            st_shared_u16(a + CH + jj * 1024, static_cast<uint16_t>(pv >> (16 * bb)));
-          }
-        }
-      }
-      fence_async_smem();
-      mbar_arrive(sbase + BAR_DS_FULL);
-      // dQ[:, 0:256] += dS K (accumulator columns [16 k, 16 k + 16) are the A fragment of k-step k)
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const uint32_t a[4] = {pk_s[0][2 * k], pk_s[1][2 * k], pk_s[0][2 * k + 1], pk_s[1][2 * k + 1]};
-        wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((k * 16 * 128) >> 4), 1);
-      }
-      wgmma_commit();
-      // the target's head sums of P while the dQ MMAs run
-      if (p.target != nullptr) {
-        const float fh0 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0) * 4);
-        const float fh1 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0 + 8) * 4);
-        uint32_t usl[8];  // packed: the row's slots again (L1)
-        if constexpr (PACK) packed_slots(us32, b, colq, kv_len, usl);
+      if constexpr (MODE == DET_BOUND) {
+        // each key's bound on |dkv[s, c]|: sum over (row, head) of |dS| max|q| + P max|dO|, the
+        // warp's 16 heads summed in a fixed order, added as integers (rounded up): order-free
+        const uint32_t ids_w = sbase + OFF_IDS + (b % NIDS) * BN * 4;
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
-            const float v = quad_sum(s[4 * jj + bb] * fh0 + s[4 * jj + 2 + bb] * fh1);
-            if constexpr (PACK) {  // at the row's own slot of the entry
-              const int slot = static_cast<int16_t>(usl[jj] >> (16 * bb));
-              if (lane < 4 && slot >= 0) red_add(p.target + (long long)trow * p.K + slot, v);
-            } else {
-              const int slot = b * BN + 8 * jj + colq + bb;
-              if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
+            const int e0 = 4 * jj + bb, e1 = 4 * jj + 2 + bb;
+            const float v = quad_sum(fabsf(dp[e0]) * mq[0] + s[e0] * md[0] + fabsf(dp[e1]) * mq[1] + s[e1] * md[1]);
+            const int slot = b * BN + 8 * jj + colq + bb;
+            if (lane < 4 && slot < kv_len) {
+              const int id = static_cast<int>(ld_shared_u32(ids_w + (8 * jj + colq + bb) * 4));
+              if (id >= 0 && id < p.Tk) red_add_u64(p.bound + id, __float2ull_ru(v * bsc));
             }
           }
+        bar_sync(1, 128);  // (every warp has read this ids slot before the next block restages it)
+      } else {  // (not DET_BOUND: dS and P to WG2, dQ, the target)
+        uint32_t pk_s[2][8];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            __nv_bfloat162 vs = __floats2bfloat162_rn(dp[4 * jj + 2 * i], dp[4 * jj + 2 * i + 1]);
+            pk_s[i][jj] = *reinterpret_cast<uint32_t*>(&vs);
+          }
+        // hand dS and P to WG2 as [key, head] tiles (its dKV MMAs of the previous block are done)
+        if (b > 0) mbar_wait(sbase + BAR_DS_EMPTY, (b - 1) & 1);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int h = row0 + 8 * i;
+#pragma unroll
+          for (int bb = 0; bb < 2; ++bb) {
+            // key 8 jj + colq + bb: colq + bb is its row in the 8-row swizzle group
+            const uint32_t a = sbase + OFF_DS + (colq + bb) * 128 + (((h >> 3) ^ (colq + bb)) << 4) + (h & 7) * 2;
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+              __nv_bfloat162 vp = __floats2bfloat162_rn(s[4 * jj + 2 * i], s[4 * jj + 2 * i + 1]);
+              const uint32_t pv = *reinterpret_cast<uint32_t*>(&vp);
+              st_shared_u16(a + jj * 1024, static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb)));
+              st_shared_u16(a + CH + jj * 1024, static_cast<uint16_t>(pv >> (16 * bb)));
+            }
+          }
+        }
+        fence_async_smem();
+        mbar_arrive(sbase + BAR_DS_FULL);
+        // dQ[:, 0:256] += dS K (accumulator columns [16 k, 16 k + 16) are the A fragment of k-step k)
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t a[4] = {pk_s[0][2 * k], pk_s[1][2 * k], pk_s[0][2 * k + 1], pk_s[1][2 * k + 1]};
+          wgmma_m64n256k16_rs<1>(dqa, a, kt0 + ((k * 16 * 128) >> 4), 1);
+        }
+        wgmma_commit();
+        // the target's head sums of P while the dQ MMAs run
+        // (DET_INT: as integers in units of 2^-40, order-free)
+        if (MODE == DET_INT ? p.target_fx != nullptr : p.target != nullptr) {
+          const float fh0 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0) * 4);
+          const float fh1 = ld_shared_f32(sbase + OFF_HEAD + (2 * BM + row0 + 8) * 4);
+          uint32_t usl[8];  // packed: the row's slots again (L1)
+          if constexpr (PACK) packed_slots(us32, b, colq, kv_len, usl);
+          auto add_target = [&](long long o, float v) {
+            if constexpr (MODE == DET_INT) red_add_u64(p.target_fx + o, __float2ull_rn(v * TARGET_FX_UNITS));
+            else red_add(p.target + o, v);
+          };
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+            for (int bb = 0; bb < 2; ++bb) {
+              const float v = quad_sum(s[4 * jj + bb] * fh0 + s[4 * jj + 2 + bb] * fh1);
+              if constexpr (PACK) {  // at the row's own slot of the entry
+                const int slot = static_cast<int16_t>(usl[jj] >> (16 * bb));
+                if (lane < 4 && slot >= 0) add_target((long long)trow * p.K + slot, v);
+              } else {
+                const int slot = b * BN + 8 * jj + colq + bb;
+                if (lane < 4 && slot < kv_len) add_target((long long)t * p.K + slot, v);
+              }
+            }
+        }
+        wgmma_wait0();
       }
-      wgmma_wait0();
     }
     cp_async_wait_all();  // (no block: Q and dO)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      if (!hv[i]) continue;
+      if (MODE == DET_BOUND || !hv[i]) continue;
       int tr, h;
       tile_row<PACK>(p, t, h0, row0 + 8 * i, tr, h);
       __nv_bfloat16* dqrow = p.dq + (long long)tr * p.dq_st + (long long)h * p.dq_sh + colq;
       store_dq<32>(dqrow, dqa, i);
     }
-  } else {
+  } else if constexpr (MODE != DET_BOUND) {
     // ---------------- dQ[:, 256:576], dKV ----------------
     const bool side = (lane >> 2) & 1;  // s: this lane adds channels j = 2 s, 2 s + 1 (mod 4) of both keys of its pair
     float dqb[128], dqr[32];  // dQ[:, 256:512], dQ[:, 512:576]
@@ -1068,6 +1172,13 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       // is released (WG1 rewrites this ids slot two blocks later, after the next release)
       int ro[2][2];
       key_row_offsets(sbase + OFF_IDS + (b % NIDS) * BN * 4, key0, b * BN, kv_len, p.Tk, ro);
+      float iq[2][2];  // DET_INT: the keys' inverse quanta
+      if constexpr (MODE == DET_INT) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) iq[i][e] = ro[i][e] >= 0 ? __ldg(p.inv_q + ro[i][e] / D_QK) : 0.f;
+      }
       auto mma = [&](int c, float (&acc)[32]) {  // dKV tile c: [64 keys, channels 64 c ..]
 #pragma unroll
         for (int k = 0; k < 4; ++k)
@@ -1079,7 +1190,12 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
         }
       };
       // acc[4 j + 2 i + bb]: key row (lane / 4) + 8 i of the warp's 16, channel 64 c + 8 j + colq + bb
-      auto add = [&](int c, const float (&acc)[32]) { dkv64_line_adds<2>(dkv_lane, ro, side, 64 * c, acc, add_pol); };
+      auto add = [&](int c, const float (&acc)[32]) {
+        if constexpr (MODE == DET_INT)
+          dkv64_line_adds_s32<2>(reinterpret_cast<int*>(p.dkv) + lane, ro, iq, side, 64 * c, acc, lane);
+        else
+          dkv64_line_adds<2>(dkv_lane, ro, side, 64 * c, acc, add_pol);
+      };
       // two accumulators in turn: tile c's MMAs are issued before tile c - 1's adds
       float xa[32], xb[32];
 #pragma unroll
@@ -1541,15 +1657,38 @@ int launch_bwd(BwdParams p, int lanes, int launch_ctas, void* stream) {
   return launch_rows(sparse_mla_bwd_sm90_kernel<PACK, false>, THREADS, SMEM_BYTES, p, launch_ctas, s);
 }
 
-// The 64-key kernel (default mode, unpacked or packed rows): launched as launch_bwd's default mode.
-template <bool PACK>
+// The 64-key kernel (unpacked or packed rows; MODE: the default or a deterministic stage):
+// launched as launch_bwd's default mode.
+template <bool PACK, int MODE = DET_OFF>
 int launch_bwd64(BwdParams p, int launch_ctas, void* stream) {
   if (launch_ctas < 0) return static_cast<int>(cudaErrorInvalidValue);
   static bool attr_set[64] = {};
-  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd64_sm90_kernel<PACK>, b64::SMEM_BYTES);
+  const cudaError_t e = set_smem_once(attr_set, sparse_mla_bwd64_sm90_kernel<PACK, MODE>, b64::SMEM_BYTES);
   if (e != cudaSuccess) return static_cast<int>(e);
-  return launch_rows(sparse_mla_bwd64_sm90_kernel<PACK>, b64::THREADS, b64::SMEM_BYTES, p, launch_ctas,
+  return launch_rows(sparse_mla_bwd64_sm90_kernel<PACK, MODE>, b64::THREADS, b64::SMEM_BYTES, p, launch_ctas,
                      static_cast<cudaStream_t>(stream));
+}
+// The deterministic mode's stage (1: DET_BOUND, 2: DET_INT) on p with its fields set.
+template <bool PACK>
+int launch_bwd64_det(BwdParams& p, int stage, const void* hq, const void* hdo, void* bound, const void* bound_scale,
+                     const void* inv_q, void* target_fx, int launch_ctas, void* stream) {
+  p.target = nullptr;
+  p.target_fx = static_cast<unsigned long long*>(target_fx);
+  p.hq = static_cast<const float*>(hq);
+  p.hdo = static_cast<const float*>(hdo);
+  p.bound = static_cast<unsigned long long*>(bound);
+  p.bound_scale = static_cast<const float*>(bound_scale);
+  p.inv_q = static_cast<const float*>(inv_q);
+  if (stage == DET_BOUND) {
+    if (hq == nullptr || hdo == nullptr || bound == nullptr || bound_scale == nullptr)
+      return static_cast<int>(cudaErrorInvalidValue);
+    return launch_bwd64<PACK, DET_BOUND>(p, launch_ctas, stream);
+  }
+  if (stage == DET_INT) {
+    if (inv_q == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+    return launch_bwd64<PACK, DET_INT>(p, launch_ctas, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 // The 128-head cluster kernel: clusters of two CTAs (one per row), rows in launches of at most
@@ -1609,6 +1748,11 @@ BwdParams make_params(const void* q, const void* kv, const void* idx, const void
   p.n_rows = T;
   p.r0 = 0;
   p.l2_hints = 0;
+  p.hq = p.hdo = nullptr;
+  p.bound = nullptr;
+  p.bound_scale = nullptr;
+  p.inv_q = nullptr;
+  p.target_fx = nullptr;
   return p;
 }
 
@@ -1673,6 +1817,26 @@ int dsa_sparse_mla_bwd64_sm90(const void* q, const void* kv, const void* idx, co
   return launch_bwd64<false>(p, launch_ctas, stream);
 }
 
+// The 64-key kernel's deterministic mode, one stage per call (cuda_impl.sparse_mla_bwd_cuda runs
+// them): the arguments of dsa_sparse_mla_bwd64_sm90 with `stage` in place of l2_hints, then
+//   stage 1 (bound): hq, hdo fp32 [T, H] (max |q|, max |dO| per row and head), bound u64 [Tk]
+//     zeroed, bound_scale fp32 [1] on the device; dq, dkv and the target are not written;
+//   stage 2 (integer adds): inv_q fp32 [Tk] (powers of two); dkv int32 [Tk, 576] zeroed (the
+//     dkv64 workspace layout), += rint(value * inv_q[key]); target (u64 [T, K] or null) += rint(
+//     value * 2^40); dq written.
+int dsa_sparse_mla_bwd64_det_sm90(const void* q, const void* kv, const void* idx, const void* kv_len,
+                                  const void* dout, const void* stats, const void* lse, void* dq, void* dkv,
+                                  void* target, long long q_st, long long q_sh, long long kv_s, long long idx_s,
+                                  long long do_st, long long do_sh, long long dq_st, long long dq_sh, int T, int H,
+                                  int Tk, int K, int has_sink, int stage, int launch_ctas, float scale,
+                                  const void* hq, const void* hdo, void* bound, const void* bound_scale,
+                                  const void* inv_q, void* stream) {
+  if (H == 0) T = 0;
+  BwdParams p = make_params(q, kv, idx, kv_len, dout, stats, lse, dq, dkv, nullptr, q_st, q_sh, kv_s,
+                            idx_s, do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, has_sink, scale);
+  return launch_bwd64_det<false>(p, stage, hq, hdo, bound, bound_scale, inv_q, target, launch_ctas, stream);
+}
+
 // The 128-head cluster kernel (H = 128 only; unpacked rows, default mode): the arguments of
 // dsa_sparse_mla_bwd64_sm90 (l2_hints: the dkv adds evict_last; its gathers take no hint);
 // dkv in the dkv64 workspace layout.
@@ -1719,6 +1883,23 @@ int dsa_sparse_mla_bwd64_packed_sm90(const void* q, const void* kv, const void* 
     return static_cast<int>(cudaErrorInvalidValue);
   p.l2_hints = l2_hints;
   return launch_bwd64<true>(p, launch_ctas, stream);
+}
+
+// The deterministic mode on packed rows: the arguments of dsa_sparse_mla_bwd64_packed_sm90 with
+// `stage` in place of l2_hints and the stage's buffers as dsa_sparse_mla_bwd64_det_sm90 takes them.
+int dsa_sparse_mla_bwd64_det_packed_sm90(const void* q, const void* kv, const void* uid, const void* count,
+                                         const void* uslot, const void* dout, const void* stats, const void* lse,
+                                         void* dq, void* dkv, void* target, long long q_st, long long q_sh,
+                                         long long kv_s, long long ucap, long long do_st, long long do_sh,
+                                         long long dq_st, long long dq_sh, int T, int H, int Tk, int K, int G,
+                                         int hshift, int has_sink, int stage, int launch_ctas, float scale,
+                                         const void* hq, const void* hdo, void* bound, const void* bound_scale,
+                                         const void* inv_q, void* stream) {
+  BwdParams p;
+  if (!packed_params(p, q, kv, uid, count, uslot, dout, stats, lse, dq, dkv, nullptr, q_st, q_sh, kv_s, ucap,
+                     do_st, do_sh, dq_st, dq_sh, T, H, Tk, K, G, hshift, has_sink, scale))
+    return static_cast<int>(cudaErrorInvalidValue);
+  return launch_bwd64_det<true>(p, stage, hq, hdo, bound, bound_scale, inv_q, target, launch_ctas, stream);
 }
 
 }  // extern "C"
