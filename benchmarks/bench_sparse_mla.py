@@ -322,8 +322,9 @@ def main():
                     help="ours' backward in the ids' own order and one launch at every S (cuda_impl.l2_order "
                          "off): the other side of the L2 order's A/B")
     ap.add_argument("--bwd-block-keys", type=int, choices=(32, 64), default=None,
-                    help="ours' default-mode backward (unpacked and row-packed) on the 32- or 64-key kernel "
-                         "(default: cuda_impl.bwd_block_keys, 64): the 64-key kernel's A/B")
+                    help="ours' backward (unpacked and row-packed, both modes; deterministic on 32: the "
+                         "32-key kernel's fp32 lanes) on the 32- or 64-key kernel (default: "
+                         "cuda_impl.bwd_block_keys, 64): the A/B of the kernels and of the deterministic modes")
     ap.add_argument("--bwd-cluster128", action="store_true",
                     help="ours' 128-head backward in clusters of two CTAs that split the channels "
                          "(cuda_impl.bwd_cluster128 on; experimental)")
@@ -347,7 +348,7 @@ def main():
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 
         keys = args.bwd_block_keys
-        cuda_impl.bwd_block_keys = lambda deterministic: 32 if deterministic else keys
+        cuda_impl.bwd_block_keys = lambda deterministic: keys
     if args.bwd_cluster128:
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 

@@ -250,18 +250,15 @@ def test_unpermute_dkv64_inverts_the_kernels_layout():
             ci.unpermute_dkv64(bad)
 
 
-def test_block_keys_follow_the_mode_and_refuse_what_the_64_key_kernel_lacks():
+def test_block_keys_in_both_modes_and_refusals():
     assert ci.bwd_block_keys(False) == 64
-    assert ci.bwd_block_keys(True) == 32
+    assert ci.bwd_block_keys(True) == 64
     q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
     kv = torch.zeros(8, 576, dtype=torch.bfloat16)
     idx = torch.zeros(4, 16, dtype=torch.int32)
     args = (q, kv, idx, 576 ** -0.5, None, None, None, None, None)
     with pytest.raises(ValueError, match="block_keys must be 32 or 64"):
         ci.sparse_mla_bwd_cuda(*args, block_keys=128)
-    for kw in (dict(deterministic=True), dict(deterministic=True, packed=True)):
-        with pytest.raises(ValueError, match="block_keys=64 runs in the default mode only"):
-            ci.sparse_mla_bwd_cuda(*args, block_keys=64, **kw)
     with pytest.raises(ValueError, match="cluster128 takes 128 heads"):
         ci.sparse_mla_bwd_cuda(*args, cluster128=True)
 
@@ -446,7 +443,7 @@ def test_gpu_l2_hints_where_kv_and_the_workspace_leave_the_l2():
     assert "64-key blocks with L2 cache hints" in reason(128, lo + 1)
     assert "64-key blocks with L2 cache hints" in reason(16, lo + 1)  # row-packed: the 64-key kernel too
     assert "64-key" in reason(16, lo + 1, row_packing=False)
-    assert "64-key" not in reason(64, lo, deterministic=True)
+    assert "64-key blocks" in reason(64, lo, deterministic=True) and "integer dkv adds" in reason(64, lo, deterministic=True)
 
 
 @pytest.mark.gpu
@@ -476,12 +473,15 @@ def test_gpu_packed_bwd_matches_float64_reference(T, H, K, sink, topk, holes, ta
     (1024, 16, 512, True, True, True, True, True),       # packed, 4 rows per tile
     (701, 32, 300, True, False, True, True, True),       # packed, 2 rows per tile, last group partial
 ])
+@pytest.mark.parametrize("block_keys", [32, 64])
 def test_gpu_deterministic_bwd_matches_reference_and_repeats_bit_identical(T, H, K, sink, topk, holes, target,
-                                                                           packed):
-    """The deterministic mode: the reference's gradients, and dq, dkv, d_sink and the target the
-    same bits over three more runs (rows with distinct ids: what the indexer's top-k gives)."""
+                                                                           packed, block_keys):
+    """The deterministic mode (``block_keys``: 64, the bound pass and integer adds; 32, the 32-key
+    kernel's fp32 lanes): the reference's gradients, and dq, dkv, d_sink and the target the same
+    bits over three more runs (rows with distinct ids: what the indexer's top-k gives)."""
     need_library()
-    _check_against_reference(T, H, K, sink, topk, holes, target, packed=packed, deterministic=True, repeats=3)
+    _check_against_reference(T, H, K, sink, topk, holes, target, packed=packed, deterministic=True, repeats=3,
+                             block_keys=block_keys)
 
 
 @pytest.mark.gpu

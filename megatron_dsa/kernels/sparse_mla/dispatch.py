@@ -98,7 +98,9 @@ def _with_packing(choice: KernelChoice, backend: str, heads: int, row_packing: O
 def _with_block_keys(choice: KernelChoice, device, num_keys) -> KernelChoice:
     """The reason names the 64-key kernel where the default-mode CUDA backward (unpacked or
     row-packed) runs it (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on
-    (``cuda_impl.l2_hints``)."""
+    (``cuda_impl.l2_hints``), and its deterministic stages' 64-key blocks."""
+    if choice.backward in ("cuda-deterministic", "cuda-packed-deterministic") and cuda_impl.bwd_block_keys(True) == 64:
+        return dataclasses.replace(choice, reason=f"{choice.reason}; the backward in 64-key blocks")
     if choice.backward not in ("cuda", "cuda-packed") or cuda_impl.bwd_block_keys(False) != 64:
         return choice
     why = f"{choice.reason}; the backward in 64-key blocks"
@@ -139,7 +141,8 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
     if why_cuda is None:
         if det:
             return KernelChoice(OP, backend, "cuda", "cuda-deterministic",
-                                f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: one dkv lane per SM)")
+                                f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: a bound pass, "
+                                "then integer dkv adds in per-key power-of-two quanta)")
         l2 = ""
         if num_keys is not None and cuda_impl.l2_order(device, num_keys):
             l2 = ("; the backward walks its rows in L2 order (ids ascending, short launches: the dkv "
