@@ -252,7 +252,7 @@ def test_unpermute_dkv64_inverts_the_kernels_layout():
 
 def test_block_keys_in_both_modes_and_refusals():
     assert ci.bwd_block_keys(False) == 64
-    assert ci.bwd_block_keys(True) == 64
+    assert ci.bwd_block_keys(True) == 32
     q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
     kv = torch.zeros(8, 576, dtype=torch.bfloat16)
     idx = torch.zeros(4, 16, dtype=torch.int32)
@@ -265,10 +265,12 @@ def test_block_keys_in_both_modes_and_refusals():
 
 @NO_NVCC
 def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    # (every entry point of the file: the 32-key kernel's four modes, the 64-key kernel's two and the
-    # 128-head cluster kernel)
+    # (every entry point of the file: the 32-key kernel's four modes, the 64-key kernel's six and the
+    # 128-head cluster kernel; the 64-key kernel's unpacked integer-add stage of the deterministic
+    # mode, opt-in, spills one register: 4 / 12 bytes)
     assert_compiles_without_spills(ci.SOURCES[1], tmp_path, ("sparse_mla_bwd_sm90_kernel", "sparse_mla_bwd64_sm90_kernel",
-                                                             "sparse_mla_bwd128c_sm90_kernel"))
+                                                             "sparse_mla_bwd128c_sm90_kernel"),
+                                   allow_spills={"sparse_mla_bwd64_sm90_kernelILb0ELi2E": 12})
 
 
 # (the backward kernels' shared memory: test_sparse_mla_cuda.py's library build test)
@@ -443,7 +445,7 @@ def test_gpu_l2_hints_where_kv_and_the_workspace_leave_the_l2():
     assert "64-key blocks with L2 cache hints" in reason(128, lo + 1)
     assert "64-key blocks with L2 cache hints" in reason(16, lo + 1)  # row-packed: the 64-key kernel too
     assert "64-key" in reason(16, lo + 1, row_packing=False)
-    assert "64-key blocks" in reason(64, lo, deterministic=True) and "integer dkv adds" in reason(64, lo, deterministic=True)
+    assert "64-key" not in reason(64, lo, deterministic=True)
 
 
 @pytest.mark.gpu

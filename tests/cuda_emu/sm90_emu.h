@@ -1557,6 +1557,11 @@ inline int __shfl_sync(unsigned mask, int v, int src_lane) {
 // float -> integer conversions (cvt.rni.s32.f32, cvt.rni / cvt.rpi .u64.f32): the GPU saturates
 // and converts NaN to 0; the kernels that use them bound their values, so a finite value out of
 // range is reported (a broken bound), NaN converts to 0 as on the GPU
+inline float __int_as_float(int v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
 inline int __float2int_rn(float x) {
   if (std::isnan(x)) return 0;
   if (!(std::fabs(x) < 2147483648.f)) emu::report("__float2int_rn: a value outside the int32 range");

@@ -445,9 +445,13 @@ def bwd_block_keys(deterministic: bool) -> int:
     """Keys per block of the CUDA backward, unpacked or row-packed: 64 (``dsa_sparse_mla_bwd64_sm90``
     / ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys, 64 channels] dKV tiles;
     faster than the 32-key kernel at every measured S and head count, ``docs/kernels_sparse_mla.md``
-    section 3.3b), in both modes (deterministic: the integer adds, :func:`det_bound_scale`). 32
-    (the 32-key kernel; deterministic: its fp32 lanes, :func:`det_lanes`) on request only."""
-    return 64
+    section 3.3b) in the default mode; 32 (the 32-key kernel on its fp32 lanes, :func:`det_lanes`)
+    in the deterministic mode. ``block_keys=64`` with ``deterministic=True`` takes the 64-key
+    kernel's integer adds (:func:`det_bound_scale`) instead: the same bits on every GPU and
+    schedule and no lanes (H100, 128 heads, S = 16K: 2.5 vs 7.0 GiB peak; 64K: 10.3 vs 17.1),
+    but slower (208 vs 150 ms at 16K, 918 vs 775 at 64K; 16 heads 70 vs 49, 398 vs 291:
+    its scalar int32 adds cost 3x the fp32 vector adds, docs/kernels_sparse_mla.md section 6)."""
+    return 32 if deterministic else 64
 
 
 # The deterministic 64-key backward (docs/kernels_sparse_mla.md section 6): each key's dkv is
@@ -506,10 +510,12 @@ def det_quanta(bound: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, 
 
 
 def det_finish(ws: torch.Tensor, q: torch.Tensor, bad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dkv in channel order and ``dtype`` from the integer workspace (int32 ``[Tk, 576]``, dkv64
-    layout) and the keys' quanta: exact in fp64, one rounding to fp32, then to ``dtype``;
-    NaN where ``bad``."""
-    f = (ws.double() * q[:, None]).float()
+    """dkv in channel order and ``dtype`` from the integer workspace (int32 ``[Tk, 576]``: value
+    ``(j, n)`` of a 32-channel line at ``8 n + j`` where the dkv64 layout has ``4 j + n``,
+    ``cuda/sparse_mla_bwd_sm90.cu``, "DET_INT") and the keys' quanta: exact in fp64, one
+    rounding to fp32, then to ``dtype``; NaN where ``bad``."""
+    Tk = ws.shape[0]
+    f = (ws.view(Tk, 18, 4, 8).transpose(2, 3).reshape(Tk, 576).double() * q[:, None]).float()
     f = torch.where(bad, torch.full_like(f, float("nan")), f)
     return unpermute_dkv64(f, dtype)
 
@@ -535,13 +541,14 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     (the indexer loss's target). ``indices`` int32 with unit column stride. ``packed``: row
     packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys; the rows are
     packed and run in chunks of at most :data:`PACK_CHUNK_BYTES` of packing (:func:`packed_chunk_rows`).
-    ``deterministic``: bit-reproducible dkv and target. With 64-key blocks (the default) the
-    kernel runs twice: a bound pass (each key's bound on ``|dkv|``, summed as integers), then
-    the backward adding dkv as int32 multiples of each key's power-of-two quantum and the target
-    as u64 multiples of ``2^-40`` (:func:`det_bound_scale`, :func:`det_quanta`): the same bits on
-    every run, device and schedule. With ``block_keys=32``: the 32-key kernel on a persistent
-    grid adding into fp32 lanes (:func:`det_lanes`), the same bits for a given device model and
-    shape when each row's valid ids are distinct. dq and d_sink are deterministic in both modes
+    ``deterministic``: bit-reproducible dkv and target. By default (``block_keys`` 32) the 32-key
+    kernel on a persistent grid adding into fp32 lanes (:func:`det_lanes`): the same bits for a
+    given device model and shape when each row's valid ids are distinct. With ``block_keys=64``
+    the 64-key kernel runs twice: a bound pass (each key's bound on ``|dkv|``, summed as
+    integers), then the backward adding dkv as int32 multiples of each key's power-of-two
+    quantum and the target as u64 multiples of ``2^-40`` (:func:`det_bound_scale`,
+    :func:`det_quanta`): the same bits on every run, device and schedule (slower, less memory:
+    :func:`bwd_block_keys`). dq and d_sink are deterministic in both modes
     (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
     workspace exceeds the L2), each row's ids are walked ascending and the rows run in launches
     of a bounded number of CTAs (the packed path's unions are ascending already).

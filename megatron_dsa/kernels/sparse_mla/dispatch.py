@@ -141,8 +141,7 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
     if why_cuda is None:
         if det:
             return KernelChoice(OP, backend, "cuda", "cuda-deterministic",
-                                f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: a bound pass, "
-                                "then integer dkv adds in per-key power-of-two quanta)")
+                                f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: one dkv lane per SM)")
         l2 = ""
         if num_keys is not None and cuda_impl.l2_order(device, num_keys):
             l2 = ("; the backward walks its rows in L2 order (ids ascending, short launches: the dkv "

@@ -831,23 +831,34 @@ __device__ __forceinline__ void dkv64_line_adds(float* dkv_lane, const int (&ro)
     }
 }
 
-// DET_INT: the same lines as integers in units of each key's quantum (rint(v / q_s); iq[i][e] =
-// 1 / q_s, a power of two, so the scaling is exact), added by red.global.add.s32 one whole line
-// per warp instruction (integer adds have no vector form): the 4 lane groups g = lane / 8 (one
-// key each) trade values so that in add m lane l holds element l of key group m's line (element
-// 4 j + n of a line is value n of the group's lane j): a rotation by g, 4 shuffles, a rotation
-// by lane % 4. ws_lane = the int32 workspace + lane; the offsets of key group m come from its
-// first lane. Integer adds are associative: the sum, and so the bits, do not depend on the order.
-__device__ __forceinline__ void rot4(int (&v)[4], int k) {  // v[n] <- v[(n + k) % 4]
-  int a[4];
+// DET_INT: the same lines as integers in units of each key's quantum (rint(v / q_s): 1 / q_s is a
+// power of two, so the scaling is exact), added by red.global.add.s32 one whole line per warp
+// instruction (integer adds have no vector form). A thread's 4 values n of key group g = lane / 8
+// (lane j = lane % 8 of the group) are transposed with the lane bits 3-4 (two butterfly stages,
+// 4 shuffles) so that in add m lane 8 n + j holds value n of lane 8 m + j; its line position is
+// its lane: the int32 workspace stores value (j, n) of a line at 8 n + j where the fp32 dkv64
+// layout has 4 j + n (cuda_impl.det_finish). kq[i][e]: the key's id | the bits of its 1 / q_s (a
+// power of two: exponent bits only, above bit 22; ids < 2^23), -1: skip (one register per key);
+// key group m's comes from its first lane. ws_lane = the int32 workspace + lane. Integer adds are
+// associative: the sum, and so the bits, do not depend on the order.
+constexpr int DET_ID_MASK = 0x7FFFFF, DET_EXP_MASK = 0x7F800000;
+// one butterfly stage: registers n and n + d (bit log2(d) of n) trade with lane ^ (8 d)
+template <int D>
+__device__ __forceinline__ void det_transpose_stage(int (&x)[4], int lane) {
+  const bool c = (lane >> 3) & D;
 #pragma unroll
-  for (int n = 0; n < 4; ++n) a[n] = (k & 1) ? v[(n + 1) & 3] : v[n];
-#pragma unroll
-  for (int n = 0; n < 4; ++n) v[n] = (k & 2) ? a[(n + 2) & 3] : a[n];
+  for (int n = 0; n < 4; ++n) {
+    if (n & D) continue;
+    const int r = __shfl_xor_sync(0xffffffffu, c ? x[n] : x[n + D], 8 * D);
+    if (c)
+      x[n] = r;
+    else
+      x[n + D] = r;
+  }
 }
 template <int NL>
-__device__ __forceinline__ void dkv64_line_adds_s32(int* ws_lane, const int (&ro)[2][2], const float (&iq)[2][2],
-                                                    bool side, int col0, const float* acc, int lane) {
+__device__ __forceinline__ void dkv64_line_adds_s32(int* ws_lane, const int (&kq)[2][2], bool side, int col0,
+                                                    const float* acc, int lane) {
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -863,18 +874,16 @@ __device__ __forceinline__ void dkv64_line_adds_s32(int* ws_lane, const int (&ro
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool own = static_cast<int>(side) == e;
+        const float iq = __int_as_float(kq[i][e] & DET_EXP_MASK);
         int x[4];
 #pragma unroll
-        for (int n = 0; n < 4; ++n) x[n] = __float2int_rn((own ? mine[n] : theirs[n]) * iq[i][e]);
-        rot4(x, lane >> 3);  // x[k]: value (g + k) % 4
-        int y[4];            // round r: value lane % 4 of lane 8 ((r + lane) % 4) + lane / 4
-#pragma unroll
-        for (int r = 0; r < 4; ++r) y[r] = __shfl_sync(0xffffffffu, x[(4 - r) & 3], 8 * ((r + lane) & 3) + (lane >> 2));
-        rot4(y, (4 - lane) & 3);  // y[m]: element `lane` of key group m's line
+        for (int n = 0; n < 4; ++n) x[n] = __float2int_rn((own ? mine[n] : theirs[n]) * iq);
+        det_transpose_stage<1>(x, lane);
+        det_transpose_stage<2>(x, lane);  // x[m]: value lane / 8 of lane 8 m + lane % 8
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
-          const int rm = __shfl_sync(0xffffffffu, ro[i][e], 8 * m);
-          if (rm >= 0) red_add_s32(ws_lane + (rm + col0 + 32 * l2), y[m]);
+          const int km = __shfl_sync(0xffffffffu, kq[i][e], 8 * m);
+          if (km >= 0) red_add_s32(ws_lane + (km & DET_ID_MASK) * D_QK + (col0 + 32 * l2), x[m]);
         }
       }
     }
@@ -1172,12 +1181,14 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       // is released (WG1 rewrites this ids slot two blocks later, after the next release)
       int ro[2][2];
       key_row_offsets(sbase + OFF_IDS + (b % NIDS) * BN * 4, key0, b * BN, kv_len, p.Tk, ro);
-      float iq[2][2];  // DET_INT: the keys' inverse quanta
-      if constexpr (MODE == DET_INT) {
+      if constexpr (MODE == DET_INT) {  // id | the bits of 1 / q_s (dkv64_line_adds_s32)
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) iq[i][e] = ro[i][e] >= 0 ? __ldg(p.inv_q + ro[i][e] / D_QK) : 0.f;
+          for (int e = 0; e < 2; ++e) {
+            const int id = ro[i][e] / D_QK;
+            ro[i][e] = ro[i][e] >= 0 ? id | __ldg(reinterpret_cast<const int*>(p.inv_q) + id) : -1;
+          }
       }
       auto mma = [&](int c, float (&acc)[32]) {  // dKV tile c: [64 keys, channels 64 c ..]
 #pragma unroll
@@ -1192,7 +1203,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       // acc[4 j + 2 i + bb]: key row (lane / 4) + 8 i of the warp's 16, channel 64 c + 8 j + colq + bb
       auto add = [&](int c, const float (&acc)[32]) {
         if constexpr (MODE == DET_INT)
-          dkv64_line_adds_s32<2>(reinterpret_cast<int*>(p.dkv) + lane, ro, iq, side, 64 * c, acc, lane);
+          dkv64_line_adds_s32<2>(reinterpret_cast<int*>(p.dkv) + lane, ro, side, 64 * c, acc, lane);
         else
           dkv64_line_adds<2>(dkv_lane, ro, side, 64 * c, acc, add_pol);
       };
@@ -1684,8 +1695,8 @@ int launch_bwd64_det(BwdParams& p, int stage, const void* hq, const void* hdo, v
       return static_cast<int>(cudaErrorInvalidValue);
     return launch_bwd64<PACK, DET_BOUND>(p, launch_ctas, stream);
   }
-  if (stage == DET_INT) {
-    if (inv_q == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (stage == DET_INT) {  // (ids < 2^23: dkv64_line_adds_s32)
+    if (inv_q == nullptr || p.Tk > DET_ID_MASK + 1) return static_cast<int>(cudaErrorInvalidValue);
     return launch_bwd64<PACK, DET_INT>(p, launch_ctas, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
