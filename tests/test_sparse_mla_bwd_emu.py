@@ -147,6 +147,29 @@ def _stats(prob):
     return torch.stack([z2, delta]).contiguous(), dsink_t
 
 
+def _launch(entry, prob, packed, dq, common, tail):
+    """One call of a backward entry point on the problem's rows (``packed``: packed by
+    ``pack_rows_reference``): its q / kv / ids pointers, ``common`` (dout .. the target), the
+    strides and sizes, then ``tail`` (the entry's mode arguments and the stream)."""
+    q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
+    T, H, _ = q.shape
+    Tk, K = kv.shape[0], idx.shape[1]
+    if packed:
+        pk = pack_rows_reference(idx, Tk, H, prob.topk_len)
+        assert pk.rows == 64 // pk.hpad
+        uid, count, uslot = pk.uid.contiguous(), pk.count.contiguous(), pk.uslot.contiguous()
+        return entry(
+            q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
+            q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
+            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4 if pk.hpad == 16 else 5,
+            int(prob.sink is not None), *tail)
+    kv_len = effective_lengths_torch(idx, prob.topk_len)
+    return entry(
+        q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
+        q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
+        dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), *tail)
+
+
 def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes=0, launch_ctas=0, keys64=False,
          l2_hints=0, cluster=False):
     """The launcher's steps around the kernel (cuda_impl.sparse_mla_bwd_cuda) with the emulated
@@ -168,25 +191,12 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
     common = (dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
               tgt.data_ptr() if tgt is not None else None)
     if packed:
-        pk = pack_rows_reference(idx, Tk, H, prob.topk_len)
-        assert pk.rows == 64 // pk.hpad
-        uid, count, uslot = pk.uid.contiguous(), pk.count.contiguous(), pk.uslot.contiguous()
         entry = lib.dsa_sparse_mla_bwd64_packed_sm90 if keys64 else lib.dsa_sparse_mla_bwd_packed_sm90
-        rc = entry(
-            q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
-            q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4 if pk.hpad == 16 else 5,
-            int(prob.sink is not None), l2_hints if keys64 else lanes, launch_ctas, SCALE, None)
     else:
-        kv_len = effective_lengths_torch(idx, prob.topk_len)
         entry = lib.dsa_sparse_mla_bwd64_sm90 if keys64 else lib.dsa_sparse_mla_bwd_sm90
         if cluster:  # the 128-head kernel in clusters of two CTAs (the dkv64 workspace layout)
             entry, keys64 = lib.dsa_sparse_mla_bwd128c_sm90, True
-        rc = entry(
-            q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
-            q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
-            dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), l2_hints if keys64 else lanes,
-            launch_ctas, SCALE, None)
+    rc = _launch(entry, prob, packed, dq, common, (l2_hints if keys64 else lanes, launch_ctas, SCALE, None))
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
     dkv = unpermute_dkv64(ws.sum(0)) if keys64 else unpermute_dkv(ws.sum(0))
     return (rc, dq, dkv, d_sink, tgt, lib.emu_hazards(), bool(lib.emu_aborted()), messages(lib))
@@ -218,20 +228,8 @@ def _run_det64(lib, prob, seed=0, target=False, packed=False, launch_ctas=0, wai
                   tfx.data_ptr() if tfx is not None else None)
         tail = (stage, launch_ctas, SCALE, hq.data_ptr(), hdo.data_ptr(), bound.data_ptr(), bscale.data_ptr(),
                 inv_q.data_ptr() if inv_q is not None else None, None)
-        if packed:
-            pk = pack_rows_reference(idx, Tk, H, prob.topk_len)
-            uid, count, uslot = pk.uid.contiguous(), pk.count.contiguous(), pk.uslot.contiguous()
-            rc = rc or lib.dsa_sparse_mla_bwd64_det_packed_sm90(
-                q.data_ptr(), kv.data_ptr(), uid.data_ptr(), count.data_ptr(), uslot.data_ptr(), *common,
-                q.stride(0), q.stride(1), kv.stride(0), uid.shape[1], dout.stride(0), dout.stride(1),
-                dq.stride(0), dq.stride(1), T, H, Tk, K, uid.shape[0], 4 if pk.hpad == 16 else 5,
-                int(prob.sink is not None), *tail)
-        else:
-            kv_len = effective_lengths_torch(idx, prob.topk_len)
-            rc = rc or lib.dsa_sparse_mla_bwd64_det_sm90(
-                q.data_ptr(), kv.data_ptr(), idx.data_ptr(), kv_len.data_ptr(), *common,
-                q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), dout.stride(0), dout.stride(1),
-                dq.stride(0), dq.stride(1), T, H, Tk, K, int(prob.sink is not None), *tail)
+        entry = lib.dsa_sparse_mla_bwd64_det_packed_sm90 if packed else lib.dsa_sparse_mla_bwd64_det_sm90
+        rc = rc or _launch(entry, prob, packed, dq, common, tail)
     d_sink = dsink_t.sum(0) if dsink_t is not None else None
     dkv = det_finish(ws, qs, bad, torch.float32)
     tgt = det_target(tfx) if tfx is not None else None

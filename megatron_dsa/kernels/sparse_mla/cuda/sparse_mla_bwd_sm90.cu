@@ -805,6 +805,19 @@ __device__ __forceinline__ void key_row_offsets(uint32_t ids_w, int key0, int sl
     ro[i][1] = (slot + 1 < kv_len && id2.y >= 0 && id2.y < Tk) ? id2.y * D_QK : -1;
   }
 }
+// Line l2 of fragment row half i of a [64 keys, 64 channels] accumulator, traded with lane ^ 4
+// (the dkv64 workspace comment above): mine / theirs[n], n = 2 jl + bb, are this lane's side of
+// its own key and of the pair's other key.
+__device__ __forceinline__ void dkv64_line_sides(const float* acc, int i, int l2, bool side, float (&mine)[4],
+                                                 float (&theirs)[4]) {
+#pragma unroll
+  for (int n = 0; n < 4; ++n) {
+    const int jl = n >> 1, bb = n & 1;
+    const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
+    mine[n] = side ? hi : lo;
+    theirs[n] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
+  }
+}
 template <int NL>
 __device__ __forceinline__ void dkv64_line_adds(float* dkv_lane, const int (&ro)[2][2], bool side, int col0,
                                                 const float* acc, uint64_t pol) {
@@ -813,13 +826,7 @@ __device__ __forceinline__ void dkv64_line_adds(float* dkv_lane, const int (&ro)
 #pragma unroll
     for (int l2 = 0; l2 < NL; ++l2) {  // line l2 of the tile: j = 4 l2 + {0 .. 3}
       float mine[4], theirs[4];
-#pragma unroll
-      for (int n = 0; n < 4; ++n) {  // n = 2 jl + bb
-        const int jl = n >> 1, bb = n & 1;
-        const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
-        mine[n] = side ? hi : lo;
-        theirs[n] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
-      }
+      dkv64_line_sides(acc, i, l2, side, mine, theirs);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int r = ro[i][e];
@@ -864,13 +871,7 @@ __device__ __forceinline__ void dkv64_line_adds_s32(int* ws_lane, const int (&kq
 #pragma unroll
     for (int l2 = 0; l2 < NL; ++l2) {
       float mine[4], theirs[4];
-#pragma unroll
-      for (int n = 0; n < 4; ++n) {  // n = 2 jl + bb (as dkv64_line_adds)
-        const int jl = n >> 1, bb = n & 1;
-        const float lo = acc[4 * (4 * l2 + jl) + 2 * i + bb], hi = acc[4 * (4 * l2 + 2 + jl) + 2 * i + bb];
-        mine[n] = side ? hi : lo;
-        theirs[n] = __shfl_xor_sync(0xffffffffu, side ? lo : hi, 4);
-      }
+      dkv64_line_sides(acc, i, l2, side, mine, theirs);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool own = static_cast<int>(side) == e;
