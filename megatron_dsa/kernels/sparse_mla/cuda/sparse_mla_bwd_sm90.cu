@@ -1259,8 +1259,10 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
 // sent), DS_FULL (128 local + 128 remote WG1 threads: both key halves of dS / P written),
 // DS_EMPTY (256 local + 256 remote: both CTAs' readers are done with the block's dS / P),
 // KV_EMPTY (WG2's dQ MMAs released the kv slot). Not deterministic; unpacked rows; H = 128.
-// Experimental (cuda_impl.bwd_cluster128, off): checked on the CPU emulator against float64,
-// compiled for sm_90a without spills (255 registers, 228 KB of shared memory), not yet run on a GPU.
+// Experimental (cuda_impl.bwd_cluster128, off): checked against float64 on the CPU emulator and
+// an H100, where it took 110 ms against the 64-key kernel's 57 (S = 16K) while it sent P and dS
+// to the other CTA as 2-byte stores; they now go as 16-byte copies of the owned keys' rows
+// (255 registers, a 20-byte spill, 228 KB of shared memory).
 namespace c128 {
 constexpr int THREADS = 256;
 constexpr int BN = 64;                         // keys per block
@@ -1487,8 +1489,6 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
               const uint16_t ds16 = static_cast<uint16_t>(pv & 0xFFFFu), p16 = static_cast<uint16_t>(pv >> 16);
               st_shared_u16(sbase + OFF_DS + j * DSH + o, ds16);
               st_shared_u16(sbase + OFF_P + j * DSH + o, p16);
-              st_cluster_u16(obase + OFF_DS + j * DSH + o, ds16);
-              st_cluster_u16(obase + OFF_P + j * DSH + o, p16);
             }
           }
         }
@@ -1503,6 +1503,19 @@ __global__ void __launch_bounds__(c128::THREADS, 1) sparse_mla_bwd128c_sm90_kern
               const int slot = b * BN + 32 * c + 8 * jj + colq + bb;
               if (lane < 4 && slot < kv_len) red_add(p.target + (long long)t * p.K + slot, v);
             }
+        }
+        // the owned keys' P and dS of this half (rows 32 c .. 32 c + 31: two 4 KB ranges) into the
+        // other CTA's buffers, 16 bytes a store, once WG1's local stores landed (2-byte remote
+        // stores of each value as it was computed: 2.0x slower, H100)
+        bar_sync(1, 128);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // 16-byte granule (r % 2) * 128 + wt of dS (r < 2) / P
+          const uint32_t o = (r < 2 ? OFF_DS : OFF_P) + j * DSH + 4 * c * 1024 + ((r & 1) * 128 + wt) * 16;
+          uint32_t v[4];
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                       : "r"(sbase + o) : "memory");
+          asm volatile("st.shared::cluster.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(obase + o), "r"(v[0]), "r"(v[1]),
+                       "r"(v[2]), "r"(v[3]) : "memory");
         }
       }
       fence_proxy_async_all();  // (the stores above, local and remote, are read by wgmma)
