@@ -261,6 +261,10 @@ def test_block_keys_in_both_modes_and_refusals():
         ci.sparse_mla_bwd_cuda(*args, block_keys=128)
     with pytest.raises(ValueError, match="cluster128 takes 128 heads"):
         ci.sparse_mla_bwd_cuda(*args, cluster128=True)
+    big = torch.zeros(ci.DET_MAX_KEYS + 1, 576, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="block_keys=64 takes at most 8388608 keys"):
+        ci.sparse_mla_bwd_cuda(q, big, idx, 576 ** -0.5, None, None, None, None, None, deterministic=True,
+                               block_keys=64)
 
 
 @NO_NVCC

@@ -462,6 +462,8 @@ def bwd_block_keys(deterministic: bool) -> int:
 DET_QUANTUM_BITS = 30
 DET_BOUND_BITS = 62
 DET_TARGET_BITS = 40
+# (the integer adds hold a key's id and its quantum's exponent in one register: ids < 2^23)
+DET_MAX_KEYS = 1 << 23
 
 
 def _pow2(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -527,7 +529,8 @@ def det_target(fx: torch.Tensor) -> torch.Tensor:
 
 def bwd_cluster128(heads: int, packed: bool, deterministic: bool) -> bool:
     """Whether the backward takes the 128-head cluster kernel (``dsa_sparse_mla_bwd128c_sm90``):
-    not by default (experimental: emulator-checked, not yet measured on a GPU)."""
+    not by default (experimental: correct on an H100, where it took 110 ms against the 64-key
+    kernel's 57 at S = 16K; docs/kernels_sparse_mla.md section 3.3c)."""
     return False
 
 
@@ -553,7 +556,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     workspace exceeds the L2), each row's ids are walked ascending and the rows run in launches
     of a bounded number of CTAs (the packed path's unions are ascending already).
     ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`);
-    64 (the 64-key kernel, unpacked or packed rows) runs in the default mode only.
+    64 (the 64-key kernel, unpacked or packed rows; deterministic: its integer adds, at most
+    :data:`DET_MAX_KEYS` keys).
     ``cluster128``: at 128 heads, unpacked, default mode, the 64-key blocks in clusters of two
     CTAs that split the channels (``sparse_mla_bwd128c_sm90_kernel``; experimental, opt-in;
     ``None``: :func:`bwd_cluster128`).
@@ -568,6 +572,9 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     if cluster128 and (q.shape[1] != 128 or packed or deterministic or block_keys != 64):
         raise ValueError("cluster128 takes 128 heads, unpacked rows, the default mode and block_keys 64 (or None), "
                          f"got {q.shape[1]} heads, packed={packed}, deterministic={deterministic}, block_keys={block_keys}")
+    if deterministic and block_keys == 64 and kv.shape[0] > DET_MAX_KEYS:
+        raise ValueError(f"deterministic=True with block_keys=64 takes at most {DET_MAX_KEYS} keys (kv rows), "
+                         f"got {kv.shape[0]}")
     lib = library()
     T, H, Dqk = q.shape
     if packed and not 1 <= H <= MAX_PACK_HEADS:
