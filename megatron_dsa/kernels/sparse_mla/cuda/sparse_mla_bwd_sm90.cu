@@ -3,7 +3,8 @@
 // Two kernels: sparse_mla_bwd_sm90_kernel (32-key blocks, a producer warpgroup; the
 // deterministic mode and block_keys=32, unpacked or row-packed), described here, and
 // sparse_mla_bwd64_sm90_kernel (64-key blocks, two warpgroups; the default mode, unpacked or
-// row-packed), described above its own code below.
+// row-packed, and the opt-in integer stages of the deterministic mode, DET_BOUND / DET_INT),
+// described above its own code below.
 //
 // Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three warpgroups) per
 // (query row t, block of 64 heads); deterministic (DET): a persistent grid, below. The row's
@@ -719,6 +720,13 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 
 // ---------------------------------------------------------------------------------------------
 // 64-key blocks (default mode, unpacked or row-packed): sparse_mla_bwd64_sm90_kernel
+//
+// MODE (cuda_impl.sparse_mla_bwd_cuda(..., deterministic=True, block_keys=64) runs both stages):
+// DET_BOUND runs WG1 alone up to P and dS and adds each key's bound on |dkv| (sum over rows and
+// heads of |dS| max|q| + P max|dO|, each warp's 16-head sum rounded up to fixed-point units) as
+// u64; DET_INT is the default kernel with the dkv adds as int32 multiples of each key's quantum
+// (dkv64_line_adds_s32) and the target as u64 multiples of 2^-40. Integer adds are
+// associative, so both give the same bits in any order.
 //
 // The kernel above walks 32-key blocks with a producer warpgroup; its S, dP and dKV^T tiles are
 // m64n32k16 wgmmas, and its WG2 holds two tile pairs in 232 registers. This one has two
