@@ -147,6 +147,15 @@ def _stats(prob):
     return torch.stack([z2, delta]).contiguous(), dsink_t
 
 
+def _launch_inputs(prob):
+    """``(T, H, Tk, K, stats, d_sink terms, lse, dq)``: the sizes, the stats kernel's outputs (in
+    torch), lse contiguous and a NaN-filled dq for the kernel to write."""
+    T, H, _ = prob.q.shape
+    stats, dsink_t = _stats(prob)
+    dq = torch.full((T, H, D_QK), float("nan"), dtype=torch.bfloat16)
+    return T, H, prob.kv.shape[0], prob.idx.shape[1], stats, dsink_t, prob.lse.contiguous(), dq
+
+
 def _launch(entry, prob, packed, dq, common, tail):
     """One call of a backward entry point on the problem's rows (``packed``: packed by
     ``pack_rows_reference``): its q / kv / ids pointers, ``common`` (dout .. the target), the
@@ -179,16 +188,11 @@ def _run(lib, prob, seed=0, target=False, packed=False, wait_limit_s=60.0, lanes
     most that many CTAs. ``keys64``: the 64-key kernel (``dsa_sparse_mla_bwd64_sm90``, or with
     ``packed`` ``dsa_sparse_mla_bwd64_packed_sm90``: its own workspace layout; ``l2_hints`` in
     place of ``lanes``)."""
-    q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
-    T, H, _ = q.shape
-    Tk, K = kv.shape[0], idx.shape[1]
-    stats, dsink_t = _stats(prob)
-    lse = prob.lse.contiguous()
-    dq = torch.full((T, H, D_QK), float("nan"), dtype=torch.bfloat16)
+    T, H, Tk, K, stats, dsink_t, lse, dq = _launch_inputs(prob)
     ws = torch.zeros(max(lanes, 1), Tk, D_QK)                   # permuted columns
     tgt = torch.zeros(T, K) if target else None
     lib.emu_reset(seed, wait_limit_s)
-    common = (dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
+    common = (prob.dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
               tgt.data_ptr() if tgt is not None else None)
     if packed:
         entry = lib.dsa_sparse_mla_bwd64_packed_sm90 if keys64 else lib.dsa_sparse_mla_bwd_packed_sm90
@@ -207,16 +211,11 @@ def _run_det64(lib, prob, seed=0, target=False, packed=False, launch_ctas=0, wai
     pass, the keys' quanta, the integer pass, the finish) with the emulated kernel: (rc, dq,
     dkv (fp32, unpermuted), d_sink, target, hazards, aborted, messages, extras) with extras the
     bound pass's per-key bounds (float64), the integer workspace and the quanta."""
-    q, kv, idx, dout = prob.q, prob.kv, prob.idx, prob.dout
-    T, H, _ = q.shape
-    Tk, K = kv.shape[0], idx.shape[1]
-    stats, dsink_t = _stats(prob)
-    lse = prob.lse.contiguous()
-    dq = torch.full((T, H, D_QK), float("nan"), dtype=torch.bfloat16)
+    T, H, Tk, K, stats, dsink_t, lse, dq = _launch_inputs(prob)
     ws = torch.zeros(Tk, D_QK, dtype=torch.int32)
     tfx = torch.zeros(T, K, dtype=torch.int64) if target else None
-    hq, hdo = det_head_max(q), det_head_max(dout)
-    bscale, bad = det_bound_scale(kv, dout, hq, hdo, SCALE)
+    hq, hdo = det_head_max(prob.q), det_head_max(prob.dout)
+    bscale, bad = det_bound_scale(prob.kv, prob.dout, hq, hdo, SCALE)
     bound = torch.zeros(Tk, dtype=torch.int64)
     lib.emu_reset(seed, wait_limit_s)
     inv_q = qs = None
@@ -224,7 +223,7 @@ def _run_det64(lib, prob, seed=0, target=False, packed=False, launch_ctas=0, wai
     for stage in (1, 2):
         if stage == 2:
             inv_q, qs = det_quanta(bound, bscale)
-        common = (dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
+        common = (prob.dout.data_ptr(), stats.data_ptr(), lse.data_ptr(), dq.data_ptr(), ws.data_ptr(),
                   tfx.data_ptr() if tfx is not None else None)
         tail = (stage, launch_ctas, SCALE, hq.data_ptr(), hdo.data_ptr(), bound.data_ptr(), bscale.data_ptr(),
                 inv_q.data_ptr() if inv_q is not None else None, None)
