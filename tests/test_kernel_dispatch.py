@@ -100,7 +100,12 @@ def test_deterministic_backward_choice(monkeypatch):
     gpu = torch.device("cuda", 0)
     auto = mla_choice("auto", gpu, torch.bfloat16, 128, 576, 512, deterministic=True)
     assert (auto.forward, auto.backward) == ("cuda", "cuda-deterministic")
-    assert "deterministic backward: one dkv lane per SM" in auto.reason
+    assert "deterministic backward: one dkv lane per SM" in auto.reason and "64-key" not in auto.reason
+    # the integer adds where the deterministic mode takes 64-key blocks (bench --bwd-block-keys 64)
+    monkeypatch.setattr(cuda_impl, "bwd_block_keys", lambda deterministic: 64)
+    det64 = mla_choice("auto", gpu, torch.bfloat16, 128, 576, 512, deterministic=True).reason
+    assert "integer dkv adds" in det64 and "64-key blocks" in det64 and "lane" not in det64
+    monkeypatch.setattr(cuda_impl, "bwd_block_keys", lambda deterministic: 32 if deterministic else 64)
     assert mla_choice("cuda", gpu, torch.bfloat16, 128, 576, 512, deterministic=True).backward == "cuda-deterministic"
     tri_det = mla_choice("triton", gpu, torch.bfloat16, 8, 576, 512, deterministic=True)
     assert tri_det.backward == "triton-deterministic"

@@ -140,8 +140,10 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
     why_cuda = cuda_impl.unsupported_reason(device, dtype, d_qk, d_v, num_keys)
     if why_cuda is None:
         if det:
+            how = ("a bound pass, then integer dkv adds in per-key power-of-two quanta"
+                   if cuda_impl.bwd_block_keys(True) == 64 else "one dkv lane per SM")
             return KernelChoice(OP, backend, "cuda", "cuda-deterministic",
-                                f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: one dkv lane per SM)")
+                                f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: {how})")
         l2 = ""
         if num_keys is not None and cuda_impl.l2_order(device, num_keys):
             l2 = ("; the backward walks its rows in L2 order (ids ascending, short launches: the dkv "
