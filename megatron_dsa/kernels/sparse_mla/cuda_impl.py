@@ -450,7 +450,8 @@ def bwd_block_keys(deterministic: bool) -> int:
     kernel's integer adds (:func:`det_bound_scale`) instead: the same bits on every GPU and
     schedule and no lanes (H100, 128 heads, S = 16K: 2.5 vs 7.0 GiB peak; 64K: 10.3 vs 17.1),
     but slower (208 vs 150 ms at 16K, 918 vs 775 at 64K; 16 heads 70 vs 49, 398 vs 291:
-    its scalar int32 adds cost 3x the fp32 vector adds, docs/kernels_sparse_mla.md section 6)."""
+    its scalar int32 adds cost 3x the fp32 vector adds; measured with one channel per add, now two
+    per u64 add, not yet timed; docs/kernels_sparse_mla.md section 6)."""
     return 32 if deterministic else 64
 
 
@@ -512,12 +513,15 @@ def det_quanta(bound: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, 
 
 
 def det_finish(ws: torch.Tensor, q: torch.Tensor, bad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dkv in channel order and ``dtype`` from the integer workspace (int32 ``[Tk, 576]``: value
-    ``(j, n)`` of a 32-channel line at ``8 n + j`` where the dkv64 layout has ``4 j + n``,
-    ``cuda/sparse_mla_bwd_sm90.cu``, "DET_INT") and the keys' quanta: exact in fp64, one
-    rounding to fp32, then to ``dtype``; NaN where ``bad``."""
+    """dkv in channel order and ``dtype`` from the integer workspace (``[Tk, 576]`` int32 in the
+    dkv64 layout, each channel pair one u64 sum ``x_1 2^32 + x_0``, ``cuda/sparse_mla_bwd_sm90.cu``,
+    "DET_INT") and the keys' quanta: exact in fp64, one rounding to fp32, then to ``dtype``; NaN
+    where ``bad``."""
     Tk = ws.shape[0]
-    f = (ws.view(Tk, 18, 4, 8).transpose(2, 3).reshape(Tk, 576).double() * q[:, None]).float()
+    t = ws.view(torch.int64)  # [Tk, 288]: (sum of the odd channel) 2^32 + (sum of the even one)
+    lo = (t << 32) >> 32
+    f = torch.stack((lo, (t - lo) >> 32), -1).reshape(Tk, 576)
+    f = (f.double() * q[:, None]).float()
     f = torch.where(bad, torch.full_like(f, float("nan")), f)
     return unpermute_dkv64(f, dtype)
 

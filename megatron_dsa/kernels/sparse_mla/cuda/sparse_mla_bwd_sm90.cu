@@ -176,9 +176,6 @@ __device__ __forceinline__ uint64_t policy_first(bool on) {
   asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(b));
   return on ? a : b;
 }
-__device__ __forceinline__ void red_add_s32(int* ptr, int v) {
-  asm volatile("red.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
-}
 __device__ __forceinline__ void red_add_u64(unsigned long long* ptr, unsigned long long v) {
   asm volatile("red.global.add.u64 [%0], %1;\n" ::"l"(ptr), "l"(v) : "memory");
 }
@@ -724,8 +721,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 // MODE (cuda_impl.sparse_mla_bwd_cuda(..., deterministic=True, block_keys=64) runs both stages):
 // DET_BOUND runs WG1 alone up to P and dS and adds each key's bound on |dkv| (sum over rows and
 // heads of |dS| max|q| + P max|dO|, each warp's 16-head sum rounded up to fixed-point units) as
-// u64; DET_INT is the default kernel with the dkv adds as int32 multiples of each key's quantum
-// (dkv64_line_adds_s32) and the target as u64 multiples of 2^-40. Integer adds are
+// u64; DET_INT is the default kernel with the dkv adds as integer multiples of each key's quantum,
+// two channels per u64 add (dkv64_line_adds_u64), and the target as u64 multiples of 2^-40. Integer adds are
 // associative, so both give the same bits in any order.
 //
 // The kernel above walks 32-key blocks with a producer warpgroup; its S, dP and dKV^T tiles are
@@ -847,33 +844,17 @@ __device__ __forceinline__ void dkv64_line_adds(float* dkv_lane, const int (&ro)
 }
 
 // DET_INT: the same lines as integers in units of each key's quantum (rint(v / q_s): 1 / q_s is a
-// power of two, so the scaling is exact), added by red.global.add.s32 one whole line per warp
-// instruction (integer adds have no vector form). A thread's 4 values n of key group g = lane / 8
-// (lane j = lane % 8 of the group) are transposed with the lane bits 3-4 (two butterfly stages,
-// 4 shuffles) so that in add m lane 8 n + j holds value n of lane 8 m + j; its line position is
-// its lane: the int32 workspace stores value (j, n) of a line at 8 n + j where the fp32 dkv64
-// layout has 4 j + n (cuda_impl.det_finish). kq[i][e]: the key's id | the bits of its 1 / q_s (a
-// power of two: exponent bits only, above bit 22; ids < 2^23), -1: skip (one register per key);
-// key group m's comes from its first lane. ws_lane = the int32 workspace + lane. Integer adds are
-// associative: the sum, and so the bits, do not depend on the order.
+// power of two, so the scaling is exact), two channels per red.global.add.u64 (integer adds have
+// no vector form): x_1 2^32 + x_0 in two's complement, whose sum's low word is sum x_0 (within
+// 2^31 by the bound) and high word sum x_1, decoded exactly (cuda_impl.det_finish); the
+// workspace keeps the dkv64 layout. kq[i][e]: the key's id | the bits of its 1 / q_s (a power of
+// two: exponent bits only, above bit 22; ids < 2^23), -1: skip. ws_lane = the int32 workspace +
+// this lane's offset in a line (as dkv_lane). Integer adds are associative: the sum, and so the
+// bits, do not depend on the order.
 constexpr int DET_ID_MASK = 0x7FFFFF, DET_EXP_MASK = 0x7F800000;
-// one butterfly stage: registers n and n + d (bit log2(d) of n) trade with lane ^ (8 d)
-template <int D>
-__device__ __forceinline__ void det_transpose_stage(int (&x)[4], int lane) {
-  const bool c = (lane >> 3) & D;
-#pragma unroll
-  for (int n = 0; n < 4; ++n) {
-    if (n & D) continue;
-    const int r = __shfl_xor_sync(0xffffffffu, c ? x[n] : x[n + D], 8 * D);
-    if (c)
-      x[n] = r;
-    else
-      x[n + D] = r;
-  }
-}
 template <int NL>
-__device__ __forceinline__ void dkv64_line_adds_s32(int* ws_lane, const int (&kq)[2][2], bool side, int col0,
-                                                    const float* acc, int lane) {
+__device__ __forceinline__ void dkv64_line_adds_u64(int* ws_lane, const int (&kq)[2][2], bool side, int col0,
+                                                    const float* acc) {
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -883,16 +864,16 @@ __device__ __forceinline__ void dkv64_line_adds_s32(int* ws_lane, const int (&kq
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool own = static_cast<int>(side) == e;
-        const float iq = __int_as_float(kq[i][e] & DET_EXP_MASK);
-        int x[4];
+        const int k = kq[i][e];
+        const float iq = __int_as_float(k & DET_EXP_MASK);
+        long long x[4];
 #pragma unroll
         for (int n = 0; n < 4; ++n) x[n] = __float2int_rn((own ? mine[n] : theirs[n]) * iq);
-        det_transpose_stage<1>(x, lane);
-        det_transpose_stage<2>(x, lane);  // x[m]: value lane / 8 of lane 8 m + lane % 8
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const int km = __shfl_sync(0xffffffffu, kq[i][e], 8 * m);
-          if (km >= 0) red_add_s32(ws_lane + (km & DET_ID_MASK) * D_QK + (col0 + 32 * l2), x[m]);
+        if (k >= 0) {
+          unsigned long long* w =
+              reinterpret_cast<unsigned long long*>(ws_lane + (k & DET_ID_MASK) * D_QK + (col0 + 32 * l2));
+          red_add_u64(w, static_cast<unsigned long long>(x[1] * 4294967296LL + x[0]));
+          red_add_u64(w + 1, static_cast<unsigned long long>(x[3] * 4294967296LL + x[2]));
         }
       }
     }
@@ -1190,7 +1171,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       // is released (WG1 rewrites this ids slot two blocks later, after the next release)
       int ro[2][2];
       key_row_offsets(sbase + OFF_IDS + (b % NIDS) * BN * 4, key0, b * BN, kv_len, p.Tk, ro);
-      if constexpr (MODE == DET_INT) {  // id | the bits of 1 / q_s (dkv64_line_adds_s32)
+      if constexpr (MODE == DET_INT) {  // id | the bits of 1 / q_s (dkv64_line_adds_u64)
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -1212,7 +1193,7 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
       // acc[4 j + 2 i + bb]: key row (lane / 4) + 8 i of the warp's 16, channel 64 c + 8 j + colq + bb
       auto add = [&](int c, const float (&acc)[32]) {
         if constexpr (MODE == DET_INT)
-          dkv64_line_adds_s32<2>(reinterpret_cast<int*>(p.dkv) + lane, ro, side, 64 * c, acc, lane);
+          dkv64_line_adds_u64<2>(reinterpret_cast<int*>(p.dkv) + 16 * side + 2 * colq, ro, side, 64 * c, acc);
         else
           dkv64_line_adds<2>(dkv_lane, ro, side, 64 * c, acc, add_pol);
       };
@@ -1717,7 +1698,7 @@ int launch_bwd64_det(BwdParams& p, int stage, const void* hq, const void* hdo, v
       return static_cast<int>(cudaErrorInvalidValue);
     return launch_bwd64<PACK, DET_BOUND>(p, launch_ctas, stream);
   }
-  if (stage == DET_INT) {  // (ids < 2^23: dkv64_line_adds_s32)
+  if (stage == DET_INT) {  // (ids < 2^23: dkv64_line_adds_u64)
     if (inv_q == nullptr || p.Tk > DET_ID_MASK + 1) return static_cast<int>(cudaErrorInvalidValue);
     return launch_bwd64<PACK, DET_INT>(p, launch_ctas, stream);
   }
