@@ -6,6 +6,7 @@ kernels on Hopper, else Triton); the output records which kernels ran (``kernel`
 ``profile_sparse_mla_fwdbwd_H<H>.json`` and a Chrome trace under ``--out`` (default ``$OUT`` or .).
 
     python3 benchmarks/profile_sparse_mla_fwdbwd.py [--S 16384] [--H 128] [--backend triton]
+        [--deterministic [--bwd-block-keys 64]]
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ def main():
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton"))
     ap.add_argument("--deterministic", action="store_true", help="the deterministic backward")
+    ap.add_argument("--bwd-block-keys", type=int, choices=(32, 64), default=None,
+                    help="the CUDA backward's kernel in both modes (as bench_sparse_mla.py's; deterministic "
+                         "64: the integer adds)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_sparse_mla_fwdbwd: needs a CUDA device")
         return 1
-    from megatron_dsa.kernels.sparse_mla import select_backend, sparse_mla
+    from megatron_dsa.kernels.sparse_mla import cuda_impl, select_backend, sparse_mla
 
+    if a.bwd_block_keys is not None:
+        cuda_impl.bwd_block_keys = lambda deterministic: a.bwd_block_keys
     S, H = a.S, a.H
     q, kv, idx, dout = make_case(S, H, a.k)
     scale = 576 ** -0.5
