@@ -53,7 +53,7 @@
 // * cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) answers emu::sm_count (2), so a
 //   persistent kernel's CTAs each walk several rows.
 // * Global fp32 atomics (red.global.add.f32 / .v2.f32 / .v4.f32, the last also with an L2 cache
-//   policy) are atomic per element.
+//   policy) are atomic per element; red.global.add.u64 is atomic and wraps.
 //   fence.acq_rel.gpu / fence.sc.gpu order global memory across CTAs: CTAs run one at a time
 //   here, so they are no-ops.
 // * setmaxnreg: a CTA starts with 64K / threads registers per thread (rounded down to 8, at most
@@ -587,15 +587,11 @@ inline void red_add_f32(uint64_t addr, const float* v, int n) {
   for (int i = 0; i < n; ++i) std::atomic_ref<float>(p[i]).fetch_add(v[i], std::memory_order_relaxed);
 }
 
-// ---- global integer reductions (red.global.add.s32 / .u64): atomic, wrapping (two's complement)
-inline void red_add_int(uint64_t addr, uint64_t v, int bytes) {
+// ---- global integer reductions (red.global.add.u64): atomic, wrapping (two's complement)
+inline void red_add_u64(uint64_t addr, uint64_t v) {
   jitter();
-  if (addr % static_cast<unsigned>(bytes) != 0) report("misaligned red.global.add");
-  if (bytes == 4) {
-    std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(addr)).fetch_add(static_cast<uint32_t>(v), std::memory_order_relaxed);
-  } else {
-    std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(addr)).fetch_add(v, std::memory_order_relaxed);
-  }
+  if (addr % 8u != 0) report("misaligned red.global.add");
+  std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(addr)).fetch_add(v, std::memory_order_relaxed);
 }
 
 // ---- setmaxnreg
@@ -1432,11 +1428,11 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
         v[i] = static_cast<float>(ops[src[i]].f);
       }
       red_add_f32(val(A[0]), v, static_cast<int>(src.size()));
-    } else if (op == "red.global.add.s32" || op == "red.global.add.u64") {  // [addr], value
+    } else if (op == "red.global.add.u64") {  // [addr], value
       if (A.size() != 2 || A[0].kind != Operand::ADDR || A[1].kind == Operand::VEC || A[1].arg < 0 ||
           ops[A[1].arg].is_float)
         return unsupported(in);
-      red_add_int(val(A[0]), ops[A[1].arg].v, op == "red.global.add.s32" ? 4 : 8);
+      red_add_u64(val(A[0]), ops[A[1].arg].v);
     } else if (starts(op, "createpolicy.")) {
       if (ops[A[0].arg].out == nullptr || ops[A[0].arg].out_size != 8) return unsupported(in);
       const uint64_t token = 0x10E7C0DEull;  // an opaque cache policy
@@ -1548,11 +1544,6 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     std::memcpy(&r, &slot[(lane ^ lane_mask) & 31][0], 4);
     return r;
   });
-}
-inline int __shfl_sync(unsigned mask, int v, int src_lane) {
-  (void)mask;
-  uint32_t in[4] = {static_cast<uint32_t>(v), 0, 0, 0};
-  return emu::warp_exchange(in, [&](uint32_t (*slot)[4]) { return static_cast<int>(slot[src_lane & 31][0]); });
 }
 // float -> integer conversions (cvt.rni.s32.f32, cvt.rni / cvt.rpi .u64.f32): the GPU saturates
 // and converts NaN to 0; the kernels that use them bound their values, so a finite value out of

@@ -486,15 +486,16 @@ def det_bound_scale(kv: torch.Tensor, dout: torch.Tensor, hq: torch.Tensor, hdo:
     ``bad`` flag (bool ``[]``: the inputs are not finite or too large, dkv is NaN).
 
     One (row, head)'s term of a key's bound, ``|dS| max|q| + P max|dO|``, is at most ``c =
-    2 scale max||dO|| max||v|| max|q| + max|dO|`` (``P <= 1``, ``|dP - Delta| <= 2 ||dO|| max||v||``);
-    with a factor 2 for roundings, ``T H c`` bounds the sum over all of them, which the scale maps
-    to at most ``2^DET_BOUND_BITS`` units (each term rounded up to whole units). No host sync."""
+    2 scale max||dO|| max||v|| max|q| + max|dO|`` (``P <= 1``, ``|dP - Delta| <= 2 ||dO|| max||v||``,
+    ``||dO|| <= sqrt(512) max|dO|``: no second pass over dO); with a factor 2 for roundings, ``T H
+    c`` bounds the sum over all of them, which the scale maps to at most ``2^DET_BOUND_BITS``
+    units (each term rounded up to whole units). No host sync."""
     T, H = hq.shape
-    vn = (torch.linalg.vector_norm(kv[:, :512], dim=-1, dtype=torch.float32).amax().double()
-          if kv.shape[0] else torch.zeros((), dtype=torch.float64, device=kv.device))
-    don = torch.linalg.vector_norm(dout, dim=-1, dtype=torch.float32).amax().double() if T * H else vn * 0
-    qm = hq.amax().double() if T * H else vn * 0
-    dm = hdo.amax().double() if T * H else vn * 0
+    zero = torch.zeros((), dtype=torch.float64, device=kv.device)
+    vn = torch.linalg.vector_norm(kv[:, :512], dim=-1, dtype=torch.float32).amax().double() if kv.shape[0] else zero
+    qm = hq.amax().double() if T * H else zero
+    dm = hdo.amax().double() if T * H else zero
+    don = dm * 512 ** 0.5
     total = 2.0 * (2.0 * softmax_scale * don * vn * qm + dm) * float(max(T * H, 1))
     e = torch.frexp(total).exponent  # total <= 2^e
     bad = ~torch.isfinite(total) | (e > DET_BOUND_BITS + 126)
@@ -645,7 +646,8 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
         perm = tgt = None
         if l2:  # each row's ids ascending; the target is added at the sorted slots, then moved back
             indices, perm, kv_len = sort_row_ids(indices, topk_length, kv.shape[0], with_perm=target_out is not None)
-            tgt = torch.zeros_like(target_out) if target_out is not None else None
+            # (deterministic 64: the target's integer sums are converted after the launches)
+            tgt = torch.zeros_like(target_out) if target_out is not None and not det64 else None
         else:
             tgt = target_out
             kv_len = effective_lengths(indices, topk_length)
