@@ -553,7 +553,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     kernel on a persistent grid adding into fp32 lanes (:func:`det_lanes`): the same bits for a
     given device model and shape when each row's valid ids are distinct. With ``block_keys=64``
     the 64-key kernel runs twice: a bound pass (each key's bound on ``|dkv|``, summed as
-    integers), then the backward adding dkv as int32 multiples of each key's power-of-two
+    integers), then the backward adding dkv as integer multiples of each key's power-of-two
     quantum and the target as u64 multiples of ``2^-40`` (:func:`det_bound_scale`,
     :func:`det_quanta`): the same bits on every run, device and schedule (slower, less memory:
     :func:`bwd_block_keys`). dq and d_sink are deterministic in both modes
@@ -671,7 +671,7 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                     entry = lib.dsa_sparse_mla_bwd128c_sm90
                 _check(entry(*args, tgt.data_ptr() if tgt is not None else None, *dims, mode,
                              l2_order_launch_ctas(Tk, False) if l2 else 0, float(softmax_scale), stream), "backward")
-        if tfx is not None and det64:  # the target's integer sums (at the sorted slots where perm)
+        if tfx is not None:  # the target's integer sums (at the sorted slots where perm)
             if perm is None:
                 target_out += det_target(tfx)
             else:
