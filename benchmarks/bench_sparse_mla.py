@@ -324,7 +324,7 @@ def main():
     ap.add_argument("--bwd-block-keys", type=int, choices=(32, 64), default=None,
                     help="ours' backward (unpacked and row-packed, both modes; deterministic on 32: the "
                          "32-key kernel's fp32 lanes; on 64: the integer adds) on the 32- or 64-key kernel "
-                         "(default: cuda_impl.bwd_block_keys, 64 and deterministic 32): the A/B of the kernels "
+                         "(default: cuda_impl.bwd_block_keys, 64 in both modes): the A/B of the kernels "
                          "and of the deterministic modes")
     ap.add_argument("--bwd-cluster128", action="store_true",
                     help="ours' 128-head backward in clusters of two CTAs that split the channels "

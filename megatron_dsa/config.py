@@ -51,10 +51,9 @@ class DSAPluginConfig:
             apply, else Triton; the reference on the CPU), ``cuda``, ``triton`` or
             ``reference``. An explicit choice that cannot run raises, saying why.
         loss_backend: indexer KL loss: ``auto``, ``triton`` (the fused path) or ``reference``.
-        deterministic: a bit-reproducible sparse-attention backward on a given GPU model (the
-            CUDA kernel on a persistent grid, each SM adding into its own fp32 dkv lane, the lanes
-            summed in order: ``SMs * Tk * 2304`` bytes of workspace; elsewhere Triton's
-            sort-and-reduce pass). ``None`` follows ``torch.are_deterministic_algorithms_enabled()``
+        deterministic: a bit-reproducible sparse-attention backward (on sm_90 the CUDA kernel
+            twice: a bound pass, then dkv added as integers in per-key power-of-two quanta, the
+            same bits on every GPU and schedule; elsewhere Triton's sort-and-reduce pass). ``None`` follows ``torch.are_deterministic_algorithms_enabled()``
             (Megatron's ``--deterministic-mode``).
         loss_target: where the sparse indexer loss gets its target (the head-summed attention
             probabilities over the selected keys). ``auto``: from the attention backward when

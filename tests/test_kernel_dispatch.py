@@ -100,12 +100,15 @@ def test_deterministic_backward_choice(monkeypatch):
     gpu = torch.device("cuda", 0)
     auto = mla_choice("auto", gpu, torch.bfloat16, 128, 576, 512, deterministic=True)
     assert (auto.forward, auto.backward) == ("cuda", "cuda-deterministic")
-    assert "deterministic backward: one dkv lane per SM" in auto.reason and "64-key" not in auto.reason
-    # the integer adds where the deterministic mode takes 64-key blocks (bench --bwd-block-keys 64)
-    monkeypatch.setattr(cuda_impl, "bwd_block_keys", lambda deterministic: 64)
-    det64 = mla_choice("auto", gpu, torch.bfloat16, 128, 576, 512, deterministic=True).reason
-    assert "integer dkv adds" in det64 and "64-key blocks" in det64 and "lane" not in det64
+    # the integer adds (64-key blocks) by default; the lanes where the deterministic mode takes
+    # 32-key blocks (bench --bwd-block-keys 32) and beyond DET_MAX_KEYS keys
+    assert "integer dkv adds" in auto.reason and "64-key blocks" in auto.reason and "lane" not in auto.reason
+    big = mla_choice("auto", gpu, torch.bfloat16, 128, 576, 512, deterministic=True,
+                     num_keys=cuda_impl.DET_MAX_KEYS + 1).reason
+    assert "one dkv lane per SM" in big and "64-key" not in big
     monkeypatch.setattr(cuda_impl, "bwd_block_keys", lambda deterministic: 32 if deterministic else 64)
+    lanes = mla_choice("auto", gpu, torch.bfloat16, 128, 576, 512, deterministic=True).reason
+    assert "deterministic backward: one dkv lane per SM" in lanes and "64-key" not in lanes
     assert mla_choice("cuda", gpu, torch.bfloat16, 128, 576, 512, deterministic=True).backward == "cuda-deterministic"
     tri_det = mla_choice("triton", gpu, torch.bfloat16, 8, 576, 512, deterministic=True)
     assert tri_det.backward == "triton-deterministic"

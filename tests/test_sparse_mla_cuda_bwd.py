@@ -252,7 +252,9 @@ def test_unpermute_dkv64_inverts_the_kernels_layout():
 
 def test_block_keys_in_both_modes_and_refusals():
     assert ci.bwd_block_keys(False) == 64
-    assert ci.bwd_block_keys(True) == 32
+    assert ci.bwd_block_keys(True) == 64
+    assert ci.det_block_keys(None) == 64 and ci.det_block_keys(ci.DET_MAX_KEYS) == 64
+    assert ci.det_block_keys(ci.DET_MAX_KEYS + 1) == 32  # the lanes: ids beyond the integer adds' reach
     q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
     kv = torch.zeros(8, 576, dtype=torch.bfloat16)
     idx = torch.zeros(4, 16, dtype=torch.int32)
@@ -448,7 +450,8 @@ def test_gpu_l2_hints_where_kv_and_the_workspace_leave_the_l2():
     assert "64-key blocks with L2 cache hints" in reason(128, lo + 1)
     assert "64-key blocks with L2 cache hints" in reason(16, lo + 1)  # row-packed: the 64-key kernel too
     assert "64-key" in reason(16, lo + 1, row_packing=False)
-    assert "64-key" not in reason(64, lo, deterministic=True)
+    assert "64-key blocks" in reason(64, lo, deterministic=True)  # the integer adds
+    assert "64-key" not in reason(64, ci.DET_MAX_KEYS + 1, deterministic=True)  # the lanes
 
 
 @pytest.mark.gpu

@@ -12,14 +12,17 @@ count, int32 indices.
   block, P V of every block for its half of the output channels).
 * Backward, any H: ``cuda/sparse_mla_bwd_sm90.cu``, one CTA per (row, 64 heads) keeping the
   row's Q and dO in shared memory; dq written once, dkv added into an fp32 workspace whose
-  columns are permuted. Two kernels (:func:`bwd_block_keys`): in the default mode the 64-key
-  one (two warpgroups, ``[64 keys, 64 channels]`` dKV tiles, full-line adds,
-  :func:`unpermute_dkv64`; L2 cache hints where :func:`l2_hints` holds), in the deterministic
-  mode the 32-key one with its producer warpgroup (:func:`unpermute_dkv`). Its per-head statistics (logZ, Delta, d_sink)
-  come from the Triton stats kernel (:func:`.triton_impl.bwd_stats`). Deterministic
-  (``deterministic=True``): the same kernel on a persistent grid of one CTA per SM, CTA j taking
-  rows j, j + grid, ... in order and adding into its own workspace lane; the lanes are summed
-  in a fixed order (:func:`det_lanes`).
+  columns are permuted. Two kernels (:func:`bwd_block_keys`): the 64-key one (two warpgroups,
+  ``[64 keys, 64 channels]`` dKV tiles, full-line adds, :func:`unpermute_dkv64`; L2 cache hints
+  where :func:`l2_hints` holds) in both modes, and the
+  32-key one with its producer warpgroup (:func:`unpermute_dkv`) on request. Its per-head
+  statistics (logZ, Delta, d_sink) come from the Triton stats kernel
+  (:func:`.triton_impl.bwd_stats`). Deterministic (``deterministic=True``): the 64-key kernel
+  twice, a bound pass and then integer dkv adds in per-key power-of-two quanta
+  (:func:`det_bound_scale`, :func:`det_quanta`; the same bits on every GPU); with
+  ``block_keys=32`` (or beyond :data:`DET_MAX_KEYS` keys) the 32-key kernel on a persistent grid
+  of one CTA per SM, CTA j taking rows j, j + grid, ... in order and adding into its own
+  workspace lane, the lanes summed in a fixed order (:func:`det_lanes`).
   With row packing (``packed=True``, <= 32 heads) either kernel serves a group of 64 / 16 or
   64 / 32 rows per CTA over the union of their keys (:mod:`.packing`); so does the ping-pong
   forward's second instantiation (``sparse_mla_fwd_cuda(..., packed=True)``, any H <= 32).
@@ -50,7 +53,7 @@ from .triton_impl import bwd_stats
 __all__ = ["unsupported_reason", "library", "library_error", "sparse_mla_fwd_cuda", "sparse_mla_bwd_cuda",
            "effective_lengths", "unpermute_dkv", "unpermute_dkv64", "build", "pack_rows_cuda", "det_lanes", "packed_chunk_rows",
            "det_head_max", "det_bound_scale", "det_quanta", "det_finish", "det_target",
-           "l2_order", "l2_order_launch_ctas", "l2_hints", "bwd_block_keys", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16",
+           "l2_order", "l2_order_launch_ctas", "l2_hints", "bwd_block_keys", "det_block_keys", "sort_row_ids", "sort_row_ids_torch", "MAX_HEADS16",
            "FWD_PACK_MAX_KEYS", "fwd_pack_max_keys"]
 
 _DIR = Path(__file__).with_name("cuda")
@@ -442,17 +445,24 @@ def det_lanes(device: torch.device, num_keys: int) -> int:
 
 
 def bwd_block_keys(deterministic: bool) -> int:
-    """Keys per block of the CUDA backward, unpacked or row-packed: 64 (``dsa_sparse_mla_bwd64_sm90``
-    / ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys, 64 channels] dKV tiles;
-    faster than the 32-key kernel at every measured S and head count, ``docs/kernels_sparse_mla.md``
-    section 3.3b) in the default mode; 32 (the 32-key kernel on its fp32 lanes, :func:`det_lanes`)
-    in the deterministic mode. ``block_keys=64`` with ``deterministic=True`` takes the 64-key
-    kernel's integer adds (:func:`det_bound_scale`) instead: the same bits on every GPU and
-    schedule and no lanes (H100, 128 heads, S = 16K: 2.5 vs 7.0 GiB peak; 64K: 10.3 vs 17.1),
-    but slower (208 vs 150 ms at 16K, 918 vs 775 at 64K; 16 heads 70 vs 49, 398 vs 291:
-    its scalar int32 adds cost 3x the fp32 vector adds; measured with one channel per add, now two
-    per u64 add, not yet timed; docs/kernels_sparse_mla.md section 6)."""
-    return 32 if deterministic else 64
+    """Keys per block of the CUDA backward, unpacked or row-packed: 64 in both modes
+    (``dsa_sparse_mla_bwd64_sm90`` / ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys,
+    64 channels] dKV tiles; faster than the 32-key kernel at every measured S and head count,
+    ``docs/kernels_sparse_mla.md`` section 3.3b). Deterministic, the 64-key kernel's integer adds
+    (:func:`det_bound_scale`): the same bits on every GPU and schedule, and faster and smaller than
+    the 32-key kernel's fp32 lanes (:func:`det_lanes`; H100, S = 16K: 128 heads 136.2 vs 149.8 ms,
+    2.6 vs 7.0 GiB peak; 16 heads 47.4 vs 49.2 ms, 0.7 vs 5.3 GiB; section 6). ``block_keys=32``
+    with ``deterministic=True`` still takes the lanes, and so does the automatic choice beyond
+    :data:`DET_MAX_KEYS` keys (:func:`det_block_keys`)."""
+    return 64
+
+
+def det_block_keys(num_keys: Optional[int]) -> int:
+    """The deterministic backward's keys per block for ``num_keys`` kv rows (``None``: unknown):
+    :func:`bwd_block_keys`'s, except 32 (the lanes) beyond :data:`DET_MAX_KEYS` keys, which the
+    integer adds cannot address."""
+    keys = bwd_block_keys(True)
+    return 32 if keys == 64 and num_keys is not None and num_keys > DET_MAX_KEYS else keys
 
 
 # The deterministic 64-key backward (docs/kernels_sparse_mla.md section 6): each key's dkv is
@@ -549,27 +559,27 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     (the indexer loss's target). ``indices`` int32 with unit column stride. ``packed``: row
     packing (``H <= 32``): the rows of a 64-row tile walk the union of their keys; the rows are
     packed and run in chunks of at most :data:`PACK_CHUNK_BYTES` of packing (:func:`packed_chunk_rows`).
-    ``deterministic``: bit-reproducible dkv and target. By default (``block_keys`` 32) the 32-key
-    kernel on a persistent grid adding into fp32 lanes (:func:`det_lanes`): the same bits for a
-    given device model and shape when each row's valid ids are distinct. With ``block_keys=64``
-    the 64-key kernel runs twice: a bound pass (each key's bound on ``|dkv|``, summed as
-    integers), then the backward adding dkv as integer multiples of each key's power-of-two
-    quantum and the target as u64 multiples of ``2^-40`` (:func:`det_bound_scale`,
-    :func:`det_quanta`): the same bits on every run, device and schedule (slower, less memory:
-    :func:`bwd_block_keys`). dq and d_sink are deterministic in both modes
-    (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
+    ``deterministic``: bit-reproducible dkv and target. By default (``block_keys`` 64) the 64-key
+    kernel runs twice: a bound pass (each key's bound on ``|dkv|``, summed as integers), then the
+    backward adding dkv as integer multiples of each key's power-of-two quantum and the target as
+    u64 multiples of ``2^-40`` (:func:`det_bound_scale`, :func:`det_quanta`): the same bits on
+    every run, device and schedule. With ``block_keys=32`` (and automatically beyond
+    :data:`DET_MAX_KEYS` keys) the 32-key kernel on a persistent grid adding into fp32 lanes
+    (:func:`det_lanes`): the same bits for a given device model and shape when each row's valid
+    ids are distinct (slower, more memory: :func:`bwd_block_keys`). dq and d_sink are
+    deterministic in both modes (no atomics). Otherwise, where :func:`l2_order` holds (the dkv
     workspace exceeds the L2), each row's ids are walked ascending and the rows run in launches
     of a bounded number of CTAs (the packed path's unions are ascending already).
-    ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`);
-    64 (the 64-key kernel, unpacked or packed rows; deterministic: its integer adds, at most
-    :data:`DET_MAX_KEYS` keys).
+    ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`,
+    deterministic :func:`det_block_keys`); 64 (the 64-key kernel, unpacked or packed rows;
+    deterministic: its integer adds, at most :data:`DET_MAX_KEYS` keys) or 32.
     ``cluster128``: at 128 heads, unpacked, default mode, the 64-key blocks in clusters of two
     CTAs that split the channels (``sparse_mla_bwd128c_sm90_kernel``; experimental, opt-in;
     ``None``: :func:`bwd_cluster128`).
     """
     _check_ids(indices)
     if block_keys is None:
-        block_keys = bwd_block_keys(deterministic)
+        block_keys = det_block_keys(kv.shape[0]) if deterministic else bwd_block_keys(False)
     if block_keys not in (32, 64):
         raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
     if cluster128 is None:

@@ -99,7 +99,7 @@ def _with_block_keys(choice: KernelChoice, device, num_keys) -> KernelChoice:
     """The reason names the 64-key kernel where the default-mode CUDA backward (unpacked or
     row-packed) runs it (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on
     (``cuda_impl.l2_hints``), and its deterministic stages' 64-key blocks."""
-    if choice.backward in ("cuda-deterministic", "cuda-packed-deterministic") and cuda_impl.bwd_block_keys(True) == 64:
+    if choice.backward in ("cuda-deterministic", "cuda-packed-deterministic") and cuda_impl.det_block_keys(num_keys) == 64:
         return dataclasses.replace(choice, reason=f"{choice.reason}; the backward in 64-key blocks")
     if choice.backward not in ("cuda", "cuda-packed") or cuda_impl.bwd_block_keys(False) != 64:
         return choice
@@ -141,7 +141,7 @@ def _select(backend, device, dtype, heads, d_qk, d_v, deterministic, num_keys, w
     if why_cuda is None:
         if det:
             how = ("a bound pass, then integer dkv adds in per-key power-of-two quanta"
-                   if cuda_impl.bwd_block_keys(True) == 64 else "one dkv lane per SM")
+                   if cuda_impl.det_block_keys(num_keys) == 64 else "one dkv lane per SM")
             return KernelChoice(OP, backend, "cuda", "cuda-deterministic",
                                 f"sm_90a CUDA kernels ({heads} heads; the deterministic backward: {how})")
         l2 = ""

@@ -199,38 +199,48 @@ __device__ __forceinline__ void slot_ids(uint32_t ids_w, int slot0, int colq, in
 
 // Shared by both kernels (both keep Q at shared offset 0 and dO after it, in the same layout):
 // the Q [64, 576] and dO [64, 512] tiles of query row t, heads h0 .. h0 + 63 (rows past H
-// zero-filled), cp.async by the 128 threads wt of one warpgroup (no commit or wait).
+// zero-filled), cp.async by the 128 threads wt of one warpgroup (no commit or wait). FIRST: as
+// L2 evict_first (read once per CTA: they should not displace the dkv workspace's lines).
 static_assert(OFF_Q == 0 && OFF_DO == NCH * QCH, "load_q_do's layout");
+template <bool FIRST = false>
+__device__ __forceinline__ void cp_async16_qdo(uint32_t dst, const void* src, bool valid, uint64_t pol) {
+  if constexpr (FIRST) cp_async16_pol(dst, src, valid, pol);
+  else cp_async16(dst, src, valid);
+}
+template <bool FIRST = false>
 __device__ __forceinline__ void load_q_do(uint32_t sbase, const BwdParams& p, int t, int h0, int wt) {
+  const uint64_t pol = FIRST ? policy_first(true) : 0;
   const __nv_bfloat16* qrow = p.q + (long long)t * p.q_st;
   const __nv_bfloat16* dorow = p.dout + (long long)t * p.do_st;
 #pragma unroll 1
   for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
     const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
     const bool ok = h0 + r < p.H;
-    cp_async16(sbase + c * QCH + r * 128 + ((g ^ (r & 7)) << 4), qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8,
-               ok);
+    cp_async16_qdo<FIRST>(sbase + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                          qrow + (long long)(ok ? h0 + r : 0) * p.q_sh + gg * 8, ok, pol);
   }
 #pragma unroll 1
   for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
     const int r = f / (NCV * 8), gg = f % (NCV * 8), c = gg >> 3, g = gg & 7;
     const bool ok = h0 + r < p.H;
-    cp_async16(sbase + NCH * QCH + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-               dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok);
+    cp_async16_qdo<FIRST>(sbase + NCH * QCH + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                          dorow + (long long)(ok ? h0 + r : 0) * p.do_sh + gg * 8, ok, pol);
   }
 }
 
 // load_q_do for a packed group of rows t, t + 1, ...: tile row r from (query row, head) of
 // tile_row (rows past T or heads past H zero-filled).
+template <bool FIRST = false>
 __device__ __forceinline__ void load_q_do_packed(uint32_t sbase, const BwdParams& p, int t, int wt) {
+  const uint64_t pol = FIRST ? policy_first(true) : 0;
 #pragma unroll 1
   for (int f = wt; f < BM * NCH * 8; f += 128) {  // Q: 64 rows x 72 granules
     const int r = f / (NCH * 8), gg = f % (NCH * 8), c = gg >> 3, g = gg & 7;
     int tr, h;
     tile_row<true>(p, t, 0, r, tr, h);
     const bool ok = h < p.H && tr < p.T;
-    cp_async16(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-               p.q + (ok ? (long long)tr * p.q_st + (long long)h * p.q_sh : 0) + gg * 8, ok);
+    cp_async16_qdo<FIRST>(sbase + OFF_Q + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                          p.q + (ok ? (long long)tr * p.q_st + (long long)h * p.q_sh : 0) + gg * 8, ok, pol);
   }
 #pragma unroll 1
   for (int f = wt; f < BM * NCV * 8; f += 128) {  // dO: 64 rows x 64 granules
@@ -238,8 +248,8 @@ __device__ __forceinline__ void load_q_do_packed(uint32_t sbase, const BwdParams
     int tr, h;
     tile_row<true>(p, t, 0, r, tr, h);
     const bool ok = h < p.H && tr < p.T;
-    cp_async16(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
-               p.dout + (ok ? (long long)tr * p.do_st + (long long)h * p.do_sh : 0) + gg * 8, ok);
+    cp_async16_qdo<FIRST>(sbase + OFF_DO + c * QCH + r * 128 + ((g ^ (r & 7)) << 4),
+                          p.dout + (ok ? (long long)tr * p.do_st + (long long)h * p.do_sh : 0) + gg * 8, ok, pol);
   }
 }
 
@@ -928,9 +938,9 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
   if (wg == 0) {
     // ---------------- loads, gathers, S, dP, softmax gradient, dQ[:, 0:256] ----------------
     if constexpr (PACK)
-      load_q_do_packed(sbase, p, t, wt);
+      load_q_do_packed<true>(sbase, p, t, wt);
     else
-      load_q_do(sbase, p, t, h0, wt);
+      load_q_do<true>(sbase, p, t, h0, wt);
     // the tile rows' logZ, Delta and target factor, staged in shared memory (read per block:
     // held in registers, they spilled); visible after the first block's barrier
     if (wt < BM) {
