@@ -27,9 +27,8 @@ both medians (``rev_ms``, ``tree_ms``), ``speedup`` = revision / tree (> 1: the 
 and per output whether the two results are bit-identical (``*_bit_identical``) and their
 relative difference (``*_rel``); dkv is summed by fp32 atomics in no fixed order, so it has a
 relative difference only (about 1e-5 - 1e-4 between two calls of the same kernel).
-``--bwd-cluster128``, ``--deterministic`` and ``--bwd-block-keys`` pass the backward's options to
-both libraries (the experimental 128-head cluster kernel; the deterministic mode, on the 32-key
-kernel's lanes or the 64-key kernel's integer adds).
+``--deterministic`` and ``--bwd-block-keys`` pass the backward's options to both libraries (the
+deterministic mode, on the 32-key kernel's lanes or the 64-key kernel's integer adds).
 ``--flashmla`` adds FlashMLA's sparse forward (``flashmla_ms``) to the fwd rows at 64 / 128
 heads. The Python launchers are this tree's for both libraries, so the tool refuses a revision
 that lacks one of the tree's ``extern "C"`` entry points or defines it with another parameter
@@ -277,8 +276,6 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rest", type=float, default=0.4, help="seconds the GPU idles before each timed call")
     ap.add_argument("--flashmla", action="store_true", help="FlashMLA's forward beside (64 / 128 heads)")
-    ap.add_argument("--bwd-cluster128", action="store_true",
-                    help="bwd: the 128-head cluster kernel in both libraries (every case H = 128)")
     ap.add_argument("--deterministic", action="store_true",
                     help="bwd: the deterministic mode in both libraries (with --bwd-block-keys)")
     ap.add_argument("--bwd-block-keys", type=int, choices=(32, 64), default=None,
@@ -303,11 +300,7 @@ def main(argv=None) -> int:
         cases = parse_cases(a.cases)
     except ValueError as e:
         ap.error(str(e))
-    if a.bwd_cluster128 and (a.deterministic or any(H != 128 for _, H in cases)):
-        ap.error("--bwd-cluster128 takes 128 heads in every case and the default mode")
     bwd_kw = {"block_keys": a.bwd_block_keys, "deterministic": a.deterministic}
-    if a.bwd_cluster128:
-        bwd_kw["cluster128"] = True
 
     import torch
 
@@ -372,7 +365,7 @@ def main(argv=None) -> int:
                 else:
                     ci._LIB = tree
                     out, lse = ci.sparse_mla_fwd_cuda(q, kv, idx, scale)
-                    packed = H <= ci.MAX_PACK_HEADS and not a.bwd_cluster128
+                    packed = H <= ci.MAX_PACK_HEADS
 
                     def call(lib, out=out, lse=lse, packed=packed):
                         ci._LIB = lib

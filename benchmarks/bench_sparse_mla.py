@@ -326,9 +326,6 @@ def main():
                          "32-key kernel's fp32 lanes; on 64: the integer adds) on the 32- or 64-key kernel "
                          "(default: cuda_impl.bwd_block_keys, 64 in both modes): the A/B of the kernels "
                          "and of the deterministic modes")
-    ap.add_argument("--bwd-cluster128", action="store_true",
-                    help="ours' 128-head backward in clusters of two CTAs that split the channels "
-                         "(cuda_impl.bwd_cluster128 on; experimental)")
     ap.add_argument("--no-l2-hints", action="store_true",
                     help="the 64-key backward without its L2 cache hints (cuda_impl.l2_hints off)")
     args = ap.parse_args()
@@ -350,10 +347,6 @@ def main():
 
         keys = args.bwd_block_keys
         cuda_impl.bwd_block_keys = lambda deterministic: keys
-    if args.bwd_cluster128:
-        from megatron_dsa.kernels.sparse_mla import cuda_impl
-
-        cuda_impl.bwd_cluster128 = lambda heads, packed, deterministic: heads == 128 and not packed and not deterministic
     if args.no_l2_hints:
         from megatron_dsa.kernels.sparse_mla import cuda_impl
 

@@ -127,8 +127,9 @@ def test_64_byte_swizzled_operands_multiply_as_laid_out(swz, ta, tb):
 
 def test_a_64_byte_layout_read_with_the_128_byte_swizzle_is_wrong(swz, tmp_path_factory):
     _, text = swz
-    mutant = text.replace("desc64(", "desc(")  # the same layout, read with the 128-byte swizzle
-    assert mutant != text
+    # the same layout, read with the 128-byte swizzle (desc64's layout type 2 -> desc's 1)
+    mutant = text.replace("| (2ull << 62);", "| (1ull << 62);")
+    assert text.count("| (2ull << 62);") == 1 and mutant != text
     lib = build_emulated(tmp_path_factory, "swizzle_mut", "swizzle_emu.cpp", "swizzle64.cu", kernel_text=mutant)
     lib.swizzle64_mma.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     a, b, want = swizzle_case(0)

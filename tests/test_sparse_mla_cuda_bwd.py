@@ -261,8 +261,6 @@ def test_block_keys_in_both_modes_and_refusals():
     args = (q, kv, idx, 576 ** -0.5, None, None, None, None, None)
     with pytest.raises(ValueError, match="block_keys must be 32 or 64"):
         ci.sparse_mla_bwd_cuda(*args, block_keys=128)
-    with pytest.raises(ValueError, match="cluster128 takes 128 heads"):
-        ci.sparse_mla_bwd_cuda(*args, cluster128=True)
     big = torch.zeros(ci.DET_MAX_KEYS + 1, 576, dtype=torch.bfloat16, device="meta")
     with pytest.raises(ValueError, match="block_keys=64 takes at most 8388608 keys"):
         ci.sparse_mla_bwd_cuda(q, big, idx, 576 ** -0.5, None, None, None, None, None, deterministic=True,
@@ -271,11 +269,8 @@ def test_block_keys_in_both_modes_and_refusals():
 
 @NO_NVCC
 def test_bwd_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    # (every entry point of the file: the 32-key kernel's four modes, the 64-key kernel's six and the
-    # 128-head cluster kernel; the experimental cluster kernel, off, spills 20 / 40 bytes)
-    assert_compiles_without_spills(ci.SOURCES[1], tmp_path, ("sparse_mla_bwd_sm90_kernel", "sparse_mla_bwd64_sm90_kernel",
-                                                             "sparse_mla_bwd128c_sm90_kernel"),
-                                   allow_spills={"sparse_mla_bwd128c_sm90_kernel": 40})
+    # (every entry point of the file: the 32-key kernel's four modes, the 64-key kernel's six)
+    assert_compiles_without_spills(ci.SOURCES[1], tmp_path, ("sparse_mla_bwd_sm90_kernel", "sparse_mla_bwd64_sm90_kernel"))
 
 
 # (the backward kernels' shared memory: test_sparse_mla_cuda.py's library build test)
@@ -328,7 +323,7 @@ def _case(T, H, K, sink, topk, holes, seed, shared=False):
 
 
 def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, shared=False,
-                             deterministic=False, repeats=0, block_keys=None, cluster128=False):
+                             deterministic=False, repeats=0, block_keys=None):
     """``repeats``: run the backward that many more times; each must give the same bits.
     ``block_keys``: as ``sparse_mla_bwd_cuda``'s (None: auto, the 64-key kernel in the default
     mode)."""
@@ -342,7 +337,7 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, s
         with poisoned_empty():
             dq, dkv, dsink = ci.sparse_mla_bwd_cuda(q, kv, idx, scale, tk, sk, out, lse, dout, target_out=tgt,
                                                     packed=packed, deterministic=deterministic,
-                                                    block_keys=block_keys, cluster128=cluster128)
+                                                    block_keys=block_keys)
         return dq, dkv, dsink, tgt
 
     dq, dkv, dsink, tgt = run()
@@ -374,62 +369,6 @@ def _check_against_reference(T, H, K, sink, topk, holes, target, packed=False, s
         errs["target"] = rel(tgt.double(), p.sum(1))
         assert errs["target"] < 1e-3, (seed, errs)
     print(f"T={T} H={H} K={K} packed={packed} seed={seed}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
-    (2048, 128, 2048, False, False, False, False),
-    (1536, 64, 1024, True, True, False, True),
-    (1024, 100, 512, True, False, True, False),   # last head tile masked (100 = 64 + 36)
-    (777, 48, 300, False, True, True, True),      # one partial head tile; K not a multiple of 32
-    (1024, 16, 512, True, True, True, True),      # 16 heads in a 64-head tile
-    (600, 1, 200, False, False, False, True),     # one head
-    (700, 32, 300, True, False, True, False),     # 32 heads
-])
-def test_gpu_bwd_matches_float64_reference(T, H, K, sink, topk, holes, target):
-    need_library()
-    _check_against_reference(T, H, K, sink, topk, holes, target)  # (the 64-key kernel)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
-    (1536, 64, 1024, True, True, False, True),
-    (1024, 100, 512, True, False, True, False),
-    (777, 48, 300, False, True, True, True),
-])
-def test_gpu_32_key_bwd_unpacked_matches_float64_reference(T, H, K, sink, topk, holes, target):
-    """The 32-key kernel's unpacked default mode (``block_keys=32``; auto takes it only packed or
-    deterministic)."""
-    need_library()
-    _check_against_reference(T, H, K, sink, topk, holes, target, block_keys=32)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
-    (1536, 128, 1024, True, True, True, True),
-    (777, 48, 300, False, True, False, False),
-])
-def test_gpu_bwd64_with_l2_hints_matches_float64_reference(T, H, K, sink, topk, holes, target, monkeypatch):
-    """The 64-key kernel with its L2 cache hints forced on (cuda_impl.l2_hints)."""
-    need_library()
-    monkeypatch.setattr(ci, "l2_hints", lambda device, num_keys: True)
-    _check_against_reference(T, H, K, sink, topk, holes, target)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("T,H,K,sink,topk,holes,target", [
-    (2048, 128, 2048, False, False, False, False),
-    (1536, 128, 1024, True, True, True, True),
-    (777, 128, 300, False, True, True, True),     # K not a multiple of 64
-])
-def test_gpu_bwd128_cluster_matches_float64_reference(T, H, K, sink, topk, holes, target):
-    """The 128-head backward in clusters of two CTAs that split the channels (``cluster128``)."""
-    need_library()
-    _check_against_reference(T, H, K, sink, topk, holes, target, cluster128=True)
 
 
 @pytest.mark.gpu

@@ -100,7 +100,7 @@ def _load(path: Path):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 7 + [ll] * 6 + [i32] * 4 + [f32, vp]
-    for name in ("dsa_sparse_mla_bwd_sm90", "dsa_sparse_mla_bwd64_sm90", "dsa_sparse_mla_bwd128c_sm90"):
+    for name in ("dsa_sparse_mla_bwd_sm90", "dsa_sparse_mla_bwd64_sm90"):
         fn = getattr(lib, name)
         fn.restype = i32
         fn.argtypes = [vp] * 10 + [ll] * 8 + [i32] * 7 + [f32, vp]
@@ -542,16 +542,9 @@ def det_target(fx: torch.Tensor) -> torch.Tensor:
     return (fx.double() * 2.0 ** -DET_TARGET_BITS).float()
 
 
-def bwd_cluster128(heads: int, packed: bool, deterministic: bool) -> bool:
-    """Whether the backward takes the 128-head cluster kernel (``dsa_sparse_mla_bwd128c_sm90``):
-    not by default (experimental: correct on an H100, where it took 110 ms against the 64-key
-    kernel's 57 at S = 16K; docs/kernels_sparse_mla.md section 3.3c)."""
-    return False
-
-
 def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, lse, dout, dlse=None,
                         target_out=None, packed: bool = False, deterministic: bool = False,
-                        block_keys: Optional[int] = None, cluster128: Optional[bool] = None):
+                        block_keys: Optional[int] = None):
     """Backward: ``(dq [T, H, 576] bf16, dkv [Tk, 576] bf16, d_sink fp32 [H] or None)``.
 
     The Triton stats kernel forms logZ / Delta / the d_sink terms, then the CUDA kernel.
@@ -573,20 +566,12 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
     ``block_keys``: the keys per block of the kernel, ``None`` (auto: :func:`bwd_block_keys`,
     deterministic :func:`det_block_keys`); 64 (the 64-key kernel, unpacked or packed rows;
     deterministic: its integer adds, at most :data:`DET_MAX_KEYS` keys) or 32.
-    ``cluster128``: at 128 heads, unpacked, default mode, the 64-key blocks in clusters of two
-    CTAs that split the channels (``sparse_mla_bwd128c_sm90_kernel``; experimental, opt-in;
-    ``None``: :func:`bwd_cluster128`).
     """
     _check_ids(indices)
     if block_keys is None:
         block_keys = det_block_keys(kv.shape[0]) if deterministic else bwd_block_keys(False)
     if block_keys not in (32, 64):
         raise ValueError(f"block_keys must be 32 or 64 (or None: auto), got {block_keys}")
-    if cluster128 is None:
-        cluster128 = bwd_cluster128(q.shape[1], packed, deterministic) and block_keys == 64
-    if cluster128 and (q.shape[1] != 128 or packed or deterministic or block_keys != 64):
-        raise ValueError("cluster128 takes 128 heads, unpacked rows, the default mode and block_keys 64 (or None), "
-                         f"got {q.shape[1]} heads, packed={packed}, deterministic={deterministic}, block_keys={block_keys}")
     if deterministic and block_keys == 64 and kv.shape[0] > DET_MAX_KEYS:
         raise ValueError(f"deterministic=True with block_keys=64 takes at most {DET_MAX_KEYS} keys (kv rows), "
                          f"got {kv.shape[0]}")
@@ -677,8 +662,6 @@ def sparse_mla_bwd_cuda(q, kv, indices, softmax_scale, topk_length, sink, out, l
                 # (the 64-key kernel takes its L2 hints where the deterministic kernel takes its lanes)
                 entry, mode = ((lib.dsa_sparse_mla_bwd64_sm90, int(l2_hints(q.device, Tk))) if block_keys == 64
                                else (lib.dsa_sparse_mla_bwd_sm90, lanes))
-                if cluster128:
-                    entry = lib.dsa_sparse_mla_bwd128c_sm90
                 _check(entry(*args, tgt.data_ptr() if tgt is not None else None, *dims, mode,
                              l2_order_launch_ctas(Tk, False) if l2 else 0, float(softmax_scale), stream), "backward")
         if tfx is not None:  # the target's integer sums (at the sorted slots where perm)

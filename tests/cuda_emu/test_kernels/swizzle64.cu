@@ -9,7 +9,12 @@
 #include "sm90_common.cuh"
 
 namespace swizzle_test {
-using namespace dsa_sm90;  // (desc64: the 64-byte-swizzle descriptor)
+using namespace dsa_sm90;  // (desc, the wgmma wrappers)
+
+// wgmma shared-memory matrix descriptor, 64-byte swizzle (rows of 64 bytes, 8-row atoms of 512 B)
+__device__ __forceinline__ uint64_t desc64(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (desc(addr, lbo, sbo) & ~(3ull << 62)) | (2ull << 62);
+}
 
 // byte of element (mn, k) of a 32-wide operand: K-major rows are mn, MN-major rows are k
 __device__ __forceinline__ uint32_t swz64(int row, int col) {
