@@ -1,5 +1,5 @@
-"""Emulator features no shipped kernel uses yet (``tests/cuda_emu/sm90_emu.h``), each on a
-test-only kernel under ``tests/cuda_emu/test_kernels`` that also compiles with nvcc.
+"""Emulator features checked on test-only kernels under ``tests/cuda_emu/test_kernels`` that also
+compile with nvcc (``tests/cuda_emu/sm90_emu.h``; the first two no shipped kernel uses now).
 
 * Thread-block clusters (``cluster_exchange.cu``): two CTAs per cluster run together, each in
   its own shared memory; ``mapa`` + ``st.shared::cluster`` reach the other CTA's, remote mbarrier
@@ -10,8 +10,10 @@ test-only kernel under ``tests/cuda_emu/test_kernels`` that also compiles with n
   overtook the read, gives the wrong sums).
 * 64-byte-swizzled wgmma operands (``swizzle64.cu``): ``A B^T`` with either operand K-major
   or MN-major equals the float64 product; read as 128-byte-swizzled, it does not.
+* ``stmatrix ... .trans`` (``stmatrix_trans.cu``; the backward's 64-key kernel stores its P / dS
+  tiles with it): each 8 x 8 fragment lands transposed, element (r, c) at row c, column r.
 
-Both kernels also build with nvcc for sm_90a (checked wherever nvcc is found) and, on an sm_90
+The kernels also build with nvcc for sm_90a (checked wherever nvcc is found) and, on an sm_90
 GPU (``-m gpu``), give there the results the emulator is held to."""
 
 import ctypes
@@ -162,7 +164,7 @@ def _nvcc_build(tmp_path, name):
     return so
 
 
-@pytest.mark.parametrize("name", ["cluster_exchange", "swizzle64"])
+@pytest.mark.parametrize("name", ["cluster_exchange", "swizzle64", "stmatrix_trans"])
 def test_the_test_kernels_build_for_sm90a(tmp_path, name):
     assert _nvcc_build(tmp_path, name).exists()
 
@@ -192,3 +194,35 @@ def test_64_byte_swizzled_operands_on_the_gpu_multiply_as_laid_out(tmp_path, ta,
     assert lib.swizzle64_mma(ab.data_ptr(), bb.data_ptr(), d.data_ptr(), ta, tb) == 0
     torch.cuda.synchronize()
     np.testing.assert_array_equal(d.cpu().numpy(), want.astype(np.float32))
+
+
+# ---- stmatrix .trans ----
+
+def stsm_trans_expected():
+    """Matrix j's row c, column r (uint16 at 64 j + 8 c + r): fragment element (r, c) of matrix j,
+    held by lane 4 r + c // 2 as half c % 2 of its register j: 64 j + 2 (4 r + c // 2) + c % 2."""
+    j, c, r = np.meshgrid(np.arange(4), np.arange(8), np.arange(8), indexing="ij")
+    return (64 * j + 2 * (4 * r + c // 2) + c % 2).astype(np.uint16).reshape(-1)
+
+
+def test_stmatrix_trans_stores_each_fragment_transposed(tmp_path_factory):
+    with open(os.path.join(EMU_DIR, "test_kernels", "stmatrix_trans.cu")) as f:
+        text = f.read()
+    lib = build_emulated(tmp_path_factory, "stsm", "stsm_emu.cpp", "stmatrix_trans.cu", kernel_text=text)
+    lib.stmatrix_trans_store.argtypes = [ctypes.c_void_p]
+    out = np.zeros(128, dtype=np.uint32)
+    lib.emu_reset(0, 30.0)
+    assert lib.stmatrix_trans_store(out.ctypes.data) == 0
+    assert lib.emu_hazards() == 0, messages(lib)
+    np.testing.assert_array_equal(out.view(np.uint16), stsm_trans_expected())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_stmatrix_trans_on_the_gpu_stores_as_the_emulator(tmp_path):
+    lib = ctypes.CDLL(str(_nvcc_build(tmp_path, "stmatrix_trans")))
+    lib.stmatrix_trans_store.argtypes = [ctypes.c_void_p]
+    out = torch.zeros(128, dtype=torch.int32, device="cuda")
+    assert lib.stmatrix_trans_store(out.data_ptr()) == 0
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), stsm_trans_expected())

@@ -42,9 +42,10 @@
 //   or st.shared into the same 16-byte granule must be ordered after every recorded read (the
 //   writer's vector clock covers the reader's at the read), else a hazard: e.g. a consumer that
 //   releases a buffer before the wait_group that retires the wgmma reading it.
-// * ldmatrix / stmatrix (.x1/.x2/.x4, m8n8 b16) and movmatrix (m8n8.trans.b16) are warp exchanges;
-//   each lane's ldmatrix bytes are checked (and recorded as reads) like an ld.shared of that lane,
-//   its stmatrix bytes like an st.shared; every row address must be 16-byte aligned.
+// * ldmatrix / stmatrix (.x1/.x2/.x4, m8n8 b16; stmatrix also .trans) and movmatrix
+//   (m8n8.trans.b16) are warp exchanges; each lane's ldmatrix bytes are checked (and recorded as
+//   reads) like an ld.shared of that lane, its stmatrix bytes like an st.shared (.trans: two
+//   2-byte stores); every row address must be 16-byte aligned.
 // * bar.red.or.pred is a named barrier that also ORs the threads' predicates. A wgmma is one
 //   operation of its warpgroup (complete only once all four warps issued it): wgmma.wait_group
 //   ends with a rendezvous of the warpgroup that orders every thread's retirement before any
@@ -794,6 +795,20 @@ inline void matrix_rows(uint32_t addr, int nm, uint32_t (&rows)[4], const char* 
   });
 }
 
+// stmatrix .trans: as matrix_rows, but this lane's register j holds elements (lane / 4,
+// 2 (lane % 4) + e) of matrix j, which go to row 2 (lane % 4) + e at byte 2 (lane / 4): returns
+// those two rows' addresses per matrix, rows[j][e]
+inline void matrix_rows_trans(uint32_t addr, int nm, uint32_t (&rows)[4][2]) {
+  if (addr % 16 != 0) report("misaligned stmatrix row (16 bytes)");
+  const int lane = me->tid & 31;
+  const uint32_t mine[4] = {addr, 0, 0, 0};
+  warp_exchange(mine, [&](uint32_t (*slot)[4]) {
+    for (int j = 0; j < nm; ++j)
+      for (int e = 0; e < 2; ++e) rows[j][e] = slot[8 * j + 2 * (lane % 4) + e][0];
+    return 0;
+  });
+}
+
 // ---- wgmma
 inline float smem_bf16(uint32_t byte) {
   uint16_t b;
@@ -1275,6 +1290,27 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
         if (src[j] < 0 || ops[src[j]].is_float) return unsupported(in);
         const uint32_t v = static_cast<uint32_t>(ops[src[j]].v);
         st_shared(rows[j] + 4 * (lane % 4), &v, 4);
+      }
+    } else if (op == "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16" ||
+               op == "stmatrix.sync.aligned.m8n8.x2.trans.shared.b16" ||
+               op == "stmatrix.sync.aligned.m8n8.x1.trans.shared.b16") {
+      // transposed: element (lane / 4, 2 (lane % 4) + e) of matrix j (register j's half e) goes
+      // to row 2 (lane % 4) + e of that matrix, at byte 2 (lane / 4); each half a st.shared of
+      // this lane
+      const int nm = has(op, ".x4.") ? 4 : has(op, ".x2.") ? 2 : 1;
+      std::vector<int> src = A.size() == 2 && A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{};
+      if (A.size() == 2 && A[1].kind == Operand::ARG) src = {A[1].arg};
+      if (static_cast<int>(src.size()) != nm || A[0].kind != Operand::ADDR) return unsupported(in);
+      const int lane = me->tid & 31;
+      uint32_t rows[4][2] = {};
+      matrix_rows_trans(u32(A[0]), nm, rows);
+      for (int j = 0; j < nm; ++j) {
+        if (src[j] < 0 || ops[src[j]].is_float) return unsupported(in);
+        const uint32_t v = static_cast<uint32_t>(ops[src[j]].v);
+        for (int e = 0; e < 2; ++e) {
+          const uint16_t h = static_cast<uint16_t>(v >> (16 * e));
+          st_shared(rows[j][e] + 2 * (lane / 4), &h, 2);
+        }
       }
     } else if (op == "movmatrix.sync.aligned.m8n8.trans.b16") {
       // lane l holds (row l / 4, columns 2 (l % 4) + {0, 1}); the transpose's: element (c, r)

@@ -743,7 +743,8 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 //         slot, gathers the block's 64 kv rows and ids (cp.async, then waits for them: the
 //         gather's latency is on WG1's path, and WG2's dKV work of the previous block overlaps
 //         it), S and dP (m64n64k16), P and dS, the target's head sums, P and dS to shared
-//         memory, dQ[:, 0:256] += dS K (dS from registers).
+//         memory (stmatrix .trans: [head, key] fragments into [key, head] tiles), dQ[:, 0:256]
+//         += dS K (dS from registers).
 //   WG2   per block: dQ[:, 256:576] += dS K (dS from shared memory), then dKV as nine
 //         [64 keys, 64 channels] tiles (M = keys: A = dS^T / P^T read K-major from the
 //         [key, head] buffers, B = Q / dO read MN-major), two accumulators in turn: a tile's
@@ -1085,22 +1086,20 @@ __global__ void __launch_bounds__(b64::THREADS, 1) sparse_mla_bwd64_sm90_kernel(
             __nv_bfloat162 vs = __floats2bfloat162_rn(dp[4 * jj + 2 * i], dp[4 * jj + 2 * i + 1]);
             pk_s[i][jj] = *reinterpret_cast<uint32_t*>(&vs);
           }
-        // hand dS and P to WG2 as [key, head] tiles (its dKV MMAs of the previous block are done)
+        // hand dS and P to WG2 as [key, head] tiles (its dKV MMAs of the previous block are done),
+        // by stmatrix .trans: the fragment's 8 x 8 block (heads 16 w + 8 i + 0..7, keys 8 jj +
+        // 0..7) is stored transposed, key 8 jj + c's row holding those 8 heads in its 16-byte
+        // granule 2 w + i (swizzled: ^ c). Instruction q stores blocks (i, jj) = (m % 2, 2 q + m / 2)
+        // (matrix m); lane L addresses row c = L % 8 of matrix m = L / 8.
         if (b > 0) mbar_wait(sbase + BAR_DS_EMPTY, (b - 1) & 1);
+        {
+          const int m = lane >> 3, c = lane & 7;
+          const uint32_t a = sbase + OFF_DS + (m >> 1) * 1024 + c * 128 + (((2 * warp + (m & 1)) ^ c) << 4);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int h = row0 + 8 * i;
-#pragma unroll
-          for (int bb = 0; bb < 2; ++bb) {
-            // key 8 jj + colq + bb: colq + bb is its row in the 8-row swizzle group
-            const uint32_t a = sbase + OFF_DS + (colq + bb) * 128 + (((h >> 3) ^ (colq + bb)) << 4) + (h & 7) * 2;
-#pragma unroll
-            for (int jj = 0; jj < 8; ++jj) {
-              __nv_bfloat162 vp = __floats2bfloat162_rn(s[4 * jj + 2 * i], s[4 * jj + 2 * i + 1]);
-              const uint32_t pv = *reinterpret_cast<uint32_t*>(&vp);
-              st_shared_u16(a + jj * 1024, static_cast<uint16_t>(pk_s[i][jj] >> (16 * bb)));
-              st_shared_u16(a + CH + jj * 1024, static_cast<uint16_t>(pv >> (16 * bb)));
-            }
+          for (int q = 0; q < 4; ++q) {
+            stsm_x4_trans(a + q * 2048, pk_s[0][2 * q], pk_s[1][2 * q], pk_s[0][2 * q + 1], pk_s[1][2 * q + 1]);
+            stsm_x4_trans(a + CH + q * 2048, bf16x2_bits(s[8 * q], s[8 * q + 1]), bf16x2_bits(s[8 * q + 2], s[8 * q + 3]),
+                          bf16x2_bits(s[8 * q + 4], s[8 * q + 5]), bf16x2_bits(s[8 * q + 6], s[8 * q + 7]));
           }
         }
         fence_async_smem();
