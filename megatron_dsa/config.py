@@ -53,8 +53,9 @@ class DSAPluginConfig:
         loss_backend: indexer KL loss: ``auto``, ``triton`` (the fused path) or ``reference``.
         deterministic: a bit-reproducible sparse-attention backward (on sm_90 the CUDA kernel
             twice: a bound pass, then dkv added as integers in per-key power-of-two quanta, the
-            same bits on every GPU and schedule; elsewhere Triton's sort-and-reduce pass). ``None`` follows ``torch.are_deterministic_algorithms_enabled()``
-            (Megatron's ``--deterministic-mode``).
+            same bits on every run, schedule and sm_90 GPU; elsewhere Triton's sort-and-reduce
+            pass). ``None`` follows ``torch.are_deterministic_algorithms_enabled()`` (Megatron's
+            ``--deterministic-mode``).
         loss_target: where the sparse indexer loss gets its target (the head-summed attention
             probabilities over the selected keys). ``auto``: from the attention backward when
             the fused attention and loss run and the attention's all-heads backward applies
