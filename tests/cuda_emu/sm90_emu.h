@@ -1275,41 +1275,34 @@ inline void exec(const Prog& prog, Op* ops, int nops) {
         std::memcpy(o.out, buf, 4);
       }
     } else if (op == "stmatrix.sync.aligned.m8n8.x4.shared.b16" || op == "stmatrix.sync.aligned.m8n8.x2.shared.b16" ||
-               op == "stmatrix.sync.aligned.m8n8.x1.shared.b16") {
-      // ldmatrix's layout, stored: lane L supplies the address of row L % 8 of matrix L / 8;
-      // register j of lane l (matrix j, row l / 4, columns 2 (l % 4) + {0, 1}) goes to that row's
-      // bytes 4 (l % 4) .. + 3, each lane's 4 bytes a st.shared of that lane
-      const int nm = has(op, ".x4.") ? 4 : has(op, ".x2.") ? 2 : 1;
-      std::vector<int> src = A.size() == 2 && A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{};
-      if (A.size() == 2 && A[1].kind == Operand::ARG) src = {A[1].arg};
-      if (static_cast<int>(src.size()) != nm || A[0].kind != Operand::ADDR) return unsupported(in);
-      const int lane = me->tid & 31;
-      uint32_t rows[4] = {0, 0, 0, 0};
-      matrix_rows(u32(A[0]), nm, rows, "stmatrix");
-      for (int j = 0; j < nm; ++j) {
-        if (src[j] < 0 || ops[src[j]].is_float) return unsupported(in);
-        const uint32_t v = static_cast<uint32_t>(ops[src[j]].v);
-        st_shared(rows[j] + 4 * (lane % 4), &v, 4);
-      }
-    } else if (op == "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16" ||
+               op == "stmatrix.sync.aligned.m8n8.x1.shared.b16" ||
+               op == "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16" ||
                op == "stmatrix.sync.aligned.m8n8.x2.trans.shared.b16" ||
                op == "stmatrix.sync.aligned.m8n8.x1.trans.shared.b16") {
-      // transposed: element (lane / 4, 2 (lane % 4) + e) of matrix j (register j's half e) goes
-      // to row 2 (lane % 4) + e of that matrix, at byte 2 (lane / 4); each half a st.shared of
-      // this lane
+      // ldmatrix's layout, stored: lane L supplies the address of row L % 8 of matrix L / 8;
+      // register j of lane l (matrix j, row l / 4, columns 2 (l % 4) + {0, 1}) goes to that row's
+      // bytes 4 (l % 4) .. + 3, each lane's 4 bytes a st.shared of that lane. .trans: element
+      // (l / 4, 2 (l % 4) + e) of matrix j (register j's half e) goes to row 2 (l % 4) + e of that
+      // matrix, at byte 2 (l / 4); each half a st.shared of this lane
       const int nm = has(op, ".x4.") ? 4 : has(op, ".x2.") ? 2 : 1;
+      const bool trans = has(op, ".trans.");
       std::vector<int> src = A.size() == 2 && A[1].kind == Operand::VEC ? A[1].vec : std::vector<int>{};
       if (A.size() == 2 && A[1].kind == Operand::ARG) src = {A[1].arg};
       if (static_cast<int>(src.size()) != nm || A[0].kind != Operand::ADDR) return unsupported(in);
       const int lane = me->tid & 31;
-      uint32_t rows[4][2] = {};
-      matrix_rows_trans(u32(A[0]), nm, rows);
+      uint32_t rows[4] = {0, 0, 0, 0}, trows[4][2] = {};
+      if (trans) matrix_rows_trans(u32(A[0]), nm, trows);
+      else matrix_rows(u32(A[0]), nm, rows, "stmatrix");
       for (int j = 0; j < nm; ++j) {
         if (src[j] < 0 || ops[src[j]].is_float) return unsupported(in);
         const uint32_t v = static_cast<uint32_t>(ops[src[j]].v);
+        if (!trans) {
+          st_shared(rows[j] + 4 * (lane % 4), &v, 4);
+          continue;
+        }
         for (int e = 0; e < 2; ++e) {
           const uint16_t h = static_cast<uint16_t>(v >> (16 * e));
-          st_shared(rows[j][e] + 2 * (lane / 4), &h, 2);
+          st_shared(trows[j][e] + 2 * (lane / 4), &h, 2);
         }
       }
     } else if (op == "movmatrix.sync.aligned.m8n8.trans.b16") {
