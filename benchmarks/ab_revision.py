@@ -277,7 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rest", type=float, default=0.4, help="seconds the GPU idles before each timed call")
     ap.add_argument("--flashmla", action="store_true", help="FlashMLA's forward beside (64 / 128 heads)")
     ap.add_argument("--deterministic", action="store_true",
-                    help="bwd: the deterministic mode in both libraries (with --bwd-block-keys)")
+                    help="bwd: the deterministic mode in both libraries (the integer adds; "
+                         "--bwd-block-keys 32: the lanes)")
     ap.add_argument("--bwd-block-keys", type=int, choices=(32, 64), default=None,
                     help="bwd: the backward's kernel (deterministic 32: the lanes, 64: the integer adds)")
     ap.add_argument("--out", default=None, help="a JSON file for the rows")

@@ -449,9 +449,9 @@ def bwd_block_keys(deterministic: bool) -> int:
     (``dsa_sparse_mla_bwd64_sm90`` / ``dsa_sparse_mla_bwd64_packed_sm90``: two warpgroups, [64 keys,
     64 channels] dKV tiles; faster than the 32-key kernel at every measured S and head count,
     ``docs/kernels_sparse_mla.md`` section 3.3b). Deterministic, the 64-key kernel's integer adds
-    (:func:`det_bound_scale`): the same bits on every run, schedule and sm_90 GPU, and faster and smaller than
-    the 32-key kernel's fp32 lanes (:func:`det_lanes`; H100, S = 16K: 128 heads 136.2 vs 149.8 ms,
-    2.6 vs 7.0 GiB peak; 16 heads 47.4 vs 49.2 ms, 0.7 vs 5.3 GiB; section 6). ``block_keys=32``
+    (:func:`det_bound_scale`): the same bits on every run, schedule and sm_90 GPU, and faster and
+    smaller than the 32-key kernel's fp32 lanes (:func:`det_lanes`; H100, S = 16K: 128 heads 136.2
+    vs 149.8 ms, 2.6 vs 7.0 GiB peak; 16 heads 47.4 vs 49.2 ms, 0.7 vs 5.3 GiB; section 6). ``block_keys=32``
     with ``deterministic=True`` still takes the lanes, and so does the automatic choice beyond
     :data:`DET_MAX_KEYS` keys (:func:`det_block_keys`)."""
     return 64

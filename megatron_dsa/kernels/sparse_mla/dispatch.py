@@ -99,7 +99,8 @@ def _with_block_keys(choice: KernelChoice, device, num_keys) -> KernelChoice:
     """The reason names the 64-key kernel where the default-mode CUDA backward (unpacked or
     row-packed) runs it (``cuda_impl.bwd_block_keys``) and its L2 hints where they are on
     (``cuda_impl.l2_hints``), and its deterministic stages' 64-key blocks."""
-    if choice.backward in ("cuda-deterministic", "cuda-packed-deterministic") and cuda_impl.det_block_keys(num_keys) == 64:
+    if (choice.backward in ("cuda-deterministic", "cuda-packed-deterministic")
+            and cuda_impl.det_block_keys(num_keys) == 64):
         return dataclasses.replace(choice, reason=f"{choice.reason}; the backward in 64-key blocks")
     if choice.backward not in ("cuda", "cuda-packed") or cuda_impl.bwd_block_keys(False) != 64:
         return choice

@@ -1,9 +1,9 @@
 // Sparse MLA backward (absorbed layout) for Hopper (sm_90a): warp-specialized, wgmma.
 //
-// Two kernels: sparse_mla_bwd_sm90_kernel (32-key blocks, a producer warpgroup; the
-// deterministic mode and block_keys=32, unpacked or row-packed), described here, and
+// Two kernels: sparse_mla_bwd_sm90_kernel (32-key blocks, a producer warpgroup; block_keys=32,
+// and the deterministic mode's per-SM lanes, unpacked or row-packed), described here, and
 // sparse_mla_bwd64_sm90_kernel (64-key blocks, two warpgroups; the default mode, unpacked or
-// row-packed, and the opt-in integer stages of the deterministic mode, DET_BOUND / DET_INT),
+// row-packed, and the deterministic mode's integer stages DET_BOUND / DET_INT, its default),
 // described above its own code below.
 //
 // Dqk = 576, d_v = 512, bf16, int32 indices. One CTA of 384 threads (three warpgroups) per
@@ -728,7 +728,7 @@ __global__ void __launch_bounds__(THREADS, 1) sparse_mla_bwd_sm90_kernel(const B
 // ---------------------------------------------------------------------------------------------
 // 64-key blocks (default mode, unpacked or row-packed): sparse_mla_bwd64_sm90_kernel
 //
-// MODE (cuda_impl.sparse_mla_bwd_cuda(..., deterministic=True, block_keys=64) runs both stages):
+// MODE (cuda_impl.sparse_mla_bwd_cuda(..., deterministic=True) runs both stages):
 // DET_BOUND runs WG1 alone up to P and dS and adds each key's bound on |dkv| (sum over rows and
 // heads of |dS| max|q| + P max|dO|, each warp's 16-head sum rounded up to fixed-point units) as
 // u64; DET_INT is the default kernel with the dkv adds as integer multiples of each key's quantum,
